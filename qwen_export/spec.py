@@ -1,0 +1,383 @@
+"""ModelSpec (parsed from a Hugging Face ``config.json``) and the option enums of the toolchain.
+
+Supported: the Qwen2 architecture (Qwen1.5, Qwen2, Qwen2.5 and Coder/Math/Instruct variants:
+q/k/v bias, GQA, tied or untied embeddings, rope_theta, YaRN, sliding-window fields) and Qwen3
+dense (per-head q_norm/k_norm, explicit head_dim, optional attention bias). Anything else is a
+:class:`ConfigError` that names what is supported.
+
+This module is pure Python (no torch, no numpy): the runtime library imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, OptionError
+
+
+class _ChoiceEnum(str, enum.Enum):
+    """A string enum whose parse error lists the valid values."""
+
+    @classmethod
+    def parse(cls, value: str | _ChoiceEnum, what: str | None = None) -> Any:
+        if isinstance(value, cls):
+            return value
+        for member in cls:
+            if member.value == str(value).lower():
+                return member
+        valid = ", ".join(m.value for m in cls)
+        raise OptionError(f"unknown {what or cls.__name__} {value!r}; valid values: {valid}")
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Architecture(_ChoiceEnum):
+    QWEN2 = "qwen2"
+    QWEN3 = "qwen3"
+
+
+class Target(_ChoiceEnum):
+    ONNXRUNTIME = "onnxruntime"
+
+
+class DType(_ChoiceEnum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+
+
+class LogitsMode(_ChoiceEnum):
+    """Which positions the exported graph returns logits for."""
+
+    LAST = "last"
+    ALL = "all"
+
+
+class LayerType(_ChoiceEnum):
+    FULL = "full_attention"
+    SLIDING = "sliding_attention"
+
+
+class RopeType(_ChoiceEnum):
+    DEFAULT = "default"
+    LINEAR = "linear"
+    DYNAMIC = "dynamic"
+    YARN = "yarn"
+
+
+#: config.json ``architectures`` values we accept, per architecture.
+SUPPORTED_ARCHITECTURES: dict[str, Architecture] = {
+    "Qwen2ForCausalLM": Architecture.QWEN2,
+    "Qwen3ForCausalLM": Architecture.QWEN3,
+}
+_MODEL_TYPES = {"qwen2": Architecture.QWEN2, "qwen3": Architecture.QWEN3}
+_SUPPORTED_TEXT = "Qwen2ForCausalLM (Qwen1.5/Qwen2/Qwen2.5 and variants), Qwen3ForCausalLM (Qwen3 dense)"
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE scaling parameters, with transformers' defaults already applied."""
+
+    rope_type: RopeType
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    attention_factor: float | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything the exporter needs to know about a Qwen decoder, frozen."""
+
+    architecture: Architecture
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: RopeScaling | None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: bool
+    layer_types: tuple[LayerType, ...]
+    sliding_window: int | None
+    torch_dtype: str = "float32"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def kv_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @property
+    def has_sliding_layers(self) -> bool:
+        return LayerType.SLIDING in self.layer_types
+
+    def rope_inv_freq_and_scale(self) -> tuple[list[float], float]:
+        """Inverse frequencies and the cos/sin scale, exactly as transformers computes them.
+
+        Mirrors ``transformers.modeling_rope_utils`` (default, linear and YaRN; float32 arithmetic
+        is applied by the caller). Dynamic NTK scaling only changes frequencies beyond the original
+        context and is treated as default here, as transformers does for short sequences.
+        """
+        dim = self.head_dim
+        base = self.rope_theta
+        exps = [i / dim for i in range(0, dim, 2)]
+        pos_freqs = [base**e for e in exps]
+        scaling = self.rope_scaling
+        if scaling is None or scaling.rope_type in (RopeType.DEFAULT, RopeType.DYNAMIC):
+            return [1.0 / p for p in pos_freqs], 1.0
+        if scaling.rope_type is RopeType.LINEAR:
+            return [1.0 / p / scaling.factor for p in pos_freqs], 1.0
+        return _yarn(self, scaling, pos_freqs)
+
+    # ---------------------------------------------------------------- parsing
+    @classmethod
+    def from_config_file(cls, path: str | Path) -> ModelSpec:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{path}: not found; a Hugging Face checkpoint directory needs config.json")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+        return cls.from_config(raw, source=str(path))
+
+    @classmethod
+    def from_config(cls, raw: dict[str, Any], source: str = "config.json") -> ModelSpec:
+        arch = _architecture(raw, source)
+        get = _Getter(raw, source)
+        hidden = get.int("hidden_size")
+        heads = get.int("num_attention_heads")
+        kv_heads = get.int("num_key_value_heads", default=heads)
+        layers = get.int("num_hidden_layers")
+        if heads % kv_heads:
+            raise ConfigError(
+                f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
+            )
+        head_dim = get.int("head_dim", default=None)
+        if head_dim is None:
+            if hidden % heads:
+                raise ConfigError(f"{source}: hidden_size={hidden} is not divisible by num_attention_heads={heads}")
+            head_dim = hidden // heads
+        if head_dim % 2:
+            raise ConfigError(f"{source}: head_dim={head_dim} must be even for rotary embeddings")
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"{source}: hidden_act={act!r} is not supported; Qwen uses 'silu'")
+        max_pos = get.int("max_position_embeddings", default=32768)
+        rope_theta, scaling = _rope(raw, source, max_pos)
+        use_sw = bool(raw.get("use_sliding_window", False))
+        sliding_window = get.int("sliding_window", default=None) if use_sw else None
+        layer_types = _layer_types(raw, source, layers, sliding_window)
+        if any(t is LayerType.SLIDING for t in layer_types) and sliding_window is None:
+            raise ConfigError(f"{source}: layer_types has sliding_attention layers but no sliding_window is set")
+        if arch is Architecture.QWEN2:
+            qkv_bias, o_bias, qk_norm = True, False, False
+        else:
+            bias = bool(raw.get("attention_bias", False))
+            qkv_bias, o_bias, qk_norm = bias, bias, True
+        eps = raw.get("rms_norm_eps", 1e-6)
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+            raise ConfigError(f"{source}: rms_norm_eps={eps!r} must be a number in (0, 1)")
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+        return cls(
+            architecture=arch,
+            vocab_size=get.int("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=get.int("intermediate_size"),
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=max_pos,
+            rms_norm_eps=float(eps),
+            rope_theta=rope_theta,
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            qk_norm=qk_norm,
+            layer_types=layer_types,
+            sliding_window=sliding_window,
+            torch_dtype=str(dtype),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+            pad_token_id=raw.get("pad_token_id"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (enums as their values); :meth:`from_dict` inverts it."""
+        out = dataclasses.asdict(self)
+        out["architecture"] = self.architecture.value
+        out["layer_types"] = [t.value for t in self.layer_types]
+        if self.rope_scaling is not None:
+            out["rope_scaling"]["rope_type"] = self.rope_scaling.rope_type.value
+        out["eos_token_ids"] = list(self.eos_token_ids)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        data = dict(data)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ConfigError(f"model spec has unknown fields {sorted(unknown)}; was it written by a newer version?")
+        data["architecture"] = Architecture.parse(data["architecture"], "architecture")
+        data["layer_types"] = tuple(LayerType.parse(t, "layer type") for t in data["layer_types"])
+        data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
+        rs = data.get("rope_scaling")
+        if rs is not None:
+            rs = dict(rs)
+            rs["rope_type"] = RopeType.parse(rs["rope_type"], "rope type")
+            data["rope_scaling"] = RopeScaling(**rs)
+        return cls(**data)
+
+
+# -------------------------------------------------------------------- helpers
+class _Getter:
+    def __init__(self, raw: dict[str, Any], source: str) -> None:
+        self.raw, self.source = raw, source
+
+    _MISSING = object()
+
+    def int(self, key: str, default: Any = _MISSING) -> Any:
+        value = self.raw.get(key, default)
+        if value is _Getter._MISSING:
+            raise ConfigError(f"{self.source}: required field {key!r} is missing")
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{self.source}: {key}={value!r} must be an integer")
+        if value <= 0 or value > 10_000_000:
+            raise ConfigError(f"{self.source}: {key}={value} is out of range (1 .. 10,000,000)")
+        return value
+
+
+def _architecture(raw: dict[str, Any], source: str) -> Architecture:
+    archs = raw.get("architectures")
+    if isinstance(archs, list) and archs:
+        for name in archs:
+            if name in SUPPORTED_ARCHITECTURES:
+                return SUPPORTED_ARCHITECTURES[name]
+        raise ConfigError(f"{source}: architecture {archs[0]!r} is not supported; supported: {_SUPPORTED_TEXT}")
+    model_type = raw.get("model_type")
+    if model_type in _MODEL_TYPES:
+        return _MODEL_TYPES[model_type]
+    raise ConfigError(f"{source}: model_type {model_type!r} is not supported; supported: {_SUPPORTED_TEXT}")
+
+
+def _rope(raw: dict[str, Any], source: str, max_pos: int) -> tuple[float, RopeScaling | None]:
+    """Accept both the classic ``rope_theta`` + ``rope_scaling`` and the newer ``rope_parameters``."""
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: rope_scaling/rope_parameters must be an object, found {params!r}")
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    if not isinstance(theta, (int, float)) or theta <= 1:
+        raise ConfigError(f"{source}: rope_theta={theta!r} must be a number > 1")
+    kind = params.get("rope_type", params.get("type", "default"))
+    rope_type = RopeType.parse(kind, f"rope type in {source}")
+    if rope_type is RopeType.DEFAULT:
+        return float(theta), None
+    factor = params.get("factor")
+    if rope_type is RopeType.YARN:
+        orig = raw.get("original_max_position_embeddings", params.get("original_max_position_embeddings", max_pos))
+        if factor is None:
+            factor = max_pos / orig
+    if not isinstance(factor, (int, float)) or factor <= 0:
+        raise ConfigError(f"{source}: rope scaling factor={factor!r} must be a positive number")
+    if rope_type is not RopeType.YARN:
+        return float(theta), RopeScaling(rope_type=rope_type, factor=float(factor))
+    attention_factor = params.get("attention_factor")
+    return float(theta), RopeScaling(
+        rope_type=rope_type,
+        factor=float(factor),
+        original_max_position_embeddings=int(orig),
+        attention_factor=None if attention_factor is None else float(attention_factor),
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        truncate=bool(params.get("truncate", True)),
+    )
+
+
+def _layer_types(raw: dict[str, Any], source: str, layers: int, window: int | None) -> tuple[LayerType, ...]:
+    given = raw.get("layer_types")
+    if given is not None:
+        if not isinstance(given, list) or len(given) != layers:
+            raise ConfigError(f"{source}: layer_types must list one entry per layer ({layers})")
+        types = tuple(LayerType.parse(t, f"layer type in {source}") for t in given)
+        # transformers drops the window when use_sliding_window is false: every layer is full then.
+        return types if window is not None else tuple(LayerType.FULL for _ in types)
+    max_window_layers = raw.get("max_window_layers", 28)
+    return tuple(
+        LayerType.SLIDING if window is not None and i >= max_window_layers else LayerType.FULL for i in range(layers)
+    )
+
+
+def _yarn(spec: ModelSpec, s: RopeScaling, pos_freqs: list[float]) -> tuple[list[float], float]:
+    """YaRN inverse frequencies, transcribed from transformers' ``_compute_yarn_parameters``."""
+    dim, base, factor = spec.head_dim, spec.rope_theta, s.factor
+    orig = s.original_max_position_embeddings or spec.max_position_embeddings
+
+    def get_mscale(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention_factor = s.attention_factor
+    if attention_factor is None:
+        if s.mscale and s.mscale_all_dim:
+            attention_factor = get_mscale(factor, s.mscale) / get_mscale(factor, s.mscale_all_dim)
+        else:
+            attention_factor = get_mscale(factor)
+
+    def correction_dim(rot: float) -> float:
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    inv = []
+    for i, p in enumerate(pos_freqs):
+        ramp = min(max((i - low) / (high - low), 0.0), 1.0)
+        extrap_factor = 1 - ramp
+        inv.append((1.0 / (factor * p)) * (1 - extrap_factor) + (1.0 / p) * extrap_factor)
+    return inv, float(attention_factor)
