@@ -1,0 +1,256 @@
+"""Artifact directories: atomic writing, the manifest, and verification on load.
+
+An artifact is a directory holding engine files plus ``manifest.json``, which records what was
+exported (spec, target, dtype, I/O signature, passes), with which package versions, and the sha256
+of every file. :func:`write_artifact` builds the directory next to its destination and renames it
+into place only when the block succeeds, so an interrupted export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from . import __version__
+from .errors import ArtifactError
+
+MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+#: distributions whose versions are recorded in the manifest when installed.
+RECORDED_PACKAGES = ("numpy", "onnx", "onnxruntime", "torch", "transformers", "tokenizers", "safetensors")
+_CHUNK = 1 << 20
+
+
+def installed_packages() -> dict[str, str]:
+    """Versions of :data:`RECORDED_PACKAGES` that are installed."""
+    out = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """Contents of ``manifest.json``.
+
+    ``io`` maps ``"inputs"``/``"outputs"`` to ``{name: {"dtype": str, "shape": [int | str, ...]}}``
+    (symbolic dimensions as strings); ``files`` maps relative POSIX paths to sha256 hex digests.
+    """
+
+    target: str
+    dtype: str
+    logits: str  # "last" or "all"
+    spec: dict[str, Any]
+    io: dict[str, Any] = dataclasses.field(default_factory=dict)
+    passes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    files: dict[str, str] = dataclasses.field(default_factory=dict)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    packages: dict[str, str] = dataclasses.field(default_factory=installed_packages)
+    created: str = dataclasses.field(default_factory=_now)
+    qwen_export_version: str = __version__
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = MANIFEST_NAME) -> Manifest:
+        """Parse and check a manifest; unknown keys of the same schema version are ignored."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{source} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") from None
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{source} is not a JSON object")
+        version = data.get("schema_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ArtifactError(f"{source} has no valid schema_version (found {version!r})")
+        if version > MANIFEST_SCHEMA_VERSION:
+            raise ArtifactError(
+                f"{source} was written by a newer qwen-export (schema {version} > {MANIFEST_SCHEMA_VERSION}); "
+                "upgrade qwen-export to load it"
+            )
+        kinds = {"target": str, "dtype": str, "logits": str, "spec": dict, "io": dict, "passes": list,
+                 "files": dict, "extra": dict, "packages": dict, "created": str, "qwen_export_version": str}
+        for key, kind in kinds.items():
+            if not isinstance(data.get(key), kind):
+                raise ArtifactError(f"{source}: field {key!r} is missing or not a {kind.__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+#: manifest fields a caller of :func:`write_artifact` may set; the rest are filled in automatically.
+SETTABLE_FIELDS = ("target", "dtype", "logits", "spec", "io", "passes", "extra")
+
+
+@dataclasses.dataclass
+class ArtifactWriter:
+    """Yielded by :func:`write_artifact`: write files under ``path``, put manifest fields in ``manifest_fields``."""
+
+    path: Path
+    manifest_fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    manifest: Manifest | None = None  # set once the artifact is in place
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> None:
+    """Fail fast (before any export work) when ``out`` cannot be written.
+
+    With ``overwrite`` an existing directory is replaced only when it is empty or holds a
+    ``manifest.json``, so a mistyped ``--out`` cannot delete an unrelated directory.
+    """
+    out = Path(out)
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise ArtifactError(f"{out} exists; pass --overwrite to replace it")
+    if not out.is_dir() or out.is_symlink():
+        raise ArtifactError(f"{out} exists and is not a directory; refusing to replace it")
+    if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise ArtifactError(f"{out} is not a qwen-export artifact (no {MANIFEST_NAME}); refusing to replace it")
+
+
+@contextlib.contextmanager
+def write_artifact(out_dir: str | Path, overwrite: bool = False) -> Iterator[ArtifactWriter]:
+    """Build an artifact in a temporary sibling of ``out_dir`` and move it into place on success.
+
+    On success ``manifest.json`` is written (sha256 of every file) and the directory renamed onto
+    ``out_dir`` (an existing one, with ``overwrite``, is swapped out and deleted). On any exception,
+    KeyboardInterrupt or SIGTERM (turned into :class:`Terminated` while the block runs) the temporary
+    directory is removed and ``out_dir`` is left as it was.
+    """
+    out = Path(out_dir)
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    writer = ArtifactWriter(path=tmp)
+    try:
+        with _sigterm_raises():
+            yield writer
+            unknown = set(writer.manifest_fields) - set(SETTABLE_FIELDS)
+            if unknown:
+                raise TypeError(f"unknown manifest field(s) {sorted(unknown)}; settable: {', '.join(SETTABLE_FIELDS)}")
+            manifest = Manifest(**writer.manifest_fields, files=hash_files(tmp))
+            (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+            check_output_dir(out, overwrite)  # it may have appeared meanwhile
+            with _sigterm_blocked():
+                _move_into_place(tmp, out)
+            writer.path, writer.manifest = out, manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a no-op after a successful move
+
+
+def hash_files(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (except the manifest), keyed by relative POSIX path."""
+    return {
+        path.relative_to(root).as_posix(): sha256_file(path)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.relative_to(root).as_posix() != MANIFEST_NAME
+    }
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
+    """Read an artifact's manifest; check that its files exist and (``verify``) are unmodified."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory}: artifact directory not found")
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(
+            f"{directory} has no {MANIFEST_NAME}; it is not a qwen-export artifact (or its export was interrupted)"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} cannot be read ({exc})") from None
+    manifest = Manifest.from_json(text, source=str(path))
+    for rel, digest in manifest.files.items():
+        parts = PurePosixPath(rel).parts
+        if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
+            raise ArtifactError(f"{path} lists an unsafe file path {rel!r}")
+        file = directory.joinpath(*parts)
+        if not file.is_file():
+            raise ArtifactError(f"{file} is missing (listed in {MANIFEST_NAME}); re-export the artifact")
+        if verify and sha256_file(file) != digest:
+            raise ArtifactError(f"{file} was modified after export (sha256 mismatch); re-export the artifact")
+    return manifest
+
+
+# ---------------------------------------------------------------------- helpers
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when SIGTERM arrives during :func:`write_artifact`."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(f"terminated by signal {signum}")
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` for the duration; restore the previous handler after."""
+    if not _in_main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _sigterm_blocked() -> Iterator[None]:
+    """Defer SIGTERM while the final renames run, so they are never half done."""
+    if not hasattr(signal, "pthread_sigmask") or not _in_main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    backup = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+    os.rename(out, backup)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(backup, out)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

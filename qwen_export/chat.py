@@ -1,0 +1,193 @@
+"""Chat-template rendering (torch-free).
+
+Chat templates ship with checkpoints and are untrusted code, so they run in Jinja's
+``ImmutableSandboxedEnvironment`` configured exactly as transformers configures it
+(``transformers/utils/chat_template_utils.py``): ``trim_blocks``/``lstrip_blocks``, the
+``loopcontrols`` extension, a ``tojson`` filter that does not HTML-escape, and the
+``raise_exception``/``strftime_now``/``dict``/``namespace`` globals. Inputs are rebuilt out of plain
+JSON types before the template sees them, and every template failure (syntax, sandbox violation,
+``raise_exception``, type errors) becomes a one-line :class:`~qwen_export.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import jinja2.exceptions
+import jinja2.ext
+import jinja2.utils
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from qwen_export.errors import ConfigError, OptionError, QwenExportError
+
+__all__ = ["ChatTemplate", "REASONING_FIELDS"]
+
+# Names a message's reasoning is passed under; the first is the one chat templates read (as transformers).
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _raise_exception(message: str) -> None:
+    raise ConfigError(f"chat template raised: {message}")
+
+
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | str | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # Jinja's own tojson HTML-escapes; transformers overrides it with plain json.dumps.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:  # noqa: A002 - the name templates use
+    return datetime.now().strftime(format)
+
+
+class _TemplateDict:
+    """``dict`` for templates without exposing the ``dict`` type itself (no attribute/type hackery)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """``namespace`` that refuses underscore-prefixed attributes (no route to CPython internals)."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # same signature trick as jinja2.utils.Namespace
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name: object) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attribute {name!r}")
+
+
+class _StrictSandbox(ImmutableSandboxedEnvironment):
+    """transformers' sandbox, except that reading an unsafe attribute fails at once.
+
+    Jinja's sandbox returns an Undefined for e.g. ``''.__class__`` (which renders as ""); we raise so
+    that a template probing for a way out is reported instead of silently rendering.
+    """
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
+        raise jinja2.exceptions.SecurityError(
+            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
+        )
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
+    return env
+
+
+def _plain(value: Any) -> Any:
+    """Rebuild ``value`` out of plain JSON types; anything else becomes an inert ``"<TypeName>"``."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    item = getattr(value, "item", None)  # numpy scalars, without importing numpy here
+    if callable(item) and type(value).__module__ == "numpy":
+        return _plain(item())
+    return f"<{type(value).__name__}>"
+
+
+def _prepare_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Drop ``None`` values, make plain data and alias reasoning fields, as transformers does."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise OptionError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    prepared: list[dict[str, Any]] = []
+    for message in messages:
+        if not isinstance(message, Mapping):
+            raise OptionError(f"chat messages must be dicts, got {type(message).__name__}")
+        plain = _plain({k: v for k, v in message.items() if v is not None})
+        reasoning = next((plain[k] for k in REASONING_FIELDS if plain.get(k) is not None), None)
+        if reasoning is not None:
+            plain = {"thinking": reasoning, **plain, "reasoning_content": reasoning}
+        prepared.append(plain)
+    return prepared
+
+
+class ChatTemplate:
+    """A compiled, sandboxed chat template.
+
+    ``source_name`` names where the template came from (a file) for error messages.
+    """
+
+    def __init__(self, source: str, source_name: str = "<chat template>") -> None:
+        self.source = source
+        self.source_name = source_name
+        try:
+            self._template = _environment().from_string(source)
+        except jinja2.exceptions.TemplateSyntaxError as e:
+            raise ConfigError(f"{source_name}: chat template syntax error (line {e.lineno}): {e.message}") from None
+
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        special_tokens: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> str:
+        """Render ``messages`` (OpenAI-style dicts) with ``tools`` (JSON-schema dicts).
+
+        ``special_tokens`` (``bos_token``, ``eos_token``, ...) and ``extra`` (e.g. ``enable_thinking``)
+        become template variables; ``extra`` wins over ``special_tokens``, as in transformers.
+        """
+        chat = _prepare_messages(messages)
+        tool_schemas: list[Any] | None = None
+        if tools is not None:
+            if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
+                raise OptionError("tools must be a list of JSON-schema dicts")
+            for tool in tools:
+                if not isinstance(tool, Mapping):
+                    raise OptionError(f"each tool must be a JSON-schema dict, got {type(tool).__name__}")
+            tool_schemas = _plain(list(tools))
+        variables = _plain({**(special_tokens or {}), **extra})
+        try:
+            return self._template.render(
+                messages=chat,
+                tools=tool_schemas,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
+        except QwenExportError:
+            raise
+        except jinja2.exceptions.SecurityError as e:
+            raise ConfigError(f"{self.source_name}: the chat template tried an unsafe operation: {e}") from None
+        except Exception as e:  # any template bug: undefined names, type errors, recursion, ...
+            raise ConfigError(f"{self.source_name}: the chat template failed: {type(e).__name__}: {e}") from None

@@ -1,0 +1,318 @@
+"""Lazy, torch-free reader of Hugging Face safetensors checkpoints (single file or sharded).
+
+The safetensors headers are parsed here (not by ``safetensors.safe_open``) so that every file is
+checked at open time (truncation, offsets past the end, byte counts that do not match the shape)
+and so that bfloat16, which numpy lacks, can be widened to float32 without torch or ml_dtypes.
+Tensors are read one at a time, on request, and never cached.
+
+Pickle checkpoints (``pytorch_model.bin``, ``*.pt``) are refused: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CheckpointError
+from .spec import ModelSpec
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+#: safetensors dtype name -> (little-endian numpy dtype, bytes per element). BF16 is read as uint16.
+_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("<f8", 8),
+    "F32": ("<f4", 4),
+    "F16": ("<f2", 2),
+    "BF16": ("<u2", 2),
+    "I64": ("<i8", 8),
+    "I32": ("<i4", 4),
+    "I16": ("<i2", 2),
+    "I8": ("i1", 1),
+    "U8": ("u1", 1),
+    "BOOL": ("?", 1),
+}
+#: dtypes accepted for the weights of a model we export.
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
+_SHOW = 5  # names listed in an error before "... (N in all)"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype name, shape and absolute byte range in the file."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+class Checkpoint:
+    """A Hugging Face checkpoint directory: ``config.json`` plus safetensors weights."""
+
+    def __init__(self, directory: Path, spec: ModelSpec, tensors: dict[str, TensorInfo]) -> None:
+        self.directory = directory
+        self.spec = spec
+        self._tensors = tensors
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, directory: str | Path) -> Checkpoint:
+        """Parse ``config.json`` and every safetensors header; raise CheckpointError on any defect."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory}: checkpoint directory not found")
+        spec = ModelSpec.from_config_file(directory / "config.json")
+        index = directory / INDEX_FILE
+        single = directory / SINGLE_FILE
+        if index.is_file():
+            tensors = _open_sharded(index)
+        elif single.is_file():
+            tensors = read_header(single)
+        else:
+            raise CheckpointError(_no_weights_message(directory))
+        return cls(directory, spec, tensors)
+
+    # ------------------------------------------------------------------ queries
+    def names(self) -> list[str]:
+        """All tensor names, sorted."""
+        return sorted(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise CheckpointError(f"checkpoint {self.directory} has no tensor {name}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info(name).shape
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype name, e.g. ``"BF16"``, ``"F16"``, ``"F32"``."""
+        return self.info(name).dtype
+
+    @property
+    def files(self) -> list[Path]:
+        """The safetensors files holding the tensors, sorted."""
+        return sorted({t.file for t in self._tensors.values()})
+
+    # ------------------------------------------------------------------ reading
+    def read(self, name: str) -> np.ndarray:
+        """Read one tensor into a new writable array. BF16 is widened (exactly) to float32."""
+        info = self.info(name)
+        if info.dtype not in _DTYPES:
+            raise CheckpointError(f"tensor {name} in {info.file} has dtype {info.dtype}, which is not supported")
+        np_dtype, _ = _DTYPES[info.dtype]
+        buf = bytearray(info.end - info.start)
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            got = f.readinto(buf)
+        if got != len(buf):
+            raise CheckpointError(f"tensor {name} in {info.file}: file is truncated (was it changed after opening?)")
+        arr = np.frombuffer(buf, dtype=np_dtype).reshape(info.shape)
+        if info.dtype == "BF16":  # bfloat16 is the top half of a float32
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr
+
+    def expect(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Read ``name`` after checking that its shape is ``shape``."""
+        info = self.info(name)
+        if info.shape != tuple(shape):
+            raise CheckpointError(_shape_message(name, info, tuple(shape)))
+        return self.read(name)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, spec: ModelSpec | None = None) -> None:
+        """Check names, shapes and dtypes against ``spec`` (default: config.json's) before any export work.
+
+        Raises one CheckpointError listing every problem: missing tensors, wrong shapes, non-float
+        dtypes and unexpected tensors (other than harmless ones such as ``rotary_emb.inv_freq``).
+        """
+        spec = spec or self.spec
+        expected = expected_tensors(spec)
+        if spec.tie_word_embeddings:  # tied checkpoints may still store the (identical) lm_head
+            expected.setdefault("lm_head.weight", (spec.vocab_size, spec.hidden_size))
+            optional = {"lm_head.weight"}
+        else:
+            optional = set()
+        problems: list[str] = []
+        missing = [n for n in expected if n not in self._tensors and n not in optional]
+        if missing:
+            problems.append(
+                f"checkpoint {self.directory} is missing {len(missing)} expected tensor(s): {_some(missing)}"
+            )
+        for name, shape in expected.items():
+            info = self._tensors.get(name)
+            if info is None:
+                continue
+            if info.shape != shape:
+                problems.append(_shape_message(name, info, shape))
+            elif info.dtype not in FLOAT_DTYPES:
+                problems.append(
+                    f"tensor {name} in {info.file} has dtype {info.dtype}, expected one of {', '.join(FLOAT_DTYPES)}"
+                    " (quantized checkpoints are not supported)"
+                )
+        extra = [n for n in self.names() if n not in expected and not n.endswith("rotary_emb.inv_freq")]
+        if extra:
+            problems.append(
+                f"checkpoint {self.directory} has {len(extra)} unexpected tensor(s) for a "
+                f"{spec.architecture.value} model: {_some(extra)} (quantized or a different architecture?)"
+            )
+        if problems:
+            raise CheckpointError("; ".join(problems))
+
+
+def expected_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Hugging Face tensor names and shapes of a Qwen2/Qwen3 decoder described by ``spec``.
+
+    ``lm_head.weight`` is listed only for untied embeddings.
+    """
+    h, q, kv, inter = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab_size, h)}
+    for i in range(spec.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = (h,)
+        out[p + "post_attention_layernorm.weight"] = (h,)
+        for proj, rows in (("q", q), ("k", kv), ("v", kv)):
+            out[f"{p}self_attn.{proj}_proj.weight"] = (rows, h)
+            if spec.qkv_bias:
+                out[f"{p}self_attn.{proj}_proj.bias"] = (rows,)
+        out[p + "self_attn.o_proj.weight"] = (h, q)
+        if spec.o_bias:
+            out[p + "self_attn.o_proj.bias"] = (h,)
+        if spec.qk_norm:
+            out[p + "self_attn.q_norm.weight"] = (spec.head_dim,)
+            out[p + "self_attn.k_norm.weight"] = (spec.head_dim,)
+        out[p + "mlp.gate_proj.weight"] = (inter, h)
+        out[p + "mlp.up_proj.weight"] = (inter, h)
+        out[p + "mlp.down_proj.weight"] = (h, inter)
+    out["model.norm.weight"] = (h,)
+    if not spec.tie_word_embeddings:
+        out["lm_head.weight"] = (spec.vocab_size, h)
+    return out
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check one safetensors file's header; byte ranges in the result are absolute."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER_BYTES or 8 + n > size:
+                raise CheckpointError(
+                    f"{path} is truncated or not a safetensors file: header length {n} runs past the end "
+                    f"of the file ({size} bytes)"
+                )
+            raw = f.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} has a corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header (not a JSON object)")
+    base = 8 + n
+    out: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        info = _entry(path, name, entry, base)
+        if info.end > size:
+            raise CheckpointError(
+                f"{path} is truncated: tensor {name} ends at byte {info.end} but the file has {size} bytes"
+            )
+        out[name] = info
+    return out
+
+
+# ---------------------------------------------------------------------- helpers
+def _entry(path: Path, name: str, entry: object, base: int) -> TensorInfo:
+    bad = f"{path} has a corrupt header entry for tensor {name}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{bad}: not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise CheckpointError(f"{bad}: dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise CheckpointError(f"{bad}: shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise CheckpointError(f"{bad}: data_offsets {offsets!r}")
+    if dtype in _DTYPES:
+        need = math.prod(shape) * _DTYPES[dtype][1]
+        if need != offsets[1] - offsets[0]:
+            raise CheckpointError(
+                f"{bad}: dtype {dtype} shape {shape} needs {need} bytes but data_offsets span {offsets[1] - offsets[0]}"
+            )
+    return TensorInfo(path, dtype, tuple(shape), base + offsets[0], base + offsets[1])
+
+
+def _open_sharded(index: Path) -> dict[str, TensorInfo]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{index} is not a readable JSON index ({exc})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} has no weight_map object")
+    headers: dict[str, dict[str, TensorInfo]] = {}
+    out: dict[str, TensorInfo] = {}
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or Path(shard).name != shard:
+            raise CheckpointError(f"{index} maps tensor {name} to an invalid file name {shard!r}")
+        if shard not in headers:
+            path = index.parent / shard
+            if not path.is_file():
+                raise CheckpointError(f"shard {shard} named in {index} is missing (needed for tensor {name})")
+            headers[shard] = read_header(path)
+        info = headers[shard].get(name)
+        if info is None:
+            raise CheckpointError(f"{index} maps tensor {name} to {shard}, but {index.parent / shard} has no such tensor")
+        out[name] = info
+    return out
+
+
+def _no_weights_message(directory: Path) -> str:
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        return (
+            f"{directory} holds only pickle checkpoints ({', '.join(pickles[:_SHOW])}); they are refused for safety "
+            "because loading a pickle can run arbitrary code. If you trust the file, convert it once with "
+            f"transformers: AutoModelForCausalLM.from_pretrained('{directory}').save_pretrained('{directory}-safetensors', "
+            f"safe_serialization=True), then use {directory}-safetensors"
+        )
+    others = sorted(p.name for p in directory.glob("*.safetensors"))
+    if others:
+        return (
+            f"{directory} has {', '.join(others[:_SHOW])} but neither {SINGLE_FILE} nor {INDEX_FILE}; "
+            "a Hugging Face checkpoint names its weights one of those"
+        )
+    return f"{directory} has no weights: expected {SINGLE_FILE} or {INDEX_FILE}"
+
+
+def _shape_message(name: str, info: TensorInfo, expected: tuple[int, ...]) -> str:
+    return f"tensor {name} in {info.file} has shape {list(info.shape)}, expected {list(expected)}"
+
+
+def _some(names: list[str]) -> str:
+    shown = ", ".join(names[:_SHOW])
+    return shown if len(names) <= _SHOW else f"{shown}, ... ({len(names)} in all)"

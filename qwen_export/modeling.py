@@ -1,0 +1,209 @@
+"""Export-oriented PyTorch Qwen decoder with explicit KV-cache inputs and outputs.
+
+This module exists only to be traced by ``torch.onnx.export``; it is built on the ``meta`` device so
+no weight is ever materialised (the tracer only needs shapes and dtypes). Real weights are bound to
+the ONNX initializers afterwards, tensor by tensor (see :mod:`qwen_export.trace`).
+
+Layout choices that make the traced graph ready for ONNX Runtime:
+
+- linear weights are stored transposed, ``[in, out]`` (initializer ``<hf name>_t``), so each
+  projection is one ``MatMul`` with no ``Transpose`` in front of it;
+- the rotary ``inv_freq`` is an initializer (``rotary.inv_freq``) computed from the ModelSpec in
+  float32, YaRN included; cos/sin are computed from ``position_ids`` in the graph, in float32;
+- RMSNorm statistics and the attention softmax are computed in float32 whatever the weight dtype
+  (Qwen overflows fp16 otherwise), exactly as transformers' eager implementation does;
+- the mask is built in the graph from ``attention_mask`` (padding), causality and, for sliding
+  layers, the window, in KV-cache coordinates as transformers does; masked scores use the dtype's
+  most negative finite value so fully-masked padding rows give finite (ignored) outputs.
+
+Forward signature (canonical IO, DESIGN.md §4)::
+
+    input_ids [B, S] int64, attention_mask [B, P+S] int64, position_ids [B, S] int64,
+    past [2*L tensors: key_i, value_i, each [B, KV, P, D]]
+      -> logits [B, 1 or S, V] float32, present [2*L tensors [B, KV, P+S, D]]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .spec import LayerType, LogitsMode, ModelSpec
+
+
+class Linear(nn.Module):
+    """``y = x @ weight_t + bias`` with the weight stored as [in, out]."""
+
+    def __init__(self, fan_in: int, fan_out: int, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight_t = nn.Parameter(torch.empty(fan_in, fan_out, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(fan_out, dtype=dtype), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.weight_t)
+        return y + self.bias if self.bias is not None else y
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with the variance in float32 (transformers' Qwen2RMSNorm)."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        h = x.to(torch.float32)
+        variance = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(variance + self.eps)
+        return self.weight * h.to(in_dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.spec = spec
+        h = spec.hidden_size
+        self.q_proj = Linear(h, spec.q_size, spec.qkv_bias, dtype)
+        self.k_proj = Linear(h, spec.kv_size, spec.qkv_bias, dtype)
+        self.v_proj = Linear(h, spec.kv_size, spec.qkv_bias, dtype)
+        self.o_proj = Linear(spec.q_size, h, spec.o_bias, dtype)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
+        self.sliding = spec.layer_types[layer] is LayerType.SLIDING
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        spec = self.spec
+        b, s = x.shape[0], x.shape[1]
+        d, heads, kv_heads = spec.head_dim, spec.num_attention_heads, spec.num_key_value_heads
+        q = self.q_proj(x).view(b, s, heads, d)
+        k = self.k_proj(x).view(b, s, kv_heads, d)
+        v = self.v_proj(x).view(b, s, kv_heads, d).transpose(1, 2)
+        if spec.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        present_k = torch.cat([past_k, k], dim=2)
+        present_v = torch.cat([past_v, v], dim=2)
+        total = present_k.shape[2]
+        groups = spec.kv_groups
+        k_all = present_k[:, :, None].expand(b, kv_heads, groups, total, d).reshape(b, heads, total, d)
+        v_all = present_v[:, :, None].expand(b, kv_heads, groups, total, d).reshape(b, heads, total, d)
+        scores = torch.matmul(q, k_all.transpose(2, 3)).to(torch.float32) * (d**-0.5)
+        probs = torch.softmax(scores + mask, dim=-1).to(x.dtype)
+        out = torch.matmul(probs, v_all).transpose(1, 2).reshape(b, s, heads * d)
+        return self.o_proj(out), present_k, present_v
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate_proj = Linear(spec.hidden_size, spec.intermediate_size, False, dtype)
+        self.up_proj = Linear(spec.hidden_size, spec.intermediate_size, False, dtype)
+        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, False, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.self_attn = Attention(spec, layer, dtype)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.mlp = MLP(spec, dtype)
+
+
+class Backbone(nn.Module):
+    """Holds parameters under the same names as transformers' ``model.*`` (weights suffixed ``_t``)."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, dtype) for i in range(spec.num_hidden_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+
+
+class QwenForExport(nn.Module):
+    """The traced module. Construct it under ``torch.device("meta")``."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, logits: LogitsMode) -> None:
+        super().__init__()
+        self.spec, self.dtype, self.logits_mode = spec, dtype, logits
+        self.model = Backbone(spec, dtype)
+        if not spec.tie_word_embeddings:
+            self.lm_head = Linear(spec.hidden_size, spec.vocab_size, False, dtype)
+        self.rotary_inv_freq = nn.Parameter(torch.empty(spec.head_dim // 2, dtype=torch.float32), requires_grad=False)
+        _, self.rope_scale = spec.rope_inv_freq_and_scale()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past_key_values: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        spec = self.spec
+        s = input_ids.shape[1]
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self._rotary(position_ids)
+        masks = self._masks(attention_mask, s, past_key_values[0].shape[2])
+        presents: list[torch.Tensor] = []
+        for i, layer in enumerate(self.model.layers):
+            mask = masks[spec.layer_types[i]]
+            residual = x
+            h, pk, pv = layer.self_attn(
+                layer.input_layernorm(x), cos, sin, mask, past_key_values[2 * i], past_key_values[2 * i + 1]
+            )
+            x = residual + h
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            presents += [pk, pv]
+        if self.logits_mode is LogitsMode.LAST:
+            x = x[:, -1:, :]
+        x = self.model.norm(x)
+        if spec.tie_word_embeddings:
+            logits = torch.matmul(x, self.model.embed_tokens.weight.t())
+        else:
+            logits = self.lm_head(x)
+        return logits.to(torch.float32), presents
+
+    def _rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [B, 1, S, D], computed in float32 then cast (transformers' Qwen2RotaryEmbedding)."""
+        freqs = position_ids.to(torch.float32)[:, :, None] * self.rotary_inv_freq[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.rope_scale
+        sin = emb.sin() * self.rope_scale
+        return cos.to(self.dtype)[:, None], sin.to(self.dtype)[:, None]
+
+    def _masks(self, attention_mask: torch.Tensor, s: int, past: int) -> dict[LayerType, torch.Tensor]:
+        """Additive masks [B, 1, S, P+S] (float32) for full and, when present, sliding layers."""
+        total = attention_mask.shape[1]
+        q_pos = torch.arange(s, device=attention_mask.device)[:, None] + past
+        k_pos = torch.arange(total, device=attention_mask.device)[None, :]
+        allowed = (k_pos <= q_pos)[None, None] & (attention_mask[:, None, None, :] > 0)
+        neg = torch.finfo(torch.float32).min
+        zero = torch.zeros((), dtype=torch.float32, device=attention_mask.device)
+        low = torch.full((), neg, dtype=torch.float32, device=attention_mask.device)
+        out = {LayerType.FULL: torch.where(allowed, zero, low)}
+        if self.spec.sliding_window is not None and self.spec.has_sliding_layers:
+            window = (k_pos > q_pos - self.spec.sliding_window)[None, None]
+            out[LayerType.SLIDING] = torch.where(allowed & window, zero, low)
+        return out

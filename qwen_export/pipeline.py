@@ -1,0 +1,145 @@
+"""export(): load -> trace -> passes -> lower -> emit, as one straight-line function.
+
+Peak memory: tracing runs on the meta device and weights are bound lazily, so the only weight
+memory is the tensor being written (plus the small ones the cleanup pass folds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import artifact
+from .checkpoint import Checkpoint
+from .errors import CheckpointError, OptionError
+from .spec import DType, LogitsMode, ModelSpec, Target
+
+#: Default cap on the context an artifact is exported for (the config may say 128K+).
+DEFAULT_MAX_LENGTH_CAP = 32768
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+OPTIONAL_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    target: Target = Target.ONNXRUNTIME
+    dtype: DType = DType.FP32
+    logits: LogitsMode = LogitsMode.LAST
+    max_length: int | None = None  # default: min(config max_position_embeddings, 32768)
+    overwrite: bool = False
+
+    def resolved_max_length(self, spec: ModelSpec) -> int:
+        if self.max_length is None:
+            return min(spec.max_position_embeddings, DEFAULT_MAX_LENGTH_CAP)
+        if self.max_length <= 0:
+            raise OptionError(f"--max-length must be positive, got {self.max_length}")
+        return self.max_length
+
+
+@dataclasses.dataclass
+class ExportHooks:
+    """Progress callbacks: ``step(name)`` when a phase starts, ``write_progress(done, total)`` bytes."""
+
+    step: Callable[[str], None] = lambda name: None
+    write_progress: Callable[[int, int], None] = lambda done, total: None
+
+
+def export(
+    checkpoint_dir: str | Path, out_dir: str | Path, options: ExportOptions, hooks: ExportHooks | None = None
+) -> artifact.Manifest:
+    """Export a Hugging Face Qwen checkpoint to an artifact directory; return its manifest."""
+    hooks = hooks or ExportHooks()
+    out = Path(out_dir)
+    artifact.check_output_dir(out, options.overwrite)
+    hooks.step("load")
+    ckpt = Checkpoint.open(checkpoint_dir)
+    spec = ckpt.spec
+    ckpt.validate(spec)
+    tokenizer_files = _tokenizer_files(ckpt.directory)
+    max_length = options.resolved_max_length(spec)
+
+    hooks.step("trace")
+    from .trace import TraceOptions, bind_weights, trace
+
+    _quiet_torch_logs()
+    model = trace(spec, TraceOptions(dtype=options.dtype, logits=options.logits))
+    bind_weights(model, spec, ckpt, options.dtype)
+
+    hooks.step("passes")
+    from .passes.cleanup import CleanupPass
+
+    records = [CleanupPass()(model).to_dict()]
+
+    hooks.step("emit")
+    from .runtimes import onnxruntime as ort_target
+
+    with artifact.write_artifact(out, options.overwrite) as staging:
+        ort_target.emit(model, staging.path, progress=hooks.write_progress)
+        _copy_tokenizer(ckpt.directory, staging.path, tokenizer_files)
+        _write_generation_config(ckpt.directory, staging.path, spec)
+        staging.manifest_fields.update(
+            target=options.target.value,
+            dtype=options.dtype.value,
+            logits=options.logits.value,
+            spec=spec.to_dict(),
+            io=_io_signature(model),
+            passes=records,
+            extra={"max_length": max_length, "source": str(Path(checkpoint_dir).resolve().name)},
+        )
+    return artifact.load_manifest(out, verify=False)
+
+
+def _tokenizer_files(directory: Path) -> list[str]:
+    missing = [f for f in TOKENIZER_FILES if not (directory / f).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{directory}: {', '.join(missing)} missing; the artifact needs the checkpoint's tokenizer files"
+        )
+    return list(TOKENIZER_FILES) + [f for f in OPTIONAL_FILES if (directory / f).is_file()]
+
+
+def _copy_tokenizer(src: Path, dst: Path, files: list[str]) -> None:
+    for name in files:
+        shutil.copyfile(src / name, dst / name)
+    template = src / "chat_template.jinja"
+    if template.is_file():
+        shutil.copyfile(template, dst / "chat_template.jinja")
+        return
+    config = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+    chat = config.get("chat_template")
+    if isinstance(chat, list):  # named templates: keep the default one
+        chat = next((t["template"] for t in chat if t.get("name") == "default"), None)
+    if isinstance(chat, str):
+        (dst / "chat_template.jinja").write_text(chat, encoding="utf-8")
+
+
+def _write_generation_config(src: Path, dst: Path, spec: ModelSpec) -> None:
+    path = src / "generation_config.json"
+    if path.is_file():
+        shutil.copyfile(path, dst / "generation_config.json")
+        return
+    eos = list(spec.eos_token_ids)
+    (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}, indent=2), encoding="utf-8")
+
+
+def _io_signature(model: Any) -> dict[str, dict[str, Any]]:
+    def describe(values: Any) -> dict[str, Any]:
+        return {
+            v.name: {
+                "dtype": str(v.dtype).lower() if v.dtype is not None else None,
+                "shape": [d if isinstance(d, int) else str(d) for d in v.shape.dims] if v.shape else None,
+            }
+            for v in values
+        }
+
+    return {"inputs": describe(model.graph.inputs), "outputs": describe(model.graph.outputs)}
+
+
+def _quiet_torch_logs() -> None:
+    for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)

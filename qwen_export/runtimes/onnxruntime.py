@@ -1,0 +1,181 @@
+"""ONNX Runtime target: emit the model, load it, run it behind the Engine protocol.
+
+The KV cache never goes through numpy between steps: the ``present.*`` outputs of one step are
+``OrtValue`` objects that ORT allocated, and they are bound (IOBinding) as the ``past_key_values.*``
+inputs of the next step. Only the logits are copied out. ``onnxruntime`` is imported lazily here
+and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..artifact import Manifest
+from ..errors import ArtifactError, EngineUnavailableError, GenerationError
+from ..spec import ModelSpec
+from .base import EngineCapabilities
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:  # pragma: no cover - onnxruntime is a core dependency
+        raise EngineUnavailableError("onnxruntime is not installed; pip install onnxruntime") from None
+    return onnxruntime
+
+
+@dataclasses.dataclass(frozen=True)
+class OrtOptions:
+    """Session options. ``threads`` = 0 lets ONNX Runtime choose (one per physical core)."""
+
+    threads: int = 0
+    optimization: str = "all"  # ORT graph optimization level: disable | basic | extended | all
+
+
+_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def emit(model: Any, out_dir: Path, progress: Any = None) -> list[str]:
+    """Write the ONNX IR model as ``model.onnx`` + ``model.onnx.data`` (external data, one pass).
+
+    ``progress(done_bytes, total_bytes)`` is called after each tensor is written.
+    """
+    import onnx_ir as ir
+
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    done = 0
+
+    def callback(tensor: Any, info: Any) -> None:
+        nonlocal done
+        done += tensor.nbytes
+        if progress is not None:
+            progress(done, total)
+
+    ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE, callback=callback, max_workers=1)
+    return [MODEL_FILE, DATA_FILE]
+
+
+class OnnxRuntimeEngine:
+    """Engine over an exported ONNX Runtime artifact (CPU)."""
+
+    def __init__(self, artifact_dir: str | Path, manifest: Manifest, options: OrtOptions | None = None) -> None:
+        ort = _ort()
+        self.options = options or OrtOptions()
+        self.spec = ModelSpec.from_dict(manifest.spec)
+        self.dtype = np.float16 if manifest.dtype == "fp16" else np.float32
+        path = Path(artifact_dir) / MODEL_FILE
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing; re-export the artifact")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[self.options.optimization])
+        if self.options.threads:
+            so.intra_op_num_threads = self.options.threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own types; report one line
+            raise ArtifactError(f"{path}: ONNX Runtime could not load it: {str(exc).splitlines()[0]}") from None
+        self._ort = ort
+        full = manifest.logits == "all"
+        self.capabilities = EngineCapabilities(
+            name="onnxruntime",
+            max_context=int(manifest.extra.get("max_length", self.spec.max_position_embeddings)),
+            max_batch=0,
+            devices=("cpu",),
+            full_logits=full,
+            vocab_size=self.spec.vocab_size,
+        )
+        self._layers = self.spec.num_hidden_layers
+        self._binding = self.session.io_binding()
+        self.reset()
+
+    # ------------------------------------------------------------------ Engine API
+    @property
+    def num_cached_tokens(self) -> int:
+        return 0 if self._mask is None else int(self._mask.shape[1])
+
+    def reset(self) -> None:
+        self._mask: np.ndarray | None = None
+        self._past: list[Any] | None = None
+
+    def truncate(self, num_tokens: int) -> None:
+        if num_tokens < 0 or num_tokens > self.num_cached_tokens:
+            raise GenerationError(f"cannot keep {num_tokens} tokens; the cache holds {self.num_cached_tokens}")
+        if num_tokens == 0:
+            self.reset()
+            return
+        if num_tokens == self.num_cached_tokens:
+            return
+        assert self._past is not None and self._mask is not None
+        self._past = [
+            self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :num_tokens]))
+            for v in self._past
+        ]
+        self._mask = self._mask[:, :num_tokens]
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise GenerationError(f"input_ids must be [batch, seq] with seq >= 1, got shape {ids.shape}")
+        ids = ids.astype(np.int64, copy=False)
+        if ids.min() < 0 or ids.max() >= self.spec.vocab_size:
+            bad = int(ids.max() if ids.max() >= self.spec.vocab_size else ids.min())
+            raise GenerationError(f"token id {bad} is out of range for a vocabulary of {self.spec.vocab_size}")
+        batch, seq = ids.shape
+        new_mask = np.ones((batch, seq), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        if new_mask.shape != ids.shape:
+            raise GenerationError(f"attention_mask shape {new_mask.shape} does not match input_ids {ids.shape}")
+        if self._mask is not None and self._mask.shape[0] != batch:
+            raise GenerationError(f"batch size changed from {self._mask.shape[0]} to {batch}; call reset() first")
+        total = self.num_cached_tokens + seq
+        if total > self.capabilities.max_context:
+            raise GenerationError(
+                f"{total} tokens exceed the artifact's context of {self.capabilities.max_context}"
+            )
+        mask = new_mask if self._mask is None else np.concatenate([self._mask, new_mask], axis=1)
+        position_ids = position_ids_from_mask(mask)[:, -seq:]
+        self._run(ids, mask, position_ids)
+        self._mask = mask
+        return self._logits
+
+    # ------------------------------------------------------------------ internals
+    def _run(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> None:
+        b = self._binding
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("attention_mask", mask)
+        b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
+        past = self._past or self._empty_past(ids.shape[0])
+        for i in range(self._layers):
+            b.bind_ortvalue_input(f"past_key_values.{i}.key", past[2 * i])
+            b.bind_ortvalue_input(f"past_key_values.{i}.value", past[2 * i + 1])
+        b.bind_output("logits", "cpu")
+        for i in range(self._layers):
+            b.bind_output(f"present.{i}.key", "cpu")
+            b.bind_output(f"present.{i}.value", "cpu")
+        self.session.run_with_iobinding(b)
+        outputs = b.get_outputs()
+        self._logits = outputs[0].numpy()
+        self._past = list(outputs[1:])
+
+    def _empty_past(self, batch: int) -> list[Any]:
+        shape = (batch, self.spec.num_key_value_heads, 0, self.spec.head_dim)
+        empty = np.zeros(shape, self.dtype)
+        return [self._ort.OrtValue.ortvalue_from_numpy(empty) for _ in range(2 * self._layers)]
+
+
+def position_ids_from_mask(mask: np.ndarray) -> np.ndarray:
+    """cumsum(mask) - 1 with padding positions set to 1 (what transformers' generate feeds)."""
+    pos = np.cumsum(mask, axis=1) - 1
+    pos[mask == 0] = 1
+    return pos.astype(np.int64)

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny seeded Qwen checkpoints, built once per test session (no download).
+
+Every fixture returns the checkpoint directory. They are shared by all tests: treat them as
+read-only and copy one (``shutil.copytree``) before modifying it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qwen_export.tiny import make_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def qwen2_tied(tiny_root: Path) -> Path:
+    """Qwen2, tied embeddings, fp32, single model.safetensors, real vocab + tokenizer."""
+    return make_checkpoint(tiny_root / "qwen2_tied", "qwen2", tied=True)
+
+
+@pytest.fixture(scope="session")
+def qwen2_untied(tiny_root: Path) -> Path:
+    """Qwen2, separate lm_head, fp32, single file."""
+    return make_checkpoint(tiny_root / "qwen2_untied", "qwen2", tied=False)
+
+
+@pytest.fixture(scope="session")
+def qwen2_yarn_bf16_sharded(tiny_root: Path) -> Path:
+    """Qwen2, untied, YaRN (factor 4, original 64, max 256), bfloat16, several shards + index."""
+    return make_checkpoint(
+        tiny_root / "qwen2_yarn_bf16_sharded", "qwen2", tied=False, yarn=True, dtype="bfloat16", shards=2
+    )
+
+
+@pytest.fixture(scope="session")
+def qwen3(tiny_root: Path) -> Path:
+    """Qwen3, untied, q_norm/k_norm, explicit head_dim 32 (hidden 64 / 4 heads would give 16)."""
+    return make_checkpoint(tiny_root / "qwen3", "qwen3", tied=False, head_dim=32)
