@@ -79,7 +79,9 @@ class Manifest:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{source} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") from None
+            raise ArtifactError(
+                f"{source} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})"
+            ) from None
         if not isinstance(data, dict):
             raise ArtifactError(f"{source} is not a JSON object")
         version = data.get("schema_version")
@@ -90,8 +92,19 @@ class Manifest:
                 f"{source} was written by a newer qwen-export (schema {version} > {MANIFEST_SCHEMA_VERSION}); "
                 "upgrade qwen-export to load it"
             )
-        kinds = {"target": str, "dtype": str, "logits": str, "spec": dict, "io": dict, "passes": list,
-                 "files": dict, "extra": dict, "packages": dict, "created": str, "qwen_export_version": str}
+        kinds = {
+            "target": str,
+            "dtype": str,
+            "logits": str,
+            "spec": dict,
+            "io": dict,
+            "passes": list,
+            "files": dict,
+            "extra": dict,
+            "packages": dict,
+            "created": str,
+            "qwen_export_version": str,
+        }
         for key, kind in kinds.items():
             if not isinstance(data.get(key), kind):
                 raise ArtifactError(f"{source}: field {key!r} is missing or not a {kind.__name__}")

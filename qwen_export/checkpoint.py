@@ -286,7 +286,9 @@ def _open_sharded(index: Path) -> dict[str, TensorInfo]:
             headers[shard] = read_header(path)
         info = headers[shard].get(name)
         if info is None:
-            raise CheckpointError(f"{index} maps tensor {name} to {shard}, but {index.parent / shard} has no such tensor")
+            raise CheckpointError(
+                f"{index} maps tensor {name} to {shard}, but {index.parent / shard} has no such tensor"
+            )
         out[name] = info
     return out
 
@@ -297,8 +299,8 @@ def _no_weights_message(directory: Path) -> str:
         return (
             f"{directory} holds only pickle checkpoints ({', '.join(pickles[:_SHOW])}); they are refused for safety "
             "because loading a pickle can run arbitrary code. If you trust the file, convert it once with "
-            f"transformers: AutoModelForCausalLM.from_pretrained('{directory}').save_pretrained('{directory}-safetensors', "
-            f"safe_serialization=True), then use {directory}-safetensors"
+            f"transformers: AutoModelForCausalLM.from_pretrained('{directory}')"
+            f".save_pretrained('{directory}-safetensors', safe_serialization=True), then use {directory}-safetensors"
         )
     others = sorted(p.name for p in directory.glob("*.safetensors"))
     if others:

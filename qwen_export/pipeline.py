@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -66,7 +65,6 @@ def export(
     hooks.step("trace")
     from .trace import TraceOptions, bind_weights, trace
 
-    _quiet_torch_logs()
     model = trace(spec, TraceOptions(dtype=options.dtype, logits=options.logits))
     bind_weights(model, spec, ckpt, options.dtype)
 
@@ -138,8 +136,3 @@ def _io_signature(model: Any) -> dict[str, dict[str, Any]]:
         }
 
     return {"inputs": describe(model.graph.inputs), "outputs": describe(model.graph.outputs)}
-
-
-def _quiet_torch_logs() -> None:
-    for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript"):
-        logging.getLogger(name).setLevel(logging.ERROR)

@@ -188,7 +188,8 @@ class ModelSpec:
             raise ConfigError(
                 f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
             )
-        head_dim = get.int("head_dim", default=None)
+        # transformers' Qwen3Config defaults head_dim to 128; Qwen2Config derives it from hidden_size.
+        head_dim = get.int("head_dim", default=128 if arch is Architecture.QWEN3 else None)
         if head_dim is None:
             if hidden % heads:
                 raise ConfigError(f"{source}: hidden_size={hidden} is not divisible by num_attention_heads={heads}")

@@ -85,9 +85,9 @@ class Tokenizer:
             if content is not None:
                 self.special_tokens[name] = content
         special: set[int] = set()
-        for added in backend.get_added_tokens_decoder().items():
-            if added[1].special:
-                special.add(added[0])
+        for token_id, added in backend.get_added_tokens_decoder().items():
+            if added.special:
+                special.add(token_id)
         for key, entry in (self.config.get("added_tokens_decoder") or {}).items():
             if isinstance(entry, Mapping) and entry.get("special") and str(key).isdigit():
                 special.add(int(key))

@@ -10,6 +10,7 @@ at a time: peak memory of an export is a small multiple of the largest tensor.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Protocol
@@ -82,19 +83,23 @@ def trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
         {0: batch, 1: seq},
         [kv_dims for _ in range(2 * spec.num_hidden_layers)],
     )
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module,
-            args,
-            dynamo=True,
-            input_names=input_names(spec),
-            output_names=output_names(spec),
-            dynamic_shapes=dynamic_shapes,
-            opset_version=OPSET,
-            optimize=False,
-            verbose=False,
-        )
+    logging.disable(logging.WARNING)  # the exporter logs optional-dependency notes (torchvision)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                input_names=input_names(spec),
+                output_names=output_names(spec),
+                dynamic_shapes=dynamic_shapes,
+                opset_version=OPSET,
+                optimize=False,
+                verbose=False,
+            )
+    finally:
+        logging.disable(logging.NOTSET)
     model = program.model
     _name_dims(model, spec)
     return model

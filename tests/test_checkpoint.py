@@ -80,8 +80,11 @@ def test_qwen3_names_and_head_dim(qwen3: Path) -> None:
 def test_expect_and_unknown_name(qwen2_tied: Path) -> None:
     ckpt = Checkpoint.open(qwen2_tied)
     assert ckpt.expect("model.norm.weight", (64,)).shape == (64,)
-    with pytest.raises(CheckpointError, match=r"tensor model\.norm\.weight in .*model\.safetensors has shape \[64\], "
-                       r"expected \[32\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor model\.norm\.weight in .*model\.safetensors has shape \[64\], "
+        r"expected \[32\]",
+    ):
         ckpt.expect("model.norm.weight", (32,))
     with pytest.raises(CheckpointError, match="no tensor nope"):
         ckpt.read("nope")
@@ -147,10 +150,14 @@ def test_header_length_past_end(qwen2_tied: Path, tmp_path: Path) -> None:
     path = d / SINGLE_FILE
     data = path.read_bytes()
     path.write_bytes(struct.pack("<Q", len(data)) + data[8:])
-    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))} is truncated or not a safetensors file: header length"):
+    with pytest.raises(
+        CheckpointError, match=rf"{re.escape(str(path))} is truncated or not a safetensors file: header length"
+    ):
         Checkpoint.open(d)
     path.write_bytes(b"abc")
-    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))} is truncated or not a safetensors file \(3 bytes\)"):
+    with pytest.raises(
+        CheckpointError, match=rf"{re.escape(str(path))} is truncated or not a safetensors file \(3 bytes\)"
+    ):
         Checkpoint.open(d)
 
 
@@ -171,7 +178,9 @@ def test_missing_shard(qwen2_yarn_bf16_sharded: Path, tmp_path: Path) -> None:
     weight_map = json.loads((d / INDEX_FILE).read_text())["weight_map"]
     shard = weight_map["model.norm.weight"]
     (d / shard).unlink()
-    with pytest.raises(CheckpointError, match=rf"shard {re.escape(str(shard))} named in {re.escape(str(d / INDEX_FILE))} is missing"):
+    with pytest.raises(
+        CheckpointError, match=rf"shard {re.escape(str(shard))} named in {re.escape(str(d / INDEX_FILE))} is missing"
+    ):
         Checkpoint.open(d)
 
 
@@ -181,7 +190,9 @@ def test_index_names_absent_tensor(qwen2_yarn_bf16_sharded: Path, tmp_path: Path
     shard = index["weight_map"]["model.norm.weight"]
     index["weight_map"]["model.layers.7.mlp.up_proj.weight"] = shard
     (d / INDEX_FILE).write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match=rf"maps tensor model\.layers\.7\.mlp\.up_proj\.weight to {re.escape(str(shard))}, but"):
+    with pytest.raises(
+        CheckpointError, match=rf"maps tensor model\.layers\.7\.mlp\.up_proj\.weight to {re.escape(str(shard))}, but"
+    ):
         Checkpoint.open(d)
 
 

@@ -1,0 +1,473 @@
+"""The ``qwen-export`` command line (typer). Thin: parse options, call the library, print.
+
+Every deliberate error (:class:`QwenExportError`) is printed as one ``error: ...`` line on stderr
+with exit status 2; no command leaves a half-written artifact behind.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import OptionError, QwenExportError
+from .spec import DType, LogitsMode, Target
+
+app = typer.Typer(
+    name="qwen-export",
+    help="Compile Qwen checkpoints into verified engines and run them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handles_errors(func: F) -> F:
+    """Turn QwenExportError into a one-line message and exit status 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except QwenExportError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"qwen-export {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Compile Qwen checkpoints into verified engines and run them."""
+
+
+# ----------------------------------------------------------------------------- export
+@app.command()
+@handles_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Hugging Face checkpoint directory (config.json, *.safetensors).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to create.")],
+    target: Annotated[str, typer.Option(help="Engine: onnxruntime.")] = "onnxruntime",
+    dtype: Annotated[str, typer.Option(help="Weight/activation precision: fp32 | fp16.")] = "fp32",
+    logits: Annotated[str, typer.Option(help="Logits for the last position or all positions: last | all.")] = "last",
+    max_length: Annotated[
+        int | None, typer.Option(help="Context the artifact is built for (default: config, capped at 32768).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+) -> None:
+    """Export CHECKPOINT to an engine artifact in OUTPUT (written atomically)."""
+    from .pipeline import ExportOptions, export as run_export
+
+    options = ExportOptions(
+        target=Target.parse(target, "target"),
+        dtype=DType.parse(dtype, "dtype"),
+        logits=LogitsMode.parse(logits, "logits mode"),
+        max_length=max_length,
+        overwrite=overwrite,
+    )
+    manifest = _export_with_progress(checkpoint, output, options)
+    size = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
+    console.print(
+        f"[green]exported[/] {checkpoint} -> {output}  ({manifest.target}, {manifest.dtype}, "
+        f"{size / 2**20:.1f} MiB, context {manifest.extra.get('max_length')})"
+    )
+
+
+def _export_with_progress(checkpoint: Path, output: Path, options: Any) -> Any:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .pipeline import ExportHooks, export as run_export
+
+    steps = {"load": "reading checkpoint", "trace": "tracing", "passes": "graph passes", "emit": "writing weights"}
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True,
+    ) as progress:
+        task = progress.add_task("starting", total=None)
+
+        def step(name: str) -> None:
+            progress.update(task, description=steps.get(name, name), completed=0, total=None)
+
+        def write(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        return run_export(checkpoint, output, options, ExportHooks(step=step, write_progress=write))
+
+
+# ----------------------------------------------------------------------------- generate / chat
+def _sampling_options(
+    max_new_tokens: int,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    min_p: float | None,
+    repetition_penalty: float | None,
+    seed: int | None,
+    stop: list[str] | None,
+) -> dict[str, Any]:
+    return {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "min_p": min_p,
+        "repetition_penalty": repetition_penalty,
+        "seed": seed,
+        "stop_strings": tuple(stop) if stop else None,
+    }
+
+
+MaxNew = Annotated[int, typer.Option(help="Maximum new tokens.")]
+Temp = Annotated[float | None, typer.Option(help="Sampling temperature; 0 = greedy (default: generation_config).")]
+TopK = Annotated[int | None, typer.Option(help="Top-k sampling (0 = off).")]
+TopP = Annotated[float | None, typer.Option(help="Top-p (nucleus) sampling (1 = off).")]
+MinP = Annotated[float | None, typer.Option(help="Min-p sampling (0 = off).")]
+RepPen = Annotated[float | None, typer.Option(help="Repetition penalty (1 = off).")]
+Seed = Annotated[int | None, typer.Option(help="Random seed for sampling.")]
+Stop = Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")]
+Threads = Annotated[int, typer.Option(help="Engine threads (0 = engine default).")]
+
+
+@app.command()
+@handles_errors
+def generate(
+    artifact: Annotated[Path, typer.Argument(help="Exported artifact directory.")],
+    prompt: Annotated[str, typer.Argument(help="Prompt text (a user message unless --raw).")],
+    raw: Annotated[bool, typer.Option(help="Feed PROMPT as is, without the chat template.")] = False,
+    system: Annotated[str | None, typer.Option(help="System prompt (chat template).")] = None,
+    max_new_tokens: MaxNew = 128,
+    temperature: Temp = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    repetition_penalty: RepPen = None,
+    seed: Seed = None,
+    stop: Stop = None,
+    threads: Threads = 0,
+) -> None:
+    """Generate a completion for PROMPT, streamed to the terminal."""
+    from .generation import Generator
+    from .loader import RuntimeOptions, open_artifact
+
+    loaded = open_artifact(artifact, RuntimeOptions(threads=threads))
+    config = loaded.generation_config(
+        **_sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
+    )
+    tok = loaded.tokenizer
+    if raw:
+        ids = tok.encode(prompt)
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = tok.apply_chat_template_ids(messages)
+    result = _stream(Generator(loaded.engine, tok), ids, config)
+    err_console.print(
+        f"[dim]{result.prompt_tokens} prompt + {result.completion_tokens} new tokens, "
+        f"finish: {result.finish_reason.value}, TTFT {result.timings.time_to_first_token_s * 1e3:.0f} ms, "
+        f"decode {result.decode_tokens_per_s or 0:.1f} tok/s[/]",
+        highlight=False,
+    )
+
+
+def _stream(generator: Any, ids: list[int], config: Any) -> Any:
+    result = None
+    for event in generator.generate(ids, config):
+        if event.text:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        result = event.result or result
+    sys.stdout.write("\n")
+    return result
+
+
+@app.command()
+@handles_errors
+def chat(
+    artifact: Annotated[Path, typer.Argument(help="Exported artifact directory.")],
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    max_new_tokens: MaxNew = 256,
+    temperature: Temp = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    repetition_penalty: RepPen = None,
+    seed: Seed = None,
+    threads: Threads = 0,
+) -> None:
+    """Interactive multi-turn chat; earlier turns stay in the KV cache. Commands: /reset, /exit."""
+    from .generation import Generator
+    from .loader import RuntimeOptions, open_artifact
+
+    loaded = open_artifact(artifact, RuntimeOptions(threads=threads))
+    config = loaded.generation_config(
+        **_sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, None)
+    )
+    generator = Generator(loaded.engine, loaded.tokenizer)
+    start: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    err_console.print("[dim]chat: /reset starts over, /exit or Ctrl-D quits[/]")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = list(start)
+            generator.reset()
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = loaded.tokenizer.apply_chat_template_ids(messages)
+        result = _stream(generator, ids, config)
+        messages.append({"role": "assistant", "content": result.text})
+        err_console.print(
+            f"[dim]({result.reused_tokens} of {result.prompt_tokens} prompt tokens reused from the cache)[/]",
+            highlight=False,
+        )
+
+
+# ----------------------------------------------------------------------------- check
+@app.command()
+@handles_errors
+def check(
+    artifact: Annotated[Path, typer.Argument(help="Exported artifact directory.")],
+    reference: Annotated[Path, typer.Option(help="Source checkpoint (transformers runs it as the reference).")],
+    text: Annotated[Path | None, typer.Option(help="UTF-8 text file to evaluate on (default: built-in).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Evaluate at most this many tokens of the text.")] = 128,
+    greedy_tokens: Annotated[int, typer.Option(help="Greedy continuation length compared.")] = 16,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Compare ARTIFACT with transformers on REFERENCE; exit 1 past the precision's thresholds."""
+    from . import parity
+    from .loader import open_artifact
+
+    if max_tokens < 2 or greedy_tokens < 1:
+        raise OptionError("--max-tokens must be >= 2 and --greedy-tokens >= 1")
+    loaded = open_artifact(artifact)
+    if text is not None:
+        if not text.is_file():
+            raise OptionError(f"{text}: text file not found")
+        try:
+            content = text.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise OptionError(f"{text}: not UTF-8 text") from None
+    else:
+        content = parity.DEFAULT_TEXT
+    ids = loaded.tokenizer.encode(content)[:max_tokens]
+    report = parity.check(
+        loaded.engine, parity.Reference(reference), ids, DType.parse(loaded.manifest.dtype), greedy_tokens
+    )
+    if as_json:
+        console.print_json(json.dumps(parity.to_dict(report)))
+    else:
+        _print_parity(report, f"parity: {artifact} vs transformers ({loaded.manifest.dtype})")
+    if not report.passed:
+        err_console.print(f"[bold red]parity FAILED:[/] {'; '.join(report.failures)}", highlight=False)
+        raise typer.Exit(1)
+
+
+def _print_parity(report: Any, title: str) -> None:
+    table = Table(title=title)
+    for column in ("metric", "value", "threshold"):
+        table.add_column(column)
+    for row in report.rows():
+        table.add_row(*row)
+    console.print(table)
+    console.print("[green]PASS[/]" if report.passed else "[red]FAIL[/]")
+
+
+# ----------------------------------------------------------------------------- inspect
+@app.command()
+@handles_errors
+def inspect(
+    artifact: Annotated[Path, typer.Argument(help="Exported artifact directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show an artifact's IO signature, op histogram, sizes and manifest."""
+    from .artifact import load_manifest
+    from .inspection import describe
+
+    manifest = load_manifest(artifact, verify=True)
+    info = describe(artifact, manifest)
+    if as_json:
+        console.print_json(json.dumps(info))
+        return
+    spec = manifest.spec
+    console.print(
+        f"[bold]{artifact}[/]  target={manifest.target} dtype={manifest.dtype} logits={manifest.logits} "
+        f"schema={manifest.schema_version} qwen-export {manifest.qwen_export_version}"
+    )
+    console.print(
+        f"model: {spec['architecture']} layers={spec['num_hidden_layers']} hidden={spec['hidden_size']} "
+        f"heads={spec['num_attention_heads']}/{spec['num_key_value_heads']} head_dim={spec['head_dim']} "
+        f"vocab={spec['vocab_size']} tied={spec['tie_word_embeddings']} context={manifest.extra.get('max_length')}"
+    )
+    io = Table(title="IO signature")
+    for column in ("direction", "name", "dtype", "shape"):
+        io.add_column(column)
+    for direction in ("inputs", "outputs"):
+        items = list(manifest.io.get(direction, {}).items())
+        shown = items if len(items) <= 8 else items[:5] + [("…", {"dtype": "", "shape": f"{len(items) - 6} more"})] + items[-1:]
+        for name, v in shown:
+            io.add_row(direction, name, str(v.get("dtype")), str(v.get("shape")))
+    console.print(io)
+    ops = Table(title=f"op histogram ({info['nodes']} nodes)")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, n in info["ops"].items():
+        ops.add_row(op, str(n))
+    console.print(ops)
+    files = Table(title="files")
+    files.add_column("file")
+    files.add_column("MiB", justify="right")
+    for name, size in info["files"].items():
+        files.add_row(name, f"{size / 2**20:.2f}")
+    console.print(files)
+    for record in manifest.passes:
+        console.print(
+            f"pass [bold]{record['name']}[/]: changed={record['changed']} nodes "
+            f"{record['nodes_before']} -> {record['nodes_after']} fired={record['fired']}"
+        )
+    console.print(f"packages: {manifest.packages}")
+
+
+# ----------------------------------------------------------------------------- bench
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise OptionError(f"{what} must be a comma-separated list of integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise OptionError(f"{what} must list positive integers, got {text!r}")
+    return values
+
+
+@app.command()
+@handles_errors
+def bench(
+    artifact: Annotated[Path, typer.Argument(help="Exported artifact directory.")],
+    prompt_lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "128",
+    new_tokens: Annotated[str, typer.Option(help="Comma-separated new-token counts.")] = "64",
+    repeats: Annotated[int, typer.Option(help="Measured runs per case.")] = 3,
+    warmup: Annotated[int, typer.Option(help="Unmeasured warm-up runs per case.")] = 1,
+    threads: Threads = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Measure TTFT, prefill and decode tokens/s and peak RSS of ARTIFACT."""
+    from rich.progress import Progress
+
+    from . import bench as bench_mod
+    from .loader import RuntimeOptions, open_artifact
+
+    prompts, news = _int_list(prompt_lengths, "--prompt-lengths"), _int_list(new_tokens, "--new-tokens")
+    cases = [bench_mod.BenchCase(p, n) for p in prompts for n in news]
+    t0 = time.perf_counter()
+    loaded = open_artifact(artifact, RuntimeOptions(threads=threads))
+    load_s = time.perf_counter() - t0
+    with Progress(console=err_console, transient=True) as progress:
+        task = progress.add_task("benchmarking", total=len(cases) * (repeats + warmup))
+        results = bench_mod.bench(
+            loaded.engine, cases, repeats, warmup, on_run=lambda: progress.advance(task)
+        )
+    disk = sum(p.stat().st_size for p in Path(artifact).iterdir() if p.is_file())
+    if as_json:
+        payload = {
+            "artifact": str(artifact),
+            "load_s": load_s,
+            "disk_mb": disk / 2**20,
+            "results": [r.__dict__ for r in results],
+        }
+        console.print_json(json.dumps(payload))
+        return
+    table = Table(title=f"{artifact}  (load {load_s:.2f} s, {disk / 2**20:.1f} MiB on disk)")
+    for column in ("prompt", "new", "TTFT ms", "prefill tok/s", "decode tok/s", "p10/p50/p90 ms", "peak RSS MiB"):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(
+            str(r.prompt_tokens), str(r.new_tokens), f"{r.ttft_ms:.1f}", f"{r.prefill_tokens_per_s:.1f}",
+            f"{r.decode_tokens_per_s:.1f}",
+            f"{r.token_latency_ms_p10:.1f}/{r.token_latency_ms_p50:.1f}/{r.token_latency_ms_p90:.1f}",
+            f"{r.peak_rss_mb:.0f}",
+        )
+    console.print(table)
+
+
+# ----------------------------------------------------------------------------- demo
+@app.command()
+@handles_errors
+def demo(
+    workdir: Annotated[Path | None, typer.Option(help="Keep the checkpoint and artifact here (default: temp).")] = None,
+    prompt: Annotated[str, typer.Option(help="User message for the chat demo.")] = "Write a haiku about compilers.",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 24,
+) -> None:
+    """Build a tiny random Qwen2 checkpoint (no download), export it, chat with it, check parity."""
+    from . import parity
+    from .generation import GenerationConfig, Generator
+    from .loader import open_artifact
+    from .pipeline import ExportOptions
+    from .tiny import make_checkpoint
+
+    root = Path(tempfile.mkdtemp(prefix="qwen-export-demo-")) if workdir is None else workdir
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        ckpt, out = root / "tiny-qwen2", root / "tiny-qwen2-onnx"
+        console.print(f"[bold]1. building a tiny random Qwen2 checkpoint[/] in {ckpt}")
+        make_checkpoint(ckpt)
+        console.print("[bold]2. exporting to ONNX Runtime[/] (fp32)")
+        _export_with_progress(ckpt, out, ExportOptions(overwrite=True))
+        loaded = open_artifact(out)
+        messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": prompt}]
+        ids = loaded.tokenizer.apply_chat_template_ids(messages)
+        console.print(f"[bold]3. chat[/] ({len(ids)} prompt tokens; the weights are random, so the text is noise)")
+        console.print(f"[cyan]user:[/] {prompt}\n[cyan]assistant:[/] ", end="")
+        config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+        result = _stream(Generator(loaded.engine, loaded.tokenizer), ids, config)
+        console.print(f"[dim]{result.completion_tokens} tokens, finish: {result.finish_reason.value}[/]")
+        console.print("[bold]4. parity against transformers[/]")
+        report = parity.check(
+            loaded.engine, parity.Reference(ckpt), loaded.tokenizer.encode(parity.DEFAULT_TEXT), DType.FP32
+        )
+        _print_parity(report, "tiny Qwen2, fp32: qwen-export (ONNX Runtime) vs transformers")
+        if not report.passed:
+            raise typer.Exit(1)
+    finally:
+        if workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

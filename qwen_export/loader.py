@@ -1,0 +1,79 @@
+"""Open an exported artifact: verify its manifest, build its engine and tokenizer.
+
+Torch-free: this is the runtime side. The engine module for the artifact's target is imported
+only here, on demand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from .artifact import Manifest, load_manifest
+from .errors import ArtifactError
+from .generation import GenerationConfig
+from .runtimes.base import Engine
+from .spec import Target
+from .tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    threads: int = 0  # 0 = the engine's default
+
+
+@dataclasses.dataclass
+class LoadedArtifact:
+    path: Path
+    manifest: Manifest
+    engine: Engine
+    tokenizer: Tokenizer
+    generation_defaults: dict[str, Any]
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        eos = self.generation_defaults.get("eos_token_id", [])
+        eos = eos if isinstance(eos, list) else [eos]
+        return tuple(int(e) for e in eos if isinstance(e, int))
+
+    def generation_config(self, **overrides: Any) -> GenerationConfig:
+        """The checkpoint's generation_config.json sampling defaults, with ``overrides`` (None = keep)."""
+        d = self.generation_defaults
+        sample = bool(d.get("do_sample", False))
+        base: dict[str, Any] = {
+            "temperature": float(d.get("temperature", 1.0)) if sample else 0.0,
+            "top_k": int(d.get("top_k") or 0) if sample else 0,
+            "top_p": float(d.get("top_p", 1.0)) if sample else 1.0,
+            "repetition_penalty": float(d.get("repetition_penalty", 1.0)),
+            "stop_token_ids": self.stop_token_ids,
+        }
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        config = GenerationConfig(**base)
+        config.validate()
+        return config
+
+
+def open_artifact(path: str | Path, options: RuntimeOptions | None = None, verify: bool = True) -> LoadedArtifact:
+    """Verify ``path`` (manifest, checksums) and load its engine and tokenizer."""
+    options = options or RuntimeOptions()
+    root = Path(path)
+    manifest = load_manifest(root, verify=verify)
+    target = Target.parse(manifest.target, "target in manifest.json")
+    if target is Target.ONNXRUNTIME:
+        from .runtimes.onnxruntime import OnnxRuntimeEngine, OrtOptions
+
+        engine: Engine = OnnxRuntimeEngine(root, manifest, OrtOptions(threads=options.threads))
+    else:  # pragma: no cover - every Target member is handled above
+        raise ArtifactError(f"{root}: no engine for target {target.value}")
+    tokenizer = Tokenizer.from_dir(root)
+    defaults: dict[str, Any] = {}
+    gen = root / "generation_config.json"
+    if gen.is_file():
+        try:
+            loaded = json.loads(gen.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"{gen}: invalid JSON ({exc})") from None
+        defaults = loaded if isinstance(loaded, dict) else {}
+    return LoadedArtifact(root, manifest, engine, tokenizer, defaults)

@@ -1,0 +1,203 @@
+"""Artifact directories: atomic write, cleanup on failure, overwrite rules, manifest verification."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from qwen_export import __version__
+from qwen_export.artifact import (
+    MANIFEST_NAME,
+    MANIFEST_SCHEMA_VERSION,
+    Manifest,
+    Terminated,
+    check_output_dir,
+    load_manifest,
+    sha256_file,
+    write_artifact,
+)
+from qwen_export.errors import ArtifactError
+
+FIELDS = {
+    "target": "onnxruntime",
+    "dtype": "fp32",
+    "logits": "last",
+    "spec": {"architecture": "qwen2"},
+    "io": {"inputs": {"input_ids": {"dtype": "int64", "shape": ["batch", "seq"]}}, "outputs": {}},
+    "passes": [{"name": "fuse", "changed": 3}],
+    "extra": {"note": "test"},
+}
+
+
+def _export(out: Path, overwrite: bool = False, content: str = "weights") -> Manifest:
+    with write_artifact(out, overwrite=overwrite) as w:
+        (w.path / "model.onnx").write_text(content)
+        (w.path / "sub").mkdir()
+        (w.path / "sub" / "data.bin").write_bytes(os.urandom(3 << 20))  # > one hash chunk
+        w.manifest_fields.update(FIELDS)
+    assert w.manifest is not None and w.path == out
+    return w.manifest
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_atomic_write_and_load(tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    with write_artifact(out) as w:
+        assert w.path.parent == tmp_path and w.path.name.startswith(".art.tmp-")
+        (w.path / "model.onnx").write_text("x")
+        w.manifest_fields.update(FIELDS)
+        assert not out.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"]
+    assert _leftovers(tmp_path) == []
+    m = load_manifest(out)
+    assert m == w.manifest
+    assert m.files == {"model.onnx": sha256_file(out / "model.onnx")}
+    assert m.schema_version == MANIFEST_SCHEMA_VERSION and m.qwen_export_version == __version__
+    assert m.target == "onnxruntime" and m.io == FIELDS["io"] and m.passes == FIELDS["passes"]
+    assert "numpy" in m.packages and m.created.endswith("+00:00")
+    assert Manifest.from_json(m.to_json()) == m
+
+
+def test_nested_files_hashed(tmp_path: Path) -> None:
+    m = _export(tmp_path / "art")
+    assert set(m.files) == {"model.onnx", "sub/data.bin"}
+    assert m.files["sub/data.bin"] == sha256_file(tmp_path / "art" / "sub" / "data.bin")
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_exception_leaves_nothing(tmp_path: Path, exc: type[BaseException]) -> None:
+    with pytest.raises(exc):
+        with write_artifact(tmp_path / "art") as w:
+            (w.path / "model.onnx").write_text("partial")
+            raise exc()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_cleans_up_and_restores_handler(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated):
+        with write_artifact(tmp_path / "art") as w:
+            (w.path / "model.onnx").write_text("partial")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # interrupted by the handler
+            pytest.fail("SIGTERM did not interrupt the block")
+    assert issubclass(Terminated, KeyboardInterrupt)
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_unknown_manifest_field_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="unknown manifest field"):
+        with write_artifact(tmp_path / "art") as w:
+            w.manifest_fields.update(FIELDS, files={})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_without_overwrite_fails_before_work(tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    out.mkdir()
+    with pytest.raises(ArtifactError, match=r"art exists; pass --overwrite to replace it"):
+        check_output_dir(out, overwrite=False)
+    ran = False
+    with pytest.raises(ArtifactError, match="--overwrite"):
+        with write_artifact(out):
+            ran = True
+    assert not ran
+    assert _leftovers(tmp_path) == []
+    check_output_dir(tmp_path / "new", overwrite=False)  # absent is fine
+
+
+def test_overwrite_replaces(tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    _export(out, content="old")
+    (out / "stale.txt").write_text("from the old export")
+    _export(out, overwrite=True, content="new")
+    assert (out / "model.onnx").read_text() == "new"
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    load_manifest(out)
+
+
+def test_failed_overwrite_keeps_old(tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    _export(out, content="old")
+    with pytest.raises(RuntimeError):
+        with write_artifact(out, overwrite=True) as w:
+            (w.path / "model.onnx").write_text("new")
+            raise RuntimeError("boom")
+    assert (out / "model.onnx").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_overwrite_refuses_unrelated_directory(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("precious")
+    with pytest.raises(ArtifactError, match="not a qwen-export artifact"):
+        check_output_dir(home, overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArtifactError, match="not a directory"):
+        check_output_dir(tmp_path / "file", overwrite=True)
+    (tmp_path / "empty").mkdir()
+    check_output_dir(tmp_path / "empty", overwrite=True)
+
+
+def test_tamper_detected(tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    _export(out)
+    (out / "sub" / "data.bin").write_bytes(b"changed")
+    with pytest.raises(ArtifactError, match=r"sub/data\.bin was modified after export \(sha256 mismatch\)"):
+        load_manifest(out)
+    load_manifest(out, verify=False)  # hashing skipped on request
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    _export(out)
+    (out / "model.onnx").unlink()
+    with pytest.raises(ArtifactError, match=r"model\.onnx is missing \(listed in manifest\.json\)"):
+        load_manifest(out, verify=False)
+
+
+def test_extra_files_ignored(tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    _export(out)
+    (out / "engine.cache").write_text("written by the runtime later")
+    load_manifest(out)
+
+
+def test_newer_schema(tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    _export(out)
+    data = json.loads((out / MANIFEST_NAME).read_text())
+    data["schema_version"] = MANIFEST_SCHEMA_VERSION + 1
+    (out / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=r"written by a newer qwen-export \(schema 2 > 1\); upgrade"):
+        load_manifest(out)
+
+
+def test_bad_manifests(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="artifact directory not found"):
+        load_manifest(tmp_path / "absent")
+    out = tmp_path / "art"
+    out.mkdir()
+    with pytest.raises(ArtifactError, match="has no manifest.json"):
+        load_manifest(out)
+    (out / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(ArtifactError, match=r"is not valid JSON \(line 1 column 2"):
+        load_manifest(out)
+    (out / MANIFEST_NAME).write_text(json.dumps({"schema_version": 1, "target": "onnxruntime"}))
+    with pytest.raises(ArtifactError, match="field 'dtype' is missing"):
+        load_manifest(out)
+    good = json.loads(Manifest(**FIELDS, files={"../etc/passwd": "0" * 64}).to_json())
+    (out / MANIFEST_NAME).write_text(json.dumps(good))
+    with pytest.raises(ArtifactError, match="unsafe file path"):
+        load_manifest(out)
