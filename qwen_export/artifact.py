@@ -18,7 +18,6 @@ import os
 import secrets
 import shutil
 import signal
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -154,7 +153,7 @@ def write_artifact(out_dir: str | Path, overwrite: bool = False) -> Iterator[Art
     out = Path(out_dir)
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _make_temp_dir(out)
     writer = ArtifactWriter(path=tmp)
     try:
         with _sigterm_raises():
@@ -253,6 +252,17 @@ def _sigterm_blocked() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _make_temp_dir(out: Path) -> Path:
+    """An empty sibling of ``out`` (same filesystem, so the final rename is atomic), mode set by the umask."""
+    while True:
+        tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

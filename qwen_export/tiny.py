@@ -74,7 +74,9 @@ def make_checkpoint(
 
     if arch not in ("qwen2", "qwen3"):
         raise ValueError(f"arch must be 'qwen2' or 'qwen3', not {arch!r}")
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {', '.join(dtypes)}, not {dtype!r}")
     if tokenizer is None:
         tokenizer = vocab >= TOKENIZER_SIZE
     if tokenizer and vocab < TOKENIZER_SIZE:
@@ -125,7 +127,7 @@ def make_checkpoint(
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     _reinit(model, seed)
-    model = model.to(torch_dtype)
+    model = model.to(dtypes[dtype])
     if special:
         model.generation_config = transformers.GenerationConfig(
             bos_token_id=_ENDOFTEXT, eos_token_id=[_IM_END, _ENDOFTEXT], pad_token_id=_ENDOFTEXT
@@ -137,7 +139,13 @@ def make_checkpoint(
     if shards > 1:
         total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
         save_kwargs["max_shard_size"] = max(1, math.ceil(total / shards))
-    model.save_pretrained(out, **save_kwargs)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # keep the demo's output clean
+    try:
+        model.save_pretrained(out, **save_kwargs)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     if src is not None:
         for name in TOKENIZER_FILES:
             shutil.copyfile(src / name, out / name)

@@ -42,3 +42,7 @@ def qwen2_yarn_bf16_sharded(tiny_root: Path) -> Path:
 def qwen3(tiny_root: Path) -> Path:
     """Qwen3, untied, q_norm/k_norm, explicit head_dim 32 (hidden 64 / 4 heads would give 16)."""
     return make_checkpoint(tiny_root / "qwen3", "qwen3", tied=False, head_dim=32)
+
+
+# Exports of the fixtures above, shared by the parity, engine and CLI tests.
+from export_fixtures import export, qwen2_sliding  # noqa: E402,F401

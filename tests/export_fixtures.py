@@ -1,0 +1,39 @@
+"""Session-scoped exports of the tiny checkpoints (each variant is exported once per test run)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from qwen_export.pipeline import ExportOptions
+from qwen_export.pipeline import export as run_export
+from qwen_export.spec import DType, LogitsMode
+from qwen_export.tiny import make_checkpoint
+
+
+@pytest.fixture(scope="session")
+def qwen2_sliding(tiny_root: Path) -> Path:
+    """Qwen2 with use_sliding_window (window 8) on the layers after the first."""
+    return make_checkpoint(tiny_root / "qwen2_sliding", "qwen2", tied=True, sliding=True, sliding_window=8)
+
+
+@pytest.fixture(scope="session")
+def export(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., Path]:
+    """``export(case, dtype="fp32", logits="last") -> artifact dir``; cached for the session."""
+    cache: dict[tuple[str, str, str], Path] = {}
+    root = tmp_path_factory.mktemp("artifacts")
+
+    def run(case: str, dtype: str = "fp32", logits: str = "last") -> Path:
+        key = (case, dtype, logits)
+        if key not in cache:
+            checkpoint = request.getfixturevalue(case)
+            out = root / f"{case}-{dtype}-{logits}"
+            run_export(checkpoint, out, ExportOptions(dtype=DType.parse(dtype), logits=LogitsMode.parse(logits)))
+            cache[key] = out
+        return cache[key]
+
+    return run
