@@ -139,6 +139,7 @@ class Reference:
         import transformers
 
         self._torch = torch
+        transformers.utils.logging.disable_progress_bar()
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
             str(checkpoint), dtype=torch.float32, attn_implementation="eager"
         ).eval()

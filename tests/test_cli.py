@@ -1,0 +1,247 @@
+"""The qwen-export CLI through typer's CliRunner, plus one run of the installed entry point."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from qwen_export import pipeline
+from qwen_export.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str, input: str | None = None):  # noqa: A002 - CliRunner's name
+    return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
+
+
+def _one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    error_lines = [line for line in lines if line.startswith("error:")]
+    assert len(error_lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in result.output.replace("\n", " "), result.output
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+# ----------------------------------------------------------------------------- export
+def test_export_inspect_generate(qwen2_tied: Path, tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    result = invoke("export", qwen2_tied, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "exported" in result.output
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "model.onnx.data", "manifest.json", "tokenizer.json", "chat_template.jinja"} <= names
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["files"]) == names - {"manifest.json"}
+    assert manifest["io"]["inputs"]["past_key_values.0.key"]["shape"] == ["batch", 2, "past_sequence_length", 16]
+
+    result = invoke("inspect", out)
+    assert result.exit_code == 0, result.output
+    assert "MatMul" in result.output and "present.1.value" in result.output
+
+    result = invoke("inspect", out, "--json")
+    info = json.loads(result.stdout)
+    assert info["ops"]["MatMul"] >= 2 * 7 and info["nodes"] > 0
+
+    result = invoke("generate", out, "Hello", "--max-new-tokens", "5", "--temperature", "0")
+    assert result.exit_code == 0, result.output
+    assert "5 new tokens" in result.output and "finish: length" in result.output
+
+
+def test_export_refuses_existing_output_and_overwrites_on_request(qwen2_tied: Path, tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    _one_line_error(invoke("export", qwen2_tied, "-o", out), "exists", "--overwrite")
+    assert (out / "manifest.json").read_text() == "{}"
+    assert invoke("export", qwen2_tied, "-o", out, "--overwrite").exit_code == 0
+    assert (out / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "fragment"),
+    [("--dtype", "int3", "fp32, fp16"), ("--target", "tflite", "onnxruntime"), ("--logits", "some", "last, all")],
+)
+def test_export_unknown_option_values(qwen2_tied: Path, tmp_path: Path, option: str, value: str, fragment: str) -> None:
+    out = tmp_path / "art"
+    _one_line_error(invoke("export", qwen2_tied, "-o", out, option, value), value, fragment)
+    assert not out.exists()
+
+
+def _broken_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("breakage", "fragments"),
+    [
+        ("arch", ("LlamaForCausalLM", "Qwen2ForCausalLM")),
+        ("heads", ("num_attention_heads",)),
+        ("truncate", ("model.safetensors",)),
+        ("shape", ("model.norm.weight",)),
+        ("no_tokenizer", ("tokenizer.json",)),
+        ("pickle", ("safetensors",)),
+    ],
+)
+def test_bad_checkpoints_fail_cleanly(qwen2_tied: Path, tmp_path: Path, breakage: str, fragments: tuple[str, ...]) -> None:
+    ckpt = _broken_copy(qwen2_tied, tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    if breakage == "arch":
+        config["architectures"] = ["LlamaForCausalLM"]
+        config["model_type"] = "llama"
+    elif breakage == "heads":
+        config["num_key_value_heads"] = 3
+    elif breakage == "truncate":
+        data = (ckpt / "model.safetensors").read_bytes()
+        (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif breakage == "shape":
+        import numpy as np
+        from safetensors.numpy import load_file, save_file
+
+        tensors = load_file(str(ckpt / "model.safetensors"))
+        tensors["model.norm.weight"] = np.ones(65, np.float32)
+        save_file(tensors, str(ckpt / "model.safetensors"))
+    elif breakage == "no_tokenizer":
+        (ckpt / "tokenizer.json").unlink()
+    elif breakage == "pickle":
+        (ckpt / "model.safetensors").rename(ckpt / "pytorch_model.bin")
+    (ckpt / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    _one_line_error(invoke("export", ckpt, "-o", out), *fragments)
+    assert not out.exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_interrupted_export_leaves_nothing(qwen2_tied: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwen_export.runtimes import onnxruntime as ort_target
+
+    real_emit = ort_target.emit
+
+    def emit_then_interrupt(model, out_dir, progress=None):
+        real_emit(model, out_dir, progress)
+        assert (out_dir / "model.onnx.data").is_file()  # half-way: weights written, manifest not
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ort_target, "emit", emit_then_interrupt)
+    out = tmp_path / "out"
+    result = invoke("export", qwen2_tied, "-o", out)
+    assert result.exit_code == 130
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- run an artifact
+def test_generate_errors(export, tmp_path: Path) -> None:
+    art = export("qwen2_tied")
+    long_prompt = "word " * 400  # the tiny model's context is 256
+    _one_line_error(invoke("generate", art, long_prompt, "--raw"), "context is 256")
+    _one_line_error(invoke("generate", art, "hi", "--top-p", "1.5"), "top_p")
+    _one_line_error(invoke("generate", art, "hi", "--temperature", "-1"), "temperature")
+    _one_line_error(invoke("generate", tmp_path / "nope", "hi"), "nope")
+
+
+def test_tampered_artifact_is_refused(export, tmp_path: Path) -> None:
+    art = shutil.copytree(export("qwen2_tied"), tmp_path / "art")
+    with open(art / "model.onnx.data", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    _one_line_error(invoke("generate", art, "hi"), "model.onnx.data", "modified")
+    art2 = shutil.copytree(export("qwen2_tied"), tmp_path / "art2")
+    (art2 / "tokenizer.json").unlink()
+    _one_line_error(invoke("inspect", art2), "tokenizer.json")
+
+
+def test_generate_streams_with_stop_string_and_sampling(export) -> None:
+    art = export("qwen2_tied")
+    result = invoke("generate", art, "Hello", "--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "20",
+                    "--top-p", "0.9", "--min-p", "0.01", "--repetition-penalty", "1.1", "--seed", "7")
+    assert result.exit_code == 0, result.output
+    again = invoke("generate", art, "Hello", "--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "20",
+                   "--top-p", "0.9", "--min-p", "0.01", "--repetition-penalty", "1.1", "--seed", "7")
+    assert again.stdout == result.stdout  # seeded: same text
+    greedy = invoke("generate", art, "Hello", "--max-new-tokens", "12", "--temperature", "0").stdout.strip()
+    assert len(greedy) > 6
+    stop = greedy[4:6]
+    cut = invoke("generate", art, "Hello", "--max-new-tokens", "12", "--temperature", "0", "--stop", stop)
+    assert cut.stdout.strip() == greedy[: greedy.index(stop)].strip()
+    assert "finish: stop_string" in cut.output
+
+
+def test_chat_reuses_the_cache_across_turns(export) -> None:
+    result = invoke("chat", export("qwen2_tied"), "--max-new-tokens", "4", "--temperature", "0",
+                    input="hello\nand again\n/exit\n")
+    assert result.exit_code == 0, result.output
+    turns = re.findall(r"\((\d+) of (\d+) prompt tokens reused from the cache\)", result.output)
+    assert len(turns) == 2, result.output
+    (reused1, prompt1), (reused2, prompt2) = [(int(a), int(b)) for a, b in turns]
+    # the whole first prompt is still cached when the second turn starts
+    assert reused1 == 0 and prompt1 <= reused2 < prompt2, result.output
+
+
+def test_check_passes_and_reports_json(export, qwen2_tied: Path) -> None:
+    art = export("qwen2_tied")
+    result = invoke("check", art, "--reference", qwen2_tied, "--max-tokens", "24", "--greedy-tokens", "4")
+    assert result.exit_code == 0, result.output
+    assert "top-1 agreement" in result.output and "PASS" in result.output
+    result = invoke("check", art, "--reference", qwen2_tied, "--max-tokens", "24", "--greedy-tokens", "4", "--json")
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["top1_agreement"] == 1.0 and report["max_abs_logit_error"] < 1e-3
+
+
+def test_check_fails_against_a_different_checkpoint(export, qwen2_untied: Path) -> None:
+    # same shapes except lm_head, different weights: parity must fail with exit 1
+    result = invoke("check", export("qwen2_tied"), "--reference", qwen2_untied, "--max-tokens", "16",
+                    "--greedy-tokens", "2")
+    assert result.exit_code == 1, result.output
+    assert "FAILED" in result.output
+
+
+def test_bench_reports_figures(export) -> None:
+    art = export("qwen2_tied")
+    result = invoke("bench", art, "--prompt-lengths", "8,16", "--new-tokens", "4", "--repeats", "1",
+                    "--warmup", "0", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert [r["prompt_tokens"] for r in payload["results"]] == [8, 16]
+    for r in payload["results"]:
+        assert r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["peak_rss_mb"] > 0
+    _one_line_error(invoke("bench", art, "--prompt-lengths", "8,x"), "--prompt-lengths")
+    _one_line_error(invoke("bench", art, "--prompt-lengths", "300"), "context")
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    result = invoke("demo", "--workdir", tmp_path / "demo", "--max-new-tokens", "4")
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output and "assistant:" in result.output
+
+
+def test_installed_entry_point() -> None:
+    exe = Path(sys.executable).parent / "qwen-export"
+    if not exe.is_file():
+        pytest.skip(f"qwen-export is not installed next to {sys.executable} (pip install -e .)")
+    proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "qwen-export" in proc.stdout
+    proc = subprocess.run([str(exe), "export", "/nonexistent", "-o", "/tmp/x"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:")
+
+
+def test_max_length_option_and_default_cap(qwen2_tied: Path) -> None:
+    from qwen_export.checkpoint import Checkpoint
+
+    spec = Checkpoint.open(qwen2_tied).spec
+    assert pipeline.ExportOptions().resolved_max_length(spec) == 256
+    assert pipeline.ExportOptions(max_length=64).resolved_max_length(spec) == 64
