@@ -84,7 +84,7 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
 ) -> None:
     """Export CHECKPOINT to an engine artifact in OUTPUT (written atomically)."""
-    from .pipeline import ExportOptions, export as run_export
+    from .pipeline import ExportOptions
 
     options = ExportOptions(
         target=Target.parse(target, "target"),
@@ -104,12 +104,17 @@ def export(
 def _export_with_progress(checkpoint: Path, output: Path, options: Any) -> Any:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .pipeline import ExportHooks, export as run_export
+    from .pipeline import ExportHooks
+    from .pipeline import export as run_export
 
     steps = {"load": "reading checkpoint", "trace": "tracing", "passes": "graph passes", "emit": "writing weights"}
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
-        console=err_console, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
     ) as progress:
         task = progress.add_task("starting", total=None)
 
@@ -337,7 +342,11 @@ def inspect(
         io.add_column(column)
     for direction in ("inputs", "outputs"):
         items = list(manifest.io.get(direction, {}).items())
-        shown = items if len(items) <= 8 else items[:5] + [("…", {"dtype": "", "shape": f"{len(items) - 6} more"})] + items[-1:]
+        shown = (
+            items
+            if len(items) <= 8
+            else items[:5] + [("…", {"dtype": "", "shape": f"{len(items) - 6} more"})] + items[-1:]
+        )
         for name, v in shown:
             io.add_row(direction, name, str(v.get("dtype")), str(v.get("shape")))
     console.print(io)
@@ -396,9 +405,7 @@ def bench(
     load_s = time.perf_counter() - t0
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("benchmarking", total=len(cases) * (repeats + warmup))
-        results = bench_mod.bench(
-            loaded.engine, cases, repeats, warmup, on_run=lambda: progress.advance(task)
-        )
+        results = bench_mod.bench(loaded.engine, cases, repeats, warmup, on_run=lambda: progress.advance(task))
     disk = sum(p.stat().st_size for p in Path(artifact).iterdir() if p.is_file())
     if as_json:
         payload = {
@@ -414,7 +421,10 @@ def bench(
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(
-            str(r.prompt_tokens), str(r.new_tokens), f"{r.ttft_ms:.1f}", f"{r.prefill_tokens_per_s:.1f}",
+            str(r.prompt_tokens),
+            str(r.new_tokens),
+            f"{r.ttft_ms:.1f}",
+            f"{r.prefill_tokens_per_s:.1f}",
             f"{r.decode_tokens_per_s:.1f}",
             f"{r.token_latency_ms_p10:.1f}/{r.token_latency_ms_p50:.1f}/{r.token_latency_ms_p90:.1f}",
             f"{r.peak_rss_mb:.0f}",

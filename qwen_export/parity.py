@@ -177,7 +177,7 @@ def check(
     prompt = ids[: min(len(ids), 16)]
     ref_cont = reference.greedy(prompt, greedy_tokens)
     art_cont = greedy_artifact(engine, prompt, greedy_tokens)
-    match = next((i for i, (a, b) in enumerate(zip(ref_cont, art_cont)) if a != b), len(ref_cont))
+    match = next((i for i, (a, b) in enumerate(zip(ref_cont, art_cont, strict=True)) if a != b), len(ref_cont))
     return ParityReport(
         tokens=len(ids) - 1,
         mean_kl=metrics["mean_kl"],

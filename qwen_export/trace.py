@@ -75,7 +75,11 @@ def trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
             torch.ones(b, s, dtype=torch.int64),
             [torch.zeros(kv_shape, dtype=tdtype) for _ in range(2 * spec.num_hidden_layers)],
         )
-    batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("sequence_length"), torch.export.Dim("past_sequence_length")
+    batch, seq, past = (
+        torch.export.Dim("batch"),
+        torch.export.Dim("sequence_length"),
+        torch.export.Dim("past_sequence_length"),
+    )
     kv_dims = {0: batch, 2: past}
     dynamic_shapes = (
         {0: batch, 1: seq},

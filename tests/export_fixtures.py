@@ -20,9 +20,7 @@ def qwen2_sliding(tiny_root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def export(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Callable[..., Path]:
+def export(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """``export(case, dtype="fp32", logits="last") -> artifact dir``; cached for the session."""
     cache: dict[tuple[str, str, str], Path] = {}
     root = tmp_path_factory.mktemp("artifacts")

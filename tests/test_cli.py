@@ -96,7 +96,9 @@ def _broken_copy(src: Path, dst: Path) -> Path:
         ("pickle", ("safetensors",)),
     ],
 )
-def test_bad_checkpoints_fail_cleanly(qwen2_tied: Path, tmp_path: Path, breakage: str, fragments: tuple[str, ...]) -> None:
+def test_bad_checkpoints_fail_cleanly(
+    qwen2_tied: Path, tmp_path: Path, breakage: str, fragments: tuple[str, ...]
+) -> None:
     ckpt = _broken_copy(qwen2_tied, tmp_path / "ckpt")
     config = json.loads((ckpt / "config.json").read_text())
     if breakage == "arch":
@@ -166,11 +168,45 @@ def test_tampered_artifact_is_refused(export, tmp_path: Path) -> None:
 
 def test_generate_streams_with_stop_string_and_sampling(export) -> None:
     art = export("qwen2_tied")
-    result = invoke("generate", art, "Hello", "--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "20",
-                    "--top-p", "0.9", "--min-p", "0.01", "--repetition-penalty", "1.1", "--seed", "7")
+    result = invoke(
+        "generate",
+        art,
+        "Hello",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.9",
+        "--min-p",
+        "0.01",
+        "--repetition-penalty",
+        "1.1",
+        "--seed",
+        "7",
+    )
     assert result.exit_code == 0, result.output
-    again = invoke("generate", art, "Hello", "--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "20",
-                   "--top-p", "0.9", "--min-p", "0.01", "--repetition-penalty", "1.1", "--seed", "7")
+    again = invoke(
+        "generate",
+        art,
+        "Hello",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.9",
+        "--min-p",
+        "0.01",
+        "--repetition-penalty",
+        "1.1",
+        "--seed",
+        "7",
+    )
     assert again.stdout == result.stdout  # seeded: same text
     greedy = invoke("generate", art, "Hello", "--max-new-tokens", "12", "--temperature", "0").stdout.strip()
     assert len(greedy) > 6
@@ -181,8 +217,9 @@ def test_generate_streams_with_stop_string_and_sampling(export) -> None:
 
 
 def test_chat_reuses_the_cache_across_turns(export) -> None:
-    result = invoke("chat", export("qwen2_tied"), "--max-new-tokens", "4", "--temperature", "0",
-                    input="hello\nand again\n/exit\n")
+    result = invoke(
+        "chat", export("qwen2_tied"), "--max-new-tokens", "4", "--temperature", "0", input="hello\nand again\n/exit\n"
+    )
     assert result.exit_code == 0, result.output
     turns = re.findall(r"\((\d+) of (\d+) prompt tokens reused from the cache\)", result.output)
     assert len(turns) == 2, result.output
@@ -203,16 +240,18 @@ def test_check_passes_and_reports_json(export, qwen2_tied: Path) -> None:
 
 def test_check_fails_against_a_different_checkpoint(export, qwen2_untied: Path) -> None:
     # same shapes except lm_head, different weights: parity must fail with exit 1
-    result = invoke("check", export("qwen2_tied"), "--reference", qwen2_untied, "--max-tokens", "16",
-                    "--greedy-tokens", "2")
+    result = invoke(
+        "check", export("qwen2_tied"), "--reference", qwen2_untied, "--max-tokens", "16", "--greedy-tokens", "2"
+    )
     assert result.exit_code == 1, result.output
     assert "FAILED" in result.output
 
 
 def test_bench_reports_figures(export) -> None:
     art = export("qwen2_tied")
-    result = invoke("bench", art, "--prompt-lengths", "8,16", "--new-tokens", "4", "--repeats", "1",
-                    "--warmup", "0", "--json")
+    result = invoke(
+        "bench", art, "--prompt-lengths", "8,16", "--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--json"
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert [r["prompt_tokens"] for r in payload["results"]] == [8, 16]
@@ -234,8 +273,9 @@ def test_installed_entry_point() -> None:
         pytest.skip(f"qwen-export is not installed next to {sys.executable} (pip install -e .)")
     proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "qwen-export" in proc.stdout
-    proc = subprocess.run([str(exe), "export", "/nonexistent", "-o", "/tmp/x"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [str(exe), "export", "/nonexistent", "-o", "/tmp/x"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:")
 
 

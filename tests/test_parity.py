@@ -75,9 +75,11 @@ def test_batch_of_two_with_left_padding(qwen2_untied: Path, export) -> None:
     with torch.no_grad():
         for step in range(4):
             pos = position_ids_from_mask(full_mask)
-            ref = model(
-                torch.tensor(ids), attention_mask=torch.tensor(full_mask), position_ids=torch.tensor(pos)
-            ).logits[:, -1].numpy()
+            ref = (
+                model(torch.tensor(ids), attention_mask=torch.tensor(full_mask), position_ids=torch.tensor(pos))
+                .logits[:, -1]
+                .numpy()
+            )
             np.testing.assert_allclose(got, ref, atol=FP32_TOL, rtol=0, err_msg=f"step {step}")
             # each row alone (no padding) must give the same logits as in the batch
             if step == 0:
@@ -123,7 +125,9 @@ def test_fp16_export_within_documented_tolerance(case: str, request: pytest.Fixt
     assert max(ours) <= 2 * max(theirs) + 0.01, f"ours {ours} vs transformers fp16 {theirs}"
 
 
-def _ref_steps_following(model: transformers.PreTrainedModel, prompt: np.ndarray, tokens: list[int]) -> list[np.ndarray]:
+def _ref_steps_following(
+    model: transformers.PreTrainedModel, prompt: np.ndarray, tokens: list[int]
+) -> list[np.ndarray]:
     """Reference logits (as float32) along a given token path."""
     out = []
     with torch.no_grad():

@@ -25,9 +25,7 @@ class CleanupPass:
         import onnxscript.optimizer
 
         before = op_histogram(model)
-        onnxscript.optimizer.optimize_ir(
-            model, input_size_limit=FOLD_SIZE_LIMIT, output_size_limit=FOLD_SIZE_LIMIT
-        )
+        onnxscript.optimizer.optimize_ir(model, input_size_limit=FOLD_SIZE_LIMIT, output_size_limit=FOLD_SIZE_LIMIT)
         after = op_histogram(model)
         removed = {op: before[op] - after.get(op, 0) for op in before if before[op] > after.get(op, 0)}
         return PassResult(

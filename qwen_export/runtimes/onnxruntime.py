@@ -40,7 +40,12 @@ class OrtOptions:
     optimization: str = "all"  # ORT graph optimization level: disable | basic | extended | all
 
 
-_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 
 
 def emit(model: Any, out_dir: Path, progress: Any = None) -> list[str]:
@@ -138,9 +143,7 @@ class OnnxRuntimeEngine:
             raise GenerationError(f"batch size changed from {self._mask.shape[0]} to {batch}; call reset() first")
         total = self.num_cached_tokens + seq
         if total > self.capabilities.max_context:
-            raise GenerationError(
-                f"{total} tokens exceed the artifact's context of {self.capabilities.max_context}"
-            )
+            raise GenerationError(f"{total} tokens exceed the artifact's context of {self.capabilities.max_context}")
         mask = new_mask if self._mask is None else np.concatenate([self._mask, new_mask], axis=1)
         position_ids = position_ids_from_mask(mask)[:, -seq:]
         self._run(ids, mask, position_ids)
