@@ -125,6 +125,29 @@ class Checkpoint:
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
         return arr
 
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of tensor ``name`` (first axis), widened like :meth:`read`.
+
+        Lets writers stream a large tensor in bounded memory instead of reading it whole.
+        """
+        info = self.info(name)
+        if info.dtype not in _DTYPES:
+            raise CheckpointError(f"tensor {name} in {info.file} has dtype {info.dtype}, which is not supported")
+        np_dtype, itemsize = _DTYPES[info.dtype]
+        rows = info.shape[0] if info.shape else 1
+        start, stop = max(0, start), min(rows, stop)
+        row_elems = math.prod(info.shape[1:]) if info.shape else 1
+        buf = bytearray((stop - start) * row_elems * itemsize)
+        with open(info.file, "rb") as f:
+            f.seek(info.start + start * row_elems * itemsize)
+            got = f.readinto(buf)
+        if got != len(buf):
+            raise CheckpointError(f"tensor {name} in {info.file}: file is truncated (was it changed after opening?)")
+        arr = np.frombuffer(buf, dtype=np_dtype).reshape((stop - start, *info.shape[1:]))
+        if info.dtype == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr
+
     def expect(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """Read ``name`` after checking that its shape is ``shape``."""
         info = self.info(name)

@@ -180,7 +180,11 @@ class QwenForExport(nn.Module):
             x = x[:, -1:, :]
         x = self.model.norm(x)
         if spec.tie_word_embeddings:
-            logits = torch.matmul(x, self.model.embed_tokens.weight.t())
+            # Gemm(transB=1) reads the [vocab, hidden] embedding as is: no transposed copy of the
+            # largest tensor is made (a Transpose would be constant-folded by the engine).
+            b, s_out = x.shape[0], x.shape[1]
+            flat = nn.functional.linear(x.reshape(b * s_out, spec.hidden_size), self.model.embed_tokens.weight)
+            logits = flat.reshape(b, s_out, spec.vocab_size)
         else:
             logits = self.lm_head(x)
         return logits.to(torch.float32), presents

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import warnings
 from collections.abc import Callable
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -29,9 +29,16 @@ _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 3, 5
 
 
 class WeightSource(Protocol):
-    """Anything that returns one checkpoint tensor by its Hugging Face name (e.g. Checkpoint)."""
+    """Anything that returns checkpoint tensors by Hugging Face name (e.g. Checkpoint).
+
+    ``read_rows`` lets large tensors be streamed in bounded memory.
+    """
 
     def read(self, name: str) -> np.ndarray: ...
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +59,6 @@ def output_names(spec: ModelSpec) -> list[str]:
     for i in range(spec.num_hidden_layers):
         names += [f"present.{i}.key", f"present.{i}.value"]
     return names
-
-
-def _np_dtype(dtype: DType) -> type:
-    return np.float16 if dtype is DType.FP16 else np.float32
 
 
 def trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
@@ -140,47 +143,83 @@ def _binding_for(name: str, spec: ModelSpec) -> _Binding:
     return _Binding(name)
 
 
-def bind_weights(model: ir.Model, spec: ModelSpec, source: WeightSource, dtype: DType) -> list[str]:
-    """Attach a lazy checkpoint reader to every initializer; return the checkpoint names used.
+#: Bytes converted at a time when a tensor is streamed to disk.
+CHUNK_BYTES = 32 << 20
 
-    Nothing is read here. Each ``LazyTensor`` checks the tensor's shape against the traced one when
-    it is evaluated, so a wrong-shaped tensor is reported with its name even if validation missed it.
+
+class CheckpointTensor(ir.LazyTensor):
+    """An initializer whose data is a checkpoint tensor (maybe transposed, cast), read on demand.
+
+    ``numpy()``/``tobytes()`` read it whole (what generic passes use, for small tensors);
+    :meth:`write_to` streams it to a file in chunks of about ``CHUNK_BYTES``, so writing the
+    largest tensor costs one chunk of memory (one converted copy when it is transposed).
+    """
+
+    def __init__(
+        self, source: WeightSource, binding: _Binding, shape: tuple[int, ...], dtype: ir.DataType, name: str
+    ) -> None:
+        self.source, self.binding, self.target_shape = source, binding, shape
+        super().__init__(self._load, dtype=dtype, shape=ir.Shape(shape), name=name)
+
+    def _np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype.numpy())
+
+    def _check_shape(self, found: tuple[int, ...]) -> None:
+        expected = self.target_shape[::-1] if self.binding.transpose else self.target_shape
+        if tuple(found) != expected:
+            raise CheckpointError(
+                f"tensor {self.binding.hf_name or self.name} has shape {tuple(found)}, expected {expected} "
+                "for this config"
+            )
+
+    def _load(self) -> ir.TensorProtocol:
+        if self.binding.computed is not None:
+            array = self.binding.computed()
+            self._check_shape(array.shape)
+        else:
+            assert self.binding.hf_name is not None
+            array = self.source.read(self.binding.hf_name)
+            self._check_shape(array.shape)
+            if self.binding.transpose:
+                array = array.T
+        return ir.tensor(np.ascontiguousarray(array, dtype=self._np_dtype()), name=self.name)
+
+    def write_to(self, f: BinaryIO) -> int:
+        """Write the tensor's raw little-endian bytes to ``f``; return the byte count."""
+        name = self.binding.hf_name
+        if name is None or len(self.target_shape) < 2:
+            data = self._load().numpy()
+            data.tofile(f)
+            return int(data.nbytes)
+        self._check_shape(self.source.shape(name))
+        dtype = self._np_dtype()
+        src_rows = self.source.shape(name)[0]
+        row_bytes = max(1, self.nbytes // src_rows)
+        step = max(1, CHUNK_BYTES // row_bytes)
+        if not self.binding.transpose:
+            for start in range(0, src_rows, step):
+                np.ascontiguousarray(self.source.read_rows(name, start, start + step), dtype=dtype).tofile(f)
+            return self.nbytes
+        out = np.empty(self.target_shape, dtype)  # transposed: source rows are target columns
+        for start in range(0, src_rows, step):
+            out[:, start : start + step] = self.source.read_rows(name, start, start + step).T
+        out.tofile(f)
+        return self.nbytes
+
+
+def bind_weights(model: ir.Model, spec: ModelSpec, source: WeightSource, dtype: DType) -> list[str]:
+    """Attach a :class:`CheckpointTensor` to every initializer; return the checkpoint names used.
+
+    Nothing is read here. Shapes are checked against the traced ones when a tensor is read, so a
+    wrong-shaped tensor is reported with its name even if validation missed it.
     """
     used: list[str] = []
-    target = _np_dtype(dtype)
     for name, value in model.graph.initializers.items():
         binding = _binding_for(name, spec)
         shape = tuple(int(d) for d in value.shape.dims)  # type: ignore[union-attr]
         ir_dtype = value.dtype
         assert ir_dtype is not None
-        np_dtype = ir_dtype.numpy()
         if binding.hf_name is not None:
             used.append(binding.hf_name)
-        value.const_value = ir.LazyTensor(
-            _loader(source, binding, shape, np_dtype if binding.computed else target, name),
-            dtype=ir_dtype,
-            shape=ir.Shape(shape),
-            name=name,
-        )
+        value.const_value = CheckpointTensor(source, binding, shape, ir_dtype, name)
     return used
-
-
-def _loader(
-    source: WeightSource, binding: _Binding, shape: tuple[int, ...], dtype: type, name: str
-) -> Callable[[], ir.TensorProtocol]:
-    def load() -> ir.TensorProtocol:
-        if binding.computed is not None:
-            array = binding.computed()
-        else:
-            assert binding.hf_name is not None
-            array = source.read(binding.hf_name)
-            if binding.transpose:
-                array = array.T
-        if array.shape != shape:
-            raise CheckpointError(
-                f"tensor {binding.hf_name or name} has shape {tuple(array.shape)}, expected "
-                f"{shape[::-1] if binding.transpose else shape} for this config"
-            )
-        return ir.tensor(np.ascontiguousarray(array, dtype=dtype), name=name)
-
-    return load

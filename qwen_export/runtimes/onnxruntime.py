@@ -49,22 +49,13 @@ _LEVELS = {
 
 
 def emit(model: Any, out_dir: Path, progress: Any = None) -> list[str]:
-    """Write the ONNX IR model as ``model.onnx`` + ``model.onnx.data`` (external data, one pass).
+    """Write the ONNX IR model as ``model.onnx`` + ``model.onnx.data`` (external data, streamed).
 
     ``progress(done_bytes, total_bytes)`` is called after each tensor is written.
     """
-    import onnx_ir as ir
+    from ..onnx_writer import write_onnx
 
-    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    done = 0
-
-    def callback(tensor: Any, info: Any) -> None:
-        nonlocal done
-        done += tensor.nbytes
-        if progress is not None:
-            progress(done, total)
-
-    ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE, callback=callback, max_workers=1)
+    write_onnx(model, out_dir, MODEL_FILE, DATA_FILE, progress)
     return [MODEL_FILE, DATA_FILE]
 
 
