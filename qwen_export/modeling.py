@@ -130,6 +130,22 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
         self.mlp = MLP(spec, dtype)
 
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pre-norm attention and MLP blocks with their residuals; every node of a layer is traced
+        inside this module's scope (``model.layers.{i}``), which :mod:`qwen_export.trace` relies on."""
+        h, present_k, present_v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, present_k, present_v
+
 
 class Backbone(nn.Module):
     """Holds parameters under the same names as transformers' ``model.*`` (weights suffixed ``_t``)."""
@@ -169,12 +185,7 @@ class QwenForExport(nn.Module):
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.model.layers):
             mask = masks[spec.layer_types[i]]
-            residual = x
-            h, pk, pv = layer.self_attn(
-                layer.input_layernorm(x), cos, sin, mask, past_key_values[2 * i], past_key_values[2 * i + 1]
-            )
-            x = residual + h
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x, pk, pv = layer(x, cos, sin, mask, past_key_values[2 * i], past_key_values[2 * i + 1])
             presents += [pk, pv]
         if self.logits_mode is LogitsMode.LAST:
             x = x[:, -1:, :]

@@ -45,6 +45,9 @@ class WeightSource(Protocol):
 class TraceOptions:
     dtype: DType = DType.FP32
     logits: LogitsMode = LogitsMode.LAST
+    #: Trace one layer per distinct layer type and clone it (see :mod:`qwen_export.replicate`);
+    #: False traces every layer (slow; used to test that both give the same graph semantics).
+    replicate_layers: bool = True
 
 
 def input_names(spec: ModelSpec) -> list[str]:
@@ -63,6 +66,21 @@ def output_names(spec: ModelSpec) -> list[str]:
 
 def trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
     """Trace the decoder for ``spec``; initializers carry no data yet (see :func:`bind_weights`)."""
+    if not options.replicate_layers:
+        model = _trace(spec, options)
+        _name_dims(model, spec)
+        return model
+    from .replicate import replicate_layers
+
+    kinds = list(dict.fromkeys(spec.layer_types))  # distinct layer types, in order of appearance
+    prototype = dataclasses.replace(spec, num_hidden_layers=len(kinds), layer_types=tuple(kinds))
+    model = _trace(prototype, options)
+    replicate_layers(model, [kinds.index(t) for t in spec.layer_types], len(kinds))
+    _name_dims(model, spec)
+    return model
+
+
+def _trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
     import torch
 
     from .modeling import QwenForExport
@@ -107,9 +125,7 @@ def trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
             )
     finally:
         logging.disable(logging.NOTSET)
-    model = program.model
-    _name_dims(model, spec)
-    return model
+    return program.model
 
 
 def _name_dims(model: ir.Model, spec: ModelSpec) -> None:

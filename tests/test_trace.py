@@ -1,0 +1,78 @@
+"""Tracing: canonical IO, lazy binding, and layer replication equal to a full trace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from qwen_export.checkpoint import Checkpoint
+from qwen_export.errors import CheckpointError
+from qwen_export.onnx_writer import write_onnx
+from qwen_export.passes.base import op_histogram
+from qwen_export.passes.cleanup import CleanupPass
+from qwen_export.spec import DType, LayerType
+from qwen_export.trace import TraceOptions, bind_weights, input_names, output_names, trace
+
+
+def _build(checkpoint: Path, out: Path, replicate: bool) -> tuple[ort.InferenceSession, dict]:
+    ckpt = Checkpoint.open(checkpoint)
+    model = trace(ckpt.spec, TraceOptions(replicate_layers=replicate))
+    bind_weights(model, ckpt.spec, ckpt, DType.FP32)
+    CleanupPass()(model)
+    out.mkdir()
+    write_onnx(model, out, "model.onnx", "model.onnx.data")
+    return ort.InferenceSession(str(out / "model.onnx")), dict(op_histogram(model))
+
+
+def _feeds(spec, batch: int = 2, past: int = 9, seq: int = 5) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    feeds = {
+        "input_ids": rng.integers(0, 151643, (batch, seq)).astype(np.int64),
+        "attention_mask": np.ones((batch, past + seq), np.int64),
+        "position_ids": np.tile(np.arange(past, past + seq), (batch, 1)).astype(np.int64),
+    }
+    feeds["attention_mask"][1, :3] = 0  # left padding in row 1
+    for i in range(spec.num_hidden_layers):
+        for kind in ("key", "value"):
+            shape = (batch, spec.num_key_value_heads, past, spec.head_dim)
+            feeds[f"past_key_values.{i}.{kind}"] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def test_replicated_layers_equal_a_full_trace(qwen2_sliding: Path, tmp_path: Path) -> None:
+    spec = Checkpoint.open(qwen2_sliding).spec
+    assert spec.layer_types == (LayerType.FULL, LayerType.SLIDING, LayerType.SLIDING)
+    fast, fast_ops = _build(qwen2_sliding, tmp_path / "replicated", replicate=True)
+    slow, slow_ops = _build(qwen2_sliding, tmp_path / "full", replicate=False)
+    assert fast_ops == slow_ops
+    assert [i.name for i in fast.get_inputs()] == input_names(spec)
+    assert [o.name for o in fast.get_outputs()] == output_names(spec)
+    feeds = _feeds(spec)
+    for a, b, name in zip(fast.run(None, feeds), slow.run(None, feeds), output_names(spec), strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_wrong_shaped_tensor_is_named_when_written(qwen2_tied: Path, tmp_path: Path) -> None:
+    ckpt = Checkpoint.open(qwen2_tied)
+    model = trace(ckpt.spec, TraceOptions())
+
+    class Lying:
+        def read(self, name):
+            return ckpt.read(name)[:-1] if name == "model.norm.weight" else ckpt.read(name)
+
+        def read_rows(self, name, start, stop):
+            return ckpt.read_rows(name, start, stop)
+
+        def shape(self, name):
+            shape = ckpt.shape(name)
+            return (shape[0] - 1, *shape[1:]) if name == "model.layers.1.mlp.up_proj.weight" else shape
+
+    bind_weights(model, ckpt.spec, Lying(), DType.FP32)
+    with pytest.raises(CheckpointError, match="model.norm.weight"):
+        model.graph.initializers["model.norm.weight"].const_value.numpy()
+    (tmp_path / "o").mkdir()
+    with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.weight"):
+        write_onnx(model, tmp_path / "o", "model.onnx", "model.onnx.data")
