@@ -86,27 +86,14 @@ def checkpoint_ready(ckpt: Path) -> bool:
     return (ckpt / "config.json").is_file() and any(ckpt.glob("*.safetensors")) and (ckpt / "tokenizer.json").is_file()
 
 
-def build_checkpoint(ckpt: Path, seed: int) -> float:
-    """Write the checkpoint with ``make_checkpoint`` and set rope_theta to 1e6 in config.json.
-
-    ``make_checkpoint`` has no rope_theta parameter (it writes 10000); the weights do not depend on
-    it, so patching config.json afterwards yields exactly the intended checkpoint.
-    """
+def build_checkpoint(ckpt: Path, seed: int, init: str) -> float:
+    """Write the checkpoint with ``make_checkpoint`` (rope_theta 1e6, weights initialised by ``init``)."""
     from qwen_export.tiny import make_checkpoint
 
     t0 = time.perf_counter()
     if ckpt.exists():
         shutil.rmtree(ckpt)
-    make_checkpoint(ckpt, seed=seed, **SHAPE)
-    cfg_path = ckpt / "config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if isinstance(cfg.get("rope_parameters"), dict):
-        cfg["rope_parameters"]["rope_theta"] = ROPE_THETA
-    else:
-        cfg["rope_theta"] = ROPE_THETA
-    if "rope_theta" in cfg:
-        cfg["rope_theta"] = ROPE_THETA
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    make_checkpoint(ckpt, seed=seed, rope_theta=ROPE_THETA, init=init, **SHAPE)
     gc.collect()
     return time.perf_counter() - t0
 
@@ -527,6 +514,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-build", action="store_true", help="reuse WORKDIR/checkpoint (must exist)")
     ap.add_argument("--json-out", type=Path, default=None, help="write the full report as JSON here")
     ap.add_argument("--seed", type=int, default=0, help="weights seed (build) and prompt seed (parity)")
+    ap.add_argument(
+        "--init",
+        choices=("transformers", "lively"),
+        default="transformers",
+        help="weights: transformers' own random init (std 0.02, default) or qwen_export.tiny's 'lively' "
+        "re-draw (large logits: std ~15, |max| ~80; a much harsher absolute-error test)",
+    )
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
     args = ap.parse_args(argv)
@@ -550,8 +544,9 @@ def main(argv: list[str] | None = None) -> int:
         report["build_s"] = None
     else:
         log(f"building random checkpoint with the Qwen2.5-0.5B shape in {ckpt}")
-        report["build_s"] = build_checkpoint(ckpt, args.seed)
+        report["build_s"] = build_checkpoint(ckpt, args.seed, args.init)
         log(f"built in {report['build_s']:.1f} s")
+    report["init"] = args.init if not args.skip_build else "as built earlier"
     report["checkpoint"] = checkpoint_facts(ckpt)
 
     report["export"] = run_export(ckpt, out, workdir)

@@ -73,15 +73,17 @@ def _collect(graph: ir.Graph, k: int) -> list[_Layer]:
         if len(h_out) != 1:
             raise ReplicationError(f"layer {j} has {len(h_out)} hidden-state outputs, expected 1")
         inits = {
-            name: v for name, v in graph.initializers.items() if _LAYER_PREFIX.match(name) and
-            int(_LAYER_PREFIX.match(name).group(1)) == j  # type: ignore[union-attr]
+            name: v
+            for name, v in graph.initializers.items()
+            if _LAYER_PREFIX.match(name) and int(_LAYER_PREFIX.match(name).group(1)) == j  # type: ignore[union-attr]
         }
         layers.append(_Layer(nodes, h_in=None, h_out=h_out[0], inits=inits))  # type: ignore[arg-type]
     # the hidden input of layer j is the hidden output of layer j-1; layer 0's is the embedding
     for j in range(1, k):
         layers[j].h_in = layers[j - 1].h_out
-    first_inputs = {v for n in layers[0].nodes for v in n.inputs if v is not None and v.producer() not in layers[0].nodes}
-    embed = [v for v in first_inputs if v.producer() is not None and v.producer().op_type == "Gather"]  # type: ignore[union-attr]
+    first = set(layers[0].nodes)
+    feeds = {v for n in first for v in n.inputs if v is not None and v.producer() not in first}
+    embed = [v for v in feeds if (p := v.producer()) is not None and p.op_type == "Gather"]
     if len(embed) != 1:
         raise ReplicationError(f"cannot find the embedding output feeding layer 0 (found {len(embed)})")
     layers[0].h_in = embed[0]
@@ -161,7 +163,6 @@ def replicate_layers(model: ir.Model, layer_types: list[int], prototype_layers: 
     graph.inputs.extend(new_inputs)
     graph.outputs.extend(new_outputs)
     graph.sort()
-
 
 
 def _redirect_shape_reads(inputs: dict[str, ir.Value], new_inputs: list[ir.Value], prototype_layers: int) -> None:

@@ -55,6 +55,8 @@ def make_checkpoint(
     sliding: bool = False,
     sliding_window: int = 8,
     attention_bias: bool = False,
+    rope_theta: float = 10000.0,
+    init: str = "lively",
     seed: int = 0,
     tokenizer: bool | None = None,
     tokenizer_dir: str | Path | None = None,
@@ -66,7 +68,9 @@ def make_checkpoint(
     ``yarn`` sets ``rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings":
     max_positions // 4}``; ``sliding`` makes the layers after the first use a ``sliding_window``;
     ``head_dim`` (Qwen3 only) may differ from ``hidden // heads``; ``attention_bias`` is Qwen3's
-    ``attention_bias`` (Qwen2 always has q/k/v biases). The tokenizer files are written when
+    ``attention_bias`` (Qwen2 always has q/k/v biases). ``init="lively"`` re-draws the weights so a
+    tiny model has peaked attention and logits with a std of a few units; ``init="transformers"``
+    keeps transformers' own initialisation (normal, std 0.02: small logits). The tokenizer files are written when
     ``tokenizer`` is true (default: when ``vocab`` covers the tokenizer). Returns ``out_dir``.
     """
     import torch
@@ -99,7 +103,7 @@ def make_checkpoint(
         num_key_value_heads=kv_heads,
         max_position_embeddings=max_positions,
         rms_norm_eps=1e-6,
-        rope_theta=10000.0,
+        rope_theta=rope_theta,
         tie_word_embeddings=tied,
         use_sliding_window=sliding,
         sliding_window=sliding_window if sliding else None,
@@ -126,7 +130,10 @@ def make_checkpoint(
 
     torch.manual_seed(seed)
     model = model_cls(config).eval()
-    _reinit(model, seed)
+    if init == "lively":
+        _reinit(model, seed)
+    elif init != "transformers":
+        raise ValueError(f"init must be 'lively' or 'transformers', not {init!r}")
     model = model.to(dtypes[dtype])
     if special:
         model.generation_config = transformers.GenerationConfig(

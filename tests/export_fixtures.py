@@ -16,9 +16,7 @@ from qwen_export.tiny import make_checkpoint
 @pytest.fixture(scope="session")
 def qwen2_sliding(tiny_root: Path) -> Path:
     """Qwen2, 3 layers: full attention, then two sliding-window layers (window 8)."""
-    return make_checkpoint(
-        tiny_root / "qwen2_sliding", "qwen2", tied=True, sliding=True, sliding_window=8, layers=3
-    )
+    return make_checkpoint(tiny_root / "qwen2_sliding", "qwen2", tied=True, sliding=True, sliding_window=8, layers=3)
 
 
 @pytest.fixture(scope="session")

@@ -168,45 +168,11 @@ def test_tampered_artifact_is_refused(export, tmp_path: Path) -> None:
 
 def test_generate_streams_with_stop_string_and_sampling(export) -> None:
     art = export("qwen2_tied")
-    result = invoke(
-        "generate",
-        art,
-        "Hello",
-        "--max-new-tokens",
-        "8",
-        "--temperature",
-        "0.8",
-        "--top-k",
-        "20",
-        "--top-p",
-        "0.9",
-        "--min-p",
-        "0.01",
-        "--repetition-penalty",
-        "1.1",
-        "--seed",
-        "7",
-    )
+    sampling = ["--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9"]
+    sampling += ["--min-p", "0.01", "--repetition-penalty", "1.1", "--seed", "7"]
+    result = invoke("generate", art, "Hello", *sampling)
     assert result.exit_code == 0, result.output
-    again = invoke(
-        "generate",
-        art,
-        "Hello",
-        "--max-new-tokens",
-        "8",
-        "--temperature",
-        "0.8",
-        "--top-k",
-        "20",
-        "--top-p",
-        "0.9",
-        "--min-p",
-        "0.01",
-        "--repetition-penalty",
-        "1.1",
-        "--seed",
-        "7",
-    )
+    again = invoke("generate", art, "Hello", *sampling)
     assert again.stdout == result.stdout  # seeded: same text
     greedy = invoke("generate", art, "Hello", "--max-new-tokens", "12", "--temperature", "0").stdout.strip()
     assert len(greedy) > 6
