@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -81,6 +82,8 @@ class Manifest:
             raise ArtifactError(
                 f"{source} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})"
             ) from None
+        except (ValueError, RecursionError) as exc:  # e.g. an integer over 4300 digits, absurd nesting
+            raise ArtifactError(f"{source} is not valid JSON ({type(exc).__name__}: {exc})") from None
         if not isinstance(data, dict):
             raise ArtifactError(f"{source} is not a JSON object")
         version = data.get("schema_version")
@@ -148,15 +151,17 @@ def write_artifact(out_dir: str | Path, overwrite: bool = False) -> Iterator[Art
     On success ``manifest.json`` is written (sha256 of every file) and the directory renamed onto
     ``out_dir`` (an existing one, with ``overwrite``, is swapped out and deleted). On any exception,
     KeyboardInterrupt or SIGTERM (turned into :class:`Terminated` while the block runs) the temporary
-    directory is removed and ``out_dir`` is left as it was.
+    directory is removed and ``out_dir`` is left as it was. Running out of disk space (ENOSPC,
+    EDQUOT) anywhere in the block becomes a one-line :class:`ArtifactError` with the free space left.
     """
     out = Path(out_dir)
     check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_temp_dir(out)
-    writer = ArtifactWriter(path=tmp)
+    tmp: Path | None = None
     try:
-        with _sigterm_raises():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _make_temp_dir(out)
+        writer = ArtifactWriter(path=tmp)
+        with sigterm_raises():
             yield writer
             unknown = set(writer.manifest_fields) - set(SETTABLE_FIELDS)
             if unknown:
@@ -164,11 +169,20 @@ def write_artifact(out_dir: str | Path, overwrite: bool = False) -> Iterator[Art
             manifest = Manifest(**writer.manifest_fields, files=hash_files(tmp))
             (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
             check_output_dir(out, overwrite)  # it may have appeared meanwhile
-            with _sigterm_blocked():
+            with _signals_blocked():
                 _move_into_place(tmp, out)
             writer.path, writer.manifest = out, manifest
+    except Exception as exc:
+        full = _disk_full_error(exc)
+        if full is None:
+            raise
+        written = _tree_bytes(tmp) if tmp is not None else 0
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # before measuring: what is free once we are gone
+        raise ArtifactError(_disk_full_message(out, full, written)) from exc
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a no-op after a successful move
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # a no-op after a successful move
 
 
 def hash_files(root: Path) -> dict[str, str]:
@@ -208,16 +222,19 @@ def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
         if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
             raise ArtifactError(f"{path} lists an unsafe file path {rel!r}")
         file = directory.joinpath(*parts)
-        if not file.is_file():
-            raise ArtifactError(f"{file} is missing (listed in {MANIFEST_NAME}); re-export the artifact")
-        if verify and sha256_file(file) != digest:
-            raise ArtifactError(f"{file} was modified after export (sha256 mismatch); re-export the artifact")
+        try:
+            if not file.is_file():
+                raise ArtifactError(f"{file} is missing (listed in {MANIFEST_NAME}); re-export the artifact")
+            if verify and sha256_file(file) != digest:
+                raise ArtifactError(f"{file} was modified after export (sha256 mismatch); re-export the artifact")
+        except OSError as exc:  # e.g. a listed name too long for the filesystem, an unreadable file
+            raise ArtifactError(f"{path} lists {rel!r}, which cannot be read ({exc.strerror})") from None
     return manifest
 
 
 # ---------------------------------------------------------------------- helpers
 class Terminated(KeyboardInterrupt):
-    """Raised in the main thread when SIGTERM arrives during :func:`write_artifact`."""
+    """Raised in the main thread when SIGTERM arrives under :func:`sigterm_raises` (export, :func:`write_artifact`)."""
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
@@ -229,8 +246,12 @@ def _in_main_thread() -> bool:
 
 
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into :class:`Terminated` for the duration; restore the previous handler after."""
+def sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` for the duration; restore the previous handler after.
+
+    Nests (an inner use restores the outer handler). A no-op outside the main thread. The export
+    pipeline runs under it, so SIGTERM during tracing unwinds like Ctrl-C instead of killing the process.
+    """
     if not _in_main_thread():
         yield
         return
@@ -242,16 +263,56 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _sigterm_blocked() -> Iterator[None]:
-    """Defer SIGTERM while the final renames run, so they are never half done."""
+def _signals_blocked() -> Iterator[None]:
+    """Defer SIGTERM and SIGINT while the final renames run, so they are never half done.
+
+    A signal that arrives meanwhile is delivered when the block ends, i.e. after the artifact is in place.
+    """
     if not hasattr(signal, "pthread_sigmask") or not _in_main_thread():
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+
+
+#: errno values that mean "no room left": the disk is full, or the user's quota is spent.
+_NO_SPACE = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
+
+
+def _disk_full_error(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT OSError behind ``exc`` (itself, its cause or its context), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _NO_SPACE:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for path in root.rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                total += path.stat().st_size
+    return total
+
+
+def _disk_full_message(out: Path, exc: OSError, written: int) -> str:
+    try:
+        free = f"{shutil.disk_usage(out.parent).free / 2**20:.0f} MiB"
+    except OSError:
+        free = "unknown space"
+    reason = exc.strerror or os.strerror(exc.errno or errno.ENOSPC)
+    return (
+        f"disk full while writing {out}: {reason} after {written / 2**20:.1f} MiB "
+        f"({free} free on that filesystem); free space or choose another --output"
+    )
 
 
 def _make_temp_dir(out: Path) -> Path:

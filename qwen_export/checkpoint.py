@@ -245,7 +245,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, an integer over 4300 digits, absurd nesting
         raise CheckpointError(f"{path} has a corrupt safetensors header ({exc})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} has a corrupt safetensors header (not a JSON object)")
@@ -271,12 +271,12 @@ def _entry(path: Path, name: str, entry: object, base: int) -> TensorInfo:
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str):
         raise CheckpointError(f"{bad}: dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise CheckpointError(f"{bad}: shape {shape!r}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
+        or not all(_is_int(o) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise CheckpointError(f"{bad}: data_offsets {offsets!r}")
@@ -287,6 +287,10 @@ def _entry(path: Path, name: str, entry: object, base: int) -> TensorInfo:
                 f"{bad}: dtype {dtype} shape {shape} needs {need} bytes but data_offsets span {offsets[1] - offsets[0]}"
             )
     return TensorInfo(path, dtype, tuple(shape), base + offsets[0], base + offsets[1])
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _open_sharded(index: Path) -> dict[str, TensorInfo]:

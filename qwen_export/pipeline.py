@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,29 +52,41 @@ class ExportHooks:
 def export(
     checkpoint_dir: str | Path, out_dir: str | Path, options: ExportOptions, hooks: ExportHooks | None = None
 ) -> artifact.Manifest:
-    """Export a Hugging Face Qwen checkpoint to an artifact directory; return its manifest."""
+    """Export a Hugging Face Qwen checkpoint to an artifact directory; return its manifest.
+
+    SIGTERM is turned into :class:`artifact.Terminated` (a KeyboardInterrupt) for the whole export,
+    tracing included, so a terminated export unwinds like Ctrl-C and leaves nothing behind.
+    """
+    with artifact.sigterm_raises():
+        return _export(checkpoint_dir, out_dir, options, hooks)
+
+
+def _export(
+    checkpoint_dir: str | Path, out_dir: str | Path, options: ExportOptions, hooks: ExportHooks | None
+) -> artifact.Manifest:
     hooks = hooks or ExportHooks()
+    timer = _PhaseTimer(hooks)
     out = Path(out_dir)
     artifact.check_output_dir(out, options.overwrite)
-    hooks.step("load")
+    timer.start("load")
     ckpt = Checkpoint.open(checkpoint_dir)
     spec = ckpt.spec
     ckpt.validate(spec)
     tokenizer_files = _tokenizer_files(ckpt.directory)
     max_length = options.resolved_max_length(spec)
 
-    hooks.step("trace")
+    timer.start("trace")
     from .trace import TraceOptions, bind_weights, trace
 
     model = trace(spec, TraceOptions(dtype=options.dtype, logits=options.logits))
     bind_weights(model, spec, ckpt, options.dtype)
 
-    hooks.step("passes")
+    timer.start("passes")
     from .passes.cleanup import CleanupPass
 
     records = [CleanupPass()(model).to_dict()]
 
-    hooks.step("emit")
+    timer.start("emit")
     from .runtimes import onnxruntime as ort_target
 
     with artifact.write_artifact(out, options.overwrite) as staging:
@@ -87,9 +100,34 @@ def export(
             spec=spec.to_dict(),
             io=_io_signature(model),
             passes=records,
-            extra={"max_length": max_length, "source": str(Path(checkpoint_dir).resolve().name)},
+            extra={
+                "max_length": max_length,
+                "source": str(Path(checkpoint_dir).resolve().name),
+                "export_seconds": timer.finish(),
+            },
         )
     return artifact.load_manifest(out, verify=False)
+
+
+class _PhaseTimer:
+    """Reports each phase to the hooks and records its wall time (kept in the manifest)."""
+
+    def __init__(self, hooks: ExportHooks) -> None:
+        self.hooks = hooks
+        self.seconds: dict[str, float] = {}
+        self._phase: str | None = None
+        self._t0 = 0.0
+
+    def start(self, phase: str) -> None:
+        self.finish()
+        self.hooks.step(phase)
+        self._phase, self._t0 = phase, time.perf_counter()
+
+    def finish(self) -> dict[str, float]:
+        if self._phase is not None:
+            self.seconds[self._phase] = round(time.perf_counter() - self._t0, 3)
+            self._phase = None
+        return dict(self.seconds)
 
 
 def _tokenizer_files(directory: Path) -> list[str]:

@@ -172,6 +172,8 @@ class ModelSpec:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        except (ValueError, RecursionError) as exc:  # e.g. an integer over 4300 digits, absurd nesting
+            raise ConfigError(f"{path}: invalid JSON ({type(exc).__name__}: {exc})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object, found {type(raw).__name__}")
         return cls.from_config(raw, source=str(path))
@@ -182,7 +184,7 @@ class ModelSpec:
         get = _Getter(raw, source)
         hidden = get.int("hidden_size")
         heads = get.int("num_attention_heads")
-        kv_heads = get.int("num_key_value_heads", default=heads)
+        kv_heads = get.int("num_key_value_heads", default=None) or heads
         layers = get.int("num_hidden_layers")
         if heads % kv_heads:
             raise ConfigError(
@@ -199,7 +201,7 @@ class ModelSpec:
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"{source}: hidden_act={act!r} is not supported; Qwen uses 'silu'")
-        max_pos = get.int("max_position_embeddings", default=32768)
+        max_pos = get.int("max_position_embeddings", default=None) or 32768
         rope_theta, scaling = _rope(raw, source, max_pos)
         use_sw = bool(raw.get("use_sliding_window", False))
         sliding_window = get.int("sliding_window", default=None) if use_sw else None
@@ -216,6 +218,15 @@ class ModelSpec:
             raise ConfigError(f"{source}: rms_norm_eps={eps!r} must be a number in (0, 1)")
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        for key, ids in (
+            ("eos_token_id", eos_ids),
+            ("bos_token_id", (raw.get("bos_token_id"),)),
+            ("pad_token_id", (raw.get("pad_token_id"),)),
+        ):
+            if not all(i is None or (isinstance(i, int) and not isinstance(i, bool)) for i in ids) or (
+                key == "eos_token_id" and None in ids
+            ):
+                raise ConfigError(f"{source}: {key}={raw.get(key)!r} must be a token id (integer) or a list of them")
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
         return cls(
             architecture=arch,
@@ -282,7 +293,9 @@ class _Getter:
         if value is _Getter._MISSING:
             raise ConfigError(f"{self.source}: required field {key!r} is missing")
         if value is None:
-            return None
+            if default is _Getter._MISSING:
+                raise ConfigError(f"{self.source}: required field {key!r} is null")
+            return None  # explicit null: the caller's "not set" handling applies
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"{self.source}: {key}={value!r} must be an integer")
         if value <= 0 or value > 10_000_000:
@@ -294,11 +307,11 @@ def _architecture(raw: dict[str, Any], source: str) -> Architecture:
     archs = raw.get("architectures")
     if isinstance(archs, list) and archs:
         for name in archs:
-            if name in SUPPORTED_ARCHITECTURES:
+            if isinstance(name, str) and name in SUPPORTED_ARCHITECTURES:
                 return SUPPORTED_ARCHITECTURES[name]
         raise ConfigError(f"{source}: architecture {archs[0]!r} is not supported; supported: {_SUPPORTED_TEXT}")
     model_type = raw.get("model_type")
-    if model_type in _MODEL_TYPES:
+    if isinstance(model_type, str) and model_type in _MODEL_TYPES:
         return _MODEL_TYPES[model_type]
     raise ConfigError(f"{source}: model_type {model_type!r} is not supported; supported: {_SUPPORTED_TEXT}")
 
@@ -309,7 +322,7 @@ def _rope(raw: dict[str, Any], source: str, max_pos: int) -> tuple[float, RopeSc
     if not isinstance(params, dict):
         raise ConfigError(f"{source}: rope_scaling/rope_parameters must be an object, found {params!r}")
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
-    if not isinstance(theta, (int, float)) or theta <= 1:
+    if _finite(theta) is None or theta <= 1:
         raise ConfigError(f"{source}: rope_theta={theta!r} must be a number > 1")
     kind = params.get("rope_type", params.get("type", "default"))
     rope_type = RopeType.parse(kind, f"rope type in {source}")
@@ -318,13 +331,22 @@ def _rope(raw: dict[str, Any], source: str, max_pos: int) -> tuple[float, RopeSc
     factor = params.get("factor")
     if rope_type is RopeType.YARN:
         orig = raw.get("original_max_position_embeddings", params.get("original_max_position_embeddings", max_pos))
+        if isinstance(orig, bool) or not isinstance(orig, int) or not 0 < orig <= 10_000_000:
+            raise ConfigError(
+                f"{source}: original_max_position_embeddings={orig!r} must be an integer in 1 .. 10,000,000"
+            )
         if factor is None:
             factor = max_pos / orig
-    if not isinstance(factor, (int, float)) or factor <= 0:
+    if _finite(factor) is None or factor <= 0:
         raise ConfigError(f"{source}: rope scaling factor={factor!r} must be a positive number")
     if rope_type is not RopeType.YARN:
         return float(theta), RopeScaling(rope_type=rope_type, factor=float(factor))
     attention_factor = params.get("attention_factor")
+    for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+        if params.get(key) is not None and (
+            _finite(params[key]) is None or (key.startswith("beta") and params[key] < 0)
+        ):
+            raise ConfigError(f"{source}: rope scaling {key}={params[key]!r} must be a finite (beta: >= 0) number")
     return float(theta), RopeScaling(
         rope_type=rope_type,
         factor=float(factor),
@@ -332,8 +354,8 @@ def _rope(raw: dict[str, Any], source: str, max_pos: int) -> tuple[float, RopeSc
         attention_factor=None if attention_factor is None else float(attention_factor),
         beta_fast=float(params.get("beta_fast") or 32),
         beta_slow=float(params.get("beta_slow") or 1),
-        mscale=params.get("mscale"),
-        mscale_all_dim=params.get("mscale_all_dim"),
+        mscale=_finite(params.get("mscale")),
+        mscale_all_dim=_finite(params.get("mscale_all_dim")),
         truncate=bool(params.get("truncate", True)),
     )
 
@@ -347,9 +369,22 @@ def _layer_types(raw: dict[str, Any], source: str, layers: int, window: int | No
         # transformers drops the window when use_sliding_window is false: every layer is full then.
         return types if window is not None else tuple(LayerType.FULL for _ in types)
     max_window_layers = raw.get("max_window_layers", 28)
+    if window is not None and (isinstance(max_window_layers, bool) or not isinstance(max_window_layers, int)):
+        raise ConfigError(f"{source}: max_window_layers={max_window_layers!r} must be an integer")
     return tuple(
         LayerType.SLIDING if window is not None and i >= max_window_layers else LayerType.FULL for i in range(layers)
     )
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None when it is not a finite real number (bools excluded)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        out = float(value)
+    except OverflowError:  # an int beyond float range
+        return None
+    return out if math.isfinite(out) else None
 
 
 def _yarn(spec: ModelSpec, s: RopeScaling, pos_freqs: list[float]) -> tuple[list[float], float]:
