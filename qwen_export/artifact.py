@@ -169,7 +169,7 @@ def write_artifact(out_dir: str | Path, overwrite: bool = False) -> Iterator[Art
             manifest = Manifest(**writer.manifest_fields, files=hash_files(tmp))
             (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
             check_output_dir(out, overwrite)  # it may have appeared meanwhile
-            with _signals_blocked():
+            with _signals_deferred():
                 _move_into_place(tmp, out)
             writer.path, writer.manifest = out, manifest
     except Exception as exc:
@@ -263,19 +263,29 @@ def sigterm_raises() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _signals_blocked() -> Iterator[None]:
-    """Defer SIGTERM and SIGINT while the final renames run, so they are never half done.
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT back while the final renames run, so they are never half done.
 
-    A signal that arrives meanwhile is delivered when the block ends, i.e. after the artifact is in place.
+    A signal that arrives meanwhile is re-raised when the block ends, i.e. after the artifact is in
+    place. (Python-level handlers, not ``pthread_sigmask``: a mask covers only the calling thread, and
+    the signal may be delivered to any of the engine's threads.)
     """
-    if not hasattr(signal, "pthread_sigmask") or not _in_main_thread():
+    if not _in_main_thread():
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    pending: list[int] = []
+
+    def defer(signum: int, frame: object) -> None:
+        pending.append(signum)
+
+    previous = {sig: signal.signal(sig, defer) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for sig in dict.fromkeys(pending):
+            signal.raise_signal(sig)  # the handler that was in force decides (raise, ignore, or die)
 
 
 #: errno values that mean "no room left": the disk is full, or the user's quota is spent.

@@ -44,7 +44,18 @@ class BenchResult:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process, in MiB."""
+    """Peak resident set size of this process, in MiB.
+
+    On Linux this is ``VmHWM`` from /proc/self/status: ``ru_maxrss`` is inherited across fork and
+    exec, so a process started by a large parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 

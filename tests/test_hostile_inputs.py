@@ -46,7 +46,7 @@ def invoke(*args: object, input: str | None = None):  # noqa: A002 - CliRunner's
 def assert_one_error(result, *fragments: str, only_line: bool = True) -> str:
     """Exit 2, exactly one ``error:`` line holding every fragment (and, by default, nothing else)."""
     assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
+    lines = [line.removeprefix("> ") for line in result.output.splitlines() if line.strip()]  # chat's prompt
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1, result.output
     assert "Traceback" not in result.output, result.output
@@ -213,10 +213,17 @@ CHECKPOINT_CASES = [
 def test_hostile_checkpoint(
     request: pytest.FixtureRequest,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     fixture: str,
     breakage: Callable[[Path], None],
     fragments: tuple[str, ...],
 ) -> None:
+    from qwen_export import trace
+
+    def reached_tracing(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the export reached tracing: the hostile input was not caught when loading")
+
+    monkeypatch.setattr(trace, "trace", reached_tracing)  # fail fast instead of exporting
     ckpt = shutil.copytree(request.getfixturevalue(fixture), tmp_path / "ckpt")
     breakage(ckpt)
     parent = tmp_path / "outs"
@@ -425,6 +432,7 @@ def test_pending_signal_is_delivered_after_the_rename(tmp_path: Path) -> None:
         with pytest.raises(KeyboardInterrupt):
             with write_artifact(out) as w:
                 (w.path / "model.onnx").write_text("whole")
+                w.manifest_fields.update(target="onnxruntime", dtype="fp32", logits="last", spec={})
     finally:
         artifact._move_into_place = real_move
     assert (out / "model.onnx").read_text() == "whole"
@@ -471,8 +479,11 @@ def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: fl
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-@pytest.mark.parametrize("phase", ["tracing", "writing"])
+@pytest.mark.parametrize(
+    ("phase", "sig"),
+    [("tracing", signal.SIGTERM), ("tracing", signal.SIGINT), ("writing", signal.SIGTERM)],
+    ids=["tracing-SIGTERM", "tracing-SIGINT", "writing-SIGTERM"],  # SIGINT while writing: test_cli (in-process)
+)
 def test_signal_during_export_leaves_nothing(qwen2_tied: Path, tmp_path: Path, phase: str, sig: int) -> None:
     parent = tmp_path / "outs"
     out = parent / "art"
