@@ -79,17 +79,54 @@ class _TemplateNamespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attribute {name!r}")
 
 
+#: Budgets that bound a hostile template's time and memory (real chat templates use a tiny fraction).
+MAX_RANGE_ITEMS = 1_000_000  # all range() items of one render together
+MAX_SEQUENCE_REPEAT = 1_000_000  # items/characters a ``*`` repetition may build
+MAX_POWER_BITS = 4096  # size of an integer ``**`` result
+MAX_OUTPUT_CHARS = 10_000_000
+
+
+class _RangeBudget:
+    """``range`` for one render: Jinja's sandbox caps each range at 100,000 items, which nested
+    loops multiply; this caps the total over the whole render."""
+
+    def __init__(self) -> None:
+        self.left = MAX_RANGE_ITEMS
+
+    def __call__(self, *args: int) -> range:
+        r = range(*args)
+        self.left -= len(r)
+        if self.left < 0:
+            raise jinja2.exceptions.SecurityError(f"the template's loops exceed {MAX_RANGE_ITEMS:,} range items")
+        return r
+
+
 class _StrictSandbox(ImmutableSandboxedEnvironment):
-    """transformers' sandbox, except that reading an unsafe attribute fails at once.
+    """transformers' sandbox, except that reading an unsafe attribute fails at once, and ``*`` and
+    ``**`` are bounded.
 
     Jinja's sandbox returns an Undefined for e.g. ``''.__class__`` (which renders as ""); we raise so
     that a template probing for a way out is reported instead of silently rendering.
     """
 
+    intercepted_binops = frozenset(["*", "**"])
+
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         raise jinja2.exceptions.SecurityError(
             f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
         )
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**":
+            if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
+                if right * max(1, abs(left).bit_length()) > MAX_POWER_BITS:
+                    raise jinja2.exceptions.SecurityError(f"{left} ** {right} is too large for a chat template")
+            return left**right
+        for seq, count in ((left, right), (right, left)):
+            repeats = isinstance(seq, (str, list, tuple)) and isinstance(count, int)
+            if repeats and len(seq) * count > MAX_SEQUENCE_REPEAT:
+                raise jinja2.exceptions.SecurityError("a repetition in the chat template builds a value too large")
+        return left * right
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
@@ -153,6 +190,8 @@ class ChatTemplate:
             self._template = _environment().from_string(source)
         except jinja2.exceptions.TemplateSyntaxError as e:
             raise ConfigError(f"{source_name}: chat template syntax error (line {e.lineno}): {e.message}") from None
+        except (RecursionError, SyntaxError, MemoryError) as e:  # nesting too deep for the parser/compiler
+            raise ConfigError(f"{source_name}: chat template cannot be compiled: {type(e).__name__}") from None
 
     def render(
         self,
@@ -178,13 +217,19 @@ class ChatTemplate:
             tool_schemas = _plain(list(tools))
         variables = _plain({**(special_tokens or {}), **extra})
         try:
-            return self._template.render(
+            pieces, size = [], 0
+            for piece in self._template.generate(
                 messages=chat,
                 tools=tool_schemas,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
-                **variables,
-            )
+                **{**variables, "range": _RangeBudget()},
+            ):
+                size += len(piece)
+                if size > MAX_OUTPUT_CHARS:
+                    raise jinja2.exceptions.SecurityError(f"output exceeds {MAX_OUTPUT_CHARS:,} characters")
+                pieces.append(piece)
+            return "".join(pieces)
         except QwenExportError:
             raise
         except jinja2.exceptions.SecurityError as e:
