@@ -75,8 +75,16 @@ def soak(artifact_dir: Path, seconds: float, tolerance: float, report_every: flo
     rng = np.random.default_rng(0)
 
     greedy_first: dict[int, tuple[int, ...]] = {}  # first greedy turn per question: must repeat exactly
-    stats = {"cycles": 0, "turns": 0, "tokens": 0, "reused_tokens": 0, "resets": 0, "max_reset_diff": 0.0,
-             "unclean_resets": 0, "greedy_mismatches": 0}
+    stats = {
+        "cycles": 0,
+        "turns": 0,
+        "tokens": 0,
+        "reused_tokens": 0,
+        "resets": 0,
+        "max_reset_diff": 0.0,
+        "unclean_resets": 0,
+        "greedy_mismatches": 0,
+    }
     samples: list[tuple[float, float]] = []
     baseline: float | None = None
     start = time.perf_counter()
@@ -108,8 +116,15 @@ def soak(artifact_dir: Path, seconds: float, tolerance: float, report_every: flo
             if turn == 0:  # greedy, fixed length: the same prompt must give the same tokens every time
                 config = GenerationConfig(max_new_tokens=48, temperature=0.0)
             elif turn % 2:
-                config = GenerationConfig(max_new_tokens=n, temperature=0.8, top_k=40, top_p=0.95, min_p=0.02,
-                                          repetition_penalty=1.1, seed=int(rng.integers(2**31)))
+                config = GenerationConfig(
+                    max_new_tokens=n,
+                    temperature=0.8,
+                    top_k=40,
+                    top_p=0.95,
+                    min_p=0.02,
+                    repetition_penalty=1.1,
+                    seed=int(rng.integers(2**31)),
+                )
             else:
                 config = GenerationConfig(max_new_tokens=n, temperature=0.0, repetition_penalty=1.05)
             result = generator.generate_text(ids, config)
@@ -123,8 +138,10 @@ def soak(artifact_dir: Path, seconds: float, tolerance: float, report_every: flo
             stats["turns"] += 1
             stats["tokens"] += result.completion_tokens
             stats["reused_tokens"] += result.reused_tokens
-            messages += [{"role": "assistant", "content": result.text},
-                         {"role": "user", "content": QUESTIONS[(q + turn + 1) % len(QUESTIONS)]}]
+            messages += [
+                {"role": "assistant", "content": result.text},
+                {"role": "user", "content": QUESTIONS[(q + turn + 1) % len(QUESTIONS)]},
+            ]
             turn += 1
         stats["cycles"] += 1
         now = time.perf_counter() - start
@@ -132,16 +149,20 @@ def soak(artifact_dir: Path, seconds: float, tolerance: float, report_every: flo
             baseline = rss_mib()
             samples.append((0.0, baseline))
             start_tokens = stats["tokens"]
-            print(f"[{now:6.1f} s] warm-up done after {stats['cycles']} conversations: RSS {baseline:.1f} MiB",
-                  flush=True)
+            print(
+                f"[{now:6.1f} s] warm-up done after {stats['cycles']} conversations: RSS {baseline:.1f} MiB", flush=True
+            )
             start = time.perf_counter()  # the measured period starts now
             next_report = report_every
             continue
         if baseline is not None and now >= next_report:
             rss = rss_mib()
             samples.append((now, rss))
-            print(f"[{now:6.1f} s] RSS {rss:.1f} MiB ({rss - baseline:+.1f}), {stats['tokens'] - start_tokens} tokens, "
-                  f"{stats['resets']} resets", flush=True)
+            print(
+                f"[{now:6.1f} s] RSS {rss:.1f} MiB ({rss - baseline:+.1f}), {stats['tokens'] - start_tokens} tokens, "
+                f"{stats['resets']} resets",
+                flush=True,
+            )
             next_report += report_every
 
     end_rss = rss_mib()

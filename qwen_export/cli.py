@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .artifact import Terminated
 from .errors import OptionError, QwenExportError
 from .spec import DType, LogitsMode, Target
 
@@ -47,6 +48,9 @@ def handles_errors(func: F) -> F:
         except QwenExportError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except Terminated:
+            err_console.print("terminated", highlight=False)
+            raise typer.Exit(143) from None
         except KeyboardInterrupt:
             err_console.print("interrupted", highlight=False)
             raise typer.Exit(130) from None

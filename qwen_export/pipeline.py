@@ -18,6 +18,7 @@ from . import artifact
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, OptionError
 from .spec import DType, LogitsMode, ModelSpec, Target
+from .tokenizer import Tokenizer
 
 #: Default cap on the context an artifact is exported for (the config may say 128K+).
 DEFAULT_MAX_LENGTH_CAP = 32768
@@ -131,25 +132,26 @@ class _PhaseTimer:
 
 
 def _tokenizer_files(directory: Path) -> list[str]:
+    """The tokenizer files to copy, after loading them once (a bad file fails before any work)."""
     missing = [f for f in TOKENIZER_FILES if not (directory / f).is_file()]
     if missing:
         raise CheckpointError(
             f"{directory}: {', '.join(missing)} missing; the artifact needs the checkpoint's tokenizer files"
         )
+    Tokenizer.from_dir(directory)  # ConfigError naming the file: not UTF-8, too large, invalid, bad template
     return list(TOKENIZER_FILES) + [f for f in OPTIONAL_FILES if (directory / f).is_file()]
 
 
 def _copy_tokenizer(src: Path, dst: Path, files: list[str]) -> None:
+    """Copy the tokenizer files; a single chat template is also written as ``chat_template.jinja``
+    (named templates stay in tokenizer_config.json, where the runtime picks ``tool_use`` for tools)."""
     for name in files:
         shutil.copyfile(src / name, dst / name)
     template = src / "chat_template.jinja"
     if template.is_file():
         shutil.copyfile(template, dst / "chat_template.jinja")
         return
-    config = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
-    chat = config.get("chat_template")
-    if isinstance(chat, list):  # named templates: keep the default one
-        chat = next((t["template"] for t in chat if t.get("name") == "default"), None)
+    chat = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
     if isinstance(chat, str):
         (dst / "chat_template.jinja").write_text(chat, encoding="utf-8")
 

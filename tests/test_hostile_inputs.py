@@ -158,54 +158,92 @@ def _huge_tokenizer(ckpt: Path) -> None:
         f.truncate(MAX_TOKENIZER_BYTES + 1)
 
 
-_TOKENIZER_NOT_CHECKED = pytest.mark.xfail(
-    strict=True,
-    reason="pipeline.export does not load the tokenizer files before exporting: it copies them unread "
-    "(needs Tokenizer.from_dir(ckpt.directory) in pipeline._tokenizer_files)",
-)
-
 CHECKPOINT_CASES = [
-    pytest.param("qwen2_tied", _missing_tensor, ("missing 1 expected tensor", "model.layers.1.mlp.up_proj.weight"),
-                 id="missing-tensor"),
-    pytest.param("qwen2_tied", _extra_tensor, ("unexpected tensor", "model.layers.0.mlp.gate_proj.scales"),
-                 id="extra-tensor"),
-    pytest.param("qwen2_tied", _renamed_tensor, ("missing", "model.norm.weight", "unexpected", "model.final_norm"),
-                 id="renamed-tensor"),
+    pytest.param(
+        "qwen2_tied",
+        _missing_tensor,
+        ("missing 1 expected tensor", "model.layers.1.mlp.up_proj.weight"),
+        id="missing-tensor",
+    ),
+    pytest.param(
+        "qwen2_tied", _extra_tensor, ("unexpected tensor", "model.layers.0.mlp.gate_proj.scales"), id="extra-tensor"
+    ),
+    pytest.param(
+        "qwen2_tied",
+        _renamed_tensor,
+        ("missing", "model.norm.weight", "unexpected", "model.final_norm"),
+        id="renamed-tensor",
+    ),
     pytest.param("qwen2_tied", _int32_weight, ("q_proj.weight", "I32", "quantized"), id="int32-weight"),
-    pytest.param("qwen2_tied", _transposed_matrix, ("down_proj.weight", "[128, 64]", "expected [64, 128]"),
-                 id="wrong-shape-matrix"),
+    pytest.param(
+        "qwen2_tied",
+        _transposed_matrix,
+        ("down_proj.weight", "[128, 64]", "expected [64, 128]"),
+        id="wrong-shape-matrix",
+    ),
     pytest.param("qwen2_tied", _garbage_header, ("corrupt safetensors header",), id="garbage-header-json"),
-    pytest.param("qwen2_tied", _header_length_past_eof, ("header length", "runs past the end"),
-                 id="header-length-past-eof"),
+    pytest.param(
+        "qwen2_tied", _header_length_past_eof, ("header length", "runs past the end"), id="header-length-past-eof"
+    ),
     pytest.param("qwen2_tied", _tensor_past_eof, ("truncated", "ends at byte"), id="tensor-past-eof"),
-    pytest.param("qwen2_yarn_bf16_sharded", _missing_shard, ("shard model-0000", ".safetensors named in", "is missing"),
-                 id="missing-shard"),
-    pytest.param("qwen2_yarn_bf16_sharded", _shard_path_escape, ("invalid file name", "../../etc/passwd"),
-                 id="shard-path-escape"),
-    pytest.param("qwen2_tied", lambda c: _edit_config(c, num_attention_heads=6), ("hidden_size=64", "heads=6"),
-                 id="hidden-not-divisible-by-heads"),
-    pytest.param("qwen2_tied", lambda c: _edit_config(c, intermediate_size=-128), ("intermediate_size=-128", "range"),
-                 id="negative-size"),
-    pytest.param("qwen2_tied", lambda c: _edit_config(c, num_hidden_layers=0), ("num_hidden_layers=0", "range"),
-                 id="zero-layers"),
-    pytest.param("qwen2_tied", lambda c: _edit_config(c, vocab_size=10**12), ("vocab_size=1000000000000", "range"),
-                 id="absurd-size"),
-    pytest.param("qwen2_tied", lambda c: _edit_config(c, hidden_size="64"), ("hidden_size='64'", "integer"),
-                 id="size-as-string"),
-    pytest.param("qwen2_tied", lambda c: _edit_config(c, hidden_size=64.5), ("hidden_size=64.5", "integer"),
-                 id="size-as-float"),
-    pytest.param("qwen2_tied", _config_bytes(b'{"model_type": "qwen2\xff\xfe"}'), ("config.json", "not UTF-8"),
-                 id="config-not-utf8"),
-    pytest.param("qwen2_tied", _config_bytes(b'{"model_type": "qwen2",'), ("config.json", "invalid JSON"),
-                 id="config-garbage-json"),
+    pytest.param(
+        "qwen2_yarn_bf16_sharded",
+        _missing_shard,
+        ("shard model-0000", ".safetensors named in", "is missing"),
+        id="missing-shard",
+    ),
+    pytest.param(
+        "qwen2_yarn_bf16_sharded", _shard_path_escape, ("invalid file name", "../../etc/passwd"), id="shard-path-escape"
+    ),
+    pytest.param(
+        "qwen2_tied",
+        lambda c: _edit_config(c, num_attention_heads=6),
+        ("hidden_size=64", "heads=6"),
+        id="hidden-not-divisible-by-heads",
+    ),
+    pytest.param(
+        "qwen2_tied",
+        lambda c: _edit_config(c, intermediate_size=-128),
+        ("intermediate_size=-128", "range"),
+        id="negative-size",
+    ),
+    pytest.param(
+        "qwen2_tied", lambda c: _edit_config(c, num_hidden_layers=0), ("num_hidden_layers=0", "range"), id="zero-layers"
+    ),
+    pytest.param(
+        "qwen2_tied",
+        lambda c: _edit_config(c, vocab_size=10**12),
+        ("vocab_size=1000000000000", "range"),
+        id="absurd-size",
+    ),
+    pytest.param(
+        "qwen2_tied", lambda c: _edit_config(c, hidden_size="64"), ("hidden_size='64'", "integer"), id="size-as-string"
+    ),
+    pytest.param(
+        "qwen2_tied", lambda c: _edit_config(c, hidden_size=64.5), ("hidden_size=64.5", "integer"), id="size-as-float"
+    ),
+    pytest.param(
+        "qwen2_tied",
+        _config_bytes(b'{"model_type": "qwen2\xff\xfe"}'),
+        ("config.json", "not UTF-8"),
+        id="config-not-utf8",
+    ),
+    pytest.param(
+        "qwen2_tied",
+        _config_bytes(b'{"model_type": "qwen2",'),
+        ("config.json", "invalid JSON"),
+        id="config-garbage-json",
+    ),
     pytest.param("qwen2_tied", _config_bytes(b"[1, 2, 3]"), ("config.json", "JSON object"), id="config-not-object"),
     pytest.param("qwen2_tied", _malicious_pickle, ("pickle", "pytorch_model.bin"), id="pickle-only"),
-    pytest.param("qwen2_tied", _tokenizer_bytes(b'{"version": "1.0", "x": "\xff"}'), ("tokenizer.json", "UTF-8"),
-                 id="tokenizer-not-utf8", marks=_TOKENIZER_NOT_CHECKED),
-    pytest.param("qwen2_tied", _tokenizer_bytes(b'{"version": '), ("tokenizer.json",),
-                 id="tokenizer-garbage-json", marks=_TOKENIZER_NOT_CHECKED),
-    pytest.param("qwen2_tied", _huge_tokenizer, ("tokenizer.json", "limit"),
-                 id="tokenizer-over-limit", marks=_TOKENIZER_NOT_CHECKED),
+    pytest.param(
+        "qwen2_tied",
+        _tokenizer_bytes(b'{"version": "1.0", "x": "\xff"}'),
+        ("tokenizer.json", "UTF-8"),
+        id="tokenizer-not-utf8",
+    ),
+    pytest.param("qwen2_tied", _tokenizer_bytes(b'{"version": '), ("tokenizer.json",), id="tokenizer-garbage-json"),
+    pytest.param("qwen2_tied", _huge_tokenizer, ("tokenizer.json", "limit"), id="tokenizer-over-limit"),
 ]
 
 
@@ -282,24 +320,45 @@ GENERATE = ("generate", "{art}", "hi", "--max-new-tokens", "2")
 INSPECT = ("inspect", "{art}")
 
 ARTIFACT_CASES = [
-    pytest.param(INSPECT, lambda a: _append(a, "chat_template.jinja"), ("chat_template.jinja", "modified"),
-                 id="file-modified"),
+    pytest.param(
+        INSPECT, lambda a: _append(a, "chat_template.jinja"), ("chat_template.jinja", "modified"), id="file-modified"
+    ),
     pytest.param(GENERATE, lambda a: (a / "model.onnx").unlink(), ("model.onnx", "missing"), id="file-removed"),
-    pytest.param(GENERATE, lambda a: _swap(a, "tokenizer_config.json", "generation_config.json"), ("modified",),
-                 id="files-swapped"),
+    pytest.param(
+        GENERATE,
+        lambda a: _swap(a, "tokenizer_config.json", "generation_config.json"),
+        ("modified",),
+        id="files-swapped",
+    ),
     pytest.param(INSPECT, lambda a: _swap(a, "model.onnx", "model.onnx.data"), ("modified",), id="weights-swapped"),
-    pytest.param(GENERATE, lambda a: _edit_manifest(a, schema_version=99), ("schema 99", "upgrade qwen-export"),
-                 id="newer-schema"),
+    pytest.param(
+        GENERATE,
+        lambda a: _edit_manifest(a, schema_version=99),
+        ("schema 99", "upgrade qwen-export"),
+        id="newer-schema",
+    ),
     pytest.param(INSPECT, lambda a: _edit_manifest(a, schema_version="1"), ("schema_version",), id="schema-as-string"),
-    pytest.param(GENERATE, lambda a: (a / MANIFEST_NAME).write_text('{"schema_version": 1, "files": '),
-                 ("manifest.json", "not valid JSON"), id="garbage-manifest"),
-    pytest.param(INSPECT, lambda a: (a / MANIFEST_NAME).write_bytes(b"\xff\xfe\x00garbage"),
-                 ("manifest.json", "cannot be read"), id="binary-manifest"),
+    pytest.param(
+        GENERATE,
+        lambda a: (a / MANIFEST_NAME).write_text('{"schema_version": 1, "files": '),
+        ("manifest.json", "not valid JSON"),
+        id="garbage-manifest",
+    ),
+    pytest.param(
+        INSPECT,
+        lambda a: (a / MANIFEST_NAME).write_bytes(b"\xff\xfe\x00garbage"),
+        ("manifest.json", "cannot be read"),
+        id="binary-manifest",
+    ),
     pytest.param(GENERATE, lambda a: _edit_manifest(a, files=["model.onnx"]), ("'files'",), id="manifest-wrong-type"),
     pytest.param(INSPECT, lambda a: (a / MANIFEST_NAME).unlink(), ("no manifest.json",), id="manifest-missing"),
     pytest.param(INSPECT, _unsafe_path, ("unsafe file path",), id="manifest-path-escape"),
-    pytest.param(GENERATE, _hostile_tokenizer(b'{"x": "\xff"}'), ("tokenizer.json", "not UTF-8"),
-                 id="tokenizer-not-utf8-rehashed"),
+    pytest.param(
+        GENERATE,
+        _hostile_tokenizer(b'{"x": "\xff"}'),
+        ("tokenizer.json", "not UTF-8"),
+        id="tokenizer-not-utf8-rehashed",
+    ),
     pytest.param(GENERATE, _huge_artifact_tokenizer, ("tokenizer.json", "limit"), id="tokenizer-over-limit-rehashed"),
 ]
 
@@ -470,8 +529,9 @@ def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: fl
     deadline = time.monotonic() + timeout
     while not condition():
         if proc.poll() is not None:
-            pytest.fail(f"the export ended (status {proc.returncode}) before it could be interrupted: "
-                        f"{proc.communicate()[1]}")
+            pytest.fail(
+                f"the export ended (status {proc.returncode}) before it could be interrupted: {proc.communicate()[1]}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"the export did not reach the phase to interrupt within {timeout} s")

@@ -12,9 +12,9 @@ import psutil
 from qwen_export.generation import GenerationConfig, Generator
 from qwen_export.loader import open_artifact
 
-SECONDS = 8.0  # measured, after one warm-up conversation
+SECONDS = 6.0  # measured, after a warm-up conversation per question
 MAX_GROWTH_MIB = 20.0
-QUESTIONS = ["Write a quicksort in Python.", "What is the capital of France?", "Name three prime numbers."]
+QUESTIONS = ["Write a quicksort in Python.", "Name three prime numbers."]
 
 
 def _rss_mib() -> float:
@@ -49,8 +49,15 @@ def test_generation_soak_is_leak_free_and_resets_are_clean(export) -> None:
             if turn == 0:
                 config = GenerationConfig(max_new_tokens=32, temperature=0.0)
             else:
-                config = GenerationConfig(max_new_tokens=int(rng.integers(16, 33)), temperature=0.8, top_k=40,
-                                          top_p=0.95, min_p=0.02, repetition_penalty=1.1, seed=turn + conversations)
+                config = GenerationConfig(
+                    max_new_tokens=int(rng.integers(16, 33)),
+                    temperature=0.8,
+                    top_k=40,
+                    top_p=0.95,
+                    min_p=0.02,
+                    repetition_penalty=1.1,
+                    seed=turn + conversations,
+                )
             result = generator.generate_text(ids, config)
             if turn == 0:
                 assert result.token_ids == greedy.setdefault(q, result.token_ids)  # same prompt, same tokens
