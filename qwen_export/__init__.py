@@ -1,10 +1,41 @@
 """qwen-export: compile Qwen checkpoints into verified engines and run them.
 
-Importing this package does not import torch or any engine SDK.
+The runtime API is :func:`load` -> :class:`LLM` (``generate``, ``stream``, ``chat`` with tools and
+JSON-constrained output). Importing this package imports neither torch nor an engine SDK: the
+engine a given artifact needs is imported when it is loaded.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from .chat import ToolCall, parse_tool_calls  # noqa: E402
+from .errors import (  # noqa: E402
+    ArtifactError,
+    CheckpointError,
+    ConfigError,
+    GenerationError,
+    OptionError,
+    QwenExportError,
+)
+from .generation import FinishReason, GenerationConfig, GenerationResult  # noqa: E402
+from .llm import LLM, ChatResult, TextStream, load  # noqa: E402
+
+__all__ = [
+    "LLM",
+    "ArtifactError",
+    "ChatResult",
+    "CheckpointError",
+    "ConfigError",
+    "FinishReason",
+    "GenerationConfig",
+    "GenerationError",
+    "GenerationResult",
+    "OptionError",
+    "QwenExportError",
+    "TextStream",
+    "ToolCall",
+    "__version__",
+    "load",
+    "parse_tool_calls",
+]

@@ -11,7 +11,9 @@ JSON types before the template sees them, and every template failure (syntax, sa
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -24,7 +26,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from qwen_export.errors import ConfigError, OptionError, QwenExportError
 
-__all__ = ["ChatTemplate", "REASONING_FIELDS"]
+__all__ = ["ChatTemplate", "REASONING_FIELDS", "ToolCall", "parse_tool_calls"]
 
 # Names a message's reasoning is passed under; the first is the one chat templates read (as transformers).
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -236,3 +238,78 @@ class ChatTemplate:
             raise ConfigError(f"{self.source_name}: the chat template tried an unsafe operation: {e}") from None
         except Exception as e:  # any template bug: undefined names, type errors, recursion, ...
             raise ConfigError(f"{self.source_name}: the chat template failed: {type(e).__name__}: {e}") from None
+
+
+# -- tool calls -------------------------------------------------------------------------------------
+
+_TOOL_CALL = re.compile(r"<tool_call>(.*?)(</tool_call>|$)", re.DOTALL)
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCall:
+    """One ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` block of a reply.
+
+    A malformed block is kept with ``error`` set (and ``name``/``arguments`` as far as they could be
+    read) instead of raising: the model's output is data, not a program error.
+    """
+
+    id: str
+    name: str | None
+    arguments: dict[str, Any] | None
+    raw: str
+    error: str | None = None
+
+    def to_openai(self) -> dict[str, Any]:
+        """The OpenAI-style ``tool_calls`` entry (arguments as a JSON string), for the next turn."""
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name or "", "arguments": json.dumps(self.arguments or {}, ensure_ascii=False)},
+        }
+
+
+def parse_tool_calls(text: str) -> tuple[str, tuple[ToolCall, ...]]:
+    """Split a reply into its plain content and its tool calls (Qwen/Hermes ``<tool_call>`` format).
+
+    >>> content, calls = parse_tool_calls('Sure.<tool_call>\\n{"name": "f", "arguments": {"x": 1}}\\n</tool_call>')
+    >>> content, calls[0].name, calls[0].arguments, calls[0].error
+    ('Sure.', 'f', {'x': 1}, None)
+    >>> parse_tool_calls('<tool_call>{"name": "f", "arguments": {"x": </tool_call>')[1][0].error[:19]
+    'invalid JSON at cha'
+    """
+    calls: list[ToolCall] = []
+    for i, match in enumerate(_TOOL_CALL.finditer(text)):
+        calls.append(_tool_call(f"call_{i}", match.group(1).strip(), closed=bool(match.group(2))))
+    content = _TOOL_CALL.sub("", text).strip()
+    return content, tuple(calls)
+
+
+def _tool_call(call_id: str, raw: str, closed: bool) -> ToolCall:
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        return ToolCall(call_id, None, None, raw, f"invalid JSON at character {exc.pos}: {exc.msg}")
+    except RecursionError:
+        return ToolCall(call_id, None, None, raw, "invalid JSON: nested too deeply")
+    if not isinstance(data, dict):
+        return ToolCall(call_id, None, None, raw, f"expected a JSON object, got {type(data).__name__}")
+    name, arguments = data.get("name"), data.get("arguments", {})
+    if isinstance(arguments, str):  # some models emit the arguments as a JSON string
+        try:
+            arguments = json.loads(arguments)
+        except (json.JSONDecodeError, RecursionError):
+            return ToolCall(call_id, name if isinstance(name, str) else None, None, raw, "arguments are not JSON")
+    errors = []
+    if not isinstance(name, str) or not name:
+        errors.append("missing function name")
+    if not isinstance(arguments, dict):
+        errors.append("arguments must be a JSON object")
+    if not closed:
+        errors.append("unterminated <tool_call> block")
+    return ToolCall(
+        call_id,
+        name if isinstance(name, str) else None,
+        arguments if isinstance(arguments, dict) else None,
+        raw,
+        "; ".join(errors) or None,
+    )

@@ -172,6 +172,10 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="Prompt text (a user message unless --raw).")],
     raw: Annotated[bool, typer.Option(help="Feed PROMPT as is, without the chat template.")] = False,
     system: Annotated[str | None, typer.Option(help="System prompt (chat template).")] = None,
+    json_schema: Annotated[
+        Path | None, typer.Option(help="JSON Schema file: the output is constrained to validate against it.")
+    ] = None,
+    json_mode: Annotated[bool, typer.Option(help="Constrain the output to be a JSON object.")] = False,
     max_new_tokens: MaxNew = 128,
     temperature: Temp = None,
     top_k: TopK = None,
@@ -183,26 +187,54 @@ def generate(
     threads: Threads = 0,
 ) -> None:
     """Generate a completion for PROMPT, streamed to the terminal."""
-    from .generation import Generator
-    from .loader import RuntimeOptions, open_artifact
+    from .llm import load
 
-    loaded = open_artifact(artifact, RuntimeOptions(threads=threads))
-    config = loaded.generation_config(
-        **_sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
-    )
-    tok = loaded.tokenizer
+    llm = load(artifact, threads=threads)
+    sampling = _sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
+    response_format = _response_format(json_schema, json_mode)
     if raw:
-        ids = tok.encode(prompt)
+        source: Any = prompt
     else:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        ids = tok.apply_chat_template_ids(messages)
-    result = _stream(Generator(loaded.engine, tok), ids, config)
+        source = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    stream = llm.stream(source, response_format=response_format, **_given(sampling))
+    _print_stream(stream)
+    result = stream.result
+    assert result is not None
     err_console.print(
         f"[dim]{result.prompt_tokens} prompt + {result.completion_tokens} new tokens, "
         f"finish: {result.finish_reason.value}, TTFT {result.timings.time_to_first_token_s * 1e3:.0f} ms, "
         f"decode {result.decode_tokens_per_s or 0:.1f} tok/s[/]",
         highlight=False,
     )
+
+
+def _given(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise OptionError(f"{path}: {what} file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OptionError(f"{path}: {what} is not valid UTF-8 JSON ({exc})") from None
+
+
+def _response_format(json_schema: Path | None, json_mode: bool) -> dict[str, Any] | None:
+    if json_schema is not None and json_mode:
+        raise OptionError("pass either --json-schema or --json-mode, not both")
+    if json_schema is not None:
+        schema = _read_json(json_schema, "JSON Schema")
+        return {"type": "json_schema", "json_schema": {"name": json_schema.stem, "schema": schema}}
+    return {"type": "json_object"} if json_mode else None
+
+
+def _print_stream(stream: Any) -> None:
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
 
 
 def _stream(generator: Any, ids: list[int], config: Any) -> Any:
@@ -221,6 +253,9 @@ def _stream(generator: Any, ids: list[int], config: Any) -> Any:
 def chat(
     artifact: Annotated[Path, typer.Argument(help="Exported artifact directory.")],
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    tools: Annotated[
+        Path | None, typer.Option(help="JSON file with a list of tools (OpenAI function specs) the model may call.")
+    ] = None,
     max_new_tokens: MaxNew = 256,
     temperature: Temp = None,
     top_k: TopK = None,
@@ -230,15 +265,19 @@ def chat(
     seed: Seed = None,
     threads: Threads = 0,
 ) -> None:
-    """Interactive multi-turn chat; earlier turns stay in the KV cache. Commands: /reset, /exit."""
-    from .generation import Generator
-    from .loader import RuntimeOptions, open_artifact
+    """Interactive multi-turn chat; earlier turns stay in the KV cache. Commands: /reset, /exit.
 
-    loaded = open_artifact(artifact, RuntimeOptions(threads=threads))
-    config = loaded.generation_config(
-        **_sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, None)
+    With --tools, the model's tool calls are printed as JSON and you type each tool's result.
+    """
+    from .llm import load
+
+    tool_specs = _read_json(tools, "tools") if tools is not None else None
+    if tool_specs is not None and not isinstance(tool_specs, list):
+        raise OptionError(f"{tools}: expected a JSON list of tool specs")
+    llm = load(artifact, threads=threads)
+    sampling = _given(
+        _sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, None)
     )
-    generator = Generator(loaded.engine, loaded.tokenizer)
     start: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     err_console.print("[dim]chat: /reset starts over, /exit or Ctrl-D quits[/]")
@@ -251,18 +290,50 @@ def chat(
             break
         if line.strip() == "/reset":
             messages = list(start)
-            generator.reset()
+            llm.reset()
             continue
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        ids = loaded.tokenizer.apply_chat_template_ids(messages)
-        result = _stream(generator, ids, config)
-        messages.append({"role": "assistant", "content": result.text})
-        err_console.print(
-            f"[dim]({result.reused_tokens} of {result.prompt_tokens} prompt tokens reused from the cache)[/]",
-            highlight=False,
-        )
+        if tool_specs is None:  # plain chat: stream the reply as it is generated
+            stream = llm.stream(messages, **sampling)
+            pieces = []
+            for piece in stream:
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            messages.append({"role": "assistant", "content": "".join(pieces)})
+            assert stream.result is not None
+            err_console.print(
+                f"[dim]({stream.result.reused_tokens} of {stream.result.prompt_tokens} prompt tokens reused "
+                "from the cache)[/]",
+                highlight=False,
+            )
+            continue
+        while True:  # one user turn may take several assistant turns when tools are called
+            result = llm.chat(messages, tools=tool_specs, **sampling)
+            console.print(result.text, highlight=False, markup=False)
+            messages.append(result.message())
+            err_console.print(
+                f"[dim]({result.reused_tokens} of {result.prompt_tokens} prompt tokens reused from the cache)[/]",
+                highlight=False,
+            )
+            for call in result.tool_calls:
+                shown = (
+                    {"name": call.name, "arguments": call.arguments}
+                    if call.error is None
+                    else {"error": call.error, "raw": call.raw}
+                )
+                console.print_json(json.dumps({"tool_call": shown}))
+            good = [c for c in result.tool_calls if c.error is None]
+            if not good:
+                break
+            try:
+                for call in good:
+                    messages.append({"role": "tool", "name": call.name, "content": input(f"{call.name} result> ")})
+            except EOFError:
+                return
 
 
 # ----------------------------------------------------------------------------- check

@@ -17,10 +17,12 @@ subclass with a one-line message; never any other exception. The default run is 
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import math
 import os
+import shutil
 import struct
 import tempfile
 import time
@@ -62,6 +64,7 @@ def _workdir(name: str) -> Path:
     global _WORKDIR
     if _WORKDIR is None:
         _WORKDIR = Path(tempfile.mkdtemp(prefix="qwen-export-fuzz-"))
+        atexit.register(shutil.rmtree, _WORKDIR, ignore_errors=True)
     d = _WORKDIR / name
     d.mkdir(exist_ok=True)
     for p in d.iterdir():
@@ -404,7 +407,13 @@ def test_fuzz_load_manifest(data: bytes, with_file: bool, verify: bool) -> None:
 def _real_safetensors() -> bytes:
     from safetensors.numpy import save_file
 
-    path = Path(tempfile.mkdtemp(prefix="qwen-export-fuzz-st-")) / "model.safetensors"
+    with tempfile.TemporaryDirectory(prefix="qwen-export-fuzz-st-") as tmp:
+        path = Path(tmp) / "model.safetensors"
+        _save_real(save_file, path)
+        return path.read_bytes()
+
+
+def _save_real(save_file: Any, path: Path) -> None:
     save_file(
         {
             "model.embed_tokens.weight": np.arange(12, dtype=np.float32).reshape(3, 4),
@@ -417,7 +426,6 @@ def _real_safetensors() -> bytes:
         str(path),
         metadata={"format": "pt"},
     )
-    return path.read_bytes()
 
 
 REAL_ST = _real_safetensors()

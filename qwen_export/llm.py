@@ -1,0 +1,230 @@
+"""The embedded runtime: ``qwen_export.load(path) -> LLM``; generate, stream and chat over any engine.
+
+Thread safety: an ``LLM`` runs one generation at a time. Calls from several threads are
+serialised by a lock (a second caller waits); a stream holds the lock until it is exhausted,
+cancelled or closed. Use one ``LLM`` per thread for parallelism.
+
+Example (``ARTIFACT`` is an exported artifact directory)::
+
+    >>> import qwen_export
+    >>> llm = qwen_export.load(ARTIFACT)
+    >>> result = llm.chat([{"role": "user", "content": "Hi!"}], max_new_tokens=8, temperature=0)
+    >>> result.finish_reason in ("stop_token", "length"), result.completion_tokens <= 8
+    (True, True)
+    >>> reply = llm.chat(
+    ...     [{"role": "user", "content": "Give me a number"}],
+    ...     response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": {
+    ...         "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+    ...         "required": ["n"], "additionalProperties": False}}},
+    ...     max_new_tokens=32, temperature=0)
+    >>> import json; sorted(json.loads(reply.text))
+    ['n']
+    >>> stream = llm.stream("Once upon a time", max_new_tokens=4, temperature=0)
+    >>> pieces = list(stream)
+    >>> stream.result.completion_tokens
+    4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .chat import ToolCall, parse_tool_calls
+from .errors import OptionError
+from .generation import GenerationConfig, GenerationEvent, GenerationResult, GenerationTimings, Generator
+from .loader import LoadedArtifact, RuntimeOptions, open_artifact
+from .spec import Target
+
+Message = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatResult:
+    """A chat turn: the reply text (tool-call blocks removed), its parsed tool calls and accounting."""
+
+    text: str
+    tool_calls: tuple[ToolCall, ...]
+    finish_reason: str  # stop_token | stop_string | length | context | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    reused_tokens: int  # prompt tokens served from the KV cache of earlier turns
+    timings: GenerationTimings
+    raw_text: str  # the reply as generated, tool-call blocks included
+
+    def message(self) -> dict[str, Any]:
+        """The assistant message to append to the conversation for the next turn."""
+        out: dict[str, Any] = {"role": "assistant", "content": self.text}
+        good = [c for c in self.tool_calls if c.error is None]
+        if good:
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in good
+            ]
+        return out
+
+
+class TextStream:
+    """Iterator of text pieces from one generation. ``cancel()`` (from any thread) or ``close()``
+    stops it after the current token; ``result`` is set once it has finished."""
+
+    def __init__(self, llm: LLM, events: Iterator[GenerationEvent]) -> None:
+        self._llm, self._events = llm, events
+        self._cancel = threading.Event()
+        self.result: GenerationResult | None = None
+        self.cancelled = False
+        self._closed = False
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        while not self._closed:
+            if self._cancel.is_set():
+                self.cancelled = True
+                self.close()
+                break
+            try:
+                event = next(self._events)
+            except StopIteration:
+                self.close()
+                break
+            except BaseException:  # e.g. GenerationError when the conversation outgrows the context
+                self.close()
+                raise
+            if event.result is not None:
+                self.result = event.result
+            if event.text:
+                return event.text
+        raise StopIteration
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            close = getattr(self._events, "close", None)
+            if close is not None:
+                close()
+            self._llm._lock.release()
+
+    def __del__(self) -> None:  # an abandoned stream must not keep the LLM locked
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class LLM:
+    """A loaded artifact with its tokenizer and generation defaults. Build with :func:`load`."""
+
+    def __init__(self, loaded: LoadedArtifact) -> None:
+        self.artifact = loaded
+        self.tokenizer = loaded.tokenizer
+        self.engine = loaded.engine
+        self._generator = Generator(loaded.engine, loaded.tokenizer)
+        self._lock = threading.Lock()
+
+    @property
+    def max_context(self) -> int:
+        return self.engine.capabilities.max_context
+
+    # ------------------------------------------------------------------ text in, text out
+    def generate(self, prompt: str, *, response_format: Mapping[str, Any] | None = None, **sampling: Any) -> str:
+        """Complete raw ``prompt`` (no chat template); return the text."""
+        stream = self.stream(prompt, response_format=response_format, **sampling)
+        return "".join(stream)
+
+    def stream(
+        self, prompt: str | Sequence[Message], *, response_format: Mapping[str, Any] | None = None, **sampling: Any
+    ) -> TextStream:
+        """Stream the completion of ``prompt`` (a string, fed as is) or of chat ``messages``."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = self.tokenizer.apply_chat_template_ids(list(prompt))
+        return self._start(ids, response_format, sampling)
+
+    def chat(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        **sampling: Any,
+    ) -> ChatResult:
+        """One assistant turn for OpenAI-style ``messages`` (roles system/user/assistant/tool).
+
+        ``tools`` are JSON-schema function specs rendered by the model's own chat template; the
+        reply's ``<tool_call>`` blocks come back parsed in ``tool_calls`` (malformed ones with
+        ``error`` set). Earlier turns are served from the KV cache when the prompt extends them.
+        """
+        if tools is not None and response_format is not None:
+            raise OptionError("pass either tools or response_format, not both")
+        ids = self.tokenizer.apply_chat_template_ids(list(messages), tools=tools)
+        stream = self._start(ids, response_format, sampling)
+        raw = "".join(stream)
+        result = stream.result
+        assert result is not None
+        content, calls = parse_tool_calls(raw) if tools else (raw, ())
+        return ChatResult(
+            text=content,
+            tool_calls=calls,
+            finish_reason="cancelled" if stream.cancelled else result.finish_reason.value,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            reused_tokens=result.reused_tokens,
+            timings=result.timings,
+            raw_text=raw,
+        )
+
+    def reset(self) -> None:
+        """Forget the cached conversation."""
+        with self._lock:
+            self._generator.reset()
+
+    # ------------------------------------------------------------------ internals
+    def _config(self, sampling: dict[str, Any]) -> GenerationConfig:
+        known = {f.name for f in dataclasses.fields(GenerationConfig)}
+        unknown = sorted(set(sampling) - known)
+        if unknown:
+            raise OptionError(f"unknown generation option(s) {unknown}; valid: {sorted(known)}")
+        return self.artifact.generation_config(**sampling)
+
+    def _start(self, ids: list[int], response_format: Mapping[str, Any] | None, sampling: dict[str, Any]) -> TextStream:
+        config = self._config(sampling)
+        constraint = None
+        if response_format is not None:
+            from .structured import ResponseFormat, constraint_for
+
+            constraint = constraint_for(ResponseFormat.parse(response_format), self.tokenizer)
+        self._lock.acquire()
+        try:
+            events = (
+                self._generator.generate(ids, config, constraint=constraint)
+                if constraint is not None
+                else self._generator.generate(ids, config)
+            )
+        except BaseException:
+            self._lock.release()
+            raise
+        return TextStream(self, events)
+
+
+def load(path: str | Path, engine: str | None = None, device: str | None = None, **options: Any) -> LLM:
+    """Open an exported artifact (manifest and checksums verified) and return an :class:`LLM`.
+
+    ``engine`` defaults to the artifact's target (the manifest says which); ``device`` is ``"cpu"``
+    for ONNX Runtime; ``options``: ``threads`` (engine threads, 0 = default).
+    """
+    unknown = sorted(set(options) - {"threads"})
+    if unknown:
+        raise OptionError(f"unknown load option(s) {unknown}; valid: ['threads']")
+    if device not in (None, "cpu"):
+        raise OptionError(f"device {device!r} is not available for this artifact; valid: cpu")
+    loaded = open_artifact(path, RuntimeOptions(threads=int(options.get("threads", 0))))
+    if engine is not None and Target.parse(engine, "engine") is not Target.parse(loaded.manifest.target):
+        raise OptionError(f"engine {engine!r} does not match the artifact's target {loaded.manifest.target!r}")
+    return LLM(loaded)
