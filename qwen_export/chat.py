@@ -242,7 +242,8 @@ class ChatTemplate:
 
 # -- tool calls -------------------------------------------------------------------------------------
 
-_TOOL_CALL = re.compile(r"<tool_call>(.*?)(</tool_call>|$)", re.DOTALL)
+# A block ends at </tool_call>, at the next <tool_call> (unterminated) or at the end of the text.
+_TOOL_CALL = re.compile(r"<tool_call>((?:(?!<tool_call>).)*?)(</tool_call>|(?=<tool_call>)|$)", re.DOTALL)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qwen_export.artifact import MANIFEST_NAME, Manifest, load_manifest
-from qwen_export.chat import ChatTemplate
+from qwen_export.chat import ChatTemplate, parse_tool_calls
 from qwen_export.checkpoint import _DTYPES, Checkpoint, read_header
 from qwen_export.errors import ArtifactError, CheckpointError, ConfigError, OptionError, QwenExportError
 from qwen_export.spec import ModelSpec
@@ -671,3 +671,27 @@ TARGETS = {
     "checkpoint": test_fuzz_checkpoint_open,
     "chat": test_fuzz_chat_template,
 }
+
+
+# ============================================================================ tool-call parsing
+_call_fragments = st.sampled_from(
+    ["<tool_call>", "</tool_call>", '{"name": "f", "arguments": {"x": 1}}', '{"name": ', '"arguments": "{\\"a\\": 2}"',
+     "[1, 2]", "{", "}", "\n", "text ", "<tool_call>\n", "null", '{"name": 3}', "[" * 50]
+)
+tool_outputs = st.one_of(st.text(max_size=300), st.lists(_call_fragments, max_size=12).map("".join))
+
+
+@FUZZ
+@given(tool_outputs)
+def test_fuzz_tool_call_parsing(text: str) -> None:
+    """Model output is data: parsing never raises; each call has a name+arguments or an error."""
+    CASES["tool_calls"] += 1
+    content, calls = parse_tool_calls(text)
+    assert isinstance(content, str) and "<tool_call>" not in content
+    assert len(calls) == text.count("<tool_call>")
+    for call in calls:
+        if call.error is None:
+            assert isinstance(call.name, str) and call.name and isinstance(call.arguments, dict)
+            json.dumps(call.to_openai())
+        else:
+            assert "\n" not in call.error

@@ -1,0 +1,126 @@
+"""The embedded runtime API: qwen_export.load -> LLM (chat, tools, streaming, threads, cancellation)."""
+
+from __future__ import annotations
+
+import doctest
+import threading
+
+import pytest
+
+import qwen_export
+from qwen_export import GenerationError, OptionError, parse_tool_calls
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+
+
+@pytest.fixture(scope="module")
+def llm(export) -> qwen_export.LLM:
+    return qwen_export.load(export("qwen2_tied"))
+
+
+def test_load_options(export) -> None:
+    art = export("qwen2_tied")
+    assert qwen_export.load(art, engine="onnxruntime", device="cpu", threads=1).max_context == 256
+    with pytest.raises(OptionError, match="device 'cuda'"):
+        qwen_export.load(art, device="cuda")
+    with pytest.raises(OptionError, match="unknown engine"):
+        qwen_export.load(art, engine="tflite")
+    with pytest.raises(OptionError, match="unknown load option"):
+        qwen_export.load(art, beams=4)
+
+
+def test_chat_multi_turn_reuses_cache_and_accepts_tool_results(llm: qwen_export.LLM) -> None:
+    messages = [{"role": "user", "content": "What's the weather in Paris?"}]
+    first = llm.chat(messages, tools=TOOLS, max_new_tokens=6, temperature=0)
+    assert first.completion_tokens <= 6 and first.reused_tokens == 0
+    messages.append(first.message())
+    messages.append(
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        }
+    )
+    messages.append({"role": "tool", "name": "get_weather", "content": '{"sky": "sunny"}'})
+    second = llm.chat(messages, tools=TOOLS, max_new_tokens=6, temperature=0)
+    assert second.reused_tokens >= first.prompt_tokens  # the first turn's prompt came from the cache
+    assert "<tool_response>" in llm.tokenizer.apply_chat_template(messages, tools=TOOLS)
+
+
+def test_tool_call_parsing_on_crafted_outputs() -> None:
+    text = (
+        'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_time", "arguments": "{\\"tz\\": \\"CET\\"}"}\n</tool_call>\n'
+        '<tool_call>\n{"name": "broken", "arguments": {"x": }\n</tool_call>\n'
+        "<tool_call>\n[1, 2]\n</tool_call>\n"
+        '<tool_call>\n{"arguments": {}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "cut", "arguments": {"a": 1}}'
+    )
+    content, calls = parse_tool_calls(text)
+    assert content == "Let me check."
+    assert [c.name for c in calls] == ["get_weather", "get_time", None, None, None, "cut"]
+    assert calls[0].arguments == {"city": "Paris"} and calls[0].error is None
+    assert calls[1].arguments == {"tz": "CET"} and calls[1].error is None  # arguments given as a JSON string
+    assert calls[2].error.startswith("invalid JSON")
+    assert calls[3].error == "expected a JSON object, got list"
+    assert calls[4].error == "missing function name"
+    assert calls[5].error == "unterminated <tool_call> block"
+    assert calls[0].to_openai()["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+
+
+def test_stream_cancel_releases_the_llm(llm: qwen_export.LLM) -> None:
+    stream = llm.stream("Once upon a time", max_new_tokens=50, temperature=0)
+    next(stream)
+    stream.cancel()
+    rest = list(stream)
+    assert stream.cancelled and len(rest) <= 1
+    assert llm.generate("Hello", max_new_tokens=2, temperature=0) is not None  # not deadlocked
+
+
+def test_concurrent_calls_are_serialised(llm: qwen_export.LLM) -> None:
+    prompts = [[{"role": "user", "content": f"Count to {i}"}] for i in range(4)]
+    expected = [llm.chat(p, max_new_tokens=5, temperature=0).text for p in prompts]
+    got: dict[int, str] = {}
+
+    def worker(i: int) -> None:
+        got[i] = llm.chat(prompts[i], max_new_tokens=5, temperature=0).text
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [got[i] for i in range(4)] == expected
+
+
+def test_conversation_outgrowing_the_context_is_a_clear_error(llm: qwen_export.LLM) -> None:
+    messages = [{"role": "user", "content": "word " * 300}]
+    with pytest.raises(GenerationError, match="context is 256"):
+        llm.chat(messages, max_new_tokens=4)
+    assert llm.generate("ok", max_new_tokens=1, temperature=0) is not None
+
+
+def test_invalid_options(llm: qwen_export.LLM) -> None:
+    with pytest.raises(OptionError, match="unknown generation option"):
+        llm.generate("hi", beam_width=3)
+    with pytest.raises(OptionError, match="top_p"):
+        llm.generate("hi", top_p=2.0)
+    with pytest.raises(OptionError, match="either tools or response_format"):
+        llm.chat([{"role": "user", "content": "hi"}], tools=TOOLS, response_format={"type": "json_object"})
+
+
+def test_docstring_examples_run(export) -> None:
+    import qwen_export.llm as module
+
+    pytest.importorskip("llguidance", reason="structured output library not installed")
+    result = doctest.testmod(module, extraglobs={"ARTIFACT": str(export("qwen2_tied"))}, verbose=False)
+    assert result.attempted >= 5 and result.failed == 0
