@@ -15,7 +15,8 @@ Every library replays the same compact JSON document (tokenized once, so all do 
 
     .venv/bin/python benchmarks/constrained_overhead.py            # llguidance, outlines-core
     # xgrammar imports torch at import time: run it where torch is installed (the dev venv), e.g.
-    .venv/bin/pip install --no-deps xgrammar==0.2.9 apache-tvm-ffi && .venv/bin/python benchmarks/constrained_overhead.py
+    .venv/bin/pip install --no-deps xgrammar==0.2.9 apache-tvm-ffi
+    .venv/bin/python benchmarks/constrained_overhead.py
 """
 
 from __future__ import annotations
@@ -355,7 +356,8 @@ def main() -> int:
         )
 
     print(
-        "\n| library | adapter build (s) | schema compile (s) | library mask (us) | bitmask -> bool + logits -inf (us) | advance (us) |"
+        "\n| library | adapter build (s) | schema compile (s) | library mask (us) | bitmask->bool, -inf (us) |"
+        " advance (us) |"
         " total/token median (us) | p95 (us) |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -16,12 +16,15 @@ import enum
 import math
 import time
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from qwen_export.errors import GenerationError, OptionError
 from qwen_export.runtimes.base import Engine
+
+if TYPE_CHECKING:
+    from qwen_export.structured import Constraint
 
 __all__ = [
     "FinishReason",
@@ -148,10 +151,15 @@ class GenerationEvent:
 # -- sampling ---------------------------------------------------------------------------------------
 
 
-def process_logits(logits: np.ndarray, config: GenerationConfig, context_ids: Sequence[int]) -> np.ndarray:
+def process_logits(
+    logits: np.ndarray, config: GenerationConfig, context_ids: Sequence[int], allowed: np.ndarray | None = None
+) -> np.ndarray:
     """Apply repetition penalty, temperature, top-k, top-p and min-p to a 1-D logits vector.
 
-    Returns float64 scores with removed tokens set to -inf (a copy; ``logits`` is untouched).
+    ``allowed`` (bool, same width; from a structured-output constraint) sets every other token to
+    -inf right after the repetition penalty, so greedy, top-k/top-p/min-p and sampling all pick
+    among allowed tokens only. Returns float64 scores with removed tokens set to -inf (a copy;
+    ``logits`` is untouched).
     """
     scores = np.array(logits, dtype=np.float64, copy=True)
     scores[np.isnan(scores)] = -np.inf
@@ -160,6 +168,8 @@ def process_logits(logits: np.ndarray, config: GenerationConfig, context_ids: Se
         ids = ids[(ids >= 0) & (ids < scores.shape[0])]
         picked = scores[ids]
         scores[ids] = np.where(picked < 0, picked * config.repetition_penalty, picked / config.repetition_penalty)
+    if allowed is not None:
+        scores[~allowed] = -np.inf
     if config.greedy:
         return scores
     scores /= config.temperature
@@ -184,11 +194,18 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def sample_token(
-    logits: np.ndarray, config: GenerationConfig, context_ids: Sequence[int], rng: np.random.Generator
+    logits: np.ndarray,
+    config: GenerationConfig,
+    context_ids: Sequence[int],
+    rng: np.random.Generator,
+    allowed: np.ndarray | None = None,
 ) -> int:
-    """Pick the next token id from a 1-D logits vector (argmax when ``temperature == 0``)."""
-    scores = process_logits(logits, config, context_ids)
+    """Pick the next token id from a 1-D logits vector (argmax when ``temperature == 0``), among
+    the ``allowed`` tokens when given."""
+    scores = process_logits(logits, config, context_ids, allowed)
     if not np.isfinite(scores).any():
+        if allowed is not None and not allowed.any():
+            raise GenerationError("the response_format grammar allows no token here")
         raise GenerationError("the engine returned logits with no finite value (NaN/inf); the artifact is broken")
     if config.greedy:
         return int(np.argmax(scores))
@@ -306,11 +323,21 @@ class Generator:
             self._cached = (cached or [])[:common]
         return common
 
-    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig | None = None) -> Iterator[GenerationEvent]:
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig | None = None,
+        constraint: Constraint | None = None,
+    ) -> Iterator[GenerationEvent]:
         """Yield one :class:`GenerationEvent` per sampled token; the last one carries the result.
 
         Options and the prompt are checked here (OptionError / GenerationError at call time); the
         engine runs as the iterator is consumed. Stopping early leaves the cache reusable.
+
+        ``constraint`` (:func:`qwen_export.structured.make_constraint`, single use) restricts every
+        token to what its grammar allows; once the document is complete the generation ends with
+        the eos token (appended without another forward pass, finish reason STOP_TOKEN). LENGTH
+        with a constraint means the document is incomplete.
         """
         config = config or GenerationConfig()
         config.validate()
@@ -326,9 +353,11 @@ class Generator:
                 f"prompt has {len(prompt)} tokens; the artifact's context is {caps.max_context}"
                 " (it must leave room for at least one new token)"
             )
-        return self._run(prompt, config)
+        return self._run(prompt, config, constraint)
 
-    def _run(self, prompt: list[int], config: GenerationConfig) -> Iterator[GenerationEvent]:
+    def _run(
+        self, prompt: list[int], config: GenerationConfig, constraint: Constraint | None = None
+    ) -> Iterator[GenerationEvent]:
         start = time.perf_counter()
         caps = self.engine.capabilities
         stop_ids = set(config.stop_token_ids)
@@ -345,7 +374,8 @@ class Generator:
         generated: list[int] = []
         pieces: list[str] = []
         while True:
-            token = sample_token(logits, config, prompt + generated, rng)
+            allowed = None if constraint is None else constraint.allowed(logits.shape[-1])
+            token = sample_token(logits, config, prompt + generated, rng, allowed)
             if first_token_at is None:
                 first_token_at = time.perf_counter()
             generated.append(token)
@@ -354,9 +384,19 @@ class Generator:
                 reason = FinishReason.STOP_TOKEN
                 piece = ""
             else:
+                if constraint is not None:
+                    constraint.advance(token)
                 piece = text.push(token)
                 if text.stop_at is not None:
                     reason = FinishReason.STOP_STRING
+                elif constraint is not None and constraint.done:
+                    # the document is complete: only eos may follow, so end with it now
+                    pieces.append(piece)
+                    yield GenerationEvent(token, piece)
+                    token = constraint.eos_token_id
+                    generated.append(token)
+                    reason = FinishReason.STOP_TOKEN
+                    piece = ""
                 elif len(generated) >= config.max_new_tokens:
                     reason = FinishReason.LENGTH
                 elif len(prompt) + len(generated) >= caps.max_context:
@@ -381,9 +421,11 @@ class Generator:
             yield GenerationEvent(token, piece, reason, result)
             return
 
-    def generate_text(self, prompt_ids: Sequence[int], config: GenerationConfig | None = None) -> GenerationResult:
+    def generate_text(
+        self, prompt_ids: Sequence[int], config: GenerationConfig | None = None, constraint: Constraint | None = None
+    ) -> GenerationResult:
         """Run :meth:`generate` to the end and return its result."""
-        for event in self.generate(prompt_ids, config):
+        for event in self.generate(prompt_ids, config, constraint):
             if event.result is not None:
                 return event.result
         raise GenerationError("generation ended without a result")  # unreachable: the loop always finishes

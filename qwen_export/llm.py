@@ -197,9 +197,9 @@ class LLM:
         config = self._config(sampling)
         constraint = None
         if response_format is not None:
-            from .structured import ResponseFormat, constraint_for
+            from .structured import ResponseFormat, make_constraint
 
-            constraint = constraint_for(ResponseFormat.parse(response_format), self.tokenizer)
+            constraint = make_constraint(ResponseFormat.parse(response_format), self.tokenizer)
         self._lock.acquire()
         try:
             events = (

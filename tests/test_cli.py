@@ -251,3 +251,35 @@ def test_max_length_option_and_default_cap(qwen2_tied: Path) -> None:
     spec = Checkpoint.open(qwen2_tied).spec
     assert pipeline.ExportOptions().resolved_max_length(spec) == 256
     assert pipeline.ExportOptions(max_length=64).resolved_max_length(spec) == 64
+
+
+def test_generate_with_json_schema_and_chat_with_tools(export, tmp_path: Path) -> None:
+    import jsonschema
+
+    art = export("qwen2_tied")
+    schema = {
+        "type": "object",
+        "properties": {
+            "colour": {"enum": ["red", "green", "blue"]},
+            "n": {"type": "integer", "minimum": 0, "maximum": 9},
+        },
+        "required": ["colour", "n"],
+        "additionalProperties": False,
+    }
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    result = invoke("generate", art, "Pick a colour", "--json-schema", tmp_path / "s.json", "--max-new-tokens", "40")
+    assert result.exit_code == 0, result.output
+    jsonschema.validate(json.loads(result.stdout), schema)
+    _one_line_error(invoke("generate", art, "x", "--json-schema", tmp_path / "nope.json"), "nope.json")
+    _one_line_error(
+        invoke("generate", art, "x", "--json-schema", tmp_path / "s.json", "--json-mode"),
+        "--json-schema",
+        "--json-mode",
+    )
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    (tmp_path / "tools.json").write_text(json.dumps(tools))
+    result = invoke("chat", art, "--tools", tmp_path / "tools.json", "--max-new-tokens", "4", input="hi\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert "reused from the cache" in result.output
+    (tmp_path / "bad.json").write_text('{"not": "a list"}')
+    _one_line_error(invoke("chat", art, "--tools", tmp_path / "bad.json"), "list of tool specs")

@@ -675,8 +675,22 @@ TARGETS = {
 
 # ============================================================================ tool-call parsing
 _call_fragments = st.sampled_from(
-    ["<tool_call>", "</tool_call>", '{"name": "f", "arguments": {"x": 1}}', '{"name": ', '"arguments": "{\\"a\\": 2}"',
-     "[1, 2]", "{", "}", "\n", "text ", "<tool_call>\n", "null", '{"name": 3}', "[" * 50]
+    [
+        "<tool_call>",
+        "</tool_call>",
+        '{"name": "f", "arguments": {"x": 1}}',
+        '{"name": ',
+        '"arguments": "{\\"a\\": 2}"',
+        "[1, 2]",
+        "{",
+        "}",
+        "\n",
+        "text ",
+        "<tool_call>\n",
+        "null",
+        '{"name": 3}',
+        "[" * 50,
+    ]
 )
 tool_outputs = st.one_of(st.text(max_size=300), st.lists(_call_fragments, max_size=12).map("".join))
 

@@ -121,6 +121,5 @@ def test_invalid_options(llm: qwen_export.LLM) -> None:
 def test_docstring_examples_run(export) -> None:
     import qwen_export.llm as module
 
-    pytest.importorskip("llguidance", reason="structured output library not installed")
     result = doctest.testmod(module, extraglobs={"ARTIFACT": str(export("qwen2_tied"))}, verbose=False)
     assert result.attempted >= 5 and result.failed == 0
