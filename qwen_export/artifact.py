@@ -170,7 +170,7 @@ def write_artifact(out_dir: str | Path, overwrite: bool = False) -> Iterator[Art
             (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
             check_output_dir(out, overwrite)  # it may have appeared meanwhile
             with _signals_deferred():
-                _move_into_place(tmp, out)
+                move_into_place(tmp, out)
             writer.path, writer.manifest = out, manifest
     except Exception as exc:
         full = _disk_full_error(exc)
@@ -336,7 +336,8 @@ def _make_temp_dir(out: Path) -> Path:
             continue
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is swapped out and removed only after success."""
     if not out.exists():
         os.rename(tmp, out)
         return

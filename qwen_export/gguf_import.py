@@ -27,7 +27,6 @@ import contextlib
 import errno
 import json
 import math
-import os
 import re
 import secrets
 import shutil
@@ -39,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import sigterm_raises
+from .artifact import move_into_place, sigterm_raises
 from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, expected_tensors
 from .errors import CheckpointError, ConfigError, OptionError
 from .spec import ModelSpec
@@ -545,7 +544,7 @@ def _atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
         with sigterm_raises():
             yield tmp
             _check_output_dir(out, overwrite)  # it may have appeared meanwhile
-            _move_into_place(tmp, out)
+            move_into_place(tmp, out)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             raise CheckpointError(
@@ -554,17 +553,3 @@ def _atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
         raise CheckpointError(f"cannot write {out}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a no-op after a successful move
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    backup = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-    os.rename(out, backup)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(backup, out)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
