@@ -142,7 +142,7 @@ def main() -> int:
     parser.add_argument("--targets", nargs="+", help="subset of targets (default: all)")
     parser.add_argument("--engine", choices=["hypothesis", "atheris"], default="hypothesis")
     args = parser.parse_args()
-    tests_targets = ["config", "config_file", "manifest", "load_manifest", "safetensors", "checkpoint", "chat"]
+    tests_targets = list(_load_tests().TARGETS)
     targets = args.targets or tests_targets
     unknown = set(targets) - set(tests_targets)
     if unknown:

@@ -216,7 +216,10 @@ def gguf_config(reader: Any, path: Path, torch_dtype: str = "bfloat16") -> dict[
     embed = tensors.get("token_embd.weight")
     if embed is None:
         raise CheckpointError(f"{path}: GGUF file has no token_embd.weight tensor")
-    vocab, hidden = _numpy_shape(embed)
+    shape = _numpy_shape(embed)
+    if len(shape) != 2:
+        raise CheckpointError(f"{path}: token_embd.weight has shape {list(shape)}, expected [vocab, hidden]")
+    vocab, hidden = shape
     if hidden != meta.int(f"{arch}.embedding_length"):
         raise ConfigError(
             f"{path}: token_embd.weight has rows of {hidden} but {arch}.embedding_length is "

@@ -709,3 +709,64 @@ def test_fuzz_tool_call_parsing(text: str) -> None:
             json.dumps(call.to_openai())
         else:
             assert "\n" not in call.error
+
+
+# ============================================================================ GGUF header parsing
+_SMALL_GGUF: list[bytes] = []
+
+
+def _small_gguf() -> bytes:
+    import gguf
+
+    if _SMALL_GGUF:
+        return _SMALL_GGUF[0]
+    path = _workdir("gguf_source") / "small.gguf"
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_context_length(64)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(1)
+    writer.add_tensor("token_embd.weight", np.arange(32 * 8, dtype=np.float32).reshape(32, 8))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _SMALL_GGUF.append(path.read_bytes())
+    return _SMALL_GGUF[0]
+
+
+@st.composite
+def gguf_bytes(draw: st.DrawFn) -> bytes:
+    data = bytearray(_small_gguf())
+    kind = draw(st.sampled_from(["flip", "truncate", "random", "splice"]))
+    if kind == "random":
+        return b"GGUF" + draw(st.binary(max_size=200))
+    if kind == "truncate":
+        return bytes(data[: draw(st.integers(0, len(data)))])
+    if kind == "splice":  # overwrite a run of bytes (counts, lengths, type codes) with extreme values
+        at = draw(st.integers(4, len(data) - 8))
+        data[at : at + 8] = draw(st.sampled_from([b"\xff" * 8, b"\x00" * 8, struct.pack("<q", -1), b"\x7f" * 8]))
+        return bytes(data)
+    for _ in range(draw(st.integers(1, 8))):
+        data[draw(st.integers(0, len(data) - 1))] ^= 1 << draw(st.integers(0, 7))
+    return bytes(data)
+
+
+@FUZZ
+@given(gguf_bytes())
+def test_fuzz_gguf_header(data: bytes) -> None:
+    """Reading a hostile GGUF (header, metadata, tensor table) is a CheckpointError/ConfigError, nothing else."""
+    from qwen_export.gguf_import import gguf_config, open_gguf
+
+    CASES["gguf"] += 1
+    path = _workdir("gguf") / "m.gguf"
+    path.write_bytes(data)
+    try:
+        reader = open_gguf(path)
+        gguf_config(reader, path)
+    except QwenExportError as exc:
+        _one_line(exc)
+
+
+TARGETS.update(tool_calls=test_fuzz_tool_call_parsing, gguf=test_fuzz_gguf_header)

@@ -479,21 +479,21 @@ def test_other_os_errors_are_not_called_disk_full(tmp_path: Path) -> None:
 def test_pending_signal_is_delivered_after_the_rename(tmp_path: Path) -> None:
     """SIGINT during the final renames waits until they are done (the artifact is whole, then Ctrl-C)."""
     out = tmp_path / "art"
-    real_move = artifact._move_into_place
+    real_move = artifact.move_into_place
 
     def move_with_interrupt(tmp: Path, dst: Path) -> None:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.2)  # not interrupted: SIGINT is blocked here
         real_move(tmp, dst)
 
-    artifact._move_into_place = move_with_interrupt
+    artifact.move_into_place = move_with_interrupt
     try:
         with pytest.raises(KeyboardInterrupt):
             with write_artifact(out) as w:
                 (w.path / "model.onnx").write_text("whole")
                 w.manifest_fields.update(target="onnxruntime", dtype="fp32", logits="last", spec={})
     finally:
-        artifact._move_into_place = real_move
+        artifact.move_into_place = real_move
     assert (out / "model.onnx").read_text() == "whole"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
