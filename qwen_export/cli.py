@@ -6,8 +6,10 @@ with exit status 2; no command leaves a half-written artifact behind.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -498,55 +500,220 @@ def _int_list(text: str, what: str) -> list[int]:
     return values
 
 
+def _bench_labels(artifacts: list[Path]) -> list[str]:
+    """Short, distinct names for the artifacts (their directory names, or whole paths when those clash)."""
+    names = [p.name or str(p) for p in artifacts]
+    if len(set(names)) < len(names):
+        names = [str(p) for p in artifacts]
+    if len(set(names)) < len(names):
+        names = [f"{i + 1}:{n}" for i, n in enumerate(names)]
+    return names
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by None (strict JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _ratio(value: float, base: float) -> float:
+    return value / base if base and base == base and value == value else float("nan")
+
+
 @app.command()
 @handles_errors
 def bench(
-    artifact: Annotated[Path, typer.Argument(help="Exported artifact directory.")],
-    prompt_lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "128",
+    artifacts: Annotated[
+        list[Path], typer.Argument(help="Exported artifact directories; the first is the baseline for ratios.")
+    ],
+    prompt_lengths: Annotated[
+        str | None, typer.Option(help="Comma-separated prompt lengths in tokens (default 128).")
+    ] = None,
     new_tokens: Annotated[str, typer.Option(help="Comma-separated new-token counts.")] = "64",
-    repeats: Annotated[int, typer.Option(help="Measured runs per case.")] = 3,
-    warmup: Annotated[int, typer.Option(help="Unmeasured warm-up runs per case.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Measured runs per case and artifact.")] = 3,
+    warmup: Annotated[int, typer.Option(help="Unmeasured warm-up runs per case and artifact.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the random prompts.")] = 0,
+    sweep: Annotated[
+        bool, typer.Option("--sweep", help="Context sweep: prompt lengths 128, 256, 512, ... up to --sweep-max.")
+    ] = False,
+    sweep_max: Annotated[
+        int | None,
+        typer.Option(help="Longest sweep prompt (default: min(8192, context - new tokens)); needs --sweep."),
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write decode tok/s and TTFT vs prompt length here (.png).")
+    ] = None,
     threads: Threads = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Measure TTFT, prefill and decode tokens/s and peak RSS of ARTIFACT."""
-    from rich.progress import Progress
+    """Measure TTFT, prefill and decode tokens/s, memory and load time of one or more ARTIFACTS.
+
+    Artifacts load once up front, then run interleaved (A, B, A, B, ... on the same prompts) so ratios hold.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from . import bench as bench_mod
     from .loader import RuntimeOptions, open_artifact
 
-    prompts, news = _int_list(prompt_lengths, "--prompt-lengths"), _int_list(new_tokens, "--new-tokens")
+    news = _int_list(new_tokens, "--new-tokens")
+    if sweep_max is not None and not sweep:
+        raise OptionError("--sweep-max needs --sweep")
+    if sweep and prompt_lengths is not None:
+        raise OptionError("--sweep chooses the prompt lengths itself; drop --prompt-lengths")
+    if sweep_max is not None and sweep_max < 1:
+        raise OptionError(f"--sweep-max must be >= 1, got {sweep_max}")
+    prompts = None if sweep else _int_list(prompt_lengths or "128", "--prompt-lengths")
+    if plot is not None:
+        if plot.suffix.lower() not in (".png", ".svg", ".pdf"):
+            raise OptionError(f"--plot must name a .png, .svg or .pdf file, got {str(plot)!r}")
+        if not plot.parent.is_dir():
+            raise OptionError(f"--plot: directory {str(plot.parent)!r} does not exist")
+        bench_mod.require_matplotlib()  # fail before the long part, not after it
+    for path in artifacts:
+        if not Path(path).is_dir():
+            raise OptionError(f"{path} is not an artifact directory")
+
+    labels = _bench_labels(artifacts)
+    # import the runtime first, so that the first artifact's load RSS does not include it
+    from .runtimes import onnxruntime as _ort  # noqa: F401
+
+    targets, loads = [], []
+    with err_console.status("loading artifacts") as status:
+        for label, path in zip(labels, artifacts, strict=True):
+            status.update(f"loading {label}")
+            rss0 = bench_mod.current_rss_mb()
+            t0 = time.perf_counter()
+            loaded = open_artifact(path, RuntimeOptions(threads=threads))
+            load_s = time.perf_counter() - t0
+            manifest = loaded.manifest
+            kv = bench_mod.kv_bytes_per_token(manifest.spec, manifest.dtype)
+            targets.append(bench_mod.BenchTarget(label, loaded.engine, kv))
+            loads.append(
+                {
+                    "artifact": str(path),
+                    "label": label,
+                    "dtype": manifest.dtype,
+                    "context": loaded.engine.capabilities.max_context,
+                    "load_s": load_s,
+                    "disk_mb": bench_mod.disk_mb(path),
+                    "rss_load_mb": bench_mod.current_rss_mb() - rss0,
+                    "kv_bytes_per_token": kv,
+                }
+            )
+    if prompts is None:
+        room = min(t.engine.capabilities.max_context for t in targets) - max(news)
+        limit = min(bench_mod.SWEEP_DEFAULT_MAX, room) if sweep_max is None else sweep_max
+        if limit < 1:
+            raise OptionError(f"no room for a sweep: the context leaves {room} prompt tokens beside {max(news)} new")
+        prompts = bench_mod.sweep_lengths(limit)
     cases = [bench_mod.BenchCase(p, n) for p in prompts for n in news]
-    t0 = time.perf_counter()
-    loaded = open_artifact(artifact, RuntimeOptions(threads=threads))
-    load_s = time.perf_counter() - t0
-    with Progress(console=err_console, transient=True) as progress:
-        task = progress.add_task("benchmarking", total=len(cases) * (repeats + warmup))
-        results = bench_mod.bench(loaded.engine, cases, repeats, warmup, on_run=lambda: progress.advance(task))
-    disk = sum(p.stat().st_size for p in Path(artifact).iterdir() if p.is_file())
+    bench_mod.check_cases(targets, cases, repeats, warmup)
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task("benchmarking", total=len(cases) * (repeats + warmup) * len(targets))
+
+        def advance(run: bench_mod.BenchRun) -> None:
+            kind = "warm-up" if run.warmup else "run"
+            progress.update(
+                task,
+                advance=1,
+                description=f"{run.label} {run.case.prompt_tokens}+{run.case.new_tokens} {kind} {run.round + 1}",
+            )
+
+        results = bench_mod.bench_many(targets, cases, repeats, warmup, seed, on_run=advance)
+    peak = bench_mod.peak_rss_mb()
+    rss_note = (
+        "all artifacts share one process, so their RSS peaks cannot be told apart: rss_load_mb is the RSS "
+        "increase while each artifact loaded; peak_rss_mb is the process peak (VmHWM) over all of them"
+    )
+    if plot is not None:
+        bench_mod.plot(plot, list(zip(labels, results, strict=True)))
+
+    base = results[0]
     if as_json:
+        per_artifact = []
+        for info, rs in zip(loads, results, strict=True):
+            rows = []
+            for r, b in zip(rs, base, strict=True):
+                row = dataclasses.asdict(r)
+                row["decode_vs_first"] = _ratio(r.decode_tokens_per_s, b.decode_tokens_per_s)
+                row["ttft_vs_first"] = _ratio(r.ttft_ms, b.ttft_ms)
+                rows.append(row)
+            per_artifact.append({**info, "results": rows})
         payload = {
-            "artifact": str(artifact),
-            "load_s": load_s,
-            "disk_mb": disk / 2**20,
-            "results": [r.__dict__ for r in results],
+            # the first (baseline) artifact's figures at the top level, as the one-artifact form had them
+            "artifact": loads[0]["artifact"],
+            "load_s": loads[0]["load_s"],
+            "disk_mb": loads[0]["disk_mb"],
+            "results": per_artifact[0]["results"],
+            "artifacts": per_artifact,
+            "order": "interleaved",
+            "repeats": repeats,
+            "warmup": warmup,
+            "seed": seed,
+            "sweep": sweep,
+            "prompt_lengths": prompts,
+            "new_tokens": news,
+            "peak_rss_mb": peak,
+            "rss_note": rss_note,
+            "plot": None if plot is None else str(plot),
         }
-        console.print_json(json.dumps(payload))
+        console.print_json(json.dumps(_finite(payload)))
         return
-    table = Table(title=f"{artifact}  (load {load_s:.2f} s, {disk / 2**20:.1f} MiB on disk)")
-    for column in ("prompt", "new", "TTFT ms", "prefill tok/s", "decode tok/s", "p10/p50/p90 ms", "peak RSS MiB"):
-        table.add_column(column, justify="right")
-    for r in results:
-        table.add_row(
-            str(r.prompt_tokens),
-            str(r.new_tokens),
-            f"{r.ttft_ms:.1f}",
-            f"{r.prefill_tokens_per_s:.1f}",
-            f"{r.decode_tokens_per_s:.1f}",
-            f"{r.token_latency_ms_p10:.1f}/{r.token_latency_ms_p50:.1f}/{r.token_latency_ms_p90:.1f}",
-            f"{r.peak_rss_mb:.0f}",
+
+    many = len(targets) > 1
+    info_table = Table(title="artifacts" + (" (run interleaved)" if many else ""))
+    for column in ("artifact", "dtype", "disk MiB", "load s", "RSS +MiB at load", "KV KiB/token"):
+        info_table.add_column(column, justify="left" if column == "artifact" else "right", overflow="fold")
+    for info in loads:
+        info_table.add_row(
+            info["label"],
+            info["dtype"],
+            f"{info['disk_mb']:.1f}",
+            f"{info['load_s']:.2f}",
+            f"{info['rss_load_mb']:.0f}",
+            f"{info['kv_bytes_per_token'] / 1024:.1f}",
         )
+    console.print(info_table)
+
+    title = f"{'context sweep' if sweep else 'latency'}: {repeats} run(s) after {warmup} warm-up per case"
+    table = Table(title=title)
+    headers = ["artifact", "prompt", "new"] + (["KV cache MiB"] if sweep else [])
+    headers += ["TTFT ms", "prefill tok/s", "decode tok/s", "p10/p50/p90 ms"]
+    headers += ["decode × first", "TTFT × first"] if many else []
+    for column in headers:
+        table.add_column(column, justify="left" if column == "artifact" else "right", overflow="fold")
+    for c in range(len(cases)):
+        for k, label in enumerate(labels):
+            r, b = results[k][c], base[c]
+            row = [label, str(r.prompt_tokens), str(r.new_tokens)]
+            row += [f"{r.kv_cache_mb:.2f}"] if sweep and r.kv_cache_mb is not None else ([""] if sweep else [])
+            row += [
+                f"{r.ttft_ms:.1f}",
+                f"{r.prefill_tokens_per_s:.1f}",
+                f"{r.decode_tokens_per_s:.1f}",
+                f"{r.token_latency_ms_p10:.2f}/{r.token_latency_ms_p50:.2f}/{r.token_latency_ms_p90:.2f}",
+            ]
+            if many:
+                row += [
+                    f"{_ratio(r.decode_tokens_per_s, b.decode_tokens_per_s):.2f}",
+                    f"{_ratio(r.ttft_ms, b.ttft_ms):.2f}",
+                ]
+            table.add_row(*row, end_section=many and k == len(labels) - 1)
     console.print(table)
+    console.print(
+        f"peak RSS (VmHWM) of this process: {peak:.0f} MiB. All artifacts share one process, so their RSS "
+        "peaks cannot be told apart; 'RSS +MiB at load' is the increase while each one loaded.",
+        highlight=False,
+    )
+    if plot is not None:
+        console.print(f"plot written to {plot}", highlight=False)
 
 
 # ----------------------------------------------------------------------------- demo

@@ -1,0 +1,195 @@
+"""`qwen-export bench` with several artifacts (interleaved), JSON, --plot, --sweep; qwen_export.bench helpers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_cli import _one_line_error, invoke
+
+from qwen_export import bench as bench_mod
+from qwen_export.errors import OptionError
+from qwen_export.runtimes.base import EngineCapabilities
+
+FAST = ("--new-tokens", "3", "--repeats", "1", "--warmup", "0")
+
+
+class FakeEngine:
+    """Enough of the Engine protocol for bench_many: logits of zeros, a token counter."""
+
+    def __init__(self, context: int = 64, vocab: int = 32) -> None:
+        self.capabilities = EngineCapabilities("fake", context, 1, ("cpu",), False, vocab)
+        self.cached = 0
+        self.prompts: list[np.ndarray] = []
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return self.cached
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        if self.cached == 0:
+            self.prompts.append(input_ids[0].copy())
+        self.cached += input_ids.shape[1]
+        return np.zeros((1, 1, self.capabilities.vocab_size), np.float32)
+
+    def reset(self) -> None:
+        self.cached = 0
+
+    def truncate(self, num_tokens: int) -> None:
+        self.cached = min(self.cached, num_tokens)
+
+
+# ----------------------------------------------------------------------------- library
+def test_bench_many_interleaves_on_the_same_prompts() -> None:
+    a, b = FakeEngine(), FakeEngine()
+    targets = [bench_mod.BenchTarget("A", a, 10), bench_mod.BenchTarget("B", b)]
+    cases = [bench_mod.BenchCase(4, 2), bench_mod.BenchCase(8, 2)]
+    runs: list[bench_mod.BenchRun] = []
+    results = bench_mod.bench_many(targets, cases, repeats=2, warmup=1, on_run=runs.append)
+    assert [r.label for r in runs] == ["A", "B"] * 6
+    assert [(r.case.prompt_tokens, r.round, r.warmup) for r in runs[::2]] == [
+        (4, 0, True), (4, 1, False), (4, 2, False), (8, 0, True), (8, 1, False), (8, 2, False)
+    ]  # fmt: skip
+    assert all(np.array_equal(p, q) for p, q in zip(a.prompts, b.prompts, strict=True))
+    assert len({p.tobytes() for p in a.prompts}) > 1  # fresh random prompt each round
+    assert [[r.prompt_tokens for r in rs] for rs in results] == [[4, 8], [4, 8]]
+    assert results[0][1].kv_cache_mb == pytest.approx(10 * (8 + 2) / 2**20)
+    assert results[1][0].kv_cache_mb is None and results[0][0].runs == 2
+
+
+def test_bench_many_checks_every_case_before_running() -> None:
+    small, big = FakeEngine(context=16), FakeEngine(context=64)
+    runs: list[bench_mod.BenchRun] = []
+    targets = [bench_mod.BenchTarget("big", big), bench_mod.BenchTarget("small", small)]
+    with pytest.raises(OptionError, match="context of small"):
+        bench_mod.bench_many(targets, [bench_mod.BenchCase(4, 2), bench_mod.BenchCase(15, 2)], 1, 0, on_run=runs.append)
+    assert runs == []
+    with pytest.raises(OptionError, match="repeats"):
+        bench_mod.bench_many(targets, [bench_mod.BenchCase(4, 2)], 0, 0)
+
+
+def test_single_engine_bench_still_works() -> None:
+    calls = []
+    results = bench_mod.bench(FakeEngine(), [bench_mod.BenchCase(4, 3)], 2, 1, on_run=lambda: calls.append(1))
+    assert len(calls) == 3 and results[0].decode_tokens_per_s > 0
+
+
+def test_sweep_lengths_and_kv_bytes() -> None:
+    assert bench_mod.sweep_lengths(8192) == [128, 256, 512, 1024, 2048, 4096, 8192]
+    assert bench_mod.sweep_lengths(1000) == [128, 256, 512, 1000]
+    assert bench_mod.sweep_lengths(60) == [60]
+    with pytest.raises(OptionError):
+        bench_mod.sweep_lengths(0)
+    spec = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+    assert bench_mod.kv_bytes_per_token(spec, "fp32") == 2 * 2 * 2 * 16 * 4
+    assert bench_mod.kv_bytes_per_token(spec, "fp16") == 2 * 2 * 2 * 16 * 2
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_two_artifacts_interleaved_json(export, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = export("qwen2_tied"), export("qwen2_tied", dtype="fp16")
+    order: list[int] = []
+    real = bench_mod.run_once
+
+    def recording(engine, prompt, new_tokens):
+        order.append(id(engine))
+        return real(engine, prompt, new_tokens)
+
+    monkeypatch.setattr(bench_mod, "run_once", recording)
+    result = invoke("bench", a, b, "--prompt-lengths", "4,8", *FAST, "--repeats", "2", "--json")
+    assert result.exit_code == 0, result.output
+    first, second = order[0], order[1]
+    assert first != second and order == [first, second] * 4  # A, B, A, B: 2 cases x 2 repeats
+
+    payload = json.loads(result.stdout)
+    assert payload["order"] == "interleaved" and payload["repeats"] == 2 and payload["warmup"] == 0
+    assert [x["artifact"] for x in payload["artifacts"]] == [str(a), str(b)]
+    assert payload["results"] == payload["artifacts"][0]["results"] and payload["artifact"] == str(a)
+    assert payload["peak_rss_mb"] > 0 and "share one process" in payload["rss_note"]
+    fp32, fp16 = payload["artifacts"]
+    assert (fp32["dtype"], fp16["dtype"]) == ("fp32", "fp16")
+    assert fp32["kv_bytes_per_token"] == 2 * fp16["kv_bytes_per_token"]
+    for art in payload["artifacts"]:
+        assert art["load_s"] > 0 and art["disk_mb"] > 0 and "rss_load_mb" in art
+        assert [(r["prompt_tokens"], r["new_tokens"]) for r in art["results"]] == [(4, 3), (8, 3)]
+        for r in art["results"]:
+            assert r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["peak_rss_mb"] > 0
+            assert r["token_latency_ms_p10"] <= r["token_latency_ms_p50"] <= r["token_latency_ms_p90"]
+            assert r["kv_cache_mb"] == pytest.approx(art["kv_bytes_per_token"] * (r["prompt_tokens"] + 3) / 2**20)
+    assert all(r["decode_vs_first"] == 1.0 for r in fp32["results"])
+    assert all(r["ttft_vs_first"] > 0 for r in fp16["results"])
+
+
+def test_table_has_ratio_columns(export) -> None:
+    a, b = export("qwen2_tied"), export("qwen2_tied", dtype="fp16")
+    result = invoke("bench", a, b, "--prompt-lengths", "4", *FAST)
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert "interleaved" in text and "first" in text and "1.00" in text
+    assert "VmHWM" in text and "share one process" in text.replace("\n", " ")
+
+
+def test_plot_file(export, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the plot extra)")
+    a, b = export("qwen2_tied"), export("qwen2_tied", dtype="fp16")
+    out = tmp_path / "bench.png"
+    result = invoke("bench", a, b, "--prompt-lengths", "4,8", *FAST, "--plot", out)
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size > 1000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib(export, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    result = invoke("bench", export("qwen2_tied"), *FAST, "--plot", tmp_path / "x.png")
+    _one_line_error(result, "pip install matplotlib")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_sweep(export) -> None:
+    art = export("qwen2_tied")  # context 256
+    result = invoke("bench", art, "--sweep", "--sweep-max", "200", *FAST, "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["sweep"] is True and payload["prompt_lengths"] == [128, 200]
+    rows = payload["artifacts"][0]["results"]
+    assert [r["prompt_tokens"] for r in rows] == [128, 200]
+    assert rows[1]["kv_cache_mb"] > rows[0]["kv_cache_mb"] > 0
+
+    # default maximum: the context (256) minus the new tokens (3)
+    result = invoke("bench", art, "--sweep", *FAST, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["prompt_lengths"] == [128, 253]
+
+    result = invoke("bench", art, "--sweep", "--sweep-max", "16", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "KV cache" in result.stdout and "context sweep" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--prompt-lengths", "8,x"), "--prompt-lengths"),
+        (("--prompt-lengths", "0"), "--prompt-lengths"),
+        (("--new-tokens", ""), "--new-tokens"),
+        (("--prompt-lengths", "300"), "context"),
+        (("--repeats", "0"), "repeats"),
+        (("--warmup", "-1"), "warmup"),
+        (("--sweep-max", "64"), "--sweep"),
+        (("--sweep", "--prompt-lengths", "8"), "--prompt-lengths"),
+        (("--sweep", "--sweep-max", "0"), "--sweep-max"),
+        (("--sweep", "--sweep-max", "250", "--new-tokens", "8"), "context"),
+        (("--sweep", "--new-tokens", "256"), "no room"),
+        (("--plot", "out.txt"), ".png"),
+        (("--plot", "/nonexistent/dir/x.png"), "does not exist"),
+    ],
+)
+def test_bad_inputs_are_one_line_errors(export, args: tuple[str, ...], fragment: str) -> None:
+    _one_line_error(invoke("bench", export("qwen2_tied"), *args), fragment)
+
+
+def test_bad_artifact_paths(export, tmp_path: Path) -> None:
+    _one_line_error(invoke("bench", export("qwen2_tied"), tmp_path / "missing"), "not an artifact directory")
+    _one_line_error(invoke("bench", tmp_path), "manifest")
