@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import __version__
-from .errors import ArtifactError
+from .errors import ArtifactError, QwenExportError
 
 MANIFEST_SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -127,21 +127,28 @@ class ArtifactWriter:
     manifest: Manifest | None = None  # set once the artifact is in place
 
 
-def check_output_dir(out: str | Path, overwrite: bool) -> None:
-    """Fail fast (before any export work) when ``out`` cannot be written.
+def check_output_dir(
+    out: str | Path,
+    overwrite: bool,
+    marker: str = MANIFEST_NAME,
+    kind: str = "qwen-export artifact",
+    error: type[QwenExportError] = ArtifactError,
+) -> None:
+    """Fail fast (before any work) when ``out`` cannot be written.
 
-    With ``overwrite`` an existing directory is replaced only when it is empty or holds a
-    ``manifest.json``, so a mistyped ``--out`` cannot delete an unrelated directory.
+    With ``overwrite`` an existing directory is replaced only when it is empty or holds ``marker``
+    (what a ``kind`` directory always has), so a mistyped output path cannot delete an unrelated
+    directory. Errors are raised as ``error``.
     """
     out = Path(out)
     if not (out.exists() or out.is_symlink()):
         return
     if not overwrite:
-        raise ArtifactError(f"{out} exists; pass --overwrite to replace it")
+        raise error(f"{out} exists; pass --overwrite to replace it")
     if not out.is_dir() or out.is_symlink():
-        raise ArtifactError(f"{out} exists and is not a directory; refusing to replace it")
-    if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-        raise ArtifactError(f"{out} is not a qwen-export artifact (no {MANIFEST_NAME}); refusing to replace it")
+        raise error(f"{out} exists and is not a directory; refusing to replace it")
+    if any(out.iterdir()) and not (out / marker).is_file():
+        raise error(f"{out} is not a {kind} (no {marker}); refusing to replace it")
 
 
 @contextlib.contextmanager
@@ -159,7 +166,7 @@ def write_artifact(out_dir: str | Path, overwrite: bool = False) -> Iterator[Art
     tmp: Path | None = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _make_temp_dir(out)
+        tmp = make_temp_dir(out)
         writer = ArtifactWriter(path=tmp)
         with sigterm_raises():
             yield writer
@@ -325,7 +332,7 @@ def _disk_full_message(out: Path, exc: OSError, written: int) -> str:
     )
 
 
-def _make_temp_dir(out: Path) -> Path:
+def make_temp_dir(out: Path) -> Path:
     """An empty sibling of ``out`` (same filesystem, so the final rename is atomic), mode set by the umask."""
     while True:
         tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"

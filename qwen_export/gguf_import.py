@@ -28,7 +28,6 @@ import errno
 import json
 import math
 import re
-import secrets
 import shutil
 import struct
 from collections.abc import Callable, Iterator
@@ -38,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import move_into_place, sigterm_raises
+from .artifact import check_output_dir, make_temp_dir, move_into_place, sigterm_raises
 from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, expected_tensors
 from .errors import CheckpointError, ConfigError, OptionError
 from .spec import ModelSpec
@@ -527,23 +526,16 @@ def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
 def _check_output_dir(out: Path, overwrite: bool) -> None:
     """Refuse to clobber: an existing ``out`` is replaced only with ``overwrite`` and only when it is
     an empty directory or a checkpoint (has config.json)."""
-    if not (out.exists() or out.is_symlink()):
-        return
-    if not overwrite:
-        raise CheckpointError(f"{out} exists; pass --overwrite to replace it")
-    if not out.is_dir() or out.is_symlink():
-        raise CheckpointError(f"{out} exists and is not a directory; refusing to replace it")
-    if any(out.iterdir()) and not (out / "config.json").is_file():
-        raise CheckpointError(f"{out} is not a checkpoint directory (no config.json); refusing to replace it")
+    check_output_dir(out, overwrite, marker="config.json", kind="checkpoint directory", error=CheckpointError)
 
 
 @contextlib.contextmanager
 def _atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary sibling of ``out``, renamed onto it when the block succeeds and removed otherwise."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+    tmp: Path | None = None
     try:
-        tmp.mkdir()
+        tmp = make_temp_dir(out)
         with sigterm_raises():
             yield tmp
             _check_output_dir(out, overwrite)  # it may have appeared meanwhile
@@ -555,4 +547,5 @@ def _atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
             ) from None
         raise CheckpointError(f"cannot write {out}: {exc.strerror or exc}") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a no-op after a successful move
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # a no-op after a successful move
