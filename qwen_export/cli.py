@@ -274,22 +274,15 @@ def _response_format(json_schema: Path | None, json_mode: bool) -> dict[str, Any
     return {"type": "json_object"} if json_mode else None
 
 
-def _print_stream(stream: Any) -> None:
+def _print_stream(stream: Any) -> str:
+    """Write a TextStream's pieces to stdout as they come; return the whole text."""
+    pieces = []
     for piece in stream:
+        pieces.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-
-
-def _stream(generator: Any, ids: list[int], config: Any) -> Any:
-    result = None
-    for event in generator.generate(ids, config):
-        if event.text:
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-        result = event.result or result
-    sys.stdout.write("\n")
-    return result
+    return "".join(pieces)
 
 
 @app.command()
@@ -341,13 +334,7 @@ def chat(
         messages.append({"role": "user", "content": line})
         if tool_specs is None:  # plain chat: stream the reply as it is generated
             stream = llm.stream(messages, **sampling)
-            pieces = []
-            for piece in stream:
-                pieces.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            messages.append({"role": "assistant", "content": "".join(pieces)})
+            messages.append({"role": "assistant", "content": _print_stream(stream)})
             assert stream.result is not None
             err_console.print(
                 f"[dim]({stream.result.reused_tokens} of {stream.result.prompt_tokens} prompt tokens reused "
@@ -726,8 +713,7 @@ def demo(
 ) -> None:
     """Build a tiny random Qwen2 checkpoint (no download), export it, chat with it, check parity."""
     from . import parity
-    from .generation import GenerationConfig, Generator
-    from .loader import open_artifact
+    from .llm import load
     from .pipeline import ExportOptions
     from .tiny import make_checkpoint
 
@@ -739,18 +725,20 @@ def demo(
         make_checkpoint(ckpt)
         console.print("[bold]2. exporting to ONNX Runtime[/] (fp32)")
         _export_with_progress(ckpt, out, ExportOptions(overwrite=True))
-        loaded = open_artifact(out)
+        llm = load(out)
         messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": prompt}]
-        ids = loaded.tokenizer.apply_chat_template_ids(messages)
-        console.print(f"[bold]3. chat[/] ({len(ids)} prompt tokens; the weights are random, so the text is noise)")
+        console.print("[bold]3. chat[/] (the weights are random, so the text is noise)")
         console.print(f"[cyan]user:[/] {prompt}\n[cyan]assistant:[/] ", end="")
-        config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-        result = _stream(Generator(loaded.engine, loaded.tokenizer), ids, config)
-        console.print(f"[dim]{result.completion_tokens} tokens, finish: {result.finish_reason.value}[/]")
-        console.print("[bold]4. parity against transformers[/]")
-        report = parity.check(
-            loaded.engine, parity.Reference(ckpt), loaded.tokenizer.encode(parity.DEFAULT_TEXT), DType.FP32
+        stream = llm.stream(messages, max_new_tokens=max_new_tokens, temperature=0.0)
+        _print_stream(stream)
+        result = stream.result
+        assert result is not None
+        console.print(
+            f"[dim]{result.prompt_tokens} prompt + {result.completion_tokens} new tokens, "
+            f"finish: {result.finish_reason.value}[/]"
         )
+        console.print("[bold]4. parity against transformers[/]")
+        report = parity.check(llm.engine, parity.Reference(ckpt), llm.tokenizer.encode(parity.DEFAULT_TEXT), DType.FP32)
         _print_parity(report, "tiny Qwen2, fp32: qwen-export (ONNX Runtime) vs transformers")
         if not report.passed:
             raise typer.Exit(1)
