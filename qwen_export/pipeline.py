@@ -80,7 +80,7 @@ def _export(
     from .trace import TraceOptions, bind_weights, trace
 
     model = trace(spec, TraceOptions(dtype=options.dtype, logits=options.logits))
-    bind_weights(model, spec, ckpt, options.dtype)
+    bind_weights(model, spec, ckpt)
 
     timer.start("passes")
     from .passes.cleanup import CleanupPass

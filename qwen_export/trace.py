@@ -223,19 +223,15 @@ class CheckpointTensor(ir.LazyTensor):
         return self.nbytes
 
 
-def bind_weights(model: ir.Model, spec: ModelSpec, source: WeightSource, dtype: DType) -> list[str]:
-    """Attach a :class:`CheckpointTensor` to every initializer; return the checkpoint names used.
+def bind_weights(model: ir.Model, spec: ModelSpec, source: WeightSource) -> None:
+    """Attach a :class:`CheckpointTensor` to every initializer.
 
-    Nothing is read here. Shapes are checked against the traced ones when a tensor is read, so a
+    Nothing is read here. Each tensor is cast to its initializer's traced dtype (fp32 or fp16, fixed
+    at trace time). Shapes are checked against the traced ones when a tensor is read, so a
     wrong-shaped tensor is reported with its name even if validation missed it.
     """
-    used: list[str] = []
     for name, value in model.graph.initializers.items():
-        binding = _binding_for(name, spec)
         shape = tuple(int(d) for d in value.shape.dims)  # type: ignore[union-attr]
         ir_dtype = value.dtype
         assert ir_dtype is not None
-        if binding.hf_name is not None:
-            used.append(binding.hf_name)
-        value.const_value = CheckpointTensor(source, binding, shape, ir_dtype, name)
-    return used
+        value.const_value = CheckpointTensor(source, _binding_for(name, spec), shape, ir_dtype, name)

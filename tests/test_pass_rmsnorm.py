@@ -35,7 +35,7 @@ def _exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     if key not in _CACHE:
         ckpt = Checkpoint.open(request.getfixturevalue(case))
         model = trace(ckpt.spec, TraceOptions(dtype=dtype))
-        bind_weights(model, ckpt.spec, ckpt, dtype)
+        bind_weights(model, ckpt.spec, ckpt)
         CleanupPass()(model)
         root = tmp_path_factory.mktemp(f"rmsnorm_{case}_{dtype.value}")
         (root / "unfused").mkdir()

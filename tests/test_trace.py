@@ -13,14 +13,14 @@ from qwen_export.errors import CheckpointError
 from qwen_export.onnx_writer import write_onnx
 from qwen_export.passes.base import op_histogram
 from qwen_export.passes.cleanup import CleanupPass
-from qwen_export.spec import DType, LayerType
+from qwen_export.spec import LayerType
 from qwen_export.trace import TraceOptions, bind_weights, input_names, output_names, trace
 
 
 def _build(checkpoint: Path, out: Path, replicate: bool) -> tuple[ort.InferenceSession, dict]:
     ckpt = Checkpoint.open(checkpoint)
     model = trace(ckpt.spec, TraceOptions(replicate_layers=replicate))
-    bind_weights(model, ckpt.spec, ckpt, DType.FP32)
+    bind_weights(model, ckpt.spec, ckpt)
     CleanupPass()(model)
     out.mkdir()
     write_onnx(model, out, "model.onnx", "model.onnx.data")
@@ -70,7 +70,7 @@ def test_wrong_shaped_tensor_is_named_when_written(qwen2_tied: Path, tmp_path: P
             shape = ckpt.shape(name)
             return (shape[0] - 1, *shape[1:]) if name == "model.layers.1.mlp.up_proj.weight" else shape
 
-    bind_weights(model, ckpt.spec, Lying(), DType.FP32)
+    bind_weights(model, ckpt.spec, Lying())
     with pytest.raises(CheckpointError, match="model.norm.weight"):
         model.graph.initializers["model.norm.weight"].const_value.numpy()
     (tmp_path / "o").mkdir()
