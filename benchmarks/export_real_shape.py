@@ -37,20 +37,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-#: Qwen2.5-0.5B (config.json of Qwen/Qwen2.5-0.5B).
-SHAPE: dict[str, Any] = dict(
-    arch="qwen2",
-    tied=True,
-    dtype="bfloat16",
-    layers=24,
-    hidden=896,
-    heads=14,
-    kv_heads=2,
-    inter=4864,
-    vocab=151936,
-    max_positions=32768,
-)
-ROPE_THETA = 1_000_000.0
 #: Prompt ids are drawn below this (ordinary BPE tokens, no special tokens).
 ORDINARY_TOKENS = 151643
 
@@ -88,12 +74,12 @@ def checkpoint_ready(ckpt: Path) -> bool:
 
 def build_checkpoint(ckpt: Path, seed: int, init: str) -> float:
     """Write the checkpoint with ``make_checkpoint`` (rope_theta 1e6, weights initialised by ``init``)."""
-    from qwen_export.tiny import make_checkpoint
+    from qwen_export.tiny import QWEN25_05B_SHAPE, make_checkpoint
 
     t0 = time.perf_counter()
     if ckpt.exists():
         shutil.rmtree(ckpt)
-    make_checkpoint(ckpt, seed=seed, rope_theta=ROPE_THETA, init=init, **SHAPE)
+    make_checkpoint(ckpt, seed=seed, init=init, **QWEN25_05B_SHAPE)
     gc.collect()
     return time.perf_counter() - t0
 

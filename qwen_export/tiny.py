@@ -22,6 +22,21 @@ from .errors import QwenExportError
 REAL_VOCAB_SIZE = 151936
 #: tokens the Qwen tokenizer can produce (151643 BPE + 22 special).
 TOKENIZER_SIZE = 151665
+#: ``make_checkpoint`` arguments for the real Qwen2.5-0.5B shape (config.json of Qwen/Qwen2.5-0.5B),
+#: bf16 like the released weights; used by the slow test and the real-shape benchmark.
+QWEN25_05B_SHAPE: dict[str, object] = dict(
+    arch="qwen2",
+    tied=True,
+    dtype="bfloat16",
+    layers=24,
+    hidden=896,
+    heads=14,
+    kv_heads=2,
+    inter=4864,
+    vocab=REAL_VOCAB_SIZE,
+    max_positions=32768,
+    rope_theta=1_000_000.0,
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _ENDOFTEXT, _IM_END = 151643, 151645
 

@@ -12,27 +12,13 @@ import transformers
 
 from qwen_export.loader import open_artifact
 from qwen_export.pipeline import ExportOptions, export
-from qwen_export.tiny import make_checkpoint
+from qwen_export.tiny import QWEN25_05B_SHAPE, make_checkpoint
 
 pytestmark = pytest.mark.slow
 
-QWEN25_05B = dict(
-    layers=24,
-    hidden=896,
-    heads=14,
-    kv_heads=2,
-    inter=4864,
-    vocab=151936,
-    tied=True,
-    max_positions=32768,
-    rope_theta=1e6,
-    dtype="bfloat16",
-    init="transformers",
-)
-
 
 def test_qwen25_05b_shape_fp32_parity(tmp_path: Path) -> None:
-    ckpt = make_checkpoint(tmp_path / "ckpt", "qwen2", **QWEN25_05B)
+    ckpt = make_checkpoint(tmp_path / "ckpt", init="transformers", **QWEN25_05B_SHAPE)
     out = tmp_path / "art"
     export(ckpt, out, ExportOptions())
     engine = open_artifact(out).engine
