@@ -88,16 +88,45 @@ def export(
         int | None, typer.Option(help="Context the artifact is built for (default: config, capped at 32768).")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    fuse: Annotated[
+        bool,
+        typer.Option(
+            help="Fuse RMSNorm and attention into ONNX Runtime's contrib ops (SimplifiedLayerNormalization, "
+            "GroupQueryAttention with rotary, packed QKV, one preallocated KV buffer); --no-fuse keeps plain "
+            "ONNX ops and a KV cache that grows by concatenation."
+        ),
+    ] = True,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            help="Fail when a fusion matches fewer times than the architecture requires; --no-strict exports "
+            "what did fuse and leaves the rest unfused."
+        ),
+    ] = True,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Print why the nearest match of each fusion rule failed (stderr).")
+    ] = False,
+    dump_dir: Annotated[
+        Path | None, typer.Option(help="Write the model after each export phase into this directory (debugging).")
+    ] = None,
 ) -> None:
     """Export CHECKPOINT to an engine artifact in OUTPUT (written atomically)."""
     from .pipeline import ExportOptions
 
+    if explain and not fuse:
+        raise OptionError("--explain reports on the fusion passes; it cannot be combined with --no-fuse")
+    if dump_dir is not None and dump_dir.exists() and not dump_dir.is_dir():
+        raise OptionError(f"--dump-dir {str(dump_dir)!r} exists and is not a directory")
     options = ExportOptions(
         target=Target.parse(target, "target"),
         dtype=DType.parse(dtype, "dtype"),
         logits=LogitsMode.parse(logits, "logits mode"),
         max_length=max_length,
         overwrite=overwrite,
+        fuse=fuse,
+        strict=strict,
+        explain=explain,
+        dump_dir=dump_dir,
     )
     manifest = _export_with_progress(checkpoint, output, options)
     size = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
@@ -105,6 +134,35 @@ def export(
         f"[green]exported[/] {checkpoint} -> {output}  ({manifest.target}, {manifest.dtype}, "
         f"{size / 2**20:.1f} MiB, context {manifest.extra.get('max_length')})"
     )
+    kv_line = _kv_cache_line(manifest.extra.get("kv_cache"))
+    if kv_line is not None:
+        console.print(kv_line, highlight=False, soft_wrap=True)
+    if dump_dir is not None:
+        console.print(f"intermediate models written to {dump_dir}", highlight=False)
+
+
+def _bytes(n: float) -> str:
+    """``n`` bytes in KiB, MiB or GiB (one decimal)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
+def _kv_cache_line(kv: Any) -> str | None:
+    """``KV cache: 4096 tokens x 12.0 KiB = 48.0 MiB per sequence ...`` from manifest.extra["kv_cache"]."""
+    if not isinstance(kv, dict):
+        return None
+    capacity, per_token = kv.get("capacity"), kv.get("bytes_per_token")
+    if not isinstance(capacity, int) or not isinstance(per_token, int):
+        return None
+    total = f"{capacity} tokens x {_bytes(per_token)} = {_bytes(capacity * per_token)} per sequence"
+    layout = kv.get("layout")
+    if layout == "shared":
+        return f"KV cache: {total}, preallocated (one buffer shared by past and present)"
+    if layout == "concat":
+        return f"KV cache: up to {total}, grown as tokens arrive (past and present concatenated)"
+    return f"KV cache: {total} (layout {layout})"
 
 
 def _export_with_progress(checkpoint: Path, output: Path, options: Any) -> Any:
@@ -468,10 +526,22 @@ def inspect(
     for name, size in info["files"].items():
         files.add_row(name, f"{size / 2**20:.2f}")
     console.print(files)
-    for record in manifest.passes:
+    for record in info["passes"]:  # one line per pass, never wrapped (grep-friendly)
         console.print(
-            f"pass [bold]{record['name']}[/]: changed={record['changed']} nodes "
-            f"{record['nodes_before']} -> {record['nodes_after']} fired={record['fired']}"
+            f"pass {record['name']}: nodes {record['nodes']}, fired: {record['rules']}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+    kv_line = _kv_cache_line(manifest.extra.get("kv_cache"))
+    console.print(kv_line or "KV cache: not recorded in manifest.json", highlight=False, soft_wrap=True)
+    if info.get("genai") is not None:
+        genai = info["genai"]
+        console.print(
+            f"onnxruntime-genai: genai_config.json (type {genai['type']}, max_length {genai['max_length']}, "
+            f"past_present_share_buffer={str(genai['past_present_share_buffer']).lower()})",
+            highlight=False,
+            soft_wrap=True,
         )
     console.print(f"packages: {manifest.packages}")
 

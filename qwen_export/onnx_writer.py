@@ -13,8 +13,6 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from .trace import CheckpointTensor
-
 #: Tensors smaller than this stay inside model.onnx.
 INLINE_LIMIT = 1024
 ALIGNMENT = 64
@@ -39,7 +37,7 @@ def write_onnx(
             pad = -f.tell() % ALIGNMENT
             f.write(b"\0" * pad)
             offset = f.tell()
-            if isinstance(tensor, CheckpointTensor):
+            if hasattr(tensor, "write_to"):
                 length = tensor.write_to(f)
             else:
                 length = f.write(tensor.tobytes())

@@ -283,3 +283,104 @@ def test_generate_with_json_schema_and_chat_with_tools(export, tmp_path: Path) -
     assert "reused from the cache" in result.output
     (tmp_path / "bad.json").write_text('{"not": "a list"}')
     _one_line_error(invoke("chat", art, "--tools", tmp_path / "bad.json"), "list of tool specs")
+
+
+# ----------------------------------------------------------------------------- fusion options, KV cache, inspect
+def _fake_export(calls: list, extra: dict):
+    """A stand-in for pipeline.export that records its options and writes a one-file artifact."""
+    from qwen_export.artifact import Manifest
+
+    def run(checkpoint, out, options, hooks=None):
+        calls.append(options)
+        Path(out).mkdir()
+        (Path(out) / "model.onnx").write_bytes(b"x")
+        return Manifest(target="onnxruntime", dtype="fp32", logits="last", spec={}, extra=extra)
+
+    return run
+
+
+def test_export_passes_fusion_options_and_prints_kv_cache(
+    qwen2_tied: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list = []
+    kv = {"layout": "shared", "capacity": 4096, "bytes_per_token": 12 * 1024}
+    monkeypatch.setattr(pipeline, "export", _fake_export(calls, {"max_length": 4096, "kv_cache": kv}))
+    result = invoke("export", qwen2_tied, "-o", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    options = calls[-1]
+    assert (options.fuse, options.strict, options.explain, options.dump_dir) == (True, True, False, None)
+    assert "KV cache: 4096 tokens x 12.0 KiB = 48.0 MiB per sequence" in result.output
+
+    dump = tmp_path / "dump"
+    args = ("--no-fuse", "--no-strict", "--dump-dir", dump)
+    monkeypatch.setattr(pipeline, "export", _fake_export(calls, {"max_length": 64}))
+    result = invoke("export", qwen2_tied, "-o", tmp_path / "b", *args)
+    assert result.exit_code == 0, result.output
+    options = calls[-1]
+    assert (options.fuse, options.strict, options.explain, options.dump_dir) == (False, False, False, dump)
+    assert "KV cache" not in result.output  # the manifest does not record one
+
+    result = invoke("export", qwen2_tied, "-o", tmp_path / "c", "--explain")
+    assert result.exit_code == 0, result.output
+    assert calls[-1].explain is True
+    _one_line_error(invoke("export", qwen2_tied, "-o", tmp_path / "d", "--no-fuse", "--explain"), "--explain")
+    (tmp_path / "file").write_text("")
+    _one_line_error(invoke("export", qwen2_tied, "-o", tmp_path / "e", "--dump-dir", tmp_path / "file"), "--dump-dir")
+
+
+def test_kv_cache_line() -> None:
+    from qwen_export.cli import _kv_cache_line
+
+    assert _kv_cache_line(None) is None and _kv_cache_line({"layout": "shared"}) is None
+    line = _kv_cache_line({"layout": "concat", "capacity": 32768, "bytes_per_token": 12288})
+    assert line is not None and line.startswith("KV cache: up to 32768 tokens x 12.0 KiB = 384.0 MiB per sequence")
+    line = _kv_cache_line({"layout": "shared", "capacity": 256, "bytes_per_token": 512})
+    assert line is not None and line.startswith("KV cache: 256 tokens x 0.5 KiB = 128.0 KiB per sequence")
+
+
+def test_fusion_error_is_one_line(qwen2_tied: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwen_export.passes.rmsnorm import FusionError
+
+    def fail(*args, **kwargs):
+        raise FusionError("rmsnorm pass fused 3 RMSNorms, expected 5:\n the subgraph changed; rerun with --explain")
+
+    monkeypatch.setattr(pipeline, "export", fail)
+    out = tmp_path / "art"
+    _one_line_error(invoke("export", qwen2_tied, "-o", out), "fused 3 RMSNorms, expected 5", "--explain")
+    assert not out.exists()
+
+
+def test_real_export_with_fusion_options(qwen2_tied: Path, tmp_path: Path) -> None:
+    out, dump = tmp_path / "art", tmp_path / "dump"
+    result = invoke("export", qwen2_tied, "-o", out, "--no-fuse", "--no-strict", "--dump-dir", dump)
+    assert result.exit_code == 0, result.output
+    assert dump.is_dir() and any(dump.iterdir())
+    manifest = json.loads((out / "manifest.json").read_text())
+    kv = manifest["extra"].get("kv_cache")
+    if kv is not None:
+        assert kv["layout"] == "concat" and kv["capacity"] == 256
+        assert f"{kv['capacity']} tokens x" in result.output
+
+
+def test_inspect_shows_passes_and_kv_cache(export) -> None:
+    art = export("qwen2_tied")
+    manifest = json.loads((art / "manifest.json").read_text())
+    result = invoke("inspect", art)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for record in manifest["passes"]:
+        line = next(x for x in lines if x.startswith(f"pass {record['name']}: "))
+        assert f"nodes {record['nodes_before']} -> {record['nodes_after']}" in line
+        for rule, count in record["fired"].items():
+            assert f"{rule} x{count}" in line
+    kv = manifest["extra"].get("kv_cache")
+    assert any(x.startswith("KV cache: ") for x in lines)
+    if kv is not None:
+        assert f"{kv['capacity']} tokens x" in result.output
+    info = json.loads(invoke("inspect", art, "--json").stdout)
+    assert [p["name"] for p in info["passes"]] == [r["name"] for r in manifest["passes"]]
+    assert [p["fired"] for p in info["passes"]] == [r["fired"] for r in manifest["passes"]]
+    if kv is not None:
+        assert info["kv_cache"]["bytes_per_sequence"] == kv["capacity"] * kv["bytes_per_token"]
+    if (art / "genai_config.json").is_file():
+        assert "onnxruntime-genai: genai_config.json" in result.output

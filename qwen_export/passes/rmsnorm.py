@@ -25,16 +25,12 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from ..errors import QwenExportError
-from .base import PassResult, op_histogram
+from .base import MS_DOMAIN, FusionError, PassResult, explain_to, op_histogram, require_count
+
+__all__ = ["RMS_RULE", "SKIP_RULE", "FusionError", "RMSNormFusion"]
 
 RMS_RULE = "rms_norm"
 SKIP_RULE = "skip_rms_norm"
-MS_DOMAIN = "com.microsoft"
-
-
-class FusionError(QwenExportError):
-    """A fusion pass fired fewer times than the model's architecture requires."""
 
 
 def _scalar(value: ir.Value | None) -> float | None:
@@ -156,24 +152,23 @@ class RMSNormFusion:
 
     name = "rmsnorm"
 
-    def __init__(self, strict_expected: int | None = None, skip: bool = True) -> None:
+    def __init__(self, strict_expected: int | None = None, skip: bool = True, explain: Any = None) -> None:
         self.strict_expected = strict_expected
         self.skip = skip
+        self.explain = explain
 
     def __call__(self, model: Any) -> PassResult:
         before = op_histogram(model)
-        fired = {RMS_RULE: _rms_rules().apply_to_model(model)}
-        if self.skip and fired[RMS_RULE]:
-            fired[SKIP_RULE] = _skip_rules().apply_to_model(model)
+        rms = explain_to(self.explain, self.name, lambda tracer: _rms_rules().apply_to_model(model, tracer=tracer))
+        fired = {RMS_RULE: rms}
+        if self.skip and rms:
+            fired[SKIP_RULE] = explain_to(
+                self.explain, f"{self.name}/skip", lambda tracer: _skip_rules().apply_to_model(model, tracer=tracer)
+            )
             if fired[SKIP_RULE]:
                 model.opset_imports.setdefault(MS_DOMAIN, 1)
         after = op_histogram(model)
-        if self.strict_expected is not None and fired[RMS_RULE] < self.strict_expected:
-            raise FusionError(
-                f"RMSNorm fusion matched {fired[RMS_RULE]} norms, expected {self.strict_expected}: the traced "
-                "norm subgraph changed shape (see qwen_export/passes/rmsnorm.py); export without the fusion "
-                "or update its pattern"
-            )
+        require_count(self.name, "RMSNorms", rms, self.strict_expected, "qwen_export/passes/rmsnorm.py")
         return PassResult(
             name=self.name,
             changed=before != after,
