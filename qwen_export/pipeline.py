@@ -20,8 +20,10 @@ from .errors import CheckpointError, OptionError
 from .spec import DType, LogitsMode, ModelSpec, Target
 from .tokenizer import Tokenizer
 
-#: Default cap on the context an artifact is exported for (the config may say 128K+).
-DEFAULT_MAX_LENGTH_CAP = 32768
+#: Default cap on the context an artifact is exported for (the config may say 128K+). A fused ONNX
+#: Runtime artifact preallocates a KV buffer of this many tokens per sequence (Qwen2.5-0.5B fp32:
+#: 12 KiB per token, 48 MiB at 4096), so the default stays modest; ``--max-length`` raises it.
+DEFAULT_MAX_LENGTH_CAP = 4096
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 OPTIONAL_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json")
 
@@ -31,8 +33,12 @@ class ExportOptions:
     target: Target = Target.ONNXRUNTIME
     dtype: DType = DType.FP32
     logits: LogitsMode = LogitsMode.LAST
-    max_length: int | None = None  # default: min(config max_position_embeddings, 32768)
+    max_length: int | None = None  # default: min(config max_position_embeddings, DEFAULT_MAX_LENGTH_CAP)
     overwrite: bool = False
+    fuse: bool = True  # run the target's fusion passes (False: cleanup only, concat KV cache)
+    strict: bool = True  # a fusion firing fewer times than the architecture needs is an error
+    explain: bool = False  # report each fusion's nearest misses through ExportHooks.message
+    dump_dir: Path | None = None  # write the model after each phase there (NN-phase/model.onnx)
 
     def resolved_max_length(self, spec: ModelSpec) -> int:
         if self.max_length is None:
@@ -48,6 +54,7 @@ class ExportHooks:
 
     step: Callable[[str], None] = lambda name: None
     write_progress: Callable[[int, int], None] = lambda done, total: None
+    message: Callable[[str], None] = lambda text: None
 
 
 def export(
@@ -83,15 +90,24 @@ def _export(
     bind_weights(model, spec, ckpt)
 
     timer.start("passes")
-    from .passes.cleanup import CleanupPass
+    from .passes.pipelines import run_pipeline
 
-    records = [CleanupPass()(model).to_dict()]
+    dump = _Dumper(options.dump_dir)
+    dump("traced", model)
+    records, kv_layout = run_pipeline(
+        model, spec, options.target, options.fuse, _PassContext(options, max_length, hooks), dump
+    )
 
     timer.start("emit")
     from .runtimes import onnxruntime as ort_target
 
     with artifact.write_artifact(out, options.overwrite) as staging:
         ort_target.emit(model, staging.path, progress=hooks.write_progress)
+        kv_cache = {
+            "layout": kv_layout.value,
+            "capacity": max_length,
+            "bytes_per_token": kv_bytes_per_token(spec, options.dtype),
+        }
         _copy_tokenizer(ckpt.directory, staging.path, tokenizer_files)
         _write_generation_config(ckpt.directory, staging.path, spec)
         staging.manifest_fields.update(
@@ -103,11 +119,65 @@ def _export(
             passes=records,
             extra={
                 "max_length": max_length,
+                "kv_cache": kv_cache,
                 "source": str(Path(checkpoint_dir).resolve().name),
                 "export_seconds": timer.finish(),
             },
         )
     return artifact.load_manifest(out, verify=False)
+
+
+def kv_bytes_per_token(spec: ModelSpec, dtype: DType) -> int:
+    """KV-cache bytes one token costs for one sequence (keys and values of every layer)."""
+    item = 2 if dtype is DType.FP16 else 4
+    return 2 * spec.num_hidden_layers * spec.num_key_value_heads * spec.head_dim * item
+
+
+@dataclasses.dataclass(frozen=True)
+class _PassContext:
+    """What the pass pipelines read from the export: options, the artifact's context, hooks."""
+
+    options: ExportOptions
+    max_length: int
+    hooks: ExportHooks
+
+    @property
+    def explain(self) -> Any:
+        return _MessageStream(self.hooks.message) if self.options.explain else None
+
+
+class _MessageStream:
+    def __init__(self, sink: Callable[[str], None]) -> None:
+        self.sink = sink
+
+    def write(self, text: str) -> None:
+        self.sink(text)
+
+
+class _Dumper:
+    """``dump(phase, model)``: write the model after a phase into ``dump_dir/NN-phase/`` (weights
+    included, streamed) when ``--dump-dir`` was given."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = Path(root) if root is not None else None
+        self.count = 0
+        if self.root is not None:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OptionError(f"--dump-dir {self.root}: cannot create it ({exc.strerror})") from None
+
+    def __call__(self, phase: str, model: Any) -> None:
+        if self.root is None:
+            return
+        from .onnx_writer import write_onnx
+
+        out = self.root / f"{self.count:02d}-{phase}"
+        self.count += 1
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir()
+        write_onnx(model, out, "model.onnx", "model.onnx.data")
 
 
 class _PhaseTimer:

@@ -1,9 +1,15 @@
 """ONNX Runtime target: emit the model, load it, run it behind the Engine protocol.
 
-The KV cache never goes through numpy between steps: the ``present.*`` outputs of one step are
-``OrtValue`` objects that ORT allocated, and they are bound (IOBinding) as the ``past_key_values.*``
-inputs of the next step. Only the logits are copied out. ``onnxruntime`` is imported lazily here
-and nowhere else.
+The KV cache never goes through numpy between steps. Two layouts (``manifest.extra.kv_cache``):
+
+- ``shared`` (fused artifacts): one buffer per layer and kind, [batch, kv_heads, capacity,
+  head_dim], allocated once and bound (IOBinding) as both ``past_key_values.*`` and ``present.*``;
+  GroupQueryAttention writes the new tokens into it in place, so a step copies no cache.
+  ``truncate`` only forgets columns. A generation that would overflow the capacity is refused.
+- ``concat`` (unfused artifacts): the ``present.*`` outputs of one step are ``OrtValue`` objects
+  that ORT allocated, bound as the ``past_key_values.*`` inputs of the next step.
+
+Only the logits are copied out. ``onnxruntime`` is imported lazily here and nowhere else.
 """
 
 from __future__ import annotations
@@ -91,6 +97,10 @@ class OnnxRuntimeEngine:
             vocab_size=self.spec.vocab_size,
         )
         self._layers = self.spec.num_hidden_layers
+        self._inputs = {i.name for i in self.session.get_inputs()}
+        kv = manifest.extra.get("kv_cache") or {}
+        self.shared_kv = kv.get("layout") == "shared"
+        self._buffers: list[Any] = []  # shared layout: [numpy array, OrtValue] kept alive together
         self._binding = self.session.io_binding()
         self.reset()
 
@@ -111,7 +121,11 @@ class OnnxRuntimeEngine:
             return
         if num_tokens == self.num_cached_tokens:
             return
-        assert self._past is not None and self._mask is not None
+        assert self._mask is not None
+        if self.shared_kv:  # the buffer keeps its columns; later steps overwrite them
+            self._mask = self._mask[:, :num_tokens]
+            return
+        assert self._past is not None
         self._past = [
             self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :num_tokens]))
             for v in self._past
@@ -134,7 +148,11 @@ class OnnxRuntimeEngine:
             raise GenerationError(f"batch size changed from {self._mask.shape[0]} to {batch}; call reset() first")
         total = self.num_cached_tokens + seq
         if total > self.capabilities.max_context:
-            raise GenerationError(f"{total} tokens exceed the artifact's context of {self.capabilities.max_context}")
+            what = "KV buffer capacity" if self.shared_kv else "context"
+            raise GenerationError(
+                f"{total} tokens exceed the artifact's {what} of {self.capabilities.max_context}; "
+                "re-export with a larger --max-length"
+            )
         mask = new_mask if self._mask is None else np.concatenate([self._mask, new_mask], axis=1)
         position_ids = position_ids_from_mask(mask)[:, -seq:]
         self._run(ids, mask, position_ids)
@@ -148,19 +166,37 @@ class OnnxRuntimeEngine:
         b.clear_binding_outputs()
         b.bind_cpu_input("input_ids", ids)
         b.bind_cpu_input("attention_mask", mask)
-        b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
-        past = self._past or self._empty_past(ids.shape[0])
-        for i in range(self._layers):
-            b.bind_ortvalue_input(f"past_key_values.{i}.key", past[2 * i])
-            b.bind_ortvalue_input(f"past_key_values.{i}.value", past[2 * i + 1])
+        if "position_ids" in self._inputs:
+            b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
         b.bind_output("logits", "cpu")
-        for i in range(self._layers):
-            b.bind_output(f"present.{i}.key", "cpu")
-            b.bind_output(f"present.{i}.value", "cpu")
+        if self.shared_kv:
+            for name, (_, value) in zip(self._kv_names(), self._shared_buffers(ids.shape[0]), strict=True):
+                b.bind_ortvalue_input(f"past_key_values.{name}", value)
+                b.bind_ortvalue_output(f"present.{name}", value)
+            self.session.run_with_iobinding(b)
+            self._logits = b.get_outputs()[0].numpy()
+            return
+        past = self._past or self._empty_past(ids.shape[0])
+        for name, value in zip(self._kv_names(), past, strict=True):
+            b.bind_ortvalue_input(f"past_key_values.{name}", value)
+            b.bind_output(f"present.{name}", "cpu")
         self.session.run_with_iobinding(b)
         outputs = b.get_outputs()
         self._logits = outputs[0].numpy()
         self._past = list(outputs[1:])
+
+    def _kv_names(self) -> list[str]:
+        return [f"{i}.{kind}" for i in range(self._layers) for kind in ("key", "value")]
+
+    def _shared_buffers(self, batch: int) -> list[Any]:
+        """The shared KV buffers for this batch size (allocated zeroed on first use, then reused)."""
+        if not self._buffers or self._buffers[0][0].shape[0] != batch:
+            self._buffers = []  # free the old ones first
+            shape = (batch, self.spec.num_key_value_heads, self.capabilities.max_context, self.spec.head_dim)
+            for _ in range(2 * self._layers):
+                array = np.zeros(shape, self.dtype)  # the OrtValue shares this memory: keep it alive
+                self._buffers.append((array, self._ort.OrtValue.ortvalue_from_numpy(array)))
+        return self._buffers
 
     def _empty_past(self, batch: int) -> list[Any]:
         shape = (batch, self.spec.num_key_value_heads, 0, self.spec.head_dim)

@@ -1,0 +1,84 @@
+"""Per-target pass pipelines: one straight-line list of passes per target.
+
+Every pass is a callable ``(model) -> PassResult``; :func:`run_pipeline` runs the list, records
+each result (they go into ``manifest.json``) and hands the model to ``dump(phase, model)`` after
+each pass (``--dump-dir``). Strict counts come from the architecture: N layers give N attentions,
+2N rotaries (q and k), 2N+1 RMSNorms (plus 2N q/k norms for Qwen3) and N packed projections.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..spec import ModelSpec, Target
+from .base import PassResult
+
+
+class KVLayout(enum.Enum):
+    """How an artifact's KV cache is passed between steps."""
+
+    CONCAT = "concat"  # present = concat(past, new): the engine rebinds the presents as the next pasts
+    SHARED = "shared"  # one preallocated buffer per layer bound as both past and present (GQA)
+
+
+class PassContext(Protocol):
+    options: Any  # ExportOptions: .strict
+    max_length: int
+
+    @property
+    def explain(self) -> Any: ...
+
+
+Pass = Callable[[Any], PassResult]
+
+
+def onnxruntime_passes(spec: ModelSpec, fuse: bool, ctx: PassContext) -> tuple[list[Pass], KVLayout]:
+    """The ONNX Runtime pipeline: cleanup, then (fused) RMSNorm, rotary, GQA, packed QKV, cleanup,
+    shared KV buffer."""
+    from .cleanup import CleanupPass
+
+    if not fuse:
+        return [CleanupPass()], KVLayout.CONCAT
+    from .attention import AttentionFusion
+    from .kv_io import SharedKVBuffer
+    from .packed_qkv import PackedQKVFusion
+    from .rmsnorm import RMSNormFusion
+    from .rotary import RotaryFusion
+
+    n = spec.num_hidden_layers
+    strict = ctx.options.strict
+    explain = ctx.explain
+    inv_freq, scale = spec.rope_inv_freq_and_scale()
+    norms = 2 * n + 1 + (2 * n if spec.qk_norm else 0)
+    passes: list[Pass] = [
+        CleanupPass(),
+        RMSNormFusion(strict_expected=norms if strict else None, explain=explain),
+        RotaryFusion(inv_freq, scale, ctx.max_length, strict_expected=2 * n if strict else None, explain=explain),
+        AttentionFusion(strict_expected=n if strict else None, explain=explain),
+        PackedQKVFusion(strict_expected=n if strict else None, explain=explain),
+        CleanupPass(),
+        SharedKVBuffer(n, strict=strict),
+    ]
+    return passes, KVLayout.SHARED
+
+
+def run_pipeline(
+    model: Any, spec: ModelSpec, target: Target, fuse: bool, ctx: PassContext, dump: Callable[[str, Any], None]
+) -> tuple[list[dict[str, Any]], KVLayout]:
+    """Run the target's pipeline on ``model`` in place; return the pass records and the KV layout.
+
+    A non-strict fused export whose attention did not fuse falls back to the concat layout.
+    """
+    if target is not Target.ONNXRUNTIME:  # pragma: no cover - Target has one member today
+        raise NotImplementedError(f"no pass pipeline for target {target.value}")
+    passes, layout = onnxruntime_passes(spec, fuse, ctx)
+    records = []
+    for p in passes:
+        result = p(model)
+        records.append(result.to_dict())
+        dump(result.name, model)
+    if layout is KVLayout.SHARED and not records[-1]["changed"]:
+        layout = KVLayout.CONCAT
+    return records, layout
