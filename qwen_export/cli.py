@@ -85,7 +85,7 @@ def export(
     dtype: Annotated[str, typer.Option(help="Weight/activation precision: fp32 | fp16.")] = "fp32",
     logits: Annotated[str, typer.Option(help="Logits for the last position or all positions: last | all.")] = "last",
     max_length: Annotated[
-        int | None, typer.Option(help="Context the artifact is built for (default: config, capped at 32768).")
+        int | None, typer.Option(help="Context the artifact is built for (default: config, capped at 4096).")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
     fuse: Annotated[
@@ -188,7 +188,11 @@ def _export_with_progress(checkpoint: Path, output: Path, options: Any) -> Any:
         def write(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        return run_export(checkpoint, output, options, ExportHooks(step=step, write_progress=write))
+        def message(text: str) -> None:  # e.g. --explain's reports: above the progress bar, on stderr
+            end = "" if text.endswith("\n") else "\n"
+            progress.console.print(text, end=end, markup=False, highlight=False, soft_wrap=True)
+
+        return run_export(checkpoint, output, options, ExportHooks(step=step, write_progress=write, message=message))
 
 
 @app.command("convert-gguf")

@@ -99,8 +99,10 @@ def _run_both(built: dict[str, Any], np_dtype: type) -> float:
     worst = 0.0
     for start, end in [(0, 5), (5, 17), (17, 18), (18, 19), (19, 20), (20, 21)]:
         feeds = {"input_ids": ids[:, start:end], "attention_mask": mask[:, :end]}
-        a = unfused.run(None, {**feeds, "position_ids": _positions(mask[:, :end])[:, start:], **dict(zip(names, past))})
-        b = fused.run(None, {**feeds, **dict(zip(names, shared))})
+        a = unfused.run(
+            None, {**feeds, "position_ids": _positions(mask[:, :end])[:, start:], **dict(zip(names, past, strict=True))}
+        )
+        b = fused.run(None, {**feeds, **dict(zip(names, shared, strict=True))})
         valid = mask[:, start:end] > 0
         assert not np.isnan(b[0]).any()
         worst = max(worst, float(np.abs(a[0].astype(np.float32) - b[0].astype(np.float32))[valid].max()))
