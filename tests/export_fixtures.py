@@ -21,16 +21,17 @@ def qwen2_sliding(tiny_root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def export(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """``export(case, dtype="fp32", logits="last") -> artifact dir``; cached for the session."""
-    cache: dict[tuple[str, str, str], Path] = {}
+    """``export(case, dtype="fp32", logits="last", fuse=True) -> artifact dir``; cached for the session."""
+    cache: dict[tuple[str, str, str, bool], Path] = {}
     root = tmp_path_factory.mktemp("artifacts")
 
-    def run(case: str, dtype: str = "fp32", logits: str = "last") -> Path:
-        key = (case, dtype, logits)
+    def run(case: str, dtype: str = "fp32", logits: str = "last", fuse: bool = True) -> Path:
+        key = (case, dtype, logits, fuse)
         if key not in cache:
             checkpoint = request.getfixturevalue(case)
-            out = root / f"{case}-{dtype}-{logits}"
-            run_export(checkpoint, out, ExportOptions(dtype=DType.parse(dtype), logits=LogitsMode.parse(logits)))
+            out = root / f"{case}-{dtype}-{logits}{'' if fuse else '-unfused'}"
+            options = ExportOptions(dtype=DType.parse(dtype), logits=LogitsMode.parse(logits), fuse=fuse)
+            run_export(checkpoint, out, options)
             cache[key] = out
         return cache[key]
 
