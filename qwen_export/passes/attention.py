@@ -380,6 +380,7 @@ class AttentionFusion:
     """
 
     name = "attention"
+    requires_ops = ("com.microsoft::RotaryEmbedding",)
 
     def __init__(self, strict_expected: int | None = None, explain: Any = None) -> None:
         self.strict_expected = strict_expected

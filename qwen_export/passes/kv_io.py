@@ -55,6 +55,7 @@ class SharedKVBuffer:
     """
 
     name = "kv_io"
+    requires_ops = ("com.microsoft::GroupQueryAttention",)
 
     def __init__(self, layers: int, strict: bool = True) -> None:
         self.layers = layers
