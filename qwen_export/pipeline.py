@@ -90,7 +90,7 @@ def _export(
     bind_weights(model, spec, ckpt)
 
     timer.start("passes")
-    from .passes.pipelines import run_pipeline
+    from .passes.pipelines import KVLayout, run_pipeline
 
     dump = _Dumper(options.dump_dir)
     dump("traced", model)
@@ -110,12 +110,23 @@ def _export(
         }
         _copy_tokenizer(ckpt.directory, staging.path, tokenizer_files)
         _write_generation_config(ckpt.directory, staging.path, spec)
+        io_signature = _io_signature(model)
+        from .genai_config import write_genai_config
+
+        write_genai_config(
+            staging.path,
+            spec,
+            max_length=max_length,
+            kv_layout_shared=kv_layout is KVLayout.SHARED,
+            input_names=io_signature["inputs"],
+            output_names=io_signature["outputs"],
+        )
         staging.manifest_fields.update(
             target=options.target.value,
             dtype=options.dtype.value,
             logits=options.logits.value,
             spec=spec.to_dict(),
-            io=_io_signature(model),
+            io=io_signature,
             passes=records,
             extra={
                 "max_length": max_length,

@@ -375,8 +375,10 @@ def test_inspect_shows_passes_and_kv_cache(export) -> None:
     result = invoke("inspect", art)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    for record in manifest["passes"]:
-        line = next(x for x in lines if x.startswith(f"pass {record['name']}: "))
+    pass_lines = [x for x in lines if x.startswith("pass ")]
+    assert len(pass_lines) == len(manifest["passes"])  # one line per pass, in order (cleanup runs twice)
+    for record, line in zip(manifest["passes"], pass_lines, strict=True):
+        assert line.startswith(f"pass {record['name']}: ")
         assert f"nodes {record['nodes_before']} -> {record['nodes_after']}" in line
         for rule, count in record["fired"].items():
             assert f"{rule} x{count}" in line

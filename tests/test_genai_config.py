@@ -181,25 +181,18 @@ def _greedy_both(art: Path, new_tokens: int) -> tuple[list[int], list[int], dict
     return list(ours.token_ids), theirs, config
 
 
-@pytest.mark.parametrize("case", ["qwen2_tied", "qwen3"])
-def test_onnxruntime_genai_generates_our_greedy_tokens(export, tmp_path: Path, case: str) -> None:
-    art = _genai_artifact(export(case), tmp_path)
+@pytest.mark.parametrize(("case", "fuse"), [("qwen2_tied", True), ("qwen3", True), ("qwen2_tied", False)])
+def test_onnxruntime_genai_generates_our_greedy_tokens(export, tmp_path: Path, case: str, fuse: bool) -> None:
+    """Fused (one shared KV buffer, no position_ids) and unfused (concatenated KV, position_ids)."""
+    from qwen_export.artifact import load_manifest
+
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    source = export(case, fuse=fuse)
+    manifest = load_manifest(source, verify=False)
+    art = _genai_artifact(source, tmp_path)
     ours, theirs, config = _greedy_both(art, new_tokens=12)
     assert config["model"]["type"] == case[:5]
-    assert len(ours) >= 2 and theirs == ours
-
-
-def test_onnxruntime_genai_with_the_other_kv_layout(qwen2_tied: Path, tmp_path: Path) -> None:
-    """The unfused export (concatenated KV, position_ids input) also runs under genai."""
-    from qwen_export.pipeline import ExportOptions
-    from qwen_export.pipeline import export as run_export
-
-    if "fuse" not in {f.name for f in dataclasses.fields(ExportOptions)}:
-        pytest.skip("this qwen-export has no ExportOptions.fuse: the default export is the only layout")
-    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
-    manifest = run_export(qwen2_tied, tmp_path / "unfused", ExportOptions(fuse=False))
-    art = _genai_artifact(tmp_path / "unfused", tmp_path / "copy")
-    ours, theirs, config = _greedy_both(art, new_tokens=8)
-    assert config["search"]["past_present_share_buffer"] is False
+    assert config["search"]["past_present_share_buffer"] is fuse
+    assert manifest.extra["kv_cache"]["layout"] == ("shared" if fuse else "concat")
     assert ("position_ids" in config["model"]["decoder"]["inputs"]) == ("position_ids" in manifest.io["inputs"])
-    assert theirs == ours
+    assert len(ours) >= 2 and theirs == ours
