@@ -148,9 +148,9 @@ class OnnxRuntimeEngine:
             raise GenerationError(f"batch size changed from {self._mask.shape[0]} to {batch}; call reset() first")
         total = self.num_cached_tokens + seq
         if total > self.capabilities.max_context:
-            what = "KV buffer capacity" if self.shared_kv else "context"
+            where = " (the capacity of its preallocated KV buffer)" if self.shared_kv else ""
             raise GenerationError(
-                f"{total} tokens exceed the artifact's {what} of {self.capabilities.max_context}; "
+                f"{total} tokens exceed the artifact's context of {self.capabilities.max_context}{where}; "
                 "re-export with a larger --max-length"
             )
         mask = new_mask if self._mask is None else np.concatenate([self._mask, new_mask], axis=1)
