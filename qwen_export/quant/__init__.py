@@ -1,0 +1,1 @@
+"""Weight quantization: schemes, numpy reference numerics, algorithms and lazy quantized tensors."""
