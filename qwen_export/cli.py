@@ -82,7 +82,9 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="Hugging Face checkpoint directory (config.json, *.safetensors).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to create.")],
     target: Annotated[str, typer.Option(help="Engine: onnxruntime.")] = "onnxruntime",
-    dtype: Annotated[str, typer.Option(help="Weight/activation precision: fp32 | fp16.")] = "fp32",
+    dtype: Annotated[
+        str | None, typer.Option(help="Activation (and unquantized weight) precision: fp32 | fp16 (default fp32).")
+    ] = None,
     logits: Annotated[str, typer.Option(help="Logits for the last position or all positions: last | all.")] = "last",
     max_length: Annotated[
         int | None, typer.Option(help="Context the artifact is built for (default: config, capped at 4096).")
@@ -109,6 +111,35 @@ def export(
     dump_dir: Annotated[
         Path | None, typer.Option(help="Write the model after each export phase into this directory (debugging).")
     ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="Weight precision: fp32 | fp16 (the same as --dtype) | int8 | int4 (blockwise quantized linear "
+            "weights; the embedding and a tied lm_head in int8; activations in --dtype)."
+        ),
+    ] = None,
+    block_size: Annotated[int | None, typer.Option(help="Quantization block size: 32 | 64 | 128 (default 32).")] = None,
+    symmetric: Annotated[
+        bool | None,
+        typer.Option(
+            "--symmetric/--asymmetric", help="Quantize with zero point 0 (default) or a zero point per block."
+        ),
+    ] = None,
+    algorithm: Annotated[
+        str | None, typer.Option(help="Quantization algorithm: rtn (default) | clip | awq (not available yet).")
+    ] = None,
+    keep: Annotated[
+        str | None, typer.Option(help="Tensors kept in --dtype, comma-separated: embedding, lm_head.")
+    ] = None,
+    keep_layers: Annotated[
+        str | None, typer.Option(help="Layer indices kept in --dtype, comma-separated (e.g. 0,23).")
+    ] = None,
+    accuracy_level: Annotated[
+        int | None,
+        typer.Option(
+            help="MatMulNBits activation accuracy: 0 unset | 1 fp32 | 2 fp16 | 3 bf16 | 4 int8 (default 4, fastest)."
+        ),
+    ] = None,
 ) -> None:
     """Export CHECKPOINT to an engine artifact in OUTPUT (written atomically)."""
     from .pipeline import ExportOptions
@@ -117,9 +148,12 @@ def export(
         raise OptionError("--explain reports on the fusion passes; it cannot be combined with --no-fuse")
     if dump_dir is not None and dump_dir.exists() and not dump_dir.is_dir():
         raise OptionError(f"--dump-dir {str(dump_dir)!r} exists and is not a directory")
+    act_dtype, quant = _weight_options(
+        weights, dtype, block_size, symmetric, algorithm, keep, keep_layers, accuracy_level
+    )
     options = ExportOptions(
         target=Target.parse(target, "target"),
-        dtype=DType.parse(dtype, "dtype"),
+        dtype=act_dtype,
         logits=LogitsMode.parse(logits, "logits mode"),
         max_length=max_length,
         overwrite=overwrite,
@@ -127,11 +161,15 @@ def export(
         strict=strict,
         explain=explain,
         dump_dir=dump_dir,
+        quant=quant,
+        accuracy_level=4 if accuracy_level is None else accuracy_level,
     )
     manifest = _export_with_progress(checkpoint, output, options)
     size = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
+    quantized = manifest.extra.get("quantization")
+    precision = manifest.dtype if not quantized else f"{quantized['weights']} weights, {manifest.dtype} activations"
     console.print(
-        f"[green]exported[/] {checkpoint} -> {output}  ({manifest.target}, {manifest.dtype}, "
+        f"[green]exported[/] {checkpoint} -> {output}  ({manifest.target}, {precision}, "
         f"{size / 2**20:.1f} MiB, context {manifest.extra.get('max_length')})"
     )
     kv_line = _kv_cache_line(manifest.extra.get("kv_cache"))
@@ -139,6 +177,71 @@ def export(
         console.print(kv_line, highlight=False, soft_wrap=True)
     if dump_dir is not None:
         console.print(f"intermediate models written to {dump_dir}", highlight=False)
+
+
+def _weight_options(
+    weights: str | None,
+    dtype: str | None,
+    block_size: int | None,
+    symmetric: bool | None,
+    algorithm: str | None,
+    keep: str | None,
+    keep_layers: str | None,
+    accuracy_level: int | None,
+) -> tuple[DType, Any]:
+    """``(activation dtype, QuantScheme or None)`` from the export's precision options."""
+    from .quant.scheme import Keep, QuantAlgorithm, QuantScheme, WeightFormat
+
+    fmt = _parse_enum(WeightFormat, weights, "--weights") if weights is not None else None
+    act = DType.parse(dtype, "dtype") if dtype is not None else None
+    if fmt is not None and fmt.bits is None:  # --weights fp32/fp16 is --dtype
+        same = DType.parse(fmt.value, "dtype")
+        if act is not None and act is not same:
+            raise OptionError(f"--weights {fmt.value} contradicts --dtype {act.value}")
+        act, fmt = same, None
+    act = act or DType.FP32
+    given = {
+        "--block-size": block_size,
+        "--symmetric/--asymmetric": symmetric,
+        "--algorithm": algorithm,
+        "--keep": keep,
+        "--keep-layers": keep_layers,
+        "--accuracy-level": accuracy_level,
+    }
+    if fmt is None:
+        extra = [name for name, value in given.items() if value is not None]
+        if extra:
+            raise OptionError(f"{', '.join(extra)} only apply to quantized weights (--weights int8 or int4)")
+        return act, None
+    scheme = QuantScheme(
+        fmt=fmt,
+        block_size=32 if block_size is None else block_size,
+        symmetric=True if symmetric is None else symmetric,
+        algorithm=_parse_enum(QuantAlgorithm, algorithm, "--algorithm") if algorithm else QuantAlgorithm.RTN,
+        keep=frozenset(_parse_enum(Keep, k.strip(), "--keep") for k in (keep or "").split(",") if k.strip()),
+        keep_layers=frozenset(_index_list(keep_layers, "--keep-layers")) if keep_layers else frozenset(),
+    )
+    if accuracy_level is not None and accuracy_level not in range(5):
+        raise OptionError(f"--accuracy-level must be 0, 1, 2, 3 or 4, got {accuracy_level}")
+    return act, scheme
+
+
+def _parse_enum(enum_cls: Any, value: str, option: str) -> Any:
+    try:
+        return enum_cls(value.strip().lower())
+    except ValueError:
+        choices = " | ".join(m.value for m in enum_cls)
+        raise OptionError(f"{option} must be one of {choices}, got {value!r}") from None
+
+
+def _index_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise OptionError(f"{what} must be a comma-separated list of layer indices, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise OptionError(f"{what} must list non-negative layer indices, got {text!r}")
+    return values
 
 
 def _bytes(n: float) -> str:
@@ -458,12 +561,19 @@ def check(
         content = parity.DEFAULT_TEXT
     ids = loaded.tokenizer.encode(content)[:max_tokens]
     report = parity.check(
-        loaded.engine, parity.Reference(reference), ids, DType.parse(loaded.manifest.dtype), greedy_tokens
+        loaded.engine,
+        parity.Reference(reference),
+        ids,
+        DType.parse(loaded.manifest.dtype),
+        greedy_tokens,
+        quantization=loaded.manifest.extra.get("quantization"),
     )
     if as_json:
         console.print_json(json.dumps(parity.to_dict(report)))
     else:
-        _print_parity(report, f"parity: {artifact} vs transformers ({loaded.manifest.dtype})")
+        quantized = loaded.manifest.extra.get("quantization")
+        precision = loaded.manifest.dtype + (f", {quantized['weights']} weights" if quantized else "")
+        _print_parity(report, f"parity: {artifact} vs transformers ({precision})")
     if not report.passed:
         err_console.print(f"[bold red]parity FAILED:[/] {'; '.join(report.failures)}", highlight=False)
         raise typer.Exit(1)

@@ -13,6 +13,7 @@ match: the number of identical tokens before the first divergence when both cont
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,34 @@ THRESHOLDS: dict[DType, Thresholds] = {
     DType.FP32: Thresholds(max_mean_kl=1e-6, min_top1=0.999, max_abs_logit=1e-3, min_greedy_match=1.0),
     DType.FP16: Thresholds(max_mean_kl=5e-3, min_top1=0.95, max_abs_logit=0.5, min_greedy_match=0.5),
 }
+
+
+#: Per weight precision of a quantized artifact (``manifest.extra["quantization"]["weights"]``).
+#: Blockwise int8 weights (+ MatMulNBits' int8 activations at accuracy level 4) target a mean KL of
+#: 0.005; int4 loses more. The greedy continuation is barely gated: one near-tie flips the rest of
+#: it, while teacher-forced top-1 agreement already checks every position.
+QUANT_THRESHOLDS: dict[str, Thresholds] = {
+    "int8": Thresholds(max_mean_kl=5e-3, min_top1=0.97, max_abs_logit=5.0, min_greedy_match=0.25),
+    "int4": Thresholds(max_mean_kl=0.1, min_top1=0.8, max_abs_logit=15.0, min_greedy_match=0.0),
+}
+
+
+def thresholds_for(dtype: DType, quantization: Mapping[str, Any] | None = None) -> Thresholds:
+    """The limits for an artifact of activation ``dtype`` and, when its weights are quantized,
+    ``quantization`` (its manifest's ``extra["quantization"]``): the looser of the two, per metric."""
+    base = THRESHOLDS[dtype]
+    weights = (quantization or {}).get("weights")
+    if weights is None or weights not in QUANT_THRESHOLDS:
+        if weights not in (None, "fp32", "fp16"):
+            raise OptionError(f"no parity thresholds for {weights!r} weights")
+        return base
+    q = QUANT_THRESHOLDS[weights]
+    return Thresholds(
+        max_mean_kl=max(base.max_mean_kl, q.max_mean_kl),
+        min_top1=min(base.min_top1, q.min_top1),
+        max_abs_logit=max(base.max_abs_logit, q.max_abs_logit),
+        min_greedy_match=min(base.min_greedy_match, q.min_greedy_match),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +194,12 @@ def check(
     dtype: DType,
     greedy_tokens: int = 16,
     thresholds: Thresholds | None = None,
+    quantization: Mapping[str, Any] | None = None,
 ) -> ParityReport:
-    """Compare ``engine`` with ``reference`` on token ids ``ids`` (at least 2)."""
+    """Compare ``engine`` with ``reference`` on token ids ``ids`` (at least 2).
+
+    Thresholds: ``thresholds`` when given, else :func:`thresholds_for` ``(dtype, quantization)``
+    (``quantization``: the artifact manifest's ``extra["quantization"]``, None when unquantized)."""
     if len(ids) < 2:
         raise OptionError(f"evaluation text must have at least 2 tokens, got {len(ids)}")
     context = engine.capabilities.max_context
@@ -187,7 +220,7 @@ def check(
         ppl_artifact=metrics["ppl_art"],
         greedy_match=match,
         greedy_length=len(ref_cont),
-        thresholds=thresholds or THRESHOLDS[dtype],
+        thresholds=thresholds or thresholds_for(dtype, quantization),
     )
 
 

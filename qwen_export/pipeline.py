@@ -17,6 +17,7 @@ from typing import Any
 from . import artifact
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, OptionError
+from .quant.scheme import QuantScheme
 from .spec import DType, LogitsMode, ModelSpec, Target
 from .tokenizer import Tokenizer
 
@@ -39,6 +40,12 @@ class ExportOptions:
     strict: bool = True  # a fusion firing fewer times than the architecture needs is an error
     explain: bool = False  # report each fusion's nearest misses through ExportHooks.message
     dump_dir: Path | None = None  # write the model after each phase there (NN-phase/model.onnx)
+    quant: QuantScheme | None = None  # quantize the weights (int8/int4); None: weights in ``dtype``
+    accuracy_level: int = 4  # MatMulNBits' activation accuracy (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
+
+    def __post_init__(self) -> None:
+        if self.accuracy_level not in range(5):
+            raise OptionError(f"--accuracy-level must be 0, 1, 2, 3 or 4, got {self.accuracy_level}")
 
     def resolved_max_length(self, spec: ModelSpec) -> int:
         if self.max_length is None:
@@ -82,6 +89,10 @@ def _export(
     ckpt.validate(spec)
     tokenizer_files = _tokenizer_files(ckpt.directory)
     max_length = options.resolved_max_length(spec)
+    if options.quant is not None:  # option errors before the slow part
+        from .passes.quantize import check_scheme
+
+        check_scheme(options.quant, spec.num_hidden_layers)
 
     timer.start("trace")
     from .trace import TraceOptions, bind_weights, trace
@@ -94,9 +105,8 @@ def _export(
 
     dump = _Dumper(options.dump_dir)
     dump("traced", model)
-    records, kv_layout = run_pipeline(
-        model, spec, options.target, options.fuse, _PassContext(options, max_length, hooks), dump
-    )
+    context = _PassContext(options, max_length, hooks)
+    records, kv_layout = run_pipeline(model, spec, options.target, options.fuse, context, dump)
 
     timer.start("emit")
     from .runtimes import onnxruntime as ort_target
@@ -121,6 +131,9 @@ def _export(
             input_names=io_signature["inputs"],
             output_names=io_signature["outputs"],
         )
+        extra: dict[str, Any] = {}
+        if options.quant is not None:
+            extra["quantization"] = quantization_record(options, context.quantization_kept)
         staging.manifest_fields.update(
             target=options.target.value,
             dtype=options.dtype.value,
@@ -133,9 +146,21 @@ def _export(
                 "kv_cache": kv_cache,
                 "source": str(Path(checkpoint_dir).resolve().name),
                 "export_seconds": timer.finish(),
+                **extra,
             },
         )
     return artifact.load_manifest(out, verify=False)
+
+
+def quantization_record(options: ExportOptions, kept: dict[str, str]) -> dict[str, Any]:
+    """``manifest.extra["quantization"]``: the scheme, MatMulNBits' accuracy level and the weights
+    kept in the model dtype (``{"tensor", "reason"}`` each)."""
+    assert options.quant is not None
+    return {
+        **options.quant.to_dict(),
+        "accuracy_level": options.accuracy_level,
+        "kept": [{"tensor": name, "reason": why} for name, why in kept.items()],
+    }
 
 
 def kv_bytes_per_token(spec: ModelSpec, dtype: DType) -> int:
@@ -151,6 +176,7 @@ class _PassContext:
     options: ExportOptions
     max_length: int
     hooks: ExportHooks
+    quantization_kept: dict[str, str] = dataclasses.field(default_factory=dict)  # filled by the quantize pass
 
     @property
     def explain(self) -> Any:

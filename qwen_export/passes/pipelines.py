@@ -24,7 +24,7 @@ class KVLayout(enum.Enum):
 
 
 class PassContext(Protocol):
-    options: Any  # ExportOptions: .strict
+    options: Any  # ExportOptions: .strict, .quant, .accuracy_level
     max_length: int
 
     @property
@@ -34,13 +34,32 @@ class PassContext(Protocol):
 Pass = Callable[[Any], PassResult]
 
 
+def quantization_passes(spec: ModelSpec, ctx: PassContext) -> list[Pass]:
+    """With ``options.quant``: the portable quantization (DequantizeLinear) and its ONNX Runtime
+    lowering (MatMulNBits / GatherBlockQuantized). The weights left in the model dtype are reported
+    into ``ctx.quantization_kept`` (a dict, when the context has one)."""
+    scheme = getattr(ctx.options, "quant", None)
+    if scheme is None:
+        return []
+    from .matmulnbits import MatMulNBitsLowering
+    from .quantize import QuantizeWeights
+
+    explain = ctx.explain
+    kept = getattr(ctx, "quantization_kept", None)
+    return [
+        QuantizeWeights(scheme, spec.num_hidden_layers, explain=explain, kept=kept),
+        MatMulNBitsLowering(getattr(ctx.options, "accuracy_level", 4), explain=explain),
+    ]
+
+
 def onnxruntime_passes(spec: ModelSpec, fuse: bool, ctx: PassContext) -> tuple[list[Pass], KVLayout]:
-    """The ONNX Runtime pipeline: cleanup, then (fused) RMSNorm, rotary, GQA, packed QKV, cleanup,
-    shared KV buffer."""
+    """The ONNX Runtime pipeline: cleanup, then (fused) RMSNorm, rotary, GQA, packed QKV, [weight
+    quantization, MatMulNBits lowering], cleanup, shared KV buffer. Unfused: cleanup [, quantization,
+    lowering]."""
     from .cleanup import CleanupPass
 
     if not fuse:
-        return [CleanupPass()], KVLayout.CONCAT
+        return [CleanupPass(), *quantization_passes(spec, ctx)], KVLayout.CONCAT
     from .attention import AttentionFusion
     from .kv_io import SharedKVBuffer
     from .packed_qkv import PackedQKVFusion
@@ -58,6 +77,7 @@ def onnxruntime_passes(spec: ModelSpec, fuse: bool, ctx: PassContext) -> tuple[l
         RotaryFusion(inv_freq, scale, ctx.max_length, strict_expected=2 * n if strict else None, explain=explain),
         AttentionFusion(strict_expected=n if strict else None, explain=explain),
         PackedQKVFusion(strict_expected=n if strict else None, explain=explain),
+        *quantization_passes(spec, ctx),
         CleanupPass(),
         SharedKVBuffer(n, strict=strict),
     ]

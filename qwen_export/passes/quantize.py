@@ -1,0 +1,297 @@
+"""Weight quantization, portable form: linear weights and the embedding behind ``DequantizeLinear``.
+
+Runs after the fusions (packed QKV included) and before the ONNX Runtime lowering
+(:mod:`.matmulnbits`). Conventions: :mod:`qwen_export.quant.scheme`. Three rewrites:
+
+- ``linear``/``lm_head``: ``MatMul(x, W)`` where ``W`` [K, N] is a 2-D constant initializer named
+  ``model.layers.{i}.<...>.weight_t`` (the packed ``qkv_proj`` included) or ``lm_head.weight_t``
+  becomes ``MatMul(x, DequantizeLinear(codes, scales[, zero_points], axis=0, block_size=B))``:
+  codes [K, N] int4/int8 (symmetric) or uint4/uint8 (asymmetric, with zero points), scales
+  [K/B, N] in the weight's dtype;
+- ``embedding``: ``Gather(E, ids)`` with ``E = model.embed_tokens.weight`` [V, H] becomes
+  ``Gather(DequantizeLinear(E_codes, E_scales[, E_zp], axis=1, block_size=B), ids)``, E quantized
+  with ``scheme.embedding_bits``;
+- ``tied_lm_head``: the tied head ``Gemm(x, E, transB=1)`` reads the same ``DequantizeLinear``
+  output: a tied embedding is stored once.
+
+Nothing is quantized here: the new initializers are lazy tensors computed from the source tensor
+when the model is written (one tensor at a time), so the export's memory stays bounded.
+
+Kept in the model dtype (recorded in :attr:`QuantizeWeights.kept`, name -> reason): weights of
+``scheme.keep_layers``, the embedding (and tied head) with ``Keep.EMBEDDING``, an untied lm_head
+with ``Keep.LM_HEAD``, any weight whose quantized axis (K, or H for the embedding) is not a
+multiple of the block size, and any weight of those names that is not where the rewrites expect it
+(not a constant 2-D float initializer, or read by other ops). Quantization uses ``scheme.algorithm``
+(RTN or the data-free clip search); AWQ needs calibration activations and is refused
+(:func:`check_scheme`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import onnx_ir as ir
+
+from ..errors import OptionError
+from ..quant.scheme import Keep, QuantAlgorithm, QuantScheme
+from .base import PassResult, op_histogram
+
+LINEAR_RULE = "linear"
+LM_HEAD_RULE = "lm_head"
+EMBEDDING_RULE = "embedding"
+TIED_HEAD_RULE = "tied_lm_head"
+KEPT = "kept"
+
+EMBEDDING_NAME = "model.embed_tokens.weight"
+LM_HEAD_NAME = "lm_head.weight_t"
+_LAYER_WEIGHT = re.compile(r"^model\.layers\.(\d+)\..+\.weight_t$")
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightQuant:
+    """How one weight is quantized: ``bits`` along ``axis`` in blocks of ``block_size``."""
+
+    bits: int
+    block_size: int
+    axis: int
+    symmetric: bool
+    algorithm: QuantAlgorithm
+
+    @property
+    def code_type(self) -> ir.DataType:
+        if self.bits == 4:
+            return ir.DataType.INT4 if self.symmetric else ir.DataType.UINT4
+        return ir.DataType.INT8 if self.symmetric else ir.DataType.UINT8
+
+
+def check_scheme(scheme: QuantScheme, num_layers: int | None = None) -> None:
+    """Option errors the pass would otherwise meet halfway: AWQ (needs calibration), layers out of range."""
+    if scheme.algorithm is QuantAlgorithm.AWQ:
+        raise OptionError(
+            "--algorithm awq needs calibration activations, which the export does not collect yet; "
+            "use --algorithm rtn or clip"
+        )
+    if num_layers is not None:
+        bad = sorted(i for i in scheme.keep_layers if not 0 <= i < num_layers)
+        if bad:
+            raise OptionError(f"--keep-layers {bad}: the model has layers 0..{num_layers - 1}")
+
+
+# --- lazy tensors (qwen_export.quant.tensors) -------------------------------------------------------
+
+
+def dequantize_linear_tensors(source: ir.TensorProtocol, how: WeightQuant, dtype: ir.DataType, name: str) -> Any:
+    """Lazy ``DequantizeLinear`` initializers of ``source`` (:class:`~qwen_export.quant.tensors.
+    QuantizedInitializers`: codes named ``name``, ``name.scales``, ``name.zero_points``)."""
+    from ..quant import tensors
+
+    return tensors.dequantize_linear_initializers(
+        source,
+        bits=how.bits,
+        block_size=how.block_size,
+        axis=how.axis,
+        symmetric=how.symmetric,
+        algorithm=how.algorithm,
+        output_dtype=dtype,
+        name=name,
+    )
+
+
+# --- graph helpers -----------------------------------------------------------------------------------
+
+
+def _constant_2d(value: ir.Value | None) -> bool:
+    return (
+        value is not None
+        and value.is_initializer()
+        and not value.is_graph_input()
+        and not value.is_graph_output()
+        and value.const_value is not None
+        and value.dtype in _FLOAT_TYPES
+        and value.shape is not None
+        and len(value.shape) == 2
+        and all(isinstance(d, int) for d in value.shape)
+    )
+
+
+def _default_domain(node: ir.Node) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
+def _unique(graph: ir.Graph, name: str) -> str:
+    taken, candidate, n = graph.initializers, name, 1
+    while candidate in taken:
+        candidate, n = f"{name}_{n}", n + 1
+    return candidate
+
+
+def _first_user(graph: ir.Graph, value: ir.Value) -> ir.Node:
+    users = {id(use.node) for use in value.uses()}
+    return next(n for n in graph if id(n) in users)
+
+
+def _dequantize(graph: ir.Graph, weight: ir.Value, how: WeightQuant) -> ir.Value:
+    """Put ``DequantizeLinear(codes, scales[, zp])`` of ``weight`` in its place; return its output.
+
+    The codes take the weight's name (``<w>.scales``, ``<w>.zero_points`` beside them) and the three
+    are registered one after the other: the writer computes them from one quantization of the
+    source, read when the codes are written (:mod:`qwen_export.quant.tensors`)."""
+    assert weight.const_value is not None and weight.name is not None and weight.dtype is not None
+    base = weight.name
+    init = dequantize_linear_tensors(weight.const_value, how, weight.dtype, base)
+    inputs = [
+        ir.Value(
+            name=tensor.name, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(tensor.dtype), const_value=tensor
+        )
+        for tensor in init.tensors
+    ]
+    node = ir.node("DequantizeLinear", inputs, init.attributes, name=f"{base}/DequantizeLinear")
+    out = node.outputs[0]
+    out.name, out.dtype, out.shape = f"{base}.dequantized", weight.dtype, weight.shape
+    graph.insert_before(_first_user(graph, weight), node)
+    weight.replace_all_uses_with(out)
+    del graph.initializers[base]
+    for value in inputs:
+        value.name = _unique(graph, value.name or base)
+        graph.register_initializer(value)
+    return out
+
+
+# --- the pass ----------------------------------------------------------------------------------------
+
+
+class QuantizeWeights:
+    """Replace linear weights and the embedding by lazily quantized ``DequantizeLinear`` inputs.
+
+    ``scheme``: what to quantize and how; ``num_layers``: the model's layer count (checks
+    ``keep_layers``). After a call, :attr:`kept` maps each weight left in the model dtype to why.
+    Raises :class:`~qwen_export.errors.OptionError` for AWQ (calibration is not wired yet).
+    ``explain``: a text stream that gets the weights left alone and why.
+    """
+
+    name = "quantize"
+
+    def __init__(
+        self,
+        scheme: QuantScheme,
+        num_layers: int | None = None,
+        explain: Any = None,
+        kept: dict[str, str] | None = None,
+    ) -> None:
+        check_scheme(scheme, num_layers)
+        self.scheme = scheme
+        self.explain = explain
+        #: weight name -> why it stays in the model dtype; ``kept`` (a caller's dict) is filled in place
+        self.kept: dict[str, str] = {} if kept is None else kept
+
+    def _linear(self, axis: int, bits: int) -> WeightQuant:
+        s = self.scheme
+        return WeightQuant(bits, s.block_size, axis, s.symmetric, s.algorithm)
+
+    def _keep_reason(self, name: str, length: int, what: str) -> str | None:
+        s = self.scheme
+        match = _LAYER_WEIGHT.match(name)
+        if match is not None and int(match.group(1)) in s.keep_layers:
+            return f"layer {match.group(1)} in keep_layers"
+        if name == LM_HEAD_NAME and Keep.LM_HEAD in s.keep:
+            return "keep lm_head"
+        if name == EMBEDDING_NAME and Keep.EMBEDDING in s.keep:
+            return "keep embedding"
+        if length % s.block_size:
+            return f"{what}={length} is not a multiple of the block size {s.block_size}"
+        return None
+
+    def __call__(self, model: Any) -> PassResult:
+        before = op_histogram(model)
+        graph = model.graph
+        self.kept.clear()
+        fired = {LINEAR_RULE: 0, LM_HEAD_RULE: 0, EMBEDDING_RULE: 0, TIED_HEAD_RULE: 0}
+        misses: list[str] = []
+        for weight in self._linear_weights(graph, misses):
+            assert weight.name is not None and weight.shape is not None
+            reason = self._keep_reason(weight.name, int(weight.shape[0]), "K")
+            if reason is not None:
+                self.kept[weight.name] = reason
+                continue
+            _dequantize(graph, weight, self._linear(0, self.scheme.bits))
+            fired[LM_HEAD_RULE if weight.name == LM_HEAD_NAME else LINEAR_RULE] += 1
+        embedding = self._embedding(graph, misses)
+        if embedding is not None:
+            weight, tied = embedding
+            assert weight.shape is not None
+            reason = self._keep_reason(EMBEDDING_NAME, int(weight.shape[1]), "H")
+            if reason is not None:
+                self.kept[EMBEDDING_NAME] = reason + (" (tied lm_head too)" if tied else "")
+            else:
+                _dequantize(graph, weight, self._linear(1, self.scheme.embedding_bits))
+                fired[EMBEDDING_RULE] += 1
+                fired[TIED_HEAD_RULE] += int(tied)
+        for miss in misses:  # weights of a quantizable name in an unexpected place: kept, with the reason
+            name, why = miss.split(": ", 1)
+            self.kept.setdefault(name, why)
+        fired[KEPT] = len(self.kept)
+        if self.explain is not None:
+            lines = [f"{name}: kept ({why})" for name, why in self.kept.items()]
+            self.explain.write(f"--- {self.name}: {fired}; left alone:\n{chr(10).join(lines) or '(none)'}\n")
+        after = op_histogram(model)
+        return PassResult(
+            name=self.name,
+            changed=before != after,
+            fired=fired,
+            nodes_before=sum(before.values()),
+            nodes_after=sum(after.values()),
+        )
+
+    @staticmethod
+    def _linear_weights(graph: ir.Graph, misses: list[str]) -> list[ir.Value]:
+        """The constant 2-D weights named like a linear weight whose every use is a MatMul's B."""
+        found = []
+        for name, value in graph.initializers.items():
+            if not (name == LM_HEAD_NAME or _LAYER_WEIGHT.match(name)):
+                continue
+            uses = list(value.uses())
+            if not _constant_2d(value):
+                misses.append(f"{name}: not a constant 2-D float initializer")
+            elif not uses or any(u.node.op_type != "MatMul" or not _default_domain(u.node) or u.idx != 1 for u in uses):
+                misses.append(f"{name}: not used as the weight of MatMul alone")
+            else:
+                found.append(value)
+        return found
+
+    @staticmethod
+    def _embedding(graph: ir.Graph, misses: list[str]) -> tuple[ir.Value, bool] | None:
+        """``(E, tied)`` when ``E`` is read by ``Gather(E, ids, axis=0)`` and, tied, by
+        ``Gemm(x, E, transB=1)`` only."""
+        value = graph.initializers.get(EMBEDDING_NAME)
+        if value is None:
+            return None
+        if not _constant_2d(value):
+            misses.append(f"{EMBEDDING_NAME}: not a constant 2-D float initializer")
+            return None
+        gathers, heads, other = 0, 0, []
+        for use in value.uses():
+            node = use.node
+            if (
+                node.op_type == "Gather"
+                and _default_domain(node)
+                and use.idx == 0
+                and node.attributes.get_int("axis", 0) == 0
+            ):
+                gathers += 1
+            elif (
+                node.op_type == "Gemm"
+                and _default_domain(node)
+                and use.idx == 1
+                and node.attributes.get_int("transB", 0) == 1
+                and node.attributes.get_int("transA", 0) == 0
+            ):
+                heads += 1
+            else:
+                other.append(node.op_type)
+        if not gathers or other:
+            misses.append(f"{EMBEDDING_NAME}: used by {other or 'no Gather'}, not by Gather (and the tied Gemm) alone")
+            return None
+        return value, heads > 0
