@@ -126,7 +126,8 @@ def export(
         ),
     ] = None,
     algorithm: Annotated[
-        str | None, typer.Option(help="Quantization algorithm: rtn (default) | clip | awq (not available yet).")
+        str | None,
+        typer.Option(help="Quantization algorithm: rtn (default) | clip | awq (calibrated on --calibration)."),
     ] = None,
     keep: Annotated[
         str | None, typer.Option(help="Tensors kept in --dtype, comma-separated: embedding, lm_head.")
@@ -139,6 +140,10 @@ def export(
         typer.Option(
             help="MatMulNBits activation accuracy: 0 unset | 1 fp32 | 2 fp16 | 3 bf16 | 4 int8 (default 4, fastest)."
         ),
+    ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="--algorithm awq: calibration text file (UTF-8); default: a built-in code and prose text."),
     ] = None,
 ) -> None:
     """Export CHECKPOINT to an engine artifact in OUTPUT (written atomically)."""
@@ -163,6 +168,7 @@ def export(
         dump_dir=dump_dir,
         quant=quant,
         accuracy_level=4 if accuracy_level is None else accuracy_level,
+        calibration=calibration,
     )
     manifest = _export_with_progress(checkpoint, output, options)
     size = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
@@ -274,7 +280,13 @@ def _export_with_progress(checkpoint: Path, output: Path, options: Any) -> Any:
     from .pipeline import ExportHooks
     from .pipeline import export as run_export
 
-    steps = {"load": "reading checkpoint", "trace": "tracing", "passes": "graph passes", "emit": "writing weights"}
+    steps = {
+        "load": "reading checkpoint",
+        "calibrate": "calibrating (AWQ)",
+        "trace": "tracing",
+        "passes": "graph passes",
+        "emit": "writing weights",
+    }
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),

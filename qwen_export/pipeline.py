@@ -17,7 +17,7 @@ from typing import Any
 from . import artifact
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, OptionError
-from .quant.scheme import QuantScheme
+from .quant.scheme import QuantAlgorithm, QuantScheme
 from .spec import DType, LogitsMode, ModelSpec, Target
 from .tokenizer import Tokenizer
 
@@ -42,10 +42,13 @@ class ExportOptions:
     dump_dir: Path | None = None  # write the model after each phase there (NN-phase/model.onnx)
     quant: QuantScheme | None = None  # quantize the weights (int8/int4); None: weights in ``dtype``
     accuracy_level: int = 4  # MatMulNBits' activation accuracy (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
+    calibration: Path | None = None  # AWQ calibration text (UTF-8); None: the built-in text
 
     def __post_init__(self) -> None:
         if self.accuracy_level not in range(5):
             raise OptionError(f"--accuracy-level must be 0, 1, 2, 3 or 4, got {self.accuracy_level}")
+        if self.calibration is not None and (self.quant is None or self.quant.algorithm is not QuantAlgorithm.AWQ):
+            raise OptionError("--calibration only applies to --algorithm awq")
 
     def resolved_max_length(self, spec: ModelSpec) -> int:
         if self.max_length is None:
@@ -93,6 +96,16 @@ def _export(
         from .passes.quantize import check_scheme
 
         check_scheme(options.quant, spec.num_hidden_layers)
+    calibration: dict[str, Any] | None = None
+    stats = None
+    if options.quant is not None and options.quant.algorithm is QuantAlgorithm.AWQ:
+        from .quant import calibration as calib
+
+        text, source = calib.calibration_text(options.calibration)
+        ids = calib.calibration_tokens(Tokenizer.from_dir(ckpt.directory), text, source)
+        calibration = {"tokens": len(ids), "source": source}
+        timer.start("calibrate")
+        stats = calib.collect_activation_stats(ckpt, spec, ids)
 
     timer.start("trace")
     from .trace import TraceOptions, bind_weights, trace
@@ -105,7 +118,7 @@ def _export(
 
     dump = _Dumper(options.dump_dir)
     dump("traced", model)
-    context = _PassContext(options, max_length, hooks)
+    context = _PassContext(options, max_length, hooks, calibration_stats=stats)
     records, kv_layout = run_pipeline(model, spec, options.target, options.fuse, context, dump)
 
     timer.start("emit")
@@ -134,6 +147,8 @@ def _export(
         extra: dict[str, Any] = {}
         if options.quant is not None:
             extra["quantization"] = quantization_record(options, context.quantization_kept)
+            if calibration is not None:
+                extra["quantization"]["calibration"] = calibration
         staging.manifest_fields.update(
             target=options.target.value,
             dtype=options.dtype.value,
@@ -177,6 +192,7 @@ class _PassContext:
     max_length: int
     hooks: ExportHooks
     quantization_kept: dict[str, str] = dataclasses.field(default_factory=dict)  # filled by the quantize pass
+    calibration_stats: Any = None  # AWQ: collect_activation_stats' result
 
     @property
     def explain(self) -> Any:

@@ -126,6 +126,7 @@ def _shared_quantization(
             symmetric=quant.symmetric,
             algorithm=quant.algorithm,
             awq_scale=quant.awq_scale,
+            importance=quant.importance,
             scale_dtype=quant.scale_dtype,
             transpose=quant.transpose,
             name=name,

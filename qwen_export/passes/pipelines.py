@@ -35,19 +35,32 @@ Pass = Callable[[Any], PassResult]
 
 
 def quantization_passes(spec: ModelSpec, ctx: PassContext) -> list[Pass]:
-    """With ``options.quant``: the portable quantization (DequantizeLinear) and its ONNX Runtime
-    lowering (MatMulNBits / GatherBlockQuantized). The weights left in the model dtype are reported
-    into ``ctx.quantization_kept`` (a dict, when the context has one)."""
+    """With ``options.quant``: [AWQ scaling (``ctx.calibration_stats``),] the portable quantization
+    (DequantizeLinear) and its ONNX Runtime lowering (MatMulNBits / GatherBlockQuantized). The
+    weights left in the model dtype are reported into ``ctx.quantization_kept`` (a dict, when the
+    context has one)."""
     scheme = getattr(ctx.options, "quant", None)
     if scheme is None:
         return []
+    from ..quant.scheme import QuantAlgorithm
     from .matmulnbits import MatMulNBitsLowering
     from .quantize import QuantizeWeights
 
     explain = ctx.explain
     kept = getattr(ctx, "quantization_kept", None)
+    awq: list[Pass] = []
+    importance = None
+    if scheme.algorithm is QuantAlgorithm.AWQ:
+        from .awq import AWQScaling
+
+        stats = getattr(ctx, "calibration_stats", None)
+        if stats is None:
+            raise ValueError("--algorithm awq: the pass context has no calibration statistics")
+        scaling = AWQScaling(stats, scheme, spec.num_hidden_layers, explain=explain)
+        awq, importance = [scaling], scaling.importance  # filled when the awq pass runs
     return [
-        QuantizeWeights(scheme, spec.num_hidden_layers, explain=explain, kept=kept),
+        *awq,
+        QuantizeWeights(scheme, spec.num_hidden_layers, explain=explain, kept=kept, importance=importance),
         MatMulNBitsLowering(getattr(ctx.options, "accuracy_level", 4), explain=explain),
     ]
 

@@ -22,8 +22,9 @@ Kept in the model dtype (recorded in :attr:`QuantizeWeights.kept`, name -> reaso
 with ``Keep.LM_HEAD``, any weight whose quantized axis (K, or H for the embedding) is not a
 multiple of the block size, and any weight of those names that is not where the rewrites expect it
 (not a constant 2-D float initializer, or read by other ops). Quantization uses ``scheme.algorithm``
-(RTN or the data-free clip search); AWQ needs calibration activations and is refused
-(:func:`check_scheme`).
+(RTN or the data-free clip search); with AWQ the weights were scaled by the ``awq`` pass
+(:mod:`.awq`) and are quantized here with the importance-weighted clip search (AWQ's auto-clip;
+RTN for the weights the ``awq`` pass left alone).
 """
 
 from __future__ import annotations
@@ -68,12 +69,8 @@ class WeightQuant:
 
 
 def check_scheme(scheme: QuantScheme, num_layers: int | None = None) -> None:
-    """Option errors the pass would otherwise meet halfway: AWQ (needs calibration), layers out of range."""
-    if scheme.algorithm is QuantAlgorithm.AWQ:
-        raise OptionError(
-            "--algorithm awq needs calibration activations, which the export does not collect yet; "
-            "use --algorithm rtn or clip"
-        )
+    """Option errors the pass would otherwise meet halfway: layers out of range. (AWQ's scaling is
+    the ``awq`` pass, run before this one.)"""
     if num_layers is not None:
         bad = sorted(i for i in scheme.keep_layers if not 0 <= i < num_layers)
         if bad:
@@ -83,7 +80,9 @@ def check_scheme(scheme: QuantScheme, num_layers: int | None = None) -> None:
 # --- lazy tensors (qwen_export.quant.tensors) -------------------------------------------------------
 
 
-def dequantize_linear_tensors(source: ir.TensorProtocol, how: WeightQuant, dtype: ir.DataType, name: str) -> Any:
+def dequantize_linear_tensors(
+    source: ir.TensorProtocol, how: WeightQuant, dtype: ir.DataType, name: str, importance: Any = None
+) -> Any:
     """Lazy ``DequantizeLinear`` initializers of ``source`` (:class:`~qwen_export.quant.tensors.
     QuantizedInitializers`: codes named ``name``, ``name.scales``, ``name.zero_points``)."""
     from ..quant import tensors
@@ -95,6 +94,7 @@ def dequantize_linear_tensors(source: ir.TensorProtocol, how: WeightQuant, dtype
         axis=how.axis,
         symmetric=how.symmetric,
         algorithm=how.algorithm,
+        importance=importance,
         output_dtype=dtype,
         name=name,
     )
@@ -133,7 +133,7 @@ def _first_user(graph: ir.Graph, value: ir.Value) -> ir.Node:
     return next(n for n in graph if id(n) in users)
 
 
-def _dequantize(graph: ir.Graph, weight: ir.Value, how: WeightQuant) -> ir.Value:
+def _dequantize(graph: ir.Graph, weight: ir.Value, how: WeightQuant, importance: Any = None) -> ir.Value:
     """Put ``DequantizeLinear(codes, scales[, zp])`` of ``weight`` in its place; return its output.
 
     The codes take the weight's name (``<w>.scales``, ``<w>.zero_points`` beside them) and the three
@@ -141,7 +141,7 @@ def _dequantize(graph: ir.Graph, weight: ir.Value, how: WeightQuant) -> ir.Value
     source, read when the codes are written (:mod:`qwen_export.quant.tensors`)."""
     assert weight.const_value is not None and weight.name is not None and weight.dtype is not None
     base = weight.name
-    init = dequantize_linear_tensors(weight.const_value, how, weight.dtype, base)
+    init = dequantize_linear_tensors(weight.const_value, how, weight.dtype, base, importance)
     inputs = [
         ir.Value(
             name=tensor.name, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(tensor.dtype), const_value=tensor
@@ -168,7 +168,7 @@ class QuantizeWeights:
 
     ``scheme``: what to quantize and how; ``num_layers``: the model's layer count (checks
     ``keep_layers``). After a call, :attr:`kept` maps each weight left in the model dtype to why.
-    Raises :class:`~qwen_export.errors.OptionError` for AWQ (calibration is not wired yet).
+    Raises :class:`~qwen_export.errors.OptionError` for layers out of range.
     ``explain``: a text stream that gets the weights left alone and why.
     """
 
@@ -180,9 +180,13 @@ class QuantizeWeights:
         num_layers: int | None = None,
         explain: Any = None,
         kept: dict[str, str] | None = None,
+        importance: dict[str, Any] | None = None,
     ) -> None:
         check_scheme(scheme, num_layers)
         self.scheme = scheme
+        #: AWQ: weight name -> per-input-channel importance (filled by the ``awq`` pass before this
+        #: one runs): those weights get the importance-weighted clip search instead of RTN
+        self.importance = importance if importance is not None else {}
         self.explain = explain
         #: weight name -> why it stays in the model dtype; ``kept`` (a caller's dict) is filled in place
         self.kept: dict[str, str] = {} if kept is None else kept
@@ -216,7 +220,7 @@ class QuantizeWeights:
             if reason is not None:
                 self.kept[weight.name] = reason
                 continue
-            _dequantize(graph, weight, self._linear(0, self.scheme.bits))
+            _dequantize(graph, weight, self._linear(0, self.scheme.bits), self.importance.get(weight.name))
             fired[LM_HEAD_RULE if weight.name == LM_HEAD_NAME else LINEAR_RULE] += 1
         embedding = self._embedding(graph, misses)
         if embedding is not None:
