@@ -33,10 +33,12 @@ its GGUF by ``qwen-export convert-gguf``), CPU:
 3. on-disk size of each artifact's model files (``*.onnx``, ``*.onnx.data``, ``*.data``) and the
    ratio to genai's int4;
 
-4. speed: the int4 artifacts (and int8) vs genai's int4 in worker subprocesses of
+4. speed: ``--speed-artifacts`` (int8, int4-rtn) vs genai's int4 in worker subprocesses of
    ``ort_vs_genai.py`` (``--threads`` intra-op threads each), interleaved step by step: prefill of a
    ``--prompt-length`` (256) random-token prompt, then ``--new-tokens`` (64) greedy tokens, no early
-   stop; ``--warmup`` + ``--repeats`` rounds plus ``--prefill-repeats`` prefill-only rounds;
+   stop; ``--warmup`` + ``--repeats`` rounds plus ``--prefill-repeats`` prefill-only rounds. An int4
+   artifact not timed whose graph equals a timed one's (same ops, MatMulNBits settings and model
+   bytes; rtn, clip and awq differ in weight values only) is credited with its figures (marked);
 
 5. prints one table (artifact x mean KL, top-1, ppl, size MiB, prefill tok/s, decode tok/s) and
    the target checks (int4 mean KL <= 0.5x genai int4's, int4 size <= 0.6x, int8 mean KL <= 0.005,
