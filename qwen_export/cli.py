@@ -76,6 +76,22 @@ def _root(
 
 
 # ----------------------------------------------------------------------------- export
+
+
+def _byte_progress() -> Any:
+    """A transient progress bar on stderr for steps that report bytes written (export, convert-gguf)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
 @app.command()
 @handles_errors
 def export(
@@ -275,8 +291,6 @@ def _kv_cache_line(kv: Any) -> str | None:
 
 
 def _export_with_progress(checkpoint: Path, output: Path, options: Any) -> Any:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .pipeline import ExportHooks
     from .pipeline import export as run_export
 
@@ -287,14 +301,7 @@ def _export_with_progress(checkpoint: Path, output: Path, options: Any) -> Any:
         "passes": "graph passes",
         "emit": "writing weights",
     }
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as progress:
+    with _byte_progress() as progress:
         task = progress.add_task("starting", total=None)
 
         def step(name: str) -> None:
@@ -323,19 +330,10 @@ def convert_gguf(
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it is an existing checkpoint.")] = False,
 ) -> None:
     """Convert a GGUF file into a Hugging Face checkpoint directory (written atomically) for `export`."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .gguf_import import convert_gguf as run_convert
 
     t0 = time.perf_counter()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as progress:
+    with _byte_progress() as progress:
         task = progress.add_task("reading GGUF", total=None)
         run_convert(
             gguf_file,
