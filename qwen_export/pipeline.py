@@ -23,7 +23,7 @@ from .tokenizer import Tokenizer
 
 #: Default cap on the context an artifact is exported for (the config may say 128K+). A fused ONNX
 #: Runtime artifact preallocates a KV buffer of this many tokens per sequence (Qwen2.5-0.5B fp32:
-#: 12 KiB per token, 48 MiB at 4096), so the default stays modest; ``--max-length`` raises it.
+#: 24 KiB per token, 96 MiB at 4096), so the default stays modest; ``--max-length`` raises it.
 DEFAULT_MAX_LENGTH_CAP = 4096
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 OPTIONAL_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json")
