@@ -6,7 +6,11 @@ read-only and copy one (``shutil.copytree``) before modifying it.
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,6 +46,37 @@ def qwen2_yarn_bf16_sharded(tiny_root: Path) -> Path:
 def qwen3(tiny_root: Path) -> Path:
     """Qwen3, untied, q_norm/k_norm, explicit head_dim 32 (hidden 64 / 4 heads would give 16)."""
     return make_checkpoint(tiny_root / "qwen3", "qwen3", tied=False, head_dim=32)
+
+
+@dataclass
+class ModuleScratch:
+    """Directories and cached builds that live for one test module, then are deleted.
+
+    The suite exports dozens of tiny models (each ~40 MB: the real 151,936-token vocabulary);
+    keeping every module's builds until the session ends needed >5 GB of disk, more than some
+    CI machines have free. Session-wide builds stay in ``tmp_path_factory``.
+    """
+
+    factory: pytest.TempPathFactory
+    cache: dict[Any, Any] = field(default_factory=dict)
+    made: list[Path] = field(default_factory=list)
+
+    def mkdir(self, name: str) -> Path:
+        path = self.factory.mktemp(name)
+        self.made.append(path)
+        return path
+
+    def release(self) -> None:
+        self.cache.clear()
+        for path in self.made:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def module_scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleScratch]:
+    scratch = ModuleScratch(tmp_path_factory)
+    yield scratch
+    scratch.release()
 
 
 # Exports of the fixtures above, shared by the parity, engine and CLI tests.

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ModuleScratch
 
 from qwen_export.errors import GenerationError
 from qwen_export.loader import open_artifact
@@ -61,8 +62,8 @@ def test_unfused_artifact_matches_fused(export) -> None:
 
 
 @pytest.fixture(scope="module")
-def small_capacity(qwen2_tied: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("capacity") / "artifact"
+def small_capacity(qwen2_tied: Path, module_scratch: ModuleScratch) -> Path:
+    out = module_scratch.mkdir("capacity") / "artifact"
     run_export(qwen2_tied, out, ExportOptions(max_length=16))
     return out
 

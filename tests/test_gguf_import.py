@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import ModuleScratch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -103,13 +104,13 @@ def write_gguf(
 
 
 @pytest.fixture(scope="module")
-def qwen2_gguf(qwen2_tied: Path, gguf_tokens: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_gguf(qwen2_tied, tmp_path_factory.mktemp("gguf") / "qwen2.gguf", gguf_tokens)
+def qwen2_gguf(qwen2_tied: Path, gguf_tokens: list[str], module_scratch: ModuleScratch) -> Path:
+    return write_gguf(qwen2_tied, module_scratch.mkdir("gguf") / "qwen2.gguf", gguf_tokens)
 
 
 @pytest.fixture(scope="module")
-def qwen2_converted(qwen2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert_gguf(qwen2_gguf, tmp_path_factory.mktemp("conv") / "ckpt", dtype="fp32")
+def qwen2_converted(qwen2_gguf: Path, module_scratch: ModuleScratch) -> Path:
+    return convert_gguf(qwen2_gguf, module_scratch.mkdir("conv") / "ckpt", dtype="fp32")
 
 
 def _spec_without_dtype(path: Path) -> ModelSpec:

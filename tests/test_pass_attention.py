@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from conftest import ModuleScratch
 
 from qwen_export.checkpoint import Checkpoint
 from qwen_export.onnx_writer import write_onnx
@@ -31,7 +32,6 @@ from qwen_export.spec import DType, LogitsMode
 from qwen_export.trace import TraceOptions, bind_weights, trace
 
 CAPACITY = 64
-_CACHE: dict[tuple[str, DType], dict[str, Any]] = {}
 
 
 def _traced(request: pytest.FixtureRequest, case: str, dtype: DType) -> tuple[Any, ir.Model]:
@@ -53,18 +53,18 @@ def _fuse(model: ir.Model, spec: Any, explain: Any = None) -> dict[str, Any]:
     }
 
 
-def _built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, case: str, dtype: DType):
+def _built(request: pytest.FixtureRequest, scratch: ModuleScratch, case: str, dtype: DType):
     key = (case, dtype)
-    if key not in _CACHE:
+    if key not in scratch.cache:
         spec, model = _traced(request, case, dtype)
-        root = tmp_path_factory.mktemp(f"attention_{case}_{dtype.value}")
+        root = scratch.mkdir(f"attention_{case}_{dtype.value}")
         (root / "unfused").mkdir()
         write_onnx(model, root / "unfused", "model.onnx", "model.onnx.data")
         results = _fuse(model, spec)
         (root / "fused").mkdir()
         write_onnx(model, root / "fused", "model.onnx", "model.onnx.data")
-        _CACHE[key] = {"spec": spec, "results": results, "ops": op_histogram(model), "root": root}
-    return _CACHE[key]
+        scratch.cache[key] = {"spec": spec, "results": results, "ops": op_histogram(model), "root": root}
+    return scratch.cache[key]
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -114,8 +114,8 @@ def _run_both(built: dict[str, Any], np_dtype: type) -> float:
 @pytest.mark.parametrize(
     ("case", "layers", "qk_norm"), [("qwen2_tied", 2, False), ("qwen2_sliding", 3, False), ("qwen3", 2, True)]
 )
-def test_every_attention_rotary_and_norm_fuses(request, tmp_path_factory, case: str, layers: int, qk_norm: bool):
-    built = _built(request, tmp_path_factory, case, DType.FP32)
+def test_every_attention_rotary_and_norm_fuses(request, module_scratch, case: str, layers: int, qk_norm: bool):
+    built = _built(request, module_scratch, case, DType.FP32)
     results, ops = built["results"], built["ops"]
     assert results["rotary"].fired["rotary"] == 2 * layers
     assert results["attention"].fired["group_query_attention"] == layers
@@ -126,21 +126,21 @@ def test_every_attention_rotary_and_norm_fuses(request, tmp_path_factory, case: 
         assert gone not in ops, gone
 
 
-def test_sliding_layers_get_their_window(request, tmp_path_factory) -> None:
-    built = _built(request, tmp_path_factory, "qwen2_sliding", DType.FP32)
+def test_sliding_layers_get_their_window(request, module_scratch) -> None:
+    built = _built(request, module_scratch, "qwen2_sliding", DType.FP32)
     model = ir.load(built["root"] / "fused" / "model.onnx")
     windows = [n.attributes.get_int("local_window_size", -1) for n in model.graph if n.op_type == "GroupQueryAttention"]
     assert windows == [-1, 8, 8]  # layer 0 full attention, then two sliding layers (window 8)
 
 
 @pytest.mark.parametrize("case", ["qwen2_tied", "qwen2_sliding", "qwen3"])
-def test_fused_graph_matches_unfused_with_left_padding_chunks_and_decode(request, tmp_path_factory, case: str):
-    built = _built(request, tmp_path_factory, case, DType.FP32)
+def test_fused_graph_matches_unfused_with_left_padding_chunks_and_decode(request, module_scratch, case: str):
+    built = _built(request, module_scratch, case, DType.FP32)
     assert _run_both(built, np.float32) <= 1e-4
 
 
-def test_fp16_graph_fuses_and_stays_close(request, tmp_path_factory) -> None:
-    built = _built(request, tmp_path_factory, "qwen2_tied", DType.FP16)
+def test_fp16_graph_fuses_and_stays_close(request, module_scratch) -> None:
+    built = _built(request, module_scratch, "qwen2_tied", DType.FP16)
     assert built["results"]["attention"].fired["group_query_attention"] == 2
     assert _run_both(built, np.float16) <= 0.15  # fp16 logits of magnitude ~20: a few fp16 ulps
 
@@ -195,8 +195,8 @@ def test_mask_analysis_reports_what_it_found(request) -> None:
     assert analyse_mask(model.graph.inputs[0]) == "mask is not Where(condition, 0, -big)"
 
 
-def test_gqa_helper_inputs_are_built_once(request, tmp_path_factory) -> None:
-    built = _built(request, tmp_path_factory, "qwen2_sliding", DType.FP32)
+def test_gqa_helper_inputs_are_built_once(request, module_scratch) -> None:
+    built = _built(request, module_scratch, "qwen2_sliding", DType.FP32)
     model = ir.load(built["root"] / "fused" / "model.onnx")
     gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
     for slot in (5, 6, 10, 16):  # seqlens_k, total_sequence_length, attention_bias, query_seqlens

@@ -11,6 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from conftest import ModuleScratch
 from onnx import TensorProto, helper
 
 from qwen_export.checkpoint import Checkpoint
@@ -23,7 +24,6 @@ from qwen_export.passes.packed_qkv import GQA_RULE, QKV_RULE, ConcatTensor, Pack
 from qwen_export.spec import DType
 from qwen_export.trace import CheckpointTensor, TraceOptions, bind_weights, output_names, trace
 
-_CACHE: dict[str, dict[str, Any]] = {}
 PROJ = "model.layers.{i}.self_attn.{r}_proj.{kind}"
 
 
@@ -58,15 +58,15 @@ def _written(tensor: Any, path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, case: str) -> dict[str, Any]:
+def _exported(request: pytest.FixtureRequest, scratch: ModuleScratch, case: str) -> dict[str, Any]:
     """Trace + bind + cleanup, write unpacked, pack, write packed (cached per case)."""
-    if case not in _CACHE:
+    if case not in scratch.cache:
         ckpt = Checkpoint.open(request.getfixturevalue(case))
         source = _CountingSource(ckpt)
         model = trace(ckpt.spec, TraceOptions(dtype=DType.FP32))
         bind_weights(model, ckpt.spec, source)
         CleanupPass()(model)
-        root = tmp_path_factory.mktemp(f"packed_qkv_{case}")
+        root = scratch.mkdir(f"packed_qkv_{case}")
         (root / "unpacked").mkdir()
         lazy = {name: value.const_value for name, value in model.graph.initializers.items()}
         write_onnx(model, root / "unpacked", "model.onnx", "model.onnx.data")
@@ -79,7 +79,7 @@ def _exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
         packed = {name: value.const_value for name, value in model.graph.initializers.items() if ".qkv_proj." in name}
         (root / "packed").mkdir()
         write_onnx(model, root / "packed", "model.onnx", "model.onnx.data")
-        _CACHE[case] = {
+        scratch.cache[case] = {
             "ckpt": ckpt,
             "spec": ckpt.spec,
             "result": result,
@@ -90,7 +90,7 @@ def _exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
             "reads_during_pass": reads_during_pass,
             "root": root,
         }
-    return _CACHE[case]
+    return scratch.cache[case]
 
 
 def _feeds(spec, batch: int = 2, past: int = 7, seq: int = 4) -> dict[str, np.ndarray]:
@@ -112,8 +112,8 @@ def _feeds(spec, batch: int = 2, past: int = 7, seq: int = 4) -> dict[str, np.nd
 
 
 @pytest.mark.parametrize(("case", "layers", "bias"), [("qwen2_tied", 2, True), ("qwen3", 2, False)])
-def test_every_layer_packs(request, tmp_path_factory, case: str, layers: int, bias: bool) -> None:
-    built = _exported(request, tmp_path_factory, case)
+def test_every_layer_packs(request, module_scratch, case: str, layers: int, bias: bool) -> None:
+    built = _exported(request, module_scratch, case)
     assert built["spec"].num_hidden_layers == layers
     result, ops, before = built["result"], built["ops"], built["ops_before"]
     assert result.fired == {QKV_RULE: layers, GQA_RULE: 0}  # no GroupQueryAttention in the traced graph
@@ -130,8 +130,8 @@ def test_every_layer_packs(request, tmp_path_factory, case: str, layers: int, bi
 
 
 @pytest.mark.parametrize("case", ["qwen2_tied", "qwen3"])
-def test_packed_outputs_match_unpacked(request, tmp_path_factory, case: str) -> None:
-    built = _exported(request, tmp_path_factory, case)
+def test_packed_outputs_match_unpacked(request, module_scratch, case: str) -> None:
+    built = _exported(request, module_scratch, case)
     feeds = _feeds(built["spec"])
     unpacked = _session(built["root"] / "unpacked" / "model.onnx").run(None, feeds)
     packed = _session(built["root"] / "packed" / "model.onnx").run(None, feeds)
@@ -140,8 +140,8 @@ def test_packed_outputs_match_unpacked(request, tmp_path_factory, case: str) -> 
 
 
 @pytest.mark.parametrize("case", ["qwen2_tied", "qwen3"])
-def test_packed_weight_is_lazy_and_streams_exactly(request, tmp_path_factory, tmp_path, monkeypatch, case: str) -> None:
-    built = _exported(request, tmp_path_factory, case)
+def test_packed_weight_is_lazy_and_streams_exactly(request, module_scratch, tmp_path, monkeypatch, case: str) -> None:
+    built = _exported(request, module_scratch, case)
     assert built["reads_during_pass"] == []  # the pass read no checkpoint tensor
     ckpt, spec = built["ckpt"], built["spec"]
     monkeypatch.setattr(packed_qkv, "CHUNK_BYTES", 1000)  # several row blocks
@@ -161,8 +161,8 @@ def test_packed_weight_is_lazy_and_streams_exactly(request, tmp_path_factory, tm
             np.testing.assert_array_equal(bias.numpy(), expected)
 
 
-def test_strict_count_above_the_layer_count_raises(request, tmp_path_factory) -> None:
-    built = _exported(request, tmp_path_factory, "qwen2_tied")
+def test_strict_count_above_the_layer_count_raises(request, module_scratch) -> None:
+    built = _exported(request, module_scratch, "qwen2_tied")
     model = ir.load(built["root"] / "unpacked" / "model.onnx")
     with pytest.raises(FusionError, match="fused 2 .* expected 3") as info:
         PackedQKVFusion(strict_expected=3)(model)

@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from conftest import ModuleScratch
 from typer.testing import CliRunner
 
 from qwen_export import parity
@@ -66,10 +67,10 @@ class _Reads:
 
 
 @pytest.fixture(scope="module")
-def quantized(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Any]:
+def quantized(request: pytest.FixtureRequest, module_scratch: ModuleScratch) -> Callable[[str], Any]:
     """``quantized(case) -> (artifact dir, _Reads)``, exported once per module."""
     cache: dict[str, tuple[Path, _Reads]] = {}
-    root = tmp_path_factory.mktemp("quantized")
+    root = module_scratch.mkdir("quantized")
 
     def run(case: str) -> tuple[Path, _Reads]:
         if case not in cache:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from conftest import ModuleScratch
 from onnx import TensorProto, helper
 
 from qwen_export.checkpoint import Checkpoint
@@ -20,8 +20,6 @@ from qwen_export.passes.rmsnorm import RMS_RULE, SKIP_RULE, FusionError, RMSNorm
 from qwen_export.spec import DType
 from qwen_export.trace import TraceOptions, bind_weights, output_names, trace
 
-_CACHE: dict[tuple[str, DType], dict[str, Any]] = {}
-
 
 def _session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
@@ -29,29 +27,29 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, case: str, dtype: DType):
+def _exported(request: pytest.FixtureRequest, scratch: ModuleScratch, case: str, dtype: DType):
     """Trace + bind + cleanup, write unfused, fuse, write fused (cached per case and dtype)."""
     key = (case, dtype)
-    if key not in _CACHE:
+    if key not in scratch.cache:
         ckpt = Checkpoint.open(request.getfixturevalue(case))
         model = trace(ckpt.spec, TraceOptions(dtype=dtype))
         bind_weights(model, ckpt.spec, ckpt)
         CleanupPass()(model)
-        root = tmp_path_factory.mktemp(f"rmsnorm_{case}_{dtype.value}")
+        root = scratch.mkdir(f"rmsnorm_{case}_{dtype.value}")
         (root / "unfused").mkdir()
         write_onnx(model, root / "unfused", "model.onnx", "model.onnx.data")
         ops_before = op_histogram(model)
         result = RMSNormFusion()(model)
         (root / "fused").mkdir()
         write_onnx(model, root / "fused", "model.onnx", "model.onnx.data")
-        _CACHE[key] = {
+        scratch.cache[key] = {
             "spec": ckpt.spec,
             "result": result,
             "ops": op_histogram(model),
             "ops_before": ops_before,
             "root": root,
         }
-    return _CACHE[key]
+    return scratch.cache[key]
 
 
 def _feeds(spec, np_dtype: type, batch: int = 2, past: int = 7, seq: int = 4) -> dict[str, np.ndarray]:
@@ -72,8 +70,8 @@ def _feeds(spec, np_dtype: type, batch: int = 2, past: int = 7, seq: int = 4) ->
 @pytest.mark.parametrize(
     ("case", "layers", "qk_norm"), [("qwen2_tied", 2, False), ("qwen2_sliding", 3, False), ("qwen3", 2, True)]
 )
-def test_every_norm_fuses(request, tmp_path_factory, case: str, layers: int, qk_norm: bool) -> None:
-    built = _exported(request, tmp_path_factory, case, DType.FP32)
+def test_every_norm_fuses(request, module_scratch, case: str, layers: int, qk_norm: bool) -> None:
+    built = _exported(request, module_scratch, case, DType.FP32)
     assert built["spec"].num_hidden_layers == layers
     expected = 2 * layers + 1 + (2 * layers if qk_norm else 0)
     result, ops = built["result"], built["ops"]
@@ -89,8 +87,8 @@ def test_every_norm_fuses(request, tmp_path_factory, case: str, layers: int, qk_
 
 
 @pytest.mark.parametrize("case", ["qwen2_tied", "qwen3"])
-def test_fused_outputs_match_unfused(request, tmp_path_factory, case: str) -> None:
-    built = _exported(request, tmp_path_factory, case, DType.FP32)
+def test_fused_outputs_match_unfused(request, module_scratch, case: str) -> None:
+    built = _exported(request, module_scratch, case, DType.FP32)
     feeds = _feeds(built["spec"], np.float32)
     unfused = _session(built["root"] / "unfused" / "model.onnx").run(None, feeds)
     fused = _session(built["root"] / "fused" / "model.onnx").run(None, feeds)
@@ -98,8 +96,8 @@ def test_fused_outputs_match_unfused(request, tmp_path_factory, case: str) -> No
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
-def test_fp16_graph_fuses_through_the_casts(request, tmp_path_factory) -> None:
-    built = _exported(request, tmp_path_factory, "qwen2_tied", DType.FP16)
+def test_fp16_graph_fuses_through_the_casts(request, module_scratch) -> None:
+    built = _exported(request, module_scratch, "qwen2_tied", DType.FP16)
     assert built["result"].fired[RMS_RULE] == 5
     assert built["result"].fired[SKIP_RULE] == 3
     assert built["ops_before"]["Cast"] - built["ops"]["Cast"] == 2 * 5  # x -> float32 -> x.dtype per norm

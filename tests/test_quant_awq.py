@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import ModuleScratch
 from typer.testing import CliRunner
 
 from qwen_export import parity
@@ -111,8 +112,8 @@ def test_scaled_tensor_merges_factors() -> None:
 
 
 @pytest.fixture(scope="module")
-def int4(qwen2_untied: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("awq")
+def int4(qwen2_untied: Path, module_scratch: ModuleScratch) -> dict[str, Path]:
+    root = module_scratch.mkdir("awq")
     out = {}
     for algo in (QuantAlgorithm.RTN, QuantAlgorithm.AWQ):
         out[algo.value] = root / algo.value
