@@ -30,7 +30,17 @@ from .errors import ArtifactError, QwenExportError
 MANIFEST_SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 #: distributions whose versions are recorded in the manifest when installed.
-RECORDED_PACKAGES = ("numpy", "onnx", "onnxruntime", "torch", "transformers", "tokenizers", "safetensors")
+RECORDED_PACKAGES = (
+    "numpy",
+    "onnx",
+    "onnxruntime",
+    "openvino",
+    "openvino-tokenizers",
+    "torch",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+)
 _CHUNK = 1 << 20
 
 

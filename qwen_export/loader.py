@@ -9,19 +9,25 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .artifact import Manifest, load_manifest
 from .errors import ArtifactError
 from .generation import GenerationConfig
 from .runtimes.base import Engine
 from .spec import Target
+
+if TYPE_CHECKING:
+    from .runtimes.openvino import OpenVINOOptions
 from .tokenizer import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeOptions:
     threads: int = 0  # 0 = the engine's default
+    #: OpenVINO artifacts: compile settings (precision, KV-cache precision, CACHE_DIR, hint);
+    #: None = OpenVINO's defaults with ``threads``. Ignored by the other engines.
+    openvino: OpenVINOOptions | None = None
 
 
 @dataclasses.dataclass
@@ -65,6 +71,12 @@ def open_artifact(path: str | Path, options: RuntimeOptions | None = None, verif
         from .runtimes.onnxruntime import OnnxRuntimeEngine, OrtOptions
 
         engine: Engine = OnnxRuntimeEngine(root, manifest, OrtOptions(threads=options.threads))
+    elif target is Target.OPENVINO:
+        from .runtimes.openvino import OpenVINOEngine
+        from .runtimes.openvino import OpenVINOOptions as _OVOptions
+
+        ov_options = options.openvino or _OVOptions(threads=options.threads)
+        engine = OpenVINOEngine(root, manifest, ov_options)
     else:  # pragma: no cover - every Target member is handled above
         raise ArtifactError(f"{root}: no engine for target {target.value}")
     tokenizer = Tokenizer.from_dir(root)

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import artifact
 from .checkpoint import Checkpoint
-from .errors import CheckpointError, OptionError
+from .errors import CheckpointError, EngineUnavailableError, OptionError
 from .quant.scheme import QuantAlgorithm, QuantScheme
 from .spec import DType, LogitsMode, ModelSpec, Target
 from .tokenizer import Tokenizer
@@ -49,6 +49,11 @@ class ExportOptions:
             raise OptionError(f"--accuracy-level must be 0, 1, 2, 3 or 4, got {self.accuracy_level}")
         if self.calibration is not None and (self.quant is None or self.quant.algorithm is not QuantAlgorithm.AWQ):
             raise OptionError("--calibration only applies to --algorithm awq")
+        if self.target is Target.OPENVINO and not self.fuse:
+            raise OptionError(
+                "--no-fuse applies to --target onnxruntime only; OpenVINO fuses attention, RoPE and RMSNorm "
+                "itself when it compiles the model"
+            )
 
     def resolved_max_length(self, spec: ModelSpec) -> int:
         if self.max_length is None:
@@ -114,7 +119,7 @@ def _export(
     bind_weights(model, spec, ckpt)
 
     timer.start("passes")
-    from .passes.pipelines import KVLayout, run_pipeline
+    from .passes.pipelines import run_pipeline
 
     dump = _Dumper(options.dump_dir)
     dump("traced", model)
@@ -122,10 +127,10 @@ def _export(
     records, kv_layout = run_pipeline(model, spec, options.target, options.fuse, context, dump)
 
     timer.start("emit")
-    from .runtimes import onnxruntime as ort_target
-
     with artifact.write_artifact(out, options.overwrite) as staging:
-        ort_target.emit(model, staging.path, progress=hooks.write_progress)
+        target_extra = _emit_for_target(
+            model, staging.path, options, spec, ckpt.directory, max_length, kv_layout, hooks
+        )
         kv_cache = {
             "layout": kv_layout.value,
             "capacity": max_length,
@@ -133,17 +138,7 @@ def _export(
         }
         _copy_tokenizer(ckpt.directory, staging.path, tokenizer_files)
         _write_generation_config(ckpt.directory, staging.path, spec)
-        io_signature = _io_signature(model)
-        from .genai_config import write_genai_config
-
-        write_genai_config(
-            staging.path,
-            spec,
-            max_length=max_length,
-            kv_layout_shared=kv_layout is KVLayout.SHARED,
-            input_names=io_signature["inputs"],
-            output_names=io_signature["outputs"],
-        )
+        io_signature = target_extra.pop("io")
         extra: dict[str, Any] = {}
         if options.quant is not None:
             extra["quantization"] = quantization_record(options, context.quantization_kept)
@@ -161,10 +156,53 @@ def _export(
                 "kv_cache": kv_cache,
                 "source": str(Path(checkpoint_dir).resolve().name),
                 "export_seconds": timer.finish(),
+                **target_extra,
                 **extra,
             },
         )
     return artifact.load_manifest(out, verify=False)
+
+
+def _emit_for_target(
+    model: Any,
+    out: Path,
+    options: ExportOptions,
+    spec: ModelSpec,
+    source: Path,
+    max_length: int,
+    kv_layout: Any,
+    hooks: ExportHooks,
+) -> dict[str, Any]:
+    """Write the engine files of ``options.target`` into ``out``; return the manifest extras
+    (``io``: the IO signature the engine sees, plus target-specific records)."""
+    if options.target is Target.OPENVINO:
+        from .runtimes import openvino as ov_target
+
+        ov_target.emit(model, out, progress=hooks.write_progress, message=hooks.message)
+        io = ov_target.io_signature(out)
+        try:
+            tokenizer_files = ov_target.write_tokenizer_ir(source, out)
+        except EngineUnavailableError as exc:  # the artifact still runs in our engine; say what is missing
+            hooks.message(f"no tokenizer IR for openvino-genai: {exc}")
+            tokenizer_files = []
+        if (source / "config.json").is_file():  # openvino-genai reads the model's config.json
+            shutil.copyfile(source / "config.json", out / "config.json")
+        return {"io": io, "openvino": {"tokenizer_ir": bool(tokenizer_files)}}
+    from .genai_config import write_genai_config
+    from .passes.pipelines import KVLayout
+    from .runtimes import onnxruntime as ort_target
+
+    ort_target.emit(model, out, progress=hooks.write_progress)
+    io = _io_signature(model)
+    write_genai_config(
+        out,
+        spec,
+        max_length=max_length,
+        kv_layout_shared=kv_layout is KVLayout.SHARED,
+        input_names=io["inputs"],
+        output_names=io["outputs"],
+    )
+    return {"io": io}
 
 
 def quantization_record(options: ExportOptions, kept: dict[str, str]) -> dict[str, Any]:

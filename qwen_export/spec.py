@@ -44,6 +44,7 @@ class Architecture(_ChoiceEnum):
 
 class Target(_ChoiceEnum):
     ONNXRUNTIME = "onnxruntime"
+    OPENVINO = "openvino"
 
 
 class DType(_ChoiceEnum):

@@ -21,6 +21,7 @@ class KVLayout(enum.Enum):
 
     CONCAT = "concat"  # present = concat(past, new): the engine rebinds the presents as the next pasts
     SHARED = "shared"  # one preallocated buffer per layer bound as both past and present (GQA)
+    STATEFUL = "stateful"  # OpenVINO variables (ReadValue/Assign) inside the infer request
 
 
 class PassContext(Protocol):
@@ -34,9 +35,10 @@ class PassContext(Protocol):
 Pass = Callable[[Any], PassResult]
 
 
-def quantization_passes(spec: ModelSpec, ctx: PassContext) -> list[Pass]:
+def quantization_passes(spec: ModelSpec, ctx: PassContext, lower: bool = True) -> list[Pass]:
     """With ``options.quant``: [AWQ scaling (``ctx.calibration_stats``),] the portable quantization
-    (DequantizeLinear) and its ONNX Runtime lowering (MatMulNBits / GatherBlockQuantized). The
+    (DequantizeLinear) and, with ``lower``, its ONNX Runtime lowering (MatMulNBits /
+    GatherBlockQuantized). The
     weights left in the model dtype are reported into ``ctx.quantization_kept`` (a dict, when the
     context has one)."""
     scheme = getattr(ctx.options, "quant", None)
@@ -58,11 +60,10 @@ def quantization_passes(spec: ModelSpec, ctx: PassContext) -> list[Pass]:
             raise ValueError("--algorithm awq: the pass context has no calibration statistics")
         scaling = AWQScaling(stats, scheme, spec.num_hidden_layers, explain=explain)
         awq, importance = [scaling], scaling.importance  # filled when the awq pass runs
-    return [
-        *awq,
-        QuantizeWeights(scheme, spec.num_hidden_layers, explain=explain, kept=kept, importance=importance),
-        MatMulNBitsLowering(getattr(ctx.options, "accuracy_level", 4), explain=explain),
-    ]
+    quantize = QuantizeWeights(scheme, spec.num_hidden_layers, explain=explain, kept=kept, importance=importance)
+    if not lower:
+        return [*awq, quantize]
+    return [*awq, quantize, MatMulNBitsLowering(getattr(ctx.options, "accuracy_level", 4), explain=explain)]
 
 
 def onnxruntime_passes(spec: ModelSpec, fuse: bool, ctx: PassContext) -> tuple[list[Pass], KVLayout]:
@@ -97,6 +98,17 @@ def onnxruntime_passes(spec: ModelSpec, fuse: bool, ctx: PassContext) -> tuple[l
     return passes, KVLayout.SHARED
 
 
+def openvino_passes(spec: ModelSpec, ctx: PassContext) -> tuple[list[Pass], KVLayout]:
+    """The OpenVINO pipeline: cleanup [, AWQ scaling, portable weight quantization]. The graph stays
+    standard ONNX: OpenVINO's converter and CPU plugin fuse attention (with its internal KV cache),
+    RoPE and RMSNorm themselves, which the runtime-model inspection of the OpenVINO target checks;
+    its weights stay compressed behind blocked DequantizeLinear. The KV cache is made stateful when
+    the IR is emitted (:mod:`qwen_export.runtimes.openvino`)."""
+    from .cleanup import CleanupPass
+
+    return [CleanupPass(), *quantization_passes(spec, ctx, lower=False)], KVLayout.STATEFUL
+
+
 def run_pipeline(
     model: Any, spec: ModelSpec, target: Target, fuse: bool, ctx: PassContext, dump: Callable[[str, Any], None]
 ) -> tuple[list[dict[str, Any]], KVLayout]:
@@ -104,9 +116,10 @@ def run_pipeline(
 
     A non-strict fused export whose attention did not fuse falls back to the concat layout.
     """
-    if target is not Target.ONNXRUNTIME:  # pragma: no cover - Target has one member today
-        raise NotImplementedError(f"no pass pipeline for target {target.value}")
-    passes, layout = onnxruntime_passes(spec, fuse, ctx)
+    if target is Target.OPENVINO:
+        passes, layout = openvino_passes(spec, ctx)
+    else:
+        passes, layout = onnxruntime_passes(spec, fuse, ctx)
     records = []
     outputs = [v.name for v in model.graph.outputs]
     for p in passes:

@@ -16,6 +16,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from ..errors import GenerationError
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineCapabilities:
@@ -51,3 +53,54 @@ class Engine(Protocol):
     def truncate(self, num_tokens: int) -> None:
         """Keep only the first ``num_tokens`` cached tokens (reuse a common prefix across turns)."""
         ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One ``forward`` call, checked: the new tokens, the mask of everything cached after the step
+    and the new tokens' positions."""
+
+    ids: np.ndarray  # [batch, seq] int64
+    mask: np.ndarray  # [batch, cached + seq] int64
+    position_ids: np.ndarray  # [batch, seq] int64
+
+
+def prepare_step(
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray | None,
+    cached_mask: np.ndarray | None,
+    *,
+    vocab_size: int,
+    max_context: int,
+    capacity_note: str = "",
+) -> Step:
+    """Check a ``forward`` call against the engine's state (shapes, token range, batch size, the
+    artifact's context) and derive the full mask and the positions. Raises GenerationError."""
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise GenerationError(f"input_ids must be [batch, seq] with seq >= 1, got shape {ids.shape}")
+    ids = ids.astype(np.int64, copy=False)
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        bad = int(ids.max() if ids.max() >= vocab_size else ids.min())
+        raise GenerationError(f"token id {bad} is out of range for a vocabulary of {vocab_size}")
+    batch, seq = ids.shape
+    new_mask = np.ones((batch, seq), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+    if new_mask.shape != ids.shape:
+        raise GenerationError(f"attention_mask shape {new_mask.shape} does not match input_ids {ids.shape}")
+    if cached_mask is not None and cached_mask.shape[0] != batch:
+        raise GenerationError(f"batch size changed from {cached_mask.shape[0]} to {batch}; call reset() first")
+    cached = 0 if cached_mask is None else cached_mask.shape[1]
+    if cached + seq > max_context:
+        raise GenerationError(
+            f"{cached + seq} tokens exceed the artifact's context of {max_context}{capacity_note}; "
+            "re-export with a larger --max-length"
+        )
+    mask = new_mask if cached_mask is None else np.concatenate([cached_mask, new_mask], axis=1)
+    return Step(ids, mask, position_ids_from_mask(mask)[:, -seq:])
+
+
+def position_ids_from_mask(mask: np.ndarray) -> np.ndarray:
+    """cumsum(mask) - 1 with padding positions set to 1 (what transformers' generate feeds)."""
+    pos = np.cumsum(mask, axis=1) - 1
+    pos[mask == 0] = 1
+    return pos.astype(np.int64)

@@ -24,7 +24,9 @@ import numpy as np
 from ..artifact import Manifest
 from ..errors import ArtifactError, EngineUnavailableError, GenerationError
 from ..spec import ModelSpec
-from .base import EngineCapabilities
+from .base import EngineCapabilities, position_ids_from_mask, prepare_step
+
+__all__ = ["OnnxRuntimeEngine", "OrtOptions", "emit", "position_ids_from_mask"]
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -133,30 +135,16 @@ class OnnxRuntimeEngine:
         self._mask = self._mask[:, :num_tokens]
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
-        ids = np.asarray(input_ids)
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise GenerationError(f"input_ids must be [batch, seq] with seq >= 1, got shape {ids.shape}")
-        ids = ids.astype(np.int64, copy=False)
-        if ids.min() < 0 or ids.max() >= self.spec.vocab_size:
-            bad = int(ids.max() if ids.max() >= self.spec.vocab_size else ids.min())
-            raise GenerationError(f"token id {bad} is out of range for a vocabulary of {self.spec.vocab_size}")
-        batch, seq = ids.shape
-        new_mask = np.ones((batch, seq), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
-        if new_mask.shape != ids.shape:
-            raise GenerationError(f"attention_mask shape {new_mask.shape} does not match input_ids {ids.shape}")
-        if self._mask is not None and self._mask.shape[0] != batch:
-            raise GenerationError(f"batch size changed from {self._mask.shape[0]} to {batch}; call reset() first")
-        total = self.num_cached_tokens + seq
-        if total > self.capabilities.max_context:
-            where = " (the capacity of its preallocated KV buffer)" if self.shared_kv else ""
-            raise GenerationError(
-                f"{total} tokens exceed the artifact's context of {self.capabilities.max_context}{where}; "
-                "re-export with a larger --max-length"
-            )
-        mask = new_mask if self._mask is None else np.concatenate([self._mask, new_mask], axis=1)
-        position_ids = position_ids_from_mask(mask)[:, -seq:]
-        self._run(ids, mask, position_ids)
-        self._mask = mask
+        step = prepare_step(
+            input_ids,
+            attention_mask,
+            self._mask,
+            vocab_size=self.spec.vocab_size,
+            max_context=self.capabilities.max_context,
+            capacity_note=" (the capacity of its preallocated KV buffer)" if self.shared_kv else "",
+        )
+        self._run(step.ids, step.mask, step.position_ids)
+        self._mask = step.mask
         return self._logits
 
     # ------------------------------------------------------------------ internals
@@ -202,10 +190,3 @@ class OnnxRuntimeEngine:
         shape = (batch, self.spec.num_key_value_heads, 0, self.spec.head_dim)
         empty = np.zeros(shape, self.dtype)
         return [self._ort.OrtValue.ortvalue_from_numpy(empty) for _ in range(2 * self._layers)]
-
-
-def position_ids_from_mask(mask: np.ndarray) -> np.ndarray:
-    """cumsum(mask) - 1 with padding positions set to 1 (what transformers' generate feeds)."""
-    pos = np.cumsum(mask, axis=1) - 1
-    pos[mask == 0] = 1
-    return pos.astype(np.int64)

@@ -1,0 +1,382 @@
+"""OpenVINO target: lower the portable ONNX graph to a stateful OpenVINO IR, emit it, run it.
+
+Lowering (export side, :func:`emit`)::
+
+    portable ONNX (standard ops; int4/int8 weights as blocked DequantizeLinear)
+      --openvino.convert_model-->  ov.Model  (its ONNX frontend already recognises the decomposed
+                                   attention as ScaledDotProductAttention; the weights stay
+                                   compressed: Convert/Subtract/Multiply decompression chains)
+      --beam_idx-->   a Gather(past, beam_idx, axis=0) in front of every past_key_values.* input
+      --make stateful-->  past_key_values.* / present.* become ReadValue/Assign pairs (variables),
+                          initialised to zeros [batch, kv_heads, 0, head_dim]
+      --save_model-->  openvino_model.xml + openvino_model.bin (no fp16 compression of fp32 weights)
+
+This is the signature openvino-genai and optimum-intel use (inputs ``input_ids``,
+``attention_mask``, ``position_ids``, ``beam_idx``; output ``logits``), and the pattern OpenVINO's
+CPU plugin turns into its fused attention with an internal KV cache (ReadValue -> Gather(beam_idx)
+-> Concat -> SDPA -> Assign). :func:`runtime_report` inspects the compiled model to prove it.
+
+The tokenizer is converted with ``openvino_tokenizers.convert_tokenizer`` (when installed) into
+``openvino_tokenizer.xml`` / ``openvino_detokenizer.xml`` so ``openvino_genai.LLMPipeline(OUT,
+"CPU")`` runs the artifact as is.
+
+Runtime (:class:`OpenVINOEngine`): one compiled model and one infer request; the KV cache is the
+request's state. ``reset()`` calls ``reset_state()``; ``truncate`` trims the state tensors (chat
+turns reuse the common prefix). ``openvino`` is imported lazily here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..artifact import Manifest
+from ..errors import ArtifactError, EngineUnavailableError, GenerationError, OptionError
+from ..spec import ModelSpec
+from .base import EngineCapabilities, prepare_step
+
+MODEL_XML = "openvino_model.xml"
+MODEL_BIN = "openvino_model.bin"
+TOKENIZER_XML = "openvino_tokenizer.xml"
+TOKENIZER_BIN = "openvino_tokenizer.bin"
+DETOKENIZER_XML = "openvino_detokenizer.xml"
+DETOKENIZER_BIN = "openvino_detokenizer.bin"
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+INSTALL_HINT = "pip install 'qwen-export[openvino]'"
+
+
+def _ov() -> Any:
+    try:
+        import openvino
+    except ImportError:
+        raise EngineUnavailableError(f"the OpenVINO target needs openvino; {INSTALL_HINT}") from None
+    return openvino
+
+
+class Precision(str, enum.Enum):
+    """OpenVINO's INFERENCE_PRECISION_HINT: f32 for parity; bf16 where the CPU has it (AMX/AVX-512 BF16)."""
+
+    F32 = "f32"
+    BF16 = "bf16"
+    F16 = "f16"
+
+
+class KVCachePrecision(str, enum.Enum):
+    """OpenVINO's KV_CACHE_PRECISION. AUTO leaves OpenVINO's default (u8 on x86 CPUs, as
+    openvino-genai runs); F32 keeps the cache exact (parity checks)."""
+
+    AUTO = "auto"
+    F32 = "f32"
+    F16 = "f16"
+    BF16 = "bf16"
+    U8 = "u8"
+
+
+class PerformanceHint(str, enum.Enum):
+    LATENCY = "LATENCY"
+    THROUGHPUT = "THROUGHPUT"
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenVINOOptions:
+    """How the engine compiles the artifact. ``threads`` = 0 lets OpenVINO choose; ``cache_dir``
+    (OpenVINO's CACHE_DIR) makes the second load of an artifact fast (None: no model cache)."""
+
+    threads: int = 0
+    hint: PerformanceHint = PerformanceHint.LATENCY
+    precision: Precision = Precision.F32
+    kv_cache: KVCachePrecision = KVCachePrecision.AUTO
+    cache_dir: Path | None = None
+    device: str = "CPU"
+
+    def properties(self) -> dict[str, Any]:
+        props: dict[str, Any] = {
+            "PERFORMANCE_HINT": self.hint.value,
+            "INFERENCE_PRECISION_HINT": self.precision.value,
+        }
+        if self.threads:
+            props["INFERENCE_NUM_THREADS"] = self.threads
+        if self.kv_cache is not KVCachePrecision.AUTO:
+            props["KV_CACHE_PRECISION"] = self.kv_cache.value
+        if self.cache_dir is not None:
+            props["CACHE_DIR"] = os.fspath(self.cache_dir)
+        return props
+
+
+#: the exact settings parity checks use (fp32 compute, fp32 KV cache)
+EXACT = OpenVINOOptions(precision=Precision.F32, kv_cache=KVCachePrecision.F32)
+
+
+# ---------------------------------------------------------------------------------------- export
+def emit(
+    model: Any,
+    out_dir: Path,
+    progress: Callable[[int, int], None] | None = None,
+    message: Callable[[str], None] = lambda text: None,
+) -> list[str]:
+    """Lower the portable ONNX IR ``model`` to a stateful OpenVINO IR in ``out_dir``.
+
+    The ONNX is written to a scratch folder inside ``out_dir`` (streamed, ``progress(done,
+    total)`` per tensor), converted, made stateful and saved; the scratch folder is removed.
+    """
+    ov = _ov()
+    from ..onnx_writer import write_onnx
+
+    scratch = out_dir / ".onnx-for-openvino"
+    scratch.mkdir()
+    try:
+        write_onnx(model, scratch, "model.onnx", "model.onnx.data", progress)
+        message("converting to OpenVINO IR")
+        ov_model = ov.convert_model(os.fspath(scratch / "model.onnx"))
+        make_stateful(ov_model)
+        ov.save_model(ov_model, os.fspath(out_dir / MODEL_XML), compress_to_fp16=False)
+        del ov_model
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return [MODEL_XML, MODEL_BIN]
+
+
+def make_stateful(ov_model: Any) -> None:
+    """Add ``beam_idx`` and turn every ``past_key_values.*``/``present.*`` pair into a variable.
+
+    Before: Parameter past_key_values.{i}.{k} -> ... -> Result present.{i}.{k}.
+    After: ReadValue(zeros [B, kv_heads, 0, D]) -> Gather(beam_idx, axis 0) -> ... -> Assign.
+    Raises ArtifactError when the IO is not the canonical one.
+    """
+    ov = _ov()
+    from openvino import opset13
+    from openvino._offline_transformations import apply_make_stateful_transformation
+
+    inputs = [port.get_any_name() for port in ov_model.inputs]
+    outputs = {port.get_any_name() for port in ov_model.outputs}
+    past = [name for name in inputs if name.startswith(PAST_PREFIX)]
+    pairs = {name: PRESENT_PREFIX + name[len(PAST_PREFIX) :] for name in past}
+    missing = [out for out in pairs.values() if out not in outputs]
+    if not past or missing or "input_ids" not in inputs or "beam_idx" in inputs:
+        raise ArtifactError(
+            "the traced graph does not have the canonical KV-cache IO (past_key_values.* inputs, "
+            f"present.* outputs, no beam_idx); found inputs {inputs}"
+        )
+    batch = ov_model.input("input_ids").get_partial_shape()[0]
+    beam_idx = opset13.parameter(name="beam_idx", dtype=ov.Type.i32, shape=ov.PartialShape([batch]))
+    beam_idx.output(0).get_tensor().add_names({"beam_idx"})
+    ov_model.add_parameters([beam_idx])
+    for name in past:
+        port = ov_model.input(name)
+        consumers = port.get_target_inputs()
+        reordered = opset13.gather(port, beam_idx, opset13.constant(0))
+        for consumer in consumers:
+            consumer.replace_source_output(reordered.output(0))
+    ov_model.validate_nodes_and_infer_types()
+    apply_make_stateful_transformation(ov_model, pairs)
+    _zero_initial_state(ov_model)
+
+
+def _zero_initial_state(ov_model: Any) -> None:
+    """Give every ReadValue an initializer: zeros [batch of input_ids, kv_heads, 0, head_dim].
+
+    Without one the CPU plugin cannot compile the variables (their batch is dynamic)."""
+    from openvino import opset13
+
+    ids_shape = opset13.shape_of(ov_model.input("input_ids"), output_type="i64")
+    batch = opset13.gather(ids_shape, opset13.constant([0]), opset13.constant(0))
+    for op in ov_model.get_ops():
+        if op.get_type_name() != "ReadValue":
+            continue
+        dims = [d.min_length for d in op.get_output_partial_shape(0)]
+        parts = [batch] + [opset13.constant(np.array([d], dtype=np.int64)) for d in dims[1:]]
+        zeros = opset13.broadcast(
+            opset13.constant(0.0, dtype=op.get_output_element_type(0)), opset13.concat(parts, axis=0)
+        )
+        op.set_arguments([zeros])
+    ov_model.validate_nodes_and_infer_types()
+
+
+def io_signature(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """The saved IR's inputs and outputs (the stateful signature): name -> dtype and shape."""
+    ov = _ov()
+    model = ov.Core().read_model(os.fspath(out_dir / MODEL_XML))
+
+    def describe(ports: Any) -> dict[str, Any]:
+        return {
+            port.get_any_name(): {
+                "dtype": _short_type(port.get_element_type()),
+                "shape": [d.get_length() if d.is_static else "?" for d in port.get_partial_shape()],
+            }
+            for port in ports
+        }
+
+    return {"inputs": describe(model.inputs), "outputs": describe(model.outputs)}
+
+
+def write_tokenizer_ir(checkpoint_dir: Path, out_dir: Path) -> list[str]:
+    """Convert the checkpoint's tokenizer with openvino_tokenizers (what openvino-genai loads).
+
+    Returns the files written; raises EngineUnavailableError when openvino-tokenizers is missing.
+    """
+    ov = _ov()
+    try:
+        from openvino_tokenizers import convert_tokenizer
+    except ImportError:
+        raise EngineUnavailableError(
+            f"the tokenizer IR for openvino-genai needs openvino-tokenizers; {INSTALL_HINT}"
+        ) from None
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(os.fspath(checkpoint_dir))
+    tokenizer, detokenizer = convert_tokenizer(hf, with_detokenizer=True)
+    ov.save_model(tokenizer, os.fspath(out_dir / TOKENIZER_XML))
+    ov.save_model(detokenizer, os.fspath(out_dir / DETOKENIZER_XML))
+    return [TOKENIZER_XML, TOKENIZER_BIN, DETOKENIZER_XML, DETOKENIZER_BIN]
+
+
+# ---------------------------------------------------------------------------------------- inspection
+@dataclasses.dataclass(frozen=True)
+class RuntimeReport:
+    """What OpenVINO's CPU plugin made of the artifact (from ``compiled.get_runtime_model()``)."""
+
+    layer_types: dict[str, int]
+    stateful_attention: int  # SDPA nodes reading the KV cache from state and writing it back
+    decomposed_attention: int  # SDPA nodes fed by a Concat of the cache (no internal KV cache)
+    weight_precisions: dict[str, int]  # FullyConnected weight element types (i4, u4, i8, u8, f32...)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def runtime_report(compiled: Any) -> RuntimeReport:
+    """Count the fused ops in a compiled model: attention with its internal KV cache, and the
+    element type of each FullyConnected's weights (compressed weights stay i4/u4/i8/u8)."""
+    runtime = compiled.get_runtime_model()
+    types: Counter[str] = Counter()
+    stateful = decomposed = 0
+    weights: Counter[str] = Counter()
+    for op in runtime.get_ops():
+        kind = _layer_type(op)
+        types[kind] += 1
+        sources = [_layer_type(i.get_source_output().get_node()) for i in op.inputs()]
+        if kind == "ScaledDotProductAttention":
+            reads_state = sources.count("MemoryInput") >= 2
+            writes_state = any(
+                _layer_type(t.get_node()) == "MemoryOutput" for out in op.outputs() for t in out.get_target_inputs()
+            )
+            if reads_state and writes_state:
+                stateful += 1
+            else:
+                decomposed += 1
+        elif kind == "FullyConnected" and len(op.inputs()) > 1:
+            weights[_short_type(op.inputs()[1].get_element_type())] += 1
+    return RuntimeReport(dict(types), stateful, decomposed, dict(weights))
+
+
+def _layer_type(op: Any) -> str:
+    info = op.get_rt_info()
+    return str(info["layerType"].astype(str)) if "layerType" in info else op.get_type_name()
+
+
+def _short_type(element_type: Any) -> str:
+    return str(element_type.get_type_name()) if hasattr(element_type, "get_type_name") else str(element_type)
+
+
+# ---------------------------------------------------------------------------------------- engine
+class OpenVINOEngine:
+    """Engine over an exported OpenVINO artifact: a compiled stateful model and one infer request."""
+
+    def __init__(self, artifact_dir: str | Path, manifest: Manifest, options: OpenVINOOptions | None = None) -> None:
+        ov = _ov()
+        self.options = options or OpenVINOOptions()
+        self.spec = ModelSpec.from_dict(manifest.spec)
+        path = Path(artifact_dir) / MODEL_XML
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing; re-export the artifact with --target openvino")
+        core = ov.Core()
+        if self.options.precision is not Precision.F32:
+            _check_precision(core, self.options)
+        started = time.perf_counter()
+        try:
+            self.compiled = core.compile_model(os.fspath(path), self.options.device, self.options.properties())
+        except RuntimeError as exc:  # OpenVINO raises RuntimeError with a multi-line trace
+            raise ArtifactError(f"{path}: OpenVINO could not compile it: {_first_line(exc)}") from None
+        self.load_seconds = time.perf_counter() - started
+        self.request = self.compiled.create_infer_request()
+        self.capabilities = EngineCapabilities(
+            name="openvino",
+            max_context=int(manifest.extra.get("max_length", self.spec.max_position_embeddings)),
+            max_batch=0,
+            devices=(self.options.device.lower(),),
+            full_logits=manifest.logits == "all",
+            vocab_size=self.spec.vocab_size,
+        )
+        self.reset()
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return 0 if self._mask is None else int(self._mask.shape[1])
+
+    def reset(self) -> None:
+        self.request.reset_state()
+        self._mask: np.ndarray | None = None
+
+    def truncate(self, num_tokens: int) -> None:
+        if num_tokens < 0 or num_tokens > self.num_cached_tokens:
+            raise GenerationError(f"cannot keep {num_tokens} tokens; the cache holds {self.num_cached_tokens}")
+        if num_tokens == 0:
+            self.reset()
+            return
+        if num_tokens == self.num_cached_tokens:
+            return
+        ov = _ov()
+        for state in self.request.query_state():  # [batch, kv_heads, cached, head_dim]
+            kept = np.ascontiguousarray(state.state.data[:, :, :num_tokens])
+            state.state = ov.Tensor(kept)
+        assert self._mask is not None
+        self._mask = self._mask[:, :num_tokens]
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        step = prepare_step(
+            input_ids,
+            attention_mask,
+            self._mask,
+            vocab_size=self.spec.vocab_size,
+            max_context=self.capabilities.max_context,
+        )
+        batch = step.ids.shape[0]
+        self.request.infer(
+            {
+                "input_ids": step.ids,
+                "attention_mask": step.mask,
+                "position_ids": np.ascontiguousarray(step.position_ids),
+                "beam_idx": np.arange(batch, dtype=np.int32),
+            },
+            share_inputs=True,
+        )
+        self._mask = step.mask
+        return np.array(self.request.get_tensor("logits").data, dtype=np.float32)
+
+    def runtime_report(self) -> RuntimeReport:
+        return runtime_report(self.compiled)
+
+
+def _check_precision(core: Any, options: OpenVINOOptions) -> None:
+    capabilities = core.get_property(options.device, "OPTIMIZATION_CAPABILITIES")
+    wanted = {Precision.BF16: "BF16", Precision.F16: "FP16"}[options.precision]
+    if wanted not in capabilities:
+        raise OptionError(
+            f"inference precision {options.precision.value} is not supported by this {options.device} "
+            f"(it offers {', '.join(capabilities)}); use f32"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.startswith("Exception from")]
+    return lines[0] if lines else type(exc).__name__
