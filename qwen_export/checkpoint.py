@@ -3,9 +3,16 @@
 The safetensors headers are parsed here (not by ``safetensors.safe_open``) so that every file is
 checked at open time (truncation, offsets past the end, byte counts that do not match the shape)
 and so that bfloat16, which numpy lacks, can be widened to float32 without torch or ml_dtypes.
-Tensors are read one at a time, on request, and never cached.
+Tensors are read one at a time, on request, and never cached (except, while :meth:`Checkpoint.read_rows`
+streams a pre-quantized weight, that weight's packed tensors).
 
 Pickle checkpoints (``pytorch_model.bin``, ``*.pt``) are refused: unpickling runs arbitrary code.
+
+Pre-quantized checkpoints (AWQ / GPTQ, a ``quantization_config`` in config.json, see
+:mod:`.prequant`) are read through a float view: each quantized linear's ``qweight``/``qzeros``/
+``scales``/``g_idx`` are listed as the one ``<prefix>.weight`` [N, K] (dtype ``F32``) an unquantized
+checkpoint would have, and :meth:`Checkpoint.read` returns its dequantized values; the stored
+quantization itself is :meth:`Checkpoint.stored_quantization` (what the quantize pass keeps as is).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import prequant
 from .errors import CheckpointError
 from .spec import ModelSpec
 
@@ -56,12 +64,31 @@ class TensorInfo:
 
 
 class Checkpoint:
-    """A Hugging Face checkpoint directory: ``config.json`` plus safetensors weights."""
+    """A Hugging Face checkpoint directory: ``config.json`` plus safetensors weights.
 
-    def __init__(self, directory: Path, spec: ModelSpec, tensors: dict[str, TensorInfo]) -> None:
+    ``prequantized``: the stored AWQ/GPTQ quantization (:class:`.prequant.Prequantized`), or None.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        spec: ModelSpec,
+        tensors: dict[str, TensorInfo],
+        prequantized: prequant.Prequantized | None = None,
+    ) -> None:
         self.directory = directory
         self.spec = spec
-        self._tensors = tensors
+        self._tensors = tensors  # what the files store
+        self.prequantized = prequantized
+        # what the exporter sees: pre-quantized linears as their float <prefix>.weight, parts hidden
+        self._view = dict(tensors)
+        self._rows_cache: tuple[str, prequant.PackedArrays] | None = None
+        if prequantized is not None:
+            for part in prequantized.parts:
+                self._view.pop(part, None)
+            for name, linear in prequantized.linears.items():
+                q = tensors[linear.qweight]
+                self._view[name] = TensorInfo(q.file, "F32", (linear.n, linear.k), q.start, q.end)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -79,21 +106,37 @@ class Checkpoint:
             tensors = read_header(single)
         else:
             raise CheckpointError(_no_weights_message(directory))
-        return cls(directory, spec, tensors)
+        config = prequant.read_config(directory / "config.json")
+        pre = None
+        if config is not None:
+            pre = prequant.plan(config, tensors, expected_tensors(spec), str(directory))
+        return cls(directory, spec, tensors, pre)
 
     # ------------------------------------------------------------------ queries
     def names(self) -> list[str]:
-        """All tensor names, sorted."""
-        return sorted(self._tensors)
+        """All tensor names, sorted (a pre-quantized linear as its ``<prefix>.weight``, not its parts)."""
+        return sorted(self._view)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._tensors
+        return name in self._view or name in self._tensors
 
     def info(self, name: str) -> TensorInfo:
-        try:
-            return self._tensors[name]
-        except KeyError:
-            raise CheckpointError(f"checkpoint {self.directory} has no tensor {name}") from None
+        """Where a tensor lives. A pre-quantized ``<prefix>.weight`` has dtype ``F32`` (its dequantized
+        view), its [N, K] shape and the file and byte range of its ``qweight``; the stored parts
+        (``qweight``, ``qzeros``, ...) remain readable by name."""
+        info = self._view.get(name) or self._tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"checkpoint {self.directory} has no tensor {name}")
+        return info
+
+    def _linear(self, name: str) -> prequant.PackedLinear | None:
+        return self.prequantized.linears.get(name) if self.prequantized is not None else None
+
+    def stored_quantization(self, name: str) -> prequant.StoredLinear | None:
+        """The stored quantization of weight ``name`` (HF name, [N, K]) of a pre-quantized checkpoint,
+        as W^T [K, N] blocked along K; None when ``name`` is stored in float. Reads nothing yet."""
+        linear = self._linear(name)
+        return None if linear is None else prequant.StoredLinear(linear, self._read_stored)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.info(name).shape
@@ -109,8 +152,18 @@ class Checkpoint:
 
     # ------------------------------------------------------------------ reading
     def read(self, name: str) -> np.ndarray:
-        """Read one tensor into a new writable array. BF16 is widened (exactly) to float32."""
-        info = self.info(name)
+        """Read one tensor into a new writable array. BF16 is widened (exactly) to float32.
+
+        A pre-quantized ``<prefix>.weight`` is dequantized: float32 [N, K] ``(q - z) * s``."""
+        linear = self._linear(name)
+        if linear is not None:
+            return prequant.dequantize_weight(linear, self._read_stored)
+        return self._read_stored(name)
+
+    def _read_stored(self, name: str) -> np.ndarray:
+        info = self._tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"checkpoint {self.directory} has no tensor {name}")
         if info.dtype not in _DTYPES:
             raise CheckpointError(f"tensor {name} in {info.file} has dtype {info.dtype}, which is not supported")
         np_dtype, _ = _DTYPES[info.dtype]
@@ -128,8 +181,19 @@ class Checkpoint:
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of tensor ``name`` (first axis), widened like :meth:`read`.
 
-        Lets writers stream a large tensor in bounded memory instead of reading it whole.
+        Lets writers stream a large tensor in bounded memory instead of reading it whole. For a
+        pre-quantized weight, the packed tensors (1/8 of the float32 size for int4) are read once and
+        held until the last row is served (or another weight is streamed); each call dequantizes its rows.
         """
+        linear = self._linear(name)
+        if linear is not None:
+            if self._rows_cache is None or self._rows_cache[0] != name:
+                self._rows_cache = None  # drop the previous weight first
+                self._rows_cache = (name, prequant.PackedArrays.read(linear, self._read_stored))
+            packed = self._rows_cache[1]
+            if stop >= linear.n:
+                self._rows_cache = None
+            return prequant.dequantize_transposed(prequant.decode(packed, max(0, start), stop))
         info = self.info(name)
         if info.dtype not in _DTYPES:
             raise CheckpointError(f"tensor {name} in {info.file} has dtype {info.dtype}, which is not supported")
@@ -170,13 +234,13 @@ class Checkpoint:
         else:
             optional = set()
         problems: list[str] = []
-        missing = [n for n in expected if n not in self._tensors and n not in optional]
+        missing = [n for n in expected if n not in self._view and n not in optional]
         if missing:
             problems.append(
                 f"checkpoint {self.directory} is missing {len(missing)} expected tensor(s): {_some(missing)}"
             )
         for name, shape in expected.items():
-            info = self._tensors.get(name)
+            info = self._view.get(name)
             if info is None:
                 continue
             if info.shape != shape:
@@ -184,7 +248,7 @@ class Checkpoint:
             elif info.dtype not in FLOAT_DTYPES:
                 problems.append(
                     f"tensor {name} in {info.file} has dtype {info.dtype}, expected one of {', '.join(FLOAT_DTYPES)}"
-                    " (quantized checkpoints are not supported)"
+                    " (quantized weights are imported only with an AWQ or GPTQ quantization_config in config.json)"
                 )
         extra = [n for n in self.names() if n not in expected and not n.endswith("rotary_emb.inv_freq")]
         if extra:
@@ -192,6 +256,10 @@ class Checkpoint:
                 f"checkpoint {self.directory} has {len(extra)} unexpected tensor(s) for a "
                 f"{spec.architecture.value} model: {_some(extra)} (quantized or a different architecture?)"
             )
+        if not problems and self.prequantized is not None:
+            for linear in self.prequantized.linears.values():  # act-order (desc_act): a few KiB each
+                if linear.has_g_idx:
+                    prequant.check_g_idx(linear, self._read_stored(linear.g_idx))
         if problems:
             raise CheckpointError("; ".join(problems))
 

@@ -97,7 +97,13 @@ def _byte_progress() -> Any:
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Hugging Face checkpoint directory (config.json, *.safetensors).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to create.")],
-    target: Annotated[str, typer.Option(help="Engine: onnxruntime.")] = "onnxruntime",
+    target: Annotated[
+        str,
+        typer.Option(
+            help="Engine: onnxruntime | openvino (a stateful OpenVINO IR plus tokenizer IR, loadable by "
+            "openvino-genai)."
+        ),
+    ] = "onnxruntime",
     dtype: Annotated[
         str | None, typer.Option(help="Activation (and unquantized weight) precision: fp32 | fp16 (default fp32).")
     ] = None,
@@ -109,9 +115,10 @@ def export(
     fuse: Annotated[
         bool,
         typer.Option(
-            help="Fuse RMSNorm and attention into ONNX Runtime's contrib ops (SimplifiedLayerNormalization, "
-            "GroupQueryAttention with rotary, packed QKV, one preallocated KV buffer); --no-fuse keeps plain "
-            "ONNX ops and a KV cache that grows by concatenation."
+            help="--target onnxruntime: fuse RMSNorm and attention into ONNX Runtime's contrib ops "
+            "(SimplifiedLayerNormalization, GroupQueryAttention with rotary, packed QKV, one preallocated KV "
+            "buffer); --no-fuse keeps plain ONNX ops and a KV cache that grows by concatenation. OpenVINO "
+            "fuses itself when it compiles."
         ),
     ] = True,
     strict: Annotated[
@@ -172,6 +179,8 @@ def export(
     act_dtype, quant = _weight_options(
         weights, dtype, block_size, symmetric, algorithm, keep, keep_layers, accuracy_level
     )
+    if (checkpoint / "config.json").is_file():
+        quant = _prequantized_default(checkpoint, weights, quant, block_size, symmetric)
     options = ExportOptions(
         target=Target.parse(target, "target"),
         dtype=act_dtype,
@@ -199,6 +208,27 @@ def export(
         console.print(kv_line, highlight=False, soft_wrap=True)
     if dump_dir is not None:
         console.print(f"intermediate models written to {dump_dir}", highlight=False)
+
+
+def _prequantized_default(
+    checkpoint: Path, weights: str | None, quant: Any, block_size: int | None, symmetric: bool | None
+) -> Any:
+    """A pre-quantized (AWQ/GPTQ) checkpoint keeps its own quantization: with no --weights, its
+    bits and group size; with --weights of its bits, its group size and symmetry unless given."""
+    from .prequant import default_scheme
+
+    own = default_scheme(checkpoint)
+    if own is None:
+        return quant
+    if weights is None:
+        return own
+    if quant is not None and quant.fmt is own.fmt:
+        return dataclasses.replace(
+            quant,
+            block_size=own.block_size if block_size is None else quant.block_size,
+            symmetric=own.symmetric if symmetric is None else quant.symmetric,
+        )
+    return quant
 
 
 def _weight_options(
@@ -287,6 +317,8 @@ def _kv_cache_line(kv: Any) -> str | None:
         return f"KV cache: {total}, preallocated (one buffer shared by past and present)"
     if layout == "concat":
         return f"KV cache: up to {total}, grown as tokens arrive (past and present concatenated)"
+    if layout == "stateful":
+        return f"KV cache: up to {total} at fp32 (less with --kv-cache f16/u8), held in OpenVINO's state"
     return f"KV cache: {total} (layout {layout})"
 
 
@@ -382,6 +414,25 @@ RepPen = Annotated[float | None, typer.Option(help="Repetition penalty (1 = off)
 Seed = Annotated[int | None, typer.Option(help="Random seed for sampling.")]
 Stop = Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")]
 Threads = Annotated[int, typer.Option(help="Engine threads (0 = engine default).")]
+Precision = Annotated[
+    str | None, typer.Option(help="OpenVINO artifacts: inference precision f32 (default) | bf16 | f16.")
+]
+KVCache = Annotated[
+    str | None,
+    typer.Option(
+        help="OpenVINO artifacts: KV-cache precision f32 (default, exact) | f16 | bf16 | u8 | auto (OpenVINO's "
+        "own default, u8 on x86, as openvino-genai runs)."
+    ),
+]
+CacheDir = Annotated[
+    Path | None, typer.Option(help="OpenVINO artifacts: model cache directory (CACHE_DIR); later loads are fast.")
+]
+
+
+def _runtime(threads: int, precision: str | None, kv_cache: str | None, cache_dir: Path | None) -> Any:
+    from .llm import runtime_options
+
+    return runtime_options(threads, precision, kv_cache, cache_dir)
 
 
 @app.command()
@@ -404,11 +455,13 @@ def generate(
     seed: Seed = None,
     stop: Stop = None,
     threads: Threads = 0,
+    precision: Precision = None,
+    kv_cache: KVCache = None,
+    cache_dir: CacheDir = None,
 ) -> None:
     """Generate a completion for PROMPT, streamed to the terminal."""
-    from .llm import load
 
-    llm = load(artifact, threads=threads)
+    llm = _load_llm(artifact, threads, precision, kv_cache, cache_dir)
     sampling = _sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
     response_format = _response_format(json_schema, json_mode)
     if raw:
@@ -425,6 +478,13 @@ def generate(
         f"decode {result.decode_tokens_per_s or 0:.1f} tok/s[/]",
         highlight=False,
     )
+
+
+def _load_llm(artifact: Path, threads: int, precision: str | None, kv_cache: str | None, cache_dir: Path | None) -> Any:
+    from .llm import LLM
+    from .loader import open_artifact
+
+    return LLM(open_artifact(artifact, _runtime(threads, precision, kv_cache, cache_dir)))
 
 
 def _given(options: dict[str, Any]) -> dict[str, Any]:
@@ -476,17 +536,19 @@ def chat(
     repetition_penalty: RepPen = None,
     seed: Seed = None,
     threads: Threads = 0,
+    precision: Precision = None,
+    kv_cache: KVCache = None,
+    cache_dir: CacheDir = None,
 ) -> None:
     """Interactive multi-turn chat; earlier turns stay in the KV cache. Commands: /reset, /exit.
 
     With --tools, the model's tool calls are printed as JSON and you type each tool's result.
     """
-    from .llm import load
 
     tool_specs = _read_json(tools, "tools") if tools is not None else None
     if tool_specs is not None and not isinstance(tool_specs, list):
         raise OptionError(f"{tools}: expected a JSON list of tool specs")
-    llm = load(artifact, threads=threads)
+    llm = _load_llm(artifact, threads, precision, kv_cache, cache_dir)
     sampling = _given(
         _sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, None)
     )
@@ -552,6 +614,10 @@ def check(
     max_tokens: Annotated[int, typer.Option(help="Evaluate at most this many tokens of the text.")] = 128,
     greedy_tokens: Annotated[int, typer.Option(help="Greedy continuation length compared.")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    threads: Threads = 0,
+    precision: Precision = None,
+    kv_cache: KVCache = None,
+    cache_dir: CacheDir = None,
 ) -> None:
     """Compare ARTIFACT with transformers on REFERENCE; exit 1 past the precision's thresholds."""
     from . import parity
@@ -559,7 +625,7 @@ def check(
 
     if max_tokens < 2 or greedy_tokens < 1:
         raise OptionError("--max-tokens must be >= 2 and --greedy-tokens >= 1")
-    loaded = open_artifact(artifact)
+    loaded = open_artifact(artifact, _runtime(threads, precision, kv_cache, cache_dir))
     if text is not None:
         if not text.is_file():
             raise OptionError(f"{text}: text file not found")
@@ -730,6 +796,9 @@ def bench(
         Path | None, typer.Option("--plot", help="Write decode tok/s and TTFT vs prompt length here (.png).")
     ] = None,
     threads: Threads = 0,
+    precision: Precision = None,
+    kv_cache: KVCache = None,
+    cache_dir: CacheDir = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Measure TTFT, prefill and decode tokens/s, memory and load time of one or more ARTIFACTS.
@@ -739,7 +808,7 @@ def bench(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from . import bench as bench_mod
-    from .loader import RuntimeOptions, open_artifact
+    from .loader import open_artifact
 
     news = _int_list(new_tokens, "--new-tokens")
     if sweep_max is not None and not sweep:
@@ -769,7 +838,7 @@ def bench(
             status.update(f"loading {label}")
             rss0 = bench_mod.current_rss_mb()
             t0 = time.perf_counter()
-            loaded = open_artifact(path, RuntimeOptions(threads=threads))
+            loaded = open_artifact(path, _runtime(threads, precision, kv_cache, cache_dir))
             load_s = time.perf_counter() - t0
             manifest = loaded.manifest
             kv = bench_mod.kv_bytes_per_token(manifest.spec, manifest.dtype)

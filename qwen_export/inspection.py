@@ -30,10 +30,27 @@ def describe(artifact: str | Path, manifest: Manifest) -> dict[str, Any]:
         info["ops"] = dict(ops.most_common())
         info["nodes"] = sum(ops.values())
         info["initializers"] = len(model.graph.initializer)
+    ov_file = root / "openvino_model.xml"
+    if ov_file.is_file():
+        ops = _openvino_ops(ov_file)
+        info["ops"] = dict(ops.most_common())
+        info["nodes"] = sum(ops.values())
     info["passes"] = [pass_summary(record) for record in manifest.passes if isinstance(record, dict)]
     info["kv_cache"] = kv_cache_summary(manifest.extra.get("kv_cache"))
     info["genai"] = _genai_summary(root / "genai_config.json") if "genai_config.json" in manifest.files else None
     return info
+
+
+def _openvino_ops(path: Path) -> Counter[str]:
+    """Layer types of an OpenVINO IR (``<layer type="..." version="opsetN">``), read without openvino."""
+    from xml.etree import ElementTree
+
+    ops: Counter[str] = Counter()
+    for _, element in ElementTree.iterparse(path):
+        if element.tag == "layer":
+            ops[str(element.get("type"))] += 1
+            element.clear()
+    return ops
 
 
 def pass_summary(record: dict[str, Any]) -> dict[str, Any]:

@@ -216,15 +216,46 @@ class LLM:
 def load(path: str | Path, engine: str | None = None, device: str | None = None, **options: Any) -> LLM:
     """Open an exported artifact (manifest and checksums verified) and return an :class:`LLM`.
 
-    ``engine`` defaults to the artifact's target (the manifest says which); ``device`` is ``"cpu"``
-    for ONNX Runtime; ``options``: ``threads`` (engine threads, 0 = default).
+    ``engine`` defaults to the artifact's target (the manifest says which); ``device`` is ``"cpu"``;
+    ``options``: ``threads`` (engine threads, 0 = default) and, for OpenVINO artifacts,
+    ``precision`` (f32 | bf16 | f16), ``kv_cache`` (f32 | f16 | bf16 | u8 | auto) and ``cache_dir``
+    (OpenVINO's model cache: the second load is fast).
     """
-    unknown = sorted(set(options) - {"threads"})
+    valid = ["threads", *OPENVINO_LOAD_OPTIONS]
+    unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise OptionError(f"unknown load option(s) {unknown}; valid: ['threads']")
+        raise OptionError(f"unknown load option(s) {unknown}; valid: {valid}")
     if device not in (None, "cpu"):
         raise OptionError(f"device {device!r} is not available for this artifact; valid: cpu")
-    loaded = open_artifact(path, RuntimeOptions(threads=int(options.get("threads", 0))))
+    loaded = open_artifact(path, runtime_options(**options))
     if engine is not None and Target.parse(engine, "engine") is not Target.parse(loaded.manifest.target):
         raise OptionError(f"engine {engine!r} does not match the artifact's target {loaded.manifest.target!r}")
     return LLM(loaded)
+
+
+OPENVINO_LOAD_OPTIONS = ("precision", "kv_cache", "cache_dir")
+
+
+def runtime_options(
+    threads: int = 0, precision: str | None = None, kv_cache: str | None = None, cache_dir: str | Path | None = None
+) -> RuntimeOptions:
+    """RuntimeOptions from plain values (CLI and :func:`load`); the OpenVINO ones are checked
+    against their enums here and refused by :func:`open_artifact` for other targets."""
+    if precision is None and kv_cache is None and cache_dir is None:
+        return RuntimeOptions(threads=threads)
+    from .runtimes.openvino import KVCachePrecision, OpenVINOOptions, Precision
+
+    ov = OpenVINOOptions(
+        threads=threads,
+        precision=_choice(Precision, precision or "f32", "precision"),
+        kv_cache=_choice(KVCachePrecision, kv_cache or "f32", "kv_cache"),
+        cache_dir=Path(cache_dir) if cache_dir is not None else None,
+    )
+    return RuntimeOptions(threads=threads, openvino=ov)
+
+
+def _choice(enum_cls: Any, value: str, what: str) -> Any:
+    for member in enum_cls:
+        if member.value.lower() == str(value).lower():
+            return member
+    raise OptionError(f"unknown {what} {value!r}; valid values: {', '.join(m.value.lower() for m in enum_cls)}")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .artifact import Manifest, load_manifest
-from .errors import ArtifactError
+from .errors import ArtifactError, OptionError
 from .generation import GenerationConfig
 from .runtimes.base import Engine
 from .spec import Target
@@ -67,6 +67,11 @@ def open_artifact(path: str | Path, options: RuntimeOptions | None = None, verif
     root = Path(path)
     manifest = load_manifest(root, verify=verify)
     target = Target.parse(manifest.target, "target in manifest.json")
+    if options.openvino is not None and target is not Target.OPENVINO:
+        raise OptionError(
+            f"{root} is a {target.value} artifact; the OpenVINO options (precision, KV-cache precision, "
+            "cache dir) apply to --target openvino artifacts only"
+        )
     if target is Target.ONNXRUNTIME:
         from .runtimes.onnxruntime import OnnxRuntimeEngine, OrtOptions
 

@@ -161,17 +161,25 @@ def greedy_artifact(engine: Engine, ids: list[int], n: int) -> list[int]:
 
 
 class Reference:
-    """transformers' model for a checkpoint, fp32, eager attention (the parity reference)."""
+    """transformers' model for a checkpoint, fp32, eager attention (the parity reference).
+
+    A pre-quantized (AWQ/GPTQ) checkpoint runs with its dequantized weights (:mod:`.prequant`'s
+    float view), which is what an export that keeps the stored quantization computes."""
 
     def __init__(self, checkpoint: str | Path) -> None:
         import torch
         import transformers
 
+        from .prequant import read_config
+
         self._torch = torch
         transformers.utils.logging.disable_progress_bar()
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(checkpoint), dtype=torch.float32, attn_implementation="eager"
-        ).eval()
+        if read_config(checkpoint) is not None:
+            self.model = _dequantized_model(Path(checkpoint))
+        else:
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(checkpoint), dtype=torch.float32, attn_implementation="eager"
+            ).eval()
 
     def logits(self, ids: list[int]) -> np.ndarray:
         torch = self._torch
@@ -185,6 +193,29 @@ class Reference:
                 torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0
             )
         return [int(t) for t in out[0, len(ids) :]]
+
+
+def _dequantized_model(checkpoint: Path) -> Any:
+    """transformers' float32 model of a pre-quantized checkpoint, loaded from its dequantized weights
+    (no AWQ/GPTQ kernel package needed)."""
+    import torch
+    import transformers
+
+    from .checkpoint import Checkpoint
+
+    config = transformers.AutoConfig.from_pretrained(str(checkpoint))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    ckpt = Checkpoint.open(checkpoint)
+    ckpt.validate()
+    state = {name: torch.from_numpy(np.asarray(ckpt.read(name), dtype=np.float32)) for name in ckpt.names()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [n for n in missing if not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise OptionError(f"reference for {checkpoint}: weights missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    return model.eval()
 
 
 def check(

@@ -55,6 +55,13 @@ class ExportOptions:
                 "itself when it compiles the model"
             )
 
+    @property
+    def graph_dtype(self) -> DType:
+        """The traced graph's dtype. OpenVINO keeps the graph in fp32 and stores fp16 weights
+        compressed (decompressed on load; its CPU plugin picks the compute precision at run time):
+        an fp16 graph's casts around softmax would hide the attention from its SDPA fusion."""
+        return DType.FP32 if self.target is Target.OPENVINO else self.dtype
+
     def resolved_max_length(self, spec: ModelSpec) -> int:
         if self.max_length is None:
             return min(spec.max_position_embeddings, DEFAULT_MAX_LENGTH_CAP)
@@ -115,7 +122,7 @@ def _export(
     timer.start("trace")
     from .trace import TraceOptions, bind_weights, trace
 
-    model = trace(spec, TraceOptions(dtype=options.dtype, logits=options.logits))
+    model = trace(spec, TraceOptions(dtype=options.graph_dtype, logits=options.logits))
     bind_weights(model, spec, ckpt)
 
     timer.start("passes")
@@ -134,16 +141,26 @@ def _export(
         kv_cache = {
             "layout": kv_layout.value,
             "capacity": max_length,
-            "bytes_per_token": kv_bytes_per_token(spec, options.dtype),
+            "bytes_per_token": kv_bytes_per_token(spec, options.graph_dtype),
         }
         _copy_tokenizer(ckpt.directory, staging.path, tokenizer_files)
         _write_generation_config(ckpt.directory, staging.path, spec)
         io_signature = target_extra.pop("io")
         extra: dict[str, Any] = {}
+        from .prequant import record as prequant_record
+
+        source_quant = prequant_record(ckpt)
         if options.quant is not None:
             extra["quantization"] = quantization_record(options, context.quantization_kept)
             if calibration is not None:
                 extra["quantization"]["calibration"] = calibration
+            if source_quant is not None:
+                extra["quantization"]["prequantized"] = source_quant
+                extra["quantization"]["requantized"] = [
+                    {"tensor": name, "reason": why} for name, why in context.quantization_requantized.items()
+                ]
+        elif source_quant is not None:
+            extra["dequantized_from"] = source_quant
         staging.manifest_fields.update(
             target=options.target.value,
             dtype=options.dtype.value,
@@ -178,7 +195,9 @@ def _emit_for_target(
     if options.target is Target.OPENVINO:
         from .runtimes import openvino as ov_target
 
-        ov_target.emit(model, out, progress=hooks.write_progress, message=hooks.message)
+        ov_target.emit(
+            model, out, progress=hooks.write_progress, message=hooks.message, fp16_weights=options.dtype is DType.FP16
+        )
         io = ov_target.io_signature(out)
         try:
             tokenizer_files = ov_target.write_tokenizer_ir(source, out)
@@ -230,6 +249,8 @@ class _PassContext:
     max_length: int
     hooks: ExportHooks
     quantization_kept: dict[str, str] = dataclasses.field(default_factory=dict)  # filled by the quantize pass
+    #: pre-quantized (AWQ/GPTQ) sources: weights the scheme could not take as stored -> why
+    quantization_requantized: dict[str, str] = dataclasses.field(default_factory=dict)
     calibration_stats: Any = None  # AWQ: collect_activation_stats' result
 
     @property

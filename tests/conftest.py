@@ -6,6 +6,7 @@ read-only and copy one (``shutil.copytree``) before modifying it.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,6 +16,10 @@ from typing import Any
 import pytest
 
 from qwen_export.tiny import make_checkpoint
+
+# The CLI prints with rich, which wraps at 80 columns when stdout is not a terminal (CliRunner):
+# a long temporary path then splits the phrases the CLI tests look for. Tests read one line each.
+os.environ.setdefault("COLUMNS", "240")
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 
 from qwen_export.pipeline import ExportOptions
 from qwen_export.pipeline import export as run_export
-from qwen_export.spec import DType, LogitsMode
+from qwen_export.spec import DType, LogitsMode, Target
 from qwen_export.tiny import make_checkpoint
 
 
@@ -21,16 +21,21 @@ def qwen2_sliding(tiny_root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def export(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """``export(case, dtype="fp32", logits="last", fuse=True) -> artifact dir``; cached for the session."""
-    cache: dict[tuple[str, str, str, bool], Path] = {}
+    """``export(case, dtype="fp32", logits="last", fuse=True, target="onnxruntime") -> artifact dir``;
+    cached for the session."""
+    cache: dict[tuple[str, str, str, bool, str], Path] = {}
     root = tmp_path_factory.mktemp("artifacts")
 
-    def run(case: str, dtype: str = "fp32", logits: str = "last", fuse: bool = True) -> Path:
-        key = (case, dtype, logits, fuse)
+    def run(
+        case: str, dtype: str = "fp32", logits: str = "last", fuse: bool = True, target: str = "onnxruntime"
+    ) -> Path:
+        key = (case, dtype, logits, fuse, target)
         if key not in cache:
             checkpoint = request.getfixturevalue(case)
-            out = root / f"{case}-{dtype}-{logits}{'' if fuse else '-unfused'}"
-            options = ExportOptions(dtype=DType.parse(dtype), logits=LogitsMode.parse(logits), fuse=fuse)
+            out = root / f"{case}-{dtype}-{logits}{'' if fuse else '-unfused'}-{target}"
+            options = ExportOptions(
+                target=Target.parse(target), dtype=DType.parse(dtype), logits=LogitsMode.parse(logits), fuse=fuse
+            )
             run_export(checkpoint, out, options)
             cache[key] = out
         return cache[key]

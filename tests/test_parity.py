@@ -5,6 +5,7 @@ Every engine in ``ENGINES`` runs the same tests; an engine that is not installed
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,27 @@ import torch
 import transformers
 
 from qwen_export.loader import open_artifact
-from qwen_export.runtimes.onnxruntime import position_ids_from_mask
+from qwen_export.runtimes.base import position_ids_from_mask
 
 FP32_TOL = 1e-4
+
+#: every engine runs every parity test; a missing one is a visible skip
+ENGINES = [
+    "onnxruntime",
+    pytest.param(
+        "openvino",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("openvino") is None,
+            reason="openvino is not installed: pip install 'qwen-export[openvino]'",
+        ),
+    ),
+]
+
+
+@pytest.fixture(params=ENGINES)
+def target(request: pytest.FixtureRequest) -> str:
+    return request.param
+
 
 ARCH_CASES = ["qwen2_tied", "qwen2_untied", "qwen2_yarn_bf16_sharded", "qwen3", "qwen2_sliding"]
 
@@ -46,9 +65,11 @@ def _ref_steps(model: transformers.PreTrainedModel, prompt: np.ndarray, steps: i
 
 
 @pytest.mark.parametrize("case", ARCH_CASES)
-def test_prefill_and_32_decode_steps_match_transformers(case: str, request: pytest.FixtureRequest, export) -> None:
+def test_prefill_and_32_decode_steps_match_transformers(
+    case: str, request: pytest.FixtureRequest, export, target: str
+) -> None:
     checkpoint = request.getfixturevalue(case)
-    engine = open_artifact(export(case)).engine
+    engine = open_artifact(export(case, target=target)).engine
     prompt = _prompt(100 if "yarn" in case else 20)  # YaRN: past original_max_position_embeddings=64
     expected = _ref_steps(_reference(checkpoint), prompt, 32)
     logits = engine.forward(prompt[None])[0, -1]
@@ -61,8 +82,8 @@ def test_prefill_and_32_decode_steps_match_transformers(case: str, request: pyte
     assert engine.num_cached_tokens == len(prompt) + 32
 
 
-def test_batch_of_two_with_left_padding(qwen2_untied: Path, export) -> None:
-    engine = open_artifact(export("qwen2_untied")).engine
+def test_batch_of_two_with_left_padding(qwen2_untied: Path, export, target: str) -> None:
+    engine = open_artifact(export("qwen2_untied", target=target)).engine
     model = _reference(qwen2_untied)
     long, short = _prompt(12, 1), _prompt(7, 2)
     ids = np.zeros((2, 12), np.int64)
@@ -91,8 +112,8 @@ def test_batch_of_two_with_left_padding(qwen2_untied: Path, export) -> None:
             got = engine.forward(nxt)[:, -1]
 
 
-def test_full_logits_artifact_matches_every_position(qwen2_tied: Path, export) -> None:
-    loaded = open_artifact(export("qwen2_tied", logits="all"))
+def test_full_logits_artifact_matches_every_position(qwen2_tied: Path, export, target: str) -> None:
+    loaded = open_artifact(export("qwen2_tied", logits="all", target=target))
     assert loaded.engine.capabilities.full_logits
     prompt = _prompt(16, 3)
     got = loaded.engine.forward(prompt[None])[0]
@@ -103,11 +124,13 @@ def test_full_logits_artifact_matches_every_position(qwen2_tied: Path, export) -
 
 
 @pytest.mark.parametrize("case", ["qwen2_tied", "qwen3"])
-def test_fp16_export_within_documented_tolerance(case: str, request: pytest.FixtureRequest, export) -> None:
+def test_fp16_export_within_documented_tolerance(
+    case: str, request: pytest.FixtureRequest, export, target: str
+) -> None:
     """fp16 artifact vs the fp32 reference: its error must stay within 2x (+0.01) of the error of
     transformers itself run in fp16 on the same path, and the greedy choice must agree."""
     checkpoint = request.getfixturevalue(case)
-    loaded = open_artifact(export(case, dtype="fp16"))
+    loaded = open_artifact(export(case, dtype="fp16", target=target))
     assert loaded.manifest.dtype == "fp16"
     prompt = _prompt(20, 4)
     reference = _reference(checkpoint)
@@ -141,8 +164,8 @@ def _ref_steps_following(
     return out
 
 
-def test_truncate_then_refeed_equals_fresh_run(qwen2_tied: Path, export) -> None:
-    engine = open_artifact(export("qwen2_tied")).engine
+def test_truncate_then_refeed_equals_fresh_run(qwen2_tied: Path, export, target: str) -> None:
+    engine = open_artifact(export("qwen2_tied", target=target)).engine
     prompt = _prompt(10, 5)
     first = engine.forward(prompt[None])[0, -1]
     engine.forward(np.array([[1, 2, 3]], np.int64))

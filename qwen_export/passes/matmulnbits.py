@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..quant.numeric import BlockQuantized, pack_bits_last, pack_matmulnbits
-from ..quant.tensors import QuantizedPartTensor, SharedQuantization
+from ..quant.tensors import QuantizedPartTensor, SharedQuantization, StoredQuantization
 from .base import MS_DOMAIN, PassResult, op_histogram
 
 MATMUL_RULE = "matmulnbits"
@@ -105,32 +105,21 @@ def _shared_quantization(
 ) -> SharedQuantization:
     """The quantization the lowered tensors derive from.
 
-    The quantize pass's lazy parts (:class:`QuantizedPartTensor` of one :class:`SharedQuantization`)
-    give a fresh SharedQuantization of the same float source and parameters: the source is quantized
-    at write time again, straight into the lowered layouts (the DequantizeLinear parts are never
-    computed, and the old object, with its parts, goes away with the removed initializers). Any other
-    constant codes are read back (:class:`_ConstantQuantization`)."""
+    The quantize pass's lazy parts (:class:`QuantizedPartTensor` of one :class:`SharedQuantization`,
+    or of a :class:`StoredQuantization` of a pre-quantized checkpoint) give a fresh quantization of
+    the same source and parameters: the source is quantized (or the stored values read) at write
+    time again, straight into the lowered layouts (the DequantizeLinear parts are never computed,
+    and the old object, with its parts, goes away with the removed initializers). Any other constant
+    codes are read back (:class:`_ConstantQuantization`)."""
     parts = [t for t in (codes, scales, zeros) if t is not None]
     quant = getattr(codes, "quant", None)
     if (
-        type(quant) is SharedQuantization
+        type(quant) in (SharedQuantization, StoredQuantization)
         and all(isinstance(t, QuantizedPartTensor) and t.quant is quant for t in parts)
         and quant.axis == axis
         and quant.block_size == block_size
     ):
-        return SharedQuantization(
-            quant.source,
-            bits=quant.bits,
-            block_size=quant.block_size,
-            axis=quant.axis,
-            symmetric=quant.symmetric,
-            algorithm=quant.algorithm,
-            awq_scale=quant.awq_scale,
-            importance=quant.importance,
-            scale_dtype=quant.scale_dtype,
-            transpose=quant.transpose,
-            name=name,
-        )
+        return quant.fresh(name)
     return _ConstantQuantization(codes, scales, zeros, axis, block_size, name)
 
 

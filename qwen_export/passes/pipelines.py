@@ -60,7 +60,14 @@ def quantization_passes(spec: ModelSpec, ctx: PassContext, lower: bool = True) -
             raise ValueError("--algorithm awq: the pass context has no calibration statistics")
         scaling = AWQScaling(stats, scheme, spec.num_hidden_layers, explain=explain)
         awq, importance = [scaling], scaling.importance  # filled when the awq pass runs
-    quantize = QuantizeWeights(scheme, spec.num_hidden_layers, explain=explain, kept=kept, importance=importance)
+    quantize = QuantizeWeights(
+        scheme,
+        spec.num_hidden_layers,
+        explain=explain,
+        kept=kept,
+        importance=importance,
+        requantized=getattr(ctx, "quantization_requantized", None),
+    )
     if not lower:
         return [*awq, quantize]
     return [*awq, quantize, MatMulNBitsLowering(getattr(ctx.options, "accuracy_level", 4), explain=explain)]

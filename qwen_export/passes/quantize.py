@@ -25,6 +25,17 @@ multiple of the block size, and any weight of those names that is not where the 
 (RTN or the data-free clip search); with AWQ the weights were scaled by the ``awq`` pass
 (:mod:`.awq`) and are quantized here with the importance-weighted clip search (AWQ's auto-clip;
 RTN for the weights the ``awq`` pass left alone).
+
+Pre-quantized checkpoints (AWQ / GPTQ, :mod:`qwen_export.prequant`): a linear weight whose data is
+the float view of a stored quantization (a :class:`~qwen_export.trace.CheckpointTensor` of a
+pre-quantized ``<prefix>.weight``, or the packed ``qkv_proj`` :class:`~.packed_qkv.ConcatTensor` of
+three, concatenated along N) keeps the stored codes, scales and zero points (a
+:class:`~qwen_export.quant.tensors.StoredQuantization`: nothing is requantized) when the scheme has
+the stored bits and block size (= group size) and is asymmetric, or symmetric for a symmetric
+(GPTQ ``sym``) checkpoint. Otherwise (another bit width or block size, ``--symmetric`` for zero
+points, the weight rescaled by the ``awq`` pass, ...) the weight is requantized from its dequantized
+floats, and why is recorded in :attr:`QuantizeWeights.requantized`. For such models ``fired``
+also counts ``prequantized`` (stored values used) and ``requantized`` weights.
 """
 
 from __future__ import annotations
@@ -40,6 +51,8 @@ from ..quant.scheme import Keep, QuantAlgorithm, QuantScheme
 from .base import PassResult, op_histogram
 
 LINEAR_RULE = "linear"
+PREQUANTIZED = "prequantized"
+REQUANTIZED = "requantized"
 LM_HEAD_RULE = "lm_head"
 EMBEDDING_RULE = "embedding"
 TIED_HEAD_RULE = "tied_lm_head"
@@ -81,12 +94,21 @@ def check_scheme(scheme: QuantScheme, num_layers: int | None = None) -> None:
 
 
 def dequantize_linear_tensors(
-    source: ir.TensorProtocol, how: WeightQuant, dtype: ir.DataType, name: str, importance: Any = None
+    source: ir.TensorProtocol,
+    how: WeightQuant,
+    dtype: ir.DataType,
+    name: str,
+    importance: Any = None,
+    stored: Any = None,
 ) -> Any:
     """Lazy ``DequantizeLinear`` initializers of ``source`` (:class:`~qwen_export.quant.tensors.
-    QuantizedInitializers`: codes named ``name``, ``name.scales``, ``name.zero_points``)."""
+    QuantizedInitializers`: codes named ``name``, ``name.scales``, ``name.zero_points``). ``stored``:
+    a pre-quantized source's stored quantization (:func:`stored_quantization`), used as it is."""
     from ..quant import tensors
 
+    quantization = None
+    if stored is not None:
+        quantization = tensors.StoredQuantization(source, stored, symmetric=how.symmetric, scale_dtype=dtype, name=name)
     return tensors.dequantize_linear_initializers(
         source,
         bits=how.bits,
@@ -97,7 +119,48 @@ def dequantize_linear_tensors(
         importance=importance,
         output_dtype=dtype,
         name=name,
+        quantization=quantization,
     )
+
+
+def stored_quantization(tensor: Any) -> Any:
+    """What a weight's data holds of a pre-quantized checkpoint's stored quantization:
+
+    - None: nothing (a float weight);
+    - a :class:`~qwen_export.prequant.StoredLinear` (or ``StoredConcat``) of W [K, N]: the stored
+      values, for a ``*.weight_t`` read from the checkpoint or a packed ``qkv_proj`` of such;
+    - a string: why the stored values cannot be used although the weight derives from them.
+    """
+    from ..prequant import StoredConcat
+    from ..trace import CheckpointTensor
+    from .awq import ScaledTensor
+    from .packed_qkv import ConcatTensor
+
+    if isinstance(tensor, CheckpointTensor):
+        lookup = getattr(tensor.source, "stored_quantization", None)
+        name = tensor.binding.hf_name
+        if lookup is None or name is None:
+            return None
+        stored = lookup(name)
+        if stored is not None and not tensor.binding.transpose:
+            return f"{name} is read untransposed"
+        return stored
+    if isinstance(tensor, ConcatTensor):
+        found = [stored_quantization(part) for part in tensor.parts]
+        if all(f is None for f in found):
+            return None
+        why = next((f for f in found if isinstance(f, str)), None)
+        if why is not None:
+            return why
+        if tensor.axis != 1 or any(f is None for f in found):
+            return "the packed projections mix stored and float weights"
+        try:
+            return StoredConcat(found)
+        except ValueError as exc:
+            return str(exc)
+    if isinstance(tensor, ScaledTensor):
+        return None if stored_quantization(tensor.source) is None else "rescaled by the awq pass (--algorithm awq)"
+    return None
 
 
 # --- graph helpers -----------------------------------------------------------------------------------
@@ -133,15 +196,17 @@ def _first_user(graph: ir.Graph, value: ir.Value) -> ir.Node:
     return next(n for n in graph if id(n) in users)
 
 
-def _dequantize(graph: ir.Graph, weight: ir.Value, how: WeightQuant, importance: Any = None) -> ir.Value:
+def _dequantize(
+    graph: ir.Graph, weight: ir.Value, how: WeightQuant, importance: Any = None, stored: Any = None
+) -> ir.Value:
     """Put ``DequantizeLinear(codes, scales[, zp])`` of ``weight`` in its place; return its output.
 
     The codes take the weight's name (``<w>.scales``, ``<w>.zero_points`` beside them) and the three
     are registered one after the other: the writer computes them from one quantization of the
-    source, read when the codes are written (:mod:`qwen_export.quant.tensors`)."""
+    source (or reads the ``stored`` one), when the codes are written (:mod:`qwen_export.quant.tensors`)."""
     assert weight.const_value is not None and weight.name is not None and weight.dtype is not None
     base = weight.name
-    init = dequantize_linear_tensors(weight.const_value, how, weight.dtype, base, importance)
+    init = dequantize_linear_tensors(weight.const_value, how, weight.dtype, base, importance, stored)
     inputs = [
         ir.Value(
             name=tensor.name, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(tensor.dtype), const_value=tensor
@@ -181,6 +246,7 @@ class QuantizeWeights:
         explain: Any = None,
         kept: dict[str, str] | None = None,
         importance: dict[str, Any] | None = None,
+        requantized: dict[str, str] | None = None,
     ) -> None:
         check_scheme(scheme, num_layers)
         self.scheme = scheme
@@ -190,6 +256,9 @@ class QuantizeWeights:
         self.explain = explain
         #: weight name -> why it stays in the model dtype; ``kept`` (a caller's dict) is filled in place
         self.kept: dict[str, str] = {} if kept is None else kept
+        #: pre-quantized checkpoints: weight name -> why its stored quantization was not used (the weight
+        #: was requantized from its dequantized floats); ``requantized`` (a caller's dict) is filled in place
+        self.requantized: dict[str, str] = {} if requantized is None else requantized
 
     def _linear(self, axis: int, bits: int) -> WeightQuant:
         s = self.scheme
@@ -212,15 +281,27 @@ class QuantizeWeights:
         before = op_histogram(model)
         graph = model.graph
         self.kept.clear()
+        self.requantized.clear()
         fired = {LINEAR_RULE: 0, LM_HEAD_RULE: 0, EMBEDDING_RULE: 0, TIED_HEAD_RULE: 0}
+        stored_counts = {PREQUANTIZED: 0, REQUANTIZED: 0}
+        seen_stored = False
         misses: list[str] = []
         for weight in self._linear_weights(graph, misses):
             assert weight.name is not None and weight.shape is not None
+            stored = stored_quantization(weight.const_value)
+            seen_stored = seen_stored or stored is not None
             reason = self._keep_reason(weight.name, int(weight.shape[0]), "K")
             if reason is not None:
                 self.kept[weight.name] = reason
                 continue
-            _dequantize(graph, weight, self._linear(0, self.scheme.bits), self.importance.get(weight.name))
+            how = self._linear(0, self.scheme.bits)
+            if stored is not None:
+                why = stored if isinstance(stored, str) else stored.mismatch(how.bits, how.block_size, how.symmetric)
+                if why is not None:
+                    self.requantized[weight.name] = why
+                    stored = None
+                stored_counts[REQUANTIZED if why is not None else PREQUANTIZED] += 1
+            _dequantize(graph, weight, how, self.importance.get(weight.name), stored)
             fired[LM_HEAD_RULE if weight.name == LM_HEAD_NAME else LINEAR_RULE] += 1
         embedding = self._embedding(graph, misses)
         if embedding is not None:
@@ -237,8 +318,11 @@ class QuantizeWeights:
             name, why = miss.split(": ", 1)
             self.kept.setdefault(name, why)
         fired[KEPT] = len(self.kept)
+        if seen_stored:
+            fired.update(stored_counts)
         if self.explain is not None:
             lines = [f"{name}: kept ({why})" for name, why in self.kept.items()]
+            lines += [f"{name}: requantized ({why})" for name, why in self.requantized.items()]
             self.explain.write(f"--- {self.name}: {fired}; left alone:\n{chr(10).join(lines) or '(none)'}\n")
         after = op_histogram(model)
         return PassResult(

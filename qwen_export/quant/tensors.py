@@ -9,6 +9,9 @@ part has been read, so after the codes were written only the (small) scales and 
 held, and nothing once all parts were read (the writer writes initializers in order, so a weight's
 parts are written one after the other). Reading a part again recomputes everything (correct, slower).
 
+:class:`StoredQuantization` is the same contract for a quantization that is read, not computed: the
+codes, scales and zero points a pre-quantized (AWQ/GPTQ) checkpoint stores (:mod:`qwen_export.prequant`).
+
 Three layouts (:func:`dequantize_linear_initializers`, :func:`matmulnbits_initializers`,
 :func:`gather_block_quantized_initializers`, see :mod:`.numeric` for the byte formats), and
 :func:`tied_embedding_initializers`: the embedding's GatherBlockQuantized initializers and the tied
@@ -96,6 +99,23 @@ class SharedQuantization:
         )
         return numeric.transpose_blocks(q) if self.transpose else q
 
+    def fresh(self, name: str | None) -> SharedQuantization:
+        """A new quantization of the same source with the same parameters and no parts (the ONNX
+        Runtime lowering derives its own layouts from it)."""
+        return SharedQuantization(
+            self.source,
+            bits=self.bits,
+            block_size=self.block_size,
+            axis=self.axis,
+            symmetric=self.symmetric,
+            algorithm=self.algorithm,
+            awq_scale=self.awq_scale,
+            importance=self.importance,
+            scale_dtype=self.scale_dtype,
+            transpose=self.transpose,
+            name=name,
+        )
+
     def add_part(self, key: str, derive: Callable[[BlockQuantized], np.ndarray]) -> None:
         if key in self._parts:
             raise ValueError(f"part {key!r} already registered")
@@ -115,6 +135,46 @@ class SharedQuantization:
     def holding(self) -> tuple[str, ...]:
         """The parts computed but not read yet (what this object holds in memory)."""
         return tuple(self._pending)
+
+
+class StoredQuantization(SharedQuantization):
+    """A :class:`SharedQuantization` whose values are read from storage instead of computed.
+
+    ``source``: the float view of the weight W [K, N] (its shape and dtype; never read here);
+    ``stored``: anything with ``shape`` (K, N), ``bits``, ``block_size`` and
+    ``block_quantized(symmetric, scale_dtype) -> BlockQuantized`` [K, N] along axis 0 (e.g.
+    :class:`qwen_export.prequant.StoredLinear`): the stored codes with the requested signedness (signed
+    codes and no zero points when ``symmetric``) and scales rounded to the graph's scale dtype.
+    """
+
+    def __init__(
+        self, source: Any, stored: Any, *, symmetric: bool, scale_dtype: ir.DataType, name: str | None = None
+    ) -> None:
+        super().__init__(
+            source,
+            bits=stored.bits,
+            block_size=stored.block_size,
+            axis=0,
+            symmetric=symmetric,
+            scale_dtype=scale_dtype,
+            name=name,
+        )
+        if tuple(self.shape) != tuple(stored.shape):
+            raise ValueError(f"stored quantization of shape {tuple(stored.shape)} for a weight of shape {self.shape}")
+        self.stored = stored
+
+    def quantize(self) -> BlockQuantized:
+        """The stored values (read and unpacked, not quantized)."""
+        self.reads += 1
+        q = self.stored.block_quantized(self.symmetric, _SCALE_DTYPES[self.scale_dtype])
+        if q.codes.shape != self.shape or q.axis != 0 or q.block_size != self.block_size or q.bits != self.bits:
+            raise RuntimeError(f"{self.name}: stored quantization does not match {self.shape} int{self.bits}")
+        return q
+
+    def fresh(self, name: str | None) -> StoredQuantization:
+        return StoredQuantization(
+            self.source, self.stored, symmetric=self.symmetric, scale_dtype=self.scale_dtype, name=name
+        )
 
 
 class QuantizedPartTensor(ir.LazyTensor):

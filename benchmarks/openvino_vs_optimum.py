@@ -1,0 +1,409 @@
+"""Our OpenVINO target vs our ONNX Runtime target vs optimum-intel's export run in openvino-genai.
+
+One run on one checkpoint, CPU, ``--threads`` (2) threads per engine:
+
+1. artifacts (each reused when its directory already holds one, unless ``--force``):
+
+   * ours, for each ``--weights`` (int4, int8): ``qwen-export export CKPT -o W/ov-<w> --target
+     openvino --weights <w>`` and ``qwen-export export CKPT -o W/ort-<w> --weights <w>`` (the CLI's
+     defaults: RTN, symmetric, block 32, int8 embedding, last-position logits);
+   * the anchor: ``--anchors DIR/<prefix>-<w>``, made by ``optimum-cli export openvino --model CKPT
+     --task text-generation-with-past --weight-format <w> OUT`` in optimum-intel's own virtual
+     environment (see benchmarks/README.md); a missing anchor is reported, never silently skipped;
+
+2. accuracy (``--reference-logits REF.npy --text-ids IDS.npy``, as written by quant_real.py: our
+   fp32 artifact's every-position logits on a fixed text): each OpenVINO IR, ours and the anchor,
+   is teacher-forced through the same raw OpenVINO code (a compiled stateful model fed
+   ``input_ids``/``attention_mask``/``position_ids``/``beam_idx``; f32 inference, f32 KV cache, so
+   the figure is the weights' accuracy), one token at a time for a last-position-logits IR; mean
+   KL(ref || model), top-1 agreement and perplexity (``quant_real.compare``);
+
+3. speed: every engine in its own worker process, generations interleaved (A, B, C, A, B, C, ...)
+   on the same random prompts, ``--warmup`` + ``--repeats`` rounds per prompt length:
+
+   * ``ours-ov``: our OpenVINOEngine (``open_artifact``), greedy loop in Python; KV cache f32 (ours'
+     default) unless ``--kv-cache``;
+   * ``ours-ort``: our OnnxRuntimeEngine on the ONNX Runtime artifact of the same weights;
+   * ``genai-ours`` and ``genai-optimum``: ``openvino_genai.LLMPipeline(IR, "CPU",
+     INFERENCE_NUM_THREADS=T)`` with its defaults (u8 KV cache on x86), ``min_new_tokens =
+     max_new_tokens`` so every run emits exactly ``--new-tokens``; TTFT and time per output token
+     from its ``perf_metrics``.
+
+   TTFT is prefill + first token; prefill tok/s = prompt / TTFT; decode tok/s = 1 / median time
+   per output token (ours: per step; genai: its TPOT per run, median over runs).
+
+4. prints one table per weight format (engine x mean KL, top-1, ppl, size MiB, load s, prefill and
+   decode tok/s per prompt length) and the ratios ours-ov / genai-optimum; targets: prefill >= 1.0x,
+   decode >= 1.1x at equal or better mean KL. ``--json-out FILE`` writes everything.
+
+    .venv/bin/python benchmarks/openvino_vs_optimum.py --checkpoint CKPT --anchors DIR --anchor-prefix ov-real
+        [--workdir W] [--weights int4,int8] [--prompt-lengths 128,512] [--new-tokens 128]
+        [--reference-logits REF.npy --text-ids IDS.npy] [--json-out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ort_vs_genai as ovg  # noqa: E402 - shared launcher, logging, memory helpers
+import quant_real  # noqa: E402 - compare(): KL / top-1 / ppl against reference logits
+
+TARGET_PREFILL = 1.0
+TARGET_DECODE = 1.1
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- artifacts
+def build_ours(ckpt: Path, out: Path, target: str, weights: str, workdir: Path, force: bool) -> dict[str, Any]:
+    if (out / "manifest.json").is_file() and not force:
+        return {"reused": True, "path": str(out)}
+    cmd = [ovg.cli_path(), "export", str(ckpt), "-o", str(out), "--target", target, "--weights", weights]
+    if force:
+        cmd.append("--overwrite")
+    result = ovg.run_logged(f"export-{out.name}", cmd, workdir)
+    result["path"] = str(out)
+    return result
+
+
+def ir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.name.startswith(("openvino_model", "model.onnx")))
+
+
+# ----------------------------------------------------------------------------- workers
+class _EngineSession:
+    def __init__(self, path: str, threads: int, kv_cache: str | None) -> None:
+        from qwen_export.llm import runtime_options
+        from qwen_export.loader import open_artifact
+
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
+        ov_opts = manifest["target"] == "openvino"
+        options = runtime_options(threads, kv_cache=kv_cache or "f32") if ov_opts else runtime_options(threads)
+        self.engine = open_artifact(path, options).engine
+
+    def generate(self, prompt: list[int], new_tokens: int) -> dict[str, Any]:
+        import numpy as np
+
+        self.engine.reset()
+        start = time.perf_counter()
+        token = int(np.argmax(self.engine.forward(np.asarray([prompt], np.int64))[0, -1]))
+        ttft = time.perf_counter() - start
+        steps, tokens = [], [token]
+        for _ in range(new_tokens - 1):
+            t0 = time.perf_counter()
+            token = int(np.argmax(self.engine.forward(np.array([[token]], np.int64))[0, -1]))
+            steps.append(time.perf_counter() - t0)
+            tokens.append(token)
+        return {"ttft_s": ttft, "tpot_s": statistics.median(steps), "tokens": tokens}
+
+
+class _GenaiSession:
+    def __init__(self, path: str, threads: int, kv_cache: str | None) -> None:
+        import openvino as ov
+        import openvino_genai
+
+        self.ov, self.og = ov, openvino_genai
+        props: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        if kv_cache:
+            props["KV_CACHE_PRECISION"] = kv_cache
+        self.pipe = openvino_genai.LLMPipeline(path, "CPU", **props)
+
+    def generate(self, prompt: list[int], new_tokens: int) -> dict[str, Any]:
+        import numpy as np
+
+        config = self.og.GenerationConfig()
+        config.max_new_tokens = config.min_new_tokens = new_tokens
+        config.do_sample = False
+        config.ignore_eos = True
+        ids = np.asarray([prompt], np.int64)
+        res = self.pipe.generate(
+            self.og.TokenizedInputs(self.ov.Tensor(ids), self.ov.Tensor(np.ones_like(ids))), config
+        )
+        metrics = res.perf_metrics
+        return {
+            "ttft_s": metrics.get_ttft().mean / 1e3,
+            "tpot_s": metrics.get_tpot().mean / 1e3,
+            "tokens": [int(t) for t in res.tokens[0]],
+        }
+
+
+def worker_main(kind: str, path: str, threads: int, kv_cache: str | None) -> int:
+    """JSON lines on stdin: {"prompt", "new_tokens"} -> one generation's timings; EOF ends."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    t0 = time.perf_counter()
+    try:
+        session: Any = (_EngineSession if kind == "engine" else _GenaiSession)(path, threads, kv_cache)
+    except Exception as exc:
+        proto.write(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}) + "\n")
+        return 1
+    proto.write(json.dumps({"ok": True, "load_s": time.perf_counter() - t0, "rss_mib": ovg.vm_hwm_mib()}) + "\n")
+    for line in sys.stdin:
+        msg = json.loads(line)
+        try:
+            proto.write(json.dumps({"ok": True, **session.generate(msg["prompt"], int(msg["new_tokens"]))}) + "\n")
+        except Exception as exc:
+            proto.write(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}) + "\n")
+    return 0
+
+
+class Worker:
+    def __init__(self, label: str, kind: str, path: Path, threads: int, kv_cache: str | None, workdir: Path) -> None:
+        self.label = label
+        self.stderr_path = workdir / f"worker-{label}.stderr.log"
+        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in close()
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, str(path), "--threads", str(threads)]
+        if kv_cache:
+            cmd += ["--kv-cache", kv_cache]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1
+        )
+        self.ready = self.recv()
+
+    def recv(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        msg = json.loads(line) if line else {"ok": False, "error": f"exited ({self.proc.wait()})"}
+        if not msg.get("ok"):
+            tail = self.stderr_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"worker {self.label}: {msg.get('error')}\n{tail}")
+        return msg
+
+    def generate(self, prompt: list[int], new_tokens: int) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"prompt": prompt, "new_tokens": new_tokens}) + "\n")
+        self.proc.stdin.flush()
+        return self.recv()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=120)
+        self._stderr.close()
+
+
+def measure(workers: list[Worker], lengths: list[int], new_tokens: int, repeats: int, warmup: int, seed: int) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    cases: dict[str, Any] = {}
+    for length in lengths:
+        runs: dict[str, list[dict[str, Any]]] = {w.label: [] for w in workers}
+        for i in range(warmup + repeats):
+            prompt = [int(t) for t in rng.integers(0, ovg.ORDINARY_TOKENS, length)]
+            order = workers[i % len(workers) :] + workers[: i % len(workers)]  # rotate who goes first
+            for w in order:
+                r = w.generate(prompt, new_tokens)
+                log(f"  {length}+{new_tokens} {'warm-up' if i < warmup else 'run'} {i + 1} {w.label}: "
+                    f"TTFT {r['ttft_s'] * 1e3:.0f} ms, {r['tpot_s'] * 1e3:.1f} ms/token")  # fmt: skip
+                if i >= warmup:
+                    runs[w.label].append(r)
+        first = runs[workers[0].label]
+        cases[str(length)] = {
+            label: {
+                "ttft_ms": 1e3 * statistics.median(r["ttft_s"] for r in rs),
+                "prefill_tokens_per_s": length / statistics.median(r["ttft_s"] for r in rs),
+                "decode_tokens_per_s": 1.0 / statistics.median(r["tpot_s"] for r in rs),
+                "greedy_tokens_matching_first_engine": [
+                    next(
+                        (k for k, (x, y) in enumerate(zip(a["tokens"], b["tokens"], strict=False)) if x != y),
+                        min(len(a["tokens"]), len(b["tokens"])),
+                    )
+                    for a, b in zip(first, rs, strict=True)
+                ],  # fmt: skip
+            }
+            for label, rs in runs.items()
+        }
+    return cases
+
+
+# ----------------------------------------------------------------------------- accuracy
+def eval_worker(path: str, ids_path: str, out_path: str, threads: int) -> int:
+    """Teacher-force the ids through an OpenVINO IR (ours or optimum's); save every position's logits."""
+    import numpy as np
+    import openvino as ov
+
+    ids = np.load(ids_path).astype(np.int64)
+    core = ov.Core()
+    props = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "INFERENCE_NUM_THREADS": threads}
+    compiled = core.compile_model(str(Path(path) / "openvino_model.xml"), "CPU", props)
+    request = compiled.create_infer_request()
+    request.reset_state()
+    n, out, done = len(ids), None, 0
+    chunk = 256 if compiled.output("logits").get_partial_shape()[1].is_dynamic else 1
+    while done < n:
+        step = ids[done : done + chunk]
+        request.infer({
+            "input_ids": step[None, :],
+            "attention_mask": np.ones((1, done + len(step)), np.int64),
+            "position_ids": np.arange(done, done + len(step), dtype=np.int64)[None, :],
+            "beam_idx": np.zeros(1, np.int32),
+        })  # fmt: skip
+        logits = request.get_tensor("logits").data[0]
+        if out is None:
+            out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=(n, logits.shape[-1]))
+        out[done + len(step) - logits.shape[0] : done + len(step)] = logits
+        done += len(step)
+    assert out is not None
+    out.flush()
+    return 0
+
+
+def evaluate(label: str, path: Path, args: Any, workdir: Path) -> dict[str, Any]:
+    out = workdir / "logits" / f"{label}.npy"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, os.path.abspath(__file__), "--eval-worker", str(path), str(args.text_ids), str(out),
+           "--threads", str(args.threads)]  # fmt: skip
+    result = ovg.run_logged(f"eval-{label}", cmd, workdir)
+    if result["returncode"] != 0:
+        return {"error": result["stderr_tail"][-500:]}
+    import numpy as np
+
+    metrics = quant_real.compare(Path(args.reference_logits), out, np.load(args.text_ids).astype(np.int64))
+    out.unlink()  # [tokens, vocab] float32: hundreds of MB each
+    return metrics
+
+
+# ----------------------------------------------------------------------------- report
+def summary(report: dict[str, Any]) -> str:
+    lines = [f"# OpenVINO vs ONNX Runtime vs optimum-intel/openvino-genai — {report['checkpoint']}",
+             f"{report['machine']}; {report['threads']} threads; new tokens {report['new_tokens']}", ""]  # fmt: skip
+    for weights, block in report["results"].items():
+        lines.append(f"## {weights}")
+        lengths = list(block["speed"])
+        head = "| engine | mean KL | top-1 | ppl | size MiB | load s |" + "".join(
+            f" prefill@{n} tok/s | decode@{n} tok/s |" for n in lengths
+        )
+        lines += [head, "|" + "---|" * (6 + 2 * len(lengths))]
+        for label, info in block["engines"].items():
+            acc = info.get("accuracy") or {}
+            nan = float("nan")
+            row = f"| {label} | {acc.get('mean_kl', nan):.4f} | {acc.get('top1', nan):.3f} |"
+            row += f" {acc.get('ppl', nan):.3f} |"
+            row += f" {info['bytes'] / 2**20:.0f} | {info.get('load_s', 0):.1f} |"
+            for n in lengths:
+                s = block["speed"][n].get(label, {})
+                row += f" {s.get('prefill_tokens_per_s', nan):.1f} | {s.get('decode_tokens_per_s', nan):.2f} |"
+            lines.append(row)
+        for n, r in block.get("ratios", {}).items():
+            lines.append(f"- {n}-token prompt: ours-ov / genai-optimum prefill {r['prefill']:.2f}x "
+                         f"(target >= {TARGET_PREFILL}), decode {r['decode']:.2f}x (target >= {TARGET_DECODE}); "
+                         f"genai-ours / genai-optimum prefill {r.get('genai_prefill', float('nan')):.2f}x, "
+                         f"decode {r.get('genai_decode', float('nan')):.2f}x")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"))
+    p.add_argument("--eval-worker", nargs=3, metavar=("IR", "IDS", "OUT"))
+    p.add_argument("--checkpoint", type=Path)
+    p.add_argument("--anchors", type=Path, default=Path("/work/anchors"))
+    p.add_argument("--anchor-prefix", default="ov-real")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/qe-ov-bench"))
+    p.add_argument("--weights", default="int4,int8")
+    p.add_argument("--prompt-lengths", default="128,512")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--kv-cache", default=None, help="KV_CACHE_PRECISION for ours-ov (default f32) and genai")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference-logits", type=Path)
+    p.add_argument("--text-ids", type=Path)
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--json-out", type=Path)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker[0], args.worker[1], args.threads, args.kv_cache)
+    if args.eval_worker:
+        return eval_worker(*args.eval_worker, args.threads)
+    if args.checkpoint is None:
+        p.error("--checkpoint is required")
+    workdir = args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    lengths = [int(x) for x in args.prompt_lengths.split(",")]
+    report: dict[str, Any] = {
+        "checkpoint": str(args.checkpoint),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "threads": args.threads,
+        "new_tokens": args.new_tokens,
+        "results": {},
+    }
+    failed = False
+    for weights in args.weights.split(","):
+        ours_ov = workdir / f"ov-{weights}"
+        ours_ort = workdir / f"ort-{weights}"
+        anchor = args.anchors / f"{args.anchor_prefix}-{weights}"
+        builds = {
+            "ours-ov": build_ours(args.checkpoint, ours_ov, "openvino", weights, workdir, args.force),
+            "ours-ort": build_ours(args.checkpoint, ours_ort, "onnxruntime", weights, workdir, args.force),
+        }
+        if any(b.get("returncode", 0) != 0 for b in builds.values()):
+            failed = True
+            continue
+        if not (anchor / "openvino_model.xml").is_file():
+            log(f"anchor {anchor} is missing: make it with optimum-cli (benchmarks/README.md); measuring ours only")
+        paths = {"ours-ov": ours_ov, "ours-ort": ours_ort, "genai-ours": ours_ov}
+        if (anchor / "openvino_model.xml").is_file():
+            paths["genai-optimum"] = anchor
+        engines: dict[str, Any] = {
+            label: {"path": str(path), "bytes": ir_bytes(path), "build": builds.get(label)}
+            for label, path in paths.items()
+        }
+        if args.reference_logits and args.text_ids:
+            for label in ("ours-ov", "genai-optimum"):
+                if label in engines:
+                    log(f"accuracy of {label} ({weights})")
+                    engines[label]["accuracy"] = evaluate(f"{label}-{weights}", paths[label], args, workdir)
+        speed: dict[str, Any] = {}
+        if not args.skip_speed:
+            workers = []
+            try:
+                for label, path in paths.items():
+                    kind = "genai" if label.startswith("genai") else "engine"
+                    w = Worker(label, kind, path, args.threads, args.kv_cache, workdir)
+                    engines[label]["load_s"] = w.ready["load_s"]
+                    workers.append(w)
+                speed = measure(workers, lengths, args.new_tokens, args.repeats, args.warmup, args.seed)
+            except RuntimeError as exc:
+                log(str(exc))
+                failed = True
+            finally:
+                for w in workers:
+                    w.close()
+        ratios = {}
+        for n, per in speed.items():
+            if "genai-optimum" in per:
+                base = per["genai-optimum"]
+                ratios[n] = {
+                    "prefill": per["ours-ov"]["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
+                    "decode": per["ours-ov"]["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+                    "genai_prefill": per["genai-ours"]["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
+                    "genai_decode": per["genai-ours"]["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+                }
+        report["results"][weights] = {"engines": engines, "speed": speed, "ratios": ratios}
+        if args.json_out:
+            args.json_out.write_text(json.dumps(report, indent=2))
+    print(summary(report))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""OpenVINO target: the stateful IR, what OpenVINO's CPU plugin makes of it, the engine, openvino-genai.
+
+Parity against transformers runs in tests/test_parity.py for every engine (OpenVINO included).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ModuleScratch
+from typer.testing import CliRunner
+
+from qwen_export import parity
+from qwen_export.artifact import load_manifest
+from qwen_export.cli import app
+from qwen_export.errors import OptionError
+from qwen_export.llm import LLM, load
+from qwen_export.loader import RuntimeOptions, open_artifact
+from qwen_export.pipeline import ExportOptions
+from qwen_export.pipeline import export as run_export
+from qwen_export.quant.scheme import QuantScheme, WeightFormat
+from qwen_export.spec import DType, ModelSpec, Target
+
+ov = pytest.importorskip("openvino", reason="openvino is not installed: pip install 'qwen-export[openvino]'")
+from qwen_export.runtimes.openvino import OpenVINOOptions, Precision  # noqa: E402
+
+CANONICAL_INPUTS = {"input_ids", "attention_mask", "position_ids", "beam_idx"}
+
+
+def _layers(artifact: Path) -> int:
+    return ModelSpec.from_dict(load_manifest(artifact).spec).num_hidden_layers
+
+
+def test_artifact_has_the_stateful_openvino_genai_signature(export) -> None:
+    out = export("qwen2_tied", target="openvino")
+    names = {p.name for p in out.iterdir()}
+    for f in ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml"):
+        assert f in names
+    assert not any(n.endswith(".onnx") or n.startswith(".onnx") for n in names)  # the scratch ONNX is gone
+    manifest = load_manifest(out)
+    assert manifest.target == "openvino"
+    assert manifest.extra["kv_cache"]["layout"] == "stateful"
+    assert manifest.extra["openvino"] == {"tokenizer_ir": True}
+    assert set(manifest.io["inputs"]) == CANONICAL_INPUTS
+    assert list(manifest.io["outputs"]) == ["logits"]
+    model = ov.Core().read_model(str(out / "openvino_model.xml"))
+    kinds = [op.get_type_name() for op in model.get_ops()]
+    n = _layers(out)
+    assert kinds.count("ReadValue") == kinds.count("Assign") == 2 * n
+    assert kinds.count("ScaledDotProductAttention") == n  # the converter already sees the attention
+
+
+@pytest.mark.parametrize("case", ["qwen2_tied", "qwen3", "qwen2_sliding", "qwen2_yarn_bf16_sharded"])
+def test_compiled_model_uses_fused_attention_with_its_internal_kv_cache(case: str, export) -> None:
+    """The CPU plugin's runtime model: every attention is one SDPA node reading the KV cache from
+    the state and writing it back (no Concat of the cache, no MatMul/Softmax fallback), RMSNorm
+    and RoPE fused."""
+    out = export(case, target="openvino")
+    report = open_artifact(out).engine.runtime_report()
+    n = _layers(out)
+    assert report.stateful_attention == n, report
+    assert report.decomposed_attention == 0
+    assert "Softmax" not in report.layer_types and "MatMul" not in report.layer_types
+    assert report.layer_types.get("RoPE") == 2 * n
+    assert report.layer_types.get("RMS", 0) >= 2 * n + 1
+    assert report.layer_types.get("MemoryInput") == 2 * n
+
+
+QUANT_CASES = {
+    "int4-sym": (QuantScheme(WeightFormat.INT4, symmetric=True), "i4"),
+    "int4-asym": (QuantScheme(WeightFormat.INT4, symmetric=False), "u4"),
+    "int8-sym": (QuantScheme(WeightFormat.INT8, symmetric=True), "i8"),
+}
+
+
+@pytest.fixture(scope="module")
+def quantized(request: pytest.FixtureRequest, module_scratch: ModuleScratch):
+    """``quantized(case, target) -> artifact`` of qwen2_untied, exported once per module."""
+
+    def run(case: str, target: str) -> Path:
+        key = (case, target)
+        if key not in module_scratch.cache:
+            out = module_scratch.mkdir(f"{case}-{target}") / "artifact"
+            scheme = QUANT_CASES[case][0]
+            run_export(request.getfixturevalue("qwen2_untied"), out, ExportOptions(target=Target(target), quant=scheme))
+            module_scratch.cache[key] = out
+        return module_scratch.cache[key]
+
+    return run
+
+
+@pytest.mark.parametrize("case", list(QUANT_CASES))
+def test_quantized_weights_stay_compressed_in_the_compiled_model(case: str, quantized) -> None:
+    out = quantized(case, "openvino")
+    report = open_artifact(out).engine.runtime_report()
+    n = _layers(out)
+    expected = QUANT_CASES[case][1]
+    # 7 projections per layer (q, k, v, o, gate, up, down) are quantized; the untied lm_head too
+    assert report.weight_precisions.get(expected, 0) >= 7 * n, report.weight_precisions
+    assert report.stateful_attention == n
+
+
+@pytest.mark.parametrize("case", ["int4-sym", "int8-sym"])
+def test_quantized_accuracy_matches_onnxruntime_of_the_same_weights(case: str, quantized, qwen2_untied: Path) -> None:
+    """`qwen-export check`'s figures: the OpenVINO artifact is at least as accurate as the ONNX
+    Runtime one quantized with the same scheme. (OpenVINO computes the dequantized weights exactly
+    here; ORT's MatMulNBits at accuracy level 4 quantizes the activations to int8.)"""
+    reference = parity.Reference(qwen2_untied)
+    reports = {}
+    for target in ("onnxruntime", "openvino"):
+        loaded = open_artifact(quantized(case, target))
+        ids = loaded.tokenizer.encode(parity.DEFAULT_TEXT)[:96]
+        reports[target] = parity.check(
+            loaded.engine,
+            reference,
+            ids,
+            DType.parse(loaded.manifest.dtype),
+            8,
+            quantization=loaded.manifest.extra["quantization"],
+        )
+    ours, theirs = reports["openvino"], reports["onnxruntime"]
+    # int4 on a 64-wide random model is far from exact (KL ~1 for both); the claim is relative
+    assert ours.mean_kl <= theirs.mean_kl * 1.1 + 1e-5, (ours.mean_kl, theirs.mean_kl)
+    assert ours.top1_agreement >= theirs.top1_agreement - 0.05
+
+
+def test_reset_state_starts_a_new_conversation(export) -> None:
+    engine = open_artifact(export("qwen2_tied", target="openvino")).engine
+    prompt = np.random.default_rng(7).integers(0, 151643, (1, 12))
+    first = engine.forward(prompt)
+    engine.forward(np.array([[5, 6, 7]]))
+    engine.reset()
+    assert engine.num_cached_tokens == 0
+    np.testing.assert_allclose(engine.forward(prompt), first, atol=1e-6, rtol=0)
+
+
+def test_chat_turns_reuse_the_cached_prefix(export) -> None:
+    path = export("qwen2_tied", target="openvino")
+    llm = load(path)
+    turn1 = [{"role": "user", "content": "Name a prime number."}]
+    reply = llm.chat(turn1, max_new_tokens=4, temperature=0.0)
+    turn2 = [*turn1, {"role": "assistant", "content": reply.text}, {"role": "user", "content": "And another?"}]
+    second = llm.chat(turn2, max_new_tokens=4, temperature=0.0)
+    assert second.reused_tokens > 0  # the first turn's KV cache was kept, only the new tokens ran
+    fresh = LLM(open_artifact(path)).chat(turn2, max_new_tokens=4, temperature=0.0)
+    assert fresh.reused_tokens == 0
+    assert second.text == fresh.text
+
+
+def test_cache_dir_is_filled_and_reused(export, tmp_path: Path) -> None:
+    path = export("qwen2_tied", target="openvino")
+    options = RuntimeOptions(openvino=OpenVINOOptions(cache_dir=tmp_path / "cache"))
+    t0 = time.perf_counter()
+    first = open_artifact(path, options).engine
+    cold = time.perf_counter() - t0
+    assert any((tmp_path / "cache").iterdir()), "OpenVINO wrote nothing into CACHE_DIR"
+    t0 = time.perf_counter()
+    second = open_artifact(path, options).engine
+    warm = time.perf_counter() - t0
+    print(f"load: {cold:.2f} s cold, {warm:.2f} s from the cache")
+    ids = np.arange(1, 9)[None]
+    np.testing.assert_allclose(second.forward(ids), first.forward(ids), atol=1e-6, rtol=0)
+
+
+def test_unsupported_inference_precision_is_a_clear_error(export) -> None:
+    capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if "BF16" in capabilities:
+        pytest.skip("this CPU runs bf16; the refusal path needs one without it")
+    with pytest.raises(OptionError, match=r"inference precision bf16 is not supported by this CPU .*; use f32"):
+        open_artifact(
+            export("qwen2_tied", target="openvino"), RuntimeOptions(openvino=OpenVINOOptions(precision=Precision.BF16))
+        )
+
+
+def test_openvino_options_on_an_onnxruntime_artifact_are_refused(export) -> None:
+    with pytest.raises(OptionError, match="apply to --target openvino artifacts only"):
+        load(export("qwen2_tied"), kv_cache="u8")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("openvino_genai") is None,
+    reason="openvino-genai is not installed: pip install 'qwen-export[openvino]'",
+)
+def test_openvino_genai_runs_our_artifact(export) -> None:
+    """openvino_genai.LLMPipeline loads the artifact as is; its tokenizer IR tokenizes as ours does
+    and its greedy tokens equal our engine's, on several prompts."""
+    import openvino_genai
+
+    path = export("qwen2_tied", target="openvino")
+    pipe = openvino_genai.LLMPipeline(str(path), "CPU", INFERENCE_PRECISION_HINT="f32", KV_CACHE_PRECISION="f32")
+    loaded = open_artifact(path)
+    config = openvino_genai.GenerationConfig()
+    config.max_new_tokens, config.do_sample = 6, False
+    seen = set()
+    for text in ("def fibonacci(n):", "The capital of France is", "Write a haiku about compilers."):
+        ids = np.asarray([loaded.tokenizer.encode(text)], dtype=np.int64)
+        np.testing.assert_array_equal(pipe.get_tokenizer().encode(text).input_ids.data, ids)
+        result = pipe.generate(openvino_genai.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids))), config)
+        theirs = list(result.tokens[0])
+        loaded.engine.reset()
+        logits, ours = loaded.engine.forward(ids)[0, -1], []
+        for _ in range(6):
+            ours.append(int(np.argmax(logits)))
+            logits = loaded.engine.forward(np.array([[ours[-1]]]))[0, -1]
+        assert theirs == ours, text
+        seen.add(ours[0])
+    assert len(seen) > 1  # the prompts lead to different continuations: the comparison can fail
+
+
+runner = CliRunner()
+
+
+def test_cli_exports_openvino_and_refuses_no_fuse(qwen2_tied: Path, tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["export", str(qwen2_tied), "-o", str(tmp_path / "ov"), "--target", "openvino", "--no-fuse"]
+    )
+    assert result.exit_code == 2 and "--no-fuse applies to --target onnxruntime only" in result.output
+    assert not (tmp_path / "ov").exists()
+    result = runner.invoke(app, ["export", str(qwen2_tied), "-o", str(tmp_path / "ov"), "--target", "openvino"])
+    assert result.exit_code == 0, result.output
+    assert "layout" not in result.output or "OpenVINO's state" in result.output
+    result = runner.invoke(app, ["inspect", str(tmp_path / "ov"), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["manifest"]["target"] == "openvino"
+    assert info["ops"]["ReadValue"] == info["ops"]["Assign"] == 2 * _layers(tmp_path / "ov")
