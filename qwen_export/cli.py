@@ -168,6 +168,13 @@ def export(
         Path | None,
         typer.Option(help="--algorithm awq: calibration text file (UTF-8); default: a built-in code and prose text."),
     ] = None,
+    embedding_bits: Annotated[
+        int | None,
+        typer.Option(
+            help="Bits of the quantized embedding (and a tied lm_head that shares it): 8 (default) | 4 "
+            "(smaller; RTN at --block-size)."
+        ),
+    ] = None,
 ) -> None:
     """Export CHECKPOINT to an engine artifact in OUTPUT (written atomically)."""
     from .pipeline import ExportOptions
@@ -177,7 +184,7 @@ def export(
     if dump_dir is not None and dump_dir.exists() and not dump_dir.is_dir():
         raise OptionError(f"--dump-dir {str(dump_dir)!r} exists and is not a directory")
     act_dtype, quant = _weight_options(
-        weights, dtype, block_size, symmetric, algorithm, keep, keep_layers, accuracy_level
+        weights, dtype, block_size, symmetric, algorithm, keep, keep_layers, accuracy_level, embedding_bits
     )
     if (checkpoint / "config.json").is_file():
         quant = _prequantized_default(checkpoint, weights, quant, block_size, symmetric)
@@ -240,6 +247,7 @@ def _weight_options(
     keep: str | None,
     keep_layers: str | None,
     accuracy_level: int | None,
+    embedding_bits: int | None = None,
 ) -> tuple[DType, Any]:
     """``(activation dtype, QuantScheme or None)`` from the export's precision options."""
     from .quant.scheme import Keep, QuantAlgorithm, QuantScheme, WeightFormat
@@ -259,6 +267,7 @@ def _weight_options(
         "--keep": keep,
         "--keep-layers": keep_layers,
         "--accuracy-level": accuracy_level,
+        "--embedding-bits": embedding_bits,
     }
     if fmt is None:
         extra = [name for name, value in given.items() if value is not None]
@@ -272,7 +281,10 @@ def _weight_options(
         algorithm=_parse_enum(QuantAlgorithm, algorithm, "--algorithm") if algorithm else QuantAlgorithm.RTN,
         keep=frozenset(_parse_enum(Keep, k.strip(), "--keep") for k in (keep or "").split(",") if k.strip()),
         keep_layers=frozenset(_index_list(keep_layers, "--keep-layers")) if keep_layers else frozenset(),
+        embedding_bits=8 if embedding_bits is None else embedding_bits,
     )
+    if embedding_bits is not None and Keep.EMBEDDING in scheme.keep:
+        raise OptionError("--embedding-bits contradicts --keep embedding (the embedding would stay unquantized)")
     if accuracy_level is not None and accuracy_level not in range(5):
         raise OptionError(f"--accuracy-level must be 0, 1, 2, 3 or 4, got {accuracy_level}")
     return act, scheme

@@ -435,6 +435,9 @@ def test_cli_int4_asymmetric(qwen2_tied: Path, tmp_path: Path, export) -> None:
         (["--weights", "int8", "--keep-layers", "0,x"], "--keep-layers"),
         (["--weights", "int8", "--keep-layers", "2"], "the model has layers 0..1"),
         (["--weights", "int8", "--accuracy-level", "5"], "--accuracy-level"),
+        (["--embedding-bits", "4"], "only apply to quantized weights"),
+        (["--weights", "int4", "--embedding-bits", "2"], "embedding bits must be 4 or 8"),
+        (["--weights", "int4", "--embedding-bits", "4", "--keep", "embedding"], "contradicts --keep embedding"),
     ],
 )
 def test_cli_quantization_option_errors(qwen2_tied: Path, tmp_path: Path, args: list[str], fragment: str) -> None:
@@ -442,3 +445,15 @@ def test_cli_quantization_option_errors(qwen2_tied: Path, tmp_path: Path, args: 
     assert result.exit_code == 2, result.output
     assert fragment in " ".join(result.output.split()), result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_embedding_bits_4_packs_the_tied_table_in_int4(qwen2_tied: Path, tmp_path: Path) -> None:
+    out = tmp_path / "emb4"
+    result = _invoke("export", qwen2_tied, "-o", out, "--weights", "int4", "--embedding-bits", "4")
+    assert result.exit_code == 0, result.output
+    assert _manifest(out)["extra"]["quantization"]["embedding_bits"] == 4
+    (gather,) = _nodes(_model(out), "GatherBlockQuantized")
+    assert gather.attributes["bits"].value == 4
+    emb8 = tmp_path / "emb8"
+    assert _invoke("export", qwen2_tied, "-o", emb8, "--weights", "int4").exit_code == 0
+    assert (out / "model.onnx.data").stat().st_size < (emb8 / "model.onnx.data").stat().st_size
