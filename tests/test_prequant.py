@@ -26,6 +26,7 @@ import safetensors.numpy
 from conftest import ModuleScratch
 
 from qwen_export import parity, prequant
+from qwen_export.artifact import load_manifest
 from qwen_export.checkpoint import SINGLE_FILE, Checkpoint
 from qwen_export.errors import CheckpointError
 from qwen_export.loader import open_artifact
@@ -509,3 +510,27 @@ def test_export_keeps_stored_int4_and_matches_the_dequantized_reference(
     assert np.abs(logits - reference).max() < 1e-4
     if kind == "awq":  # the parity reference of a pre-quantized checkpoint runs the same float view
         np.testing.assert_allclose(parity.Reference(directory).logits(ids), reference, rtol=0, atol=1e-5)
+
+
+def test_cli_export_without_weights_keeps_the_checkpoint_quantization(prequantized, tmp_path: Path) -> None:
+    """No --weights: the CLI keeps an AWQ checkpoint's int4 at its group size (nothing requantized),
+    and the manifest records the source quantization."""
+    from typer.testing import CliRunner
+
+    from qwen_export.cli import app
+
+    directory, _ = prequantized("awq")
+    out = tmp_path / "awq-art"
+    result = CliRunner().invoke(app, ["export", str(directory), "-o", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(out)
+    quant = manifest.extra["quantization"]
+    assert (quant["weights"], quant["block_size"], quant["symmetric"]) == ("int4", KINDS["awq"][1], False)
+    assert quant["prequantized"]["method"] == "awq" and quant["requantized"] == []
+    fired = next(p["fired"] for p in manifest.passes if p["name"] == "quantize")
+    assert fired["prequantized"] == fired["linear"] and fired["requantized"] == 0
+    # --weights fp32: the dequantized float weights, and the manifest says where they came from
+    out32 = tmp_path / "awq-fp32"
+    result = CliRunner().invoke(app, ["export", str(directory), "-o", str(out32), "--weights", "fp32"])
+    assert result.exit_code == 0, result.output
+    assert load_manifest(out32).extra["dequantized_from"]["method"] == "awq"
