@@ -242,7 +242,8 @@ def eval_worker(path: str, ids_path: str, out_path: str, threads: int) -> int:
     request = compiled.create_infer_request()
     request.reset_state()
     n, out, done = len(ids), None, 0
-    chunk = 256 if compiled.output("logits").get_partial_shape()[1].is_dynamic else 1
+    positions = compiled.output("logits").get_partial_shape()[1]  # ours: 1 (or 0..1), optimum's: any
+    chunk = 1 if positions.get_max_length() == 1 else 256
     while done < n:
         step = ids[done : done + chunk]
         request.infer({

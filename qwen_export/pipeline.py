@@ -135,6 +135,9 @@ def _export(
 
     timer.start("emit")
     with artifact.write_artifact(out, options.overwrite) as staging:
+        # tokenizer and generation config first: genai_config.json takes its eos ids from them
+        _copy_tokenizer(ckpt.directory, staging.path, tokenizer_files)
+        _write_generation_config(ckpt.directory, staging.path, spec)
         target_extra = _emit_for_target(
             model, staging.path, options, spec, ckpt.directory, max_length, kv_layout, hooks
         )
@@ -143,8 +146,6 @@ def _export(
             "capacity": max_length,
             "bytes_per_token": kv_bytes_per_token(spec, options.graph_dtype),
         }
-        _copy_tokenizer(ckpt.directory, staging.path, tokenizer_files)
-        _write_generation_config(ckpt.directory, staging.path, spec)
         io_signature = target_extra.pop("io")
         extra: dict[str, Any] = {}
         from .prequant import record as prequant_record

@@ -1,0 +1,640 @@
+"""One checkpoint through our targets and through the anchors a user would pick instead.
+
+One command, one checkpoint, one weight format, CPU, ``--threads`` (2) threads per engine:
+
+1. our artifacts, each built unless its directory already holds one (``qwen-export export CKPT -o
+   W/ours-ort-<w> --weights <w>`` and ``--target openvino`` into ``W/ours-ov-<w>``);
+
+2. the anchors, each only when it is there; otherwise its row says ``not available: <why, and how
+   to set it up>`` (never silently skipped):
+
+   * ``ort-genai-<w>``: onnxruntime-genai's model builder (``python -m
+     onnxruntime_genai.models.builder -i CKPT -o W/genai-<w> -p <w> -e cpu -c W/genai-cache
+     --extra_options prune_lm_head=true``, built unless present) run by its ``og.Generator``;
+   * ``optimum-ov-<w>``: an ``optimum-cli export openvino --weight-format <w>`` IR (``--optimum-ir
+     DIR``, made in optimum-intel's own venv; see benchmarks/README.md) run by
+     ``openvino_genai.LLMPipeline``;
+   * ``llama.cpp-<quant>``: a GGUF (``--gguf FILE``) run by llama-cpp-python in its own venv
+     (``--llama-python``, default /work/anchors/llamacpp-venv/bin/python);
+
+3. accuracy (``--reference-logits REF.npy --text-ids IDS.npy``, as written by quant_real.py: our fp32
+   artifact's every-position logits on a fixed text): every engine's logits teacher-forced on the
+   same ids (ours-ort and ort-genai through quant_real.py's evaluation worker, the OpenVINO IRs
+   through openvino_vs_optimum.py's, llama.cpp with ``logits_all=True``), then mean KL(ref || model),
+   top-1 agreement and perplexity (``quant_real.compare``); each logits file is deleted after;
+
+4. speed: every engine in its own worker process; for each prompt length ``--warmup`` (1) + ``--repeats``
+   (2) rounds, each round one greedy generation of exactly ``--new-tokens`` tokens per engine on the
+   same random prompt (ordinary token ids), engines interleaved A B C A B C with the first one rotated
+   each round (``openvino_vs_optimum.measure``). TTFT (prefill + first token), prefill tok/s = prompt
+   / TTFT, decode tok/s = 1 / median time per output token (medians over the measured rounds), load
+   time, the worker's peak RSS (VmHWM) and the model files' size on disk;
+
+5. prints one markdown table (engines x mean KL, top-1, ppl, size MiB, load s, peak RSS MiB, and TTFT
+   ms, prefill and decode tok/s per prompt length) with, for each figure, the ratio of our best engine
+   to the best anchor; ``--markdown-out``, ``--json-out``, ``--plot FILE.png`` (decode tok/s and TTFT
+   against prompt length, one line per engine).
+
+    .venv/bin/python benchmarks/compare.py --checkpoint CKPT --weights int4 [--gguf FILE] [--optimum-ir DIR]
+        [--workdir W] [--prompt-lengths 128,512] [--new-tokens 64] [--repeats 2] [--threads 2]
+        [--reference-logits REF.npy --text-ids IDS.npy] [--markdown-out F] [--json-out F] [--plot F.png]
+
+Exit status 1 when one of our builds or any worker failed, else 0 (an anchor that is not set up is a
+row, not a failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Their top-level imports are the standard library only, so the llama.cpp worker (another venv) can import them too.
+import openvino_vs_optimum as ovv  # noqa: E402 - Worker/measure (generation-level interleave), OpenVINO eval worker
+import ort_vs_genai as ovg  # noqa: E402 - run_logged, log helpers, the onnxruntime-genai session
+import quant_real  # noqa: E402 - compare(), the ONNX Runtime eval worker, model_bytes, build()
+
+MiB = 2**20
+LLAMA_PYTHON = Path("/work/anchors/llamacpp-venv/bin/python")
+OPTIMUM_VENV = "/work/anchors/optimum-venv"
+LLAMA_SETUP = (
+    "python3 -m venv /work/anchors/llamacpp-venv && /work/anchors/llamacpp-venv/bin/pip install "
+    "--no-cache-dir llama-cpp-python==0.3.36"
+)
+# lower is better for these; higher for the rest (top-1, tok/s)
+LOWER_IS_BETTER = ("mean_kl", "ppl", "size_mib", "load_s", "rss_mib", "ttft_ms")
+
+
+def log(msg: str) -> None:
+    ovg.log(msg)
+
+
+# ----------------------------------------------------------------------------- workers
+class _OrtGenaiSession:
+    """onnxruntime-genai's Generator (ort_vs_genai's step-wise session), one whole generation per call."""
+
+    def __init__(self, path: str, threads: int, n_ctx: int) -> None:
+        self.session = ovg._GenaiSession(path, threads)
+
+    def generate(self, prompt: list[int], new_tokens: int) -> dict[str, Any]:
+        ttft = self.session.prefill(prompt, new_tokens)
+        steps = [self.session.step() for _ in range(new_tokens - 1)]
+        return {"ttft_s": ttft, "tpot_s": statistics.median(steps), "tokens": self.session.finish()}
+
+
+class _LlamaSession:
+    """llama.cpp through llama-cpp-python: eval(prompt) + argmax, then eval([token]) + argmax per step."""
+
+    def __init__(self, path: str, threads: int, n_ctx: int) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(
+            model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
+            logits_all=False, verbose=False,
+        )  # fmt: skip
+
+    def _next(self) -> int:
+        import numpy as np
+
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def generate(self, prompt: list[int], new_tokens: int) -> dict[str, Any]:
+        llm = self.llm
+        llm.reset()  # n_tokens = 0: the next eval drops the KV cache
+        start = time.perf_counter()
+        llm.eval(prompt)
+        token = self._next()
+        ttft = time.perf_counter() - start
+        steps, tokens = [], [token]
+        for _ in range(new_tokens - 1):
+            t0 = time.perf_counter()
+            llm.eval([token])
+            token = self._next()
+            steps.append(time.perf_counter() - t0)
+            tokens.append(token)
+        return {"ttft_s": ttft, "tpot_s": statistics.median(steps), "tokens": tokens}
+
+
+def worker_main(kind: str, path: str, threads: int, n_ctx: int) -> int:
+    """openvino_vs_optimum's protocol: ready line, then {"prompt", "new_tokens"} -> one generation; EOF ends."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything a library prints goes to stderr, never into the protocol
+    t0 = time.perf_counter()
+    try:
+        session: Any = (_LlamaSession if kind == "llama" else _OrtGenaiSession)(path, threads, n_ctx)
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        proto.write(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}) + "\n")
+        return 1
+    ready = {"ok": True, "load_s": time.perf_counter() - t0, "rss_mib": ovg.vm_hwm_mib()}
+    if kind == "llama":
+        import llama_cpp
+
+        ready["version"] = getattr(llama_cpp, "__version__", None)
+    proto.write(json.dumps(ready) + "\n")
+    for line in sys.stdin:
+        msg = json.loads(line)
+        try:
+            proto.write(json.dumps({"ok": True, **session.generate(msg["prompt"], int(msg["new_tokens"]))}) + "\n")
+        except Exception as exc:
+            proto.write(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}) + "\n")
+    return 0
+
+
+class CmdWorker(ovv.Worker):
+    """openvino_vs_optimum.Worker (same protocol and measure()) started from any command line."""
+
+    def __init__(self, label: str, cmd: list[str], workdir: Path) -> None:  # noqa: D107 - no super(): other cmd
+        self.label = label
+        self.stderr_path = workdir / f"worker-{label}.stderr.log"
+        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1
+        )
+        self.ready = self.recv()
+
+
+def proc_hwm_mib(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def llama_eval(gguf: str, ids_path: str, out_path: str, threads: int) -> int:
+    """Teacher-force the ids through llama.cpp (logits_all=True); save every position's logits (.npy)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    ids = np.load(ids_path).astype(np.int64)
+    n = len(ids)
+    t0 = time.perf_counter()
+    llm = Llama(
+        model_path=gguf, n_ctx=n + 16, n_batch=512, n_threads=threads, n_threads_batch=threads,
+        logits_all=True, verbose=False,
+    )  # fmt: skip
+    load_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    llm.eval([int(t) for t in ids])
+    scores = np.asarray(llm.scores[:n], np.float32)
+    np.save(out_path, scores)
+    print(json.dumps({"load_s": load_s, "run_s": time.perf_counter() - t1, "vocab": int(scores.shape[1])}), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- engines
+def engine_row(label: str, family: str, runtime: str, path: Path | None, size: int | None, **extra: Any) -> dict:
+    return {"label": label, "family": family, "runtime": runtime, "path": str(path) if path else None,
+            "bytes": size, "available": True, **extra}  # fmt: skip
+
+
+def unavailable(label: str, family: str, runtime: str, why: str) -> dict:
+    log(f"{label}: not available: {why}")
+    return {"label": label, "family": family, "runtime": runtime, "available": False, "why": why}
+
+
+def config_mismatch(ckpt: Path, other: Path) -> str | None:
+    """Why ``other``/config.json is not the checkpoint's architecture (None when it is)."""
+    a, b = quant_real.read_json(ckpt / "config.json"), quant_real.read_json(other / "config.json")
+    if not b:
+        return f"{other} has no config.json"
+    keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
+    diff = [f"{k} {b.get(k)} != {a.get(k)}" for k in keys if a.get(k) != b.get(k)]
+    return f"{other} is not this checkpoint's architecture ({', '.join(diff)})" if diff else None
+
+
+def gguf_arch_mismatch(ckpt: Path, gguf: Path) -> str | None:
+    try:
+        from qwen_export.gguf_import import gguf_config, open_gguf  # our reader: the header, no weights read
+
+        cfg = gguf_config(open_gguf(gguf), gguf)
+    except Exception as exc:  # a record, not a reason to refuse: llama.cpp reads it or says why
+        log(f"could not read {gguf}'s header with qwen_export.gguf ({type(exc).__name__}: {exc}); not checked")
+        return None
+    a = quant_real.read_json(ckpt / "config.json")
+    keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
+    diff = [f"{k} {cfg.get(k)} != {a.get(k)}" for k in keys if k in cfg and cfg.get(k) != a.get(k)]
+    return f"{gguf} is not this checkpoint's architecture ({', '.join(diff)})" if diff else None
+
+
+def plan_engines(args: Any, workdir: Path) -> tuple[list[dict[str, Any]], dict[str, Any], bool]:
+    ckpt, w = args.checkpoint, args.weights
+    builds: dict[str, Any] = {}
+    failed = False
+    rows: list[dict[str, Any]] = []
+    # ours
+    for target, tag, size_of in (("onnxruntime", "ort", quant_real.model_bytes), ("openvino", "ov", ovv.ir_bytes)):
+        label = f"ours-{tag}-{w}"
+        out = workdir / label
+        res = ovv.build_ours(ckpt, out, target, w, workdir, args.force)
+        builds[label] = res
+        manifest = quant_real.read_json(out / "manifest.json")
+        quant = (manifest.get("extra") or {}).get("quantization") or {}
+        have = quant.get("weights", manifest.get("dtype"))
+        if res.get("returncode", 0) != 0 or not manifest:
+            failed = True
+            rows.append(unavailable(label, "ours", target, f"export failed: {res.get('stderr_tail', '')[-300:]}"))
+        elif have != w or manifest.get("target") != target:
+            failed = True
+            rows.append(unavailable(label, "ours", target, f"{out} holds {manifest.get('target')}/{have}, not {w}"))
+        else:
+            rows.append(engine_row(label, "ours", f"qwen-export ({target})", out, size_of(out), quantization=quant))
+    # onnxruntime-genai
+    label = f"ort-genai-{w}"
+    out = workdir / f"genai-{w}"
+    if w not in ("int4", "int8", "fp16", "fp32"):
+        rows.append(unavailable(label, "anchor", "onnxruntime-genai", f"the builder has no -p {w}"))
+    else:
+        cmd = [
+            sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o", str(out), "-p", w,
+            "-e", "cpu", "-c", str(workdir / "genai-cache"), "--extra_options", "prune_lm_head=true",
+        ]  # fmt: skip
+        item = {"label": label, "kind": "genai", "dir": out, "command": cmd, "want": {"prune": True}}
+        try:
+            import onnxruntime_genai  # noqa: F401
+
+            res = quant_real.build(item, workdir, args.force)
+        except ImportError as exc:
+            res = {"returncode": -1, "stderr_tail": f"{exc}: pip install onnxruntime-genai==0.18.0"}
+        builds[label] = res
+        if res.get("returncode") == 0:
+            rows.append(engine_row(label, "anchor", "onnxruntime-genai og.Generator", out, quant_real.model_bytes(out)))
+        else:
+            why = res.get("error") or res.get("stderr_tail", "")[-300:]
+            rows.append(unavailable(label, "anchor", "onnxruntime-genai", f"builder failed: {why}"))
+    # optimum-intel + openvino-genai
+    label = f"optimum-ov-{w}"
+    how = (
+        f"make it with `{OPTIMUM_VENV}/bin/optimum-cli export openvino --model {ckpt} --task "
+        f"text-generation-with-past --weight-format {w} DIR` (optimum-intel's own venv, see benchmarks/README.md) "
+        "and pass --optimum-ir DIR"
+    )
+    ir, rt = args.optimum_ir, "openvino-genai LLMPipeline"
+    if ir is None:
+        rows.append(unavailable(label, "anchor", rt, f"no optimum-intel IR given; {how}"))
+    elif not (ir / "openvino_model.xml").is_file():
+        rows.append(
+            unavailable(label, "anchor", "openvino-genai LLMPipeline", f"{ir} has no openvino_model.xml; {how}")
+        )
+    elif why := config_mismatch(ckpt, ir):
+        rows.append(unavailable(label, "anchor", rt, why))
+    else:
+        opt = quant_real.read_json(ir / "openvino_config.json")
+        rows.append(
+            engine_row(label, "anchor", "openvino-genai LLMPipeline", ir, ovv.ir_bytes(ir),
+                       optimum_version=opt.get("optimum_version"))
+        )  # fmt: skip
+    # llama.cpp
+    gguf = args.gguf
+    quant_name = gguf.stem.rsplit("-", 1)[-1].upper() if gguf else "gguf"
+    label = f"llama.cpp-{quant_name}"
+    py = args.llama_python
+    if gguf is None:
+        rows.append(unavailable(label, "anchor", "llama-cpp-python", "no GGUF for this checkpoint (pass --gguf FILE)"))
+    elif not gguf.is_file():
+        rows.append(unavailable(label, "anchor", "llama-cpp-python", f"{gguf} does not exist"))
+    elif not py.is_file():
+        rows.append(unavailable(label, "anchor", "llama-cpp-python", f"{py} missing; set it up: {LLAMA_SETUP}"))
+    else:
+        probe = subprocess.run(
+            [str(py), "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True
+        )
+        if probe.returncode != 0:
+            why = f"`import llama_cpp` fails in {py} ({probe.stderr.strip()[-200:]}); set it up: {LLAMA_SETUP}"
+            rows.append(unavailable(label, "anchor", "llama-cpp-python", why))
+        elif why := gguf_arch_mismatch(ckpt, gguf):
+            rows.append(unavailable(label, "anchor", "llama-cpp-python", why))
+        else:
+            version = probe.stdout.strip()
+            rows.append(
+                engine_row(label, "anchor", f"llama-cpp-python {version}", gguf, gguf.stat().st_size,
+                           llama_cpp_version=version)
+            )  # fmt: skip
+    return rows, builds, failed
+
+
+def start_worker(row: dict[str, Any], args: Any, workdir: Path, n_ctx: int) -> ovv.Worker:
+    label, path = row["label"], Path(row["path"])
+    if label.startswith("ours-"):
+        return ovv.Worker(label, "engine", path, args.threads, None, workdir)
+    if label.startswith("optimum-"):
+        return ovv.Worker(label, "genai", path, args.threads, args.kv_cache, workdir)
+    here = os.path.abspath(__file__)
+    if label.startswith("llama.cpp"):
+        py = str(args.llama_python)
+        cmd = [py, here, "--worker", "llama", str(path), "--threads", str(args.threads), "--n-ctx", str(n_ctx)]
+    else:
+        cmd = [sys.executable, here, "--worker", "ortgenai", str(path), "--threads", str(args.threads)]
+    return CmdWorker(label, cmd, workdir)
+
+
+def evaluate(row: dict[str, Any], args: Any, workdir: Path) -> dict[str, Any]:
+    """Teacher-forced logits of one engine on --text-ids, compared with --reference-logits, then deleted."""
+    import numpy as np
+
+    label, path = row["label"], Path(row["path"])
+    ids = np.load(args.text_ids).astype(np.int64)
+    log(f"accuracy of {label} (MemAvailable {ovg.mem_available_mib():.0f} MiB)")
+    if "-ov-" in label:  # ours-ov / optimum-ov: raw OpenVINO, f32 inference and KV cache
+        return ovv.evaluate(label, path, args, workdir)
+    out = workdir / "logits" / f"{label}.npy"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if label.startswith("llama.cpp"):
+        cmd = [str(args.llama_python), os.path.abspath(__file__), "--llama-eval", str(path), str(args.text_ids),
+               str(out), "--threads", str(args.threads)]  # fmt: skip
+        res = ovg.run_logged(f"eval-{label}", cmd, workdir)
+    else:  # ours-ort (last-position logits: one token at a time) / ort-genai (pruned lm_head: chunk 1)
+        kind = "ours" if label.startswith("ours-") else "genai"
+        res = quant_real.run_eval(label, kind, path, args.text_ids, workdir, 256 if kind == "ours" else 1, args.threads)
+    if res["returncode"] != 0:
+        out.unlink(missing_ok=True)
+        return {"error": res["stderr_tail"][-500:]}
+    try:
+        ref_vocab = np.load(args.reference_logits, mmap_mode="r").shape[1]
+        mod = np.load(out, mmap_mode="r")
+        if mod.shape[1] < ref_vocab:  # llama.cpp's n_vocab = the GGUF's token list; pad with -inf like absent ids
+            padded = np.full((mod.shape[0], ref_vocab), -np.inf, np.float32)
+            padded[:, : mod.shape[1]] = mod
+            del mod
+            np.save(out, padded)
+            del padded
+        metrics = quant_real.compare(args.reference_logits, out, ids)
+    except (RuntimeError, ValueError) as exc:
+        metrics = {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        out.unlink(missing_ok=True)  # [tokens, vocab] float32: hundreds of MB
+    return metrics
+
+
+# ----------------------------------------------------------------------------- table
+def figures(row: dict[str, Any], lengths: list[int]) -> dict[str, float | None]:
+    acc = row.get("accuracy") or {}
+    f: dict[str, float | None] = {
+        "mean_kl": acc.get("mean_kl"),
+        "top1": acc.get("top1"),
+        "ppl": acc.get("ppl"),
+        "size_mib": row["bytes"] / MiB if row.get("bytes") else None,
+        "load_s": row.get("load_s"),
+        "rss_mib": row.get("rss_mib"),
+    }
+    for n in lengths:
+        s = (row.get("speed") or {}).get(str(n)) or {}
+        f[f"ttft_ms@{n}"] = s.get("ttft_ms")
+        f[f"prefill_tok_s@{n}"] = s.get("prefill_tokens_per_s")
+        f[f"decode_tok_s@{n}"] = s.get("decode_tokens_per_s")
+    return f
+
+
+def best_ratios(rows: list[dict[str, Any]], lengths: list[int]) -> dict[str, dict[str, Any]]:
+    """Per figure: our best engine / the best anchor (> 1 means ours is bigger: better for top-1 and tok/s)."""
+    out: dict[str, dict[str, Any]] = {}
+    keys = list(figures(rows[0], lengths)) if rows else []
+    for key in keys:
+        lower = key.split("@")[0] in LOWER_IS_BETTER
+        pick = min if lower else max
+        cand: dict[str, list[tuple[float, str]]] = {"ours": [], "anchor": []}
+        for row in rows:
+            v = figures(row, lengths)[key] if row["available"] else None
+            if v is not None and v == v:
+                cand[row["family"]].append((v, row["label"]))
+        if cand["ours"] and cand["anchor"]:
+            o, a = pick(cand["ours"]), pick(cand["anchor"])
+            ratio = o[0] / a[0] if a[0] else None
+            out[key] = {"ratio": ratio, "ours": o[1], "anchor": a[1], "lower_is_better": lower}
+    return out
+
+
+def fmt_value(key: str, v: float | None) -> str:
+    if v is None or v != v:
+        return "-"
+    if key == "mean_kl":
+        return f"{v:.4f}"
+    if key == "top1":
+        return f"{100 * v:.2f}%"
+    if key == "ppl":
+        return f"{v:.3f}"
+    if key.startswith(("size", "rss", "ttft")):
+        return f"{v:.0f}"
+    if key == "load_s":
+        return f"{v:.1f}"
+    return f"{v:.1f}" if key.startswith("prefill") else f"{v:.2f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lengths = report["prompt_lengths"]
+    rows = report["engines"]
+    keys = list(figures(rows[0], lengths))
+    names = {"mean_kl": "mean KL", "top1": "top-1", "ppl": "ppl", "size_mib": "size MiB", "load_s": "load s",
+             "rss_mib": "peak RSS MiB"}  # fmt: skip
+    for n in lengths:
+        names |= {f"ttft_ms@{n}": f"TTFT ms @{n}", f"prefill_tok_s@{n}": f"prefill tok/s @{n}",
+                  f"decode_tok_s@{n}": f"decode tok/s @{n}"}  # fmt: skip
+    lines = [
+        f"`{report['checkpoint']}`, weights {report['weights']}, {report['threads']} threads, "
+        f"{report['new_tokens']} new tokens, {report['repeats']} runs (+{report['warmup']} warm-up) per prompt "
+        f"length, interleaved; {report['machine']}",
+        "",
+        "| engine | runtime | " + " | ".join(names[k] for k in keys) + " |",
+        "| --- | --- | " + " | ".join("---:" for _ in keys) + " |",
+    ]
+    for row in rows:
+        if not row["available"]:
+            why = row["why"].replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {row['label']} | **not available**: {why} | " + " | ".join("-" for _ in keys) + " |")
+            continue
+        f = figures(row, lengths)
+        lines.append(f"| {row['label']} | {row['runtime']} | " + " | ".join(fmt_value(k, f[k]) for k in keys) + " |")
+    ratios = report.get("ratios") or {}
+    cells = []
+    for k in keys:
+        r = ratios.get(k)
+        cells.append("-" if not r or r["ratio"] is None else f"{r['ratio']:.2f}×")
+    lines.append("| **ours best / best anchor** | | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "Ratio = our best engine's figure ÷ the best anchor's (best = lowest for KL, ppl, size, load, RSS, "
+        "TTFT; highest for top-1 and tok/s): below 1 is better for the first group, above 1 for the second."
+    )
+    pairs = [f"{names[k]}: {r['ours']} vs {r['anchor']}" for k, r in ratios.items()]
+    if pairs:
+        lines.append("Pairs: " + "; ".join(pairs) + ".")
+    for row in rows:
+        acc = row.get("accuracy") or {}
+        if "error" in acc:
+            lines.append(f"- {row['label']}: accuracy FAILED: {acc['error'][-300:]}")
+        if row.get("speed_error"):
+            lines.append(f"- {row['label']}: speed FAILED: {row['speed_error'][-300:]}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = report["prompt_lengths"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for row in report["engines"]:
+        speed = row.get("speed") or {}
+        xs = [n for n in lengths if str(n) in speed]
+        if not xs:
+            continue
+        style = "-o" if row["family"] == "ours" else "--s"
+        ax1.plot(xs, [speed[str(n)]["decode_tokens_per_s"] for n in xs], style, label=row["label"])
+        ax2.plot(xs, [speed[str(n)]["ttft_ms"] for n in xs], style, label=row["label"])
+    ax1.set(xlabel="prompt tokens", ylabel="decode tok/s (median)", title="decode")
+    ax2.set(xlabel="prompt tokens", ylabel="TTFT ms (median)", title="time to first token")
+    for ax in (ax1, ax2):
+        ax.set_xticks(lengths)
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    fig.suptitle(f"{Path(report['checkpoint']).name}, {report['weights']}, {report['threads']} threads", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    log(f"wrote {path}")
+
+
+def versions() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mod in ("qwen_export", "onnxruntime", "onnxruntime_genai", "openvino", "openvino_genai"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except (ImportError, AttributeError):
+            out[mod] = None
+    return out
+
+
+def save(report: dict[str, Any], args: Any) -> None:
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
+    p.add_argument("--llama-eval", nargs=3, metavar=("GGUF", "IDS", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--n-ctx", type=int, default=2048, help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", type=Path)
+    p.add_argument("--weights", default="int4", help="int4 (default), int8, fp16 or fp32")
+    p.add_argument("--gguf", type=Path, default=None, help="the checkpoint's GGUF, for the llama.cpp anchor")
+    p.add_argument("--optimum-ir", type=Path, default=None, help="optimum-cli export openvino output for CKPT")
+    p.add_argument("--llama-python", type=Path, default=LLAMA_PYTHON, help="python of the llama-cpp-python venv")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/qe-compare"))
+    p.add_argument("--prompt-lengths", default="128,512")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--kv-cache", default=None, help="KV_CACHE_PRECISION for the openvino-genai anchor (its default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference-logits", type=Path)
+    p.add_argument("--text-ids", type=Path)
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--force", action="store_true", help="rebuild our artifacts and genai's even when present")
+    p.add_argument("--markdown-out", type=Path)
+    p.add_argument("--json-out", type=Path)
+    p.add_argument("--plot", type=Path)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker[0], args.worker[1], args.threads, args.n_ctx)
+    if args.llama_eval:
+        return llama_eval(*args.llama_eval, args.threads)
+    if args.checkpoint is None:
+        p.error("--checkpoint is required")
+    if bool(args.reference_logits) != bool(args.text_ids):
+        p.error("--reference-logits and --text-ids go together")
+    workdir: Path = args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    lengths = [int(x) for x in args.prompt_lengths.split(",") if x.strip()]
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": [sys.executable, *sys.argv],
+        "checkpoint": str(args.checkpoint),
+        "weights": args.weights,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "loadavg_start": os.getloadavg(),
+        "versions": versions(),
+        "threads": args.threads,
+        "prompt_lengths": lengths,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "seed": args.seed,
+    }
+    rows, report["builds"], failed = plan_engines(args, workdir)
+    report["engines"] = rows
+    ready = [r for r in rows if r["available"]]
+    save(report, args)
+
+    if args.reference_logits:
+        for row in ready:
+            row["accuracy"] = evaluate(row, args, workdir)
+            failed |= "error" in row["accuracy"]
+            log(f"{row['label']}: {row['accuracy']}")
+            save(report, args)
+
+    if not args.skip_speed and ready:
+        n_ctx = max(lengths) + args.new_tokens + 16
+        workers: list[ovv.Worker] = []
+        for row in ready:
+            log(f"loading {row['label']} (MemAvailable {ovg.mem_available_mib():.0f} MiB)")
+            try:
+                w = start_worker(row, args, workdir, n_ctx)
+            except RuntimeError as exc:
+                row["speed_error"] = str(exc)
+                failed = True
+                continue
+            row["load_s"] = w.ready["load_s"]
+            workers.append(w)
+        try:
+            if workers:
+                log("measuring " + ", ".join(w.label for w in workers) + " interleaved")
+                cases = ovv.measure(workers, lengths, args.new_tokens, args.repeats, args.warmup, args.seed)
+                for row in ready:
+                    row["speed"] = {n: per[row["label"]] for n, per in cases.items() if row["label"] in per}
+        except RuntimeError as exc:
+            log(f"measurement FAILED: {exc}")
+            report["speed_error"] = str(exc)
+            failed = True
+        finally:
+            by_label = {r["label"]: r for r in ready}
+            for w in workers:
+                by_label[w.label]["rss_mib"] = proc_hwm_mib(w.proc.pid)
+                try:
+                    w.close()
+                except (OSError, subprocess.TimeoutExpired):
+                    w.proc.kill()
+    report["loadavg_end"] = os.getloadavg()
+    report["ratios"] = best_ratios(rows, lengths)
+    table = markdown(report)
+    report["markdown"] = table
+    print("\n" + table, flush=True)
+    if args.markdown_out:
+        args.markdown_out.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown_out.write_text(table, encoding="utf-8")
+    if args.plot and any(r.get("speed") for r in rows):
+        plot(report, args.plot)
+    save(report, args)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
