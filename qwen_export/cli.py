@@ -222,8 +222,14 @@ def _prequantized_default(
 ) -> Any:
     """A pre-quantized (AWQ/GPTQ) checkpoint keeps its own quantization: with no --weights, its
     bits and group size; with --weights of its bits, its group size and symmetry unless given."""
+    from .errors import QwenExportError
     from .prequant import default_scheme
+    from .spec import ModelSpec
 
+    try:
+        ModelSpec.from_config_file(checkpoint / "config.json")
+    except QwenExportError:
+        return quant  # a defective config.json: the export reports it with its own message
     own = default_scheme(checkpoint)
     if own is None:
         return quant
