@@ -38,6 +38,12 @@ One command, one checkpoint, one weight format, CPU, ``--threads`` (2) threads p
     .venv/bin/python benchmarks/compare.py --checkpoint CKPT --weights int4 [--gguf FILE] [--optimum-ir DIR]
         [--workdir W] [--prompt-lengths 128,512] [--new-tokens 64] [--repeats 2] [--threads 2]
         [--reference-logits REF.npy --text-ids IDS.npy] [--markdown-out F] [--json-out F] [--plot F.png]
+    # accuracy and speed as two runs (e.g. at the same time), then one table:
+    ... --skip-speed --json-out ACC.json;  ... (no --reference-logits) --json-out SPEED.json
+    .venv/bin/python benchmarks/compare.py --from-report SPEED.json --reuse-accuracy ACC.json [--markdown-out F] ...
+
+The accuracy of a llama.cpp row is a floor when the checkpoint was converted from that very GGUF (as
+/work/real/ckpt was): llama.cpp then runs the reference weights, every other row re-quantizes them.
 
 Exit status 1 when one of our builds or any worker failed, else 0 (an anchor that is not set up is a
 row, not a failure).
@@ -91,7 +97,11 @@ class _OrtGenaiSession:
 
 
 class _LlamaSession:
-    """llama.cpp through llama-cpp-python: eval(prompt) + argmax, then eval([token]) + argmax per step."""
+    """llama.cpp through llama-cpp-python: eval(prompt) + argmax, then eval([token]) + argmax per step.
+
+    Not ``Llama.generate``: its sampler chain and Python-side bookkeeping would be timed too; this is
+    the same work per step as our greedy loop (one decode of one token, argmax of its logits).
+    """
 
     def __init__(self, path: str, threads: int, n_ctx: int) -> None:
         from llama_cpp import Llama
@@ -100,11 +110,13 @@ class _LlamaSession:
             model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
             logits_all=False, verbose=False,
         )  # fmt: skip
+        self.vocab = self.llm.n_vocab()
 
     def _next(self) -> int:
         import numpy as np
 
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        # with logits_all=False, eval() keeps no scores: read the last position's logits from the context
+        return int(np.argmax(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.vocab,))))
 
     def generate(self, prompt: list[int], new_tokens: int) -> dict[str, Any]:
         llm = self.llm
@@ -526,6 +538,35 @@ def save(report: dict[str, Any], args: Any) -> None:
         args.json_out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
 
 
+def finish(report: dict[str, Any], args: Any) -> None:
+    report["ratios"] = best_ratios(report["engines"], report["prompt_lengths"])
+    table = markdown(report)
+    report["markdown"] = table
+    print("\n" + table, flush=True)
+    if args.markdown_out:
+        args.markdown_out.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown_out.write_text(table, encoding="utf-8")
+    if args.plot and any(r.get("speed") for r in report["engines"]):
+        plot(report, args.plot)
+    save(report, args)
+
+
+def render_merged(args: Any) -> int:
+    """--from-report SPEED.json --reuse-accuracy ACC.json: one table from two runs of the same engines."""
+    report = json.loads(args.from_report.read_text(encoding="utf-8"))
+    acc = json.loads(args.reuse_accuracy.read_text(encoding="utf-8")) if args.reuse_accuracy else {}
+    by_key = {(r["label"], r.get("path"), r.get("bytes")): r for r in acc.get("engines", [])}
+    for row in report["engines"]:
+        old = by_key.get((row["label"], row.get("path"), row.get("bytes"))) or {}
+        if old.get("accuracy"):
+            row["accuracy"] = old["accuracy"]
+    report["accuracy_from"] = str(args.reuse_accuracy)
+    for key in ("reference_logits", "text_ids"):
+        report[key] = acc.get(key)
+    finish(report, args)
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -548,6 +589,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference-logits", type=Path)
     p.add_argument("--text-ids", type=Path)
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument(
+        "--reuse-accuracy",
+        type=Path,
+        help="a previous --json-out: take an engine's accuracy from it when its label, path, size and the "
+        "reference/ids are the same (e.g. after a --skip-speed run)",
+    )
+    p.add_argument(
+        "--from-report",
+        type=Path,
+        help="re-render a previous --json-out (its speed figures) with the accuracy of --reuse-accuracy FILE: "
+        "for a speed run and an accuracy run made separately (e.g. at the same time)",
+    )
     p.add_argument("--force", action="store_true", help="rebuild our artifacts and genai's even when present")
     p.add_argument("--markdown-out", type=Path)
     p.add_argument("--json-out", type=Path)
@@ -557,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(args.worker[0], args.worker[1], args.threads, args.n_ctx)
     if args.llama_eval:
         return llama_eval(*args.llama_eval, args.threads)
+    if args.from_report:
+        return render_merged(args)
     if args.checkpoint is None:
         p.error("--checkpoint is required")
     if bool(args.reference_logits) != bool(args.text_ids):
@@ -585,7 +640,19 @@ def main(argv: list[str] | None = None) -> int:
     save(report, args)
 
     if args.reference_logits:
+        previous = {}
+        if args.reuse_accuracy and args.reuse_accuracy.is_file():
+            old = json.loads(args.reuse_accuracy.read_text(encoding="utf-8"))
+            same_ref = (old.get("reference_logits"), old.get("text_ids")) == (
+                str(args.reference_logits), str(args.text_ids))  # fmt: skip
+            previous = {(r["label"], r.get("path"), r.get("bytes")): r for r in old.get("engines", []) if same_ref}
+        report |= {"reference_logits": str(args.reference_logits), "text_ids": str(args.text_ids)}
         for row in ready:
+            old_row = previous.get((row["label"], row["path"], row["bytes"])) or {}
+            if (old_row.get("accuracy") or {}).get("mean_kl") is not None:
+                row["accuracy"] = old_row["accuracy"] | {"reused_from": str(args.reuse_accuracy)}
+                log(f"{row['label']}: accuracy reused from {args.reuse_accuracy}")
+                continue
             row["accuracy"] = evaluate(row, args, workdir)
             failed |= "error" in row["accuracy"]
             log(f"{row['label']}: {row['accuracy']}")
@@ -623,16 +690,7 @@ def main(argv: list[str] | None = None) -> int:
                 except (OSError, subprocess.TimeoutExpired):
                     w.proc.kill()
     report["loadavg_end"] = os.getloadavg()
-    report["ratios"] = best_ratios(rows, lengths)
-    table = markdown(report)
-    report["markdown"] = table
-    print("\n" + table, flush=True)
-    if args.markdown_out:
-        args.markdown_out.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown_out.write_text(table, encoding="utf-8")
-    if args.plot and any(r.get("speed") for r in rows):
-        plot(report, args.plot)
-    save(report, args)
+    finish(report, args)
     return 1 if failed else 0
 
 
