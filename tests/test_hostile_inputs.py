@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import struct
@@ -451,7 +452,9 @@ def test_disk_full_during_export(qwen2_tied: Path, tmp_path: Path, monkeypatch: 
     line = assert_one_error(
         invoke("export", qwen2_tied, "-o", out), "disk full while writing", str(out), "MiB free", "--output"
     )
-    assert "3.0 MiB" in line  # how much was written before space ran out
+    # how much was written before space ran out: the tokenizer files (copied first) + the 3 MiB of weights
+    written = re.search(r"after ([0-9.]+) MiB", line)
+    assert written is not None and float(written.group(1)) >= 3.0, line
     assert_nothing_left(parent)
 
 
