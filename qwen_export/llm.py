@@ -247,15 +247,8 @@ def runtime_options(
 
     ov = OpenVINOOptions(
         threads=threads,
-        precision=_choice(Precision, precision or "f32", "precision"),
-        kv_cache=_choice(KVCachePrecision, kv_cache or "f32", "kv_cache"),
+        precision=Precision.parse(precision or "f32", "precision"),
+        kv_cache=KVCachePrecision.parse(kv_cache or "f32", "kv_cache"),
         cache_dir=Path(cache_dir) if cache_dir is not None else None,
     )
     return RuntimeOptions(threads=threads, openvino=ov)
-
-
-def _choice(enum_cls: Any, value: str, what: str) -> Any:
-    for member in enum_cls:
-        if member.value.lower() == str(value).lower():
-            return member
-    raise OptionError(f"unknown {what} {value!r}; valid values: {', '.join(m.value.lower() for m in enum_cls)}")
