@@ -101,7 +101,8 @@ def export(
         str,
         typer.Option(
             help="Engine: onnxruntime | openvino (a stateful OpenVINO IR plus tokenizer IR, loadable by "
-            "openvino-genai)."
+            "openvino-genai) | tensorrt (standard-ONNX graph with fixed-capacity KV buffers and a build recipe; "
+            "build the engine on the GPU with qwen-export build-engine)."
         ),
     ] = "onnxruntime",
     dtype: Annotated[
@@ -175,6 +176,10 @@ def export(
             "(smaller; RTN at --block-size)."
         ),
     ] = None,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(help="--target tensorrt: largest batch of the engine's optimization profiles (default 1)."),
+    ] = None,
 ) -> None:
     """Export CHECKPOINT to an engine artifact in OUTPUT (written atomically)."""
     from .pipeline import ExportOptions
@@ -183,13 +188,19 @@ def export(
         raise OptionError("--explain reports on the fusion passes; it cannot be combined with --no-fuse")
     if dump_dir is not None and dump_dir.exists() and not dump_dir.is_dir():
         raise OptionError(f"--dump-dir {str(dump_dir)!r} exists and is not a directory")
+    engine_target = Target.parse(target, "target")
     act_dtype, quant = _weight_options(
         weights, dtype, block_size, symmetric, algorithm, keep, keep_layers, accuracy_level, embedding_bits
     )
     if (checkpoint / "config.json").is_file():
         quant = _prequantized_default(checkpoint, weights, quant, block_size, symmetric)
+    if engine_target is Target.TENSORRT:
+        quant = _tensorrt_weights(quant, symmetric, embedding_bits, accuracy_level)
+    elif max_batch is not None:
+        raise OptionError("--max-batch applies to --target tensorrt only")
     options = ExportOptions(
-        target=Target.parse(target, "target"),
+        target=engine_target,
+        max_batch=1 if max_batch is None else max_batch,
         dtype=act_dtype,
         logits=LogitsMode.parse(logits, "logits mode"),
         max_length=max_length,
@@ -215,6 +226,26 @@ def export(
         console.print(kv_line, highlight=False, soft_wrap=True)
     if dump_dir is not None:
         console.print(f"intermediate models written to {dump_dir}", highlight=False)
+
+
+def _tensorrt_weights(
+    quant: Any, symmetric: bool | None, embedding_bits: int | None, accuracy_level: int | None
+) -> Any:
+    """--target tensorrt: refuse the options TensorRT cannot honour; a pre-quantized asymmetric
+    (AWQ) checkpoint is requantized symmetric unless --asymmetric was asked for (then the export
+    refuses it: TensorRT needs zero points of zero)."""
+    if embedding_bits is not None:
+        raise OptionError("--embedding-bits: the TensorRT target keeps the embedding in --dtype (no quantized Gather)")
+    if accuracy_level is not None:
+        raise OptionError("--accuracy-level applies to ONNX Runtime's MatMulNBits, not to --target tensorrt")
+    if quant is not None and not quant.symmetric and symmetric is None:
+        err_console.print(
+            "--target tensorrt: the checkpoint's asymmetric quantization is requantized symmetric (TensorRT needs "
+            "zero points of zero)",
+            highlight=False,
+        )
+        return dataclasses.replace(quant, symmetric=True)
+    return quant
 
 
 def _prequantized_default(
@@ -367,6 +398,55 @@ def _export_with_progress(checkpoint: Path, output: Path, options: Any) -> Any:
         return run_export(checkpoint, output, options, ExportHooks(step=step, write_progress=write, message=message))
 
 
+@app.command("build-engine")
+@handles_errors
+def build_engine(
+    artifact: Annotated[Path, typer.Argument(help="A --target tensorrt artifact directory.")],
+    max_batch: Annotated[int | None, typer.Option(help="Largest batch (default: the export's recipe).")] = None,
+    max_prompt: Annotated[
+        int | None, typer.Option(help="Longest prompt run in one prefill (default: the KV capacity).")
+    ] = None,
+    workspace_mib: Annotated[int | None, typer.Option(help="Builder workspace in MiB (default 4096).")] = None,
+    optimization_level: Annotated[
+        int, typer.Option(help="TensorRT builder optimization level 0 (fast build) .. 5 (best engine).")
+    ] = 3,
+    timing_cache: Annotated[bool, typer.Option(help="Reuse and update engines/timing.cache (faster rebuilds).")] = True,
+    device: Annotated[int, typer.Option(help="CUDA device index to build for.")] = 0,
+) -> None:
+    """Build the TensorRT engine of ARTIFACT for this machine's GPU (engines/<gpu>-<trt>.plan).
+
+    Engines are specific to the GPU and the TensorRT version; run this where the engine will run.
+    """
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .runtimes.tensorrt import BuildOptions
+    from .runtimes.tensorrt import build_engine as build
+
+    options = BuildOptions(
+        max_batch=max_batch,
+        max_prompt=max_prompt,
+        workspace=None if workspace_mib is None else workspace_mib << 20,
+        timing_cache=timing_cache,
+        optimization_level=optimization_level,
+        device=device,
+    )
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("building TensorRT engine", total=4)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        plan = build(artifact, options, progress, message=lambda text: bar.console.print(text, highlight=False))
+    console.print(f"[green]built[/] {plan}", highlight=False)
+
+
 @app.command("convert-gguf")
 @handles_errors
 def convert_gguf(
@@ -447,10 +527,22 @@ CacheDir = Annotated[
 ]
 
 
-def _runtime(threads: int, precision: str | None, kv_cache: str | None, cache_dir: Path | None) -> Any:
+EngineOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--engine",
+        help="Engine to run the artifact on (default: its target's). A --target tensorrt artifact also runs on "
+        "onnxruntime: its standard-ONNX graph on the CPU, to verify it where TensorRT is absent.",
+    ),
+]
+
+
+def _runtime(
+    threads: int, precision: str | None, kv_cache: str | None, cache_dir: Path | None, engine: str | None = None
+) -> Any:
     from .llm import runtime_options
 
-    return runtime_options(threads, precision, kv_cache, cache_dir)
+    return runtime_options(threads, precision, kv_cache, cache_dir, engine=engine)
 
 
 @app.command()
@@ -476,10 +568,11 @@ def generate(
     precision: Precision = None,
     kv_cache: KVCache = None,
     cache_dir: CacheDir = None,
+    engine: EngineOpt = None,
 ) -> None:
     """Generate a completion for PROMPT, streamed to the terminal."""
 
-    llm = _load_llm(artifact, threads, precision, kv_cache, cache_dir)
+    llm = _load_llm(artifact, threads, precision, kv_cache, cache_dir, engine)
     sampling = _sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
     response_format = _response_format(json_schema, json_mode)
     if raw:
@@ -498,11 +591,18 @@ def generate(
     )
 
 
-def _load_llm(artifact: Path, threads: int, precision: str | None, kv_cache: str | None, cache_dir: Path | None) -> Any:
+def _load_llm(
+    artifact: Path,
+    threads: int,
+    precision: str | None,
+    kv_cache: str | None,
+    cache_dir: Path | None,
+    engine: str | None = None,
+) -> Any:
     from .llm import LLM
     from .loader import open_artifact
 
-    return LLM(open_artifact(artifact, _runtime(threads, precision, kv_cache, cache_dir)))
+    return LLM(open_artifact(artifact, _runtime(threads, precision, kv_cache, cache_dir, engine)))
 
 
 def _given(options: dict[str, Any]) -> dict[str, Any]:
@@ -557,6 +657,7 @@ def chat(
     precision: Precision = None,
     kv_cache: KVCache = None,
     cache_dir: CacheDir = None,
+    engine: EngineOpt = None,
 ) -> None:
     """Interactive multi-turn chat; earlier turns stay in the KV cache. Commands: /reset, /exit.
 
@@ -566,7 +667,7 @@ def chat(
     tool_specs = _read_json(tools, "tools") if tools is not None else None
     if tool_specs is not None and not isinstance(tool_specs, list):
         raise OptionError(f"{tools}: expected a JSON list of tool specs")
-    llm = _load_llm(artifact, threads, precision, kv_cache, cache_dir)
+    llm = _load_llm(artifact, threads, precision, kv_cache, cache_dir, engine)
     sampling = _given(
         _sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, None)
     )
@@ -636,6 +737,7 @@ def check(
     precision: Precision = None,
     kv_cache: KVCache = None,
     cache_dir: CacheDir = None,
+    engine: EngineOpt = None,
 ) -> None:
     """Compare ARTIFACT with transformers on REFERENCE; exit 1 past the precision's thresholds."""
     from . import parity
@@ -643,7 +745,7 @@ def check(
 
     if max_tokens < 2 or greedy_tokens < 1:
         raise OptionError("--max-tokens must be >= 2 and --greedy-tokens >= 1")
-    loaded = open_artifact(artifact, _runtime(threads, precision, kv_cache, cache_dir))
+    loaded = open_artifact(artifact, _runtime(threads, precision, kv_cache, cache_dir, engine))
     if text is not None:
         if not text.is_file():
             raise OptionError(f"{text}: text file not found")
@@ -817,6 +919,7 @@ def bench(
     precision: Precision = None,
     kv_cache: KVCache = None,
     cache_dir: CacheDir = None,
+    engine: EngineOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Measure TTFT, prefill and decode tokens/s, memory and load time of one or more ARTIFACTS.
@@ -856,7 +959,7 @@ def bench(
             status.update(f"loading {label}")
             rss0 = bench_mod.current_rss_mb()
             t0 = time.perf_counter()
-            loaded = open_artifact(path, _runtime(threads, precision, kv_cache, cache_dir))
+            loaded = open_artifact(path, _runtime(threads, precision, kv_cache, cache_dir, engine))
             load_s = time.perf_counter() - t0
             manifest = loaded.manifest
             kv = bench_mod.kv_bytes_per_token(manifest.spec, manifest.dtype)

@@ -216,39 +216,61 @@ class LLM:
 def load(path: str | Path, engine: str | None = None, device: str | None = None, **options: Any) -> LLM:
     """Open an exported artifact (manifest and checksums verified) and return an :class:`LLM`.
 
-    ``engine`` defaults to the artifact's target (the manifest says which); ``device`` is ``"cpu"``;
-    ``options``: ``threads`` (engine threads, 0 = default) and, for OpenVINO artifacts,
-    ``precision`` (f32 | bf16 | f16), ``kv_cache`` (f32 | f16 | bf16 | u8 | auto) and ``cache_dir``
-    (OpenVINO's model cache: the second load is fast).
+    ``engine`` defaults to the artifact's target (the manifest says which); a ``tensorrt``
+    artifact also runs on ``"onnxruntime"`` (its standard-ONNX graph on the CPU: verification
+    without a GPU). ``device``: ``"cpu"`` (ONNX Runtime, OpenVINO) or ``"cuda"`` / ``"cuda:N"``
+    (TensorRT; default device 0). ``options``: ``threads`` (engine threads, 0 = default); for
+    OpenVINO artifacts ``precision`` (f32 | bf16 | f16), ``kv_cache`` (f32 | f16 | bf16 | u8 |
+    auto) and ``cache_dir`` (OpenVINO's model cache: the second load is fast); for TensorRT
+    ``cuda_graphs`` (replay decode steps as CUDA graphs).
     """
-    valid = ["threads", *OPENVINO_LOAD_OPTIONS]
+    valid = ["threads", *OPENVINO_LOAD_OPTIONS, *TENSORRT_LOAD_OPTIONS]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise OptionError(f"unknown load option(s) {unknown}; valid: {valid}")
-    if device not in (None, "cpu"):
-        raise OptionError(f"device {device!r} is not available for this artifact; valid: cpu")
-    loaded = open_artifact(path, runtime_options(**options))
-    if engine is not None and Target.parse(engine, "engine") is not Target.parse(loaded.manifest.target):
-        raise OptionError(f"engine {engine!r} does not match the artifact's target {loaded.manifest.target!r}")
-    return LLM(loaded)
+    return LLM(open_artifact(path, runtime_options(engine=engine, device=device, **options)))
 
 
 OPENVINO_LOAD_OPTIONS = ("precision", "kv_cache", "cache_dir")
+TENSORRT_LOAD_OPTIONS = ("cuda_graphs",)
 
 
 def runtime_options(
-    threads: int = 0, precision: str | None = None, kv_cache: str | None = None, cache_dir: str | Path | None = None
+    threads: int = 0,
+    precision: str | None = None,
+    kv_cache: str | None = None,
+    cache_dir: str | Path | None = None,
+    *,
+    engine: str | None = None,
+    device: str | None = None,
+    cuda_graphs: bool | None = None,
 ) -> RuntimeOptions:
-    """RuntimeOptions from plain values (CLI and :func:`load`); the OpenVINO ones are checked
-    against their enums here and refused by :func:`open_artifact` for other targets."""
-    if precision is None and kv_cache is None and cache_dir is None:
-        return RuntimeOptions(threads=threads)
-    from .runtimes.openvino import KVCachePrecision, OpenVINOOptions, Precision
+    """RuntimeOptions from plain values (CLI and :func:`load`); the OpenVINO and TensorRT ones are
+    checked against their enums here and refused by :func:`open_artifact` for other targets."""
+    chosen = Target.parse(engine, "engine") if engine is not None else None
+    ov = None
+    if precision is not None or kv_cache is not None or cache_dir is not None:
+        from .runtimes.openvino import KVCachePrecision, OpenVINOOptions, Precision
 
-    ov = OpenVINOOptions(
-        threads=threads,
-        precision=Precision.parse(precision or "f32", "precision"),
-        kv_cache=KVCachePrecision.parse(kv_cache or "f32", "kv_cache"),
-        cache_dir=Path(cache_dir) if cache_dir is not None else None,
-    )
-    return RuntimeOptions(threads=threads, openvino=ov)
+        ov = OpenVINOOptions(
+            threads=threads,
+            precision=Precision.parse(precision or "f32", "precision"),
+            kv_cache=KVCachePrecision.parse(kv_cache or "f32", "kv_cache"),
+            cache_dir=Path(cache_dir) if cache_dir is not None else None,
+        )
+    trt = None
+    cuda = device is not None and (device == "cuda" or device.startswith("cuda:"))
+    if device not in (None, "cpu") and not cuda:
+        raise OptionError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N")
+    if cuda or cuda_graphs:
+        if chosen not in (None, Target.TENSORRT):
+            raise OptionError(f"device {device!r} and CUDA graphs apply to the TensorRT engine, not {chosen.value}")
+        from .runtimes.tensorrt import TensorRTOptions
+
+        index = device.split(":", 1)[1] if device is not None and ":" in device else "0"
+        if not index.isdigit():
+            raise OptionError(f"device {device!r}: expected cuda:N with N a device index")
+        trt = TensorRTOptions(device=int(index), cuda_graphs=bool(cuda_graphs))
+    elif device == "cpu" and chosen is Target.TENSORRT:
+        raise OptionError("the TensorRT engine runs on cuda; use --engine onnxruntime to run this artifact on the CPU")
+    return RuntimeOptions(threads=threads, openvino=ov, engine=chosen, tensorrt=trt)

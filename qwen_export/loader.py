@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .artifact import Manifest, load_manifest
-from .errors import ArtifactError, OptionError
+from .errors import ArtifactError, EngineUnavailableError, OptionError
 from .generation import GenerationConfig
 from .runtimes.base import Engine
 from .spec import Target
 
 if TYPE_CHECKING:
     from .runtimes.openvino import OpenVINOOptions
+    from .runtimes.tensorrt import TensorRTOptions
 from .tokenizer import Tokenizer
 
 
@@ -28,6 +29,12 @@ class RuntimeOptions:
     #: OpenVINO artifacts: compile settings (precision, KV-cache precision, CACHE_DIR, hint);
     #: None = OpenVINO's defaults with ``threads``. Ignored by the other engines.
     openvino: OpenVINOOptions | None = None
+    #: Which engine runs the artifact; None = its target's own. A ``--target tensorrt`` artifact can
+    #: also run on ``Target.ONNXRUNTIME`` (its standard-ONNX graph on ONNX Runtime CPU: how it is
+    #: verified on machines without TensorRT); any other combination is an OptionError.
+    engine: Target | None = None
+    #: TensorRT artifacts: engine settings (device, CUDA graphs, engine file); None = defaults.
+    tensorrt: TensorRTOptions | None = None
 
 
 @dataclasses.dataclass
@@ -72,11 +79,23 @@ def open_artifact(path: str | Path, options: RuntimeOptions | None = None, verif
             f"{root} is a {target.value} artifact; the OpenVINO options (precision, KV-cache precision, "
             "cache dir) apply to --target openvino artifacts only"
         )
-    if target is Target.ONNXRUNTIME:
+    engine_target = _engine_for(root, target, options)
+    if engine_target is Target.ONNXRUNTIME:
         from .runtimes.onnxruntime import OnnxRuntimeEngine, OrtOptions
 
         engine: Engine = OnnxRuntimeEngine(root, manifest, OrtOptions(threads=options.threads))
-    elif target is Target.OPENVINO:
+    elif engine_target is Target.TENSORRT:
+        from .runtimes.tensorrt import TensorRTEngine
+        from .runtimes.tensorrt import TensorRTOptions as _TRTOptions
+
+        try:
+            engine = TensorRTEngine(root, manifest, options.tensorrt or _TRTOptions())
+        except EngineUnavailableError as exc:
+            raise EngineUnavailableError(
+                f"{exc}; or run this artifact's ONNX on the CPU with --engine onnxruntime (load(..., "
+                "engine='onnxruntime'))"
+            ) from None
+    elif engine_target is Target.OPENVINO:
         from .runtimes.openvino import OpenVINOEngine
         from .runtimes.openvino import OpenVINOOptions as _OVOptions
 
@@ -94,3 +113,16 @@ def open_artifact(path: str | Path, options: RuntimeOptions | None = None, verif
             raise ArtifactError(f"{gen}: invalid JSON ({exc})") from None
         defaults = loaded if isinstance(loaded, dict) else {}
     return LoadedArtifact(root, manifest, engine, tokenizer, defaults)
+
+
+def _engine_for(root: Path, target: Target, options: RuntimeOptions) -> Target:
+    """The engine that runs a ``target`` artifact under ``options`` (OptionError when it cannot)."""
+    if options.tensorrt is not None and target is not Target.TENSORRT:
+        raise OptionError(f"{root} is a {target.value} artifact; the TensorRT options apply to --target tensorrt only")
+    engine = options.engine or target
+    if engine is target or (target is Target.TENSORRT and engine is Target.ONNXRUNTIME):
+        if engine is not Target.TENSORRT and options.tensorrt is not None:
+            raise OptionError("the TensorRT options apply to the TensorRT engine, not --engine onnxruntime")
+        return engine
+    allowed = "onnxruntime or tensorrt" if target is Target.TENSORRT else target.value
+    raise OptionError(f"{root} is a {target.value} artifact; it runs on --engine {allowed}, not {engine.value}")

@@ -87,6 +87,7 @@ class Attention(nn.Module):
         mask: torch.Tensor,
         past_k: torch.Tensor,
         past_v: torch.Tensor,
+        cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         spec = self.spec
         b, s = x.shape[0], x.shape[1]
@@ -99,16 +100,46 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        present_k = torch.cat([past_k, k], dim=2)
-        present_v = torch.cat([past_v, v], dim=2)
-        total = present_k.shape[2]
-        groups = spec.kv_groups
-        k_all = present_k[:, :, None].expand(b, kv_heads, groups, total, d).reshape(b, heads, total, d)
-        v_all = present_v[:, :, None].expand(b, kv_heads, groups, total, d).reshape(b, heads, total, d)
+        if cache_position is None:
+            present_k = torch.cat([past_k, k], dim=2)
+            present_v = torch.cat([past_v, v], dim=2)
+            out = self._attend_repeated(q, present_k, present_v, mask, x.dtype)
+        else:
+            # fixed-capacity buffers: write the new rows at cache_position, attend over the first
+            # W = mask width columns (columns not yet written are masked out)
+            idx = cache_position[None, None, :, None].expand(b, kv_heads, s, d)
+            present_k = past_k.scatter(2, idx, k)
+            present_v = past_v.scatter(2, idx, v)
+            width = mask.shape[-1]
+            out = self._attend_grouped(q, present_k[:, :, :width], present_v[:, :, :width], mask, x.dtype)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, heads * d)), present_k, present_v
+
+    def _attend_repeated(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """[B, H, S, D] attention over keys/values repeated to every query head (transformers'
+        ``repeat_kv``; the ONNX Runtime and OpenVINO fusions match this form)."""
+        b, kv_heads, total, d = keys.shape
+        heads, groups = self.spec.num_attention_heads, self.spec.kv_groups
+        k_all = keys[:, :, None].expand(b, kv_heads, groups, total, d).reshape(b, heads, total, d)
+        v_all = values[:, :, None].expand(b, kv_heads, groups, total, d).reshape(b, heads, total, d)
         scores = torch.matmul(q, k_all.transpose(2, 3)).to(torch.float32) * (d**-0.5)
-        probs = torch.softmax(scores + mask, dim=-1).to(x.dtype)
-        out = torch.matmul(probs, v_all).transpose(1, 2).reshape(b, s, heads * d)
-        return self.o_proj(out), present_k, present_v
+        probs = torch.softmax(scores + mask, dim=-1).to(dtype)
+        return torch.matmul(probs, v_all)
+
+    def _attend_grouped(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The same attention without copying keys/values per query head: the G query heads of a
+        KV head are stacked along the sequence axis ([B, KV, G*S, D]), so each KV head is one
+        MatMul operand. Scores and softmax in float32; mask [B, 1, S, W] broadcast over G."""
+        b, kv_heads, width, d = keys.shape
+        groups, s = self.spec.kv_groups, q.shape[2]
+        qg = q.reshape(b, kv_heads, -1, d)  # -1: a traced G*S would be shared across layers
+        scores = torch.matmul(qg, keys.transpose(2, 3)).to(torch.float32) * (d**-0.5)
+        scores = scores.reshape(b, kv_heads, groups, s, width) + mask[:, :, None]
+        probs = torch.softmax(scores, dim=-1).to(dtype).reshape(b, kv_heads, -1, width)
+        return torch.matmul(probs, values).reshape(b, kv_heads * groups, s, d)
 
 
 class MLP(nn.Module):
@@ -138,10 +169,13 @@ class DecoderLayer(nn.Module):
         mask: torch.Tensor,
         past_k: torch.Tensor,
         past_v: torch.Tensor,
+        cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pre-norm attention and MLP blocks with their residuals; every node of a layer is traced
         inside this module's scope (``model.layers.{i}``), which :mod:`qwen_export.trace` relies on."""
-        h, present_k, present_v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
+        h, present_k, present_v = self.self_attn(
+            self.input_layernorm(x), cos, sin, mask, past_k, past_v, cache_position
+        )
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, present_k, present_v
@@ -176,16 +210,23 @@ class QwenForExport(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         past_key_values: list[torch.Tensor],
+        cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``cache_position`` [S] (fixed-capacity KV buffers only): the buffer columns the new
+        tokens are written to; without it the new tokens follow the ``past`` columns."""
         spec = self.spec
         s = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rotary(position_ids)
-        masks = self._masks(attention_mask, s, past_key_values[0].shape[2])
+        if cache_position is None:
+            q_pos = torch.arange(s, device=input_ids.device)[:, None] + past_key_values[0].shape[2]
+        else:
+            q_pos = cache_position[:, None]
+        masks = self._masks(attention_mask, q_pos)
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.model.layers):
             mask = masks[spec.layer_types[i]]
-            x, pk, pv = layer(x, cos, sin, mask, past_key_values[2 * i], past_key_values[2 * i + 1])
+            x, pk, pv = layer(x, cos, sin, mask, past_key_values[2 * i], past_key_values[2 * i + 1], cache_position)
             presents += [pk, pv]
         if self.logits_mode is LogitsMode.LAST:
             x = x[:, -1:, :]
@@ -208,10 +249,10 @@ class QwenForExport(nn.Module):
         sin = emb.sin() * self.rope_scale
         return cos.to(self.dtype)[:, None], sin.to(self.dtype)[:, None]
 
-    def _masks(self, attention_mask: torch.Tensor, s: int, past: int) -> dict[LayerType, torch.Tensor]:
-        """Additive masks [B, 1, S, P+S] (float32) for full and, when present, sliding layers."""
+    def _masks(self, attention_mask: torch.Tensor, q_pos: torch.Tensor) -> dict[LayerType, torch.Tensor]:
+        """Additive masks [B, 1, S, W] (float32, W = mask width) for full and, when present,
+        sliding layers; ``q_pos`` [S, 1] holds the new tokens' KV-cache columns."""
         total = attention_mask.shape[1]
-        q_pos = torch.arange(s, device=attention_mask.device)[:, None] + past
         k_pos = torch.arange(total, device=attention_mask.device)[None, :]
         allowed = (k_pos <= q_pos)[None, None] & (attention_mask[:, None, None, :] > 0)
         neg = torch.finfo(torch.float32).min

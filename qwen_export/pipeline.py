@@ -18,7 +18,7 @@ from . import artifact
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, EngineUnavailableError, OptionError
 from .quant.scheme import QuantAlgorithm, QuantScheme
-from .spec import DType, LogitsMode, ModelSpec, Target
+from .spec import CacheIO, DType, LogitsMode, ModelSpec, Target
 from .tokenizer import Tokenizer
 
 #: Default cap on the context an artifact is exported for (the config may say 128K+). A fused ONNX
@@ -43,16 +43,24 @@ class ExportOptions:
     quant: QuantScheme | None = None  # quantize the weights (int8/int4); None: weights in ``dtype``
     accuracy_level: int = 4  # MatMulNBits' activation accuracy (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
     calibration: Path | None = None  # AWQ calibration text (UTF-8); None: the built-in text
+    max_batch: int = 1  # TensorRT: the batch its optimization profiles are built for (build-engine may change it)
 
     def __post_init__(self) -> None:
         if self.accuracy_level not in range(5):
             raise OptionError(f"--accuracy-level must be 0, 1, 2, 3 or 4, got {self.accuracy_level}")
         if self.calibration is not None and (self.quant is None or self.quant.algorithm is not QuantAlgorithm.AWQ):
             raise OptionError("--calibration only applies to --algorithm awq")
-        if self.target is Target.OPENVINO and not self.fuse:
+        if self.target is not Target.ONNXRUNTIME and not self.fuse:
             raise OptionError(
-                "--no-fuse applies to --target onnxruntime only; OpenVINO fuses attention, RoPE and RMSNorm "
-                "itself when it compiles the model"
+                f"--no-fuse applies to --target onnxruntime only; {self.target.value} fuses attention, RoPE and "
+                "RMSNorm itself when it compiles the model"
+            )
+        if self.max_batch < 1:
+            raise OptionError(f"--max-batch must be at least 1, got {self.max_batch}")
+        if self.target is Target.TENSORRT and self.quant is not None and not self.quant.symmetric:
+            raise OptionError(
+                "--target tensorrt needs symmetric weights (TensorRT requires DequantizeLinear zero points of "
+                "zero); drop --asymmetric"
             )
 
     @property
@@ -95,6 +103,7 @@ def _export(
     checkpoint_dir: str | Path, out_dir: str | Path, options: ExportOptions, hooks: ExportHooks | None
 ) -> artifact.Manifest:
     hooks = hooks or ExportHooks()
+    options = _target_quantization(options, hooks)
     timer = _PhaseTimer(hooks)
     out = Path(out_dir)
     artifact.check_output_dir(out, options.overwrite)
@@ -122,7 +131,8 @@ def _export(
     timer.start("trace")
     from .trace import TraceOptions, bind_weights, trace
 
-    model = trace(spec, TraceOptions(dtype=options.graph_dtype, logits=options.logits))
+    cache = CacheIO.SCATTER if options.target is Target.TENSORRT else CacheIO.CONCAT
+    model = trace(spec, TraceOptions(dtype=options.graph_dtype, logits=options.logits, cache=cache))
     bind_weights(model, spec, ckpt)
 
     timer.start("passes")
@@ -208,6 +218,20 @@ def _emit_for_target(
         if (source / "config.json").is_file():  # openvino-genai reads the model's config.json
             shutil.copyfile(source / "config.json", out / "config.json")
         return {"io": io, "openvino": {"tokenizer_ir": bool(tokenizer_files)}}
+    if options.target is Target.TENSORRT:
+        from .runtimes import tensorrt as trt_target
+
+        extra = trt_target.emit(
+            model,
+            out,
+            hooks.write_progress,
+            spec=spec,
+            capacity=max_length,
+            dtype=options.dtype.value,
+            max_batch=options.max_batch,
+            max_prompt=max_length,
+        )
+        return {"io": _io_signature(model), **extra}
     from .genai_config import write_genai_config
     from .passes.pipelines import KVLayout
     from .runtimes import onnxruntime as ort_target
@@ -223,6 +247,33 @@ def _emit_for_target(
         output_names=io["outputs"],
     )
     return {"io": io}
+
+
+def _target_quantization(options: ExportOptions, hooks: ExportHooks) -> ExportOptions:
+    """Adapt the weight quantization to what the target's engine accepts; say what changed.
+
+    TensorRT (its DequantizeLinear rules): scales strictly positive; block quantization for INT4
+    only, so int8 weights are quantized per output channel; dequantization only in front of
+    MatMul/Gemm, so the embedding (and a tied lm_head, which shares it) stays in the model dtype.
+    """
+    quant = options.quant
+    if options.target is not Target.TENSORRT or quant is None:
+        return options
+    from .quant.scheme import PER_CHANNEL, Keep
+
+    changes = {"positive_scales": True, "keep": quant.keep | {Keep.EMBEDDING}}
+    if quant.bits == 8 and not quant.per_channel:
+        changes["block_size"] = PER_CHANNEL
+        hooks.message(
+            f"--target tensorrt: int8 weights are quantized per output channel, not in blocks of {quant.block_size} "
+            "(TensorRT block-quantizes INT4 only)"
+        )
+    if Keep.EMBEDDING not in quant.keep:
+        hooks.message(
+            "--target tensorrt: the embedding stays in "
+            f"{options.dtype.value} (TensorRT dequantizes weights only in front of MatMul/Gemm, not Gather)"
+        )
+    return dataclasses.replace(options, quant=dataclasses.replace(quant, **changes))
 
 
 def quantization_record(options: ExportOptions, kept: dict[str, str]) -> dict[str, Any]:

@@ -28,6 +28,8 @@ import onnx_ir as ir
 from .errors import QwenExportError
 
 _SCOPE_KEY = "pkg.torch.onnx.name_scopes"
+#: inputs after the KV cache that every layer reads as is (fixed-capacity caches' write columns)
+_SHARED_EXTRA_INPUTS = ("cache_position",)
 _LAYER_PREFIX = re.compile(r"^model\.layers\.(\d+)(\.|$)")
 
 
@@ -161,6 +163,7 @@ def replicate_layers(model: ir.Model, layer_types: list[int], prototype_layers: 
     for value in new_inits:
         graph.register_initializer(value)
     graph.inputs.extend(new_inputs)
+    graph.inputs.extend(v for name, v in inputs.items() if name in _SHARED_EXTRA_INPUTS)
     graph.outputs.extend(new_outputs)
     graph.sort()
 

@@ -45,6 +45,21 @@ class Architecture(_ChoiceEnum):
 class Target(_ChoiceEnum):
     ONNXRUNTIME = "onnxruntime"
     OPENVINO = "openvino"
+    TENSORRT = "tensorrt"
+
+
+class CacheIO(_ChoiceEnum):
+    """How the traced graph passes the KV cache.
+
+    ``concat``: ``present = concat(past, new)`` (ONNX Runtime, OpenVINO; lowered further by their
+    passes). ``scatter``: fixed-capacity buffers [B, KV, capacity, D]; the new keys and values are
+    written at ``cache_position`` (ScatterElements) and attention reads the first
+    ``attention_mask.shape[1]`` columns (TensorRT: standard ops, the engine binds past and present
+    to the same memory).
+    """
+
+    CONCAT = "concat"
+    SCATTER = "scatter"
 
 
 class DType(_ChoiceEnum):

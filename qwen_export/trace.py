@@ -19,13 +19,14 @@ import numpy as np
 import onnx_ir as ir
 
 from .errors import CheckpointError
-from .spec import DType, LogitsMode, ModelSpec
+from .spec import CacheIO, DType, LogitsMode, ModelSpec
 
 #: Opset of the traced graph (ONNX Runtime 1.2x supports it; TensorRT wants 21+ later).
 OPSET = 21
 
-# Shapes used for tracing: all different and >= 2 so torch.export keeps every dim symbolic.
-_TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 3, 5
+# Shapes used for tracing: all different and >= 2 so torch.export keeps every dim symbolic
+# (fixed-capacity caches: mask width _TRACE_PAST + _TRACE_SEQ, capacity _TRACE_CAPACITY).
+_TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST, _TRACE_CAPACITY = 2, 3, 5, 11
 
 
 class WeightSource(Protocol):
@@ -48,12 +49,16 @@ class TraceOptions:
     #: Trace one layer per distinct layer type and clone it (see :mod:`qwen_export.replicate`);
     #: False traces every layer (slow; used to test that both give the same graph semantics).
     replicate_layers: bool = True
+    #: ``scatter``: fixed-capacity KV buffers written at ``cache_position`` (the TensorRT graph)
+    cache: CacheIO = CacheIO.CONCAT
 
 
-def input_names(spec: ModelSpec) -> list[str]:
+def input_names(spec: ModelSpec, cache: CacheIO = CacheIO.CONCAT) -> list[str]:
     names = ["input_ids", "attention_mask", "position_ids"]
     for i in range(spec.num_hidden_layers):
         names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+    if cache is CacheIO.SCATTER:
+        names.append("cache_position")
     return names
 
 
@@ -68,7 +73,7 @@ def trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
     """Trace the decoder for ``spec``; initializers carry no data yet (see :func:`bind_weights`)."""
     if not options.replicate_layers:
         model = _trace(spec, options)
-        _name_dims(model, spec)
+        _name_dims(model, options.cache)
         return model
     from .replicate import replicate_layers
 
@@ -76,7 +81,7 @@ def trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
     prototype = dataclasses.replace(spec, num_hidden_layers=len(kinds), layer_types=tuple(kinds))
     model = _trace(prototype, options)
     replicate_layers(model, [kinds.index(t) for t in spec.layer_types], len(kinds))
-    _name_dims(model, spec)
+    _name_dims(model, options.cache)
     return model
 
 
@@ -89,25 +94,27 @@ def _trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
     with torch.device("meta"):
         module = QwenForExport(spec, tdtype, options.logits).eval()
         b, s, p = _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST
-        kv_shape = (b, spec.num_key_value_heads, p, spec.head_dim)
-        args = (
+        scatter = options.cache is CacheIO.SCATTER
+        kv_len = _TRACE_CAPACITY if scatter else p
+        kv_shape = (b, spec.num_key_value_heads, kv_len, spec.head_dim)
+        args: tuple = (
             torch.ones(b, s, dtype=torch.int64),
             torch.ones(b, p + s, dtype=torch.int64),
             torch.ones(b, s, dtype=torch.int64),
             [torch.zeros(kv_shape, dtype=tdtype) for _ in range(2 * spec.num_hidden_layers)],
         )
-    batch, seq, past = (
-        torch.export.Dim("batch"),
-        torch.export.Dim("sequence_length"),
-        torch.export.Dim("past_sequence_length"),
-    )
-    kv_dims = {0: batch, 2: past}
-    dynamic_shapes = (
+        if scatter:
+            args += (torch.arange(p, p + s, dtype=torch.int64),)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence_length")
+    kv_dims = {0: batch, 2: torch.export.Dim("max_sequence_length" if scatter else "past_sequence_length")}
+    dynamic_shapes: tuple = (
         {0: batch, 1: seq},
         {0: batch, 1: torch.export.Dim.AUTO},
         {0: batch, 1: seq},
         [kv_dims for _ in range(2 * spec.num_hidden_layers)],
     )
+    if scatter:
+        dynamic_shapes += ({0: seq},)
     logging.disable(logging.WARNING)  # the exporter logs optional-dependency notes (torchvision)
     try:
         with warnings.catch_warnings(), torch.no_grad():
@@ -116,7 +123,7 @@ def _trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
                 module,
                 args,
                 dynamo=True,
-                input_names=input_names(spec),
+                input_names=input_names(spec, options.cache),
                 output_names=output_names(spec),
                 dynamic_shapes=dynamic_shapes,
                 opset_version=OPSET,
@@ -128,16 +135,21 @@ def _trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
     return program.model
 
 
-def _name_dims(model: ir.Model, spec: ModelSpec) -> None:
-    """Give the symbolic dims the canonical names optimum / onnxruntime-genai use."""
+def _name_dims(model: ir.Model, cache: CacheIO) -> None:
+    """Give the symbolic dims the canonical names optimum / onnxruntime-genai use (fixed-capacity
+    caches: ``max_sequence_length`` for the buffers, ``attention_width`` for the mask)."""
     total = ir.SymbolicDim("total_sequence_length")
+    width = ir.SymbolicDim("attention_width")
+    capacity = ir.SymbolicDim("max_sequence_length")
     for value in list(model.graph.inputs) + list(model.graph.outputs):
         shape = value.shape
         if shape is None:
             continue
         dims = list(shape.dims)
-        if value.name == "attention_mask" or value.name.startswith("present."):
-            dims[-2 if value.name.startswith("present.") else 1] = total
+        if value.name == "attention_mask":
+            dims[1] = width if cache is CacheIO.SCATTER else total
+        if value.name.startswith("present."):
+            dims[-2] = capacity if cache is CacheIO.SCATTER else total
         if value.name == "logits":
             dims[1] = ir.SymbolicDim("sequence_length") if not isinstance(dims[1], int) else dims[1]
         value.shape = ir.Shape(dims)

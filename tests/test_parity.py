@@ -13,8 +13,9 @@ import pytest
 import torch
 import transformers
 
-from qwen_export.loader import open_artifact
+from qwen_export.loader import LoadedArtifact, RuntimeOptions, open_artifact
 from qwen_export.runtimes.base import position_ids_from_mask
+from qwen_export.spec import Target
 
 FP32_TOL = 1e-4
 
@@ -28,12 +29,21 @@ ENGINES = [
             reason="openvino is not installed: pip install 'qwen-export[openvino]'",
         ),
     ),
+    # the --target tensorrt graph (standard ops, fixed-capacity KV buffers scattered in place) run on
+    # ONNX Runtime CPU: TensorRT itself cannot run here (see tests/test_tensorrt_engine.py)
+    "tensorrt",
 ]
 
 
 @pytest.fixture(params=ENGINES)
 def target(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+def _open(path: Path, target: str) -> LoadedArtifact:
+    """Load an artifact on the engine that verifies it here (TensorRT's graph: ONNX Runtime CPU)."""
+    engine = Target.ONNXRUNTIME if target == "tensorrt" else None
+    return open_artifact(path, RuntimeOptions(engine=engine))
 
 
 ARCH_CASES = ["qwen2_tied", "qwen2_untied", "qwen2_yarn_bf16_sharded", "qwen3", "qwen2_sliding"]
@@ -69,7 +79,7 @@ def test_prefill_and_32_decode_steps_match_transformers(
     case: str, request: pytest.FixtureRequest, export, target: str
 ) -> None:
     checkpoint = request.getfixturevalue(case)
-    engine = open_artifact(export(case, target=target)).engine
+    engine = _open(export(case, target=target), target).engine
     prompt = _prompt(100 if "yarn" in case else 20)  # YaRN: past original_max_position_embeddings=64
     expected = _ref_steps(_reference(checkpoint), prompt, 32)
     logits = engine.forward(prompt[None])[0, -1]
@@ -83,7 +93,7 @@ def test_prefill_and_32_decode_steps_match_transformers(
 
 
 def test_batch_of_two_with_left_padding(qwen2_untied: Path, export, target: str) -> None:
-    engine = open_artifact(export("qwen2_untied", target=target)).engine
+    engine = _open(export("qwen2_untied", target=target), target).engine
     model = _reference(qwen2_untied)
     long, short = _prompt(12, 1), _prompt(7, 2)
     ids = np.zeros((2, 12), np.int64)
@@ -113,7 +123,7 @@ def test_batch_of_two_with_left_padding(qwen2_untied: Path, export, target: str)
 
 
 def test_full_logits_artifact_matches_every_position(qwen2_tied: Path, export, target: str) -> None:
-    loaded = open_artifact(export("qwen2_tied", logits="all", target=target))
+    loaded = _open(export("qwen2_tied", logits="all", target=target), target)
     assert loaded.engine.capabilities.full_logits
     prompt = _prompt(16, 3)
     got = loaded.engine.forward(prompt[None])[0]
@@ -130,7 +140,7 @@ def test_fp16_export_within_documented_tolerance(
     """fp16 artifact vs the fp32 reference: its error must stay within 2x (+0.01) of the error of
     transformers itself run in fp16 on the same path, and the greedy choice must agree."""
     checkpoint = request.getfixturevalue(case)
-    loaded = open_artifact(export(case, dtype="fp16", target=target))
+    loaded = _open(export(case, dtype="fp16", target=target), target)
     assert loaded.manifest.dtype == "fp16"
     prompt = _prompt(20, 4)
     reference = _reference(checkpoint)
@@ -165,7 +175,7 @@ def _ref_steps_following(
 
 
 def test_truncate_then_refeed_equals_fresh_run(qwen2_tied: Path, export, target: str) -> None:
-    engine = open_artifact(export("qwen2_tied", target=target)).engine
+    engine = _open(export("qwen2_tied", target=target), target).engine
     prompt = _prompt(10, 5)
     first = engine.forward(prompt[None])[0, -1]
     engine.forward(np.array([[1, 2, 3]], np.int64))

@@ -146,7 +146,7 @@ class AWQScaling:
             if int(value.shape[0]) != k:
                 return f"{name}: K differs within the group"
         assert k is not None
-        if k % self.scheme.block_size:
+        if self.scheme.block_size and k % self.scheme.block_size:
             return f"K={k} is not a multiple of the block size {self.scheme.block_size}"
         for name, axis in folds:
             value = inits.get(name)
@@ -175,6 +175,7 @@ class AWQScaling:
             self.scheme.block_size,
             self.scheme.symmetric,
             grid=self.grid,
+            positive_scales=self.scheme.positive_scales,
         )
         del arrays
         self.scales[group] = s

@@ -22,6 +22,7 @@ class KVLayout(enum.Enum):
     CONCAT = "concat"  # present = concat(past, new): the engine rebinds the presents as the next pasts
     SHARED = "shared"  # one preallocated buffer per layer bound as both past and present (GQA)
     STATEFUL = "stateful"  # OpenVINO variables (ReadValue/Assign) inside the infer request
+    FIXED = "fixed"  # fixed-capacity buffers written at cache_position by ScatterElements (TensorRT)
 
 
 class PassContext(Protocol):
@@ -116,6 +117,26 @@ def openvino_passes(spec: ModelSpec, ctx: PassContext) -> tuple[list[Pass], KVLa
     return [CleanupPass(), *quantization_passes(spec, ctx, lower=False)], KVLayout.STATEFUL
 
 
+def tensorrt_passes(spec: ModelSpec, ctx: PassContext) -> tuple[list[Pass], KVLayout]:
+    """The TensorRT pipeline: cleanup [, AWQ scaling, portable weight quantization (symmetric: zero
+        points are left out)], the KV-cache writes lowered to TensorScatter (TensorRT's in-place KV-cache
+    update layer; opset 24), then the compatibility check against TensorRT's ONNX parser (op, dtype and
+        DequantizeLinear constraints; changes nothing, raises on a violation). The graph was traced with
+        fixed-capacity KV buffers (``CacheIO.SCATTER``); TensorRT fuses attention and normalisation
+        itself when it builds the engine."""
+    from .cleanup import CleanupPass
+    from .kv_tensor_scatter import TensorScatterKV
+    from .tensorrt_check import TensorRTCompatibility
+
+    passes: list[Pass] = [
+        CleanupPass(),
+        *quantization_passes(spec, ctx, lower=False),
+        TensorScatterKV(spec.num_hidden_layers),
+        TensorRTCompatibility(),
+    ]
+    return passes, KVLayout.FIXED
+
+
 def run_pipeline(
     model: Any, spec: ModelSpec, target: Target, fuse: bool, ctx: PassContext, dump: Callable[[str, Any], None]
 ) -> tuple[list[dict[str, Any]], KVLayout]:
@@ -125,6 +146,8 @@ def run_pipeline(
     """
     if target is Target.OPENVINO:
         passes, layout = openvino_passes(spec, ctx)
+    elif target is Target.TENSORRT:
+        passes, layout = tensorrt_passes(spec, ctx)
     else:
         passes, layout = onnxruntime_passes(spec, fuse, ctx)
     records = []

@@ -14,6 +14,14 @@ Runs after the fusions (packed QKV included) and before the ONNX Runtime lowerin
 - ``tied_lm_head``: the tied head ``Gemm(x, E, transB=1)`` reads the same ``DequantizeLinear``
   output: a tied embedding is stored once.
 
+Per-channel schemes (``scheme.block_size == 0``) emit the ONNX per-axis form instead:
+``DequantizeLinear(codes [K, N], scales [N], axis=1)`` for linear weights and
+``DequantizeLinear(E_codes [V, H], E_scales [V], axis=0)`` for the embedding (one scale per
+vocabulary row, still self-contained per row), no ``block_size`` attribute. The ONNX Runtime
+lowering (:mod:`.matmulnbits`) leaves these alone (MatMulNBits needs blocks): they run as
+``DequantizeLinear`` + ``MatMul`` / ``Gather``. With ``scheme.positive_scales`` every symmetric
+scale is > 0 (:mod:`qwen_export.quant.numeric`).
+
 Nothing is quantized here: the new initializers are lazy tensors computed from the source tensor
 when the model is written (one tensor at a time), so the export's memory stays bounded.
 
@@ -33,8 +41,11 @@ three, concatenated along N) keeps the stored codes, scales and zero points (a
 :class:`~qwen_export.quant.tensors.StoredQuantization`: nothing is requantized) when the scheme has
 the stored bits and block size (= group size) and is asymmetric, or symmetric for a symmetric
 (GPTQ ``sym``) checkpoint. Otherwise (another bit width or block size, ``--symmetric`` for zero
-points, the weight rescaled by the ``awq`` pass, ...) the weight is requantized from its dequantized
-floats, and why is recorded in :attr:`QuantizeWeights.requantized`. For such models ``fired``
+points, the weight rescaled by the ``awq`` pass, per-channel, ...) the weight is requantized from its
+dequantized floats, and why is recorded in :attr:`QuantizeWeights.requantized`. With
+``positive_scales`` the stored scales are used as they are (GPTQ/AWQ scales are positive); a stored
+scale <= 0, only seen when written, makes that weight requantized then, with a warning
+(:class:`~qwen_export.quant.tensors.StoredQuantization`). For such models ``fired``
 also counts ``prequantized`` (stored values used) and ``requantized`` weights.
 """
 
@@ -66,13 +77,15 @@ _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 @dataclasses.dataclass(frozen=True)
 class WeightQuant:
-    """How one weight is quantized: ``bits`` along ``axis`` in blocks of ``block_size``."""
+    """How one weight is quantized: ``bits`` along ``axis`` in blocks of ``block_size`` (0:
+    per-channel, one block spanning ``axis``); ``positive_scales``: symmetric scales all > 0."""
 
     bits: int
     block_size: int
     axis: int
     symmetric: bool
     algorithm: QuantAlgorithm
+    positive_scales: bool = False
 
     @property
     def code_type(self) -> ir.DataType:
@@ -108,7 +121,9 @@ def dequantize_linear_tensors(
 
     quantization = None
     if stored is not None:
-        quantization = tensors.StoredQuantization(source, stored, symmetric=how.symmetric, scale_dtype=dtype, name=name)
+        quantization = tensors.StoredQuantization(
+            source, stored, symmetric=how.symmetric, scale_dtype=dtype, name=name, positive_scales=how.positive_scales
+        )
     return tensors.dequantize_linear_initializers(
         source,
         bits=how.bits,
@@ -120,6 +135,7 @@ def dequantize_linear_tensors(
         output_dtype=dtype,
         name=name,
         quantization=quantization,
+        positive_scales=how.positive_scales,
     )
 
 
@@ -161,6 +177,13 @@ def stored_quantization(tensor: Any) -> Any:
     if isinstance(tensor, ScaledTensor):
         return None if stored_quantization(tensor.source) is None else "rescaled by the awq pass (--algorithm awq)"
     return None
+
+
+def _stored_mismatch(stored: Any, how: WeightQuant) -> str | None:
+    """Why a pre-quantized weight's stored values cannot be used for ``how`` (None: they can)."""
+    if how.block_size == 0:
+        return f"stored {stored.describe()} is quantized in groups; per-channel (block size 0) was requested"
+    return stored.mismatch(how.bits, how.block_size, how.symmetric)
 
 
 # --- graph helpers -----------------------------------------------------------------------------------
@@ -262,7 +285,7 @@ class QuantizeWeights:
 
     def _linear(self, axis: int, bits: int) -> WeightQuant:
         s = self.scheme
-        return WeightQuant(bits, s.block_size, axis, s.symmetric, s.algorithm)
+        return WeightQuant(bits, s.block_size, axis, s.symmetric, s.algorithm, positive_scales=s.positive_scales)
 
     def _keep_reason(self, name: str, length: int, what: str) -> str | None:
         s = self.scheme
@@ -273,7 +296,7 @@ class QuantizeWeights:
             return "keep lm_head"
         if name == EMBEDDING_NAME and Keep.EMBEDDING in s.keep:
             return "keep embedding"
-        if length % s.block_size:
+        if s.block_size and length % s.block_size:
             return f"{what}={length} is not a multiple of the block size {s.block_size}"
         return None
 
@@ -296,7 +319,7 @@ class QuantizeWeights:
                 continue
             how = self._linear(0, self.scheme.bits)
             if stored is not None:
-                why = stored if isinstance(stored, str) else stored.mismatch(how.bits, how.block_size, how.symmetric)
+                why = stored if isinstance(stored, str) else _stored_mismatch(stored, how)
                 if why is not None:
                     self.requantized[weight.name] = why
                     stored = None

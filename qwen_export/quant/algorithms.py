@@ -43,6 +43,7 @@ from .numeric import (
     dequantize,
     quantize_blocks,
     quantize_rtn,
+    resolve_block_size,
     scales_shape,
 )
 from .scheme import QuantAlgorithm
@@ -67,10 +68,12 @@ def flipped_ratio(bits: int, ratio: float) -> float:
     return -(1 << (bits - 1)) / ((1 << (bits - 1)) - 1) * ratio
 
 
-def default_clip_grid(bits: int, symmetric: bool) -> tuple[float, ...]:
-    """The clip values :func:`clip_search` tries by default."""
+def default_clip_grid(bits: int, symmetric: bool, *, positive_scales: bool = False) -> tuple[float, ...]:
+    """The clip values :func:`clip_search` tries by default. With ``positive_scales`` (symmetric),
+    no flipped ratios: they exist to flip the scale's sign, and every scale must stay positive (the
+    positive convention already maps a positive extreme to the top code)."""
     grid, flipped = (CLIP_GRID_4BIT, FLIPPED_GRID_4BIT) if bits <= 4 else (CLIP_GRID_8BIT, FLIPPED_GRID_8BIT)
-    return grid + (tuple(flipped_ratio(bits, r) for r in flipped) if symmetric else ())
+    return grid + (tuple(flipped_ratio(bits, r) for r in flipped) if symmetric and not positive_scales else ())
 
 
 def clip_search(
@@ -82,6 +85,8 @@ def clip_search(
     grid: Sequence[float] | None = None,
     scale_dtype: np.dtype | type = np.float32,
     importance: np.ndarray | None = None,
+    *,
+    positive_scales: bool = False,
 ) -> BlockQuantized:
     """RTN with a per-block clip value chosen from ``grid`` to minimise the block's squared error.
 
@@ -93,14 +98,22 @@ def clip_search(
     ``grid``: clip values (:func:`default_clip_grid` by default); 1.0 should come first (ties keep
     the earliest value, so the result is never worse than RTN per block). Positive values are range
     ratios in (0, 1]; negative ones (symmetric only) are :func:`flipped_ratio` values.
+    ``positive_scales``: every scale > 0 (:mod:`.numeric`); the grid must then be positive ratios.
+    ``block_size`` 0: per-channel (one block spanning ``axis``).
     Vectorised over blocks; the loop is over the grid and over chunks of about
     :data:`~.numeric.CHUNK_ELEMENTS` elements (memory: a few float32 copies of one chunk).
     """
-    ratios = [float(r) for r in (default_clip_grid(bits, symmetric) if grid is None else grid)]
+    if grid is None:
+        grid = default_clip_grid(bits, symmetric, positive_scales=positive_scales)
+    ratios = [float(r) for r in grid]
     limit = -flipped_ratio(bits, 1.0)
-    if not ratios or any(not (0.0 < r <= 1.0 or (symmetric and -limit <= r < 0.0)) for r in ratios):
+    flips = symmetric and not positive_scales
+    if not ratios or any(not (0.0 < r <= 1.0 or (flips and -limit <= r < 0.0)) for r in ratios):
+        if positive_scales:
+            raise ValueError(f"clip values must be in (0, 1] with positive_scales, got {ratios}")
         raise ValueError(f"clip values must be in (0, 1] (or [{-limit:.4f}, 0) when symmetric), got {ratios}")
     w = np.asarray(w)
+    block_size = resolve_block_size(w.shape, block_size, axis)
     axis, pre, blocks, post = _geometry(w.shape, block_size, axis)
     view = w.reshape(pre, blocks, block_size, post)
     weight = None
@@ -116,7 +129,7 @@ def clip_search(
         best_ratio = np.empty(blk.shape[:2] + blk.shape[3:], np.float32)
         for ratio in ratios:
             clip = np.float32(ratio)
-            q, scale, zero = quantize_blocks(blk, bits, symmetric, clip, scale_dtype)
+            q, scale, zero = quantize_blocks(blk, bits, symmetric, clip, scale_dtype, positive_scales=positive_scales)
             err = block_sq_error(blk, q, scale, zero, weight)
             if best_err is None:
                 best_err, best_ratio[...] = err, clip
@@ -126,7 +139,16 @@ def clip_search(
                 best_ratio[better] = clip
         best[rows, :, cols] = best_ratio
     clip_shape = scales_shape(w.shape, block_size, axis)
-    return quantize_rtn(w, bits, block_size, axis, symmetric, clip=best.reshape(clip_shape), scale_dtype=scale_dtype)
+    return quantize_rtn(
+        w,
+        bits,
+        block_size,
+        axis,
+        symmetric,
+        clip=best.reshape(clip_shape),
+        scale_dtype=scale_dtype,
+        positive_scales=positive_scales,
+    )
 
 
 def awq_scales(
@@ -138,6 +160,8 @@ def awq_scales(
     symmetric: bool,
     grid: int = 20,
     scale_dtype: np.dtype | type = np.float32,
+    *,
+    positive_scales: bool = False,
 ) -> np.ndarray:
     """AWQ per-input-channel scales ``s`` [K] (float32) for the weight(s) ``w`` [K, N] (quantized along K).
 
@@ -148,7 +172,8 @@ def awq_scales(
     For ``alpha`` in ``0, 1/grid, ..., (grid-1)/grid``: ``s = act_mean_abs ** alpha`` (floored at
     1e-4), normalised by ``sqrt(max(s) * min(s))``; the chosen ``s`` minimises
     ``|| x W - (x / s) Q(W * s[:, None]) ||^2`` on ``x_sample``. ``alpha = 0`` is ``s = 1`` (plain
-    RTN) and wins ties, so the error on ``x_sample`` is never above RTN's.
+    RTN) and wins ties, so the error on ``x_sample`` is never above RTN's. ``block_size`` 0:
+    per-channel; ``positive_scales``: the RTN inside the search uses positive scales (:mod:`.numeric`).
     """
     weights = [np.asarray(w)] if isinstance(w, np.ndarray) else [np.asarray(part) for part in w]
     if not weights or any(part.ndim != 2 for part in weights):
@@ -163,6 +188,7 @@ def awq_scales(
         raise ValueError(f"act_mean_abs {stats.shape} / x_sample {x.shape} do not match K = {k}")
     if grid < 1:
         raise ValueError(f"grid must be >= 1, got {grid}")
+    block_size = resolve_block_size(weight.shape, block_size, 0)
     _geometry(weight.shape, block_size, 0)  # raise early when block_size does not divide K
     reference = x @ weight
     best_err, best_s = np.inf, np.ones(k, np.float32)
@@ -172,7 +198,15 @@ def awq_scales(
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
         if step == 0:
             s = np.ones(k, np.float32)  # exactly RTN (no rounding noise from the normalisation)
-        q = quantize_rtn(weight * s[:, None], bits, block_size, 0, symmetric, scale_dtype=scale_dtype)
+        q = quantize_rtn(
+            weight * s[:, None],
+            bits,
+            block_size,
+            0,
+            symmetric,
+            scale_dtype=scale_dtype,
+            positive_scales=positive_scales,
+        )
         out = (x / s[None, :]) @ dequantize(q)
         err = float(np.mean((reference - out).astype(np.float64) ** 2))
         if err < best_err:
@@ -207,12 +241,15 @@ def quantize(
     scale_dtype: np.dtype | type = np.float32,
     clip_grid: Sequence[float] | None = None,
     importance: np.ndarray | None = None,
+    *,
+    positive_scales: bool = False,
 ) -> BlockQuantized:
     """Quantize ``w`` along ``axis`` with ``algorithm``.
 
     ``awq_scale`` (from :func:`awq_scales`, one value per index of ``axis``): the weight quantized
     is ``w * awq_scale`` along ``axis``. ``importance`` (from :func:`input_importance`, computed
     with the same ``awq_scale``): weights the clip search's error per input channel.
+    ``block_size`` 0: per-channel. ``positive_scales``: symmetric scales all > 0 (:mod:`.numeric`).
 
     - ``RTN``: round to nearest;
     - ``CLIP``: :func:`clip_search` (weighted by ``importance`` when given);
@@ -225,7 +262,17 @@ def quantize(
         w = apply_awq_scale(w, awq_scale, axis % np.ndim(w))
     search = algorithm is QuantAlgorithm.CLIP or (algorithm is QuantAlgorithm.AWQ and importance is not None)
     if not search:
-        return quantize_rtn(w, bits, block_size, axis, symmetric, scale_dtype=scale_dtype)
+        return quantize_rtn(
+            w, bits, block_size, axis, symmetric, scale_dtype=scale_dtype, positive_scales=positive_scales
+        )
     return clip_search(
-        w, bits, block_size, axis, symmetric, grid=clip_grid, scale_dtype=scale_dtype, importance=importance
+        w,
+        bits,
+        block_size,
+        axis,
+        symmetric,
+        grid=clip_grid,
+        scale_dtype=scale_dtype,
+        importance=importance,
+        positive_scales=positive_scales,
     )

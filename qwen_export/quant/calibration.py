@@ -179,7 +179,7 @@ def collect_activation_stats(
         s = x.shape[1]
         positions = torch.arange(s, dtype=torch.int64)[None]
         cos, sin = QwenForExport._rotary(helper, positions)  # type: ignore[arg-type]
-        masks = QwenForExport._masks(helper, torch.ones(1, s, dtype=torch.int64), s, 0)  # type: ignore[arg-type]
+        masks = QwenForExport._masks(helper, torch.ones(1, s, dtype=torch.int64), torch.arange(s)[:, None])  # type: ignore[arg-type]
         extras.append((cos, sin, masks))
     empty_kv = torch.zeros(1, spec.num_key_value_heads, 0, spec.head_dim, dtype=torch.float32)
     stats: dict[str, Stats] = {}

@@ -15,6 +15,11 @@ Scale conventions (``qmin = -2^(bits-1)``, ``qmax = 2^(bits-1) - 1``):
   ``|scale| / 2``). On Gaussian and heavy-tailed (t3) blocks of 32 this has 22% lower int4 mean
   squared error than ``absmax / 7`` (and 16% lower than ``absmax / 8`` with a positive scale); for
   int8 the three are within 2%. ONNX and ORT accept negative scales: dequantization is a product.
+- symmetric with ``positive_scales`` (TensorRT rejects scales <= 0): ``scale = m / qmin`` when the
+  extreme ``m`` is negative (as above: it maps to ``qmin``, the full grid is used) and ``m / qmax``
+  when it is positive (it maps to ``qmax``; no element is clipped). Every scale is > 0 and the error
+  bounds above hold. Only the blocks with a negative extreme use the extra code: on the same
+  Gaussian and t3 blocks the int4 mean squared error is 11% below ``absmax / 7``'s (signed: 22%).
 - asymmetric (unsigned codes in [0, 2^bits - 1], a per-block zero point): the block range is widened
   to include 0 (``lo = min(min, 0)``, ``hi = max(max, 0)``) so the zero point is a valid code;
   ``scale = (hi - lo) / (2^bits - 1)``, ``zero_point = clip(round(-lo / scale))``; every element is
@@ -22,7 +27,11 @@ Scale conventions (``qmin = -2^(bits-1)``, ``qmax = 2^(bits-1) - 1``):
 - ``clip`` (a ratio per block, the scales' shape, from :func:`.algorithms.clip_search`) shrinks the
   range (``m * clip``, ``lo * clip``, ``hi * clip``); elements outside are clipped to the end codes.
   Symmetric only, a negative ``clip`` flips the scale's sign: the extreme then maps towards ``qmax``
-  (``clip = -qmin / qmax`` is the ``absmax / qmax`` grid; see :func:`.algorithms.flipped_ratio`).
+  (``clip = -qmin / qmax`` is the ``absmax / qmax`` grid; see :func:`.algorithms.flipped_ratio`);
+  with ``positive_scales`` clip ratios must be positive (they keep their meaning: ``m * clip``).
+- per-channel is the block spanning the whole axis (``block_size = shape[axis]``, see
+  :func:`resolve_block_size`): scales of shape [1, N] for W [K, N] along axis 0, which the
+  ``DequantizeLinear`` per-axis form stores as [N] with ``axis=1``.
 - a block whose scale would be 0 (all zeros) gets scale 1 and codes 0: no division by zero, no NaN.
 - ``scale_dtype`` (e.g. ``np.float16`` when the graph stores fp16 scales): scales are rounded to it
   *before* the codes are computed, so the stored scale is exactly the one the codes were made for.
@@ -102,6 +111,17 @@ def _geometry(shape: Sequence[int], block_size: int, axis: int) -> tuple[int, in
     return axis, math.prod(shape[:axis]), length // block_size, math.prod(shape[axis + 1 :])
 
 
+def resolve_block_size(shape: Sequence[int], block_size: int, axis: int) -> int:
+    """The block length along ``axis``: ``block_size``, or the axis' whole length when it is 0
+    (per-channel: :data:`~.scheme.PER_CHANNEL`)."""
+    if block_size != 0:
+        return block_size
+    rank = len(shape)
+    if not -rank <= axis < rank:
+        raise ValueError(f"axis {axis} out of range for a rank-{rank} tensor")
+    return int(shape[axis % rank])
+
+
 def scales_shape(shape: Sequence[int], block_size: int, axis: int) -> tuple[int, ...]:
     """The scales' (and zero points') shape for a weight of ``shape``: ``axis`` divided by ``block_size``."""
     axis, _, blocks, _ = _geometry(shape, block_size, axis)
@@ -118,7 +138,13 @@ def block_chunks(pre: int, post: int, per_row: int) -> list[tuple[slice, slice]]
 
 
 def _block_params(
-    blk: np.ndarray, bits: int, symmetric: bool, clip: np.ndarray | float | None, scale_dtype: np.dtype
+    blk: np.ndarray,
+    bits: int,
+    symmetric: bool,
+    clip: np.ndarray | float | None,
+    scale_dtype: np.dtype,
+    *,
+    positive_scales: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Scales (float32) and zero points (float32 integers, or None) of blocks [p, nb, B, q] -> [p, nb, q]."""
     lo_code, hi_code = code_range(bits, symmetric)
@@ -127,7 +153,12 @@ def _block_params(
         extreme = np.take_along_axis(blk, where, axis=2)[:, :, 0, :]
         if clip is not None:
             extreme = extreme * clip
-        scale = extreme / np.float32(lo_code)
+        if positive_scales:
+            if clip is not None and not (np.asarray(clip) > 0).all():
+                raise ValueError("with positive_scales, clip ratios must be positive")
+            scale = np.where(extreme < 0, extreme / np.float32(lo_code), extreme / np.float32(hi_code))
+        else:
+            scale = extreme / np.float32(lo_code)
         zero = None
     else:
         lo = np.minimum(blk.min(axis=2), 0)
@@ -148,13 +179,19 @@ def _block_params(
 
 
 def quantize_blocks(
-    blk: np.ndarray, bits: int, symmetric: bool, clip: np.ndarray | float | None, scale_dtype: np.dtype | type
+    blk: np.ndarray,
+    bits: int,
+    symmetric: bool,
+    clip: np.ndarray | float | None,
+    scale_dtype: np.dtype | type,
+    *,
+    positive_scales: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Quantize float32 blocks [p, nb, B, q]: ``(codes, scales, zero_points)``, codes as float32
     integers [p, nb, B, q] in the code range, scales [p, nb, q] float32, zero points [p, nb, q]
     float32 integers or None. The building block of :func:`quantize_rtn` and the searches."""
     lo_code, hi_code = code_range(bits, symmetric)
-    scale, zero = _block_params(blk, bits, symmetric, clip, np.dtype(scale_dtype))
+    scale, zero = _block_params(blk, bits, symmetric, clip, np.dtype(scale_dtype), positive_scales=positive_scales)
     q = np.rint(blk / scale[:, :, None, :])
     if zero is not None:
         q += zero[:, :, None, :]
@@ -183,15 +220,21 @@ def quantize_rtn(
     symmetric: bool,
     clip: np.ndarray | None = None,
     scale_dtype: np.dtype | type = np.float32,
+    *,
+    positive_scales: bool = False,
 ) -> BlockQuantized:
     """Round-to-nearest blocked quantization of ``w`` along ``axis`` (conventions: module doc).
 
+    ``block_size``: 0 is per-channel (one block spanning the axis; the result's ``block_size`` is
+    the axis' length).
     ``clip``: an optional ratio per block (the scales' shape) shrinking the block's range.
     ``scale_dtype``: the dtype the scales will be stored in (float32 or float16); the returned
     scales are float32 arrays holding values exactly representable in it.
+    ``positive_scales``: symmetric scales all > 0 (module doc); ``clip`` must then be positive.
     Raises ValueError when ``block_size`` does not divide the axis (keep such a tensor unquantized).
     """
     w = np.asarray(w)
+    block_size = resolve_block_size(w.shape, block_size, axis)
     axis, pre, blocks, post = _geometry(w.shape, block_size, axis)
     code_range(bits, symmetric)  # validates bits
     out_shape = scales_shape(w.shape, block_size, axis)
@@ -209,7 +252,7 @@ def quantize_rtn(
     for rows, cols in block_chunks(pre, post, blocks * block_size):
         blk = view[rows, :, :, cols].astype(np.float32)
         block_clip = None if clip is None else clip[rows, :, cols]
-        q, scale, zero = quantize_blocks(blk, bits, symmetric, block_clip, scale_dtype)
+        q, scale, zero = quantize_blocks(blk, bits, symmetric, block_clip, scale_dtype, positive_scales=positive_scales)
         codes[rows, :, :, cols] = q
         scales[rows, :, cols] = scale
         if zeros is not None and zero is not None:

@@ -8,10 +8,17 @@ Runtime lowering:
   and output column: ``scales`` [K / block_size, N];
 - the embedding ``E`` [V, H] is quantized along H (axis 1) in blocks: ``scales`` [V, H / block_size]
   (so each vocabulary row is self-contained for ``Gather`` and, transposed, for the tied lm_head);
+- per-channel (``block_size = 0``): one block spans the whole quantized axis, one scale per output
+  channel: the graph holds ``DequantizeLinear(codes [K, N], scales [N], axis=1)`` (no ``block_size``
+  attribute; the embedding: ``scales`` [V], ``axis=0``), the ONNX per-axis form TensorRT accepts
+  for INT8;
 - codes: symmetric int4 in [-8, 7] / int8 in [-128, 127] with zero point 0; asymmetric uint4 in
   [0, 15] / uint8 in [0, 255] with a per-block zero point;
 - ``dequantize(q) = (q - zero_point) * scale``, exactly ONNX ``DequantizeLinear`` (opset 21,
-  ``axis``, ``block_size``).
+  ``axis``, ``block_size``);
+- ``positive_scales`` (symmetric only): every scale is > 0 (TensorRT rejects negative scales); the
+  default signed-extreme convention gives negative scales to blocks whose extreme is positive (see
+  :mod:`.numeric`).
 """
 
 from __future__ import annotations
@@ -20,6 +27,10 @@ import dataclasses
 import enum
 
 from ..errors import OptionError
+
+#: ``QuantScheme.block_size`` meaning one block spanning the whole quantized axis (per-channel).
+PER_CHANNEL = 0
+BLOCK_SIZES = (PER_CHANNEL, 32, 64, 128)
 
 
 class WeightFormat(enum.Enum):
@@ -59,12 +70,15 @@ class QuantScheme:
     embedding_bits: int = 8
     #: layer indices kept in the model dtype (e.g. the first and last layers, most sensitive).
     keep_layers: frozenset[int] = frozenset()
+    #: symmetric schemes: strictly positive scales (a block whose extreme is positive maps it to the
+    #: top code, ``extreme / qmax``, instead of ``extreme / qmin`` < 0); for TensorRT.
+    positive_scales: bool = False
 
     def __post_init__(self) -> None:
         if self.fmt.bits is None:
             raise OptionError(f"--weights {self.fmt.value} is not a quantized format")
-        if self.block_size not in (32, 64, 128):
-            raise OptionError(f"--block-size must be 32, 64 or 128, got {self.block_size}")
+        if self.block_size not in BLOCK_SIZES:
+            raise OptionError(f"--block-size must be 32, 64 or 128 (or 0: per-channel), got {self.block_size}")
         if self.embedding_bits not in (4, 8):
             raise OptionError(f"embedding bits must be 4 or 8, got {self.embedding_bits}")
 
@@ -73,8 +87,23 @@ class QuantScheme:
         assert self.fmt.bits is not None
         return self.fmt.bits
 
+    @property
+    def per_channel(self) -> bool:
+        """``block_size == 0``: one scale per output channel (the block spans the quantized axis)."""
+        return self.block_size == PER_CHANNEL
+
+    def require_blocks(self, target: str) -> None:
+        """OptionError for a per-channel scheme on a target whose kernels need blocks (ONNX Runtime's
+        MatMulNBits / GatherBlockQuantized: power-of-two blocks >= 16), e.g. ``--target onnxruntime``."""
+        if self.per_channel:
+            raise OptionError(
+                f"--block-size 0 (per-channel) is not supported for --target {target}: its quantized kernels "
+                "need blocks; use --block-size 32, 64 or 128"
+            )
+
     def to_dict(self) -> dict[str, object]:
-        return {
+        """The manifest record; ``positive_scales`` appears only when set (older records unchanged)."""
+        record: dict[str, object] = {
             "weights": self.fmt.value,
             "bits": self.bits,
             "block_size": self.block_size,
@@ -84,3 +113,6 @@ class QuantScheme:
             "embedding_bits": self.embedding_bits,
             "keep_layers": sorted(self.keep_layers),
         }
+        if self.positive_scales:
+            record["positive_scales"] = True
+        return record

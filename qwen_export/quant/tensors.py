@@ -21,6 +21,7 @@ lm_head's MatMulNBits initializers from a single read and quantization of ``E``.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
@@ -42,6 +43,9 @@ class SharedQuantization:
 
     ``source``: anything with ``.numpy()`` and ``.shape`` (or a numpy array). The quantized tensor is ``source``, or
     its transpose when ``transpose`` (2-D only), quantized along ``axis`` of that tensor.
+    ``block_size`` 0: per-channel (2-D only): one block spanning ``axis``; :attr:`per_channel` is set
+    and :attr:`block_size` is then the axis' length (the BlockQuantized's block size).
+    ``positive_scales``: symmetric scales all > 0 (:mod:`.numeric`).
     ``reads`` counts how many times the source was read (tests, diagnostics).
     """
 
@@ -59,6 +63,7 @@ class SharedQuantization:
         scale_dtype: ir.DataType = ir.DataType.FLOAT,
         transpose: bool = False,
         name: str | None = None,
+        positive_scales: bool = False,
     ) -> None:
         if scale_dtype not in _SCALE_DTYPES:
             raise ValueError(f"scale dtype must be FLOAT or FLOAT16, got {scale_dtype}")
@@ -67,6 +72,10 @@ class SharedQuantization:
             raise ValueError(f"transpose needs a 2-D source, got shape {dims}")
         self.shape = dims[::-1] if transpose else dims
         self.axis = axis % len(self.shape)
+        self.per_channel = block_size == 0
+        if self.per_channel and len(self.shape) != 2:
+            raise ValueError(f"per-channel quantization (block_size 0) needs a 2-D tensor, got shape {self.shape}")
+        block_size = numeric.resolve_block_size(self.shape, block_size, self.axis)
         numeric.code_range(bits, symmetric)  # validate bits
         self.scales_shape = numeric.scales_shape(self.shape, block_size, self.axis)  # ValueError if not divisible
         for what, vector in (("awq_scale", awq_scale), ("importance", importance)):
@@ -76,6 +85,7 @@ class SharedQuantization:
         self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
         self.algorithm, self.awq_scale, self.scale_dtype = algorithm, awq_scale, scale_dtype
         self.importance = importance
+        self.positive_scales = positive_scales
         self.reads = 0
         self._parts: dict[str, Callable[[BlockQuantized], np.ndarray]] = {}
         self._pending: dict[str, np.ndarray] = {}
@@ -96,6 +106,7 @@ class SharedQuantization:
             awq_scale=self.awq_scale,
             scale_dtype=_SCALE_DTYPES[self.scale_dtype],
             importance=self.importance,
+            positive_scales=self.positive_scales,
         )
         return numeric.transpose_blocks(q) if self.transpose else q
 
@@ -105,7 +116,7 @@ class SharedQuantization:
         return SharedQuantization(
             self.source,
             bits=self.bits,
-            block_size=self.block_size,
+            block_size=0 if self.per_channel else self.block_size,
             axis=self.axis,
             symmetric=self.symmetric,
             algorithm=self.algorithm,
@@ -114,6 +125,7 @@ class SharedQuantization:
             scale_dtype=self.scale_dtype,
             transpose=self.transpose,
             name=name,
+            positive_scales=self.positive_scales,
         )
 
     def add_part(self, key: str, derive: Callable[[BlockQuantized], np.ndarray]) -> None:
@@ -145,10 +157,24 @@ class StoredQuantization(SharedQuantization):
     ``block_quantized(symmetric, scale_dtype) -> BlockQuantized`` [K, N] along axis 0 (e.g.
     :class:`qwen_export.prequant.StoredLinear`): the stored codes with the requested signedness (signed
     codes and no zero points when ``symmetric``) and scales rounded to the graph's scale dtype.
+
+    ``positive_scales``: the graph needs every scale > 0 (TensorRT). GPTQ and AWQ store positive
+    scales (``(max - min) / maxq``, floored), so the stored values are used as they are; should a
+    stored scale be <= 0 (after rounding to the scale dtype), the weight is requantized from its float
+    view (``source``, RTN with positive scales at the stored bits and group size) with a warning:
+    this is only known when the scales are read, at write time, after the quantize pass recorded
+    the weight as ``prequantized``.
     """
 
     def __init__(
-        self, source: Any, stored: Any, *, symmetric: bool, scale_dtype: ir.DataType, name: str | None = None
+        self,
+        source: Any,
+        stored: Any,
+        *,
+        symmetric: bool,
+        scale_dtype: ir.DataType,
+        name: str | None = None,
+        positive_scales: bool = False,
     ) -> None:
         super().__init__(
             source,
@@ -158,6 +184,7 @@ class StoredQuantization(SharedQuantization):
             symmetric=symmetric,
             scale_dtype=scale_dtype,
             name=name,
+            positive_scales=positive_scales,
         )
         if tuple(self.shape) != tuple(stored.shape):
             raise ValueError(f"stored quantization of shape {tuple(stored.shape)} for a weight of shape {self.shape}")
@@ -169,11 +196,24 @@ class StoredQuantization(SharedQuantization):
         q = self.stored.block_quantized(self.symmetric, _SCALE_DTYPES[self.scale_dtype])
         if q.codes.shape != self.shape or q.axis != 0 or q.block_size != self.block_size or q.bits != self.bits:
             raise RuntimeError(f"{self.name}: stored quantization does not match {self.shape} int{self.bits}")
+        if self.positive_scales and not (q.scales > 0).all():
+            warnings.warn(
+                f"{self.name}: the checkpoint stores scales <= 0, which positive_scales forbids; "
+                "requantized from the dequantized weight (RTN)",
+                stacklevel=2,
+            )
+            self.reads -= 1  # SharedQuantization.quantize counts its own read
+            return super().quantize()
         return q
 
     def fresh(self, name: str | None) -> StoredQuantization:
         return StoredQuantization(
-            self.source, self.stored, symmetric=self.symmetric, scale_dtype=self.scale_dtype, name=name
+            self.source,
+            self.stored,
+            symmetric=self.symmetric,
+            scale_dtype=self.scale_dtype,
+            name=name,
+            positive_scales=self.positive_scales,
         )
 
 
@@ -252,15 +292,22 @@ def _zero_points(q: BlockQuantized) -> np.ndarray:
     return q.zero_points
 
 
-def _scales(np_dtype: type, transposed: bool) -> _Derive:
-    """Scales in the graph's dtype, as they are ([..]) or N-major and flat (MatMulNBits)."""
+def _scales(np_dtype: type, transposed: bool, flat: bool = False) -> _Derive:
+    """Scales in the graph's dtype, as they are ([..]) or N-major and flat (MatMulNBits); ``flat``:
+    1-D (per-channel DequantizeLinear: [1, N] or [V, 1] -> [N] or [V])."""
 
     def derive(q: BlockQuantized) -> np.ndarray:
         if transposed:
             return np.ascontiguousarray(q.scales.T, dtype=np_dtype).reshape(-1)
+        if flat:
+            return np.ascontiguousarray(q.scales, dtype=np_dtype).reshape(-1)
         return np.ascontiguousarray(q.scales, dtype=np_dtype)
 
     return derive
+
+
+def _flat_zero_points(q: BlockQuantized) -> np.ndarray:
+    return np.ascontiguousarray(_zero_points(q)).reshape(-1)
 
 
 def _packed_zero_points(bits: int, transposed: bool) -> _Derive:
@@ -320,6 +367,14 @@ def _codes_dtype(bits: int, symmetric: bool) -> ir.DataType:
     return table[bits, symmetric]
 
 
+def _no_per_channel(op: str, block_size: int, quantization: SharedQuantization | None) -> None:
+    if block_size == 0 or (quantization is not None and quantization.per_channel):
+        raise ValueError(
+            f"{op} needs blocks (a power-of-two block_size >= 16); per-channel quantization (block_size 0) "
+            "has only the DequantizeLinear form (dequantize_linear_initializers)"
+        )
+
+
 # --- (a) ONNX DequantizeLinear ---------------------------------------------------------------------
 
 
@@ -336,6 +391,7 @@ def dequantize_linear_initializers(
     output_dtype: ir.DataType = ir.DataType.FLOAT,
     name: str | None = None,
     quantization: SharedQuantization | None = None,
+    positive_scales: bool = False,
 ) -> QuantizedInitializers:
     """Initializers of ``DequantizeLinear(codes, scales[, zero_points], axis, block_size)`` (opset 21).
 
@@ -343,6 +399,12 @@ def dequantize_linear_initializers(
     [K, N] along axis 0, or the embedding [V, H] along axis 1); ``scales``: ``output_dtype``
     (DequantizeLinear's output dtype is its scale dtype), the scales' shape; ``zero_points``: the
     codes' dtype, the scales' shape, or None when symmetric. Attributes: ``axis``, ``block_size``.
+
+    Per-channel (``block_size`` 0, 2-D ``source`` quantized along ``axis``): the ONNX per-axis form,
+    one scale per slice of the *other* axis: ``scales`` (and ``zero_points``) 1-D of that axis'
+    length, attributes ``{"axis": 1 - axis}`` and no ``block_size`` (W [K, N] along 0: scales [N],
+    ``axis=1``; E [V, H] along 1: scales [V], ``axis=0``).
+    ``positive_scales``: symmetric scales all > 0 (:mod:`.numeric`).
     ``quantization``: reuse an existing :class:`SharedQuantization` (its parameters win).
     """
     quant = quantization or SharedQuantization(
@@ -356,10 +418,20 @@ def dequantize_linear_initializers(
         importance=importance,
         scale_dtype=output_dtype,
         name=name,
+        positive_scales=positive_scales,
     )
     codes_dtype = _codes_dtype(quant.bits, quant.symmetric)
     np_scale = _SCALE_DTYPES[quant.scale_dtype]
-    parts: list[_Part] = [
+    if quant.per_channel:
+        channels = (quant.shape[1 - quant.axis],)
+        parts: list[_Part] = [
+            ("", _codes, codes_dtype, quant.shape),
+            (".scales", _scales(np_scale, transposed=False, flat=True), quant.scale_dtype, channels),
+        ]
+        if not quant.symmetric:
+            parts.append((".zero_points", _flat_zero_points, codes_dtype, channels))
+        return _bundle(quant, "dql", tuple(parts), {"axis": 1 - quant.axis})
+    parts = [
         ("", _codes, codes_dtype, quant.shape),
         (".scales", _scales(np_scale, transposed=False), quant.scale_dtype, quant.scales_shape),
     ]
@@ -385,6 +457,7 @@ def matmulnbits_initializers(
     accuracy_level: int = 0,
     name: str | None = None,
     quantization: SharedQuantization | None = None,
+    positive_scales: bool = False,
 ) -> QuantizedInitializers:
     """Initializers of ``MatMulNBits(A, B, scales[, zero_points])`` for a weight W [K, N].
 
@@ -394,7 +467,9 @@ def matmulnbits_initializers(
     ``zero_points`` uint8 [N * ceil(K/block * bits / 8)] or None. Attributes: ``K``, ``N``,
     ``bits``, ``block_size``, ``accuracy_level``. ``awq_scale`` [K] multiplies W's rows;
     ``importance`` [K] weights the clip search (see :func:`.algorithms.quantize`).
+    Per-channel (``block_size`` 0) has no MatMulNBits form (ValueError).
     """
+    _no_per_channel("MatMulNBits", block_size, quantization)
     quant = quantization or SharedQuantization(
         source,
         bits=bits,
@@ -407,6 +482,7 @@ def matmulnbits_initializers(
         scale_dtype=scale_dtype,
         transpose=transposed_source,
         name=name,
+        positive_scales=positive_scales,
     )
     if len(quant.shape) != 2 or quant.axis != 0:
         raise ValueError(f"MatMulNBits needs W [K, N] quantized along K, got shape {quant.shape} axis {quant.axis}")
@@ -437,13 +513,15 @@ def gather_block_quantized_initializers(
     scale_dtype: ir.DataType = ir.DataType.FLOAT,
     name: str | None = None,
     quantization: SharedQuantization | None = None,
+    positive_scales: bool = False,
 ) -> QuantizedInitializers:
     """Initializers of ``GatherBlockQuantized(data, indices, scales[, zero_points])`` for E [V, H].
 
     ``data`` uint8 [V, H*bits/8], ``scales`` ``scale_dtype`` [V, H/block] (the output dtype),
     ``zero_points`` uint8 [V, ceil(H/block * bits / 8)] or None. Attributes: ``bits``,
-    ``block_size``, ``gather_axis`` 0, ``quantize_axis`` 1.
+    ``block_size``, ``gather_axis`` 0, ``quantize_axis`` 1. Per-channel (``block_size`` 0): ValueError.
     """
+    _no_per_channel("GatherBlockQuantized", block_size, quantization)
     quant = quantization or SharedQuantization(
         source,
         bits=bits,
@@ -453,6 +531,7 @@ def gather_block_quantized_initializers(
         algorithm=algorithm,
         scale_dtype=scale_dtype,
         name=name,
+        positive_scales=positive_scales,
     )
     if len(quant.shape) != 2 or quant.axis != 1:
         raise ValueError(f"GatherBlockQuantized needs E [V, H] quantized along H, got {quant.shape} axis {quant.axis}")
@@ -484,6 +563,7 @@ def tied_embedding_initializers(
     accuracy_level: int = 0,
     name: str | None = None,
     head_name: str | None = None,
+    positive_scales: bool = False,
 ) -> tuple[QuantizedInitializers, QuantizedInitializers]:
     """``(embedding GatherBlockQuantized, lm_head MatMulNBits)`` initializers from one quantization of
     E [V, H] along H: E is read and quantized once for the five or six tensors.
@@ -498,6 +578,7 @@ def tied_embedding_initializers(
     over separate initializers, about one ``B``). Sharing only saves disk. Use every part returned:
     a part never read keeps its array alive once another part was read.
     """
+    _no_per_channel("GatherBlockQuantized", block_size, None)
     quant = SharedQuantization(
         embedding,
         bits=bits,
@@ -507,6 +588,7 @@ def tied_embedding_initializers(
         algorithm=algorithm,
         scale_dtype=scale_dtype,
         name=name,
+        positive_scales=positive_scales,
     )
     gather = gather_block_quantized_initializers(
         embedding, bits=bits, block_size=block_size, symmetric=symmetric, quantization=quant
@@ -540,6 +622,7 @@ class _TransposedView(SharedQuantization):
         self.importance = None
         self.transpose = True
         self.source = base.source
+        self.per_channel, self.positive_scales = base.per_channel, base.positive_scales
 
     @property
     def reads(self) -> int:  # type: ignore[override]

@@ -8,6 +8,9 @@ The KV cache never goes through numpy between steps. Two layouts (``manifest.ext
   ``truncate`` only forgets columns. A generation that would overflow the capacity is refused.
 - ``concat`` (unfused artifacts): the ``present.*`` outputs of one step are ``OrtValue`` objects
   that ORT allocated, bound as the ``past_key_values.*`` inputs of the next step.
+- ``fixed`` (``--target tensorrt`` artifacts, run here on CPU to verify them): the same buffers
+  and binding as ``shared``; the graph writes the new rows with ScatterElements at the
+  ``cache_position`` input (the KV columns cached .. cached+S-1), which this engine feeds.
 
 Only the logits are copied out. ``onnxruntime`` is imported lazily here and nowhere else.
 """
@@ -84,6 +87,12 @@ class OnnxRuntimeEngine:
             so.intra_op_num_threads = self.options.threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
+        kv = manifest.extra.get("kv_cache") or {}
+        if kv.get("layout") == "fixed":
+            # a TensorRT graph run here to verify it: ORT would fuse its int4 DequantizeLinear ->
+            # MatMul into MatMulNBits with int8 activations (accuracy level 4); compute in the
+            # activations' own precision, as TensorRT's weight-only dequantization does
+            so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         try:
             self.session = ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own types; report one line
@@ -100,8 +109,7 @@ class OnnxRuntimeEngine:
         )
         self._layers = self.spec.num_hidden_layers
         self._inputs = {i.name for i in self.session.get_inputs()}
-        kv = manifest.extra.get("kv_cache") or {}
-        self.shared_kv = kv.get("layout") == "shared"
+        self.shared_kv = kv.get("layout") in ("shared", "fixed")
         self._buffers: list[Any] = []  # shared layout: [numpy array, OrtValue] kept alive together
         self._binding = self.session.io_binding()
         self.reset()
@@ -156,6 +164,9 @@ class OnnxRuntimeEngine:
         b.bind_cpu_input("attention_mask", mask)
         if "position_ids" in self._inputs:
             b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
+        if "cache_position" in self._inputs:  # fixed layout: the buffer columns of the new tokens
+            seq = ids.shape[1]
+            b.bind_cpu_input("cache_position", np.arange(mask.shape[1] - seq, mask.shape[1], dtype=np.int64))
         b.bind_output("logits", "cpu")
         if self.shared_kv:
             for name, (_, value) in zip(self._kv_names(), self._shared_buffers(ids.shape[0]), strict=True):
