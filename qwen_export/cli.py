@@ -142,7 +142,13 @@ def export(
             "weights; the embedding and a tied lm_head in int8; activations in --dtype)."
         ),
     ] = None,
-    block_size: Annotated[int | None, typer.Option(help="Quantization block size: 32 | 64 | 128 (default 32).")] = None,
+    block_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Quantization block size: 32 | 64 | 128 (default 32) | 0 = per output channel (--target openvino "
+            "or tensorrt; tensorrt quantizes int8 per channel anyway)."
+        ),
+    ] = None,
     symmetric: Annotated[
         bool | None,
         typer.Option(
@@ -368,6 +374,8 @@ def _kv_cache_line(kv: Any) -> str | None:
         return f"KV cache: up to {total}, grown as tokens arrive (past and present concatenated)"
     if layout == "stateful":
         return f"KV cache: up to {total} at fp32 (less with --kv-cache f16/u8), held in OpenVINO's state"
+    if layout == "fixed":
+        return f"KV cache: {total}, fixed-capacity buffers updated in place (TensorScatter; past and present aliased)"
     return f"KV cache: {total} (layout {layout})"
 
 
@@ -850,6 +858,16 @@ def inspect(
         console.print(
             f"onnxruntime-genai: genai_config.json (type {genai['type']}, max_length {genai['max_length']}, "
             f"past_present_share_buffer={str(genai['past_present_share_buffer']).lower()})",
+            highlight=False,
+            soft_wrap=True,
+        )
+    recipe = manifest.extra.get("tensorrt")
+    if isinstance(recipe, dict):
+        engines = sorted(p.name for p in (artifact / "engines").glob("*.plan")) or ["none (run build-engine)"]
+        console.print(
+            f"tensorrt: profiles {[p.get('name') for p in recipe.get('profiles', [])]}, max batch "
+            f"{recipe.get('max_batch')}, max prompt {recipe.get('max_prompt')}, strongly typed "
+            f"{recipe.get('strongly_typed')}; engines built: {', '.join(engines)}",
             highlight=False,
             soft_wrap=True,
         )

@@ -16,6 +16,11 @@ Layout choices that make the traced graph ready for ONNX Runtime:
   layers, the window, in KV-cache coordinates as transformers does; masked scores use the dtype's
   most negative finite value so fully-masked padding rows give finite (ignored) outputs.
 
+Fixed-capacity KV buffers (``cache_position`` given; the TensorRT graph, ``CacheIO.SCATTER``): the
+past buffers are [B, KV, capacity, D]; the new keys/values are scattered at ``cache_position``
+(the same columns for every row) and attention reads the first ``attention_mask.shape[1]``
+columns, with the query heads of each KV head stacked so no key/value is repeated per head.
+
 Forward signature (canonical IO, DESIGN.md §4)::
 
     input_ids [B, S] int64, attention_mask [B, P+S] int64, position_ids [B, S] int64,

@@ -257,8 +257,14 @@ def _target_quantization(options: ExportOptions, hooks: ExportHooks) -> ExportOp
     MatMul/Gemm, so the embedding (and a tied lm_head, which shares it) stays in the model dtype.
     """
     quant = options.quant
-    if options.target is not Target.TENSORRT or quant is None:
+    if quant is None:
         return options
+    if options.target is Target.ONNXRUNTIME:
+        quant.require_blocks(options.target.value)  # MatMulNBits / GatherBlockQuantized are blocked
+    if options.target is not Target.TENSORRT:
+        return options
+    if quant.bits == 4 and quant.per_channel:
+        raise OptionError("--target tensorrt: int4 weights need blocks (--block-size 32, 64 or 128), not per channel")
     from .quant.scheme import PER_CHANNEL, Keep
 
     changes = {"positive_scales": True, "keep": quant.keep | {Keep.EMBEDDING}}

@@ -1,10 +1,11 @@
 """TensorRT compatibility: the ONNX ops TensorRT 10.x's ONNX parser accepts, and a checker.
 
 The single place where the ``--target tensorrt`` support list lives. The graph for TensorRT must be
-plain ONNX (default domain, opset 21): no ``com.microsoft`` ops, only ops the parser imports, with
-the tensor types it documents for them. TensorRT cannot be run here, so everything below is taken
-from documentation and the parser's source, for **TensorRT 10.15** (the parser documents opsets
-9 to 24 for 10.15; TensorRT 10.0 documented 9 to 20, so an opset-21 graph needs a later 10.x):
+plain ONNX (default domain; opset 24 after the TensorScatter KV lowering, 21 at least): no
+``com.microsoft`` ops, only ops the parser imports, with the tensor types it documents for them.
+TensorRT cannot be run here, so everything below is taken from documentation and the parser's
+source, for **TensorRT 10.15** (the parser documents opsets 9 to 24 for 10.15; TensorRT 10.0
+documented 9 to 20; TensorScatter, which the KV update uses, is listed for 10.15):
 
 - onnx-tensorrt ``docs/operators.md`` (TensorRT 10.15 revision), the "Supported Types" and
   "Restrictions" columns: https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md
@@ -90,7 +91,7 @@ class OpSupport:
     other_outputs: Mapping[int, frozenset[ir.DataType]] = dataclasses.field(default_factory=lambda: _EMPTY)
     constant_inputs: tuple[int, ...] = ()
     attributes: tuple[AttributeRule, ...] = ()
-    min_opset: int = 1  # ops newer than opset 21 (documented by TensorRT, unusable at opset 21)
+    min_opset: int = 1  # the opset that introduced the op (TensorScatter 24, Attention 23, ...)
     max_outputs: int | None = None
     restriction: str = ""
 

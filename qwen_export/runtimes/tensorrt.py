@@ -3,9 +3,10 @@ run them behind the Engine protocol.
 
 Three stages::
 
-    export (any machine)   emit(): OUT/model.onnx + model.onnx.data (strongly typed, opset 21,
-                           standard ops; fixed-capacity KV buffers written with ScatterElements at
-                           ``cache_position``) and manifest.extra["tensorrt"] = recipe(...)
+    export (any machine)   emit(): OUT/model.onnx + model.onnx.data (strongly typed, opset 24,
+                           standard ops; fixed-capacity KV buffers written with TensorScatter at
+                           ``cache_position``, see passes/kv_tensor_scatter.py) and
+                           manifest.extra["tensorrt"] = recipe(...)
     build (on the GPU)     build_engine(): OnnxParser -> two optimization profiles (0 "prefill",
                            1 "decode") -> OUT/engines/<gpu>-sm<cc>-trt<version>.plan (+ .json: the
                            recipe used, TensorRT version, build seconds); the builder's timing
@@ -14,7 +15,10 @@ Three stages::
     run (on the GPU)       TensorRTEngine: one execution context; torch CUDA tensors as device
                            buffers; each KV buffer [batch, kv_heads, capacity, head_dim] is bound
                            with ``set_tensor_address`` as both ``past_key_values.*`` and
-                           ``present.*``, so the graph's ScatterElements updates the cache in place.
+                           ``present.*``: TensorRT imports ONNX TensorScatter as its KV-cache
+                           update layer (IKVCacheUpdateLayer, TensorRT 10.15+), which documents
+                           exactly this: the cache is a network input, the updated cache a
+                           network output, and both must share one device address.
 
 What has and has not been run. TensorRT cannot be installed where this module was written (no
 GPU; its wheels fetch libraries from an unreachable host). :func:`recipe` and :func:`emit` run in
@@ -699,7 +703,7 @@ class TensorRTEngine:
             if not ctx.set_input_shape(f"past_key_values.{name}", tuple(buffer.shape)):
                 raise GenerationError(f"TensorRT refused the KV buffer shape {tuple(buffer.shape)} of {self.plan_path}")
             self._bind(f"past_key_values.{name}", buffer)
-            self._bind(f"present.{name}", buffer)  # the same memory: ScatterElements updates it in place
+            self._bind(f"present.{name}", buffer)  # the same memory: TensorScatter updates it in place
         self._bind("logits", logits)
         if not ctx.execute_async_v3(self._stream_handle):
             raise GenerationError(f"TensorRT failed to run {self.plan_path} (execute_async_v3 returned False)")
