@@ -199,3 +199,23 @@ def test_engine_choice_is_checked(export) -> None:
     art = export("qwen2_tied")
     with pytest.raises(OptionError, match="runs on --engine onnxruntime"):
         open_artifact(art, RuntimeOptions(engine=Target.TENSORRT))
+
+
+def test_library_load_on_the_cpu_adapter(export) -> None:
+    import qwen_export
+
+    art = export("qwen2_tied", target="tensorrt")
+    llm = qwen_export.load(art, engine="onnxruntime")
+    assert isinstance(llm.generate("hi", max_new_tokens=3), str)
+    with pytest.raises(OptionError, match="TensorRT engine runs on cuda"):
+        qwen_export.load(art, engine="tensorrt", device="cpu")
+    with pytest.raises(OptionError, match="unknown device"):
+        qwen_export.load(art, device="tpu")
+
+
+def test_per_channel_is_refused_where_kernels_need_blocks(qwen2_tied: Path, tmp_path: Path) -> None:
+    per_channel = QuantScheme(fmt=WeightFormat.INT4, block_size=0)
+    for target, fragment in ((Target.ONNXRUNTIME, "per-channel"), (Target.TENSORRT, "int4 weights need blocks")):
+        with pytest.raises(OptionError, match=fragment):
+            run_export(qwen2_tied, tmp_path / "o", ExportOptions(target=target, quant=per_channel))
+        assert not (tmp_path / "o").exists()
