@@ -12,6 +12,7 @@ padding positions set to 1, as transformers does).
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -104,3 +105,20 @@ def position_ids_from_mask(mask: np.ndarray) -> np.ndarray:
     pos = np.cumsum(mask, axis=1) - 1
     pos[mask == 0] = 1
     return pos.astype(np.int64)
+
+
+class Truncation(enum.Enum):
+    """What ``Engine.truncate(n)`` has to do to a cache of ``cached`` tokens."""
+
+    RESET = "reset"  # n == 0: forget everything
+    NOTHING = "nothing"  # n == cached
+    CUT = "cut"  # 0 < n < cached: drop the columns after n
+
+
+def plan_truncate(num_tokens: int, cached: int) -> Truncation:
+    """Check a ``truncate`` request (GenerationError outside 0..cached) and say what it needs."""
+    if num_tokens < 0 or num_tokens > cached:
+        raise GenerationError(f"cannot keep {num_tokens} tokens; the cache holds {cached}")
+    if num_tokens == 0:
+        return Truncation.RESET
+    return Truncation.NOTHING if num_tokens == cached else Truncation.CUT

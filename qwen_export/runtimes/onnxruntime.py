@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from ..artifact import Manifest
-from ..errors import ArtifactError, EngineUnavailableError, GenerationError
+from ..errors import ArtifactError, EngineUnavailableError
 from ..spec import ModelSpec
-from .base import EngineCapabilities, position_ids_from_mask, prepare_step
+from .base import EngineCapabilities, Truncation, plan_truncate, position_ids_from_mask, prepare_step
 
 __all__ = ["OnnxRuntimeEngine", "OrtOptions", "emit", "position_ids_from_mask"]
 
@@ -124,12 +124,11 @@ class OnnxRuntimeEngine:
         self._past: list[Any] | None = None
 
     def truncate(self, num_tokens: int) -> None:
-        if num_tokens < 0 or num_tokens > self.num_cached_tokens:
-            raise GenerationError(f"cannot keep {num_tokens} tokens; the cache holds {self.num_cached_tokens}")
-        if num_tokens == 0:
+        plan = plan_truncate(num_tokens, self.num_cached_tokens)
+        if plan is Truncation.RESET:
             self.reset()
             return
-        if num_tokens == self.num_cached_tokens:
+        if plan is Truncation.NOTHING:
             return
         assert self._mask is not None
         if self.shared_kv:  # the buffer keeps its columns; later steps overwrite them

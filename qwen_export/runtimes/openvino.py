@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 
 from ..artifact import Manifest
-from ..errors import ArtifactError, EngineUnavailableError, GenerationError, OptionError
+from ..errors import ArtifactError, EngineUnavailableError, OptionError
 from ..spec import ModelSpec, _ChoiceEnum
-from .base import EngineCapabilities, prepare_step
+from .base import EngineCapabilities, Truncation, plan_truncate, prepare_step
 
 MODEL_XML = "openvino_model.xml"
 MODEL_BIN = "openvino_model.bin"
@@ -340,12 +340,11 @@ class OpenVINOEngine:
         self._mask: np.ndarray | None = None
 
     def truncate(self, num_tokens: int) -> None:
-        if num_tokens < 0 or num_tokens > self.num_cached_tokens:
-            raise GenerationError(f"cannot keep {num_tokens} tokens; the cache holds {self.num_cached_tokens}")
-        if num_tokens == 0:
+        plan = plan_truncate(num_tokens, self.num_cached_tokens)
+        if plan is Truncation.RESET:
             self.reset()
             return
-        if num_tokens == self.num_cached_tokens:
+        if plan is Truncation.NOTHING:
             return
         ov = _ov()
         for state in self.request.query_state():  # [batch, kv_heads, cached, head_dim]

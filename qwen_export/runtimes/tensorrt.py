@@ -83,7 +83,7 @@ import numpy as np
 from ..artifact import Manifest, load_manifest
 from ..errors import ArtifactError, EngineUnavailableError, GenerationError, OptionError
 from ..spec import ModelSpec
-from .base import EngineCapabilities, prepare_step
+from .base import EngineCapabilities, Truncation, plan_truncate, prepare_step
 
 __all__ = [
     "BuildOptions",
@@ -521,9 +521,8 @@ class TensorRTEngine:
     def truncate(self, num_tokens: int) -> None:
         """Keep the first ``num_tokens`` cached tokens: only the mask forgets columns; the buffer
         keeps them and later steps overwrite them (as the ONNX Runtime engine's shared layout)."""
-        if num_tokens < 0 or num_tokens > self.num_cached_tokens:
-            raise GenerationError(f"cannot keep {num_tokens} tokens; the cache holds {self.num_cached_tokens}")
-        if num_tokens == 0:
+        plan = plan_truncate(num_tokens, self.num_cached_tokens)
+        if plan is Truncation.RESET:
             self.reset()
             return
         assert self._mask is not None
