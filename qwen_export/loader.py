@@ -118,7 +118,10 @@ def open_artifact(path: str | Path, options: RuntimeOptions | None = None, verif
 def _engine_for(root: Path, target: Target, options: RuntimeOptions) -> Target:
     """The engine that runs a ``target`` artifact under ``options`` (OptionError when it cannot)."""
     if options.tensorrt is not None and target is not Target.TENSORRT:
-        raise OptionError(f"{root} is a {target.value} artifact; the TensorRT options apply to --target tensorrt only")
+        raise OptionError(
+            f"device 'cuda' and the TensorRT options apply to --target tensorrt artifacts; {root} is a {target.value} "
+            "artifact, which runs on the CPU"
+        )
     engine = options.engine or target
     if engine is target or (target is Target.TENSORRT and engine is Target.ONNXRUNTIME):
         if engine is not Target.TENSORRT and options.tensorrt is not None:
