@@ -23,7 +23,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -479,6 +479,20 @@ def test_other_os_errors_are_not_called_disk_full(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def terminal_sigint() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal, even when the test run was started in the
+    background (`cmd &`), which leaves SIGINT ignored."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+@pytest.mark.usefixtures("terminal_sigint")
 def test_pending_signal_is_delivered_after_the_rename(tmp_path: Path) -> None:
     """SIGINT during the final renames waits until they are done (the artifact is whole, then Ctrl-C)."""
     out = tmp_path / "art"
@@ -569,6 +583,9 @@ def test_signal_during_export_leaves_nothing(qwen2_tied: Path, tmp_path: Path, p
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # a signal for it alone, not for pytest's process group
+        # a test run started in the background (`cmd &`) inherits SIGINT ignored, and Python then
+        # installs no KeyboardInterrupt handler: give the export the terminal default a user has
+        preexec_fn=_default_sigint,
     )
     try:
         _wait_for(ready, proc, timeout=120)
