@@ -7,6 +7,12 @@ One run on one checkpoint, CPU, ``--threads`` (2) threads per engine:
    * ours, for each ``--weights`` (int4, int8): ``qwen-export export CKPT -o W/ov-<w> --target
      openvino --weights <w>`` and ``qwen-export export CKPT -o W/ort-<w> --weights <w>`` (the CLI's
      defaults: RTN, symmetric, block 32, int8 embedding, last-position logits);
+   * a variant of ours: ``--export-args "ARGS" --tag T`` appends the (shlex-split) ARGS to both
+     export commands and writes ``W/ov-<w>-T`` and ``W/ort-<w>-T`` instead (engine labels
+     ``ours-ov@T``, ``ours-ort@T``, ``genai-ours@T``); the ARGS are recorded next to each artifact
+     (``W/ov-<w>-T.export-args.json``) and a reused artifact made with other ARGS is an error;
+     ``--baseline`` also measures the default ``W/ov-<w>`` as engine ``ours-ov`` in the same run
+     (accuracy and speed), so variant, default and optimum are side by side;
    * the anchor: ``--anchors DIR/<prefix>-<w>``, made by ``optimum-cli export openvino --model CKPT
      --task text-generation-with-past --weight-format <w> OUT`` in optimum-intel's own virtual
      environment (see benchmarks/README.md); a missing anchor is reported, never silently skipped;
@@ -30,15 +36,21 @@ One run on one checkpoint, CPU, ``--threads`` (2) threads per engine:
      from its ``perf_metrics``.
 
    TTFT is prefill + first token; prefill tok/s = prompt / TTFT; decode tok/s = 1 / median time
-   per output token (ours: per step; genai: its TPOT per run, median over runs).
+   per output token (ours: per step; genai: its TPOT per run, median over runs). ``--engines
+   a,b`` keeps only those engines (a label, or its part before ``@``: ``ours-ov`` keeps
+   ``ours-ov@T`` and the baseline ``ours-ov``); accuracy is measured for the kept OpenVINO IRs
+   run by raw OpenVINO (``ours-ov*``, ``genai-optimum``); the ONNX Runtime artifact is exported only
+   when ``ours-ort`` is kept (so ``--engines ours-ov --skip-speed`` exports just the IR).
 
 4. prints one table per weight format (engine x mean KL, top-1, ppl, size MiB, load s, prefill and
-   decode tok/s per prompt length) and the ratios ours-ov / genai-optimum; targets: prefill >= 1.0x,
-   decode >= 1.1x at equal or better mean KL. ``--json-out FILE`` writes everything.
+   decode tok/s per prompt length) and the ratios of every engine to genai-optimum; targets for
+   ours-ov: prefill >= 1.0x, decode >= 1.1x at equal or better mean KL. ``--json-out FILE`` writes
+   everything (the export args and tag included).
 
     .venv/bin/python benchmarks/openvino_vs_optimum.py --checkpoint CKPT --anchors DIR --anchor-prefix ov-real
         [--workdir W] [--weights int4,int8] [--prompt-lengths 128,512] [--new-tokens 128]
         [--reference-logits REF.npy --text-ids IDS.npy] [--json-out FILE]
+        [--export-args "--block-size 128 --asymmetric" --tag b128a [--baseline]] [--engines a,b]
 """
 
 from __future__ import annotations
@@ -47,6 +59,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -67,14 +80,27 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- artifacts
-def build_ours(ckpt: Path, out: Path, target: str, weights: str, workdir: Path, force: bool) -> dict[str, Any]:
+def build_ours(
+    ckpt: Path, out: Path, target: str, weights: str, workdir: Path, force: bool, extra: list[str] | None = None
+) -> dict[str, Any]:
+    """Export (or reuse) one artifact; ``extra`` args go after the defaults and are recorded beside it."""
+    extra = list(extra or [])
+    record = out.with_name(out.name + ".export-args.json")  # outside the artifact: its manifest lists files
     if (out / "manifest.json").is_file() and not force:
-        return {"reused": True, "path": str(out)}
-    cmd = [ovg.cli_path(), "export", str(ckpt), "-o", str(out), "--target", target, "--weights", weights]
+        recorded = json.loads(record.read_text())["export_args"] if record.is_file() else []
+        if recorded != extra:
+            error = f"{out} was exported with {recorded}, not {extra}: use --force or another --tag"
+            return {"reused": True, "path": str(out), "returncode": 2, "error": error}
+        return {"reused": True, "path": str(out), "export_args": extra}
+    cmd = [ovg.cli_path(), "export", str(ckpt), "-o", str(out), "--target", target, "--weights", weights, *extra]
     if force:
         cmd.append("--overwrite")
     result = ovg.run_logged(f"export-{out.name}", cmd, workdir)
-    result["path"] = str(out)
+    result["path"], result["export_args"] = str(out), extra
+    if result["returncode"] == 0 and extra:
+        record.write_text(json.dumps({"export_args": extra, "command": cmd}, indent=2))
+    elif result["returncode"] == 0:
+        record.unlink(missing_ok=True)
     return result
 
 
@@ -280,7 +306,13 @@ def evaluate(label: str, path: Path, args: Any, workdir: Path) -> dict[str, Any]
 # ----------------------------------------------------------------------------- report
 def summary(report: dict[str, Any]) -> str:
     lines = [f"# OpenVINO vs ONNX Runtime vs optimum-intel/openvino-genai — {report['checkpoint']}",
-             f"{report['machine']}; {report['threads']} threads; new tokens {report['new_tokens']}", ""]  # fmt: skip
+             f"{report['machine']}; {report['threads']} threads; new tokens {report['new_tokens']}"]  # fmt: skip
+    if report.get("tag"):
+        lines.append(f"ours@{report['tag']}: qwen-export export ... {shlex.join(report['export_args'])}"
+                     + ("; ours-ov: the CLI defaults" if report.get("baseline") else ""))  # fmt: skip
+    else:
+        lines.append("ours: the CLI defaults")
+    lines.append("")
     for weights, block in report["results"].items():
         lines.append(f"## {weights}")
         lengths = list(block["speed"])
@@ -299,10 +331,10 @@ def summary(report: dict[str, Any]) -> str:
                 row += f" {s.get('prefill_tokens_per_s', nan):.1f} | {s.get('decode_tokens_per_s', nan):.2f} |"
             lines.append(row)
         for n, r in block.get("ratios", {}).items():
-            lines.append(f"- {n}-token prompt: ours-ov / genai-optimum prefill {r['prefill']:.2f}x "
-                         f"(target >= {TARGET_PREFILL}), decode {r['decode']:.2f}x (target >= {TARGET_DECODE}); "
-                         f"genai-ours / genai-optimum prefill {r.get('genai_prefill', float('nan')):.2f}x, "
-                         f"decode {r.get('genai_decode', float('nan')):.2f}x")  # fmt: skip
+            per = "; ".join(f"{label} prefill {x['prefill']:.2f}x, decode {x['decode']:.2f}x"
+                            for label, x in r.get("engines", {}).items())  # fmt: skip
+            lines.append(f"- {n}-token prompt, engine / genai-optimum (targets for ours-ov: prefill >= "
+                         f"{TARGET_PREFILL}x, decode >= {TARGET_DECODE}x): {per}")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
 
@@ -328,6 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--force", action="store_true")
     p.add_argument("--json-out", type=Path)
+    p.add_argument(
+        "--export-args",
+        default="",
+        help="extra `qwen-export export` args (shlex-split), ov and ort; one flag alone: --export-args=--asymmetric",
+    )
+    p.add_argument("--tag", default="", help="artifact suffix for --export-args: W/ov-<w>-TAG, labels ours-ov@TAG")
+    p.add_argument("--baseline", action="store_true", help="with --tag: also the default W/ov-<w> as engine ours-ov")
+    p.add_argument("--engines", default="", help="comma-separated engine labels (or their part before @) to keep")
     args = p.parse_args(argv)
     if args.worker:
         return worker_main(args.worker[0], args.worker[1], args.threads, args.kv_cache)
@@ -335,6 +375,14 @@ def main(argv: list[str] | None = None) -> int:
         return eval_worker(*args.eval_worker, args.threads)
     if args.checkpoint is None:
         p.error("--checkpoint is required")
+    export_args = shlex.split(args.export_args)
+    if export_args and not args.tag:
+        p.error("--export-args needs --tag (the default artifact directories hold the CLI defaults)")
+    if args.baseline and not args.tag:
+        p.error("--baseline needs --tag")
+    if args.tag and not args.tag.replace("-", "").replace("_", "").isalnum():
+        p.error("--tag: letters, digits, - and _ only")
+    keep = {x for x in args.engines.split(",") if x}
     workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     lengths = [int(x) for x in args.prompt_lengths.split(",")]
@@ -343,32 +391,54 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "threads": args.threads,
         "new_tokens": args.new_tokens,
+        "export_args": export_args,
+        "tag": args.tag,
+        "baseline": args.baseline,
         "results": {},
     }
     failed = False
     for weights in args.weights.split(","):
-        ours_ov = workdir / f"ov-{weights}"
-        ours_ort = workdir / f"ort-{weights}"
+        suffix, at = (f"-{args.tag}", f"@{args.tag}") if args.tag else ("", "")
+        ours_ov = workdir / f"ov-{weights}{suffix}"
+        ours_ort = workdir / f"ort-{weights}{suffix}"
         anchor = args.anchors / f"{args.anchor_prefix}-{weights}"
         builds = {
-            "ours-ov": build_ours(args.checkpoint, ours_ov, "openvino", weights, workdir, args.force),
-            "ours-ort": build_ours(args.checkpoint, ours_ort, "onnxruntime", weights, workdir, args.force),
+            f"ours-ov{at}": build_ours(args.checkpoint, ours_ov, "openvino", weights, workdir, args.force, export_args)
         }
+        if not keep or f"ours-ort{at}" in keep or "ours-ort" in keep:  # only ours-ort runs the ORT artifact
+            builds[f"ours-ort{at}"] = build_ours(
+                args.checkpoint, ours_ort, "onnxruntime", weights, workdir, args.force, export_args
+            )
+        if args.baseline:  # the CLI defaults, kept (never --force'd) beside the variant
+            base_ov = workdir / f"ov-{weights}"
+            builds["ours-ov"] = build_ours(args.checkpoint, base_ov, "openvino", weights, workdir, False)
+        for label, b in builds.items():
+            if b.get("error"):
+                log(f"{label}: {b['error']}")
         if any(b.get("returncode", 0) != 0 for b in builds.values()):
             failed = True
             continue
         if not (anchor / "openvino_model.xml").is_file():
             log(f"anchor {anchor} is missing: make it with optimum-cli (benchmarks/README.md); measuring ours only")
-        paths = {"ours-ov": ours_ov, "ours-ort": ours_ort, "genai-ours": ours_ov}
+        paths = {f"ours-ov{at}": ours_ov, f"ours-ort{at}": ours_ort, f"genai-ours{at}": ours_ov}
+        if args.baseline:
+            paths["ours-ov"] = workdir / f"ov-{weights}"
         if (anchor / "openvino_model.xml").is_file():
             paths["genai-optimum"] = anchor
+        if keep:
+            paths = {label: path for label, path in paths.items() if label in keep or label.split("@")[0] in keep}
         engines: dict[str, Any] = {
-            label: {"path": str(path), "bytes": ir_bytes(path), "build": builds.get(label)}
+            label: {
+                "path": str(path),
+                "bytes": ir_bytes(path),
+                "build": builds.get(label),
+                "export_args": None if label == "genai-optimum" else (export_args if "@" in label else []),
+            }
             for label, path in paths.items()
         }
         if args.reference_logits and args.text_ids:
-            for label in ("ours-ov", "genai-optimum"):
-                if label in engines:
+            for label in paths:
+                if label.startswith("ours-ov") or label == "genai-optimum":
                     log(f"accuracy of {label} ({weights})")
                     engines[label]["accuracy"] = evaluate(f"{label}-{weights}", paths[label], args, workdir)
         speed: dict[str, Any] = {}
@@ -387,16 +457,24 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 for w in workers:
                     w.close()
-        ratios = {}
+        ratios: dict[str, Any] = {}
         for n, per in speed.items():
             if "genai-optimum" in per:
                 base = per["genai-optimum"]
-                ratios[n] = {
-                    "prefill": per["ours-ov"]["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
-                    "decode": per["ours-ov"]["decode_tokens_per_s"] / base["decode_tokens_per_s"],
-                    "genai_prefill": per["genai-ours"]["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
-                    "genai_decode": per["genai-ours"]["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+                each = {
+                    label: {
+                        "prefill": s["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
+                        "decode": s["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+                    }
+                    for label, s in per.items()
+                    if label != "genai-optimum"
                 }
+                ratios[n] = {"engines": each}  # and, as before, ours-ov / genai-ours (the variant's, with --tag)
+                if f"ours-ov{at}" in each:
+                    ratios[n].update(each[f"ours-ov{at}"])
+                if f"genai-ours{at}" in each:
+                    ratios[n]["genai_prefill"] = each[f"genai-ours{at}"]["prefill"]
+                    ratios[n]["genai_decode"] = each[f"genai-ours{at}"]["decode"]
         report["results"][weights] = {"engines": engines, "speed": speed, "ratios": ratios}
         if args.json_out:
             args.json_out.write_text(json.dumps(report, indent=2))
