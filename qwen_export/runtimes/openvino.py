@@ -6,9 +6,6 @@ Lowering (export side, :func:`emit`)::
       --openvino.convert_model-->  ov.Model  (its ONNX frontend already recognises the decomposed
                                    attention as ScaledDotProductAttention; the weights stay
                                    compressed: Convert/Subtract/Multiply decompression chains)
-      --weights [N, K]-->  every compressed MatMul weight ([K/G, G, N], blocks along K) re-stored as
-                           [N, K/G, G] with transpose_b, NNCF's layout: same logits, but the CPU
-                           plugin's first inference (which repacks the weights) is faster
       --beam_idx-->   a Gather(past, beam_idx, axis=0) in front of every past_key_values.* input
       --make stateful-->  past_key_values.* / present.* become ReadValue/Assign pairs (variables),
                           initialised to zeros [batch, kv_heads, 0, head_dim]
@@ -133,8 +130,7 @@ def emit(
     ``fp16_weights`` the float weights are stored as fp16 (OpenVINO decompresses them on load).
 
     The ONNX is written to a scratch folder inside ``out_dir`` (streamed, ``progress(done,
-    total)`` per tensor), converted, its compressed weights transposed to [N, K]
-    (:func:`transpose_compressed_weights`), made stateful and saved; the scratch folder is removed.
+    total)`` per tensor), converted, made stateful and saved; the scratch folder is removed.
     """
     ov = _ov()
     from ..onnx_writer import write_onnx
@@ -145,203 +141,12 @@ def emit(
         write_onnx(model, scratch, "model.onnx", "model.onnx.data", progress)
         message("converting to OpenVINO IR")
         ov_model = ov.convert_model(os.fspath(scratch / "model.onnx"))
-        rewritten = transpose_compressed_weights(ov_model)
-        if rewritten:
-            message(f"weights stored as [N, K] (transpose_b) for OpenVINO's CPU plugin: {rewritten} MatMuls")
         make_stateful(ov_model)
         ov.save_model(ov_model, os.fspath(out_dir / MODEL_XML), compress_to_fp16=fp16_weights)
         del ov_model
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return [MODEL_XML, MODEL_BIN]
-
-
-#: weight element types OpenVINO's CPU plugin keeps compressed (FullyConnected with i4/u4/i8/u8 weights)
-_COMPRESSED_TYPES = frozenset({"i4", "u4", "i8", "u8"})
-#: element sizes :func:`_transposed_constant` can move (4-bit codes two per byte, or whole bytes)
-_ITEM_BITS = (4, 8, 16, 32, 64)
-
-
-@dataclasses.dataclass(frozen=True)
-class _ConstantInput:
-    """A Constant feeding ``consumer``'s input ``index``, directly or through one Convert
-    (then ``consumer`` is that Convert)."""
-
-    consumer: Any
-    index: int
-    constant: Any
-
-    @property
-    def is_scalar(self) -> bool:
-        return int(np.prod(self.constant.get_output_shape(0))) == 1
-
-
-@dataclasses.dataclass(frozen=True)
-class _WeightChain:
-    """``MatMul(x, [Reshape](Multiply(Convert(weight) [- zero_point], scale)))`` with the weight
-    stored [K, N] (``reshape`` is None) or as blocks [K/G, G, N] collapsed by ``reshape``."""
-
-    matmul: Any
-    reshape: Any | None
-    multiply: Any
-    scale: _ConstantInput
-    subtract: Any | None
-    zero_point: _ConstantInput | None
-    convert: Any
-    weight: Any
-
-
-def transpose_compressed_weights(ov_model: Any) -> int:
-    """Re-store every compressed MatMul weight transposed; return how many MatMuls were rewritten.
-
-    Before: MatMul(x, Reshape(Multiply(Convert(w [K/G, G, N]) [- zp [K/G, 1, N]], s [K/G, 1, N]), [K, N]))
-    After:  MatMul(x, Reshape(Multiply(Convert(w [N, K/G, G]) [- zp [N, K/G, 1]], s [N, K/G, 1]), [N, K]),
-            transpose_b=True); per-channel weights without the Reshape: w [K, N], s [1, N] -> [N, K], [N, 1].
-
-    The values are the same (elementwise dequantization, then the same dot products), and so are
-    the logits; the decompression nodes are kept (their rt_info marks them for the plugin), only
-    their constants are replaced, one at a time. A chain that does not match exactly, or whose
-    nodes have other consumers (the embedding table shared with a tied lm_head), is left as is.
-    """
-    rewritten = 0
-    # hold the MatMuls only: a list of all ops would keep every replaced constant alive to the end
-    for matmul in [op for op in ov_model.get_ordered_ops() if op.get_type_name() == "MatMul"]:
-        chain = _match_weight_chain(matmul)
-        if chain is not None:
-            _transpose_chain(chain)
-            rewritten += 1
-        del chain
-    if rewritten:
-        ov_model.validate_nodes_and_infer_types()
-    return rewritten
-
-
-def _source(node: Any, index: int) -> Any:
-    return node.input(index).get_source_output().get_node()
-
-
-def _sole_consumer(node: Any) -> bool:
-    return node.get_output_size() == 1 and len(node.output(0).get_target_inputs()) == 1
-
-
-def _static_shape(node: Any) -> list[int] | None:
-    shape = node.get_output_partial_shape(0)
-    return [d.get_length() for d in shape] if shape.is_static else None
-
-
-def _constant_input(node: Any, index: int) -> _ConstantInput | None:
-    source = _source(node, index)
-    if source.get_type_name() == "Convert":
-        node, index, source = source, 0, _source(source, 0)
-    return _ConstantInput(node, index, source) if source.get_type_name() == "Constant" else None
-
-
-def _match_weight_chain(matmul: Any) -> _WeightChain | None:
-    """The decompression chain of ``matmul``'s weight when it can be transposed, else None."""
-    if matmul.get_attributes().get("transpose_b", True):
-        return None
-    node = _source(matmul, 1)
-    reshape = None
-    if node.get_type_name() == "Reshape":
-        reshape, node = node, _source(node, 0)
-    if node.get_type_name() != "Multiply":
-        return None
-    for data_index in (0, 1):  # Multiply(dequantized, scale) or Multiply(scale, dequantized)
-        data, subtract, zero_point = _source(node, data_index), None, None
-        if data.get_type_name() == "Subtract":
-            subtract, zero_point, data = data, _constant_input(data, 1), _source(data, 0)
-            if zero_point is None:
-                continue
-        scale = _constant_input(node, 1 - data_index)
-        if data.get_type_name() != "Convert" or scale is None:
-            continue
-        weight = _source(data, 0)
-        if weight.get_type_name() != "Constant":
-            continue
-        chain = _WeightChain(matmul, reshape, node, scale, subtract, zero_point, data, weight)
-        if _transposable(chain):
-            return chain
-    return None
-
-
-def _transposable(chain: _WeightChain) -> bool:
-    """Compressed weight, static shapes that fit the pattern, no node shared outside the chain."""
-    if _short_type(chain.weight.get_output_element_type(0)) not in _COMPRESSED_TYPES:
-        return False
-    shape = _static_shape(chain.weight)
-    if shape is None or len(shape) != (2 if chain.reshape is None else 3):
-        return False
-    nodes = [chain.reshape, chain.multiply, chain.subtract, chain.convert, chain.weight]
-    if not all(_sole_consumer(node) for node in nodes if node is not None):
-        return False
-    if any(_static_shape(node) != shape for node in (chain.multiply, chain.subtract) if node is not None):
-        return False  # the scale or zero point broadcasts the weight to a bigger shape
-    if chain.reshape is not None and _static_shape(chain.reshape) != [shape[0] * shape[1], shape[2]]:
-        return False
-    operands = [operand for operand in (chain.scale, chain.zero_point) if operand is not None]
-    return all(operand.is_scalar or _transposable_operand(operand, len(shape)) for operand in operands)
-
-
-def _transposable_operand(operand: _ConstantInput, rank: int) -> bool:
-    """A per-block/per-channel scale or zero point: at most ``rank`` axes, whole bytes or 4-bit
-    items, used by this chain only (a scalar one is kept as it is and not checked)."""
-    constant = operand.constant
-    if len(constant.get_output_shape(0)) > rank or constant.get_output_element_type(0).bitwidth not in _ITEM_BITS:
-        return False
-    private_convert = operand.consumer.get_type_name() != "Convert" or _sole_consumer(operand.consumer)
-    return _sole_consumer(constant) and private_convert
-
-
-def _transpose_chain(chain: _WeightChain) -> None:
-    """Replace the chain's constants by their transposes, [K/G, G, N] -> [N, K/G, G] (or [K, N] ->
-    [N, K]), and make the MatMul read its weight as [N, K]. Shapes are re-inferred by the caller."""
-    ov = _ov()
-    shape = list(chain.weight.get_output_shape(0))
-    perm = (2, 0, 1) if len(shape) == 3 else (1, 0)
-    chain.convert.set_argument(0, _transposed_constant(chain.weight, perm).output(0))
-    for operand in (chain.scale, chain.zero_point):
-        if operand is not None and not operand.is_scalar:
-            operand.consumer.set_argument(operand.index, _transposed_constant(operand.constant, perm).output(0))
-    if chain.reshape is not None:
-        target = np.array([shape[2], shape[0] * shape[1]], dtype=np.int64)
-        chain.reshape.set_argument(1, ov.op.Constant(target).output(0))
-    chain.matmul.set_attribute("transpose_b", True)
-
-
-def _transposed_constant(constant: Any, perm: tuple[int, ...]) -> Any:
-    """A new Constant holding ``constant`` transposed by ``perm`` (its shape first padded with
-    leading 1s to ``len(perm)`` axes), same element type; 4-bit types are repacked exactly."""
-    ov = _ov()
-    element_type = constant.get_output_element_type(0)
-    shape = [1] * (len(perm) - len(constant.get_output_shape(0))) + list(constant.get_output_shape(0))
-    raw = np.ascontiguousarray(constant.get_tensor_view().data).view(np.uint8).reshape(-1)
-    result = ov.Tensor(element_type, [shape[axis] for axis in perm])
-    target = result.data.view(np.uint8).reshape(-1)
-    if element_type.bitwidth == 4:
-        target[:] = transpose_nibbles(raw, shape, perm)
-    else:
-        item = np.dtype(f"u{element_type.bitwidth // 8}")
-        target.view(item)[:] = raw.view(item).reshape(shape).transpose(perm).reshape(-1)
-    transposed = ov.op.Constant(result)
-    transposed.set_friendly_name(constant.get_friendly_name())
-    return transposed
-
-
-def transpose_nibbles(packed: np.ndarray, shape: list[int], perm: tuple[int, ...]) -> np.ndarray:
-    """Transpose 4-bit codes packed two per byte, low nibble first (OpenVINO's i4/u4 layout): the
-    bytes of ``packed`` (an array of ``shape``) -> the bytes of its transpose by ``perm``. An odd
-    element count leaves the last byte's high nibble 0."""
-    count = int(np.prod(shape))
-    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
-    if packed.size != (count + 1) // 2:
-        raise ValueError(f"{packed.size} bytes do not hold {count} 4-bit codes")
-    codes = np.empty(packed.size * 2, dtype=np.uint8)
-    codes[0::2] = packed & 0x0F
-    codes[1::2] = packed >> 4
-    moved = codes[:count].reshape(shape).transpose(perm).reshape(-1)
-    if count % 2:
-        moved = np.append(moved, np.uint8(0))
-    return moved[0::2] | (moved[1::2] << 4)
 
 
 def make_stateful(ov_model: Any) -> None:
