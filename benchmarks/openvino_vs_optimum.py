@@ -196,6 +196,7 @@ def worker_main(kind: str, path: str, threads: int, kv_cache: str | None) -> int
 class Worker:
     def __init__(self, label: str, kind: str, path: Path, threads: int, kv_cache: str | None, workdir: Path) -> None:
         self.label = label
+        self.first_ttft_s: float | None = None  # its first prefill after load (weight repacking included)
         self.stderr_path = workdir / f"worker-{label}.stderr.log"
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in close()
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, str(path), "--threads", str(threads)]
@@ -246,7 +247,6 @@ def measure(
 
     rng = np.random.default_rng(seed)
     cases: dict[str, Any] = {}
-    first_ttft: dict[str, float] = {}
     for length in lengths:
         runs: dict[str, list[dict[str, Any]]] = {w.label: [] for w in workers}
         prefills: dict[str, list[float]] = {w.label: [] for w in workers}
@@ -256,10 +256,11 @@ def measure(
             order = workers[i % len(workers) :] + workers[: i % len(workers)]  # rotate who goes first
             for w in order:
                 r = w.generate(prompt, tokens)
-                first_ttft.setdefault(w.label, r["ttft_s"])  # the first prefill after load
+                if w.first_ttft_s is None:
+                    w.first_ttft_s = r["ttft_s"]
                 timed = i >= warmup
                 tag = "warm-up" if not timed else ("run" if kind == "generate" else "prefill-only")
-                tpot = f", {r['tpot_s'] * 1e3:.1f} ms/token" if r["tpot_s"] else ""
+                tpot = f", {r['tpot_s'] * 1e3:.1f} ms/token" if r["tpot_s"] is not None else ""
                 log(f"  {length}+{tokens} {tag} {i + 1} {w.label}: TTFT {r['ttft_s'] * 1e3:.0f} ms{tpot}")
                 if timed:
                     prefills[w.label].append(r["ttft_s"])
@@ -270,7 +271,6 @@ def measure(
             label: {
                 "ttft_ms": 1e3 * statistics.median(prefills[label]),
                 "ttft_all_ms": [round(1e3 * t, 1) for t in prefills[label]],
-                "first_ttft_ms": 1e3 * first_ttft[label],
                 "prefill_tokens_per_s": length / statistics.median(prefills[label]),
                 "decode_tokens_per_s": 1.0 / statistics.median(r["tpot_s"] for r in rs) if rs else float("nan"),
                 "greedy_tokens_matching_first_engine": [
@@ -368,8 +368,7 @@ def summary(report: dict[str, Any]) -> str:
             for n in lengths:
                 s = block["speed"][n].get(label, {})
                 row += f" {s.get('prefill_tokens_per_s', nan):.1f} | {s.get('decode_tokens_per_s', nan):.2f} |"
-            firsts = [block["speed"][n][label]["first_ttft_ms"] for n in lengths if label in block["speed"][n]]
-            row += f" {firsts[0]:.0f} |" if firsts else " - |"
+            row += f" {info['first_ttft_ms']:.0f} |" if "first_ttft_ms" in info else " - |"
             lines.append(row)
         for n, r in block.get("ratios", {}).items():
             per = "; ".join(f"{label} prefill {x['prefill']:.2f}x (paired per round: median "
@@ -503,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
                 failed = True
             finally:
                 for w in workers:
+                    if w.first_ttft_s is not None:
+                        engines[w.label]["first_ttft_ms"] = 1e3 * w.first_ttft_s
                     w.close()
         ratios: dict[str, Any] = {}
         for n, per in speed.items():
