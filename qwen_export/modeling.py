@@ -93,7 +93,10 @@ class Attention(nn.Module):
         past_k: torch.Tensor,
         past_v: torch.Tensor,
         cache_position: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values (the KV cache) for every new token; with ``last_only`` the output
+        projection runs on the last token's attention output only."""
         spec = self.spec
         b, s = x.shape[0], x.shape[1]
         d, heads, kv_heads = spec.head_dim, spec.num_attention_heads, spec.num_key_value_heads
@@ -117,7 +120,10 @@ class Attention(nn.Module):
             present_v = past_v.scatter(2, idx, v)
             width = mask.shape[-1]
             out = self._attend_grouped(q, present_k[:, :, :width], present_v[:, :, :width], mask, x.dtype)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, heads * d)), present_k, present_v
+        out = out.transpose(1, 2).reshape(b, s, heads * d)
+        if last_only:
+            out = out[:, -1:]
+        return self.o_proj(out), present_k, present_v
 
     def _attend_repeated(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype
@@ -175,12 +181,20 @@ class DecoderLayer(nn.Module):
         past_k: torch.Tensor,
         past_v: torch.Tensor,
         cache_position: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pre-norm attention and MLP blocks with their residuals; every node of a layer is traced
-        inside this module's scope (``model.layers.{i}``), which :mod:`qwen_export.trace` relies on."""
+        inside this module's scope (``model.layers.{i}``), which :mod:`qwen_export.trace` relies on.
+
+        ``last_only`` (the last layer of a graph that returns the last position's logits only):
+        the layer still writes every new token's keys/values to the KV cache, but only the last
+        token goes through the output projection, the residuals and the MLP; the other tokens'
+        hidden states would feed nothing. Output [B, 1, H]."""
         h, present_k, present_v = self.self_attn(
-            self.input_layernorm(x), cos, sin, mask, past_k, past_v, cache_position
+            self.input_layernorm(x), cos, sin, mask, past_k, past_v, cache_position, last_only
         )
+        if last_only:
+            x = x[:, -1:]
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, present_k, present_v
@@ -200,9 +214,17 @@ class Backbone(nn.Module):
 class QwenForExport(nn.Module):
     """The traced module. Construct it under ``torch.device("meta")``."""
 
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype, logits: LogitsMode) -> None:
+    def __init__(
+        self, spec: ModelSpec, dtype: torch.dtype, logits: LogitsMode, prune_last_layer: bool = False
+    ) -> None:
+        """``prune_last_layer`` (``LogitsMode.LAST`` only): the last decoder layer computes its
+        output for the last token only (see ``DecoderLayer.forward``), which saves about 1/L of a
+        prefill's matmul work."""
         super().__init__()
+        if prune_last_layer and logits is not LogitsMode.LAST:
+            raise ValueError("prune_last_layer needs LogitsMode.LAST: every position's hidden state is needed")
         self.spec, self.dtype, self.logits_mode = spec, dtype, logits
+        self.prune_last_layer = prune_last_layer
         self.model = Backbone(spec, dtype)
         if not spec.tie_word_embeddings:
             self.lm_head = Linear(spec.hidden_size, spec.vocab_size, False, dtype)
@@ -229,11 +251,14 @@ class QwenForExport(nn.Module):
             q_pos = cache_position[:, None]
         masks = self._masks(attention_mask, q_pos)
         presents: list[torch.Tensor] = []
+        last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
             mask = masks[spec.layer_types[i]]
-            x, pk, pv = layer(x, cos, sin, mask, past_key_values[2 * i], past_key_values[2 * i + 1], cache_position)
+            pruned = self.prune_last_layer and i == last
+            past_k, past_v = past_key_values[2 * i], past_key_values[2 * i + 1]
+            x, pk, pv = layer(x, cos, sin, mask, past_k, past_v, cache_position, pruned)
             presents += [pk, pv]
-        if self.logits_mode is LogitsMode.LAST:
+        if self.logits_mode is LogitsMode.LAST and not self.prune_last_layer:
             x = x[:, -1:, :]
         x = self.model.norm(x)
         if spec.tie_word_embeddings:

@@ -51,6 +51,13 @@ class TraceOptions:
     replicate_layers: bool = True
     #: ``scatter``: fixed-capacity KV buffers written at ``cache_position`` (the TensorRT graph)
     cache: CacheIO = CacheIO.CONCAT
+    #: With ``LogitsMode.LAST``: the last layer runs its output projection and MLP on the last
+    #: token only (its keys/values still cover every token). False keeps the full last layer.
+    prune_last_layer: bool = True
+
+    @property
+    def pruned(self) -> bool:
+        return self.prune_last_layer and self.logits is LogitsMode.LAST
 
 
 def input_names(spec: ModelSpec, cache: CacheIO = CacheIO.CONCAT) -> list[str]:
@@ -77,10 +84,17 @@ def trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
         return model
     from .replicate import replicate_layers
 
-    kinds = list(dict.fromkeys(spec.layer_types))  # distinct layer types, in order of appearance
+    # one prototype layer per distinct layer type, in order of appearance; a pruned last layer is
+    # a prototype of its own, traced last
+    body = spec.layer_types[:-1] if options.pruned else spec.layer_types
+    kinds = list(dict.fromkeys(body))
+    which = [kinds.index(t) for t in body]
+    if options.pruned:
+        which.append(len(kinds))
+        kinds.append(spec.layer_types[-1])
     prototype = dataclasses.replace(spec, num_hidden_layers=len(kinds), layer_types=tuple(kinds))
     model = _trace(prototype, options)
-    replicate_layers(model, [kinds.index(t) for t in spec.layer_types], len(kinds))
+    replicate_layers(model, which, len(kinds))
     _name_dims(model, options.cache)
     return model
 
@@ -92,7 +106,7 @@ def _trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
 
     tdtype = torch.float16 if options.dtype is DType.FP16 else torch.float32
     with torch.device("meta"):
-        module = QwenForExport(spec, tdtype, options.logits).eval()
+        module = QwenForExport(spec, tdtype, options.logits, options.pruned).eval()
         b, s, p = _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST
         scatter = options.cache is CacheIO.SCATTER
         kv_len = _TRACE_CAPACITY if scatter else p

@@ -17,9 +17,11 @@ from qwen_export.spec import LayerType
 from qwen_export.trace import TraceOptions, bind_weights, input_names, output_names, trace
 
 
-def _build(checkpoint: Path, out: Path, replicate: bool) -> tuple[ort.InferenceSession, dict]:
+def _build(
+    checkpoint: Path, out: Path, replicate: bool, prune: bool = True
+) -> tuple[ort.InferenceSession, dict]:
     ckpt = Checkpoint.open(checkpoint)
-    model = trace(ckpt.spec, TraceOptions(replicate_layers=replicate))
+    model = trace(ckpt.spec, TraceOptions(replicate_layers=replicate, prune_last_layer=prune))
     bind_weights(model, ckpt.spec, ckpt)
     CleanupPass()(model)
     out.mkdir()
@@ -53,6 +55,35 @@ def test_replicated_layers_equal_a_full_trace(qwen2_sliding: Path, tmp_path: Pat
     feeds = _feeds(spec)
     for a, b, name in zip(fast.run(None, feeds), slow.run(None, feeds), output_names(spec), strict=True):
         np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.mark.parametrize("fixture", ["qwen2_sliding", "qwen2_tied"])
+def test_pruned_last_layer_gives_the_same_logits_and_cache(fixture: str, request, tmp_path: Path) -> None:
+    """LogitsMode.LAST: the last layer's o_proj/MLP run on the last token only (its [B, 1, H]
+    hidden state is static-shaped in the graph), the logits and every present are unchanged."""
+    checkpoint = request.getfixturevalue(fixture)
+    spec = Checkpoint.open(checkpoint).spec
+    pruned, pruned_ops = _build(checkpoint, tmp_path / "pruned", replicate=True)
+    full, full_ops = _build(checkpoint, tmp_path / "full", replicate=True, prune=False)
+    assert pruned_ops["MatMul"] == full_ops["MatMul"]
+    assert pruned_ops["Slice"] > full_ops["Slice"]  # o_proj input and residual, not the final x[:, -1:]
+    feeds = _feeds(spec)
+    for a, b, name in zip(pruned.run(None, feeds), full.run(None, feeds), output_names(spec), strict=True):
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+
+    model = trace(spec, TraceOptions())
+    last = spec.num_hidden_layers - 1
+    down = next(
+        n for n in model.graph
+        if n.op_type == "MatMul" and n.inputs[1].name == f"model.layers.{last}.mlp.down_proj.weight_t"
+    )
+    assert down.outputs[0].shape[1] == 1, down.outputs[0].shape
+    first = next(
+        n for n in model.graph
+        if n.op_type == "MatMul" and n.inputs[1].name == "model.layers.0.mlp.down_proj.weight_t"
+    )
+    assert first.outputs[0].shape[1] != 1, first.outputs[0].shape
 
 
 def test_wrong_shaped_tensor_is_named_when_written(qwen2_tied: Path, tmp_path: Path) -> None:
