@@ -75,6 +75,7 @@ QUANT_CASES = {
     "int4-sym": (QuantScheme(WeightFormat.INT4, symmetric=True), "i4"),
     "int4-asym": (QuantScheme(WeightFormat.INT4, symmetric=False), "u4"),
     "int8-sym": (QuantScheme(WeightFormat.INT8, symmetric=True), "i8"),
+    "int8-channel-asym": (QuantScheme(WeightFormat.INT8, block_size=0, symmetric=False), "u8"),
 }
 
 
@@ -103,6 +104,28 @@ def test_quantized_weights_stay_compressed_in_the_compiled_model(case: str, quan
     # 7 projections per layer (q, k, v, o, gate, up, down) are quantized; the untied lm_head too
     assert report.weight_precisions.get(expected, 0) >= 7 * n, report.weight_precisions
     assert report.stateful_attention == n
+
+
+@pytest.mark.parametrize("case", list(QUANT_CASES))
+def test_weights_decompress_in_f16_with_f16_scales(case: str, quantized) -> None:
+    """NNCF's form: Convert(codes -> f16) [- zp] * f16 scales -> Convert(f32); no f32 chain left."""
+    from qwen_export.runtimes.openvino import MODEL_XML, _decompression_chain
+
+    model = ov.Core().read_model(quantized(case, "openvino") / MODEL_XML)
+    halves = 0
+    for op in model.get_ordered_ops():
+        assert _decompression_chain(op) is None, op.get_friendly_name()
+        if op.get_type_name() != "Multiply":
+            continue
+        data, scale = (port.get_source_output().get_node() for port in op.inputs())
+        if data.get_type_name() == "Subtract":
+            data = data.input(0).get_source_output().get_node()
+        codes = data.input(0).get_source_output().get_node() if data.get_type_name() == "Convert" else None
+        if codes is not None and codes.get_type_name() == "Constant" and scale.get_type_name() == "Constant":
+            assert data.get_output_element_type(0).get_type_name() == "f16"
+            assert scale.get_output_element_type(0).get_type_name() == "f16"
+            halves += 1
+    assert halves >= 7 * _layers(quantized(case, "openvino")) + 1  # projections, embedding/lm_head
 
 
 @pytest.mark.parametrize("case", ["int4-sym", "int8-sym"])
