@@ -237,12 +237,14 @@ def measure(
     warmup: int,
     seed: int,
     prefill_repeats: int = 0,
+    gap_s: float = 0.0,
 ) -> dict:
     """Per prompt length: ``warmup`` + ``repeats`` generations of ``new_tokens`` per engine, then
     ``prefill_repeats`` prefill-only rounds (one new token); the engines take turns on the same
     prompt each round, the first engine rotating. TTFT is the median over every timed prefill
     (generation and prefill-only rounds); ``paired`` ratios divide two engines' TTFTs of the same
-    round (neighbours in time, so a slow spell of the shared machine hits both)."""
+    round (neighbours in time, so a slow spell of the shared machine hits both). ``gap_s``: idle
+    seconds before each call, so the previous engine's worker threads have gone to sleep."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -255,6 +257,7 @@ def measure(
             prompt = [int(t) for t in rng.integers(0, ovg.ORDINARY_TOKENS, length)]
             order = workers[i % len(workers) :] + workers[: i % len(workers)]  # rotate who goes first
             for w in order:
+                time.sleep(gap_s)
                 r = w.generate(prompt, tokens)
                 if w.first_ttft_s is None:
                     w.first_ttft_s = r["ttft_s"]
@@ -396,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--prefill-repeats", type=int, default=0, help="extra prefill-only rounds per prompt length")
+    p.add_argument(
+        "--gap-s", type=float, default=0.0, help="idle seconds before each engine call (worker threads settle)"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--kv-cache", default=None, help="KV_CACHE_PRECISION for ours-ov (default f32) and genai")
     p.add_argument("--seed", type=int, default=0)
@@ -495,7 +501,14 @@ def main(argv: list[str] | None = None) -> int:
                     engines[label]["load_s"] = w.ready["load_s"]
                     workers.append(w)
                 speed = measure(
-                    workers, lengths, args.new_tokens, args.repeats, args.warmup, args.seed, args.prefill_repeats
+                    workers,
+                    lengths,
+                    args.new_tokens,
+                    args.repeats,
+                    args.warmup,
+                    args.seed,
+                    args.prefill_repeats,
+                    args.gap_s,
                 )
             except RuntimeError as exc:
                 log(str(exc))

@@ -214,9 +214,7 @@ class Backbone(nn.Module):
 class QwenForExport(nn.Module):
     """The traced module. Construct it under ``torch.device("meta")``."""
 
-    def __init__(
-        self, spec: ModelSpec, dtype: torch.dtype, logits: LogitsMode, prune_last_layer: bool = False
-    ) -> None:
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, logits: LogitsMode, prune_last_layer: bool = False) -> None:
         """``prune_last_layer`` (``LogitsMode.LAST`` only): the last decoder layer computes its
         output for the last token only (see ``DecoderLayer.forward``), which saves about 1/L of a
         prefill's matmul work."""

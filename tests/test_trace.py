@@ -17,9 +17,7 @@ from qwen_export.spec import LayerType
 from qwen_export.trace import TraceOptions, bind_weights, input_names, output_names, trace
 
 
-def _build(
-    checkpoint: Path, out: Path, replicate: bool, prune: bool = True
-) -> tuple[ort.InferenceSession, dict]:
+def _build(checkpoint: Path, out: Path, replicate: bool, prune: bool = True) -> tuple[ort.InferenceSession, dict]:
     ckpt = Checkpoint.open(checkpoint)
     model = trace(ckpt.spec, TraceOptions(replicate_layers=replicate, prune_last_layer=prune))
     bind_weights(model, ckpt.spec, ckpt)
@@ -75,13 +73,13 @@ def test_pruned_last_layer_gives_the_same_logits_and_cache(fixture: str, request
     model = trace(spec, TraceOptions())
     last = spec.num_hidden_layers - 1
     down = next(
-        n for n in model.graph
+        n
+        for n in model.graph
         if n.op_type == "MatMul" and n.inputs[1].name == f"model.layers.{last}.mlp.down_proj.weight_t"
     )
     assert down.outputs[0].shape[1] == 1, down.outputs[0].shape
     first = next(
-        n for n in model.graph
-        if n.op_type == "MatMul" and n.inputs[1].name == "model.layers.0.mlp.down_proj.weight_t"
+        n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].name == "model.layers.0.mlp.down_proj.weight_t"
     )
     assert first.outputs[0].shape[1] != 1, first.outputs[0].shape
 
