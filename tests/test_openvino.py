@@ -55,6 +55,20 @@ def test_artifact_has_the_stateful_openvino_genai_signature(export) -> None:
     assert kinds.count("ScaledDotProductAttention") == n  # the converter already sees the attention
 
 
+@pytest.mark.parametrize("case", ["qwen2_tied", "qwen2_untied"])
+def test_logits_come_straight_from_the_lm_head_matmul(case: str, export) -> None:
+    """openvino-genai finds the lm_head as the MatMul feeding the logits Result and, on its default
+    paged-attention backend, gathers the sampled tokens in front of it; with any other node there
+    (the tied lm_head's Reshapes) it computes every prompt token's full-vocabulary logits."""
+    out = export(case, target="openvino")
+    model = ov.Core().read_model(str(out / "openvino_model.xml"))
+    lm_head = model.output("logits").get_node().input_value(0).get_node()
+    vocab = ModelSpec.from_dict(load_manifest(out).spec).vocab_size
+    assert lm_head.get_type_name() == "MatMul"
+    assert lm_head.get_input_partial_shape(0).rank.get_length() == 3  # [batch, tokens, hidden]
+    assert lm_head.get_output_partial_shape(0)[2].get_length() == vocab
+
+
 @pytest.mark.parametrize("case", ["qwen2_tied", "qwen3", "qwen2_sliding", "qwen2_yarn_bf16_sharded"])
 def test_compiled_model_uses_fused_attention_with_its_internal_kv_cache(case: str, export) -> None:
     """The CPU plugin's runtime model: every attention is one SDPA node reading the KV cache from
