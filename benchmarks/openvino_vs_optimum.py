@@ -29,6 +29,8 @@ One run on one checkpoint, CPU, ``--threads`` (2) threads per engine:
 
    * ``ours-ov``: our OpenVINOEngine (``open_artifact``), greedy loop in Python; KV cache f32 (ours'
      default) unless ``--kv-cache``;
+   * ``ours-paged``: the same artifact on our engine with ``attention=paged`` (PagedAttention over
+     the engine's block cache, the model openvino-genai runs), same loop and KV-cache precision;
    * ``ours-ort``: our OnnxRuntimeEngine on the ONNX Runtime artifact of the same weights;
    * ``genai-ours`` and ``genai-optimum``: ``openvino_genai.LLMPipeline(IR, "CPU",
      INFERENCE_NUM_THREADS=T)`` with its defaults (u8 KV cache on x86), ``min_new_tokens =
@@ -118,13 +120,17 @@ def ir_bytes(path: Path) -> int:
 
 # ----------------------------------------------------------------------------- workers
 class _EngineSession:
-    def __init__(self, path: str, threads: int, kv_cache: str | None) -> None:
+    def __init__(self, path: str, threads: int, kv_cache: str | None, attention: str | None = None) -> None:
         from qwen_export.llm import runtime_options
         from qwen_export.loader import open_artifact
 
         manifest = json.loads((Path(path) / "manifest.json").read_text())
         ov_opts = manifest["target"] == "openvino"
-        options = runtime_options(threads, kv_cache=kv_cache or "f32") if ov_opts else runtime_options(threads)
+        options = (
+            runtime_options(threads, kv_cache=kv_cache or "f32", attention=attention)
+            if ov_opts
+            else runtime_options(threads)
+        )
         self.engine = open_artifact(path, options).engine
 
     def generate(self, prompt: list[int], new_tokens: int) -> dict[str, Any]:
@@ -179,7 +185,10 @@ def worker_main(kind: str, path: str, threads: int, kv_cache: str | None) -> int
     os.dup2(2, 1)
     t0 = time.perf_counter()
     try:
-        session: Any = (_EngineSession if kind == "engine" else _GenaiSession)(path, threads, kv_cache)
+        if kind == "genai":
+            session: Any = _GenaiSession(path, threads, kv_cache)
+        else:
+            session = _EngineSession(path, threads, kv_cache, "paged" if kind == "engine-paged" else None)
     except Exception as exc:
         proto.write(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}) + "\n")
         return 1
@@ -470,7 +479,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if not (anchor / "openvino_model.xml").is_file():
             log(f"anchor {anchor} is missing: make it with optimum-cli (benchmarks/README.md); measuring ours only")
-        paths = {f"ours-ov{at}": ours_ov, f"ours-ort{at}": ours_ort, f"genai-ours{at}": ours_ov}
+        paths = {
+            f"ours-ov{at}": ours_ov,
+            f"ours-paged{at}": ours_ov,
+            f"ours-ort{at}": ours_ort,
+            f"genai-ours{at}": ours_ov,
+        }
         if args.baseline:
             paths["ours-ov"] = workdir / f"ov-{weights}"
         if (anchor / "openvino_model.xml").is_file():
@@ -497,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for label, path in paths.items():
                     kind = "genai" if label.startswith("genai") else "engine"
+                    kind = "engine-paged" if label.startswith("ours-paged") else kind
                     w = Worker(label, kind, path, args.threads, args.kv_cache, workdir)
                     engines[label]["load_s"] = w.ready["load_s"]
                     workers.append(w)

@@ -530,6 +530,14 @@ KVCache = Annotated[
         "own default, u8 on x86, as openvino-genai runs)."
     ),
 ]
+AttentionOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="OpenVINO artifacts: stateful (default: the IR as saved, SDPA with the cache in OpenVINO's state) | "
+        "paged (rewritten at load to PagedAttention over a block cache, as openvino-genai runs it; faster "
+        "prompts; not for sliding-window models)."
+    ),
+]
 CacheDir = Annotated[
     Path | None, typer.Option(help="OpenVINO artifacts: model cache directory (CACHE_DIR); later loads are fast.")
 ]
@@ -546,11 +554,16 @@ EngineOpt = Annotated[
 
 
 def _runtime(
-    threads: int, precision: str | None, kv_cache: str | None, cache_dir: Path | None, engine: str | None = None
+    threads: int,
+    precision: str | None,
+    kv_cache: str | None,
+    cache_dir: Path | None,
+    engine: str | None = None,
+    attention: str | None = None,
 ) -> Any:
     from .llm import runtime_options
 
-    return runtime_options(threads, precision, kv_cache, cache_dir, engine=engine)
+    return runtime_options(threads, precision, kv_cache, cache_dir, engine=engine, attention=attention)
 
 
 @app.command()
@@ -575,12 +588,13 @@ def generate(
     threads: Threads = 0,
     precision: Precision = None,
     kv_cache: KVCache = None,
+    attention: AttentionOpt = None,
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
 ) -> None:
     """Generate a completion for PROMPT, streamed to the terminal."""
 
-    llm = _load_llm(artifact, threads, precision, kv_cache, cache_dir, engine)
+    llm = _load_llm(artifact, threads, precision, kv_cache, cache_dir, engine, attention)
     sampling = _sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
     response_format = _response_format(json_schema, json_mode)
     if raw:
@@ -606,11 +620,12 @@ def _load_llm(
     kv_cache: str | None,
     cache_dir: Path | None,
     engine: str | None = None,
+    attention: str | None = None,
 ) -> Any:
     from .llm import LLM
     from .loader import open_artifact
 
-    return LLM(open_artifact(artifact, _runtime(threads, precision, kv_cache, cache_dir, engine)))
+    return LLM(open_artifact(artifact, _runtime(threads, precision, kv_cache, cache_dir, engine, attention)))
 
 
 def _given(options: dict[str, Any]) -> dict[str, Any]:
@@ -664,6 +679,7 @@ def chat(
     threads: Threads = 0,
     precision: Precision = None,
     kv_cache: KVCache = None,
+    attention: AttentionOpt = None,
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
 ) -> None:
@@ -675,7 +691,7 @@ def chat(
     tool_specs = _read_json(tools, "tools") if tools is not None else None
     if tool_specs is not None and not isinstance(tool_specs, list):
         raise OptionError(f"{tools}: expected a JSON list of tool specs")
-    llm = _load_llm(artifact, threads, precision, kv_cache, cache_dir, engine)
+    llm = _load_llm(artifact, threads, precision, kv_cache, cache_dir, engine, attention)
     sampling = _given(
         _sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, None)
     )
@@ -744,6 +760,7 @@ def check(
     threads: Threads = 0,
     precision: Precision = None,
     kv_cache: KVCache = None,
+    attention: AttentionOpt = None,
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
 ) -> None:
@@ -753,7 +770,7 @@ def check(
 
     if max_tokens < 2 or greedy_tokens < 1:
         raise OptionError("--max-tokens must be >= 2 and --greedy-tokens >= 1")
-    loaded = open_artifact(artifact, _runtime(threads, precision, kv_cache, cache_dir, engine))
+    loaded = open_artifact(artifact, _runtime(threads, precision, kv_cache, cache_dir, engine, attention))
     if text is not None:
         if not text.is_file():
             raise OptionError(f"{text}: text file not found")
@@ -936,6 +953,7 @@ def bench(
     threads: Threads = 0,
     precision: Precision = None,
     kv_cache: KVCache = None,
+    attention: AttentionOpt = None,
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -977,7 +995,7 @@ def bench(
             status.update(f"loading {label}")
             rss0 = bench_mod.current_rss_mb()
             t0 = time.perf_counter()
-            loaded = open_artifact(path, _runtime(threads, precision, kv_cache, cache_dir, engine))
+            loaded = open_artifact(path, _runtime(threads, precision, kv_cache, cache_dir, engine, attention))
             load_s = time.perf_counter() - t0
             manifest = loaded.manifest
             kv = bench_mod.kv_bytes_per_token(manifest.spec, manifest.dtype)

@@ -221,7 +221,8 @@ def load(path: str | Path, engine: str | None = None, device: str | None = None,
     without a GPU). ``device``: ``"cpu"`` (ONNX Runtime, OpenVINO) or ``"cuda"`` / ``"cuda:N"``
     (TensorRT; default device 0). ``options``: ``threads`` (engine threads, 0 = default); for
     OpenVINO artifacts ``precision`` (f32 | bf16 | f16), ``kv_cache`` (f32 | f16 | bf16 | u8 |
-    auto) and ``cache_dir`` (OpenVINO's model cache: the second load is fast); for TensorRT
+    auto), ``cache_dir`` (OpenVINO's model cache: the second load is fast) and ``attention``
+    (stateful | paged: PagedAttention over a block cache, as openvino-genai runs); for TensorRT
     ``cuda_graphs`` (replay decode steps as CUDA graphs).
     """
     valid = ["threads", *OPENVINO_LOAD_OPTIONS, *TENSORRT_LOAD_OPTIONS]
@@ -231,7 +232,7 @@ def load(path: str | Path, engine: str | None = None, device: str | None = None,
     return LLM(open_artifact(path, runtime_options(engine=engine, device=device, **options)))
 
 
-OPENVINO_LOAD_OPTIONS = ("precision", "kv_cache", "cache_dir")
+OPENVINO_LOAD_OPTIONS = ("precision", "kv_cache", "cache_dir", "attention")
 TENSORRT_LOAD_OPTIONS = ("cuda_graphs",)
 
 
@@ -241,6 +242,7 @@ def runtime_options(
     kv_cache: str | None = None,
     cache_dir: str | Path | None = None,
     *,
+    attention: str | None = None,
     engine: str | None = None,
     device: str | None = None,
     cuda_graphs: bool | None = None,
@@ -249,14 +251,15 @@ def runtime_options(
     checked against their enums here and refused by :func:`open_artifact` for other targets."""
     chosen = Target.parse(engine, "engine") if engine is not None else None
     ov = None
-    if precision is not None or kv_cache is not None or cache_dir is not None:
-        from .runtimes.openvino import KVCachePrecision, OpenVINOOptions, Precision
+    if precision is not None or kv_cache is not None or cache_dir is not None or attention is not None:
+        from .runtimes.openvino import Attention, KVCachePrecision, OpenVINOOptions, Precision
 
         ov = OpenVINOOptions(
             threads=threads,
             precision=Precision.parse(precision or "f32", "precision"),
             kv_cache=KVCachePrecision.parse(kv_cache or "f32", "kv_cache"),
             cache_dir=Path(cache_dir) if cache_dir is not None else None,
+            attention=Attention.parse(attention or "stateful", "attention"),
         )
     trt = None
     cuda = device is not None and (device == "cuda" or device.startswith("cuda:"))

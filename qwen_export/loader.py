@@ -76,7 +76,7 @@ def open_artifact(path: str | Path, options: RuntimeOptions | None = None, verif
     target = Target.parse(manifest.target, "target in manifest.json")
     if options.openvino is not None and target is not Target.OPENVINO:
         raise OptionError(
-            f"{root} is a {target.value} artifact; the OpenVINO options (precision, KV-cache precision, "
+            f"{root} is a {target.value} artifact; the OpenVINO options (precision, KV-cache precision, attention, "
             "cache dir) apply to --target openvino artifacts only"
         )
     engine_target = _engine_for(root, target, options)
@@ -96,11 +96,16 @@ def open_artifact(path: str | Path, options: RuntimeOptions | None = None, verif
                 "engine='onnxruntime'))"
             ) from None
     elif engine_target is Target.OPENVINO:
-        from .runtimes.openvino import OpenVINOEngine
+        from .runtimes.openvino import Attention, OpenVINOEngine
         from .runtimes.openvino import OpenVINOOptions as _OVOptions
 
         ov_options = options.openvino or _OVOptions(threads=options.threads)
-        engine = OpenVINOEngine(root, manifest, ov_options)
+        if ov_options.attention is Attention.PAGED:
+            from .runtimes.openvino_paged import PagedOpenVINOEngine
+
+            engine = PagedOpenVINOEngine(root, manifest, ov_options)
+        else:
+            engine = OpenVINOEngine(root, manifest, ov_options)
     else:  # pragma: no cover - every Target member is handled above
         raise ArtifactError(f"{root}: no engine for target {target.value}")
     tokenizer = Tokenizer.from_dir(root)

@@ -30,6 +30,7 @@ ov = pytest.importorskip("openvino", reason="openvino is not installed: pip inst
 from qwen_export.runtimes.openvino import OpenVINOOptions, Precision  # noqa: E402
 
 CANONICAL_INPUTS = {"input_ids", "attention_mask", "position_ids", "beam_idx"}
+TOL = 1e-4  # fp32 logits, two kernels (the parity suite's tolerance)
 
 
 def _layers(artifact: Path) -> int:
@@ -166,6 +167,62 @@ def test_quantized_accuracy_matches_onnxruntime_of_the_same_weights(case: str, q
     assert ours.top1_agreement >= theirs.top1_agreement - 0.05
 
 
+def _paged(path: Path, **options) -> object:
+    from qwen_export.runtimes.openvino import Attention
+
+    return open_artifact(path, RuntimeOptions(openvino=OpenVINOOptions(attention=Attention.PAGED, **options))).engine
+
+
+def test_paged_engine_runs_paged_attention_on_compressed_weights(quantized) -> None:
+    """attention=paged: every attention is one PagedAttention node over the engine's block cache
+    (no SDPA left), the weights stay compressed, and u8 caches get the plugin's block layout."""
+    from qwen_export.runtimes.openvino import KVCachePrecision
+
+    out = quantized("int4-sym", "openvino")
+    n = _layers(out)
+    engine = _paged(out, kv_cache=KVCachePrecision.U8)
+    report = engine.runtime_report()
+    assert report.paged_attention == n, report.layer_types
+    assert report.stateful_attention == report.decomposed_attention == 0
+    assert report.weight_precisions.get("i4", 0) >= 7 * n, report.weight_precisions
+    caches = {p.get_any_name(): p for p in engine.compiled.inputs if "_cache." in p.get_any_name()}
+    assert len(caches) == 2 * n and {_short(p.get_element_type()) for p in caches.values()} == {"u8"}
+    assert engine.block_size == 32
+
+
+def _short(element_type) -> str:
+    return str(element_type.get_type_name())
+
+
+def test_paged_engine_grows_its_block_pool_and_truncates_like_the_stateful_one(export) -> None:
+    """Two rows (one left-padded) of 100 tokens fill the first pool of 8 blocks; 60 more tokens
+    each make it grow, keeping what is cached; then decode steps and a truncated turn. The logits
+    equal the stateful engine's at every step (fp32 parity tolerance: the kernels sum differently)."""
+    path = export("qwen2_tied", target="openvino")
+    stateful, paged = open_artifact(path).engine, _paged(path)
+    rng = np.random.default_rng(11)
+    prompt, mask = rng.integers(0, 151643, (2, 100)), np.ones((2, 100), np.int64)
+    mask[1, :30] = 0
+    np.testing.assert_allclose(paged.forward(prompt, mask), stateful.forward(prompt, mask), atol=TOL, rtol=0)
+    assert paged.allocated_blocks == 8
+    more = rng.integers(0, 151643, (2, 60))
+    np.testing.assert_allclose(paged.forward(more), stateful.forward(more), atol=TOL, rtol=0)
+    assert paged.allocated_blocks > 8 and paged.num_cached_tokens == 160
+    token = np.array([[7], [8]])
+    for _ in range(3):
+        expected = stateful.forward(token)
+        np.testing.assert_allclose(paged.forward(token), expected, atol=TOL, rtol=0)
+        token = expected[:, -1].argmax(-1)[:, None]
+    for engine in (stateful, paged):
+        engine.truncate(120)
+    again = rng.integers(0, 151643, (2, 40))
+    np.testing.assert_allclose(paged.forward(again), stateful.forward(again), atol=TOL, rtol=0)
+    paged.reset()
+    assert paged.num_cached_tokens == 0 and paged.allocated_blocks > 8  # the pool is kept for reuse
+    fresh = open_artifact(path).engine.forward(prompt[:1])
+    np.testing.assert_allclose(paged.forward(prompt[:1]), fresh, atol=TOL, rtol=0)
+
+
 def test_reset_state_starts_a_new_conversation(export) -> None:
     engine = open_artifact(export("qwen2_tied", target="openvino")).engine
     prompt = np.random.default_rng(7).integers(0, 151643, (1, 12))
@@ -266,3 +323,14 @@ def test_cli_exports_openvino_and_refuses_no_fuse(qwen2_tied: Path, tmp_path: Pa
     info = json.loads(result.output)
     assert info["manifest"]["target"] == "openvino"
     assert info["ops"]["ReadValue"] == info["ops"]["Assign"] == 2 * _layers(tmp_path / "ov")
+
+
+def test_cli_runs_paged_attention_and_names_the_valid_choices(export) -> None:
+    path = str(export("qwen2_tied", target="openvino"))
+    args = ["generate", path, "def f(x):", "--raw", "--max-new-tokens", "4", "--temperature", "0"]
+    stateful = runner.invoke(app, args)
+    paged = runner.invoke(app, [*args, "--attention", "paged"])
+    assert stateful.exit_code == paged.exit_code == 0, paged.output
+    assert paged.stdout == stateful.stdout  # the same greedy completion
+    bad = runner.invoke(app, [*args, "--attention", "flash"])
+    assert bad.exit_code != 0 and "unknown attention 'flash'; valid values: stateful, paged" in bad.output

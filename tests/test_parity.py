@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+from qwen_export.errors import OptionError
 from qwen_export.loader import LoadedArtifact, RuntimeOptions, open_artifact
 from qwen_export.runtimes.base import position_ids_from_mask
 from qwen_export.spec import Target
@@ -24,6 +25,14 @@ ENGINES = [
     "onnxruntime",
     pytest.param(
         "openvino",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("openvino") is None,
+            reason="openvino is not installed: pip install 'qwen-export[openvino]'",
+        ),
+    ),
+    # the same OpenVINO artifact run as PagedAttention over the engine's block cache
+    pytest.param(
+        "openvino-paged",
         marks=pytest.mark.skipif(
             importlib.util.find_spec("openvino") is None,
             reason="openvino is not installed: pip install 'qwen-export[openvino]'",
@@ -42,8 +51,20 @@ def target(request: pytest.FixtureRequest) -> str:
 
 def _open(path: Path, target: str) -> LoadedArtifact:
     """Load an artifact on the engine that verifies it here (TensorRT's graph: ONNX Runtime CPU)."""
+    if target == PAGED:
+        from qwen_export.runtimes.openvino import Attention, OpenVINOOptions
+
+        return open_artifact(path, RuntimeOptions(openvino=OpenVINOOptions(attention=Attention.PAGED)))
     engine = Target.ONNXRUNTIME if target == "tensorrt" else None
     return open_artifact(path, RuntimeOptions(engine=engine))
+
+
+PAGED = "openvino-paged"
+
+
+def _exported(target: str) -> str:
+    """The export target of an engine label (the paged engine runs the openvino artifact)."""
+    return "openvino" if target == PAGED else target
 
 
 ARCH_CASES = ["qwen2_tied", "qwen2_untied", "qwen2_yarn_bf16_sharded", "qwen3", "qwen2_sliding"]
@@ -79,7 +100,11 @@ def test_prefill_and_32_decode_steps_match_transformers(
     case: str, request: pytest.FixtureRequest, export, target: str
 ) -> None:
     checkpoint = request.getfixturevalue(case)
-    engine = _open(export(case, target=target), target).engine
+    if target == PAGED and case == "qwen2_sliding":
+        with pytest.raises(OptionError, match="sliding-window layers; use attention=stateful"):
+            _open(export(case, target=_exported(target)), target)
+        return
+    engine = _open(export(case, target=_exported(target)), target).engine
     prompt = _prompt(100 if "yarn" in case else 20)  # YaRN: past original_max_position_embeddings=64
     expected = _ref_steps(_reference(checkpoint), prompt, 32)
     logits = engine.forward(prompt[None])[0, -1]
@@ -93,7 +118,7 @@ def test_prefill_and_32_decode_steps_match_transformers(
 
 
 def test_batch_of_two_with_left_padding(qwen2_untied: Path, export, target: str) -> None:
-    engine = _open(export("qwen2_untied", target=target), target).engine
+    engine = _open(export("qwen2_untied", target=_exported(target)), target).engine
     model = _reference(qwen2_untied)
     long, short = _prompt(12, 1), _prompt(7, 2)
     ids = np.zeros((2, 12), np.int64)
@@ -123,7 +148,7 @@ def test_batch_of_two_with_left_padding(qwen2_untied: Path, export, target: str)
 
 
 def test_full_logits_artifact_matches_every_position(qwen2_tied: Path, export, target: str) -> None:
-    loaded = _open(export("qwen2_tied", logits="all", target=target), target)
+    loaded = _open(export("qwen2_tied", logits="all", target=_exported(target)), target)
     assert loaded.engine.capabilities.full_logits
     prompt = _prompt(16, 3)
     got = loaded.engine.forward(prompt[None])[0]
@@ -140,7 +165,7 @@ def test_fp16_export_within_documented_tolerance(
     """fp16 artifact vs the fp32 reference: its error must stay within 2x (+0.01) of the error of
     transformers itself run in fp16 on the same path, and the greedy choice must agree."""
     checkpoint = request.getfixturevalue(case)
-    loaded = _open(export(case, dtype="fp16", target=target), target)
+    loaded = _open(export(case, dtype="fp16", target=_exported(target)), target)
     assert loaded.manifest.dtype == "fp16"
     prompt = _prompt(20, 4)
     reference = _reference(checkpoint)
@@ -175,7 +200,7 @@ def _ref_steps_following(
 
 
 def test_truncate_then_refeed_equals_fresh_run(qwen2_tied: Path, export, target: str) -> None:
-    engine = _open(export("qwen2_tied", target=target), target).engine
+    engine = _open(export("qwen2_tied", target=_exported(target)), target).engine
     prompt = _prompt(10, 5)
     first = engine.forward(prompt[None])[0, -1]
     engine.forward(np.array([[1, 2, 3]], np.int64))

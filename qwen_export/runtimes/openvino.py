@@ -86,6 +86,19 @@ class KVCachePrecision(_ChoiceEnum):
     U8 = "u8"
 
 
+class Attention(_ChoiceEnum):
+    """How the engine runs attention and holds the KV cache.
+
+    STATEFUL runs the artifact as saved: OpenVINO's SDPA with the cache in the request's state.
+    PAGED rewrites it at load with OpenVINO's SDPAToPagedAttention (the model openvino-genai runs
+    on CPU by default): PagedAttention over a block KV cache the engine allocates and hands in;
+    the prompt's keys and values are written straight into the blocks. Paged refuses sliding-window
+    layers (the rewrite drops the graph's window masks)."""
+
+    STATEFUL = "stateful"
+    PAGED = "paged"
+
+
 class PerformanceHint(str, enum.Enum):
     LATENCY = "LATENCY"
     THROUGHPUT = "THROUGHPUT"
@@ -102,6 +115,7 @@ class OpenVINOOptions:
     kv_cache: KVCachePrecision = KVCachePrecision.F32
     cache_dir: Path | None = None
     device: str = "CPU"
+    attention: Attention = Attention.STATEFUL
 
     def properties(self) -> dict[str, Any]:
         props: dict[str, Any] = {
@@ -389,6 +403,7 @@ class RuntimeReport:
     layer_types: dict[str, int]
     stateful_attention: int  # SDPA nodes reading the KV cache from state and writing it back
     decomposed_attention: int  # SDPA nodes fed by a Concat of the cache (no internal KV cache)
+    paged_attention: int  # PagedAttention nodes (attention=paged: the cache is the engine's blocks)
     weight_precisions: dict[str, int]  # FullyConnected weight element types (i4, u4, i8, u8, f32...)
 
     def to_dict(self) -> dict[str, Any]:
@@ -400,7 +415,7 @@ def runtime_report(compiled: Any) -> RuntimeReport:
     element type of each FullyConnected's weights (compressed weights stay i4/u4/i8/u8)."""
     runtime = compiled.get_runtime_model()
     types: Counter[str] = Counter()
-    stateful = decomposed = 0
+    stateful = decomposed = paged = 0
     weights: Counter[str] = Counter()
     for op in runtime.get_ops():
         kind = _layer_type(op)
@@ -415,9 +430,11 @@ def runtime_report(compiled: Any) -> RuntimeReport:
                 stateful += 1
             else:
                 decomposed += 1
+        elif kind == "PagedAttention":
+            paged += 1
         elif kind == "FullyConnected" and len(op.inputs()) > 1:
             weights[_short_type(op.inputs()[1].get_element_type())] += 1
-    return RuntimeReport(dict(types), stateful, decomposed, dict(weights))
+    return RuntimeReport(dict(types), stateful, decomposed, paged, dict(weights))
 
 
 def _layer_type(op: Any) -> str:
