@@ -25,7 +25,9 @@ The tokenizer is converted with ``openvino_tokenizers.convert_tokenizer`` (when 
 
 Runtime (:class:`OpenVINOEngine`): one compiled model and one infer request; the KV cache is the
 request's state. ``reset()`` calls ``reset_state()``; ``truncate`` trims the state tensors (chat
-turns reuse the common prefix). ``openvino`` is imported lazily here and nowhere else.
+turns reuse the common prefix). ``attention=paged`` selects :mod:`.openvino_paged` instead (the
+same artifact as PagedAttention over a block cache). ``openvino`` is imported lazily, here and in
+:mod:`.openvino_paged`.
 """
 
 from __future__ import annotations
