@@ -27,10 +27,11 @@ One run on one checkpoint, CPU, ``--threads`` (2) threads per engine:
 3. speed: every engine in its own worker process, generations interleaved (A, B, C, A, B, C, ...)
    on the same random prompts, ``--warmup`` + ``--repeats`` rounds per prompt length:
 
-   * ``ours-ov``: our OpenVINOEngine (``open_artifact``), greedy loop in Python; KV cache f32 (ours'
-     default) unless ``--kv-cache``;
+   * ``ours-ov``: our OpenVINOEngine (``open_artifact``) with ``attention=stateful`` (the IR as
+     saved), greedy loop in Python; KV cache f32 (ours' default) unless ``--kv-cache``;
    * ``ours-paged``: the same artifact on our engine with ``attention=paged`` (PagedAttention over
-     the engine's block cache, the model openvino-genai runs), same loop and KV-cache precision;
+     the engine's block cache, the model openvino-genai runs; the engine's default since
+     2026-11-29 for models without sliding-window layers), same loop and KV-cache precision;
    * ``ours-ort``: our OnnxRuntimeEngine on the ONNX Runtime artifact of the same weights;
    * ``genai-ours`` and ``genai-optimum``: ``openvino_genai.LLMPipeline(IR, "CPU",
      INFERENCE_NUM_THREADS=T)`` with its defaults (u8 KV cache on x86), ``min_new_tokens =
@@ -188,7 +189,7 @@ def worker_main(kind: str, path: str, threads: int, kv_cache: str | None) -> int
         if kind == "genai":
             session: Any = _GenaiSession(path, threads, kv_cache)
         else:
-            session = _EngineSession(path, threads, kv_cache, "paged" if kind == "engine-paged" else None)
+            session = _EngineSession(path, threads, kv_cache, "paged" if kind == "engine-paged" else "stateful")
     except Exception as exc:
         proto.write(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}) + "\n")
         return 1

@@ -373,7 +373,10 @@ def _kv_cache_line(kv: Any) -> str | None:
     if layout == "concat":
         return f"KV cache: up to {total}, grown as tokens arrive (past and present concatenated)"
     if layout == "stateful":
-        return f"KV cache: up to {total} at fp32 (less with --kv-cache f16/u8), held in OpenVINO's state"
+        return (
+            f"KV cache: up to {total} at fp32 (less with --kv-cache f16/u8), in blocks the engine grows "
+            "(--attention paged, the default) or in OpenVINO's state (stateful)"
+        )
     if layout == "fixed":
         return f"KV cache: {total}, fixed-capacity buffers updated in place (TensorScatter; past and present aliased)"
     return f"KV cache: {total} (layout {layout})"
@@ -533,9 +536,9 @@ KVCache = Annotated[
 AttentionOpt = Annotated[
     str | None,
     typer.Option(
-        help="OpenVINO artifacts: stateful (default: the IR as saved, SDPA with the cache in OpenVINO's state) | "
-        "paged (rewritten at load to PagedAttention over a block cache, as openvino-genai runs it; faster "
-        "prompts; not for sliding-window models)."
+        help="OpenVINO artifacts: auto (default: paged, or stateful for a sliding-window model) | paged "
+        "(rewritten at load to PagedAttention over a block cache, as openvino-genai runs it; faster) | stateful "
+        "(the IR as saved: SDPA with the cache in OpenVINO's state)."
     ),
 ]
 CacheDir = Annotated[

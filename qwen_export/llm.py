@@ -222,7 +222,8 @@ def load(path: str | Path, engine: str | None = None, device: str | None = None,
     (TensorRT; default device 0). ``options``: ``threads`` (engine threads, 0 = default); for
     OpenVINO artifacts ``precision`` (f32 | bf16 | f16), ``kv_cache`` (f32 | f16 | bf16 | u8 |
     auto), ``cache_dir`` (OpenVINO's model cache: the second load is fast) and ``attention``
-    (stateful | paged: PagedAttention over a block cache, as openvino-genai runs); for TensorRT
+    (auto | paged | stateful; auto, the default, is paged, PagedAttention over a block cache as
+    openvino-genai runs, unless the model has sliding-window layers); for TensorRT
     ``cuda_graphs`` (replay decode steps as CUDA graphs).
     """
     valid = ["threads", *OPENVINO_LOAD_OPTIONS, *TENSORRT_LOAD_OPTIONS]
@@ -259,7 +260,7 @@ def runtime_options(
             precision=Precision.parse(precision or "f32", "precision"),
             kv_cache=KVCachePrecision.parse(kv_cache or "f32", "kv_cache"),
             cache_dir=Path(cache_dir) if cache_dir is not None else None,
-            attention=Attention.parse(attention or "stateful", "attention"),
+            attention=Attention.parse(attention or "auto", "attention"),
         )
     trt = None
     cuda = device is not None and (device == "cuda" or device.startswith("cuda:"))

@@ -15,7 +15,7 @@ from .artifact import Manifest, load_manifest
 from .errors import ArtifactError, EngineUnavailableError, OptionError
 from .generation import GenerationConfig
 from .runtimes.base import Engine
-from .spec import Target
+from .spec import ModelSpec, Target
 
 if TYPE_CHECKING:
     from .runtimes.openvino import OpenVINOOptions
@@ -100,7 +100,7 @@ def open_artifact(path: str | Path, options: RuntimeOptions | None = None, verif
         from .runtimes.openvino import OpenVINOOptions as _OVOptions
 
         ov_options = options.openvino or _OVOptions(threads=options.threads)
-        if ov_options.attention is Attention.PAGED:
+        if ov_options.attention.resolve(ModelSpec.from_dict(manifest.spec)) is Attention.PAGED:
             from .runtimes.openvino_paged import PagedOpenVINOEngine
 
             engine = PagedOpenVINOEngine(root, manifest, ov_options)

@@ -27,10 +27,14 @@ from qwen_export.quant.scheme import QuantScheme, WeightFormat
 from qwen_export.spec import DType, ModelSpec, Target
 
 ov = pytest.importorskip("openvino", reason="openvino is not installed: pip install 'qwen-export[openvino]'")
-from qwen_export.runtimes.openvino import OpenVINOOptions, Precision  # noqa: E402
+from qwen_export.runtimes.openvino import Attention, OpenVINOOptions, Precision  # noqa: E402
 
 CANONICAL_INPUTS = {"input_ids", "attention_mask", "position_ids", "beam_idx"}
 TOL = 1e-4  # fp32 logits, two kernels (the parity suite's tolerance)
+
+
+def _engine(path: Path, attention: Attention, **options):
+    return open_artifact(path, RuntimeOptions(openvino=OpenVINOOptions(attention=attention, **options))).engine
 
 
 def _layers(artifact: Path) -> int:
@@ -76,7 +80,7 @@ def test_compiled_model_uses_fused_attention_with_its_internal_kv_cache(case: st
     the state and writing it back (no Concat of the cache, no MatMul/Softmax fallback), RMSNorm
     and RoPE fused."""
     out = export(case, target="openvino")
-    report = open_artifact(out).engine.runtime_report()
+    report = _engine(out, Attention.STATEFUL).runtime_report()
     n = _layers(out)
     assert report.stateful_attention == n, report
     assert report.decomposed_attention == 0
@@ -112,13 +116,16 @@ def quantized(request: pytest.FixtureRequest, module_scratch: ModuleScratch):
 
 @pytest.mark.parametrize("case", list(QUANT_CASES))
 def test_quantized_weights_stay_compressed_in_the_compiled_model(case: str, quantized) -> None:
+    """Under the default attention (paged for this model) and under stateful."""
     out = quantized(case, "openvino")
-    report = open_artifact(out).engine.runtime_report()
     n = _layers(out)
     expected = QUANT_CASES[case][1]
+    default, stateful = open_artifact(out).engine.runtime_report(), _engine(out, Attention.STATEFUL).runtime_report()
     # 7 projections per layer (q, k, v, o, gate, up, down) are quantized; the untied lm_head too
-    assert report.weight_precisions.get(expected, 0) >= 7 * n, report.weight_precisions
-    assert report.stateful_attention == n
+    for report in (default, stateful):
+        assert report.weight_precisions.get(expected, 0) >= 7 * n, report.weight_precisions
+    assert default.paged_attention == n and default.stateful_attention == 0
+    assert stateful.stateful_attention == n and stateful.paged_attention == 0
 
 
 @pytest.mark.parametrize("case", list(QUANT_CASES))
@@ -167,12 +174,6 @@ def test_quantized_accuracy_matches_onnxruntime_of_the_same_weights(case: str, q
     assert ours.top1_agreement >= theirs.top1_agreement - 0.05
 
 
-def _paged(path: Path, **options) -> object:
-    from qwen_export.runtimes.openvino import Attention
-
-    return open_artifact(path, RuntimeOptions(openvino=OpenVINOOptions(attention=Attention.PAGED, **options))).engine
-
-
 def test_paged_engine_runs_paged_attention_on_compressed_weights(quantized) -> None:
     """attention=paged: every attention is one PagedAttention node over the engine's block cache
     (no SDPA left), the weights stay compressed, and u8 caches get the plugin's block layout."""
@@ -180,7 +181,7 @@ def test_paged_engine_runs_paged_attention_on_compressed_weights(quantized) -> N
 
     out = quantized("int4-sym", "openvino")
     n = _layers(out)
-    engine = _paged(out, kv_cache=KVCachePrecision.U8)
+    engine = _engine(out, Attention.PAGED, kv_cache=KVCachePrecision.U8)
     report = engine.runtime_report()
     assert report.paged_attention == n, report.layer_types
     assert report.stateful_attention == report.decomposed_attention == 0
@@ -199,7 +200,7 @@ def test_paged_engine_grows_its_block_pool_and_truncates_like_the_stateful_one(e
     each make it grow, keeping what is cached; then decode steps and a truncated turn. The logits
     equal the stateful engine's at every step (fp32 parity tolerance: the kernels sum differently)."""
     path = export("qwen2_tied", target="openvino")
-    stateful, paged = open_artifact(path).engine, _paged(path)
+    stateful, paged = _engine(path, Attention.STATEFUL), _engine(path, Attention.PAGED)
     rng = np.random.default_rng(11)
     prompt, mask = rng.integers(0, 151643, (2, 100)), np.ones((2, 100), np.int64)
     mask[1, :30] = 0
@@ -219,7 +220,7 @@ def test_paged_engine_grows_its_block_pool_and_truncates_like_the_stateful_one(e
     np.testing.assert_allclose(paged.forward(again), stateful.forward(again), atol=TOL, rtol=0)
     paged.reset()
     assert paged.num_cached_tokens == 0 and paged.allocated_blocks > 8  # the pool is kept for reuse
-    fresh = open_artifact(path).engine.forward(prompt[:1])
+    fresh = _engine(path, Attention.STATEFUL).forward(prompt[:1])
     np.testing.assert_allclose(paged.forward(prompt[:1]), fresh, atol=TOL, rtol=0)
 
 
@@ -325,12 +326,23 @@ def test_cli_exports_openvino_and_refuses_no_fuse(qwen2_tied: Path, tmp_path: Pa
     assert info["ops"]["ReadValue"] == info["ops"]["Assign"] == 2 * _layers(tmp_path / "ov")
 
 
+def test_default_attention_is_paged_except_for_sliding_window_models(export) -> None:
+    from qwen_export.runtimes.openvino import OpenVINOEngine
+    from qwen_export.runtimes.openvino_paged import PagedOpenVINOEngine
+
+    assert isinstance(open_artifact(export("qwen2_tied", target="openvino")).engine, PagedOpenVINOEngine)
+    sliding = export("qwen2_sliding", target="openvino")
+    assert isinstance(open_artifact(sliding).engine, OpenVINOEngine)
+    with pytest.raises(OptionError, match="sliding-window layers; use attention=stateful"):
+        _engine(sliding, Attention.PAGED)
+
+
 def test_cli_runs_paged_attention_and_names_the_valid_choices(export) -> None:
     path = str(export("qwen2_tied", target="openvino"))
     args = ["generate", path, "def f(x):", "--raw", "--max-new-tokens", "4", "--temperature", "0"]
-    stateful = runner.invoke(app, args)
+    stateful = runner.invoke(app, [*args, "--attention", "stateful"])
     paged = runner.invoke(app, [*args, "--attention", "paged"])
     assert stateful.exit_code == paged.exit_code == 0, paged.output
     assert paged.stdout == stateful.stdout  # the same greedy completion
     bad = runner.invoke(app, [*args, "--attention", "flash"])
-    assert bad.exit_code != 0 and "unknown attention 'flash'; valid values: stateful, paged" in bad.output
+    assert bad.exit_code != 0 and "unknown attention 'flash'; valid values: auto, stateful, paged" in bad.output

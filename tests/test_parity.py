@@ -13,7 +13,6 @@ import pytest
 import torch
 import transformers
 
-from qwen_export.errors import OptionError
 from qwen_export.loader import LoadedArtifact, RuntimeOptions, open_artifact
 from qwen_export.runtimes.base import position_ids_from_mask
 from qwen_export.spec import Target
@@ -30,9 +29,10 @@ ENGINES = [
             reason="openvino is not installed: pip install 'qwen-export[openvino]'",
         ),
     ),
-    # the same OpenVINO artifact run as PagedAttention over the engine's block cache
+    # the same OpenVINO artifact run as saved (the default runs it as PagedAttention over the
+    # engine's block cache, except for sliding-window models)
     pytest.param(
-        "openvino-paged",
+        "openvino-stateful",
         marks=pytest.mark.skipif(
             importlib.util.find_spec("openvino") is None,
             reason="openvino is not installed: pip install 'qwen-export[openvino]'",
@@ -51,20 +51,20 @@ def target(request: pytest.FixtureRequest) -> str:
 
 def _open(path: Path, target: str) -> LoadedArtifact:
     """Load an artifact on the engine that verifies it here (TensorRT's graph: ONNX Runtime CPU)."""
-    if target == PAGED:
+    if target == STATEFUL:
         from qwen_export.runtimes.openvino import Attention, OpenVINOOptions
 
-        return open_artifact(path, RuntimeOptions(openvino=OpenVINOOptions(attention=Attention.PAGED)))
+        return open_artifact(path, RuntimeOptions(openvino=OpenVINOOptions(attention=Attention.STATEFUL)))
     engine = Target.ONNXRUNTIME if target == "tensorrt" else None
     return open_artifact(path, RuntimeOptions(engine=engine))
 
 
-PAGED = "openvino-paged"
+STATEFUL = "openvino-stateful"
 
 
 def _exported(target: str) -> str:
-    """The export target of an engine label (the paged engine runs the openvino artifact)."""
-    return "openvino" if target == PAGED else target
+    """The export target of an engine label (openvino-stateful runs the openvino artifact)."""
+    return "openvino" if target == STATEFUL else target
 
 
 ARCH_CASES = ["qwen2_tied", "qwen2_untied", "qwen2_yarn_bf16_sharded", "qwen3", "qwen2_sliding"]
@@ -100,10 +100,6 @@ def test_prefill_and_32_decode_steps_match_transformers(
     case: str, request: pytest.FixtureRequest, export, target: str
 ) -> None:
     checkpoint = request.getfixturevalue(case)
-    if target == PAGED and case == "qwen2_sliding":
-        with pytest.raises(OptionError, match="sliding-window layers; use attention=stateful"):
-            _open(export(case, target=_exported(target)), target)
-        return
     engine = _open(export(case, target=_exported(target)), target).engine
     prompt = _prompt(100 if "yarn" in case else 20)  # YaRN: past original_max_position_embeddings=64
     expected = _ref_steps(_reference(checkpoint), prompt, 32)

@@ -25,9 +25,9 @@ The tokenizer is converted with ``openvino_tokenizers.convert_tokenizer`` (when 
 
 Runtime (:class:`OpenVINOEngine`): one compiled model and one infer request; the KV cache is the
 request's state. ``reset()`` calls ``reset_state()``; ``truncate`` trims the state tensors (chat
-turns reuse the common prefix). ``attention=paged`` selects :mod:`.openvino_paged` instead (the
-same artifact as PagedAttention over a block cache). ``openvino`` is imported lazily, here and in
-:mod:`.openvino_paged`.
+turns reuse the common prefix). This is ``attention=stateful``; the default runs the same artifact
+as PagedAttention over a block cache (:mod:`.openvino_paged`) unless the model has sliding-window
+layers. ``openvino`` is imported lazily, here and in :mod:`.openvino_paged`.
 """
 
 from __future__ import annotations
@@ -93,12 +93,20 @@ class Attention(_ChoiceEnum):
 
     STATEFUL runs the artifact as saved: OpenVINO's SDPA with the cache in the request's state.
     PAGED rewrites it at load with OpenVINO's SDPAToPagedAttention (the model openvino-genai runs
-    on CPU by default): PagedAttention over a block KV cache the engine allocates and hands in;
-    the prompt's keys and values are written straight into the blocks. Paged refuses sliding-window
-    layers (the rewrite drops the graph's window masks)."""
+    on CPU by default): PagedAttention over a block KV cache the engine allocates and hands in.
+    Measured faster on prompts and decode alike (benchmarks/README.md); it refuses sliding-window
+    layers (the rewrite drops the graph's window masks). AUTO (the default): PAGED, or STATEFUL
+    for a model with sliding-window layers."""
 
+    AUTO = "auto"
     STATEFUL = "stateful"
     PAGED = "paged"
+
+    def resolve(self, spec: ModelSpec) -> Attention:
+        """The attention an engine for ``spec`` runs: AUTO decided, the others as they are."""
+        if self is not Attention.AUTO:
+            return self
+        return Attention.STATEFUL if spec.has_sliding_layers else Attention.PAGED
 
 
 class PerformanceHint(str, enum.Enum):
@@ -117,7 +125,7 @@ class OpenVINOOptions:
     kv_cache: KVCachePrecision = KVCachePrecision.F32
     cache_dir: Path | None = None
     device: str = "CPU"
-    attention: Attention = Attention.STATEFUL
+    attention: Attention = Attention.AUTO
 
     def properties(self) -> dict[str, Any]:
         props: dict[str, Any] = {
