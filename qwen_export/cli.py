@@ -537,8 +537,8 @@ AttentionOpt = Annotated[
     str | None,
     typer.Option(
         help="OpenVINO artifacts: auto (default: paged, or stateful for a sliding-window model) | paged "
-        "(rewritten at load to PagedAttention over a block cache, as openvino-genai runs it; faster) | stateful "
-        "(the IR as saved: SDPA with the cache in OpenVINO's state)."
+        "(rewritten at load to PagedAttention over a block cache, as openvino-genai runs it; at least as fast) "
+        "| stateful (the IR as saved: SDPA with the cache in OpenVINO's state)."
     ),
 ]
 CacheDir = Annotated[

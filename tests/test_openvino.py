@@ -27,7 +27,7 @@ from qwen_export.quant.scheme import QuantScheme, WeightFormat
 from qwen_export.spec import DType, ModelSpec, Target
 
 ov = pytest.importorskip("openvino", reason="openvino is not installed: pip install 'qwen-export[openvino]'")
-from qwen_export.runtimes.openvino import Attention, OpenVINOOptions, Precision  # noqa: E402
+from qwen_export.runtimes.openvino import Attention, OpenVINOOptions, Precision, _short_type  # noqa: E402
 
 CANONICAL_INPUTS = {"input_ids", "attention_mask", "position_ids", "beam_idx"}
 TOL = 1e-4  # fp32 logits, two kernels (the parity suite's tolerance)
@@ -187,12 +187,8 @@ def test_paged_engine_runs_paged_attention_on_compressed_weights(quantized) -> N
     assert report.stateful_attention == report.decomposed_attention == 0
     assert report.weight_precisions.get("i4", 0) >= 7 * n, report.weight_precisions
     caches = {p.get_any_name(): p for p in engine.compiled.inputs if "_cache." in p.get_any_name()}
-    assert len(caches) == 2 * n and {_short(p.get_element_type()) for p in caches.values()} == {"u8"}
+    assert len(caches) == 2 * n and {_short_type(p.get_element_type()) for p in caches.values()} == {"u8"}
     assert engine.block_size == 32
-
-
-def _short(element_type) -> str:
-    return str(element_type.get_type_name())
 
 
 def test_paged_engine_grows_its_block_pool_and_truncates_like_the_stateful_one(export) -> None:

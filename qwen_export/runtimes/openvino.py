@@ -94,7 +94,7 @@ class Attention(_ChoiceEnum):
     STATEFUL runs the artifact as saved: OpenVINO's SDPA with the cache in the request's state.
     PAGED rewrites it at load with OpenVINO's SDPAToPagedAttention (the model openvino-genai runs
     on CPU by default): PagedAttention over a block KV cache the engine allocates and hands in.
-    Measured faster on prompts and decode alike (benchmarks/README.md); it refuses sliding-window
+    Measured at least as fast (faster on a 0.5B, level on the 1.5B; benchmarks/README.md); it refuses sliding-window
     layers (the rewrite drops the graph's window masks). AUTO (the default): PAGED, or STATEFUL
     for a model with sliding-window layers."""
 
@@ -425,7 +425,7 @@ def runtime_report(compiled: Any) -> RuntimeReport:
     element type of each FullyConnected's weights (compressed weights stay i4/u4/i8/u8)."""
     runtime = compiled.get_runtime_model()
     types: Counter[str] = Counter()
-    stateful = decomposed = paged = 0
+    stateful = decomposed = 0
     weights: Counter[str] = Counter()
     for op in runtime.get_ops():
         kind = _layer_type(op)
@@ -440,11 +440,9 @@ def runtime_report(compiled: Any) -> RuntimeReport:
                 stateful += 1
             else:
                 decomposed += 1
-        elif kind == "PagedAttention":
-            paged += 1
         elif kind == "FullyConnected" and len(op.inputs()) > 1:
             weights[_short_type(op.inputs()[1].get_element_type())] += 1
-    return RuntimeReport(dict(types), stateful, decomposed, paged, dict(weights))
+    return RuntimeReport(dict(types), stateful, decomposed, types["PagedAttention"], dict(weights))
 
 
 def _layer_type(op: Any) -> str:
@@ -477,14 +475,7 @@ class OpenVINOEngine:
             raise ArtifactError(f"{path}: OpenVINO could not compile it: {_first_line(exc)}") from None
         self.load_seconds = time.perf_counter() - started
         self.request = self.compiled.create_infer_request()
-        self.capabilities = EngineCapabilities(
-            name="openvino",
-            max_context=int(manifest.extra.get("max_length", self.spec.max_position_embeddings)),
-            max_batch=0,
-            devices=(self.options.device.lower(),),
-            full_logits=manifest.logits == "all",
-            vocab_size=self.spec.vocab_size,
-        )
+        self.capabilities = capabilities(manifest, self.spec, self.options)
         self.reset()
 
     @property
@@ -532,6 +523,18 @@ class OpenVINOEngine:
 
     def runtime_report(self) -> RuntimeReport:
         return runtime_report(self.compiled)
+
+
+def capabilities(manifest: Manifest, spec: ModelSpec, options: OpenVINOOptions) -> EngineCapabilities:
+    """What an OpenVINO engine (stateful or paged) over this artifact offers."""
+    return EngineCapabilities(
+        name="openvino",
+        max_context=int(manifest.extra.get("max_length", spec.max_position_embeddings)),
+        max_batch=0,
+        devices=(options.device.lower(),),
+        full_logits=manifest.logits == "all",
+        vocab_size=spec.vocab_size,
+    )
 
 
 def _check_precision(core: Any, options: OpenVINOOptions) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 from ..artifact import Manifest
 from ..errors import ArtifactError, OptionError
 from ..spec import ModelSpec
-from .base import EngineCapabilities, Truncation, plan_truncate, prepare_step
+from .base import Truncation, plan_truncate, prepare_step
 from .openvino import (
     MODEL_XML,
     OpenVINOOptions,
@@ -42,6 +42,7 @@ from .openvino import (
     _check_precision,
     _first_line,
     _ov,
+    capabilities,
     runtime_report,
     unflatten_lm_head,
 )
@@ -117,14 +118,7 @@ class PagedOpenVINOEngine:
         self.request = self.compiled.create_infer_request()
         self._layouts = _cache_layouts(self.compiled)
         self.block_size = _block_size(self._layouts)
-        self.capabilities = EngineCapabilities(
-            name="openvino",
-            max_context=int(manifest.extra.get("max_length", self.spec.max_position_embeddings)),
-            max_batch=0,
-            devices=(options.device.lower(),),
-            full_logits=manifest.logits == "all",
-            vocab_size=self.spec.vocab_size,
-        )
+        self.capabilities = capabilities(manifest, self.spec, options)
         self._capacity = 0  # blocks allocated per cache tensor
         self._free: list[int] = []
         self.reset()
