@@ -100,7 +100,7 @@ def open_artifact(path: str | Path, options: RuntimeOptions | None = None, verif
         from .runtimes.openvino import OpenVINOOptions as _OVOptions
 
         ov_options = options.openvino or _OVOptions(threads=options.threads)
-        if ov_options.attention.resolve(ModelSpec.from_dict(manifest.spec)) is Attention.PAGED:
+        if ov_options.attention.resolve(ModelSpec.from_dict(manifest.spec), ov_options.precision) is Attention.PAGED:
             from .runtimes.openvino_paged import PagedOpenVINOEngine
 
             engine = PagedOpenVINOEngine(root, manifest, ov_options)

@@ -7,19 +7,51 @@ read-only and copy one (``shutil.copytree``) before modifying it.
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import noise
 import pytest
 
 from qwen_export.tiny import make_checkpoint
 
+#: the CPU features that change which kernels the engines pick (and so their rounding)
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
 # The CLI prints with rich, which wraps at 80 columns when stdout is not a terminal (CliRunner):
 # a long temporary path then splits the phrases the CLI tests look for. Tests read one line each.
 os.environ.setdefault("COLUMNS", "240")
+
+
+def cpu_description() -> str:
+    """``<model name>; flags: avx2 avx512f ...`` (the kernel-relevant ones) from /proc/cpuinfo."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    present = [flag for flag in KERNEL_FLAGS if flag in flags]
+    return f"{model}; {os.cpu_count()} cores; flags: {' '.join(present) or 'none of ' + ' '.join(KERNEL_FLAGS)}"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"cpu: {cpu_description()}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    terminalreporter.write_line(f"cpu: {cpu_description()}")
+    terminalreporter.write_line(noise.summary())
 
 
 @pytest.fixture(scope="session")

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference
 import torch
-import transformers
+from noise import Noise, check_logits
 
 from qwen_export.loader import LoadedArtifact, RuntimeOptions, open_artifact
 from qwen_export.runtimes.base import position_ids_from_mask
 from qwen_export.spec import Target
-
-FP32_TOL = 1e-4
 
 #: every engine runs every parity test; a missing one is a visible skip
 ENGINES = [
@@ -70,53 +69,28 @@ def _exported(target: str) -> str:
 ARCH_CASES = ["qwen2_tied", "qwen2_untied", "qwen2_yarn_bf16_sharded", "qwen3", "qwen2_sliding"]
 
 
-def _reference(checkpoint: Path) -> transformers.PreTrainedModel:
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(checkpoint), dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-
-
-def _prompt(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 151643, n, dtype=np.int64)
-
-
-def _ref_steps(model: transformers.PreTrainedModel, prompt: np.ndarray, steps: int) -> list[np.ndarray]:
-    """Reference logits: prefill (last position) then ``steps`` greedy decode steps with its KV cache."""
-    out = []
-    with torch.no_grad():
-        res = model(torch.tensor(prompt[None]), use_cache=True)
-        logits, cache = res.logits[0, -1], res.past_key_values
-        out.append(logits.numpy())
-        for _ in range(steps):
-            token = torch.argmax(logits).view(1, 1)
-            res = model(token, past_key_values=cache, use_cache=True)
-            logits, cache = res.logits[0, -1], res.past_key_values
-            out.append(logits.numpy())
-    return out
-
-
 @pytest.mark.parametrize("case", ARCH_CASES)
 def test_prefill_and_32_decode_steps_match_transformers(
     case: str, request: pytest.FixtureRequest, export, target: str
 ) -> None:
     checkpoint = request.getfixturevalue(case)
     engine = _open(export(case, target=_exported(target)), target).engine
-    prompt = _prompt(100 if "yarn" in case else 20)  # YaRN: past original_max_position_embeddings=64
-    expected = _ref_steps(_reference(checkpoint), prompt, 32)
+    prompt = reference.prompt(100 if "yarn" in case else 20)  # YaRN: past original_max_position_embeddings=64
+    expected = reference.greedy_steps(checkpoint, prompt, 32)
     logits = engine.forward(prompt[None])[0, -1]
-    np.testing.assert_allclose(logits, expected[0], atol=FP32_TOL, rtol=0, err_msg="prefill")
+    check_logits(logits, expected[0], Noise.CROSS, "prefill")
     for step, ref in enumerate(expected[1:]):
         token = int(np.argmax(logits))
         assert token == int(np.argmax(expected[step])), f"greedy token differs at step {step}"
         logits = engine.forward(np.array([[token]], np.int64))[0, -1]
-        np.testing.assert_allclose(logits, ref, atol=FP32_TOL, rtol=0, err_msg=f"decode step {step}")
+        check_logits(logits, ref, Noise.CROSS, f"decode step {step}")
     assert engine.num_cached_tokens == len(prompt) + 32
 
 
 def test_batch_of_two_with_left_padding(qwen2_untied: Path, export, target: str) -> None:
     engine = _open(export("qwen2_untied", target=_exported(target)), target).engine
-    model = _reference(qwen2_untied)
-    long, short = _prompt(12, 1), _prompt(7, 2)
+    model = reference.model(qwen2_untied)
+    long, short = reference.prompt(12, 1), reference.prompt(7, 2)
     ids = np.zeros((2, 12), np.int64)
     mask = np.zeros((2, 12), np.int64)
     ids[0], mask[0] = long, 1
@@ -132,11 +106,11 @@ def test_batch_of_two_with_left_padding(qwen2_untied: Path, export, target: str)
                 .logits[:, -1]
                 .numpy()
             )
-            np.testing.assert_allclose(got, ref, atol=FP32_TOL, rtol=0, err_msg=f"step {step}")
+            check_logits(got, ref, Noise.CROSS, f"step {step}")
             # each row alone (no padding) must give the same logits as in the batch
             if step == 0:
                 alone = model(torch.tensor(short[None])).logits[0, -1].numpy()
-                np.testing.assert_allclose(got[1], alone, atol=FP32_TOL, rtol=0)
+                check_logits(got[1], alone, Noise.CROSS)
             nxt = np.argmax(got, axis=-1).astype(np.int64)[:, None]
             ids = np.concatenate([ids, nxt], axis=1)
             full_mask = np.concatenate([full_mask, np.ones((2, 1), np.int64)], axis=1)
@@ -146,12 +120,12 @@ def test_batch_of_two_with_left_padding(qwen2_untied: Path, export, target: str)
 def test_full_logits_artifact_matches_every_position(qwen2_tied: Path, export, target: str) -> None:
     loaded = _open(export("qwen2_tied", logits="all", target=_exported(target)), target)
     assert loaded.engine.capabilities.full_logits
-    prompt = _prompt(16, 3)
+    prompt = reference.prompt(16, 3)
     got = loaded.engine.forward(prompt[None])[0]
     with torch.no_grad():
-        ref = _reference(qwen2_tied)(torch.tensor(prompt[None])).logits[0].numpy()
+        ref = reference.model(qwen2_tied)(torch.tensor(prompt[None])).logits[0].numpy()
     assert got.shape == ref.shape
-    np.testing.assert_allclose(got, ref, atol=FP32_TOL, rtol=0)
+    check_logits(got, ref, Noise.CROSS)
 
 
 @pytest.mark.parametrize("case", ["qwen2_tied", "qwen3"])
@@ -163,10 +137,10 @@ def test_fp16_export_within_documented_tolerance(
     checkpoint = request.getfixturevalue(case)
     loaded = _open(export(case, dtype="fp16", target=_exported(target)), target)
     assert loaded.manifest.dtype == "fp16"
-    prompt = _prompt(20, 4)
-    reference = _reference(checkpoint)
-    expected = _ref_steps(reference, prompt, 8)
-    expected16 = _ref_steps_following(reference.half(), prompt, [int(np.argmax(e)) for e in expected[:-1]])
+    prompt = reference.prompt(20, 4)
+    expected = reference.greedy_steps(checkpoint, prompt, 8)
+    path = [int(np.argmax(e)) for e in expected[:-1]]
+    expected16 = reference.steps_following(checkpoint, torch.float16, prompt, path)
     logits = loaded.engine.forward(prompt[None])[0, -1]
     assert logits.dtype == np.float32
     ours, theirs = [np.abs(logits - expected[0]).max()], [np.abs(expected16[0] - expected[0]).max()]
@@ -179,28 +153,16 @@ def test_fp16_export_within_documented_tolerance(
     assert max(ours) <= 2 * max(theirs) + 0.01, f"ours {ours} vs transformers fp16 {theirs}"
 
 
-def _ref_steps_following(
-    model: transformers.PreTrainedModel, prompt: np.ndarray, tokens: list[int]
-) -> list[np.ndarray]:
-    """Reference logits (as float32) along a given token path."""
-    out = []
-    with torch.no_grad():
-        res = model(torch.tensor(prompt[None]), use_cache=True)
-        out.append(res.logits[0, -1].float().numpy())
-        cache = res.past_key_values
-        for token in tokens:
-            res = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-            out.append(res.logits[0, -1].float().numpy())
-            cache = res.past_key_values
-    return out
-
-
 def test_truncate_then_refeed_equals_fresh_run(qwen2_tied: Path, export, target: str) -> None:
+    """Ten tokens in one run vs six kept after a truncate plus four re-fed: the same tokens,
+    positions and weights, split into chunks of another length, so the only difference allowed is
+    the kernels' summation order (``Noise.REORDERED``: 1e-5 of the logits' magnitude; OpenVINO on an
+    AMX Xeon measured 1.8e-6 of it). A stale or misplaced KV entry moves them by tenths of it."""
     engine = _open(export("qwen2_tied", target=_exported(target)), target).engine
-    prompt = _prompt(10, 5)
+    prompt = reference.prompt(10, 5)
     first = engine.forward(prompt[None])[0, -1]
     engine.forward(np.array([[1, 2, 3]], np.int64))
     engine.truncate(6)
     assert engine.num_cached_tokens == 6
     again = engine.forward(prompt[None, 6:])[0, -1]
-    np.testing.assert_allclose(again, first, atol=1e-5, rtol=0)
+    check_logits(again, first, Noise.REORDERED, "re-fed after truncate vs one run")

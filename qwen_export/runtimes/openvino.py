@@ -77,9 +77,10 @@ class Precision(_ChoiceEnum):
 
 
 class KVCachePrecision(_ChoiceEnum):
-    """OpenVINO's KV_CACHE_PRECISION. F32 (our default) keeps the cache exact; AUTO leaves
-    OpenVINO's default, u8 on x86 CPUs, which openvino-genai runs with: faster on long contexts
-    but measured here at 0.43 max logit error on a tiny random model after 8 steps (f16: 0.019)."""
+    """OpenVINO's KV_CACHE_PRECISION. F32 (our default) keeps the cache exact with f32 compute (with
+    bf16 or f16 compute it is held in that precision: :attr:`OpenVINOOptions.effective_kv_cache`);
+    AUTO leaves OpenVINO's default, u8 on x86 CPUs, which openvino-genai runs with: faster on long
+    contexts but measured here at 0.43 max logit error on a tiny random model after 8 steps (f16: 0.019)."""
 
     AUTO = "auto"
     F32 = "f32"
@@ -102,11 +103,18 @@ class Attention(_ChoiceEnum):
     STATEFUL = "stateful"
     PAGED = "paged"
 
-    def resolve(self, spec: ModelSpec) -> Attention:
-        """The attention an engine for ``spec`` runs: AUTO decided, the others as they are."""
+    def resolve(self, spec: ModelSpec, precision: Precision = Precision.F32) -> Attention:
+        """The attention an engine for ``spec`` at ``precision`` runs: AUTO decided, the others as
+        they are. f16 compute runs STATEFUL: OpenVINO 2026.4's PagedAttention with f16 compute gave
+        wrong logits here (max error 26 on a tiny model whose stateful f16 error is 0.045)."""
+        if self is Attention.PAGED and precision is Precision.F16:
+            raise OptionError(
+                "paged attention with f16 compute gives wrong logits in this OpenVINO; "
+                "use attention=stateful (--attention stateful) or precision bf16/f32"
+            )
         if self is not Attention.AUTO:
             return self
-        return Attention.STATEFUL if spec.has_sliding_layers else Attention.PAGED
+        return Attention.STATEFUL if spec.has_sliding_layers or precision is Precision.F16 else Attention.PAGED
 
 
 class PerformanceHint(str, enum.Enum):
@@ -127,6 +135,15 @@ class OpenVINOOptions:
     device: str = "CPU"
     attention: Attention = Attention.AUTO
 
+    @property
+    def effective_kv_cache(self) -> KVCachePrecision:
+        """The KV cache precision compiled. An f32 cache needs f32 compute: with ``precision`` bf16
+        or f16 an ``F32`` cache is held in that precision (what OpenVINO's CPU plugin does with the
+        stateful SDPA's cache anyway; its PagedAttention refuses an f32 cache with bf16 compute)."""
+        if self.kv_cache is KVCachePrecision.F32 and self.precision is not Precision.F32:
+            return KVCachePrecision(self.precision.value)
+        return self.kv_cache
+
     def properties(self) -> dict[str, Any]:
         props: dict[str, Any] = {
             "PERFORMANCE_HINT": self.hint.value,
@@ -134,8 +151,8 @@ class OpenVINOOptions:
         }
         if self.threads:
             props["INFERENCE_NUM_THREADS"] = self.threads
-        if self.kv_cache is not KVCachePrecision.AUTO:
-            props["KV_CACHE_PRECISION"] = self.kv_cache.value
+        if self.effective_kv_cache is not KVCachePrecision.AUTO:
+            props["KV_CACHE_PRECISION"] = self.effective_kv_cache.value
         if self.cache_dir is not None:
             props["CACHE_DIR"] = os.fspath(self.cache_dir)
         return props

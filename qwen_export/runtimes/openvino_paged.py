@@ -36,6 +36,7 @@ from ..spec import ModelSpec
 from .base import Truncation, plan_truncate, prepare_step
 from .openvino import (
     MODEL_XML,
+    Attention,
     OpenVINOOptions,
     Precision,
     RuntimeReport,
@@ -100,6 +101,7 @@ class PagedOpenVINOEngine:
             raise OptionError(
                 "paged attention does not apply this model's sliding-window layers; use attention=stateful"
             )
+        Attention.PAGED.resolve(self.spec, options.precision)  # refuses f16 compute
         path = Path(artifact_dir) / MODEL_XML
         if not path.is_file():
             raise ArtifactError(f"{path}: missing; re-export the artifact with --target openvino")
@@ -222,6 +224,8 @@ class PagedOpenVINOEngine:
         capacity = max(at_least, 2 * self._capacity, 8)
         for name, (element_type, block_shape) in self._layouts.items():
             tensor = ov.Tensor(element_type, [capacity, *block_shape])
+            # zeroed: PagedAttention reads whole blocks, and uninitialised f16 bits can be NaN
+            np.asarray(tensor.data).fill(0)
             if self._capacity:
                 old = self.request.get_tensor(name)
                 old.copy_to(ov.Tensor(tensor, [0] * (1 + len(block_shape)), [self._capacity, *block_shape]))
