@@ -231,7 +231,7 @@ def config_mismatch(ckpt: Path, other: Path) -> str | None:
 
 def gguf_arch_mismatch(ckpt: Path, gguf: Path) -> str | None:
     try:
-        from qwen_export.gguf_import import gguf_config, open_gguf  # our reader: the header, no weights read
+        from qwen_export.export.gguf_import import gguf_config, open_gguf  # our reader: the header, no weights read
 
         cfg = gguf_config(open_gguf(gguf), gguf)
     except Exception as exc:  # a record, not a reason to refuse: llama.cpp reads it or says why

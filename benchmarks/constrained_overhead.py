@@ -94,7 +94,7 @@ DOCUMENT = {
 
 def default_tokenizer_json() -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from qwen_export.tiny import default_tokenizer_dir
+    from qwen_export.export.tiny import default_tokenizer_dir
 
     root = default_tokenizer_dir()
     if root is None:

@@ -4,7 +4,7 @@ Steps, in this order, in one process:
 
 1. build (once) a random-weight bf16 checkpoint with the exact Qwen2.5-0.5B shape
    (24 layers, hidden 896, 14 heads, 2 KV heads, intermediate 4864, vocab 151936, tied embeddings,
-   rope_theta 1e6, 32768 positions) plus the Qwen tokenizer files, via ``qwen_export.tiny``;
+   rope_theta 1e6, 32768 positions) plus the Qwen tokenizer files, via ``qwen_export.export.tiny``;
 2. run ``qwen-export export CKPT -o OUT --overwrite`` (fp32) as the only child process and measure
    its wall time and peak RSS (``getrusage(RUSAGE_CHILDREN).ru_maxrss`` taken in a tiny launcher
    process, since a direct child inherits this process's post-build high-water RSS; cross-checked
@@ -74,7 +74,7 @@ def checkpoint_ready(ckpt: Path) -> bool:
 
 def build_checkpoint(ckpt: Path, seed: int, init: str) -> float:
     """Write the checkpoint with ``make_checkpoint`` (rope_theta 1e6, weights initialised by ``init``)."""
-    from qwen_export.tiny import QWEN25_05B_SHAPE, make_checkpoint
+    from qwen_export.export.tiny import QWEN25_05B_SHAPE, make_checkpoint
 
     t0 = time.perf_counter()
     if ckpt.exists():
@@ -282,7 +282,7 @@ def parity(ckpt: Path, out: Path, prompt_len: int, steps: int, seed: int) -> dic
     import torch
     import transformers
 
-    from qwen_export.loader import open_artifact
+    from qwen_export.runtime.loader import open_artifact
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     rng = np.random.default_rng(seed)
@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         "--init",
         choices=("transformers", "lively"),
         default="transformers",
-        help="weights: transformers' own random init (std 0.02, default) or qwen_export.tiny's 'lively' "
+        help="weights: transformers' own random init (std 0.02, default) or qwen_export.export.tiny's 'lively' "
         "re-draw (large logits: std ~15, |max| ~80; a much harsher absolute-error test)",
     )
     ap.add_argument("--skip-parity", action="store_true")

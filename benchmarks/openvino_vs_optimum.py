@@ -122,8 +122,8 @@ def ir_bytes(path: Path) -> int:
 # ----------------------------------------------------------------------------- workers
 class _EngineSession:
     def __init__(self, path: str, threads: int, kv_cache: str | None, attention: str | None = None) -> None:
-        from qwen_export.llm import runtime_options
-        from qwen_export.loader import open_artifact
+        from qwen_export.runtime.llm import runtime_options
+        from qwen_export.runtime.loader import open_artifact
 
         manifest = json.loads((Path(path) / "manifest.json").read_text())
         ov_opts = manifest["target"] == "openvino"

@@ -2,7 +2,7 @@
 
 One run, one checkpoint (random weights, Qwen2.5-0.5B shape by default, no download), fp32, CPU:
 
-1. build (or reuse, ``--skip-build``) the checkpoint with ``qwen_export.tiny.make_checkpoint``
+1. build (or reuse, ``--skip-build``) the checkpoint with ``qwen_export.export.tiny.make_checkpoint``
    (``init="transformers"``, bf16 safetensors + the Qwen tokenizer files and generation_config.json);
 2. export it three ways, recording wall time, peak RSS and size on disk of each:
 
@@ -25,7 +25,7 @@ One run, one checkpoint (random weights, Qwen2.5-0.5B shape by default, no downl
    prefill is one multi-second shot that a slow spell can hit for one engine only;
 
    * ours: ``open_artifact(dir, RuntimeOptions(threads=T)).engine``; TTFT = ``forward(prompt)`` +
-     argmax, then ``forward([[token]])`` + argmax ``new_tokens - 1`` times (as ``qwen_export.bench``
+     argmax, then ``forward([[token]])`` + argmax ``new_tokens - 1`` times (as ``qwen_export.runtime.bench``
      does);
    * genai: ``og.Config`` with ``session_options`` intra_op_num_threads = T (an overlay; the builder's
      genai_config.json is left as written), ``GeneratorParams`` with max_length = min_length =
@@ -82,7 +82,7 @@ sys.exit(rc)
 
 _BUILD = """
 import sys
-from qwen_export.tiny import QWEN25_05B_SHAPE, make_checkpoint
+from qwen_export.export.tiny import QWEN25_05B_SHAPE, make_checkpoint
 shape = dict(QWEN25_05B_SHAPE) if sys.argv[2] == "0.5b" else dict(dtype="bfloat16", max_positions=2048)
 make_checkpoint(sys.argv[1], seed=int(sys.argv[3]), init="transformers", **shape)
 """
@@ -250,10 +250,10 @@ def build_artifact(item: dict[str, Any], workdir: Path, reuse: bool) -> dict[str
 
 # ----------------------------------------------------------------------------- workers
 class _OursSession:
-    """Greedy generation on our Engine, one step per call (as ``qwen_export.bench.run_once`` times it)."""
+    """Greedy generation on our Engine, one step per call (as ``qwen_export.runtime.bench.run_once`` times it)."""
 
     def __init__(self, path: str, threads: int) -> None:
-        from qwen_export.loader import RuntimeOptions, open_artifact
+        from qwen_export.runtime.loader import RuntimeOptions, open_artifact
 
         self.engine = open_artifact(path, RuntimeOptions(threads=threads)).engine
         self.context = self.engine.capabilities.max_context

@@ -21,7 +21,7 @@ its GGUF by ``qwen-export convert-gguf``), CPU:
      the evaluation artifacts themselves (both sides compute every position's logits);
 
 2. accuracy: one fixed text (built in, ~600 tokens of code and English prose, or ``--text FILE``),
-   tokenized once with the checkpoint's tokenizer (``qwen_export.tokenizer.Tokenizer``), fed to every
+   tokenized once with the checkpoint's tokenizer (``qwen_export.runtime.tokenizer.Tokenizer``), fed to every
    model teacher-forced from an empty cache in consecutive ``--chunk`` (256) token chunks that
    continue the cache, every position's logits kept. Each model runs alone in a subprocess (the
    fp32 reference needs ~8 GB): ours through ``open_artifact(...).engine.forward``, genai's ONNX
@@ -316,7 +316,7 @@ def eval_worker(kind: str, path: str, ids_path: str, out_path: str, chunk: int, 
     n = len(ids)
     t0 = time.perf_counter()
     if kind == "ours":
-        from qwen_export.loader import RuntimeOptions, open_artifact
+        from qwen_export.runtime.loader import RuntimeOptions, open_artifact
 
         engine = open_artifact(path, RuntimeOptions(threads=threads)).engine
         full = engine.capabilities.full_logits
@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from qwen_export.tokenizer import Tokenizer
+    from qwen_export.runtime.tokenizer import Tokenizer
 
     ckpt: Path = args.checkpoint
     if not (ckpt / "config.json").is_file():

@@ -1,7 +1,7 @@
 """Soak test: generate for a while and watch memory and reset hygiene.
 
 Builds (or reuses) the tiny Qwen2 checkpoint and its ONNX Runtime artifact in ``--workdir``, then
-loops conversations through :class:`qwen_export.generation.Generator` until ``--seconds`` have
+loops conversations through :class:`qwen_export.runtime.generation.Generator` until ``--seconds`` have
 passed: greedy and seeded-sampling turns of 32-64 tokens, multi-turn with prefix reuse, ``reset()``
 when the context fills up. After every reset the engine must be clean: its logits for a fixed probe
 prompt must equal (within ``--tolerance``) those of a freshly opened engine. RSS (psutil) is read
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from qwen_export.generation import GenerationConfig, Generator
-from qwen_export.loader import open_artifact
+from qwen_export.runtime.generation import GenerationConfig, Generator
+from qwen_export.runtime.loader import open_artifact
 
 SYSTEM = "You are a helpful assistant."
 QUESTIONS = [
@@ -49,8 +49,8 @@ def build(workdir: Path) -> Path:
     ckpt, out = workdir / "tiny-qwen2", workdir / "tiny-qwen2-onnx"
     if (out / "manifest.json").is_file():
         return out
-    from qwen_export.pipeline import ExportOptions, export
-    from qwen_export.tiny import make_checkpoint
+    from qwen_export.export.pipeline import ExportOptions, export
+    from qwen_export.export.tiny import make_checkpoint
 
     if not (ckpt / "config.json").is_file():
         make_checkpoint(ckpt)

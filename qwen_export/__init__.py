@@ -9,8 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .chat import ToolCall, parse_tool_calls  # noqa: E402
-from .errors import (  # noqa: E402
+from qwen_export.errors import (
     ArtifactError,
     CheckpointError,
     ConfigError,
@@ -18,8 +17,9 @@ from .errors import (  # noqa: E402
     OptionError,
     QwenExportError,
 )
-from .generation import FinishReason, GenerationConfig, GenerationResult  # noqa: E402
-from .llm import LLM, ChatResult, TextStream, load  # noqa: E402
+from qwen_export.runtime.chat import ToolCall, parse_tool_calls  # noqa: E402
+from qwen_export.runtime.generation import FinishReason, GenerationConfig, GenerationResult  # noqa: E402
+from qwen_export.runtime.llm import LLM, ChatResult, TextStream, load  # noqa: E402
 
 __all__ = [
     "LLM",

@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from . import __version__
-from .errors import ArtifactError, QwenExportError
+from qwen_export import __version__
+from qwen_export.errors import ArtifactError, QwenExportError
 
 MANIFEST_SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"

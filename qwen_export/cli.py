@@ -22,10 +22,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
-from .artifact import Terminated
-from .errors import OptionError, QwenExportError
-from .spec import DType, LogitsMode, Target
+from qwen_export import __version__
+from qwen_export.artifact import Terminated
+from qwen_export.errors import OptionError, QwenExportError
+from qwen_export.spec import DType, LogitsMode, Target
 
 app = typer.Typer(
     name="qwen-export",
@@ -188,7 +188,7 @@ def export(
     ] = None,
 ) -> None:
     """Export CHECKPOINT to an engine artifact in OUTPUT (written atomically)."""
-    from .pipeline import ExportOptions
+    from qwen_export.export.pipeline import ExportOptions
 
     if explain and not fuse:
         raise OptionError("--explain reports on the fusion passes; it cannot be combined with --no-fuse")
@@ -259,9 +259,9 @@ def _prequantized_default(
 ) -> Any:
     """A pre-quantized (AWQ/GPTQ) checkpoint keeps its own quantization: with no --weights, its
     bits and group size; with --weights of its bits, its group size and symmetry unless given."""
-    from .errors import QwenExportError
-    from .prequant import default_scheme
-    from .spec import ModelSpec
+    from qwen_export.errors import QwenExportError
+    from qwen_export.quant.prequant import default_scheme
+    from qwen_export.spec import ModelSpec
 
     try:
         ModelSpec.from_config_file(checkpoint / "config.json")
@@ -293,7 +293,7 @@ def _weight_options(
     embedding_bits: int | None = None,
 ) -> tuple[DType, Any]:
     """``(activation dtype, QuantScheme or None)`` from the export's precision options."""
-    from .quant.scheme import Keep, QuantAlgorithm, QuantScheme, WeightFormat
+    from qwen_export.quant.scheme import Keep, QuantAlgorithm, QuantScheme, WeightFormat
 
     fmt = _parse_enum(WeightFormat, weights, "--weights") if weights is not None else None
     act = DType.parse(dtype, "dtype") if dtype is not None else None
@@ -383,8 +383,8 @@ def _kv_cache_line(kv: Any) -> str | None:
 
 
 def _export_with_progress(checkpoint: Path, output: Path, options: Any) -> Any:
-    from .pipeline import ExportHooks
-    from .pipeline import export as run_export
+    from qwen_export.export.pipeline import ExportHooks
+    from qwen_export.export.pipeline import export as run_export
 
     steps = {
         "load": "reading checkpoint",
@@ -430,8 +430,8 @@ def build_engine(
     """
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from .runtimes.tensorrt import BuildOptions
-    from .runtimes.tensorrt import build_engine as build
+    from qwen_export.targets.tensorrt.engine import BuildOptions
+    from qwen_export.targets.tensorrt.engine import build_engine as build
 
     options = BuildOptions(
         max_batch=max_batch,
@@ -471,7 +471,7 @@ def convert_gguf(
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it is an existing checkpoint.")] = False,
 ) -> None:
     """Convert a GGUF file into a Hugging Face checkpoint directory (written atomically) for `export`."""
-    from .gguf_import import convert_gguf as run_convert
+    from qwen_export.export.gguf_import import convert_gguf as run_convert
 
     t0 = time.perf_counter()
     with _byte_progress() as progress:
@@ -564,7 +564,7 @@ def _runtime(
     engine: str | None = None,
     attention: str | None = None,
 ) -> Any:
-    from .llm import runtime_options
+    from qwen_export.runtime.llm import runtime_options
 
     return runtime_options(threads, precision, kv_cache, cache_dir, engine=engine, attention=attention)
 
@@ -625,8 +625,8 @@ def _load_llm(
     engine: str | None = None,
     attention: str | None = None,
 ) -> Any:
-    from .llm import LLM
-    from .loader import open_artifact
+    from qwen_export.runtime.llm import LLM
+    from qwen_export.runtime.loader import open_artifact
 
     return LLM(open_artifact(artifact, _runtime(threads, precision, kv_cache, cache_dir, engine, attention)))
 
@@ -768,8 +768,8 @@ def check(
     engine: EngineOpt = None,
 ) -> None:
     """Compare ARTIFACT with transformers on REFERENCE; exit 1 past the precision's thresholds."""
-    from . import parity
-    from .loader import open_artifact
+    from qwen_export.export import parity
+    from qwen_export.runtime.loader import open_artifact
 
     if max_tokens < 2 or greedy_tokens < 1:
         raise OptionError("--max-tokens must be >= 2 and --greedy-tokens >= 1")
@@ -821,8 +821,8 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show an artifact's IO signature, op histogram, sizes and manifest."""
-    from .artifact import load_manifest
-    from .inspection import describe
+    from qwen_export.artifact import load_manifest
+    from qwen_export.runtime.inspection import describe
 
     manifest = load_manifest(artifact, verify=True)
     info = describe(artifact, manifest)
@@ -967,8 +967,8 @@ def bench(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from . import bench as bench_mod
-    from .loader import open_artifact
+    from qwen_export.runtime import bench as bench_mod
+    from qwen_export.runtime.loader import open_artifact
 
     news = _int_list(new_tokens, "--new-tokens")
     if sweep_max is not None and not sweep:
@@ -990,7 +990,7 @@ def bench(
 
     labels = _bench_labels(artifacts)
     # import the runtime first, so that the first artifact's load RSS does not include it
-    from .runtimes import onnxruntime as _ort  # noqa: F401
+    from qwen_export.targets.onnxruntime import engine as _ort  # noqa: F401
 
     targets, loads = [], []
     with err_console.status("loading artifacts") as status:
@@ -1135,10 +1135,10 @@ def demo(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 24,
 ) -> None:
     """Build a tiny random Qwen2 checkpoint (no download), export it, chat with it, check parity."""
-    from . import parity
-    from .llm import load
-    from .pipeline import ExportOptions
-    from .tiny import make_checkpoint
+    from qwen_export.export import parity
+    from qwen_export.export.pipeline import ExportOptions
+    from qwen_export.export.tiny import make_checkpoint
+    from qwen_export.runtime.llm import load
 
     root = Path(tempfile.mkdtemp(prefix="qwen-export-demo-")) if workdir is None else workdir
     try:

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, OptionError
+from qwen_export.errors import ConfigError, OptionError
 
 
 class _ChoiceEnum(str, enum.Enum):

@@ -17,7 +17,7 @@ from typing import Any
 import noise
 import pytest
 
-from qwen_export.tiny import make_checkpoint
+from qwen_export.export.tiny import make_checkpoint
 
 #: the CPU features that change which kernels the engines pick (and so their rounding)
 KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")

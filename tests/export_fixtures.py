@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from qwen_export.pipeline import ExportOptions
-from qwen_export.pipeline import export as run_export
+from qwen_export.export.pipeline import ExportOptions
+from qwen_export.export.pipeline import export as run_export
+from qwen_export.export.tiny import make_checkpoint
 from qwen_export.spec import DType, LogitsMode, Target
-from qwen_export.tiny import make_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""`qwen-export bench` with several artifacts (interleaved), JSON, --plot, --sweep; qwen_export.bench helpers."""
+"""`qwen-export bench` with several artifacts (interleaved), JSON, --plot, --sweep; runtime.bench helpers."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from test_cli import _one_line_error, invoke
 
-from qwen_export import bench as bench_mod
 from qwen_export.errors import OptionError
-from qwen_export.runtimes.base import EngineCapabilities
+from qwen_export.runtime import bench as bench_mod
+from qwen_export.targets.base import EngineCapabilities
 
 FAST = ("--new-tokens", "3", "--repeats", "1", "--warmup", "0")
 

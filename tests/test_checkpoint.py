@@ -13,8 +13,8 @@ import pytest
 import safetensors.numpy
 import safetensors.torch
 
-from qwen_export.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, expected_tensors
 from qwen_export.errors import CheckpointError
+from qwen_export.export.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, expected_tensors
 
 
 def _copy(src: Path, tmp_path: Path) -> Path:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from qwen_export import pipeline
 from qwen_export.cli import app
+from qwen_export.export import pipeline
 
 runner = CliRunner()
 
@@ -130,7 +130,7 @@ def test_bad_checkpoints_fail_cleanly(
 
 
 def test_interrupted_export_leaves_nothing(qwen2_tied: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from qwen_export.runtimes import onnxruntime as ort_target
+    from qwen_export.targets.onnxruntime import engine as ort_target
 
     real_emit = ort_target.emit
 
@@ -248,7 +248,7 @@ def test_installed_entry_point() -> None:
 
 
 def test_max_length_option_and_default_cap(qwen2_tied: Path) -> None:
-    from qwen_export.checkpoint import Checkpoint
+    from qwen_export.export.checkpoint import Checkpoint
 
     spec = Checkpoint.open(qwen2_tied).spec
     assert pipeline.ExportOptions().resolved_max_length(spec) == 256

@@ -10,9 +10,9 @@ from conftest import ModuleScratch
 from noise import Noise, check_logits
 
 from qwen_export.errors import GenerationError
-from qwen_export.loader import open_artifact
-from qwen_export.pipeline import ExportOptions
-from qwen_export.pipeline import export as run_export
+from qwen_export.export.pipeline import ExportOptions
+from qwen_export.export.pipeline import export as run_export
+from qwen_export.runtime.loader import open_artifact
 
 
 def _left_padded(vocab: int) -> tuple[np.ndarray, np.ndarray]:

@@ -36,9 +36,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qwen_export.artifact import MANIFEST_NAME, Manifest, load_manifest
-from qwen_export.chat import ChatTemplate, parse_tool_calls
-from qwen_export.checkpoint import _DTYPES, Checkpoint, read_header
 from qwen_export.errors import ArtifactError, CheckpointError, ConfigError, OptionError, QwenExportError
+from qwen_export.export.checkpoint import _DTYPES, Checkpoint, read_header
+from qwen_export.runtime.chat import ChatTemplate, parse_tool_calls
 from qwen_export.spec import ModelSpec
 
 EXAMPLES = int(os.environ.get("QWEN_EXPORT_FUZZ_EXAMPLES", "150"))
@@ -650,7 +650,8 @@ def test_hostile_chat_templates(name: str) -> None:
     import sys
 
     code = (
-        "import sys\nfrom qwen_export.chat import ChatTemplate\nfrom qwen_export.errors import QwenExportError\n"
+        "import sys\nfrom qwen_export.runtime.chat import ChatTemplate\n"
+        "from qwen_export.errors import QwenExportError\n"
         "try:\n    ChatTemplate(sys.argv[1]).render([{'role': 'user', 'content': 'hi'}])\n"
         "except QwenExportError as e:\n    assert '\\n' not in str(e)\n"
     )
@@ -757,7 +758,7 @@ def gguf_bytes(draw: st.DrawFn) -> bytes:
 @given(gguf_bytes())
 def test_fuzz_gguf_header(data: bytes) -> None:
     """Reading a hostile GGUF (header, metadata, tensor table) is a CheckpointError/ConfigError, nothing else."""
-    from qwen_export.gguf_import import gguf_config, open_gguf
+    from qwen_export.export.gguf_import import gguf_config, open_gguf
 
     CASES["gguf"] += 1
     path = _workdir("gguf") / "m.gguf"

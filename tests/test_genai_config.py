@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from qwen_export.errors import ArtifactError
-from qwen_export.genai_config import GENAI_CONFIG_NAME, genai_config, write_genai_config
 from qwen_export.spec import Architecture, ModelSpec
+from qwen_export.targets.onnxruntime.genai_config import GENAI_CONFIG_NAME, genai_config, write_genai_config
 
 CONFIG = {
     "architectures": ["Qwen2ForCausalLM"],
@@ -157,8 +157,8 @@ def _greedy_both(art: Path, new_tokens: int) -> tuple[list[int], list[int], dict
     import numpy as np
 
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
-    from qwen_export.generation import GenerationConfig, Generator
-    from qwen_export.loader import open_artifact
+    from qwen_export.runtime.generation import GenerationConfig, Generator
+    from qwen_export.runtime.loader import open_artifact
 
     loaded = open_artifact(art)
     prompt = loaded.tokenizer.encode("The quick brown fox jumps over the lazy dog. Once upon a time")

@@ -11,15 +11,9 @@ import numpy as np
 import pytest
 
 from qwen_export.errors import GenerationError, OptionError
-from qwen_export.generation import (
-    FinishReason,
-    GenerationConfig,
-    GenerationEvent,
-    Generator,
-    process_logits,
-)
-from qwen_export.runtimes.base import Engine, EngineCapabilities
-from qwen_export.tokenizer import Tokenizer
+from qwen_export.runtime.generation import FinishReason, GenerationConfig, GenerationEvent, Generator, process_logits
+from qwen_export.runtime.tokenizer import Tokenizer
+from qwen_export.targets.base import Engine, EngineCapabilities
 
 LogitsFn = Callable[[list[int]], np.ndarray]
 

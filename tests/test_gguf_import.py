@@ -1,5 +1,5 @@
 """GGUF import: tiny seeded Qwen2/Qwen3 checkpoints written as GGUF files (gguf.GGUFWriter, with
-llama.cpp's own HF->GGUF tensor name map) and converted back by ``qwen_export.gguf_import``."""
+llama.cpp's own HF->GGUF tensor name map) and converted back by ``qwen_export.export.gguf_import``."""
 
 from __future__ import annotations
 
@@ -18,15 +18,15 @@ from noise import Noise, check_logits
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from qwen_export.checkpoint import Checkpoint
 from qwen_export.cli import app
 from qwen_export.errors import CheckpointError, ConfigError
-from qwen_export.gguf_import import convert_gguf, float32_to_bfloat16_bits, hf_tensor_name
-from qwen_export.loader import open_artifact
-from qwen_export.pipeline import ExportOptions
-from qwen_export.pipeline import export as run_export
+from qwen_export.export.checkpoint import Checkpoint
+from qwen_export.export.gguf_import import convert_gguf, float32_to_bfloat16_bits, hf_tensor_name
+from qwen_export.export.pipeline import ExportOptions
+from qwen_export.export.pipeline import export as run_export
+from qwen_export.export.tiny import default_tokenizer_dir
+from qwen_export.runtime.loader import open_artifact
 from qwen_export.spec import ModelSpec
-from qwen_export.tiny import default_tokenizer_dir
 
 Q8 = gguf.GGMLQuantizationType.Q8_0
 #: quantized in the "mixed" GGUF (as a Q4_K_M file quantizes some tensors and keeps norms in F32).

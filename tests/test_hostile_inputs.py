@@ -35,7 +35,7 @@ from qwen_export import artifact, onnx_writer
 from qwen_export.artifact import MANIFEST_NAME, sha256_file, write_artifact
 from qwen_export.cli import app
 from qwen_export.errors import ArtifactError, GenerationError
-from qwen_export.tokenizer import MAX_TOKENIZER_BYTES
+from qwen_export.runtime.tokenizer import MAX_TOKENIZER_BYTES
 
 runner = CliRunner()
 
@@ -257,7 +257,7 @@ def test_hostile_checkpoint(
     breakage: Callable[[Path], None],
     fragments: tuple[str, ...],
 ) -> None:
-    from qwen_export import trace
+    from qwen_export.export import trace
 
     def reached_tracing(*args: object, **kwargs: object) -> None:
         raise AssertionError("the export reached tracing: the hostile input was not caught when loading")
@@ -410,8 +410,8 @@ def test_chat_turn_over_the_context(export) -> None:
 
 
 def test_token_ids_out_of_range_are_refused_and_leave_the_cache_intact(export) -> None:
-    from qwen_export.generation import GenerationConfig, Generator
-    from qwen_export.loader import open_artifact
+    from qwen_export.runtime.generation import GenerationConfig, Generator
+    from qwen_export.runtime.loader import open_artifact
 
     art = open_artifact(export("qwen2_tied"))
     engine, vocab = art.engine, art.engine.capabilities.vocab_size

@@ -119,7 +119,7 @@ def test_invalid_options(llm: qwen_export.LLM) -> None:
 
 
 def test_docstring_examples_run(export) -> None:
-    import qwen_export.llm as module
+    import qwen_export.runtime.llm as module
 
     result = doctest.testmod(module, extraglobs={"ARTIFACT": str(export("qwen2_tied"))}, verbose=False)
     assert result.attempted >= 5 and result.failed == 0

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from noise import Noise, check_logits
 
-from qwen_export.loader import open_artifact
+from qwen_export.runtime.loader import open_artifact
 
 
 def test_bound_scales_with_the_logits_magnitude() -> None:

@@ -18,25 +18,19 @@ from conftest import ModuleScratch
 from noise import Noise, check_logits
 from typer.testing import CliRunner
 
-from qwen_export import parity
 from qwen_export.artifact import load_manifest
 from qwen_export.cli import app
 from qwen_export.errors import OptionError
-from qwen_export.llm import LLM, load
-from qwen_export.loader import RuntimeOptions, open_artifact
-from qwen_export.pipeline import ExportOptions
-from qwen_export.pipeline import export as run_export
+from qwen_export.export import parity
+from qwen_export.export.pipeline import ExportOptions
+from qwen_export.export.pipeline import export as run_export
 from qwen_export.quant.scheme import QuantScheme, WeightFormat
+from qwen_export.runtime.llm import LLM, load
+from qwen_export.runtime.loader import RuntimeOptions, open_artifact
 from qwen_export.spec import DType, ModelSpec, Target
 
 ov = pytest.importorskip("openvino", reason="openvino is not installed: pip install 'qwen-export[openvino]'")
-from qwen_export.runtimes.openvino import (  # noqa: E402
-    Attention,
-    KVCachePrecision,
-    OpenVINOOptions,
-    Precision,
-    _short_type,
-)
+from qwen_export.targets.openvino.engine import Attention, KVCachePrecision, OpenVINOOptions, Precision, _short_type  # noqa: E402
 
 CANONICAL_INPUTS = {"input_ids", "attention_mask", "position_ids", "beam_idx"}
 
@@ -139,7 +133,7 @@ def test_quantized_weights_stay_compressed_in_the_compiled_model(case: str, quan
 @pytest.mark.parametrize("case", list(QUANT_CASES))
 def test_weights_decompress_in_f16_with_f16_scales(case: str, quantized) -> None:
     """NNCF's form: Convert(codes -> f16) [- zp] * f16 scales -> Convert(f32); no f32 chain left."""
-    from qwen_export.runtimes.openvino import MODEL_XML, _decompression_chain
+    from qwen_export.targets.openvino.engine import MODEL_XML, _decompression_chain
 
     model = ov.Core().read_model(quantized(case, "openvino") / MODEL_XML)
     halves = 0
@@ -362,8 +356,8 @@ def test_cli_exports_openvino_and_refuses_no_fuse(qwen2_tied: Path, tmp_path: Pa
 
 
 def test_default_attention_is_paged_except_for_sliding_window_models(export) -> None:
-    from qwen_export.runtimes.openvino import OpenVINOEngine
-    from qwen_export.runtimes.openvino_paged import PagedOpenVINOEngine
+    from qwen_export.targets.openvino.engine import OpenVINOEngine
+    from qwen_export.targets.openvino.paged import PagedOpenVINOEngine
 
     assert isinstance(open_artifact(export("qwen2_tied", target="openvino")).engine, PagedOpenVINOEngine)
     sliding = export("qwen2_sliding", target="openvino")

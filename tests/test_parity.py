@@ -14,9 +14,9 @@ import reference
 import torch
 from noise import Noise, check_logits
 
-from qwen_export.loader import LoadedArtifact, RuntimeOptions, open_artifact
-from qwen_export.runtimes.base import position_ids_from_mask
+from qwen_export.runtime.loader import LoadedArtifact, RuntimeOptions, open_artifact
 from qwen_export.spec import Target
+from qwen_export.targets.base import position_ids_from_mask
 
 #: every engine runs every parity test; a missing one is a visible skip
 ENGINES = [
@@ -51,7 +51,7 @@ def target(request: pytest.FixtureRequest) -> str:
 def _open(path: Path, target: str) -> LoadedArtifact:
     """Load an artifact on the engine that verifies it here (TensorRT's graph: ONNX Runtime CPU)."""
     if target == STATEFUL:
-        from qwen_export.runtimes.openvino import Attention, OpenVINOOptions
+        from qwen_export.targets.openvino.engine import Attention, OpenVINOOptions
 
         return open_artifact(path, RuntimeOptions(openvino=OpenVINOOptions(attention=Attention.STATEFUL)))
     engine = Target.ONNXRUNTIME if target == "tensorrt" else None

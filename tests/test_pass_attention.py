@@ -19,17 +19,17 @@ import onnxruntime as ort
 import pytest
 from conftest import ModuleScratch
 
-from qwen_export.checkpoint import Checkpoint
+from qwen_export.export.checkpoint import Checkpoint
+from qwen_export.export.trace import TraceOptions, bind_weights, trace
 from qwen_export.onnx_writer import write_onnx
 from qwen_export.passes import attention as attention_pass
 from qwen_export.passes.attention import AttentionFusion, analyse_mask
 from qwen_export.passes.base import FusionError, op_histogram
 from qwen_export.passes.cleanup import CleanupPass
-from qwen_export.passes.kv_io import SharedKVBuffer
 from qwen_export.passes.rmsnorm import RMSNormFusion
 from qwen_export.passes.rotary import RotaryFusion
 from qwen_export.spec import DType, LogitsMode
-from qwen_export.trace import TraceOptions, bind_weights, trace
+from qwen_export.targets.onnxruntime.kv_io import SharedKVBuffer
 
 CAPACITY = 64
 

@@ -17,21 +17,21 @@ import pytest
 from conftest import ModuleScratch
 from typer.testing import CliRunner
 
-from qwen_export import parity
-from qwen_export.checkpoint import Checkpoint
 from qwen_export.cli import app
 from qwen_export.errors import OptionError
-from qwen_export.loader import open_artifact
+from qwen_export.export import parity
+from qwen_export.export.checkpoint import Checkpoint
+from qwen_export.export.pipeline import ExportHooks, ExportOptions
+from qwen_export.export.pipeline import export as run_export
 from qwen_export.passes.base import op_histogram
 from qwen_export.passes.cleanup import FOLD_SIZE_LIMIT
-from qwen_export.passes.matmulnbits import MatMulNBitsLowering
 from qwen_export.passes.quantize import QuantizeWeights
-from qwen_export.pipeline import ExportHooks, ExportOptions
-from qwen_export.pipeline import export as run_export
 from qwen_export.quant import tensors as quant_tensors
 from qwen_export.quant.numeric import dequantize, quantize_rtn
 from qwen_export.quant.scheme import Keep, QuantAlgorithm, QuantScheme, WeightFormat
+from qwen_export.runtime.loader import open_artifact
 from qwen_export.spec import DType
+from qwen_export.targets.onnxruntime.matmulnbits import MatMulNBitsLowering
 
 V = 151936  # the fixtures' vocabulary
 H = 64  # hidden size

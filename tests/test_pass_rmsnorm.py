@@ -11,14 +11,14 @@ import pytest
 from conftest import ModuleScratch
 from onnx import TensorProto, helper
 
-from qwen_export.checkpoint import Checkpoint
 from qwen_export.errors import QwenExportError
+from qwen_export.export.checkpoint import Checkpoint
+from qwen_export.export.trace import TraceOptions, bind_weights, output_names, trace
 from qwen_export.onnx_writer import write_onnx
 from qwen_export.passes.base import op_histogram
 from qwen_export.passes.cleanup import CleanupPass
 from qwen_export.passes.rmsnorm import RMS_RULE, SKIP_RULE, FusionError, RMSNormFusion
 from qwen_export.spec import DType
-from qwen_export.trace import TraceOptions, bind_weights, output_names, trace
 
 
 def _session(path: Path) -> ort.InferenceSession:

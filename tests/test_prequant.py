@@ -2,7 +2,7 @@
 read byte-exact, seen as float weights, and exported without requantization.
 
 The AWQ / GPTQ files are written here from the tiny float fixture by a packer that follows the
-reference code, independently of :mod:`qwen_export.prequant`'s unpacker: AutoAWQ's
+reference code, independently of :mod:`qwen_export.quant.prequant`'s unpacker: AutoAWQ's
 ``WQLinear_GEMM.from_linear`` (qweight int32 [K, N/8] with the nibble order 0, 2, 4, 6, 1, 3, 5, 7;
 qzeros the same along N; fp16 scales [K/G, N]) and AutoGPTQ's ``QuantLinear.pack`` (qweight int32
 [K*b/32, N] packed along the input dim, qzeros [K/G, N*b/32] along N storing ``zero - 1`` in the v1
@@ -26,21 +26,22 @@ import safetensors.numpy
 from conftest import ModuleScratch
 from noise import Noise, check_logits
 
-from qwen_export import parity, prequant
 from qwen_export.artifact import load_manifest
-from qwen_export.checkpoint import SINGLE_FILE, Checkpoint
 from qwen_export.errors import CheckpointError
-from qwen_export.loader import open_artifact
+from qwen_export.export import parity
+from qwen_export.export.checkpoint import SINGLE_FILE, Checkpoint
+from qwen_export.export.pipeline import ExportOptions
+from qwen_export.export.pipeline import export as run_export
+from qwen_export.export.trace import CheckpointTensor, _Binding
 from qwen_export.passes.awq import ScaledTensor
-from qwen_export.passes.matmulnbits import MatMulNBitsLowering
 from qwen_export.passes.packed_qkv import ConcatTensor
 from qwen_export.passes.quantize import QuantizeWeights, stored_quantization
-from qwen_export.pipeline import ExportOptions
-from qwen_export.pipeline import export as run_export
+from qwen_export.quant import prequant
 from qwen_export.quant import tensors as quant_tensors
 from qwen_export.quant.numeric import unpack_bits_last
 from qwen_export.quant.scheme import Keep, QuantScheme, WeightFormat
-from qwen_export.trace import CheckpointTensor, _Binding
+from qwen_export.runtime.loader import open_artifact
+from qwen_export.targets.onnxruntime.matmulnbits import MatMulNBitsLowering
 
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # awq/modules/linear/gemm.py: order_map
 PROJECTIONS = (

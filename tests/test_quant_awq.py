@@ -11,20 +11,20 @@ import pytest
 from conftest import ModuleScratch
 from typer.testing import CliRunner
 
-from qwen_export import parity
-from qwen_export.checkpoint import Checkpoint
 from qwen_export.cli import app
 from qwen_export.errors import OptionError
-from qwen_export.loader import open_artifact
+from qwen_export.export import calibration as calib
+from qwen_export.export import parity
+from qwen_export.export.checkpoint import Checkpoint
+from qwen_export.export.pipeline import ExportOptions
+from qwen_export.export.pipeline import export as run_export
 from qwen_export.passes import awq as awq_pass
 from qwen_export.passes.base import PassResult
-from qwen_export.passes.matmulnbits import MatMulNBitsLowering
 from qwen_export.passes.quantize import QuantizeWeights
-from qwen_export.pipeline import ExportOptions
-from qwen_export.pipeline import export as run_export
-from qwen_export.quant import calibration as calib
 from qwen_export.quant.scheme import QuantAlgorithm, QuantScheme, WeightFormat
-from qwen_export.tokenizer import Tokenizer
+from qwen_export.runtime.loader import open_artifact
+from qwen_export.runtime.tokenizer import Tokenizer
+from qwen_export.targets.onnxruntime.matmulnbits import MatMulNBitsLowering
 
 TOKENS = 48
 

@@ -13,7 +13,6 @@ import pytest
 
 from qwen_export.errors import OptionError
 from qwen_export.passes.base import op_histogram
-from qwen_export.passes.matmulnbits import MatMulNBitsLowering
 from qwen_export.passes.quantize import QuantizeWeights
 from qwen_export.quant.algorithms import awq_scales, clip_search, default_clip_grid, quantize
 from qwen_export.quant.numeric import BlockQuantized, dequantize, expand_blocks, quantize_rtn
@@ -24,6 +23,7 @@ from qwen_export.quant.tensors import (
     matmulnbits_initializers,
     tied_embedding_initializers,
 )
+from qwen_export.targets.onnxruntime.matmulnbits import MatMulNBitsLowering
 
 
 def _heavy(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:

@@ -12,8 +12,8 @@ def test_runtime_runs_without_importing_torch(export) -> None:
     code = textwrap.dedent(
         f"""
         import sys
-        from qwen_export.loader import open_artifact
-        from qwen_export.generation import Generator, GenerationConfig
+        from qwen_export.runtime.loader import open_artifact
+        from qwen_export.runtime.generation import Generator, GenerationConfig
         loaded = open_artifact({str(art)!r})
         ids = loaded.tokenizer.apply_chat_template_ids([{{"role": "user", "content": "hi"}}])
         result = Generator(loaded.engine, loaded.tokenizer).generate_text(ids, GenerationConfig(max_new_tokens=3))

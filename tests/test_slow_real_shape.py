@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
-from qwen_export.loader import open_artifact
-from qwen_export.pipeline import ExportOptions, export
-from qwen_export.tiny import QWEN25_05B_SHAPE, make_checkpoint
+from qwen_export.export.pipeline import ExportOptions, export
+from qwen_export.export.tiny import QWEN25_05B_SHAPE, make_checkpoint
+from qwen_export.runtime.loader import open_artifact
 
 pytestmark = pytest.mark.slow
 

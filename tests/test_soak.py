@@ -10,8 +10,8 @@ import numpy as np
 import psutil
 from noise import Noise, check_logits
 
-from qwen_export.generation import GenerationConfig, Generator
-from qwen_export.loader import open_artifact
+from qwen_export.runtime.generation import GenerationConfig, Generator
+from qwen_export.runtime.loader import open_artifact
 
 SECONDS = 6.0  # measured, after a warm-up conversation per question
 MAX_GROWTH_MIB = 20.0

@@ -204,7 +204,7 @@ def test_layer_types_match_transformers(arch: str, settings: dict[str, Any]) -> 
 
 
 def test_sliding_fixture_roundtrip(tmp_path: Path) -> None:
-    from qwen_export.tiny import make_checkpoint
+    from qwen_export.export.tiny import make_checkpoint
 
     d = make_checkpoint(tmp_path / "sw", layers=3, vocab=512, sliding=True, sliding_window=8)
     config = transformers.AutoConfig.from_pretrained(d)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from qwen_export.errors import OptionError
-from qwen_export.generation import FinishReason, GenerationConfig, Generator
-from qwen_export.loader import open_artifact
-from qwen_export.structured import Constraint, ResponseFormat, cache_info, make_constraint
+from qwen_export.runtime.generation import FinishReason, GenerationConfig, Generator
+from qwen_export.runtime.loader import open_artifact
+from qwen_export.runtime.structured import Constraint, ResponseFormat, cache_info, make_constraint
 
 SCHEMAS: dict[str, dict[str, Any]] = {
     "nested": {
@@ -223,7 +223,7 @@ def test_mask_applied_after_processing(generator: Generator, prompt: list[int]) 
     assert constraint is not None
     allowed = constraint.allowed(generator.engine.capabilities.vocab_size)
     assert not allowed[tok.eos_token_id]
-    from qwen_export.generation import sample_token
+    from qwen_export.runtime.generation import sample_token
 
     logits = np.zeros(allowed.shape[0], dtype=np.float32)
     logits[tok.eos_token_id] = 100.0

@@ -1,4 +1,4 @@
-"""The TensorRT support table and checker (qwen_export.passes.tensorrt_check) on hand-built graphs
+"""The TensorRT support table and checker (qwen_export.targets.tensorrt.check) on hand-built graphs
 and on the unfused export of the tiny checkpoint."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import onnx_ir as ir
 import pytest
 
 from qwen_export.errors import QwenExportError
-from qwen_export.passes.tensorrt_check import (
+from qwen_export.targets.tensorrt.check import (
     TENSORRT_OPS,
     TensorRTCompatibility,
     TensorRTCompatibilityError,

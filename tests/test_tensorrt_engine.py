@@ -27,12 +27,12 @@ from noise import Noise, check_logits
 
 from qwen_export.artifact import load_manifest
 from qwen_export.errors import ArtifactError, EngineUnavailableError, GenerationError, OptionError
-from qwen_export.pipeline import ExportOptions
-from qwen_export.pipeline import export as run_export
-from qwen_export.runtimes import tensorrt as trt_target
-from qwen_export.runtimes.onnxruntime import OnnxRuntimeEngine
-from qwen_export.runtimes.tensorrt import BuildOptions, TensorRTEngine, TensorRTOptions, build_engine, recipe
+from qwen_export.export.pipeline import ExportOptions
+from qwen_export.export.pipeline import export as run_export
 from qwen_export.spec import ModelSpec, Target
+from qwen_export.targets.onnxruntime.engine import OnnxRuntimeEngine
+from qwen_export.targets.tensorrt import engine as trt_target
+from qwen_export.targets.tensorrt.engine import BuildOptions, TensorRTEngine, TensorRTOptions, build_engine, recipe
 
 CAPACITY = 64
 CPU = torch.device("cpu")

@@ -12,15 +12,15 @@ import onnx_ir as ir
 import pytest
 from typer.testing import CliRunner
 
-from qwen_export import parity
 from qwen_export.cli import app
 from qwen_export.errors import OptionError
-from qwen_export.loader import RuntimeOptions, open_artifact
-from qwen_export.passes.tensorrt_check import check_tensorrt_graph
-from qwen_export.pipeline import ExportOptions
-from qwen_export.pipeline import export as run_export
+from qwen_export.export import parity
+from qwen_export.export.pipeline import ExportOptions
+from qwen_export.export.pipeline import export as run_export
 from qwen_export.quant.scheme import QuantScheme, WeightFormat
+from qwen_export.runtime.loader import RuntimeOptions, open_artifact
 from qwen_export.spec import Target
+from qwen_export.targets.tensorrt.check import check_tensorrt_graph
 
 ON_CPU = RuntimeOptions(engine=Target.ONNXRUNTIME)
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from qwen_export import tokenizer as tokenizer_module
-from qwen_export.chat import ChatTemplate
 from qwen_export.errors import ConfigError, OptionError
-from qwen_export.tokenizer import Tokenizer
+from qwen_export.runtime import tokenizer as tokenizer_module
+from qwen_export.runtime.chat import ChatTemplate
+from qwen_export.runtime.tokenizer import Tokenizer
 
 
 def qwen_tokenizer_dir() -> Path:
@@ -374,7 +374,7 @@ def test_oversized_tokenizer_is_refused(tmp_path: Path, monkeypatch: pytest.Monk
 def test_runtime_modules_import_without_torch() -> None:
     code = (
         "import sys\n"
-        "import qwen_export.tokenizer, qwen_export.generation, qwen_export.chat\n"
+        "import qwen_export.runtime.tokenizer, qwen_export.runtime.generation, qwen_export.runtime.chat\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

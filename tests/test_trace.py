@@ -8,13 +8,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from qwen_export.checkpoint import Checkpoint
 from qwen_export.errors import CheckpointError
+from qwen_export.export.checkpoint import Checkpoint
+from qwen_export.export.trace import TraceOptions, bind_weights, input_names, output_names, trace
 from qwen_export.onnx_writer import write_onnx
 from qwen_export.passes.base import op_histogram
 from qwen_export.passes.cleanup import CleanupPass
 from qwen_export.spec import LayerType
-from qwen_export.trace import TraceOptions, bind_weights, input_names, output_names, trace
 
 
 def _build(checkpoint: Path, out: Path, replicate: bool, prune: bool = True) -> tuple[ort.InferenceSession, dict]:

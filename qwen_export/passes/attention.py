@@ -47,7 +47,15 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from .base import MS_DOMAIN, FusionError, PassResult, constant_array, explain_to, op_histogram, require_count
+from qwen_export.passes.base import (
+    MS_DOMAIN,
+    FusionError,
+    PassResult,
+    constant_array,
+    explain_to,
+    op_histogram,
+    require_count,
+)
 
 RULE = "group_query_attention"
 

@@ -1,6 +1,6 @@
 """AWQ scaling: per-input-channel scales folded into the weights, before weight quantization.
 
-For each group of linear weights sharing one input (:mod:`qwen_export.quant.calibration`), AWQ
+For each group of linear weights sharing one input (:mod:`qwen_export.export.calibration`), AWQ
 (:func:`~qwen_export.quant.algorithms.awq_scales`) searches scales ``s`` [K] on the calibration
 activations; the pass then replaces, in place, the initializers' data (the graph does not change):
 
@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ..quant.algorithms import awq_scales, input_importance
-from ..quant.scheme import Keep, QuantScheme
-from .base import PassResult, op_histogram
+from qwen_export.passes.base import PassResult, op_histogram
+from qwen_export.quant.algorithms import awq_scales, input_importance
+from qwen_export.quant.scheme import Keep, QuantScheme
 
 GROUPS = ("qkv", "gate_up", "down", "lm_head")
 #: ops a fold target may be read by: the (fused or unfused) RMSNorm, up_proj's MatMul and bias Add
@@ -71,7 +71,7 @@ class ScaledTensor(ir.LazyTensor):
 class AWQScaling:
     """Fold AWQ scales into the weights (see the module docstring).
 
-    ``stats``: :func:`~qwen_export.quant.calibration.collect_activation_stats`' result. After a
+    ``stats``: :func:`~qwen_export.export.calibration.collect_activation_stats`' result. After a
     call, :attr:`scales` maps each group (``layers.{i}.qkv``, ..., ``lm_head``) to its ``s`` and
     :attr:`importance` maps each scaled weight's name to ``E[(x / s)^2]`` per input channel (what
     the importance-weighted clip search needs)."""

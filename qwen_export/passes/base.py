@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ..errors import QwenExportError
+from qwen_export.errors import QwenExportError
 
 
 @dataclasses.dataclass(frozen=True)

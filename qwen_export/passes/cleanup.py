@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import PassResult, op_histogram
+from qwen_export.passes.base import PassResult, op_histogram
 
 #: Tensors larger than this (elements) are never read by constant folding.
 FOLD_SIZE_LIMIT = 8192

@@ -1,7 +1,7 @@
 """Packed QKV: one layer's q/k/v projections -> one MatMul on a packed weight, then a Split.
 
 The traced attention projects the normed hidden state three times (see
-:class:`qwen_export.modeling.Linear`, weights stored transposed as ``<hf name>_t``)::
+:class:`qwen_export.export.modeling.Linear`, weights stored transposed as ``<hf name>_t``)::
 
     q = MatMul(x, <prefix>q_proj.weight_t) [-> Add(., <prefix>q_proj.bias)]      # [in, out_q]
     k = MatMul(x, <prefix>k_proj.weight_t) [-> Add(., <prefix>k_proj.bias)]      # [in, out_k]
@@ -33,8 +33,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import onnx_ir as ir
 
-from ..trace import CHUNK_BYTES
-from .base import MS_DOMAIN, PassResult, op_histogram, require_count
+from qwen_export.export.trace import CHUNK_BYTES
+from qwen_export.passes.base import MS_DOMAIN, PassResult, op_histogram, require_count
 
 QKV_RULE = "packed_qkv"
 GQA_RULE = "packed_qkv_gqa"

@@ -34,8 +34,8 @@ multiple of the block size, and any weight of those names that is not where the 
 (:mod:`.awq`) and are quantized here with the importance-weighted clip search (AWQ's auto-clip;
 RTN for the weights the ``awq`` pass left alone).
 
-Pre-quantized checkpoints (AWQ / GPTQ, :mod:`qwen_export.prequant`): a linear weight whose data is
-the float view of a stored quantization (a :class:`~qwen_export.trace.CheckpointTensor` of a
+Pre-quantized checkpoints (AWQ / GPTQ, :mod:`qwen_export.quant.prequant`): a linear weight whose data is
+the float view of a stored quantization (a :class:`~qwen_export.export.trace.CheckpointTensor` of a
 pre-quantized ``<prefix>.weight``, or the packed ``qkv_proj`` :class:`~.packed_qkv.ConcatTensor` of
 three, concatenated along N) keeps the stored codes, scales and zero points (a
 :class:`~qwen_export.quant.tensors.StoredQuantization`: nothing is requantized) when the scheme has
@@ -57,9 +57,9 @@ from typing import Any
 
 import onnx_ir as ir
 
-from ..errors import OptionError
-from ..quant.scheme import Keep, QuantAlgorithm, QuantScheme
-from .base import PassResult, op_histogram
+from qwen_export.errors import OptionError
+from qwen_export.passes.base import PassResult, op_histogram
+from qwen_export.quant.scheme import Keep, QuantAlgorithm, QuantScheme
 
 LINEAR_RULE = "linear"
 PREQUANTIZED = "prequantized"
@@ -117,7 +117,7 @@ def dequantize_linear_tensors(
     """Lazy ``DequantizeLinear`` initializers of ``source`` (:class:`~qwen_export.quant.tensors.
     QuantizedInitializers`: codes named ``name``, ``name.scales``, ``name.zero_points``). ``stored``:
     a pre-quantized source's stored quantization (:func:`stored_quantization`), used as it is."""
-    from ..quant import tensors
+    from qwen_export.quant import tensors
 
     quantization = None
     if stored is not None:
@@ -143,14 +143,14 @@ def stored_quantization(tensor: Any) -> Any:
     """What a weight's data holds of a pre-quantized checkpoint's stored quantization:
 
     - None: nothing (a float weight);
-    - a :class:`~qwen_export.prequant.StoredLinear` (or ``StoredConcat``) of W [K, N]: the stored
+    - a :class:`~qwen_export.quant.prequant.StoredLinear` (or ``StoredConcat``) of W [K, N]: the stored
       values, for a ``*.weight_t`` read from the checkpoint or a packed ``qkv_proj`` of such;
     - a string: why the stored values cannot be used although the weight derives from them.
     """
-    from ..prequant import StoredConcat
-    from ..trace import CheckpointTensor
-    from .awq import ScaledTensor
-    from .packed_qkv import ConcatTensor
+    from qwen_export.export.trace import CheckpointTensor
+    from qwen_export.passes.awq import ScaledTensor
+    from qwen_export.passes.packed_qkv import ConcatTensor
+    from qwen_export.quant.prequant import StoredConcat
 
     if isinstance(tensor, CheckpointTensor):
         lookup = getattr(tensor.source, "stored_quantization", None)

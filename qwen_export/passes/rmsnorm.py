@@ -1,6 +1,6 @@
 """RMSNorm fusion: the traced RMSNorm subgraph -> ONNX Runtime's (Skip)SimplifiedLayerNormalization.
 
-The traced RMSNorm (:class:`qwen_export.modeling.RMSNorm`, variance in float32) is, after cleanup::
+The traced RMSNorm (:class:`qwen_export.export.modeling.RMSNorm`, variance in float32) is, after cleanup::
 
     [Cast(x, to=FLOAT)] -> Pow(., 2) -> ReduceMean(axes=[-1], keepdims=1) -> Add(., eps) -> Sqrt
         -> Reciprocal -> Mul(x', .) -> [Cast(., to=x.dtype)] -> Mul(weight, .)
@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from .base import MS_DOMAIN, FusionError, PassResult, explain_to, op_histogram, require_count
+from qwen_export.passes.base import MS_DOMAIN, FusionError, PassResult, explain_to, op_histogram, require_count
 
 __all__ = ["RMS_RULE", "SKIP_RULE", "FusionError", "RMSNormFusion"]
 

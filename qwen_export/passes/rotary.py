@@ -1,6 +1,6 @@
 """Rotary-embedding recognition: ``x * cos + rotate_half(x) * sin`` -> ``com.microsoft::RotaryEmbedding``.
 
-The traced rotary (:meth:`qwen_export.modeling.QwenForExport._rotary` and ``Attention.forward``) is,
+The traced rotary (:meth:`qwen_export.export.modeling.QwenForExport._rotary` and ``Attention.forward``) is,
 after cleanup, for x of shape [B, H, S, D] and h = D/2::
 
     freqs = Mul(Unsqueeze(Cast(position_ids, to=FLOAT), [2]), inv_freq[1, 1, h])
@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from .base import MS_DOMAIN, PassResult, constant_array, explain_to, op_histogram, require_count
+from qwen_export.passes.base import MS_DOMAIN, PassResult, constant_array, explain_to, op_histogram, require_count
 
 RULE = "rotary"
 COS_CACHE, SIN_CACHE = "rotary.cos_cache", "rotary.sin_cache"

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .numeric import (
+from qwen_export.quant.numeric import (
     BlockQuantized,
     _geometry,
     block_chunks,
@@ -46,7 +46,7 @@ from .numeric import (
     resolve_block_size,
     scales_shape,
 )
-from .scheme import QuantAlgorithm
+from qwen_export.quant.scheme import QuantAlgorithm
 
 #: clipping ratios tried by :func:`clip_search` (1.0, no clipping, first so ties keep RTN), and for
 #: symmetric schemes the ratios also tried with the block's extreme mapped to the top code instead

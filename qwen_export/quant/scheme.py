@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from ..errors import OptionError
+from qwen_export.errors import OptionError
 
 #: ``QuantScheme.block_size`` meaning one block spanning the whole quantized axis (per-channel).
 PER_CHANNEL = 0

@@ -2,7 +2,7 @@
 
 A quantized weight becomes two or three initializers (codes, scales, zero points) derived from one
 quantization of one source tensor (anything with ``.numpy()``: a
-:class:`~qwen_export.trace.CheckpointTensor`, a :class:`~qwen_export.passes.packed_qkv.ConcatTensor`,
+:class:`~qwen_export.export.trace.CheckpointTensor`, a :class:`~qwen_export.passes.packed_qkv.ConcatTensor`,
 an ``ir.Tensor``). They share a :class:`SharedQuantization`: the first part read reads the source
 and quantizes it once, computing every part's array; each part's array is dropped as soon as that
 part has been read, so after the codes were written only the (small) scales and zero points are
@@ -10,7 +10,7 @@ held, and nothing once all parts were read (the writer writes initializers in or
 parts are written one after the other). Reading a part again recomputes everything (correct, slower).
 
 :class:`StoredQuantization` is the same contract for a quantization that is read, not computed: the
-codes, scales and zero points a pre-quantized (AWQ/GPTQ) checkpoint stores (:mod:`qwen_export.prequant`).
+codes, scales and zero points a pre-quantized (AWQ/GPTQ) checkpoint stores (:mod:`qwen_export.quant.prequant`).
 
 Three layouts (:func:`dequantize_linear_initializers`, :func:`matmulnbits_initializers`,
 :func:`gather_block_quantized_initializers`, see :mod:`.numeric` for the byte formats), and
@@ -28,10 +28,10 @@ from typing import Any, BinaryIO
 import numpy as np
 import onnx_ir as ir
 
-from . import numeric
-from .algorithms import quantize
-from .numeric import BlockQuantized
-from .scheme import QuantAlgorithm
+from qwen_export.quant import numeric
+from qwen_export.quant.algorithms import quantize
+from qwen_export.quant.numeric import BlockQuantized
+from qwen_export.quant.scheme import QuantAlgorithm
 
 #: scale dtypes the graph may hold (DequantizeLinear: scale dtype = output dtype; MatMulNBits /
 #: GatherBlockQuantized: scales dtype = the activation / output dtype).
@@ -155,7 +155,7 @@ class StoredQuantization(SharedQuantization):
     ``source``: the float view of the weight W [K, N] (its shape and dtype; never read here);
     ``stored``: anything with ``shape`` (K, N), ``bits``, ``block_size`` and
     ``block_quantized(symmetric, scale_dtype) -> BlockQuantized`` [K, N] along axis 0 (e.g.
-    :class:`qwen_export.prequant.StoredLinear`): the stored codes with the requested signedness (signed
+    :class:`qwen_export.quant.prequant.StoredLinear`): the stored codes with the requested signedness (signed
     codes and no zero points when ``symmetric``) and scales rounded to the graph's scale dtype.
 
     ``positive_scales``: the graph needs every scale > 0 (TensorRT). GPTQ and AWQ store positive

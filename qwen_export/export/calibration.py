@@ -1,0 +1,218 @@
+"""Calibration activations for AWQ: the inputs of every linear layer group on a calibration text.
+
+:func:`collect_activation_stats` runs the checkpoint's model in PyTorch on the CPU, in float32, one
+decoder layer at a time (only that layer's weights are in memory): the embedding rows of the
+calibration tokens, then each layer with hooks on its projections' inputs, then the final norm
+(for an untied lm_head). The text is split into sequences of at most :data:`SEQUENCE_LENGTH`
+tokens, each run as its own causal sequence (no padding, no KV cache).
+
+Groups (one input shared by the group's weights), each with ``mean_abs`` [K] (float64, over every
+calibration token) and ``sample`` [T <= max_rows, K] (float32, evenly spaced tokens):
+
+- ``layers.{i}.qkv``: input of q/k/v (``input_layernorm``'s output);
+- ``layers.{i}.o``: input of o_proj (the attention output);
+- ``layers.{i}.gate_up``: input of gate/up (``post_attention_layernorm``'s output);
+- ``layers.{i}.down``: input of down_proj (``silu(gate) * up``);
+- ``lm_head``: input of an untied lm_head (``model.norm``'s output).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qwen_export.errors import OptionError
+from qwen_export.spec import ModelSpec
+
+#: Tokens per calibration sequence (longer texts are split); bounds the attention's memory.
+SEQUENCE_LENGTH = 512
+#: Calibration tokens used at most (the rest of a long file is ignored).
+MAX_TOKENS = 4096
+#: A calibration file must give at least this many tokens.
+MIN_TOKENS = 32
+
+#: The built-in calibration text (about 300 tokens of prose, code and data): used when the export
+#: is not given ``--calibration FILE``.
+DEFAULT_TEXT = """\
+The history of computing is a story of abstraction. Early programmers wrote machine code by hand,
+then assemblers and compilers let them describe what to compute instead of how. Today a language
+model can be exported to a portable graph, quantized to four bits, and run on a laptop.
+
+def merge_sorted(a: list[int], b: list[int]) -> list[int]:
+    \"\"\"Merge two sorted lists into one sorted list.\"\"\"
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        if a[i] <= b[j]:
+            out.append(a[i]); i += 1
+        else:
+            out.append(b[j]); j += 1
+    return out + a[i:] + b[j:]
+
+Q: What is the capital of France, and why is it famous?
+A: Paris. It is known for the Eiffel Tower, the Louvre museum, its cafés and its long history.
+
+SELECT name, COUNT(*) AS orders FROM customers JOIN orders USING (customer_id)
+WHERE created_at >= '2024-01-01' GROUP BY name ORDER BY orders DESC LIMIT 10;
+
+{"model": "qwen", "layers": 24, "hidden_size": 896, "tags": ["chat", "code", "math"]}
+
+In 1905 Albert Einstein published four papers that changed physics: the photoelectric effect,
+Brownian motion, special relativity and the equivalence of mass and energy, E = mc^2.
+Solve for x: 3x + 7 = 22, so 3x = 15 and x = 5. 今天天气很好，我们去公园散步吧。
+"""
+
+
+@dataclasses.dataclass
+class Stats:
+    """Calibration statistics of one linear input: mean |x| per channel and a sample of rows."""
+
+    mean_abs: np.ndarray  # [K] float64
+    sample: np.ndarray  # [T, K] float32
+
+
+def calibration_text(path: Path | None) -> tuple[str, str]:
+    """``(text, source)``: the file's text (UTF-8) and its name, or the built-in text."""
+    if path is None:
+        return DEFAULT_TEXT, "built-in"
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise OptionError(f"--calibration {str(path)!r}: file not found") from None
+    except OSError as exc:
+        raise OptionError(f"--calibration {str(path)!r}: cannot read it ({exc.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OptionError(f"--calibration {str(path)!r}: not UTF-8 text (byte {exc.start})") from None
+    return text, path.name
+
+
+def calibration_tokens(tokenizer: Any, text: str, source: str) -> list[int]:
+    """Token ids of ``text`` (at most :data:`MAX_TOKENS`); OptionError when under :data:`MIN_TOKENS`."""
+    ids = [int(i) for i in tokenizer.encode(text)][:MAX_TOKENS]
+    if len(ids) < MIN_TOKENS:
+        raise OptionError(
+            f"--calibration {source!r}: {len(ids)} tokens; calibration needs at least {MIN_TOKENS} tokens of text"
+        )
+    return ids
+
+
+class _Recorder:
+    """Accumulates the inputs of one group over the calibration sequences."""
+
+    def __init__(self) -> None:
+        self.rows: list[np.ndarray] = []
+
+    def add(self, x: Any) -> None:
+        self.rows.append(x.detach().reshape(-1, x.shape[-1]).float().numpy().copy())
+
+    def stats(self, max_rows: int) -> Stats:
+        x = np.concatenate(self.rows, axis=0)
+        mean_abs = np.mean(np.abs(x.astype(np.float64)), axis=0)
+        if x.shape[0] > max_rows:
+            x = x[np.linspace(0, x.shape[0] - 1, max_rows).round().astype(np.int64)]
+        return Stats(mean_abs=mean_abs, sample=np.ascontiguousarray(x, dtype=np.float32))
+
+
+def _embed(checkpoint: Any, ids: list[int], hidden: int) -> np.ndarray:
+    """Embedding rows of ``ids`` [T, H] float32, read in row blocks (never the whole table)."""
+    name = "model.embed_tokens.weight"
+    vocab = checkpoint.shape(name)[0]
+    wanted = np.asarray(ids, dtype=np.int64)
+    if wanted.min() < 0 or wanted.max() >= vocab:
+        raise OptionError(f"calibration token id out of range for a vocabulary of {vocab}")
+    out = np.empty((len(ids), hidden), np.float32)
+    step = max(1, (64 << 20) // max(1, 4 * hidden))
+    for start in range(0, vocab, step):
+        hit = (wanted >= start) & (wanted < start + step)
+        if hit.any():
+            block = checkpoint.read_rows(name, start, min(vocab, start + step))
+            out[hit] = block[wanted[hit] - start].astype(np.float32)
+    return out
+
+
+def _load_params(module: Any, prefix: str, spec: ModelSpec, checkpoint: Any) -> None:
+    """Fill ``module``'s parameters from the checkpoint (``*.weight_t``: the HF weight transposed)."""
+    import torch
+
+    from qwen_export.export.trace import _binding_for
+
+    for pname, param in module.named_parameters():
+        binding = _binding_for(f"{prefix}.{pname}", spec)
+        assert binding.hf_name is not None
+        array = checkpoint.read(binding.hf_name)
+        if binding.transpose:
+            array = array.T
+        if tuple(array.shape) != tuple(param.shape):
+            raise OptionError(f"calibration: {binding.hf_name} has shape {array.shape}, expected {tuple(param.shape)}")
+        param.data = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def collect_activation_stats(
+    checkpoint: Any, spec: ModelSpec, token_ids: list[int], max_rows: int = 512
+) -> dict[str, Stats]:
+    """Statistics of every linear input group on ``token_ids`` (see the module docstring)."""
+    import torch
+
+    from qwen_export.export.modeling import DecoderLayer, QwenForExport, RMSNorm
+    from qwen_export.spec import LogitsMode
+
+    inv_freq, rope_scale = spec.rope_inv_freq_and_scale()
+    helper = types.SimpleNamespace(
+        spec=spec,
+        dtype=torch.float32,
+        rotary_inv_freq=torch.as_tensor(np.asarray(inv_freq, dtype=np.float32)),
+        rope_scale=rope_scale,
+        logits_mode=LogitsMode.ALL,
+    )
+    embedded = _embed(checkpoint, token_ids, spec.hidden_size)
+    bounds = list(range(0, len(token_ids), SEQUENCE_LENGTH))
+    hidden = [torch.from_numpy(embedded[b : b + SEQUENCE_LENGTH].copy())[None] for b in bounds]
+    del embedded
+    extras = []
+    for x in hidden:
+        s = x.shape[1]
+        positions = torch.arange(s, dtype=torch.int64)[None]
+        cos, sin = QwenForExport._rotary(helper, positions)  # type: ignore[arg-type]
+        masks = QwenForExport._masks(helper, torch.ones(1, s, dtype=torch.int64), torch.arange(s)[:, None])  # type: ignore[arg-type]
+        extras.append((cos, sin, masks))
+    empty_kv = torch.zeros(1, spec.num_key_value_heads, 0, spec.head_dim, dtype=torch.float32)
+    stats: dict[str, Stats] = {}
+    with torch.no_grad():
+        for i in range(spec.num_hidden_layers):
+            with torch.device("cpu"):
+                layer = DecoderLayer(spec, i, torch.float32).eval()
+            _load_params(layer, f"model.layers.{i}", spec, checkpoint)
+            groups = {f"layers.{i}.{g}": _Recorder() for g in ("qkv", "o", "gate_up", "down")}
+            targets = {
+                "qkv": layer.self_attn.q_proj,
+                "o": layer.self_attn.o_proj,
+                "gate_up": layer.mlp.gate_proj,
+                "down": layer.mlp.down_proj,
+            }
+            handles = [
+                module.register_forward_pre_hook(lambda _m, args, r=groups[f"layers.{i}.{g}"]: r.add(args[0]))
+                for g, module in targets.items()
+            ]
+            try:
+                for j, x in enumerate(hidden):
+                    cos, sin, masks = extras[j]
+                    hidden[j], _, _ = layer(x, cos, sin, masks[spec.layer_types[i]], empty_kv, empty_kv)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            stats.update({name: rec.stats(max_rows) for name, rec in groups.items()})
+            del layer, groups, targets
+        if not spec.tie_word_embeddings:
+            norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, torch.float32)
+            _load_params(norm, "model.norm", spec, checkpoint)
+            rec = _Recorder()
+            for x in hidden:
+                rec.add(norm(x))
+            stats["lm_head"] = rec.stats(max_rows)
+    return stats

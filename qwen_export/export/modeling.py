@@ -1,0 +1,293 @@
+"""Export-oriented PyTorch Qwen decoder with explicit KV-cache inputs and outputs.
+
+This module exists only to be traced by ``torch.onnx.export``; it is built on the ``meta`` device so
+no weight is ever materialised (the tracer only needs shapes and dtypes). Real weights are bound to
+the ONNX initializers afterwards, tensor by tensor (see :mod:`qwen_export.export.trace`).
+
+Layout choices that make the traced graph ready for ONNX Runtime:
+
+- linear weights are stored transposed, ``[in, out]`` (initializer ``<hf name>_t``), so each
+  projection is one ``MatMul`` with no ``Transpose`` in front of it;
+- the rotary ``inv_freq`` is an initializer (``rotary.inv_freq``) computed from the ModelSpec in
+  float32, YaRN included; cos/sin are computed from ``position_ids`` in the graph, in float32;
+- RMSNorm statistics and the attention softmax are computed in float32 whatever the weight dtype
+  (Qwen overflows fp16 otherwise), exactly as transformers' eager implementation does;
+- the mask is built in the graph from ``attention_mask`` (padding), causality and, for sliding
+  layers, the window, in KV-cache coordinates as transformers does; masked scores use the dtype's
+  most negative finite value so fully-masked padding rows give finite (ignored) outputs.
+
+Fixed-capacity KV buffers (``cache_position`` given; the TensorRT graph, ``CacheIO.SCATTER``): the
+past buffers are [B, KV, capacity, D]; the new keys/values are scattered at ``cache_position``
+(the same columns for every row) and attention reads the first ``attention_mask.shape[1]``
+columns, with the query heads of each KV head stacked so no key/value is repeated per head.
+
+Forward signature (canonical IO, DESIGN.md §4)::
+
+    input_ids [B, S] int64, attention_mask [B, P+S] int64, position_ids [B, S] int64,
+    past [2*L tensors: key_i, value_i, each [B, KV, P, D]]
+      -> logits [B, 1 or S, V] float32, present [2*L tensors [B, KV, P+S, D]]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qwen_export.spec import LayerType, LogitsMode, ModelSpec
+
+
+class Linear(nn.Module):
+    """``y = x @ weight_t + bias`` with the weight stored as [in, out]."""
+
+    def __init__(self, fan_in: int, fan_out: int, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight_t = nn.Parameter(torch.empty(fan_in, fan_out, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(fan_out, dtype=dtype), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.weight_t)
+        return y + self.bias if self.bias is not None else y
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with the variance in float32 (transformers' Qwen2RMSNorm)."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        h = x.to(torch.float32)
+        variance = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(variance + self.eps)
+        return self.weight * h.to(in_dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.spec = spec
+        h = spec.hidden_size
+        self.q_proj = Linear(h, spec.q_size, spec.qkv_bias, dtype)
+        self.k_proj = Linear(h, spec.kv_size, spec.qkv_bias, dtype)
+        self.v_proj = Linear(h, spec.kv_size, spec.qkv_bias, dtype)
+        self.o_proj = Linear(spec.q_size, h, spec.o_bias, dtype)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
+        self.sliding = spec.layer_types[layer] is LayerType.SLIDING
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+        cache_position: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values (the KV cache) for every new token; with ``last_only`` the output
+        projection runs on the last token's attention output only."""
+        spec = self.spec
+        b, s = x.shape[0], x.shape[1]
+        d, heads, kv_heads = spec.head_dim, spec.num_attention_heads, spec.num_key_value_heads
+        q = self.q_proj(x).view(b, s, heads, d)
+        k = self.k_proj(x).view(b, s, kv_heads, d)
+        v = self.v_proj(x).view(b, s, kv_heads, d).transpose(1, 2)
+        if spec.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache_position is None:
+            present_k = torch.cat([past_k, k], dim=2)
+            present_v = torch.cat([past_v, v], dim=2)
+            out = self._attend_repeated(q, present_k, present_v, mask, x.dtype)
+        else:
+            # fixed-capacity buffers: write the new rows at cache_position, attend over the first
+            # W = mask width columns (columns not yet written are masked out)
+            idx = cache_position[None, None, :, None].expand(b, kv_heads, s, d)
+            present_k = past_k.scatter(2, idx, k)
+            present_v = past_v.scatter(2, idx, v)
+            width = mask.shape[-1]
+            out = self._attend_grouped(q, present_k[:, :, :width], present_v[:, :, :width], mask, x.dtype)
+        out = out.transpose(1, 2).reshape(b, s, heads * d)
+        if last_only:
+            out = out[:, -1:]
+        return self.o_proj(out), present_k, present_v
+
+    def _attend_repeated(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """[B, H, S, D] attention over keys/values repeated to every query head (transformers'
+        ``repeat_kv``; the ONNX Runtime and OpenVINO fusions match this form)."""
+        b, kv_heads, total, d = keys.shape
+        heads, groups = self.spec.num_attention_heads, self.spec.kv_groups
+        k_all = keys[:, :, None].expand(b, kv_heads, groups, total, d).reshape(b, heads, total, d)
+        v_all = values[:, :, None].expand(b, kv_heads, groups, total, d).reshape(b, heads, total, d)
+        scores = torch.matmul(q, k_all.transpose(2, 3)).to(torch.float32) * (d**-0.5)
+        probs = torch.softmax(scores + mask, dim=-1).to(dtype)
+        return torch.matmul(probs, v_all)
+
+    def _attend_grouped(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The same attention without copying keys/values per query head: the G query heads of a
+        KV head are stacked along the sequence axis ([B, KV, G*S, D]), so each KV head is one
+        MatMul operand. Scores and softmax in float32; mask [B, 1, S, W] broadcast over G."""
+        b, kv_heads, width, d = keys.shape
+        groups, s = self.spec.kv_groups, q.shape[2]
+        qg = q.reshape(b, kv_heads, -1, d)  # -1: a traced G*S would be shared across layers
+        scores = torch.matmul(qg, keys.transpose(2, 3)).to(torch.float32) * (d**-0.5)
+        scores = scores.reshape(b, kv_heads, groups, s, width) + mask[:, :, None]
+        probs = torch.softmax(scores, dim=-1).to(dtype).reshape(b, kv_heads, -1, width)
+        return torch.matmul(probs, values).reshape(b, kv_heads * groups, s, d)
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate_proj = Linear(spec.hidden_size, spec.intermediate_size, False, dtype)
+        self.up_proj = Linear(spec.hidden_size, spec.intermediate_size, False, dtype)
+        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, False, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.self_attn = Attention(spec, layer, dtype)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.mlp = MLP(spec, dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+        cache_position: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pre-norm attention and MLP blocks with their residuals; every node of a layer is traced
+        inside this module's scope (``model.layers.{i}``), which :mod:`qwen_export.export.trace` relies on.
+
+        ``last_only`` (the last layer of a graph that returns the last position's logits only):
+        the layer still writes every new token's keys/values to the KV cache, but only the last
+        token goes through the output projection, the residuals and the MLP; the other tokens'
+        hidden states would feed nothing. Output [B, 1, H]."""
+        h, present_k, present_v = self.self_attn(
+            self.input_layernorm(x), cos, sin, mask, past_k, past_v, cache_position, last_only
+        )
+        if last_only:
+            x = x[:, -1:]
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, present_k, present_v
+
+
+class Backbone(nn.Module):
+    """Holds parameters under the same names as transformers' ``model.*`` (weights suffixed ``_t``)."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, dtype) for i in range(spec.num_hidden_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+
+
+class QwenForExport(nn.Module):
+    """The traced module. Construct it under ``torch.device("meta")``."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, logits: LogitsMode, prune_last_layer: bool = False) -> None:
+        """``prune_last_layer`` (``LogitsMode.LAST`` only): the last decoder layer computes its
+        output for the last token only (see ``DecoderLayer.forward``), which saves about 1/L of a
+        prefill's matmul work."""
+        super().__init__()
+        if prune_last_layer and logits is not LogitsMode.LAST:
+            raise ValueError("prune_last_layer needs LogitsMode.LAST: every position's hidden state is needed")
+        self.spec, self.dtype, self.logits_mode = spec, dtype, logits
+        self.prune_last_layer = prune_last_layer
+        self.model = Backbone(spec, dtype)
+        if not spec.tie_word_embeddings:
+            self.lm_head = Linear(spec.hidden_size, spec.vocab_size, False, dtype)
+        self.rotary_inv_freq = nn.Parameter(torch.empty(spec.head_dim // 2, dtype=torch.float32), requires_grad=False)
+        _, self.rope_scale = spec.rope_inv_freq_and_scale()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past_key_values: list[torch.Tensor],
+        cache_position: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``cache_position`` [S] (fixed-capacity KV buffers only): the buffer columns the new
+        tokens are written to; without it the new tokens follow the ``past`` columns."""
+        spec = self.spec
+        s = input_ids.shape[1]
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self._rotary(position_ids)
+        if cache_position is None:
+            q_pos = torch.arange(s, device=input_ids.device)[:, None] + past_key_values[0].shape[2]
+        else:
+            q_pos = cache_position[:, None]
+        masks = self._masks(attention_mask, q_pos)
+        presents: list[torch.Tensor] = []
+        last = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
+            mask = masks[spec.layer_types[i]]
+            pruned = self.prune_last_layer and i == last
+            past_k, past_v = past_key_values[2 * i], past_key_values[2 * i + 1]
+            x, pk, pv = layer(x, cos, sin, mask, past_k, past_v, cache_position, pruned)
+            presents += [pk, pv]
+        if self.logits_mode is LogitsMode.LAST and not self.prune_last_layer:
+            x = x[:, -1:, :]
+        x = self.model.norm(x)
+        if spec.tie_word_embeddings:
+            # Gemm(transB=1) reads the [vocab, hidden] embedding as is: no transposed copy of the
+            # largest tensor is made (a Transpose would be constant-folded by the engine).
+            b, s_out = x.shape[0], x.shape[1]
+            flat = nn.functional.linear(x.reshape(b * s_out, spec.hidden_size), self.model.embed_tokens.weight)
+            logits = flat.reshape(b, s_out, spec.vocab_size)
+        else:
+            logits = self.lm_head(x)
+        return logits.to(torch.float32), presents
+
+    def _rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [B, 1, S, D], computed in float32 then cast (transformers' Qwen2RotaryEmbedding)."""
+        freqs = position_ids.to(torch.float32)[:, :, None] * self.rotary_inv_freq[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.rope_scale
+        sin = emb.sin() * self.rope_scale
+        return cos.to(self.dtype)[:, None], sin.to(self.dtype)[:, None]
+
+    def _masks(self, attention_mask: torch.Tensor, q_pos: torch.Tensor) -> dict[LayerType, torch.Tensor]:
+        """Additive masks [B, 1, S, W] (float32, W = mask width) for full and, when present,
+        sliding layers; ``q_pos`` [S, 1] holds the new tokens' KV-cache columns."""
+        total = attention_mask.shape[1]
+        k_pos = torch.arange(total, device=attention_mask.device)[None, :]
+        allowed = (k_pos <= q_pos)[None, None] & (attention_mask[:, None, None, :] > 0)
+        neg = torch.finfo(torch.float32).min
+        zero = torch.zeros((), dtype=torch.float32, device=attention_mask.device)
+        low = torch.full((), neg, dtype=torch.float32, device=attention_mask.device)
+        out = {LayerType.FULL: torch.where(allowed, zero, low)}
+        if self.spec.sliding_window is not None and self.spec.has_sliding_layers:
+            window = (k_pos > q_pos - self.spec.sliding_window)[None, None]
+            out[LayerType.SLIDING] = torch.where(allowed & window, zero, low)
+        return out

@@ -1,0 +1,418 @@
+"""export(): load -> trace -> passes -> lower -> emit, as one straight-line function.
+
+Peak memory: tracing runs on the meta device and weights are bound lazily, so the only weight
+memory is the tensor being written (plus the small ones the cleanup pass folds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qwen_export import artifact
+from qwen_export.errors import CheckpointError, EngineUnavailableError, OptionError
+from qwen_export.export.checkpoint import Checkpoint
+from qwen_export.quant.scheme import QuantAlgorithm, QuantScheme
+from qwen_export.runtime.tokenizer import Tokenizer
+from qwen_export.spec import CacheIO, DType, LogitsMode, ModelSpec, Target
+
+#: Default cap on the context an artifact is exported for (the config may say 128K+). A fused ONNX
+#: Runtime artifact preallocates a KV buffer of this many tokens per sequence (Qwen2.5-0.5B fp32:
+#: 24 KiB per token, 96 MiB at 4096), so the default stays modest; ``--max-length`` raises it.
+DEFAULT_MAX_LENGTH_CAP = 4096
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+OPTIONAL_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    target: Target = Target.ONNXRUNTIME
+    dtype: DType = DType.FP32
+    logits: LogitsMode = LogitsMode.LAST
+    max_length: int | None = None  # default: min(config max_position_embeddings, DEFAULT_MAX_LENGTH_CAP)
+    overwrite: bool = False
+    fuse: bool = True  # run the target's fusion passes (False: cleanup only, concat KV cache)
+    strict: bool = True  # a fusion firing fewer times than the architecture needs is an error
+    explain: bool = False  # report each fusion's nearest misses through ExportHooks.message
+    dump_dir: Path | None = None  # write the model after each phase there (NN-phase/model.onnx)
+    quant: QuantScheme | None = None  # quantize the weights (int8/int4); None: weights in ``dtype``
+    accuracy_level: int = 4  # MatMulNBits' activation accuracy (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
+    calibration: Path | None = None  # AWQ calibration text (UTF-8); None: the built-in text
+    max_batch: int = 1  # TensorRT: the batch its optimization profiles are built for (build-engine may change it)
+
+    def __post_init__(self) -> None:
+        if self.accuracy_level not in range(5):
+            raise OptionError(f"--accuracy-level must be 0, 1, 2, 3 or 4, got {self.accuracy_level}")
+        if self.calibration is not None and (self.quant is None or self.quant.algorithm is not QuantAlgorithm.AWQ):
+            raise OptionError("--calibration only applies to --algorithm awq")
+        if self.target is not Target.ONNXRUNTIME and not self.fuse:
+            raise OptionError(
+                f"--no-fuse applies to --target onnxruntime only; {self.target.value} fuses attention, RoPE and "
+                "RMSNorm itself when it compiles the model"
+            )
+        if self.max_batch < 1:
+            raise OptionError(f"--max-batch must be at least 1, got {self.max_batch}")
+        if self.target is Target.TENSORRT and self.quant is not None and not self.quant.symmetric:
+            raise OptionError(
+                "--target tensorrt needs symmetric weights (TensorRT requires DequantizeLinear zero points of "
+                "zero); drop --asymmetric"
+            )
+
+    @property
+    def graph_dtype(self) -> DType:
+        """The traced graph's dtype. OpenVINO keeps the graph in fp32 and stores fp16 weights
+        compressed (decompressed on load; its CPU plugin picks the compute precision at run time):
+        an fp16 graph's casts around softmax would hide the attention from its SDPA fusion."""
+        return DType.FP32 if self.target is Target.OPENVINO else self.dtype
+
+    def resolved_max_length(self, spec: ModelSpec) -> int:
+        if self.max_length is None:
+            return min(spec.max_position_embeddings, DEFAULT_MAX_LENGTH_CAP)
+        if self.max_length <= 0:
+            raise OptionError(f"--max-length must be positive, got {self.max_length}")
+        return self.max_length
+
+
+@dataclasses.dataclass
+class ExportHooks:
+    """Progress callbacks: ``step(name)`` when a phase starts, ``write_progress(done, total)`` bytes."""
+
+    step: Callable[[str], None] = lambda name: None
+    write_progress: Callable[[int, int], None] = lambda done, total: None
+    message: Callable[[str], None] = lambda text: None
+
+
+def export(
+    checkpoint_dir: str | Path, out_dir: str | Path, options: ExportOptions, hooks: ExportHooks | None = None
+) -> artifact.Manifest:
+    """Export a Hugging Face Qwen checkpoint to an artifact directory; return its manifest.
+
+    SIGTERM is turned into :class:`artifact.Terminated` (a KeyboardInterrupt) for the whole export,
+    tracing included, so a terminated export unwinds like Ctrl-C and leaves nothing behind.
+    """
+    with artifact.sigterm_raises():
+        return _export(checkpoint_dir, out_dir, options, hooks)
+
+
+def _export(
+    checkpoint_dir: str | Path, out_dir: str | Path, options: ExportOptions, hooks: ExportHooks | None
+) -> artifact.Manifest:
+    hooks = hooks or ExportHooks()
+    options = _target_quantization(options, hooks)
+    timer = _PhaseTimer(hooks)
+    out = Path(out_dir)
+    artifact.check_output_dir(out, options.overwrite)
+    timer.start("load")
+    ckpt = Checkpoint.open(checkpoint_dir)
+    spec = ckpt.spec
+    ckpt.validate(spec)
+    tokenizer_files = _tokenizer_files(ckpt.directory)
+    max_length = options.resolved_max_length(spec)
+    if options.quant is not None:  # option errors before the slow part
+        from qwen_export.passes.quantize import check_scheme
+
+        check_scheme(options.quant, spec.num_hidden_layers)
+    calibration: dict[str, Any] | None = None
+    stats = None
+    if options.quant is not None and options.quant.algorithm is QuantAlgorithm.AWQ:
+        from qwen_export.export import calibration as calib
+
+        text, source = calib.calibration_text(options.calibration)
+        ids = calib.calibration_tokens(Tokenizer.from_dir(ckpt.directory), text, source)
+        calibration = {"tokens": len(ids), "source": source}
+        timer.start("calibrate")
+        stats = calib.collect_activation_stats(ckpt, spec, ids)
+
+    timer.start("trace")
+    from qwen_export.export.trace import TraceOptions, bind_weights, trace
+
+    cache = CacheIO.SCATTER if options.target is Target.TENSORRT else CacheIO.CONCAT
+    model = trace(spec, TraceOptions(dtype=options.graph_dtype, logits=options.logits, cache=cache))
+    bind_weights(model, spec, ckpt)
+
+    timer.start("passes")
+    from qwen_export.export.pass_pipeline import run_pipeline
+
+    dump = _Dumper(options.dump_dir)
+    dump("traced", model)
+    context = _PassContext(options, max_length, hooks, calibration_stats=stats)
+    records, kv_layout = run_pipeline(model, spec, options.target, options.fuse, context, dump)
+
+    timer.start("emit")
+    with artifact.write_artifact(out, options.overwrite) as staging:
+        # tokenizer and generation config first: genai_config.json takes its eos ids from them
+        _copy_tokenizer(ckpt.directory, staging.path, tokenizer_files)
+        _write_generation_config(ckpt.directory, staging.path, spec)
+        target_extra = _emit_for_target(
+            model, staging.path, options, spec, ckpt.directory, max_length, kv_layout, hooks
+        )
+        kv_cache = {
+            "layout": kv_layout.value,
+            "capacity": max_length,
+            "bytes_per_token": kv_bytes_per_token(spec, options.graph_dtype),
+        }
+        io_signature = target_extra.pop("io")
+        extra: dict[str, Any] = {}
+        from qwen_export.quant.prequant import record as prequant_record
+
+        source_quant = prequant_record(ckpt)
+        if options.quant is not None:
+            extra["quantization"] = quantization_record(options, context.quantization_kept)
+            if calibration is not None:
+                extra["quantization"]["calibration"] = calibration
+            if source_quant is not None:
+                extra["quantization"]["prequantized"] = source_quant
+                extra["quantization"]["requantized"] = [
+                    {"tensor": name, "reason": why} for name, why in context.quantization_requantized.items()
+                ]
+        elif source_quant is not None:
+            extra["dequantized_from"] = source_quant
+        staging.manifest_fields.update(
+            target=options.target.value,
+            dtype=options.dtype.value,
+            logits=options.logits.value,
+            spec=spec.to_dict(),
+            io=io_signature,
+            passes=records,
+            extra={
+                "max_length": max_length,
+                "kv_cache": kv_cache,
+                "source": str(Path(checkpoint_dir).resolve().name),
+                "export_seconds": timer.finish(),
+                **target_extra,
+                **extra,
+            },
+        )
+    return artifact.load_manifest(out, verify=False)
+
+
+def _emit_for_target(
+    model: Any,
+    out: Path,
+    options: ExportOptions,
+    spec: ModelSpec,
+    source: Path,
+    max_length: int,
+    kv_layout: Any,
+    hooks: ExportHooks,
+) -> dict[str, Any]:
+    """Write the engine files of ``options.target`` into ``out``; return the manifest extras
+    (``io``: the IO signature the engine sees, plus target-specific records)."""
+    if options.target is Target.OPENVINO:
+        from qwen_export.targets.openvino import engine as ov_target
+
+        ov_target.emit(
+            model, out, progress=hooks.write_progress, message=hooks.message, fp16_weights=options.dtype is DType.FP16
+        )
+        io = ov_target.io_signature(out)
+        try:
+            tokenizer_files = ov_target.write_tokenizer_ir(source, out)
+        except EngineUnavailableError as exc:  # the artifact still runs in our engine; say what is missing
+            hooks.message(f"no tokenizer IR for openvino-genai: {exc}")
+            tokenizer_files = []
+        if (source / "config.json").is_file():  # openvino-genai reads the model's config.json
+            shutil.copyfile(source / "config.json", out / "config.json")
+        return {"io": io, "openvino": {"tokenizer_ir": bool(tokenizer_files)}}
+    if options.target is Target.TENSORRT:
+        from qwen_export.targets.tensorrt import engine as trt_target
+
+        extra = trt_target.emit(
+            model,
+            out,
+            hooks.write_progress,
+            spec=spec,
+            capacity=max_length,
+            dtype=options.dtype.value,
+            max_batch=options.max_batch,
+            max_prompt=max_length,
+        )
+        return {"io": _io_signature(model), **extra}
+    from qwen_export.export.pass_pipeline import KVLayout
+    from qwen_export.targets.onnxruntime import engine as ort_target
+    from qwen_export.targets.onnxruntime.genai_config import write_genai_config
+
+    ort_target.emit(model, out, progress=hooks.write_progress)
+    io = _io_signature(model)
+    write_genai_config(
+        out,
+        spec,
+        max_length=max_length,
+        kv_layout_shared=kv_layout is KVLayout.SHARED,
+        input_names=io["inputs"],
+        output_names=io["outputs"],
+    )
+    return {"io": io}
+
+
+def _target_quantization(options: ExportOptions, hooks: ExportHooks) -> ExportOptions:
+    """Adapt the weight quantization to what the target's engine accepts; say what changed.
+
+    TensorRT (its DequantizeLinear rules): scales strictly positive; block quantization for INT4
+    only, so int8 weights are quantized per output channel; dequantization only in front of
+    MatMul/Gemm, so the embedding (and a tied lm_head, which shares it) stays in the model dtype.
+    """
+    quant = options.quant
+    if quant is None:
+        return options
+    if options.target is Target.ONNXRUNTIME:
+        quant.require_blocks(options.target.value)  # MatMulNBits / GatherBlockQuantized are blocked
+    if options.target is not Target.TENSORRT:
+        return options
+    if quant.bits == 4 and quant.per_channel:
+        raise OptionError("--target tensorrt: int4 weights need blocks (--block-size 32, 64 or 128), not per channel")
+    from qwen_export.quant.scheme import PER_CHANNEL, Keep
+
+    changes = {"positive_scales": True, "keep": quant.keep | {Keep.EMBEDDING}}
+    if quant.bits == 8 and not quant.per_channel:
+        changes["block_size"] = PER_CHANNEL
+        hooks.message(
+            f"--target tensorrt: int8 weights are quantized per output channel, not in blocks of {quant.block_size} "
+            "(TensorRT block-quantizes INT4 only)"
+        )
+    if Keep.EMBEDDING not in quant.keep:
+        hooks.message(
+            "--target tensorrt: the embedding stays in "
+            f"{options.dtype.value} (TensorRT dequantizes weights only in front of MatMul/Gemm, not Gather)"
+        )
+    return dataclasses.replace(options, quant=dataclasses.replace(quant, **changes))
+
+
+def quantization_record(options: ExportOptions, kept: dict[str, str]) -> dict[str, Any]:
+    """``manifest.extra["quantization"]``: the scheme, MatMulNBits' accuracy level and the weights
+    kept in the model dtype (``{"tensor", "reason"}`` each)."""
+    assert options.quant is not None
+    return {
+        **options.quant.to_dict(),
+        "accuracy_level": options.accuracy_level,
+        "kept": [{"tensor": name, "reason": why} for name, why in kept.items()],
+    }
+
+
+def kv_bytes_per_token(spec: ModelSpec, dtype: DType) -> int:
+    """KV-cache bytes one token costs for one sequence (keys and values of every layer)."""
+    item = 2 if dtype is DType.FP16 else 4
+    return 2 * spec.num_hidden_layers * spec.num_key_value_heads * spec.head_dim * item
+
+
+@dataclasses.dataclass(frozen=True)
+class _PassContext:
+    """What the pass pipelines read from the export: options, the artifact's context, hooks."""
+
+    options: ExportOptions
+    max_length: int
+    hooks: ExportHooks
+    quantization_kept: dict[str, str] = dataclasses.field(default_factory=dict)  # filled by the quantize pass
+    #: pre-quantized (AWQ/GPTQ) sources: weights the scheme could not take as stored -> why
+    quantization_requantized: dict[str, str] = dataclasses.field(default_factory=dict)
+    calibration_stats: Any = None  # AWQ: collect_activation_stats' result
+
+    @property
+    def explain(self) -> Any:
+        return _MessageStream(self.hooks.message) if self.options.explain else None
+
+
+class _MessageStream:
+    def __init__(self, sink: Callable[[str], None]) -> None:
+        self.sink = sink
+
+    def write(self, text: str) -> None:
+        self.sink(text)
+
+
+class _Dumper:
+    """``dump(phase, model)``: write the model after a phase into ``dump_dir/NN-phase/`` (weights
+    included, streamed) when ``--dump-dir`` was given."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = Path(root) if root is not None else None
+        self.count = 0
+        if self.root is not None:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OptionError(f"--dump-dir {self.root}: cannot create it ({exc.strerror})") from None
+
+    def __call__(self, phase: str, model: Any) -> None:
+        if self.root is None:
+            return
+        from qwen_export.onnx_writer import write_onnx
+
+        out = self.root / f"{self.count:02d}-{phase}"
+        self.count += 1
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir()
+        write_onnx(model, out, "model.onnx", "model.onnx.data")
+
+
+class _PhaseTimer:
+    """Reports each phase to the hooks and records its wall time (kept in the manifest)."""
+
+    def __init__(self, hooks: ExportHooks) -> None:
+        self.hooks = hooks
+        self.seconds: dict[str, float] = {}
+        self._phase: str | None = None
+        self._t0 = 0.0
+
+    def start(self, phase: str) -> None:
+        self.finish()
+        self.hooks.step(phase)
+        self._phase, self._t0 = phase, time.perf_counter()
+
+    def finish(self) -> dict[str, float]:
+        if self._phase is not None:
+            self.seconds[self._phase] = round(time.perf_counter() - self._t0, 3)
+            self._phase = None
+        return dict(self.seconds)
+
+
+def _tokenizer_files(directory: Path) -> list[str]:
+    """The tokenizer files to copy, after loading them once (a bad file fails before any work)."""
+    missing = [f for f in TOKENIZER_FILES if not (directory / f).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{directory}: {', '.join(missing)} missing; the artifact needs the checkpoint's tokenizer files"
+        )
+    Tokenizer.from_dir(directory)  # ConfigError naming the file: not UTF-8, too large, invalid, bad template
+    return list(TOKENIZER_FILES) + [f for f in OPTIONAL_FILES if (directory / f).is_file()]
+
+
+def _copy_tokenizer(src: Path, dst: Path, files: list[str]) -> None:
+    """Copy the tokenizer files; a single chat template is also written as ``chat_template.jinja``
+    (named templates stay in tokenizer_config.json, where the runtime picks ``tool_use`` for tools)."""
+    for name in files:
+        shutil.copyfile(src / name, dst / name)
+    template = src / "chat_template.jinja"
+    if template.is_file():
+        shutil.copyfile(template, dst / "chat_template.jinja")
+        return
+    chat = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    if isinstance(chat, str):
+        (dst / "chat_template.jinja").write_text(chat, encoding="utf-8")
+
+
+def _write_generation_config(src: Path, dst: Path, spec: ModelSpec) -> None:
+    path = src / "generation_config.json"
+    if path.is_file():
+        shutil.copyfile(path, dst / "generation_config.json")
+        return
+    eos = list(spec.eos_token_ids)
+    (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}, indent=2), encoding="utf-8")
+
+
+def _io_signature(model: Any) -> dict[str, dict[str, Any]]:
+    def describe(values: Any) -> dict[str, Any]:
+        return {
+            v.name: {
+                "dtype": str(v.dtype).lower() if v.dtype is not None else None,
+                "shape": [d if isinstance(d, int) else str(d) for d in v.shape.dims] if v.shape else None,
+            }
+            for v in values
+        }
+
+    return {"inputs": describe(model.graph.inputs), "outputs": describe(model.graph.outputs)}

@@ -1,0 +1,431 @@
+"""Engine-agnostic text generation (batch 1) over any :class:`~qwen_export.targets.base.Engine`.
+
+Sampling follows transformers' default logits-processor order: repetition penalty, temperature,
+top-k, top-p, min-p; then a draw from numpy's ``default_rng(seed)``. Streaming uses an incremental
+detokenizer (as vLLM / transformers' TextStreamer) that never splits a multi-byte UTF-8 character,
+and holds back text that could still turn into a stop string, so nothing streamed is later cut.
+
+The :class:`Generator` remembers which token ids sit in the engine's KV cache and, on the next call,
+reuses the longest common prefix with the new prompt (multi-turn chat re-feeds only the new turn).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from qwen_export.errors import GenerationError, OptionError
+from qwen_export.targets.base import Engine
+
+if TYPE_CHECKING:
+    from qwen_export.runtime.structured import Constraint
+
+__all__ = [
+    "FinishReason",
+    "GenerationConfig",
+    "GenerationEvent",
+    "GenerationResult",
+    "GenerationTimings",
+    "Generator",
+    "TextDecoder",
+    "process_logits",
+    "sample_token",
+]
+
+
+class TextDecoder(Protocol):
+    """What generation needs from a tokenizer (:class:`qwen_export.runtime.tokenizer.Tokenizer` fits)."""
+
+    @property
+    def eos_token_id(self) -> int | None: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
+
+
+class FinishReason(str, enum.Enum):
+    STOP_TOKEN = "stop_token"  # a stop token id (or the tokenizer's eos) was sampled
+    STOP_STRING = "stop_string"  # the decoded text contains one of the stop strings
+    LENGTH = "length"  # max_new_tokens reached
+    CONTEXT = "context"  # the engine's context (prompt + generated) is full
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """Sampling and stopping options; neutral values turn a step off."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy (argmax); top_k/top_p/min_p then have no effect
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off; over prompt + generated ids, as transformers
+    seed: int | None = None  # None = fresh entropy
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the tokenizer's eos token
+    stop_strings: tuple[str, ...] = ()
+    skip_special_tokens: bool = True  # leave special tokens out of the returned/streamed text
+
+    def __post_init__(self) -> None:
+        # Accept lists for the tuple fields (frozen: set through object.__setattr__).
+        for name in ("stop_token_ids", "stop_strings"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+
+    def validate(self) -> None:
+        """Raise OptionError (one line) for the first invalid value."""
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise OptionError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise OptionError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise OptionError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise OptionError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
+            raise OptionError(f"min_p must be in [0, 1] (0 = off), got {self.min_p!r}")
+        rp = self.repetition_penalty
+        if not _is_real(rp) or not math.isfinite(rp) or rp <= 0:
+            raise OptionError(f"repetition_penalty must be a finite number > 0 (1 = off), got {rp!r}")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise OptionError(f"seed must be None or an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.stop_token_ids, tuple) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise OptionError(f"stop_token_ids must be a tuple of integers >= 0, got {self.stop_token_ids!r}")
+        if not isinstance(self.stop_strings, tuple) or not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise OptionError(f"stop_strings must be a tuple of non-empty strings, got {self.stop_strings!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationTimings:
+    time_to_first_token_s: float  # from the call to the first sampled token (prefill included)
+    prefill_s: float  # the forward pass over the (non-reused) prompt
+    decode_s: float  # from the first token to the end
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    text: str  # decoded completion, cut before a stop string; stop tokens left out
+    token_ids: tuple[int, ...]  # every sampled id, the stop token included
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    reused_tokens: int  # prompt tokens served from the engine's cache instead of recomputed
+    timings: GenerationTimings
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Decode throughput (tokens after the first, per second); None when not measurable."""
+        if self.completion_tokens < 2 or self.timings.decode_s <= 0:
+            return None
+        return (self.completion_tokens - 1) / self.timings.decode_s
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationEvent:
+    """One sampled token. ``text`` is the newly decodable, safe-to-show text (may be empty);
+    the last event has ``finish_reason`` and ``result`` set."""
+
+    token_id: int
+    text: str
+    finish_reason: FinishReason | None = None
+    result: GenerationResult | None = None
+
+
+# -- sampling ---------------------------------------------------------------------------------------
+
+
+def process_logits(
+    logits: np.ndarray, config: GenerationConfig, context_ids: Sequence[int], allowed: np.ndarray | None = None
+) -> np.ndarray:
+    """Apply repetition penalty, temperature, top-k, top-p and min-p to a 1-D logits vector.
+
+    ``allowed`` (bool, same width; from a structured-output constraint) sets every other token to
+    -inf right after the repetition penalty, so greedy, top-k/top-p/min-p and sampling all pick
+    among allowed tokens only. Returns float64 scores with removed tokens set to -inf (a copy;
+    ``logits`` is untouched).
+    """
+    scores = np.array(logits, dtype=np.float64, copy=True)
+    scores[np.isnan(scores)] = -np.inf
+    if config.repetition_penalty != 1.0 and len(context_ids):
+        ids = np.unique(np.asarray(context_ids, dtype=np.int64))
+        ids = ids[(ids >= 0) & (ids < scores.shape[0])]
+        picked = scores[ids]
+        scores[ids] = np.where(picked < 0, picked * config.repetition_penalty, picked / config.repetition_penalty)
+    if allowed is not None:
+        scores[~allowed] = -np.inf
+    if config.greedy:
+        return scores
+    scores /= config.temperature
+    if config.top_k > 0 and config.top_k < scores.shape[0]:
+        kth = np.partition(scores, -config.top_k)[-config.top_k]
+        scores[scores < kth] = -np.inf  # ties with the k-th score are kept, as transformers
+    if config.top_p < 1.0:
+        order = np.argsort(scores, kind="stable")  # ascending, as transformers' TopPLogitsWarper
+        probs = _softmax(scores[order])
+        remove = np.cumsum(probs) <= 1 - config.top_p
+        remove[-1] = False  # keep at least the most likely token
+        scores[order[remove]] = -np.inf
+    if config.min_p > 0.0:
+        probs = _softmax(scores)
+        scores[probs < config.min_p * probs.max()] = -np.inf
+    return scores
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max())
+    return shifted / shifted.sum()
+
+
+def sample_token(
+    logits: np.ndarray,
+    config: GenerationConfig,
+    context_ids: Sequence[int],
+    rng: np.random.Generator,
+    allowed: np.ndarray | None = None,
+) -> int:
+    """Pick the next token id from a 1-D logits vector (argmax when ``temperature == 0``), among
+    the ``allowed`` tokens when given."""
+    scores = process_logits(logits, config, context_ids, allowed)
+    if not np.isfinite(scores).any():
+        if allowed is not None and not allowed.any():
+            raise GenerationError("the response_format grammar allows no token here")
+        raise GenerationError("the engine returned logits with no finite value (NaN/inf); the artifact is broken")
+    if config.greedy:
+        return int(np.argmax(scores))
+    probs = _softmax(scores)
+    cdf = np.cumsum(probs)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
+
+
+# -- streaming text -----------------------------------------------------------------------------
+
+
+class _IncrementalText:
+    """Decode a growing id list into text pieces that never split a UTF-8 character, and hold back
+    any tail that could be the start of a stop string."""
+
+    def __init__(self, decoder: TextDecoder, stop_strings: tuple[str, ...], skip_special_tokens: bool) -> None:
+        self._decoder = decoder
+        self._stop_strings = stop_strings
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix_offset = 0  # ids[prefix_offset:read_offset] decode to text already taken
+        self._read_offset = 0
+        self.text = ""  # all complete text decoded so far (may extend past a stop string)
+        self._emitted = 0  # chars of ``text`` handed out
+        self.stop_at: int | None = None  # index in ``text`` where a stop string starts
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._decoder.decode(ids, skip_special_tokens=self._skip)
+
+    def _take_complete(self, final: bool) -> None:
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+            before = len(self.text)
+            self.text += full[len(prefix) :]
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            self._find_stop(before)
+
+    def _find_stop(self, before: int) -> None:
+        if self.stop_at is not None:
+            return
+        hits = [pos for s in self._stop_strings if (pos := self.text.find(s, max(0, before - len(s) + 1))) >= 0]
+        if hits:
+            self.stop_at = min(hits)
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
+        longest = 0
+        for s in self._stop_strings:
+            for n in range(min(len(s) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(s[:n]):
+                    longest = n
+                    break
+        return longest
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the newly safe text."""
+        self._ids.append(token_id)
+        self._take_complete(final=False)
+        end = self.stop_at if self.stop_at is not None else len(self.text) - self._held_back()
+        return self._emit(max(end, self._emitted))
+
+    def finish(self) -> str:
+        """No more ids: return everything not yet handed out (up to a stop string)."""
+        self._take_complete(final=True)
+        return self._emit(self.stop_at if self.stop_at is not None else len(self.text))
+
+    def _emit(self, end: int) -> str:
+        piece = self.text[self._emitted : end]
+        self._emitted = max(self._emitted, end)
+        return piece
+
+
+# -- the generation loop -------------------------------------------------------------------------
+
+
+class Generator:
+    """Generate from one engine (batch 1), reusing the cached prompt prefix across calls."""
+
+    def __init__(self, engine: Engine, tokenizer: TextDecoder) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self._cached: list[int] | None = []  # ids in the engine's cache; None = unknown, reset next time
+
+    def reset(self) -> None:
+        """Forget the conversation (and the engine's cache)."""
+        self.engine.reset()
+        self._cached = []
+
+    def _forward(self, ids: Sequence[int]) -> np.ndarray:
+        """Feed ``ids`` after the cache; return the last position's logits (1-D)."""
+        cached = self._cached
+        self._cached = None  # unknown until the engine returns
+        logits = self.engine.forward(np.asarray([list(ids)], dtype=np.int64))
+        if logits.ndim != 3 or logits.shape[0] != 1 or logits.shape[1] < 1:
+            raise GenerationError(f"engine returned logits of shape {logits.shape}; expected [1, seq, vocab]")
+        self._cached = [*(cached or []), *ids]
+        return logits[0, -1]
+
+    def _prepare_cache(self, prompt: list[int]) -> int:
+        """Truncate/reset the engine so it holds a prefix of ``prompt``; return how many ids it keeps."""
+        cached = self._cached
+        if cached is None or self.engine.num_cached_tokens != len(cached):
+            cached = None  # someone else used the engine, or a forward failed
+        common = 0
+        if cached:
+            limit = min(len(cached), len(prompt) - 1)  # always feed at least one token
+            while common < limit and cached[common] == prompt[common]:
+                common += 1
+        if common == 0:
+            self.engine.reset()
+            self._cached = []
+        elif common < len(cached or ()):
+            self.engine.truncate(common)
+            self._cached = (cached or [])[:common]
+        return common
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig | None = None,
+        constraint: Constraint | None = None,
+    ) -> Iterator[GenerationEvent]:
+        """Yield one :class:`GenerationEvent` per sampled token; the last one carries the result.
+
+        Options and the prompt are checked here (OptionError / GenerationError at call time); the
+        engine runs as the iterator is consumed. Stopping early leaves the cache reusable.
+
+        ``constraint`` (:func:`qwen_export.runtime.structured.make_constraint`, single use) restricts every
+        token to what its grammar allows; once the document is complete the generation ends with
+        the eos token (appended without another forward pass, finish reason STOP_TOKEN). LENGTH
+        with a constraint means the document is incomplete.
+        """
+        config = config or GenerationConfig()
+        config.validate()
+        prompt = [int(i) for i in prompt_ids]
+        caps = self.engine.capabilities
+        if not prompt:
+            raise GenerationError("the prompt is empty; at least one token is needed")
+        bad = next((i for i in prompt if not 0 <= i < caps.vocab_size), None)
+        if bad is not None:
+            raise GenerationError(f"prompt token id {bad} is outside the vocabulary [0, {caps.vocab_size})")
+        if len(prompt) >= caps.max_context:
+            raise GenerationError(
+                f"prompt has {len(prompt)} tokens; the artifact's context is {caps.max_context}"
+                " (it must leave room for at least one new token)"
+            )
+        return self._run(prompt, config, constraint)
+
+    def _run(
+        self, prompt: list[int], config: GenerationConfig, constraint: Constraint | None = None
+    ) -> Iterator[GenerationEvent]:
+        start = time.perf_counter()
+        caps = self.engine.capabilities
+        stop_ids = set(config.stop_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            stop_ids.add(self.tokenizer.eos_token_id)
+        rng = np.random.default_rng(config.seed)
+
+        reused = self._prepare_cache(prompt)
+        logits = self._forward(prompt[reused:])
+        prefill_s = time.perf_counter() - start
+        first_token_at: float | None = None
+
+        text = _IncrementalText(self.tokenizer, config.stop_strings, config.skip_special_tokens)
+        generated: list[int] = []
+        pieces: list[str] = []
+        while True:
+            allowed = None if constraint is None else constraint.allowed(logits.shape[-1])
+            token = sample_token(logits, config, prompt + generated, rng, allowed)
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            generated.append(token)
+            reason: FinishReason | None = None
+            if token in stop_ids:
+                reason = FinishReason.STOP_TOKEN
+                piece = ""
+            else:
+                if constraint is not None:
+                    constraint.advance(token)
+                piece = text.push(token)
+                if text.stop_at is not None:
+                    reason = FinishReason.STOP_STRING
+                elif constraint is not None and constraint.done:
+                    # the document is complete: only eos may follow, so end with it now
+                    pieces.append(piece)
+                    yield GenerationEvent(token, piece)
+                    token = constraint.eos_token_id
+                    generated.append(token)
+                    reason = FinishReason.STOP_TOKEN
+                    piece = ""
+                elif len(generated) >= config.max_new_tokens:
+                    reason = FinishReason.LENGTH
+                elif len(prompt) + len(generated) >= caps.max_context:
+                    reason = FinishReason.CONTEXT
+            if reason is None:
+                pieces.append(piece)
+                yield GenerationEvent(token, piece)
+                logits = self._forward([token])
+                continue
+            piece += text.finish()
+            pieces.append(piece)
+            end = time.perf_counter()
+            result = GenerationResult(
+                text="".join(pieces),
+                token_ids=tuple(generated),
+                finish_reason=reason,
+                prompt_tokens=len(prompt),
+                completion_tokens=len(generated),
+                reused_tokens=reused,
+                timings=GenerationTimings(first_token_at - start, prefill_s, end - first_token_at),
+            )
+            yield GenerationEvent(token, piece, reason, result)
+            return
+
+    def generate_text(
+        self, prompt_ids: Sequence[int], config: GenerationConfig | None = None, constraint: Constraint | None = None
+    ) -> GenerationResult:
+        """Run :meth:`generate` to the end and return its result."""
+        for event in self.generate(prompt_ids, config, constraint):
+            if event.result is not None:
+                return event.result
+        raise GenerationError("generation ended without a result")  # unreachable: the loop always finishes

@@ -1,0 +1,89 @@
+"""What ``qwen-export inspect`` shows: op histogram, node count, file sizes, the passes that ran
+(with how often each rule fired), the KV cache layout and the onnxruntime-genai config of an artifact."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from qwen_export.artifact import Manifest
+
+
+def describe(artifact: str | Path, manifest: Manifest) -> dict[str, Any]:
+    """Op histogram of the engine graph (weights are not loaded), every file's size in bytes, one
+    summary per pass, the KV cache (``None`` when the manifest does not record it) and the genai
+    config's essentials (``None`` without ``genai_config.json``)."""
+    import onnx
+
+    root = Path(artifact)
+    info: dict[str, Any] = {"manifest": manifest.__dict__, "files": {}}
+    for name in sorted(manifest.files):
+        info["files"][name] = (root / name).stat().st_size
+    model_file = root / "model.onnx"
+    if model_file.is_file():
+        model = onnx.load(str(model_file), load_external_data=False)
+        ops = Counter(
+            (f"{n.domain}::" if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in model.graph.node
+        )
+        info["ops"] = dict(ops.most_common())
+        info["nodes"] = sum(ops.values())
+        info["initializers"] = len(model.graph.initializer)
+    ov_file = root / "openvino_model.xml"
+    if ov_file.is_file():
+        ops = _openvino_ops(ov_file)
+        info["ops"] = dict(ops.most_common())
+        info["nodes"] = sum(ops.values())
+    info["passes"] = [pass_summary(record) for record in manifest.passes if isinstance(record, dict)]
+    info["kv_cache"] = kv_cache_summary(manifest.extra.get("kv_cache"))
+    info["genai"] = _genai_summary(root / "genai_config.json") if "genai_config.json" in manifest.files else None
+    return info
+
+
+def _openvino_ops(path: Path) -> Counter[str]:
+    """Layer types of an OpenVINO IR (``<layer type="..." version="opsetN">``), read without openvino."""
+    from xml.etree import ElementTree
+
+    ops: Counter[str] = Counter()
+    for _, element in ElementTree.iterparse(path):
+        if element.tag == "layer":
+            ops[str(element.get("type"))] += 1
+            element.clear()
+    return ops
+
+
+def pass_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """``{"name", "nodes": "before -> after", "rules": "rule x3, other x0", ...}`` of one manifest pass record."""
+    fired = record.get("fired") if isinstance(record.get("fired"), dict) else {}
+    rules = ", ".join(f"{rule} x{count}" for rule, count in fired.items()) or "-"
+    return {
+        "name": str(record.get("name", "?")),
+        "changed": bool(record.get("changed", False)),
+        "nodes": f"{record.get('nodes_before', '?')} -> {record.get('nodes_after', '?')}",
+        "rules": rules,
+        "fired": dict(fired),
+    }
+
+
+def kv_cache_summary(kv: Any) -> dict[str, Any] | None:
+    """The manifest's ``extra["kv_cache"]`` plus ``bytes_per_sequence`` (capacity x bytes per token)."""
+    if not isinstance(kv, dict):
+        return None
+    out = dict(kv)
+    capacity, per_token = kv.get("capacity"), kv.get("bytes_per_token")
+    if isinstance(capacity, int) and isinstance(per_token, int):
+        out["bytes_per_sequence"] = capacity * per_token
+    return out
+
+
+def _genai_summary(path: Path) -> dict[str, Any] | None:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        return {
+            "type": config["model"]["type"],
+            "max_length": config["search"]["max_length"],
+            "past_present_share_buffer": bool(config["search"].get("past_present_share_buffer", False)),
+        }
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,286 @@
+"""The embedded runtime: ``qwen_export.load(path) -> LLM``; generate, stream and chat over any engine.
+
+Thread safety: an ``LLM`` runs one generation at a time. Calls from several threads are
+serialised by a lock (a second caller waits); a stream holds the lock until it is exhausted,
+cancelled or closed. Use one ``LLM`` per thread for parallelism.
+
+Example (``ARTIFACT`` is an exported artifact directory)::
+
+    >>> import qwen_export
+    >>> llm = qwen_export.load(ARTIFACT)
+    >>> result = llm.chat([{"role": "user", "content": "Hi!"}], max_new_tokens=8, temperature=0)
+    >>> result.finish_reason in ("stop_token", "length"), result.completion_tokens <= 8
+    (True, True)
+    >>> reply = llm.chat(
+    ...     [{"role": "user", "content": "Give me a number"}],
+    ...     response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": {
+    ...         "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+    ...         "required": ["n"], "additionalProperties": False}}},
+    ...     max_new_tokens=32, temperature=0)
+    >>> import json; sorted(json.loads(reply.text))
+    ['n']
+    >>> stream = llm.stream("Once upon a time", max_new_tokens=4, temperature=0)
+    >>> pieces = list(stream)
+    >>> stream.result.completion_tokens
+    4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from qwen_export.errors import OptionError
+from qwen_export.runtime.chat import ToolCall, parse_tool_calls
+from qwen_export.runtime.generation import (
+    GenerationConfig,
+    GenerationEvent,
+    GenerationResult,
+    GenerationTimings,
+    Generator,
+)
+from qwen_export.runtime.loader import LoadedArtifact, RuntimeOptions, open_artifact
+from qwen_export.spec import Target
+
+Message = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatResult:
+    """A chat turn: the reply text (tool-call blocks removed), its parsed tool calls and accounting."""
+
+    text: str
+    tool_calls: tuple[ToolCall, ...]
+    finish_reason: str  # stop_token | stop_string | length | context | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    reused_tokens: int  # prompt tokens served from the KV cache of earlier turns
+    timings: GenerationTimings
+    raw_text: str  # the reply as generated, tool-call blocks included
+
+    def message(self) -> dict[str, Any]:
+        """The assistant message to append to the conversation for the next turn."""
+        out: dict[str, Any] = {"role": "assistant", "content": self.text}
+        good = [c for c in self.tool_calls if c.error is None]
+        if good:
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in good
+            ]
+        return out
+
+
+class TextStream:
+    """Iterator of text pieces from one generation. ``cancel()`` (from any thread) or ``close()``
+    stops it after the current token; ``result`` is set once it has finished."""
+
+    def __init__(self, llm: LLM, events: Iterator[GenerationEvent]) -> None:
+        self._llm, self._events = llm, events
+        self._cancel = threading.Event()
+        self.result: GenerationResult | None = None
+        self.cancelled = False
+        self._closed = False
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        while not self._closed:
+            if self._cancel.is_set():
+                self.cancelled = True
+                self.close()
+                break
+            try:
+                event = next(self._events)
+            except StopIteration:
+                self.close()
+                break
+            except BaseException:  # e.g. GenerationError when the conversation outgrows the context
+                self.close()
+                raise
+            if event.result is not None:
+                self.result = event.result
+            if event.text:
+                return event.text
+        raise StopIteration
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            close = getattr(self._events, "close", None)
+            if close is not None:
+                close()
+            self._llm._lock.release()
+
+    def __del__(self) -> None:  # an abandoned stream must not keep the LLM locked
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class LLM:
+    """A loaded artifact with its tokenizer and generation defaults. Build with :func:`load`."""
+
+    def __init__(self, loaded: LoadedArtifact) -> None:
+        self.artifact = loaded
+        self.tokenizer = loaded.tokenizer
+        self.engine = loaded.engine
+        self._generator = Generator(loaded.engine, loaded.tokenizer)
+        self._lock = threading.Lock()
+
+    @property
+    def max_context(self) -> int:
+        return self.engine.capabilities.max_context
+
+    # ------------------------------------------------------------------ text in, text out
+    def generate(self, prompt: str, *, response_format: Mapping[str, Any] | None = None, **sampling: Any) -> str:
+        """Complete raw ``prompt`` (no chat template); return the text."""
+        stream = self.stream(prompt, response_format=response_format, **sampling)
+        return "".join(stream)
+
+    def stream(
+        self, prompt: str | Sequence[Message], *, response_format: Mapping[str, Any] | None = None, **sampling: Any
+    ) -> TextStream:
+        """Stream the completion of ``prompt`` (a string, fed as is) or of chat ``messages``."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = self.tokenizer.apply_chat_template_ids(list(prompt))
+        return self._start(ids, response_format, sampling)
+
+    def chat(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        **sampling: Any,
+    ) -> ChatResult:
+        """One assistant turn for OpenAI-style ``messages`` (roles system/user/assistant/tool).
+
+        ``tools`` are JSON-schema function specs rendered by the model's own chat template; the
+        reply's ``<tool_call>`` blocks come back parsed in ``tool_calls`` (malformed ones with
+        ``error`` set). Earlier turns are served from the KV cache when the prompt extends them.
+        """
+        if tools is not None and response_format is not None:
+            raise OptionError("pass either tools or response_format, not both")
+        ids = self.tokenizer.apply_chat_template_ids(list(messages), tools=tools)
+        stream = self._start(ids, response_format, sampling)
+        raw = "".join(stream)
+        result = stream.result
+        assert result is not None
+        content, calls = parse_tool_calls(raw) if tools else (raw, ())
+        return ChatResult(
+            text=content,
+            tool_calls=calls,
+            finish_reason="cancelled" if stream.cancelled else result.finish_reason.value,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            reused_tokens=result.reused_tokens,
+            timings=result.timings,
+            raw_text=raw,
+        )
+
+    def reset(self) -> None:
+        """Forget the cached conversation."""
+        with self._lock:
+            self._generator.reset()
+
+    # ------------------------------------------------------------------ internals
+    def _config(self, sampling: dict[str, Any]) -> GenerationConfig:
+        known = {f.name for f in dataclasses.fields(GenerationConfig)}
+        unknown = sorted(set(sampling) - known)
+        if unknown:
+            raise OptionError(f"unknown generation option(s) {unknown}; valid: {sorted(known)}")
+        return self.artifact.generation_config(**sampling)
+
+    def _start(self, ids: list[int], response_format: Mapping[str, Any] | None, sampling: dict[str, Any]) -> TextStream:
+        config = self._config(sampling)
+        constraint = None
+        if response_format is not None:
+            from qwen_export.runtime.structured import ResponseFormat, make_constraint
+
+            constraint = make_constraint(ResponseFormat.parse(response_format), self.tokenizer)
+        self._lock.acquire()
+        try:
+            events = (
+                self._generator.generate(ids, config, constraint=constraint)
+                if constraint is not None
+                else self._generator.generate(ids, config)
+            )
+        except BaseException:
+            self._lock.release()
+            raise
+        return TextStream(self, events)
+
+
+def load(path: str | Path, engine: str | None = None, device: str | None = None, **options: Any) -> LLM:
+    """Open an exported artifact (manifest and checksums verified) and return an :class:`LLM`.
+
+    ``engine`` defaults to the artifact's target (the manifest says which); a ``tensorrt``
+    artifact also runs on ``"onnxruntime"`` (its standard-ONNX graph on the CPU: verification
+    without a GPU). ``device``: ``"cpu"`` (ONNX Runtime, OpenVINO) or ``"cuda"`` / ``"cuda:N"``
+    (TensorRT; default device 0). ``options``: ``threads`` (engine threads, 0 = default); for
+    OpenVINO artifacts ``precision`` (f32 | bf16 | f16), ``kv_cache`` (f32 | f16 | bf16 | u8 |
+    auto), ``cache_dir`` (OpenVINO's model cache: the second load is fast) and ``attention``
+    (auto | paged | stateful; auto, the default, is paged, PagedAttention over a block cache as
+    openvino-genai runs, unless the model has sliding-window layers); for TensorRT
+    ``cuda_graphs`` (replay decode steps as CUDA graphs).
+    """
+    valid = ["threads", *OPENVINO_LOAD_OPTIONS, *TENSORRT_LOAD_OPTIONS]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise OptionError(f"unknown load option(s) {unknown}; valid: {valid}")
+    return LLM(open_artifact(path, runtime_options(engine=engine, device=device, **options)))
+
+
+OPENVINO_LOAD_OPTIONS = ("precision", "kv_cache", "cache_dir", "attention")
+TENSORRT_LOAD_OPTIONS = ("cuda_graphs",)
+
+
+def runtime_options(
+    threads: int = 0,
+    precision: str | None = None,
+    kv_cache: str | None = None,
+    cache_dir: str | Path | None = None,
+    *,
+    attention: str | None = None,
+    engine: str | None = None,
+    device: str | None = None,
+    cuda_graphs: bool | None = None,
+) -> RuntimeOptions:
+    """RuntimeOptions from plain values (CLI and :func:`load`); the OpenVINO and TensorRT ones are
+    checked against their enums here and refused by :func:`open_artifact` for other targets."""
+    chosen = Target.parse(engine, "engine") if engine is not None else None
+    ov = None
+    if precision is not None or kv_cache is not None or cache_dir is not None or attention is not None:
+        from qwen_export.targets.openvino.engine import Attention, KVCachePrecision, OpenVINOOptions, Precision
+
+        ov = OpenVINOOptions(
+            threads=threads,
+            precision=Precision.parse(precision or "f32", "precision"),
+            kv_cache=KVCachePrecision.parse(kv_cache or "f32", "kv_cache"),
+            cache_dir=Path(cache_dir) if cache_dir is not None else None,
+            attention=Attention.parse(attention or "auto", "attention"),
+        )
+    trt = None
+    cuda = device is not None and (device == "cuda" or device.startswith("cuda:"))
+    if device not in (None, "cpu") and not cuda:
+        raise OptionError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N")
+    if cuda or cuda_graphs:
+        if chosen not in (None, Target.TENSORRT):
+            raise OptionError(f"device {device!r} and CUDA graphs apply to the TensorRT engine, not {chosen.value}")
+        from qwen_export.targets.tensorrt.engine import TensorRTOptions
+
+        index = device.split(":", 1)[1] if device is not None and ":" in device else "0"
+        if not index.isdigit():
+            raise OptionError(f"device {device!r}: expected cuda:N with N a device index")
+        trt = TensorRTOptions(device=int(index), cuda_graphs=bool(cuda_graphs))
+    elif device == "cpu" and chosen is Target.TENSORRT:
+        raise OptionError("the TensorRT engine runs on cuda; use --engine onnxruntime to run this artifact on the CPU")
+    return RuntimeOptions(threads=threads, openvino=ov, engine=chosen, tensorrt=trt)

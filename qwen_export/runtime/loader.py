@@ -1,0 +1,136 @@
+"""Open an exported artifact: verify its manifest, build its engine and tokenizer.
+
+Torch-free: this is the runtime side. The engine module for the artifact's target is imported
+only here, on demand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qwen_export.artifact import Manifest, load_manifest
+from qwen_export.errors import ArtifactError, EngineUnavailableError, OptionError
+from qwen_export.runtime.generation import GenerationConfig
+from qwen_export.spec import ModelSpec, Target
+from qwen_export.targets.base import Engine
+
+if TYPE_CHECKING:
+    from qwen_export.targets.openvino.engine import OpenVINOOptions
+    from qwen_export.targets.tensorrt.engine import TensorRTOptions
+from qwen_export.runtime.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    threads: int = 0  # 0 = the engine's default
+    #: OpenVINO artifacts: compile settings (precision, KV-cache precision, CACHE_DIR, hint);
+    #: None = OpenVINO's defaults with ``threads``. Ignored by the other engines.
+    openvino: OpenVINOOptions | None = None
+    #: Which engine runs the artifact; None = its target's own. A ``--target tensorrt`` artifact can
+    #: also run on ``Target.ONNXRUNTIME`` (its standard-ONNX graph on ONNX Runtime CPU: how it is
+    #: verified on machines without TensorRT); any other combination is an OptionError.
+    engine: Target | None = None
+    #: TensorRT artifacts: engine settings (device, CUDA graphs, engine file); None = defaults.
+    tensorrt: TensorRTOptions | None = None
+
+
+@dataclasses.dataclass
+class LoadedArtifact:
+    path: Path
+    manifest: Manifest
+    engine: Engine
+    tokenizer: Tokenizer
+    generation_defaults: dict[str, Any]
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        eos = self.generation_defaults.get("eos_token_id", [])
+        eos = eos if isinstance(eos, list) else [eos]
+        return tuple(int(e) for e in eos if isinstance(e, int))
+
+    def generation_config(self, **overrides: Any) -> GenerationConfig:
+        """The checkpoint's generation_config.json sampling defaults, with ``overrides`` (None = keep)."""
+        d = self.generation_defaults
+        sample = bool(d.get("do_sample", False))
+        base: dict[str, Any] = {
+            "temperature": float(d.get("temperature", 1.0)) if sample else 0.0,
+            "top_k": int(d.get("top_k") or 0) if sample else 0,
+            "top_p": float(d.get("top_p", 1.0)) if sample else 1.0,
+            "repetition_penalty": float(d.get("repetition_penalty", 1.0)),
+            "stop_token_ids": self.stop_token_ids,
+        }
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        config = GenerationConfig(**base)
+        config.validate()
+        return config
+
+
+def open_artifact(path: str | Path, options: RuntimeOptions | None = None, verify: bool = True) -> LoadedArtifact:
+    """Verify ``path`` (manifest, checksums) and load its engine and tokenizer."""
+    options = options or RuntimeOptions()
+    root = Path(path)
+    manifest = load_manifest(root, verify=verify)
+    target = Target.parse(manifest.target, "target in manifest.json")
+    if options.openvino is not None and target is not Target.OPENVINO:
+        raise OptionError(
+            f"{root} is a {target.value} artifact; the OpenVINO options (precision, KV-cache precision, attention, "
+            "cache dir) apply to --target openvino artifacts only"
+        )
+    engine_target = _engine_for(root, target, options)
+    if engine_target is Target.ONNXRUNTIME:
+        from qwen_export.targets.onnxruntime.engine import OnnxRuntimeEngine, OrtOptions
+
+        engine: Engine = OnnxRuntimeEngine(root, manifest, OrtOptions(threads=options.threads))
+    elif engine_target is Target.TENSORRT:
+        from qwen_export.targets.tensorrt.engine import TensorRTEngine
+        from qwen_export.targets.tensorrt.engine import TensorRTOptions as _TRTOptions
+
+        try:
+            engine = TensorRTEngine(root, manifest, options.tensorrt or _TRTOptions())
+        except EngineUnavailableError as exc:
+            raise EngineUnavailableError(
+                f"{exc}; or run this artifact's ONNX on the CPU with --engine onnxruntime (load(..., "
+                "engine='onnxruntime'))"
+            ) from None
+    elif engine_target is Target.OPENVINO:
+        from qwen_export.targets.openvino.engine import Attention, OpenVINOEngine
+        from qwen_export.targets.openvino.engine import OpenVINOOptions as _OVOptions
+
+        ov_options = options.openvino or _OVOptions(threads=options.threads)
+        if ov_options.attention.resolve(ModelSpec.from_dict(manifest.spec), ov_options.precision) is Attention.PAGED:
+            from qwen_export.targets.openvino.paged import PagedOpenVINOEngine
+
+            engine = PagedOpenVINOEngine(root, manifest, ov_options)
+        else:
+            engine = OpenVINOEngine(root, manifest, ov_options)
+    else:  # pragma: no cover - every Target member is handled above
+        raise ArtifactError(f"{root}: no engine for target {target.value}")
+    tokenizer = Tokenizer.from_dir(root)
+    defaults: dict[str, Any] = {}
+    gen = root / "generation_config.json"
+    if gen.is_file():
+        try:
+            loaded = json.loads(gen.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"{gen}: invalid JSON ({exc})") from None
+        defaults = loaded if isinstance(loaded, dict) else {}
+    return LoadedArtifact(root, manifest, engine, tokenizer, defaults)
+
+
+def _engine_for(root: Path, target: Target, options: RuntimeOptions) -> Target:
+    """The engine that runs a ``target`` artifact under ``options`` (OptionError when it cannot)."""
+    if options.tensorrt is not None and target is not Target.TENSORRT:
+        raise OptionError(
+            f"device 'cuda' and the TensorRT options apply to --target tensorrt artifacts; {root} is a {target.value} "
+            "artifact, which runs on the CPU"
+        )
+    engine = options.engine or target
+    if engine is target or (target is Target.TENSORRT and engine is Target.ONNXRUNTIME):
+        if engine is not Target.TENSORRT and options.tensorrt is not None:
+            raise OptionError("the TensorRT options apply to the TensorRT engine, not --engine onnxruntime")
+        return engine
+    allowed = "onnxruntime or tensorrt" if target is Target.TENSORRT else target.value
+    raise OptionError(f"{root} is a {target.value} artifact; it runs on --engine {allowed}, not {engine.value}")

@@ -1,0 +1,210 @@
+"""The checkpoint's tokenizer and chat template, without transformers or torch.
+
+``tokenizer.json`` runs through the ``tokenizers`` library (the same Rust code transformers' fast
+tokenizers use, so ids match); ``tokenizer_config.json`` supplies the special tokens and, unless a
+``chat_template.jinja`` file is present (newer Hugging Face layout), the chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+
+from qwen_export.errors import ConfigError
+from qwen_export.runtime.chat import ChatTemplate
+
+__all__ = ["Tokenizer", "MAX_TOKENIZER_BYTES"]
+
+MAX_TOKENIZER_BYTES = 100 * 1024 * 1024  # refuse larger tokenizer files (real ones are ~10 MB)
+
+# Named special tokens passed to chat templates, as transformers' ``special_tokens_map``.
+_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _read_text(path: Path) -> str:
+    """Read a UTF-8 file of at most MAX_TOKENIZER_BYTES, or raise ConfigError naming it."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found (the checkpoint's tokenizer files are needed)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    if size > MAX_TOKENIZER_BYTES:
+        raise ConfigError(f"{path}: {size} bytes is over the {MAX_TOKENIZER_BYTES} byte limit for tokenizer files")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); expected a JSON/Jinja file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _token_content(value: Any) -> str | None:
+    """A special-token entry is a string or a serialized AddedToken ``{"content": ...}``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+class Tokenizer:
+    """Encode/decode text and render chat templates for one checkpoint.
+
+    Build with :meth:`from_dir`; the constructor takes already-loaded parts.
+    """
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        config: Mapping[str, Any] | None = None,
+        chat_templates: Mapping[str, ChatTemplate] | None = None,
+    ) -> None:
+        """``chat_templates`` maps template names to templates; ``"default"`` is the usual one and
+        ``"tool_use"`` (older multi-template checkpoints) is preferred when tools are passed."""
+        self._backend = backend
+        self.config: dict[str, Any] = dict(config or {})
+        self.chat_templates: dict[str, ChatTemplate] = dict(chat_templates or {})
+        self.special_tokens: dict[str, str] = {}
+        for name in _SPECIAL_TOKEN_NAMES:
+            content = _token_content(self.config.get(name))
+            if content is not None:
+                self.special_tokens[name] = content
+        special: set[int] = set()
+        for token_id, added in backend.get_added_tokens_decoder().items():
+            if added.special:
+                special.add(token_id)
+        for key, entry in (self.config.get("added_tokens_decoder") or {}).items():
+            if isinstance(entry, Mapping) and entry.get("special") and str(key).isdigit():
+                special.add(int(key))
+        for content in self.special_tokens.values():
+            token_id = backend.token_to_id(content)
+            if token_id is not None:
+                special.add(token_id)
+        self.special_ids: frozenset[int] = frozenset(special)
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load ``tokenizer.json``, ``tokenizer_config.json`` and (if present) ``chat_template.jinja``."""
+        root = Path(path)
+        if not root.is_dir():
+            raise ConfigError(f"{root}: not a directory (expected a checkpoint with tokenizer.json)")
+        tokenizer_file = root / "tokenizer.json"
+        text = _read_text(tokenizer_file)
+        try:
+            backend = tokenizers.Tokenizer.from_str(text)
+        except Exception as e:  # the Rust side raises plain Exception subclasses
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"{tokenizer_file}: not a valid tokenizers JSON file: {message}") from None
+        config_file = root / "tokenizer_config.json"
+        config = _read_json_object(config_file)
+
+        templates: dict[str, ChatTemplate] = {}
+        jinja_file = root / "chat_template.jinja"
+        raw = config.get("chat_template")
+        if jinja_file.is_file():
+            templates["default"] = ChatTemplate(_read_text(jinja_file), str(jinja_file))
+        elif isinstance(raw, str):
+            templates["default"] = ChatTemplate(raw, str(config_file))
+        elif isinstance(raw, list):  # older layout: [{"name": ..., "template": ...}, ...]
+            for entry in raw:
+                if not (isinstance(entry, Mapping) and isinstance(entry.get("name"), str)):
+                    raise ConfigError(f"{config_file}: chat_template list entries need 'name' and 'template'")
+                if not isinstance(entry.get("template"), str):
+                    raise ConfigError(f"{config_file}: chat_template {entry['name']!r} has no 'template' string")
+                templates[entry["name"]] = ChatTemplate(entry["template"], f"{config_file} ({entry['name']})")
+        elif raw is not None:
+            raise ConfigError(f"{config_file}: chat_template must be a string or a list, found {type(raw).__name__}")
+        return cls(backend, config, templates)
+
+    # -- vocabulary ---------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included (``len(tokenizer)`` in transformers)."""
+        return int(self._backend.get_vocab_size(with_added_tokens=True))
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of one token string, or None when it is not in the vocabulary."""
+        return self._backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The token string of one id, or None when out of range."""
+        return self._backend.id_to_token(token_id)
+
+    def _special_id(self, name: str) -> int | None:
+        content = self.special_tokens.get(name)
+        return None if content is None else self._backend.token_to_id(content)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """Id of ``eos_token`` from tokenizer_config.json (Qwen instruct: ``<|im_end|>``)."""
+        return self._special_id("eos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._special_id("pad_token")
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._special_id("bos_token")
+
+    # -- text <-> ids ---------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; special-token strings in it are parsed as special tokens."""
+        return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids``; ids outside the vocabulary are ignored."""
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    # -- chat -------------------------------------------------------------------------------------
+
+    def get_chat_template(self, tools: Sequence[Mapping[str, Any]] | None = None) -> ChatTemplate:
+        """The template transformers would pick: ``tool_use`` when tools are given and it exists."""
+        if tools is not None and "tool_use" in self.chat_templates:
+            return self.chat_templates["tool_use"]
+        if "default" in self.chat_templates:
+            return self.chat_templates["default"]
+        if not self.chat_templates:
+            raise ConfigError("the checkpoint has no chat template (tokenizer_config.json or chat_template.jinja)")
+        raise ConfigError(f"no 'default' chat template; available: {', '.join(sorted(self.chat_templates))}")
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **extra: Any,
+    ) -> str:
+        """Render OpenAI-style ``messages`` (``role: system/user/assistant/tool``, assistant
+        ``tool_calls``) and JSON-schema ``tools`` as transformers'
+        ``apply_chat_template(..., tokenize=False)`` does. ``extra`` are template variables such as
+        ``enable_thinking=False``."""
+        template = self.get_chat_template(tools)
+        return template.render(messages, tools, add_generation_prompt, special_tokens=self.special_tokens, **extra)
+
+    def apply_chat_template_ids(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **extra: Any,
+    ) -> list[int]:
+        """Token ids of :meth:`apply_chat_template` (no extra special tokens added)."""
+        return self.encode(self.apply_chat_template(messages, tools, add_generation_prompt, **extra))

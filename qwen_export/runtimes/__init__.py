@@ -1,1 +1,0 @@
-"""One module per engine; engine SDKs are imported only inside their own module."""

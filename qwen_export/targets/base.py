@@ -1,0 +1,124 @@
+"""The Engine protocol every target implements (DESIGN.md §6).
+
+An engine owns its KV cache. ``forward`` appends the given tokens to it and returns logits;
+generation, chat templates and tool calls sit above and never know which engine runs.
+
+Batching: ``forward`` takes ``input_ids`` of shape [batch, seq]. For left-padded batches pass the
+``attention_mask`` of the *new* tokens ([batch, seq], 1 = real token, 0 = padding); the engine keeps
+the mask of everything cached and derives ``position_ids`` from it (cumsum of the mask minus one,
+padding positions set to 1, as transformers does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from qwen_export.errors import GenerationError
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineCapabilities:
+    name: str  # e.g. "onnxruntime"
+    max_context: int  # tokens the engine can hold (prompt + generated)
+    max_batch: int  # 0 = no fixed limit
+    devices: tuple[str, ...]  # e.g. ("cpu",)
+    full_logits: bool  # True when forward returns logits for every position, not only the last
+    vocab_size: int
+
+
+@runtime_checkable
+class Engine(Protocol):
+    capabilities: EngineCapabilities
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Tokens held in the KV cache (per row, padding included)."""
+        ...
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """Run ``input_ids`` ([batch, seq] int64) after the cached tokens; append them to the cache.
+
+        Returns float32 logits [batch, seq_out, vocab], seq_out = 1 (last position) unless the
+        artifact was exported with full logits, then seq_out = seq.
+        """
+        ...
+
+    def reset(self) -> None:
+        """Forget the KV cache (start a new conversation)."""
+        ...
+
+    def truncate(self, num_tokens: int) -> None:
+        """Keep only the first ``num_tokens`` cached tokens (reuse a common prefix across turns)."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One ``forward`` call, checked: the new tokens, the mask of everything cached after the step
+    and the new tokens' positions."""
+
+    ids: np.ndarray  # [batch, seq] int64
+    mask: np.ndarray  # [batch, cached + seq] int64
+    position_ids: np.ndarray  # [batch, seq] int64
+
+
+def prepare_step(
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray | None,
+    cached_mask: np.ndarray | None,
+    *,
+    vocab_size: int,
+    max_context: int,
+    capacity_note: str = "",
+) -> Step:
+    """Check a ``forward`` call against the engine's state (shapes, token range, batch size, the
+    artifact's context) and derive the full mask and the positions. Raises GenerationError."""
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise GenerationError(f"input_ids must be [batch, seq] with seq >= 1, got shape {ids.shape}")
+    ids = ids.astype(np.int64, copy=False)
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        bad = int(ids.max() if ids.max() >= vocab_size else ids.min())
+        raise GenerationError(f"token id {bad} is out of range for a vocabulary of {vocab_size}")
+    batch, seq = ids.shape
+    new_mask = np.ones((batch, seq), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+    if new_mask.shape != ids.shape:
+        raise GenerationError(f"attention_mask shape {new_mask.shape} does not match input_ids {ids.shape}")
+    if cached_mask is not None and cached_mask.shape[0] != batch:
+        raise GenerationError(f"batch size changed from {cached_mask.shape[0]} to {batch}; call reset() first")
+    cached = 0 if cached_mask is None else cached_mask.shape[1]
+    if cached + seq > max_context:
+        raise GenerationError(
+            f"{cached + seq} tokens exceed the artifact's context of {max_context}{capacity_note}; "
+            "re-export with a larger --max-length"
+        )
+    mask = new_mask if cached_mask is None else np.concatenate([cached_mask, new_mask], axis=1)
+    return Step(ids, mask, position_ids_from_mask(mask)[:, -seq:])
+
+
+def position_ids_from_mask(mask: np.ndarray) -> np.ndarray:
+    """cumsum(mask) - 1 with padding positions set to 1 (what transformers' generate feeds)."""
+    pos = np.cumsum(mask, axis=1) - 1
+    pos[mask == 0] = 1
+    return pos.astype(np.int64)
+
+
+class Truncation(enum.Enum):
+    """What ``Engine.truncate(n)`` has to do to a cache of ``cached`` tokens."""
+
+    RESET = "reset"  # n == 0: forget everything
+    NOTHING = "nothing"  # n == cached
+    CUT = "cut"  # 0 < n < cached: drop the columns after n
+
+
+def plan_truncate(num_tokens: int, cached: int) -> Truncation:
+    """Check a ``truncate`` request (GenerationError outside 0..cached) and say what it needs."""
+    if num_tokens < 0 or num_tokens > cached:
+        raise GenerationError(f"cannot keep {num_tokens} tokens; the cache holds {cached}")
+    if num_tokens == 0:
+        return Truncation.RESET
+    return Truncation.NOTHING if num_tokens == cached else Truncation.CUT

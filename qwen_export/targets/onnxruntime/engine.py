@@ -1,0 +1,202 @@
+"""ONNX Runtime target: emit the model, load it, run it behind the Engine protocol.
+
+The KV cache never goes through numpy between steps. Two layouts (``manifest.extra.kv_cache``):
+
+- ``shared`` (fused artifacts): one buffer per layer and kind, [batch, kv_heads, capacity,
+  head_dim], allocated once and bound (IOBinding) as both ``past_key_values.*`` and ``present.*``;
+  GroupQueryAttention writes the new tokens into it in place, so a step copies no cache.
+  ``truncate`` only forgets columns. A generation that would overflow the capacity is refused.
+- ``concat`` (unfused artifacts): the ``present.*`` outputs of one step are ``OrtValue`` objects
+  that ORT allocated, bound as the ``past_key_values.*`` inputs of the next step.
+- ``fixed`` (``--target tensorrt`` artifacts, run here on CPU to verify them): the same buffers
+  and binding as ``shared``; the graph writes the new rows with ScatterElements at the
+  ``cache_position`` input (the KV columns cached .. cached+S-1), which this engine feeds.
+
+Only the logits are copied out. ``onnxruntime`` is imported lazily here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qwen_export.artifact import Manifest
+from qwen_export.errors import ArtifactError, EngineUnavailableError
+from qwen_export.spec import ModelSpec
+from qwen_export.targets.base import EngineCapabilities, Truncation, plan_truncate, position_ids_from_mask, prepare_step
+
+__all__ = ["OnnxRuntimeEngine", "OrtOptions", "emit", "position_ids_from_mask"]
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:  # pragma: no cover - onnxruntime is a core dependency
+        raise EngineUnavailableError("onnxruntime is not installed; pip install onnxruntime") from None
+    return onnxruntime
+
+
+@dataclasses.dataclass(frozen=True)
+class OrtOptions:
+    """Session options. ``threads`` = 0 lets ONNX Runtime choose (one per physical core)."""
+
+    threads: int = 0
+    optimization: str = "all"  # ORT graph optimization level: disable | basic | extended | all
+
+
+_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+
+
+def emit(model: Any, out_dir: Path, progress: Any = None) -> list[str]:
+    """Write the ONNX IR model as ``model.onnx`` + ``model.onnx.data`` (external data, streamed).
+
+    ``progress(done_bytes, total_bytes)`` is called after each tensor is written.
+    """
+    from qwen_export.onnx_writer import write_onnx
+
+    write_onnx(model, out_dir, MODEL_FILE, DATA_FILE, progress)
+    return [MODEL_FILE, DATA_FILE]
+
+
+class OnnxRuntimeEngine:
+    """Engine over an exported ONNX Runtime artifact (CPU)."""
+
+    def __init__(self, artifact_dir: str | Path, manifest: Manifest, options: OrtOptions | None = None) -> None:
+        ort = _ort()
+        self.options = options or OrtOptions()
+        self.spec = ModelSpec.from_dict(manifest.spec)
+        self.dtype = np.float16 if manifest.dtype == "fp16" else np.float32
+        path = Path(artifact_dir) / MODEL_FILE
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing; re-export the artifact")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[self.options.optimization])
+        if self.options.threads:
+            so.intra_op_num_threads = self.options.threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        kv = manifest.extra.get("kv_cache") or {}
+        if kv.get("layout") == "fixed":
+            # a TensorRT graph run here to verify it: ORT would fuse its int4 DequantizeLinear ->
+            # MatMul into MatMulNBits with int8 activations (accuracy level 4); compute in the
+            # activations' own precision, as TensorRT's weight-only dequantization does
+            so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+        try:
+            self.session = ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own types; report one line
+            raise ArtifactError(f"{path}: ONNX Runtime could not load it: {str(exc).splitlines()[0]}") from None
+        self._ort = ort
+        full = manifest.logits == "all"
+        self.capabilities = EngineCapabilities(
+            name="onnxruntime",
+            max_context=int(manifest.extra.get("max_length", self.spec.max_position_embeddings)),
+            max_batch=0,
+            devices=("cpu",),
+            full_logits=full,
+            vocab_size=self.spec.vocab_size,
+        )
+        self._layers = self.spec.num_hidden_layers
+        self._inputs = {i.name for i in self.session.get_inputs()}
+        self.shared_kv = kv.get("layout") in ("shared", "fixed")
+        self._buffers: list[Any] = []  # shared layout: [numpy array, OrtValue] kept alive together
+        self._binding = self.session.io_binding()
+        self.reset()
+
+    # ------------------------------------------------------------------ Engine API
+    @property
+    def num_cached_tokens(self) -> int:
+        return 0 if self._mask is None else int(self._mask.shape[1])
+
+    def reset(self) -> None:
+        self._mask: np.ndarray | None = None
+        self._past: list[Any] | None = None
+
+    def truncate(self, num_tokens: int) -> None:
+        plan = plan_truncate(num_tokens, self.num_cached_tokens)
+        if plan is Truncation.RESET:
+            self.reset()
+            return
+        if plan is Truncation.NOTHING:
+            return
+        assert self._mask is not None
+        if self.shared_kv:  # the buffer keeps its columns; later steps overwrite them
+            self._mask = self._mask[:, :num_tokens]
+            return
+        assert self._past is not None
+        self._past = [
+            self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :num_tokens]))
+            for v in self._past
+        ]
+        self._mask = self._mask[:, :num_tokens]
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        step = prepare_step(
+            input_ids,
+            attention_mask,
+            self._mask,
+            vocab_size=self.spec.vocab_size,
+            max_context=self.capabilities.max_context,
+            capacity_note=" (the capacity of its preallocated KV buffer)" if self.shared_kv else "",
+        )
+        self._run(step.ids, step.mask, step.position_ids)
+        self._mask = step.mask
+        return self._logits
+
+    # ------------------------------------------------------------------ internals
+    def _run(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> None:
+        b = self._binding
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("attention_mask", mask)
+        if "position_ids" in self._inputs:
+            b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
+        if "cache_position" in self._inputs:  # fixed layout: the buffer columns of the new tokens
+            seq = ids.shape[1]
+            b.bind_cpu_input("cache_position", np.arange(mask.shape[1] - seq, mask.shape[1], dtype=np.int64))
+        b.bind_output("logits", "cpu")
+        if self.shared_kv:
+            for name, (_, value) in zip(self._kv_names(), self._shared_buffers(ids.shape[0]), strict=True):
+                b.bind_ortvalue_input(f"past_key_values.{name}", value)
+                b.bind_ortvalue_output(f"present.{name}", value)
+            self.session.run_with_iobinding(b)
+            self._logits = b.get_outputs()[0].numpy()
+            return
+        past = self._past or self._empty_past(ids.shape[0])
+        for name, value in zip(self._kv_names(), past, strict=True):
+            b.bind_ortvalue_input(f"past_key_values.{name}", value)
+            b.bind_output(f"present.{name}", "cpu")
+        self.session.run_with_iobinding(b)
+        outputs = b.get_outputs()
+        self._logits = outputs[0].numpy()
+        self._past = list(outputs[1:])
+
+    def _kv_names(self) -> list[str]:
+        return [f"{i}.{kind}" for i in range(self._layers) for kind in ("key", "value")]
+
+    def _shared_buffers(self, batch: int) -> list[Any]:
+        """The shared KV buffers for this batch size (allocated zeroed on first use, then reused)."""
+        if not self._buffers or self._buffers[0][0].shape[0] != batch:
+            self._buffers = []  # free the old ones first
+            shape = (batch, self.spec.num_key_value_heads, self.capabilities.max_context, self.spec.head_dim)
+            for _ in range(2 * self._layers):
+                array = np.zeros(shape, self.dtype)  # the OrtValue shares this memory: keep it alive
+                self._buffers.append((array, self._ort.OrtValue.ortvalue_from_numpy(array)))
+        return self._buffers
+
+    def _empty_past(self, batch: int) -> list[Any]:
+        shape = (batch, self.spec.num_key_value_heads, 0, self.spec.head_dim)
+        empty = np.zeros(shape, self.dtype)
+        return [self._ort.OrtValue.ortvalue_from_numpy(empty) for _ in range(2 * self._layers)]

@@ -1,0 +1,569 @@
+"""OpenVINO target: lower the portable ONNX graph to a stateful OpenVINO IR, emit it, run it.
+
+Lowering (export side, :func:`emit`)::
+
+    portable ONNX (standard ops; int4/int8 weights as blocked DequantizeLinear)
+      --openvino.convert_model-->  ov.Model  (its ONNX frontend already recognises the decomposed
+                                   attention as ScaledDotProductAttention; the weights stay
+                                   compressed: Convert/Subtract/Multiply decompression chains)
+      --f16 decompression-->  scales/zero points stored as f16, NNCF's form (f16_decompression)
+      --lm_head-->    the logits Result reads a 3-D MatMul directly, the pattern openvino-genai's
+                      paged-attention backend needs to compute only the sampled token's logits
+      --beam_idx-->   a Gather(past, beam_idx, axis=0) in front of every past_key_values.* input
+      --make stateful-->  past_key_values.* / present.* become ReadValue/Assign pairs (variables),
+                          initialised to zeros [batch, kv_heads, 0, head_dim]
+      --save_model-->  openvino_model.xml + openvino_model.bin (no fp16 compression of fp32 weights)
+
+This is the signature openvino-genai and optimum-intel use (inputs ``input_ids``,
+``attention_mask``, ``position_ids``, ``beam_idx``; output ``logits``), and the pattern OpenVINO's
+CPU plugin turns into its fused attention with an internal KV cache (ReadValue -> Gather(beam_idx)
+-> Concat -> SDPA -> Assign). :func:`runtime_report` inspects the compiled model to prove it.
+
+The tokenizer is converted with ``openvino_tokenizers.convert_tokenizer`` (when installed) into
+``openvino_tokenizer.xml`` / ``openvino_detokenizer.xml`` so ``openvino_genai.LLMPipeline(OUT,
+"CPU")`` runs the artifact as is.
+
+Runtime (:class:`OpenVINOEngine`): one compiled model and one infer request; the KV cache is the
+request's state. ``reset()`` calls ``reset_state()``; ``truncate`` trims the state tensors (chat
+turns reuse the common prefix). This is ``attention=stateful``; the default runs the same artifact
+as PagedAttention over a block cache (:mod:`.openvino_paged`) unless the model has sliding-window
+layers. ``openvino`` is imported lazily, here and in :mod:`.openvino_paged`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qwen_export.artifact import Manifest
+from qwen_export.errors import ArtifactError, EngineUnavailableError, OptionError
+from qwen_export.spec import ModelSpec, _ChoiceEnum
+from qwen_export.targets.base import EngineCapabilities, Truncation, plan_truncate, prepare_step
+
+MODEL_XML = "openvino_model.xml"
+MODEL_BIN = "openvino_model.bin"
+TOKENIZER_XML = "openvino_tokenizer.xml"
+TOKENIZER_BIN = "openvino_tokenizer.bin"
+DETOKENIZER_XML = "openvino_detokenizer.xml"
+DETOKENIZER_BIN = "openvino_detokenizer.bin"
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+INSTALL_HINT = "pip install 'qwen-export[openvino]'"
+
+
+def _ov() -> Any:
+    try:
+        import openvino
+    except ImportError:
+        raise EngineUnavailableError(f"the OpenVINO target needs openvino; {INSTALL_HINT}") from None
+    return openvino
+
+
+class Precision(_ChoiceEnum):
+    """OpenVINO's INFERENCE_PRECISION_HINT: f32 for parity; bf16 where the CPU has it (AMX/AVX-512 BF16)."""
+
+    F32 = "f32"
+    BF16 = "bf16"
+    F16 = "f16"
+
+
+class KVCachePrecision(_ChoiceEnum):
+    """OpenVINO's KV_CACHE_PRECISION. F32 (our default) keeps the cache exact with f32 compute (with
+    bf16 or f16 compute it is held in that precision: :attr:`OpenVINOOptions.effective_kv_cache`);
+    AUTO leaves OpenVINO's default, u8 on x86 CPUs, which openvino-genai runs with: faster on long
+    contexts but measured here at 0.43 max logit error on a tiny random model after 8 steps (f16: 0.019)."""
+
+    AUTO = "auto"
+    F32 = "f32"
+    F16 = "f16"
+    BF16 = "bf16"
+    U8 = "u8"
+
+
+class Attention(_ChoiceEnum):
+    """How the engine runs attention and holds the KV cache.
+
+    STATEFUL runs the artifact as saved: OpenVINO's SDPA with the cache in the request's state.
+    PAGED rewrites it at load with OpenVINO's SDPAToPagedAttention (the model openvino-genai runs
+    on CPU by default): PagedAttention over a block KV cache the engine allocates and hands in.
+    Measured at least as fast (faster on a 0.5B, level on the 1.5B; benchmarks/README.md); it refuses sliding-window
+    layers (the rewrite drops the graph's window masks). AUTO (the default): PAGED, or STATEFUL
+    for a model with sliding-window layers."""
+
+    AUTO = "auto"
+    STATEFUL = "stateful"
+    PAGED = "paged"
+
+    def resolve(self, spec: ModelSpec, precision: Precision = Precision.F32) -> Attention:
+        """The attention an engine for ``spec`` at ``precision`` runs: AUTO decided, the others as
+        they are. f16 compute runs STATEFUL: OpenVINO 2026.4's PagedAttention with f16 compute gave
+        wrong logits here (max error 26 on a tiny model whose stateful f16 error is 0.045)."""
+        if self is Attention.PAGED and precision is Precision.F16:
+            raise OptionError(
+                "paged attention with f16 compute gives wrong logits in this OpenVINO; "
+                "use attention=stateful (--attention stateful) or precision bf16/f32"
+            )
+        if self is not Attention.AUTO:
+            return self
+        return Attention.STATEFUL if spec.has_sliding_layers or precision is Precision.F16 else Attention.PAGED
+
+
+class PerformanceHint(str, enum.Enum):
+    LATENCY = "LATENCY"
+    THROUGHPUT = "THROUGHPUT"
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenVINOOptions:
+    """How the engine compiles the artifact. ``threads`` = 0 lets OpenVINO choose; ``cache_dir``
+    (OpenVINO's CACHE_DIR) makes the second load of an artifact fast (None: no model cache)."""
+
+    threads: int = 0
+    hint: PerformanceHint = PerformanceHint.LATENCY
+    precision: Precision = Precision.F32
+    kv_cache: KVCachePrecision = KVCachePrecision.F32
+    cache_dir: Path | None = None
+    device: str = "CPU"
+    attention: Attention = Attention.AUTO
+
+    @property
+    def effective_kv_cache(self) -> KVCachePrecision:
+        """The KV cache precision compiled. An f32 cache needs f32 compute: with ``precision`` bf16
+        or f16 an ``F32`` cache is held in that precision (what OpenVINO's CPU plugin does with the
+        stateful SDPA's cache anyway; its PagedAttention refuses an f32 cache with bf16 compute)."""
+        if self.kv_cache is KVCachePrecision.F32 and self.precision is not Precision.F32:
+            return KVCachePrecision(self.precision.value)
+        return self.kv_cache
+
+    def properties(self) -> dict[str, Any]:
+        props: dict[str, Any] = {
+            "PERFORMANCE_HINT": self.hint.value,
+            "INFERENCE_PRECISION_HINT": self.precision.value,
+        }
+        if self.threads:
+            props["INFERENCE_NUM_THREADS"] = self.threads
+        if self.effective_kv_cache is not KVCachePrecision.AUTO:
+            props["KV_CACHE_PRECISION"] = self.effective_kv_cache.value
+        if self.cache_dir is not None:
+            props["CACHE_DIR"] = os.fspath(self.cache_dir)
+        return props
+
+
+#: the exact settings parity checks use (fp32 compute, fp32 KV cache)
+EXACT = OpenVINOOptions(precision=Precision.F32, kv_cache=KVCachePrecision.F32)
+
+
+# ---------------------------------------------------------------------------------------- export
+def emit(
+    model: Any,
+    out_dir: Path,
+    progress: Callable[[int, int], None] | None = None,
+    message: Callable[[str], None] = lambda text: None,
+    fp16_weights: bool = False,
+) -> list[str]:
+    """Lower the portable ONNX IR ``model`` to a stateful OpenVINO IR in ``out_dir``; with
+    ``fp16_weights`` the float weights are stored as fp16 (OpenVINO decompresses them on load).
+
+    The ONNX is written to a scratch folder inside ``out_dir`` (streamed, ``progress(done,
+    total)`` per tensor), converted, made stateful and saved; the scratch folder is removed.
+    """
+    ov = _ov()
+    from qwen_export.onnx_writer import write_onnx
+
+    scratch = out_dir / ".onnx-for-openvino"
+    scratch.mkdir()
+    try:
+        write_onnx(model, scratch, "model.onnx", "model.onnx.data", progress)
+        message("converting to OpenVINO IR")
+        ov_model = ov.convert_model(os.fspath(scratch / "model.onnx"))
+        halved = f16_decompression(ov_model)
+        if halved:
+            message(f"{halved} weight decompressions in f16 (scales stored as f16)")
+        unflatten_lm_head(ov_model)
+        make_stateful(ov_model)
+        ov.save_model(ov_model, os.fspath(out_dir / MODEL_XML), compress_to_fp16=fp16_weights)
+        del ov_model
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return [MODEL_XML, MODEL_BIN]
+
+
+#: element types of quantized weight codes (DequantizeLinear inputs after conversion)
+_CODE_TYPES = frozenset({"i4", "u4", "i8", "u8"})
+
+
+def f16_decompression(ov_model: Any) -> int:
+    """Rewrite every f32 weight decompression to NNCF's f16 form; return how many were rewritten.
+
+    The ONNX frontend turns ``DequantizeLinear(codes, scales[, zero_points])`` of an fp32 graph into
+    ``Convert(codes -> f32) [- zero_points] * scales(f32 Constant) [-> Reshape]``. This stores the
+    scales (and zero points) as f16 and decompresses in f16, ``Convert(codes -> f16) [- zp] *
+    scales(f16) [-> Reshape] -> Convert(f32)``, the form optimum-intel/NNCF write, which the CPU
+    plugin still runs as compressed weights: the scales take half the bytes (int8 block 32: 1.0625
+    instead of 1.125 bytes per weight; int4: 0.5625 instead of 0.625), read on every decode step.
+    Scales below f16's normal range (2**-14) become subnormals: their absolute error is at most
+    2**-25 * qmax, far below a typical block's rounding error. A tensor with a scale f16 cannot
+    hold (above 65504, or non-zero but below 2**-25) keeps f32.
+    """
+    _ov()
+    # Only the chains are held, and each is dropped once rewritten: with it goes the last reference
+    # to its f32 scales, so at most one tensor's f32 and f16 scales coexist.
+    chains = [chain for chain in map(_decompression_chain, ov_model.get_ordered_ops()) if chain is not None]
+    chains.reverse()
+    count = 0
+    while chains:
+        count += _halve(*chains.pop())
+    if count:
+        ov_model.validate_nodes_and_infer_types()
+    return count
+
+
+def _halve(convert: Any, subtract: Any, scale: Any, mul: Any) -> bool:
+    """Rewrite one decompression chain (see :func:`f16_decompression`) unless f16 cannot hold
+    its scales (overflow, or a non-zero scale flushed to zero); return whether it was rewritten."""
+    from openvino import opset13
+
+    values = scale.get_data()
+    halves = values.astype(np.float16)
+    if not np.isfinite(halves).all() or ((halves == 0) & (values != 0)).any():
+        return False
+    x = opset13.convert(convert.input(0).get_source_output(), "f16")
+    if subtract is not None:
+        x = opset13.subtract(x, _as_f16(subtract.input(1).get_source_output()))
+    y = opset13.multiply(x, opset13.constant(halves))
+    tail = mul.output(0)
+    users = list(tail.get_target_inputs())
+    if len(users) == 1 and users[0].get_node().get_type_name() == "Reshape":
+        reshape = users[0].get_node()
+        y = opset13.reshape(y, reshape.input(1).get_source_output(), reshape.get_attributes()["special_zero"])
+        tail = reshape.output(0)
+    widened = opset13.convert(y, "f32")
+    for consumer in list(tail.get_target_inputs()):
+        consumer.replace_source_output(widened.output(0))
+    return True
+
+
+def unflatten_lm_head(ov_model: Any) -> bool:
+    """Make the ``logits`` Result read a 3-D MatMul directly; return whether the graph changed.
+
+    The tied lm_head is traced as ``Reshape([B*S, H]) -> Gemm(transB) -> Reshape([B, S, V])`` (no
+    transposed copy of the embedding). openvino-genai looks for the lm_head as the MatMul that feeds
+    the logits Result (``find_llm_matmul``: MatMul, or MatMul -> Add/Transpose) and, on its default
+    paged-attention backend, where every token is a row of the batch, inserts a Gather of the
+    sampled tokens in front of it. With the Reshapes around it that match fails and openvino-genai
+    computes the full-vocabulary logits of every prompt token: on a 0.5B model at 512 tokens the
+    prompt took 1.3x as long. ``MatMul([B, S, H], W, transpose_b)`` computes the same logits.
+    """
+    from openvino import opset13
+
+    logits = ov_model.output("logits")
+    tail = logits.get_node().input_value(0).get_node()
+    if tail.get_type_name() != "Reshape":
+        return False
+    matmul = tail.input_value(0).get_node()
+    if matmul.get_type_name() != "MatMul" or matmul.get_transpose_a():
+        return False
+    flat = matmul.input_value(0).get_node()
+    if flat.get_type_name() != "Reshape":
+        return False
+    hidden = flat.input_value(0)
+    if hidden.get_partial_shape().rank.get_length() != 3 or tail.get_output_partial_shape(0).rank.get_length() != 3:
+        return False
+    direct = opset13.matmul(hidden, matmul.input_value(1), False, matmul.get_transpose_b())
+    direct.set_friendly_name(matmul.get_friendly_name())
+    tail.output(0).replace(direct.output(0))
+    ov_model.validate_nodes_and_infer_types()
+    return True
+
+
+def _decompression_chain(mul: Any) -> tuple[Any, Any, Any, Any] | None:
+    """(Convert, Subtract or None, scale Constant, ``mul``) when ``mul`` is ``Convert(codes -> f32)
+    [- zp] * f32 Constant`` with low-bit Constant codes; None otherwise."""
+    if mul.get_type_name() != "Multiply":
+        return None
+    data, scale = (port.get_source_output().get_node() for port in mul.inputs())
+    if scale.get_type_name() != "Constant" or _short_type(scale.get_output_element_type(0)) != "f32":
+        return None
+    subtract = None
+    if data.get_type_name() == "Subtract":
+        subtract, data = data, data.input(0).get_source_output().get_node()
+        zero_points = subtract.input(1).get_source_output().get_node()
+        if zero_points.get_type_name() == "Convert":
+            zero_points = zero_points.input(0).get_source_output().get_node()
+        if zero_points.get_type_name() != "Constant":
+            return None
+    if data.get_type_name() != "Convert" or _short_type(data.get_output_element_type(0)) != "f32":
+        return None
+    codes = data.input(0).get_source_output().get_node()
+    if codes.get_type_name() != "Constant" or _short_type(codes.get_output_element_type(0)) not in _CODE_TYPES:
+        return None
+    return data, subtract, scale, mul
+
+
+def _as_f16(zero_points: Any) -> Any:
+    """The zero points as f16: ``Convert(u4/u8 Constant -> f16)``, or an f32 Constant's values."""
+    from openvino import opset13
+
+    node = zero_points.get_node()
+    if node.get_type_name() == "Convert":
+        return opset13.convert(node.input(0).get_source_output(), "f16")
+    return opset13.constant(node.get_data().astype(np.float16))
+
+
+def make_stateful(ov_model: Any) -> None:
+    """Add ``beam_idx`` and turn every ``past_key_values.*``/``present.*`` pair into a variable.
+
+    Before: Parameter past_key_values.{i}.{k} -> ... -> Result present.{i}.{k}.
+    After: ReadValue(zeros [B, kv_heads, 0, D]) -> Gather(beam_idx, axis 0) -> ... -> Assign.
+    Raises ArtifactError when the IO is not the canonical one.
+    """
+    ov = _ov()
+    from openvino import opset13
+    from openvino._offline_transformations import apply_make_stateful_transformation
+
+    inputs = [port.get_any_name() for port in ov_model.inputs]
+    outputs = {port.get_any_name() for port in ov_model.outputs}
+    past = [name for name in inputs if name.startswith(PAST_PREFIX)]
+    pairs = {name: PRESENT_PREFIX + name[len(PAST_PREFIX) :] for name in past}
+    missing = [out for out in pairs.values() if out not in outputs]
+    if not past or missing or "input_ids" not in inputs or "beam_idx" in inputs:
+        raise ArtifactError(
+            "the traced graph does not have the canonical KV-cache IO (past_key_values.* inputs, "
+            f"present.* outputs, no beam_idx); found inputs {inputs}"
+        )
+    batch = ov_model.input("input_ids").get_partial_shape()[0]
+    beam_idx = opset13.parameter(name="beam_idx", dtype=ov.Type.i32, shape=ov.PartialShape([batch]))
+    beam_idx.output(0).get_tensor().add_names({"beam_idx"})
+    ov_model.add_parameters([beam_idx])
+    for name in past:
+        port = ov_model.input(name)
+        consumers = port.get_target_inputs()
+        reordered = opset13.gather(port, beam_idx, opset13.constant(0))
+        for consumer in consumers:
+            consumer.replace_source_output(reordered.output(0))
+    ov_model.validate_nodes_and_infer_types()
+    apply_make_stateful_transformation(ov_model, pairs)
+    _zero_initial_state(ov_model)
+
+
+def _zero_initial_state(ov_model: Any) -> None:
+    """Give every ReadValue an initializer: zeros [batch, kv_heads, past, head_dim] where batch is
+    input_ids' and past = len(attention_mask) - len(input_ids), 0 on a fresh state.
+
+    Without one the CPU plugin cannot compile the variables (their batch is dynamic); computing
+    ``past`` from the inputs keeps that axis dynamic, so a plain (unfused) Assign accepts growth."""
+    from openvino import opset13
+
+    ids_shape = opset13.shape_of(ov_model.input("input_ids"), output_type="i64")
+    mask_shape = opset13.shape_of(ov_model.input("attention_mask"), output_type="i64")
+    batch = opset13.gather(ids_shape, opset13.constant([0]), opset13.constant(0))
+    past = opset13.subtract(
+        opset13.gather(mask_shape, opset13.constant([1]), opset13.constant(0)),
+        opset13.gather(ids_shape, opset13.constant([1]), opset13.constant(0)),
+    )
+    for op in ov_model.get_ops():
+        if op.get_type_name() != "ReadValue":
+            continue
+        dims = [d.get_length() if d.is_static else None for d in op.get_output_partial_shape(0)]
+        if len(dims) != 4 or dims[1] is None or dims[3] is None:
+            raise ArtifactError(f"KV-cache variable {op.get_friendly_name()} has shape {dims}, expected [B, H, T, D]")
+        parts = [batch, opset13.constant([dims[1]], dtype=np.int64), past, opset13.constant([dims[3]], dtype=np.int64)]
+        zeros = opset13.broadcast(
+            opset13.constant(0.0, dtype=op.get_output_element_type(0)), opset13.concat(parts, axis=0)
+        )
+        op.set_arguments([zeros])
+    ov_model.validate_nodes_and_infer_types()
+
+
+def io_signature(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """The saved IR's inputs and outputs (the stateful signature): name -> dtype and shape."""
+    ov = _ov()
+    model = ov.Core().read_model(os.fspath(out_dir / MODEL_XML))
+
+    def describe(ports: Any) -> dict[str, Any]:
+        return {
+            port.get_any_name(): {
+                "dtype": _short_type(port.get_element_type()),
+                "shape": [d.get_length() if d.is_static else "?" for d in port.get_partial_shape()],
+            }
+            for port in ports
+        }
+
+    return {"inputs": describe(model.inputs), "outputs": describe(model.outputs)}
+
+
+def write_tokenizer_ir(checkpoint_dir: Path, out_dir: Path) -> list[str]:
+    """Convert the checkpoint's tokenizer with openvino_tokenizers (what openvino-genai loads).
+
+    Returns the files written; raises EngineUnavailableError when openvino-tokenizers is missing.
+    """
+    ov = _ov()
+    try:
+        from openvino_tokenizers import convert_tokenizer
+    except ImportError:
+        raise EngineUnavailableError(
+            f"the tokenizer IR for openvino-genai needs openvino-tokenizers; {INSTALL_HINT}"
+        ) from None
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(os.fspath(checkpoint_dir))
+    tokenizer, detokenizer = convert_tokenizer(hf, with_detokenizer=True)
+    ov.save_model(tokenizer, os.fspath(out_dir / TOKENIZER_XML))
+    ov.save_model(detokenizer, os.fspath(out_dir / DETOKENIZER_XML))
+    return [TOKENIZER_XML, TOKENIZER_BIN, DETOKENIZER_XML, DETOKENIZER_BIN]
+
+
+# ---------------------------------------------------------------------------------------- inspection
+@dataclasses.dataclass(frozen=True)
+class RuntimeReport:
+    """What OpenVINO's CPU plugin made of the artifact (from ``compiled.get_runtime_model()``)."""
+
+    layer_types: dict[str, int]
+    stateful_attention: int  # SDPA nodes reading the KV cache from state and writing it back
+    decomposed_attention: int  # SDPA nodes fed by a Concat of the cache (no internal KV cache)
+    paged_attention: int  # PagedAttention nodes (attention=paged: the cache is the engine's blocks)
+    weight_precisions: dict[str, int]  # FullyConnected weight element types (i4, u4, i8, u8, f32...)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def runtime_report(compiled: Any) -> RuntimeReport:
+    """Count the fused ops in a compiled model: attention with its internal KV cache, and the
+    element type of each FullyConnected's weights (compressed weights stay i4/u4/i8/u8)."""
+    runtime = compiled.get_runtime_model()
+    types: Counter[str] = Counter()
+    stateful = decomposed = 0
+    weights: Counter[str] = Counter()
+    for op in runtime.get_ops():
+        kind = _layer_type(op)
+        types[kind] += 1
+        sources = [_layer_type(i.get_source_output().get_node()) for i in op.inputs()]
+        if kind == "ScaledDotProductAttention":
+            reads_state = sources.count("MemoryInput") >= 2
+            writes_state = any(
+                _layer_type(t.get_node()) == "MemoryOutput" for out in op.outputs() for t in out.get_target_inputs()
+            )
+            if reads_state and writes_state:
+                stateful += 1
+            else:
+                decomposed += 1
+        elif kind == "FullyConnected" and len(op.inputs()) > 1:
+            weights[_short_type(op.inputs()[1].get_element_type())] += 1
+    return RuntimeReport(dict(types), stateful, decomposed, types["PagedAttention"], dict(weights))
+
+
+def _layer_type(op: Any) -> str:
+    info = op.get_rt_info()
+    return str(info["layerType"].astype(str)) if "layerType" in info else op.get_type_name()
+
+
+def _short_type(element_type: Any) -> str:
+    return str(element_type.get_type_name()) if hasattr(element_type, "get_type_name") else str(element_type)
+
+
+# ---------------------------------------------------------------------------------------- engine
+class OpenVINOEngine:
+    """Engine over an exported OpenVINO artifact: a compiled stateful model and one infer request."""
+
+    def __init__(self, artifact_dir: str | Path, manifest: Manifest, options: OpenVINOOptions | None = None) -> None:
+        ov = _ov()
+        self.options = options or OpenVINOOptions()
+        self.spec = ModelSpec.from_dict(manifest.spec)
+        path = Path(artifact_dir) / MODEL_XML
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing; re-export the artifact with --target openvino")
+        core = ov.Core()
+        if self.options.precision is not Precision.F32:
+            _check_precision(core, self.options)
+        started = time.perf_counter()
+        try:
+            self.compiled = core.compile_model(os.fspath(path), self.options.device, self.options.properties())
+        except RuntimeError as exc:  # OpenVINO raises RuntimeError with a multi-line trace
+            raise ArtifactError(f"{path}: OpenVINO could not compile it: {_first_line(exc)}") from None
+        self.load_seconds = time.perf_counter() - started
+        self.request = self.compiled.create_infer_request()
+        self.capabilities = capabilities(manifest, self.spec, self.options)
+        self.reset()
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return 0 if self._mask is None else int(self._mask.shape[1])
+
+    def reset(self) -> None:
+        self.request.reset_state()
+        self._mask: np.ndarray | None = None
+
+    def truncate(self, num_tokens: int) -> None:
+        plan = plan_truncate(num_tokens, self.num_cached_tokens)
+        if plan is Truncation.RESET:
+            self.reset()
+            return
+        if plan is Truncation.NOTHING:
+            return
+        ov = _ov()
+        for state in self.request.query_state():  # [batch, kv_heads, cached, head_dim]
+            kept = np.ascontiguousarray(state.state.data[:, :, :num_tokens])
+            state.state = ov.Tensor(kept)
+        assert self._mask is not None
+        self._mask = self._mask[:, :num_tokens]
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        step = prepare_step(
+            input_ids,
+            attention_mask,
+            self._mask,
+            vocab_size=self.spec.vocab_size,
+            max_context=self.capabilities.max_context,
+        )
+        batch = step.ids.shape[0]
+        self.request.infer(
+            {
+                "input_ids": step.ids,
+                "attention_mask": step.mask,
+                "position_ids": np.ascontiguousarray(step.position_ids),
+                "beam_idx": np.arange(batch, dtype=np.int32),
+            },
+            share_inputs=True,
+        )
+        self._mask = step.mask
+        return np.array(self.request.get_tensor("logits").data, dtype=np.float32)
+
+    def runtime_report(self) -> RuntimeReport:
+        return runtime_report(self.compiled)
+
+
+def capabilities(manifest: Manifest, spec: ModelSpec, options: OpenVINOOptions) -> EngineCapabilities:
+    """What an OpenVINO engine (stateful or paged) over this artifact offers."""
+    return EngineCapabilities(
+        name="openvino",
+        max_context=int(manifest.extra.get("max_length", spec.max_position_embeddings)),
+        max_batch=0,
+        devices=(options.device.lower(),),
+        full_logits=manifest.logits == "all",
+        vocab_size=spec.vocab_size,
+    )
+
+
+def _check_precision(core: Any, options: OpenVINOOptions) -> None:
+    capabilities = core.get_property(options.device, "OPTIMIZATION_CAPABILITIES")
+    wanted = {Precision.BF16: "BF16", Precision.F16: "FP16"}[options.precision]
+    if wanted not in capabilities:
+        raise OptionError(
+            f"inference precision {options.precision.value} is not supported by this {options.device} "
+            f"(it offers {', '.join(capabilities)}); use f32"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.startswith("Exception from")]
+    return lines[0] if lines else type(exc).__name__

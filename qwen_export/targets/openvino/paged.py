@@ -1,0 +1,261 @@
+"""OpenVINO engine on the paged-attention form of an OpenVINO artifact (``attention=paged``).
+
+The artifact stays the stateful IR openvino-genai loads. At load this engine rewrites it with
+OpenVINO's SDPAToPagedAttention, the model openvino-genai's default (continuous-batching) backend
+runs on CPU, and adds a Gather of the sampled tokens in front of the lm_head MatMul, as
+openvino-genai does. The rewritten model's inputs, per call (each batch row is one sequence)::
+
+    input_ids, position_ids [T]            the rows' new tokens, concatenated, padding dropped
+    past_lens [R] i32                      tokens each row already has in the cache
+    subsequence_begins [R+1] i32           where each row's tokens start in input_ids
+    block_indices [N] i32,                 each row's cache blocks in order, and where each row's
+    block_indices_begins [R+1] i32         list starts
+    max_context_len [] i32                 the longest row after the call
+    key_cache.{i}, value_cache.{i}         per layer, [blocks, kv_heads, rows, bytes per row]: the
+                                           element type and block shape the compiled model asks
+                                           for (u8 keys carry their per-channel scales in extra rows)
+    sampled_tokens_indices [n] i64         the tokens whose logits are computed
+
+The engine owns the block pool (it grows by doubling, copying what is cached) and hands each row
+whole blocks; ``truncate`` returns the blocks after the kept prefix to the pool. ``openvino`` is
+imported lazily, from :mod:`.openvino`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qwen_export.artifact import Manifest
+from qwen_export.errors import ArtifactError, OptionError
+from qwen_export.spec import ModelSpec
+from qwen_export.targets.base import Truncation, plan_truncate, prepare_step
+from qwen_export.targets.openvino.engine import (
+    MODEL_XML,
+    Attention,
+    OpenVINOOptions,
+    Precision,
+    RuntimeReport,
+    _check_precision,
+    _first_line,
+    _ov,
+    capabilities,
+    runtime_report,
+    unflatten_lm_head,
+)
+
+SAMPLED = "sampled_tokens_indices"
+#: the inputs SDPAToPagedAttention gives a decoder (besides the per-layer caches)
+PAGED_INPUTS = frozenset(
+    {
+        "input_ids",
+        "position_ids",
+        "past_lens",
+        "subsequence_begins",
+        "block_indices",
+        "block_indices_begins",
+        "max_context_len",
+        SAMPLED,
+    }
+)
+CACHE_PREFIXES = ("key_cache.", "value_cache.")
+
+
+def paged_model(model: Any) -> None:
+    """Rewrite a stateful artifact model in place: PagedAttention, and logits of the sampled tokens
+    only (a Gather on the token axis in front of the lm_head MatMul). Raises ArtifactError when
+    the result does not have the inputs this engine feeds."""
+    from openvino import opset13
+    from openvino._offline_transformations import paged_attention_transformation
+
+    unflatten_lm_head(model)  # artifacts exported before the lm_head was a direct MatMul
+    paged_attention_transformation(model)
+    lm_head = model.output("logits").get_node().input_value(0).get_node()
+    if lm_head.get_type_name() != "MatMul":
+        raise ArtifactError(f"the logits are not computed by a MatMul (found {lm_head.get_type_name()})")
+    indices = opset13.parameter([-1], np.int64, name=SAMPLED)
+    indices.output(0).get_tensor().set_names({SAMPLED})
+    axis = opset13.constant(np.array([0], dtype=np.int64))
+    lm_head.input(0).replace_source_output(opset13.gather(lm_head.input_value(0), indices, axis).output(0))
+    model.add_parameters([indices])
+    model.validate_nodes_and_infer_types()
+    names = {port.get_any_name() for port in model.inputs}
+    unknown = sorted(n for n in names - PAGED_INPUTS if not n.startswith(CACHE_PREFIXES))
+    if unknown or not PAGED_INPUTS <= names:
+        raise ArtifactError(f"OpenVINO's paged-attention rewrite gave inputs {sorted(names)}; this engine feeds "
+                            f"{sorted(PAGED_INPUTS)} and the caches")  # fmt: skip
+
+
+class PagedOpenVINOEngine:
+    """Engine over an OpenVINO artifact run as PagedAttention with a block KV cache it owns."""
+
+    def __init__(self, artifact_dir: str | Path, manifest: Manifest, options: OpenVINOOptions) -> None:
+        ov = _ov()
+        self.options = options
+        self.spec = ModelSpec.from_dict(manifest.spec)
+        if self.spec.has_sliding_layers:
+            raise OptionError(
+                "paged attention does not apply this model's sliding-window layers; use attention=stateful"
+            )
+        Attention.PAGED.resolve(self.spec, options.precision)  # refuses f16 compute
+        path = Path(artifact_dir) / MODEL_XML
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing; re-export the artifact with --target openvino")
+        core = ov.Core()
+        if options.precision is not Precision.F32:
+            _check_precision(core, options)
+        started = time.perf_counter()
+        try:
+            model = core.read_model(os.fspath(path))
+            paged_model(model)
+            self.compiled = core.compile_model(model, options.device, options.properties())
+        except RuntimeError as exc:  # OpenVINO raises RuntimeError with a multi-line trace
+            raise ArtifactError(f"{path}: OpenVINO could not compile its paged form: {_first_line(exc)}") from None
+        del model
+        self.load_seconds = time.perf_counter() - started
+        self.request = self.compiled.create_infer_request()
+        self._layouts = _cache_layouts(self.compiled)
+        self.block_size = _block_size(self._layouts)
+        self.capabilities = capabilities(manifest, self.spec, options)
+        self._capacity = 0  # blocks allocated per cache tensor
+        self._free: list[int] = []
+        self.reset()
+
+    # ------------------------------------------------------------------------------ state
+    @property
+    def num_cached_tokens(self) -> int:
+        return 0 if self._mask is None else int(self._mask.shape[1])
+
+    @property
+    def allocated_blocks(self) -> int:
+        """Blocks of ``block_size`` tokens the cache tensors hold (used or free)."""
+        return self._capacity
+
+    def reset(self) -> None:
+        self._free = list(range(self._capacity - 1, -1, -1))
+        self._rows: list[list[int]] = []  # each row's blocks, in order
+        self._lens = np.zeros(0, np.int64)  # tokens cached per row (padding is not cached)
+        self._mask: np.ndarray | None = None
+
+    def truncate(self, num_tokens: int) -> None:
+        plan = plan_truncate(num_tokens, self.num_cached_tokens)
+        if plan is Truncation.RESET:
+            self.reset()
+            return
+        if plan is Truncation.NOTHING:
+            return
+        assert self._mask is not None
+        self._mask = self._mask[:, :num_tokens]
+        self._lens = self._mask.sum(axis=1)
+        for blocks, kept in zip(self._rows, self._lens, strict=True):
+            needed = -(-int(kept) // self.block_size)
+            self._free.extend(reversed(blocks[needed:]))
+            del blocks[needed:]
+
+    # ------------------------------------------------------------------------------ forward
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        step = prepare_step(
+            input_ids,
+            attention_mask,
+            self._mask,
+            vocab_size=self.spec.vocab_size,
+            max_context=self.capabilities.max_context,
+        )
+        batch, seq = step.ids.shape
+        if self._mask is None:
+            self._rows = [[] for _ in range(batch)]
+            self._lens = np.zeros(batch, np.int64)
+        real = step.mask[:, -seq:] == 1
+        counts = real.sum(axis=1)
+        rows = np.flatnonzero(counts)
+        out = np.zeros((batch, seq if self.capabilities.full_logits else 1, self.spec.vocab_size), np.float32)
+        if rows.size:
+            logits = self._run(step.ids[real], step.position_ids[real], rows, counts[rows])
+            if self.capabilities.full_logits:
+                out[real] = logits
+            else:
+                out[rows, 0] = logits
+        self._lens = self._lens + counts
+        self._mask = step.mask
+        return out
+
+    def _run(self, ids: np.ndarray, positions: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """One inference over the new tokens of ``rows``; the sampled tokens' logits [n, vocab]."""
+        past = self._lens[rows]
+        totals = past + counts
+        needed = -(-totals // self.block_size)
+        self._reserve(rows, needed)
+        blocks = [self._rows[r][:n] for r, n in zip(rows, needed, strict=True)]
+        ends = np.cumsum(counts)
+        sampled = np.arange(ends[-1]) if self.capabilities.full_logits else ends - 1
+        self.request.infer(
+            {
+                "input_ids": ids,
+                "position_ids": positions,
+                "past_lens": past.astype(np.int32),
+                "subsequence_begins": np.concatenate([[0], ends]).astype(np.int32),
+                "block_indices": np.concatenate(blocks).astype(np.int32),
+                "block_indices_begins": np.concatenate([[0], np.cumsum(needed)]).astype(np.int32),
+                "max_context_len": np.array(totals.max(), np.int32),
+                SAMPLED: sampled.astype(np.int64),
+            },
+            share_inputs=True,
+        )
+        logits = self.request.get_tensor("logits").data
+        return np.array(logits.reshape(len(sampled), -1), dtype=np.float32)
+
+    def _reserve(self, rows: np.ndarray, needed: np.ndarray) -> None:
+        """Give each row ``needed`` blocks, growing the pool when it runs out."""
+        missing = sum(max(0, int(n) - len(self._rows[r])) for r, n in zip(rows, needed, strict=True))
+        if missing > len(self._free):
+            self._grow(self._capacity + missing - len(self._free))
+        for r, n in zip(rows, needed, strict=True):
+            while len(self._rows[r]) < n:
+                self._rows[r].append(self._free.pop())
+
+    def _grow(self, at_least: int) -> None:
+        """Reallocate every cache tensor with room for ``at_least`` blocks (doubling), keeping the
+        blocks already written; the new blocks join the free list."""
+        ov = _ov()
+        capacity = max(at_least, 2 * self._capacity, 8)
+        for name, (element_type, block_shape) in self._layouts.items():
+            tensor = ov.Tensor(element_type, [capacity, *block_shape])
+            # zeroed: PagedAttention reads whole blocks, and uninitialised f16 bits can be NaN
+            np.asarray(tensor.data).fill(0)
+            if self._capacity:
+                old = self.request.get_tensor(name)
+                old.copy_to(ov.Tensor(tensor, [0] * (1 + len(block_shape)), [self._capacity, *block_shape]))
+            self.request.set_tensor(name, tensor)
+        self._free = list(range(capacity - 1, self._capacity - 1, -1)) + self._free
+        self._capacity = capacity
+
+    def runtime_report(self) -> RuntimeReport:
+        return runtime_report(self.compiled)
+
+
+def _cache_layouts(compiled: Any) -> dict[str, tuple[Any, list[int]]]:
+    """Each cache input's element type and block shape (all but the block axis), as compiled."""
+    layouts = {}
+    for port in compiled.inputs:
+        name = port.get_any_name()
+        if not name.startswith(CACHE_PREFIXES):
+            continue
+        dims = list(port.get_partial_shape())[1:]
+        if len(dims) != 3 or not all(d.is_static for d in dims):
+            raise ArtifactError(f"cache input {name} has shape {port.get_partial_shape()}; expected [?, H, rows, D]")
+        layouts[name] = (port.get_element_type(), [d.get_length() for d in dims])
+    if not layouts:
+        raise ArtifactError("the paged model has no key_cache/value_cache inputs")
+    return layouts
+
+
+def _block_size(layouts: dict[str, tuple[Any, list[int]]]) -> int:
+    """Tokens per block: the row count of the value caches (key caches may carry scale rows)."""
+    sizes = {shape[1] for name, (_, shape) in layouts.items() if name.startswith("value_cache.")}
+    if len(sizes) != 1:
+        raise ArtifactError(f"value caches disagree on the block size: {sorted(sizes)}")
+    return sizes.pop()

@@ -1,0 +1,724 @@
+"""TensorRT target: emit the standard-op ONNX graph and its build recipe, build engines on the GPU,
+run them behind the Engine protocol.
+
+Three stages::
+
+    export (any machine)   emit(): OUT/model.onnx + model.onnx.data (strongly typed, opset 24,
+                           standard ops; fixed-capacity KV buffers written with TensorScatter at
+                           ``cache_position``, see passes/kv_tensor_scatter.py) and
+                           manifest.extra["tensorrt"] = recipe(...)
+    build (on the GPU)     build_engine(): OnnxParser -> two optimization profiles (0 "prefill",
+                           1 "decode") -> OUT/engines/<gpu>-sm<cc>-trt<version>.plan (+ .json: the
+                           recipe used, TensorRT version, build seconds); the builder's timing
+                           cache is kept in OUT/engines/timing.cache. Engines are device-specific
+                           and not part of manifest.json's checksums.
+    run (on the GPU)       TensorRTEngine: one execution context; torch CUDA tensors as device
+                           buffers; each KV buffer [batch, kv_heads, capacity, head_dim] is bound
+                           with ``set_tensor_address`` as both ``past_key_values.*`` and
+                           ``present.*``: TensorRT imports ONNX TensorScatter as its KV-cache
+                           update layer (IKVCacheUpdateLayer, TensorRT 10.15+), which documents
+                           exactly this: the cache is a network input, the updated cache a
+                           network output, and both must share one device address.
+
+What has and has not been run. TensorRT cannot be installed where this module was written (no
+GPU; its wheels fetch libraries from an unreachable host). :func:`recipe` and :func:`emit` run in
+the test suite. :func:`build_engine` and :class:`TensorRTEngine` ran only against the stand-in
+``tensorrt`` module of ``tests/test_tensorrt_engine.py`` (it records the calls, checks the shapes
+against the selected profile and executes model.onnx with ONNX Runtime on the bound CPU tensors):
+that checks the control flow (profiles, bindings, in-place KV, truncate, chunked prefill, the
+CUDA-graph bookkeeping) and parity with the ONNX Runtime engine, not TensorRT itself. Neither has
+been run with a real TensorRT, a GPU, or real CUDA graphs; the test that does is skipped here.
+
+TensorRT Python API used (10.x; names checked against NVIDIA's docs and the Python binding
+docstrings in github.com/NVIDIA/TensorRT ``python/docstrings/infer/pyCoreDoc.h`` and
+``python/docstrings/parsers/pyOnnxDoc.h``, and the samples ``samples/python/common_runtime.py``,
+``samples/python/detectron2/build_engine.py``, ``samples/python/strongly_type_autocast/sample.py``):
+
+- build: ``trt.Logger(trt.Logger.WARNING)``, ``trt.Builder(logger)``,
+  ``builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))``,
+  ``trt.OnnxParser(network, logger)``, ``parser.parse_from_file(path)`` (external data is read
+  next to the file), ``parser.num_errors`` / ``parser.get_error(i)`` (``desc()``, ``node_name()``,
+  ``node_operator()``), ``network.num_inputs`` / ``network.get_input(i).name``,
+  ``builder.create_builder_config()``,
+  ``config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, bytes)``,
+  ``config.builder_optimization_level`` (0..5, default 3), ``config.create_timing_cache(blob)``
+  (``b""`` = new), ``config.set_timing_cache(cache, ignore_mismatch=False)``,
+  ``cache.serialize()``, ``builder.create_optimization_profile()``,
+  ``profile.set_shape(name, min, opt, max)``, ``config.add_optimization_profile(profile)``
+  (returns the index), ``builder.build_serialized_network(network, config)`` (None on failure).
+  Strongly typed networks take their precision from the graph: no FP16/INT8 builder flags are set.
+- run: ``trt.Runtime(logger).deserialize_cuda_engine(plan)``, ``engine.num_io_tensors``,
+  ``engine.get_tensor_name(i)``, ``engine.get_tensor_mode(name)`` (``trt.TensorIOMode.INPUT``),
+  ``engine.num_optimization_profiles``, ``engine.create_execution_context()`` (profile 0 is
+  selected by default), ``context.set_optimization_profile_async(index, stream_handle)``,
+  ``context.set_input_shape(name, shape)``, ``context.set_tensor_address(name, ptr)``,
+  ``context.execute_async_v3(stream_handle)``, with a non-default ``torch.cuda.Stream``.
+
+CUDA graphs (``TensorRTOptions(cuda_graphs=True)``): decode steps run with the attention mask
+padded with zeros to the full capacity (the graph accepts it: columns past the cache are masked),
+so every decode step of a batch size has the same shapes and the same (static) device buffers. The
+first decode step after a profile switch or a buffer reallocation runs ``execute_async_v3`` as
+usual (TensorRT wants one enqueue after shape changes before a capture), then one
+``torch.cuda.CUDAGraph`` is captured on the engine's stream for that batch size; later decode
+steps copy their inputs into the static buffers and call ``graph.replay()``. A prefill switches
+to profile 0, which drops the captured graphs (the context's shape state changed), so each
+decode run after a prefill captures once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qwen_export.artifact import Manifest, load_manifest
+from qwen_export.errors import ArtifactError, EngineUnavailableError, GenerationError, OptionError
+from qwen_export.spec import ModelSpec
+from qwen_export.targets.base import EngineCapabilities, Truncation, plan_truncate, prepare_step
+
+__all__ = [
+    "BuildOptions",
+    "TensorRTEngine",
+    "TensorRTOptions",
+    "build_engine",
+    "emit",
+    "engine_slug",
+    "recipe",
+]
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+ENGINES_DIR = "engines"
+TIMING_CACHE = "timing.cache"
+#: builder workspace (``MemoryPoolType.WORKSPACE``) the recipe asks for unless overridden: 4 GiB
+DEFAULT_WORKSPACE = 4 << 30
+PREFILL, DECODE = 0, 1  # optimization profile indices (the order of the recipe's "profiles")
+INPUTS = ("input_ids", "attention_mask", "position_ids", "cache_position")
+INSTALL_TRT = "pip install tensorrt (TensorRT 10.x, on a machine with an NVIDIA GPU and driver)"
+INSTALL_TORCH_CUDA = (
+    "install a CUDA build of PyTorch (e.g. pip install torch --index-url https://download.pytorch.org/whl/cu126) "
+    "on a machine with an NVIDIA GPU and driver"
+)
+
+
+# ---------------------------------------------------------------------------------------- SDKs
+def _trt() -> Any:
+    """Import TensorRT (10.x) or say what to install."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise EngineUnavailableError(f"TensorRT is not installed: {INSTALL_TRT}") from None
+    version = str(getattr(tensorrt, "__version__", "0"))
+    if not version.split(".")[0].isdigit() or int(version.split(".")[0]) < 10:
+        raise EngineUnavailableError(
+            f"TensorRT {version} is too old; this engine uses the TensorRT 10 API: {INSTALL_TRT}"
+        )
+    return tensorrt
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        raise EngineUnavailableError(
+            f"the TensorRT engine keeps its buffers in PyTorch tensors: {INSTALL_TORCH_CUDA}"
+        ) from None
+    return torch
+
+
+def _cuda_device(index: int) -> Any:
+    """``torch.device("cuda", index)``, or a one-line error naming the fix."""
+    torch = _torch()
+    if not torch.cuda.is_available():
+        raise EngineUnavailableError(
+            f"TensorRT engines run on a CUDA GPU, but torch.cuda.is_available() is False (torch {torch.__version__}); "
+            + INSTALL_TORCH_CUDA
+        )
+    count = torch.cuda.device_count()
+    if not 0 <= index < count:
+        raise OptionError(f"CUDA device {index} does not exist; this machine has {count} (valid: 0..{count - 1})")
+    return torch.device("cuda", index)
+
+
+def engine_slug(trt: Any, device: Any) -> str:
+    """The engine file stem for this GPU and TensorRT: ``<gpu name>-sm<major><minor>-trt<version>``
+    (``cpu-trt<version>`` for the CPU stand-in the tests use)."""
+    if device.type == "cuda":
+        torch = _torch()
+        major, minor = torch.cuda.get_device_capability(device)
+        gpu = f"{torch.cuda.get_device_name(device)}-sm{major}{minor}"
+    else:
+        gpu = device.type
+    return re.sub(r"[^a-z0-9.]+", "-", f"{gpu}-trt{trt.__version__}".lower()).strip("-")
+
+
+# ---------------------------------------------------------------------------------------- export
+def _kv_names(layers: int) -> list[str]:
+    return [f"{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+def recipe(
+    spec: ModelSpec | dict[str, Any], *, capacity: int, dtype: str, max_batch: int, max_prompt: int
+) -> dict[str, Any]:
+    """The build recipe ``manifest.extra["tensorrt"]`` records (pure Python, JSON-serializable).
+
+    Two optimization profiles, in this order (the engine selects them by index):
+
+    - ``prefill`` (index 0): batch 1..max_batch, sequence 1..max_prompt, attention_width 1..capacity
+    - ``decode`` (index 1): batch 1..max_batch, sequence 1, attention_width 1..capacity
+
+    Each maps every input to ``{"min", "opt", "max"}`` shapes. The KV inputs
+    ``past_key_values.{i}.key/value`` are [batch, kv_heads, capacity, head_dim]: only the batch
+    varies. ``opt`` is batch 1 (one conversation), a prompt of min(max_prompt, 128) for prefill and
+    attention_width = capacity for decode (the shape CUDA-graph decoding runs at).
+    """
+    if isinstance(spec, dict):
+        spec = ModelSpec.from_dict(spec)
+    if dtype not in ("fp16", "fp32"):
+        raise OptionError(f"unknown TensorRT precision {dtype!r}; valid values: fp16, fp32")
+    for name, value in (("capacity", capacity), ("max_batch", max_batch), ("max_prompt", max_prompt)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise OptionError(f"TensorRT {name} must be a positive integer, got {value!r}")
+    if max_prompt > capacity:
+        raise OptionError(
+            f"TensorRT max_prompt {max_prompt} exceeds the KV capacity {capacity}; "
+            "lower the prompt limit or re-export with a larger --max-length"
+        )
+    kv_heads, head_dim = spec.num_key_value_heads, spec.head_dim
+
+    def profile(name: str, seq: tuple[int, int, int], width: tuple[int, int, int]) -> dict[str, Any]:
+        batch = (1, 1, max_batch)
+        shapes: dict[str, dict[str, list[int]]] = {}
+        for idx, key in enumerate(("min", "opt", "max")):
+            b, s, w = batch[idx], seq[idx], width[idx]
+            for inp, shape in (
+                ("input_ids", [b, s]),
+                ("attention_mask", [b, w]),
+                ("position_ids", [b, s]),
+                ("cache_position", [s]),
+            ):
+                shapes.setdefault(inp, {})[key] = shape
+            for kv in _kv_names(spec.num_hidden_layers):
+                shapes.setdefault(f"past_key_values.{kv}", {})[key] = [b, kv_heads, capacity, head_dim]
+        return {"name": name, "shapes": shapes}
+
+    opt_prompt = min(max_prompt, 128)
+    return {
+        "onnx": MODEL_FILE,
+        "capacity": capacity,
+        "precision": dtype,
+        "strongly_typed": True,
+        "workspace": DEFAULT_WORKSPACE,
+        "max_batch": max_batch,
+        "max_prompt": max_prompt,
+        "profiles": [
+            profile("prefill", (1, opt_prompt, max_prompt), (1, opt_prompt, capacity)),
+            profile("decode", (1, 1, 1), (1, capacity, capacity)),
+        ],
+    }
+
+
+def emit(
+    model: Any,
+    out_dir: Path,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    spec: ModelSpec | dict[str, Any],
+    capacity: int,
+    dtype: str,
+    max_batch: int,
+    max_prompt: int,
+) -> dict[str, Any]:
+    """Write ``model.onnx`` + ``model.onnx.data`` (exactly as the ONNX Runtime target does) and
+    return the manifest extras ``{"tensorrt": recipe(...)}``. The recipe is checked before any
+    byte is written. Engines are built later, on the GPU, by :func:`build_engine`."""
+    from qwen_export.onnx_writer import write_onnx
+
+    built = recipe(spec, capacity=capacity, dtype=dtype, max_batch=max_batch, max_prompt=max_prompt)
+    write_onnx(model, Path(out_dir), MODEL_FILE, DATA_FILE, progress)
+    return {"tensorrt": built}
+
+
+# ---------------------------------------------------------------------------------------- build
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """How ``build-engine`` builds. ``max_batch`` / ``max_prompt`` / ``workspace`` (bytes): None =
+    the recipe's. ``optimization_level``: TensorRT's builder_optimization_level, 0 (fast build) to
+    5 (slowest build, best engine); 3 is TensorRT's default. ``timing_cache``: load and save
+    ``engines/timing.cache`` so rebuilds skip kernel timing."""
+
+    max_batch: int | None = None
+    max_prompt: int | None = None
+    workspace: int | None = None
+    timing_cache: bool = True
+    optimization_level: int = 3
+    device: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_prompt", "workspace"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise OptionError(f"build-engine {name} must be a positive integer, got {value!r}")
+        if not 0 <= self.optimization_level <= 5:
+            raise OptionError(f"TensorRT optimization level must be 0..5, got {self.optimization_level}")
+
+
+def _tensorrt_manifest(directory: Path, manifest: Manifest | None = None) -> tuple[Manifest, dict[str, Any]]:
+    manifest = manifest or load_manifest(directory)
+    if manifest.target != "tensorrt":
+        raise ArtifactError(
+            f"{directory} is a {manifest.target} artifact; TensorRT engines need one exported with --target tensorrt"
+        )
+    built = manifest.extra.get("tensorrt")
+    if not isinstance(built, dict) or "profiles" not in built:
+        raise ArtifactError(f"{directory}/manifest.json has no TensorRT build recipe (extra.tensorrt); re-export it")
+    return manifest, built
+
+
+def _atomic_write(path: Path, data: Any) -> None:
+    """Write ``data`` (bytes or any buffer, e.g. TensorRT's IHostMemory) to a temporary file next
+    to ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(data))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _parser_errors(parser: Any) -> list[str]:
+    out = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        try:
+            where = " ".join(x for x in (err.node_operator(), err.node_name()) if x)
+            out.append(f"{where}: {err.desc()}" if where else str(err.desc()))
+        except AttributeError:
+            out.append(str(err))
+    return out
+
+
+def build_engine(
+    artifact_dir: str | Path,
+    options: BuildOptions | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    message: Callable[[str], None] = lambda text: None,
+    *,
+    trt_module: Any = None,
+    torch_device: Any = None,
+) -> Path:
+    """Build the TensorRT engine of a ``--target tensorrt`` artifact for this GPU; return its path.
+
+    Parses ``model.onnx`` (strongly typed network), adds the recipe's two optimization profiles
+    (with ``max_batch`` / ``max_prompt`` overrides applied), loads the timing cache, builds, and
+    writes ``engines/<slug>.plan``, ``engines/<slug>.json`` and ``engines/timing.cache``
+    atomically. ``progress(step, 4)`` after parse, configure, build and write. Raises
+    EngineUnavailableError (no TensorRT / CUDA), ArtifactError (parse or build failure).
+    """
+    options = options or BuildOptions()
+    root = Path(artifact_dir)
+    manifest, base = _tensorrt_manifest(root)
+    spec = ModelSpec.from_dict(manifest.spec)
+    used = recipe(
+        spec,
+        capacity=int(base["capacity"]),
+        dtype=str(base["precision"]),
+        max_batch=options.max_batch or int(base["max_batch"]),
+        max_prompt=options.max_prompt or int(base["max_prompt"]),
+    )
+    used["workspace"] = options.workspace or int(base.get("workspace", DEFAULT_WORKSPACE))
+    trt = trt_module if trt_module is not None else _trt()
+    device = torch_device if torch_device is not None else _cuda_device(options.device)
+    if device.type == "cuda":
+        _torch().cuda.set_device(device)  # the builder builds for the current CUDA device
+    onnx_path = root / str(base.get("onnx", MODEL_FILE))
+    if not onnx_path.is_file():
+        raise ArtifactError(f"{onnx_path}: missing; re-export the artifact")
+    step = progress or (lambda done, total: None)
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    message(f"parsing {onnx_path} with TensorRT {trt.__version__}")
+    if not parser.parse_from_file(os.fspath(onnx_path)):
+        errors = _parser_errors(parser)
+        raise ArtifactError(
+            f"{onnx_path}: TensorRT {trt.__version__} could not parse it ({len(errors)} error(s)): "
+            + " | ".join(errors[:5] or ["no error reported"])
+        )
+    step(1, 4)
+    expected = {name for name in used["profiles"][0]["shapes"]}
+    found = {network.get_input(i).name for i in range(network.num_inputs)}
+    if found != expected:
+        raise ArtifactError(
+            f"{onnx_path}: its inputs do not match the recipe (missing {sorted(expected - found)}, "
+            f"unexpected {sorted(found - expected)}); re-export the artifact"
+        )
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(used["workspace"]))
+    config.builder_optimization_level = options.optimization_level
+    engines = root / ENGINES_DIR
+    engines.mkdir(exist_ok=True)
+    cache_path = engines / TIMING_CACHE
+    cache = None
+    if options.timing_cache:
+        blob = cache_path.read_bytes() if cache_path.is_file() else b""
+        cache = config.create_timing_cache(blob)
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            message(f"{cache_path} was made on another GPU or TensorRT; starting a new timing cache")
+            cache = config.create_timing_cache(b"")
+            config.set_timing_cache(cache, ignore_mismatch=False)
+    for index, entry in enumerate(used["profiles"]):
+        profile = builder.create_optimization_profile()
+        for name, shape in entry["shapes"].items():
+            profile.set_shape(name, shape["min"], shape["opt"], shape["max"])
+        if config.add_optimization_profile(profile) != index:
+            raise ArtifactError(f"TensorRT rejected the {entry['name']!r} optimization profile of {root}'s recipe")
+    step(2, 4)
+
+    slug = engine_slug(trt, device)
+    message(f"building the TensorRT engine {slug} (batch <= {used['max_batch']}, prompt <= {used['max_prompt']})")
+    start = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if plan is None:
+        raise ArtifactError(
+            f"TensorRT {trt.__version__} could not build an engine from {onnx_path} (the log above says why); "
+            "try a smaller --max-batch / --max-prompt or a larger --workspace"
+        )
+    step(3, 4)
+    plan_path = engines / f"{slug}.plan"
+    _atomic_write(plan_path, plan)
+    info = {
+        "slug": slug,
+        "tensorrt": str(trt.__version__),
+        "device": str(device),
+        "build_seconds": round(seconds, 3),
+        "optimization_level": options.optimization_level,
+        "onnx_sha256": manifest.files.get(MODEL_FILE),
+        "recipe": used,
+    }
+    _atomic_write(plan_path.with_suffix(".json"), json.dumps(info, indent=1).encode())
+    if cache is not None:
+        _atomic_write(cache_path, cache.serialize())
+    step(4, 4)
+    message(f"wrote {plan_path} in {seconds:.1f} s")
+    return plan_path
+
+
+# ---------------------------------------------------------------------------------------- run
+@dataclasses.dataclass(frozen=True)
+class TensorRTOptions:
+    """``device``: the CUDA device index. ``cuda_graphs``: replay decode steps as CUDA graphs
+    (see the module docstring). ``engine``: a plan file to load instead of
+    ``engines/<this GPU's slug>.plan`` (relative paths are taken from the artifact)."""
+
+    device: int = 0
+    cuda_graphs: bool = False
+    engine: Path | None = None
+
+
+class TensorRTEngine:
+    """Engine over a ``--target tensorrt`` artifact with a built engine (``qwen-export build-engine``).
+
+    ``trt_module`` / ``torch_device`` replace ``import tensorrt`` and the CUDA device (tests run
+    the engine with a stand-in module on CPU tensors).
+    """
+
+    def __init__(
+        self,
+        artifact_dir: str | Path,
+        manifest: Manifest,
+        options: TensorRTOptions | None = None,
+        *,
+        trt_module: Any = None,
+        torch_device: Any = None,
+    ) -> None:
+        self.options = options or TensorRTOptions()
+        self.root = Path(artifact_dir)
+        manifest, base = _tensorrt_manifest(self.root, manifest)
+        trt = trt_module if trt_module is not None else _trt()
+        torch = _torch()
+        device = torch_device if torch_device is not None else _cuda_device(self.options.device)
+        self._trt, self._torch, self.device = trt, torch, device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # TensorRT deserializes and runs on the current CUDA device
+        self.spec = ModelSpec.from_dict(manifest.spec)
+        self.plan_path, info = self._find_plan(trt, device)
+        if info.get("onnx_sha256") and manifest.files.get(MODEL_FILE) not in (None, info["onnx_sha256"]):
+            raise ArtifactError(
+                f"{self.plan_path} was built from an earlier export of {self.root}; "
+                f"rebuild it: qwen-export build-engine {self.root}"
+            )
+        used = info.get("recipe") or base
+        self.capacity = int(used["capacity"])
+        self.max_batch = int(used["max_batch"])
+        self.max_prompt = int(used["max_prompt"])
+        kv = manifest.extra.get("kv_cache") or {}
+        if int(kv.get("capacity", self.capacity)) != self.capacity:
+            raise ArtifactError(
+                f"{self.plan_path} holds {self.capacity} tokens but the artifact's KV capacity is {kv['capacity']}"
+            )
+
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self._runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+        if self.engine is None:
+            raise ArtifactError(
+                f"{self.plan_path}: TensorRT {trt.__version__} could not load it (built by another TensorRT or for "
+                f"another GPU?); rebuild it: qwen-export build-engine {self.root}"
+            )
+        self._check_io(trt)
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise GenerationError(f"TensorRT could not create an execution context for {self.plan_path} (GPU memory?)")
+        self._profile = PREFILL  # a new context starts on profile 0
+        cuda = device.type == "cuda"
+        self._stream: Any = torch.cuda.Stream(device=device) if cuda else None
+        self._stream_handle = 0 if self._stream is None else int(self._stream.cuda_stream)
+        self._use_graphs = self.options.cuda_graphs
+        if self._use_graphs and not cuda:
+            raise OptionError("CUDA graphs need a CUDA device")
+        self.capabilities = EngineCapabilities(
+            name="tensorrt",
+            max_context=self.capacity,
+            max_batch=self.max_batch,
+            devices=(str(device),),
+            full_logits=manifest.logits == "all",
+            vocab_size=self.spec.vocab_size,
+        )
+        self._layers = self.spec.num_hidden_layers
+        self._kv_dtype = torch.float16 if manifest.dtype == "fp16" else torch.float32
+        self._batch = 0  # batch size the device buffers are allocated for (0 = none)
+        self._kv: list[Any] = []  # 2 * layers tensors [batch, kv_heads, capacity, head_dim]
+        self._buffers: dict[str, Any] = {}  # flat static device buffers of the inputs and logits
+        self._bound: dict[str, int] = {}  # tensor name -> address last given to set_tensor_address
+        self._graphs: dict[int, Any] = {}  # batch size -> captured decode graph
+        self.reset()
+
+    # ------------------------------------------------------------------ Engine API
+    @property
+    def num_cached_tokens(self) -> int:
+        return 0 if self._mask is None else int(self._mask.shape[1])
+
+    def reset(self) -> None:
+        """Forget the cache (the buffers stay allocated; their stale columns are masked)."""
+        self._mask: np.ndarray | None = None
+
+    def truncate(self, num_tokens: int) -> None:
+        """Keep the first ``num_tokens`` cached tokens: only the mask forgets columns; the buffer
+        keeps them and later steps overwrite them (as the ONNX Runtime engine's shared layout)."""
+        plan = plan_truncate(num_tokens, self.num_cached_tokens)
+        if plan is Truncation.RESET:
+            self.reset()
+            return
+        assert self._mask is not None
+        self._mask = self._mask[:, :num_tokens]
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        step = prepare_step(
+            input_ids,
+            attention_mask,
+            self._mask,
+            vocab_size=self.spec.vocab_size,
+            max_context=self.capacity,
+            capacity_note=" (the capacity of its preallocated KV buffer)",
+        )
+        batch, seq = step.ids.shape
+        if batch > self.max_batch:
+            raise GenerationError(
+                f"batch {batch} exceeds the engine's max_batch {self.max_batch}; "
+                f"rebuild it: qwen-export build-engine {self.root} --max-batch {batch}"
+            )
+        cached = step.mask.shape[1] - seq
+        chunks = []
+        for start in range(0, seq, self.max_prompt):  # prompts longer than the prefill profile: chunks
+            end = min(seq, start + self.max_prompt)
+            chunks.append(
+                self._run(
+                    step.ids[:, start:end],
+                    step.mask[:, : cached + end],
+                    step.position_ids[:, start:end],
+                    cached + start,
+                )
+            )
+        self._mask = step.mask
+        if self.capabilities.full_logits and len(chunks) > 1:
+            return np.concatenate(chunks, axis=1)
+        return chunks[-1]
+
+    # ------------------------------------------------------------------ internals
+    def _find_plan(self, trt: Any, device: Any) -> tuple[Path, dict[str, Any]]:
+        if self.options.engine is not None:
+            path = Path(self.options.engine)
+            path = path if path.is_absolute() else self.root / path
+            if not path.is_file():
+                raise ArtifactError(f"{path}: TensorRT engine file not found")
+        else:
+            slug = engine_slug(trt, device)
+            path = self.root / ENGINES_DIR / f"{slug}.plan"
+            if not path.is_file():
+                built = sorted(p.stem for p in (self.root / ENGINES_DIR).glob("*.plan"))
+                have = f" (it has engines for: {', '.join(built)})" if built else ""
+                raise ArtifactError(
+                    f"{self.root} has no TensorRT engine for this GPU and TensorRT ({slug}){have}; "
+                    f"build it: qwen-export build-engine {self.root}"
+                )
+        sidecar = path.with_suffix(".json")
+        try:
+            info = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(
+                f"{sidecar} cannot be read ({exc}); rebuild: qwen-export build-engine {self.root}"
+            ) from None
+        return path, info
+
+    def _check_io(self, trt: Any) -> None:
+        inputs: set[str] = set()
+        outputs: set[str] = set()
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            (inputs if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).add(name)
+        kv = _kv_names(self.spec.num_hidden_layers)
+        want_in = set(INPUTS) | {f"past_key_values.{n}" for n in kv}
+        want_out = {"logits"} | {f"present.{n}" for n in kv}
+        if inputs != want_in or outputs != want_out:
+            missing = sorted((want_in - inputs) | (want_out - outputs))
+            extra = sorted((inputs - want_in) | (outputs - want_out))
+            raise ArtifactError(
+                f"{self.plan_path}: its IO does not match the artifact "
+                f"(missing {missing[:4]}, unexpected {extra[:4]}); rebuild it: qwen-export build-engine {self.root}"
+            )
+        if self.engine.num_optimization_profiles < 2:
+            raise ArtifactError(
+                f"{self.plan_path} has no decode profile; rebuild it: qwen-export build-engine {self.root}"
+            )
+
+    def _device_tensors(self) -> Iterator[Any]:
+        """Every device buffer bound to the context (the tests map addresses back to them)."""
+        yield from self._kv
+        yield from self._buffers.values()
+
+    def _stream_scope(self) -> Any:
+        return self._torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+
+    def _allocate(self, batch: int) -> None:
+        """Zeroed KV buffers and static input buffers for ``batch`` rows (once per batch size)."""
+        torch = self._torch
+        self._kv, self._buffers, self._bound, self._graphs = [], {}, {}, {}  # free the old ones first
+        shape = (batch, self.spec.num_key_value_heads, self.capacity, self.spec.head_dim)
+        for _ in range(2 * self._layers):
+            self._kv.append(torch.zeros(shape, dtype=self._kv_dtype, device=self.device))
+        for name, size in (
+            ("input_ids", batch * self.max_prompt),
+            ("position_ids", batch * self.max_prompt),
+            ("cache_position", self.max_prompt),
+            ("attention_mask", batch * self.capacity),
+        ):
+            self._buffers[name] = torch.zeros(size, dtype=torch.int64, device=self.device)
+        self._batch = batch
+
+    def _logits_buffer(self, size: int) -> Any:
+        buf = self._buffers.get("logits")
+        if buf is None or buf.numel() < size:  # grows (full logits); a new address drops the graphs
+            self._buffers["logits"] = buf = self._torch.empty(size, dtype=self._torch.float32, device=self.device)
+            self._graphs = {}
+        return buf
+
+    def _stage(self, name: str, array: np.ndarray) -> Any:
+        """Copy a host array into the front of its static device buffer; return that view."""
+        view = self._buffers[name][: array.size].view(array.shape)
+        view.copy_(self._torch.from_numpy(np.ascontiguousarray(array)), non_blocking=False)
+        return view
+
+    def _bind(self, name: str, tensor: Any) -> None:
+        ptr = int(tensor.data_ptr())
+        if self._bound.get(name) != ptr:
+            self.context.set_tensor_address(name, ptr)
+            self._bound[name] = ptr
+
+    def _select_profile(self, profile: int) -> None:
+        if profile == self._profile:
+            return
+        if not self.context.set_optimization_profile_async(profile, self._stream_handle):
+            raise GenerationError(f"TensorRT could not switch {self.plan_path} to optimization profile {profile}")
+        self._profile = profile
+        self._bound = {}  # bind every address again under the new profile
+        self._graphs = {}  # the context's shapes changed: captured decode graphs are stale
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, start: int) -> np.ndarray:
+        batch, seq = ids.shape
+        if batch != self._batch:
+            self._allocate(batch)
+        profile = PREFILL if seq > 1 else DECODE
+        graphed = self._use_graphs and profile == DECODE
+        if graphed and mask.shape[1] < self.capacity:  # constant decode shapes: pad the mask with zeros
+            mask = np.concatenate([mask, np.zeros((batch, self.capacity - mask.shape[1]), np.int64)], axis=1)
+        seq_out = seq if self.capabilities.full_logits else 1
+        with self._stream_scope():
+            self._select_profile(profile)
+            feeds = {
+                "input_ids": self._stage("input_ids", ids),
+                "attention_mask": self._stage("attention_mask", mask),
+                "position_ids": self._stage("position_ids", position_ids),
+                "cache_position": self._stage("cache_position", np.arange(start, start + seq, dtype=np.int64)),
+            }
+            size = batch * seq_out * self.spec.vocab_size
+            logits = self._logits_buffer(size)[:size].view(batch, seq_out, self.spec.vocab_size)
+            graph = self._graphs.get(batch) if graphed else None
+            if graph is not None:
+                graph.replay()
+            else:
+                self._execute(feeds, logits)
+                if graphed:
+                    self._graphs[batch] = self._capture()
+            if self._stream is not None:
+                self._stream.synchronize()
+        return logits.cpu().numpy().copy()
+
+    def _execute(self, feeds: dict[str, Any], logits: Any) -> None:
+        ctx = self.context
+        for name, tensor in feeds.items():
+            if not ctx.set_input_shape(name, tuple(tensor.shape)):
+                raise GenerationError(
+                    f"TensorRT refused {name} of shape {tuple(tensor.shape)} for profile {self._profile} of "
+                    f"{self.plan_path}; rebuild it with larger limits: qwen-export build-engine {self.root}"
+                )
+            self._bind(name, tensor)
+        for name, buffer in zip(_kv_names(self._layers), self._kv, strict=True):
+            if not ctx.set_input_shape(f"past_key_values.{name}", tuple(buffer.shape)):
+                raise GenerationError(f"TensorRT refused the KV buffer shape {tuple(buffer.shape)} of {self.plan_path}")
+            self._bind(f"past_key_values.{name}", buffer)
+            self._bind(f"present.{name}", buffer)  # the same memory: TensorScatter updates it in place
+        self._bind("logits", logits)
+        if not ctx.execute_async_v3(self._stream_handle):
+            raise GenerationError(f"TensorRT failed to run {self.plan_path} (execute_async_v3 returned False)")
+
+    def _capture(self) -> Any:
+        """Capture one decode step (shapes and addresses as just executed) as a CUDA graph."""
+        torch = self._torch
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self._stream):
+                ok = self.context.execute_async_v3(self._stream_handle)
+        except RuntimeError as exc:
+            first = (str(exc).splitlines() or ["?"])[0]
+            raise GenerationError(
+                f"CUDA graph capture of {self.plan_path} failed ({first}); run without cuda_graphs"
+            ) from None
+        if not ok:
+            raise GenerationError(f"TensorRT could not enqueue {self.plan_path} during CUDA graph capture")
+        return graph
