@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import onnx_ir as ir
 
@@ -50,3 +51,18 @@ def write_onnx(
             if progress is not None:
                 progress(done, total)
     ir.save(model, out_dir / model_file)
+
+
+def io_signature(model: ir.Model) -> dict[str, dict[str, Any]]:
+    """The graph's inputs and outputs as ``{"inputs": {name: {dtype, shape}}, "outputs": ...}``."""
+
+    def describe(values: Any) -> dict[str, Any]:
+        return {
+            v.name: {
+                "dtype": str(v.dtype).lower() if v.dtype is not None else None,
+                "shape": [d if isinstance(d, int) else str(d) for d in v.shape.dims] if v.shape else None,
+            }
+            for v in values
+        }
+
+    return {"inputs": describe(model.graph.inputs), "outputs": describe(model.graph.outputs)}

@@ -48,6 +48,15 @@ class Target(_ChoiceEnum):
     TENSORRT = "tensorrt"
 
 
+class KVLayout(enum.Enum):
+    """How an artifact's KV cache is passed between steps (``manifest.extra.kv_cache.layout``)."""
+
+    CONCAT = "concat"  # present = concat(past, new): the engine rebinds the presents as the next pasts
+    SHARED = "shared"  # one preallocated buffer per layer bound as both past and present (GQA)
+    STATEFUL = "stateful"  # OpenVINO variables (ReadValue/Assign) inside the infer request
+    FIXED = "fixed"  # fixed-capacity buffers written at cache_position by ScatterElements (TensorRT)
+
+
 class CacheIO(_ChoiceEnum):
     """How the traced graph passes the KV cache.
 
@@ -149,6 +158,10 @@ class ModelSpec:
     @property
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
+
+    def kv_bytes_per_token(self, dtype: DType) -> int:
+        """KV-cache bytes one token costs for one sequence (keys and values of every layer)."""
+        return kv_bytes_per_token(self.num_hidden_layers, self.num_key_value_heads, self.head_dim, dtype)
 
     @property
     def has_sliding_layers(self) -> bool:
@@ -298,6 +311,11 @@ class ModelSpec:
 
 
 # -------------------------------------------------------------------- helpers
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: DType) -> int:
+    """KV-cache bytes one token takes: 2 (K and V) x layers x kv_heads x head_dim x element bytes."""
+    return 2 * layers * kv_heads * head_dim * (2 if dtype is DType.FP16 else 4)
+
+
 class _Getter:
     def __init__(self, raw: dict[str, Any], source: str) -> None:
         self.raw, self.source = raw, source

@@ -147,8 +147,14 @@ def _genai_artifact(art: Path, tmp_path: Path) -> Path:
     manifest = load_manifest(art, verify=False)
     copy = shutil.copytree(art, tmp_path / art.name)
     shared = (manifest.extra.get("kv_cache") or {}).get("layout") == "shared"
+    from qwen_export.runtime.tokenizer import Tokenizer
+
     write_genai_config(
-        copy, ModelSpec.from_dict(manifest.spec), max_length=manifest.extra["max_length"], kv_layout_shared=shared
+        copy,
+        ModelSpec.from_dict(manifest.spec),
+        max_length=manifest.extra["max_length"],
+        kv_layout_shared=shared,
+        turn_end_token_id=Tokenizer.from_dir(copy).eos_token_id,
     )
     return copy
 

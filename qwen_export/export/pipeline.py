@@ -14,12 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qwen_export import artifact
-from qwen_export.errors import CheckpointError, EngineUnavailableError, OptionError
+from qwen_export import artifact, targets
+from qwen_export.errors import CheckpointError, OptionError
 from qwen_export.export.checkpoint import Checkpoint
+from qwen_export.passes.base import PassContext, PassReport
 from qwen_export.quant.scheme import QuantAlgorithm, QuantScheme
 from qwen_export.runtime.tokenizer import Tokenizer
-from qwen_export.spec import CacheIO, DType, LogitsMode, ModelSpec, Target
+from qwen_export.spec import DType, LogitsMode, ModelSpec, Target
+from qwen_export.targets.protocol import EmitJob, TargetBackend
 
 #: Default cap on the context an artifact is exported for (the config may say 128K+). A fused ONNX
 #: Runtime artifact preallocates a KV buffer of this many tokens per sequence (Qwen2.5-0.5B fp32:
@@ -50,25 +52,18 @@ class ExportOptions:
             raise OptionError(f"--accuracy-level must be 0, 1, 2, 3 or 4, got {self.accuracy_level}")
         if self.calibration is not None and (self.quant is None or self.quant.algorithm is not QuantAlgorithm.AWQ):
             raise OptionError("--calibration only applies to --algorithm awq")
-        if self.target is not Target.ONNXRUNTIME and not self.fuse:
-            raise OptionError(
-                f"--no-fuse applies to --target onnxruntime only; {self.target.value} fuses attention, RoPE and "
-                "RMSNorm itself when it compiles the model"
-            )
         if self.max_batch < 1:
             raise OptionError(f"--max-batch must be at least 1, got {self.max_batch}")
-        if self.target is Target.TENSORRT and self.quant is not None and not self.quant.symmetric:
-            raise OptionError(
-                "--target tensorrt needs symmetric weights (TensorRT requires DequantizeLinear zero points of "
-                "zero); drop --asymmetric"
-            )
+        self.backend.check_options(self)
+
+    @property
+    def backend(self) -> TargetBackend:
+        return targets.get(self.target)
 
     @property
     def graph_dtype(self) -> DType:
-        """The traced graph's dtype. OpenVINO keeps the graph in fp32 and stores fp16 weights
-        compressed (decompressed on load; its CPU plugin picks the compute precision at run time):
-        an fp16 graph's casts around softmax would hide the attention from its SDPA fusion."""
-        return DType.FP32 if self.target is Target.OPENVINO else self.dtype
+        """The traced graph's dtype (the target decides: OpenVINO traces fp32 and stores fp16 weights)."""
+        return self.backend.graph_dtype(self.dtype)
 
     def resolved_max_length(self, spec: ModelSpec) -> int:
         if self.max_length is None:
@@ -103,7 +98,8 @@ def _export(
     checkpoint_dir: str | Path, out_dir: str | Path, options: ExportOptions, hooks: ExportHooks | None
 ) -> artifact.Manifest:
     hooks = hooks or ExportHooks()
-    options = _target_quantization(options, hooks)
+    backend = options.backend
+    options = backend.adapt_options(options, hooks.message)
     timer = _PhaseTimer(hooks)
     out = Path(out_dir)
     artifact.check_output_dir(out, options.overwrite)
@@ -131,30 +127,47 @@ def _export(
     timer.start("trace")
     from qwen_export.export.trace import TraceOptions, bind_weights, trace
 
-    cache = CacheIO.SCATTER if options.target is Target.TENSORRT else CacheIO.CONCAT
-    model = trace(spec, TraceOptions(dtype=options.graph_dtype, logits=options.logits, cache=cache))
+    model = trace(spec, TraceOptions(dtype=options.graph_dtype, logits=options.logits, cache=backend.cache_io))
     bind_weights(model, spec, ckpt)
 
     timer.start("passes")
-    from qwen_export.export.pass_pipeline import run_pipeline
+    from qwen_export.passes.runner import run_passes
 
     dump = _Dumper(options.dump_dir)
     dump("traced", model)
-    context = _PassContext(options, max_length, hooks, calibration_stats=stats)
-    records, kv_layout = run_pipeline(model, spec, options.target, options.fuse, context, dump)
+    context = PassContext(
+        strict=options.strict,
+        explain=_MessageStream(hooks.message) if options.explain else None,
+        max_length=max_length,
+        quant=options.quant,
+        accuracy_level=options.accuracy_level,
+        calibration_stats=stats,
+    )
+    report = PassReport()
+    passes, kv_layout = backend.passes(spec, options.fuse, context, report)
+    records, kv_layout = run_passes(model, passes, kv_layout, dump)
 
     timer.start("emit")
     with artifact.write_artifact(out, options.overwrite) as staging:
         # tokenizer and generation config first: genai_config.json takes its eos ids from them
         _copy_tokenizer(ckpt.directory, staging.path, tokenizer_files)
         _write_generation_config(ckpt.directory, staging.path, spec)
-        target_extra = _emit_for_target(
-            model, staging.path, options, spec, ckpt.directory, max_length, kv_layout, hooks
+        job = EmitJob(
+            spec=spec,
+            source=ckpt.directory,
+            dtype=options.dtype,
+            max_length=max_length,
+            kv_layout=kv_layout,
+            max_batch=options.max_batch,
+            turn_end_token_id=Tokenizer.from_dir(ckpt.directory).eos_token_id,
+            progress=hooks.write_progress,
+            message=hooks.message,
         )
+        target_extra = backend.emit(model, staging.path, job)
         kv_cache = {
             "layout": kv_layout.value,
             "capacity": max_length,
-            "bytes_per_token": kv_bytes_per_token(spec, options.graph_dtype),
+            "bytes_per_token": spec.kv_bytes_per_token(options.graph_dtype),
         }
         io_signature = target_extra.pop("io")
         extra: dict[str, Any] = {}
@@ -162,13 +175,13 @@ def _export(
 
         source_quant = prequant_record(ckpt)
         if options.quant is not None:
-            extra["quantization"] = quantization_record(options, context.quantization_kept)
+            extra["quantization"] = quantization_record(options, report.quantization_kept)
             if calibration is not None:
                 extra["quantization"]["calibration"] = calibration
             if source_quant is not None:
                 extra["quantization"]["prequantized"] = source_quant
                 extra["quantization"]["requantized"] = [
-                    {"tensor": name, "reason": why} for name, why in context.quantization_requantized.items()
+                    {"tensor": name, "reason": why} for name, why in report.quantization_requantized.items()
                 ]
         elif source_quant is not None:
             extra["dequantized_from"] = source_quant
@@ -191,97 +204,6 @@ def _export(
     return artifact.load_manifest(out, verify=False)
 
 
-def _emit_for_target(
-    model: Any,
-    out: Path,
-    options: ExportOptions,
-    spec: ModelSpec,
-    source: Path,
-    max_length: int,
-    kv_layout: Any,
-    hooks: ExportHooks,
-) -> dict[str, Any]:
-    """Write the engine files of ``options.target`` into ``out``; return the manifest extras
-    (``io``: the IO signature the engine sees, plus target-specific records)."""
-    if options.target is Target.OPENVINO:
-        from qwen_export.targets.openvino import engine as ov_target
-
-        ov_target.emit(
-            model, out, progress=hooks.write_progress, message=hooks.message, fp16_weights=options.dtype is DType.FP16
-        )
-        io = ov_target.io_signature(out)
-        try:
-            tokenizer_files = ov_target.write_tokenizer_ir(source, out)
-        except EngineUnavailableError as exc:  # the artifact still runs in our engine; say what is missing
-            hooks.message(f"no tokenizer IR for openvino-genai: {exc}")
-            tokenizer_files = []
-        if (source / "config.json").is_file():  # openvino-genai reads the model's config.json
-            shutil.copyfile(source / "config.json", out / "config.json")
-        return {"io": io, "openvino": {"tokenizer_ir": bool(tokenizer_files)}}
-    if options.target is Target.TENSORRT:
-        from qwen_export.targets.tensorrt import engine as trt_target
-
-        extra = trt_target.emit(
-            model,
-            out,
-            hooks.write_progress,
-            spec=spec,
-            capacity=max_length,
-            dtype=options.dtype.value,
-            max_batch=options.max_batch,
-            max_prompt=max_length,
-        )
-        return {"io": _io_signature(model), **extra}
-    from qwen_export.export.pass_pipeline import KVLayout
-    from qwen_export.targets.onnxruntime import engine as ort_target
-    from qwen_export.targets.onnxruntime.genai_config import write_genai_config
-
-    ort_target.emit(model, out, progress=hooks.write_progress)
-    io = _io_signature(model)
-    write_genai_config(
-        out,
-        spec,
-        max_length=max_length,
-        kv_layout_shared=kv_layout is KVLayout.SHARED,
-        input_names=io["inputs"],
-        output_names=io["outputs"],
-    )
-    return {"io": io}
-
-
-def _target_quantization(options: ExportOptions, hooks: ExportHooks) -> ExportOptions:
-    """Adapt the weight quantization to what the target's engine accepts; say what changed.
-
-    TensorRT (its DequantizeLinear rules): scales strictly positive; block quantization for INT4
-    only, so int8 weights are quantized per output channel; dequantization only in front of
-    MatMul/Gemm, so the embedding (and a tied lm_head, which shares it) stays in the model dtype.
-    """
-    quant = options.quant
-    if quant is None:
-        return options
-    if options.target is Target.ONNXRUNTIME:
-        quant.require_blocks(options.target.value)  # MatMulNBits / GatherBlockQuantized are blocked
-    if options.target is not Target.TENSORRT:
-        return options
-    if quant.bits == 4 and quant.per_channel:
-        raise OptionError("--target tensorrt: int4 weights need blocks (--block-size 32, 64 or 128), not per channel")
-    from qwen_export.quant.scheme import PER_CHANNEL, Keep
-
-    changes = {"positive_scales": True, "keep": quant.keep | {Keep.EMBEDDING}}
-    if quant.bits == 8 and not quant.per_channel:
-        changes["block_size"] = PER_CHANNEL
-        hooks.message(
-            f"--target tensorrt: int8 weights are quantized per output channel, not in blocks of {quant.block_size} "
-            "(TensorRT block-quantizes INT4 only)"
-        )
-    if Keep.EMBEDDING not in quant.keep:
-        hooks.message(
-            "--target tensorrt: the embedding stays in "
-            f"{options.dtype.value} (TensorRT dequantizes weights only in front of MatMul/Gemm, not Gather)"
-        )
-    return dataclasses.replace(options, quant=dataclasses.replace(quant, **changes))
-
-
 def quantization_record(options: ExportOptions, kept: dict[str, str]) -> dict[str, Any]:
     """``manifest.extra["quantization"]``: the scheme, MatMulNBits' accuracy level and the weights
     kept in the model dtype (``{"tensor", "reason"}`` each)."""
@@ -291,29 +213,6 @@ def quantization_record(options: ExportOptions, kept: dict[str, str]) -> dict[st
         "accuracy_level": options.accuracy_level,
         "kept": [{"tensor": name, "reason": why} for name, why in kept.items()],
     }
-
-
-def kv_bytes_per_token(spec: ModelSpec, dtype: DType) -> int:
-    """KV-cache bytes one token costs for one sequence (keys and values of every layer)."""
-    item = 2 if dtype is DType.FP16 else 4
-    return 2 * spec.num_hidden_layers * spec.num_key_value_heads * spec.head_dim * item
-
-
-@dataclasses.dataclass(frozen=True)
-class _PassContext:
-    """What the pass pipelines read from the export: options, the artifact's context, hooks."""
-
-    options: ExportOptions
-    max_length: int
-    hooks: ExportHooks
-    quantization_kept: dict[str, str] = dataclasses.field(default_factory=dict)  # filled by the quantize pass
-    #: pre-quantized (AWQ/GPTQ) sources: weights the scheme could not take as stored -> why
-    quantization_requantized: dict[str, str] = dataclasses.field(default_factory=dict)
-    calibration_stats: Any = None  # AWQ: collect_activation_stats' result
-
-    @property
-    def explain(self) -> Any:
-        return _MessageStream(self.hooks.message) if self.options.explain else None
 
 
 class _MessageStream:
@@ -403,16 +302,3 @@ def _write_generation_config(src: Path, dst: Path, spec: ModelSpec) -> None:
         return
     eos = list(spec.eos_token_ids)
     (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}, indent=2), encoding="utf-8")
-
-
-def _io_signature(model: Any) -> dict[str, dict[str, Any]]:
-    def describe(values: Any) -> dict[str, Any]:
-        return {
-            v.name: {
-                "dtype": str(v.dtype).lower() if v.dtype is not None else None,
-                "shape": [d if isinstance(d, int) else str(d) for d in v.shape.dims] if v.shape else None,
-            }
-            for v in values
-        }
-
-    return {"inputs": describe(model.graph.inputs), "outputs": describe(model.graph.outputs)}

@@ -16,6 +16,28 @@ from qwen_export.errors import QwenExportError
 
 
 @dataclasses.dataclass(frozen=True)
+class PassContext:
+    """What the passes read: the export's options that concern them, typed."""
+
+    strict: bool = True  # a fusion firing fewer times than the architecture needs is an error
+    explain: Any = None  # a text stream for --explain reports (``write(str)``), or None
+    max_length: int = 4096  # the artifact's context (rotary tables, KV buffers)
+    quant: Any = None  # QuantScheme of the weight quantization, or None
+    accuracy_level: int = 4  # MatMulNBits' activation accuracy
+    calibration_stats: Any = None  # AWQ: collect_activation_stats' result
+
+
+@dataclasses.dataclass
+class PassReport:
+    """What the passes report beyond their PassResult (it goes into the manifest)."""
+
+    #: weights the quantization kept in the model dtype -> why
+    quantization_kept: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: pre-quantized (AWQ/GPTQ) sources: weights the scheme could not take as stored -> why
+    quantization_requantized: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class PassResult:
     name: str
     changed: bool
@@ -25,6 +47,9 @@ class PassResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+Pass = Callable[[Any], PassResult]
 
 
 def op_histogram(model: Any) -> Counter[str]:

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from qwen_export.errors import OptionError
+from qwen_export.spec import DType
+from qwen_export.spec import kv_bytes_per_token as spec_kv_bytes
 from qwen_export.targets.base import Engine
 
 #: Sample prompt ids below this (ordinary BPE tokens of Qwen's vocabulary, no special tokens).
@@ -34,7 +36,6 @@ SWEEP_START = 128
 SWEEP_DEFAULT_MAX = 8192
 
 #: Bytes per KV-cache element for each manifest dtype.
-KV_BYTES = {"fp32": 4, "fp16": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,16 +109,14 @@ def disk_mb(path: str | Path) -> float:
 
 
 def kv_bytes_per_token(spec: dict[str, Any], dtype: str) -> int:
-    """KV-cache bytes one token takes: 2 (K and V) × layers × kv_heads × head_dim × element bytes."""
+    """KV-cache bytes one token takes, from a manifest's ``spec`` and ``dtype``."""
     try:
         layers = int(spec["num_hidden_layers"])
         kv_heads = int(spec.get("num_key_value_heads") or spec["num_attention_heads"])
         head_dim = int(spec["head_dim"])
     except (KeyError, TypeError, ValueError) as exc:
         raise OptionError(f"manifest spec lacks the KV-cache shape ({exc})") from None
-    if dtype not in KV_BYTES:
-        raise OptionError(f"unknown manifest dtype {dtype!r}; known: {sorted(KV_BYTES)}")
-    return 2 * layers * kv_heads * head_dim * KV_BYTES[dtype]
+    return spec_kv_bytes(layers, kv_heads, head_dim, DType.parse(dtype, "manifest dtype"))
 
 
 def sweep_lengths(max_tokens: int, start: int = SWEEP_START) -> list[int]:

@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qwen_export import targets
 from qwen_export.artifact import Manifest, load_manifest
-from qwen_export.errors import ArtifactError, EngineUnavailableError, OptionError
+from qwen_export.errors import ArtifactError, OptionError
 from qwen_export.runtime.generation import GenerationConfig
-from qwen_export.spec import ModelSpec, Target
+from qwen_export.spec import Target
 from qwen_export.targets.base import Engine
 
 if TYPE_CHECKING:
@@ -74,40 +75,7 @@ def open_artifact(path: str | Path, options: RuntimeOptions | None = None, verif
     root = Path(path)
     manifest = load_manifest(root, verify=verify)
     target = Target.parse(manifest.target, "target in manifest.json")
-    if options.openvino is not None and target is not Target.OPENVINO:
-        raise OptionError(
-            f"{root} is a {target.value} artifact; the OpenVINO options (precision, KV-cache precision, attention, "
-            "cache dir) apply to --target openvino artifacts only"
-        )
-    engine_target = _engine_for(root, target, options)
-    if engine_target is Target.ONNXRUNTIME:
-        from qwen_export.targets.onnxruntime.engine import OnnxRuntimeEngine, OrtOptions
-
-        engine: Engine = OnnxRuntimeEngine(root, manifest, OrtOptions(threads=options.threads))
-    elif engine_target is Target.TENSORRT:
-        from qwen_export.targets.tensorrt.engine import TensorRTEngine
-        from qwen_export.targets.tensorrt.engine import TensorRTOptions as _TRTOptions
-
-        try:
-            engine = TensorRTEngine(root, manifest, options.tensorrt or _TRTOptions())
-        except EngineUnavailableError as exc:
-            raise EngineUnavailableError(
-                f"{exc}; or run this artifact's ONNX on the CPU with --engine onnxruntime (load(..., "
-                "engine='onnxruntime'))"
-            ) from None
-    elif engine_target is Target.OPENVINO:
-        from qwen_export.targets.openvino.engine import Attention, OpenVINOEngine
-        from qwen_export.targets.openvino.engine import OpenVINOOptions as _OVOptions
-
-        ov_options = options.openvino or _OVOptions(threads=options.threads)
-        if ov_options.attention.resolve(ModelSpec.from_dict(manifest.spec), ov_options.precision) is Attention.PAGED:
-            from qwen_export.targets.openvino.paged import PagedOpenVINOEngine
-
-            engine = PagedOpenVINOEngine(root, manifest, ov_options)
-        else:
-            engine = OpenVINOEngine(root, manifest, ov_options)
-    else:  # pragma: no cover - every Target member is handled above
-        raise ArtifactError(f"{root}: no engine for target {target.value}")
+    engine = targets.get(_engine_for(root, target, options)).open_engine(root, manifest, options)
     tokenizer = Tokenizer.from_dir(root)
     defaults: dict[str, Any] = {}
     gen = root / "generation_config.json"
@@ -121,16 +89,18 @@ def open_artifact(path: str | Path, options: RuntimeOptions | None = None, verif
 
 
 def _engine_for(root: Path, target: Target, options: RuntimeOptions) -> Target:
-    """The engine that runs a ``target`` artifact under ``options`` (OptionError when it cannot)."""
-    if options.tensorrt is not None and target is not Target.TENSORRT:
-        raise OptionError(
-            f"device 'cuda' and the TensorRT options apply to --target tensorrt artifacts; {root} is a {target.value} "
-            "artifact, which runs on the CPU"
-        )
+    """The engine that runs a ``target`` artifact under ``options`` (OptionError when it cannot):
+    an engine's own options (``RuntimeOptions.openvino``, ``.tensorrt``) apply to that engine only."""
+    given = [b for b in targets.registered() if b.options_field and getattr(options, b.options_field) is not None]
+    for backend in given:
+        if backend.target is not target:
+            raise OptionError(backend.foreign_options_error(root, target))
     engine = options.engine or target
-    if engine is target or (target is Target.TENSORRT and engine is Target.ONNXRUNTIME):
-        if engine is not Target.TENSORRT and options.tensorrt is not None:
-            raise OptionError("the TensorRT options apply to the TensorRT engine, not --engine onnxruntime")
-        return engine
-    allowed = "onnxruntime or tensorrt" if target is Target.TENSORRT else target.value
-    raise OptionError(f"{root} is a {target.value} artifact; it runs on --engine {allowed}, not {engine.value}")
+    runs_on = targets.get(target).engines
+    if engine not in runs_on:
+        allowed = " or ".join(sorted(e.value for e in runs_on))
+        raise OptionError(f"{root} is a {target.value} artifact; it runs on --engine {allowed}, not {engine.value}")
+    for backend in given:
+        if backend.target is not engine:
+            raise OptionError(backend.foreign_options_error(root, target))
+    return engine

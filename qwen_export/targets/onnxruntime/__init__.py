@@ -1,0 +1,100 @@
+"""ONNX Runtime (CPU): the fused ``com.microsoft`` graph (GroupQueryAttention with rotary and packed
+QKV, SkipSimplifiedLayerNormalization), MatMulNBits weights and one shared KV buffer per layer."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qwen_export.spec import CacheIO, DType, KVLayout, ModelSpec, Target
+from qwen_export.targets.protocol import EmitJob
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxRuntimeTarget:
+    target: Target = Target.ONNXRUNTIME
+    cache_io: CacheIO = CacheIO.CONCAT
+    engines: tuple[Target, ...] = (Target.ONNXRUNTIME,)
+    options_field: str | None = None
+
+    def graph_dtype(self, dtype: DType) -> DType:
+        return dtype
+
+    def check_options(self, options: Any) -> None:
+        return None
+
+    def adapt_options(self, options: Any, message: Callable[[str], None]) -> Any:
+        if options.quant is not None:
+            options.quant.require_blocks(self.target.value)  # MatMulNBits / GatherBlockQuantized are blocked
+        return options
+
+    def passes(self, spec: ModelSpec, fuse: bool, ctx: Any, report: Any) -> tuple[list[Any], KVLayout]:
+        """Fused: cleanup, RMSNorm, rotary, GQA, packed QKV, [weight quantization, MatMulNBits
+        lowering], cleanup, shared KV buffer. Unfused: cleanup [, quantization, lowering]."""
+        from qwen_export.passes.cleanup import CleanupPass
+        from qwen_export.passes.quantization import quantization_passes
+
+        quantize = quantization_passes(spec, ctx, report)
+        if quantize:
+            from qwen_export.targets.onnxruntime.matmulnbits import MatMulNBitsLowering
+
+            quantize.append(MatMulNBitsLowering(ctx.accuracy_level, explain=ctx.explain))
+        if not fuse:
+            return [CleanupPass(), *quantize], KVLayout.CONCAT
+        from qwen_export.passes.attention import AttentionFusion
+        from qwen_export.passes.packed_qkv import PackedQKVFusion
+        from qwen_export.passes.rmsnorm import RMSNormFusion
+        from qwen_export.passes.rotary import RotaryFusion
+        from qwen_export.targets.onnxruntime.kv_io import SharedKVBuffer
+
+        n = spec.num_hidden_layers
+        strict = ctx.strict
+
+        def expected(count: int) -> int | None:
+            return count if strict else None
+
+        inv_freq, scale = spec.rope_inv_freq_and_scale()
+        norms = 2 * n + 1 + (2 * n if spec.qk_norm else 0)
+        passes = [
+            CleanupPass(),
+            RMSNormFusion(strict_expected=expected(norms), explain=ctx.explain),
+            RotaryFusion(inv_freq, scale, ctx.max_length, strict_expected=expected(2 * n), explain=ctx.explain),
+            AttentionFusion(strict_expected=expected(n), explain=ctx.explain),
+            PackedQKVFusion(strict_expected=expected(n), explain=ctx.explain),
+            *quantize,
+            CleanupPass(),
+            SharedKVBuffer(n, strict=strict),
+        ]
+        return passes, KVLayout.SHARED
+
+    def emit(self, model: Any, out: Path, job: EmitJob) -> dict[str, Any]:
+        """model.onnx + model.onnx.data (streamed) and onnxruntime-genai's genai_config.json."""
+        from qwen_export.onnx_writer import io_signature
+        from qwen_export.targets.onnxruntime.engine import emit
+        from qwen_export.targets.onnxruntime.genai_config import write_genai_config
+
+        emit(model, out, progress=job.progress)
+        io = io_signature(model)
+        write_genai_config(
+            out,
+            job.spec,
+            max_length=job.max_length,
+            kv_layout_shared=job.kv_layout is KVLayout.SHARED,
+            input_names=io["inputs"],
+            output_names=io["outputs"],
+            turn_end_token_id=job.turn_end_token_id,
+        )
+        return {"io": io}
+
+    def open_engine(self, root: Path, manifest: Any, options: Any) -> Any:
+        from qwen_export.targets.onnxruntime.engine import OnnxRuntimeEngine, OrtOptions
+
+        return OnnxRuntimeEngine(root, manifest, OrtOptions(threads=options.threads))
+
+    def foreign_options_error(self, root: Path, artifact: Target) -> str:
+        return ""
+
+
+TARGET = OnnxRuntimeTarget()

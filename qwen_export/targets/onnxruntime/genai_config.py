@@ -140,15 +140,16 @@ def write_genai_config(
     bos_token_id: int | None = None,
     pad_token_id: int | None = None,
     filename: str = "model.onnx",
+    turn_end_token_id: int | None = None,
 ) -> Path:
     """Write ``out_dir/genai_config.json`` for the decoder ``out_dir/filename``; return its path.
 
     Call it after the model and the tokenizer/generation files are in ``out_dir``. Defaults:
 
     - ``input_names``/``output_names``: read from ``out_dir/filename`` (graph only, no weights);
-    - ``eos_token_ids``: generation_config.json's ``eos_token_id``, then the spec's, then the
-      tokenizer's ``eos_token`` (``<|im_end|>`` for Qwen instruct), without duplicates: the ids our
-      own generator stops at;
+    - ``eos_token_ids``: generation_config.json's ``eos_token_id``, then the spec's, then
+      ``turn_end_token_id`` (the tokenizer's ``eos_token``: ``<|im_end|>`` for Qwen instruct), without
+      duplicates: the ids our own generator stops at;
     - ``bos_token_id``/``pad_token_id``: generation_config.json, then the spec, then the first eos id;
     - sampling defaults (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
       ``repetition_penalty``): generation_config.json.
@@ -160,7 +161,7 @@ def write_genai_config(
         output_names = graph_outputs if output_names is None else output_names
     generation = _read_json_object(root / "generation_config.json")
     if eos_token_ids is None:
-        eos_token_ids = _default_eos(generation, spec, root)
+        eos_token_ids = _default_eos(generation, spec, turn_end_token_id)
     if bos_token_id is None:
         bos_token_id = _int_or_none(generation.get("bos_token_id"), spec.bos_token_id)
     if pad_token_id is None:
@@ -214,12 +215,8 @@ def _int_or_none(*candidates: Any) -> int | None:
     return None
 
 
-def _default_eos(generation: Mapping[str, Any], spec: ModelSpec, root: Path) -> list[int]:
+def _default_eos(generation: Mapping[str, Any], spec: ModelSpec, turn_end: int | None) -> list[int]:
     ids = _ids(generation.get("eos_token_id")) + list(spec.eos_token_ids)
-    if (root / "tokenizer.json").is_file():
-        from qwen_export.runtime.tokenizer import Tokenizer
-
-        turn_end = Tokenizer.from_dir(root).eos_token_id
-        if turn_end is not None:
-            ids.append(turn_end)
+    if turn_end is not None:
+        ids.append(turn_end)
     return list(dict.fromkeys(ids))

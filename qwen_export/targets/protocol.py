@@ -1,0 +1,77 @@
+"""What a target implements (:class:`TargetBackend`) and what the export hands it (:class:`EmitJob`).
+
+A target is a frozen dataclass in its own package (``targets/<name>/__init__.py``, exported as
+``TARGET``); it decides, for its engine: how the graph is traced (KV-cache IO, graph dtype), which
+export options apply and how they adapt (printing what changed), its pass list, how the artifact is
+written, how an artifact is opened for inference, and what ``inspect`` adds. Methods import their
+heavy pieces (passes, lowering, the engine SDK) lazily, so the runtime side can look a target up
+without importing torch, onnxscript or another target's SDK.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from qwen_export.spec import CacheIO, DType, KVLayout, ModelSpec, Target
+
+if TYPE_CHECKING:
+    from qwen_export.artifact import Manifest
+    from qwen_export.passes.base import Pass, PassContext, PassReport
+    from qwen_export.targets.base import Engine
+
+
+@dataclasses.dataclass(frozen=True)
+class EmitJob:
+    """What the export pipeline knows when it writes the engine files of an artifact."""
+
+    spec: ModelSpec
+    source: Path  # the checkpoint directory (config.json, tokenizer files)
+    dtype: DType  # the export's --dtype (weights); the graph's is ``TargetBackend.graph_dtype``
+    max_length: int
+    kv_layout: KVLayout
+    max_batch: int = 1
+    turn_end_token_id: int | None = None  # tokenizer_config's eos token (<|im_end|> for Qwen instruct)
+    progress: Callable[[int, int], None] = lambda done, total: None
+    message: Callable[[str], None] = lambda text: None
+
+
+class TargetBackend(Protocol):
+    #: the enum member this backend implements
+    target: Target
+    #: how the traced graph passes the KV cache
+    cache_io: CacheIO
+    #: engines that run its artifacts, its own first (a TensorRT artifact also runs on ONNX Runtime)
+    engines: tuple[Target, ...]
+    #: the RuntimeOptions field holding this engine's own options (None: it has none)
+    options_field: str | None
+
+    def graph_dtype(self, dtype: DType) -> DType:
+        """The traced graph's dtype for an export at ``dtype``."""
+        ...
+
+    def check_options(self, options: Any) -> None:
+        """Raise OptionError for ExportOptions this target cannot take."""
+        ...
+
+    def adapt_options(self, options: Any, message: Callable[[str], None]) -> Any:
+        """ExportOptions adapted to what the engine accepts; ``message`` says what changed."""
+        ...
+
+    def passes(self, spec: ModelSpec, fuse: bool, ctx: PassContext, report: PassReport) -> tuple[list[Pass], KVLayout]:
+        """The pass list and the KV layout it produces."""
+        ...
+
+    def emit(self, model: Any, out: Path, job: EmitJob) -> dict[str, Any]:
+        """Write the engine files into ``out``; return manifest extras (``io``: the IO signature)."""
+        ...
+
+    def open_engine(self, root: Path, manifest: Manifest, options: Any) -> Engine:
+        """This target's engine over the artifact at ``root`` (``options``: RuntimeOptions)."""
+        ...
+
+    def foreign_options_error(self, root: Path, artifact: Target) -> str:
+        """Why this engine's own options cannot apply to a ``artifact`` artifact at ``root``."""
+        ...
