@@ -105,3 +105,20 @@ def test_wrong_shaped_tensor_is_named_when_written(qwen2_tied: Path, tmp_path: P
     (tmp_path / "o").mkdir()
     with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.weight"):
         write_onnx(model, tmp_path / "o", "model.onnx", "model.onnx.data")
+
+
+def test_traced_graph_is_memoised_and_each_call_gets_its_own_copy(qwen2_tied: Path) -> None:
+    """The memo returns a clone: a pass rewriting one copy leaves the next call's graph whole."""
+    from qwen_export.export import trace as trace_module
+
+    ckpt = Checkpoint.open(qwen2_tied)
+    spec = ckpt.spec
+    first = trace(spec, TraceOptions())
+    assert (spec, TraceOptions()) in trace_module._traced
+    before = dict(op_histogram(first))
+    bind_weights(first, spec, ckpt)
+    CleanupPass()(first)
+    assert dict(op_histogram(first)) != before
+    second = trace(spec, TraceOptions())
+    assert second is not first and dict(op_histogram(second)) == before
+    assert [v.name for v in second.graph.inputs] == input_names(spec)
