@@ -32,10 +32,13 @@ layers. ``openvino`` is imported lazily, here and in :mod:`.openvino_paged`.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
+import hashlib
 import os
 import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -55,6 +58,7 @@ TOKENIZER_XML = "openvino_tokenizer.xml"
 TOKENIZER_BIN = "openvino_tokenizer.bin"
 DETOKENIZER_XML = "openvino_detokenizer.xml"
 DETOKENIZER_BIN = "openvino_detokenizer.bin"
+TOKENIZER_IR_FILES = (TOKENIZER_XML, TOKENIZER_BIN, DETOKENIZER_XML, DETOKENIZER_BIN)
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
 INSTALL_HINT = "pip install 'qwen-export[openvino]'"
@@ -401,11 +405,50 @@ def io_signature(out_dir: Path) -> dict[str, dict[str, Any]]:
     return {"inputs": describe(model.inputs), "outputs": describe(model.outputs)}
 
 
+#: files AutoTokenizer may read from a checkpoint (what the tokenizer IR is made of)
+TOKENIZER_SOURCES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+#: converted tokenizer IRs kept per process, by the sha256 of their source files (up to 4)
+_tokenizer_irs: collections.OrderedDict[str, dict[str, bytes]] = collections.OrderedDict()
+
+
 def write_tokenizer_ir(checkpoint_dir: Path, out_dir: Path) -> list[str]:
     """Convert the checkpoint's tokenizer with openvino_tokenizers (what openvino-genai loads).
 
+    The conversion takes seconds; its files are kept per process by the hash of the tokenizer
+    files, so exporting the same checkpoint again (another dtype or weight format) copies them.
     Returns the files written; raises EngineUnavailableError when openvino-tokenizers is missing.
     """
+    digest = hashlib.sha256()
+    for name in TOKENIZER_SOURCES:
+        path = checkpoint_dir / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    key = digest.hexdigest()
+    if key not in _tokenizer_irs:
+        scratch = Path(tempfile.mkdtemp(prefix="tokenizer-ir-", dir=out_dir))
+        try:
+            _convert_tokenizer(checkpoint_dir, scratch)
+            _tokenizer_irs[key] = {name: (scratch / name).read_bytes() for name in TOKENIZER_IR_FILES}
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        while len(_tokenizer_irs) > 4:
+            _tokenizer_irs.popitem(last=False)
+    _tokenizer_irs.move_to_end(key)
+    for name, data in _tokenizer_irs[key].items():
+        (out_dir / name).write_bytes(data)
+    return list(TOKENIZER_IR_FILES)
+
+
+def _convert_tokenizer(checkpoint_dir: Path, out_dir: Path) -> None:
     ov = _ov()
     try:
         from openvino_tokenizers import convert_tokenizer
@@ -419,7 +462,6 @@ def write_tokenizer_ir(checkpoint_dir: Path, out_dir: Path) -> list[str]:
     tokenizer, detokenizer = convert_tokenizer(hf, with_detokenizer=True)
     ov.save_model(tokenizer, os.fspath(out_dir / TOKENIZER_XML))
     ov.save_model(detokenizer, os.fspath(out_dir / DETOKENIZER_XML))
-    return [TOKENIZER_XML, TOKENIZER_BIN, DETOKENIZER_XML, DETOKENIZER_BIN]
 
 
 # ---------------------------------------------------------------------------------------- inspection
