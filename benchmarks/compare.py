@@ -19,14 +19,14 @@ One command, one checkpoint, one weight format, CPU, ``--threads`` (2) threads p
 
 3. accuracy (``--reference-logits REF.npy --text-ids IDS.npy``, as written by quant_real.py: our fp32
    artifact's every-position logits on a fixed text): every engine's logits teacher-forced on the
-   same ids (ours-ort and ort-genai through quant_real.py's evaluation worker, the OpenVINO IRs
-   through openvino_vs_optimum.py's, llama.cpp with ``logits_all=True``), then mean KL(ref || model),
-   top-1 agreement and perplexity (``quant_real.compare``); each logits file is deleted after;
+   same ids by ``accuracy.py`` (ours-ort and ort-genai through ONNX Runtime, the OpenVINO IRs
+   through raw OpenVINO, llama.cpp with ``logits_all=True``), then mean KL(ref || model),
+   top-1 agreement and perplexity (``accuracy.compare``); each logits file is deleted after;
 
 4. speed: every engine in its own worker process; for each prompt length ``--warmup`` (1) + ``--repeats``
    (2) rounds, each round one greedy generation of exactly ``--new-tokens`` tokens per engine on the
    same random prompt (ordinary token ids), engines interleaved A B C A B C with the first one rotated
-   each round (``openvino_vs_optimum.measure``). TTFT (prefill + first token), prefill tok/s = prompt
+   each round (``interleave.measure_generations``). TTFT (prefill + first token), prefill tok/s = prompt
    / TTFT, decode tok/s = 1 / median time per output token (medians over the measured rounds), load
    time, the worker's peak RSS (VmHWM) and the model files' size on disk;
 
@@ -53,22 +53,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-# Their top-level imports are the standard library only, so the llama.cpp worker (another venv) can import them too.
-import openvino_vs_optimum as ovv  # noqa: E402 - Worker/measure (generation-level interleave), OpenVINO eval worker
-import ort_vs_genai as ovg  # noqa: E402 - run_logged, log helpers, the onnxruntime-genai session
-import quant_real  # noqa: E402 - compare(), the ONNX Runtime eval worker, model_bytes, build()
+import accuracy
+import harness
+import interleave
+import sessions
+from artifacts import build, build_ours, genai_builder_cmd, ir_bytes, model_bytes, read_json
 
-MiB = 2**20
+MiB = harness.MiB
 LLAMA_PYTHON = Path("/work/anchors/llamacpp-venv/bin/python")
 OPTIMUM_VENV = "/work/anchors/optimum-venv"
 LLAMA_SETUP = (
@@ -77,135 +74,12 @@ LLAMA_SETUP = (
 )
 # lower is better for these; higher for the rest (top-1, tok/s)
 LOWER_IS_BETTER = ("mean_kl", "ppl", "size_mib", "load_s", "rss_mib", "ttft_ms")
+#: this script's worker kinds -> the sessions' kinds
+SESSION_KINDS = {"llama": "llama", "ortgenai": "og"}
 
 
 def log(msg: str) -> None:
-    ovg.log(msg)
-
-
-# ----------------------------------------------------------------------------- workers
-class _OrtGenaiSession:
-    """onnxruntime-genai's Generator (ort_vs_genai's step-wise session), one whole generation per call."""
-
-    def __init__(self, path: str, threads: int, n_ctx: int) -> None:
-        self.session = ovg._GenaiSession(path, threads)
-
-    def generate(self, prompt: list[int], new_tokens: int) -> dict[str, Any]:
-        ttft = self.session.prefill(prompt, new_tokens)
-        steps = [self.session.step() for _ in range(new_tokens - 1)]
-        return {"ttft_s": ttft, "tpot_s": statistics.median(steps), "tokens": self.session.finish()}
-
-
-class _LlamaSession:
-    """llama.cpp through llama-cpp-python: eval(prompt) + argmax, then eval([token]) + argmax per step.
-
-    Not ``Llama.generate``: its sampler chain and Python-side bookkeeping would be timed too; this is
-    the same work per step as our greedy loop (one decode of one token, argmax of its logits).
-    """
-
-    def __init__(self, path: str, threads: int, n_ctx: int) -> None:
-        from llama_cpp import Llama
-
-        self.llm = Llama(
-            model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
-            logits_all=False, verbose=False,
-        )  # fmt: skip
-        self.vocab = self.llm.n_vocab()
-
-    def _next(self) -> int:
-        import numpy as np
-
-        # with logits_all=False, eval() keeps no scores: read the last position's logits from the context
-        return int(np.argmax(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.vocab,))))
-
-    def generate(self, prompt: list[int], new_tokens: int) -> dict[str, Any]:
-        llm = self.llm
-        llm.reset()  # n_tokens = 0: the next eval drops the KV cache
-        start = time.perf_counter()
-        llm.eval(prompt)
-        token = self._next()
-        ttft = time.perf_counter() - start
-        steps, tokens = [], [token]
-        for _ in range(new_tokens - 1):
-            t0 = time.perf_counter()
-            llm.eval([token])
-            token = self._next()
-            steps.append(time.perf_counter() - t0)
-            tokens.append(token)
-        return {"ttft_s": ttft, "tpot_s": statistics.median(steps), "tokens": tokens}
-
-
-def worker_main(kind: str, path: str, threads: int, n_ctx: int) -> int:
-    """openvino_vs_optimum's protocol: ready line, then {"prompt", "new_tokens"} -> one generation; EOF ends."""
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # anything a library prints goes to stderr, never into the protocol
-    t0 = time.perf_counter()
-    try:
-        session: Any = (_LlamaSession if kind == "llama" else _OrtGenaiSession)(path, threads, n_ctx)
-    except Exception as exc:
-        import traceback
-
-        traceback.print_exc()
-        proto.write(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}) + "\n")
-        return 1
-    ready = {"ok": True, "load_s": time.perf_counter() - t0, "rss_mib": ovg.vm_hwm_mib()}
-    if kind == "llama":
-        import llama_cpp
-
-        ready["version"] = getattr(llama_cpp, "__version__", None)
-    proto.write(json.dumps(ready) + "\n")
-    for line in sys.stdin:
-        msg = json.loads(line)
-        try:
-            proto.write(json.dumps({"ok": True, **session.generate(msg["prompt"], int(msg["new_tokens"]))}) + "\n")
-        except Exception as exc:
-            proto.write(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}) + "\n")
-    return 0
-
-
-class CmdWorker(ovv.Worker):
-    """openvino_vs_optimum.Worker (same protocol and measure()) started from any command line."""
-
-    def __init__(self, label: str, cmd: list[str], workdir: Path) -> None:  # noqa: D107 - no super(): other cmd
-        self.label = label
-        self.stderr_path = workdir / f"worker-{label}.stderr.log"
-        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1
-        )
-        self.ready = self.recv()
-
-
-def proc_hwm_mib(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def llama_eval(gguf: str, ids_path: str, out_path: str, threads: int) -> int:
-    """Teacher-force the ids through llama.cpp (logits_all=True); save every position's logits (.npy)."""
-    import numpy as np
-    from llama_cpp import Llama
-
-    ids = np.load(ids_path).astype(np.int64)
-    n = len(ids)
-    t0 = time.perf_counter()
-    llm = Llama(
-        model_path=gguf, n_ctx=n + 16, n_batch=512, n_threads=threads, n_threads_batch=threads,
-        logits_all=True, verbose=False,
-    )  # fmt: skip
-    load_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    llm.eval([int(t) for t in ids])
-    scores = np.asarray(llm.scores[:n], np.float32)
-    np.save(out_path, scores)
-    print(json.dumps({"load_s": load_s, "run_s": time.perf_counter() - t1, "vocab": int(scores.shape[1])}), flush=True)
-    return 0
+    harness.log(msg)
 
 
 # ----------------------------------------------------------------------------- engines
@@ -221,7 +95,7 @@ def unavailable(label: str, family: str, runtime: str, why: str) -> dict:
 
 def config_mismatch(ckpt: Path, other: Path) -> str | None:
     """Why ``other``/config.json is not the checkpoint's architecture (None when it is)."""
-    a, b = quant_real.read_json(ckpt / "config.json"), quant_real.read_json(other / "config.json")
+    a, b = read_json(ckpt / "config.json"), read_json(other / "config.json")
     if not b:
         return f"{other} has no config.json"
     keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
@@ -235,26 +109,25 @@ def gguf_arch_mismatch(ckpt: Path, gguf: Path) -> str | None:
 
         cfg = gguf_config(open_gguf(gguf), gguf)
     except Exception as exc:  # a record, not a reason to refuse: llama.cpp reads it or says why
-        log(f"could not read {gguf}'s header with qwen_export.gguf ({type(exc).__name__}: {exc}); not checked")
+        reader = "qwen_export.export.gguf_import"
+        log(f"could not read {gguf}'s header with {reader} ({type(exc).__name__}: {exc}); not checked")
         return None
-    a = quant_real.read_json(ckpt / "config.json")
+    a = read_json(ckpt / "config.json")
     keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
     diff = [f"{k} {cfg.get(k)} != {a.get(k)}" for k in keys if k in cfg and cfg.get(k) != a.get(k)]
     return f"{gguf} is not this checkpoint's architecture ({', '.join(diff)})" if diff else None
 
 
-def plan_engines(args: Any, workdir: Path) -> tuple[list[dict[str, Any]], dict[str, Any], bool]:
+def ours_rows(args: Any, workdir: Path, builds: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
+    """Our two artifacts (built unless present): (rows, whether a build failed or holds something else)."""
     ckpt, w = args.checkpoint, args.weights
-    builds: dict[str, Any] = {}
-    failed = False
-    rows: list[dict[str, Any]] = []
-    # ours
-    for target, tag, size_of in (("onnxruntime", "ort", quant_real.model_bytes), ("openvino", "ov", ovv.ir_bytes)):
+    rows, failed = [], False
+    for target, tag, size_of in (("onnxruntime", "ort", model_bytes), ("openvino", "ov", ir_bytes)):
         label = f"ours-{tag}-{w}"
         out = workdir / label
-        res = ovv.build_ours(ckpt, out, target, w, workdir, args.force)
+        res = build_ours(ckpt, out, target, w, workdir, args.force)
         builds[label] = res
-        manifest = quant_real.read_json(out / "manifest.json")
+        manifest = read_json(out / "manifest.json")
         quant = (manifest.get("extra") or {}).get("quantization") or {}
         have = quant.get("weights", manifest.get("dtype"))
         if res.get("returncode", 0) != 0 or not manifest:
@@ -265,30 +138,34 @@ def plan_engines(args: Any, workdir: Path) -> tuple[list[dict[str, Any]], dict[s
             rows.append(unavailable(label, "ours", target, f"{out} holds {manifest.get('target')}/{have}, not {w}"))
         else:
             rows.append(engine_row(label, "ours", f"qwen-export ({target})", out, size_of(out), quantization=quant))
-    # onnxruntime-genai
+    return rows, failed
+
+
+def genai_row(args: Any, workdir: Path, builds: dict[str, Any]) -> dict[str, Any]:
+    """onnxruntime-genai's builder output (built unless present, prune_lm_head=true)."""
+    w = args.weights
     label = f"ort-genai-{w}"
     out = workdir / f"genai-{w}"
     if w not in ("int4", "int8", "fp16", "fp32"):
-        rows.append(unavailable(label, "anchor", "onnxruntime-genai", f"the builder has no -p {w}"))
-    else:
-        cmd = [
-            sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o", str(out), "-p", w,
-            "-e", "cpu", "-c", str(workdir / "genai-cache"), "--extra_options", "prune_lm_head=true",
-        ]  # fmt: skip
-        item = {"label": label, "kind": "genai", "dir": out, "command": cmd, "want": {"prune": True}}
-        try:
-            import onnxruntime_genai  # noqa: F401
+        return unavailable(label, "anchor", "onnxruntime-genai", f"the builder has no -p {w}")
+    cmd = genai_builder_cmd(args.checkpoint, out, w, workdir / "genai-cache", prune=True)
+    item = {"label": label, "kind": "genai", "dir": out, "command": cmd, "want": {"prune": True}}
+    try:
+        import onnxruntime_genai  # noqa: F401
 
-            res = quant_real.build(item, workdir, args.force)
-        except ImportError as exc:
-            res = {"returncode": -1, "stderr_tail": f"{exc}: pip install onnxruntime-genai==0.18.0"}
-        builds[label] = res
-        if res.get("returncode") == 0:
-            rows.append(engine_row(label, "anchor", "onnxruntime-genai og.Generator", out, quant_real.model_bytes(out)))
-        else:
-            why = res.get("error") or res.get("stderr_tail", "")[-300:]
-            rows.append(unavailable(label, "anchor", "onnxruntime-genai", f"builder failed: {why}"))
-    # optimum-intel + openvino-genai
+        res = build(item, workdir, args.force)
+    except ImportError as exc:
+        res = {"returncode": -1, "stderr_tail": f"{exc}: pip install onnxruntime-genai==0.18.0"}
+    builds[label] = res
+    if res.get("returncode") == 0:
+        return engine_row(label, "anchor", "onnxruntime-genai og.Generator", out, model_bytes(out))
+    why = res.get("error") or res.get("stderr_tail", "")[-300:]
+    return unavailable(label, "anchor", "onnxruntime-genai", f"builder failed: {why}")
+
+
+def optimum_row(args: Any) -> dict[str, Any]:
+    """optimum-intel's IR (--optimum-ir) run by openvino-genai."""
+    ckpt, w = args.checkpoint, args.weights
     label = f"optimum-ov-{w}"
     how = (
         f"make it with `{OPTIMUM_VENV}/bin/optimum-cli export openvino --model {ckpt} --task "
@@ -297,99 +174,73 @@ def plan_engines(args: Any, workdir: Path) -> tuple[list[dict[str, Any]], dict[s
     )
     ir, rt = args.optimum_ir, "openvino-genai LLMPipeline"
     if ir is None:
-        rows.append(unavailable(label, "anchor", rt, f"no optimum-intel IR given; {how}"))
-    elif not (ir / "openvino_model.xml").is_file():
-        rows.append(
-            unavailable(label, "anchor", "openvino-genai LLMPipeline", f"{ir} has no openvino_model.xml; {how}")
-        )
-    elif why := config_mismatch(ckpt, ir):
-        rows.append(unavailable(label, "anchor", rt, why))
-    else:
-        opt = quant_real.read_json(ir / "openvino_config.json")
-        rows.append(
-            engine_row(label, "anchor", "openvino-genai LLMPipeline", ir, ovv.ir_bytes(ir),
-                       optimum_version=opt.get("optimum_version"))
-        )  # fmt: skip
-    # llama.cpp
-    gguf = args.gguf
+        return unavailable(label, "anchor", rt, f"no optimum-intel IR given; {how}")
+    if not (ir / "openvino_model.xml").is_file():
+        return unavailable(label, "anchor", rt, f"{ir} has no openvino_model.xml; {how}")
+    if why := config_mismatch(ckpt, ir):
+        return unavailable(label, "anchor", rt, why)
+    opt = read_json(ir / "openvino_config.json")
+    return engine_row(label, "anchor", rt, ir, ir_bytes(ir), optimum_version=opt.get("optimum_version"))
+
+
+def llama_row(args: Any) -> dict[str, Any]:
+    """The checkpoint's GGUF (--gguf) run by llama-cpp-python in its own venv (--llama-python)."""
+    gguf, py, rt = args.gguf, args.llama_python, "llama-cpp-python"
     quant_name = gguf.stem.rsplit("-", 1)[-1].upper() if gguf else "gguf"
     label = f"llama.cpp-{quant_name}"
-    py = args.llama_python
     if gguf is None:
-        rows.append(unavailable(label, "anchor", "llama-cpp-python", "no GGUF for this checkpoint (pass --gguf FILE)"))
-    elif not gguf.is_file():
-        rows.append(unavailable(label, "anchor", "llama-cpp-python", f"{gguf} does not exist"))
-    elif not py.is_file():
-        rows.append(unavailable(label, "anchor", "llama-cpp-python", f"{py} missing; set it up: {LLAMA_SETUP}"))
-    else:
-        probe = subprocess.run(
-            [str(py), "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True
-        )
-        if probe.returncode != 0:
-            why = f"`import llama_cpp` fails in {py} ({probe.stderr.strip()[-200:]}); set it up: {LLAMA_SETUP}"
-            rows.append(unavailable(label, "anchor", "llama-cpp-python", why))
-        elif why := gguf_arch_mismatch(ckpt, gguf):
-            rows.append(unavailable(label, "anchor", "llama-cpp-python", why))
-        else:
-            version = probe.stdout.strip()
-            rows.append(
-                engine_row(label, "anchor", f"llama-cpp-python {version}", gguf, gguf.stat().st_size,
-                           llama_cpp_version=version)
-            )  # fmt: skip
+        return unavailable(label, "anchor", rt, "no GGUF for this checkpoint (pass --gguf FILE)")
+    if not gguf.is_file():
+        return unavailable(label, "anchor", rt, f"{gguf} does not exist")
+    if not py.is_file():
+        return unavailable(label, "anchor", rt, f"{py} missing; set it up: {LLAMA_SETUP}")
+    probe = subprocess.run(
+        [str(py), "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        why = f"`import llama_cpp` fails in {py} ({probe.stderr.strip()[-200:]}); set it up: {LLAMA_SETUP}"
+        return unavailable(label, "anchor", rt, why)
+    if why := gguf_arch_mismatch(args.checkpoint, gguf):
+        return unavailable(label, "anchor", rt, why)
+    version = probe.stdout.strip()
+    return engine_row(label, "anchor", f"{rt} {version}", gguf, gguf.stat().st_size, llama_cpp_version=version)
+
+
+def plan_engines(args: Any, workdir: Path) -> tuple[list[dict[str, Any]], dict[str, Any], bool]:
+    """Every engine's row (available or why not), the builds, and whether one of ours failed."""
+    builds: dict[str, Any] = {}
+    rows, failed = ours_rows(args, workdir, builds)
+    rows += [genai_row(args, workdir, builds), optimum_row(args), llama_row(args)]
     return rows, builds, failed
 
 
-def start_worker(row: dict[str, Any], args: Any, workdir: Path, n_ctx: int) -> ovv.Worker:
+def start_worker(row: dict[str, Any], args: Any, workdir: Path, n_ctx: int) -> harness.Worker:
     label, path = row["label"], Path(row["path"])
     if label.startswith("ours-"):
-        return ovv.Worker(label, "engine", path, args.threads, None, workdir)
+        return sessions.start(label, "ours", path, args.threads, workdir)
     if label.startswith("optimum-"):
-        return ovv.Worker(label, "genai", path, args.threads, args.kv_cache, workdir)
-    here = os.path.abspath(__file__)
+        return sessions.start(label, "ov-genai", path, args.threads, workdir, kv_cache=args.kv_cache)
     if label.startswith("llama.cpp"):
-        py = str(args.llama_python)
-        cmd = [py, here, "--worker", "llama", str(path), "--threads", str(args.threads), "--n-ctx", str(n_ctx)]
-    else:
-        cmd = [sys.executable, here, "--worker", "ortgenai", str(path), "--threads", str(args.threads)]
-    return CmdWorker(label, cmd, workdir)
+        return sessions.start(label, "llama", path, args.threads, workdir, n_ctx=n_ctx, python=str(args.llama_python))
+    return sessions.start(label, "og", path, args.threads, workdir)
 
 
 def evaluate(row: dict[str, Any], args: Any, workdir: Path) -> dict[str, Any]:
     """Teacher-forced logits of one engine on --text-ids, compared with --reference-logits, then deleted."""
-    import numpy as np
-
     label, path = row["label"], Path(row["path"])
-    ids = np.load(args.text_ids).astype(np.int64)
-    log(f"accuracy of {label} (MemAvailable {ovg.mem_available_mib():.0f} MiB)")
+    log(f"accuracy of {label} (MemAvailable {harness.mem_available_mib():.0f} MiB)")
+    python = None
     if "-ov-" in label:  # ours-ov / optimum-ov: raw OpenVINO, f32 inference and KV cache
-        return ovv.evaluate(label, path, args, workdir)
-    out = workdir / "logits" / f"{label}.npy"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if label.startswith("llama.cpp"):
-        cmd = [str(args.llama_python), os.path.abspath(__file__), "--llama-eval", str(path), str(args.text_ids),
-               str(out), "--threads", str(args.threads)]  # fmt: skip
-        res = ovg.run_logged(f"eval-{label}", cmd, workdir)
+        kind, chunk = "openvino", 256
+    elif label.startswith("llama.cpp"):
+        kind, chunk, python = "llama", 256, str(args.llama_python)
     else:  # ours-ort (last-position logits: one token at a time) / ort-genai (pruned lm_head: chunk 1)
         kind = "ours" if label.startswith("ours-") else "genai"
-        res = quant_real.run_eval(label, kind, path, args.text_ids, workdir, 256 if kind == "ours" else 1, args.threads)
-    if res["returncode"] != 0:
-        out.unlink(missing_ok=True)
-        return {"error": res["stderr_tail"][-500:]}
-    try:
-        ref_vocab = np.load(args.reference_logits, mmap_mode="r").shape[1]
-        mod = np.load(out, mmap_mode="r")
-        if mod.shape[1] < ref_vocab:  # llama.cpp's n_vocab = the GGUF's token list; pad with -inf like absent ids
-            padded = np.full((mod.shape[0], ref_vocab), -np.inf, np.float32)
-            padded[:, : mod.shape[1]] = mod
-            del mod
-            np.save(out, padded)
-            del padded
-        metrics = quant_real.compare(args.reference_logits, out, ids)
-    except (RuntimeError, ValueError) as exc:
-        metrics = {"error": f"{type(exc).__name__}: {exc}"}
-    finally:
-        out.unlink(missing_ok=True)  # [tokens, vocab] float32: hundreds of MB
-    return metrics
+        chunk = 256 if kind == "ours" else 1
+    return accuracy.evaluate(
+        label, kind, path, args.reference_logits, args.text_ids, workdir,
+        chunk=chunk, threads=args.threads, python=python,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- table
@@ -522,20 +373,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     log(f"wrote {path}")
 
 
-def versions() -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for mod in ("qwen_export", "onnxruntime", "onnxruntime_genai", "openvino", "openvino_genai"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except (ImportError, AttributeError):
-            out[mod] = None
-    return out
-
-
 def save(report: dict[str, Any], args: Any) -> None:
     if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+        harness.write_json(args.json_out, report)
 
 
 def finish(report: dict[str, Any], args: Any) -> None:
@@ -568,7 +408,7 @@ def render_merged(args: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     p.add_argument("--llama-eval", nargs=3, metavar=("GGUF", "IDS", "OUT"), help=argparse.SUPPRESS)
@@ -605,11 +445,75 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown-out", type=Path)
     p.add_argument("--json-out", type=Path)
     p.add_argument("--plot", type=Path)
+    return p
+
+
+def run_accuracy(report: dict[str, Any], ready: list[dict[str, Any]], args: Any, workdir: Path) -> bool:
+    """Every ready engine's accuracy (reused from --reuse-accuracy where it is the same); whether one failed."""
+    previous = {}
+    if args.reuse_accuracy and args.reuse_accuracy.is_file():
+        old = json.loads(args.reuse_accuracy.read_text(encoding="utf-8"))
+        same_ref = (old.get("reference_logits"), old.get("text_ids")) == (
+            str(args.reference_logits), str(args.text_ids))  # fmt: skip
+        previous = {(r["label"], r.get("path"), r.get("bytes")): r for r in old.get("engines", []) if same_ref}
+    report |= {"reference_logits": str(args.reference_logits), "text_ids": str(args.text_ids)}
+    failed = False
+    for row in ready:
+        old_row = previous.get((row["label"], row["path"], row["bytes"])) or {}
+        if (old_row.get("accuracy") or {}).get("mean_kl") is not None:
+            row["accuracy"] = old_row["accuracy"] | {"reused_from": str(args.reuse_accuracy)}
+            log(f"{row['label']}: accuracy reused from {args.reuse_accuracy}")
+            continue
+        row["accuracy"] = evaluate(row, args, workdir)
+        failed |= "error" in row["accuracy"]
+        log(f"{row['label']}: {row['accuracy']}")
+        save(report, args)
+    return failed
+
+
+def run_speed(report: dict[str, Any], ready: list[dict[str, Any]], args: Any, workdir: Path) -> bool:
+    """Every ready engine in a worker, generations interleaved; whether something failed."""
+    lengths = report["prompt_lengths"]
+    n_ctx = max(lengths) + args.new_tokens + 16
+    workers: list[harness.Worker] = []
+    failed = False
+    for row in ready:
+        log(f"loading {row['label']} (MemAvailable {harness.mem_available_mib():.0f} MiB)")
+        try:
+            w = start_worker(row, args, workdir, n_ctx)
+        except RuntimeError as exc:
+            row["speed_error"] = str(exc)
+            failed = True
+            continue
+        row["load_s"] = w.ready["load_s"]
+        workers.append(w)
+    try:
+        if workers:
+            log("measuring " + ", ".join(w.label for w in workers) + " interleaved")
+            cases = interleave.measure_generations(
+                workers, lengths, args.new_tokens, args.repeats, args.warmup, args.seed
+            )
+            for row in ready:
+                row["speed"] = {n: per[row["label"]] for n, per in cases.items() if row["label"] in per}
+    except RuntimeError as exc:
+        log(f"measurement FAILED: {exc}")
+        report["speed_error"] = str(exc)
+        failed = True
+    finally:
+        by_label = {r["label"]: r for r in ready}
+        for w in workers:
+            by_label[w.label]["rss_mib"] = w.peak_rss_mib()
+            w.close()
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.worker:
-        return worker_main(args.worker[0], args.worker[1], args.threads, args.n_ctx)
+        return sessions.serve(SESSION_KINDS[args.worker[0]], args.worker[1], args.threads, n_ctx=args.n_ctx)
     if args.llama_eval:
-        return llama_eval(*args.llama_eval, args.threads)
+        return accuracy.eval_main("llama", *args.llama_eval, threads=args.threads)
     if args.from_report:
         return render_merged(args)
     if args.checkpoint is None:
@@ -618,17 +522,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--reference-logits and --text-ids go together")
     workdir: Path = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    lengths = [int(x) for x in args.prompt_lengths.split(",") if x.strip()]
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": [sys.executable, *sys.argv],
         "checkpoint": str(args.checkpoint),
         "weights": args.weights,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "loadavg_start": os.getloadavg(),
-        "versions": versions(),
+        "machine": harness.machine(),
+        "loadavg_start": harness.loadavg(),
+        "versions": harness.versions(("qwen_export", "onnxruntime", "onnxruntime_genai", "openvino", "openvino_genai")),
         "threads": args.threads,
-        "prompt_lengths": lengths,
+        "prompt_lengths": [int(x) for x in args.prompt_lengths.split(",") if x.strip()],
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "warmup": args.warmup,
@@ -638,58 +541,11 @@ def main(argv: list[str] | None = None) -> int:
     report["engines"] = rows
     ready = [r for r in rows if r["available"]]
     save(report, args)
-
     if args.reference_logits:
-        previous = {}
-        if args.reuse_accuracy and args.reuse_accuracy.is_file():
-            old = json.loads(args.reuse_accuracy.read_text(encoding="utf-8"))
-            same_ref = (old.get("reference_logits"), old.get("text_ids")) == (
-                str(args.reference_logits), str(args.text_ids))  # fmt: skip
-            previous = {(r["label"], r.get("path"), r.get("bytes")): r for r in old.get("engines", []) if same_ref}
-        report |= {"reference_logits": str(args.reference_logits), "text_ids": str(args.text_ids)}
-        for row in ready:
-            old_row = previous.get((row["label"], row["path"], row["bytes"])) or {}
-            if (old_row.get("accuracy") or {}).get("mean_kl") is not None:
-                row["accuracy"] = old_row["accuracy"] | {"reused_from": str(args.reuse_accuracy)}
-                log(f"{row['label']}: accuracy reused from {args.reuse_accuracy}")
-                continue
-            row["accuracy"] = evaluate(row, args, workdir)
-            failed |= "error" in row["accuracy"]
-            log(f"{row['label']}: {row['accuracy']}")
-            save(report, args)
-
+        failed |= run_accuracy(report, ready, args, workdir)
     if not args.skip_speed and ready:
-        n_ctx = max(lengths) + args.new_tokens + 16
-        workers: list[ovv.Worker] = []
-        for row in ready:
-            log(f"loading {row['label']} (MemAvailable {ovg.mem_available_mib():.0f} MiB)")
-            try:
-                w = start_worker(row, args, workdir, n_ctx)
-            except RuntimeError as exc:
-                row["speed_error"] = str(exc)
-                failed = True
-                continue
-            row["load_s"] = w.ready["load_s"]
-            workers.append(w)
-        try:
-            if workers:
-                log("measuring " + ", ".join(w.label for w in workers) + " interleaved")
-                cases = ovv.measure(workers, lengths, args.new_tokens, args.repeats, args.warmup, args.seed)
-                for row in ready:
-                    row["speed"] = {n: per[row["label"]] for n, per in cases.items() if row["label"] in per}
-        except RuntimeError as exc:
-            log(f"measurement FAILED: {exc}")
-            report["speed_error"] = str(exc)
-            failed = True
-        finally:
-            by_label = {r["label"]: r for r in ready}
-            for w in workers:
-                by_label[w.label]["rss_mib"] = proc_hwm_mib(w.proc.pid)
-                try:
-                    w.close()
-                except (OSError, subprocess.TimeoutExpired):
-                    w.proc.kill()
-    report["loadavg_end"] = os.getloadavg()
+        failed |= run_speed(report, ready, args, workdir)
+    report["loadavg_end"] = harness.loadavg()
     finish(report, args)
     return 1 if failed else 0
 

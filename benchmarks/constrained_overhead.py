@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
 import tokenizers
 
@@ -93,7 +93,6 @@ DOCUMENT = {
 
 
 def default_tokenizer_json() -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from qwen_export.export.tiny import default_tokenizer_dir
 
     root = default_tokenizer_dir()
@@ -334,7 +333,7 @@ def main() -> int:
         total = [m + a + d for m, a, d in zip(times["mask"], times["apply"], times["advance"], strict=True)]
 
         def us(values: list[float]) -> str:
-            return f"{statistics.median(values) * 1e6:8.0f} / {np.percentile(values, 95) * 1e6:6.0f}"
+            return f"{statistics.median(values) * 1e6:8.0f} / {harness.percentile(values, 95) * 1e6:6.0f}"
 
         row = {
             "library": be.name,
@@ -342,7 +341,7 @@ def main() -> int:
             "compile_s": be.compile_s,
             **{f"{k}_us_median": statistics.median(v) * 1e6 for k, v in times.items()},
             "total_us_median": statistics.median(total) * 1e6,
-            "total_us_p95": float(np.percentile(total, 95) * 1e6),
+            "total_us_p95": harness.percentile(total, 95) * 1e6,
         }
         if args.sample:
             text = sample(be, tok, eos, np.random.default_rng(1))
@@ -368,7 +367,7 @@ def main() -> int:
             f" {r['total_us_p95']:.0f} |"
         )
     if args.json_out:
-        args.json_out.write_text(json.dumps(rows, indent=2))
+        harness.write_json(args.json_out, rows)
     return 0
 
 

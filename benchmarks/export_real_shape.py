@@ -25,53 +25,27 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
-import platform
 import resource
 import shutil
 import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-#: Prompt ids are drawn below this (ordinary BPE tokens, no special tokens).
-ORDINARY_TOKENS = 151643
+import harness
+from artifacts import checkpoint_ready, dir_bytes
+from harness import ORDINARY_TOKENS, MiB, log, maxrss_bytes
 
 RSS_TARGET_BYTES = 1.5e9  # "1.5 GB" from the issue, read as decimal (the stricter reading)
 GENAI_BUILDER_PEAK = "5.4 GB"
 PARITY_TARGET = 1e-3
-MiB = 2**20
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cli_path() -> str:
-    local = Path(sys.executable).with_name("qwen-export")
-    if local.is_file():
-        return str(local)
-    found = shutil.which("qwen-export")
-    if not found:
-        sys.exit("qwen-export not found next to this Python or on PATH")
-    return found
-
-
-def maxrss_bytes(who: int) -> int:
-    peak = resource.getrusage(who).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 # ----------------------------------------------------------------------------- 1. build
-def checkpoint_ready(ckpt: Path) -> bool:
-    return (ckpt / "config.json").is_file() and any(ckpt.glob("*.safetensors")) and (ckpt / "tokenizer.json").is_file()
-
-
 def build_checkpoint(ckpt: Path, seed: int, init: str) -> float:
     """Write the checkpoint with ``make_checkpoint`` (rope_theta 1e6, weights initialised by ``init``)."""
     from qwen_export.export.tiny import QWEN25_05B_SHAPE, make_checkpoint
@@ -101,7 +75,7 @@ def safetensors_tensors(ckpt: Path) -> list[tuple[str, list[int], str, int]]:
 
 def checkpoint_facts(ckpt: Path) -> dict[str, Any]:
     tensors = safetensors_tensors(ckpt)
-    numel = {name: int(_prod(shape)) for name, shape, _, _ in tensors}
+    numel = {name: math.prod(int(d) for d in shape) for name, shape, _, _ in tensors}
     largest = max(tensors, key=lambda t: numel[t[0]])
     cfg = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
     rope = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta"))
@@ -131,145 +105,24 @@ def checkpoint_facts(ckpt: Path) -> dict[str, Any]:
     }
 
 
-def _prod(shape: list[int]) -> int:
-    p = 1
-    for s in shape:
-        p *= int(s)
-    return p
-
-
 # ----------------------------------------------------------------------------- 2. export
-class TreePoller:
-    """Sample the summed RSS of a process and its descendants (a cross-check of getrusage)."""
-
-    def __init__(self, pid: int, interval: float = 0.05) -> None:
-        self.pid, self.interval = pid, interval
-        self.peak_bytes = 0
-        self.samples = 0
-        self.max_procs = 0
-        # (seconds since start, summed tree RSS MiB, root VmHWM MiB): shows when the peak happens and
-        # whether it is a spike too short for polling (VmHWM jumps while sampled RSS stays low).
-        self.timeline: list[tuple[float, float, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> TreePoller:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        import psutil
-
-        try:
-            root = psutil.Process(self.pid)
-        except psutil.Error:
-            return
-        t0 = time.perf_counter()
-        while not self._stop.is_set():
-            total = 0
-            try:
-                procs = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                break
-            for p in procs:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.samples += 1
-            self.max_procs = max(self.max_procs, len(procs))
-            self.peak_bytes = max(self.peak_bytes, total)
-            hwm = max(_vm_hwm_bytes(p.pid) for p in procs[1:] or procs)  # the launcher's child(ren)
-            self.timeline.append((round(time.perf_counter() - t0, 3), round(total / MiB, 1), round(hwm / MiB, 1)))
-            self._stop.wait(self.interval)
-
-
-def _vm_hwm_bytes(pid: int) -> int:
-    """Peak RSS so far of one process (Linux /proc VmHWM); 0 where unavailable."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def _spikes(timeline: list[tuple[float, float, float]], min_jump_mib: float = 200.0) -> list[dict[str, float]]:
-    """Moments where VmHWM rose by >= min_jump_mib between two samples (with the sampled RSS)."""
-    out = []
-    for (_, _, h_a), (t_b, rss_b, h_b) in zip(timeline[:-1], timeline[1:], strict=True):
-        if h_b - h_a >= min_jump_mib:
-            out.append({"t_s": t_b, "hwm_before_mib": h_a, "hwm_after_mib": h_b, "sampled_rss_mib": rss_b})
-    return out
-
-
-#: Runs the command given in argv[2:] and writes {"returncode", "maxrss_kb"} (getrusage of its
-#: children) as JSON to argv[1]. Needed because a child spawned directly from this (large, after the
-#: build) process starts with ru_maxrss = this process's high-water RSS: Linux carries maxrss over
-#: fork/vfork + execve. Spawned from this small launcher, the export's ru_maxrss is its own.
-_LAUNCHER = """
-import json, resource, subprocess, sys
-rc = subprocess.call(sys.argv[2:])
-kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-with open(sys.argv[1], "w") as fh:
-    json.dump({"returncode": rc, "maxrss_kb": kb, "platform": sys.platform}, fh)
-sys.exit(rc)
-"""
-
-
 def run_export(ckpt: Path, out: Path, workdir: Path) -> dict[str, Any]:
-    cmd = [cli_path(), "export", str(ckpt), "-o", str(out), "--overwrite"]
+    """The export as the only child (through ``harness.run_logged``'s launcher), its process tree polled."""
+    cmd = [harness.cli_path(), "export", str(ckpt), "-o", str(out), "--overwrite"]
     log("running: " + " ".join(cmd))
-    stdout_path, stderr_path = workdir / "export.stdout.log", workdir / "export.stderr.log"
-    rusage_path = workdir / "export.rusage.json"
-    rusage_path.unlink(missing_ok=True)
-    env = dict(os.environ, TERM="dumb", COLUMNS="200")
     parent_rss = maxrss_bytes(resource.RUSAGE_SELF)
     before = maxrss_bytes(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    with open(stdout_path, "wb") as so, open(stderr_path, "wb") as se:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCHER, str(rusage_path), *cmd], stdout=so, stderr=se, env=env
-        )
-        with TreePoller(proc.pid) as poller:
-            rc = proc.wait()
-    wall = time.perf_counter() - t0
-    after = maxrss_bytes(resource.RUSAGE_CHILDREN)
-    try:
-        usage = json.loads(rusage_path.read_text(encoding="utf-8"))
-        kb = int(usage["maxrss_kb"])
-        peak = kb if usage.get("platform") == "darwin" else kb * 1024
-        source = "getrusage(RUSAGE_CHILDREN) in a launcher process"
-    except (OSError, ValueError, KeyError):
-        peak, source = poller.peak_bytes, "psutil polling (launcher report missing)"
-    result: dict[str, Any] = {
-        "command": cmd,
-        "returncode": rc,
-        "wall_s": wall,  # includes the launcher's Python start-up (~0.05 s)
-        "peak_rss_bytes": peak,
-        "peak_rss_source": source,
-        "peak_rss_psutil_tree_bytes": poller.peak_bytes,
-        "psutil_samples": poller.samples,
-        "max_processes_in_tree": poller.max_procs,
-        "vm_hwm_last_sample_bytes": int(poller.timeline[-1][2] * MiB) if poller.timeline else 0,
-        "vm_hwm_jumps": _spikes(poller.timeline),
+    result = harness.run_logged("export", cmd, workdir, poll=True, quiet=True)
+    result |= {
         # For reference: getrusage(RUSAGE_CHILDREN) of this process, inflated to at least this
-        # process's own peak RSS at spawn time (see _LAUNCHER).
+        # process's own peak RSS at spawn time (see harness._LAUNCHER).
         "benchmark_process_maxrss_at_spawn_bytes": parent_rss,
         "outer_children_maxrss_before_bytes": before,
-        "outer_children_maxrss_after_bytes": after,
-        "rss_timeline": poller.timeline,
-        "stdout": stdout_path.read_text(errors="replace").strip(),
-        "stderr_tail": stderr_path.read_text(errors="replace")[-4000:].strip(),
+        "outer_children_maxrss_after_bytes": maxrss_bytes(resource.RUSAGE_CHILDREN),
+        "stdout": Path(result["logs"][0]).read_text(errors="replace").strip(),
     }
-    if rc == 0:
-        result["artifact_bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    if result["returncode"] == 0:
+        result["artifact_bytes"] = dir_bytes(out)
         result["artifact_files"] = sorted(
             (str(p.relative_to(out)), p.stat().st_size) for p in out.rglob("*") if p.is_file()
         )
@@ -356,7 +209,7 @@ def parity(ckpt: Path, out: Path, prompt_len: int, steps: int, seed: int) -> dic
 # ----------------------------------------------------------------------------- 4. bench
 def run_bench(out: Path, workdir: Path) -> dict[str, Any]:
     cmd = [
-        cli_path(),
+        harness.cli_path(),
         "bench",
         str(out),
         "--prompt-lengths",
@@ -370,7 +223,7 @@ def run_bench(out: Path, workdir: Path) -> dict[str, Any]:
         "--json",
     ]
     log("running: " + " ".join(cmd))
-    env = dict(os.environ, TERM="dumb", COLUMNS="200", NO_COLOR="1")
+    env = dict(os.environ, **harness.PLAIN_ENV, NO_COLOR="1")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -389,105 +242,103 @@ def run_bench(out: Path, workdir: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- 5. summary
-def summary(report: dict[str, Any]) -> str:
-    rows: list[tuple[str, str]] = []
+def _checkpoint_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     ck = report["checkpoint"]
     c = ck["config"]
-    rows.append(
-        (
-            "checkpoint shape",
-            f"{c['num_hidden_layers']} layers, hidden {c['hidden_size']}, heads {c['num_attention_heads']}/"
-            f"{c['num_key_value_heads']} kv, inter {c['intermediate_size']}, vocab {c['vocab_size']}, "
-            f"tied={c['tie_word_embeddings']}, rope_theta {c['rope_theta']:g}, max_pos {c['max_position_embeddings']}",
-        )
+    shape = (
+        f"{c['num_hidden_layers']} layers, hidden {c['hidden_size']}, heads {c['num_attention_heads']}/"
+        f"{c['num_key_value_heads']} kv, inter {c['intermediate_size']}, vocab {c['vocab_size']}, "
+        f"tied={c['tie_word_embeddings']}, rope_theta {c['rope_theta']:g}, max_pos {c['max_position_embeddings']}"
     )
-    rows.append(
-        ("parameters", f"{ck['parameters']:,} ({', '.join(ck['dtypes'])}, {ck['safetensors_bytes'] / MiB:.1f} MiB)")
-    )
+    rows = [
+        ("checkpoint shape", shape),
+        ("parameters", f"{ck['parameters']:,} ({', '.join(ck['dtypes'])}, {ck['safetensors_bytes'] / MiB:.1f} MiB)"),
+    ]
     if report.get("build_s") is not None:
         rows.append(("checkpoint build", f"{report['build_s']:.1f} s"))
     big = ck["largest_tensor_fp32_bytes"]
     rows.append(("largest tensor", f"{ck['largest_tensor']} {ck['largest_tensor_shape']}: {big / MiB:.1f} MiB as fp32"))
-    ex = report["export"]
+    return rows
+
+
+def _export_rows(ex: dict[str, Any], big: int) -> list[tuple[str, str]]:
     if ex["returncode"] != 0:
-        rows.append(("export", f"FAILED (exit {ex['returncode']})"))
-    else:
-        peak = ex["peak_rss_bytes"]
-        verdict = "PASS" if peak <= RSS_TARGET_BYTES else "FAIL"
-        rows.append(("export wall time", f"{ex['wall_s']:.1f} s"))
+        return [("export", f"FAILED (exit {ex['returncode']})")]
+    peak = ex["peak_rss_bytes"]
+    verdict = "PASS" if peak <= RSS_TARGET_BYTES else "FAIL"
+    jumps = ", ".join(
+        f"t={j['t_s']:.1f}s {j['hwm_before_mib']:.0f}->{j['hwm_after_mib']:.0f} MiB "
+        f"(sampled {j['sampled_rss_mib']:.0f})"
+        for j in ex["vm_hwm_jumps"]
+    )
+    return [
+        ("export wall time", f"{ex['wall_s']:.1f} s"),
+        (
+            "export peak RSS",
+            f"{peak / MiB:.1f} MiB = {peak / 1e9:.3f} GB  [{verdict}: target <= 1.5 GB; "
+            f"ort-genai builder {GENAI_BUILDER_PEAK}]",
+        ),
+        (
+            "  (psutil tree poll)",
+            f"{ex['peak_rss_psutil_tree_bytes'] / MiB:.1f} MiB sampled peak ({ex['psutil_samples']} samples, "
+            f"<= {ex['max_processes_in_tree']} processes); VmHWM jumps >= 200 MiB: " + (jumps or "none"),
+        ),
+        (
+            "  (measured by)",
+            f"{ex['peak_rss_source']}; this process's own RUSAGE_CHILDREN reads "
+            f"{ex['outer_children_maxrss_after_bytes'] / MiB:.1f} MiB (inherits its "
+            f"{ex['benchmark_process_maxrss_at_spawn_bytes'] / MiB:.1f} MiB peak at spawn)",
+        ),
+        ("peak RSS / largest tensor", f"{peak / big:.2f}"),
+        ("artifact on disk", f"{ex['artifact_bytes'] / MiB:.1f} MiB"),
+    ]
+
+
+def _parity_rows(par: dict[str, Any]) -> list[tuple[str, str]]:
+    if "error" in par:
+        return [("parity", f"ERROR: {par['error']}")]
+    return [
+        (
+            "parity max |logit err|",
+            f"{par['max_abs_error']:.3e}  [{'PASS' if par['passed'] else 'FAIL'}: target <= {PARITY_TARGET:g}; "
+            f"prefill {par['prompt_tokens']} tok + {par['decode_steps']} greedy steps; "
+            f"argmax agree: {par['argmax_agree']}]",
+        ),
+        ("  per step", ", ".join(f"{s['max_abs_error']:.1e}" for s in par["steps"])),
+        (
+            "  relative / noise floor",
+            f"max err / max|logit| {par['max_rel_error']:.1e}; "
+            f"ref logit std {par['steps'][0]['logit_std']:.2f}, "
+            f"max|logit| {max(s['logit_absmax'] for s in par['steps']):.1f}; transformers cached vs "
+            f"uncached max diff {par['reference_noise_floor']:.1e}",
+        ),
+    ]
+
+
+def _bench_rows(be: dict[str, Any]) -> list[tuple[str, str]]:
+    if be.get("returncode") != 0 or "report" not in be:
+        return [("bench", f"FAILED: {be.get('stderr_tail') or be.get('parse_error')}")]
+    rep = be["report"]
+    rows = [("bench load", f"{rep['load_s']:.2f} s, {rep['disk_mb']:.1f} MiB on disk")]
+    for r in rep["results"]:
         rows.append(
             (
-                "export peak RSS",
-                f"{peak / MiB:.1f} MiB = {peak / 1e9:.3f} GB  [{verdict}: target <= 1.5 GB; "
-                f"ort-genai builder {GENAI_BUILDER_PEAK}]",
+                f"bench p{r['prompt_tokens']} n{r['new_tokens']}",
+                f"TTFT {r['ttft_ms']:.1f} ms | prefill {r['prefill_tokens_per_s']:.1f} tok/s | "
+                f"decode {r['decode_tokens_per_s']:.1f} tok/s | p10/p50/p90 "
+                f"{r['token_latency_ms_p10']:.1f}/{r['token_latency_ms_p50']:.1f}/"
+                f"{r['token_latency_ms_p90']:.1f} ms | peak RSS {r['peak_rss_mb']:.0f} MiB",
             )
         )
-        rows.append(
-            (
-                "  (psutil tree poll)",
-                f"{ex['peak_rss_psutil_tree_bytes'] / MiB:.1f} MiB sampled peak ({ex['psutil_samples']} samples, "
-                f"<= {ex['max_processes_in_tree']} processes); VmHWM jumps >= 200 MiB: "
-                + (
-                    ", ".join(
-                        f"t={j['t_s']:.1f}s {j['hwm_before_mib']:.0f}->{j['hwm_after_mib']:.0f} MiB "
-                        f"(sampled {j['sampled_rss_mib']:.0f})"
-                        for j in ex["vm_hwm_jumps"]
-                    )
-                    or "none"
-                ),
-            )
-        )
-        rows.append(
-            (
-                "  (measured by)",
-                f"{ex['peak_rss_source']}; this process's own RUSAGE_CHILDREN reads "
-                f"{ex['outer_children_maxrss_after_bytes'] / MiB:.1f} MiB (inherits its "
-                f"{ex['benchmark_process_maxrss_at_spawn_bytes'] / MiB:.1f} MiB peak at spawn)",
-            )
-        )
-        rows.append(("peak RSS / largest tensor", f"{peak / big:.2f}"))
-        rows.append(("artifact on disk", f"{ex['artifact_bytes'] / MiB:.1f} MiB"))
-    par = report.get("parity")
-    if par:
-        if "error" in par:
-            rows.append(("parity", f"ERROR: {par['error']}"))
-        else:
-            rows.append(
-                (
-                    "parity max |logit err|",
-                    f"{par['max_abs_error']:.3e}  [{'PASS' if par['passed'] else 'FAIL'}: target <= {PARITY_TARGET:g}; "
-                    f"prefill {par['prompt_tokens']} tok + {par['decode_steps']} greedy steps; "
-                    f"argmax agree: {par['argmax_agree']}]",
-                )
-            )
-            errs = ", ".join(f"{s['max_abs_error']:.1e}" for s in par["steps"])
-            rows.append(("  per step", errs))
-            rows.append(
-                (
-                    "  relative / noise floor",
-                    f"max err / max|logit| {par['max_rel_error']:.1e}; "
-                    f"ref logit std {par['steps'][0]['logit_std']:.2f}, "
-                    f"max|logit| {max(s['logit_absmax'] for s in par['steps']):.1f}; transformers cached vs "
-                    f"uncached max diff {par['reference_noise_floor']:.1e}",
-                )
-            )
-    be = report.get("bench")
-    if be:
-        if be.get("returncode") != 0 or "report" not in be:
-            rows.append(("bench", f"FAILED: {be.get('stderr_tail') or be.get('parse_error')}"))
-        else:
-            rep = be["report"]
-            rows.append(("bench load", f"{rep['load_s']:.2f} s, {rep['disk_mb']:.1f} MiB on disk"))
-            for r in rep["results"]:
-                rows.append(
-                    (
-                        f"bench p{r['prompt_tokens']} n{r['new_tokens']}",
-                        f"TTFT {r['ttft_ms']:.1f} ms | prefill {r['prefill_tokens_per_s']:.1f} tok/s | "
-                        f"decode {r['decode_tokens_per_s']:.1f} tok/s | p10/p50/p90 "
-                        f"{r['token_latency_ms_p10']:.1f}/{r['token_latency_ms_p50']:.1f}/"
-                        f"{r['token_latency_ms_p90']:.1f} ms | peak RSS {r['peak_rss_mb']:.0f} MiB",
-                    )
-                )
+    return rows
+
+
+def summary(report: dict[str, Any]) -> str:
+    rows = _checkpoint_rows(report) + _export_rows(report["export"], report["checkpoint"]["largest_tensor_fp32_bytes"])
+    if report.get("parity"):
+        rows += _parity_rows(report["parity"])
+    if report.get("bench"):
+        rows += _bench_rows(report["bench"])
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 3 + max(len(v) for _, v in rows))
     body = "\n".join(f"{k.ljust(width)} | {v}" for k, v in rows)
@@ -514,14 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir: Path = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt, out = workdir / "checkpoint", workdir / "artifact"
-    report: dict[str, Any] = {
-        "host": {
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-        },
-        "workdir": str(workdir),
-    }
+    report: dict[str, Any] = {"host": harness.host(), "loadavg_start": harness.loadavg(), "workdir": str(workdir)}
 
     if args.skip_build:
         if not checkpoint_ready(ckpt):
@@ -554,11 +398,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_bench:
             report["bench"] = run_bench(out, workdir)
 
+    report["loadavg_end"] = harness.loadavg()
     text = summary(report)
     print(text, flush=True)
     if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        harness.write_json(args.json_out, report)
         log(f"wrote {args.json_out}")
     ok = ex["returncode"] == 0 and ex["peak_rss_bytes"] <= RSS_TARGET_BYTES
     ok = ok and report.get("parity", {}).get("passed", args.skip_parity)

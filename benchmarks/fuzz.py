@@ -23,13 +23,14 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import harness
+
+ROOT = harness.REPO_ROOT
 TEST_FILE = ROOT / "tests" / "test_fuzz.py"
 BATCH = 500  # examples per hypothesis run; each run draws a fresh seed
 
 
 def _load_tests():  # noqa: ANN202 - a module
-    sys.path.insert(0, str(ROOT))
     spec = importlib.util.spec_from_file_location("qwen_export_test_fuzz", TEST_FILE)
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None

@@ -14,7 +14,7 @@ One run, one checkpoint (random weights, Qwen2.5-0.5B shape by default, no downl
      prefill), and ``genai-prune``: the same plus ``--extra_options prune_lm_head=true`` (last-position
      logits only, as our artifacts compute them); ``--genai-variants`` picks which;
 
-3. measure every engine in its own long-lived worker subprocess (``--worker``; commands and replies
+3. measure every engine in its own long-lived worker subprocess (``sessions.py``; commands and replies
    are JSON lines on its stdin/stdout) with ``--threads`` intra-op threads: for each prompt length,
    ``--warmup`` unmeasured rounds then ``--repeats`` measured ones; a round is one greedy generation
    of exactly ``--new-tokens`` tokens (no stop token) per engine from the same random prompt,
@@ -41,9 +41,8 @@ One run, one checkpoint (random weights, Qwen2.5-0.5B shape by default, no downl
     .venv/bin/python benchmarks/ort_vs_genai.py [--shape 0.5b|tiny] [--workdir DIR] [--skip-build]
         [--reuse-artifacts] [--repeats 3] [--json-out FILE]
 
-``benchmarks/quant_real.py`` imports this module for its speed comparison (``Worker``, ``measure``,
-``ratios``, ``run_logged``, ``log``, ``cli_path``, ``mem_available_mib``, ``vm_hwm_mib``): keep their
-signatures.
+The workers (``--worker``: ``sessions.py``), the interleaved measurement (``interleave``), the
+launcher and the statistics (``harness``) are the benchmarks' shared ones.
 
 Exit status: 1 when a build, export or worker failed (the error is printed), 2 with ``--check`` when
 a target was missed, else 0.
@@ -54,31 +53,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-#: Prompt ids are drawn below this (ordinary BPE tokens, no special tokens).
-ORDINARY_TOKENS = 151643
+import harness
+import interleave
+import sessions
+from artifacts import checkpoint_ready, dir_bytes, export_logged, genai_builder_cmd
+from harness import MiB, log
+
 TARGET_DECODE = 1.1
 TARGET_PREFILL = 1.3
-MiB = 2**20
-
-#: Runs argv[2:] and writes {"returncode", "maxrss_kb"} of it to argv[1]: the command's own peak RSS
-#: (ru_maxrss of a direct child would start at the parent's high-water mark).
-_LAUNCHER = """
-import json, resource, subprocess, sys
-rc = subprocess.call(sys.argv[2:])
-kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-with open(sys.argv[1], "w") as fh:
-    json.dump({"returncode": rc, "maxrss_kb": kb, "platform": sys.platform}, fh)
-sys.exit(rc)
-"""
+#: this script's worker kinds -> the sessions' kinds
+SESSION_KINDS = {"ours": "ours", "genai": "og"}
 
 _BUILD = """
 import sys
@@ -88,94 +78,15 @@ make_checkpoint(sys.argv[1], seed=int(sys.argv[3]), init="transformers", **shape
 """
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cli_path() -> str:
-    local = Path(sys.executable).with_name("qwen-export")
-    if local.is_file():
-        return str(local)
-    found = shutil.which("qwen-export")
-    if not found:
-        sys.exit("qwen-export not found next to this Python or on PATH")
-    return found
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def vm_hwm_mib() -> float:
-    """Peak RSS of this process so far (Linux VmHWM), MiB; NaN where unavailable."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    return float("nan")
-
-
-def mem_available_mib() -> float:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    return float("nan")
-
-
 # ----------------------------------------------------------------------------- build and export
-def run_logged(name: str, cmd: list[str], workdir: Path) -> dict[str, Any]:
-    """Run ``cmd`` through the launcher; wall time, peak RSS, exit status and the output's tail."""
-    log(f"{name}: " + " ".join(cmd))
-    out_path, err_path = workdir / f"{name}.stdout.log", workdir / f"{name}.stderr.log"
-    rusage_path = workdir / f"{name}.rusage.json"
-    rusage_path.unlink(missing_ok=True)
-    env = dict(os.environ, TERM="dumb", COLUMNS="200")
-    t0 = time.perf_counter()
-    with open(out_path, "wb") as so, open(err_path, "wb") as se:
-        rc = subprocess.call([sys.executable, "-c", _LAUNCHER, str(rusage_path), *cmd], stdout=so, stderr=se, env=env)
-    wall = time.perf_counter() - t0
-    peak = None
-    try:
-        usage = json.loads(rusage_path.read_text(encoding="utf-8"))
-        kb = int(usage["maxrss_kb"])
-        peak = kb if usage.get("platform") == "darwin" else kb * 1024
-    except (OSError, ValueError, KeyError):
-        pass
-    result = {
-        "command": cmd,
-        "returncode": rc,
-        "wall_s": wall,
-        "peak_rss_bytes": peak,
-        "stdout_tail": out_path.read_text(errors="replace")[-3000:].strip(),
-        "stderr_tail": err_path.read_text(errors="replace")[-6000:].strip(),
-        "logs": [str(out_path), str(err_path)],
-    }
-    if rc != 0:
-        log(f"{name} FAILED (exit {rc}) after {wall:.1f} s; stderr tail:\n{result['stderr_tail']}")
-    else:
-        log(f"{name}: done in {wall:.1f} s, peak RSS {peak / MiB if peak else float('nan'):.0f} MiB")
-    return result
-
-
-def checkpoint_ready(ckpt: Path) -> bool:
-    return (ckpt / "config.json").is_file() and any(ckpt.glob("*.safetensors")) and (ckpt / "tokenizer.json").is_file()
-
-
 def cli_has_fuse_flag() -> bool:
     """Whether ``qwen-export export`` takes ``--fuse/--no-fuse`` (being added to the CLI)."""
     try:
         text = subprocess.run(
-            [cli_path(), "export", "--help"],
+            [harness.cli_path(), "export", "--help"],
             capture_output=True,
             text=True,
-            env=dict(os.environ, TERM="dumb", COLUMNS="200"),
+            env=dict(os.environ, **harness.PLAIN_ENV),
             timeout=120,
         ).stdout
     except (OSError, subprocess.SubprocessError):
@@ -201,328 +112,130 @@ def export_plan(
     ours = [("fused", ["--fuse"]), ("unfused", ["--no-fuse"])] if fuse_flag else [("ours", [])]
     for label, flags in ours:
         out = workdir / label
-        cmd = [cli_path(), "export", str(ckpt), "-o", str(out), "--overwrite", *flags]
+        cmd = [harness.cli_path(), "export", str(ckpt), "-o", str(out), "--overwrite", *flags]
         if max_length is not None:
             cmd += ["--max-length", str(max_length)]
         plan.append({"label": label, "kind": "ours", "dir": out, "command": cmd, "max_length": max_length})
     for variant in genai_variants:
+        if variant not in ("default", "prune_lm_head"):
+            raise SystemExit(f"unknown genai variant {variant!r} (default, prune_lm_head)")
         label = "genai" if variant == "default" else f"genai-{variant.replace('_lm_head', '')}"
         out = workdir / label
-        cmd = [
-            sys.executable, "-m", "onnxruntime_genai.models.builder",
-            "-i", str(ckpt), "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(workdir / f"{label}_cache"),
-        ]  # fmt: skip
-        if variant == "prune_lm_head":
-            cmd += ["--extra_options", "prune_lm_head=true"]
-        elif variant != "default":
-            raise SystemExit(f"unknown genai variant {variant!r} (default, prune_lm_head)")
+        cmd = genai_builder_cmd(ckpt, out, "fp32", workdir / f"{label}_cache", prune=variant == "prune_lm_head")
         plan.append({"label": label, "kind": "genai", "dir": out, "command": cmd, "variant": variant})
     return plan
 
 
 def build_artifact(item: dict[str, Any], workdir: Path, reuse: bool) -> dict[str, Any]:
     out: Path = item["dir"]
-    if reuse and artifact_ready(item["kind"], out, item.get("max_length")):
+    ready = artifact_ready(item["kind"], out, item.get("max_length"))
+    if reuse and ready:
         log(f"{item['label']}: reusing {out}")
         result: dict[str, Any] = {"command": item["command"], "returncode": 0, "reused": True}
     else:
-        if item["kind"] == "genai" and out.exists():
-            shutil.rmtree(out)  # the builder writes into an existing directory; start clean
-        result = run_logged(f"export-{item['label']}", item["command"], workdir)
-        cache = workdir / f"{item['label']}_cache"
-        if cache.exists():
-            shutil.rmtree(cache)
-        if result["returncode"] == 0 and not artifact_ready(item["kind"], out, item.get("max_length")):
-            result["returncode"] = -1
-            result["error"] = f"exit 0 but {out} lacks model.onnx or its config"
-            log(f"{item['label']} FAILED: {result['error']}")
+        result = export_logged(
+            item["label"], f"export-{item['label']}", out, item["command"], workdir,
+            lambda: (artifact_ready(item["kind"], out, item.get("max_length")), "lacks model.onnx or its config"),
+            clean=item["kind"] == "genai", cache=workdir / f"{item['label']}_cache",
+        )  # fmt: skip
     if result["returncode"] == 0:
         result["artifact_bytes"] = dir_bytes(out)
         result["files"] = sorted((str(p.relative_to(out)), p.stat().st_size) for p in out.rglob("*") if p.is_file())
         if item["kind"] == "ours":
             manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+            extra = manifest.get("extra", {})
             result["passes"] = [p.get("name") for p in manifest.get("passes", []) if isinstance(p, dict)]
-            result["export_phases_s"] = manifest.get("extra", {}).get("export_seconds")
-            result["max_length"] = manifest.get("extra", {}).get("max_length")
-            result["kv_cache"] = manifest.get("extra", {}).get("kv_cache")
+            result["export_phases_s"] = extra.get("export_seconds")
+            result["max_length"] = extra.get("max_length")
+            result["kv_cache"] = extra.get("kv_cache")
     return result
 
 
-# ----------------------------------------------------------------------------- workers
-class _OursSession:
-    """Greedy generation on our Engine, one step per call (as ``qwen_export.runtime.bench.run_once`` times it)."""
-
-    def __init__(self, path: str, threads: int) -> None:
-        from qwen_export.runtime.loader import RuntimeOptions, open_artifact
-
-        self.engine = open_artifact(path, RuntimeOptions(threads=threads)).engine
-        self.context = self.engine.capabilities.max_context
-        self.tokens: list[int] = []
-
-    def prefill(self, prompt: list[int], new_tokens: int) -> float:
-        import numpy as np
-
-        ids = np.asarray(prompt, np.int64)[None, :]
-        self.engine.reset()
-        start = time.perf_counter()
-        logits = self.engine.forward(ids)
-        token = int(np.argmax(logits[0, -1]))
-        elapsed = time.perf_counter() - start
-        self.tokens = [token]
-        return elapsed
-
-    def step(self) -> float:
-        import numpy as np
-
-        ids = np.array([[self.tokens[-1]]], np.int64)
-        start = time.perf_counter()
-        logits = self.engine.forward(ids)
-        token = int(np.argmax(logits[0, -1]))
-        elapsed = time.perf_counter() - start
-        self.tokens.append(token)
-        return elapsed
-
-    def finish(self) -> list[int]:
-        self.engine.reset()
-        return self.tokens
-
-
-class _GenaiSession:
-    """Greedy generation with onnxruntime-genai's Generator, one token per call."""
-
-    def __init__(self, path: str, threads: int) -> None:
-        import onnxruntime_genai as og
-
-        self.og = og
-        config = og.Config(path)
-        config.clear_providers()  # CPU
-        options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1} if threads else {}
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-        self.model = og.Model(config)
-        self.context = int(json.loads((Path(path) / "genai_config.json").read_text())["model"]["context_length"])
-        self.gen: Any = None
-        self.prompt_len = self.total = 0
-
-    def prefill(self, prompt: list[int], new_tokens: int) -> float:
-        import numpy as np
-
-        og = self.og
-        self.prompt_len, self.total = len(prompt), len(prompt) + new_tokens
-        params = og.GeneratorParams(self.model)
-        # min_length = max_length: exactly new_tokens tokens, whatever the random weights emit (EOS too)
-        params.set_search_options(max_length=self.total, min_length=self.total, do_sample=False, batch_size=1)
-        self.gen = og.Generator(self.model, params)
-        ids = np.asarray(prompt, np.int32)
-        start = time.perf_counter()
-        self.gen.append_tokens(ids)  # the prefill forward
-        self.gen.generate_next_token()  # picks token 1 from the prefill logits
-        return time.perf_counter() - start
-
-    def step(self) -> float:
-        start = time.perf_counter()
-        self.gen.generate_next_token()  # forward of the previous token, then pick the next
-        return time.perf_counter() - start
-
-    def finish(self) -> list[int]:
-        seq = [int(t) for t in self.gen.get_sequence(0)]
-        self.gen = None
-        return seq[self.prompt_len :]
-
-
-def worker_main(kind: str, path: str, threads: int) -> int:
-    """Serve JSON-line commands: prefill {prompt, new_tokens} -> {s}; step -> {s}; finish -> {tokens}; quit."""
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # anything a library prints goes to stderr, never into the protocol
-
-    def reply(obj: dict[str, Any]) -> None:
-        proto.write(json.dumps(obj) + "\n")
-        proto.flush()
-
-    try:
-        t0 = time.perf_counter()
-        session: Any = _OursSession(path, threads) if kind == "ours" else _GenaiSession(path, threads)
-        load_s = time.perf_counter() - t0
-        reply({"ok": True, "load_s": load_s, "context": session.context, "rss_hwm_mib": vm_hwm_mib()})
-    except Exception as exc:  # report the load failure to the parent, in one line, then exit
-        import traceback
-
-        traceback.print_exc()
-        reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-        return 1
-
-    for line in sys.stdin:
-        msg = json.loads(line)
-        cmd = msg.get("cmd")
-        if cmd == "quit":
-            break
-        try:
-            if cmd == "prefill":
-                reply({"ok": True, "s": session.prefill(msg["prompt"], int(msg["new_tokens"]))})
-            elif cmd == "step":
-                reply({"ok": True, "s": session.step()})
-            elif cmd == "finish":
-                reply({"ok": True, "tokens": session.finish(), "rss_hwm_mib": vm_hwm_mib()})
-            else:
-                reply({"ok": False, "error": f"unknown command {cmd!r}"})
-        except Exception as exc:
-            import traceback
-
-            traceback.print_exc()
-            reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-    return 0
-
-
-class Worker:
-    """One engine in its own process (its own ORT thread pools and peak-RSS accounting)."""
-
-    def __init__(self, label: str, kind: str, path: Path, threads: int, workdir: Path) -> None:
-        self.label, self.kind = label, kind
-        self.stderr_path = workdir / f"worker-{label}.stderr.log"
-        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in close()
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, str(path), "--threads", str(threads)]
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1
-        )
-        self.ready = self.recv()
-
-    def recv(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            tail = self.stderr_path.read_text(errors="replace")[-3000:].strip()
-            raise RuntimeError(f"worker {self.label} exited (status {self.proc.returncode}); stderr tail:\n{tail}")
-        msg = json.loads(line)
-        if not msg.get("ok"):
-            tail = self.stderr_path.read_text(errors="replace")[-3000:].strip()
-            raise RuntimeError(f"worker {self.label}: {msg.get('error')}\n{tail}")
-        return msg
-
-    def call(self, cmd: str, **fields: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"cmd": cmd, **fields}) + "\n")
-        self.proc.stdin.flush()
-        return self.recv()
-
-    def close(self) -> None:
-        try:
-            if self.proc.poll() is None and self.proc.stdin is not None:
-                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=60)
-        except (OSError, subprocess.TimeoutExpired, ValueError):
-            self.proc.kill()
-            self.proc.wait()
-        self._stderr.close()
+def build_checkpoint(args: argparse.Namespace, ckpt: Path, workdir: Path, report: dict[str, Any]) -> bool:
+    """Build (or, with --skip-build, check) the checkpoint; False when the build failed."""
+    if args.skip_build:
+        if not checkpoint_ready(ckpt):
+            sys.exit(f"--skip-build: no checkpoint in {ckpt} (run once without --skip-build)")
+        log(f"reusing checkpoint {ckpt}")
+        report["build"] = {"reused": True}
+        return True
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    build_cmd = [sys.executable, "-c", _BUILD, str(ckpt), args.shape, str(args.seed)]
+    report["build"] = harness.run_logged("build", build_cmd, workdir)
+    return report["build"]["returncode"] == 0
 
 
 # ----------------------------------------------------------------------------- measure
-def generate_interleaved(workers: list[Worker], prompt: list[int], new_tokens: int) -> dict[str, dict[str, Any]]:
-    """One greedy generation on every worker, interleaved step by step.
+def start_workers(
+    ready: list[dict[str, Any]], args: argparse.Namespace, needed: int, workdir: Path, report: dict[str, Any]
+) -> tuple[list[harness.Worker], bool]:
+    """One worker per ready artifact whose context holds ``needed`` tokens; (workers, any failed)."""
+    workers: list[harness.Worker] = []
+    failed = False
+    for item in ready:
+        label = item["label"]
+        log(f"loading {label} in a worker (MemAvailable {harness.mem_available_mib():.0f} MiB)")
+        try:
+            w = sessions.start(label, SESSION_KINDS[item["kind"]], item["dir"], args.threads, workdir)
+        except RuntimeError as exc:
+            log(f"{label}: worker FAILED to load: {exc}")
+            report["workers"][label] = {"error": str(exc)}
+            failed = True
+            continue
+        if w.ready["context"] < needed:
+            log(f"{label}: context {w.ready['context']} < {needed}; skipped")
+            report["workers"][label] = {"error": f"context {w.ready['context']} too short"}
+            w.close()
+            failed = True
+            continue
+        workers.append(w)
+        report["workers"][label] = {"load_s": w.ready["load_s"], "rss_load_mib": w.ready["rss_hwm_mib"]}
+    return workers, failed
 
-    Every engine prefills in turn, then each decode step runs on every engine in turn (A, B, C, A,
-    B, C, ...), so that a slow spell of a shared machine (a few hundred ms) hits all engines alike.
-    Times are taken inside the workers, around the compute only (no IPC).
-    """
-    out: dict[str, dict[str, Any]] = {w.label: {"steps_s": []} for w in workers}
-    for w in workers:
-        out[w.label]["ttft_s"] = w.call("prefill", prompt=prompt, new_tokens=new_tokens)["s"]
-    for _ in range(new_tokens - 1):
-        for w in workers:
-            out[w.label]["steps_s"].append(w.call("step")["s"])
-    for w in workers:
-        out[w.label]["tokens"] = w.call("finish")["tokens"]
-    return out
 
-
-def measure(
-    workers: list[Worker],
-    lengths: list[int],
-    new_tokens: int,
-    repeats: int,
-    warmup: int,
-    seed: int,
-    prefill_repeats: int = 0,
-) -> dict[str, Any]:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    cases: dict[str, Any] = {}
-    for length in lengths:
-        ttfts: dict[str, list[float]] = {w.label: [] for w in workers}
-        steps: dict[str, list[float]] = {w.label: [] for w in workers}
-        rates: dict[str, list[float]] = {w.label: [] for w in workers}
-        agree: dict[str, list[int]] = {w.label: [] for w in workers}
-        for i in range(warmup + repeats):
-            prompt = [int(t) for t in rng.integers(0, ORDINARY_TOKENS, length)]
-            runs = generate_interleaved(workers, prompt, new_tokens)
-            kind = "warm-up" if i < warmup else "run"
-            for w in workers:
-                r = runs[w.label]
-                mean_ms = 1e3 * statistics.fmean(r["steps_s"])
-                ttft_ms = r["ttft_s"] * 1e3
-                log(f"  {length}+{new_tokens} {kind} {i + 1} {w.label}: TTFT {ttft_ms:.1f} ms, {mean_ms:.2f} ms/token")
-                if i < warmup:
-                    continue
-                ttfts[w.label].append(r["ttft_s"])
-                steps[w.label] += r["steps_s"]
-                rates[w.label].append(len(r["steps_s"]) / sum(r["steps_s"]))
-                # leading greedy tokens shared with the first engine: a check that all run the same model
-                a, b = runs[workers[0].label]["tokens"], r["tokens"]
-                n = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-                agree[w.label].append(n)
-        # A prefill is one multi-second shot per engine, so a slow spell can hit one engine's and
-        # not the others'; extra prefill-only rounds (order rotated each round) steady its median.
-        for i in range(prefill_repeats):
-            prompt = [int(t) for t in rng.integers(0, ORDINARY_TOKENS, length)]
-            order = workers[i % len(workers) :] + workers[: i % len(workers)]
-            for w in order:
-                ttfts[w.label].append(w.call("prefill", prompt=prompt, new_tokens=new_tokens)["s"])
-                w.call("finish")
-            log(
-                f"  {length} prefill-only {i + 1}: "
-                + ", ".join(f"{w.label} {ttfts[w.label][-1] * 1e3:.0f} ms" for w in workers)
+def measure_all(
+    ready: list[dict[str, Any]], args: argparse.Namespace, lengths: list[int], workdir: Path, report: dict[str, Any]
+) -> tuple[list[str], bool]:
+    """Workers, interleaved measurement, each worker's peak RSS; (labels measured, any failed)."""
+    report["workers"], report["cases"], report["ratios"] = {}, {}, {}
+    workers: list[harness.Worker] = []
+    failed = False
+    try:
+        workers, failed = start_workers(ready, args, max(lengths) + args.new_tokens, workdir, report)
+        if workers:
+            log("measuring: " + ", ".join(w.label for w in workers) + " round-robin")
+            report["cases"] = interleave.measure_steps(
+                workers, lengths, args.new_tokens, args.repeats, args.warmup, args.seed, args.prefill_repeats
             )
-        per_engine = {}
+    except RuntimeError as exc:
+        log(f"measurement FAILED: {exc}")
+        report["measure_error"] = str(exc)
+        failed = True
+    finally:
         for w in workers:
-            ttft = statistics.median(ttfts[w.label])
-            all_steps = steps[w.label]
-            per_engine[w.label] = {
-                "runs": repeats,
-                "prefill_samples": len(ttfts[w.label]),
-                "ttft_ms": ttft * 1e3,
-                "ttft_ms_min": min(ttfts[w.label]) * 1e3,
-                "ttft_ms_runs": [t * 1e3 for t in ttfts[w.label]],
-                "prefill_tokens_per_s": length / ttft,
-                "decode_tokens_per_s": statistics.median(rates[w.label]),
-                "decode_ms_per_token_mean": 1e3 * statistics.fmean(all_steps),
-                "decode_ms_per_token_p50": 1e3 * statistics.median(all_steps),
-                "decode_ms_per_token_p90": 1e3 * float(np.percentile(all_steps, 90)),
-                "greedy_tokens_matching_first_engine": agree[w.label],
-            }
-        cases[str(length)] = per_engine
-    return cases
+            # VmHWM of the worker after all runs: ask /proc directly (the worker may be gone)
+            if (rss := w.peak_rss_mib()) is not None:
+                report["workers"][w.label]["rss_hwm_mib"] = rss
+            w.close()
+    return [w.label for w in workers], failed
 
 
-def ratios(cases: dict[str, Any], base: str, others: list[str]) -> dict[str, Any]:
-    """base/other for prefill tok/s and decode tok/s, per prompt length."""
-    out: dict[str, Any] = {}
-    for other in others:
-        per_len = {}
-        for length, engines in cases.items():
-            if base not in engines or other not in engines:
-                continue
-            b, o = engines[base], engines[other]
-            per_len[length] = {
-                "prefill": b["prefill_tokens_per_s"] / o["prefill_tokens_per_s"],
-                # the same from the fastest prefill of each (the least disturbed by other jobs)
-                "prefill_best": o["ttft_ms_min"] / b["ttft_ms_min"],
-                "decode": b["decode_tokens_per_s"] / o["decode_tokens_per_s"],
-                # the same from the median step (robust to a few slow steps on a shared machine)
-                "decode_p50": o["decode_ms_per_token_p50"] / b["decode_ms_per_token_p50"],
-            }
-        out[f"{base}/{other}"] = per_len
-    return out
+def judge(report: dict[str, Any], labels: list[str]) -> bool:
+    """Ratios of our best artifact to the others; whether a target vs genai was missed."""
+    # our best artifact: fused, else the flagless default export, else unfused (when the fused export
+    # failed, so that its failure still leaves a comparison with genai)
+    ours = [lab for lab in ("fused", "ours", "unfused") if lab in labels]
+    genai = [lab for lab in labels if lab.startswith("genai")]
+    missed = False
+    if ours and report["cases"]:
+        others = genai + (["unfused"] if "unfused" in labels and ours[0] == "fused" else [])
+        report["ratios"] = interleave.step_ratios(report["cases"], ours[0], others)
+        if "genai" in genai:
+            for r in report["ratios"][f"{ours[0]}/genai"].values():
+                missed |= r["prefill"] < TARGET_PREFILL or r["decode"] < TARGET_DECODE
+    report["targets"] = {"decode_vs_genai": TARGET_DECODE, "prefill_vs_genai": TARGET_PREFILL, "missed": missed}
+    return missed
 
 
 # ----------------------------------------------------------------------------- report
@@ -585,7 +298,7 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument(
@@ -624,10 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="weights seed (build) and prompt seed")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--check", action="store_true", help="exit 2 when a target vs genai is missed")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
     if args.worker:
-        return worker_main(args.worker[0], args.worker[1], args.threads)
+        return sessions.serve(SESSION_KINDS[args.worker[0]], args.worker[1], args.threads)
 
     workdir: Path = args.workdir or Path("/tmp/qe-bench-genai" + ("-tiny" if args.shape == "tiny" else ""))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -637,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1 or min(args.warmup, args.prefill_repeats) < 0 or args.new_tokens < 2 or min(lengths or [0]) < 1:
         ap.error("need --repeats >= 1, --warmup/--prefill-repeats >= 0, --new-tokens >= 2, positive prompt lengths")
     report: dict[str, Any] = {
-        "host": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
-        "versions": {},
+        "host": harness.host(),
+        "versions": harness.versions(("onnxruntime", "onnxruntime_genai", "qwen_export")),
+        "loadavg_start": harness.loadavg(),
         "workdir": str(workdir),
         "shape": args.shape,
         "threads": args.threads,
@@ -650,26 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "max_length": args.max_length,
     }
-    for mod in ("onnxruntime", "onnxruntime_genai", "qwen_export"):
-        try:
-            report["versions"][mod] = __import__(mod).__version__
-        except (ImportError, AttributeError):
-            report["versions"][mod] = None
-    failed = False
-
-    if args.skip_build:
-        if not checkpoint_ready(ckpt):
-            sys.exit(f"--skip-build: no checkpoint in {ckpt} (run once without --skip-build)")
-        log(f"reusing checkpoint {ckpt}")
-        report["build"] = {"reused": True}
-    else:
-        if ckpt.exists():
-            shutil.rmtree(ckpt)
-        build_cmd = [sys.executable, "-c", _BUILD, str(ckpt), args.shape, str(args.seed)]
-        report["build"] = run_logged("build", build_cmd, workdir)
-        if report["build"]["returncode"] != 0:
-            print(summary(report | {"exports": {}}), flush=True)
-            return 1
+    if not build_checkpoint(args, ckpt, workdir, report):
+        print(summary(report | {"exports": {}}), flush=True)
+        return 1
     report["checkpoint_files"] = sorted(p.name for p in ckpt.iterdir())
 
     fuse_flag = cli_has_fuse_flag()
@@ -677,71 +378,16 @@ def main(argv: list[str] | None = None) -> int:
     if not fuse_flag:
         log("qwen-export export has no --fuse/--no-fuse yet: measuring one artifact ('ours', the default export)")
     plan = export_plan(ckpt, workdir, variants, fuse_flag, args.max_length)
-    report["exports"] = {}
-    for item in plan:
-        report["exports"][item["label"]] = build_artifact(item, workdir, args.reuse_artifacts)
+    report["exports"] = {item["label"]: build_artifact(item, workdir, args.reuse_artifacts) for item in plan}
     ready = [item for item in plan if report["exports"][item["label"]]["returncode"] == 0]
+    labels, failed = measure_all(ready, args, lengths, workdir, report)
     failed |= len(ready) < len(plan)
-
-    report["workers"], report["cases"], report["ratios"] = {}, {}, {}
-    workers: list[Worker] = []
-    try:
-        for item in ready:
-            log(f"loading {item['label']} in a worker (MemAvailable {mem_available_mib():.0f} MiB)")
-            try:
-                w = Worker(item["label"], item["kind"], item["dir"], args.threads, workdir)
-            except RuntimeError as exc:
-                log(f"{item['label']}: worker FAILED to load: {exc}")
-                report["workers"][item["label"]] = {"error": str(exc)}
-                failed = True
-                continue
-            if w.ready["context"] < max(lengths) + args.new_tokens:
-                log(f"{item['label']}: context {w.ready['context']} < {max(lengths) + args.new_tokens}; skipped")
-                report["workers"][item["label"]] = {"error": f"context {w.ready['context']} too short"}
-                w.close()
-                failed = True
-                continue
-            workers.append(w)
-            report["workers"][item["label"]] = {"load_s": w.ready["load_s"], "rss_load_mib": w.ready["rss_hwm_mib"]}
-        if workers:
-            log("measuring: " + ", ".join(w.label for w in workers) + " round-robin")
-            report["cases"] = measure(
-                workers, lengths, args.new_tokens, args.repeats, args.warmup, args.seed, args.prefill_repeats
-            )
-    except RuntimeError as exc:
-        log(f"measurement FAILED: {exc}")
-        report["measure_error"] = str(exc)
-        failed = True
-    finally:
-        for w in workers:
-            # VmHWM of the worker after all runs: ask /proc directly (the worker may be gone)
-            try:
-                with open(f"/proc/{w.proc.pid}/status", encoding="ascii") as fh:
-                    for line in fh:
-                        if line.startswith("VmHWM:"):
-                            report["workers"][w.label]["rss_hwm_mib"] = int(line.split()[1]) / 1024
-            except OSError:
-                pass
-            w.close()
-
-    labels = [w.label for w in workers]
-    # ratios of our best artifact: fused, else the flagless default export, else unfused (when the
-    # fused export failed, so that its failure still leaves a comparison with genai)
-    ours = [lab for lab in ("fused", "ours", "unfused") if lab in labels]
-    genai = [lab for lab in labels if lab.startswith("genai")]
-    missed = False
-    if ours and report["cases"]:
-        others = genai + (["unfused"] if "unfused" in labels and ours[0] == "fused" else [])
-        report["ratios"] = ratios(report["cases"], ours[0], others)
-        if "genai" in genai:
-            for r in report["ratios"][f"{ours[0]}/genai"].values():
-                missed |= r["prefill"] < TARGET_PREFILL or r["decode"] < TARGET_DECODE
-    report["targets"] = {"decode_vs_genai": TARGET_DECODE, "prefill_vs_genai": TARGET_PREFILL, "missed": missed}
+    missed = judge(report, labels)
+    report["loadavg_end"] = harness.loadavg()
 
     print("\n" + summary(report), flush=True)
     if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+        harness.write_json(args.json_out, report)
         log(f"wrote {args.json_out}")
     if failed:
         return 1

@@ -20,7 +20,8 @@ its GGUF by ``qwen-export convert-gguf``), CPU:
      side computes a ``[prompt, vocab]`` LM-head product at prefill. ``--speed-logits all`` measures
      the evaluation artifacts themselves (both sides compute every position's logits);
 
-2. accuracy: one fixed text (built in, ~600 tokens of code and English prose, or ``--text FILE``),
+2. accuracy: one fixed text (built in: ``quant_real_text.txt``, ~600 tokens of code and English prose,
+   or ``--text FILE``),
    tokenized once with the checkpoint's tokenizer (``qwen_export.runtime.tokenizer.Tokenizer``), fed to every
    model teacher-forced from an empty cache in consecutive ``--chunk`` (256) token chunks that
    continue the cache, every position's logits kept. Each model runs alone in a subprocess (the
@@ -33,8 +34,9 @@ its GGUF by ``qwen-export convert-gguf``), CPU:
 3. on-disk size of each artifact's model files (``*.onnx``, ``*.onnx.data``, ``*.data``) and the
    ratio to genai's int4;
 
-4. speed: ``--speed-artifacts`` (int8, int4-rtn) vs genai's int4 in worker subprocesses of
-   ``ort_vs_genai.py`` (``--threads`` intra-op threads each), interleaved step by step: prefill of a
+4. speed: ``--speed-artifacts`` (int8, int4-rtn) vs genai's int4 in worker subprocesses
+   (``sessions.py``, ``--threads`` intra-op threads each), interleaved step by step as ``ort_vs_genai.py``
+   measures (``interleave.measure_steps``): prefill of a
    ``--prompt-length`` (256) random-token prompt, then ``--new-tokens`` (64) greedy tokens, no early
    stop; ``--warmup`` + ``--repeats`` rounds plus ``--prefill-repeats`` prefill-only rounds. An int4
    artifact not timed whose graph equals a timed one's (same ops, MatMulNBits settings and model
@@ -55,117 +57,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ort_vs_genai as ovg  # noqa: E402  (workers, run_logged, measure: the fp32 comparison's machinery)
+import accuracy
+import harness
+import interleave
+import sessions
+from artifacts import build, genai_builder_cmd, model_bytes, read_json
+from harness import MiB, log
 
-MiB = 2**20
 TARGET_INT4_KL_RATIO = 0.5
 TARGET_INT4_SIZE_RATIO = 0.6
 TARGET_INT8_KL = 0.005
 TARGET_INT4_DECODE_RATIO = 1.0
 GENAI = "genai-int4"
-MODEL_SUFFIXES = (".onnx", ".onnx.data", ".data")
 
 # A fixed evaluation text: Python, a shell session, JSON and English prose (about 600 Qwen tokens).
-DEFAULT_TEXT = '''\
-import heapq
-from dataclasses import dataclass, field
-
-
-@dataclass(order=True)
-class Task:
-    priority: int
-    name: str = field(compare=False)
-    retries: int = field(default=0, compare=False)
-
-
-class Scheduler:
-    """Runs tasks by priority; a failed task is retried up to max_retries times."""
-
-    def __init__(self, max_retries: int = 3) -> None:
-        self.queue: list[Task] = []
-        self.max_retries = max_retries
-        self.done: list[str] = []
-
-    def submit(self, name: str, priority: int = 10) -> None:
-        heapq.heappush(self.queue, Task(priority, name))
-
-    def run(self, handler) -> int:
-        failures = 0
-        while self.queue:
-            task = heapq.heappop(self.queue)
-            try:
-                handler(task.name)
-            except Exception as exc:
-                failures += 1
-                if task.retries < self.max_retries:
-                    task.retries += 1
-                    heapq.heappush(self.queue, Task(task.priority + 1, task.name, task.retries))
-                else:
-                    print(f"giving up on {task.name}: {exc}")
-            else:
-                self.done.append(task.name)
-        return failures
-
-
-def fibonacci(n: int) -> list[int]:
-    a, b = 0, 1
-    out = []
-    for _ in range(n):
-        out.append(a)
-        a, b = b, a + b
-    return out
-
-$ git log --oneline -3
-4f2a1c9 Fix off-by-one in the window slicing
-$ python -m pytest -q tests/test_scheduler.py
-....                                                                     [100%]
-4 passed in 0.12s
-
-{"name": "scheduler", "version": "1.4.2", "dependencies": {"numpy": ">=1.24"}, "license": "MIT"}
-
-The river had been rising for three days before anyone in the village took it seriously. On the
-first morning the water was only a little browner than usual, and the children threw sticks from
-the bridge to see how fast they would travel. By the second evening the lower field was a shallow
-lake, and the old miller, who had seen two floods in his lifetime, walked along the bank with a
-lantern, measuring the height of the water against the stones he had marked years ago. He said
-nothing at supper, but he moved the flour sacks to the upper floor before he went to bed.
-
-A good benchmark answers one question and states it plainly. Before measuring anything, decide
-what would change your mind: if the new method were ten percent slower, would you still use it?
-Run every variant on the same machine, in the same order, many times, and report the spread as
-well as the median. Most surprising results are explained by something mundane, such as a cold
-cache, a background job, or a different input size, rather than by the idea being tested.
-'''
-
-
-def log(msg: str) -> None:
-    ovg.log(msg)
-
-
-def model_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.name.endswith(MODEL_SUFFIXES))
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
+DEFAULT_TEXT_FILE = Path(__file__).with_name("quant_real_text.txt")
 
 
 # ----------------------------------------------------------------------------- the plan
 def ours_item(label: str, ckpt: Path, out: Path, weights: str, algorithm: str | None, logits: str, args: Any) -> dict:
-    cmd = [ovg.cli_path(), "export", str(ckpt), "-o", str(out), "--overwrite", "--logits", logits]
+    cmd = [harness.cli_path(), "export", str(ckpt), "-o", str(out), "--overwrite", "--logits", logits]
     if weights != "fp32":
         cmd += ["--weights", weights, "--algorithm", algorithm or "rtn"]
         if args.block_size is not None:
@@ -179,120 +94,8 @@ def ours_item(label: str, ckpt: Path, out: Path, weights: str, algorithm: str | 
 
 
 def genai_item(label: str, ckpt: Path, out: Path, workdir: Path, prune: bool) -> dict:
-    cmd = [
-        sys.executable, "-m", "onnxruntime_genai.models.builder",
-        "-i", str(ckpt), "-o", str(out), "-p", "int4", "-e", "cpu", "-c", str(workdir / "genai-cache"),
-    ]  # fmt: skip
-    if prune:
-        cmd += ["--extra_options", "prune_lm_head=true"]
+    cmd = genai_builder_cmd(ckpt, out, "int4", workdir / "genai-cache", prune=prune)
     return {"label": label, "kind": "genai", "dir": out, "command": cmd, "want": {"prune": prune}}
-
-
-def artifact_matches(item: dict) -> tuple[bool, str]:
-    """Whether ``item['dir']`` already holds the artifact ``item`` describes (and why not)."""
-    out: Path = item["dir"]
-    if item["kind"] == "genai":
-        if not ((out / "genai_config.json").is_file() and (out / "model.onnx").is_file()):
-            return False, "no genai_config.json/model.onnx"
-        return True, ""
-    manifest = read_json(out / "manifest.json")
-    if not manifest or not (out / "model.onnx").is_file():
-        return False, "no manifest.json/model.onnx"
-    want = item["want"]
-    if manifest.get("logits") != want["logits"]:
-        return False, f"logits={manifest.get('logits')}, want {want['logits']}"
-    quant = (manifest.get("extra") or {}).get("quantization") or {}
-    weights = quant.get("weights", manifest.get("dtype", "fp32"))
-    if weights != want["weights"]:
-        return False, f"weights={weights}, want {want['weights']}"
-    if want["algorithm"] and quant.get("algorithm") != want["algorithm"]:
-        return False, f"algorithm={quant.get('algorithm')}, want {want['algorithm']}"
-    return True, ""
-
-
-def graph_summary(path: Path) -> dict[str, Any]:
-    """What the ONNX graph computes with: quantized ops and their settings, the embedding, lm_head, logits."""
-    import onnx
-
-    model = onnx.load(str(path / "model.onnx"), load_external_data=False)
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    ops: dict[str, int] = {}
-    nbits: dict[str, int] = {}
-    out: dict[str, Any] = {}
-    for node in graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "MatMulNBits":
-            zp = len(node.input) > 3 and bool(node.input[3])
-            key = (
-                f"bits={attrs.get('bits')} block={attrs.get('block_size')} "
-                f"acc={attrs.get('accuracy_level', 0)} {'asym' if zp else 'sym'}"
-            )
-            nbits[key] = nbits.get(key, 0) + 1
-            if "lm_head" in (node.name + node.input[1]).lower():
-                out["lm_head"] = f"MatMulNBits {key}"
-        if node.op_type in ("Gather", "GatherBlockQuantized") and node.input and node.input[0] in inits:
-            t = inits[node.input[0]]
-            if len(t.dims) == 2 or node.op_type == "GatherBlockQuantized":
-                dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name
-                bits = attrs.get("bits")
-                out["embedding"] = f"{node.op_type} {dtype}" + (
-                    f" bits={bits} block={attrs.get('block_size')}" if bits else ""
-                )
-        if node.op_type in ("MatMul", "Gemm") and "lm_head" in (node.name + "".join(node.input)).lower():
-            out["lm_head"] = node.op_type + " (float)"
-    out["matmulnbits"] = nbits
-    out["ops"] = dict(sorted(ops.items()))
-    for o in graph.output:
-        if o.name == "logits":
-            out["logits_shape"] = [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
-    return out
-
-
-def build(item: dict, workdir: Path, force: bool) -> dict[str, Any]:
-    out: Path = item["dir"]
-    ok, why = artifact_matches(item)
-    if ok and not force:
-        log(f"{item['label']}: reusing {out}")
-        result: dict[str, Any] = {"command": item["command"], "returncode": 0, "reused": True}
-    else:
-        if out.exists() and not ok and why and (out / "model.onnx").exists():
-            log(f"{item['label']}: {out} does not match ({why}); rebuilding")
-        if item["kind"] == "genai" and out.exists():
-            shutil.rmtree(out)  # the builder writes into an existing directory; start clean
-        log(f"{item['label']}: exporting (MemAvailable {ovg.mem_available_mib():.0f} MiB)")
-        result = ovg.run_logged(f"export-{out.name}", item["command"], workdir)
-        cache = workdir / "genai-cache"
-        if cache.exists():
-            shutil.rmtree(cache)
-        if result["returncode"] == 0:
-            ok, why = artifact_matches(item)
-            if not ok:
-                result["returncode"] = -1
-                result["error"] = f"exit 0 but {out}: {why}"
-                log(f"{item['label']} FAILED: {result['error']}")
-    if result["returncode"] == 0:
-        result["model_bytes"] = model_bytes(out)
-        result["files"] = sorted((p.name, p.stat().st_size) for p in out.iterdir() if p.is_file())
-        try:
-            result["graph"] = graph_summary(out)
-        except Exception as exc:  # the summary is a record, never a reason to fail
-            result["graph"] = {"error": f"{type(exc).__name__}: {exc}"}
-        if item["kind"] == "ours":
-            manifest = read_json(out / "manifest.json")
-            result["quantization"] = (manifest.get("extra") or {}).get("quantization")
-            result["max_length"] = (manifest.get("extra") or {}).get("max_length")
-        else:
-            config = read_json(out / "genai_config.json")
-            decoder = (config.get("model") or {}).get("decoder") or {}
-            result["genai_config"] = {
-                "context_length": (config.get("model") or {}).get("context_length"),
-                "session_options": decoder.get("session_options"),
-                "inputs": decoder.get("inputs"),
-                "past_present_share_buffer": (config.get("search") or {}).get("past_present_share_buffer"),
-            }
-    return result
 
 
 def unavailable(result: dict[str, Any], algorithm: str) -> str | None:
@@ -307,95 +110,56 @@ def unavailable(result: dict[str, Any], algorithm: str) -> str | None:
     return None
 
 
-# ----------------------------------------------------------------------------- evaluation worker
-def eval_worker(kind: str, path: str, ids_path: str, out_path: str, chunk: int, threads: int) -> int:
-    """Teacher-force the ids in ``ids_path`` through one model; save every position's logits (float32 .npy)."""
-    import numpy as np
-
-    ids = np.load(ids_path).astype(np.int64)
-    n = len(ids)
-    t0 = time.perf_counter()
-    if kind == "ours":
-        from qwen_export.runtime.loader import RuntimeOptions, open_artifact
-
-        engine = open_artifact(path, RuntimeOptions(threads=threads)).engine
-        full = engine.capabilities.full_logits
-        vocab = engine.capabilities.vocab_size
-        load_s = time.perf_counter() - t0
-        out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=(n, vocab))
-        engine.reset()
-        t1 = time.perf_counter()
-        if full:
-            for a in range(0, n, chunk):
-                out[a : a + chunk] = engine.forward(ids[None, a : a + chunk])[0]
-        else:  # a last-position-logits artifact: one token at a time
-            for a in range(n):
-                out[a] = engine.forward(ids[None, a : a + 1])[0, -1]
+def eval_plan(args: Any, ckpt: Path, workdir: Path) -> list[dict]:
+    """The reference (first) and every artifact to evaluate, with their export commands."""
+    if args.ref is not None:
+        ref_item = {"label": "fp32", "kind": "ours", "dir": args.ref, "command": ["(given: --ref)"], "want": None}
     else:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(str(Path(path) / "model.onnx"), so, providers=["CPUExecutionProvider"])
-        config = read_json(Path(path) / "genai_config.json")
-        head = int(config["model"]["decoder"]["head_size"])
-        inputs = {i.name: i for i in sess.get_inputs()}
-        past_names = sorted(
-            (k for k in inputs if k.startswith("past_key_values.")),
-            key=lambda k: (int(k.split(".")[1]), k.split(".")[2]),
-        )
-        present_names = ["present." + k[len("past_key_values.") :] for k in past_names]
-        kv_heads = inputs[past_names[0]].shape[1]
-        fdtype = np.float16 if "float16" in inputs[past_names[0]].type else np.float32
-        vocab = int(config["model"]["vocab_size"])
-        load_s = time.perf_counter() - t0
-        out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=(n, vocab))
-        past = {k: np.zeros((1, int(kv_heads), 0, head), fdtype) for k in past_names}
-        t1 = time.perf_counter()
-        done = 0
-        while done < n:
-            step = ids[done : done + chunk]
-            feed: dict[str, Any] = {
-                "input_ids": step[None, :],
-                "attention_mask": np.ones((1, done + len(step)), np.int64),
-            }
-            if "position_ids" in inputs:
-                feed["position_ids"] = np.arange(done, done + len(step), dtype=np.int64)[None, :]
-            feed.update(past)
-            res = sess.run(["logits", *present_names], feed)
-            logits = res[0][0]
-            if logits.shape[0] != len(step):
-                raise RuntimeError(f"{path}: logits for {logits.shape[0]} positions, fed {len(step)} (pruned lm_head?)")
-            out[done : done + len(step)] = logits.astype(np.float32)
-            past = dict(zip(past_names, res[1:], strict=True))
-            done += len(step)
-    run_s = time.perf_counter() - t1
-    out.flush()
-    del out
-    print(json.dumps({"load_s": load_s, "run_s": run_s, "rss_hwm_mib": ovg.vm_hwm_mib()}), flush=True)
-    return 0
+        ref_item = ours_item("fp32", ckpt, workdir / "fp32-all", "fp32", None, "all", args)
+    evals = [ref_item]
+    if not args.no_int8:
+        evals.append(ours_item("int8", ckpt, workdir / "int8-rtn-all", "int8", "rtn", "all", args))
+    for algo in algorithms(args):
+        evals.append(ours_item(f"int4-{algo}", ckpt, workdir / f"int4-{algo}-all", "int4", algo, "all", args))
+    evals.append(genai_item(GENAI, ckpt, workdir / "genai-int4", workdir, prune=False))
+    return evals
 
 
-def run_eval(label: str, kind: str, path: Path, ids_path: Path, workdir: Path, chunk: int, threads: int) -> dict:
-    out = workdir / "logits" / f"{label}.npy"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable, os.path.abspath(__file__), "--eval-worker", kind, str(path), str(ids_path), str(out),
-        "--chunk", str(chunk), "--threads", str(threads),
-    ]  # fmt: skip
-    log(f"evaluating {label} (MemAvailable {ovg.mem_available_mib():.0f} MiB)")
-    result = ovg.run_logged(f"eval-{label}", cmd, workdir)
-    if result["returncode"] == 0:
-        try:
-            result.update(json.loads(result["stdout_tail"].strip().splitlines()[-1]))
-        except (ValueError, IndexError):
-            pass
-        result["logits_path"] = str(out)
-    return result
+def algorithms(args: Any) -> list[str]:
+    return [a.strip() for a in args.algorithms.split(",") if a.strip()]
 
 
+def export_all(evals: list[dict], args: Any, report: dict[str, Any]) -> tuple[list[dict], bool]:
+    """Export (or reuse) every artifact of the plan; (those ready, whether one failed)."""
+    report["exports"] = {}
+    ready: list[dict] = []
+    failed = False
+    for item in evals:
+        if item["want"] is None:  # --ref
+            manifest = read_json(item["dir"] / "manifest.json")
+            res: dict[str, Any] = {"command": item["command"], "returncode": 0 if manifest else -1, "reused": True}
+            if manifest:
+                res["model_bytes"] = model_bytes(item["dir"])
+                res["logits"] = manifest.get("logits")
+            else:
+                res["error"] = f"{item['dir']}: no manifest.json"
+        else:
+            res = build(item, args.workdir, args.force)
+        algo = item["want"]["algorithm"] if item["want"] and item["kind"] == "ours" else None
+        if algo and (reason := unavailable(res, algo)):
+            res["unavailable"] = reason
+            log(f"{item['label']}: not available: {reason}")
+            report["problems"].append(f"{item['label']}: not available ({reason})")
+        elif res["returncode"] != 0:
+            failed = True
+            report["problems"].append(f"{item['label']}: export failed ({res.get('error') or 'see its log'})")
+        report["exports"][item["label"]] = res
+        if res["returncode"] == 0:
+            ready.append(item)
+    return ready, failed
+
+
+# ----------------------------------------------------------------------------- accuracy
 def eval_key(path: Path, ids: Any, chunk: int, ref_key: str | None) -> str:
     """What an evaluation depends on: the model file's identity, the token ids, the chunk, the reference."""
     import hashlib
@@ -407,39 +171,204 @@ def eval_key(path: Path, ids: Any, chunk: int, ref_key: str | None) -> str:
     return f"{ident}|ids={digest}|chunk={chunk}|ref={ref_key}"
 
 
-def compare(ref_path: Path, path: Path, ids: Any, block: int = 32) -> dict[str, Any]:
-    """Mean/max KL(ref || model), top-1 agreement with ref, and the model's perplexity on ``ids``."""
-    import numpy as np
+class Evaluation:
+    """Every ready artifact's logits against the reference's, one model at a time (``W/eval-cache.json``
+    reused with ``--reuse-eval``); fills ``table`` and ``report["eval"]``."""
 
-    ref = np.load(ref_path, mmap_mode="r")
-    mod = np.load(path, mmap_mode="r")
-    if ref.shape != mod.shape:
-        raise RuntimeError(f"{path}: logits {mod.shape}, reference {ref.shape}")
-    n = ref.shape[0]
-    kls, top1, nll = [], [], []
-    for a in range(0, n, block):
-        r = np.asarray(ref[a : a + block], np.float64)
-        m = np.asarray(mod[a : a + block], np.float64)
-        lr = r - r.max(-1, keepdims=True)
-        lr -= np.log(np.exp(lr).sum(-1, keepdims=True))
-        lm = m - m.max(-1, keepdims=True)
-        lm -= np.log(np.exp(lm).sum(-1, keepdims=True))
-        kls.append((np.exp(lr) * (lr - lm)).sum(-1))
-        top1.append(r.argmax(-1) == m.argmax(-1))
-        pos = np.arange(a, min(a + block, n - 1))
-        if len(pos):
-            nll.append(-lm[pos - a, ids[pos + 1]])
-    kl = np.concatenate(kls)
-    nll_all = np.concatenate(nll)
-    return {
-        "positions": int(n),
-        "mean_kl": float(kl.mean()),
-        "median_kl": float(np.median(kl)),
-        "p99_kl": float(np.percentile(kl, 99)),
-        "max_kl": float(kl.max()),
-        "top1": float(np.concatenate(top1).mean()),
-        "ppl": float(np.exp(nll_all.mean())),
-    }
+    def __init__(self, ref_item: dict, ids: Any, ids_path: Path, args: Any, report: dict[str, Any]) -> None:
+        self.ref_item, self.ids, self.ids_path, self.args, self.report = ref_item, ids, ids_path, args, report
+        self.table: dict[str, dict[str, Any]] = {}
+        self.ref_logits: Path | None = None
+        self.cache_path = args.workdir / "eval-cache.json"
+        self.cache = read_json(self.cache_path) if args.reuse_eval else {}
+        self.failed = False
+        report["eval"] = {}
+
+    def run_eval(self, item: dict) -> dict[str, Any]:
+        log(f"evaluating {item['label']} (MemAvailable {harness.mem_available_mib():.0f} MiB)")
+        a = self.args
+        return accuracy.run_eval(
+            item["label"], item["kind"], item["dir"], self.ids_path, a.workdir, chunk=a.chunk, threads=a.threads
+        )
+
+    def problem(self, text: str) -> None:
+        self.failed = True
+        self.report["problems"].append(text)
+
+    def run(self, ready: list[dict]) -> None:
+        ref_key = None
+        for item in ready:
+            key = eval_key(item["dir"], self.ids, self.args.chunk, ref_key)
+            if item is self.ref_item:
+                ref_key = key
+            if self.args.reuse_eval and key in self.cache:
+                self.reuse(item, key)
+                continue
+            if self.ref_logits is None and item is not self.ref_item:
+                ref_res = self.run_eval(self.ref_item)
+                if ref_res["returncode"] != 0:
+                    self.problem(f"reference evaluation failed: {ref_res['stderr_tail'][-400:]}")
+                    break
+                self.ref_logits = Path(ref_res["logits_path"])
+            if not self.one(item, key) and item is self.ref_item:
+                break
+
+    def reuse(self, item: dict, key: str) -> None:
+        res = dict(self.cache[key], reused=True)
+        self.report["eval"][item["label"]] = res
+        self.table[item["label"]] = dict(res["metrics"])
+        m = res["metrics"]
+        log(
+            f"{item['label']}: reusing its evaluation: mean KL {m['mean_kl']:.5f}, top-1 {m['top1']:.2%}, "
+            f"ppl {m['ppl']:.3f}"
+        )
+
+    def one(self, item: dict, key: str) -> bool:
+        """Evaluate one artifact; False when its evaluation failed."""
+        res = self.run_eval(item)
+        self.report["eval"][item["label"]] = res
+        if res["returncode"] != 0:
+            self.problem(f"{item['label']}: evaluation failed: {res['stderr_tail'][-400:]}")
+            return False
+        path = Path(res["logits_path"])
+        if item is self.ref_item:
+            self.ref_logits = path
+        assert self.ref_logits is not None
+        metrics = accuracy.compare(self.ref_logits, path, self.ids)
+        res["metrics"] = metrics
+        self.table[item["label"]] = dict(metrics)
+        keep = ("metrics", "load_s", "run_s", "rss_hwm_mib", "wall_s")
+        self.cache[key] = {k: v for k, v in res.items() if k in keep}
+        self.cache_path.write_text(json.dumps(self.cache, indent=1) + "\n", encoding="utf-8")
+        log(
+            f"{item['label']}: mean KL {metrics['mean_kl']:.5f}, top-1 {metrics['top1']:.2%}, "
+            f"ppl {metrics['ppl']:.3f} (forward {res.get('run_s', float('nan')):.1f} s)"
+        )
+        if path != self.ref_logits and not self.args.keep_logits:
+            path.unlink(missing_ok=True)
+        return True
+
+
+def add_sizes(table: dict[str, dict[str, Any]], ready: list[dict], report: dict[str, Any]) -> None:
+    for item in ready:
+        row = table.setdefault(item["label"], {})
+        size = report["exports"][item["label"]].get("model_bytes")
+        row["size_mib"] = size / MiB if size else None
+    gsize = table.get(GENAI, {}).get("size_mib")
+    for row in table.values():
+        row["size_ratio"] = row["size_mib"] / gsize if row.get("size_mib") and gsize else None
+
+
+# ----------------------------------------------------------------------------- speed
+def speed_plan(args: Any, ready: list[dict], table: dict, report: dict[str, Any]) -> tuple[list[dict], bool]:
+    """The artifacts to time (their last-position-logit twins with --speed-logits last, built here)."""
+    int4_labels = [f"int4-{a}" for a in algorithms(args) if f"int4-{a}" in table]
+    wanted: list[str] = []
+    for s in (x.strip() for x in args.speed_artifacts.split(",")):
+        if s == "int4":
+            wanted += int4_labels
+        elif s and s in table:
+            wanted.append(s)
+    by_label = {item["label"]: item for item in ready}
+    speed_items: list[dict] = []
+    failed = False
+    workdir = args.workdir
+    for label in wanted + [GENAI]:
+        item = by_label.get(label)
+        if item is None:
+            continue
+        if args.speed_logits == "last":
+            if item["kind"] == "genai":
+                item = genai_item(GENAI, args.checkpoint, workdir / "genai-int4-prune", workdir, prune=True)
+            else:
+                w = item["want"]
+                item = ours_item(label, args.checkpoint, workdir / f"{item['dir'].name.removesuffix('-all')}-last",
+                                 w["weights"], w["algorithm"], "last", args)  # fmt: skip
+            res = build(item, workdir, args.force)
+            report["exports"][f"{label} (speed)"] = res
+            if res["returncode"] != 0:
+                failed = True
+                report["problems"].append(f"{label}: speed export failed")
+                continue
+        speed_items.append(item)
+    return speed_items, failed
+
+
+def speed_rows(cases: dict[str, Any], args: Any, speed_items: list[dict], table: dict, report: dict) -> None:
+    """Ratios to genai-int4 and the table's speed columns from the measured cases."""
+    engines = cases[str(args.prompt_length)]
+    if GENAI in engines:
+        report["speed"]["ratios"] = {}
+        for lab in engines:
+            if lab != GENAI:
+                report["speed"]["ratios"].update(interleave.step_ratios(cases, lab, [GENAI]))
+    for lab, r in engines.items():
+        row = table.setdefault(lab, {})
+        row["prefill_tok_s"] = r["prefill_tokens_per_s"]
+        row["decode_tok_s"] = r["decode_tokens_per_s"]
+        if GENAI in engines and lab != GENAI:
+            row["decode_ratio"] = r["decode_tokens_per_s"] / engines[GENAI]["decode_tokens_per_s"]
+            row["prefill_ratio"] = r["prefill_tokens_per_s"] / engines[GENAI]["prefill_tokens_per_s"]
+        row["speed_artifact"] = str(next(i["dir"] for i in speed_items if i["label"] == lab))
+        row["greedy_tokens_matching_first"] = r["greedy_tokens_matching_first_engine"]
+
+
+def measure_speed(speed_items: list[dict], args: Any, table: dict, report: dict[str, Any]) -> bool:
+    """Every speed artifact in a worker, interleaved step by step; whether something failed."""
+    workers: list[harness.Worker] = []
+    failed = False
+    try:
+        for item in speed_items:
+            mem = harness.mem_available_mib()
+            log(f"loading {item['label']} ({item['dir']}) in a worker (MemAvailable {mem:.0f} MiB)")
+            try:
+                kind = "og" if item["kind"] == "genai" else "ours"
+                workers.append(sessions.start(item["label"], kind, item["dir"], args.threads, args.workdir))
+            except RuntimeError as exc:
+                log(f"{item['label']}: worker FAILED to load: {exc}")
+                report["problems"].append(f"{item['label']}: speed worker failed to load")
+                failed = True
+        if workers:
+            log("measuring: " + ", ".join(w.label for w in workers) + " round-robin")
+            cases = interleave.measure_steps(
+                workers, [args.prompt_length], args.new_tokens, args.repeats, args.warmup, args.seed,
+                args.prefill_repeats,
+            )  # fmt: skip
+            report["speed"]["cases"] = cases
+            speed_rows(cases, args, speed_items, table, report)
+    except RuntimeError as exc:
+        log(f"speed measurement FAILED: {exc}")
+        report["problems"].append(f"speed measurement failed: {exc}")
+        failed = True
+    finally:
+        for w in workers:
+            if (rss := w.peak_rss_mib()) is not None:
+                report["speed"].setdefault("rss_hwm_mib", {})[w.label] = rss
+            w.close()
+    return failed
+
+
+def credit_twins(table: dict[str, dict[str, Any]], report: dict[str, Any]) -> None:
+    """An int4 artifact not timed whose graph equals a timed one's runs the same kernels on the same
+    shapes (only the weight values differ): credit it with that one's speed, marked as such."""
+
+    def signature(label: str) -> str | None:
+        ex = report["exports"].get(label) or {}
+        graph = ex.get("graph")
+        if not graph or "error" in graph or not ex.get("model_bytes"):
+            return None
+        return json.dumps([graph, ex["model_bytes"]], sort_keys=True, default=str)
+
+    timed = [lab for lab, row in table.items() if row.get("decode_tok_s") is not None and lab != GENAI]
+    for label, row in table.items():
+        if row.get("decode_tok_s") is not None or label == GENAI or signature(label) is None:
+            continue
+        twin = next((t for t in timed if signature(t) == signature(label)), None)
+        if twin:
+            for key in ("prefill_tok_s", "decode_tok_s", "decode_ratio", "prefill_ratio"):
+                if key in table[twin]:
+                    row[key] = table[twin][key]
+            row["speed_from"] = twin
 
 
 # ----------------------------------------------------------------------------- report
@@ -554,7 +483,7 @@ def targets(table: dict[str, dict[str, Any]], int4_labels: list[str]) -> list[di
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--eval-worker", nargs=4, metavar=("KIND", "PATH", "IDS", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", type=Path, default=Path("/work/real/ckpt"))
@@ -605,15 +534,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-logits", action="store_true", help="keep W/logits/*.npy (default: only the reference's)")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--check", action="store_true", help="exit 2 when a target is missed")
-    args = ap.parse_args(argv)
+    return ap
 
-    if args.eval_worker:
-        kind, path, ids, out = args.eval_worker
-        return eval_worker(kind, path, ids, out, args.chunk, args.threads)
 
+def evaluation_text(args: Any, report: dict[str, Any]) -> tuple[Any, Path]:
+    """The evaluation text's token ids (and the .npy they are saved to, for the workers)."""
     import numpy as np
 
     from qwen_export.runtime.tokenizer import Tokenizer
+
+    text = (args.text or DEFAULT_TEXT_FILE).read_text(encoding="utf-8")
+    ids = np.asarray(Tokenizer.from_dir(args.checkpoint).encode(text), np.int64)
+    ids_path = args.workdir / "text_ids.npy"
+    np.save(ids_path, ids)
+    report["text"] = {
+        "source": str(args.text) if args.text else "built-in",
+        "tokens": int(len(ids)),
+        "chars": len(text),
+    }
+    log(f"evaluation text: {len(ids)} tokens")
+    return ids, ids_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.eval_worker:
+        kind, path, ids, out = args.eval_worker
+        return accuracy.eval_main(kind, path, ids, out, args.chunk, args.threads)
 
     ckpt: Path = args.checkpoint
     if not (ckpt / "config.json").is_file():
@@ -621,8 +568,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir: Path = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
-        "host": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
-        "versions": {},
+        "host": harness.host(),
+        "versions": harness.versions(("onnxruntime", "onnxruntime_genai", "qwen_export")),
+        "loadavg_start": harness.loadavg(),
         "checkpoint": str(ckpt),
         "workdir": str(workdir),
         "chunk": args.chunk,
@@ -635,237 +583,33 @@ def main(argv: list[str] | None = None) -> int:
         "speed_logits": args.speed_logits,
         "problems": [],
     }
-    for mod in ("onnxruntime", "onnxruntime_genai", "qwen_export"):
-        try:
-            report["versions"][mod] = __import__(mod).__version__
-        except (ImportError, AttributeError):
-            report["versions"][mod] = None
-    failed = False
+    ids, ids_path = evaluation_text(args, report)
 
-    # -- text
-    text = args.text.read_text(encoding="utf-8") if args.text else DEFAULT_TEXT
-    ids = np.asarray(Tokenizer.from_dir(ckpt).encode(text), np.int64)
-    ids_path = workdir / "text_ids.npy"
-    np.save(ids_path, ids)
-    report["text"] = {
-        "source": str(args.text) if args.text else "built-in",
-        "tokens": int(len(ids)),
-        "chars": len(text),
-    }
-    log(f"evaluation text: {len(ids)} tokens")
+    evals = eval_plan(args, ckpt, workdir)
+    ready, failed = export_all(evals, args, report)
+    report["reference"] = f"ours fp32 ({evals[0]['dir']})"
+    evaluation = Evaluation(evals[0], ids, ids_path, args, report)
+    evaluation.run(ready)  # one model at a time
+    failed |= evaluation.failed
+    table = evaluation.table
+    add_sizes(table, ready, report)
 
-    # -- exports for the evaluation
-    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    evals: list[dict] = []
-    if args.ref is not None:
-        ref_item = {"label": "fp32", "kind": "ours", "dir": args.ref, "command": ["(given: --ref)"], "want": None}
-    else:
-        ref_item = ours_item("fp32", ckpt, workdir / "fp32-all", "fp32", None, "all", args)
-    evals.append(ref_item)
-    if not args.no_int8:
-        evals.append(ours_item("int8", ckpt, workdir / "int8-rtn-all", "int8", "rtn", "all", args))
-    for algo in algorithms:
-        evals.append(ours_item(f"int4-{algo}", ckpt, workdir / f"int4-{algo}-all", "int4", algo, "all", args))
-    evals.append(genai_item(GENAI, ckpt, workdir / "genai-int4", workdir, prune=False))
-
-    report["exports"] = {}
-    ready: list[dict] = []
-    for item in evals:
-        if item["want"] is None:  # --ref
-            manifest = read_json(item["dir"] / "manifest.json")
-            res: dict[str, Any] = {"command": item["command"], "returncode": 0 if manifest else -1, "reused": True}
-            if manifest:
-                res["model_bytes"] = model_bytes(item["dir"])
-                res["logits"] = manifest.get("logits")
-            else:
-                res["error"] = f"{item['dir']}: no manifest.json"
-        else:
-            res = build(item, workdir, args.force)
-        algo = item["want"]["algorithm"] if item["want"] and item["kind"] == "ours" else None
-        if algo and (reason := unavailable(res, algo)):
-            res["unavailable"] = reason
-            log(f"{item['label']}: not available: {reason}")
-            report["problems"].append(f"{item['label']}: not available ({reason})")
-        elif res["returncode"] != 0:
-            failed = True
-            report["problems"].append(f"{item['label']}: export failed ({res.get('error') or 'see its log'})")
-        report["exports"][item["label"]] = res
-        if res["returncode"] == 0:
-            ready.append(item)
-    report["reference"] = f"ours fp32 ({ref_item['dir']})"
-
-    # -- accuracy, one model at a time
-    table: dict[str, dict[str, Any]] = {}
-    report["eval"] = {}
-    ref_logits = None
-    cache_path = workdir / "eval-cache.json"
-    cache = read_json(cache_path) if args.reuse_eval else {}
-    ref_key = None
-    for item in ready:
-        key = eval_key(item["dir"], ids, args.chunk, ref_key)
-        if item is ref_item:
-            ref_key = key
-        if args.reuse_eval and key in cache:
-            res = dict(cache[key], reused=True)
-            report["eval"][item["label"]] = res
-            table[item["label"]] = dict(res["metrics"])
-            m = res["metrics"]
-            log(
-                f"{item['label']}: reusing its evaluation: mean KL {m['mean_kl']:.5f}, top-1 {m['top1']:.2%}, "
-                f"ppl {m['ppl']:.3f}"
-            )
-            continue
-        if ref_logits is None and item is not ref_item:
-            ref_res = run_eval(
-                ref_item["label"], ref_item["kind"], ref_item["dir"], ids_path, workdir, args.chunk, args.threads
-            )
-            if ref_res["returncode"] != 0:
-                failed = True
-                report["problems"].append(f"reference evaluation failed: {ref_res['stderr_tail'][-400:]}")
-                break
-            ref_logits = Path(ref_res["logits_path"])
-        res = run_eval(item["label"], item["kind"], item["dir"], ids_path, workdir, args.chunk, args.threads)
-        report["eval"][item["label"]] = res
-        if res["returncode"] != 0:
-            failed = True
-            report["problems"].append(f"{item['label']}: evaluation failed: {res['stderr_tail'][-400:]}")
-            if item is ref_item:
-                break
-            continue
-        path = Path(res["logits_path"])
-        if item is ref_item:
-            ref_logits = path
-        assert ref_logits is not None
-        metrics = compare(ref_logits, path, ids)
-        res["metrics"] = metrics
-        table[item["label"]] = dict(metrics)
-        cache[key] = {k: v for k, v in res.items() if k in ("metrics", "load_s", "run_s", "rss_hwm_mib", "wall_s")}
-        cache_path.write_text(json.dumps(cache, indent=1) + "\n", encoding="utf-8")
-        log(
-            f"{item['label']}: mean KL {metrics['mean_kl']:.5f}, top-1 {metrics['top1']:.2%}, "
-            f"ppl {metrics['ppl']:.3f} (forward {res.get('run_s', float('nan')):.1f} s)"
-        )
-        if path != ref_logits and not args.keep_logits:
-            path.unlink(missing_ok=True)
-    for item in ready:
-        row = table.setdefault(item["label"], {})
-        size = report["exports"][item["label"]].get("model_bytes")
-        row["size_mib"] = size / MiB if size else None
-    gsize = table.get(GENAI, {}).get("size_mib")
-    for row in table.values():
-        row["size_ratio"] = row["size_mib"] / gsize if row.get("size_mib") and gsize else None
-
-    # -- speed
     report["speed"] = {}
-    int4_labels = [f"int4-{a}" for a in algorithms if f"int4-{a}" in table]
     if not args.skip_speed:
-        wanted: list[str] = []
-        for s in (x.strip() for x in args.speed_artifacts.split(",")):
-            if s == "int4":
-                wanted += int4_labels
-            elif s and s in table:
-                wanted.append(s)
-        by_label = {item["label"]: item for item in ready}
-        speed_items: list[dict] = []
-        for label in wanted + [GENAI]:
-            item = by_label.get(label)
-            if item is None:
-                continue
-            if args.speed_logits == "last":
-                if item["kind"] == "genai":
-                    item = genai_item(GENAI, ckpt, workdir / "genai-int4-prune", workdir, prune=True)
-                else:
-                    w = item["want"]
-                    item = ours_item(label, ckpt, workdir / f"{item['dir'].name.removesuffix('-all')}-last",
-                                     w["weights"], w["algorithm"], "last", args)  # fmt: skip
-                res = build(item, workdir, args.force)
-                report["exports"][f"{label} (speed)"] = res
-                if res["returncode"] != 0:
-                    failed = True
-                    report["problems"].append(f"{label}: speed export failed")
-                    continue
-            speed_items.append(item)
-        workers: list[ovg.Worker] = []
-        try:
-            for item in speed_items:
-                log(
-                    f"loading {item['label']} ({item['dir']}) in a worker "
-                    f"(MemAvailable {ovg.mem_available_mib():.0f} MiB)"
-                )
-                try:
-                    w = ovg.Worker(item["label"], item["kind"], item["dir"], args.threads, workdir)
-                except RuntimeError as exc:
-                    log(f"{item['label']}: worker FAILED to load: {exc}")
-                    report["problems"].append(f"{item['label']}: speed worker failed to load")
-                    failed = True
-                    continue
-                workers.append(w)
-            if len(workers) >= 1:
-                log("measuring: " + ", ".join(w.label for w in workers) + " round-robin")
-                cases = ovg.measure(
-                    workers, [args.prompt_length], args.new_tokens, args.repeats, args.warmup, args.seed,
-                    args.prefill_repeats,
-                )  # fmt: skip
-                report["speed"]["cases"] = cases
-                engines = cases[str(args.prompt_length)]
-                labels = [w.label for w in workers]
-                if GENAI in labels:
-                    report["speed"]["ratios"] = {}
-                    for lab in labels:
-                        if lab != GENAI:
-                            report["speed"]["ratios"].update(ovg.ratios(cases, lab, [GENAI]))
-                for lab, r in engines.items():
-                    row = table.setdefault(lab, {})
-                    row["prefill_tok_s"] = r["prefill_tokens_per_s"]
-                    row["decode_tok_s"] = r["decode_tokens_per_s"]
-                    if GENAI in engines and lab != GENAI:
-                        row["decode_ratio"] = r["decode_tokens_per_s"] / engines[GENAI]["decode_tokens_per_s"]
-                        row["prefill_ratio"] = r["prefill_tokens_per_s"] / engines[GENAI]["prefill_tokens_per_s"]
-                    row["speed_artifact"] = str(next(i["dir"] for i in speed_items if i["label"] == lab))
-                    row["greedy_tokens_matching_first"] = r["greedy_tokens_matching_first_engine"]
-        except RuntimeError as exc:
-            log(f"speed measurement FAILED: {exc}")
-            report["problems"].append(f"speed measurement failed: {exc}")
-            failed = True
-        finally:
-            for w in workers:
-                try:
-                    with open(f"/proc/{w.proc.pid}/status", encoding="ascii") as fh:
-                        for line in fh:
-                            if line.startswith("VmHWM:"):
-                                report["speed"].setdefault("rss_hwm_mib", {})[w.label] = int(line.split()[1]) / 1024
-                except OSError:
-                    pass
-                w.close()
-
-    # an int4 artifact not timed whose graph equals a timed one's runs the same kernels on the same
-    # shapes (only the weight values differ): credit it with that one's speed, marked as such
-    def signature(label: str) -> str | None:
-        ex = report["exports"].get(label) or {}
-        graph = ex.get("graph")
-        if not graph or "error" in graph or not ex.get("model_bytes"):
-            return None
-        return json.dumps([graph, ex["model_bytes"]], sort_keys=True, default=str)
-
-    timed = [lab for lab, row in table.items() if row.get("decode_tok_s") is not None and lab != GENAI]
-    for label, row in table.items():
-        if row.get("decode_tok_s") is not None or label == GENAI or signature(label) is None:
-            continue
-        twin = next((t for t in timed if signature(t) == signature(label)), None)
-        if twin:
-            for key in ("prefill_tok_s", "decode_tok_s", "decode_ratio", "prefill_ratio"):
-                if key in table[twin]:
-                    row[key] = table[twin][key]
-            row["speed_from"] = twin
-    order = ["fp32", "int8", *[f"int4-{a}" for a in algorithms], GENAI]
+        speed_items, speed_failed = speed_plan(args, ready, table, report)
+        failed |= speed_failed
+        failed |= measure_speed(speed_items, args, table, report)
+    credit_twins(table, report)
+    order = ["fp32", "int8", *[f"int4-{a}" for a in algorithms(args)], GENAI]
     report["table"] = {k: table[k] for k in order if k in table}
+    int4_labels = [f"int4-{a}" for a in algorithms(args) if f"int4-{a}" in table]
     report["targets"] = targets(table, int4_labels)
     missed = any(c["met"] is False for c in report["targets"])
+    report["loadavg_end"] = harness.loadavg()
 
     print("\n" + summary(report), flush=True)
     if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+        harness.write_json(args.json_out, report)
         log(f"wrote {args.json_out}")
     if failed:
         return 1

@@ -16,14 +16,13 @@ clean, or when greedy output for the same prompt changed between conversations.
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import sys
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
-import psutil
+from harness import rss_mib
 
 from qwen_export.runtime.generation import GenerationConfig, Generator
 from qwen_export.runtime.loader import open_artifact
@@ -37,11 +36,6 @@ QUESTIONS = [
     "Translate 'good morning' into German.",
 ]
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
-
-
-def rss_mib() -> float:
-    gc.collect()
-    return psutil.Process().memory_info().rss / 2**20
 
 
 def build(workdir: Path) -> Path:
@@ -65,71 +59,63 @@ def probe_logits(engine, probe: list[int]) -> np.ndarray:
     return logits
 
 
-def soak(artifact_dir: Path, seconds: float, tolerance: float, report_every: float, warmup_cycles: int) -> dict:
-    loaded = open_artifact(artifact_dir)
-    tok, engine = loaded.tokenizer, loaded.engine
-    context = engine.capabilities.max_context
-    probe = tok.encode(PROBE_TEXT)
-    reference = probe_logits(open_artifact(artifact_dir).engine, probe)  # a freshly opened engine
-    generator = Generator(engine, tok)
-    rng = np.random.default_rng(0)
+def turn_config(turn: int, n: int, rng: np.random.Generator) -> GenerationConfig:
+    """Turn 0: greedy, fixed length (the same prompt must give the same tokens every time); then
+    seeded sampling and greedy with a repetition penalty, alternating, ``n`` tokens."""
+    if turn == 0:
+        return GenerationConfig(max_new_tokens=48, temperature=0.0)
+    if turn % 2:
+        seed = int(rng.integers(2**31))
+        return GenerationConfig(
+            max_new_tokens=n, temperature=0.8, top_k=40, top_p=0.95, min_p=0.02, repetition_penalty=1.1, seed=seed
+        )
+    return GenerationConfig(max_new_tokens=n, temperature=0.0, repetition_penalty=1.05)
 
-    greedy_first: dict[int, tuple[int, ...]] = {}  # first greedy turn per question: must repeat exactly
-    stats = {
-        "cycles": 0,
-        "turns": 0,
-        "tokens": 0,
-        "reused_tokens": 0,
-        "resets": 0,
-        "max_reset_diff": 0.0,
-        "unclean_resets": 0,
-        "greedy_mismatches": 0,
-    }
-    samples: list[tuple[float, float]] = []
-    baseline: float | None = None
-    start = time.perf_counter()
-    next_report = 0.0
 
-    def reset_and_check() -> None:
-        generator.reset()
-        got = probe_logits(engine, probe)
-        diff = float(np.max(np.abs(got - reference))) if got.shape == reference.shape else float("inf")
+class Soak:
+    """Conversations on one engine; ``stats`` counts them, their resets and what went wrong."""
+
+    def __init__(self, artifact_dir: Path, tolerance: float) -> None:
+        loaded = open_artifact(artifact_dir)
+        self.tok, self.engine = loaded.tokenizer, loaded.engine
+        self.context = self.engine.capabilities.max_context
+        self.probe = self.tok.encode(PROBE_TEXT)
+        self.reference = probe_logits(open_artifact(artifact_dir).engine, self.probe)  # a freshly opened engine
+        self.generator = Generator(self.engine, self.tok)
+        self.rng = np.random.default_rng(0)
+        self.tolerance = tolerance
+        self.greedy_first: dict[int, tuple[int, ...]] = {}  # first greedy turn per question: must repeat exactly
+        self.stats = dict.fromkeys(("cycles", "turns", "tokens", "reused_tokens", "resets"), 0)
+        self.stats |= {"max_reset_diff": 0.0, "unclean_resets": 0, "greedy_mismatches": 0}
+
+    def reset_and_check(self) -> None:
+        stats = self.stats
+        self.generator.reset()
+        got = probe_logits(self.engine, self.probe)
+        diff = float(np.max(np.abs(got - self.reference))) if got.shape == self.reference.shape else float("inf")
         stats["resets"] += 1
         stats["max_reset_diff"] = max(stats["max_reset_diff"], diff)
-        if diff > tolerance:
+        if diff > self.tolerance:
             stats["unclean_resets"] += 1
-            print(f"UNCLEAN reset #{stats['resets']}: max |logit diff| {diff:.3g} > {tolerance:g}", file=sys.stderr)
+            print(
+                f"UNCLEAN reset #{stats['resets']}: max |logit diff| {diff:.3g} > {self.tolerance:g}", file=sys.stderr
+            )
 
-    while True:
-        elapsed = time.perf_counter() - start
-        if baseline is not None and elapsed >= seconds:
-            break
-        reset_and_check()
+    def conversation(self) -> None:
+        """A reset, then turns until the context is full."""
+        stats = self.stats
+        self.reset_and_check()
         q = stats["cycles"] % len(QUESTIONS)
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[q]}]
         turn = 0
         while True:
-            ids = tok.apply_chat_template_ids(messages)
-            n = int(rng.integers(32, 65))
-            if len(ids) + n > context:
+            ids = self.tok.apply_chat_template_ids(messages)
+            n = int(self.rng.integers(32, 65))
+            if len(ids) + n > self.context:
                 break  # context full: start a new conversation (reset)
-            if turn == 0:  # greedy, fixed length: the same prompt must give the same tokens every time
-                config = GenerationConfig(max_new_tokens=48, temperature=0.0)
-            elif turn % 2:
-                config = GenerationConfig(
-                    max_new_tokens=n,
-                    temperature=0.8,
-                    top_k=40,
-                    top_p=0.95,
-                    min_p=0.02,
-                    repetition_penalty=1.1,
-                    seed=int(rng.integers(2**31)),
-                )
-            else:
-                config = GenerationConfig(max_new_tokens=n, temperature=0.0, repetition_penalty=1.05)
-            result = generator.generate_text(ids, config)
+            result = self.generator.generate_text(ids, turn_config(turn, n, self.rng))
             if turn == 0:
-                first = greedy_first.setdefault(q, result.token_ids)
+                first = self.greedy_first.setdefault(q, result.token_ids)
                 if result.token_ids != first:
                     stats["greedy_mismatches"] += 1
                     print(f"greedy output for question {q} changed between conversations", file=sys.stderr)
@@ -144,18 +130,26 @@ def soak(artifact_dir: Path, seconds: float, tolerance: float, report_every: flo
             ]
             turn += 1
         stats["cycles"] += 1
+
+
+def soak(artifact_dir: Path, seconds: float, tolerance: float, report_every: float, warmup_cycles: int) -> dict:
+    run = Soak(artifact_dir, tolerance)
+    stats = run.stats
+    t0 = time.perf_counter()
+    run.conversation()  # at least one
+    while stats["cycles"] < warmup_cycles:
+        run.conversation()
+    now = time.perf_counter() - t0
+    baseline = rss_mib()
+    samples: list[tuple[float, float]] = [(0.0, baseline)]
+    start_tokens = stats["tokens"]
+    print(f"[{now:6.1f} s] warm-up done after {stats['cycles']} conversations: RSS {baseline:.1f} MiB", flush=True)
+    start = time.perf_counter()  # the measured period starts now
+    next_report = report_every
+    while time.perf_counter() - start < seconds:
+        run.conversation()
         now = time.perf_counter() - start
-        if baseline is None and stats["cycles"] >= warmup_cycles:
-            baseline = rss_mib()
-            samples.append((0.0, baseline))
-            start_tokens = stats["tokens"]
-            print(
-                f"[{now:6.1f} s] warm-up done after {stats['cycles']} conversations: RSS {baseline:.1f} MiB", flush=True
-            )
-            start = time.perf_counter()  # the measured period starts now
-            next_report = report_every
-            continue
-        if baseline is not None and now >= next_report:
+        if now >= next_report:
             rss = rss_mib()
             samples.append((now, rss))
             print(
@@ -168,7 +162,6 @@ def soak(artifact_dir: Path, seconds: float, tolerance: float, report_every: flo
     end_rss = rss_mib()
     measured = time.perf_counter() - start
     samples.append((measured, end_rss))
-    assert baseline is not None
     return {
         **stats,
         "seconds": measured,
@@ -213,7 +206,7 @@ def main() -> int:
         f"{report['rss_end_mib']:.1f} MiB (growth {report['rss_growth_mib']:+.1f} MiB, max {report['rss_max_mib']:.1f})"
     )
     if args.json_out:
-        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
+        harness.write_json(args.json_out, report)
     for failure in failures:
         print(f"FAIL: {failure}", file=sys.stderr)
     return 1 if failures else 0
