@@ -133,7 +133,8 @@ def test_quantized_weights_stay_compressed_in_the_compiled_model(case: str, quan
 @pytest.mark.parametrize("case", list(QUANT_CASES))
 def test_weights_decompress_in_f16_with_f16_scales(case: str, quantized) -> None:
     """NNCF's form: Convert(codes -> f16) [- zp] * f16 scales -> Convert(f32); no f32 chain left."""
-    from qwen_export.targets.openvino.engine import MODEL_XML, _decompression_chain
+    from qwen_export.targets.openvino.engine import MODEL_XML
+    from qwen_export.targets.openvino.lowering import _decompression_chain
 
     model = ov.Core().read_model(quantized(case, "openvino") / MODEL_XML)
     halves = 0

@@ -49,7 +49,7 @@ class OpenVINOTarget:
 
     def emit(self, model: Any, out: Path, job: EmitJob) -> dict[str, Any]:
         """openvino_model.xml/.bin, the tokenizer IR for openvino-genai and the model's config.json."""
-        from qwen_export.targets.openvino import engine as ov_target
+        from qwen_export.targets.openvino import lowering as ov_target
 
         ov_target.emit(model, out, progress=job.progress, message=job.message, fp16_weights=job.dtype is DType.FP16)
         io = ov_target.io_signature(out)
