@@ -18,6 +18,11 @@ from onnx import numpy_helper as onh
 
 from qwen_export.onnx_writer import write_onnx
 from qwen_export.quant.algorithms import awq_scales, clip_search, input_importance, quantize
+from qwen_export.quant.contrib import (
+    gather_block_quantized_initializers,
+    matmulnbits_initializers,
+    tied_embedding_initializers,
+)
 from qwen_export.quant.numeric import (
     BlockQuantized,
     dequantize,
@@ -32,13 +37,7 @@ from qwen_export.quant.numeric import (
     unpack_onnx_int4,
 )
 from qwen_export.quant.scheme import QuantAlgorithm
-from qwen_export.quant.tensors import (
-    QuantizedPartTensor,
-    dequantize_linear_initializers,
-    gather_block_quantized_initializers,
-    matmulnbits_initializers,
-    tied_embedding_initializers,
-)
+from qwen_export.quant.tensors import QuantizedPartTensor, dequantize_linear_initializers
 
 BITS_SYM = [(4, True), (4, False), (8, True), (8, False)]
 

@@ -15,14 +15,10 @@ from qwen_export.errors import OptionError
 from qwen_export.passes.base import op_histogram
 from qwen_export.passes.quantize import QuantizeWeights
 from qwen_export.quant.algorithms import awq_scales, clip_search, default_clip_grid, quantize
+from qwen_export.quant.contrib import matmulnbits_initializers, tied_embedding_initializers
 from qwen_export.quant.numeric import BlockQuantized, dequantize, expand_blocks, quantize_rtn
 from qwen_export.quant.scheme import QuantAlgorithm, QuantScheme, WeightFormat
-from qwen_export.quant.tensors import (
-    StoredQuantization,
-    dequantize_linear_initializers,
-    matmulnbits_initializers,
-    tied_embedding_initializers,
-)
+from qwen_export.quant.tensors import StoredQuantization, dequantize_linear_initializers
 from qwen_export.targets.onnxruntime.matmulnbits import MatMulNBitsLowering
 
 
