@@ -66,3 +66,8 @@ def io_signature(model: ir.Model) -> dict[str, dict[str, Any]]:
         }
 
     return {"inputs": describe(model.graph.inputs), "outputs": describe(model.graph.outputs)}
+
+
+def qualified_op(domain: str, op_type: str) -> str:
+    """``op_type``, or ``domain::op_type`` outside the default domain (how op histograms name ops)."""
+    return op_type if domain in ("", "ai.onnx") else f"{domain}::{op_type}"

@@ -21,7 +21,7 @@ past buffers are [B, KV, capacity, D]; the new keys/values are scattered at ``ca
 (the same columns for every row) and attention reads the first ``attention_mask.shape[1]``
 columns, with the query heads of each KV head stacked so no key/value is repeated per head.
 
-Forward signature (canonical IO, DESIGN.md §4)::
+Forward signature (canonical IO, docs/architecture.md)::
 
     input_ids [B, S] int64, attention_mask [B, P+S] int64, position_ids [B, S] int64,
     past [2*L tensors: key_i, value_i, each [B, KV, P, D]]

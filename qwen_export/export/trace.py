@@ -1,4 +1,5 @@
-"""Trace the export-oriented decoder to an ONNX IR model with the canonical IO (DESIGN.md §4).
+"""Trace the export-oriented decoder to an ONNX IR model with the canonical IO
+(docs/architecture.md, "Canonical IO").
 
 The module is built on the ``meta`` device and traced with ``torch.onnx.export(dynamo=True)``: the
 tracer sees shapes and dtypes only, so tracing a 72B model costs no more memory than a 0.5B one.

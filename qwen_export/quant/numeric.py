@@ -392,12 +392,6 @@ def gather_block_quantized_attributes(q: BlockQuantized) -> dict[str, int]:
     return {"bits": q.bits, "block_size": q.block_size, "gather_axis": 0, "quantize_axis": 1}
 
 
-def matmulnbits_attributes(q: BlockQuantized, accuracy_level: int = 0) -> dict[str, int]:
-    """The attributes of the MatMulNBits node for :func:`pack_matmulnbits`."""
-    k, n = _check_2d(q, 0, "MatMulNBits")
-    return {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size, "accuracy_level": accuracy_level}
-
-
 def transpose_blocks(q: BlockQuantized) -> BlockQuantized:
     """The same quantization seen transposed (2-D): an embedding [V, H] along axis 1 becomes the tied
     lm_head weight [K=H, N=V] along axis 0 (codes, scales and zero points transposed, no requantizing)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_export.artifact import Manifest
+from qwen_export.onnx_writer import qualified_op
 
 
 def describe(artifact: str | Path, manifest: Manifest) -> dict[str, Any]:
@@ -24,9 +25,7 @@ def describe(artifact: str | Path, manifest: Manifest) -> dict[str, Any]:
     model_file = root / "model.onnx"
     if model_file.is_file():
         model = onnx.load(str(model_file), load_external_data=False)
-        ops = Counter(
-            (f"{n.domain}::" if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in model.graph.node
-        )
+        ops = Counter(qualified_op(n.domain, n.op_type) for n in model.graph.node)
         info["ops"] = dict(ops.most_common())
         info["nodes"] = sum(ops.values())
         info["initializers"] = len(model.graph.initializer)

@@ -263,11 +263,6 @@ class Constraint:
             )
 
     @property
-    def accepting(self) -> bool:
-        """The text so far is a complete document (it may still be extended, e.g. a number)."""
-        return bool(self._matcher.is_accepting())
-
-    @property
     def done(self) -> bool:
         """The document is complete and nothing but eos may follow."""
         return bool(self._matcher.is_stopped()) and not self._matcher.is_error()

@@ -1,4 +1,4 @@
-"""The Engine protocol every target implements (DESIGN.md §6).
+"""The Engine protocol every target implements (docs/architecture.md, "Engines").
 
 An engine owns its KV cache. ``forward`` appends the given tokens to it and returns logits;
 generation, chat templates and tool calls sit above and never know which engine runs.
