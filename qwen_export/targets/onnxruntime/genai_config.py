@@ -67,43 +67,13 @@ def genai_config(
         raise ArtifactError("genai_config.json needs at least one eos token id; the checkpoint names none")
     if max_length < 1:
         raise ArtifactError(f"genai_config.json: max_length must be positive, got {max_length}")
-    layers = range(spec.num_hidden_layers)
-    needed_inputs = ["input_ids", "attention_mask"] + [p % i for i in layers for p in (PAST_KEY, PAST_VALUE)]
-    needed_outputs = ["logits"] + [p % i for i in layers for p in (PRESENT_KEY, PRESENT_VALUE)]
-    missing = [n for n in needed_inputs if n not in input_names] + [n for n in needed_outputs if n not in output_names]
-    if missing:
-        raise ArtifactError(f"cannot write genai_config.json: the graph has no {', '.join(missing[:4])}")
-    known_inputs = set(needed_inputs) | {"position_ids"}
-    extra = sorted(set(input_names) - known_inputs)
-    if extra:
-        raise ArtifactError(f"cannot write genai_config.json: genai would not feed graph input(s) {extra}")
-
+    _check_graph_io(spec, input_names, output_names)
     inputs: dict[str, str] = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
     if "position_ids" in input_names:
         inputs["position_ids"] = "position_ids"
     inputs.update(past_key_names=PAST_KEY, past_value_names=PAST_VALUE)
 
-    gen = dict(generation or {})
-    search: dict[str, Any] = {
-        "diversity_penalty": 0.0,
-        "do_sample": False,
-        "early_stopping": True,
-        "length_penalty": 1.0,
-        "max_length": int(max_length),
-        "min_length": 0,
-        "no_repeat_ngram_size": 0,
-        "num_beams": 1,
-        "num_return_sequences": 1,
-        "past_present_share_buffer": bool(kv_layout_shared),
-        "repetition_penalty": 1.0,
-        "temperature": 1.0,
-        "top_k": 50,
-        "top_p": 1.0,
-    }
-    for key, kind in _SEARCH_KEYS.items():
-        value = gen.get(key)
-        if isinstance(value, (int, float)) and not (isinstance(value, bool) and kind is not bool):
-            search[key] = kind(value)
+    search = _search(generation or {}, max_length, kv_layout_shared)
     return {
         "model": {
             "bos_token_id": int(bos_token_id) if bos_token_id is not None else eos[0],
@@ -126,6 +96,46 @@ def genai_config(
         },
         "search": search,
     }
+
+
+def _check_graph_io(spec: ModelSpec, input_names: Collection[str], output_names: Collection[str]) -> None:
+    """The graph has every tensor genai feeds and reads, and no input genai would not feed."""
+    layers = range(spec.num_hidden_layers)
+    needed_inputs = ["input_ids", "attention_mask"] + [p % i for i in layers for p in (PAST_KEY, PAST_VALUE)]
+    needed_outputs = ["logits"] + [p % i for i in layers for p in (PRESENT_KEY, PRESENT_VALUE)]
+    missing = [n for n in needed_inputs if n not in input_names] + [n for n in needed_outputs if n not in output_names]
+    if missing:
+        raise ArtifactError(f"cannot write genai_config.json: the graph has no {', '.join(missing[:4])}")
+    known_inputs = set(needed_inputs) | {"position_ids"}
+    extra = sorted(set(input_names) - known_inputs)
+    if extra:
+        raise ArtifactError(f"cannot write genai_config.json: genai would not feed graph input(s) {extra}")
+
+
+def _search(generation: Mapping[str, Any], max_length: int, kv_layout_shared: bool) -> dict[str, Any]:
+    """genai's ``search`` section: its defaults, with generation_config.json's sampling values."""
+    gen = dict(generation or {})
+    search: dict[str, Any] = {
+        "diversity_penalty": 0.0,
+        "do_sample": False,
+        "early_stopping": True,
+        "length_penalty": 1.0,
+        "max_length": int(max_length),
+        "min_length": 0,
+        "no_repeat_ngram_size": 0,
+        "num_beams": 1,
+        "num_return_sequences": 1,
+        "past_present_share_buffer": bool(kv_layout_shared),
+        "repetition_penalty": 1.0,
+        "temperature": 1.0,
+        "top_k": 50,
+        "top_p": 1.0,
+    }
+    for key, kind in _SEARCH_KEYS.items():
+        value = gen.get(key)
+        if isinstance(value, (int, float)) and not (isinstance(value, bool) and kind is not bool):
+            search[key] = kind(value)
+    return search
 
 
 def write_genai_config(
