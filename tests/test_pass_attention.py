@@ -181,8 +181,10 @@ def test_non_causal_attention_does_not_fuse(request) -> None:
     assert "mask is not causal" in explain.getvalue()
     with pytest.raises(FusionError, match="fused 0 attentions, expected 2"):
         AttentionFusion(strict_expected=2)(model)
+    with pytest.raises(FusionError, match="kv_io pass needs com.microsoft::GroupQueryAttention in the graph"):
+        SharedKVBuffer(2)(model)  # its precondition: an earlier pass fused attention
     with pytest.raises(FusionError, match="cannot share the KV buffers"):
-        SharedKVBuffer(2)(model)
+        SharedKVBuffer(2).call(model)  # the pass body alone (no pre/postconditions)
     assert SharedKVBuffer(2, strict=False)(model).changed is False
 
 

@@ -47,15 +47,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from qwen_export.passes.base import (
-    MS_DOMAIN,
-    FusionError,
-    PassResult,
-    constant_array,
-    explain_to,
-    op_histogram,
-    require_count,
-)
+from qwen_export.passes.base import MS_DOMAIN, FusionError, GraphPass, constant_array
 
 RULE = "group_query_attention"
 
@@ -380,7 +372,7 @@ class _AttentionRule(pattern.RewriteRuleClassBase):
         return op.Reshape(y, flat)
 
 
-class AttentionFusion:
+class AttentionFusion(GraphPass):
     """Fuse each layer's attention into ``GroupQueryAttention`` (ONNX Runtime lowering).
 
     ``strict_expected``: minimum number of fused attentions (the layer count); ``explain``: a
@@ -388,14 +380,14 @@ class AttentionFusion:
     """
 
     name = "attention"
+    counted = (RULE, "attentions")
     requires_ops = ("com.microsoft::RotaryEmbedding",)
 
     def __init__(self, strict_expected: int | None = None, explain: Any = None) -> None:
         self.strict_expected = strict_expected
         self.explain = explain
 
-    def __call__(self, model: ir.Model) -> PassResult:
-        before = op_histogram(model)
+    def rewrite(self, model: ir.Model) -> dict[str, int]:
         inputs = {v.name: v for v in model.graph.inputs}
         if "input_ids" not in inputs:
             raise FusionError("attention fusion needs the input_ids graph input")
@@ -409,9 +401,7 @@ class AttentionFusion:
                 for c in (False, True)
             ]
         )
-        fired = explain_to(self.explain, self.name, lambda tracer: rules.apply_to_model(model, tracer=tracer))
+        fired = self.apply_rules(model, rules)
         if fired:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
-        require_count(self.name, "attentions", fired, self.strict_expected, "qwen_export/passes/attention.py")
-        after = op_histogram(model)
-        return PassResult(self.name, before != after, {RULE: fired}, sum(before.values()), sum(after.values()))
+        return {RULE: fired}

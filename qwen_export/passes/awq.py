@@ -25,13 +25,14 @@ clip search with :attr:`AWQScaling.importance`).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from qwen_export.passes.base import PassResult, op_histogram
+from qwen_export.passes.base import GraphPass
 from qwen_export.quant.algorithms import awq_scales, input_importance
 from qwen_export.quant.scheme import Keep, QuantScheme
 
@@ -68,7 +69,7 @@ class ScaledTensor(ir.LazyTensor):
         return ir.tensor(np.ascontiguousarray(array, dtype=self.dtype.numpy()), dtype=self.dtype, name=self.name)
 
 
-class AWQScaling:
+class AWQScaling(GraphPass):
     """Fold AWQ scales into the weights (see the module docstring).
 
     ``stats``: :func:`~qwen_export.export.calibration.collect_activation_stats`' result. After a
@@ -77,6 +78,7 @@ class AWQScaling:
     the importance-weighted clip search needs)."""
 
     name = "awq"
+    explain_heading = "skipped"
 
     def __init__(
         self,
@@ -92,8 +94,7 @@ class AWQScaling:
         self.importance: dict[str, np.ndarray] = {}
         self.skipped: dict[str, str] = {}
 
-    def __call__(self, model: Any) -> PassResult:
-        before = op_histogram(model)
+    def rewrite(self, model: Any) -> dict[str, int]:
         inits = model.graph.initializers
         self.scales.clear()
         self.importance.clear()
@@ -120,17 +121,13 @@ class AWQScaling:
             else:
                 fired["lm_head"] += self._group(inits, "lm_head", ["lm_head.weight_t"], [("model.norm.weight", 0)])
         fired["skipped"] = len(self.skipped)
-        if self.explain is not None:
-            lines = [f"{name}: {why}" for name, why in self.skipped.items()]
-            self.explain.write(f"--- {self.name}: {fired}; skipped:\n{chr(10).join(lines) or '(none)'}\n")
-        after = op_histogram(model)
-        return PassResult(
-            name=self.name,
-            changed=bool(self.scales),
-            fired=fired,
-            nodes_before=sum(before.values()),
-            nodes_after=sum(after.values()),
-        )
+        return fired
+
+    def modified(self, before: Counter[str], after: Counter[str]) -> bool:
+        return bool(self.scales)  # the initializers' data changed, not the graph
+
+    def left_alone(self) -> list[str]:
+        return [f"{name}: {why}" for name, why in self.skipped.items()]
 
     def _why_not(self, inits: Any, group: str, weights: Sequence[str], folds: Sequence[tuple[str, int]]) -> str | None:
         if group not in self.stats:

@@ -12,26 +12,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from qwen_export.passes.base import PassResult, op_histogram
+from qwen_export.passes.base import GraphPass, op_histogram
 
 #: Tensors larger than this (elements) are never read by constant folding.
 FOLD_SIZE_LIMIT = 8192
 
 
-class CleanupPass:
+class CleanupPass(GraphPass):
+    """Fold, deduplicate and remove dead code; counts ``removed:<op>`` per op type."""
+
     name = "cleanup"
 
-    def __call__(self, model: Any) -> PassResult:
+    def rewrite(self, model: Any) -> dict[str, int]:
         import onnxscript.optimizer
 
         before = op_histogram(model)
         onnxscript.optimizer.optimize_ir(model, input_size_limit=FOLD_SIZE_LIMIT, output_size_limit=FOLD_SIZE_LIMIT)
         after = op_histogram(model)
-        removed = {op: before[op] - after.get(op, 0) for op in before if before[op] > after.get(op, 0)}
-        return PassResult(
-            name=self.name,
-            changed=before != after,
-            fired={f"removed:{op}": n for op, n in sorted(removed.items())},
-            nodes_before=sum(before.values()),
-            nodes_after=sum(after.values()),
-        )
+        return {f"removed:{op}": before[op] - after[op] for op in sorted(before) if before[op] > after[op]}

@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qwen_export.export.trace import CHUNK_BYTES
-from qwen_export.passes.base import MS_DOMAIN, PassResult, op_histogram, require_count
+from qwen_export.passes.base import MS_DOMAIN, GraphPass
 
 QKV_RULE = "packed_qkv"
 GQA_RULE = "packed_qkv_gqa"
@@ -364,16 +364,10 @@ def _feed_gqa_all(graph: ir.Graph, misses: list[str]) -> int:
     return fired
 
 
-def _explain(stream: Any, name: str, fired: int, misses: list[str]) -> None:
-    """Write the same report as :func:`~qwen_export.passes.base.explain_to` for a graph walk."""
-    if stream is not None:
-        stream.write(f"--- {name}: fired {fired} time(s); nearest misses left:\n{chr(10).join(misses) or '(none)'}\n")
-
-
 # --- the pass --------------------------------------------------------------------------------------
 
 
-class PackedQKVFusion:
+class PackedQKVFusion(GraphPass):
     """Pack each layer's q/k/v projections into one MatMul (+ Add) and a Split.
 
     ``strict_expected``: raise :class:`~qwen_export.passes.base.FusionError` when fewer than this
@@ -384,33 +378,19 @@ class PackedQKVFusion:
     """
 
     name = "packed_qkv"
+    counted = (QKV_RULE, "q/k/v projection triples")
 
     def __init__(self, strict_expected: int | None = None, gqa: bool = True, explain: Any = None) -> None:
         self.strict_expected = strict_expected
         self.gqa = gqa
         self.explain = explain
 
-    def __call__(self, model: Any) -> PassResult:
-        before = op_histogram(model)
+    def rewrite(self, model: Any) -> dict[str, int]:
         misses: list[str] = []
         fired = {QKV_RULE: _pack_all(model.graph, misses)}
-        _explain(self.explain, self.name, fired[QKV_RULE], misses)
+        self.report_misses(fired[QKV_RULE], misses)
         if self.gqa:
             misses = []
             fired[GQA_RULE] = _feed_gqa_all(model.graph, misses)
-            _explain(self.explain, f"{self.name}/gqa", fired[GQA_RULE], misses)
-        after = op_histogram(model)
-        require_count(
-            self.name,
-            "q/k/v projection triples",
-            fired[QKV_RULE],
-            self.strict_expected,
-            "qwen_export/passes/packed_qkv.py",
-        )
-        return PassResult(
-            name=self.name,
-            changed=before != after,
-            fired=fired,
-            nodes_before=sum(before.values()),
-            nodes_after=sum(after.values()),
-        )
+            self.report_misses(fired[GQA_RULE], misses, "gqa")
+        return fired

@@ -58,7 +58,7 @@ from typing import Any
 import onnx_ir as ir
 
 from qwen_export.errors import OptionError
-from qwen_export.passes.base import PassResult, op_histogram
+from qwen_export.passes.base import GraphPass
 from qwen_export.quant.scheme import Keep, QuantAlgorithm, QuantScheme
 
 LINEAR_RULE = "linear"
@@ -86,12 +86,6 @@ class WeightQuant:
     symmetric: bool
     algorithm: QuantAlgorithm
     positive_scales: bool = False
-
-    @property
-    def code_type(self) -> ir.DataType:
-        if self.bits == 4:
-            return ir.DataType.INT4 if self.symmetric else ir.DataType.UINT4
-        return ir.DataType.INT8 if self.symmetric else ir.DataType.UINT8
 
 
 def check_scheme(scheme: QuantScheme, num_layers: int | None = None) -> None:
@@ -251,7 +245,7 @@ def _dequantize(
 # --- the pass ----------------------------------------------------------------------------------------
 
 
-class QuantizeWeights:
+class QuantizeWeights(GraphPass):
     """Replace linear weights and the embedding by lazily quantized ``DequantizeLinear`` inputs.
 
     ``scheme``: what to quantize and how; ``num_layers``: the model's layer count (checks
@@ -261,6 +255,7 @@ class QuantizeWeights:
     """
 
     name = "quantize"
+    explain_heading = "left alone"
 
     def __init__(
         self,
@@ -300,8 +295,7 @@ class QuantizeWeights:
             return f"{what}={length} is not a multiple of the block size {s.block_size}"
         return None
 
-    def __call__(self, model: Any) -> PassResult:
-        before = op_histogram(model)
+    def rewrite(self, model: Any) -> dict[str, int]:
         graph = model.graph
         self.kept.clear()
         self.requantized.clear()
@@ -343,18 +337,11 @@ class QuantizeWeights:
         fired[KEPT] = len(self.kept)
         if seen_stored:
             fired.update(stored_counts)
-        if self.explain is not None:
-            lines = [f"{name}: kept ({why})" for name, why in self.kept.items()]
-            lines += [f"{name}: requantized ({why})" for name, why in self.requantized.items()]
-            self.explain.write(f"--- {self.name}: {fired}; left alone:\n{chr(10).join(lines) or '(none)'}\n")
-        after = op_histogram(model)
-        return PassResult(
-            name=self.name,
-            changed=before != after,
-            fired=fired,
-            nodes_before=sum(before.values()),
-            nodes_after=sum(after.values()),
-        )
+        return fired
+
+    def left_alone(self) -> list[str]:
+        lines = [f"{name}: kept ({why})" for name, why in self.kept.items()]
+        return lines + [f"{name}: requantized ({why})" for name, why in self.requantized.items()]
 
     @staticmethod
     def _linear_weights(graph: ir.Graph, misses: list[str]) -> list[ir.Value]:

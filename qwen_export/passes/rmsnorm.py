@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from qwen_export.passes.base import MS_DOMAIN, FusionError, PassResult, explain_to, op_histogram, require_count
+from qwen_export.passes.base import MS_DOMAIN, FusionError, GraphPass
 
 __all__ = ["RMS_RULE", "SKIP_RULE", "FusionError", "RMSNormFusion"]
 
@@ -142,7 +142,7 @@ def _skip_rules() -> pattern.RewriteRuleSet:
     return pattern.RewriteRuleSet([_SkipRMSNormRule.rule(SKIP_RULE)], commute=True)
 
 
-class RMSNormFusion:
+class RMSNormFusion(GraphPass):
     """Fuse RMSNorm into ``SimplifiedLayerNormalization`` (and residual Adds into the Skip variant).
 
     ``strict_expected``: raise :class:`FusionError` when fewer RMSNorms than this were fused (the
@@ -151,28 +151,17 @@ class RMSNormFusion:
     """
 
     name = "rmsnorm"
+    counted = (RMS_RULE, "RMSNorms")
 
     def __init__(self, strict_expected: int | None = None, skip: bool = True, explain: Any = None) -> None:
         self.strict_expected = strict_expected
         self.skip = skip
         self.explain = explain
 
-    def __call__(self, model: Any) -> PassResult:
-        before = op_histogram(model)
-        rms = explain_to(self.explain, self.name, lambda tracer: _rms_rules().apply_to_model(model, tracer=tracer))
-        fired = {RMS_RULE: rms}
-        if self.skip and rms:
-            fired[SKIP_RULE] = explain_to(
-                self.explain, f"{self.name}/skip", lambda tracer: _skip_rules().apply_to_model(model, tracer=tracer)
-            )
+    def rewrite(self, model: Any) -> dict[str, int]:
+        fired = {RMS_RULE: self.apply_rules(model, _rms_rules())}
+        if self.skip and fired[RMS_RULE]:
+            fired[SKIP_RULE] = self.apply_rules(model, _skip_rules(), "skip")
             if fired[SKIP_RULE]:
                 model.opset_imports.setdefault(MS_DOMAIN, 1)
-        after = op_histogram(model)
-        require_count(self.name, "RMSNorms", rms, self.strict_expected, "qwen_export/passes/rmsnorm.py")
-        return PassResult(
-            name=self.name,
-            changed=before != after,
-            fired=fired,
-            nodes_before=sum(before.values()),
-            nodes_after=sum(after.values()),
-        )
+        return fired

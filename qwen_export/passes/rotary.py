@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from qwen_export.passes.base import MS_DOMAIN, PassResult, constant_array, explain_to, op_histogram, require_count
+from qwen_export.passes.base import MS_DOMAIN, GraphPass, constant_array
 
 RULE = "rotary"
 COS_CACHE, SIN_CACHE = "rotary.cos_cache", "rotary.sin_cache"
@@ -192,7 +192,7 @@ def _slice_range(value: ir.Value, d: int) -> tuple[int, int] | None:
     return max(0, start if start >= 0 else d + start), min(d, end if end >= 0 else d + end)
 
 
-class RotaryFusion:
+class RotaryFusion(GraphPass):
     """Replace each recognised rotary with ``com.microsoft::RotaryEmbedding`` (tables as initializers).
 
     ``inv_freq``/``scale``: the model's tables (:meth:`ModelSpec.rope_inv_freq_and_scale`);
@@ -201,6 +201,7 @@ class RotaryFusion:
     """
 
     name = "rotary"
+    counted = (RULE, "rotary embeddings")
 
     def __init__(
         self,
@@ -214,14 +215,11 @@ class RotaryFusion:
         self.strict_expected = strict_expected
         self.explain = explain
 
-    def __call__(self, model: ir.Model) -> PassResult:
-        before = op_histogram(model)
+    def rewrite(self, model: ir.Model) -> dict[str, int]:
         rules = pattern.RewriteRuleSet(
             [_RotaryRule.rule(RULE, self.inv_freq, self.scale, self.max_length)], commute=True
         )
-        fired = explain_to(self.explain, self.name, lambda tracer: rules.apply_to_model(model, tracer=tracer))
+        fired = self.apply_rules(model, rules)
         if fired:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
-        require_count(self.name, "rotary embeddings", fired, self.strict_expected, "qwen_export/passes/rotary.py")
-        after = op_histogram(model)
-        return PassResult(self.name, before != after, {RULE: fired}, sum(before.values()), sum(after.values()))
+        return {RULE: fired}

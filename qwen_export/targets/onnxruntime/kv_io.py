@@ -15,9 +15,11 @@ the pass then changes nothing and, in strict mode, raises :class:`FusionError`.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import onnx_ir as ir
 
-from qwen_export.passes.base import MS_DOMAIN, FusionError, PassResult, op_histogram
+from qwen_export.passes.base import MS_DOMAIN, FusionError, GraphPass
 
 RULE = "shared_kv_buffer"
 CAPACITY_DIM = "max_sequence_length"
@@ -48,7 +50,7 @@ def _with_capacity(shape: ir.Shape | None) -> ir.Shape | None:
     return ir.Shape([shape[0], shape[1], CAPACITY_DIM, shape[3]])
 
 
-class SharedKVBuffer:
+class SharedKVBuffer(GraphPass):
     """Rewrite the KV IO for one shared past/present buffer per layer (ONNX Runtime, after GQA).
 
     ``layers``: the model's layer count; ``strict``: raise when the graph cannot share buffers.
@@ -60,20 +62,24 @@ class SharedKVBuffer:
     def __init__(self, layers: int, strict: bool = True) -> None:
         self.layers = layers
         self.strict = strict
+        self.shared = False  # after a call: whether the buffers are shared (the IO was rewritten)
 
-    def __call__(self, model: ir.Model) -> PassResult:
-        before = op_histogram(model)
+    def rewrite(self, model: ir.Model) -> dict[str, int]:
+        self.shared = False
         pairs = _gqa_pairs(model, self.layers)
         if isinstance(pairs, str):
             if self.strict:
                 raise FusionError(f"cannot share the KV buffers: {pairs}; export with --no-fuse or --no-strict")
-            return PassResult(self.name, False, {RULE: 0}, sum(before.values()), sum(before.values()))
+            return {RULE: 0}
+        self.shared = True
         for past, present in pairs:
             past.shape = _with_capacity(past.shape)
             present.shape = _with_capacity(present.shape)
         removed = _drop_unused_inputs(model, ("position_ids",))
-        fired = {RULE: len(pairs) // 2, **{f"removed_input:{n}": 1 for n in removed}}
-        return PassResult(self.name, True, fired, sum(before.values()), sum(op_histogram(model).values()))
+        return {RULE: len(pairs) // 2, **{f"removed_input:{n}": 1 for n in removed}}
+
+    def modified(self, before: Counter[str], after: Counter[str]) -> bool:
+        return self.shared  # the IO changed (shapes, inputs), not the ops
 
 
 def _drop_unused_inputs(model: ir.Model, names: tuple[str, ...]) -> list[str]:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qwen_export.passes.base import MS_DOMAIN, PassResult, op_histogram
+from qwen_export.passes.base import MS_DOMAIN, GraphPass
 from qwen_export.quant.numeric import BlockQuantized, pack_bits_last, pack_matmulnbits
 from qwen_export.quant.tensors import QuantizedPartTensor, SharedQuantization, StoredQuantization
 
@@ -423,7 +423,7 @@ def _use_kind(use: Any, dq: _DQ) -> str | None:
 # --- the pass ----------------------------------------------------------------------------------------
 
 
-class MatMulNBitsLowering:
+class MatMulNBitsLowering(GraphPass):
     """Lower quantized ``DequantizeLinear`` weights to ``MatMulNBits`` / ``GatherBlockQuantized``.
 
     ``accuracy_level``: MatMulNBits' minimum accuracy of the activations (0 unset, 1 fp32, 2 fp16,
@@ -433,28 +433,30 @@ class MatMulNBitsLowering:
 
     name = "matmulnbits"
     requires_ops = ("DequantizeLinear",)
+    explain_heading = "left alone"
 
     def __init__(self, accuracy_level: int = 4, explain: Any = None) -> None:
         if accuracy_level not in range(5):
             raise ValueError(f"accuracy_level must be 0..4, got {accuracy_level}")
         self.accuracy_level = accuracy_level
         self.explain = explain
+        #: after a call: the DequantizeLinear nodes left alone, and why
+        self.misses: list[str] = []
 
-    def __call__(self, model: Any) -> PassResult:
-        before = op_histogram(model)
+    def rewrite(self, model: Any) -> dict[str, int]:
         graph = model.graph
         fired = {MATMUL_RULE: 0, BIAS_RULE: 0, GATHER_RULE: 0, TIED_RULE: 0}
-        misses: list[str] = []
+        self.misses = []
         for node in [n for n in graph if n.op_type == "DequantizeLinear" and _default_domain(n)]:
             dq = match_dequantize(node)
             if isinstance(dq, str):
-                misses.append(f"{node.name}: {dq}")
+                self.misses.append(f"{node.name}: {dq}")
                 continue
             out = node.outputs[0]
             uses = list(out.uses())
             kinds = [_use_kind(u, dq) for u in uses]
             if not uses or None in kinds or out.is_graph_output():
-                misses.append(f"{node.name}: consumers {[u.node.op_type for u in uses]} are not all lowerable")
+                self.misses.append(f"{node.name}: consumers {[u.node.op_type for u in uses]} are not all lowerable")
                 continue
             lowered = _Lowered(graph, dq)
             for use, kind in zip(uses, kinds, strict=True):
@@ -470,13 +472,7 @@ class MatMulNBitsLowering:
                 if not list(value.uses()) and value.name in graph.initializers:
                     del graph.initializers[value.name]
             lowered.finalize()
-        if self.explain is not None:
-            self.explain.write(f"--- {self.name}: {fired}; left alone:\n{chr(10).join(misses) or '(none)'}\n")
-        after = op_histogram(model)
-        return PassResult(
-            name=self.name,
-            changed=before != after,
-            fired=fired,
-            nodes_before=sum(before.values()),
-            nodes_after=sum(after.values()),
-        )
+        return fired
+
+    def left_alone(self) -> list[str]:
+        return self.misses

@@ -45,7 +45,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qwen_export.errors import QwenExportError
-from qwen_export.passes.base import PassResult, constant_array
+from qwen_export.passes.base import GraphPass, constant_array
 
 #: The TensorRT release the table is for, and the opsets its ONNX parser documents.
 TENSORRT_VERSION = "10.15"
@@ -518,18 +518,17 @@ def check_tensorrt_graph(model: ir.Model) -> list[str]:
     return problems
 
 
-class TensorRTCompatibility:
+class TensorRTCompatibility(GraphPass):
     """Check-only pass: raise :class:`TensorRTCompatibilityError` when the graph is not importable
     by TensorRT's ONNX parser; changes nothing."""
 
     name = "tensorrt_compatibility"
 
-    def __call__(self, model: ir.Model) -> PassResult:
+    def rewrite(self, model: ir.Model) -> dict[str, int]:
         problems = check_tensorrt_graph(model)
         if problems:
             raise TensorRTCompatibilityError(
                 f"the graph would be rejected by TensorRT {TENSORRT_VERSION}'s ONNX parser (onnx-tensorrt): "
                 + "; ".join(problems)
             )
-        count = sum(1 for _ in model.graph)
-        return PassResult(name=self.name, changed=False, fired={}, nodes_before=count, nodes_after=count)
+        return {}
