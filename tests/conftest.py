@@ -49,6 +49,20 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"cpu: {cpu_description()}"
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """An xdist worker hands its noise-model headroom to the controller, which prints the summary."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["noise_worst"] = {kind.name: worst for kind, worst in noise.WORST.items()}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    for name, worst in getattr(node, "workeroutput", {}).get("noise_worst", {}).items():
+        kind = noise.Noise[name]
+        noise.WORST[kind] = max(noise.WORST.get(kind, 0.0), worst)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     terminalreporter.write_line(f"cpu: {cpu_description()}")
     terminalreporter.write_line(noise.summary())

@@ -16,13 +16,14 @@ from onnx import TensorProto, helper
 
 from qwen_export.errors import QwenExportError
 from qwen_export.export.checkpoint import Checkpoint
-from qwen_export.export.trace import CheckpointTensor, TraceOptions, bind_weights, output_names, trace
+from qwen_export.export.trace import TraceOptions, bind_weights, output_names, trace
 from qwen_export.onnx_writer import write_onnx
 from qwen_export.passes import packed_qkv
 from qwen_export.passes.base import FusionError, op_histogram
 from qwen_export.passes.cleanup import CleanupPass
 from qwen_export.passes.packed_qkv import GQA_RULE, QKV_RULE, ConcatTensor, PackedQKVFusion
 from qwen_export.spec import DType
+from qwen_export.weights import CheckpointTensor
 
 PROJ = "model.layers.{i}.self_attn.{r}_proj.{kind}"
 

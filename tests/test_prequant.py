@@ -32,7 +32,6 @@ from qwen_export.export import parity
 from qwen_export.export.checkpoint import SINGLE_FILE, Checkpoint
 from qwen_export.export.pipeline import ExportOptions
 from qwen_export.export.pipeline import export as run_export
-from qwen_export.export.trace import CheckpointTensor, _Binding
 from qwen_export.passes.awq import ScaledTensor
 from qwen_export.passes.packed_qkv import ConcatTensor
 from qwen_export.passes.quantize import QuantizeWeights, stored_quantization
@@ -42,6 +41,7 @@ from qwen_export.quant.numeric import unpack_bits_last
 from qwen_export.quant.scheme import Keep, QuantScheme, WeightFormat
 from qwen_export.runtime.loader import open_artifact
 from qwen_export.targets.onnxruntime.matmulnbits import MatMulNBitsLowering
+from qwen_export.weights import CheckpointTensor, _Binding
 
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # awq/modules/linear/gemm.py: order_map
 PROJECTIONS = (

@@ -33,8 +33,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import onnx_ir as ir
 
-from qwen_export.export.trace import CHUNK_BYTES
 from qwen_export.passes.base import MS_DOMAIN, GraphPass
+from qwen_export.weights import CHUNK_BYTES
 
 QKV_RULE = "packed_qkv"
 GQA_RULE = "packed_qkv_gqa"

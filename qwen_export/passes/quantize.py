@@ -35,7 +35,7 @@ multiple of the block size, and any weight of those names that is not where the 
 RTN for the weights the ``awq`` pass left alone).
 
 Pre-quantized checkpoints (AWQ / GPTQ, :mod:`qwen_export.quant.prequant`): a linear weight whose data is
-the float view of a stored quantization (a :class:`~qwen_export.export.trace.CheckpointTensor` of a
+the float view of a stored quantization (a :class:`~qwen_export.weights.CheckpointTensor` of a
 pre-quantized ``<prefix>.weight``, or the packed ``qkv_proj`` :class:`~.packed_qkv.ConcatTensor` of
 three, concatenated along N) keeps the stored codes, scales and zero points (a
 :class:`~qwen_export.quant.tensors.StoredQuantization`: nothing is requantized) when the scheme has
@@ -141,10 +141,10 @@ def stored_quantization(tensor: Any) -> Any:
       values, for a ``*.weight_t`` read from the checkpoint or a packed ``qkv_proj`` of such;
     - a string: why the stored values cannot be used although the weight derives from them.
     """
-    from qwen_export.export.trace import CheckpointTensor
     from qwen_export.passes.awq import ScaledTensor
     from qwen_export.passes.packed_qkv import ConcatTensor
     from qwen_export.quant.prequant import StoredConcat
+    from qwen_export.weights import CheckpointTensor
 
     if isinstance(tensor, CheckpointTensor):
         lookup = getattr(tensor.source, "stored_quantization", None)

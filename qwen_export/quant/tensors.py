@@ -2,7 +2,7 @@
 
 A quantized weight becomes two or three initializers (codes, scales, zero points) derived from one
 quantization of one source tensor (anything with ``.numpy()``: a
-:class:`~qwen_export.export.trace.CheckpointTensor`, a :class:`~qwen_export.passes.packed_qkv.ConcatTensor`,
+:class:`~qwen_export.weights.CheckpointTensor`, a :class:`~qwen_export.passes.packed_qkv.ConcatTensor`,
 an ``ir.Tensor``). They share a :class:`SharedQuantization`: the first part read reads the source
 and quantizes it once, computing every part's array; each part's array is dropped as soon as that
 part has been read, so after the codes were written only the (small) scales and zero points are
