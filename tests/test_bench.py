@@ -12,6 +12,7 @@ from test_cli import _one_line_error, invoke
 
 from qwen_export.errors import OptionError
 from qwen_export.runtime import bench as bench_mod
+from qwen_export.runtime import bench_run
 from qwen_export.targets.base import EngineCapabilities
 
 FAST = ("--new-tokens", "3", "--repeats", "1", "--warmup", "0")
@@ -86,6 +87,33 @@ def test_sweep_lengths_and_kv_bytes() -> None:
     spec = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
     assert bench_mod.kv_bytes_per_token(spec, "fp32") == 2 * 2 * 2 * 16 * 4
     assert bench_mod.kv_bytes_per_token(spec, "fp16") == 2 * 2 * 2 * 16 * 2
+
+
+def test_bench_run_settings_plan_and_report() -> None:
+    """The bench orchestration without the CLI: settings from option values, a sweep planned from the
+    smallest context, a report whose JSON has ratios against the first artifact and no NaN."""
+    with pytest.raises(OptionError, match="--sweep-max needs --sweep"):
+        bench_run.bench_settings(sweep_max=64)
+    with pytest.raises(OptionError, match="--new-tokens"):
+        bench_run.bench_settings(new_tokens="2,x")
+    assert bench_run.bench_settings(prompt_lengths=[4, 8], new_tokens=[2]) == bench_run.bench_settings(
+        prompt_lengths="4,8", new_tokens="2"
+    )
+    settings = bench_run.bench_settings(new_tokens="2", repeats=1, warmup=0, sweep=True)
+    assert settings.prompt_lengths is None and settings.new_tokens == (2,)
+    targets = [bench_mod.BenchTarget("A", FakeEngine(context=200)), bench_mod.BenchTarget("B", FakeEngine())]
+    prompts, cases = bench_run.plan_cases(settings, targets)
+    assert prompts == [62] and cases == [bench_mod.BenchCase(62, 2)]  # min context 64 - 2 new tokens
+    loads = [bench_run.ArtifactLoad(t.label, t.label, "fp32", 64, 0.1, 1.0, 2.0, 8) for t in targets]
+    runs: list[bench_mod.BenchRun] = []
+    report = bench_run.measure(settings, targets, loads, prompts, cases, on_run=runs.append)
+    assert len(runs) == bench_run.total_runs(settings, targets, cases) == 2
+    payload = report.to_json()
+    assert payload["sweep"] is True and payload["prompt_lengths"] == [62] and payload["new_tokens"] == [2]
+    assert [a["label"] for a in payload["artifacts"]] == ["A", "B"] and payload["results"][0]["decode_vs_first"] == 1
+    assert json.loads(json.dumps(payload, allow_nan=False)) == payload
+    assert bench_run.finite({"x": [float("nan"), 1.0]}) == {"x": [None, 1.0]}
+    assert bench_run.labels([Path("a/x"), Path("b/x")]) == ["a/x", "b/x"]
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -331,12 +331,12 @@ def test_export_passes_fusion_options_and_prints_kv_cache(
 
 
 def test_kv_cache_line() -> None:
-    from qwen_export.cli import _kv_cache_line
+    from qwen_export.cli.common import kv_cache_line
 
-    assert _kv_cache_line(None) is None and _kv_cache_line({"layout": "shared"}) is None
-    line = _kv_cache_line({"layout": "concat", "capacity": 32768, "bytes_per_token": 12288})
+    assert kv_cache_line(None) is None and kv_cache_line({"layout": "shared"}) is None
+    line = kv_cache_line({"layout": "concat", "capacity": 32768, "bytes_per_token": 12288})
     assert line is not None and line.startswith("KV cache: up to 32768 tokens x 12.0 KiB = 384.0 MiB per sequence")
-    line = _kv_cache_line({"layout": "shared", "capacity": 256, "bytes_per_token": 512})
+    line = kv_cache_line({"layout": "shared", "capacity": 256, "bytes_per_token": 512})
     assert line is not None and line.startswith("KV cache: 256 tokens x 0.5 KiB = 128.0 KiB per sequence")
 
 
@@ -382,14 +382,31 @@ def test_inspect_shows_passes_and_kv_cache(export) -> None:
         assert f"nodes {record['nodes_before']} -> {record['nodes_after']}" in line
         for rule, count in record["fired"].items():
             assert f"{rule} x{count}" in line
-    kv = manifest["extra"].get("kv_cache")
+    kv = manifest["extra"]["kv_cache"]  # the fused ONNX Runtime export records its KV cache and genai config
     assert any(x.startswith("KV cache: ") for x in lines)
-    if kv is not None:
-        assert f"{kv['capacity']} tokens x" in result.output
+    assert f"KV cache: {kv['capacity']} tokens x" in result.output
     info = json.loads(invoke("inspect", art, "--json").stdout)
     assert [p["name"] for p in info["passes"]] == [r["name"] for r in manifest["passes"]]
     assert [p["fired"] for p in info["passes"]] == [r["fired"] for r in manifest["passes"]]
-    if kv is not None:
-        assert info["kv_cache"]["bytes_per_sequence"] == kv["capacity"] * kv["bytes_per_token"]
-    if (art / "genai_config.json").is_file():
-        assert "onnxruntime-genai: genai_config.json" in result.output
+    assert info["kv_cache"]["bytes_per_sequence"] == kv["capacity"] * kv["bytes_per_token"]
+    assert (art / "genai_config.json").is_file()
+    assert "onnxruntime-genai: genai_config.json" in result.output
+    assert not any(x.startswith("tensorrt: ") for x in lines)  # a target's own lines only for its artifacts
+
+
+def test_inspect_adds_the_tensorrt_recipe(export) -> None:
+    art = export("qwen2_tied", target="tensorrt")
+    result = invoke("inspect", art)
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("tensorrt: "))
+    assert "max batch 1" in line and "engines built: none (run build-engine)" in line
+
+
+def test_commands_are_listed_in_order() -> None:
+    """One module per command, registered in the order --help has always listed them."""
+    from qwen_export import cli
+
+    assert callable(cli.main) and cli.app is cli.common.app
+    want = ["export", "build-engine", "convert-gguf", "generate", "chat", "check", "inspect", "bench", "demo"]
+    help_text = invoke("--help").output
+    assert [help_text.index(f" {n} ") for n in want] == sorted(help_text.index(f" {n} ") for n in want)

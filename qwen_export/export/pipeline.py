@@ -14,63 +14,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qwen_export import artifact, targets
+from qwen_export import artifact
 from qwen_export.errors import CheckpointError, OptionError
 from qwen_export.export.checkpoint import Checkpoint
+from qwen_export.export.options import DEFAULT_MAX_LENGTH_CAP, ExportOptions  # noqa: F401 - re-exported
 from qwen_export.passes.base import PassContext, PassReport
-from qwen_export.quant.scheme import QuantAlgorithm, QuantScheme
+from qwen_export.quant.scheme import QuantAlgorithm
 from qwen_export.runtime.tokenizer import Tokenizer
-from qwen_export.spec import DType, LogitsMode, ModelSpec, Target
-from qwen_export.targets.protocol import EmitJob, TargetBackend
+from qwen_export.spec import ModelSpec
+from qwen_export.targets.protocol import EmitJob
 
-#: Default cap on the context an artifact is exported for (the config may say 128K+). A fused ONNX
-#: Runtime artifact preallocates a KV buffer of this many tokens per sequence (Qwen2.5-0.5B fp32:
-#: 24 KiB per token, 96 MiB at 4096), so the default stays modest; ``--max-length`` raises it.
-DEFAULT_MAX_LENGTH_CAP = 4096
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 OPTIONAL_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json")
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportOptions:
-    target: Target = Target.ONNXRUNTIME
-    dtype: DType = DType.FP32
-    logits: LogitsMode = LogitsMode.LAST
-    max_length: int | None = None  # default: min(config max_position_embeddings, DEFAULT_MAX_LENGTH_CAP)
-    overwrite: bool = False
-    fuse: bool = True  # run the target's fusion passes (False: cleanup only, concat KV cache)
-    strict: bool = True  # a fusion firing fewer times than the architecture needs is an error
-    explain: bool = False  # report each fusion's nearest misses through ExportHooks.message
-    dump_dir: Path | None = None  # write the model after each phase there (NN-phase/model.onnx)
-    quant: QuantScheme | None = None  # quantize the weights (int8/int4); None: weights in ``dtype``
-    accuracy_level: int = 4  # MatMulNBits' activation accuracy (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
-    calibration: Path | None = None  # AWQ calibration text (UTF-8); None: the built-in text
-    max_batch: int = 1  # TensorRT: the batch its optimization profiles are built for (build-engine may change it)
-
-    def __post_init__(self) -> None:
-        if self.accuracy_level not in range(5):
-            raise OptionError(f"--accuracy-level must be 0, 1, 2, 3 or 4, got {self.accuracy_level}")
-        if self.calibration is not None and (self.quant is None or self.quant.algorithm is not QuantAlgorithm.AWQ):
-            raise OptionError("--calibration only applies to --algorithm awq")
-        if self.max_batch < 1:
-            raise OptionError(f"--max-batch must be at least 1, got {self.max_batch}")
-        self.backend.check_options(self)
-
-    @property
-    def backend(self) -> TargetBackend:
-        return targets.get(self.target)
-
-    @property
-    def graph_dtype(self) -> DType:
-        """The traced graph's dtype (the target decides: OpenVINO traces fp32 and stores fp16 weights)."""
-        return self.backend.graph_dtype(self.dtype)
-
-    def resolved_max_length(self, spec: ModelSpec) -> int:
-        if self.max_length is None:
-            return min(spec.max_position_embeddings, DEFAULT_MAX_LENGTH_CAP)
-        if self.max_length <= 0:
-            raise OptionError(f"--max-length must be positive, got {self.max_length}")
-        return self.max_length
 
 
 @dataclasses.dataclass

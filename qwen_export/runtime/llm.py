@@ -33,6 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from qwen_export import targets
 from qwen_export.errors import OptionError
 from qwen_export.runtime.chat import ToolCall, parse_tool_calls
 from qwen_export.runtime.generation import (
@@ -254,33 +255,22 @@ def runtime_options(
     device: str | None = None,
     cuda_graphs: bool | None = None,
 ) -> RuntimeOptions:
-    """RuntimeOptions from plain values (CLI and :func:`load`); the OpenVINO and TensorRT ones are
-    checked against their enums here and refused by :func:`open_artifact` for other targets."""
+    """RuntimeOptions from plain values (CLI and :func:`load`). Each engine builds its own options
+    from the ones it owns (the registry's ``engine_options``: OpenVINO's are checked against their
+    enums, the device against the engines that run on it); :func:`open_artifact` refuses them for
+    artifacts of other targets."""
     chosen = Target.parse(engine, "engine") if engine is not None else None
-    ov = None
-    if precision is not None or kv_cache is not None or cache_dir is not None or attention is not None:
-        from qwen_export.targets.openvino.engine import Attention, KVCachePrecision, OpenVINOOptions, Precision
-
-        ov = OpenVINOOptions(
-            threads=threads,
-            precision=Precision.parse(precision or "f32", "precision"),
-            kv_cache=KVCachePrecision.parse(kv_cache or "f32", "kv_cache"),
-            cache_dir=Path(cache_dir) if cache_dir is not None else None,
-            attention=Attention.parse(attention or "auto", "attention"),
-        )
-    trt = None
-    cuda = device is not None and (device == "cuda" or device.startswith("cuda:"))
-    if device not in (None, "cpu") and not cuda:
-        raise OptionError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N")
-    if cuda or cuda_graphs:
-        if chosen not in (None, Target.TENSORRT):
-            raise OptionError(f"device {device!r} and CUDA graphs apply to the TensorRT engine, not {chosen.value}")
-        from qwen_export.targets.tensorrt.engine import TensorRTOptions
-
-        index = device.split(":", 1)[1] if device is not None and ":" in device else "0"
-        if not index.isdigit():
-            raise OptionError(f"device {device!r}: expected cuda:N with N a device index")
-        trt = TensorRTOptions(device=int(index), cuda_graphs=bool(cuda_graphs))
-    elif device == "cpu" and chosen is Target.TENSORRT:
-        raise OptionError("the TensorRT engine runs on cuda; use --engine onnxruntime to run this artifact on the CPU")
-    return RuntimeOptions(threads=threads, openvino=ov, engine=chosen, tensorrt=trt)
+    given = {
+        "precision": precision,
+        "kv_cache": kv_cache,
+        "cache_dir": cache_dir,
+        "attention": attention,
+        "device": device,
+        "cuda_graphs": cuda_graphs,
+    }
+    fields = {
+        backend.options_field: backend.engine_options(threads, given, chosen)
+        for backend in targets.registered()
+        if backend.options_field is not None
+    }
+    return RuntimeOptions(threads=threads, engine=chosen, **fields)

@@ -2,16 +2,17 @@
 
 A target is a frozen dataclass in its own package (``targets/<name>/__init__.py``, exported as
 ``TARGET``); it decides, for its engine: how the graph is traced (KV-cache IO, graph dtype), which
-export options apply and how they adapt (printing what changed), its pass list, how the artifact is
-written, how an artifact is opened for inference, and what ``inspect`` adds. Methods import their
-heavy pieces (passes, lowering, the engine SDK) lazily, so the runtime side can look a target up
-without importing torch, onnxscript or another target's SDK.
+export options apply and how they adapt (printing what changed; options only some targets take are
+listed in ``own_options``), its pass list, how the artifact is written, how an artifact is opened
+for inference (and its engine options built from plain load options), and what ``inspect`` adds.
+Methods import their heavy pieces (passes, lowering, the engine SDK) lazily, so the runtime side can
+look a target up without importing torch, onnxscript or another target's SDK.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,6 +21,7 @@ from qwen_export.spec import CacheIO, DType, KVLayout, ModelSpec, Target
 if TYPE_CHECKING:
     from qwen_export.artifact import Manifest
     from qwen_export.passes.base import Pass, PassContext, PassReport
+    from qwen_export.quant.scheme import QuantScheme
     from qwen_export.targets.base import Engine
 
 
@@ -47,9 +49,19 @@ class TargetBackend(Protocol):
     engines: tuple[Target, ...]
     #: the RuntimeOptions field holding this engine's own options (None: it has none)
     options_field: str | None
+    #: ``export_options()`` keywords only this target takes (given for another target: OptionError)
+    own_options: frozenset[str]
 
     def graph_dtype(self, dtype: DType) -> DType:
         """The traced graph's dtype for an export at ``dtype``."""
+        ...
+
+    def adapt_weights(
+        self, quant: QuantScheme | None, given: Mapping[str, Any], message: Callable[[str], None]
+    ) -> QuantScheme | None:
+        """Before the ExportOptions exist: raise OptionError for a given option this target cannot
+        honour (``given``: ``export_options()`` keyword -> value, None = not given) and adapt the
+        weight scheme the options and the checkpoint chose; ``message`` says what changed."""
         ...
 
     def check_options(self, options: Any) -> None:
@@ -70,6 +82,17 @@ class TargetBackend(Protocol):
 
     def open_engine(self, root: Path, manifest: Manifest, options: Any) -> Engine:
         """This target's engine over the artifact at ``root`` (``options``: RuntimeOptions)."""
+        ...
+
+    def engine_options(self, threads: int, given: Mapping[str, Any], engine: Target | None) -> Any:
+        """The value of this engine's RuntimeOptions field (``options_field``) from the plain load
+        options ``given`` (``load()`` keyword -> value, None = not given): None when none of its own
+        was given. ``engine``: the engine asked for (None: the artifact's own). OptionError for a bad
+        value or one that cannot apply to ``engine``."""
+        ...
+
+    def inspect_lines(self, root: Path, manifest: Manifest) -> list[str]:
+        """What ``qwen-export inspect`` adds for this target's manifest extras (none: ``[]``)."""
         ...
 
     def foreign_options_error(self, root: Path, artifact: Target) -> str:

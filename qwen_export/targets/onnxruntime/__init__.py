@@ -4,7 +4,7 @@ QKV, SkipSimplifiedLayerNormalization), MatMulNBits weights and one shared KV bu
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,13 @@ class OnnxRuntimeTarget:
     cache_io: CacheIO = CacheIO.CONCAT
     engines: tuple[Target, ...] = (Target.ONNXRUNTIME,)
     options_field: str | None = None
+    own_options: frozenset[str] = frozenset()
 
     def graph_dtype(self, dtype: DType) -> DType:
         return dtype
+
+    def adapt_weights(self, quant: Any, given: Mapping[str, Any], message: Callable[[str], None]) -> Any:
+        return quant
 
     def check_options(self, options: Any) -> None:
         return None
@@ -92,6 +96,12 @@ class OnnxRuntimeTarget:
         from qwen_export.targets.onnxruntime.engine import OnnxRuntimeEngine, OrtOptions
 
         return OnnxRuntimeEngine(root, manifest, OrtOptions(threads=options.threads))
+
+    def engine_options(self, threads: int, given: Mapping[str, Any], engine: Target | None) -> Any:
+        return None  # threads only, from RuntimeOptions.threads
+
+    def inspect_lines(self, root: Path, manifest: Any) -> list[str]:
+        return []
 
     def foreign_options_error(self, root: Path, artifact: Target) -> str:
         return ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,18 @@ class OpenVINOTarget:
     cache_io: CacheIO = CacheIO.CONCAT
     engines: tuple[Target, ...] = (Target.OPENVINO,)
     options_field: str | None = "openvino"
+    own_options: frozenset[str] = frozenset()
+    #: the load options (``load()`` keywords, CLI flags) that make ``RuntimeOptions.openvino``
+    load_options: tuple[str, ...] = ("precision", "kv_cache", "cache_dir", "attention")
 
     def graph_dtype(self, dtype: DType) -> DType:
         """fp32: fp16 weights are stored compressed (decompressed on load; the CPU plugin picks the
         compute precision at run time); an fp16 graph's casts around softmax would hide the attention
         from its SDPA fusion."""
         return DType.FP32
+
+    def adapt_weights(self, quant: Any, given: Mapping[str, Any], message: Callable[[str], None]) -> Any:
+        return quant
 
     def check_options(self, options: Any) -> None:
         if not options.fuse:
@@ -72,6 +78,25 @@ class OpenVINOTarget:
 
             return PagedOpenVINOEngine(root, manifest, ov_options)
         return OpenVINOEngine(root, manifest, ov_options)
+
+    def engine_options(self, threads: int, given: Mapping[str, Any], engine: Target | None) -> Any:
+        """OpenVINOOptions when precision, kv_cache, cache_dir or attention was given (each checked
+        against its enum; unset ones take their defaults); the loader refuses them for other targets."""
+        if all(given.get(name) is None for name in self.load_options):
+            return None
+        from qwen_export.targets.openvino.engine import Attention, KVCachePrecision, OpenVINOOptions, Precision
+
+        cache_dir = given.get("cache_dir")
+        return OpenVINOOptions(
+            threads=threads,
+            precision=Precision.parse(given.get("precision") or "f32", "precision"),
+            kv_cache=KVCachePrecision.parse(given.get("kv_cache") or "f32", "kv_cache"),
+            cache_dir=Path(cache_dir) if cache_dir is not None else None,
+            attention=Attention.parse(given.get("attention") or "auto", "attention"),
+        )
+
+    def inspect_lines(self, root: Path, manifest: Any) -> list[str]:
+        return []
 
     def foreign_options_error(self, root: Path, artifact: Target) -> str:
         return (

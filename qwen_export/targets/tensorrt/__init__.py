@@ -4,7 +4,7 @@ place (TensorScatter), checked against TensorRT's ONNX parser rules; engines are
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,29 @@ class TensorRTTarget:
     #: its standard-ONNX graph also runs on ONNX Runtime CPU (how it is verified without TensorRT)
     engines: tuple[Target, ...] = (Target.TENSORRT, Target.ONNXRUNTIME)
     options_field: str | None = "tensorrt"
+    #: the largest batch of the engine's optimization profiles
+    own_options: frozenset[str] = frozenset({"max_batch"})
 
     def graph_dtype(self, dtype: DType) -> DType:
         return dtype
+
+    def adapt_weights(self, quant: Any, given: Mapping[str, Any], message: Callable[[str], None]) -> Any:
+        """Refuse the options TensorRT cannot honour; a pre-quantized asymmetric (AWQ) checkpoint is
+        requantized symmetric unless --asymmetric was asked for (then :meth:`check_options` refuses
+        it: TensorRT needs zero points of zero)."""
+        if given.get("embedding_bits") is not None:
+            raise OptionError(
+                "--embedding-bits: the TensorRT target keeps the embedding in --dtype (no quantized Gather)"
+            )
+        if given.get("accuracy_level") is not None:
+            raise OptionError("--accuracy-level applies to ONNX Runtime's MatMulNBits, not to --target tensorrt")
+        if quant is not None and not quant.symmetric and given.get("symmetric") is None:
+            message(
+                "--target tensorrt: the checkpoint's asymmetric quantization is requantized symmetric (TensorRT "
+                "needs zero points of zero)"
+            )
+            return dataclasses.replace(quant, symmetric=True)
+        return quant
 
     def check_options(self, options: Any) -> None:
         if not options.fuse:
@@ -109,6 +129,40 @@ class TensorRTTarget:
                 f"{exc}; or run this artifact's ONNX on the CPU with --engine onnxruntime (load(..., "
                 "engine='onnxruntime'))"
             ) from None
+
+    def engine_options(self, threads: int, given: Mapping[str, Any], engine: Target | None) -> Any:
+        """TensorRTOptions for ``device`` ``"cuda"`` / ``"cuda:N"`` or ``cuda_graphs``; ``"cpu"`` is
+        refused for the TensorRT engine (its graph runs on the CPU under --engine onnxruntime)."""
+        device, cuda_graphs = given.get("device"), given.get("cuda_graphs")
+        cuda = device is not None and (device == "cuda" or device.startswith("cuda:"))
+        if device not in (None, "cpu") and not cuda:
+            raise OptionError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N")
+        if cuda or cuda_graphs:
+            if engine not in (None, self.target):
+                raise OptionError(f"device {device!r} and CUDA graphs apply to the TensorRT engine, not {engine.value}")
+            from qwen_export.targets.tensorrt.engine import TensorRTOptions
+
+            index = device.split(":", 1)[1] if device is not None and ":" in device else "0"
+            if not index.isdigit():
+                raise OptionError(f"device {device!r}: expected cuda:N with N a device index")
+            return TensorRTOptions(device=int(index), cuda_graphs=bool(cuda_graphs))
+        if device == "cpu" and engine is self.target:
+            raise OptionError(
+                "the TensorRT engine runs on cuda; use --engine onnxruntime to run this artifact on the CPU"
+            )
+        return None
+
+    def inspect_lines(self, root: Path, manifest: Any) -> list[str]:
+        """The engine-build recipe and the engines built so far."""
+        recipe = manifest.extra.get("tensorrt")
+        if not isinstance(recipe, dict):
+            return []
+        engines = sorted(p.name for p in (root / "engines").glob("*.plan")) or ["none (run build-engine)"]
+        return [
+            f"tensorrt: profiles {[p.get('name') for p in recipe.get('profiles', [])]}, max batch "
+            f"{recipe.get('max_batch')}, max prompt {recipe.get('max_prompt')}, strongly typed "
+            f"{recipe.get('strongly_typed')}; engines built: {', '.join(engines)}"
+        ]
 
     def foreign_options_error(self, root: Path, artifact: Target) -> str:
         if artifact is self.target:  # a TensorRT artifact run on another engine

@@ -1,0 +1,178 @@
+"""``qwen-export bench``: parse the flags, show progress, print the report. Loading, planning and
+measuring (interleaved), the plot and the JSON payload are :mod:`qwen_export.runtime.bench_run`'s."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from qwen_export.cli.common import (
+    AttentionOpt,
+    CacheDir,
+    EngineOpt,
+    KVCache,
+    Precision,
+    Threads,
+    app,
+    console,
+    err_console,
+    handles_errors,
+    runtime,
+)
+
+if TYPE_CHECKING:  # imported when a command runs: --help and the other commands start faster
+    from qwen_export.runtime import bench_run
+    from qwen_export.runtime.bench_run import BenchReport
+
+Artifacts = Annotated[
+    list[Path], typer.Argument(help="Exported artifact directories; the first is the baseline for ratios.")
+]
+PromptLengths = Annotated[str | None, typer.Option(help="Comma-separated prompt lengths in tokens (default 128).")]
+NewTokens = Annotated[str, typer.Option(help="Comma-separated new-token counts.")]
+Repeats = Annotated[int, typer.Option(help="Measured runs per case and artifact.")]
+Warmup = Annotated[int, typer.Option(help="Unmeasured warm-up runs per case and artifact.")]
+Seed = Annotated[int, typer.Option(help="Seed of the random prompts.")]
+Sweep = Annotated[
+    bool, typer.Option("--sweep", help="Context sweep: prompt lengths 128, 256, 512, ... up to --sweep-max.")
+]
+SweepMax = Annotated[
+    int | None,
+    typer.Option(help="Longest sweep prompt (default: min(8192, context - new tokens)); needs --sweep."),
+]
+Plot = Annotated[Path | None, typer.Option("--plot", help="Write decode tok/s and TTFT vs prompt length here (.png).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+@app.command()
+@handles_errors
+def bench(
+    artifacts: Artifacts,
+    prompt_lengths: PromptLengths = None,
+    new_tokens: NewTokens = "64",
+    repeats: Repeats = 3,
+    warmup: Warmup = 1,
+    seed: Seed = 0,
+    sweep: Sweep = False,
+    sweep_max: SweepMax = None,
+    plot: Plot = None,
+    threads: Threads = 0,
+    precision: Precision = None,
+    kv_cache: KVCache = None,
+    attention: AttentionOpt = None,
+    cache_dir: CacheDir = None,
+    engine: EngineOpt = None,
+    as_json: AsJson = False,
+) -> None:
+    """Measure TTFT, prefill and decode tokens/s, memory and load time of one or more ARTIFACTS.
+
+    Artifacts load once up front, then run interleaved (A, B, A, B, ... on the same prompts) so ratios hold.
+    """
+    from qwen_export.runtime import bench_run
+
+    settings = bench_run.bench_settings(
+        prompt_lengths=prompt_lengths,
+        new_tokens=new_tokens,
+        repeats=repeats,
+        warmup=warmup,
+        seed=seed,
+        sweep=sweep,
+        sweep_max=sweep_max,
+        plot=plot,
+    )
+    bench_run.check_artifacts(artifacts)
+    options = runtime(threads, precision, kv_cache, cache_dir, engine, attention)
+    with err_console.status("loading artifacts") as status:
+        targets, loads = bench_run.load_targets(artifacts, options, lambda label: status.update(f"loading {label}"))
+    prompts, cases = bench_run.plan_cases(settings, targets)
+    report = _measure_with_progress(settings, targets, loads, prompts, cases)
+    if as_json:
+        console.print_json(json.dumps(report.to_json()))
+        return
+    console.print(_artifacts_table(report))
+    console.print(_results_table(report))
+    console.print(
+        f"peak RSS (VmHWM) of this process: {report.peak_rss_mb:.0f} MiB. All artifacts share one process, so "
+        "their RSS peaks cannot be told apart; 'RSS +MiB at load' is the increase while each one loaded.",
+        highlight=False,
+    )
+    if plot is not None:
+        console.print(f"plot written to {plot}", highlight=False)
+
+
+def _measure_with_progress(
+    settings: bench_run.BenchSettings,
+    targets: list[bench_run.BenchTarget],
+    loads: list[bench_run.ArtifactLoad],
+    prompts: list[int],
+    cases: list[bench_run.BenchCase],
+) -> BenchReport:
+    """:func:`bench_run.measure` with a progress bar on stderr (one step per generation)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from qwen_export.runtime import bench_run
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task("benchmarking", total=bench_run.total_runs(settings, targets, cases))
+
+        def advance(run: bench_run.BenchRun) -> None:
+            kind = "warm-up" if run.warmup else "run"
+            progress.update(
+                task,
+                advance=1,
+                description=f"{run.label} {run.case.prompt_tokens}+{run.case.new_tokens} {kind} {run.round + 1}",
+            )
+
+        return bench_run.measure(settings, targets, loads, prompts, cases, on_run=advance)
+
+
+def _artifacts_table(report: BenchReport) -> Table:
+    table = Table(title="artifacts" + (" (run interleaved)" if len(report.loads) > 1 else ""))
+    for column in ("artifact", "dtype", "disk MiB", "load s", "RSS +MiB at load", "KV KiB/token"):
+        table.add_column(column, justify="left" if column == "artifact" else "right", overflow="fold")
+    for info in report.loads:
+        table.add_row(
+            info.label,
+            info.dtype,
+            f"{info.disk_mb:.1f}",
+            f"{info.load_s:.2f}",
+            f"{info.rss_load_mb:.0f}",
+            f"{info.kv_bytes_per_token / 1024:.1f}",
+        )
+    return table
+
+
+def _results_table(report: BenchReport) -> Table:
+    from qwen_export.runtime.bench_run import ratio
+
+    settings, labels, base = report.settings, report.labels, report.results[0]
+    many, sweep = len(labels) > 1, settings.sweep
+    title = f"{'context sweep' if sweep else 'latency'}: {settings.repeats} run(s) after {settings.warmup} warm-up"
+    table = Table(title=title + " per case")
+    headers = ["artifact", "prompt", "new"] + (["KV cache MiB"] if sweep else [])
+    headers += ["TTFT ms", "prefill tok/s", "decode tok/s", "p10/p50/p90 ms"]
+    headers += ["decode × first", "TTFT × first"] if many else []
+    for column in headers:
+        table.add_column(column, justify="left" if column == "artifact" else "right", overflow="fold")
+    for c in range(len(report.cases)):
+        for k, label in enumerate(labels):
+            r, b = report.results[k][c], base[c]
+            row = [label, str(r.prompt_tokens), str(r.new_tokens)]
+            row += [f"{r.kv_cache_mb:.2f}"] if sweep and r.kv_cache_mb is not None else ([""] if sweep else [])
+            row += [
+                f"{r.ttft_ms:.1f}",
+                f"{r.prefill_tokens_per_s:.1f}",
+                f"{r.decode_tokens_per_s:.1f}",
+                f"{r.token_latency_ms_p10:.2f}/{r.token_latency_ms_p50:.2f}/{r.token_latency_ms_p90:.2f}",
+            ]
+            if many:
+                row += [
+                    f"{ratio(r.decode_tokens_per_s, b.decode_tokens_per_s):.2f}",
+                    f"{ratio(r.ttft_ms, b.ttft_ms):.2f}",
+                ]
+            table.add_row(*row, end_section=many and k == len(labels) - 1)
+    return table

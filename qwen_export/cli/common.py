@@ -1,0 +1,243 @@
+"""What every command shares: the typer app, the consoles, error handling, the runtime and sampling
+options, and the small printers (streamed text, parity tables, the KV-cache line).
+
+Every deliberate error (:class:`QwenExportError`) is printed as one ``error: ...`` line on stderr
+with exit status 2; no command leaves a half-written artifact behind.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qwen_export import __version__
+from qwen_export.artifact import Terminated
+from qwen_export.errors import OptionError, QwenExportError
+
+app = typer.Typer(
+    name="qwen-export",
+    help="Compile Qwen checkpoints into verified engines and run them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handles_errors(func: F) -> F:
+    """Turn QwenExportError into a one-line message and exit status 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except QwenExportError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except Terminated:
+            err_console.print("terminated", highlight=False)
+            raise typer.Exit(143) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"qwen-export {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Compile Qwen checkpoints into verified engines and run them."""
+
+
+# ----------------------------------------------------------------------------- engine options
+Threads = Annotated[int, typer.Option(help="Engine threads (0 = engine default).")]
+Precision = Annotated[
+    str | None, typer.Option(help="OpenVINO artifacts: inference precision f32 (default) | bf16 | f16.")
+]
+KVCache = Annotated[
+    str | None,
+    typer.Option(
+        help="OpenVINO artifacts: KV-cache precision f32 (default, exact) | f16 | bf16 | u8 | auto (OpenVINO's "
+        "own default, u8 on x86, as openvino-genai runs)."
+    ),
+]
+AttentionOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="OpenVINO artifacts: auto (default: paged, or stateful for a sliding-window model) | paged "
+        "(rewritten at load to PagedAttention over a block cache, as openvino-genai runs it; at least as fast) "
+        "| stateful (the IR as saved: SDPA with the cache in OpenVINO's state)."
+    ),
+]
+CacheDir = Annotated[
+    Path | None, typer.Option(help="OpenVINO artifacts: model cache directory (CACHE_DIR); later loads are fast.")
+]
+EngineOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--engine",
+        help="Engine to run the artifact on (default: its target's). A --target tensorrt artifact also runs on "
+        "onnxruntime: its standard-ONNX graph on the CPU, to verify it where TensorRT is absent.",
+    ),
+]
+
+
+def runtime(
+    threads: int,
+    precision: str | None,
+    kv_cache: str | None,
+    cache_dir: Path | None,
+    engine: str | None = None,
+    attention: str | None = None,
+) -> Any:
+    """RuntimeOptions from the engine flags."""
+    from qwen_export.runtime.llm import runtime_options
+
+    return runtime_options(threads, precision, kv_cache, cache_dir, engine=engine, attention=attention)
+
+
+def load_llm(
+    artifact: Path,
+    threads: int,
+    precision: str | None,
+    kv_cache: str | None,
+    cache_dir: Path | None,
+    engine: str | None = None,
+    attention: str | None = None,
+) -> Any:
+    from qwen_export.runtime.llm import LLM
+    from qwen_export.runtime.loader import open_artifact
+
+    return LLM(open_artifact(artifact, runtime(threads, precision, kv_cache, cache_dir, engine, attention)))
+
+
+# ----------------------------------------------------------------------------- sampling options
+MaxNew = Annotated[int, typer.Option(help="Maximum new tokens.")]
+Temp = Annotated[float | None, typer.Option(help="Sampling temperature; 0 = greedy (default: generation_config).")]
+TopK = Annotated[int | None, typer.Option(help="Top-k sampling (0 = off).")]
+TopP = Annotated[float | None, typer.Option(help="Top-p (nucleus) sampling (1 = off).")]
+MinP = Annotated[float | None, typer.Option(help="Min-p sampling (0 = off).")]
+RepPen = Annotated[float | None, typer.Option(help="Repetition penalty (1 = off).")]
+Seed = Annotated[int | None, typer.Option(help="Random seed for sampling.")]
+Stop = Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")]
+
+
+def sampling_options(
+    max_new_tokens: int,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    min_p: float | None,
+    repetition_penalty: float | None,
+    seed: int | None,
+    stop: list[str] | None,
+) -> dict[str, Any]:
+    """The sampling keywords of ``LLM.stream``/``LLM.chat`` that were given (None: the artifact's default)."""
+    options = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "min_p": min_p,
+        "repetition_penalty": repetition_penalty,
+        "seed": seed,
+        "stop_strings": tuple(stop) if stop else None,
+    }
+    return {k: v for k, v in options.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------- input and output
+def read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise OptionError(f"{path}: {what} file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OptionError(f"{path}: {what} is not valid UTF-8 JSON ({exc})") from None
+
+
+def print_stream(stream: Any) -> str:
+    """Write a TextStream's pieces to stdout as they come; return the whole text."""
+    pieces = []
+    for piece in stream:
+        pieces.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(pieces)
+
+
+def print_parity(report: Any, title: str) -> None:
+    table = Table(title=title)
+    for column in ("metric", "value", "threshold"):
+        table.add_column(column)
+    for row in report.rows():
+        table.add_row(*row)
+    console.print(table)
+    console.print("[green]PASS[/]" if report.passed else "[red]FAIL[/]")
+
+
+def byte_progress() -> Any:
+    """A transient progress bar on stderr for steps that report bytes written (export, convert-gguf)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in KiB, MiB or GiB (one decimal)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
+def kv_cache_line(kv: Any) -> str | None:
+    """``KV cache: 4096 tokens x 12.0 KiB = 48.0 MiB per sequence ...`` from manifest.extra["kv_cache"]."""
+    if not isinstance(kv, dict):
+        return None
+    capacity, per_token = kv.get("capacity"), kv.get("bytes_per_token")
+    if not isinstance(capacity, int) or not isinstance(per_token, int):
+        return None
+    total = f"{capacity} tokens x {format_bytes(per_token)} = {format_bytes(capacity * per_token)} per sequence"
+    layout = kv.get("layout")
+    if layout == "shared":
+        return f"KV cache: {total}, preallocated (one buffer shared by past and present)"
+    if layout == "concat":
+        return f"KV cache: up to {total}, grown as tokens arrive (past and present concatenated)"
+    if layout == "stateful":
+        return (
+            f"KV cache: up to {total} at fp32 (less with --kv-cache f16/u8), in blocks the engine grows "
+            "(--attention paged, the default) or in OpenVINO's state (stateful)"
+        )
+    if layout == "fixed":
+        return f"KV cache: {total}, fixed-capacity buffers updated in place (TensorScatter; past and present aliased)"
+    return f"KV cache: {total} (layout {layout})"

@@ -1,0 +1,195 @@
+"""``qwen-export export``: the flags go to :func:`qwen_export.export.options.export_options` (all
+option policy lives there), the export runs with a progress bar, one summary line is printed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from qwen_export.cli.common import app, byte_progress, console, err_console, handles_errors, kv_cache_line
+
+Checkpoint = Annotated[Path, typer.Argument(help="Hugging Face checkpoint directory (config.json, *.safetensors).")]
+Output = Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to create.")]
+TargetOpt = Annotated[
+    str,
+    typer.Option(
+        help="Engine: onnxruntime | openvino (a stateful OpenVINO IR plus tokenizer IR, loadable by "
+        "openvino-genai) | tensorrt (standard-ONNX graph with fixed-capacity KV buffers and a build recipe; "
+        "build the engine on the GPU with qwen-export build-engine)."
+    ),
+]
+DTypeOpt = Annotated[
+    str | None, typer.Option(help="Activation (and unquantized weight) precision: fp32 | fp16 (default fp32).")
+]
+Logits = Annotated[str, typer.Option(help="Logits for the last position or all positions: last | all.")]
+MaxLength = Annotated[
+    int | None, typer.Option(help="Context the artifact is built for (default: config, capped at 4096).")
+]
+Overwrite = Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")]
+Fuse = Annotated[
+    bool,
+    typer.Option(
+        help="--target onnxruntime: fuse RMSNorm and attention into ONNX Runtime's contrib ops "
+        "(SimplifiedLayerNormalization, GroupQueryAttention with rotary, packed QKV, one preallocated KV "
+        "buffer); --no-fuse keeps plain ONNX ops and a KV cache that grows by concatenation. OpenVINO "
+        "fuses itself when it compiles."
+    ),
+]
+Strict = Annotated[
+    bool,
+    typer.Option(
+        help="Fail when a fusion matches fewer times than the architecture requires; --no-strict exports "
+        "what did fuse and leaves the rest unfused."
+    ),
+]
+Explain = Annotated[
+    bool, typer.Option("--explain", help="Print why the nearest match of each fusion rule failed (stderr).")
+]
+DumpDir = Annotated[
+    Path | None, typer.Option(help="Write the model after each export phase into this directory (debugging).")
+]
+Weights = Annotated[
+    str | None,
+    typer.Option(
+        help="Weight precision: fp32 | fp16 (the same as --dtype) | int8 | int4 (blockwise quantized linear "
+        "weights; the embedding and a tied lm_head in int8; activations in --dtype)."
+    ),
+]
+BlockSize = Annotated[
+    int | None,
+    typer.Option(
+        help="Quantization block size: 32 | 64 | 128 (default 32) | 0 = per output channel (--target openvino "
+        "or tensorrt; tensorrt quantizes int8 per channel anyway)."
+    ),
+]
+Symmetric = Annotated[
+    bool | None,
+    typer.Option("--symmetric/--asymmetric", help="Quantize with zero point 0 (default) or a zero point per block."),
+]
+Algorithm = Annotated[
+    str | None,
+    typer.Option(help="Quantization algorithm: rtn (default) | clip | awq (calibrated on --calibration)."),
+]
+Keep = Annotated[str | None, typer.Option(help="Tensors kept in --dtype, comma-separated: embedding, lm_head.")]
+KeepLayers = Annotated[str | None, typer.Option(help="Layer indices kept in --dtype, comma-separated (e.g. 0,23).")]
+AccuracyLevel = Annotated[
+    int | None,
+    typer.Option(
+        help="MatMulNBits activation accuracy: 0 unset | 1 fp32 | 2 fp16 | 3 bf16 | 4 int8 (default 4, fastest)."
+    ),
+]
+Calibration = Annotated[
+    Path | None,
+    typer.Option(help="--algorithm awq: calibration text file (UTF-8); default: a built-in code and prose text."),
+]
+EmbeddingBits = Annotated[
+    int | None,
+    typer.Option(
+        help="Bits of the quantized embedding (and a tied lm_head that shares it): 8 (default) | 4 "
+        "(smaller; RTN at --block-size)."
+    ),
+]
+MaxBatch = Annotated[
+    int | None,
+    typer.Option(help="--target tensorrt: largest batch of the engine's optimization profiles (default 1)."),
+]
+
+
+@app.command()
+@handles_errors
+def export(
+    checkpoint: Checkpoint,
+    output: Output,
+    target: TargetOpt = "onnxruntime",
+    dtype: DTypeOpt = None,
+    logits: Logits = "last",
+    max_length: MaxLength = None,
+    overwrite: Overwrite = False,
+    fuse: Fuse = True,
+    strict: Strict = True,
+    explain: Explain = False,
+    dump_dir: DumpDir = None,
+    weights: Weights = None,
+    block_size: BlockSize = None,
+    symmetric: Symmetric = None,
+    algorithm: Algorithm = None,
+    keep: Keep = None,
+    keep_layers: KeepLayers = None,
+    accuracy_level: AccuracyLevel = None,
+    calibration: Calibration = None,
+    embedding_bits: EmbeddingBits = None,
+    max_batch: MaxBatch = None,
+) -> None:
+    """Export CHECKPOINT to an engine artifact in OUTPUT (written atomically)."""
+    from qwen_export.export.options import export_options
+
+    options = export_options(
+        checkpoint,
+        target=target,
+        weights=weights,
+        dtype=dtype,
+        block_size=block_size,
+        symmetric=symmetric,
+        algorithm=algorithm,
+        keep=keep,
+        keep_layers=keep_layers,
+        accuracy_level=accuracy_level,
+        embedding_bits=embedding_bits,
+        calibration=calibration,
+        logits=logits,
+        max_length=max_length,
+        max_batch=max_batch,
+        fuse=fuse,
+        strict=strict,
+        explain=explain,
+        dump_dir=dump_dir,
+        overwrite=overwrite,
+        message=lambda text: err_console.print(text, highlight=False),
+    )
+    manifest = export_with_progress(checkpoint, output, options)
+    _print_summary(checkpoint, output, manifest)
+    if dump_dir is not None:
+        console.print(f"intermediate models written to {dump_dir}", highlight=False)
+
+
+def _print_summary(checkpoint: Path, output: Path, manifest: Any) -> None:
+    size = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
+    quantized = manifest.extra.get("quantization")
+    precision = manifest.dtype if not quantized else f"{quantized['weights']} weights, {manifest.dtype} activations"
+    console.print(
+        f"[green]exported[/] {checkpoint} -> {output}  ({manifest.target}, {precision}, "
+        f"{size / 2**20:.1f} MiB, context {manifest.extra.get('max_length')})"
+    )
+    kv_line = kv_cache_line(manifest.extra.get("kv_cache"))
+    if kv_line is not None:
+        console.print(kv_line, highlight=False, soft_wrap=True)
+
+
+def export_with_progress(checkpoint: Path, output: Path, options: Any) -> Any:
+    """Run the export pipeline with a progress bar on stderr; return the manifest."""
+    from qwen_export.export import pipeline
+
+    steps = {
+        "load": "reading checkpoint",
+        "calibrate": "calibrating (AWQ)",
+        "trace": "tracing",
+        "passes": "graph passes",
+        "emit": "writing weights",
+    }
+    with byte_progress() as progress:
+        task = progress.add_task("starting", total=None)
+
+        def step(name: str) -> None:
+            progress.update(task, description=steps.get(name, name), completed=0, total=None)
+
+        def write(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        def message(text: str) -> None:  # e.g. --explain's reports: above the progress bar, on stderr
+            end = "" if text.endswith("\n") else "\n"
+            progress.console.print(text, end=end, markup=False, highlight=False, soft_wrap=True)
+
+        hooks = pipeline.ExportHooks(step=step, write_progress=write, message=message)
+        return pipeline.export(checkpoint, output, options, hooks)

@@ -1,0 +1,89 @@
+"""``qwen-export generate``: one completion, streamed to the terminal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from qwen_export.cli.common import (
+    AttentionOpt,
+    CacheDir,
+    EngineOpt,
+    KVCache,
+    MaxNew,
+    MinP,
+    Precision,
+    RepPen,
+    Seed,
+    Stop,
+    Temp,
+    Threads,
+    TopK,
+    TopP,
+    app,
+    err_console,
+    handles_errors,
+    load_llm,
+    print_stream,
+    read_json,
+    sampling_options,
+)
+from qwen_export.errors import OptionError
+
+
+@app.command()
+@handles_errors
+def generate(
+    artifact: Annotated[Path, typer.Argument(help="Exported artifact directory.")],
+    prompt: Annotated[str, typer.Argument(help="Prompt text (a user message unless --raw).")],
+    raw: Annotated[bool, typer.Option(help="Feed PROMPT as is, without the chat template.")] = False,
+    system: Annotated[str | None, typer.Option(help="System prompt (chat template).")] = None,
+    json_schema: Annotated[
+        Path | None, typer.Option(help="JSON Schema file: the output is constrained to validate against it.")
+    ] = None,
+    json_mode: Annotated[bool, typer.Option(help="Constrain the output to be a JSON object.")] = False,
+    max_new_tokens: MaxNew = 128,
+    temperature: Temp = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    repetition_penalty: RepPen = None,
+    seed: Seed = None,
+    stop: Stop = None,
+    threads: Threads = 0,
+    precision: Precision = None,
+    kv_cache: KVCache = None,
+    attention: AttentionOpt = None,
+    cache_dir: CacheDir = None,
+    engine: EngineOpt = None,
+) -> None:
+    """Generate a completion for PROMPT, streamed to the terminal."""
+
+    llm = load_llm(artifact, threads, precision, kv_cache, cache_dir, engine, attention)
+    sampling = sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
+    response_format = _response_format(json_schema, json_mode)
+    if raw:
+        source: Any = prompt
+    else:
+        source = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    stream = llm.stream(source, response_format=response_format, **sampling)
+    print_stream(stream)
+    result = stream.result
+    assert result is not None
+    err_console.print(
+        f"[dim]{result.prompt_tokens} prompt + {result.completion_tokens} new tokens, "
+        f"finish: {result.finish_reason.value}, TTFT {result.timings.time_to_first_token_s * 1e3:.0f} ms, "
+        f"decode {result.decode_tokens_per_s or 0:.1f} tok/s[/]",
+        highlight=False,
+    )
+
+
+def _response_format(json_schema: Path | None, json_mode: bool) -> dict[str, Any] | None:
+    if json_schema is not None and json_mode:
+        raise OptionError("pass either --json-schema or --json-mode, not both")
+    if json_schema is not None:
+        schema = read_json(json_schema, "JSON Schema")
+        return {"type": "json_schema", "json_schema": {"name": json_schema.stem, "schema": schema}}
+    return {"type": "json_object"} if json_mode else None

@@ -1,0 +1,258 @@
+"""Export option policy: :class:`ExportOptions` and :func:`export_options`, the one place where plain
+option values (``qwen-export export``'s flags, a library caller's keywords) become ExportOptions.
+
+The CLI and library callers go through the same function, so they export the same artifact:
+
+    >>> from qwen_export.export.options import export_options
+    >>> options = export_options(None, target="onnxruntime", weights="int4", block_size=64)
+    >>> options.quant.bits, options.quant.block_size, options.dtype.value
+    (4, 64, 'fp32')
+
+What depends on the target (options only one target takes, options a target refuses, how the
+weight scheme adapts) is asked of the target's backend in :mod:`qwen_export.targets`; nothing here
+names a target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qwen_export import targets
+from qwen_export.errors import OptionError, QwenExportError
+from qwen_export.quant.scheme import Keep, QuantAlgorithm, QuantScheme, WeightFormat
+from qwen_export.spec import DType, LogitsMode, ModelSpec, Target
+
+if TYPE_CHECKING:
+    from qwen_export.targets.protocol import TargetBackend
+
+#: Default cap on the context an artifact is exported for (the config may say 128K+). A fused ONNX
+#: Runtime artifact preallocates a KV buffer of this many tokens per sequence (Qwen2.5-0.5B fp32:
+#: 24 KiB per token, 96 MiB at 4096), so the default stays modest; ``--max-length`` raises it.
+DEFAULT_MAX_LENGTH_CAP = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    target: Target = Target.ONNXRUNTIME
+    dtype: DType = DType.FP32
+    logits: LogitsMode = LogitsMode.LAST
+    max_length: int | None = None  # default: min(config max_position_embeddings, DEFAULT_MAX_LENGTH_CAP)
+    overwrite: bool = False
+    fuse: bool = True  # run the target's fusion passes (False: cleanup only, concat KV cache)
+    strict: bool = True  # a fusion firing fewer times than the architecture needs is an error
+    explain: bool = False  # report each fusion's nearest misses through ExportHooks.message
+    dump_dir: Path | None = None  # write the model after each phase there (NN-phase/model.onnx)
+    quant: QuantScheme | None = None  # quantize the weights (int8/int4); None: weights in ``dtype``
+    accuracy_level: int = 4  # MatMulNBits' activation accuracy (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
+    calibration: Path | None = None  # AWQ calibration text (UTF-8); None: the built-in text
+    max_batch: int = 1  # TensorRT: the batch its optimization profiles are built for (build-engine may change it)
+
+    def __post_init__(self) -> None:
+        if self.accuracy_level not in range(5):
+            raise OptionError(f"--accuracy-level must be 0, 1, 2, 3 or 4, got {self.accuracy_level}")
+        if self.calibration is not None and (self.quant is None or self.quant.algorithm is not QuantAlgorithm.AWQ):
+            raise OptionError("--calibration only applies to --algorithm awq")
+        if self.max_batch < 1:
+            raise OptionError(f"--max-batch must be at least 1, got {self.max_batch}")
+        self.backend.check_options(self)
+
+    @property
+    def backend(self) -> TargetBackend:
+        return targets.get(self.target)
+
+    @property
+    def graph_dtype(self) -> DType:
+        """The traced graph's dtype (the target decides: OpenVINO traces fp32 and stores fp16 weights)."""
+        return self.backend.graph_dtype(self.dtype)
+
+    def resolved_max_length(self, spec: ModelSpec) -> int:
+        if self.max_length is None:
+            return min(spec.max_position_embeddings, DEFAULT_MAX_LENGTH_CAP)
+        if self.max_length <= 0:
+            raise OptionError(f"--max-length must be positive, got {self.max_length}")
+        return self.max_length
+
+
+def export_options(
+    checkpoint: str | Path | None = None,
+    *,
+    target: str | Target = "onnxruntime",
+    weights: str | None = None,
+    dtype: str | DType | None = None,
+    block_size: int | None = None,
+    symmetric: bool | None = None,
+    algorithm: str | None = None,
+    keep: str | Iterable[str] | None = None,
+    keep_layers: str | Iterable[int] | None = None,
+    accuracy_level: int | None = None,
+    embedding_bits: int | None = None,
+    calibration: str | Path | None = None,
+    logits: str | LogitsMode = "last",
+    max_length: int | None = None,
+    max_batch: int | None = None,
+    fuse: bool = True,
+    strict: bool = True,
+    explain: bool = False,
+    dump_dir: str | Path | None = None,
+    overwrite: bool = False,
+    message: Callable[[str], None] | None = None,
+) -> ExportOptions:
+    """ExportOptions from the values of ``qwen-export export``'s flags (None: the flag not given).
+
+    ``checkpoint``: the checkpoint directory; a pre-quantized (AWQ/GPTQ) one keeps its own
+    quantization by default (see :func:`prequantized_default`). ``keep`` is comma-separated
+    (``"embedding,lm_head"``) or a list, ``keep_layers`` likewise (``"0,23"``). ``message`` hears
+    how the target adapted the options (e.g. TensorRT requantizing asymmetric weights symmetric).
+    Raises :class:`OptionError` with the message the CLI prints.
+    """
+    if explain and not fuse:
+        raise OptionError("--explain reports on the fusion passes; it cannot be combined with --no-fuse")
+    dump = Path(dump_dir) if dump_dir is not None else None
+    if dump is not None and dump.exists() and not dump.is_dir():
+        raise OptionError(f"--dump-dir {str(dump_dir)!r} exists and is not a directory")
+    engine_target = Target.parse(target, "target")
+    backend = targets.get(engine_target)
+    act_dtype, quant = weight_options(
+        weights, dtype, block_size, symmetric, algorithm, keep, keep_layers, accuracy_level, embedding_bits
+    )
+    if checkpoint is not None and (Path(checkpoint) / "config.json").is_file():
+        quant = prequantized_default(Path(checkpoint), weights, quant, block_size, symmetric)
+    given = {
+        "symmetric": symmetric,
+        "embedding_bits": embedding_bits,
+        "accuracy_level": accuracy_level,
+        "max_batch": max_batch,
+    }
+    _refuse_other_targets_options(backend, given)
+    quant = backend.adapt_weights(quant, given, message or (lambda text: None))
+    return ExportOptions(
+        target=engine_target,
+        max_batch=1 if max_batch is None else max_batch,
+        dtype=act_dtype,
+        logits=LogitsMode.parse(logits, "logits mode"),
+        max_length=max_length,
+        overwrite=overwrite,
+        fuse=fuse,
+        strict=strict,
+        explain=explain,
+        dump_dir=dump,
+        quant=quant,
+        accuracy_level=4 if accuracy_level is None else accuracy_level,
+        calibration=Path(calibration) if calibration is not None else None,
+    )
+
+
+def _refuse_other_targets_options(backend: TargetBackend, given: Mapping[str, Any]) -> None:
+    """OptionError for an option given that only other targets take (``own_options``)."""
+    for name, value in given.items():
+        if value is None or name in backend.own_options:
+            continue
+        owners = [b.target.value for b in targets.registered() if name in b.own_options]
+        if owners:
+            flag = "--" + name.replace("_", "-")
+            raise OptionError(f"{flag} applies to --target {' or '.join(owners)} only")
+
+
+def prequantized_default(
+    checkpoint: Path, weights: str | None, quant: QuantScheme | None, block_size: int | None, symmetric: bool | None
+) -> QuantScheme | None:
+    """A pre-quantized (AWQ/GPTQ) checkpoint keeps its own quantization: with no --weights, its
+    bits and group size; with --weights of its bits, its group size and symmetry unless given."""
+    from qwen_export.quant.prequant import default_scheme
+
+    try:
+        ModelSpec.from_config_file(checkpoint / "config.json")
+    except QwenExportError:
+        return quant  # a defective config.json: the export reports it with its own message
+    own = default_scheme(checkpoint)
+    if own is None:
+        return quant
+    if weights is None:
+        return own
+    if quant is not None and quant.fmt is own.fmt:
+        return dataclasses.replace(
+            quant,
+            block_size=own.block_size if block_size is None else quant.block_size,
+            symmetric=own.symmetric if symmetric is None else quant.symmetric,
+        )
+    return quant
+
+
+def weight_options(
+    weights: str | None,
+    dtype: str | DType | None,
+    block_size: int | None,
+    symmetric: bool | None,
+    algorithm: str | None,
+    keep: str | Iterable[str] | None,
+    keep_layers: str | Iterable[int] | None,
+    accuracy_level: int | None,
+    embedding_bits: int | None = None,
+) -> tuple[DType, QuantScheme | None]:
+    """``(activation dtype, QuantScheme or None)`` from the export's precision options."""
+    fmt = _parse_enum(WeightFormat, weights, "--weights") if weights is not None else None
+    act = DType.parse(dtype, "dtype") if dtype is not None else None
+    if fmt is not None and fmt.bits is None:  # --weights fp32/fp16 is --dtype
+        same = DType.parse(fmt.value, "dtype")
+        if act is not None and act is not same:
+            raise OptionError(f"--weights {fmt.value} contradicts --dtype {act.value}")
+        act, fmt = same, None
+    act = act or DType.FP32
+    given = {
+        "--block-size": block_size,
+        "--symmetric/--asymmetric": symmetric,
+        "--algorithm": algorithm,
+        "--keep": keep,
+        "--keep-layers": keep_layers,
+        "--accuracy-level": accuracy_level,
+        "--embedding-bits": embedding_bits,
+    }
+    if fmt is None:
+        extra = [name for name, value in given.items() if value is not None]
+        if extra:
+            raise OptionError(f"{', '.join(extra)} only apply to quantized weights (--weights int8 or int4)")
+        return act, None
+    scheme = QuantScheme(
+        fmt=fmt,
+        block_size=32 if block_size is None else block_size,
+        symmetric=True if symmetric is None else symmetric,
+        algorithm=_parse_enum(QuantAlgorithm, algorithm, "--algorithm") if algorithm else QuantAlgorithm.RTN,
+        keep=frozenset(_parse_enum(Keep, k, "--keep") for k in _items(keep)),
+        keep_layers=frozenset(_index_list(keep_layers, "--keep-layers")) if keep_layers else frozenset(),
+        embedding_bits=8 if embedding_bits is None else embedding_bits,
+    )
+    if embedding_bits is not None and Keep.EMBEDDING in scheme.keep:
+        raise OptionError("--embedding-bits contradicts --keep embedding (the embedding would stay unquantized)")
+    if accuracy_level is not None and accuracy_level not in range(5):
+        raise OptionError(f"--accuracy-level must be 0, 1, 2, 3 or 4, got {accuracy_level}")
+    return act, scheme
+
+
+def _items(values: str | Iterable[Any] | None) -> list[str]:
+    """The non-empty items of a comma-separated string or a list, stripped."""
+    if values is None:
+        return []
+    parts = values.split(",") if isinstance(values, str) else [str(v) for v in values]
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _parse_enum(enum_cls: Any, value: str, option: str) -> Any:
+    try:
+        return enum_cls(value.strip().lower())
+    except ValueError:
+        choices = " | ".join(m.value for m in enum_cls)
+        raise OptionError(f"{option} must be one of {choices}, got {value!r}") from None
+
+
+def _index_list(values: str | Iterable[int], what: str) -> list[int]:
+    text = values if isinstance(values, str) else ",".join(str(v) for v in values)
+    try:
+        indices = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise OptionError(f"{what} must be a comma-separated list of layer indices, got {text!r}") from None
+    if any(v < 0 for v in indices):
+        raise OptionError(f"{what} must list non-negative layer indices, got {text!r}")
+    return indices

@@ -1,0 +1,141 @@
+"""export_options(): the one export option policy, shared by the library and ``qwen-export export``.
+
+On a pre-quantized AWQ checkpoint (asymmetric int4, group 32; built by test_prequant's fixture) the
+library call and the CLI choose the same ExportOptions, say the same thing about how the target
+adapted them, and write the same quantization record into the manifest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_cli import invoke
+from test_prequant import KINDS, prequantized  # noqa: F401 - the AWQ checkpoint fixture
+
+from qwen_export import targets
+from qwen_export.artifact import Manifest, load_manifest
+from qwen_export.errors import OptionError
+from qwen_export.export import pipeline
+from qwen_export.export.options import ExportOptions, export_options
+from qwen_export.quant.scheme import PER_CHANNEL, Keep, QuantScheme, WeightFormat
+from qwen_export.spec import Target
+
+_, GROUP, BITS, SYM, _ = KINDS["awq"]
+REQUANTIZED_SYMMETRIC = "the checkpoint's asymmetric quantization is requantized symmetric"
+
+
+def _capture(monkeypatch: pytest.MonkeyPatch) -> list[ExportOptions]:
+    """Replace pipeline.export by a stand-in that records the options the CLI hands it."""
+    calls: list[ExportOptions] = []
+
+    def run(checkpoint, out, options, hooks=None):
+        calls.append(options)
+        Path(out).mkdir()
+        return Manifest(target=options.target.value, dtype=options.dtype.value, logits="last", spec={}, extra={})
+
+    monkeypatch.setattr(pipeline, "export", run)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("target", "flags", "keywords"),
+    [
+        ("onnxruntime", [], {}),
+        ("openvino", [], {}),
+        ("tensorrt", [], {}),
+        ("onnxruntime", ["--weights", "int4", "--block-size", "64"], {"weights": "int4", "block_size": 64}),
+        ("onnxruntime", ["--weights", "int8"], {"weights": "int8"}),
+        ("onnxruntime", ["--weights", "fp16"], {"weights": "fp16"}),
+        ("tensorrt", ["--weights", "int4", "--max-batch", "2"], {"weights": "int4", "max_batch": 2}),
+    ],
+)
+def test_library_and_cli_choose_the_same_options(
+    prequantized,  # noqa: F811 - the fixture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    target: str,
+    flags: list[str],
+    keywords: dict,
+) -> None:
+    directory, _ = prequantized("awq")
+    said: list[str] = []
+    library = export_options(directory, target=target, message=said.append, **keywords)
+    calls = _capture(monkeypatch)
+    result = invoke("export", directory, "-o", tmp_path / "art", "--target", target, *flags)
+    assert result.exit_code == 0, result.output
+    assert calls == [library]
+    for text in said:  # what the target changed, printed by the CLI as the library reported it
+        assert text in result.output.replace("\n", " ")
+    if target == "tensorrt" and not keywords:
+        assert len(said) >= 1 and REQUANTIZED_SYMMETRIC in said[0]
+
+
+def test_a_prequantized_checkpoint_keeps_its_quantization_by_default(prequantized) -> None:  # noqa: F811
+    directory, _ = prequantized("awq")
+    own = export_options(directory).quant
+    assert own is not None and (own.bits, own.block_size, own.symmetric) == (BITS, GROUP, SYM)
+    assert Keep.EMBEDDING in own.keep
+    same_bits = export_options(directory, weights=f"int{BITS}").quant  # its group size and symmetry
+    assert same_bits is not None and (same_bits.block_size, same_bits.symmetric) == (GROUP, SYM)
+    given = export_options(directory, weights=f"int{BITS}", block_size=128, symmetric=True).quant
+    assert given is not None and (given.block_size, given.symmetric) == (128, True)
+    assert export_options(directory, weights="fp16").quant is None  # a float export of the dequantized weights
+    said: list[str] = []
+    trt = export_options(directory, target="tensorrt", message=said.append)
+    assert trt.quant is not None and trt.quant.symmetric and REQUANTIZED_SYMMETRIC in said[0]
+    with pytest.raises(OptionError, match="drop --asymmetric"):  # asked for: refused, not adapted
+        export_options(directory, target="tensorrt", weights=f"int{BITS}", symmetric=False)
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_library_and_cli_write_the_same_quantization_record(
+    prequantized,  # noqa: F811 - the fixture
+    tmp_path: Path,
+    target: str,
+) -> None:
+    directory, _ = prequantized("awq")
+    result = invoke("export", directory, "-o", tmp_path / "cli", "--target", target)
+    assert result.exit_code == 0, result.output
+    manifest = pipeline.export(directory, tmp_path / "library", export_options(directory, target=target))
+    from_cli = load_manifest(tmp_path / "cli").extra["quantization"]
+    from_library = manifest.extra["quantization"]
+    assert from_cli == from_library
+    assert from_cli["prequantized"]["method"] == "awq"
+    assert (from_cli["weights"], from_cli["block_size"]) == (f"int{BITS}", GROUP)
+    if target == "onnxruntime":  # kept as stored: nothing requantized
+        assert from_cli["symmetric"] is SYM and from_cli["requantized"] == []
+    else:  # TensorRT needs zero points of zero: requantized symmetric, and the CLI said so
+        assert from_cli["symmetric"] is True and from_cli["requantized"]
+        assert REQUANTIZED_SYMMETRIC in result.output.replace("\n", " ")
+
+
+def test_plain_values_and_lists(qwen2_tied: Path) -> None:
+    options = export_options(
+        qwen2_tied, weights="int4", keep=["embedding"], keep_layers=[0, 1], dtype="fp16", logits="all", max_length=64
+    )
+    assert options == export_options(
+        qwen2_tied, weights="int4", keep="embedding", keep_layers="0,1", dtype="fp16", logits="all", max_length=64
+    )
+    assert options.quant == QuantScheme(
+        WeightFormat.INT4, keep=frozenset({Keep.EMBEDDING}), keep_layers=frozenset({0, 1})
+    )
+    assert export_options() == ExportOptions()  # no flags: the defaults
+
+
+def test_target_policy_comes_from_the_registry(qwen2_tied: Path) -> None:
+    """Options only some targets take name those targets (from the registry); the TensorRT backend
+    refuses what it cannot honour and adapts int8 to per-channel when the export runs."""
+    owners = [b.target.value for b in targets.registered() if "max_batch" in b.own_options]
+    assert owners == [Target.TENSORRT.value]
+    with pytest.raises(OptionError, match="--max-batch applies to --target tensorrt only"):
+        export_options(qwen2_tied, max_batch=2)
+    assert export_options(qwen2_tied, target="tensorrt", max_batch=2).max_batch == 2
+    with pytest.raises(OptionError, match="keeps the embedding"):
+        export_options(qwen2_tied, target="tensorrt", weights="int4", embedding_bits=4)
+    with pytest.raises(OptionError, match="MatMulNBits"):
+        export_options(qwen2_tied, target="tensorrt", weights="int4", accuracy_level=1)
+    said: list[str] = []
+    options = export_options(qwen2_tied, target="tensorrt", weights="int8")
+    adapted = options.backend.adapt_options(options, said.append)
+    assert adapted.quant.block_size == PER_CHANNEL and any("per output channel" in s for s in said)
