@@ -32,7 +32,8 @@ from qwen_export.export.pipeline import export as run_export
 from qwen_export.spec import ModelSpec, Target
 from qwen_export.targets.onnxruntime.engine import OnnxRuntimeEngine
 from qwen_export.targets.tensorrt import engine as trt_target
-from qwen_export.targets.tensorrt.engine import BuildOptions, TensorRTEngine, TensorRTOptions, build_engine, recipe
+from qwen_export.targets.tensorrt.build import BuildOptions, build_engine, recipe
+from qwen_export.targets.tensorrt.engine import TensorRTEngine, TensorRTOptions
 
 CAPACITY = 64
 CPU = torch.device("cpu")

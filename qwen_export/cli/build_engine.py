@@ -31,8 +31,8 @@ def build_engine(
     """
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from qwen_export.targets.tensorrt.engine import BuildOptions
-    from qwen_export.targets.tensorrt.engine import build_engine as build
+    from qwen_export.targets.tensorrt.build import BuildOptions
+    from qwen_export.targets.tensorrt.build import build_engine as build
 
     options = BuildOptions(
         max_batch=max_batch,

@@ -105,7 +105,7 @@ class TensorRTTarget:
     def emit(self, model: Any, out: Path, job: EmitJob) -> dict[str, Any]:
         """model.onnx + model.onnx.data and the engine-build recipe (engines are built on the GPU)."""
         from qwen_export.onnx_writer import io_signature
-        from qwen_export.targets.tensorrt.engine import emit
+        from qwen_export.targets.tensorrt.build import emit
 
         extra = emit(
             model,

@@ -1,58 +1,8 @@
-"""TensorRT target: emit the standard-op ONNX graph and its build recipe, build engines on the GPU,
-run them behind the Engine protocol.
+"""TensorRT target, runtime side: run a built engine behind the Engine protocol.
 
-Three stages::
-
-    export (any machine)   emit(): OUT/model.onnx + model.onnx.data (strongly typed, opset 24,
-                           standard ops; fixed-capacity KV buffers written with TensorScatter at
-                           ``cache_position``, see passes/kv_tensor_scatter.py) and
-                           manifest.extra["tensorrt"] = recipe(...)
-    build (on the GPU)     build_engine(): OnnxParser -> two optimization profiles (0 "prefill",
-                           1 "decode") -> OUT/engines/<gpu>-sm<cc>-trt<version>.plan (+ .json: the
-                           recipe used, TensorRT version, build seconds); the builder's timing
-                           cache is kept in OUT/engines/timing.cache. Engines are device-specific
-                           and not part of manifest.json's checksums.
-    run (on the GPU)       TensorRTEngine: one execution context; torch CUDA tensors as device
-                           buffers; each KV buffer [batch, kv_heads, capacity, head_dim] is bound
-                           with ``set_tensor_address`` as both ``past_key_values.*`` and
-                           ``present.*``: TensorRT imports ONNX TensorScatter as its KV-cache
-                           update layer (IKVCacheUpdateLayer, TensorRT 10.15+), which documents
-                           exactly this: the cache is a network input, the updated cache a
-                           network output, and both must share one device address.
-
-What has and has not been run. TensorRT cannot be installed where this module was written (no
-GPU; its wheels fetch libraries from an unreachable host). :func:`recipe` and :func:`emit` run in
-the test suite. :func:`build_engine` and :class:`TensorRTEngine` ran only against the stand-in
-``tensorrt`` module of ``tests/test_tensorrt_engine.py`` (it records the calls, checks the shapes
-against the selected profile and executes model.onnx with ONNX Runtime on the bound CPU tensors):
-that checks the control flow (profiles, bindings, in-place KV, truncate, chunked prefill, the
-CUDA-graph bookkeeping) and parity with the ONNX Runtime engine, not TensorRT itself. Neither has
-been run with a real TensorRT, a GPU, or real CUDA graphs; the test that does is skipped here.
-
-TensorRT Python API used (10.x; names checked against NVIDIA's docs and the Python binding
-docstrings in github.com/NVIDIA/TensorRT ``python/docstrings/infer/pyCoreDoc.h`` and
-``python/docstrings/parsers/pyOnnxDoc.h``, and the samples ``samples/python/common_runtime.py``,
-``samples/python/detectron2/build_engine.py``, ``samples/python/strongly_type_autocast/sample.py``):
-
-- build: ``trt.Logger(trt.Logger.WARNING)``, ``trt.Builder(logger)``,
-  ``builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))``,
-  ``trt.OnnxParser(network, logger)``, ``parser.parse_from_file(path)`` (external data is read
-  next to the file), ``parser.num_errors`` / ``parser.get_error(i)`` (``desc()``, ``node_name()``,
-  ``node_operator()``), ``network.num_inputs`` / ``network.get_input(i).name``,
-  ``builder.create_builder_config()``,
-  ``config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, bytes)``,
-  ``config.builder_optimization_level`` (0..5, default 3), ``config.create_timing_cache(blob)``
-  (``b""`` = new), ``config.set_timing_cache(cache, ignore_mismatch=False)``,
-  ``cache.serialize()``, ``builder.create_optimization_profile()``,
-  ``profile.set_shape(name, min, opt, max)``, ``config.add_optimization_profile(profile)``
-  (returns the index), ``builder.build_serialized_network(network, config)`` (None on failure).
-  Strongly typed networks take their precision from the graph: no FP16/INT8 builder flags are set.
-- run: ``trt.Runtime(logger).deserialize_cuda_engine(plan)``, ``engine.num_io_tensors``,
-  ``engine.get_tensor_name(i)``, ``engine.get_tensor_mode(name)`` (``trt.TensorIOMode.INPUT``),
-  ``engine.num_optimization_profiles``, ``engine.create_execution_context()`` (profile 0 is
-  selected by default), ``context.set_optimization_profile_async(index, stream_handle)``,
-  ``context.set_input_shape(name, shape)``, ``context.set_tensor_address(name, ptr)``,
-  ``context.execute_async_v3(stream_handle)``, with a non-default ``torch.cuda.Stream``.
+The graph and its build recipe are written, and engines built on the GPU, by
+:mod:`qwen_export.targets.tensorrt.build` (its docstring has the three stages and what has and
+has not been run).
 
 CUDA graphs (``TensorRTOptions(cuda_graphs=True)``): decode steps run with the attention mask
 padded with zeros to the full capacity (the graph accepts it: columns past the cache are masked),
@@ -62,19 +12,15 @@ usual (TensorRT wants one enqueue after shape changes before a capture), then on
 ``torch.cuda.CUDAGraph`` is captured on the engine's stream for that batch size; later decode
 steps copy their inputs into the static buffers and call ``graph.replay()``. A prefill switches
 to profile 0, which drops the captured graphs (the context's shape state changed), so each
-decode run after a prefill captures once.
-"""
+decode run after a prefill captures once."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
-import os
 import re
-import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,15 +31,7 @@ from qwen_export.errors import ArtifactError, EngineUnavailableError, Generation
 from qwen_export.spec import ModelSpec
 from qwen_export.targets.base import EngineCapabilities, Truncation, plan_truncate, prepare_step
 
-__all__ = [
-    "BuildOptions",
-    "TensorRTEngine",
-    "TensorRTOptions",
-    "build_engine",
-    "emit",
-    "engine_slug",
-    "recipe",
-]
+__all__ = ["TensorRTEngine", "TensorRTOptions", "engine_slug"]
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -166,112 +104,6 @@ def _kv_names(layers: int) -> list[str]:
     return [f"{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
 
 
-def recipe(
-    spec: ModelSpec | dict[str, Any], *, capacity: int, dtype: str, max_batch: int, max_prompt: int
-) -> dict[str, Any]:
-    """The build recipe ``manifest.extra["tensorrt"]`` records (pure Python, JSON-serializable).
-
-    Two optimization profiles, in this order (the engine selects them by index):
-
-    - ``prefill`` (index 0): batch 1..max_batch, sequence 1..max_prompt, attention_width 1..capacity
-    - ``decode`` (index 1): batch 1..max_batch, sequence 1, attention_width 1..capacity
-
-    Each maps every input to ``{"min", "opt", "max"}`` shapes. The KV inputs
-    ``past_key_values.{i}.key/value`` are [batch, kv_heads, capacity, head_dim]: only the batch
-    varies. ``opt`` is batch 1 (one conversation), a prompt of min(max_prompt, 128) for prefill and
-    attention_width = capacity for decode (the shape CUDA-graph decoding runs at).
-    """
-    if isinstance(spec, dict):
-        spec = ModelSpec.from_dict(spec)
-    if dtype not in ("fp16", "fp32"):
-        raise OptionError(f"unknown TensorRT precision {dtype!r}; valid values: fp16, fp32")
-    for name, value in (("capacity", capacity), ("max_batch", max_batch), ("max_prompt", max_prompt)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise OptionError(f"TensorRT {name} must be a positive integer, got {value!r}")
-    if max_prompt > capacity:
-        raise OptionError(
-            f"TensorRT max_prompt {max_prompt} exceeds the KV capacity {capacity}; "
-            "lower the prompt limit or re-export with a larger --max-length"
-        )
-    kv_heads, head_dim = spec.num_key_value_heads, spec.head_dim
-
-    def profile(name: str, seq: tuple[int, int, int], width: tuple[int, int, int]) -> dict[str, Any]:
-        batch = (1, 1, max_batch)
-        shapes: dict[str, dict[str, list[int]]] = {}
-        for idx, key in enumerate(("min", "opt", "max")):
-            b, s, w = batch[idx], seq[idx], width[idx]
-            for inp, shape in (
-                ("input_ids", [b, s]),
-                ("attention_mask", [b, w]),
-                ("position_ids", [b, s]),
-                ("cache_position", [s]),
-            ):
-                shapes.setdefault(inp, {})[key] = shape
-            for kv in _kv_names(spec.num_hidden_layers):
-                shapes.setdefault(f"past_key_values.{kv}", {})[key] = [b, kv_heads, capacity, head_dim]
-        return {"name": name, "shapes": shapes}
-
-    opt_prompt = min(max_prompt, 128)
-    return {
-        "onnx": MODEL_FILE,
-        "capacity": capacity,
-        "precision": dtype,
-        "strongly_typed": True,
-        "workspace": DEFAULT_WORKSPACE,
-        "max_batch": max_batch,
-        "max_prompt": max_prompt,
-        "profiles": [
-            profile("prefill", (1, opt_prompt, max_prompt), (1, opt_prompt, capacity)),
-            profile("decode", (1, 1, 1), (1, capacity, capacity)),
-        ],
-    }
-
-
-def emit(
-    model: Any,
-    out_dir: Path,
-    progress: Callable[[int, int], None] | None = None,
-    *,
-    spec: ModelSpec | dict[str, Any],
-    capacity: int,
-    dtype: str,
-    max_batch: int,
-    max_prompt: int,
-) -> dict[str, Any]:
-    """Write ``model.onnx`` + ``model.onnx.data`` (exactly as the ONNX Runtime target does) and
-    return the manifest extras ``{"tensorrt": recipe(...)}``. The recipe is checked before any
-    byte is written. Engines are built later, on the GPU, by :func:`build_engine`."""
-    from qwen_export.onnx_writer import write_onnx
-
-    built = recipe(spec, capacity=capacity, dtype=dtype, max_batch=max_batch, max_prompt=max_prompt)
-    write_onnx(model, Path(out_dir), MODEL_FILE, DATA_FILE, progress)
-    return {"tensorrt": built}
-
-
-# ---------------------------------------------------------------------------------------- build
-@dataclasses.dataclass(frozen=True)
-class BuildOptions:
-    """How ``build-engine`` builds. ``max_batch`` / ``max_prompt`` / ``workspace`` (bytes): None =
-    the recipe's. ``optimization_level``: TensorRT's builder_optimization_level, 0 (fast build) to
-    5 (slowest build, best engine); 3 is TensorRT's default. ``timing_cache``: load and save
-    ``engines/timing.cache`` so rebuilds skip kernel timing."""
-
-    max_batch: int | None = None
-    max_prompt: int | None = None
-    workspace: int | None = None
-    timing_cache: bool = True
-    optimization_level: int = 3
-    device: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch", "max_prompt", "workspace"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise OptionError(f"build-engine {name} must be a positive integer, got {value!r}")
-        if not 0 <= self.optimization_level <= 5:
-            raise OptionError(f"TensorRT optimization level must be 0..5, got {self.optimization_level}")
-
-
 def _tensorrt_manifest(directory: Path, manifest: Manifest | None = None) -> tuple[Manifest, dict[str, Any]]:
     manifest = manifest or load_manifest(directory)
     if manifest.target != "tensorrt":
@@ -284,143 +116,6 @@ def _tensorrt_manifest(directory: Path, manifest: Manifest | None = None) -> tup
     return manifest, built
 
 
-def _atomic_write(path: Path, data: Any) -> None:
-    """Write ``data`` (bytes or any buffer, e.g. TensorRT's IHostMemory) to a temporary file next
-    to ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _parser_errors(parser: Any) -> list[str]:
-    out = []
-    for i in range(parser.num_errors):
-        err = parser.get_error(i)
-        try:
-            where = " ".join(x for x in (err.node_operator(), err.node_name()) if x)
-            out.append(f"{where}: {err.desc()}" if where else str(err.desc()))
-        except AttributeError:
-            out.append(str(err))
-    return out
-
-
-def build_engine(
-    artifact_dir: str | Path,
-    options: BuildOptions | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    message: Callable[[str], None] = lambda text: None,
-    *,
-    trt_module: Any = None,
-    torch_device: Any = None,
-) -> Path:
-    """Build the TensorRT engine of a ``--target tensorrt`` artifact for this GPU; return its path.
-
-    Parses ``model.onnx`` (strongly typed network), adds the recipe's two optimization profiles
-    (with ``max_batch`` / ``max_prompt`` overrides applied), loads the timing cache, builds, and
-    writes ``engines/<slug>.plan``, ``engines/<slug>.json`` and ``engines/timing.cache``
-    atomically. ``progress(step, 4)`` after parse, configure, build and write. Raises
-    EngineUnavailableError (no TensorRT / CUDA), ArtifactError (parse or build failure).
-    """
-    options = options or BuildOptions()
-    root = Path(artifact_dir)
-    manifest, base = _tensorrt_manifest(root)
-    spec = ModelSpec.from_dict(manifest.spec)
-    used = recipe(
-        spec,
-        capacity=int(base["capacity"]),
-        dtype=str(base["precision"]),
-        max_batch=options.max_batch or int(base["max_batch"]),
-        max_prompt=options.max_prompt or int(base["max_prompt"]),
-    )
-    used["workspace"] = options.workspace or int(base.get("workspace", DEFAULT_WORKSPACE))
-    trt = trt_module if trt_module is not None else _trt()
-    device = torch_device if torch_device is not None else _cuda_device(options.device)
-    if device.type == "cuda":
-        _torch().cuda.set_device(device)  # the builder builds for the current CUDA device
-    onnx_path = root / str(base.get("onnx", MODEL_FILE))
-    if not onnx_path.is_file():
-        raise ArtifactError(f"{onnx_path}: missing; re-export the artifact")
-    step = progress or (lambda done, total: None)
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    message(f"parsing {onnx_path} with TensorRT {trt.__version__}")
-    if not parser.parse_from_file(os.fspath(onnx_path)):
-        errors = _parser_errors(parser)
-        raise ArtifactError(
-            f"{onnx_path}: TensorRT {trt.__version__} could not parse it ({len(errors)} error(s)): "
-            + " | ".join(errors[:5] or ["no error reported"])
-        )
-    step(1, 4)
-    expected = {name for name in used["profiles"][0]["shapes"]}
-    found = {network.get_input(i).name for i in range(network.num_inputs)}
-    if found != expected:
-        raise ArtifactError(
-            f"{onnx_path}: its inputs do not match the recipe (missing {sorted(expected - found)}, "
-            f"unexpected {sorted(found - expected)}); re-export the artifact"
-        )
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(used["workspace"]))
-    config.builder_optimization_level = options.optimization_level
-    engines = root / ENGINES_DIR
-    engines.mkdir(exist_ok=True)
-    cache_path = engines / TIMING_CACHE
-    cache = None
-    if options.timing_cache:
-        blob = cache_path.read_bytes() if cache_path.is_file() else b""
-        cache = config.create_timing_cache(blob)
-        if not config.set_timing_cache(cache, ignore_mismatch=False):
-            message(f"{cache_path} was made on another GPU or TensorRT; starting a new timing cache")
-            cache = config.create_timing_cache(b"")
-            config.set_timing_cache(cache, ignore_mismatch=False)
-    for index, entry in enumerate(used["profiles"]):
-        profile = builder.create_optimization_profile()
-        for name, shape in entry["shapes"].items():
-            profile.set_shape(name, shape["min"], shape["opt"], shape["max"])
-        if config.add_optimization_profile(profile) != index:
-            raise ArtifactError(f"TensorRT rejected the {entry['name']!r} optimization profile of {root}'s recipe")
-    step(2, 4)
-
-    slug = engine_slug(trt, device)
-    message(f"building the TensorRT engine {slug} (batch <= {used['max_batch']}, prompt <= {used['max_prompt']})")
-    start = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - start
-    if plan is None:
-        raise ArtifactError(
-            f"TensorRT {trt.__version__} could not build an engine from {onnx_path} (the log above says why); "
-            "try a smaller --max-batch / --max-prompt or a larger --workspace"
-        )
-    step(3, 4)
-    plan_path = engines / f"{slug}.plan"
-    _atomic_write(plan_path, plan)
-    info = {
-        "slug": slug,
-        "tensorrt": str(trt.__version__),
-        "device": str(device),
-        "build_seconds": round(seconds, 3),
-        "optimization_level": options.optimization_level,
-        "onnx_sha256": manifest.files.get(MODEL_FILE),
-        "recipe": used,
-    }
-    _atomic_write(plan_path.with_suffix(".json"), json.dumps(info, indent=1).encode())
-    if cache is not None:
-        _atomic_write(cache_path, cache.serialize())
-    step(4, 4)
-    message(f"wrote {plan_path} in {seconds:.1f} s")
-    return plan_path
-
-
-# ---------------------------------------------------------------------------------------- run
 @dataclasses.dataclass(frozen=True)
 class TensorRTOptions:
     """``device``: the CUDA device index. ``cuda_graphs``: replay decode steps as CUDA graphs
