@@ -68,17 +68,7 @@ def _export(
         from qwen_export.passes.quantize import check_scheme
 
         check_scheme(options.quant, spec.num_hidden_layers)
-    calibration: dict[str, Any] | None = None
-    stats = None
-    if options.quant is not None and options.quant.algorithm is QuantAlgorithm.AWQ:
-        from qwen_export.export import calibration as calib
-
-        text, source = calib.calibration_text(options.calibration)
-        ids = calib.calibration_tokens(Tokenizer.from_dir(ckpt.directory), text, source)
-        calibration = {"tokens": len(ids), "source": source}
-        timer.start("calibrate")
-        stats = calib.collect_activation_stats(ckpt, spec, ids)
-
+    calibration, stats = _calibrate(ckpt, options, timer)
     timer.start("trace")
     from qwen_export.export.trace import TraceOptions, bind_weights, trace
 
@@ -90,16 +80,8 @@ def _export(
 
     dump = _Dumper(options.dump_dir)
     dump("traced", model)
-    context = PassContext(
-        strict=options.strict,
-        explain=_MessageStream(hooks.message) if options.explain else None,
-        max_length=max_length,
-        quant=options.quant,
-        accuracy_level=options.accuracy_level,
-        calibration_stats=stats,
-    )
     report = PassReport()
-    passes, kv_layout = backend.passes(spec, options.fuse, context, report)
+    passes, kv_layout = backend.passes(spec, options.fuse, _pass_context(options, hooks, max_length, stats), report)
     records, kv_layout = run_passes(model, passes, kv_layout, dump)
 
     timer.start("emit")
@@ -125,21 +107,7 @@ def _export(
             "bytes_per_token": spec.kv_bytes_per_token(options.graph_dtype),
         }
         io_signature = target_extra.pop("io")
-        extra: dict[str, Any] = {}
-        from qwen_export.quant.prequant import record as prequant_record
-
-        source_quant = prequant_record(ckpt)
-        if options.quant is not None:
-            extra["quantization"] = quantization_record(options, report.quantization_kept)
-            if calibration is not None:
-                extra["quantization"]["calibration"] = calibration
-            if source_quant is not None:
-                extra["quantization"]["prequantized"] = source_quant
-                extra["quantization"]["requantized"] = [
-                    {"tensor": name, "reason": why} for name, why in report.quantization_requantized.items()
-                ]
-        elif source_quant is not None:
-            extra["dequantized_from"] = source_quant
+        extra = _quantization_extra(ckpt, options, report, calibration)
         staging.manifest_fields.update(
             target=options.target.value,
             dtype=options.dtype.value,
@@ -157,6 +125,50 @@ def _export(
             },
         )
     return artifact.load_manifest(out, verify=False)
+
+
+def _pass_context(options: ExportOptions, hooks: ExportHooks, max_length: int, stats: Any) -> PassContext:
+    return PassContext(
+        strict=options.strict,
+        explain=_MessageStream(hooks.message) if options.explain else None,
+        max_length=max_length,
+        quant=options.quant,
+        accuracy_level=options.accuracy_level,
+        calibration_stats=stats,
+    )
+
+
+def _calibrate(ckpt: Checkpoint, options: ExportOptions, timer: _PhaseTimer) -> tuple[dict[str, Any] | None, Any]:
+    """AWQ: the calibration record and the activation statistics (None, None for other schemes)."""
+    if options.quant is None or options.quant.algorithm is not QuantAlgorithm.AWQ:
+        return None, None
+    from qwen_export.export import calibration as calib
+
+    text, source = calib.calibration_text(options.calibration)
+    ids = calib.calibration_tokens(Tokenizer.from_dir(ckpt.directory), text, source)
+    timer.start("calibrate")
+    return {"tokens": len(ids), "source": source}, calib.collect_activation_stats(ckpt, ckpt.spec, ids)
+
+
+def _quantization_extra(
+    ckpt: Checkpoint, options: ExportOptions, report: PassReport, calibration: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The manifest's ``extra`` entries about quantization: the scheme used (with calibration and the
+    source's stored quantization, when any), or what a float export was dequantized from."""
+    from qwen_export.quant.prequant import record as prequant_record
+
+    source_quant = prequant_record(ckpt)
+    if options.quant is None:
+        return {} if source_quant is None else {"dequantized_from": source_quant}
+    record = quantization_record(options, report.quantization_kept)
+    if calibration is not None:
+        record["calibration"] = calibration
+    if source_quant is not None:
+        record["prequantized"] = source_quant
+        record["requantized"] = [
+            {"tensor": name, "reason": why} for name, why in report.quantization_requantized.items()
+        ]
+    return {"quantization": record}
 
 
 def quantization_record(options: ExportOptions, kept: dict[str, str]) -> dict[str, Any]:
