@@ -20,18 +20,24 @@ from typing import Any
 from qwen_export.errors import ConfigError, OptionError
 
 
+def parse_choice(enum_cls: type[enum.Enum], value: Any, what: str | None = None) -> Any:
+    """The member of ``enum_cls`` whose value is ``value`` (case-insensitive, spaces stripped);
+    otherwise an OptionError that lists the valid values. The one parser of every option enum."""
+    if isinstance(value, enum_cls):
+        return value
+    for member in enum_cls:
+        if member.value == str(value).strip().lower():
+            return member
+    valid = ", ".join(str(m.value) for m in enum_cls)
+    raise OptionError(f"unknown {what or enum_cls.__name__} {value!r}; valid values: {valid}")
+
+
 class _ChoiceEnum(str, enum.Enum):
     """A string enum whose parse error lists the valid values."""
 
     @classmethod
     def parse(cls, value: str | _ChoiceEnum, what: str | None = None) -> Any:
-        if isinstance(value, cls):
-            return value
-        for member in cls:
-            if member.value == str(value).lower():
-                return member
-        valid = ", ".join(m.value for m in cls)
-        raise OptionError(f"unknown {what or cls.__name__} {value!r}; valid values: {valid}")
+        return parse_choice(cls, value, what)
 
     def __str__(self) -> str:
         return str(self.value)

@@ -427,11 +427,11 @@ def test_cli_int4_asymmetric(qwen2_tied: Path, tmp_path: Path, export) -> None:
     ("args", "fragment"),
     [
         (["--block-size", "64"], "only apply to quantized weights"),
-        (["--weights", "int3"], "--weights must be one of"),
+        (["--weights", "int3"], "unknown --weights 'int3'; valid values: fp32, fp16, int8, int4"),
         (["--weights", "fp16", "--dtype", "fp32"], "contradicts"),
         (["--weights", "int4", "--block-size", "48"], "--block-size must be 32, 64 or 128"),
         (["--weights", "int8", "--algorithm", "awq", "--calibration", "missing.txt"], "file not found"),
-        (["--weights", "int8", "--keep", "embedding,norm"], "--keep must be one of"),
+        (["--weights", "int8", "--keep", "embedding,norm"], "unknown --keep 'norm'; valid values: embedding, lm_head"),
         (["--weights", "int8", "--keep-layers", "0,x"], "--keep-layers"),
         (["--weights", "int8", "--keep-layers", "2"], "the model has layers 0..1"),
         (["--weights", "int8", "--accuracy-level", "5"], "--accuracy-level"),

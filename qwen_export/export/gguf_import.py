@@ -24,6 +24,7 @@ renamed into place at the end, and removed on any error, Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import json
 import math
@@ -40,12 +41,22 @@ import numpy as np
 from qwen_export.artifact import check_output_dir, make_temp_dir, move_into_place, sigterm_raises
 from qwen_export.errors import CheckpointError, ConfigError, OptionError
 from qwen_export.export.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, expected_tensors
-from qwen_export.spec import ModelSpec
+from qwen_export.spec import ModelSpec, parse_choice
 
 #: GGUF ``general.architecture`` -> Hugging Face ``architectures`` entry.
 SUPPORTED_GGUF_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 #: ``--dtype`` values -> (safetensors dtype name, config.json torch_dtype).
 OUTPUT_DTYPES = {"bf16": ("BF16", "bfloat16"), "fp16": ("F16", "float16"), "fp32": ("F32", "float32")}
+
+
+class OutputDType(enum.Enum):
+    """The precisions a converted checkpoint's weights can be written in."""
+
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
 #: Upper bound of one safetensors shard (bytes of tensor data).
 MAX_SHARD_BYTES = 2 * 10**9
 #: Elements dequantized at once (64 MiB of float32): bounds the memory a large tensor needs.
@@ -118,8 +129,7 @@ def convert_gguf(
     message, leaving ``out_dir`` untouched. Returns ``out_dir``.
     """
     path, out = Path(path), Path(out_dir)
-    if dtype not in OUTPUT_DTYPES:
-        raise OptionError(f"unknown dtype {dtype!r}; valid values: {', '.join(OUTPUT_DTYPES)}")
+    dtype = parse_choice(OutputDType, dtype, "dtype").value
     if max_shard_bytes < 1:
         raise OptionError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     _check_output_dir(out, overwrite)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from qwen_export import targets
 from qwen_export.errors import OptionError, QwenExportError
 from qwen_export.quant.scheme import Keep, QuantAlgorithm, QuantScheme, WeightFormat
-from qwen_export.spec import DType, LogitsMode, ModelSpec, Target
+from qwen_export.spec import DType, LogitsMode, ModelSpec, Target, parse_choice
 
 if TYPE_CHECKING:
     from qwen_export.targets.protocol import TargetBackend
@@ -193,7 +193,7 @@ def weight_options(
     embedding_bits: int | None = None,
 ) -> tuple[DType, QuantScheme | None]:
     """``(activation dtype, QuantScheme or None)`` from the export's precision options."""
-    fmt = _parse_enum(WeightFormat, weights, "--weights") if weights is not None else None
+    fmt = parse_choice(WeightFormat, weights, "--weights") if weights is not None else None
     act = DType.parse(dtype, "dtype") if dtype is not None else None
     if fmt is not None and fmt.bits is None:  # --weights fp32/fp16 is --dtype
         same = DType.parse(fmt.value, "dtype")
@@ -219,16 +219,14 @@ def weight_options(
         fmt=fmt,
         block_size=32 if block_size is None else block_size,
         symmetric=True if symmetric is None else symmetric,
-        algorithm=_parse_enum(QuantAlgorithm, algorithm, "--algorithm") if algorithm else QuantAlgorithm.RTN,
-        keep=frozenset(_parse_enum(Keep, k, "--keep") for k in _items(keep)),
+        algorithm=parse_choice(QuantAlgorithm, algorithm, "--algorithm") if algorithm else QuantAlgorithm.RTN,
+        keep=frozenset(parse_choice(Keep, k, "--keep") for k in _items(keep)),
         keep_layers=frozenset(_index_list(keep_layers, "--keep-layers")) if keep_layers else frozenset(),
         embedding_bits=8 if embedding_bits is None else embedding_bits,
     )
     if embedding_bits is not None and Keep.EMBEDDING in scheme.keep:
         raise OptionError("--embedding-bits contradicts --keep embedding (the embedding would stay unquantized)")
-    if accuracy_level is not None and accuracy_level not in range(5):
-        raise OptionError(f"--accuracy-level must be 0, 1, 2, 3 or 4, got {accuracy_level}")
-    return act, scheme
+    return act, scheme  # --accuracy-level's range: ExportOptions checks it
 
 
 def _items(values: str | Iterable[Any] | None) -> list[str]:
@@ -237,14 +235,6 @@ def _items(values: str | Iterable[Any] | None) -> list[str]:
         return []
     parts = values.split(",") if isinstance(values, str) else [str(v) for v in values]
     return [p.strip() for p in parts if p.strip()]
-
-
-def _parse_enum(enum_cls: Any, value: str, option: str) -> Any:
-    try:
-        return enum_cls(value.strip().lower())
-    except ValueError:
-        choices = " | ".join(m.value for m in enum_cls)
-        raise OptionError(f"{option} must be one of {choices}, got {value!r}") from None
 
 
 def _index_list(values: str | Iterable[int], what: str) -> list[int]:
