@@ -58,7 +58,7 @@ class KVCachePrecision(_ChoiceEnum):
     """OpenVINO's KV_CACHE_PRECISION. F32 (our default) keeps the cache exact with f32 compute (with
     bf16 or f16 compute it is held in that precision: :attr:`OpenVINOOptions.effective_kv_cache`);
     AUTO leaves OpenVINO's default, u8 on x86 CPUs, which openvino-genai runs with: faster on long
-    contexts but measured here at 0.43 max logit error on a tiny random model after 8 steps (f16: 0.019)."""
+    contexts, not exact (its logit error: README.md, "--target openvino")."""
 
     AUTO = "auto"
     F32 = "f32"
@@ -73,7 +73,7 @@ class Attention(_ChoiceEnum):
     STATEFUL runs the artifact as saved: OpenVINO's SDPA with the cache in the request's state.
     PAGED rewrites it at load with OpenVINO's SDPAToPagedAttention (the model openvino-genai runs
     on CPU by default): PagedAttention over a block KV cache the engine allocates and hands in.
-    Measured at least as fast (faster on a 0.5B, level on the 1.5B; benchmarks/README.md); it refuses sliding-window
+    At least as fast as STATEFUL (benchmarks/README.md has the figures); it refuses sliding-window
     layers (the rewrite drops the graph's window masks). AUTO (the default): PAGED, or STATEFUL
     for a model with sliding-window layers."""
 
@@ -149,8 +149,8 @@ def unflatten_lm_head(ov_model: Any) -> bool:
     the logits Result (``find_llm_matmul``: MatMul, or MatMul -> Add/Transpose) and, on its default
     paged-attention backend, where every token is a row of the batch, inserts a Gather of the
     sampled tokens in front of it. With the Reshapes around it that match fails and openvino-genai
-    computes the full-vocabulary logits of every prompt token: on a 0.5B model at 512 tokens the
-    prompt took 1.3x as long. ``MatMul([B, S, H], W, transpose_b)`` computes the same logits.
+    computes the full-vocabulary logits of every prompt token (benchmarks/README.md: what it cost).
+    ``MatMul([B, S, H], W, transpose_b)`` computes the same logits.
     """
     from openvino import opset13
 
