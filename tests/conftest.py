@@ -49,6 +49,24 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"cpu: {cpu_description()}"
 
 
+#: engine labels of the parity suite -> the xdist group that also runs that engine's own module
+_ENGINE_GROUPS = {"openvino": "openvino", "openvino-stateful": "openvino", "tensorrt": "tensorrt"}
+_MODULE_GROUPS = {"test_openvino": "openvino", "test_tensorrt_engine": "tensorrt", "test_tensorrt_target": "tensorrt"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With ``-n N --dist loadgroup`` (the README's command) a group runs on one worker, so the
+    session-scoped exports a group needs are made once: a module is a group, except that the parity
+    suite is split by engine and each engine's part joins that engine's own module."""
+    for item in items:
+        module = item.module.__name__ if item.module is not None else item.nodeid
+        group = _MODULE_GROUPS.get(module, module)
+        if module == "test_parity":
+            engine = item.callspec.params.get("target") if hasattr(item, "callspec") else None
+            group = _ENGINE_GROUPS.get(engine, "parity-onnxruntime")
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """An xdist worker hands its noise-model headroom to the controller, which prints the summary."""
     workeroutput = getattr(session.config, "workeroutput", None)
