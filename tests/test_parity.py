@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,33 +15,28 @@ import reference
 import torch
 from noise import Noise, check_logits
 
+from qwen_export import targets
 from qwen_export.runtime.loader import LoadedArtifact, RuntimeOptions, open_artifact
-from qwen_export.spec import Target
 from qwen_export.targets.base import position_ids_from_mask
 
-#: every engine runs every parity test; a missing one is a visible skip
-ENGINES = [
-    "onnxruntime",
-    pytest.param(
-        "openvino",
-        marks=pytest.mark.skipif(
-            importlib.util.find_spec("openvino") is None,
-            reason="openvino is not installed: pip install 'qwen-export[openvino]'",
-        ),
-    ),
-    # the same OpenVINO artifact run as saved (the default runs it as PagedAttention over the
-    # engine's block cache, except for sliding-window models)
-    pytest.param(
-        "openvino-stateful",
-        marks=pytest.mark.skipif(
-            importlib.util.find_spec("openvino") is None,
-            reason="openvino is not installed: pip install 'qwen-export[openvino]'",
-        ),
-    ),
-    # the --target tensorrt graph (standard ops, fixed-capacity KV buffers scattered in place) run on
-    # ONNX Runtime CPU: TensorRT itself cannot run here (see tests/test_tensorrt_engine.py)
-    "tensorrt",
-]
+
+def _engine_runs() -> list[Any]:
+    """Every CPU run of every registered target (``TargetBackend.cpu_runs``), as pytest params:
+    label -> (export target, RuntimeOptions fields); a missing engine is a visible skip."""
+    params = []
+    for backend in targets.registered():
+        missing = importlib.util.find_spec(backend.cpu_module) is None
+        reason = f"{backend.cpu_module} is not installed: pip install 'qwen-export[{backend.target.value}]'"
+        for label, fields in backend.cpu_runs().items():
+            mark = pytest.mark.skipif(missing, reason=reason)
+            params.append(pytest.param(label, marks=mark, id=label))
+            RUNS[label] = (backend.target.value, fields)
+    return params
+
+
+#: engine label -> (the target whose artifact it runs, the RuntimeOptions fields of the run)
+RUNS: dict[str, tuple[str, dict[str, Any]]] = {}
+ENGINES = _engine_runs()
 
 
 @pytest.fixture(params=ENGINES)
@@ -49,21 +45,13 @@ def target(request: pytest.FixtureRequest) -> str:
 
 
 def _open(path: Path, target: str) -> LoadedArtifact:
-    """Load an artifact on the engine that verifies it here (TensorRT's graph: ONNX Runtime CPU)."""
-    if target == STATEFUL:
-        from qwen_export.targets.openvino.engine import Attention, OpenVINOOptions
-
-        return open_artifact(path, RuntimeOptions(openvino=OpenVINOOptions(attention=Attention.STATEFUL)))
-    engine = Target.ONNXRUNTIME if target == "tensorrt" else None
-    return open_artifact(path, RuntimeOptions(engine=engine))
-
-
-STATEFUL = "openvino-stateful"
+    """Load an artifact the way the engine label ``target`` runs it on this CPU."""
+    return open_artifact(path, RuntimeOptions(**RUNS[target][1]))
 
 
 def _exported(target: str) -> str:
     """The export target of an engine label (openvino-stateful runs the openvino artifact)."""
-    return "openvino" if target == STATEFUL else target
+    return RUNS[target][0]
 
 
 ARCH_CASES = ["qwen2_tied", "qwen2_untied", "qwen2_yarn_bf16_sharded", "qwen3", "qwen2_sliding"]

@@ -51,6 +51,13 @@ class TargetBackend(Protocol):
     options_field: str | None
     #: ``export_options()`` keywords only this target takes (given for another target: OptionError)
     own_options: frozenset[str]
+    #: the Python module its CPU runs need (what a test skips on when it is missing)
+    cpu_module: str
+
+    def cpu_runs(self) -> dict[str, dict[str, Any]]:
+        """How its artifacts are verified on a CPU-only machine (every parity test runs each):
+        label -> the RuntimeOptions fields of that run."""
+        ...
 
     def graph_dtype(self, dtype: DType) -> DType:
         """The traced graph's dtype for an export at ``dtype``."""

@@ -19,6 +19,10 @@ class OnnxRuntimeTarget:
     engines: tuple[Target, ...] = (Target.ONNXRUNTIME,)
     options_field: str | None = None
     own_options: frozenset[str] = frozenset()
+    cpu_module: str = "onnxruntime"
+
+    def cpu_runs(self) -> dict[str, dict[str, Any]]:
+        return {"onnxruntime": {}}
 
     def graph_dtype(self, dtype: DType) -> DType:
         return dtype

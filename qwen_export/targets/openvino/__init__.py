@@ -21,6 +21,15 @@ class OpenVINOTarget:
     engines: tuple[Target, ...] = (Target.OPENVINO,)
     options_field: str | None = "openvino"
     own_options: frozenset[str] = frozenset()
+    cpu_module: str = "openvino"
+
+    def cpu_runs(self) -> dict[str, dict[str, Any]]:
+        """The default engine (PagedAttention over the engine's block cache, stateful for
+        sliding-window models) and the artifact run as saved (stateful)."""
+        from qwen_export.targets.openvino.engine import Attention, OpenVINOOptions
+
+        return {"openvino": {}, "openvino-stateful": {"openvino": OpenVINOOptions(attention=Attention.STATEFUL)}}
+
     #: the load options (``load()`` keywords, CLI flags) that make ``RuntimeOptions.openvino``
     load_options: tuple[str, ...] = ("precision", "kv_cache", "cache_dir", "attention")
 

@@ -22,6 +22,12 @@ class TensorRTTarget:
     options_field: str | None = "tensorrt"
     #: the largest batch of the engine's optimization profiles
     own_options: frozenset[str] = frozenset({"max_batch"})
+    cpu_module: str = "onnxruntime"
+
+    def cpu_runs(self) -> dict[str, dict[str, Any]]:
+        """Its standard-ONNX graph (fixed-capacity KV buffers scattered in place) on ONNX Runtime
+        CPU: TensorRT itself needs an NVIDIA GPU."""
+        return {"tensorrt": {"engine": Target.ONNXRUNTIME}}
 
     def graph_dtype(self, dtype: DType) -> DType:
         return dtype
