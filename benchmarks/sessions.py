@@ -26,6 +26,7 @@ Worker entry point (what :func:`start` runs)::
 
 from __future__ import annotations
 
+import abc
 import argparse
 import json
 import statistics
@@ -39,7 +40,7 @@ import harness
 KINDS = ("ours", "ours-paged", "og", "ov-genai", "llama")
 
 
-class StepSession:
+class StepSession(abc.ABC):
     """A step-wise session; ``generate`` is its prefill, ``new_tokens - 1`` steps and finish."""
 
     info: dict[str, Any] = {}
@@ -50,14 +51,17 @@ class StepSession:
         tpot = statistics.median(steps) if steps else None
         return {"ttft_s": ttft, "tpot_s": tpot, "tokens": self.finish()["tokens"]}
 
+    @abc.abstractmethod
     def prefill(self, prompt: list[int], new_tokens: int) -> dict[str, float]:
-        raise NotImplementedError
+        """Run the prompt; ``{"s": seconds}``."""
 
+    @abc.abstractmethod
     def step(self) -> dict[str, float]:
-        raise NotImplementedError
+        """One decode step; ``{"s": seconds}``."""
 
+    @abc.abstractmethod
     def finish(self) -> dict[str, list[int]]:
-        raise NotImplementedError
+        """End the generation; ``{"tokens": generated ids}``."""
 
 
 class OursSession(StepSession):
