@@ -50,7 +50,11 @@ def _imports(path: Path) -> list[tuple[int, str]]:
                 sub = f"{base}.{alias.name}"
                 is_module = (PACKAGE.parent / (sub.replace(".", "/") + ".py")).is_file()
                 found.append((node.lineno, sub if is_module or _is_package(sub) else base))
-    return [(line, name) for line, name in found if name.split(".")[0] == "qwen_export"]
+    return found
+
+
+def _own_imports(path: Path) -> list[tuple[int, str]]:
+    return [(line, name) for line, name in _imports(path) if name.split(".")[0] == "qwen_export"]
 
 
 def _is_package(module: str) -> bool:
@@ -64,11 +68,21 @@ SOURCES = sorted(PACKAGE.rglob("*.py"))
 def test_imports_run_downward(path: Path) -> None:
     here = _layer(_module(path))
     wrong = []
-    for line, name in _imports(path):
+    for line, name in _own_imports(path):
         there = _layer(name)
         sideways_ok = here == there or {here, there} == {"export", "runtime"} and here == "export"
         if LAYERS[there] > LAYERS[here] or (LAYERS[there] == LAYERS[here] and not sideways_ok):
             wrong.append(f"line {line}: {here} imports {name} ({there})")
+    assert not wrong, "\n".join(wrong)
+
+
+RUNTIME = [path for path in SOURCES if _layer(_module(path)) == "runtime"]
+HEAVY = ("torch", "transformers", "onnxscript")
+
+
+@pytest.mark.parametrize("path", RUNTIME, ids=lambda p: str(p.relative_to(PACKAGE.parent)))
+def test_runtime_never_imports_torch_transformers_or_onnxscript(path: Path) -> None:
+    wrong = [f"line {line}: {name}" for line, name in _imports(path) if name.split(".")[0] in HEAVY]
     assert not wrong, "\n".join(wrong)
 
 

@@ -23,6 +23,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchingTracer
 
 from qwen_export.errors import QwenExportError
+from qwen_export.onnx_writer import qualified_op
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +73,7 @@ class PassResult(ir.passes.PassResult):
 
 def op_histogram(model: Any) -> Counter[str]:
     """Op type counts of the main graph (domain-qualified for non-default domains)."""
-    return Counter((f"{n.domain}::" if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in model.graph)
+    return Counter(qualified_op(n.domain, n.op_type) for n in model.graph)
 
 
 MS_DOMAIN = "com.microsoft"

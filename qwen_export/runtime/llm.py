@@ -233,15 +233,11 @@ def load(path: str | Path, engine: str | None = None, device: str | None = None,
     openvino-genai runs, unless the model has sliding-window layers); for TensorRT
     ``cuda_graphs`` (replay decode steps as CUDA graphs).
     """
-    valid = ["threads", *OPENVINO_LOAD_OPTIONS, *TENSORRT_LOAD_OPTIONS]
+    valid = ["threads", *(name for backend in targets.registered() for name in backend.load_options)]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise OptionError(f"unknown load option(s) {unknown}; valid: {valid}")
     return LLM(open_artifact(path, runtime_options(engine=engine, device=device, **options)))
-
-
-OPENVINO_LOAD_OPTIONS = ("precision", "kv_cache", "cache_dir", "attention")
-TENSORRT_LOAD_OPTIONS = ("cuda_graphs",)
 
 
 def runtime_options(

@@ -51,6 +51,8 @@ class TargetBackend(Protocol):
     options_field: str | None
     #: ``export_options()`` keywords only this target takes (given for another target: OptionError)
     own_options: frozenset[str]
+    #: the ``load()`` keywords (CLI flags) that make its engine options (``engine_options``)
+    load_options: tuple[str, ...]
     #: the Python module its CPU runs need (what a test skips on when it is missing)
     cpu_module: str
 

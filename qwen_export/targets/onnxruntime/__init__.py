@@ -19,6 +19,7 @@ class OnnxRuntimeTarget:
     engines: tuple[Target, ...] = (Target.ONNXRUNTIME,)
     options_field: str | None = None
     own_options: frozenset[str] = frozenset()
+    load_options: tuple[str, ...] = ()
     cpu_module: str = "onnxruntime"
 
     def cpu_runs(self) -> dict[str, dict[str, Any]]:

@@ -22,6 +22,8 @@ class TensorRTTarget:
     options_field: str | None = "tensorrt"
     #: the largest batch of the engine's optimization profiles
     own_options: frozenset[str] = frozenset({"max_batch"})
+    #: the load option of the TensorRT engine (``device`` is common to every engine)
+    load_options: tuple[str, ...] = ("cuda_graphs",)
     cpu_module: str = "onnxruntime"
 
     def cpu_runs(self) -> dict[str, dict[str, Any]]:
