@@ -70,7 +70,7 @@ Symmetric = Annotated[
 ]
 Algorithm = Annotated[
     str | None,
-    typer.Option(help="Quantization algorithm: rtn (default) | clip | awq (calibrated on --calibration)."),
+    typer.Option(help="Quantization algorithm: rtn (default) | clip | awq | gptq (awq, gptq: calibrated on --calibration)."),
 ]
 Keep = Annotated[str | None, typer.Option(help="Tensors kept in --dtype, comma-separated: embedding, lm_head.")]
 KeepLayers = Annotated[str | None, typer.Option(help="Layer indices kept in --dtype, comma-separated (e.g. 0,23).")]
@@ -82,7 +82,7 @@ AccuracyLevel = Annotated[
 ]
 Calibration = Annotated[
     Path | None,
-    typer.Option(help="--algorithm awq: calibration text file (UTF-8); default: a built-in code and prose text."),
+    typer.Option(help="--algorithm awq|gptq: calibration text file (UTF-8); default: a built-in mixed text."),
 ]
 EmbeddingBits = Annotated[
     int | None,
@@ -173,7 +173,7 @@ def export_with_progress(checkpoint: Path, output: Path, options: Any) -> Any:
 
     steps = {
         "load": "reading checkpoint",
-        "calibrate": "calibrating (AWQ)",
+        "calibrate": "calibrating",
         "trace": "tracing",
         "passes": "graph passes",
         "emit": "writing weights",

@@ -35,35 +35,12 @@ MAX_TOKENS = 4096
 #: A calibration file must give at least this many tokens.
 MIN_TOKENS = 32
 
-#: The built-in calibration text (about 300 tokens of prose, code and data): used when the export
-#: is not given ``--calibration FILE``.
-DEFAULT_TEXT = """\
-The history of computing is a story of abstraction. Early programmers wrote machine code by hand,
-then assemblers and compilers let them describe what to compute instead of how. Today a language
-model can be exported to a portable graph, quantized to four bits, and run on a laptop.
-
-def merge_sorted(a: list[int], b: list[int]) -> list[int]:
-    \"\"\"Merge two sorted lists into one sorted list.\"\"\"
-    out, i, j = [], 0, 0
-    while i < len(a) and j < len(b):
-        if a[i] <= b[j]:
-            out.append(a[i]); i += 1
-        else:
-            out.append(b[j]); j += 1
-    return out + a[i:] + b[j:]
-
-Q: What is the capital of France, and why is it famous?
-A: Paris. It is known for the Eiffel Tower, the Louvre museum, its cafés and its long history.
-
-SELECT name, COUNT(*) AS orders FROM customers JOIN orders USING (customer_id)
-WHERE created_at >= '2024-01-01' GROUP BY name ORDER BY orders DESC LIMIT 10;
-
-{"model": "qwen", "layers": 24, "hidden_size": 896, "tags": ["chat", "code", "math"]}
-
-In 1905 Albert Einstein published four papers that changed physics: the photoelectric effect,
-Brownian motion, special relativity and the equivalence of mass and energy, E = mc^2.
-Solve for x: 3x + 7 = 22, so 3x = 15 and x = 5. 今天天气很好，我们去公园散步吧。
-"""
+#: The built-in calibration text (about 5,000 tokens: code in ten languages, English prose and
+#: documentation, ChatML conversations, math and data formats, Chinese and six other languages),
+#: used when the export is not given ``--calibration FILE``. Written for this purpose; it shares no
+#: text with the accuracy benchmark's evaluation text (``benchmarks/quant_real_text.txt``).
+DEFAULT_TEXT_FILE = Path(__file__).with_name("calibration_default.txt")
+DEFAULT_TEXT = DEFAULT_TEXT_FILE.read_text(encoding="utf-8")
 
 
 @dataclasses.dataclass
@@ -153,66 +130,103 @@ def _load_params(module: Any, prefix: str, spec: ModelSpec, checkpoint: Any) -> 
         param.data = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
+class LayerRunner:
+    """The calibration tokens' hidden states, run through the decoder one layer at a time (float32,
+    PyTorch, CPU): only the current layer's weights are in memory. ``hidden`` holds one [1, S, H]
+    tensor per sequence of at most :data:`SEQUENCE_LENGTH` tokens."""
+
+    def __init__(self, checkpoint: Any, spec: ModelSpec, token_ids: list[int]) -> None:
+        import torch
+
+        from qwen_export.export.modeling import QwenForExport
+        from qwen_export.spec import LogitsMode
+
+        self.checkpoint, self.spec = checkpoint, spec
+        inv_freq, rope_scale = spec.rope_inv_freq_and_scale()
+        helper = types.SimpleNamespace(
+            spec=spec,
+            dtype=torch.float32,
+            rotary_inv_freq=torch.as_tensor(np.asarray(inv_freq, dtype=np.float32)),
+            rope_scale=rope_scale,
+            logits_mode=LogitsMode.ALL,
+        )
+        embedded = _embed(checkpoint, token_ids, spec.hidden_size)
+        bounds = list(range(0, len(token_ids), SEQUENCE_LENGTH))
+        self.hidden = [torch.from_numpy(embedded[b : b + SEQUENCE_LENGTH].copy())[None] for b in bounds]
+        del embedded
+        self.extras = []
+        for x in self.hidden:
+            s = x.shape[1]
+            positions = torch.arange(s, dtype=torch.int64)[None]
+            cos, sin = QwenForExport._rotary(helper, positions)  # type: ignore[arg-type]
+            masks = QwenForExport._masks(helper, torch.ones(1, s, dtype=torch.int64), torch.arange(s)[:, None])  # type: ignore[arg-type]
+            self.extras.append((cos, sin, masks))
+        self.empty_kv = torch.zeros(1, spec.num_key_value_heads, 0, spec.head_dim, dtype=torch.float32)
+
+    def layer(self, i: int) -> Any:
+        """Decoder layer ``i`` with its checkpoint weights (float32, eval mode)."""
+        import torch
+
+        from qwen_export.export.modeling import DecoderLayer
+
+        with torch.device("cpu"):
+            layer = DecoderLayer(self.spec, i, torch.float32).eval()
+        _load_params(layer, f"model.layers.{i}", self.spec, self.checkpoint)
+        return layer
+
+    def run(self, layer: Any, i: int, *, advance: bool) -> None:
+        """Every sequence through ``layer`` (its hooks see the inputs); ``advance``: keep the outputs
+        as the next layer's inputs."""
+        import torch
+
+        with torch.no_grad():
+            for j, x in enumerate(self.hidden):
+                cos, sin, masks = self.extras[j]
+                out, _, _ = layer(x, cos, sin, masks[self.spec.layer_types[i]], self.empty_kv, self.empty_kv)
+                if advance:
+                    self.hidden[j] = out
+
+    def final_norm(self) -> list[Any]:
+        """The final norm's outputs (the lm_head's inputs), one per sequence."""
+        import torch
+
+        from qwen_export.export.modeling import RMSNorm
+
+        norm = RMSNorm(self.spec.hidden_size, self.spec.rms_norm_eps, torch.float32)
+        _load_params(norm, "model.norm", self.spec, self.checkpoint)
+        with torch.no_grad():
+            return [norm(x) for x in self.hidden]
+
+
 def collect_activation_stats(
     checkpoint: Any, spec: ModelSpec, token_ids: list[int], max_rows: int = 512
 ) -> dict[str, Stats]:
     """Statistics of every linear input group on ``token_ids`` (see the module docstring)."""
-    import torch
-
-    from qwen_export.export.modeling import DecoderLayer, QwenForExport, RMSNorm
-    from qwen_export.spec import LogitsMode
-
-    inv_freq, rope_scale = spec.rope_inv_freq_and_scale()
-    helper = types.SimpleNamespace(
-        spec=spec,
-        dtype=torch.float32,
-        rotary_inv_freq=torch.as_tensor(np.asarray(inv_freq, dtype=np.float32)),
-        rope_scale=rope_scale,
-        logits_mode=LogitsMode.ALL,
-    )
-    embedded = _embed(checkpoint, token_ids, spec.hidden_size)
-    bounds = list(range(0, len(token_ids), SEQUENCE_LENGTH))
-    hidden = [torch.from_numpy(embedded[b : b + SEQUENCE_LENGTH].copy())[None] for b in bounds]
-    del embedded
-    extras = []
-    for x in hidden:
-        s = x.shape[1]
-        positions = torch.arange(s, dtype=torch.int64)[None]
-        cos, sin = QwenForExport._rotary(helper, positions)  # type: ignore[arg-type]
-        masks = QwenForExport._masks(helper, torch.ones(1, s, dtype=torch.int64), torch.arange(s)[:, None])  # type: ignore[arg-type]
-        extras.append((cos, sin, masks))
-    empty_kv = torch.zeros(1, spec.num_key_value_heads, 0, spec.head_dim, dtype=torch.float32)
+    runner = LayerRunner(checkpoint, spec, token_ids)
     stats: dict[str, Stats] = {}
-    with torch.no_grad():
-        for i in range(spec.num_hidden_layers):
-            with torch.device("cpu"):
-                layer = DecoderLayer(spec, i, torch.float32).eval()
-            _load_params(layer, f"model.layers.{i}", spec, checkpoint)
-            groups = {f"layers.{i}.{g}": _Recorder() for g in ("qkv", "o", "gate_up", "down")}
-            targets = {
-                "qkv": layer.self_attn.q_proj,
-                "o": layer.self_attn.o_proj,
-                "gate_up": layer.mlp.gate_proj,
-                "down": layer.mlp.down_proj,
-            }
-            handles = [
-                module.register_forward_pre_hook(lambda _m, args, r=groups[f"layers.{i}.{g}"]: r.add(args[0]))
-                for g, module in targets.items()
-            ]
-            try:
-                for j, x in enumerate(hidden):
-                    cos, sin, masks = extras[j]
-                    hidden[j], _, _ = layer(x, cos, sin, masks[spec.layer_types[i]], empty_kv, empty_kv)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            stats.update({name: rec.stats(max_rows) for name, rec in groups.items()})
-            del layer, groups, targets
-        if not spec.tie_word_embeddings:
-            norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, torch.float32)
-            _load_params(norm, "model.norm", spec, checkpoint)
-            rec = _Recorder()
-            for x in hidden:
-                rec.add(norm(x))
-            stats["lm_head"] = rec.stats(max_rows)
+    for i in range(spec.num_hidden_layers):
+        layer = runner.layer(i)
+        groups = {f"layers.{i}.{g}": _Recorder() for g in ("qkv", "o", "gate_up", "down")}
+        targets = {
+            "qkv": layer.self_attn.q_proj,
+            "o": layer.self_attn.o_proj,
+            "gate_up": layer.mlp.gate_proj,
+            "down": layer.mlp.down_proj,
+        }
+        handles = [
+            module.register_forward_pre_hook(lambda _m, args, r=groups[f"layers.{i}.{g}"]: r.add(args[0]))
+            for g, module in targets.items()
+        ]
+        try:
+            runner.run(layer, i, advance=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        stats.update({name: rec.stats(max_rows) for name, rec in groups.items()})
+        del layer, groups, targets
+    if not spec.tie_word_embeddings:
+        rec = _Recorder()
+        for x in runner.final_norm():
+            rec.add(x)
+        stats["lm_head"] = rec.stats(max_rows)
     return stats

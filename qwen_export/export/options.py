@@ -47,14 +47,16 @@ class ExportOptions:
     dump_dir: Path | None = None  # write the model after each phase there (NN-phase/model.onnx)
     quant: QuantScheme | None = None  # quantize the weights (int8/int4); None: weights in ``dtype``
     accuracy_level: int = 4  # MatMulNBits' activation accuracy (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
-    calibration: Path | None = None  # AWQ calibration text (UTF-8); None: the built-in text
+    calibration: Path | None = None  # AWQ/GPTQ calibration text (UTF-8); None: the built-in text
     max_batch: int = 1  # TensorRT: the batch its optimization profiles are built for (build-engine may change it)
 
     def __post_init__(self) -> None:
         if self.accuracy_level not in range(5):
             raise OptionError(f"--accuracy-level must be 0, 1, 2, 3 or 4, got {self.accuracy_level}")
-        if self.calibration is not None and (self.quant is None or self.quant.algorithm is not QuantAlgorithm.AWQ):
-            raise OptionError("--calibration only applies to --algorithm awq")
+        if self.calibration is not None and (self.quant is None or not self.quant.algorithm.calibrated):
+            raise OptionError("--calibration only applies to --algorithm awq or gptq")
+        if self.quant is not None and self.quant.algorithm is QuantAlgorithm.GPTQ and self.quant.per_channel:
+            raise OptionError("--algorithm gptq quantizes in blocks: use --block-size 32, 64 or 128 (not 0)")
         if self.max_batch < 1:
             raise OptionError(f"--max-batch must be at least 1, got {self.max_batch}")
         self.backend.check_options(self)

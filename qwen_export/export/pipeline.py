@@ -9,10 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from qwen_export import artifact
 from qwen_export.errors import CheckpointError, OptionError
@@ -21,7 +24,7 @@ from qwen_export.export.options import DEFAULT_MAX_LENGTH_CAP, ExportOptions  # 
 from qwen_export.passes.base import PassContext, PassReport
 from qwen_export.quant.scheme import QuantAlgorithm
 from qwen_export.runtime.tokenizer import Tokenizer
-from qwen_export.spec import ModelSpec
+from qwen_export.spec import DType, ModelSpec
 from qwen_export.targets.protocol import EmitJob
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -68,12 +71,30 @@ def _export(
         from qwen_export.passes.quantize import check_scheme
 
         check_scheme(options.quant, spec.num_hidden_layers)
-    calibration, stats = _calibrate(ckpt, options, timer)
+    with tempfile.TemporaryDirectory(prefix="qwen-export-calibration-") as scratch:
+        calibration, stats, weights = _calibrate(ckpt, options, timer, hooks, Path(scratch))
+        prepared = (max_length, tokenizer_files, stats, calibration)
+        return _trace_and_emit(ckpt, weights, out, options, hooks, timer, prepared)
+
+
+def _trace_and_emit(
+    ckpt: Checkpoint,
+    weights: Any,
+    out: Path,
+    options: ExportOptions,
+    hooks: ExportHooks,
+    timer: _PhaseTimer,
+    prepared: tuple[int, list[str], Any, dict[str, Any] | None],
+) -> artifact.Manifest:
+    """Trace, bind ``weights`` (the checkpoint or GPTQ's view of it), run the passes, emit.
+    ``prepared``: the max length, tokenizer files, AWQ statistics and calibration record."""
+    max_length, tokenizer_files, stats, calibration = prepared
+    spec, backend = ckpt.spec, options.backend
     timer.start("trace")
     from qwen_export.export.trace import TraceOptions, bind_weights, trace
 
     model = trace(spec, TraceOptions(dtype=options.graph_dtype, logits=options.logits, cache=backend.cache_io))
-    bind_weights(model, spec, ckpt)
+    bind_weights(model, spec, weights)
 
     timer.start("passes")
     from qwen_export.passes.runner import run_passes
@@ -118,7 +139,7 @@ def _export(
             extra={
                 "max_length": max_length,
                 "kv_cache": kv_cache,
-                "source": str(Path(checkpoint_dir).resolve().name),
+                "source": ckpt.directory.resolve().name,
                 "export_seconds": timer.finish(),
                 **target_extra,
                 **extra,
@@ -138,16 +159,33 @@ def _pass_context(options: ExportOptions, hooks: ExportHooks, max_length: int, s
     )
 
 
-def _calibrate(ckpt: Checkpoint, options: ExportOptions, timer: _PhaseTimer) -> tuple[dict[str, Any] | None, Any]:
-    """AWQ: the calibration record and the activation statistics (None, None for other schemes)."""
-    if options.quant is None or options.quant.algorithm is not QuantAlgorithm.AWQ:
-        return None, None
+def _calibrate(
+    ckpt: Checkpoint, options: ExportOptions, timer: _PhaseTimer, hooks: ExportHooks, scratch: Path
+) -> tuple[dict[str, Any] | None, Any, Any]:
+    """``(record, stats, weights)``: the calibration record (None without calibration), AWQ's
+    activation statistics (None for other schemes), and the weight source to bind (the checkpoint,
+    or for GPTQ its quantized view, whose stored quantization lives in ``scratch``)."""
+    quant = options.quant
+    if quant is None or not quant.algorithm.calibrated:
+        return None, None, ckpt
     from qwen_export.export import calibration as calib
 
     text, source = calib.calibration_text(options.calibration)
     ids = calib.calibration_tokens(Tokenizer.from_dir(ckpt.directory), text, source)
     timer.start("calibrate")
-    return {"tokens": len(ids), "source": source}, calib.collect_activation_stats(ckpt, ckpt.spec, ids)
+    record = {"tokens": len(ids), "source": source}
+    if quant.algorithm is QuantAlgorithm.AWQ:
+        return record, calib.collect_activation_stats(ckpt, ckpt.spec, ids), ckpt
+    from qwen_export.export.gptq import GPTQSettings
+    from qwen_export.export.gptq_layers import run_gptq
+
+    settings = GPTQSettings()
+    record["gptq"] = settings.describe()
+    scale_dtype = np.float16 if options.graph_dtype is DType.FP16 else np.float32
+    weights = run_gptq(
+        ckpt, ckpt.spec, ids, quant, scratch, settings=settings, scale_dtype=scale_dtype, progress=hooks.write_progress
+    )
+    return record, None, weights
 
 
 def _quantization_extra(

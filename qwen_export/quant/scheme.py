@@ -48,6 +48,12 @@ class QuantAlgorithm(enum.Enum):
     RTN = "rtn"  # round to nearest, scale from the block's range
     CLIP = "clip"  # data-free: per-block clipping ratio searched to minimise the weight error
     AWQ = "awq"  # calibration: activation-aware per-input-channel scaling, searched on real activations
+    GPTQ = "gptq"  # calibration: Hessian-based error compensation, layer by layer (qwen_export.export.gptq)
+
+    @property
+    def calibrated(self) -> bool:
+        """Needs calibration text run through the model at export time."""
+        return self in (QuantAlgorithm.AWQ, QuantAlgorithm.GPTQ)
 
 
 class Keep(enum.Enum):

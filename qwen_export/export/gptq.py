@@ -1,0 +1,238 @@
+"""GPTQ (Frantar et al., 2022): blocked weight quantization with Hessian-based error compensation.
+
+One linear weight ``W`` [K, N] (our ``weight_t`` layout: K input rows, N output columns), quantized
+along K in blocks of ``block_size`` rows, as the rest of the tool quantizes (:mod:`qwen_export.quant.scheme`).
+``H = sum_t x_t x_t^T`` [K, K] is the Hessian of the layer's squared output error over the
+calibration inputs ``x_t`` (its input rows). Rows are quantized one at a time; the error of row ``k``
+is spread over the rows not yet quantized through the Cholesky factor of ``H^-1``, so the layer's
+output error, not the weight's, is minimised. Output columns are independent (they share ``H``), so
+weights with one input (q/k/v, gate/up) can be quantized separately or concatenated: same codes.
+
+- Scales (and zero points): per block and output column, by the same code as every other algorithm
+  (:func:`qwen_export.quant.algorithms.quantize`): RTN, or the clip search weighted by ``diag(H)``
+  (the per-row output-error weight), computed from the weights the block holds when GPTQ reaches it
+  (dynamic groups), or from the original weights (static groups, always with ``act_order``).
+- ``act_order``: rows in decreasing ``diag(H)`` (the most active input channels first, while most
+  rows are still free to absorb their error). With static groups every row keeps its own block's
+  scale, so the stored layout is the ordinary contiguous one: no ``g_idx``, and every engine runs it.
+- Damping: ``damp * mean(diag(H))`` added to the diagonal; dead inputs (``H[k, k] = 0``) are zeroed.
+
+Runs in PyTorch (float32, CPU): the export layer already depends on it, and its Cholesky kernels are
+what the reference implementation uses. Memory: a few float32 copies of ``W`` and of ``H``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from qwen_export.quant.algorithms import quantize
+from qwen_export.quant.numeric import BlockQuantized, code_range
+from qwen_export.quant.scheme import QuantAlgorithm
+
+#: rows processed between two lazy (matrix-matrix) error updates; a multiple of every block size.
+LAZY_ROWS = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQSettings:
+    """How GPTQ runs: damping fraction, row order, and how block scales are chosen."""
+
+    damp: float = 0.01
+    act_order: bool = True
+    #: CLIP: block scales by the diag(H)-weighted clip search; RTN: from the block's range.
+    scales: QuantAlgorithm = QuantAlgorithm.CLIP
+
+    def describe(self) -> str:
+        order = "act-order" if self.act_order else "in order"
+        return f"damp {self.damp:g}, {order}, {self.scales.value} scales"
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """The target quantization of one weight: bits, block size (rows along K), signedness."""
+
+    bits: int
+    block_size: int
+    symmetric: bool
+    positive_scales: bool = False
+    scale_dtype: type = np.float32
+
+
+def _quantize_blocks(
+    w: np.ndarray, importance: np.ndarray, geo: Geometry, settings: GPTQSettings, block_size: int
+) -> BlockQuantized:
+    """The RTN / clip-search quantization of ``w`` [R, N] (numpy float32) in blocks of rows: where
+    GPTQ takes its scales and zero points from."""
+    return quantize(
+        w,
+        geo.bits,
+        block_size,
+        0,
+        geo.symmetric,
+        algorithm=settings.scales,
+        scale_dtype=geo.scale_dtype,
+        importance=importance if settings.scales is QuantAlgorithm.CLIP else None,
+        positive_scales=geo.positive_scales,
+    )
+
+
+def _block_scales(
+    w_block: np.ndarray, importance: np.ndarray, geo: Geometry, settings: GPTQSettings
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scales [N] and zero points [N] (or None) of one block of rows [B, N] (numpy float32)."""
+    q = _quantize_blocks(w_block, importance, geo, settings, w_block.shape[0])
+    zeros = None if q.zero_points is None else q.zero_points.reshape(-1).astype(np.float32)
+    return q.scales.reshape(-1).astype(np.float32), zeros
+
+
+def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (float32), damping raised
+    tenfold until the factorisation succeeds (a near-singular H from few calibration tokens).
+    ``h`` is damped in place; at most two [K, K] matrices live at once besides it."""
+    mean = float(torch.diag(h).mean())
+    added = 0.0
+    for scale in (damp * 10.0**i for i in range(6)):
+        h.diagonal().add_(scale * mean - added)
+        added = scale * mean
+        lower, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return upper
+    raise ValueError("GPTQ: the calibration Hessian is not positive definite even with heavy damping")
+
+
+@dataclasses.dataclass(frozen=True)
+class Factor:
+    """What GPTQ needs of a Hessian, computed once for every weight reading the same input:
+    the row order, the upper Cholesky factor of the damped inverse (in that order), the
+    per-row importance ``diag(H)`` (original order) and the dead rows."""
+
+    perm: torch.Tensor
+    upper: torch.Tensor
+    importance: np.ndarray
+    dead: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return int(self.perm.shape[0])
+
+
+def factorize(hessian: np.ndarray | torch.Tensor, settings: GPTQSettings | None = None) -> Factor:
+    """:class:`Factor` of ``hessian`` [K, K] (see the module docstring). A torch float32 ``hessian``
+    is consumed (modified in place): pass a copy to keep it."""
+    settings = settings or GPTQSettings()
+    h = torch.as_tensor(np.asarray(hessian, dtype=np.float32) if isinstance(hessian, np.ndarray) else hessian)
+    h = h.to(torch.float32)
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"a Hessian must be square, got {tuple(h.shape)}")
+    diag = torch.diag(h).clone()
+    dead = diag <= 0
+    h[dead, dead] = 1.0
+    k = h.shape[0]
+    perm = torch.argsort(diag, descending=True, stable=True) if settings.act_order else torch.arange(k)
+    if settings.act_order:
+        h = h[perm[:, None], perm[None, :]]
+    upper = _inverse_factor(h, settings.damp)
+    return Factor(perm, upper, diag.clamp_min(0).numpy(), dead)
+
+
+def gptq_quantize(
+    w: np.ndarray,
+    hessian: np.ndarray | torch.Tensor | Factor,
+    geo: Geometry,
+    settings: GPTQSettings | None = None,
+) -> BlockQuantized:
+    """GPTQ of ``w`` [K, N] along axis 0 given ``hessian`` [K, K] (or its :func:`factorize`d form,
+    with the same ``settings``) (see the module docstring).
+
+    Returns the codes (int8, signed for symmetric schemes), scales [K / B, N] and zero points in the
+    same :class:`~qwen_export.quant.numeric.BlockQuantized` form RTN produces.
+    """
+    settings = settings or GPTQSettings()
+    k, n = w.shape
+    b = geo.block_size
+    if b <= 0 or k % b or LAZY_ROWS % b:
+        raise ValueError(f"GPTQ needs a block size dividing K={k} and {LAZY_ROWS}, got {b}")
+    if not isinstance(hessian, Factor):
+        if tuple(hessian.shape) != (k, k):
+            raise ValueError(f"Hessian of shape {tuple(hessian.shape)} for a weight with K={k}")
+        hessian = factorize(hessian.clone() if isinstance(hessian, torch.Tensor) else hessian, settings)
+    factor = hessian
+    if factor.k != k:
+        raise ValueError(f"Hessian of size {factor.k} for a weight with K={k}")
+    weights = torch.from_numpy(np.array(w, dtype=np.float32, copy=True))
+    weights[factor.dead] = 0.0
+    scales = np.empty((k // b, n), np.float32)
+    zeros = None if geo.symmetric else np.empty((k // b, n), np.float32)
+    if settings.act_order:  # static groups: scales from the original weights, all blocks at once
+        first = _quantize_blocks(weights.numpy(), factor.importance, geo, settings, b)
+        scales[...] = first.scales
+        if zeros is not None:
+            zeros[...] = first.zero_points
+        del first
+    perm, upper = factor.perm, factor.upper
+    weights = weights[perm]
+    row_group = (perm // b).numpy()
+    codes = torch.empty((k, n), dtype=torch.float32)
+    lo, hi = code_range(geo.bits, geo.symmetric)
+    for start in range(0, k, LAZY_ROWS):
+        stop = min(start + LAZY_ROWS, k)
+        block = weights[start:stop].clone()
+        errors = torch.zeros_like(block)
+        tri = upper[start:stop, start:stop]
+        for i in range(stop - start):
+            row = start + i
+            group = int(row_group[row])
+            if not settings.act_order and row % b == 0:
+                scales[group], zero = _block_scales(
+                    block[i : i + b].numpy(), factor.importance[row : row + b], geo, settings
+                )
+                if zeros is not None:
+                    zeros[group] = zero
+            s = torch.from_numpy(scales[group])
+            z = None if zeros is None else torch.from_numpy(zeros[group])
+            x = block[i]
+            q = torch.round(x / s)
+            if z is not None:
+                q += z
+            q.clamp_(lo, hi)
+            codes[row] = q
+            deq = (q - z) * s if z is not None else q * s
+            err = (x - deq) / tri[i, i]
+            block[i + 1 :] -= tri[i, i + 1 :, None] * err[None, :]
+            errors[i] = err
+        weights[stop:] -= upper[start:stop, stop:].T @ errors
+    out = torch.empty_like(codes)
+    out[perm] = codes
+    dtype = np.int8 if geo.symmetric else np.uint8
+    zero_points = None if zeros is None else zeros.astype(np.uint8)
+    return BlockQuantized(out.numpy().astype(dtype), scales, zero_points, geo.bits, b, 0)
+
+
+class HessianAccumulator:
+    """``sum_t x_t x_t^T`` over the rows of every tensor added (float32 [K, K]) and the row count."""
+
+    def __init__(self, k: int) -> None:
+        self.h = torch.zeros((k, k), dtype=torch.float32)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        self.h.addmm_(x.T, x)
+        self.rows += x.shape[0]
+
+
+def output_error(w: np.ndarray, q: BlockQuantized, hessian: np.ndarray | torch.Tensor) -> float:
+    """``trace((W - Q)^T H (W - Q))``: the layer's summed squared output error over the calibration
+    rows (what GPTQ minimises; tests and diagnostics)."""
+    from qwen_export.quant.numeric import dequantize
+
+    d = torch.from_numpy(np.asarray(w, np.float32) - dequantize(q).astype(np.float32))
+    h = torch.as_tensor(hessian, dtype=torch.float32)
+    return float((d * (h @ d)).sum())
