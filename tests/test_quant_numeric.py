@@ -526,3 +526,48 @@ def test_lazy_rejects_indivisible_and_bad_awq() -> None:
         matmulnbits_initializers(
             np.ones((64, 8), np.float32), bits=4, block_size=32, symmetric=True, awq_scale=np.ones(8)
         )
+
+
+@pytest.mark.parametrize(
+    ("hf_name", "transpose", "axis", "view_transpose"),
+    [
+        ("lm_head.weight", True, 0, False),  # lm_head.weight_t [K, N] along K: stored rows = output columns
+        ("model.embed_tokens.weight", False, 1, False),  # the embedding [V, H] along H
+        ("lm_head.weight", False, 0, True),  # a transposed view of an untransposed binding
+    ],
+)
+def test_streamed_quantization_equals_whole(
+    hf_name: str, transpose: bool, axis: int, view_transpose: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint tensor is read and quantized in chunks of stored rows (bounded memory): the result
+    is the whole tensor's quantization, byte for byte."""
+    import onnx_ir as ir
+
+    from qwen_export.quant import tensors
+    from qwen_export.weights import CheckpointTensor, _Binding
+
+    rng = np.random.default_rng(3)
+    stored = (rng.standard_normal((300, 64)) * 0.05).astype(np.float32)
+
+    class Source:
+        def read(self, name: str) -> np.ndarray:
+            return stored
+
+        def read_rows(self, name: str, a: int, b: int) -> np.ndarray:
+            return stored[a:b]
+
+        def shape(self, name: str) -> tuple[int, ...]:
+            return stored.shape
+
+    shape = stored.shape[::-1] if transpose else stored.shape
+    source = CheckpointTensor(Source(), _Binding(hf_name, transpose=transpose), shape, ir.DataType.FLOAT, "w")
+    kwargs = dict(bits=4, block_size=32, axis=axis, symmetric=True, transpose=view_transpose)
+    whole = tensors.SharedQuantization(source, **kwargs)
+    assert whole._quantize_streamed() is None  # 300 rows fit one chunk
+    expected = whole.quantize()
+    monkeypatch.setattr(tensors, "STREAM_BYTES", 64 * 4 * 7)  # 7 rows per chunk
+    chunked = tensors.SharedQuantization(source, **kwargs)
+    assert chunked._row_reader() is not None
+    got = chunked.quantize()
+    assert got.axis == expected.axis and got.block_size == expected.block_size
+    assert np.array_equal(got.codes, expected.codes) and np.array_equal(got.scales, expected.scales)

@@ -70,7 +70,9 @@ Symmetric = Annotated[
 ]
 Algorithm = Annotated[
     str | None,
-    typer.Option(help="Quantization algorithm: rtn (default) | clip | awq | gptq (awq, gptq: calibrated on --calibration)."),
+    typer.Option(
+        help="Quantization algorithm: rtn (default) | clip | awq | gptq (awq, gptq: calibrated on --calibration)."
+    ),
 ]
 Keep = Annotated[str | None, typer.Option(help="Tensors kept in --dtype, comma-separated: embedding, lm_head.")]
 KeepLayers = Annotated[str | None, typer.Option(help="Layer indices kept in --dtype, comma-separated (e.g. 0,23).")]

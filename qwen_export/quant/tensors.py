@@ -35,6 +35,12 @@ from qwen_export.quant.scheme import QuantAlgorithm
 #: scale dtypes the graph may hold (DequantizeLinear: scale dtype = output dtype; MatMulNBits /
 #: GatherBlockQuantized: scales dtype = the activation / output dtype).
 _SCALE_DTYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
+#: float32 bytes of a checkpoint tensor read and quantized at a time (:meth:`SharedQuantization.quantize`)
+STREAM_BYTES = 64 << 20
+
+
+def _with_length(shape: tuple[int, ...], axis: int, length: int) -> tuple[int, ...]:
+    return tuple(length if i == axis else d for i, d in enumerate(shape))
 
 
 class SharedQuantization:
@@ -90,8 +96,13 @@ class SharedQuantization:
         self._pending: dict[str, np.ndarray] = {}
 
     def quantize(self) -> BlockQuantized:
-        """Read the source and quantize it (not cached: :meth:`part` is what caches)."""
+        """Read the source and quantize it (not cached: :meth:`part` is what caches). A checkpoint
+        tensor whose stored rows run along the axis not quantized is read and quantized in chunks of
+        rows (:meth:`_quantize_streamed`): never the whole float tensor in memory."""
         self.reads += 1
+        streamed = self._quantize_streamed()
+        if streamed is not None:
+            return streamed
         array = np.asarray(self.source.numpy() if hasattr(self.source, "numpy") else self.source)
         # a transposed source is quantized as it is stored (along the other axis) and then seen
         # transposed: no transposed copy of the weight
@@ -108,6 +119,69 @@ class SharedQuantization:
             positive_scales=self.positive_scales,
         )
         return numeric.transpose_blocks(q) if self.transpose else q
+
+    def _row_reader(self) -> tuple[Callable[[int, int], np.ndarray], int] | None:
+        """``(read(a, b), rows)`` when the source is a checkpoint tensor (a
+        :class:`~qwen_export.weights.CheckpointTensor`) whose stored rows are slices of the quantized
+        view along the axis *not* quantized (the embedding's vocabulary rows, a linear's output
+        columns): ``read`` gives stored rows ``a:b`` cast to the source's dtype."""
+        binding, reader = getattr(self.source, "binding", None), getattr(self.source, "source", None)
+        if binding is None or binding.computed is not None or binding.hf_name is None:
+            return None
+        if not hasattr(reader, "read_rows") or len(self.shape) != 2:
+            return None
+        stored_axis = int(binding.transpose) ^ int(self.transpose)  # the stored rows' axis in the view
+        if stored_axis == self.axis:
+            return None
+        dtype = np.dtype(self.source.dtype.numpy())
+        name = binding.hf_name
+
+        def read(a: int, b: int) -> np.ndarray:
+            rows = np.asarray(reader.read_rows(name, a, b)).astype(dtype, copy=False)
+            return rows if stored_axis == 0 else rows.T
+
+        return read, self.shape[stored_axis]
+
+    def _quantize_streamed(self) -> BlockQuantized | None:
+        """The quantization computed from chunks of about :data:`STREAM_BYTES` of stored rows, or None
+        when the source cannot be read that way. Every block lies inside one chunk (blocks run along
+        the quantized axis), so the result equals quantizing the whole tensor."""
+        found = self._row_reader()
+        if found is None:
+            return None
+        read, rows = found
+        other = 1 - self.axis
+        width = self.shape[self.axis]
+        step = max(1, STREAM_BYTES // (4 * width))
+        if rows <= step:
+            return None  # one chunk: the plain path is as small
+        codes = scales = zeros = None
+        q: BlockQuantized | None = None
+        for a in range(0, rows, step):
+            b = min(rows, a + step)
+            q = quantize(
+                read(a, b),
+                self.bits,
+                self.block_size,
+                self.axis,
+                self.symmetric,
+                algorithm=self.algorithm,
+                awq_scale=self.awq_scale,
+                scale_dtype=_SCALE_DTYPES[self.scale_dtype],
+                importance=self.importance,
+                positive_scales=self.positive_scales,
+            )
+            if codes is None:
+                codes = np.empty(self.shape, q.codes.dtype)
+                scales = np.empty(_with_length(q.scales.shape, other, rows), np.float32)
+                if q.zero_points is not None:
+                    zeros = np.empty(scales.shape, q.zero_points.dtype)
+            index = (slice(a, b), slice(None)) if other == 0 else (slice(None), slice(a, b))
+            codes[index], scales[index] = q.codes, q.scales
+            if zeros is not None:
+                zeros[index] = q.zero_points
+        assert q is not None and codes is not None and scales is not None
+        return BlockQuantized(codes, scales, zeros, q.bits, q.block_size, self.axis)
 
     def fresh(self, name: str | None) -> SharedQuantization:
         """A new quantization of the same source with the same parameters and no parts (the ONNX
