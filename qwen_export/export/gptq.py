@@ -142,6 +142,52 @@ def factorize(hessian: np.ndarray | torch.Tensor, settings: GPTQSettings | None 
     return Factor(perm, upper, diag.clamp_min(0).numpy(), dead)
 
 
+def _compensate(
+    weights: torch.Tensor,
+    factor: Factor,
+    row_group: np.ndarray,
+    scales: np.ndarray,
+    zeros: np.ndarray | None,
+    codes: torch.Tensor,
+    geo: Geometry,
+    settings: GPTQSettings,
+    threads: int,
+) -> None:
+    """GPTQ's row loop over ``weights`` (rows in factor order, modified in place): quantize each row
+    with its block's scales, spread its error over the rows after it; ``codes`` gets the codes."""
+    k, b, upper = weights.shape[0], geo.block_size, factor.upper
+    lo, hi = code_range(geo.bits, geo.symmetric)
+    for start in range(0, k, LAZY_ROWS):
+        stop = min(start + LAZY_ROWS, k)
+        torch.set_num_threads(1)  # the row loop's small ops: thread hand-offs cost more than they give
+        block = weights[start:stop].clone()
+        errors = torch.zeros_like(block)
+        tri = upper[start:stop, start:stop]
+        for i in range(stop - start):
+            row = start + i
+            group = int(row_group[row])
+            if not settings.act_order and row % b == 0:
+                scales[group], zero = _block_scales(
+                    block[i : i + b].numpy(), factor.importance[row : row + b], geo, settings
+                )
+                if zeros is not None:
+                    zeros[group] = zero
+            s = torch.from_numpy(scales[group])
+            z = None if zeros is None else torch.from_numpy(zeros[group])
+            x = block[i]
+            q = torch.round(x / s)
+            if z is not None:
+                q += z
+            q.clamp_(lo, hi)
+            codes[row] = q
+            deq = (q - z) * s if z is not None else q * s
+            err = (x - deq) / tri[i, i]
+            block[i + 1 :] -= tri[i, i + 1 :, None] * err[None, :]
+            errors[i] = err
+        torch.set_num_threads(threads)
+        weights[stop:] -= upper[start:stop, stop:].T @ errors
+
+
 def gptq_quantize(
     w: np.ndarray,
     hessian: np.ndarray | torch.Tensor | Factor,
@@ -180,34 +226,11 @@ def gptq_quantize(
     weights = weights[perm]
     row_group = (perm // b).numpy()
     codes = torch.empty((k, n), dtype=torch.float32)
-    lo, hi = code_range(geo.bits, geo.symmetric)
-    for start in range(0, k, LAZY_ROWS):
-        stop = min(start + LAZY_ROWS, k)
-        block = weights[start:stop].clone()
-        errors = torch.zeros_like(block)
-        tri = upper[start:stop, start:stop]
-        for i in range(stop - start):
-            row = start + i
-            group = int(row_group[row])
-            if not settings.act_order and row % b == 0:
-                scales[group], zero = _block_scales(
-                    block[i : i + b].numpy(), factor.importance[row : row + b], geo, settings
-                )
-                if zeros is not None:
-                    zeros[group] = zero
-            s = torch.from_numpy(scales[group])
-            z = None if zeros is None else torch.from_numpy(zeros[group])
-            x = block[i]
-            q = torch.round(x / s)
-            if z is not None:
-                q += z
-            q.clamp_(lo, hi)
-            codes[row] = q
-            deq = (q - z) * s if z is not None else q * s
-            err = (x - deq) / tri[i, i]
-            block[i + 1 :] -= tri[i, i + 1 :, None] * err[None, :]
-            errors[i] = err
-        weights[stop:] -= upper[start:stop, stop:].T @ errors
+    threads = torch.get_num_threads()
+    try:
+        _compensate(weights, factor, row_group, scales, zeros, codes, geo, settings, threads)
+    finally:
+        torch.set_num_threads(threads)
     out = torch.empty_like(codes)
     out[perm] = codes
     dtype = np.int8 if geo.symmetric else np.uint8
