@@ -222,7 +222,7 @@ def gptq_quantize(
         if zeros is not None:
             zeros[...] = first.zero_points
         del first
-    perm, upper = factor.perm, factor.upper
+    perm = factor.perm
     weights = weights[perm]
     row_group = (perm // b).numpy()
     codes = torch.empty((k, n), dtype=torch.float32)
