@@ -143,8 +143,9 @@ def artifact_matches(item: dict) -> tuple[bool, str]:
     weights = quant.get("weights", manifest.get("dtype", "fp32"))
     if weights != want["weights"]:
         return False, f"weights={weights}, want {want['weights']}"
-    if want["algorithm"] and quant.get("algorithm") != want["algorithm"]:
-        return False, f"algorithm={quant.get('algorithm')}, want {want['algorithm']}"
+    algorithm = (want["algorithm"] or "").split("-")[0]  # "gptq-asym": gptq (the suffixes are flags)
+    if algorithm and algorithm != "default" and quant.get("algorithm") != algorithm:
+        return False, f"algorithm={quant.get('algorithm')}, want {algorithm}"
     return True, ""
 
 

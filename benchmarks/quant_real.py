@@ -47,7 +47,7 @@ its GGUF by ``qwen-export convert-gguf``), CPU:
    int4 decode >= 1.0x genai int4's); ``--json-out FILE`` writes everything.
 
     .venv/bin/python benchmarks/quant_real.py [--checkpoint DIR] [--workdir DIR] [--force]
-        [--algorithms rtn,clip,awq] [--text FILE] [--skip-speed] [--json-out FILE]
+        [--algorithms default,rtn,rtn-asym,gptq-asym,awq-asym] [--text FILE] [--skip-speed] [--json-out FILE]
 
 Exit status: 1 when an export, evaluation or worker failed (the error is printed), 2 with
 ``--check`` when a target was missed, else 0.
@@ -79,10 +79,28 @@ DEFAULT_TEXT_FILE = Path(__file__).with_name("quant_real_text.txt")
 
 
 # ----------------------------------------------------------------------------- the plan
+#: suffixes of an ``--algorithms`` entry (e.g. ``gptq-asym-e4``) and the export flags they add
+VARIANT_FLAGS = {"asym": ["--asymmetric"], "sym": ["--symmetric"], "e4": ["--embedding-bits", "4"], "e8": ["--embedding-bits", "8"]}
+
+
+def variant_flags(algorithm: str | None) -> tuple[str | None, list[str]]:
+    """``("gptq", ["--asymmetric"])`` for ``"gptq-asym"``; ``"default"`` is the CLI's own default
+    (no ``--algorithm`` flag: what a user running ``--weights int4`` gets)."""
+    if algorithm is None:
+        return None, []
+    name, *suffixes = algorithm.split("-")
+    unknown = [x for x in suffixes if x not in VARIANT_FLAGS]
+    if unknown:
+        raise SystemExit(f"--algorithms {algorithm!r}: unknown suffix {unknown[0]!r} (known: {', '.join(VARIANT_FLAGS)})")
+    flags = [f for x in suffixes for f in VARIANT_FLAGS[x]]
+    return (None if name == "default" else name), flags
+
+
 def ours_item(label: str, ckpt: Path, out: Path, weights: str, algorithm: str | None, logits: str, args: Any) -> dict:
     cmd = [harness.cli_path(), "export", str(ckpt), "-o", str(out), "--overwrite", "--logits", logits]
     if weights != "fp32":
-        cmd += ["--weights", weights, "--algorithm", algorithm or "rtn"]
+        name, flags = variant_flags(algorithm)
+        cmd += ["--weights", weights] + (["--algorithm", name] if name else []) + flags
         if args.block_size is not None:
             cmd += ["--block-size", str(args.block_size)]
         if args.accuracy_level is not None:
@@ -489,7 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--checkpoint", type=Path, default=Path("/work/real/ckpt"))
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qe-quant-real"))
     ap.add_argument("--force", action="store_true", help="re-export even when a matching artifact exists")
-    ap.add_argument("--algorithms", default="rtn,clip,awq", help="int4 algorithms (comma-separated)")
+    ap.add_argument(
+        "--algorithms",
+        default="default,rtn,rtn-asym,gptq-asym,awq-asym",
+        help="int4 variants, comma-separated: rtn|clip|awq|gptq|default (the CLI's default), each with optional "
+        "suffixes -asym, -sym, -e4, -e8 (--asymmetric, --symmetric, --embedding-bits 4|8)",
+    )
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 artifact")
     ap.add_argument("--block-size", type=int, default=None, help="pass --block-size N (default: the CLI's, 32)")
     ap.add_argument("--accuracy-level", type=int, default=None, help="pass --accuracy-level N (default: the CLI's, 4)")
