@@ -80,7 +80,12 @@ DEFAULT_TEXT_FILE = Path(__file__).with_name("quant_real_text.txt")
 
 # ----------------------------------------------------------------------------- the plan
 #: suffixes of an ``--algorithms`` entry (e.g. ``gptq-asym-e4``) and the export flags they add
-VARIANT_FLAGS = {"asym": ["--asymmetric"], "sym": ["--symmetric"], "e4": ["--embedding-bits", "4"], "e8": ["--embedding-bits", "8"]}
+VARIANT_FLAGS = {
+    "asym": ["--asymmetric"],
+    "sym": ["--symmetric"],
+    "e4": ["--embedding-bits", "4"],
+    "e8": ["--embedding-bits", "8"],
+}
 
 
 def variant_flags(algorithm: str | None) -> tuple[str | None, list[str]]:
@@ -91,7 +96,8 @@ def variant_flags(algorithm: str | None) -> tuple[str | None, list[str]]:
     name, *suffixes = algorithm.split("-")
     unknown = [x for x in suffixes if x not in VARIANT_FLAGS]
     if unknown:
-        raise SystemExit(f"--algorithms {algorithm!r}: unknown suffix {unknown[0]!r} (known: {', '.join(VARIANT_FLAGS)})")
+        known = ", ".join(VARIANT_FLAGS)
+        raise SystemExit(f"--algorithms {algorithm!r}: unknown suffix {unknown[0]!r} (known: {known})")
     flags = [f for x in suffixes for f in VARIANT_FLAGS[x]]
     return (None if name == "default" else name), flags
 
