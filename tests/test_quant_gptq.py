@@ -196,3 +196,38 @@ def test_cli_gptq_calibration_error(qwen2_tied: Path, tmp_path: Path) -> None:
     )
     assert result.exit_code == 2 and "file not found" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_awq_folds_before_gptq_preserve_the_function(qwen2_untied: Path) -> None:
+    """AWQ inside the GPTQ loop: the scaled linears and the folded norms / up_proj rows, read back
+    through the weight source, compute what the original layer computes (before quantization)."""
+    import torch
+
+    from qwen_export.export import calibration as calib
+    from qwen_export.export.checkpoint import Checkpoint
+    from qwen_export.export.gptq_layers import GPTQWeights, _awq_layer, _layer_hessians
+    from qwen_export.runtime.tokenizer import Tokenizer
+
+    ckpt = Checkpoint.open(qwen2_untied)
+    ids = calib.calibration_tokens(Tokenizer.from_dir(qwen2_untied), calib.DEFAULT_TEXT[:2000], "built-in")
+    runner = calib.LayerRunner(ckpt, ckpt.spec, ids)
+    layer = runner.layer(0)
+    hessians, stats = _layer_hessians(runner, layer, 0, record=True)
+    before = {g: h.h.clone() for g, h in hessians.items()}
+    weights = GPTQWeights(ckpt)
+    scheme = QuantScheme(WeightFormat.INT4, algorithm=QuantAlgorithm.AWQ_GPTQ)
+    _awq_layer(weights, layer, 0, stats, hessians, scheme, grid=20)
+    assert set(weights.factors) >= {"model.layers.0.input_layernorm.weight", "model.layers.0.mlp.up_proj.weight"}
+    assert any(not np.allclose(f, 1.0) for fs in weights.factors.values() for f in fs.values())
+    scaled = calib.LayerRunner(weights, ckpt.spec, ids).layer(0)
+    x = runner.hidden[0]
+    cos, sin, masks = runner.extras[0]
+    with torch.no_grad():
+        args = (cos, sin, masks[ckpt.spec.layer_types[0]], runner.empty_kv, runner.empty_kv)
+        ref, got = runner.layer(0)(x, *args)[0], scaled(x, *args)[0]  # a fresh original layer
+    assert torch.allclose(ref, got, atol=1e-4 * float(ref.abs().max())), float((ref - got).abs().max())
+    # each Hessian became that of the scaled inputs x / s: H[a, b] / (s_a s_b)
+    s = weights.factors["model.layers.0.self_attn.q_proj.weight"][1]
+    expected = before["qkv"] / torch.from_numpy(np.outer(s, s))
+    assert torch.allclose(hessians["qkv"].h, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+    assert torch.equal(hessians["o"].h, before["o"])  # o_proj is not scaled (GQA)

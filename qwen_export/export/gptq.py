@@ -44,10 +44,13 @@ class GPTQSettings:
     act_order: bool = True
     #: CLIP: block scales by the diag(H)-weighted clip search; RTN: from the block's range.
     scales: QuantAlgorithm = QuantAlgorithm.CLIP
+    #: AWQ scales searched (on this many grid points) and folded before GPTQ; 0: none
+    awq_grid: int = 0
 
     def describe(self) -> str:
         order = "act-order" if self.act_order else "in order"
-        return f"damp {self.damp:g}, {order}, {self.scales.value} scales"
+        awq = f", AWQ scales first (grid {self.awq_grid})" if self.awq_grid else ""
+        return f"damp {self.damp:g}, {order}, {self.scales.value} scales{awq}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,6 +47,16 @@ LINEARS = {
     "mlp.down_proj": "down",
 }
 _HOOKED = {"qkv": "self_attn.q_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_proj", "down": "mlp.down_proj"}
+#: AWQ before GPTQ (``--algorithm awq-gptq``): the linears scaled by each group's ``s`` (their input
+#: channels) and the tensors ``1 / s`` folds into (HF name, axis), as the ``awq`` pass folds them.
+#: o_proj is left alone (GQA: see :mod:`qwen_export.quant.algorithms`).
+AWQ_FOLDS = {
+    "qkv": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), (("input_layernorm.weight", 0),)),
+    "gate_up": (("mlp.gate_proj", "mlp.up_proj"), (("post_attention_layernorm.weight", 0),)),
+    "down": (("mlp.down_proj",), (("mlp.up_proj.weight", 0), ("mlp.up_proj.bias", 0))),
+}
+#: calibration rows AWQ's scale search measures the output error on (evenly spaced)
+AWQ_SAMPLE_ROWS = 512
 
 
 class _Prefix:
@@ -86,19 +96,39 @@ class SpilledLinear(StoredLinear):
 
 class GPTQWeights:
     """A weight source: ``checkpoint``'s tensors, with GPTQ's stored quantization of ``stored``'s
-    weights (HF names); every other attribute is the checkpoint's."""
+    weights (HF names) and, with AWQ, the tensors AWQ rescaled (``factors``: HF name -> {axis:
+    vector}, applied when read); every other attribute is the checkpoint's."""
 
-    def __init__(self, checkpoint: Any, stored: dict[str, SpilledLinear]) -> None:
-        self.checkpoint, self.stored = checkpoint, stored
+    def __init__(self, checkpoint: Any, stored: dict[str, SpilledLinear] | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.stored: dict[str, SpilledLinear] = {} if stored is None else stored
+        self.factors: dict[str, dict[int, np.ndarray]] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.checkpoint, name)
 
+    def scale(self, name: str, axis: int, factor: np.ndarray) -> None:
+        """Multiply slice ``i`` of tensor ``name`` along ``axis`` by ``factor[i]`` when it is read."""
+        known = self.factors.setdefault(name, {})
+        factor = np.asarray(factor, np.float32)
+        known[axis] = known[axis] * factor if axis in known else factor
+
+    def _scaled(self, name: str, array: np.ndarray, rows: slice) -> np.ndarray:
+        factors = self.factors.get(name)
+        if not factors:
+            return array
+        out = np.asarray(array, dtype=np.float32)
+        for axis, factor in factors.items():
+            view = [1] * out.ndim
+            view[axis] = -1
+            out = out * (factor[rows] if axis == 0 else factor).reshape(view)
+        return out
+
     def read(self, name: str) -> np.ndarray:
-        return self.checkpoint.read(name)
+        return self._scaled(name, self.checkpoint.read(name), slice(None))
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        return self.checkpoint.read_rows(name, start, stop)
+        return self._scaled(name, self.checkpoint.read_rows(name, start, stop), slice(start, stop))
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.checkpoint.shape(name)
@@ -157,21 +187,64 @@ def _dequantized(stored: SpilledLinear) -> np.ndarray:
     return dequantize(q).astype(np.float32)
 
 
-def _layer_hessians(runner: Any, layer: Any, i: int) -> dict[str, HessianAccumulator]:
-    """Run layer ``i`` with its float weights; the Hessian of each input group."""
+def _layer_hessians(runner: Any, layer: Any, i: int, record: bool) -> tuple[dict[str, HessianAccumulator], dict]:
+    """Run layer ``i`` with its float weights: the Hessian of each input group and, with ``record``,
+    the inputs themselves (AWQ's statistics, :class:`~.calibration.Stats` per group)."""
+    from qwen_export.export.calibration import _Recorder
+
     hessians = {
         group: HessianAccumulator(layer.get_submodule(path).weight_t.shape[0]) for group, path in _HOOKED.items()
     }
-    handles = [
-        layer.get_submodule(path).register_forward_pre_hook(lambda _m, args, acc=hessians[group]: acc.add(args[0]))
-        for group, path in _HOOKED.items()
-    ]
+    recorders = {group: _Recorder() for group in AWQ_FOLDS} if record else {}
+
+    def hook(group: str) -> Callable[..., None]:
+        def add(_module: Any, args: tuple[Any, ...]) -> None:
+            hessians[group].add(args[0])
+            if group in recorders:
+                recorders[group].add(args[0])
+
+        return add
+
+    handles = [layer.get_submodule(path).register_forward_pre_hook(hook(group)) for group, path in _HOOKED.items()]
     try:
         runner.run(layer, i, advance=False)
     finally:
         for handle in handles:
             handle.remove()
-    return hessians
+    return hessians, {group: rec.stats(AWQ_SAMPLE_ROWS) for group, rec in recorders.items()}
+
+
+def _awq_layer(
+    weights: GPTQWeights, layer: Any, i: int, stats: dict, hessians: dict, scheme: QuantScheme, grid: int
+) -> None:
+    """AWQ before GPTQ: per group (:data:`AWQ_FOLDS`), search the scales ``s`` on the float weights,
+    record ``W * s`` and the folds ``/ s`` in ``weights`` (read later), apply them to ``layer``'s
+    norms (the quantized re-run), and make each Hessian that of the scaled inputs ``x / s``."""
+    import torch
+
+    from qwen_export.quant.algorithms import awq_scales
+
+    p = f"model.layers.{i}."
+    for group, (linears, folds) in AWQ_FOLDS.items():
+        arrays = [np.ascontiguousarray(weights.read(p + name + ".weight").T) for name in linears]
+        stat = stats[group]
+        s = awq_scales(
+            arrays, stat.mean_abs, stat.sample, scheme.bits, scheme.block_size, scheme.symmetric, grid=grid,
+            positive_scales=scheme.positive_scales,
+        )  # fmt: skip
+        del arrays
+        inverse = (1.0 / s.astype(np.float64)).astype(np.float32)
+        for name in linears:
+            weights.scale(p + name + ".weight", 1, s)
+        for name, axis in folds:
+            if p + name in weights.checkpoint:
+                weights.scale(p + name, axis, inverse)
+                if name.endswith("norm.weight"):
+                    param = layer.get_submodule(name.rsplit(".", 1)[0]).weight
+                    param.data = torch.from_numpy(weights.read(p + name).astype(np.float32))
+        h = hessians[group].h
+        inv = torch.from_numpy(inverse)
+        h.mul_(inv[:, None]).mul_(inv[None, :])
 
 
 def run_gptq(
@@ -194,18 +267,22 @@ def run_gptq(
     geo = Geometry(scheme.bits, scheme.block_size, scheme.symmetric, scheme.positive_scales, scale_dtype)
     spill = _Spiller(Path(scratch), geo)
     runner = LayerRunner(checkpoint, spec, token_ids)
-    stored: dict[str, SpilledLinear] = {}
+    weights = GPTQWeights(checkpoint)
+    stored = weights.stored
     total = spec.num_hidden_layers + 1
     for i in range(spec.num_hidden_layers):
         progress(i, total)
         layer = runner.layer(i)
         if i not in scheme.keep_layers:
-            hessians = _layer_hessians(runner, layer, i)
+            hessians, stats = _layer_hessians(runner, layer, i, record=settings.awq_grid > 0)
+            if settings.awq_grid > 0:
+                _awq_layer(weights, layer, i, stats, hessians, scheme, settings.awq_grid)
+            del stats
             for group in _HOOKED:
                 factor = factorize(hessians.pop(group).h, settings)  # consumes the Hessian
                 for path in (p for p, g in LINEARS.items() if g == group):
                     prefix = f"model.layers.{i}.{path}"
-                    result = spill.quantize(checkpoint, prefix, factor, settings)
+                    result = spill.quantize(weights, prefix, factor, settings)
                     stored[f"{prefix}.weight"] = result
                     layer.get_submodule(path).weight_t.data = torch.from_numpy(_dequantized(result))
                 del factor
@@ -215,6 +292,6 @@ def run_gptq(
         acc = HessianAccumulator(spec.hidden_size)
         for x in runner.final_norm():
             acc.add(x)
-        stored["lm_head.weight"] = spill.quantize(checkpoint, "lm_head", factorize(acc.h, settings), settings)
+        stored["lm_head.weight"] = spill.quantize(weights, "lm_head", factorize(acc.h, settings), settings)
     progress(total, total)
-    return GPTQWeights(checkpoint, stored)
+    return weights

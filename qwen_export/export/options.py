@@ -55,7 +55,7 @@ class ExportOptions:
             raise OptionError(f"--accuracy-level must be 0, 1, 2, 3 or 4, got {self.accuracy_level}")
         if self.calibration is not None and (self.quant is None or not self.quant.algorithm.calibrated):
             raise OptionError("--calibration only applies to --algorithm awq or gptq")
-        if self.quant is not None and self.quant.algorithm is QuantAlgorithm.GPTQ and self.quant.per_channel:
+        if self.quant is not None and self.quant.algorithm.gptq and self.quant.per_channel:
             raise OptionError("--algorithm gptq quantizes in blocks: use --block-size 32, 64 or 128 (not 0)")
         if self.max_batch < 1:
             raise OptionError(f"--max-batch must be at least 1, got {self.max_batch}")

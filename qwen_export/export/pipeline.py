@@ -179,7 +179,7 @@ def _calibrate(
     from qwen_export.export.gptq import GPTQSettings
     from qwen_export.export.gptq_layers import run_gptq
 
-    settings = GPTQSettings()
+    settings = GPTQSettings(awq_grid=20 if quant.algorithm is QuantAlgorithm.AWQ_GPTQ else 0)
     record["gptq"] = settings.describe()
     scale_dtype = np.float16 if options.graph_dtype is DType.FP16 else np.float32
     weights = run_gptq(

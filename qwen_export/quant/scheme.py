@@ -49,11 +49,17 @@ class QuantAlgorithm(enum.Enum):
     CLIP = "clip"  # data-free: per-block clipping ratio searched to minimise the weight error
     AWQ = "awq"  # calibration: activation-aware per-input-channel scaling, searched on real activations
     GPTQ = "gptq"  # calibration: Hessian-based error compensation, layer by layer (qwen_export.export.gptq)
+    AWQ_GPTQ = "awq-gptq"  # calibration: AWQ scales folded first, then GPTQ on the scaled weights
 
     @property
     def calibrated(self) -> bool:
         """Needs calibration text run through the model at export time."""
-        return self in (QuantAlgorithm.AWQ, QuantAlgorithm.GPTQ)
+        return self in (QuantAlgorithm.AWQ, QuantAlgorithm.GPTQ, QuantAlgorithm.AWQ_GPTQ)
+
+    @property
+    def gptq(self) -> bool:
+        """Quantized by GPTQ at calibration time (:mod:`qwen_export.export.gptq_layers`)."""
+        return self in (QuantAlgorithm.GPTQ, QuantAlgorithm.AWQ_GPTQ)
 
 
 class Keep(enum.Enum):
