@@ -18,6 +18,7 @@ Target (from the issue): export peak RSS <= 1.5 GB (onnxruntime-genai's builder:
 parity max |logit error| <= 1e-3.
 
     .venv/bin/python benchmarks/export_real_shape.py [--workdir DIR] [--skip-build] [--json-out FILE]
+        [--export-args "--weights int4 ..."] [--skip-parity] [--skip-bench]
 """
 
 from __future__ import annotations
@@ -106,9 +107,10 @@ def checkpoint_facts(ckpt: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- 2. export
-def run_export(ckpt: Path, out: Path, workdir: Path) -> dict[str, Any]:
-    """The export as the only child (through ``harness.run_logged``'s launcher), its process tree polled."""
-    cmd = [harness.cli_path(), "export", str(ckpt), "-o", str(out), "--overwrite"]
+def run_export(ckpt: Path, out: Path, workdir: Path, extra: list[str] | None = None) -> dict[str, Any]:
+    """The export as the only child (through ``harness.run_logged``'s launcher), its process tree polled;
+    ``extra``: more export flags (e.g. ``--weights int4``)."""
+    cmd = [harness.cli_path(), "export", str(ckpt), "-o", str(out), "--overwrite", *(extra or [])]
     log("running: " + " ".join(cmd))
     parent_rss = maxrss_bytes(resource.RUSAGE_SELF)
     before = maxrss_bytes(resource.RUSAGE_CHILDREN)
@@ -360,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument(
+        "--export-args",
+        default="",
+        help='more export flags, e.g. "--weights int4" (parity then compares a quantized artifact: use --skip-parity)',
+    )
     args = ap.parse_args(argv)
 
     workdir: Path = args.workdir
@@ -379,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     report["init"] = args.init if not args.skip_build else "as built earlier"
     report["checkpoint"] = checkpoint_facts(ckpt)
 
-    report["export"] = run_export(ckpt, out, workdir)
+    report["export"] = run_export(ckpt, out, workdir, args.export_args.split())
+    report["export_args"] = args.export_args
     ex = report["export"]
     if ex["returncode"] != 0:
         log(f"export FAILED (exit {ex['returncode']}); stderr tail:\n{ex['stderr_tail']}")

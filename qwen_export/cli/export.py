@@ -84,7 +84,7 @@ AccuracyLevel = Annotated[
 ]
 Calibration = Annotated[
     Path | None,
-    typer.Option(help="--algorithm awq|gptq: calibration text file (UTF-8); default: a built-in mixed text."),
+    typer.Option(help="--algorithm awq|gptq|awq-gptq: calibration text (UTF-8 file); default: a built-in mixed text."),
 ]
 EmbeddingBits = Annotated[
     int | None,
