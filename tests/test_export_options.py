@@ -18,7 +18,7 @@ from qwen_export.artifact import Manifest, load_manifest
 from qwen_export.errors import OptionError
 from qwen_export.export import export as library_export
 from qwen_export.export import pipeline
-from qwen_export.export.options import ExportOptions, export_options
+from qwen_export.export.options import ExportOptions, Int4Defaults, export_options
 from qwen_export.quant.scheme import PER_CHANNEL, Keep, QuantScheme, WeightFormat
 from qwen_export.spec import Target
 
@@ -121,8 +121,13 @@ def test_plain_values_and_lists(qwen2_tied: Path) -> None:
     assert options == export_options(
         qwen2_tied, weights="int4", keep="embedding", keep_layers="0,1", dtype="fp16", logits="all", max_length=64
     )
+    d = Int4Defaults()
     assert options.quant == QuantScheme(
-        WeightFormat.INT4, keep=frozenset({Keep.EMBEDDING}), keep_layers=frozenset({0, 1})
+        WeightFormat.INT4,
+        keep=frozenset({Keep.EMBEDDING}),
+        keep_layers=frozenset({0, 1}),
+        algorithm=d.algorithm,
+        symmetric=d.symmetric,
     )
     assert export_options() == ExportOptions()  # no flags: the defaults
 
@@ -143,3 +148,26 @@ def test_target_policy_comes_from_the_registry(qwen2_tied: Path) -> None:
     options = export_options(qwen2_tied, target="tensorrt", weights="int8")
     adapted = options.backend.adapt_options(options, said.append)
     assert adapted.quant.block_size == PER_CHANNEL and any("per output channel" in s for s in said)
+
+
+def test_int4_defaults(qwen2_tied: Path, qwen2_untied: Path, prequantized) -> None:  # noqa: F811
+    """``--weights int4`` alone: AWQ + GPTQ, asymmetric where the target takes zero points, a 4-bit
+    embedding only when the lm_head is separate; every given flag wins; int8 and pre-quantized
+    checkpoints are untouched."""
+    from qwen_export.quant.scheme import QuantAlgorithm
+
+    tied = export_options(qwen2_tied, weights="int4").quant
+    untied = export_options(qwen2_untied, weights="int4").quant
+    default = Int4Defaults()
+    assert (tied.algorithm, tied.symmetric, tied.embedding_bits) == (default.algorithm, default.symmetric, 8)
+    assert (untied.algorithm, untied.embedding_bits) == (default.algorithm, 4)
+    trt = export_options(qwen2_untied, weights="int4", target="tensorrt").quant
+    assert trt.symmetric and trt.algorithm is default.algorithm  # TensorRT takes no zero points
+    given = export_options(qwen2_untied, weights="int4", algorithm="rtn", symmetric=True, embedding_bits=8).quant
+    assert (given.algorithm, given.symmetric, given.embedding_bits) == (QuantAlgorithm.RTN, True, 8)
+    kept = export_options(qwen2_untied, weights="int4", keep="embedding").quant
+    assert Keep.EMBEDDING in kept.keep and kept.embedding_bits == 8
+    assert export_options(qwen2_untied, weights="int8").quant.algorithm is QuantAlgorithm.RTN
+    directory, _ = prequantized("awq")
+    own = export_options(directory, weights=f"int{BITS}").quant
+    assert own.algorithm is QuantAlgorithm.RTN  # its stored values are kept, nothing is recalibrated

@@ -117,8 +117,19 @@ def export_options(
         raise OptionError(f"--dump-dir {str(dump_dir)!r} exists and is not a directory")
     engine_target = Target.parse(target, "target")
     backend = targets.get(engine_target)
+    defaults = Int4Defaults.for_export(checkpoint, backend) if _is_int4(weights) else None
     act_dtype, quant = weight_options(
-        weights, dtype, block_size, symmetric, algorithm, keep, keep_layers, accuracy_level, embedding_bits
+        weights,
+        dtype,
+        block_size,
+        defaults.symmetric if symmetric is None and defaults is not None else symmetric,
+        defaults.algorithm.value if algorithm is None and defaults is not None else algorithm,
+        keep,
+        keep_layers,
+        accuracy_level,
+        defaults.embedding_bits
+        if embedding_bits is None and defaults is not None and not _keeps_embedding(keep)
+        else embedding_bits,
     )
     if checkpoint is not None and (Path(checkpoint) / "config.json").is_file():
         quant = prequantized_default(Path(checkpoint), weights, quant, block_size, symmetric)
@@ -145,6 +156,51 @@ def export_options(
         accuracy_level=4 if accuracy_level is None else accuracy_level,
         calibration=Path(calibration) if calibration is not None else None,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Int4Defaults:
+    """What ``--weights int4`` means when ``--algorithm``, ``--symmetric/--asymmetric`` and
+    ``--embedding-bits`` are not given: the most accurate combination measured on a real Qwen2.5
+    checkpoint within the size of optimum-intel's int4 artifact (benchmarks/README.md, quant_real.py).
+
+    - ``algorithm``: AWQ scales, then GPTQ (``awq-gptq``);
+    - asymmetric (a zero point per block) where the target takes zero points (not TensorRT);
+    - the embedding at 4 bits when the lm_head is separate (untied): it is only gathered, and its
+      8 bits would put the artifact over that size; 8 bits when it is also the (tied) lm_head.
+    """
+
+    algorithm: QuantAlgorithm = QuantAlgorithm.AWQ_GPTQ
+    symmetric: bool = False
+    embedding_bits: int = 8
+
+    @classmethod
+    def for_export(cls, checkpoint: str | Path | None, backend: TargetBackend) -> Int4Defaults | None:
+        """The defaults for ``checkpoint`` on ``backend``; None for a pre-quantized checkpoint (it
+        keeps its own quantization: :func:`prequantized_default`)."""
+        from qwen_export.quant.prequant import read_config
+
+        tied = True
+        config = Path(checkpoint) / "config.json" if checkpoint is not None else None
+        if config is not None and config.is_file():
+            try:
+                if read_config(config) is not None:
+                    return None
+                tied = ModelSpec.from_config_file(config).tie_word_embeddings
+            except QwenExportError:
+                pass  # a defective config.json: the export reports it with its own message
+        return cls(symmetric=not backend.zero_points, embedding_bits=8 if tied else 4)
+
+
+def _keeps_embedding(keep: str | Iterable[str] | None) -> bool:
+    return any(str(k).strip().lower() == Keep.EMBEDDING.value for k in _items(keep))
+
+
+def _is_int4(weights: str | None) -> bool:
+    try:
+        return weights is not None and parse_choice(WeightFormat, weights, "--weights") is WeightFormat.INT4
+    except OptionError:
+        return False  # weight_options reports it
 
 
 def _refuse_other_targets_options(backend: TargetBackend, given: Mapping[str, Any]) -> None:

@@ -55,6 +55,8 @@ class TargetBackend(Protocol):
     load_options: tuple[str, ...]
     #: the Python module its CPU runs need (what a test skips on when it is missing)
     cpu_module: str
+    #: its quantized weights may have zero points (asymmetric schemes)
+    zero_points: bool
 
     def cpu_runs(self) -> dict[str, dict[str, Any]]:
         """How its artifacts are verified on a CPU-only machine (every parity test runs each):

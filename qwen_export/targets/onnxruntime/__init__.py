@@ -21,6 +21,7 @@ class OnnxRuntimeTarget:
     own_options: frozenset[str] = frozenset()
     load_options: tuple[str, ...] = ()
     cpu_module: str = "onnxruntime"
+    zero_points: bool = True
 
     def cpu_runs(self) -> dict[str, dict[str, Any]]:
         return {"onnxruntime": {}}

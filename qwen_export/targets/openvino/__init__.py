@@ -22,6 +22,7 @@ class OpenVINOTarget:
     options_field: str | None = "openvino"
     own_options: frozenset[str] = frozenset()
     cpu_module: str = "openvino"
+    zero_points: bool = True
 
     def cpu_runs(self) -> dict[str, dict[str, Any]]:
         """The default engine (PagedAttention over the engine's block cache, stateful for

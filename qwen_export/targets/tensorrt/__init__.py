@@ -25,6 +25,7 @@ class TensorRTTarget:
     #: the load option of the TensorRT engine (``device`` is common to every engine)
     load_options: tuple[str, ...] = ("cuda_graphs",)
     cpu_module: str = "onnxruntime"
+    zero_points: bool = False
 
     def cpu_runs(self) -> dict[str, dict[str, Any]]:
         """Its standard-ONNX graph (fixed-capacity KV buffers scattered in place) on ONNX Runtime
