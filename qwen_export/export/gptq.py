@@ -182,7 +182,7 @@ def _compensate(
             if z is not None:
                 q += z
             q.clamp_(lo, hi)
-            codes[row] = q
+            codes[row] = q.to(codes.dtype)
             deq = (q - z) * s if z is not None else q * s
             err = (x - deq) / tri[i, i]
             block[i + 1 :] -= tri[i, i + 1 :, None] * err[None, :]
@@ -228,7 +228,7 @@ def gptq_quantize(
     perm = factor.perm
     weights = weights[perm]
     row_group = (perm // b).numpy()
-    codes = torch.empty((k, n), dtype=torch.float32)
+    codes = torch.empty((k, n), dtype=torch.int8 if geo.symmetric else torch.uint8)
     threads = torch.get_num_threads()
     try:
         _compensate(weights, factor, row_group, scales, zeros, codes, geo, settings, threads)
@@ -236,9 +236,9 @@ def gptq_quantize(
         torch.set_num_threads(threads)
     out = torch.empty_like(codes)
     out[perm] = codes
-    dtype = np.int8 if geo.symmetric else np.uint8
+    del codes
     zero_points = None if zeros is None else zeros.astype(np.uint8)
-    return BlockQuantized(out.numpy().astype(dtype), scales, zero_points, geo.bits, b, 0)
+    return BlockQuantized(out.numpy(), scales, zero_points, geo.bits, b, 0)
 
 
 class HessianAccumulator:

@@ -34,7 +34,7 @@ from qwen_export.quant.scheme import Keep, QuantScheme
 from qwen_export.spec import ModelSpec
 
 #: bytes of float32 weight GPTQ handles at once (output columns are independent).
-COLUMN_BYTES = 256 << 20
+COLUMN_BYTES = 64 << 20
 
 #: linear -> the Hessian group whose input it reads
 LINEARS = {
