@@ -148,7 +148,7 @@ class _Spiller:
         self.scratch, self.geo = scratch, geo
         self.count = 0
 
-    def quantize(self, checkpoint: Any, prefix: str, factor: Factor, settings: GPTQSettings) -> SpilledLinear:
+    def quantize(self, checkpoint: Any, prefix: str, factor: Factor, settings: GPTQSettings) -> SpilledLinear:  # noqa: D102
         """GPTQ of ``<prefix>.weight`` ([N, K] in the checkpoint) in column chunks, spilled to disk."""
         name = f"{prefix}.weight"
         n, k = checkpoint.shape(name)
@@ -185,6 +185,11 @@ def _dequantized(stored: SpilledLinear) -> np.ndarray:
     q = stored.block_quantized(stored.symmetric, np.float32)
     assert isinstance(q, BlockQuantized)
     return dequantize(q).astype(np.float32)
+
+
+def _layer_bytes(checkpoint: Any, i: int) -> int:
+    """float32 bytes of layer ``i``'s linear weights (what the progress bar counts)."""
+    return sum(4 * int(np.prod(checkpoint.shape(f"model.layers.{i}.{path}.weight"))) for path in LINEARS)
 
 
 def _layer_hessians(runner: Any, layer: Any, i: int, record: bool) -> tuple[dict[str, HessianAccumulator], dict]:
@@ -269,9 +274,11 @@ def run_gptq(
     runner = LayerRunner(checkpoint, spec, token_ids)
     weights = GPTQWeights(checkpoint)
     stored = weights.stored
-    total = spec.num_hidden_layers + 1
+    sizes = [_layer_bytes(checkpoint, i) for i in range(spec.num_hidden_layers)]
+    total, done = sum(sizes), 0
     for i in range(spec.num_hidden_layers):
-        progress(i, total)
+        progress(done, total)
+        done += sizes[i]
         layer = runner.layer(i)
         if i not in scheme.keep_layers:
             hessians, stats = _layer_hessians(runner, layer, i, record=settings.awq_grid > 0)
