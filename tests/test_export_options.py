@@ -151,7 +151,7 @@ def test_target_policy_comes_from_the_registry(qwen2_tied: Path) -> None:
 
 
 def test_int4_defaults(qwen2_tied: Path, qwen2_untied: Path, prequantized) -> None:  # noqa: F811
-    """``--weights int4`` alone: AWQ + GPTQ, asymmetric where the target takes zero points, a 4-bit
+    """``--weights int4`` alone: GPTQ, asymmetric where the target takes zero points, a 4-bit
     embedding only when the lm_head is separate; every given flag wins; int8 and pre-quantized
     checkpoints are untouched."""
     from qwen_export.quant.scheme import QuantAlgorithm
