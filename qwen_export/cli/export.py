@@ -66,12 +66,17 @@ BlockSize = Annotated[
 ]
 Symmetric = Annotated[
     bool | None,
-    typer.Option("--symmetric/--asymmetric", help="Quantize with zero point 0 (default) or a zero point per block."),
+    typer.Option(
+        "--symmetric/--asymmetric",
+        help="Quantize with zero point 0 or a zero point per block. Default: asymmetric for int4 where the "
+        "target takes zero points (not tensorrt), symmetric for int8.",
+    ),
 ]
 Algorithm = Annotated[
     str | None,
     typer.Option(
-        help="Quantization algorithm: rtn (default) | clip | awq | gptq (awq, gptq: calibrated on --calibration)."
+        help="Quantization algorithm: rtn | clip | awq | gptq | awq-gptq (the last three calibrated on "
+        "--calibration). Default: gptq for int4 (slow: ~10x an rtn export; use rtn for speed), rtn for int8."
     ),
 ]
 Keep = Annotated[str | None, typer.Option(help="Tensors kept in --dtype, comma-separated: embedding, lm_head.")]
@@ -89,8 +94,8 @@ Calibration = Annotated[
 EmbeddingBits = Annotated[
     int | None,
     typer.Option(
-        help="Bits of the quantized embedding (and a tied lm_head that shares it): 8 (default) | 4 "
-        "(smaller; RTN at --block-size)."
+        help="Bits of the quantized embedding (and a tied lm_head that shares it): 8 | 4 (smaller; RTN at "
+        "--block-size). Default: 4 for int4 when the lm_head is separate (untied), else 8."
     ),
 ]
 MaxBatch = Annotated[
