@@ -26,6 +26,8 @@ from typing import Any
 
 from qwen_export import __version__
 from qwen_export.errors import ArtifactError, QwenExportError
+from qwen_export.manifest_schema import validate_manifest
+from qwen_export.safefs import open_inside, read_inside, scan_tree
 
 MANIFEST_SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -42,6 +44,10 @@ RECORDED_PACKAGES = (
     "safetensors",
 )
 _CHUNK = 1 << 20
+MAX_MANIFEST_BYTES = 64 << 20
+#: directories of an artifact written after export and not in ``files``: TensorRT's engines built on
+#: the GPU machine (``qwen-export build-engine``). Their files must still be regular and inside.
+UNLISTED_DIRS = ("engines",)
 
 
 def installed_packages() -> dict[str, str]:
@@ -120,6 +126,7 @@ class Manifest:
         for key, kind in kinds.items():
             if not isinstance(data.get(key), kind):
                 raise ArtifactError(f"{source}: field {key!r} is missing or not a {kind.__name__}")
+        validate_manifest(data, source)
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in fields})
 
@@ -220,33 +227,66 @@ def sha256_file(path: Path) -> str:
 
 
 def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
-    """Read an artifact's manifest; check that its files exist and (``verify``) are unmodified."""
+    """Read an artifact's manifest and check the whole tree against it.
+
+    Every entry under ``directory`` must be a directory or a regular file (no symbolic link, device,
+    FIFO or socket), every file must be listed in ``files`` (except ``manifest.json`` and the
+    locally built ``engines/``, see :data:`UNLISTED_DIRS`), every listed file must exist and, with
+    ``verify``, match its sha256. Engines that open files themselves are handed only a tree that
+    passed, so nothing they read can lead outside the artifact.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise ArtifactError(f"{directory}: artifact directory not found")
     path = directory / MANIFEST_NAME
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         raise ArtifactError(
             f"{directory} has no {MANIFEST_NAME}; it is not a qwen-export artifact (or its export was interrupted)"
         )
+    data = read_inside(directory, MANIFEST_NAME, MAX_MANIFEST_BYTES)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path} cannot be read ({exc})") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{path} cannot be read (not UTF-8 at byte {exc.start})") from None
     manifest = Manifest.from_json(text, source=str(path))
+    present = scan_tree(directory)
+    unlisted = [
+        rel
+        for rel in present
+        if rel != MANIFEST_NAME and rel not in manifest.files and rel.split("/")[0] not in UNLISTED_DIRS
+    ]
+    if unlisted:
+        raise ArtifactError(
+            f"{directory / unlisted[0]} is not listed in {MANIFEST_NAME} (an engine could read it unverified); "
+            "remove it or re-export the artifact"
+        )
     for rel, digest in manifest.files.items():
-        parts = PurePosixPath(rel).parts
-        if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
-            raise ArtifactError(f"{path} lists an unsafe file path {rel!r}")
-        file = directory.joinpath(*parts)
-        try:
-            if not file.is_file():
-                raise ArtifactError(f"{file} is missing (listed in {MANIFEST_NAME}); re-export the artifact")
-            if verify and sha256_file(file) != digest:
-                raise ArtifactError(f"{file} was modified after export (sha256 mismatch); re-export the artifact")
-        except OSError as exc:  # e.g. a listed name too long for the filesystem, an unreadable file
-            raise ArtifactError(f"{path} lists {rel!r}, which cannot be read ({exc.strerror})") from None
+        if rel == MANIFEST_NAME or rel.split("/")[0] in UNLISTED_DIRS:
+            raise ArtifactError(f"{path} lists {rel!r}, which is not an exported file; re-export the artifact")
+        with open_inside(directory, rel) as (fd, _):
+            if verify and _sha256_fd(fd, directory / rel) != digest:
+                raise ArtifactError(
+                    f"{directory / rel} was modified after export (sha256 mismatch); re-export the artifact"
+                )
     return manifest
+
+
+def _sha256_fd(fd: int, name: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        while chunk := os.read(fd, _CHUNK):
+            digest.update(chunk)
+    except OSError as exc:
+        raise ArtifactError(f"{name} cannot be read ({exc.strerror})") from None
+    return digest.hexdigest()
+
+
+def read_artifact_file(directory: str | Path, manifest: Manifest, rel: str, limit: int) -> bytes:
+    """The bytes of a file the runtime reads from an artifact: it must be listed (and so hashed) in
+    the manifest, a regular file inside the artifact, and at most ``limit`` bytes."""
+    if rel not in manifest.files:
+        raise ArtifactError(f"{Path(directory) / rel} is not listed in {MANIFEST_NAME}; re-export the artifact")
+    return read_inside(directory, rel, limit)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -8,7 +8,7 @@ tokenizers use, so ids match); ``tokenizer_config.json`` supplies the special to
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import tokenizers
 
 from qwen_export.errors import ConfigError
 from qwen_export.runtime.chat import ChatTemplate
+from qwen_export.safefs import read_regular
 
 __all__ = ["Tokenizer", "MAX_TOKENIZER_BYTES"]
 
@@ -25,29 +26,42 @@ MAX_TOKENIZER_BYTES = 100 * 1024 * 1024  # refuse larger tokenizer files (real o
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-def _read_text(path: Path) -> str:
+#: ``reader(name, limit) -> bytes | None``: a file of the tokenizer's directory (None = absent).
+Reader = Callable[[str, int], "bytes | None"]
+
+
+def checkpoint_reader(root: Path) -> Reader:
+    """Files of a checkpoint directory: regular files (links followed, as Hugging Face caches use
+    them), bounded reads. Artifacts pass a reader that also refuses links and unlisted files."""
+
+    def read(name: str, limit: int) -> bytes | None:
+        return read_regular(root / name, limit, ConfigError)
+
+    return read
+
+
+def _read_text(reader: Reader, root: Path, name: str, required: bool = True) -> str | None:
     """Read a UTF-8 file of at most MAX_TOKENIZER_BYTES, or raise ConfigError naming it."""
+    path = root / name
+    data = reader(name, MAX_TOKENIZER_BYTES)
+    if data is None:
+        if not required:
+            return None
+        raise ConfigError(f"{path}: file not found (the checkpoint's tokenizer files are needed)")
     try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found (the checkpoint's tokenizer files are needed)") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    if size > MAX_TOKENIZER_BYTES:
-        raise ConfigError(f"{path}: {size} bytes is over the {MAX_TOKENIZER_BYTES} byte limit for tokenizer files")
-    try:
-        return path.read_bytes().decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); expected a JSON/Jinja file") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
+def _read_json_object(reader: Reader, root: Path, name: str) -> dict[str, Any]:
+    path = root / name
     try:
-        data = json.loads(_read_text(path))
+        data = json.loads(_read_text(reader, root, name) or "")
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except (ValueError, RecursionError) as e:  # an integer over 4300 digits, absurd nesting
+        raise ConfigError(f"{path}: invalid JSON ({type(e).__name__})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -98,26 +112,29 @@ class Tokenizer:
         self.special_ids: frozenset[int] = frozenset(special)
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Load ``tokenizer.json``, ``tokenizer_config.json`` and (if present) ``chat_template.jinja``."""
+    def from_dir(cls, path: str | Path, reader: Reader | None = None) -> Tokenizer:
+        """Load ``tokenizer.json``, ``tokenizer_config.json`` and (if present) ``chat_template.jinja``
+        through ``reader`` (default: :func:`checkpoint_reader`)."""
         root = Path(path)
         if not root.is_dir():
             raise ConfigError(f"{root}: not a directory (expected a checkpoint with tokenizer.json)")
+        reader = reader or checkpoint_reader(root)
         tokenizer_file = root / "tokenizer.json"
-        text = _read_text(tokenizer_file)
+        text = _read_text(reader, root, "tokenizer.json") or ""
         try:
             backend = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # the Rust side raises plain Exception subclasses
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ConfigError(f"{tokenizer_file}: not a valid tokenizers JSON file: {message}") from None
         config_file = root / "tokenizer_config.json"
-        config = _read_json_object(config_file)
+        config = _read_json_object(reader, root, "tokenizer_config.json")
 
         templates: dict[str, ChatTemplate] = {}
         jinja_file = root / "chat_template.jinja"
         raw = config.get("chat_template")
-        if jinja_file.is_file():
-            templates["default"] = ChatTemplate(_read_text(jinja_file), str(jinja_file))
+        jinja = _read_text(reader, root, "chat_template.jinja", required=False)
+        if jinja is not None:
+            templates["default"] = ChatTemplate(jinja, str(jinja_file))
         elif isinstance(raw, str):
             templates["default"] = ChatTemplate(raw, str(config_file))
         elif isinstance(raw, list):  # older layout: [{"name": ..., "template": ...}, ...]
