@@ -21,7 +21,7 @@ import shutil
 import signal
 import threading
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from qwen_export import __version__

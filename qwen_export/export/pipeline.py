@@ -239,7 +239,7 @@ class _PhaseTimer:
 
 def _tokenizer_files(directory: Path) -> list[str]:
     """The tokenizer files to copy, after loading them once (a bad file fails before any work)."""
-    missing = [f for f in TOKENIZER_FILES if not (directory / f).is_file()]
+    missing = [f for f in TOKENIZER_FILES if not (directory / f).exists()]
     if missing:
         raise CheckpointError(
             f"{directory}: {', '.join(missing)} missing; the artifact needs the checkpoint's tokenizer files"

@@ -23,7 +23,6 @@ def describe(artifact: str | Path, manifest: Manifest) -> dict[str, Any]:
     info: dict[str, Any] = {"manifest": manifest.__dict__, "files": {}}
     for name in sorted(manifest.files):
         info["files"][name] = (root / name).stat().st_size
-    model_file = root / "model.onnx"
     if "model.onnx" in manifest.files:
         model = onnx.load_model_from_string(read_artifact_file(root, manifest, "model.onnx", 2**31))
         ops = Counter(qualified_op(n.domain, n.op_type) for n in model.graph.node)
