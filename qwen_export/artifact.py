@@ -20,11 +20,12 @@ import secrets
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from qwen_export import __version__
+from qwen_export.atomic_dir import OutputExists, clean_stale, make_temp_dir, move_into_place, release_temp_dir
 from qwen_export.errors import ArtifactError, QwenExportError
 from qwen_export.manifest_schema import validate_manifest
 from qwen_export.safefs import open_inside, read_inside, scan_tree
@@ -150,16 +151,23 @@ def check_output_dir(
     marker: str = MANIFEST_NAME,
     kind: str = "qwen-export artifact",
     error: type[QwenExportError] = ArtifactError,
+    keep: Sequence[str | Path] = (),
 ) -> None:
     """Fail fast (before any work) when ``out`` cannot be written.
 
     With ``overwrite`` an existing directory is replaced only when it is empty or holds ``marker``
     (what a ``kind`` directory always has), so a mistyped output path cannot delete an unrelated
-    directory. Errors are raised as ``error``.
+    directory, and never when one of the inputs ``keep`` lies inside it. The nearest existing
+    ancestor must be a directory this process can create entries in. Errors are raised as ``error``.
     """
     out = Path(out)
+    _check_writable(out, error)
     if not (out.exists() or out.is_symlink()):
         return
+    for path in keep:
+        inside = Path(os.path.realpath(path))
+        if inside == Path(os.path.realpath(out)) or Path(os.path.realpath(out)) in inside.parents:
+            raise error(f"{path} is inside {out}; replacing {out} would delete it: choose another output")
     if not overwrite:
         raise error(f"{out} exists; pass --overwrite to replace it")
     if not out.is_dir() or out.is_symlink():
@@ -168,8 +176,25 @@ def check_output_dir(
         raise error(f"{out} is not a {kind} (no {marker}); refusing to replace it")
 
 
+def _check_writable(out: Path, error: type[QwenExportError]) -> None:
+    """The nearest existing ancestor of ``out`` must be a directory we can create entries in (probed)."""
+    ancestor = out.parent
+    while not (ancestor.exists() or ancestor.is_symlink()) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise error(f"{ancestor} is not a directory; {out} cannot be created under it: choose another output")
+    try:
+        probe = ancestor / f".{out.name[:64]}.probe-{secrets.token_hex(4)}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise error(f"cannot write in {ancestor} ({exc.strerror}); choose another output") from None
+
+
 @contextlib.contextmanager
-def write_artifact(out_dir: str | Path, overwrite: bool = False) -> Iterator[ArtifactWriter]:
+def write_artifact(
+    out_dir: str | Path, overwrite: bool = False, keep: Sequence[str | Path] = ()
+) -> Iterator[ArtifactWriter]:
     """Build an artifact in a temporary sibling of ``out_dir`` and move it into place on success.
 
     On success ``manifest.json`` is written (sha256 of every file) and the directory renamed onto
@@ -179,10 +204,11 @@ def write_artifact(out_dir: str | Path, overwrite: bool = False) -> Iterator[Art
     EDQUOT) anywhere in the block becomes a one-line :class:`ArtifactError` with the free space left.
     """
     out = Path(out_dir)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, keep=keep)
     tmp: Path | None = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(out)  # temporary directories of writers that were killed
         tmp = make_temp_dir(out)
         writer = ArtifactWriter(path=tmp)
         with sigterm_raises():
@@ -192,21 +218,24 @@ def write_artifact(out_dir: str | Path, overwrite: bool = False) -> Iterator[Art
                 raise TypeError(f"unknown manifest field(s) {sorted(unknown)}; settable: {', '.join(SETTABLE_FIELDS)}")
             manifest = Manifest(**writer.manifest_fields, files=hash_files(tmp))
             (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
-            check_output_dir(out, overwrite)  # it may have appeared meanwhile
-            with _signals_deferred():
-                move_into_place(tmp, out)
+            with _signals_deferred():  # it may have appeared meanwhile: checked again under the lock
+                move_into_place(tmp, out, overwrite, check=lambda: check_output_dir(out, overwrite, keep=keep))
             writer.path, writer.manifest = out, manifest
+    except OutputExists:
+        raise ArtifactError(
+            f"{out} appeared while this export ran (another writer?); pass --overwrite to replace it"
+        ) from None
     except Exception as exc:
         full = _disk_full_error(exc)
         if full is None:
             raise
         written = _tree_bytes(tmp) if tmp is not None else 0
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)  # before measuring: what is free once we are gone
+            release_temp_dir(tmp)  # before measuring: what is free once we are gone
         raise ArtifactError(_disk_full_message(out, full, written)) from exc
     finally:
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)  # a no-op after a successful move
+            release_temp_dir(tmp)  # a no-op after a successful move, but for the lock
 
 
 def hash_files(root: Path) -> dict[str, str]:
@@ -380,29 +409,3 @@ def _disk_full_message(out: Path, exc: OSError, written: int) -> str:
         f"disk full while writing {out}: {reason} after {written / 2**20:.1f} MiB "
         f"({free} free on that filesystem); free space or choose another --output"
     )
-
-
-def make_temp_dir(out: Path) -> Path:
-    """An empty sibling of ``out`` (same filesystem, so the final rename is atomic), mode set by the umask."""
-    while True:
-        tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
-        try:
-            tmp.mkdir()
-            return tmp
-        except FileExistsError:
-            continue
-
-
-def move_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is swapped out and removed only after success."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    backup = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-    os.rename(out, backup)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(backup, out)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)

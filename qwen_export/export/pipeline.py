@@ -57,7 +57,8 @@ def _export(
     options = backend.adapt_options(options, hooks.message)
     timer = _PhaseTimer(hooks)
     out = Path(out_dir)
-    artifact.check_output_dir(out, options.overwrite)
+    keep = _inputs(checkpoint_dir, options)
+    artifact.check_output_dir(out, options.overwrite, keep=keep)
     timer.start("load")
     ckpt = Checkpoint.open(checkpoint_dir)
     spec = ckpt.spec
@@ -85,7 +86,7 @@ def _export(
     records, kv_layout = run_passes(model, passes, kv_layout, dump)
 
     timer.start("emit")
-    with artifact.write_artifact(out, options.overwrite) as staging:
+    with artifact.write_artifact(out, options.overwrite, keep=keep) as staging:
         # tokenizer and generation config first: genai_config.json takes its eos ids from them
         _copy_tokenizer(ckpt.directory, staging.path, tokenizer_files)
         _write_generation_config(ckpt.directory, staging.path, spec)
@@ -235,6 +236,16 @@ class _PhaseTimer:
             self.seconds[self._phase] = round(time.perf_counter() - self._t0, 3)
             self._phase = None
         return dict(self.seconds)
+
+
+def _inputs(checkpoint_dir: str | Path, options: ExportOptions) -> list[Path]:
+    """What the export reads: replacing the output must never delete one of them."""
+    paths = [Path(checkpoint_dir)]
+    for name in ("calibration", "dump_dir"):
+        value = getattr(options, name, None)
+        if isinstance(value, (str, Path)):
+            paths.append(Path(value))
+    return paths
 
 
 def _tokenizer_files(directory: Path) -> list[str]:
