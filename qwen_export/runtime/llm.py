@@ -182,9 +182,9 @@ class LLM:
     ) -> TextStream:
         """Stream the completion of ``prompt`` (a string, fed as is) or of chat ``messages``."""
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt, max_tokens=self.max_context)
         else:
-            ids = self.tokenizer.apply_chat_template_ids(list(prompt))
+            ids = self.tokenizer.apply_chat_template_ids(list(prompt), max_tokens=self.max_context)
         return self._start(ids, response_format, sampling)
 
     def chat(
@@ -202,7 +202,7 @@ class LLM:
         """
         if tools is not None and response_format is not None:
             raise OptionError("pass either tools or response_format, not both")
-        ids = self.tokenizer.apply_chat_template_ids(list(messages), tools=tools)
+        ids = self.tokenizer.apply_chat_template_ids(list(messages), tools=tools, max_tokens=self.max_context)
         stream = self._start(ids, response_format, sampling)
         raw = "".join(stream)
         result = stream.result

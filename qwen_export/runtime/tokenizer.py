@@ -14,7 +14,8 @@ from typing import Any
 
 import tokenizers
 
-from qwen_export.errors import ConfigError
+from qwen_export.errors import ConfigError, GenerationError, OptionError
+from qwen_export.runtime import tokenizer_guard
 from qwen_export.runtime.chat import ChatTemplate
 from qwen_export.safefs import read_regular
 
@@ -91,6 +92,7 @@ class Tokenizer:
         """``chat_templates`` maps template names to templates; ``"default"`` is the usual one and
         ``"tool_use"`` (older multi-template checkpoints) is preferred when tools are passed."""
         self._backend = backend
+        self._max_token_chars: int | None = None
         self.config: dict[str, Any] = dict(config or {})
         self.chat_templates: dict[str, ChatTemplate] = dict(chat_templates or {})
         self.special_tokens: dict[str, str] = {}
@@ -122,10 +124,18 @@ class Tokenizer:
         tokenizer_file = root / "tokenizer.json"
         text = _read_text(reader, root, "tokenizer.json") or ""
         try:
+            data = json.loads(text)
+            tokenizer_guard.check_patterns(data, str(tokenizer_file))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, huge integers, absurd nesting
+            raise ConfigError(f"{tokenizer_file}: not a valid tokenizers JSON file: {str(e)[:200]}") from None
+        try:
             backend = tokenizers.Tokenizer.from_str(text)
-        except Exception as e:  # the Rust side raises plain Exception subclasses
+        except BaseException as e:  # the Rust side raises plain Exception subclasses, or panics
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ConfigError(f"{tokenizer_file}: not a valid tokenizers JSON file: {message}") from None
+        tokenizer_guard.probe_cost(backend.encode, str(tokenizer_file), data)
         config_file = root / "tokenizer_config.json"
         config = _read_json_object(reader, root, "tokenizer_config.json")
 
@@ -182,9 +192,32 @@ class Tokenizer:
 
     # -- text <-> ids ---------------------------------------------------------------------------
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of ``text``; special-token strings in it are parsed as special tokens."""
-        return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+    @property
+    def max_token_chars(self) -> int:
+        """No token covers more characters of a text than this (the longest token string)."""
+        if self._max_token_chars is None:
+            self._max_token_chars = tokenizer_guard.max_token_chars(self._backend.get_vocab(with_added_tokens=True))
+        return self._max_token_chars
+
+    def encode(self, text: str, add_special_tokens: bool = False, max_tokens: int | None = None) -> list[int]:
+        """Token ids of ``text``; special-token strings in it are parsed as special tokens.
+
+        With ``max_tokens``, a text that cannot fit (over ``max_tokens`` x :attr:`max_token_chars`
+        characters) is a GenerationError before any tokenizing: the cost is bounded by the context.
+        """
+        if not isinstance(text, str):
+            raise OptionError(f"text to tokenize must be a string, got {type(text).__name__}")
+        if max_tokens is not None and len(text) > max_tokens * self.max_token_chars:
+            raise GenerationError(
+                f"the prompt has {len(text):,} characters, at least {len(text) // self.max_token_chars:,} tokens; "
+                f"the context is {max_tokens} tokens: shorten it"
+            )
+        try:
+            return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        except BaseException as e:
+            if isinstance(e, (KeyboardInterrupt, SystemExit)) or not tokenizer_guard.rust_failure(e):
+                raise
+            raise ConfigError(f"the tokenizer failed on this text: {str(e).splitlines()[0][:120]}") from None
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; ids outside the vocabulary are ignored."""
@@ -221,7 +254,11 @@ class Tokenizer:
         messages: Sequence[Mapping[str, Any]],
         tools: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        max_tokens: int | None = None,
         **extra: Any,
     ) -> list[int]:
-        """Token ids of :meth:`apply_chat_template` (no extra special tokens added)."""
-        return self.encode(self.apply_chat_template(messages, tools, add_generation_prompt, **extra))
+        """Token ids of :meth:`apply_chat_template` (no extra special tokens added; ``max_tokens`` as
+        in :meth:`encode`)."""
+        return self.encode(
+            self.apply_chat_template(messages, tools, add_generation_prompt, **extra), max_tokens=max_tokens
+        )
