@@ -22,6 +22,7 @@ import jinja2.exceptions
 
 from qwen_export.errors import ConfigError, OptionError, QwenExportError
 from qwen_export.runtime import sandbox
+from qwen_export.runtime.jsonsafe import check_json
 
 __all__ = ["ChatTemplate", "REASONING_FIELDS", "ToolCall", "parse_tool_calls"]
 
@@ -96,6 +97,10 @@ class ChatTemplate:
         ``special_tokens`` (``bos_token``, ``eos_token``, ...) and ``extra`` (e.g. ``enable_thinking``)
         become template variables; ``extra`` wins over ``special_tokens``, as in transformers.
         """
+        check_json(messages, "chat messages")
+        if tools is not None:
+            check_json(tools, "tools")
+        check_json(extra, "chat template variables")
         chat = _prepare_messages(messages)
         tool_schemas: list[Any] | None = None
         if tools is not None:

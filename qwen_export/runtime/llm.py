@@ -28,6 +28,7 @@ Example (``ARTIFACT`` is an exported artifact directory)::
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -287,6 +288,7 @@ def runtime_options(
     from the ones it owns (the registry's ``engine_options``: OpenVINO's are checked against their
     enums, the device against the engines that run on it); :func:`open_artifact` refuses them for
     artifacts of other targets."""
+    check_threads(threads)
     chosen = Target.parse(engine, "engine") if engine is not None else None
     given = {
         "precision": precision,
@@ -302,3 +304,14 @@ def runtime_options(
         if backend.options_field is not None
     }
     return RuntimeOptions(threads=threads, engine=chosen, **fields)
+
+
+def check_threads(threads: Any) -> None:
+    """``threads``: 0 (the engine's default) up to 4 per core of this machine; OptionError otherwise."""
+    cores = os.cpu_count() or 1
+    limit = max(4 * cores, 8)
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 0 <= threads <= limit:
+        raise OptionError(
+            f"threads must be 0 (the engine's default) to {limit} (4 per core; this machine has {cores}), "
+            f"got {threads!r}"
+        )

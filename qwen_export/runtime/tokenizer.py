@@ -17,6 +17,7 @@ import tokenizers
 from qwen_export.errors import ConfigError, GenerationError, OptionError
 from qwen_export.runtime import tokenizer_guard
 from qwen_export.runtime.chat import ChatTemplate
+from qwen_export.runtime.jsonsafe import check_text
 from qwen_export.safefs import read_regular
 
 __all__ = ["Tokenizer", "MAX_TOKENIZER_BYTES"]
@@ -207,6 +208,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise OptionError(f"text to tokenize must be a string, got {type(text).__name__}")
+        check_text(text, "the prompt")
         if max_tokens is not None and len(text) > max_tokens * self.max_token_chars:
             raise GenerationError(
                 f"the prompt has {len(text):,} characters, at least {len(text) // self.max_token_chars:,} tokens; "
