@@ -137,7 +137,7 @@ def _count(value: Any) -> int:
     return value
 
 
-def _read_built(root: Path, path: Path, limit: int) -> bytes | None:
+def read_built(root: Path, path: Path, limit: int) -> bytes | None:
     """A plan or its sidecar: inside the artifact, a regular file reached without links (a plan
     given elsewhere with ``engine=`` is the caller's own file: links followed); None when absent."""
     try:
@@ -198,7 +198,7 @@ class TensorRTEngine:
             )
 
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self._runtime.deserialize_cuda_engine(_read_built(self.root, self.plan_path, MAX_PLAN_BYTES))
+        self.engine = self._runtime.deserialize_cuda_engine(read_built(self.root, self.plan_path, MAX_PLAN_BYTES))
         if self.engine is None:
             raise ArtifactError(
                 f"{self.plan_path}: TensorRT {trt.__version__} could not load it (built by another TensorRT or for "
@@ -302,7 +302,7 @@ class TensorRTEngine:
                 )
         sidecar = path.with_suffix(".json")
         try:
-            info = json.loads(_read_built(self.root, sidecar, 1 << 20) or b"{}")
+            info = json.loads(read_built(self.root, sidecar, 1 << 20) or b"{}")
             if not isinstance(info, dict):
                 raise ValueError("not a JSON object")
         except (ValueError, RecursionError) as exc:
