@@ -299,3 +299,15 @@ def test_manifest_fields_through_the_cli(export, tmp_path: Path, path: str, valu
     _set(path, value)(data)
     _write_manifest(art, data)
     assert_cli_error(run_cli("generate", art, "hi", "--max-new-tokens", "1", timeout=60), fragment)
+
+
+@pytest.mark.parametrize("name", ["openvino_model.bin", "openvino_model.xml"])
+def test_openvino_weights_linking_out_are_refused(export, tmp_path: Path, name: str) -> None:
+    """OpenVINO opens ``openvino_model.bin`` itself, next to the XML: it must never be handed a link."""
+    art = shutil.copytree(export("qwen2_tied", target="openvino"), tmp_path / "art")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    _link_out(name)(art, outside)
+    with pytest.raises(ArtifactError, match=f"{name} is a symbolic link"):
+        load_manifest(art)
+    assert_cli_error(run_cli("generate", art, "hi", "--max-new-tokens", "1", timeout=120), name, "symbolic link")
