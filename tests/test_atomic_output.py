@@ -209,3 +209,36 @@ def test_output_under_a_regular_file_or_unwritable_place_fails_before_any_work(
         proc = run_cli("export", qwen2_tied, "-o", out, timeout=60)
         assert_cli_error(proc, fragment)
         assert b"trace" not in proc.stdout.lower()  # refused before tracing
+
+
+def test_sigkill_during_a_cli_export_is_cleaned_by_the_next_export(qwen2_tied: Path, tmp_path: Path) -> None:
+    """The real scenario: ``qwen-export export`` killed with SIGKILL while writing, then run again."""
+    import time
+
+    from test_artifact_files import run_cli
+    from test_hostile_inputs import _SLOW_WRITER, _temp_dirs
+
+    parent = tmp_path / "outs"
+    out = parent / "art"
+    script = tmp_path / "slow_export.py"
+    script.write_text(_SLOW_WRITER)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "export", str(qwen2_tied), "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not any((d / "model.onnx.data").is_file() for d in _temp_dirs(parent, out.name)):
+            assert proc.poll() is None and time.monotonic() < deadline, "the export never reached writing"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(_temp_dirs(parent, out.name)) == 1 and not out.exists()
+    done = run_cli("export", qwen2_tied, "-o", out, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _temp_dirs(parent, out.name) == [] and sorted(p.name for p in parent.iterdir()) == ["art"]
+    load_manifest(out)
