@@ -37,6 +37,8 @@ HOSTILE = {
     "join-method": BIG + "{{ ''.join([big] * 5000) }}",
     "replace-method": "{% set s = 'a' * 200000 %}{{ s.replace('a', s) }}",
     "replace-filter": "{% set s = 'a' * 200000 %}{{ s|replace('a', s) }}",
+    "expandtabs-method": "{{ ('\t' * 1000000).expandtabs(9000000) }}",
+    "translate-method": BIG + "{{ ('a' * 100000).translate({97: big}) }}",
     "indent-filter": "{{ ('\\n' * 1000000)|indent(5000) }}",
     "tojson-indent": "{{ [[[[[1]]]]]|tojson(indent=100000000) }}",
     "set-block": BIG + "{% set x %}{% for i in range(5000) %}{{ big }}{% endfor %}{% endset %}{{ x|length }}",

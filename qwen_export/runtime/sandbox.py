@@ -133,6 +133,12 @@ def _precheck(target: Any, owner: Any, args: tuple[Any, ...], kwargs: dict[str, 
         if name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
             count = owner.count(args[0]) if args[0] else len(owner) + 1
             _check_size(len(owner) + count * max(0, len(args[1]) - len(args[0])), "replace")
+        if name == "expandtabs":
+            size = args[0] if args and isinstance(args[0], int) else kwargs.get("tabsize", 8)
+            _check_size(len(owner) + owner.count("\t") * max(0, int(size) if isinstance(size, int) else 8), name)
+        if name == "translate" and args and isinstance(args[0], dict):
+            longest = max((len(v) for v in args[0].values() if isinstance(v, str)), default=1)
+            _check_size(len(owner) * max(1, longest), name)
         if name in ("format", "format_map") and _WIDTH.search(owner):
             raise _SecurityError(f"a format width over the limit of {MAX_VALUE_CHARS:,}")
     return args
