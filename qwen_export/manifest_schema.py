@@ -48,16 +48,19 @@ class _Fields:
         value = value if len(value) <= 60 else value[:57] + "..."
         return ArtifactError(f"{self.source}: {self.where}.{key} = {value} must be {wants}; re-export the artifact")
 
-    def int(self, key: str, low: int = 1, high: int = MAX_COUNT, optional: bool = False) -> None:
+    def int(
+        self, key: str, low: int = 1, high: int = MAX_COUNT, optional: bool = False, nullable: bool = False
+    ) -> None:
+        """``optional``: the key may be absent; ``nullable``: it may be null (readers then use None)."""
         value = self.data.get(key)
-        if value is None and optional:
+        if key not in self.data and optional or value is None and nullable:
             return
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise self.fail(key, f"an integer in [{low}, {high}]")
 
-    def real(self, key: str, positive: bool = True, optional: bool = False) -> None:
+    def real(self, key: str, positive: bool = True, optional: bool = False, nullable: bool = False) -> None:
         value = self.data.get(key)
-        if value is None and optional:
+        if key not in self.data and optional or value is None and nullable:
             return
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if not ok or (positive and not 0 < value < 1e300):
@@ -97,13 +100,17 @@ def _check_spec(spec: Any, source: str) -> None:
     f.real("rope_theta")
     for key in _SPEC_BOOLS:
         f.bool(key)
-    f.int("sliding_window", optional=True)
+    f.int("sliding_window", optional=True, nullable=True)
     f.kind("torch_dtype", str)
     for key in ("bos_token_id", "pad_token_id"):
-        f.int(key, low=0, optional=True)
+        f.int(key, low=0, optional=True, nullable=True)
     layers = spec.get("layer_types")
     allowed = {t.value for t in LayerType}
-    if not isinstance(layers, list) or len(layers) != spec["num_hidden_layers"] or not set(layers) <= allowed:
+    if (
+        not isinstance(layers, list)
+        or len(layers) != spec["num_hidden_layers"]
+        or not all(isinstance(t, str) and t in allowed for t in layers)
+    ):
         raise f.fail("layer_types", f"a list of num_hidden_layers values from {sorted(allowed)}")
     eos = spec.get("eos_token_ids", [])
     if not isinstance(eos, list) or len(eos) > 64 or not all(_is_id(e) for e in eos):
@@ -118,8 +125,8 @@ def _check_spec(spec: Any, source: str) -> None:
             raise ArtifactError(f"{source}: spec.rope_scaling has unknown fields {unknown[:5]}")
         r.choice("rope_type", RopeType)
         for key in _ROPE_FLOATS:
-            r.real(key, optional=True)
-        r.int("original_max_position_embeddings", optional=True)
+            r.real(key, optional=True, nullable=key in ("attention_factor", "mscale", "mscale_all_dim"))
+        r.int("original_max_position_embeddings", optional=True, nullable=True)
         if "truncate" in rope:
             r.bool("truncate")
 
@@ -164,6 +171,17 @@ def _check_extra(extra: Any, source: str) -> None:
         q.kind("weights", str, optional=False)
     for key in ("tensorrt", "export_seconds"):
         e.kind(key, dict)
+    trt = extra.get("tensorrt")
+    if trt is not None:
+        t = _Fields(trt, "extra.tensorrt", source)
+        for key in ("capacity", "max_batch", "max_prompt"):
+            t.int(key)
+        t.int("workspace", high=2**50, optional=True)
+        t.choice("precision", DType)
+        t.kind("onnx", str)
+        profiles = trt.get("profiles")
+        if not isinstance(profiles, list) or len(profiles) != 2 or not all(isinstance(p, dict) for p in profiles):
+            raise t.fail("profiles", "a list of two profile objects (prefill, decode)")
     e.kind("source", str)
 
 

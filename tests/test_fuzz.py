@@ -22,6 +22,7 @@ subclass with a one-line message; never any other exception. The default run is 
 from __future__ import annotations
 
 import atexit
+import copy
 import hashlib
 import json
 import math
@@ -784,7 +785,8 @@ MANIFEST_PATHS = [
     *[("spec", f) for f in _SPEC.to_dict()], ("spec", "rope_scaling", "rope_type"), ("spec", "rope_scaling", "factor"),
     ("extra", "max_length"), ("extra", "kv_cache"), ("extra", "kv_cache", "layout"), ("extra", "kv_cache", "capacity"),
     ("extra", "kv_cache", "bytes_per_token"), ("extra", "quantization"), ("extra", "quantization", "weights"),
-    ("extra", "tensorrt"), ("io", "inputs"), ("io", "inputs", "input_ids"), ("io", "inputs", "input_ids", "shape"),
+    ("extra", "tensorrt"), ("extra", "tensorrt", "capacity"),
+    ("io", "inputs"), ("io", "inputs", "input_ids"), ("io", "inputs", "input_ids", "shape"),
     ("io", "inputs", "input_ids", "dtype"), ("io", "outputs", "logits"), ("passes", 0), ("passes", 0, "fired"),
 ]  # fmt: skip
 
@@ -808,7 +810,8 @@ def manifest_with_field_types(draw: st.DrawFn) -> str:
     data = json.loads(_valid_manifest())
     data["extra"] = {"max_length": 256, "kv_cache": {"layout": "shared", "capacity": 256, "bytes_per_token": 512}}
     for _ in range(draw(st.integers(1, 4))):
-        _set_path(data, draw(st.sampled_from(MANIFEST_PATHS)), draw(st.one_of(json_values, special)))
+        value = copy.deepcopy(draw(st.one_of(json_values, special)))  # _SPECIAL's lists/dicts are shared
+        _set_path(data, draw(st.sampled_from(MANIFEST_PATHS)), value)
     return json.dumps(data)
 
 
@@ -836,6 +839,10 @@ def test_fuzz_manifest_fields(text: str) -> None:
         assert int(kv.get("capacity", 0)) >= 0
     kv_cache_summary(manifest.extra.get("kv_cache"))
     kv_bytes_per_token(manifest.spec, manifest.dtype)
+    recipe = manifest.extra.get("tensorrt")
+    if recipe is not None:  # what TensorRTEngine and build_engine read
+        assert all(int(recipe[k]) >= 1 for k in ("capacity", "max_batch", "max_prompt"))
+        assert len(recipe["profiles"]) == 2
     for record in manifest.passes:
         pass_summary(record)
     for direction in manifest.io.values():
