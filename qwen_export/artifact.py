@@ -20,12 +20,15 @@ import secrets
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from qwen_export import __version__
+from qwen_export.atomic_dir import OutputExists, clean_stale, make_temp_dir, move_into_place, release_temp_dir
 from qwen_export.errors import ArtifactError, QwenExportError
+from qwen_export.manifest_schema import validate_manifest
+from qwen_export.safefs import open_inside, read_inside, scan_tree
 
 MANIFEST_SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -42,6 +45,10 @@ RECORDED_PACKAGES = (
     "safetensors",
 )
 _CHUNK = 1 << 20
+MAX_MANIFEST_BYTES = 64 << 20
+#: directories of an artifact written after export and not in ``files``: TensorRT's engines built on
+#: the GPU machine (``qwen-export build-engine``). Their files must still be regular and inside.
+UNLISTED_DIRS = ("engines",)
 
 
 def installed_packages() -> dict[str, str]:
@@ -120,6 +127,7 @@ class Manifest:
         for key, kind in kinds.items():
             if not isinstance(data.get(key), kind):
                 raise ArtifactError(f"{source}: field {key!r} is missing or not a {kind.__name__}")
+        validate_manifest(data, source)
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in fields})
 
@@ -143,16 +151,23 @@ def check_output_dir(
     marker: str = MANIFEST_NAME,
     kind: str = "qwen-export artifact",
     error: type[QwenExportError] = ArtifactError,
+    keep: Sequence[str | Path] = (),
 ) -> None:
     """Fail fast (before any work) when ``out`` cannot be written.
 
     With ``overwrite`` an existing directory is replaced only when it is empty or holds ``marker``
     (what a ``kind`` directory always has), so a mistyped output path cannot delete an unrelated
-    directory. Errors are raised as ``error``.
+    directory, and never when one of the inputs ``keep`` lies inside it. The nearest existing
+    ancestor must be a directory this process can create entries in. Errors are raised as ``error``.
     """
     out = Path(out)
+    _check_writable(out, error)
     if not (out.exists() or out.is_symlink()):
         return
+    for path in keep:
+        inside = Path(os.path.realpath(path))
+        if inside == Path(os.path.realpath(out)) or Path(os.path.realpath(out)) in inside.parents:
+            raise error(f"{path} is inside {out}; replacing {out} would delete it: choose another output")
     if not overwrite:
         raise error(f"{out} exists; pass --overwrite to replace it")
     if not out.is_dir() or out.is_symlink():
@@ -161,8 +176,25 @@ def check_output_dir(
         raise error(f"{out} is not a {kind} (no {marker}); refusing to replace it")
 
 
+def _check_writable(out: Path, error: type[QwenExportError]) -> None:
+    """The nearest existing ancestor of ``out`` must be a directory we can create entries in (probed)."""
+    ancestor = out.parent
+    while not (ancestor.exists() or ancestor.is_symlink()) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise error(f"{ancestor} is not a directory; {out} cannot be created under it: choose another output")
+    try:
+        probe = ancestor / f".{out.name[:64]}.probe-{secrets.token_hex(4)}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise error(f"cannot write in {ancestor} ({exc.strerror}); choose another output") from None
+
+
 @contextlib.contextmanager
-def write_artifact(out_dir: str | Path, overwrite: bool = False) -> Iterator[ArtifactWriter]:
+def write_artifact(
+    out_dir: str | Path, overwrite: bool = False, keep: Sequence[str | Path] = ()
+) -> Iterator[ArtifactWriter]:
     """Build an artifact in a temporary sibling of ``out_dir`` and move it into place on success.
 
     On success ``manifest.json`` is written (sha256 of every file) and the directory renamed onto
@@ -172,10 +204,11 @@ def write_artifact(out_dir: str | Path, overwrite: bool = False) -> Iterator[Art
     EDQUOT) anywhere in the block becomes a one-line :class:`ArtifactError` with the free space left.
     """
     out = Path(out_dir)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, keep=keep)
     tmp: Path | None = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(out)  # temporary directories of writers that were killed
         tmp = make_temp_dir(out)
         writer = ArtifactWriter(path=tmp)
         with sigterm_raises():
@@ -185,21 +218,24 @@ def write_artifact(out_dir: str | Path, overwrite: bool = False) -> Iterator[Art
                 raise TypeError(f"unknown manifest field(s) {sorted(unknown)}; settable: {', '.join(SETTABLE_FIELDS)}")
             manifest = Manifest(**writer.manifest_fields, files=hash_files(tmp))
             (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
-            check_output_dir(out, overwrite)  # it may have appeared meanwhile
-            with _signals_deferred():
-                move_into_place(tmp, out)
+            with _signals_deferred():  # it may have appeared meanwhile: checked again under the lock
+                move_into_place(tmp, out, overwrite, check=lambda: check_output_dir(out, overwrite, keep=keep))
             writer.path, writer.manifest = out, manifest
+    except OutputExists:
+        raise ArtifactError(
+            f"{out} appeared while this export ran (another writer?); pass --overwrite to replace it"
+        ) from None
     except Exception as exc:
         full = _disk_full_error(exc)
         if full is None:
             raise
         written = _tree_bytes(tmp) if tmp is not None else 0
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)  # before measuring: what is free once we are gone
+            release_temp_dir(tmp)  # before measuring: what is free once we are gone
         raise ArtifactError(_disk_full_message(out, full, written)) from exc
     finally:
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)  # a no-op after a successful move
+            release_temp_dir(tmp)  # a no-op after a successful move, but for the lock
 
 
 def hash_files(root: Path) -> dict[str, str]:
@@ -220,33 +256,66 @@ def sha256_file(path: Path) -> str:
 
 
 def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
-    """Read an artifact's manifest; check that its files exist and (``verify``) are unmodified."""
+    """Read an artifact's manifest and check the whole tree against it.
+
+    Every entry under ``directory`` must be a directory or a regular file (no symbolic link, device,
+    FIFO or socket), every file must be listed in ``files`` (except ``manifest.json`` and the
+    locally built ``engines/``, see :data:`UNLISTED_DIRS`), every listed file must exist and, with
+    ``verify``, match its sha256. Engines that open files themselves are handed only a tree that
+    passed, so nothing they read can lead outside the artifact.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise ArtifactError(f"{directory}: artifact directory not found")
     path = directory / MANIFEST_NAME
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         raise ArtifactError(
             f"{directory} has no {MANIFEST_NAME}; it is not a qwen-export artifact (or its export was interrupted)"
         )
+    data = read_inside(directory, MANIFEST_NAME, MAX_MANIFEST_BYTES)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path} cannot be read ({exc})") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{path} cannot be read (not UTF-8 at byte {exc.start})") from None
     manifest = Manifest.from_json(text, source=str(path))
+    present = scan_tree(directory)
+    unlisted = [
+        rel
+        for rel in present
+        if rel != MANIFEST_NAME and rel not in manifest.files and rel.split("/")[0] not in UNLISTED_DIRS
+    ]
+    if unlisted:
+        raise ArtifactError(
+            f"{directory / unlisted[0]} is not listed in {MANIFEST_NAME} (an engine could read it unverified); "
+            "remove it or re-export the artifact"
+        )
     for rel, digest in manifest.files.items():
-        parts = PurePosixPath(rel).parts
-        if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
-            raise ArtifactError(f"{path} lists an unsafe file path {rel!r}")
-        file = directory.joinpath(*parts)
-        try:
-            if not file.is_file():
-                raise ArtifactError(f"{file} is missing (listed in {MANIFEST_NAME}); re-export the artifact")
-            if verify and sha256_file(file) != digest:
-                raise ArtifactError(f"{file} was modified after export (sha256 mismatch); re-export the artifact")
-        except OSError as exc:  # e.g. a listed name too long for the filesystem, an unreadable file
-            raise ArtifactError(f"{path} lists {rel!r}, which cannot be read ({exc.strerror})") from None
+        if rel == MANIFEST_NAME or rel.split("/")[0] in UNLISTED_DIRS:
+            raise ArtifactError(f"{path} lists {rel!r}, which is not an exported file; re-export the artifact")
+        with open_inside(directory, rel) as (fd, _):
+            if verify and _sha256_fd(fd, directory / rel) != digest:
+                raise ArtifactError(
+                    f"{directory / rel} was modified after export (sha256 mismatch); re-export the artifact"
+                )
     return manifest
+
+
+def _sha256_fd(fd: int, name: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        while chunk := os.read(fd, _CHUNK):
+            digest.update(chunk)
+    except OSError as exc:
+        raise ArtifactError(f"{name} cannot be read ({exc.strerror})") from None
+    return digest.hexdigest()
+
+
+def read_artifact_file(directory: str | Path, manifest: Manifest, rel: str, limit: int) -> bytes:
+    """The bytes of a file the runtime reads from an artifact: it must be listed (and so hashed) in
+    the manifest, a regular file inside the artifact, and at most ``limit`` bytes."""
+    if rel not in manifest.files:
+        raise ArtifactError(f"{Path(directory) / rel} is not listed in {MANIFEST_NAME}; re-export the artifact")
+    return read_inside(directory, rel, limit)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -340,29 +409,3 @@ def _disk_full_message(out: Path, exc: OSError, written: int) -> str:
         f"disk full while writing {out}: {reason} after {written / 2**20:.1f} MiB "
         f"({free} free on that filesystem); free space or choose another --output"
     )
-
-
-def make_temp_dir(out: Path) -> Path:
-    """An empty sibling of ``out`` (same filesystem, so the final rename is atomic), mode set by the umask."""
-    while True:
-        tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
-        try:
-            tmp.mkdir()
-            return tmp
-        except FileExistsError:
-            continue
-
-
-def move_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is swapped out and removed only after success."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    backup = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-    os.rename(out, backup)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(backup, out)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)

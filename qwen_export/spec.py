@@ -199,8 +199,10 @@ class ModelSpec:
             path = path / "config.json"
         if not path.is_file():
             raise ConfigError(f"{path}: not found; a Hugging Face checkpoint directory needs config.json")
+        from qwen_export.safefs import read_regular
+
         try:
-            text = path.read_text(encoding="utf-8")
+            text = (read_regular(path, 16 << 20, ConfigError) or b"").decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         try:

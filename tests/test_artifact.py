@@ -22,12 +22,22 @@ from qwen_export.artifact import (
     write_artifact,
 )
 from qwen_export.errors import ArtifactError
+from qwen_export.spec import ModelSpec
 
 FIELDS = {
     "target": "onnxruntime",
     "dtype": "fp32",
     "logits": "last",
-    "spec": {"architecture": "qwen2"},
+    "spec": ModelSpec.from_config(
+        {
+            "architectures": ["Qwen2ForCausalLM"],
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "vocab_size": 100,
+        }
+    ).to_dict(),
     "io": {"inputs": {"input_ids": {"dtype": "int64", "shape": ["batch", "seq"]}}, "outputs": {}},
     "passes": [{"name": "fuse", "changed": 3}],
     "extra": {"note": "test"},
@@ -167,11 +177,17 @@ def test_missing_file(tmp_path: Path) -> None:
         load_manifest(out, verify=False)
 
 
-def test_extra_files_ignored(tmp_path: Path) -> None:
+def test_unlisted_files_are_refused_except_built_engines(tmp_path: Path) -> None:
+    """An engine could pick up a file the manifest does not hash (a second .onnx, an OpenVINO
+    cache blob): only the locally built ``engines/`` directory may hold unlisted files."""
     out = tmp_path / "art"
     _export(out)
-    (out / "engine.cache").write_text("written by the runtime later")
+    (out / "engines").mkdir()
+    (out / "engines" / "gpu.plan").write_text("built by build-engine later")
     load_manifest(out)
+    (out / "engine.cache").write_text("written later")
+    with pytest.raises(ArtifactError, match=r"engine\.cache is not listed in manifest\.json"):
+        load_manifest(out)
 
 
 def test_newer_schema(tmp_path: Path) -> None:

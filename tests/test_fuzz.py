@@ -5,6 +5,10 @@ Targets (each a ``@given`` test below; :data:`TARGETS` names them for ``benchmar
 * ``config`` / ``config_file``: ``ModelSpec.from_config`` on arbitrary and mutated Qwen2/Qwen3 configs,
   ``ModelSpec.from_config_file`` on arbitrary bytes;
 * ``manifest`` / ``load_manifest``: ``Manifest.from_json`` and ``load_manifest`` on garbage and mutated manifests;
+* ``manifest_fields``: manifests whose nested fields (spec, io, extra.kv_cache, passes, ...) hold arbitrary
+  JSON: validation fails in one line, or every consumer of those fields works;
+* ``artifact_tree``: artifact directories with symlinks (inside, outside, to directories, to /dev/null),
+  FIFOs, directories and unlisted files against random listings: one line, no hang, no read outside;
 * ``safetensors`` / ``checkpoint``: ``read_header`` on garbage and mutated safetensors files,
   ``Checkpoint.open`` on a fuzzed config.json + model.safetensors;
 * ``chat``: ``ChatTemplate(source).render(...)`` with templates built from Jinja fragments (sandbox escapes,
@@ -18,6 +22,7 @@ subclass with a one-line message; never any other exception. The default run is 
 from __future__ import annotations
 
 import atexit
+import copy
 import hashlib
 import json
 import math
@@ -771,3 +776,174 @@ def test_fuzz_gguf_header(data: bytes) -> None:
 
 
 TARGETS.update(tool_calls=test_fuzz_tool_call_parsing, gguf=test_fuzz_gguf_header)
+
+
+# ============================================================================ manifest field types (issue 20)
+#: nested places the runtime, the engines and ``inspect`` read, each set to arbitrary JSON.
+MANIFEST_PATHS = [
+    ("spec",), ("io",), ("extra",), ("passes",), ("packages",), ("files",),
+    *[("spec", f) for f in _SPEC.to_dict()], ("spec", "rope_scaling", "rope_type"), ("spec", "rope_scaling", "factor"),
+    ("extra", "max_length"), ("extra", "kv_cache"), ("extra", "kv_cache", "layout"), ("extra", "kv_cache", "capacity"),
+    ("extra", "kv_cache", "bytes_per_token"), ("extra", "quantization"), ("extra", "quantization", "weights"),
+    ("extra", "tensorrt"), ("extra", "tensorrt", "capacity"),
+    ("io", "inputs"), ("io", "inputs", "input_ids"), ("io", "inputs", "input_ids", "shape"),
+    ("io", "inputs", "input_ids", "dtype"), ("io", "outputs", "logits"), ("passes", 0), ("passes", 0, "fired"),
+]  # fmt: skip
+
+
+def _set_path(data: Any, path: tuple[Any, ...], value: Any) -> None:
+    for key in path[:-1]:
+        if isinstance(data, dict):
+            data = data.setdefault(key, {})
+        elif isinstance(data, list) and isinstance(key, int) and key < len(data):
+            data = data[key]
+        else:
+            return
+    if isinstance(data, dict):
+        data[path[-1]] = value
+    elif isinstance(data, list) and isinstance(path[-1], int) and path[-1] < len(data):
+        data[path[-1]] = value
+
+
+@st.composite
+def manifest_with_field_types(draw: st.DrawFn) -> str:
+    data = json.loads(_valid_manifest())
+    data["extra"] = {"max_length": 256, "kv_cache": {"layout": "shared", "capacity": 256, "bytes_per_token": 512}}
+    for _ in range(draw(st.integers(1, 4))):
+        value = copy.deepcopy(draw(st.one_of(json_values, special)))  # _SPECIAL's lists/dicts are shared
+        _set_path(data, draw(st.sampled_from(MANIFEST_PATHS)), value)
+    return json.dumps(data)
+
+
+@FUZZ
+@given(manifest_with_field_types())
+def test_fuzz_manifest_fields(text: str) -> None:
+    """A manifest either fails validation in one line, or every consumer of its fields works on it."""
+    from qwen_export.runtime.bench import kv_bytes_per_token
+    from qwen_export.runtime.inspection import kv_cache_summary, pass_summary
+    from qwen_export.spec import DType, KVLayout, LogitsMode, Target
+
+    CASES["manifest_fields"] += 1
+    try:
+        manifest = Manifest.from_json(text)
+    except ArtifactError as exc:
+        _one_line(exc)
+        return
+    spec = ModelSpec.from_dict(manifest.spec)
+    assert spec.num_hidden_layers == len(spec.layer_types) and spec.vocab_size >= 1
+    Target.parse(manifest.target), DType.parse(manifest.dtype), LogitsMode.parse(manifest.logits)
+    assert 1 <= int(manifest.extra.get("max_length", spec.max_position_embeddings)) <= 10_000_000
+    kv = manifest.extra.get("kv_cache") or {}
+    if kv:
+        KVLayout(kv["layout"])
+        assert int(kv.get("capacity", 0)) >= 0
+    kv_cache_summary(manifest.extra.get("kv_cache"))
+    kv_bytes_per_token(manifest.spec, manifest.dtype)
+    recipe = manifest.extra.get("tensorrt")
+    if recipe is not None:  # what TensorRTEngine and build_engine read
+        assert all(int(recipe[k]) >= 1 for k in ("capacity", "max_batch", "max_prompt"))
+        assert len(recipe["profiles"]) == 2
+    for record in manifest.passes:
+        pass_summary(record)
+    for direction in manifest.io.values():
+        for info in direction.values():
+            assert isinstance(info["dtype"], str) and isinstance(info["shape"], list)
+
+
+# ============================================================================ artifact trees (issue 20)
+_TREE_NAMES = ["model.onnx", "tokenizer.json", "chat_template.jinja", "sub/data.bin", "sub", "engines/x.plan"]
+_TREE_KINDS = ["file", "file", "file", "link-inside", "link-outside", "link-dir", "dev-null", "fifo", "dir"]
+
+
+def _outside() -> Path:
+    path = _workdir("tree_outside")
+    (path / "secret").write_bytes(_FILE_BYTES)
+    return path
+
+
+@st.composite
+def artifact_trees(draw: st.DrawFn) -> tuple[dict[str, str], dict[str, str]]:
+    """``(kinds, listing)``: what each path is, and the manifest's ``files`` (right or wrong digests)."""
+    kinds = {name: draw(st.sampled_from(_TREE_KINDS)) for name in draw(st.sets(st.sampled_from(_TREE_NAMES)))}
+    good = hashlib.sha256(_FILE_BYTES).hexdigest()
+    listing = {
+        name: draw(st.sampled_from([good, good, "0" * 64]))
+        for name in draw(st.sets(st.sampled_from([*_TREE_NAMES, "absent.bin"])))
+    }
+    return kinds, listing
+
+
+def _build_tree(root: Path, kinds: dict[str, str]) -> None:
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    outside = _outside()
+    for name, kind in sorted(kinds.items()):
+        path = root / name
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if kind == "file":
+                path.write_bytes(_FILE_BYTES)
+            elif kind == "link-inside":
+                (root / "target.bin").write_bytes(_FILE_BYTES)
+                path.symlink_to(root / "target.bin")
+            elif kind == "link-outside":
+                path.symlink_to(outside / "secret")
+            elif kind == "link-dir":
+                path.symlink_to(outside, target_is_directory=True)
+            elif kind == "dev-null":
+                path.symlink_to("/dev/null")
+            elif kind == "fifo":
+                os.mkfifo(path)
+            else:
+                path.mkdir()
+        except (FileExistsError, NotADirectoryError, IsADirectoryError):
+            continue  # e.g. "sub" made a file before "sub/data.bin"
+
+
+class _Hang(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: object) -> None:
+    raise _Hang("load_manifest blocked (a FIFO or device read?)")
+
+
+@FUZZ
+@given(artifact_trees(), st.booleans())
+def test_fuzz_artifact_tree(tree: tuple[dict[str, str], dict[str, str]], verify: bool) -> None:
+    """Links, FIFOs, devices, directories and unlisted files in an artifact: a one-line ArtifactError,
+    never a hang or a read outside; accepted trees hold only regular, listed, hashed files."""
+    import signal
+
+    from qwen_export.safefs import read_inside
+
+    CASES["artifact_tree"] += 1
+    kinds, listing = tree
+    root = _workdir("artifact_tree") / "art"
+    _build_tree(root, kinds)
+    (root / MANIFEST_NAME).write_text(_valid_manifest(listing or {"model.onnx": "0" * 64}))
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(5)
+    try:
+        manifest = load_manifest(root, verify=verify)
+        for rel in manifest.files:
+            read_inside(root, rel, 1 << 20)
+    except ArtifactError as exc:
+        _one_line(exc)
+        return
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).as_posix()
+        assert not path.is_symlink(), rel
+        assert path.is_dir() or path.is_file(), rel
+        if path.is_file() and rel != MANIFEST_NAME and not rel.startswith("engines/"):
+            assert rel in manifest.files, rel
+    for rel, digest in manifest.files.items():
+        assert (root / rel).is_file() and not (root / rel).is_symlink()
+        if verify:
+            assert hashlib.sha256((root / rel).read_bytes()).hexdigest() == digest
+
+
+TARGETS.update(manifest_fields=test_fuzz_manifest_fields, artifact_tree=test_fuzz_artifact_tree)

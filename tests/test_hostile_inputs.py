@@ -498,10 +498,10 @@ def test_pending_signal_is_delivered_after_the_rename(tmp_path: Path) -> None:
     out = tmp_path / "art"
     real_move = artifact.move_into_place
 
-    def move_with_interrupt(tmp: Path, dst: Path) -> None:
+    def move_with_interrupt(tmp: Path, dst: Path, *args: object, **kwargs: object) -> None:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.2)  # not interrupted: SIGINT is blocked here
-        real_move(tmp, dst)
+        real_move(tmp, dst, *args, **kwargs)
 
     artifact.move_into_place = move_with_interrupt
     try:

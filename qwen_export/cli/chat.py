@@ -74,6 +74,8 @@ def chat(
             line = input("> ")
         except EOFError:
             break
+        except UnicodeDecodeError as exc:
+            raise OptionError(f"stdin is not UTF-8 text (byte {exc.start} of a line); type UTF-8") from None
         if line.strip() in ("/exit", "/quit"):
             break
         if line.strip() == "/reset":
@@ -123,6 +125,13 @@ def _tool_turns(llm: Any, messages: list[dict[str, Any]], tool_specs: Any, sampl
             return True
         try:
             for call in good:
-                messages.append({"role": "tool", "name": call.name, "content": input(f"{call.name} result> ")})
+                messages.append({"role": "tool", "name": call.name, "content": _read_line(f"{call.name} result> ")})
         except EOFError:
             return False
+
+
+def _read_line(prompt: str) -> str:
+    try:
+        return input(prompt)
+    except UnicodeDecodeError as exc:
+        raise OptionError(f"stdin is not UTF-8 text (byte {exc.start} of a line); type UTF-8") from None

@@ -8,7 +8,6 @@ with exit status 2; no command leaves a half-written artifact behind.
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -168,13 +167,23 @@ def sampling_options(
 
 
 # ----------------------------------------------------------------------------- input and output
+MAX_JSON_FILE_BYTES = 16 << 20
+
+
 def read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
+    """A JSON file given on the command line: a regular file of at most 16 MiB, UTF-8, bounded depth
+    and integers (:func:`qwen_export.runtime.jsonsafe.load_json_text`)."""
+    from qwen_export.runtime.jsonsafe import load_json_text
+    from qwen_export.safefs import read_regular
+
+    data = read_regular(path, MAX_JSON_FILE_BYTES, OptionError)
+    if data is None:
         raise OptionError(f"{path}: {what} file not found")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OptionError(f"{path}: {what} is not valid UTF-8 JSON ({exc})") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OptionError(f"{path}: {what} is not UTF-8 (byte {exc.start})") from None
+    return load_json_text(text, f"{path}: {what}")
 
 
 def print_stream(stream: Any) -> str:

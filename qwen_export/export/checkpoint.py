@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import stat
 import struct
 from pathlib import Path
 
@@ -297,7 +298,10 @@ def expected_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse and check one safetensors file's header; byte ranges in the result are absolute."""
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        size = info.st_size
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"{path} is not a regular file; a safetensors file is expected")
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -312,7 +316,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, an integer over 4300 digits, absurd nesting
         raise CheckpointError(f"{path} has a corrupt safetensors header ({exc})") from None
     if not isinstance(header, dict):
@@ -321,6 +325,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     out: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
             continue
         info = _entry(path, name, entry, base)
         if info.end > size:
@@ -328,7 +334,37 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 f"{path} is truncated: tensor {name} ends at byte {info.end} but the file has {size} bytes"
             )
         out[name] = info
+    _check_layout(path, out, base, size)
     return out
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _check_layout(path: Path, tensors: dict[str, TensorInfo], base: int, size: int) -> None:
+    """The safetensors format's own rule (what the ``safetensors`` library enforces): the tensors'
+    byte ranges, in offset order, tile the data buffer exactly: no overlap or aliasing (two tensors
+    sharing bytes), no gap, nothing after the last one."""
+    position, previous = base, None
+    for name, info in sorted(tensors.items(), key=lambda item: (item[1].start, item[1].end)):
+        if info.start != position:
+            what = f"overlaps {previous}" if info.start < position else f"leaves a gap of {info.start - position} bytes"
+            raise CheckpointError(
+                f"{path} is not a valid safetensors file: tensor {name} (bytes {info.start - base}..{info.end - base}) "
+                f"{what}; re-save it with the safetensors library"
+            )
+        position, previous = info.end, name
+    if position != size:
+        raise CheckpointError(
+            f"{path} is not a valid safetensors file: {size - position} bytes after the last tensor; "
+            "re-save it with the safetensors library"
+        )
 
 
 # ---------------------------------------------------------------------- helpers

@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from qwen_export.artifact import check_output_dir, make_temp_dir, move_into_place, sigterm_raises
+from qwen_export.artifact import check_output_dir, sigterm_raises
+from qwen_export.atomic_dir import OutputExists, clean_stale, make_temp_dir, move_into_place, release_temp_dir
 from qwen_export.errors import CheckpointError, ConfigError, OptionError
 from qwen_export.export.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, expected_tensors
 from qwen_export.spec import ModelSpec, parse_choice
@@ -132,7 +133,8 @@ def convert_gguf(
     dtype = parse_choice(OutputDType, dtype, "dtype").value
     if max_shard_bytes < 1:
         raise OptionError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    _check_output_dir(out, overwrite)
+    keep = (path,) if tokenizer_dir is None else (path, Path(tokenizer_dir))
+    _check_output_dir(out, overwrite, keep)
     tok_src = _tokenizer_source(tokenizer_dir)
     reader = open_gguf(path)
     meta = _Metadata(reader, path)
@@ -142,7 +144,7 @@ def convert_gguf(
     tokens = meta.get("tokenizer.ggml.tokens")
     _check_vocabulary(path, tokens, tok_src, spec.vocab_size)
 
-    with _atomic_dir(out, overwrite) as tmp:
+    with _atomic_dir(out, overwrite, keep) as tmp:
         _write_weights(tmp, plan, OUTPUT_DTYPES[dtype][0], max_shard_bytes, progress)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         _write_tokenizer(tmp, tok_src, meta, tokens)
@@ -533,23 +535,27 @@ def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- output dir
-def _check_output_dir(out: Path, overwrite: bool) -> None:
+def _check_output_dir(out: Path, overwrite: bool, keep: tuple[Path, ...] = ()) -> None:
     """Refuse to clobber: an existing ``out`` is replaced only with ``overwrite`` and only when it is
-    an empty directory or a checkpoint (has config.json)."""
-    check_output_dir(out, overwrite, marker="config.json", kind="checkpoint directory", error=CheckpointError)
+    an empty directory or a checkpoint (has config.json), and never when an input lies inside it."""
+    check_output_dir(
+        out, overwrite, marker="config.json", kind="checkpoint directory", error=CheckpointError, keep=keep
+    )
 
 
 @contextlib.contextmanager
-def _atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+def _atomic_dir(out: Path, overwrite: bool, keep: tuple[Path, ...] = ()) -> Iterator[Path]:
     """A temporary sibling of ``out``, renamed onto it when the block succeeds and removed otherwise."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp: Path | None = None
     try:
+        clean_stale(out)
         tmp = make_temp_dir(out)
         with sigterm_raises():
             yield tmp
-            _check_output_dir(out, overwrite)  # it may have appeared meanwhile
-            move_into_place(tmp, out)
+            move_into_place(tmp, out, overwrite, check=lambda: _check_output_dir(out, overwrite, keep))
+    except OutputExists:
+        raise CheckpointError(f"{out} appeared while converting (another writer?); pass --overwrite") from None
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             raise CheckpointError(
@@ -558,4 +564,4 @@ def _atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
         raise CheckpointError(f"cannot write {out}: {exc.strerror or exc}") from None
     finally:
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)  # a no-op after a successful move
+            release_temp_dir(tmp)  # a no-op after a successful move, but for the lock

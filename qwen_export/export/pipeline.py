@@ -60,7 +60,8 @@ def _export(
     options = backend.adapt_options(options, hooks.message)
     timer = _PhaseTimer(hooks)
     out = Path(out_dir)
-    artifact.check_output_dir(out, options.overwrite)
+    keep = _inputs(checkpoint_dir, options)
+    artifact.check_output_dir(out, options.overwrite, keep=keep)
     timer.start("load")
     ckpt = Checkpoint.open(checkpoint_dir)
     spec = ckpt.spec
@@ -106,7 +107,7 @@ def _trace_and_emit(
     records, kv_layout = run_passes(model, passes, kv_layout, dump)
 
     timer.start("emit")
-    with artifact.write_artifact(out, options.overwrite) as staging:
+    with artifact.write_artifact(out, options.overwrite, keep=keep) as staging:
         # tokenizer and generation config first: genai_config.json takes its eos ids from them
         _copy_tokenizer(ckpt.directory, staging.path, tokenizer_files)
         _write_generation_config(ckpt.directory, staging.path, spec)
@@ -275,9 +276,19 @@ class _PhaseTimer:
         return dict(self.seconds)
 
 
+def _inputs(checkpoint_dir: str | Path, options: ExportOptions) -> list[Path]:
+    """What the export reads: replacing the output must never delete one of them."""
+    paths = [Path(checkpoint_dir)]
+    for name in ("calibration", "dump_dir"):
+        value = getattr(options, name, None)
+        if isinstance(value, (str, Path)):
+            paths.append(Path(value))
+    return paths
+
+
 def _tokenizer_files(directory: Path) -> list[str]:
     """The tokenizer files to copy, after loading them once (a bad file fails before any work)."""
-    missing = [f for f in TOKENIZER_FILES if not (directory / f).is_file()]
+    missing = [f for f in TOKENIZER_FILES if not (directory / f).exists()]
     if missing:
         raise CheckpointError(
             f"{directory}: {', '.join(missing)} missing; the artifact needs the checkpoint's tokenizer files"

@@ -15,130 +15,19 @@ import dataclasses
 import json
 import re
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 import jinja2
 import jinja2.exceptions
-import jinja2.ext
-import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from qwen_export.errors import ConfigError, OptionError, QwenExportError
+from qwen_export.runtime import sandbox
+from qwen_export.runtime.jsonsafe import check_json
 
 __all__ = ["ChatTemplate", "REASONING_FIELDS", "ToolCall", "parse_tool_calls"]
 
 # Names a message's reasoning is passed under; the first is the one chat templates read (as transformers).
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-
-
-def _raise_exception(message: str) -> None:
-    raise ConfigError(f"chat template raised: {message}")
-
-
-def _tojson(
-    x: Any,
-    ensure_ascii: bool = False,
-    indent: int | str | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    # Jinja's own tojson HTML-escapes; transformers overrides it with plain json.dumps.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(format: str) -> str:  # noqa: A002 - the name templates use
-    return datetime.now().strftime(format)
-
-
-class _TemplateDict:
-    """``dict`` for templates without exposing the ``dict`` type itself (no attribute/type hackery)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
-        return dict.fromkeys(*args, **kwargs)
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    """``namespace`` that refuses underscore-prefixed attributes (no route to CPython internals)."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # same signature trick as jinja2.utils.Namespace
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check_name(name: object) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attribute {name!r}")
-
-
-#: Budgets that bound a hostile template's time and memory (real chat templates use a tiny fraction).
-MAX_RANGE_ITEMS = 1_000_000  # all range() items of one render together
-MAX_SEQUENCE_REPEAT = 1_000_000  # items/characters a ``*`` repetition may build
-MAX_POWER_BITS = 4096  # size of an integer ``**`` result
-MAX_OUTPUT_CHARS = 10_000_000
-
-
-class _RangeBudget:
-    """``range`` for one render: Jinja's sandbox caps each range at 100,000 items, which nested
-    loops multiply; this caps the total over the whole render."""
-
-    def __init__(self) -> None:
-        self.left = MAX_RANGE_ITEMS
-
-    def __call__(self, *args: int) -> range:
-        r = range(*args)
-        self.left -= len(r)
-        if self.left < 0:
-            raise jinja2.exceptions.SecurityError(f"the template's loops exceed {MAX_RANGE_ITEMS:,} range items")
-        return r
-
-
-class _StrictSandbox(ImmutableSandboxedEnvironment):
-    """transformers' sandbox, except that reading an unsafe attribute fails at once, and ``*`` and
-    ``**`` are bounded.
-
-    Jinja's sandbox returns an Undefined for e.g. ``''.__class__`` (which renders as ""); we raise so
-    that a template probing for a way out is reported instead of silently rendering.
-    """
-
-    intercepted_binops = frozenset(["*", "**"])
-
-    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
-        raise jinja2.exceptions.SecurityError(
-            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
-        )
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**":
-            if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
-                if right * max(1, abs(left).bit_length()) > MAX_POWER_BITS:
-                    raise jinja2.exceptions.SecurityError(f"{left} ** {right} is too large for a chat template")
-            return left**right
-        for seq, count in ((left, right), (right, left)):
-            repeats = isinstance(seq, (str, list, tuple)) and isinstance(count, int)
-            if repeats and len(seq) * count > MAX_SEQUENCE_REPEAT:
-                raise jinja2.exceptions.SecurityError("a repetition in the chat template builds a value too large")
-        return left * right
-
-
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["dict"] = _TemplateDict()
-    env.globals["namespace"] = _TemplateNamespace
-    return env
 
 
 def _plain(value: Any) -> Any:
@@ -189,7 +78,7 @@ class ChatTemplate:
         self.source = source
         self.source_name = source_name
         try:
-            self._template = _environment().from_string(source)
+            self._template = sandbox.environment().from_string(source)
         except jinja2.exceptions.TemplateSyntaxError as e:
             raise ConfigError(f"{source_name}: chat template syntax error (line {e.lineno}): {e.message}") from None
         except (RecursionError, SyntaxError, MemoryError) as e:  # nesting too deep for the parser/compiler
@@ -208,6 +97,10 @@ class ChatTemplate:
         ``special_tokens`` (``bos_token``, ``eos_token``, ...) and ``extra`` (e.g. ``enable_thinking``)
         become template variables; ``extra`` wins over ``special_tokens``, as in transformers.
         """
+        check_json(messages, "chat messages")
+        if tools is not None:
+            check_json(tools, "tools")
+        check_json(extra, "chat template variables")
         chat = _prepare_messages(messages)
         tool_schemas: list[Any] | None = None
         if tools is not None:
@@ -219,19 +112,20 @@ class ChatTemplate:
             tool_schemas = _plain(list(tools))
         variables = _plain({**(special_tokens or {}), **extra})
         try:
-            pieces, size = [], 0
-            for piece in self._template.generate(
-                messages=chat,
-                tools=tool_schemas,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **{**variables, "range": _RangeBudget()},
-            ):
-                size += len(piece)
-                if size > MAX_OUTPUT_CHARS:
-                    raise jinja2.exceptions.SecurityError(f"output exceeds {MAX_OUTPUT_CHARS:,} characters")
-                pieces.append(piece)
-            return "".join(pieces)
+            with sandbox.budgeted():
+                pieces, size = [], 0
+                for piece in self._template.generate(
+                    messages=chat,
+                    tools=tool_schemas,
+                    documents=None,
+                    add_generation_prompt=add_generation_prompt,
+                    **{**variables, "range": sandbox.RangeBudget()},
+                ):
+                    size += len(piece)
+                    if size > sandbox.MAX_OUTPUT_CHARS:
+                        raise jinja2.exceptions.SecurityError(f"output exceeds {sandbox.MAX_OUTPUT_CHARS:,} characters")
+                    pieces.append(piece)
+                return "".join(pieces)
         except QwenExportError:
             raise
         except jinja2.exceptions.SecurityError as e:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -89,8 +90,11 @@ class GenerationConfig:
         """Raise OptionError (one line) for the first invalid value."""
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise OptionError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise OptionError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        t = self.temperature
+        if not _is_real(t) or not math.isfinite(t) or t < 0 or 0 < t < sys.float_info.min:
+            raise OptionError(
+                f"temperature must be 0 (greedy) or a finite number >= {sys.float_info.min:.3g}, got {t!r}"
+            )
         if not _is_int(self.top_k) or self.top_k < 0:
             raise OptionError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
@@ -172,7 +176,7 @@ def process_logits(
         scores[~allowed] = -np.inf
     if config.greedy:
         return scores
-    scores /= config.temperature
+    scores = _scale(scores, float(config.temperature))
     if config.top_k > 0 and config.top_k < scores.shape[0]:
         kth = np.partition(scores, -config.top_k)[-config.top_k]
         scores[scores < kth] = -np.inf  # ties with the k-th score are kept, as transformers
@@ -186,6 +190,19 @@ def process_logits(
         probs = _softmax(scores)
         scores[probs < config.min_p * probs.max()] = -np.inf
     return scores
+
+
+def _scale(scores: np.ndarray, temperature: float) -> np.ndarray:
+    """``scores / temperature``; when a tiny temperature overflows that, the scores are shifted by
+    their maximum first (the same distribution: the best tokens stay finite, the rest become -inf)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = scores / temperature
+        if np.isposinf(scaled).any() or np.isnan(scaled).any():
+            finite = np.isfinite(scores)
+            if finite.any():
+                scaled = (scores - scores[finite].max()) / temperature
+                scaled[np.isnan(scaled)] = -np.inf
+    return scaled
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:
@@ -289,6 +306,22 @@ class Generator:
         self.engine = engine
         self.tokenizer = tokenizer
         self._cached: list[int] | None = []  # ids in the engine's cache; None = unknown, reset next time
+        self._decodable: np.ndarray | None = None  # per logit column: can the tokenizer decode it?
+
+    def decodable(self, width: int) -> np.ndarray | None:
+        """Which of ``width`` logit columns are token ids the tokenizer knows (the embedding is often
+        padded past the vocabulary): never sampled otherwise. None when the tokenizer cannot say."""
+        if self._decodable is None or self._decodable.shape[0] != width:
+            size = getattr(self.tokenizer, "vocab_size", None)
+            if not isinstance(size, int):
+                return None
+            mask = np.arange(width) < size
+            id_to_token = getattr(self.tokenizer, "id_to_token", None)
+            if id_to_token is not None:  # added tokens past the counted size, if any
+                for i in range(min(size, width), width):
+                    mask[i] = id_to_token(i) is not None
+            self._decodable = mask
+        return self._decodable
 
     def reset(self) -> None:
         """Forget the conversation (and the engine's cache)."""
@@ -374,7 +407,10 @@ class Generator:
         generated: list[int] = []
         pieces: list[str] = []
         while True:
-            allowed = None if constraint is None else constraint.allowed(logits.shape[-1])
+            allowed = self.decodable(logits.shape[-1])
+            if constraint is not None:
+                grammar = constraint.allowed(logits.shape[-1])
+                allowed = grammar if allowed is None else grammar & allowed
             token = sample_token(logits, config, prompt + generated, rng, allowed)
             if first_token_at is None:
                 first_token_at = time.perf_counter()

@@ -8,7 +8,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from qwen_export.artifact import Manifest
+from qwen_export.artifact import Manifest, read_artifact_file
+from qwen_export.errors import ArtifactError
 from qwen_export.onnx_writer import qualified_op
 
 
@@ -22,21 +23,20 @@ def describe(artifact: str | Path, manifest: Manifest) -> dict[str, Any]:
     info: dict[str, Any] = {"manifest": manifest.__dict__, "files": {}}
     for name in sorted(manifest.files):
         info["files"][name] = (root / name).stat().st_size
-    model_file = root / "model.onnx"
-    if model_file.is_file():
-        model = onnx.load(str(model_file), load_external_data=False)
+    if "model.onnx" in manifest.files:
+        model = onnx.load_model_from_string(read_artifact_file(root, manifest, "model.onnx", 2**31))
         ops = Counter(qualified_op(n.domain, n.op_type) for n in model.graph.node)
         info["ops"] = dict(ops.most_common())
         info["nodes"] = sum(ops.values())
         info["initializers"] = len(model.graph.initializer)
     ov_file = root / "openvino_model.xml"
-    if ov_file.is_file():
+    if "openvino_model.xml" in manifest.files:
         ops = _openvino_ops(ov_file)
         info["ops"] = dict(ops.most_common())
         info["nodes"] = sum(ops.values())
     info["passes"] = [pass_summary(record) for record in manifest.passes if isinstance(record, dict)]
     info["kv_cache"] = kv_cache_summary(manifest.extra.get("kv_cache"))
-    info["genai"] = _genai_summary(root / "genai_config.json") if "genai_config.json" in manifest.files else None
+    info["genai"] = _genai_summary(root, manifest) if "genai_config.json" in manifest.files else None
     return info
 
 
@@ -76,13 +76,13 @@ def kv_cache_summary(kv: Any) -> dict[str, Any] | None:
     return out
 
 
-def _genai_summary(path: Path) -> dict[str, Any] | None:
+def _genai_summary(root: Path, manifest: Manifest) -> dict[str, Any] | None:
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(read_artifact_file(root, manifest, "genai_config.json", 1 << 20).decode("utf-8"))
         return {
             "type": config["model"]["type"],
             "max_length": config["search"]["max_length"],
             "past_present_share_buffer": bool(config["search"].get("past_present_share_buffer", False)),
         }
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+    except (ArtifactError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError):
         return None

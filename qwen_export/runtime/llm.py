@@ -28,6 +28,7 @@ Example (``ARTIFACT`` is an exported artifact directory)::
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -74,48 +75,80 @@ class ChatResult:
 
 
 class TextStream:
-    """Iterator of text pieces from one generation. ``cancel()`` (from any thread) or ``close()``
-    stops it after the current token; ``result`` is set once it has finished."""
+    """Iterator of text pieces from one generation; ``result`` is set once it has finished.
+
+    ``cancel()`` and ``close()`` may be called from any thread, at any time: the stream stops after
+    the current token. The LLM's lock is released exactly once whenever the stream ends, by any
+    route: exhausted, an error, ``cancel()``/``close()`` (at once when no thread is inside a step,
+    otherwise by the consuming thread as soon as its step returns, without another ``next()``), or
+    the stream being garbage-collected.
+    """
 
     def __init__(self, llm: LLM, events: Iterator[GenerationEvent]) -> None:
         self._llm, self._events = llm, events
         self._cancel = threading.Event()
+        self._state = threading.Lock()  # guards _running / _finished
+        self._running = False  # a thread is inside next(self._events)
+        self._finished = False
         self.result: GenerationResult | None = None
         self.cancelled = False
-        self._closed = False
 
     def __iter__(self) -> TextStream:
         return self
 
     def __next__(self) -> str:
-        while not self._closed:
-            if self._cancel.is_set():
-                self.cancelled = True
-                self.close()
-                break
+        while True:
+            with self._state:
+                if self._finished:
+                    raise StopIteration
+                if self._cancel.is_set():
+                    self._finish(cancelled=True)
+                    raise StopIteration
+                if self._running:
+                    raise OptionError("a stream is consumed by one thread at a time")
+                self._running = True
             try:
                 event = next(self._events)
-            except StopIteration:
-                self.close()
-                break
-            except BaseException:  # e.g. GenerationError when the conversation outgrows the context
-                self.close()
+            except BaseException as exc:  # StopIteration, or e.g. GenerationError past the context
+                with self._state:
+                    self._finish(cancelled=False)
+                if isinstance(exc, StopIteration):
+                    raise StopIteration from None
                 raise
-            if event.result is not None:
-                self.result = event.result
+            with self._state:
+                self._running = False
+                if event.result is not None:
+                    self.result = event.result
+                if self._cancel.is_set():  # cancelled or closed while this step ran: end now
+                    self._finish(cancelled=True)
             if event.text:
                 return event.text
-        raise StopIteration
 
     def cancel(self) -> None:
-        self._cancel.set()
+        """Stop after the current token (from any thread); the LLM is free again once it has stopped."""
+        self._stop(cancelled=True)
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
+        """Like :meth:`cancel`; a no-op on a finished stream."""
+        self._stop(cancelled=True)
+
+    def _stop(self, cancelled: bool) -> None:
+        self._cancel.set()
+        with self._state:
+            if not self._finished and not self._running:  # else the consuming thread finishes it
+                self._finish(cancelled)
+
+    def _finish(self, cancelled: bool) -> None:
+        """End the stream (``self._state`` held): close the generation, release the LLM, once."""
+        if self._finished:
+            return
+        self._finished, self._running = True, False
+        self.cancelled = self.cancelled or (cancelled and self.result is None)
+        try:
             close = getattr(self._events, "close", None)
             if close is not None:
                 close()
+        finally:
             self._llm._lock.release()
 
     def __del__(self) -> None:  # an abandoned stream must not keep the LLM locked
@@ -150,9 +183,9 @@ class LLM:
     ) -> TextStream:
         """Stream the completion of ``prompt`` (a string, fed as is) or of chat ``messages``."""
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt, max_tokens=self.max_context)
         else:
-            ids = self.tokenizer.apply_chat_template_ids(list(prompt))
+            ids = self.tokenizer.apply_chat_template_ids(list(prompt), max_tokens=self.max_context)
         return self._start(ids, response_format, sampling)
 
     def chat(
@@ -170,7 +203,7 @@ class LLM:
         """
         if tools is not None and response_format is not None:
             raise OptionError("pass either tools or response_format, not both")
-        ids = self.tokenizer.apply_chat_template_ids(list(messages), tools=tools)
+        ids = self.tokenizer.apply_chat_template_ids(list(messages), tools=tools, max_tokens=self.max_context)
         stream = self._start(ids, response_format, sampling)
         raw = "".join(stream)
         result = stream.result
@@ -255,6 +288,7 @@ def runtime_options(
     from the ones it owns (the registry's ``engine_options``: OpenVINO's are checked against their
     enums, the device against the engines that run on it); :func:`open_artifact` refuses them for
     artifacts of other targets."""
+    check_threads(threads)
     chosen = Target.parse(engine, "engine") if engine is not None else None
     given = {
         "precision": precision,
@@ -270,3 +304,14 @@ def runtime_options(
         if backend.options_field is not None
     }
     return RuntimeOptions(threads=threads, engine=chosen, **fields)
+
+
+def check_threads(threads: Any) -> None:
+    """``threads``: 0 (the engine's default) up to 4 per core of this machine; OptionError otherwise."""
+    cores = os.cpu_count() or 1
+    limit = max(4 * cores, 8)
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 0 <= threads <= limit:
+        raise OptionError(
+            f"threads must be 0 (the engine's default) to {limit} (4 per core; this machine has {cores}), "
+            f"got {threads!r}"
+        )

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qwen_export import targets
-from qwen_export.artifact import Manifest, load_manifest
+from qwen_export.artifact import Manifest, load_manifest, read_artifact_file
 from qwen_export.errors import ArtifactError, OptionError
 from qwen_export.runtime.generation import GenerationConfig
 from qwen_export.spec import Target
@@ -76,16 +78,73 @@ def open_artifact(path: str | Path, options: RuntimeOptions | None = None, verif
     manifest = load_manifest(root, verify=verify)
     target = Target.parse(manifest.target, "target in manifest.json")
     engine = targets.get(_engine_for(root, target, options)).open_engine(root, manifest, options)
-    tokenizer = Tokenizer.from_dir(root)
-    defaults: dict[str, Any] = {}
-    gen = root / "generation_config.json"
-    if gen.is_file():
-        try:
-            loaded = json.loads(gen.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ArtifactError(f"{gen}: invalid JSON ({exc})") from None
-        defaults = loaded if isinstance(loaded, dict) else {}
+    tokenizer = Tokenizer.from_dir(root, reader=artifact_reader(root, manifest))
+    defaults = read_generation_defaults(root, manifest)
     return LoadedArtifact(root, manifest, engine, tokenizer, defaults)
+
+
+def artifact_reader(root: Path, manifest: Manifest) -> Callable[[str, int], bytes | None]:
+    """Reads files of a verified artifact: only listed ones (None when not listed: absent, since the
+    tree holds no unlisted file), regular and inside, bounded (:func:`read_artifact_file`)."""
+
+    def read(name: str, limit: int) -> bytes | None:
+        return read_artifact_file(root, manifest, name, limit) if name in manifest.files else None
+
+    return read
+
+
+def read_generation_defaults(root: Path, manifest: Manifest) -> dict[str, Any]:
+    """``generation_config.json``'s sampling fields, type-checked ({} when the artifact has none)."""
+    data = artifact_reader(root, manifest)(GENERATION_CONFIG, MAX_GENERATION_CONFIG_BYTES)
+    if data is None:
+        return {}
+    path = root / GENERATION_CONFIG
+    try:
+        loaded = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
+        raise ArtifactError(f"{path}: invalid JSON ({str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(loaded, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, found {type(loaded).__name__}")
+    for key, kind in _GENERATION_FIELDS.items():
+        value = loaded.get(key)
+        if value is None:
+            continue
+        ok = _is_number(value) if kind is float else isinstance(value, kind) and not isinstance(value, bool)
+        if kind is bool:
+            ok = isinstance(value, bool)
+        if key == "eos_token_id":
+            ids = value if isinstance(value, list) else [value]
+            ok = len(ids) <= 64 and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i for i in ids)
+        elif key == "top_k":
+            ok = ok and 0 <= value <= 10_000_000
+        if not ok:
+            shown = repr(value)[:60]
+            raise ArtifactError(f"{path}: {key} = {shown} must be {_GENERATION_WANTS[key]}; fix or remove the field")
+    return loaded
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+GENERATION_CONFIG = "generation_config.json"
+MAX_GENERATION_CONFIG_BYTES = 1 << 20
+_GENERATION_FIELDS: dict[str, type] = {
+    "do_sample": bool,
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+    "repetition_penalty": float,
+    "eos_token_id": int,
+}
+_GENERATION_WANTS = {
+    "do_sample": "true or false",
+    "temperature": "a finite number",
+    "top_k": "an integer >= 0",
+    "top_p": "a finite number",
+    "repetition_penalty": "a finite number",
+    "eos_token_id": "a token id or a list of them",
+}
 
 
 def _engine_for(root: Path, target: Target, options: RuntimeOptions) -> Target:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from qwen_export.errors import GenerationError, OptionError
+from qwen_export.runtime.jsonsafe import check_json
 
 __all__ = ["Constraint", "ResponseFormat", "cache_info", "clear_cache", "make_constraint"]
 
@@ -90,6 +91,7 @@ class ResponseFormat:
         schema = spec.get("schema")
         if not isinstance(schema, Mapping):
             raise OptionError(f"response_format.json_schema.schema must be a JSON Schema object, got {schema!r}")
+        check_json(schema, "response_format.json_schema.schema")
         try:
             schema_json = json.dumps(schema, sort_keys=False, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError, RecursionError) as e:

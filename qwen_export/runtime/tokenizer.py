@@ -8,14 +8,17 @@ tokenizers use, so ids match); ``tokenizer_config.json`` supplies the special to
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import tokenizers
 
-from qwen_export.errors import ConfigError
+from qwen_export.errors import ConfigError, GenerationError, OptionError
+from qwen_export.runtime import tokenizer_guard
 from qwen_export.runtime.chat import ChatTemplate
+from qwen_export.runtime.jsonsafe import check_text
+from qwen_export.safefs import read_regular
 
 __all__ = ["Tokenizer", "MAX_TOKENIZER_BYTES"]
 
@@ -25,29 +28,42 @@ MAX_TOKENIZER_BYTES = 100 * 1024 * 1024  # refuse larger tokenizer files (real o
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-def _read_text(path: Path) -> str:
+#: ``reader(name, limit) -> bytes | None``: a file of the tokenizer's directory (None = absent).
+Reader = Callable[[str, int], "bytes | None"]
+
+
+def checkpoint_reader(root: Path) -> Reader:
+    """Files of a checkpoint directory: regular files (links followed, as Hugging Face caches use
+    them), bounded reads. Artifacts pass a reader that also refuses links and unlisted files."""
+
+    def read(name: str, limit: int) -> bytes | None:
+        return read_regular(root / name, limit, ConfigError)
+
+    return read
+
+
+def _read_text(reader: Reader, root: Path, name: str, required: bool = True) -> str | None:
     """Read a UTF-8 file of at most MAX_TOKENIZER_BYTES, or raise ConfigError naming it."""
+    path = root / name
+    data = reader(name, MAX_TOKENIZER_BYTES)
+    if data is None:
+        if not required:
+            return None
+        raise ConfigError(f"{path}: file not found (the checkpoint's tokenizer files are needed)")
     try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found (the checkpoint's tokenizer files are needed)") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    if size > MAX_TOKENIZER_BYTES:
-        raise ConfigError(f"{path}: {size} bytes is over the {MAX_TOKENIZER_BYTES} byte limit for tokenizer files")
-    try:
-        return path.read_bytes().decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); expected a JSON/Jinja file") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
+def _read_json_object(reader: Reader, root: Path, name: str) -> dict[str, Any]:
+    path = root / name
     try:
-        data = json.loads(_read_text(path))
+        data = json.loads(_read_text(reader, root, name) or "")
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except (ValueError, RecursionError) as e:  # an integer over 4300 digits, absurd nesting
+        raise ConfigError(f"{path}: invalid JSON ({type(e).__name__})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -77,6 +93,7 @@ class Tokenizer:
         """``chat_templates`` maps template names to templates; ``"default"`` is the usual one and
         ``"tool_use"`` (older multi-template checkpoints) is preferred when tools are passed."""
         self._backend = backend
+        self._max_token_chars: int | None = None
         self.config: dict[str, Any] = dict(config or {})
         self.chat_templates: dict[str, ChatTemplate] = dict(chat_templates or {})
         self.special_tokens: dict[str, str] = {}
@@ -98,26 +115,37 @@ class Tokenizer:
         self.special_ids: frozenset[int] = frozenset(special)
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Load ``tokenizer.json``, ``tokenizer_config.json`` and (if present) ``chat_template.jinja``."""
+    def from_dir(cls, path: str | Path, reader: Reader | None = None) -> Tokenizer:
+        """Load ``tokenizer.json``, ``tokenizer_config.json`` and (if present) ``chat_template.jinja``
+        through ``reader`` (default: :func:`checkpoint_reader`)."""
         root = Path(path)
         if not root.is_dir():
             raise ConfigError(f"{root}: not a directory (expected a checkpoint with tokenizer.json)")
+        reader = reader or checkpoint_reader(root)
         tokenizer_file = root / "tokenizer.json"
-        text = _read_text(tokenizer_file)
+        text = _read_text(reader, root, "tokenizer.json") or ""
+        try:
+            data = json.loads(text)
+            tokenizer_guard.check_patterns(data, str(tokenizer_file))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, huge integers, absurd nesting
+            raise ConfigError(f"{tokenizer_file}: not a valid tokenizers JSON file: {str(e)[:200]}") from None
         try:
             backend = tokenizers.Tokenizer.from_str(text)
-        except Exception as e:  # the Rust side raises plain Exception subclasses
+        except BaseException as e:  # the Rust side raises plain Exception subclasses, or panics
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ConfigError(f"{tokenizer_file}: not a valid tokenizers JSON file: {message}") from None
+        tokenizer_guard.probe_cost(backend.encode, str(tokenizer_file), data)
         config_file = root / "tokenizer_config.json"
-        config = _read_json_object(config_file)
+        config = _read_json_object(reader, root, "tokenizer_config.json")
 
         templates: dict[str, ChatTemplate] = {}
         jinja_file = root / "chat_template.jinja"
         raw = config.get("chat_template")
-        if jinja_file.is_file():
-            templates["default"] = ChatTemplate(_read_text(jinja_file), str(jinja_file))
+        jinja = _read_text(reader, root, "chat_template.jinja", required=False)
+        if jinja is not None:
+            templates["default"] = ChatTemplate(jinja, str(jinja_file))
         elif isinstance(raw, str):
             templates["default"] = ChatTemplate(raw, str(config_file))
         elif isinstance(raw, list):  # older layout: [{"name": ..., "template": ...}, ...]
@@ -165,9 +193,33 @@ class Tokenizer:
 
     # -- text <-> ids ---------------------------------------------------------------------------
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of ``text``; special-token strings in it are parsed as special tokens."""
-        return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+    @property
+    def max_token_chars(self) -> int:
+        """No token covers more characters of a text than this (the longest token string)."""
+        if self._max_token_chars is None:
+            self._max_token_chars = tokenizer_guard.max_token_chars(self._backend.get_vocab(with_added_tokens=True))
+        return self._max_token_chars
+
+    def encode(self, text: str, add_special_tokens: bool = False, max_tokens: int | None = None) -> list[int]:
+        """Token ids of ``text``; special-token strings in it are parsed as special tokens.
+
+        With ``max_tokens``, a text that cannot fit (over ``max_tokens`` x :attr:`max_token_chars`
+        characters) is a GenerationError before any tokenizing: the cost is bounded by the context.
+        """
+        if not isinstance(text, str):
+            raise OptionError(f"text to tokenize must be a string, got {type(text).__name__}")
+        check_text(text, "the prompt")
+        if max_tokens is not None and len(text) > max_tokens * self.max_token_chars:
+            raise GenerationError(
+                f"the prompt has {len(text):,} characters, at least {len(text) // self.max_token_chars:,} tokens; "
+                f"the context is {max_tokens} tokens: shorten it"
+            )
+        try:
+            return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        except BaseException as e:
+            if isinstance(e, (KeyboardInterrupt, SystemExit)) or not tokenizer_guard.rust_failure(e):
+                raise
+            raise ConfigError(f"the tokenizer failed on this text: {str(e).splitlines()[0][:120]}") from None
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; ids outside the vocabulary are ignored."""
@@ -204,7 +256,11 @@ class Tokenizer:
         messages: Sequence[Mapping[str, Any]],
         tools: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        max_tokens: int | None = None,
         **extra: Any,
     ) -> list[int]:
-        """Token ids of :meth:`apply_chat_template` (no extra special tokens added)."""
-        return self.encode(self.apply_chat_template(messages, tools, add_generation_prompt, **extra))
+        """Token ids of :meth:`apply_chat_template` (no extra special tokens added; ``max_tokens`` as
+        in :meth:`encode`)."""
+        return self.encode(
+            self.apply_chat_template(messages, tools, add_generation_prompt, **extra), max_tokens=max_tokens
+        )

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from qwen_export.artifact import Manifest
+from qwen_export.artifact import Manifest, read_artifact_file
 from qwen_export.errors import ArtifactError, EngineUnavailableError
 from qwen_export.spec import ModelSpec
 from qwen_export.targets.base import EngineCapabilities, Truncation, plan_truncate, position_ids_from_mask, prepare_step
@@ -70,6 +70,31 @@ def emit(model: Any, out_dir: Path, progress: Any = None) -> list[str]:
     return [MODEL_FILE, DATA_FILE]
 
 
+MAX_GRAPH_BYTES = 2**31  # protobuf's own limit for model.onnx (weights live in external data)
+
+
+def check_external_data(root: Path, manifest: Manifest) -> None:
+    """``model.onnx`` must be listed in the manifest, and every external-data location it names must
+    be a file the manifest lists (hashed, regular, inside: :func:`~qwen_export.artifact.load_manifest`
+    checked the tree), before ONNX Runtime opens any of them itself."""
+    import onnx
+
+    data = read_artifact_file(root, manifest, MODEL_FILE, MAX_GRAPH_BYTES)
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise ArtifactError(f"{root / MODEL_FILE}: not an ONNX model ({type(exc).__name__})") from None
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for node in model.graph.node for a in node.attribute if a.HasField("t")]
+    for tensor in tensors:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value not in manifest.files:
+                raise ArtifactError(
+                    f"{root / MODEL_FILE}: tensor {tensor.name!r} reads external data from {entry.value!r}, "
+                    "which is not a file of this artifact; re-export it"
+                )
+
+
 class OnnxRuntimeEngine:
     """Engine over an exported ONNX Runtime artifact (CPU)."""
 
@@ -79,8 +104,7 @@ class OnnxRuntimeEngine:
         self.spec = ModelSpec.from_dict(manifest.spec)
         self.dtype = np.float16 if manifest.dtype == "fp16" else np.float32
         path = Path(artifact_dir) / MODEL_FILE
-        if not path.is_file():
-            raise ArtifactError(f"{path}: missing; re-export the artifact")
+        check_external_data(Path(artifact_dir), manifest)
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[self.options.optimization])
         if self.options.threads:

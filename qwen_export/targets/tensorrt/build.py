@@ -81,6 +81,7 @@ from qwen_export.targets.tensorrt.engine import (
     _torch,
     _trt,
     engine_slug,
+    read_built,
 )
 
 
@@ -256,7 +257,7 @@ def _configure(
     config.builder_optimization_level = options.optimization_level
     cache = None
     if options.timing_cache:
-        blob = cache_path.read_bytes() if cache_path.is_file() else b""
+        blob = read_built(root, cache_path, 1 << 30) or b""
         cache = config.create_timing_cache(blob)
         if not config.set_timing_cache(cache, ignore_mismatch=False):
             message(f"{cache_path} was made on another GPU or TensorRT; starting a new timing cache")
@@ -304,9 +305,10 @@ def build_engine(
     device = torch_device if torch_device is not None else _cuda_device(options.device)
     if device.type == "cuda":
         _torch().cuda.set_device(device)  # the builder builds for the current CUDA device
-    onnx_path = root / str(base.get("onnx", MODEL_FILE))
-    if not onnx_path.is_file():
-        raise ArtifactError(f"{onnx_path}: missing; re-export the artifact")
+    onnx_name = base.get("onnx", MODEL_FILE)
+    if not isinstance(onnx_name, str) or onnx_name not in manifest.files:
+        raise ArtifactError(f"{root}: the recipe's onnx {onnx_name!r} is not a file of the artifact; re-export it")
+    onnx_path = root / onnx_name
     step = progress or (lambda done, total: None)
 
     builder, network, _parser, _logger = _parse(trt, onnx_path, used, message)

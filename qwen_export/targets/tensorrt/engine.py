@@ -28,6 +28,7 @@ import numpy as np
 
 from qwen_export.artifact import Manifest, load_manifest
 from qwen_export.errors import ArtifactError, EngineUnavailableError, GenerationError, OptionError
+from qwen_export.safefs import read_inside, read_regular
 from qwen_export.spec import ModelSpec
 from qwen_export.targets.base import EngineCapabilities, Truncation, plan_truncate, prepare_step
 
@@ -127,6 +128,27 @@ class TensorRTOptions:
     engine: Path | None = None
 
 
+MAX_PLAN_BYTES = 1 << 36
+
+
+def _count(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 10_000_000:
+        raise ValueError(value)
+    return value
+
+
+def read_built(root: Path, path: Path, limit: int) -> bytes | None:
+    """A plan or its sidecar: inside the artifact, a regular file reached without links (a plan
+    given elsewhere with ``engine=`` is the caller's own file: links followed); None when absent."""
+    try:
+        rel = path.relative_to(root).as_posix()
+    except ValueError:
+        return read_regular(path, limit)
+    if not (path.exists() or path.is_symlink()):
+        return None
+    return read_inside(root, rel, limit)
+
+
 class TensorRTEngine:
     """Engine over a ``--target tensorrt`` artifact with a built engine (``qwen-export build-engine``).
 
@@ -160,9 +182,15 @@ class TensorRTEngine:
                 f"rebuild it: qwen-export build-engine {self.root}"
             )
         used = info.get("recipe") or base
-        self.capacity = int(used["capacity"])
-        self.max_batch = int(used["max_batch"])
-        self.max_prompt = int(used["max_prompt"])
+        try:
+            self.capacity, self.max_batch, self.max_prompt = (
+                _count(used[key]) for key in ("capacity", "max_batch", "max_prompt")
+            )
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError(
+                f"{self.plan_path}: its build recipe lacks valid capacity/max_batch/max_prompt; "
+                f"rebuild it: qwen-export build-engine {self.root}"
+            ) from None
         kv = manifest.extra.get("kv_cache") or {}
         if int(kv.get("capacity", self.capacity)) != self.capacity:
             raise ArtifactError(
@@ -170,7 +198,7 @@ class TensorRTEngine:
             )
 
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self._runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+        self.engine = self._runtime.deserialize_cuda_engine(read_built(self.root, self.plan_path, MAX_PLAN_BYTES))
         if self.engine is None:
             raise ArtifactError(
                 f"{self.plan_path}: TensorRT {trt.__version__} could not load it (built by another TensorRT or for "
@@ -274,8 +302,10 @@ class TensorRTEngine:
                 )
         sidecar = path.with_suffix(".json")
         try:
-            info = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
-        except (OSError, ValueError) as exc:
+            info = json.loads(read_built(self.root, sidecar, 1 << 20) or b"{}")
+            if not isinstance(info, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, RecursionError) as exc:
             raise ArtifactError(
                 f"{sidecar} cannot be read ({exc}); rebuild: qwen-export build-engine {self.root}"
             ) from None
