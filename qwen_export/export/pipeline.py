@@ -74,7 +74,7 @@ def _export(
         check_scheme(options.quant, spec.num_hidden_layers)
     with tempfile.TemporaryDirectory(prefix="qwen-export-calibration-") as scratch:
         calibration, stats, weights = _calibrate(ckpt, options, timer, hooks, Path(scratch))
-        prepared = (max_length, tokenizer_files, stats, calibration)
+        prepared = (max_length, tokenizer_files, stats, calibration, keep)
         return _trace_and_emit(ckpt, weights, out, options, hooks, timer, prepared)
 
 
@@ -85,11 +85,12 @@ def _trace_and_emit(
     options: ExportOptions,
     hooks: ExportHooks,
     timer: _PhaseTimer,
-    prepared: tuple[int, list[str], Any, dict[str, Any] | None],
+    prepared: tuple[int, list[str], Any, dict[str, Any] | None, Any],
 ) -> artifact.Manifest:
     """Trace, bind ``weights`` (the checkpoint or GPTQ's view of it), run the passes, emit.
-    ``prepared``: the max length, tokenizer files, AWQ statistics and calibration record."""
-    max_length, tokenizer_files, stats, calibration = prepared
+    ``prepared``: the max length, tokenizer files, AWQ statistics, calibration record and the
+    inputs an ``--overwrite`` must not remove."""
+    max_length, tokenizer_files, stats, calibration, keep = prepared
     spec, backend = ckpt.spec, options.backend
     timer.start("trace")
     from qwen_export.export.trace import TraceOptions, bind_weights, trace
