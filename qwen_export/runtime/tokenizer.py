@@ -7,6 +7,7 @@ tokenizers use, so ids match); ``tokenizer_config.json`` supplies the special to
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +20,9 @@ from qwen_export.runtime import tokenizer_guard
 from qwen_export.runtime.chat import ChatTemplate
 from qwen_export.runtime.jsonsafe import check_text
 from qwen_export.safefs import read_regular
+
+#: sha256 of the tokenizer.json texts that passed the guard's pattern scan and cost probe
+_GUARDED: set[bytes] = set()
 
 __all__ = ["Tokenizer", "MAX_TOKENIZER_BYTES"]
 
@@ -124,11 +128,14 @@ class Tokenizer:
         reader = reader or checkpoint_reader(root)
         tokenizer_file = root / "tokenizer.json"
         text = _read_text(reader, root, "tokenizer.json") or ""
-        try:
-            data = json.loads(text)
-            tokenizer_guard.check_patterns(data, str(tokenizer_file))
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, huge integers, absurd nesting
-            raise ConfigError(f"{tokenizer_file}: not a valid tokenizers JSON file: {str(e)[:200]}") from None
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+        data = None
+        if digest not in _GUARDED:
+            try:
+                data = json.loads(text)
+                tokenizer_guard.check_patterns(data, str(tokenizer_file))
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, huge integers, absurd nesting
+                raise ConfigError(f"{tokenizer_file}: not a valid tokenizers JSON file: {str(e)[:200]}") from None
         try:
             backend = tokenizers.Tokenizer.from_str(text)
         except BaseException as e:  # the Rust side raises plain Exception subclasses, or panics
@@ -136,7 +143,9 @@ class Tokenizer:
                 raise
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ConfigError(f"{tokenizer_file}: not a valid tokenizers JSON file: {message}") from None
-        tokenizer_guard.probe_cost(backend.encode, str(tokenizer_file), data)
+        if digest not in _GUARDED:
+            tokenizer_guard.probe_cost(backend.encode, str(tokenizer_file), data)
+            _GUARDED.add(digest)  # same bytes, same verdict: the guard runs once per process
         config_file = root / "tokenizer_config.json"
         config = _read_json_object(reader, root, "tokenizer_config.json")
 
