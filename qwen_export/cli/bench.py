@@ -132,7 +132,8 @@ def _measure_with_progress(
 
 def _artifacts_table(report: BenchReport) -> Table:
     table = Table(title="artifacts" + (" (run interleaved)" if len(report.loads) > 1 else ""))
-    for column in ("artifact", "dtype", "disk MiB", "load s", "RSS +MiB at load", "KV KiB/token"):
+    columns = ("artifact", "dtype", "disk MiB", "load s", "RSS +MiB at load", "KV KiB/token", "weights MiB/token")
+    for column in (*columns, "engine chose"):
         table.add_column(column, justify="left" if column == "artifact" else "right", overflow="fold")
     for info in report.loads:
         table.add_row(
@@ -142,6 +143,8 @@ def _artifacts_table(report: BenchReport) -> Table:
             f"{info.load_s:.2f}",
             f"{info.rss_load_mb:.0f}",
             f"{info.kv_bytes_per_token / 1024:.1f}",
+            f"{info.weight_bytes_per_token / 2**20:.1f}",
+            ", ".join(f"{k}={v}" for k, v in info.kernels.items()) or "-",
         )
     return table
 
@@ -152,9 +155,11 @@ def _results_table(report: BenchReport) -> Table:
     settings, labels, base = report.settings, report.labels, report.results[0]
     many, sweep = len(labels) > 1, settings.sweep
     title = f"{'context sweep' if sweep else 'latency'}: {settings.repeats} run(s) after {settings.warmup} warm-up"
+    if report.copy is not None:
+        title += f"; machine copy bandwidth {report.copy.best_gbs:.1f} GB/s ({report.copy.threads} threads)"
     table = Table(title=title + " per case")
     headers = ["artifact", "prompt", "new"] + (["KV cache MiB"] if sweep else [])
-    headers += ["TTFT ms", "prefill tok/s", "decode tok/s", "p10/p50/p90 ms"]
+    headers += ["TTFT ms", "prefill tok/s", "decode tok/s", "p10/p50/p90 ms", "decode GB/s (of copy)"]
     headers += ["decode × first", "TTFT × first"] if many else []
     for column in headers:
         table.add_column(column, justify="left" if column == "artifact" else "right", overflow="fold")
@@ -168,6 +173,7 @@ def _results_table(report: BenchReport) -> Table:
                 f"{r.prefill_tokens_per_s:.1f}",
                 f"{r.decode_tokens_per_s:.1f}",
                 f"{r.token_latency_ms_p10:.2f}/{r.token_latency_ms_p50:.2f}/{r.token_latency_ms_p90:.2f}",
+                _bandwidth_cell(report.decode_bandwidth(report.loads[k], r)),
             ]
             if many:
                 row += [
@@ -176,3 +182,9 @@ def _results_table(report: BenchReport) -> Table:
                 ]
             table.add_row(*row, end_section=many and k == len(labels) - 1)
     return table
+
+
+def _bandwidth_cell(measured: dict[str, float] | None) -> str:
+    if measured is None:
+        return "-"
+    return f"{measured['achieved_gbs']:.2f} ({100 * measured['fraction_of_copy']:.0f}%)"

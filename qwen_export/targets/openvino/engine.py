@@ -214,6 +214,31 @@ def runtime_report(compiled: Any) -> RuntimeReport:
     return RuntimeReport(dict(types), stateful, decomposed, types["PagedAttention"], dict(weights))
 
 
+#: compiled-model properties :func:`compiled_choices` reports, with their short names
+_CHOSEN = {
+    "INFERENCE_PRECISION_HINT": "precision",
+    "KV_CACHE_PRECISION": "kv cache",
+    "DYNAMIC_QUANTIZATION_GROUP_SIZE": "dynamic quantization group",
+    "INFERENCE_NUM_THREADS": "threads",
+    "NUM_STREAMS": "streams",
+}
+
+
+def compiled_choices(compiled: Any, attention: str) -> dict[str, str]:
+    """What the CPU plugin compiled: precision, KV-cache precision, activation dynamic-quantization
+    group (0: off), threads, streams, as the compiled model reports them, and the ISA."""
+    from qwen_export.runtime.cpuinfo import isa_summary
+
+    choices = {"attention": attention, "isa": isa_summary()}
+    for key, name in _CHOSEN.items():
+        try:
+            value = compiled.get_property(key)
+        except RuntimeError:  # a device without that property
+            continue
+        choices[name] = str(value.get_type_name() if hasattr(value, "get_type_name") else value)
+    return choices
+
+
 def _layer_type(op: Any) -> str:
     info = op.get_rt_info()
     return str(info["layerType"].astype(str)) if "layerType" in info else op.get_type_name()
@@ -250,6 +275,9 @@ class OpenVINOEngine:
     @property
     def num_cached_tokens(self) -> int:
         return 0 if self._mask is None else int(self._mask.shape[1])
+
+    def kernel_choices(self) -> dict[str, str]:
+        return compiled_choices(self.compiled, "stateful")
 
     def reset(self) -> None:
         self.request.reset_state()

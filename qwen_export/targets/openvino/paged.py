@@ -44,6 +44,7 @@ from qwen_export.targets.openvino.engine import (
     _first_line,
     _ov,
     capabilities,
+    compiled_choices,
     runtime_report,
     unflatten_lm_head,
 )
@@ -129,6 +130,9 @@ class PagedOpenVINOEngine:
     @property
     def num_cached_tokens(self) -> int:
         return 0 if self._mask is None else int(self._mask.shape[1])
+
+    def kernel_choices(self) -> dict[str, str]:
+        return compiled_choices(self.compiled, "paged")
 
     @property
     def allocated_blocks(self) -> int:
