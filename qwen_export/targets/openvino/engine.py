@@ -47,11 +47,25 @@ def _ov() -> Any:
 
 
 class Precision(_ChoiceEnum):
-    """OpenVINO's INFERENCE_PRECISION_HINT: f32 for parity; bf16 where the CPU has it (AMX/AVX-512 BF16)."""
+    """OpenVINO's INFERENCE_PRECISION_HINT: f32 for parity; bf16 where the CPU has it (AMX/AVX-512 BF16).
+    AUTO: bf16 for a quantized (int4/int8) artifact on a CPU with bf16 instructions (AMX or AVX-512
+    BF16: what OpenVINO's CPU plugin and openvino-genai run by default there), f32 otherwise (an fp32
+    or fp16 artifact is exported to be exact; a CPU without bf16 would emulate it slowly)."""
 
+    AUTO = "auto"
     F32 = "f32"
     BF16 = "bf16"
     F16 = "f16"
+
+    def resolve(self, quantized: bool, cpu_flags: frozenset[str] | None = None) -> Precision:
+        """AUTO decided for this CPU (``cpu_flags``: /proc/cpuinfo's by default); the others as they are."""
+        if self is not Precision.AUTO:
+            return self
+        from qwen_export.runtime.cpuinfo import cpu_flags as read_flags
+
+        flags = read_flags() if cpu_flags is None else cpu_flags
+        has_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
+        return Precision.BF16 if quantized and has_bf16 else Precision.F32
 
 
 class KVCachePrecision(_ChoiceEnum):
@@ -112,6 +126,11 @@ class OpenVINOOptions:
     cache_dir: Path | None = None
     device: str = "CPU"
     attention: Attention = Attention.AUTO
+
+    def for_artifact(self, manifest: Manifest) -> OpenVINOOptions:
+        """These options with ``precision`` AUTO decided for the artifact (quantized or not) and this CPU."""
+        quantized = (manifest.extra.get("quantization") or {}).get("weights") in ("int4", "int8")
+        return dataclasses.replace(self, precision=self.precision.resolve(quantized))
 
     @property
     def effective_kv_cache(self) -> KVCachePrecision:
@@ -254,7 +273,7 @@ class OpenVINOEngine:
 
     def __init__(self, artifact_dir: str | Path, manifest: Manifest, options: OpenVINOOptions | None = None) -> None:
         ov = _ov()
-        self.options = options or OpenVINOOptions()
+        self.options = (options or OpenVINOOptions()).for_artifact(manifest)
         self.spec = ModelSpec.from_dict(manifest.spec)
         path = Path(artifact_dir) / MODEL_XML
         if not path.is_file():

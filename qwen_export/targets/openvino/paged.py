@@ -96,6 +96,7 @@ class PagedOpenVINOEngine:
 
     def __init__(self, artifact_dir: str | Path, manifest: Manifest, options: OpenVINOOptions) -> None:
         ov = _ov()
+        options = options.for_artifact(manifest)
         self.options = options
         self.spec = ModelSpec.from_dict(manifest.spec)
         if self.spec.has_sliding_layers:
