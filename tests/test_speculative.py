@@ -8,10 +8,12 @@ plain greedy output token for token, with drafts both accepted and rejected (rol
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_cli import _one_line_error, invoke
 from test_parity import ENGINES, _exported, _open
 
 from qwen_export.errors import OptionError
@@ -176,7 +178,33 @@ def _check_sampling(gen: Generator) -> None:
     assert gen.engine.num_cached_tokens <= len(PROMPT) + 16
 
 
-def test_speculation_needs_full_logits(export) -> None:
-    engine = _open(export("qwen2_tied"), "onnxruntime").engine
-    with pytest.raises(OptionError, match="re-export the artifact with --logits all"):
-        make_speculator(Speculation(), engine)
+def test_cli_speculates_and_bench_reports_it(export) -> None:
+    art = export("qwen2_tied", logits="all")
+    args = ("--raw", "--max-new-tokens", "6", "--temperature", "0")
+    plain = invoke("generate", art, "a b a b a b a", *args)
+    result = invoke("generate", art, "a b a b a b a", *args, "--speculate", "prompt-lookup", "--max-draft-tokens", "3")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(plain.output[: plain.output.index(" prompt + ")])  # the same text
+    assert "drafts accepted" in result.output
+    bench = ("bench", art, "--prompt-lengths", "8", "--new-tokens", "4", "--repeats", "1", "--warmup", "0")
+    result = invoke(*bench, "--speculate", f"draft:{export('qwen2_tied')}", "--json")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output[result.output.index("{") :])["speculation"]
+    assert row["acceptance_rate"] == 1.0 and row["identical"] and row["speedup"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--speculate", "ngram"), "unknown --speculate value 'ngram'"),
+        (("--max-draft-tokens", "4"), "--max-draft-tokens needs --speculate"),
+        (("--speculate", "prompt-lookup", "--max-draft-tokens", "0"), "max_draft_tokens must be an integer"),
+        (("--speculate", "draft:/nonexistent/draft"), "/nonexistent/draft"),
+    ],
+)
+def test_cli_bad_speculation_is_one_line(export, args: tuple[str, ...], fragment: str) -> None:
+    _one_line_error(invoke("generate", export("qwen2_tied", logits="all"), "hi", *args), fragment)
+
+
+def test_cli_speculation_on_a_last_logits_artifact_is_one_line(export) -> None:
+    _one_line_error(invoke("generate", export("qwen2_tied"), "hi", "--speculate", "prompt-lookup"), "--logits all")
