@@ -17,6 +17,7 @@ from test_cli import _one_line_error, invoke
 from test_parity import ENGINES, _exported, _open
 
 from qwen_export.errors import OptionError
+from qwen_export.runtime import generation
 from qwen_export.runtime.generation import GenerationConfig, Generator
 from qwen_export.runtime.speculative import (
     DraftModel,
@@ -134,7 +135,7 @@ class _Oracle:
         return [t + 1 if (start + i) % 3 == 2 else t for i, t in enumerate(drafts)], None
 
 
-def test_speculative_greedy_is_plain_greedy(export, target: str) -> None:
+def test_speculative_greedy_is_plain_greedy(export, target: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Drafts verified several per forward, rejected ones rolled back with ``truncate``: the tokens
     are plain greedy decoding's, on every engine that runs here; sampled speculation is seeded and
     leaves the cache reusable. Draft models run on ONNX Runtime only: a draft is any engine, driven
@@ -155,6 +156,8 @@ def test_speculative_greedy_is_plain_greedy(export, target: str) -> None:
     _check_sampling(Generator(engine, tokenizer, lookup))
     if target != "onnxruntime":
         return
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 5)  # a full-logits prefill in chunks: the same tokens
+    assert _greedy(engine, tokenizer).token_ids == plain.token_ids
     for case in ("qwen2_tied", "qwen2_untied"):
         draft = _open(export(case, target=_exported(target)), target).engine
         model = DraftModel(draft, engine.capabilities.vocab_size)

@@ -300,6 +300,10 @@ class _IncrementalText:
 
 # -- the generation loop -------------------------------------------------------------------------
 
+#: prompt tokens per forward on an engine that returns every position's logits (``--logits all``):
+#: bounds the logits a prefill returns (256 x vocab floats: 155 MB for Qwen's 151,936)
+PREFILL_CHUNK = 256
+
 
 class Generator:
     """Generate from one engine (batch 1), reusing the cached prompt prefix across calls."""
@@ -342,6 +346,14 @@ class Generator:
         self._cached = [*(cached or []), *ids]
         self._rows = logits[0]
         return logits[0, -1]
+
+    def _prefill(self, ids: Sequence[int]) -> np.ndarray:
+        """Feed the prompt (in chunks of PREFILL_CHUNK when the engine returns full logits); return
+        the last position's logits."""
+        step = PREFILL_CHUNK if self.engine.capabilities.full_logits else len(ids)
+        for start in range(0, len(ids), step):
+            logits = self._forward(ids[start : start + step])
+        return logits
 
     def forward_rows(self, ids: Sequence[int]) -> np.ndarray:
         """Feed ``ids`` after the cache in one forward; return the logits of every fed position
@@ -419,7 +431,7 @@ class Generator:
         rng = np.random.default_rng(config.seed)
 
         reused = self._prepare_cache(prompt)
-        logits = self._forward(prompt[reused:])
+        logits = self._prefill(prompt[reused:])
         prefill_s = time.perf_counter() - start
         first_token_at: float | None = None
 
