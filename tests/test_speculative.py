@@ -18,12 +18,13 @@ from test_parity import ENGINES, _exported, _open
 
 from qwen_export.errors import OptionError
 from qwen_export.runtime import generation
-from qwen_export.runtime.generation import GenerationConfig, Generator
+from qwen_export.runtime.generation import GenerationConfig, Generator, sample_token
 from qwen_export.runtime.speculative import (
     DraftModel,
     Speculation,
     SpeculationKind,
     Speculator,
+    _greedy_verify,
     accept_draft,
     lookup_draft,
     make_speculator,
@@ -74,6 +75,21 @@ def test_acceptance_rule_accepts_with_min_one_p_over_q() -> None:
     assert abs(rate - 0.25) < 0.03  # p/q = 0.2/0.8
     assert {o for o in outcomes if o is not None} == {1}  # the residual max(0, p - q) is all on token 1
     assert all(accept_draft(q, p, 0, rng) is None for _ in range(100))  # p >= q: always accepted
+
+
+def test_greedy_verification_of_all_rows_at_once_matches_the_sampler() -> None:
+    """The vectorised greedy check decides what plain decoding's sampler decides, row by row
+    (NaN logits, masked tokens and exact ties included)."""
+    rng = np.random.default_rng(1)
+    config = GenerationConfig(temperature=0.0)
+    allowed = rng.random(50) > 0.2
+    for _ in range(200):
+        rows = rng.integers(-3, 3, (5, 50)).astype(np.float32)  # many exact ties
+        rows[rng.random(rows.shape) < 0.05] = np.nan
+        best = [sample_token(r, config, [], rng, allowed) for r in rows]
+        drafts = [b if rng.random() < 0.7 else int(rng.integers(50)) for b in best[:4]]
+        n = next((i for i, (d, b) in enumerate(zip(drafts, best, strict=False)) if d != b), 4)
+        assert _greedy_verify(rows, drafts, allowed) == (n, best[n])
 
 
 # -- prompt lookup and options ---------------------------------------------------------------------
@@ -158,6 +174,9 @@ def test_speculative_greedy_is_plain_greedy(export, target: str, monkeypatch: py
         return
     monkeypatch.setattr(generation, "PREFILL_CHUNK", 5)  # a full-logits prefill in chunks: the same tokens
     assert _greedy(engine, tokenizer).token_ids == plain.token_ids
+    penalized = GenerationConfig(max_new_tokens=24, temperature=0.0, repetition_penalty=1.5)
+    expected = Generator(engine, tokenizer).generate_text(PROMPT, penalized).token_ids
+    assert Generator(engine, tokenizer, lookup).generate_text(PROMPT, penalized).token_ids == expected
     for case in ("qwen2_tied", "qwen2_untied"):
         draft = _open(export(case, target=_exported(target)), target).engine
         model = DraftModel(draft, engine.capabilities.vocab_size)

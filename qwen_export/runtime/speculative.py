@@ -296,6 +296,10 @@ class Speculator:
         allowed: np.ndarray | None,
     ) -> tuple[int, int]:
         """How many drafts are accepted, and the token that follows them."""
+        if config.greedy and config.repetition_penalty == 1.0:
+            fast = _greedy_verify(rows, drafts, allowed)
+            if fast is not None:
+                return fast
         for i, draft in enumerate(drafts):
             seen = context + drafts[:i]
             scores = process_logits(rows[i], config, seen, allowed)
@@ -311,6 +315,22 @@ class Speculator:
                 return i, replacement
         n = len(drafts)
         return n, sample_token(rows[n], config, context + drafts, rng, allowed)
+
+
+def _greedy_verify(rows: np.ndarray, drafts: list[int], allowed: np.ndarray | None) -> tuple[int, int] | None:
+    """Greedy verification without repetition penalty, every row at once: what ``process_logits``
+    + argmax decide (float32 -> float64 is exact, so the argmax and its ties are the same). None
+    when the deciding row has no finite score (the per-row path raises plain decoding's error)."""
+    scores = rows[: len(drafts) + 1].astype(np.float32, copy=True)
+    scores[np.isnan(scores)] = -np.inf
+    if allowed is not None:
+        scores[:, ~allowed] = -np.inf
+    best = scores.argmax(axis=1)
+    wrong = np.flatnonzero(best[: len(drafts)] != np.asarray(drafts, dtype=np.int64))
+    n = int(wrong[0]) if len(wrong) else len(drafts)
+    if not np.isfinite(scores[n]).any():
+        return None
+    return n, int(best[n])
 
 
 def make_speculator(
