@@ -219,7 +219,6 @@ def test_cli_speculates_and_bench_reports_it(export) -> None:
         (("--speculate", "ngram"), "unknown --speculate value 'ngram'"),
         (("--max-draft-tokens", "4"), "--max-draft-tokens needs --speculate"),
         (("--speculate", "prompt-lookup", "--max-draft-tokens", "0"), "max_draft_tokens must be an integer"),
-        (("--speculate", "draft:/nonexistent/draft"), "/nonexistent/draft"),
     ],
 )
 def test_cli_bad_speculation_is_one_line(export, args: tuple[str, ...], fragment: str) -> None:
