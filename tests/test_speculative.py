@@ -227,3 +227,18 @@ def test_cli_bad_speculation_is_one_line(export, args: tuple[str, ...], fragment
 
 def test_cli_speculation_on_a_last_logits_artifact_is_one_line(export) -> None:
     _one_line_error(invoke("generate", export("qwen2_tied"), "hi", "--speculate", "prompt-lookup"), "--logits all")
+
+
+def test_a_draft_needs_the_same_vocabulary() -> None:
+    from tokenizers import Tokenizer as Backend
+    from tokenizers.models import WordLevel
+
+    from qwen_export.runtime.tokenizer import Tokenizer
+
+    def tok(vocab: dict[str, int]) -> Tokenizer:
+        return Tokenizer(Backend(WordLevel(vocab, unk_token="<unk>")))
+
+    base = {"<unk>": 0, "a": 1, "b": 2}
+    assert tok(base).same_vocabulary(tok(dict(base)))
+    assert not tok(base).same_vocabulary(tok({"<unk>": 0, "a": 2, "b": 1}))
+    assert not tok(base).same_vocabulary(tok({**base, "c": 3}))
