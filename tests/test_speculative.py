@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from noise import Noise, check_logits
 from test_cli import _one_line_error, invoke
 from test_parity import ENGINES, _exported, _open
 
@@ -170,6 +171,13 @@ def test_speculative_greedy_is_plain_greedy(export, target: str, monkeypatch: py
     assert result.token_ids == plain.token_ids
     assert result.speculation is not None and result.speculation.drafted > 0
     _check_sampling(Generator(engine, tokenizer, lookup))
+    if engine.capabilities.last_only:  # OpenVINO paged: a prefill without the other rows' logits
+        engine.reset()
+        last = engine.forward(np.asarray([PROMPT]), last_only=True)
+        engine.reset()
+        full = engine.forward(np.asarray([PROMPT]))
+        assert last.shape == (1, 1, full.shape[-1])
+        check_logits(last[0, 0], full[0, -1], Noise.REORDERED)
     if target != "onnxruntime":
         return
     monkeypatch.setattr(generation, "PREFILL_CHUNK", 5)  # a full-logits prefill in chunks: the same tokens

@@ -336,11 +336,13 @@ class Generator:
         self.engine.reset()
         self._cached = []
 
-    def _forward(self, ids: Sequence[int]) -> np.ndarray:
-        """Feed ``ids`` after the cache; return the last position's logits (1-D)."""
+    def _forward(self, ids: Sequence[int], last_only: bool = False) -> np.ndarray:
+        """Feed ``ids`` after the cache; return the last position's logits (1-D). ``last_only``:
+        ask the engine for no other position's logits (``capabilities.last_only`` engines)."""
         cached = self._cached
         self._cached = None  # unknown until the engine returns
-        logits = self.engine.forward(np.asarray([list(ids)], dtype=np.int64))
+        batch = np.asarray([list(ids)], dtype=np.int64)
+        logits = self.engine.forward(batch, last_only=True) if last_only else self.engine.forward(batch)
         if logits.ndim != 3 or logits.shape[0] != 1 or logits.shape[1] < 1:
             raise GenerationError(f"engine returned logits of shape {logits.shape}; expected [1, seq, vocab]")
         self._cached = [*(cached or []), *ids]
@@ -348,9 +350,12 @@ class Generator:
         return logits[0, -1]
 
     def _prefill(self, ids: Sequence[int]) -> np.ndarray:
-        """Feed the prompt (in chunks of PREFILL_CHUNK when the engine returns full logits); return
-        the last position's logits."""
-        step = PREFILL_CHUNK if self.engine.capabilities.full_logits else len(ids)
+        """Feed the prompt (the last position's logits only where the engine can skip the others,
+        else in chunks of PREFILL_CHUNK when it returns full logits); return the last logits."""
+        caps = self.engine.capabilities
+        if caps.last_only:
+            return self._forward(ids, last_only=True)
+        step = PREFILL_CHUNK if caps.full_logits else len(ids)
         for start in range(0, len(ids), step):
             logits = self._forward(ids[start : start + step])
         return logits

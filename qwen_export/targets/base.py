@@ -28,6 +28,9 @@ class EngineCapabilities:
     devices: tuple[str, ...]  # e.g. ("cpu",)
     full_logits: bool  # True when forward returns logits for every position, not only the last
     vocab_size: int
+    #: a full-logits engine that can skip the other positions' logits: ``forward(..., last_only=True)``
+    #: returns the last position's only (a prompt's prefill when speculating: no full-vocabulary rows)
+    last_only: bool = False
 
 
 @runtime_checkable
