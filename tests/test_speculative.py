@@ -250,3 +250,10 @@ def test_a_draft_needs_the_same_vocabulary() -> None:
     assert tok(base).same_vocabulary(tok(dict(base)))
     assert not tok(base).same_vocabulary(tok({"<unk>": 0, "a": 2, "b": 1}))
     assert not tok(base).same_vocabulary(tok({**base, "c": 3}))
+
+
+def test_load_takes_a_speculation_object(tmp_path: Path) -> None:
+    import qwen_export
+
+    with pytest.raises(OptionError, match="speculate must be a Speculation or None, got str"):
+        qwen_export.load(tmp_path, speculate="prompt-lookup")  # type: ignore[arg-type]
