@@ -3,6 +3,7 @@ measuring (interleaved), the plot and the JSON payload are :mod:`qwen_export.run
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -15,18 +16,22 @@ from qwen_export.cli.common import (
     CacheDir,
     EngineOpt,
     KVCache,
+    MaxDraftOpt,
     Precision,
+    SpeculateOpt,
     Threads,
     app,
     console,
     err_console,
     handles_errors,
     runtime,
+    speculation,
 )
 
 if TYPE_CHECKING:  # imported when a command runs: --help and the other commands start faster
     from qwen_export.runtime import bench_run
     from qwen_export.runtime.bench_run import BenchReport
+    from qwen_export.runtime.bench_speculative import SpeculativeResult
 
 Artifacts = Annotated[
     list[Path], typer.Argument(help="Exported artifact directories; the first is the baseline for ratios.")
@@ -65,14 +70,19 @@ def bench(
     attention: AttentionOpt = None,
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
+    speculate: SpeculateOpt = None,
+    max_draft_tokens: MaxDraftOpt = None,
     as_json: AsJson = False,
 ) -> None:
     """Measure TTFT, prefill and decode tokens/s, memory and load time of one or more ARTIFACTS.
 
     Artifacts load once up front, then run interleaved (A, B, A, B, ... on the same prompts) so ratios hold.
+    With --speculate, each artifact also runs plain and speculative decoding interleaved: acceptance rate and
+    speed-up (random prompts: prompt lookup's overhead on free text).
     """
     from qwen_export.runtime import bench_run
 
+    spec = speculation(speculate, max_draft_tokens)
     settings = bench_run.bench_settings(
         prompt_lengths=prompt_lengths,
         new_tokens=new_tokens,
@@ -89,11 +99,17 @@ def bench(
         targets, loads = bench_run.load_targets(artifacts, options, lambda label: status.update(f"loading {label}"))
     prompts, cases = bench_run.plan_cases(settings, targets)
     report = _measure_with_progress(settings, targets, loads, prompts, cases)
+    speculative = None if spec is None else _speculate(spec, targets, cases, settings, threads)
     if as_json:
-        console.print_json(json.dumps(report.to_json()))
+        payload = report.to_json()
+        if speculative is not None:
+            payload["speculation"] = bench_run.finite([dataclasses.asdict(r) for r in speculative])
+        console.print_json(json.dumps(payload))
         return
     console.print(_artifacts_table(report))
     console.print(_results_table(report))
+    if speculative is not None:
+        console.print(_speculation_table(speculative))
     console.print(
         f"peak RSS (VmHWM) of this process: {report.peak_rss_mb:.0f} MiB. All artifacts share one process, so "
         "their RSS peaks cannot be told apart; 'RSS +MiB at load' is the increase while each one loaded.",
@@ -101,6 +117,52 @@ def bench(
     )
     if plot is not None:
         console.print(f"plot written to {plot}", highlight=False)
+
+
+def _speculate(
+    spec: object,
+    targets: list[bench_run.BenchTarget],
+    cases: list[bench_run.BenchCase],
+    settings: bench_run.BenchSettings,
+    threads: int,
+) -> list[SpeculativeResult]:
+    from qwen_export.runtime.bench_speculative import bench_speculation
+    from qwen_export.runtime.loader import RuntimeOptions, open_artifact
+
+    def open_draft(path: Path) -> object:
+        return open_artifact(path, RuntimeOptions(threads=threads)).engine
+
+    with err_console.status("speculative decoding vs plain"):
+        return bench_speculation(
+            [(t.label, t.engine) for t in targets],
+            spec,  # type: ignore[arg-type]
+            [(c.prompt_tokens, c.new_tokens) for c in cases],
+            settings.repeats,
+            settings.warmup,
+            settings.seed,
+            open_draft,  # type: ignore[arg-type]
+        )
+
+
+def _speculation_table(results: list[SpeculativeResult]) -> Table:
+    table = Table(title="speculative decoding vs plain (greedy, same engine, interleaved; median (min-max))")
+    headers = ["artifact", "prompt", "new", "plain tok/s", "speculative tok/s", "speed-up", "accepted", "tok/forward"]
+    for column in headers + ["same tokens"]:
+        table.add_column(column, justify="left" if column == "artifact" else "right", overflow="fold")
+    for r in results:
+        rate = "n/a" if r.acceptance_rate is None else f"{r.acceptance_rate:.0%}"
+        table.add_row(
+            r.label,
+            str(r.prompt_tokens),
+            str(r.new_tokens),
+            f"{r.plain_tokens_per_s:.1f}",
+            f"{r.speculative_tokens_per_s:.1f}",
+            f"{r.speedup:.2f} ({r.speedup_min:.2f}-{r.speedup_max:.2f})",
+            rate,
+            f"{r.tokens_per_forward:.2f}",
+            "yes" if r.identical else "NO",
+        )
+    return table
 
 
 def _measure_with_progress(

@@ -23,6 +23,7 @@ imported lazily, from :mod:`.openvino`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -122,7 +123,8 @@ class PagedOpenVINOEngine:
         self.request = self.compiled.create_infer_request()
         self._layouts = _cache_layouts(self.compiled)
         self.block_size = _block_size(self._layouts)
-        self.capabilities = capabilities(manifest, self.spec, options)
+        caps = capabilities(manifest, self.spec, options)
+        self.capabilities = dataclasses.replace(caps, last_only=caps.full_logits)  # sampled_tokens_indices
         self._capacity = 0  # blocks allocated per cache tensor
         self._free: list[int] = []
         self.reset()
@@ -162,7 +164,10 @@ class PagedOpenVINOEngine:
             del blocks[needed:]
 
     # ------------------------------------------------------------------------------ forward
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, last_only: bool = False
+    ) -> np.ndarray:
+        """``last_only`` (a full-logits artifact): compute the last position's logits only."""
         step = prepare_step(
             input_ids,
             attention_mask,
@@ -177,10 +182,11 @@ class PagedOpenVINOEngine:
         real = step.mask[:, -seq:] == 1
         counts = real.sum(axis=1)
         rows = np.flatnonzero(counts)
-        out = np.zeros((batch, seq if self.capabilities.full_logits else 1, self.spec.vocab_size), np.float32)
+        full = self.capabilities.full_logits and not last_only
+        out = np.zeros((batch, seq if full else 1, self.spec.vocab_size), np.float32)
         if rows.size:
-            logits = self._run(step.ids[real], step.position_ids[real], rows, counts[rows])
-            if self.capabilities.full_logits:
+            logits = self._run(step.ids[real], step.position_ids[real], rows, counts[rows], full)
+            if full:
                 out[real] = logits
             else:
                 out[rows, 0] = logits
@@ -188,15 +194,18 @@ class PagedOpenVINOEngine:
         self._mask = step.mask
         return out
 
-    def _run(self, ids: np.ndarray, positions: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """One inference over the new tokens of ``rows``; the sampled tokens' logits [n, vocab]."""
+    def _run(
+        self, ids: np.ndarray, positions: np.ndarray, rows: np.ndarray, counts: np.ndarray, full: bool
+    ) -> np.ndarray:
+        """One inference over the new tokens of ``rows``; the sampled tokens' logits [n, vocab]
+        (``full``: every token's, else each row's last)."""
         past = self._lens[rows]
         totals = past + counts
         needed = -(-totals // self.block_size)
         self._reserve(rows, needed)
         blocks = [self._rows[r][:n] for r, n in zip(rows, needed, strict=True)]
         ends = np.cumsum(counts)
-        sampled = np.arange(ends[-1]) if self.capabilities.full_logits else ends - 1
+        sampled = np.arange(ends[-1]) if full else ends - 1
         self.request.infer(
             {
                 "input_ids": ids,
