@@ -272,6 +272,9 @@ def test_generate_with_json_schema_and_chat_with_tools(export, tmp_path: Path) -
     result = invoke("generate", art, "Pick a colour", "--json-schema", tmp_path / "s.json", "--max-new-tokens", "40")
     assert result.exit_code == 0, result.output
     jsonschema.validate(json.loads(result.stdout), schema)
+    cut = invoke("generate", art, "Pick a colour", "--json-schema", tmp_path / "s.json", "--max-new-tokens", "3")
+    assert cut.exit_code == 1, cut.output  # the document did not close: not a success
+    assert "finish: length" in cut.stderr and "error: the JSON document is incomplete" in cut.stderr
     _one_line_error(invoke("generate", art, "x", "--json-schema", tmp_path / "nope.json"), "nope.json")
     _one_line_error(
         invoke("generate", art, "x", "--json-schema", tmp_path / "s.json", "--json-mode"),

@@ -109,6 +109,15 @@ def test_conversation_outgrowing_the_context_is_a_clear_error(llm: qwen_export.L
     assert llm.generate("ok", max_new_tokens=1, temperature=0) is not None
 
 
+def test_cut_off_json_reply_says_it_is_incomplete(llm: qwen_export.LLM) -> None:
+    messages = [{"role": "user", "content": "JSON please"}]
+    schema = {"type": "object", "properties": {"word": {"enum": ["supercalifragilistic"]}}, "required": ["word"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}
+    cut = llm.chat(messages, response_format=fmt, max_new_tokens=2, temperature=0)
+    assert cut.finish_reason == "length" and cut.complete is False
+    assert llm.chat(messages, max_new_tokens=2, temperature=0).complete  # no document: nothing to complete
+
+
 def test_invalid_options(llm: qwen_export.LLM) -> None:
     with pytest.raises(OptionError, match="unknown generation option"):
         llm.generate("hi", beam_width=3)

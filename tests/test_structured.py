@@ -117,6 +117,7 @@ def test_output_validates_against_schema(generator: Generator, prompt: list[int]
     constraint = make_constraint(schema_format(name), generator.tokenizer)
     result = generator.generate_text(prompt, config, constraint=constraint)
     assert result.finish_reason is FinishReason.STOP_TOKEN, result
+    assert result.complete
     assert result.token_ids[-1] == generator.tokenizer.eos_token_id
     jsonschema.validate(json.loads(result.text), SCHEMAS[name])
 
@@ -166,9 +167,9 @@ def test_json_object_mode_unbiased_is_valid_prefix(generator: Generator, prompt:
     constraint = make_constraint({"type": "json_object"}, generator.tokenizer)
     result = generator.generate_text(prompt, dataclasses.replace(config, max_new_tokens=60), constraint=constraint)
     if result.finish_reason is FinishReason.STOP_TOKEN:
-        assert isinstance(json.loads(result.text), dict)
+        assert isinstance(json.loads(result.text), dict) and result.complete
     else:
-        assert result.finish_reason is FinishReason.LENGTH and not constraint.done
+        assert result.finish_reason is FinishReason.LENGTH and not constraint.done and not result.complete
         assert result.text.startswith("{")
 
 
@@ -186,7 +187,7 @@ def test_length_limit_reports_incomplete(generator: Generator, prompt: list[int]
     constraint = make_constraint(schema_format("nested"), generator.tokenizer)
     result = generator.generate_text(prompt, GenerationConfig(max_new_tokens=3), constraint=constraint)
     assert result.finish_reason is FinishReason.LENGTH
-    assert not constraint.done
+    assert not constraint.done and not result.complete
     with pytest.raises(json.JSONDecodeError):
         json.loads(result.text)
 

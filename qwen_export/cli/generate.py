@@ -59,7 +59,11 @@ def generate(
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
 ) -> None:
-    """Generate a completion for PROMPT, streamed to the terminal."""
+    """Generate a completion for PROMPT, streamed to the terminal.
+
+    With --json-schema / --json-mode the exit status is 1 when the document did not close (the
+    token limit or the context came first): the text printed is then a prefix, not valid JSON.
+    """
 
     llm = load_llm(artifact, threads, precision, kv_cache, cache_dir, engine, attention)
     sampling = sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
@@ -78,6 +82,15 @@ def generate(
         f"decode {result.decode_tokens_per_s or 0:.1f} tok/s[/]",
         highlight=False,
     )
+    if not result.complete:
+        err_console.print(
+            f"[bold red]error:[/] the JSON document is incomplete: generation ended with "
+            f"'{result.finish_reason.value}' after {result.completion_tokens} tokens before the document closed "
+            "(raise --max-new-tokens); the text above does not parse",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
 
 
 def _response_format(json_schema: Path | None, json_mode: bool) -> dict[str, Any] | None:

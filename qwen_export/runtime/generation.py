@@ -132,6 +132,10 @@ class GenerationResult:
     completion_tokens: int
     reused_tokens: int  # prompt tokens served from the engine's cache instead of recomputed
     timings: GenerationTimings
+    # False when a constrained (response_format) generation ended before its document was complete
+    # (LENGTH, CONTEXT, a stop string): ``text`` is then a prefix of a valid document, not one.
+    # Always True without a constraint.
+    complete: bool = True
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -369,8 +373,9 @@ class Generator:
 
         ``constraint`` (:func:`qwen_export.runtime.structured.make_constraint`, single use) restricts every
         token to what its grammar allows; once the document is complete the generation ends with
-        the eos token (appended without another forward pass, finish reason STOP_TOKEN). LENGTH
-        with a constraint means the document is incomplete.
+        the eos token (appended without another forward pass, finish reason STOP_TOKEN). Any
+        other ending (LENGTH, CONTEXT, STOP_STRING) leaves the document incomplete: the result's
+        ``complete`` is False.
         """
         config = config or GenerationConfig()
         config.validate()
@@ -453,6 +458,7 @@ class Generator:
                 completion_tokens=len(generated),
                 reused_tokens=reused,
                 timings=GenerationTimings(first_token_at - start, prefill_s, end - first_token_at),
+                complete=constraint is None or (reason is FinishReason.STOP_TOKEN and constraint.accepting),
             )
             yield GenerationEvent(token, piece, reason, result)
             return

@@ -62,6 +62,9 @@ class ChatResult:
     reused_tokens: int  # prompt tokens served from the KV cache of earlier turns
     timings: GenerationTimings
     raw_text: str  # the reply as generated, tool-call blocks included
+    # False when a response_format document was cut off (finish_reason length/context/stop_string/
+    # cancelled): ``text`` is then not valid JSON. True otherwise (and always without response_format).
+    complete: bool = True
 
     def message(self) -> dict[str, Any]:
         """The assistant message to append to the conversation for the next turn."""
@@ -218,6 +221,7 @@ class LLM:
             reused_tokens=result.reused_tokens,
             timings=result.timings,
             raw_text=raw,
+            complete=result.complete and not stream.cancelled,
         )
 
     def reset(self) -> None:

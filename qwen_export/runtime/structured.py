@@ -4,7 +4,10 @@
 to JSON that validates against the schema; ``{"type": "json_object"}`` to any JSON object;
 ``{"type": "text"}`` (or None) leaves generation free. Before each token the :class:`Constraint`
 gives the set of tokens the grammar allows (everything else is set to -inf), and it advances with
-the sampled token, so the output parses whatever the weights.
+the sampled token. The guarantee: whenever a constrained generation finishes with a stop token
+(``finish_reason`` ``stop_token``, ``complete`` True), its text parses and validates, whatever the
+weights. One that ends at ``max_new_tokens`` or the context (``length`` / ``context``) or at a
+stop string has ``complete`` False and its text is only a prefix of a valid document.
 
 The grammar engine is `llguidance <https://github.com/guidance-ai/llguidance>`_ (MIT, no torch;
 see ``benchmarks/README.md``, "Constrained decoding", for the comparison with xgrammar and
@@ -268,6 +271,11 @@ class Constraint:
     def done(self) -> bool:
         """The document is complete and nothing but eos may follow."""
         return bool(self._matcher.is_stopped()) and not self._matcher.is_error()
+
+    @property
+    def accepting(self) -> bool:
+        """The text so far is a complete document (eos may come next, or must)."""
+        return not self._matcher.is_error() and bool(self._matcher.is_stopped() or self._matcher.is_accepting())
 
     def reset(self) -> None:
         """Back to the start of the document."""
