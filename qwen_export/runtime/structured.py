@@ -34,7 +34,7 @@ import numpy as np
 from qwen_export.errors import GenerationError, OptionError
 from qwen_export.runtime.jsonsafe import check_json
 
-__all__ = ["Constraint", "ResponseFormat", "cache_info", "clear_cache", "make_constraint"]
+__all__ = ["Constraint", "ResponseFormat", "cache_info", "clear_cache", "make_constraint", "make_tool_constraint"]
 
 _TYPES = ("text", "json_object", "json_schema")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # as OpenAI's json_schema.name
@@ -175,19 +175,19 @@ class _TokenizerEntry:
         self.matchers: OrderedDict[str, Any] = OrderedDict()
         self.lock = threading.Lock()
 
-    def matcher(self, schema_json: str) -> Any:
-        """A fresh matcher for ``schema_json`` (a copy of the cached, compiled one)."""
+    def matcher(self, grammar: str, what: str = "response_format schema") -> Any:
+        """A fresh matcher for an llguidance ``grammar`` (a copy of the cached, compiled one)."""
         with self.lock:
-            template = self.matchers.get(schema_json)
+            template = self.matchers.get(grammar)
             if template is not None:
-                self.matchers.move_to_end(schema_json)
+                self.matchers.move_to_end(grammar)
                 return template.deep_copy()
         llg = _llguidance()
-        template = llg.LLMatcher(self.lltokenizer, _grammar(schema_json), log_level=0)
+        template = llg.LLMatcher(self.lltokenizer, grammar, log_level=0)
         if template.is_error():
-            raise OptionError(f"response_format schema cannot be enforced: {_one_line(template.get_error())}")
+            raise OptionError(f"{what} cannot be enforced: {_one_line(template.get_error())}")
         with self.lock:
-            self.matchers[schema_json] = template
+            self.matchers[grammar] = template
             while len(self.matchers) > _MAX_SCHEMAS_PER_TOKENIZER:
                 self.matchers.popitem(last=False)
         return template.deep_copy()
@@ -295,4 +295,68 @@ def make_constraint(response_format: Mapping[str, Any] | ResponseFormat | None, 
     schema_json = fmt.schema_json if fmt.type == "json_schema" else json.dumps(_JSON_OBJECT_SCHEMA)
     assert schema_json is not None
     entry = _entry(tokenizer)
-    return Constraint(entry.matcher(schema_json), entry.eos_token_id, entry.vocab_size, fmt)
+    return Constraint(entry.matcher(_grammar(schema_json)), entry.eos_token_id, entry.vocab_size, fmt)
+
+
+# -- tool calls (tool_choice, tools together with response_format) ---------------------------------
+
+#: llguidance's JSON options for tool-call blocks: the separators Qwen's template writes.
+_TOOL_JSON = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+
+
+def _call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"name": <one of tools>, "arguments": <its parameters>}`` as one JSON Schema."""
+    options = []
+    for tool in tools:
+        parameters = tool.get("parameters") or {"type": "object"}
+        options.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": tool["name"]}, "arguments": parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
+    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    return {**schema, "x-guidance": _TOOL_JSON}
+
+
+def _tag(tokenizer: Any, text: str) -> str:
+    """A Lark item for ``text``: its token when the vocabulary has one (Qwen's added tokens)."""
+    token_id = tokenizer.token_to_id(text)
+    return f"<[{int(token_id)}]>" if token_id is not None else json.dumps(text)
+
+
+def make_tool_constraint(
+    tools: list[dict[str, Any]], *, single: bool, answer: ResponseFormat | None, tokenizer: Any
+) -> Constraint:
+    """A constraint for Qwen/Hermes tool calls: ``<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>``
+    blocks whose arguments validate against each tool's ``parameters``.
+
+    ``tools``: ``{"name", "parameters"}`` dicts (the functions that may be called). ``single``: exactly
+    one call (a named ``tool_choice``), else one or more. ``answer``: a constrained response_format
+    the reply may be *instead* of the calls (``tool_choice="auto"`` with ``response_format``); None
+    when a call is required.
+    """
+    call = f'{_tag(tokenizer, "<tool_call>")} "\\n" %json {json.dumps(_call_schema(tools))} "\\n" '
+    call += _tag(tokenizer, "</tool_call>")
+    rules = [f"call: {call}", "calls: call" if single else 'calls: call ("\\n" call)*']
+    if answer is not None and answer.constrained:
+        schema = answer.schema if answer.type == "json_schema" else dict(_JSON_OBJECT_SCHEMA)
+        rules += [
+            "start: calls | answer",
+            f"answer: %json {json.dumps({**(schema or {}), 'x-guidance': _COMPILE_OPTIONS})}",
+        ]
+    else:
+        rules.append("start: calls")
+    llg = _llguidance()
+    try:
+        grammar = llg.LLMatcher.grammar_from_lark("\n".join(rules))
+    except ValueError as e:
+        raise OptionError(f"the tools cannot be enforced: {_one_line(str(e))}") from None
+    message = llg.LLMatcher.validate_grammar(grammar)
+    if message:
+        raise OptionError(f"the tools' parameter schemas cannot be enforced: {_one_line(message)}")
+    entry = _entry(tokenizer)
+    fmt = answer if answer is not None else ResponseFormat(type="json_object")
+    return Constraint(entry.matcher(grammar, "the tools' parameter schemas"), entry.eos_token_id, entry.vocab_size, fmt)
