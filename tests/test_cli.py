@@ -275,6 +275,11 @@ def test_generate_with_json_schema_and_chat_with_tools(export, tmp_path: Path) -
     cut = invoke("generate", art, "Pick a colour", "--json-schema", tmp_path / "s.json", "--max-new-tokens", "3")
     assert cut.exit_code == 1, cut.output  # the document did not close: not a success
     assert "finish: length" in cut.stderr and "error: the JSON document is incomplete" in cut.stderr
+    thinking = invoke("generate", art, "Pick a colour", "--max-new-tokens", "1")
+    quiet = invoke("generate", art, "Pick a colour", "--max-new-tokens", "1", "--no-think")
+    prompt_tokens = [int(re.search(r"(\d+) prompt \+", r.stderr).group(1)) for r in (thinking, quiet)]
+    assert prompt_tokens[1] == prompt_tokens[0] + 4  # Qwen3 template: "<think>", "\n\n", "</think>", "\n\n"
+    _one_line_error(invoke("generate", art, "x", "--raw", "--think"), "--raw")
     _one_line_error(invoke("generate", art, "x", "--json-schema", tmp_path / "nope.json"), "nope.json")
     _one_line_error(
         invoke("generate", art, "x", "--json-schema", tmp_path / "s.json", "--json-mode"),

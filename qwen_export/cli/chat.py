@@ -19,6 +19,7 @@ from qwen_export.cli.common import (
     RepPen,
     Seed,
     Temp,
+    Think,
     Threads,
     TopK,
     TopP,
@@ -55,6 +56,7 @@ def chat(
     attention: AttentionOpt = None,
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
+    think: Think = None,
 ) -> None:
     """Interactive multi-turn chat; earlier turns stay in the KV cache. Commands: /reset, /exit.
 
@@ -86,7 +88,7 @@ def chat(
             continue
         messages.append({"role": "user", "content": line})
         turn = _plain_turn if tool_specs is None else _tool_turns
-        if not turn(llm, messages, tool_specs, sampling):
+        if not turn(llm, messages, tool_specs, {**sampling, "enable_thinking": think}):
             return
 
 

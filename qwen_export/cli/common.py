@@ -140,6 +140,13 @@ MinP = Annotated[float | None, typer.Option(help="Min-p sampling (0 = off).")]
 RepPen = Annotated[float | None, typer.Option(help="Repetition penalty (1 = off).")]
 Seed = Annotated[int | None, typer.Option(help="Random seed for sampling.")]
 Stop = Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")]
+Think = Annotated[
+    bool | None,
+    typer.Option(
+        "--think/--no-think",
+        help="Qwen3: enable_thinking for the chat template (default: the template's own, thinking on for Qwen3).",
+    ),
+]
 
 
 def sampling_options(

@@ -19,6 +19,7 @@ from qwen_export.cli.common import (
     Seed,
     Stop,
     Temp,
+    Think,
     Threads,
     TopK,
     TopP,
@@ -58,6 +59,7 @@ def generate(
     attention: AttentionOpt = None,
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
+    think: Think = None,
 ) -> None:
     """Generate a completion for PROMPT, streamed to the terminal.
 
@@ -69,10 +71,12 @@ def generate(
     sampling = sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
     response_format = _response_format(json_schema, json_mode)
     if raw:
+        if think is not None:
+            raise OptionError("--think/--no-think apply to the chat template; --raw feeds the prompt without it")
         source: Any = prompt
     else:
         source = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    stream = llm.stream(source, response_format=response_format, **sampling)
+    stream = llm.stream(source, response_format=response_format, enable_thinking=think, **sampling)
     print_stream(stream)
     result = stream.result
     assert result is not None

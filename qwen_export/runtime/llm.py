@@ -45,7 +45,7 @@ from qwen_export.runtime.generation import (
     Generator,
 )
 from qwen_export.runtime.loader import LoadedArtifact, RuntimeOptions, open_artifact
-from qwen_export.runtime.openai_shapes import ToolChoiceMode, generation_options, normalize_messages, prepare_chat
+from qwen_export.runtime.openai_shapes import ToolChoiceMode, generation_options, prepare_chat
 from qwen_export.runtime.reasoning import ChatDelta, ReasoningSplitter
 from qwen_export.spec import Target
 
@@ -249,14 +249,25 @@ class LLM:
         return "".join(stream)
 
     def stream(
-        self, prompt: str | Sequence[Message], *, response_format: Mapping[str, Any] | None = None, **sampling: Any
+        self,
+        prompt: str | Sequence[Message],
+        *,
+        response_format: Mapping[str, Any] | None = None,
+        enable_thinking: bool | None = None,
+        **sampling: Any,
     ) -> TextStream:
-        """Stream the completion of ``prompt`` (a string, fed as is) or of chat ``messages``."""
+        """Stream the completion of ``prompt`` (a string, fed as is) or of chat ``messages``
+        (``enable_thinking``, Qwen3, is passed to their chat template; the text pieces include the
+        ``<think>`` part: :meth:`chat_stream` separates it)."""
         if isinstance(prompt, str):
+            if enable_thinking is not None:
+                raise OptionError("enable_thinking applies to chat messages, not to a raw prompt")
             ids = self.tokenizer.encode(prompt, max_tokens=self.max_context)
         else:
-            messages = normalize_messages(list(prompt))
-            ids = self.tokenizer.apply_chat_template_ids(messages, max_tokens=self.max_context)
+            request = prepare_chat(list(prompt), enable_thinking=enable_thinking)
+            ids = self.tokenizer.apply_chat_template_ids(
+                request.messages, max_tokens=self.max_context, **request.template_variables
+            )
         return self._start(ids, response_format, sampling)
 
     def chat(
