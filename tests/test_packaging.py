@@ -64,4 +64,4 @@ def test_readme_documents_every_extra() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split("### Extras", 1)[1].split("\n## ", 1)[0]
     for extra in _project()["optional-dependencies"]:
-        assert f"`{extra}`" in section, f"README's Extras section does not describe [{extra}]"
+        assert f"`[{extra}]`" in section, f"README's Extras section does not describe [{extra}]"
