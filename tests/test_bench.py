@@ -104,7 +104,7 @@ def test_bench_run_settings_plan_and_report() -> None:
     targets = [bench_mod.BenchTarget("A", FakeEngine(context=200)), bench_mod.BenchTarget("B", FakeEngine())]
     prompts, cases = bench_run.plan_cases(settings, targets)
     assert prompts == [62] and cases == [bench_mod.BenchCase(62, 2)]  # min context 64 - 2 new tokens
-    loads = [bench_run.ArtifactLoad(t.label, t.label, "fp32", 64, 0.1, 1.0, 2.0, 8) for t in targets]
+    loads = [bench_run.ArtifactLoad(t.label, t.label, "fp32", "fp32", 64, 0.1, 1.0, 2.0, 8) for t in targets]
     runs: list[bench_mod.BenchRun] = []
     report = bench_run.measure(settings, targets, loads, prompts, cases, on_run=runs.append)
     assert len(runs) == bench_run.total_runs(settings, targets, cases) == 2
@@ -139,6 +139,7 @@ def test_two_artifacts_interleaved_json(export, monkeypatch: pytest.MonkeyPatch)
     assert payload["peak_rss_mb"] > 0 and "share one process" in payload["rss_note"]
     fp32, fp16 = payload["artifacts"]
     assert (fp32["dtype"], fp16["dtype"]) == ("fp32", "fp16")
+    assert (fp32["weights"], fp16["weights"]) == ("fp32", "fp16")  # the weight scheme (quantized: its phrase)
     assert fp32["kv_bytes_per_token"] == 2 * fp16["kv_bytes_per_token"]
     for art in payload["artifacts"]:
         assert art["load_s"] > 0 and art["disk_mb"] > 0 and "rss_load_mb" in art

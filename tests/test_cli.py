@@ -62,11 +62,19 @@ def test_export_inspect_generate(qwen2_tied: Path, tmp_path: Path) -> None:
     assert "5 new tokens" in result.output and "finish: length" in result.output
 
 
-def test_export_refuses_existing_output_and_overwrites_on_request(qwen2_tied: Path, tmp_path: Path) -> None:
+def test_export_refuses_existing_output_and_overwrites_on_request(
+    qwen2_tied: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "art"
     out.mkdir()
     (out / "manifest.json").write_text("{}")
-    _one_line_error(invoke("export", qwen2_tied, "-o", out), "exists", "--overwrite")
+    with monkeypatch.context() as patch:  # the output is refused before the exporter is even imported
+        patch.setitem(sys.modules, "qwen_export.export.options", None)
+        _one_line_error(invoke("export", qwen2_tied, "-o", out), "exists", "--overwrite")
+        _one_line_error(
+            invoke("export", qwen2_tied, "-o", tmp_path / "new", "--symmetric", "--asymmetric"),
+            "--symmetric or --asymmetric, not both",
+        )
     assert (out / "manifest.json").read_text() == "{}"
     assert invoke("export", qwen2_tied, "-o", out, "--overwrite").exit_code == 0
     assert (out / "model.onnx").is_file()
@@ -338,6 +346,20 @@ def test_export_passes_fusion_options_and_prints_kv_cache(
     _one_line_error(invoke("export", qwen2_tied, "-o", tmp_path / "e", "--dump-dir", tmp_path / "file"), "--dump-dir")
 
 
+def test_weight_scheme_phrase_and_short_help() -> None:
+    from qwen_export.quant.scheme import describe_weights
+
+    record = {"weights": "int4", "block_size": 32, "symmetric": False, "algorithm": "gptq", "keep": ["lm_head"]}
+    record |= {"embedding_bits": 4, "keep_layers": [0, 23]}
+    assert describe_weights("fp16", record) == (
+        "int4 gptq b32 asym, embedding int4, lm_head fp16, layers 0,23 fp16, fp16 activations"
+    )
+    assert describe_weights("fp32", None) == "fp32"
+    for args in (["-h"], ["export", "-h"], ["generate", "-h"]):
+        result = invoke(*args)
+        assert result.exit_code == 0 and "Usage:" in result.output, result.output
+
+
 def test_kv_cache_line() -> None:
     from qwen_export.cli.common import kv_cache_line
 
@@ -390,6 +412,7 @@ def test_inspect_shows_passes_and_kv_cache(export) -> None:
         assert f"nodes {record['nodes_before']} -> {record['nodes_after']}" in line
         for rule, count in record["fired"].items():
             assert f"{rule} x{count}" in line
+    assert " weights: fp32; " in lines[0]  # the weight scheme, not a bare dtype
     kv = manifest["extra"]["kv_cache"]  # the fused ONNX Runtime export records its KV cache and genai config
     assert any(x.startswith("KV cache: ") for x in lines)
     assert f"KV cache: {kv['capacity']} tokens x" in result.output

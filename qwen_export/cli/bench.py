@@ -132,12 +132,12 @@ def _measure_with_progress(
 
 def _artifacts_table(report: BenchReport) -> Table:
     table = Table(title="artifacts" + (" (run interleaved)" if len(report.loads) > 1 else ""))
-    for column in ("artifact", "dtype", "disk MiB", "load s", "RSS +MiB at load", "KV KiB/token"):
+    for column in ("artifact", "weights", "disk MiB", "load s", "RSS +MiB at load", "KV KiB/token"):
         table.add_column(column, justify="left" if column == "artifact" else "right", overflow="fold")
     for info in report.loads:
         table.add_row(
             info.label,
-            info.dtype,
+            info.weights,
             f"{info.disk_mb:.1f}",
             f"{info.load_s:.2f}",
             f"{info.rss_load_mb:.0f}",

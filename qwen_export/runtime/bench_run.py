@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_export.errors import OptionError
+from qwen_export.quant.scheme import describe_weights
 from qwen_export.runtime import bench as bench_mod
 from qwen_export.runtime.bench import BenchCase, BenchResult, BenchRun, BenchTarget
 from qwen_export.runtime.loader import RuntimeOptions
@@ -51,6 +52,7 @@ class ArtifactLoad:
     artifact: str
     label: str
     dtype: str
+    weights: str  # the weight scheme, e.g. "int4 gptq b32 asym, embedding int8, fp32 activations"
     context: int
     load_s: float
     disk_mb: float
@@ -172,6 +174,7 @@ def load_targets(
                 artifact=str(path),
                 label=label,
                 dtype=manifest.dtype,
+                weights=describe_weights(manifest.dtype, manifest.extra.get("quantization")),
                 context=loaded.engine.capabilities.max_context,
                 load_s=load_s,
                 disk_mb=bench_mod.disk_mb(path),
