@@ -360,6 +360,27 @@ def test_weight_scheme_phrase_and_short_help() -> None:
         assert result.exit_code == 0 and "Usage:" in result.output, result.output
 
 
+def test_untracked_steps_spin_and_piped_output_is_not_wrapped(export) -> None:
+    import os
+
+    from qwen_export.cli.common import byte_progress
+
+    progress = byte_progress()
+    task = progress.add_task("tracing", total=None)
+    column = progress.columns[2]
+    assert "bytes" not in str(column.render(progress.tasks[0])) and "?" not in str(column.render(progress.tasks[0]))
+    progress.update(task, completed=2**20, total=2**21)
+    assert "MB" in str(column.render(progress.tasks[0]))
+    art = export("qwen2_tied")
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}  # a pipe: rich's 80 columns
+    proc = subprocess.run(
+        [sys.executable, "-m", "qwen_export.cli", "inspect", str(art)], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert len(first) > 80 and str(art) in first and "schema=" in first  # one line, not wrapped
+
+
 def test_kv_cache_line() -> None:
     from qwen_export.cli.common import kv_cache_line
 

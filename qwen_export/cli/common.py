@@ -29,8 +29,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: a long line (paths, the export summary) is not broken at 80 columns in a pipe or a log
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -216,13 +217,30 @@ def print_parity(report: Any, title: str) -> None:
 
 
 def byte_progress() -> Any:
-    """A transient progress bar on stderr for steps that report bytes written (export, convert-gguf)."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+    """A transient progress bar on stderr for steps that report bytes written (export, convert-gguf);
+    a step without a byte count (load, trace, passes) shows a spinner instead of ``0/? bytes``."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        ProgressColumn,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    class BytesOrSpinner(ProgressColumn):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bytes, self.spinner = DownloadColumn(), SpinnerColumn()
+
+        def render(self, task: Any) -> Any:
+            return self.spinner.render(task) if task.total is None else self.bytes.render(task)
 
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        DownloadColumn(),
+        BytesOrSpinner(),
         TimeElapsedColumn(),
         console=err_console,
         transient=True,
