@@ -179,6 +179,16 @@ def sampling_options(
 MAX_JSON_FILE_BYTES = 16 << 20
 
 
+def read_text(path: Path) -> str:
+    """A UTF-8 text file's content; OptionError (one line) when it is missing or not UTF-8."""
+    if not path.is_file():
+        raise OptionError(f"{path}: text file not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise OptionError(f"{path}: not UTF-8 text") from None
+
+
 def read_json(path: Path, what: str) -> Any:
     """A JSON file given on the command line: a regular file of at most 16 MiB, UTF-8, bounded depth
     and integers (:func:`qwen_export.runtime.jsonsafe.load_json_text`)."""
