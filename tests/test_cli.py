@@ -241,6 +241,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     result = invoke("demo", "--workdir", tmp_path / "demo", "--max-new-tokens", "4")
     assert result.exit_code == 0, result.output
     assert "PASS" in result.output and "assistant:" in result.output
+    assert "5. quantization is not part of the demo: this is a 64-wide model" in result.output
 
 
 def test_installed_entry_point() -> None:
@@ -344,6 +345,15 @@ def test_export_passes_fusion_options_and_prints_kv_cache(
     _one_line_error(invoke("export", qwen2_tied, "-o", tmp_path / "d", "--no-fuse", "--explain"), "--explain")
     (tmp_path / "file").write_text("")
     _one_line_error(invoke("export", qwen2_tied, "-o", tmp_path / "e", "--dump-dir", tmp_path / "file"), "--dump-dir")
+
+
+def test_toy_model_note() -> None:
+    from qwen_export.export.parity import toy_model_note
+
+    assert toy_model_note({"hidden_size": 64}, None) is None  # not quantized: the fp32 thresholds hold
+    assert toy_model_note({"hidden_size": 896}, {"weights": "int4"}) is None  # a real width
+    note = toy_model_note({"hidden_size": 64}, {"weights": "int4"})
+    assert note is not None and note.startswith("note: this is a 64-wide model") and "int4" in note
 
 
 def test_weight_scheme_phrase_and_short_help() -> None:

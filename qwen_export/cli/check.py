@@ -83,6 +83,9 @@ def check(
         print_parity(report, f"parity: {artifact} vs {against} ({shown})")
     if not report.passed:
         err_console.print(f"[bold red]parity FAILED:[/] {'; '.join(report.failures)}", highlight=False)
+        note = parity.toy_model_note(loaded.manifest.spec, quantized)
+        if note is not None:
+            err_console.print(note, highlight=False, markup=False)
         raise typer.Exit(1)
 
 

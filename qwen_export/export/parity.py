@@ -88,6 +88,28 @@ def thresholds_for(dtype: DType, quantization: Mapping[str, Any] | None = None) 
     )
 
 
+#: Models narrower than this are toys (the test and demo models are 64 wide, random weights).
+TOY_HIDDEN_SIZE = 256
+
+
+def toy_model_note(spec: Mapping[str, Any], quantization: Mapping[str, Any] | None) -> str | None:
+    """Why a quantized toy model misses the thresholds (None when the model is not a quantized toy).
+
+    The quantized thresholds are set for real checkpoints, whose weights have structure and whose rows
+    are hundreds to thousands wide; a 64-wide random model has neither, so 4-bit blocks lose far more
+    of its logits (its int4 KL against fp32 is typically 10-100x a real model's)."""
+    hidden = spec.get("hidden_size")
+    if not quantization or not isinstance(hidden, int) or hidden >= TOY_HIDDEN_SIZE:
+        return None
+    weights = quantization.get("weights")
+    return (
+        f"note: this is a {hidden}-wide model (random weights, like the demo's): {weights} quantization loses "
+        "far more of its logits than of a real checkpoint's, and the thresholds are set for real ones. "
+        "A failure here says nothing about the quantizer; judge it on a real model (benchmarks/README.md), "
+        "or compare quantizations of one model with `qwen-export perplexity`."
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class ParityReport:
     tokens: int
