@@ -230,8 +230,9 @@ def test_bench_reports_figures(export) -> None:
     )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
-    assert [r["prompt_tokens"] for r in payload["results"]] == [8, 16]
-    for r in payload["results"]:
+    assert "results" not in payload  # listed once, under their artifact
+    assert [r["prompt_tokens"] for r in payload["artifacts"][0]["results"]] == [8, 16]
+    for r in payload["artifacts"][0]["results"]:
         assert r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["peak_rss_mb"] > 0
     _one_line_error(invoke("bench", art, "--prompt-lengths", "8,x"), "--prompt-lengths")
     _one_line_error(invoke("bench", art, "--prompt-lengths", "300"), "context")

@@ -4,6 +4,7 @@ measuring (interleaved), the plot and the JSON payload are :mod:`qwen_export.run
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -16,7 +17,6 @@ from qwen_export.cli.common import (
     EngineOpt,
     KVCache,
     Precision,
-    Threads,
     app,
     console,
     err_console,
@@ -44,7 +44,19 @@ SweepMax = Annotated[
     typer.Option(help="Longest sweep prompt (default: min(8192, context - new tokens)); needs --sweep."),
 ]
 Plot = Annotated[Path | None, typer.Option("--plot", help="Write decode tok/s and TTFT vs prompt length here (.png).")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON (the same as --format json).")]
+Format = Annotated[
+    str,
+    typer.Option("--format", help="table (default) | json | markdown | csv (one row per artifact and case)."),
+]
+ThreadList = Annotated[
+    str,
+    typer.Option(
+        "--threads",
+        help="Engine threads (0 = engine default); a comma-separated list (e.g. 1,2) loads every artifact once "
+        "per count and runs them all interleaved.",
+    ),
+]
 
 
 @app.command()
@@ -59,13 +71,14 @@ def bench(
     sweep: Sweep = False,
     sweep_max: SweepMax = None,
     plot: Plot = None,
-    threads: Threads = 0,
+    threads: ThreadList = "0",
     precision: Precision = None,
     kv_cache: KVCache = None,
     attention: AttentionOpt = None,
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
     as_json: AsJson = False,
+    output_format: Format = "table",
 ) -> None:
     """Measure TTFT, prefill and decode tokens/s, memory and load time of one or more ARTIFACTS.
 
@@ -83,14 +96,27 @@ def bench(
         sweep_max=sweep_max,
         plot=plot,
     )
+    fmt = bench_run.BenchFormat.parse("json" if as_json else output_format)
+    counts = [0] if threads.strip() == "0" else bench_run.int_list(threads, "--threads")
     bench_run.check_artifacts(artifacts)
-    options = runtime(threads, precision, kv_cache, cache_dir, engine, attention)
+    options = [runtime(n, precision, kv_cache, cache_dir, engine, attention) for n in counts]
+    targets, loads = [], []
     with err_console.status("loading artifacts") as status:
-        targets, loads = bench_run.load_targets(artifacts, options, lambda label: status.update(f"loading {label}"))
+        for n, option in zip(counts, options, strict=True):
+            suffix = f" @{n}t" if len(counts) > 1 else ""
+            found, loaded = bench_run.load_targets(
+                artifacts, option, lambda label: status.update(f"loading {label}"), label_suffix=suffix
+            )
+            targets += found
+            loads += loaded
     prompts, cases = bench_run.plan_cases(settings, targets)
     report = _measure_with_progress(settings, targets, loads, prompts, cases)
-    if as_json:
-        console.print_json(json.dumps(report.to_json()))
+    if fmt is not bench_run.BenchFormat.TABLE:
+        if fmt is bench_run.BenchFormat.JSON:
+            console.print_json(json.dumps(report.to_json()))
+        else:
+            text = report.to_markdown() if fmt is bench_run.BenchFormat.MARKDOWN else report.to_csv()
+            sys.stdout.write(text)
         return
     console.print(_artifacts_table(report))
     console.print(_results_table(report))
@@ -132,12 +158,13 @@ def _measure_with_progress(
 
 def _artifacts_table(report: BenchReport) -> Table:
     table = Table(title="artifacts" + (" (run interleaved)" if len(report.loads) > 1 else ""))
-    for column in ("artifact", "weights", "disk MiB", "load s", "RSS +MiB at load", "KV KiB/token"):
+    for column in ("artifact", "weights", "threads", "disk MiB", "load s", "RSS +MiB at load", "KV KiB/token"):
         table.add_column(column, justify="left" if column == "artifact" else "right", overflow="fold")
     for info in report.loads:
         table.add_row(
             info.label,
             info.weights,
+            str(info.threads or "default"),
             f"{info.disk_mb:.1f}",
             f"{info.load_s:.2f}",
             f"{info.rss_load_mb:.0f}",
@@ -147,11 +174,12 @@ def _artifacts_table(report: BenchReport) -> Table:
 
 
 def _results_table(report: BenchReport) -> Table:
-    from qwen_export.runtime.bench_run import ratio
+    from qwen_export.runtime.bench_run import pm, ratio
 
     settings, labels, base = report.settings, report.labels, report.results[0]
     many, sweep = len(labels) > 1, settings.sweep
     title = f"{'context sweep' if sweep else 'latency'}: {settings.repeats} run(s) after {settings.warmup} warm-up"
+    title += " (median ± standard deviation over the runs)" if settings.repeats > 1 else ""
     table = Table(title=title + " per case")
     headers = ["artifact", "prompt", "new"] + (["KV cache MiB"] if sweep else [])
     headers += ["TTFT ms", "prefill tok/s", "decode tok/s", "p10/p50/p90 ms"]
@@ -164,9 +192,9 @@ def _results_table(report: BenchReport) -> Table:
             row = [label, str(r.prompt_tokens), str(r.new_tokens)]
             row += [f"{r.kv_cache_mb:.2f}"] if sweep and r.kv_cache_mb is not None else ([""] if sweep else [])
             row += [
-                f"{r.ttft_ms:.1f}",
-                f"{r.prefill_tokens_per_s:.1f}",
-                f"{r.decode_tokens_per_s:.1f}",
+                pm(r.ttft_ms, r.ttft_ms_std, 1),
+                pm(r.prefill_tokens_per_s, r.prefill_tokens_per_s_std, 1),
+                pm(r.decode_tokens_per_s, r.decode_tokens_per_s_std, 1),
                 f"{r.token_latency_ms_p10:.2f}/{r.token_latency_ms_p50:.2f}/{r.token_latency_ms_p90:.2f}",
             ]
             if many:
