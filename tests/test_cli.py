@@ -204,6 +204,57 @@ def test_chat_reuses_the_cache_across_turns(export) -> None:
     assert reused1 == 0 and prompt1 <= reused2 < prompt2, result.output
 
 
+def test_chat_ctrl_c_reset_json_stop_and_raw(export, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import jsonschema
+
+    from qwen_export.cli.chat import enable_line_editing
+    from qwen_export.runtime.llm import LLM
+
+    art = export("qwen2_tied")
+    real = LLM.chat_stream
+    calls = []
+
+    class Interrupted:  # Ctrl-C arrives after the first piece of the first reply
+        def __init__(self, stream) -> None:
+            self.stream, self.result, self.seen = stream, None, 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            if self.seen == 1:
+                raise KeyboardInterrupt
+            self.seen += 1
+            return next(self.stream)
+
+        def close(self) -> None:
+            self.stream.close()
+
+    def chat_stream(self, *args, **kwargs):
+        calls.append(kwargs)
+        stream = real(self, *args, **kwargs)
+        return Interrupted(stream) if len(calls) == 1 else stream
+
+    with monkeypatch.context() as patch:
+        patch.setattr(LLM, "chat_stream", chat_stream)
+        args = ("chat", art, "--max-new-tokens", "8", "--temperature", "0", "--stop", "zzz", "--no-think")
+        result = invoke(*args, input="hello\nagain\n/reset\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert "(reply stopped)" in result.output and "conversation reset" in result.output
+    assert len(re.findall(r"reused from the cache", result.output)) == 1  # the second turn ran (lock released)
+    assert calls[1]["stop_strings"] == ("zzz",) and calls[1]["enable_thinking"] is False
+    schema = {"type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    result = invoke("chat", art, "--json-schema", tmp_path / "s.json", "--max-new-tokens", "20", input="pick\n")
+    assert result.exit_code == 0, result.output
+    jsonschema.validate(json.loads(result.stdout.splitlines()[0].removeprefix("> ")), schema)
+    result = invoke("chat", art, "--raw", "--max-new-tokens", "3", "--temperature", "0", input="Once upon\na time\n")
+    assert result.exit_code == 0 and len(re.findall(r"reused from the cache", result.output)) == 2, result.output
+    _one_line_error(invoke("chat", art, "--raw", "--system", "x"), "--raw")
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
+    assert enable_line_editing() and "readline" in sys.modules
+
+
 def test_check_passes_and_reports_json(export, qwen2_tied: Path) -> None:
     art = export("qwen2_tied")
     result = invoke("check", art, "--reference", qwen2_tied, "--max-tokens", "24", "--greedy-tokens", "4")

@@ -69,7 +69,7 @@ def generate(
 
     llm = load_llm(artifact, threads, precision, kv_cache, cache_dir, engine, attention)
     sampling = sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
-    response_format = _response_format(json_schema, json_mode)
+    response_format = response_format_option(json_schema, json_mode)
     if raw:
         if think is not None:
             raise OptionError("--think/--no-think apply to the chat template; --raw feeds the prompt without it")
@@ -97,7 +97,7 @@ def generate(
         raise typer.Exit(1)
 
 
-def _response_format(json_schema: Path | None, json_mode: bool) -> dict[str, Any] | None:
+def response_format_option(json_schema: Path | None, json_mode: bool) -> dict[str, Any] | None:
     if json_schema is not None and json_mode:
         raise OptionError("pass either --json-schema or --json-mode, not both")
     if json_schema is not None:
