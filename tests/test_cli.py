@@ -443,6 +443,40 @@ def test_untracked_steps_spin_and_piped_output_is_not_wrapped(export) -> None:
     assert len(first) > 80 and str(art) in first and "schema=" in first  # one line, not wrapped
 
 
+def test_export_takes_a_hugging_face_model_id_from_the_cache(
+    qwen2_tied: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline, against a cache laid out here as huggingface_hub lays it out (refs/main -> snapshot)."""
+    from qwen_export.errors import CheckpointError
+    from qwen_export.export.hub import resolve_checkpoint
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--Org--Tiny-Qwen"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for file in qwen2_tied.iterdir():
+        (snapshot / file.name).symlink_to(file)  # the Hub's cache links snapshot files to blobs
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_checkpoint("Org/Tiny-Qwen") == snapshot
+    assert resolve_checkpoint(qwen2_tied) == qwen2_tied  # a directory stays itself
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+        resolve_checkpoint("Org/Missing")
+    seen: list = []
+
+    def fake(checkpoint, out, options, hooks=None):
+        seen.append(Path(checkpoint))
+        return _fake_export([], {"max_length": 256})(checkpoint, out, options, hooks)
+
+    monkeypatch.setattr(pipeline, "export", fake)
+    result = invoke("export", "Org/Tiny-Qwen", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert seen == [snapshot]
+    _one_line_error(invoke("export", "Org/Missing", "-o", tmp_path / "out2"), "Org/Missing", "HF_HUB_OFFLINE")
+
+
 def test_kv_cache_line() -> None:
     from qwen_export.cli.common import kv_cache_line
 

@@ -12,7 +12,13 @@ from qwen_export.artifact import check_output_dir
 from qwen_export.cli.common import app, byte_progress, console, err_console, handles_errors, kv_cache_line
 from qwen_export.errors import OptionError
 
-Checkpoint = Annotated[Path, typer.Argument(help="Hugging Face checkpoint directory (config.json, *.safetensors).")]
+Checkpoint = Annotated[
+    Path,
+    typer.Argument(
+        help="Hugging Face checkpoint directory (config.json, *.safetensors), or a model id such as "
+        "Qwen/Qwen2.5-0.5B-Instruct[@revision] (fetched into the Hugging Face cache; HF_HUB_OFFLINE=1: cache only)."
+    ),
+]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to create.")]
 TargetOpt = Annotated[
     str,
@@ -138,7 +144,10 @@ def export(
         raise OptionError("pass --symmetric or --asymmetric, not both")
     # the output is checked before the exporter's heavy imports (onnx, torch): a wrong -o fails at once
     check_output_dir(output, overwrite, keep=[p for p in (checkpoint, calibration, dump_dir) if p is not None])
+    from qwen_export.export.hub import resolve_checkpoint
     from qwen_export.export.options import export_options
+
+    checkpoint = resolve_checkpoint(checkpoint)  # a Hugging Face model id: its snapshot in the local cache
 
     options = export_options(
         checkpoint,
