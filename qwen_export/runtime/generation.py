@@ -132,8 +132,9 @@ class GenerationResult:
     completion_tokens: int
     reused_tokens: int  # prompt tokens served from the engine's cache instead of recomputed
     timings: GenerationTimings
-    # False when a constrained (response_format) generation ended before its document was complete
-    # (LENGTH, CONTEXT, a stop string): ``text`` is then a prefix of a valid document, not one.
+    # Constrained (response_format, tool_choice) generations: True when ``text`` is a complete, valid
+    # document (always after STOP_TOKEN; after LENGTH/CONTEXT only if it happened to end one); False
+    # when it is only a prefix of one (cut by the limit, the context or a stop string).
     # Always True without a constraint.
     complete: bool = True
 
@@ -458,7 +459,7 @@ class Generator:
                 completion_tokens=len(generated),
                 reused_tokens=reused,
                 timings=GenerationTimings(first_token_at - start, prefill_s, end - first_token_at),
-                complete=constraint is None or (reason is FinishReason.STOP_TOKEN and constraint.accepting),
+                complete=constraint is None or (reason is not FinishReason.STOP_STRING and constraint.accepting),
             )
             yield GenerationEvent(token, piece, reason, result)
             return
