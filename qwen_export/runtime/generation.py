@@ -394,6 +394,26 @@ class Generator:
             )
         return self._run(prompt, config, constraint)
 
+    def _pick(
+        self,
+        logits: np.ndarray,
+        config: GenerationConfig,
+        context: list[int],
+        rng: np.random.Generator,
+        constraint: Constraint | None,
+        left: int,
+    ) -> int:
+        """The next token: sampled among the allowed ones or, once a constrained document needs about
+        every token ``left`` to close, the next token of its closing path."""
+        allowed = self.decodable(logits.shape[-1])
+        if constraint is not None:
+            closing = constraint.closing_token(left)
+            if closing is not None:
+                return closing
+            grammar = constraint.allowed(logits.shape[-1])
+            allowed = grammar if allowed is None else grammar & allowed
+        return sample_token(logits, config, context, rng, allowed)
+
     def _run(
         self, prompt: list[int], config: GenerationConfig, constraint: Constraint | None = None
     ) -> Iterator[GenerationEvent]:
@@ -413,11 +433,8 @@ class Generator:
         generated: list[int] = []
         pieces: list[str] = []
         while True:
-            allowed = self.decodable(logits.shape[-1])
-            if constraint is not None:
-                grammar = constraint.allowed(logits.shape[-1])
-                allowed = grammar if allowed is None else grammar & allowed
-            token = sample_token(logits, config, prompt + generated, rng, allowed)
+            left = min(config.max_new_tokens - len(generated), caps.max_context - len(prompt) - len(generated))
+            token = self._pick(logits, config, prompt + generated, rng, constraint, left)
             if first_token_at is None:
                 first_token_at = time.perf_counter()
             generated.append(token)

@@ -6,8 +6,10 @@ to JSON that validates against the schema; ``{"type": "json_object"}`` to any JS
 gives the set of tokens the grammar allows (everything else is set to -inf), and it advances with
 the sampled token. The guarantee: whenever a constrained generation finishes with a stop token
 (``finish_reason`` ``stop_token``, ``complete`` True), its text parses and validates, whatever the
-weights. One that ends at ``max_new_tokens`` or the context (``length`` / ``context``) or at a
-stop string has ``complete`` False and its text is only a prefix of a valid document.
+weights. Near the end of the budget the document is steered to a closing
+(:mod:`qwen_export.runtime.closing`); one that still ends at ``max_new_tokens`` or the context
+(``length`` / ``context``), or at a stop string, has ``complete`` False and its text is only a prefix
+of a valid document.
 
 The grammar engine is `llguidance <https://github.com/guidance-ai/llguidance>`_ (MIT, no torch;
 see ``benchmarks/README.md``, "Constrained decoding", for the comparison with xgrammar and
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from qwen_export.errors import GenerationError, OptionError
+from qwen_export.runtime.closing import Closer
 from qwen_export.runtime.jsonsafe import check_json
 
 __all__ = ["Constraint", "ResponseFormat", "cache_info", "clear_cache", "make_constraint", "make_tool_constraint"]
@@ -175,6 +178,15 @@ class _TokenizerEntry:
         self.matchers: OrderedDict[str, Any] = OrderedDict()
         self.lock = threading.Lock()
 
+        def single_token(text: str) -> int | None:
+            ids = backend.encode(text, add_special_tokens=False).ids
+            return ids[0] if len(ids) == 1 else None
+
+        self.closing_preferences = Closer.preference_ids(single_token)
+
+    def closer(self) -> Closer:
+        return Closer(self.lltokenizer, self.closing_preferences, self.eos_token_id)
+
     def matcher(self, grammar: str, what: str = "response_format schema") -> Any:
         """A fresh matcher for an llguidance ``grammar`` (a copy of the cached, compiled one)."""
         with self.lock:
@@ -226,11 +238,20 @@ class Constraint:
     Build with :func:`make_constraint`. Single use: one constraint per generated completion.
     """
 
-    def __init__(self, matcher: Any, eos_token_id: int, vocab_size: int, response_format: ResponseFormat) -> None:
+    def __init__(
+        self,
+        matcher: Any,
+        eos_token_id: int,
+        vocab_size: int,
+        response_format: ResponseFormat,
+        closer: Closer | None = None,
+    ) -> None:
         self._matcher = matcher
         self.eos_token_id = eos_token_id
         self.response_format = response_format
         self._vocab_size = vocab_size
+        self._closer = closer  # steers to a valid closing when the budget runs out (None: never)
+        self._tokens: list[int] = []  # consumed so far
         self._bitmask = np.zeros((1, (vocab_size + 31) // 32), dtype=np.int32)
         self._allowed_cache: tuple[int, np.ndarray] | None = None  # (vocab_width, mask) of this step
 
@@ -261,6 +282,7 @@ class Constraint:
     def advance(self, token_id: int) -> None:
         """Consume the sampled token; GenerationError when the grammar does not allow it."""
         self._allowed_cache = None
+        self._tokens.append(int(token_id))
         if not self._matcher.consume_token(int(token_id)):
             raise GenerationError(
                 f"token {int(token_id)} is not allowed by the response_format grammar here: "
@@ -277,8 +299,16 @@ class Constraint:
         """The text so far is a complete document (eos may come next, or must)."""
         return not self._matcher.is_error() and bool(self._matcher.is_stopped() or self._matcher.is_accepting())
 
+    def closing_token(self, left: int) -> int | None:
+        """With ``left`` tokens of budget: the next token of a closing path once the document needs
+        about all of them to close (:mod:`qwen_export.runtime.closing`), else None (sample freely)."""
+        if self._closer is None or self._matcher.is_error():
+            return None
+        return self._closer.next_token(self._matcher, self._tokens, left, self.accepting)
+
     def reset(self) -> None:
         """Back to the start of the document."""
+        self._tokens = []
         self._allowed_cache = None
         self._matcher.reset()
 
@@ -295,7 +325,7 @@ def make_constraint(response_format: Mapping[str, Any] | ResponseFormat | None, 
     schema_json = fmt.schema_json if fmt.type == "json_schema" else json.dumps(_JSON_OBJECT_SCHEMA)
     assert schema_json is not None
     entry = _entry(tokenizer)
-    return Constraint(entry.matcher(_grammar(schema_json)), entry.eos_token_id, entry.vocab_size, fmt)
+    return Constraint(entry.matcher(_grammar(schema_json)), entry.eos_token_id, entry.vocab_size, fmt, entry.closer())
 
 
 # -- tool calls (tool_choice, tools together with response_format) ---------------------------------
@@ -359,4 +389,5 @@ def make_tool_constraint(
         raise OptionError(f"the tools' parameter schemas cannot be enforced: {_one_line(message)}")
     entry = _entry(tokenizer)
     fmt = answer if answer is not None else ResponseFormat(type="json_object")
-    return Constraint(entry.matcher(grammar, "the tools' parameter schemas"), entry.eos_token_id, entry.vocab_size, fmt)
+    matcher = entry.matcher(grammar, "the tools' parameter schemas")
+    return Constraint(matcher, entry.eos_token_id, entry.vocab_size, fmt, entry.closer())
