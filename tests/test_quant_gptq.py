@@ -178,28 +178,28 @@ def test_check_against_another_artifact_and_perplexity_without_transformers(
     runner = CliRunner()
     with monkeypatch.context() as patch:
         patch.setitem(sys.modules, "transformers", None)
-        args = ["check", str(gptq_artifacts["gptq"]), "--reference", str(fp32), "--max-tokens", "40"]
+        args = ["check", str(gptq_artifacts["gptq"]), "--reference", str(fp32), "--max-tokens", "24"]
         checked = runner.invoke(app, [*args, "--greedy-tokens", "4", "--json"], catch_exceptions=False)
         ppl = runner.invoke(
-            app, ["perplexity", str(fp32), "--text", str(text), "--window", "24", "--max-tokens", "60", "--json"]
+            app, ["perplexity", str(fp32), "--text", str(text), "--window", "16", "--max-tokens", "40", "--json"]
         )
     assert checked.exit_code in (0, 1), checked.output  # 1: past the int4 thresholds (a random tiny model)
     if checked.exit_code == 1:
         assert "note: this is a 64-wide model" in checked.stderr
     report = json.loads(checked.stdout)
     ids = open_artifact(fp32).tokenizer.encode(text.read_text(encoding="utf-8"))
-    ref = parity.artifact_logits(open_artifact(fp32).engine, ids[:40])
-    art = parity.artifact_logits(open_artifact(gptq_artifacts["gptq"]).engine, ids[:40])
-    expected = parity.compare_logits(ref[:-1], art[:-1], np.asarray(ids[1:40]))
-    assert report["tokens"] == 39 and report["mean_kl"] == pytest.approx(expected["mean_kl"], rel=1e-6)
+    ref = parity.artifact_logits(open_artifact(fp32).engine, ids[:24])
+    art = parity.artifact_logits(open_artifact(gptq_artifacts["gptq"]).engine, ids[:24])
+    expected = parity.compare_logits(ref[:-1], art[:-1], np.asarray(ids[1:24]))
+    assert report["tokens"] == 23 and report["mean_kl"] == pytest.approx(expected["mean_kl"], rel=1e-6)
     assert report["ppl_reference"] == pytest.approx(expected["ppl_ref"], rel=1e-6)
     assert ppl.exit_code == 0, ppl.output
     measured = json.loads(ppl.stdout)
-    assert (measured["tokens"], measured["windows"]) == (23 + 23 + 11, 3)  # 60 tokens in windows of 24
+    assert (measured["tokens"], measured["windows"]) == (15 + 15 + 7, 3)  # 40 tokens in windows of 16
     engine = open_artifact(fp32).engine
-    one_window = perplexity(engine, ids[:24], 24)  # one window: the parity metric's perplexity
+    one_window = perplexity(engine, ids[:16], 16)  # one window: the parity metric's perplexity
     assert one_window.perplexity == pytest.approx(
-        parity.compare_logits(ref[:23], ref[:23], np.asarray(ids[1:24]))["ppl_art"]
+        parity.compare_logits(ref[:15], ref[:15], np.asarray(ids[1:16]))["ppl_art"]
     )
     assert 0 < measured["perplexity_stderr"] < measured["perplexity"]
     with pytest.raises(OptionError, match="window must be 2"):
