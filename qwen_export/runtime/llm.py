@@ -173,7 +173,8 @@ class TextStream:
 class ChatStream:
     """Iterator of :class:`ChatDelta` pieces of one chat turn: ``reasoning`` (inside Qwen3's
     ``<think>``) or ``content`` (the reply, tool-call blocks included as text); ``result`` is the
-    :class:`ChatResult` once it has finished. ``cancel()`` / ``close()`` as :class:`TextStream`."""
+    :class:`ChatResult` once it has finished (None when cancelled or closed before its end: the
+    deltas received are the partial reply). ``cancel()`` / ``close()`` as :class:`TextStream`."""
 
     def __init__(self, stream: TextStream, splitter: ReasoningSplitter, tools: bool) -> None:
         self._stream, self._splitter, self._tools = stream, splitter, tools
