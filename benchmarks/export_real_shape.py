@@ -320,7 +320,7 @@ def _parity_rows(par: dict[str, Any]) -> list[tuple[str, str]]:
 def _bench_rows(be: dict[str, Any]) -> list[tuple[str, str]]:
     if be.get("returncode") != 0 or "report" not in be:
         return [("bench", f"FAILED: {be.get('stderr_tail') or be.get('parse_error')}")]
-    rep = be["report"]
+    rep = be["report"]["artifacts"][0]
     rows = [("bench load", f"{rep['load_s']:.2f} s, {rep['disk_mb']:.1f} MiB on disk")]
     for r in rep["results"]:
         rows.append(

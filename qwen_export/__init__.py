@@ -1,8 +1,9 @@
 """qwen-export: compile Qwen checkpoints into verified engines and run them.
 
-The runtime API is :func:`load` -> :class:`LLM` (``generate``, ``stream``, ``chat`` with tools and
-JSON-constrained output). Importing this package imports neither torch nor an engine SDK: the
-engine a given artifact needs is imported when it is loaded.
+The runtime API is :func:`load` -> :class:`LLM` (``generate``, ``stream``, ``chat`` / ``chat_stream``
+with tools, ``tool_choice``, JSON-constrained output, OpenAI request shapes and Qwen3 reasoning).
+Importing this package imports neither torch nor an engine SDK: the engine a given artifact needs is
+imported when it is loaded.
 """
 
 from __future__ import annotations
@@ -19,15 +20,19 @@ from qwen_export.errors import (
 )
 from qwen_export.runtime.chat import ToolCall, parse_tool_calls  # noqa: E402
 from qwen_export.runtime.generation import FinishReason, GenerationConfig, GenerationResult  # noqa: E402
-from qwen_export.runtime.llm import LLM, ChatResult, TextStream, load  # noqa: E402
+from qwen_export.runtime.llm import LLM, ChatResult, ChatStream, TextStream, load  # noqa: E402
+from qwen_export.runtime.reasoning import ChatDelta, DeltaKind  # noqa: E402
 from qwen_export.runtime.speculative import Speculation, SpeculationKind  # noqa: E402
 
 __all__ = [
     "LLM",
     "ArtifactError",
+    "ChatDelta",
     "ChatResult",
+    "ChatStream",
     "CheckpointError",
     "ConfigError",
+    "DeltaKind",
     "FinishReason",
     "GenerationConfig",
     "GenerationError",

@@ -104,13 +104,14 @@ def test_bench_run_settings_plan_and_report() -> None:
     targets = [bench_mod.BenchTarget("A", FakeEngine(context=200)), bench_mod.BenchTarget("B", FakeEngine())]
     prompts, cases = bench_run.plan_cases(settings, targets)
     assert prompts == [62] and cases == [bench_mod.BenchCase(62, 2)]  # min context 64 - 2 new tokens
-    loads = [bench_run.ArtifactLoad(t.label, t.label, "fp32", 64, 0.1, 1.0, 2.0, 8) for t in targets]
+    loads = [bench_run.ArtifactLoad(t.label, t.label, "fp32", "fp32", 0, 64, 0.1, 1.0, 2.0, 8) for t in targets]
     runs: list[bench_mod.BenchRun] = []
     report = bench_run.measure(settings, targets, loads, prompts, cases, on_run=runs.append)
     assert len(runs) == bench_run.total_runs(settings, targets, cases) == 2
     payload = report.to_json()
     assert payload["sweep"] is True and payload["prompt_lengths"] == [62] and payload["new_tokens"] == [2]
-    assert [a["label"] for a in payload["artifacts"]] == ["A", "B"] and payload["results"][0]["decode_vs_first"] == 1
+    assert [a["label"] for a in payload["artifacts"]] == ["A", "B"]
+    assert payload["artifacts"][0]["results"][0]["decode_vs_first"] == 1
     assert json.loads(json.dumps(payload, allow_nan=False)) == payload
     assert bench_run.finite({"x": [float("nan"), 1.0]}) == {"x": [None, 1.0]}
     assert bench_run.labels([Path("a/x"), Path("b/x")]) == ["a/x", "b/x"]
@@ -135,15 +136,22 @@ def test_two_artifacts_interleaved_json(export, monkeypatch: pytest.MonkeyPatch)
     payload = json.loads(result.stdout)
     assert payload["order"] == "interleaved" and payload["repeats"] == 2 and payload["warmup"] == 0
     assert [x["artifact"] for x in payload["artifacts"]] == [str(a), str(b)]
-    assert payload["results"] == payload["artifacts"][0]["results"] and payload["artifact"] == str(a)
+    assert "results" not in payload and "artifact" not in payload  # each artifact's results, listed once
+    machine = payload["machine"]
+    assert machine["logical_cores"] >= 1 and machine["cpu"] and "onnxruntime" in machine["packages"]
+    assert [x["threads"] for x in payload["artifacts"]] == [0, 0]
     assert payload["peak_rss_mb"] > 0 and "share one process" in payload["rss_note"]
     fp32, fp16 = payload["artifacts"]
     assert (fp32["dtype"], fp16["dtype"]) == ("fp32", "fp16")
+    assert (fp32["weights"], fp16["weights"]) == ("fp32", "fp16")  # the weight scheme (quantized: its phrase)
     assert fp32["kv_bytes_per_token"] == 2 * fp16["kv_bytes_per_token"]
     for art in payload["artifacts"]:
         assert art["load_s"] > 0 and art["disk_mb"] > 0 and "rss_load_mb" in art
         assert [(r["prompt_tokens"], r["new_tokens"]) for r in art["results"]] == [(4, 3), (8, 3)]
-        for r in art["results"]:
+        for r in art["results"]:  # two runs: the spread is defined
+            assert r["ttft_ms_min"] <= r["ttft_ms"] <= r["ttft_ms_max"] and r["ttft_ms_std"] >= 0
+            assert r["decode_tokens_per_s_min"] <= r["decode_tokens_per_s"] <= r["decode_tokens_per_s_max"]
+            assert r["decode_tokens_per_s_std"] >= 0 and r["prefill_tokens_per_s_std"] >= 0
             assert r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["peak_rss_mb"] > 0
             assert r["token_latency_ms_p10"] <= r["token_latency_ms_p50"] <= r["token_latency_ms_p90"]
             assert r["kv_cache_mb"] == pytest.approx(art["kv_bytes_per_token"] * (r["prompt_tokens"] + 3) / 2**20)
@@ -170,6 +178,22 @@ def test_table_has_ratio_columns(export) -> None:
     assert "interleaved" in text and "first" in text and "1.00" in text
     assert "VmHWM" in text and "share one process" in text.replace("\n", " ")
     assert "copy bandwidth" in text and "GB/s" in text and "engine chose" in text
+
+
+def test_markdown_csv_and_a_thread_sweep(export) -> None:
+    art = export("qwen2_tied")
+    args = ("bench", art, "--prompt-lengths", "4", *FAST, "--repeats", "2", "--threads", "1,2")
+    markdown = invoke(*args, "--format", "markdown")
+    assert markdown.exit_code == 0, markdown.output
+    lines = markdown.stdout.strip().splitlines()
+    assert lines[0].startswith("| artifact | weights | threads | prompt | new | TTFT ms |") and len(lines) == 4
+    assert [line.split(" | ")[2] for line in lines[2:]] == ["1", "2"] and " ± " in lines[2]
+    assert f"| {art.name} @1t | fp32 |" in lines[2]
+    csv_text = invoke(*args, "--format", "csv").stdout.splitlines()
+    assert csv_text[0].startswith("artifact,weights,threads,prompt,new,runs,ttft_ms,ttft_ms_std,")
+    assert len(csv_text) == 3 and csv_text[1].split(",")[2] == "1"
+    _one_line_error(invoke("bench", art, "--format", "xml"), "--format")
+    _one_line_error(invoke("bench", art, "--threads", "1,x"), "--threads")
 
 
 def test_plot_file(export, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -62,11 +63,19 @@ def test_export_inspect_generate(qwen2_tied: Path, tmp_path: Path) -> None:
     assert "5 new tokens" in result.output and "finish: length" in result.output
 
 
-def test_export_refuses_existing_output_and_overwrites_on_request(qwen2_tied: Path, tmp_path: Path) -> None:
+def test_export_refuses_existing_output_and_overwrites_on_request(
+    qwen2_tied: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "art"
     out.mkdir()
     (out / "manifest.json").write_text("{}")
-    _one_line_error(invoke("export", qwen2_tied, "-o", out), "exists", "--overwrite")
+    with monkeypatch.context() as patch:  # the output is refused before the exporter is even imported
+        patch.setitem(sys.modules, "qwen_export.export.options", None)
+        _one_line_error(invoke("export", qwen2_tied, "-o", out), "exists", "--overwrite")
+        _one_line_error(
+            invoke("export", qwen2_tied, "-o", tmp_path / "new", "--symmetric", "--asymmetric"),
+            "--symmetric or --asymmetric, not both",
+        )
     assert (out / "manifest.json").read_text() == "{}"
     assert invoke("export", qwen2_tied, "-o", out, "--overwrite").exit_code == 0
     assert (out / "model.onnx").is_file()
@@ -196,6 +205,57 @@ def test_chat_reuses_the_cache_across_turns(export) -> None:
     assert reused1 == 0 and prompt1 <= reused2 < prompt2, result.output
 
 
+def test_chat_ctrl_c_reset_json_stop_and_raw(export, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import jsonschema
+
+    from qwen_export.cli.chat import enable_line_editing
+    from qwen_export.runtime.llm import LLM
+
+    art = export("qwen2_tied")
+    real = LLM.chat_stream
+    calls = []
+
+    class Interrupted:  # Ctrl-C arrives after the first piece of the first reply
+        def __init__(self, stream) -> None:
+            self.stream, self.result, self.seen = stream, None, 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            if self.seen == 1:
+                raise KeyboardInterrupt
+            self.seen += 1
+            return next(self.stream)
+
+        def close(self) -> None:
+            self.stream.close()
+
+    def chat_stream(self, *args, **kwargs):
+        calls.append(kwargs)
+        stream = real(self, *args, **kwargs)
+        return Interrupted(stream) if len(calls) == 1 else stream
+
+    with monkeypatch.context() as patch:
+        patch.setattr(LLM, "chat_stream", chat_stream)
+        args = ("chat", art, "--max-new-tokens", "8", "--temperature", "0", "--stop", "zzz", "--no-think")
+        result = invoke(*args, input="hello\nagain\n/reset\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert "(reply stopped)" in result.output and "conversation reset" in result.output
+    assert len(re.findall(r"reused from the cache", result.output)) == 1  # the second turn ran (lock released)
+    assert calls[1]["stop_strings"] == ("zzz",) and calls[1]["enable_thinking"] is False
+    schema = {"type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    result = invoke("chat", art, "--json-schema", tmp_path / "s.json", "--max-new-tokens", "20", input="pick\n")
+    assert result.exit_code == 0, result.output
+    jsonschema.validate(json.loads(result.stdout.splitlines()[0].removeprefix("> ")), schema)
+    result = invoke("chat", art, "--raw", "--max-new-tokens", "3", "--temperature", "0", input="Once upon\na time\n")
+    assert result.exit_code == 0 and len(re.findall(r"reused from the cache", result.output)) == 2, result.output
+    _one_line_error(invoke("chat", art, "--raw", "--system", "x"), "--raw")
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
+    assert enable_line_editing() and "readline" in sys.modules
+
+
 def test_check_passes_and_reports_json(export, qwen2_tied: Path) -> None:
     art = export("qwen2_tied")
     result = invoke("check", art, "--reference", qwen2_tied, "--max-tokens", "24", "--greedy-tokens", "4")
@@ -222,8 +282,9 @@ def test_bench_reports_figures(export) -> None:
     )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
-    assert [r["prompt_tokens"] for r in payload["results"]] == [8, 16]
-    for r in payload["results"]:
+    assert "results" not in payload  # listed once, under their artifact
+    assert [r["prompt_tokens"] for r in payload["artifacts"][0]["results"]] == [8, 16]
+    for r in payload["artifacts"][0]["results"]:
         assert r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["peak_rss_mb"] > 0
     _one_line_error(invoke("bench", art, "--prompt-lengths", "8,x"), "--prompt-lengths")
     _one_line_error(invoke("bench", art, "--prompt-lengths", "300"), "context")
@@ -233,6 +294,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     result = invoke("demo", "--workdir", tmp_path / "demo", "--max-new-tokens", "4")
     assert result.exit_code == 0, result.output
     assert "PASS" in result.output and "assistant:" in result.output
+    assert "5. quantization is not part of the demo: this is a 64-wide model" in result.output
 
 
 def test_installed_entry_point() -> None:
@@ -253,6 +315,13 @@ def test_max_length_option_and_default_cap(qwen2_tied: Path) -> None:
     spec = Checkpoint.open(qwen2_tied).spec
     assert pipeline.ExportOptions().resolved_max_length(spec) == 256
     assert pipeline.ExportOptions(max_length=64).resolved_max_length(spec) == 64
+    assert (
+        pipeline.ExportOptions().context_note(spec) is None
+        and pipeline.ExportOptions(max_length=64).context_note(spec) is None
+    )
+    assert "past the model's max_position_embeddings (256)" in pipeline.ExportOptions(max_length=512).context_note(spec)
+    big = dataclasses.replace(spec, max_position_embeddings=32768)
+    assert pipeline.ExportOptions().context_note(big).startswith("context: 4096 tokens, capped from the model's 32768")
 
 
 def test_generate_with_json_schema_and_chat_with_tools(export, tmp_path: Path) -> None:
@@ -272,6 +341,14 @@ def test_generate_with_json_schema_and_chat_with_tools(export, tmp_path: Path) -
     result = invoke("generate", art, "Pick a colour", "--json-schema", tmp_path / "s.json", "--max-new-tokens", "40")
     assert result.exit_code == 0, result.output
     jsonschema.validate(json.loads(result.stdout), schema)
+    cut = invoke("generate", art, "Pick a colour", "--json-schema", tmp_path / "s.json", "--max-new-tokens", "3")
+    assert cut.exit_code == 1, cut.output  # the document did not close: not a success
+    assert "finish: length" in cut.stderr and "error: the JSON document is incomplete" in cut.stderr
+    thinking = invoke("generate", art, "Pick a colour", "--max-new-tokens", "1")
+    quiet = invoke("generate", art, "Pick a colour", "--max-new-tokens", "1", "--no-think")
+    prompt_tokens = [int(re.search(r"(\d+) prompt \+", r.stderr).group(1)) for r in (thinking, quiet)]
+    assert prompt_tokens[1] == prompt_tokens[0] + 4  # Qwen3 template: "<think>", "\n\n", "</think>", "\n\n"
+    _one_line_error(invoke("generate", art, "x", "--raw", "--think"), "--raw")
     _one_line_error(invoke("generate", art, "x", "--json-schema", tmp_path / "nope.json"), "nope.json")
     _one_line_error(
         invoke("generate", art, "x", "--json-schema", tmp_path / "s.json", "--json-mode"),
@@ -330,6 +407,84 @@ def test_export_passes_fusion_options_and_prints_kv_cache(
     _one_line_error(invoke("export", qwen2_tied, "-o", tmp_path / "e", "--dump-dir", tmp_path / "file"), "--dump-dir")
 
 
+def test_toy_model_note() -> None:
+    from qwen_export.export.parity import toy_model_note
+
+    assert toy_model_note({"hidden_size": 64}, None) is None  # not quantized: the fp32 thresholds hold
+    assert toy_model_note({"hidden_size": 896}, {"weights": "int4"}) is None  # a real width
+    note = toy_model_note({"hidden_size": 64}, {"weights": "int4"})
+    assert note is not None and note.startswith("note: this is a 64-wide model") and "int4" in note
+
+
+def test_weight_scheme_phrase_and_short_help() -> None:
+    from qwen_export.quant.scheme import describe_weights
+
+    record = {"weights": "int4", "block_size": 32, "symmetric": False, "algorithm": "gptq", "keep": ["lm_head"]}
+    record |= {"embedding_bits": 4, "keep_layers": [0, 23]}
+    assert describe_weights("fp16", record) == (
+        "int4 gptq b32 asym, embedding int4, lm_head fp16, layers 0,23 fp16, fp16 activations"
+    )
+    assert describe_weights("fp32", None) == "fp32"
+    for args in (["-h"], ["export", "-h"], ["generate", "-h"]):
+        result = invoke(*args)
+        assert result.exit_code == 0 and "Usage:" in result.output, result.output
+
+
+def test_untracked_steps_spin_and_piped_output_is_not_wrapped(export) -> None:
+    import os
+
+    from qwen_export.cli.common import byte_progress
+
+    progress = byte_progress()
+    task = progress.add_task("tracing", total=None)
+    column = progress.columns[2]
+    assert "bytes" not in str(column.render(progress.tasks[0])) and "?" not in str(column.render(progress.tasks[0]))
+    progress.update(task, completed=2**20, total=2**21)
+    assert "MB" in str(column.render(progress.tasks[0]))
+    art = export("qwen2_tied")
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}  # a pipe: rich's 80 columns
+    proc = subprocess.run(
+        [sys.executable, "-m", "qwen_export.cli", "inspect", str(art)], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert len(first) > 80 and str(art) in first and "schema=" in first  # one line, not wrapped
+
+
+def test_export_takes_a_hugging_face_model_id_from_the_cache(
+    qwen2_tied: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline, against a cache laid out here as huggingface_hub lays it out (refs/main -> snapshot)."""
+    from qwen_export.errors import CheckpointError
+    from qwen_export.export.hub import resolve_checkpoint
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--Org--Tiny-Qwen"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for file in qwen2_tied.iterdir():
+        (snapshot / file.name).symlink_to(file)  # the Hub's cache links snapshot files to blobs
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_checkpoint("Org/Tiny-Qwen") == snapshot
+    assert resolve_checkpoint(qwen2_tied) == qwen2_tied  # a directory stays itself
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+        resolve_checkpoint("Org/Missing")
+    seen: list = []
+
+    def fake(checkpoint, out, options, hooks=None):
+        seen.append(Path(checkpoint))
+        return _fake_export([], {"max_length": 256})(checkpoint, out, options, hooks)
+
+    monkeypatch.setattr(pipeline, "export", fake)
+    result = invoke("export", "Org/Tiny-Qwen", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert seen == [snapshot]
+    _one_line_error(invoke("export", "Org/Missing", "-o", tmp_path / "out2"), "Org/Missing", "HF_HUB_OFFLINE")
+
+
 def test_kv_cache_line() -> None:
     from qwen_export.cli.common import kv_cache_line
 
@@ -382,6 +537,7 @@ def test_inspect_shows_passes_and_kv_cache(export) -> None:
         assert f"nodes {record['nodes_before']} -> {record['nodes_after']}" in line
         for rule, count in record["fired"].items():
             assert f"{rule} x{count}" in line
+    assert " weights: fp32; " in lines[0]  # the weight scheme, not a bare dtype
     kv = manifest["extra"]["kv_cache"]  # the fused ONNX Runtime export records its KV cache and genai config
     assert any(x.startswith("KV cache: ") for x in lines)
     assert f"KV cache: {kv['capacity']} tokens x" in result.output

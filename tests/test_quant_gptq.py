@@ -164,6 +164,48 @@ def test_gptq_more_accurate_than_rtn(gptq_artifacts: dict[str, Path], export: An
     assert sizes["rtn"] == sizes["gptq"]
 
 
+def test_check_against_another_artifact_and_perplexity_without_transformers(
+    gptq_artifacts: dict[str, Path], export: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The int4 artifact checked against the fp32 one, and perplexity, with transformers unimportable."""
+    import sys
+
+    from qwen_export.runtime.perplexity import perplexity
+
+    fp32 = export("qwen2_untied")
+    text = tmp_path / "t.txt"
+    text.write_text(parity.DEFAULT_TEXT * 2, encoding="utf-8")
+    runner = CliRunner()
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "transformers", None)
+        args = ["check", str(gptq_artifacts["gptq"]), "--reference", str(fp32), "--max-tokens", "24"]
+        checked = runner.invoke(app, [*args, "--greedy-tokens", "4", "--json"], catch_exceptions=False)
+        ppl = runner.invoke(
+            app, ["perplexity", str(fp32), "--text", str(text), "--window", "16", "--max-tokens", "40", "--json"]
+        )
+    assert checked.exit_code in (0, 1), checked.output  # 1: past the int4 thresholds (a random tiny model)
+    if checked.exit_code == 1:
+        assert "note: this is a 64-wide model" in checked.stderr
+    report = json.loads(checked.stdout)
+    ids = open_artifact(fp32).tokenizer.encode(text.read_text(encoding="utf-8"))
+    ref = parity.artifact_logits(open_artifact(fp32).engine, ids[:24])
+    art = parity.artifact_logits(open_artifact(gptq_artifacts["gptq"]).engine, ids[:24])
+    expected = parity.compare_logits(ref[:-1], art[:-1], np.asarray(ids[1:24]))
+    assert report["tokens"] == 23 and report["mean_kl"] == pytest.approx(expected["mean_kl"], rel=1e-6)
+    assert report["ppl_reference"] == pytest.approx(expected["ppl_ref"], rel=1e-6)
+    assert ppl.exit_code == 0, ppl.output
+    measured = json.loads(ppl.stdout)
+    assert (measured["tokens"], measured["windows"]) == (15 + 15 + 7, 3)  # 40 tokens in windows of 16
+    engine = open_artifact(fp32).engine
+    one_window = perplexity(engine, ids[:16], 16)  # one window: the parity metric's perplexity
+    assert one_window.perplexity == pytest.approx(
+        parity.compare_logits(ref[:15], ref[:15], np.asarray(ids[1:16]))["ppl_art"]
+    )
+    assert 0 < measured["perplexity_stderr"] < measured["perplexity"]
+    with pytest.raises(OptionError, match="window must be 2"):
+        perplexity(engine, ids, 1)
+
+
 @pytest.mark.parametrize("target", ["openvino", "tensorrt"])
 def test_gptq_other_targets(target: str, qwen2_tied: Path, tmp_path: Path) -> None:
     out = _export(qwen2_tied, tmp_path / target, QuantAlgorithm.GPTQ, target)

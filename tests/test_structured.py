@@ -117,6 +117,7 @@ def test_output_validates_against_schema(generator: Generator, prompt: list[int]
     constraint = make_constraint(schema_format(name), generator.tokenizer)
     result = generator.generate_text(prompt, config, constraint=constraint)
     assert result.finish_reason is FinishReason.STOP_TOKEN, result
+    assert result.complete
     assert result.token_ids[-1] == generator.tokenizer.eos_token_id
     jsonschema.validate(json.loads(result.text), SCHEMAS[name])
 
@@ -161,15 +162,40 @@ def test_json_object_mode(generator: Generator, prompt: list[int], config) -> No
 
 
 @pytest.mark.parametrize("config", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
-def test_json_object_mode_unbiased_is_valid_prefix(generator: Generator, prompt: list[int], config) -> None:
-    """Unbiased, the random model runs out of tokens inside a string: LENGTH, and not done."""
-    constraint = make_constraint({"type": "json_object"}, generator.tokenizer)
-    result = generator.generate_text(prompt, dataclasses.replace(config, max_new_tokens=60), constraint=constraint)
-    if result.finish_reason is FinishReason.STOP_TOKEN:
-        assert isinstance(json.loads(result.text), dict)
-    else:
-        assert result.finish_reason is FinishReason.LENGTH and not constraint.done
-        assert result.text.startswith("{")
+@pytest.mark.parametrize(("fmt", "budget"), [({"type": "json_object"}, 20), (schema_format("nested"), 30)])
+def test_document_is_steered_closed_at_the_token_limit(
+    generator: Generator, prompt: list[int], config, fmt: dict[str, Any], budget: int
+) -> None:
+    """Unbiased, the random model writes one endless string (json_object) or overruns a nested schema's
+    budget; near the limit generation follows a closing path instead (runtime/closing.py): the
+    document closes within max_new_tokens and validates."""
+    constraint = make_constraint(fmt, generator.tokenizer)
+    result = generator.generate_text(prompt, dataclasses.replace(config, max_new_tokens=budget), constraint=constraint)
+    assert result.finish_reason is FinishReason.STOP_TOKEN and result.complete, result
+    assert len(result.token_ids) <= budget + 1  # the eos appended after a closed document
+    document = json.loads(result.text)
+    if fmt["type"] == "json_schema":
+        jsonschema.validate(document, SCHEMAS["nested"])
+
+
+def test_json_positions_of_document_prefixes() -> None:
+    from qwen_export.runtime.closing import json_position
+
+    cases = {
+        "": "value",
+        "{": "key_or_close",
+        '{"a': "string",
+        '{"a"': "colon",
+        '{"a":': "value",
+        '{"a":"x\\"': "string",  # an escaped quote stays inside the string
+        '{"a":1': "after_object_value",
+        '{"a":[': "value_or_close",
+        '{"a":[1,': "value",
+        '{"a":{},': "key",
+        '<tool_call>\n{"name":"f"}': "done",
+    }
+    for prefix, position in cases.items():
+        assert json_position(prefix) == position, prefix
 
 
 def test_streamed_text_matches_and_ends_with_eos(generator: Generator, prompt: list[int]) -> None:
@@ -186,7 +212,7 @@ def test_length_limit_reports_incomplete(generator: Generator, prompt: list[int]
     constraint = make_constraint(schema_format("nested"), generator.tokenizer)
     result = generator.generate_text(prompt, GenerationConfig(max_new_tokens=3), constraint=constraint)
     assert result.finish_reason is FinishReason.LENGTH
-    assert not constraint.done
+    assert not constraint.done and not result.complete
     with pytest.raises(json.JSONDecodeError):
         json.loads(result.text)
 

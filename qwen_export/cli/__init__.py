@@ -1,6 +1,6 @@
 """The ``qwen-export`` command line (typer). Thin: parse options, call the library, print.
 
-One module per command (``export``, ``build_engine``, ``convert_gguf``, ``generate``, ``chat``,
+One module per command (``export``, ``build_engine``, ``convert_gguf``, ``generate``, ``chat``, ``perplexity``,
 ``check``, ``inspect``, ``bench``, ``demo``), each registering itself on the shared :data:`app` of
 :mod:`.common` (with the consoles, error handling and shared options). Every deliberate error
 (:class:`~qwen_export.errors.QwenExportError`) is printed as one ``error: ...`` line on stderr with
@@ -13,7 +13,7 @@ from qwen_export.cli.common import app
 
 # isort: off
 # each command module registers its command on ``app`` when imported: this order is --help's
-from qwen_export.cli import export, build_engine, convert_gguf, generate, chat, check, inspect, bench, demo  # noqa: F401
+from qwen_export.cli import export, build_engine, convert_gguf, generate, chat, check, perplexity, inspect, bench, demo  # noqa: F401,E501
 
 # isort: on
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -19,7 +20,6 @@ from qwen_export.cli.common import (
     MaxDraftOpt,
     Precision,
     SpeculateOpt,
-    Threads,
     app,
     console,
     err_console,
@@ -49,7 +49,19 @@ SweepMax = Annotated[
     typer.Option(help="Longest sweep prompt (default: min(8192, context - new tokens)); needs --sweep."),
 ]
 Plot = Annotated[Path | None, typer.Option("--plot", help="Write decode tok/s and TTFT vs prompt length here (.png).")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON (the same as --format json).")]
+Format = Annotated[
+    str,
+    typer.Option("--format", help="table (default) | json | markdown | csv (one row per artifact and case)."),
+]
+ThreadList = Annotated[
+    str,
+    typer.Option(
+        "--threads",
+        help="Engine threads (0 = engine default); a comma-separated list (e.g. 1,2) loads every artifact once "
+        "per count and runs them all interleaved.",
+    ),
+]
 
 
 @app.command()
@@ -64,7 +76,7 @@ def bench(
     sweep: Sweep = False,
     sweep_max: SweepMax = None,
     plot: Plot = None,
-    threads: Threads = 0,
+    threads: ThreadList = "0",
     precision: Precision = None,
     kv_cache: KVCache = None,
     attention: AttentionOpt = None,
@@ -73,6 +85,7 @@ def bench(
     speculate: SpeculateOpt = None,
     max_draft_tokens: MaxDraftOpt = None,
     as_json: AsJson = False,
+    output_format: Format = "table",
 ) -> None:
     """Measure TTFT, prefill and decode tokens/s, memory and load time of one or more ARTIFACTS.
 
@@ -93,18 +106,31 @@ def bench(
         sweep_max=sweep_max,
         plot=plot,
     )
+    fmt = bench_run.BenchFormat.parse("json" if as_json else output_format)
+    counts = [0] if threads.strip() == "0" else bench_run.int_list(threads, "--threads")
     bench_run.check_artifacts(artifacts)
-    options = runtime(threads, precision, kv_cache, cache_dir, engine, attention)
+    options = [runtime(n, precision, kv_cache, cache_dir, engine, attention) for n in counts]
+    targets, loads = [], []
     with err_console.status("loading artifacts") as status:
-        targets, loads = bench_run.load_targets(artifacts, options, lambda label: status.update(f"loading {label}"))
+        for n, option in zip(counts, options, strict=True):
+            suffix = f" @{n}t" if len(counts) > 1 else ""
+            found, loaded = bench_run.load_targets(
+                artifacts, option, lambda label: status.update(f"loading {label}"), label_suffix=suffix
+            )
+            targets += found
+            loads += loaded
     prompts, cases = bench_run.plan_cases(settings, targets)
     report = _measure_with_progress(settings, targets, loads, prompts, cases)
-    speculative = None if spec is None else _speculate(spec, targets, cases, settings, threads)
-    if as_json:
-        payload = report.to_json()
-        if speculative is not None:
-            payload["speculation"] = bench_run.finite([dataclasses.asdict(r) for r in speculative])
-        console.print_json(json.dumps(payload))
+    speculative = None if spec is None else _speculate(spec, targets, cases, settings, counts[0])
+    if fmt is not bench_run.BenchFormat.TABLE:
+        if fmt is bench_run.BenchFormat.JSON:
+            payload = report.to_json()
+            if speculative is not None:
+                payload["speculation"] = bench_run.finite([dataclasses.asdict(r) for r in speculative])
+            console.print_json(json.dumps(payload))
+        else:
+            text = report.to_markdown() if fmt is bench_run.BenchFormat.MARKDOWN else report.to_csv()
+            sys.stdout.write(text)
         return
     console.print(_artifacts_table(report))
     console.print(_results_table(report))
@@ -194,13 +220,14 @@ def _measure_with_progress(
 
 def _artifacts_table(report: BenchReport) -> Table:
     table = Table(title="artifacts" + (" (run interleaved)" if len(report.loads) > 1 else ""))
-    columns = ("artifact", "dtype", "disk MiB", "load s", "RSS +MiB at load", "KV KiB/token", "weights MiB/token")
-    for column in (*columns, "engine chose"):
+    columns = ("artifact", "weights", "threads", "disk MiB", "load s", "RSS +MiB at load", "KV KiB/token")
+    for column in (*columns, "weights MiB/token", "engine chose"):
         table.add_column(column, justify="left" if column == "artifact" else "right", overflow="fold")
     for info in report.loads:
         table.add_row(
             info.label,
-            info.dtype,
+            info.weights,
+            str(info.threads or "default"),
             f"{info.disk_mb:.1f}",
             f"{info.load_s:.2f}",
             f"{info.rss_load_mb:.0f}",
@@ -212,11 +239,12 @@ def _artifacts_table(report: BenchReport) -> Table:
 
 
 def _results_table(report: BenchReport) -> Table:
-    from qwen_export.runtime.bench_run import ratio
+    from qwen_export.runtime.bench_run import pm, ratio
 
     settings, labels, base = report.settings, report.labels, report.results[0]
     many, sweep = len(labels) > 1, settings.sweep
     title = f"{'context sweep' if sweep else 'latency'}: {settings.repeats} run(s) after {settings.warmup} warm-up"
+    title += " (median ± standard deviation over the runs)" if settings.repeats > 1 else ""
     if report.copy is not None:
         title += f"; machine copy bandwidth {report.copy.best_gbs:.1f} GB/s ({report.copy.threads} threads)"
     table = Table(title=title + " per case")
@@ -231,9 +259,9 @@ def _results_table(report: BenchReport) -> Table:
             row = [label, str(r.prompt_tokens), str(r.new_tokens)]
             row += [f"{r.kv_cache_mb:.2f}"] if sweep and r.kv_cache_mb is not None else ([""] if sweep else [])
             row += [
-                f"{r.ttft_ms:.1f}",
-                f"{r.prefill_tokens_per_s:.1f}",
-                f"{r.decode_tokens_per_s:.1f}",
+                pm(r.ttft_ms, r.ttft_ms_std, 1),
+                pm(r.prefill_tokens_per_s, r.prefill_tokens_per_s_std, 1),
+                pm(r.decode_tokens_per_s, r.decode_tokens_per_s_std, 1),
                 f"{r.token_latency_ms_p10:.2f}/{r.token_latency_ms_p50:.2f}/{r.token_latency_ms_p90:.2f}",
                 _bandwidth_cell(report.decode_bandwidth(report.loads[k], r)),
             ]

@@ -1,10 +1,11 @@
-"""``qwen-export check``: parity of an artifact against transformers on its source checkpoint."""
+"""``qwen-export check``: parity of an artifact against transformers on its source checkpoint, or
+against another artifact (e.g. an int4 export against the fp32 one: no transformers, no checkpoint)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -20,6 +21,7 @@ from qwen_export.cli.common import (
     err_console,
     handles_errors,
     print_parity,
+    read_text,
     runtime,
 )
 from qwen_export.errors import OptionError
@@ -30,7 +32,13 @@ from qwen_export.spec import DType
 @handles_errors
 def check(
     artifact: Annotated[Path, typer.Argument(help="Exported artifact directory.")],
-    reference: Annotated[Path, typer.Option(help="Source checkpoint (transformers runs it as the reference).")],
+    reference: Annotated[
+        Path,
+        typer.Option(
+            help="Source checkpoint (transformers runs it as the reference), or another artifact of the same model "
+            "(e.g. the fp32 export; run by its own engine)."
+        ),
+    ],
     text: Annotated[Path | None, typer.Option(help="UTF-8 text file to evaluate on (default: built-in).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Evaluate at most this many tokens of the text.")] = 128,
     greedy_tokens: Annotated[int, typer.Option(help="Greedy continuation length compared.")] = 16,
@@ -42,19 +50,27 @@ def check(
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
 ) -> None:
-    """Compare ARTIFACT with transformers on REFERENCE; exit 1 past the precision's thresholds."""
+    """Compare ARTIFACT with REFERENCE (transformers on a checkpoint, or another artifact); exit 1 past
+    the thresholds of ARTIFACT's precision."""
     from qwen_export.export import parity
     from qwen_export.runtime.loader import open_artifact
 
     if max_tokens < 2 or greedy_tokens < 1:
         raise OptionError("--max-tokens must be >= 2 and --greedy-tokens >= 1")
     loaded = open_artifact(artifact, runtime(threads, precision, kv_cache, cache_dir, engine, attention))
-    content = _read_text(text) if text is not None else parity.DEFAULT_TEXT
+    content = read_text(text) if text is not None else parity.DEFAULT_TEXT
     ids = loaded.tokenizer.encode(content)[:max_tokens]
     quantized = loaded.manifest.extra.get("quantization")
+    if (reference / "manifest.json").is_file():
+        ref: parity.Reference | parity.ArtifactReference = _artifact_reference(
+            reference, loaded, content, max_tokens, threads
+        )
+        against = f"artifact {reference}"
+    else:
+        ref, against = parity.Reference(reference), "transformers"
     report = parity.check(
         loaded.engine,
-        parity.Reference(reference),
+        ref,
         ids,
         DType.parse(loaded.manifest.dtype),
         greedy_tokens,
@@ -64,16 +80,24 @@ def check(
         console.print_json(json.dumps(parity.to_dict(report)))
     else:
         shown = loaded.manifest.dtype + (f", {quantized['weights']} weights" if quantized else "")
-        print_parity(report, f"parity: {artifact} vs transformers ({shown})")
+        print_parity(report, f"parity: {artifact} vs {against} ({shown})")
     if not report.passed:
         err_console.print(f"[bold red]parity FAILED:[/] {'; '.join(report.failures)}", highlight=False)
+        note = parity.toy_model_note(loaded.manifest.spec, quantized)
+        if note is not None:
+            err_console.print(note, highlight=False, markup=False)
         raise typer.Exit(1)
 
 
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise OptionError(f"{path}: text file not found")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise OptionError(f"{path}: not UTF-8 text") from None
+def _artifact_reference(reference: Path, loaded: Any, content: str, max_tokens: int, threads: int) -> Any:
+    """The other artifact as the reference, after checking it reads the text as the same tokens."""
+    from qwen_export.export.parity import ArtifactReference
+    from qwen_export.runtime.loader import open_artifact
+
+    other = open_artifact(reference, runtime(threads, None, None, None, None, None))
+    if other.tokenizer.encode(content)[:max_tokens] != loaded.tokenizer.encode(content)[:max_tokens]:
+        raise OptionError(f"{reference}: its tokenizer reads the text differently; compare artifacts of one model")
+    mine, theirs = loaded.engine.capabilities.vocab_size, other.engine.capabilities.vocab_size
+    if mine != theirs:
+        raise OptionError(f"{reference}: vocabulary of {theirs} logits, the artifact has {mine}; not the same model")
+    return ArtifactReference(other.engine, str(reference))

@@ -27,9 +27,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: a long line (paths, the export summary) is not broken at 80 columns in a pipe or a log
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -167,6 +169,13 @@ MinP = Annotated[float | None, typer.Option(help="Min-p sampling (0 = off).")]
 RepPen = Annotated[float | None, typer.Option(help="Repetition penalty (1 = off).")]
 Seed = Annotated[int | None, typer.Option(help="Random seed for sampling.")]
 Stop = Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")]
+Think = Annotated[
+    bool | None,
+    typer.Option(
+        "--think/--no-think",
+        help="Qwen3: enable_thinking for the chat template (default: the template's own, thinking on for Qwen3).",
+    ),
+]
 
 
 def sampling_options(
@@ -195,6 +204,16 @@ def sampling_options(
 
 # ----------------------------------------------------------------------------- input and output
 MAX_JSON_FILE_BYTES = 16 << 20
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file's content; OptionError (one line) when it is missing or not UTF-8."""
+    if not path.is_file():
+        raise OptionError(f"{path}: text file not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise OptionError(f"{path}: not UTF-8 text") from None
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -235,13 +254,30 @@ def print_parity(report: Any, title: str) -> None:
 
 
 def byte_progress() -> Any:
-    """A transient progress bar on stderr for steps that report bytes written (export, convert-gguf)."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+    """A transient progress bar on stderr for steps that report bytes written (export, convert-gguf);
+    a step without a byte count (load, trace, passes) shows a spinner instead of ``0/? bytes``."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        ProgressColumn,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    class BytesOrSpinner(ProgressColumn):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bytes, self.spinner = DownloadColumn(), SpinnerColumn()
+
+        def render(self, task: Any) -> Any:
+            return self.spinner.render(task) if task.total is None else self.bytes.render(task)
 
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        DownloadColumn(),
+        BytesOrSpinner(),
         TimeElapsedColumn(),
         console=err_console,
         transient=True,

@@ -52,6 +52,14 @@ def demo(
         print_parity(report, "tiny Qwen2, fp32: qwen-export (ONNX Runtime) vs transformers")
         if not report.passed:
             raise typer.Exit(1)
+        console.print(
+            "[bold]5. quantization[/] is not part of the demo: "
+            + (parity.toy_model_note(llm.artifact.manifest.spec, {"weights": "int4"}) or "").removeprefix("note: ")
+            + " On a real checkpoint: qwen-export export CKPT -o OUT --weights int4, then "
+            "qwen-export check OUT --reference OUT_FP32 (the fp32 export) or --reference CKPT.",
+            highlight=False,
+            markup=True,
+        )
     finally:
         if workdir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -8,9 +8,17 @@ from typing import Annotated, Any
 
 import typer
 
+from qwen_export.artifact import check_output_dir
 from qwen_export.cli.common import app, byte_progress, console, err_console, handles_errors, kv_cache_line
+from qwen_export.errors import OptionError
 
-Checkpoint = Annotated[Path, typer.Argument(help="Hugging Face checkpoint directory (config.json, *.safetensors).")]
+Checkpoint = Annotated[
+    Path,
+    typer.Argument(
+        help="Hugging Face checkpoint directory (config.json, *.safetensors), or a model id such as "
+        "Qwen/Qwen2.5-0.5B-Instruct[@revision] (fetched into the Hugging Face cache; HF_HUB_OFFLINE=1: cache only)."
+    ),
+]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to create.")]
 TargetOpt = Annotated[
     str,
@@ -65,13 +73,14 @@ BlockSize = Annotated[
     ),
 ]
 Symmetric = Annotated[
-    bool | None,
+    bool,
     typer.Option(
-        "--symmetric/--asymmetric",
-        help="Quantize with zero point 0 or a zero point per block. Default: asymmetric for int4 where the "
-        "target takes zero points (not tensorrt), symmetric for int8.",
+        "--symmetric",
+        help="Quantize with zero point 0. Default: asymmetric for int4 where the target takes zero points "
+        "(not tensorrt), symmetric for int8.",
     ),
 ]
+Asymmetric = Annotated[bool, typer.Option("--asymmetric", help="Quantize with a zero point per block.")]
 Algorithm = Annotated[
     str | None,
     typer.Option(
@@ -120,7 +129,8 @@ def export(
     dump_dir: DumpDir = None,
     weights: Weights = None,
     block_size: BlockSize = None,
-    symmetric: Symmetric = None,
+    symmetric: Symmetric = False,
+    asymmetric: Asymmetric = False,
     algorithm: Algorithm = None,
     keep: Keep = None,
     keep_layers: KeepLayers = None,
@@ -130,7 +140,14 @@ def export(
     max_batch: MaxBatch = None,
 ) -> None:
     """Export CHECKPOINT to an engine artifact in OUTPUT (written atomically)."""
+    if symmetric and asymmetric:
+        raise OptionError("pass --symmetric or --asymmetric, not both")
+    # the output is checked before the exporter's heavy imports (onnx, torch): a wrong -o fails at once
+    check_output_dir(output, overwrite, keep=[p for p in (checkpoint, calibration, dump_dir) if p is not None])
+    from qwen_export.export.hub import resolve_checkpoint
     from qwen_export.export.options import export_options
+
+    checkpoint = resolve_checkpoint(checkpoint)  # a Hugging Face model id: its snapshot in the local cache
 
     options = export_options(
         checkpoint,
@@ -138,7 +155,7 @@ def export(
         weights=weights,
         dtype=dtype,
         block_size=block_size,
-        symmetric=symmetric,
+        symmetric=True if symmetric else False if asymmetric else None,
         algorithm=algorithm,
         keep=keep,
         keep_layers=keep_layers,
@@ -163,8 +180,9 @@ def export(
 
 def _print_summary(checkpoint: Path, output: Path, manifest: Any) -> None:
     size = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
-    quantized = manifest.extra.get("quantization")
-    precision = manifest.dtype if not quantized else f"{quantized['weights']} weights, {manifest.dtype} activations"
+    from qwen_export.quant.scheme import describe_weights
+
+    precision = describe_weights(manifest.dtype, manifest.extra.get("quantization"))
     console.print(
         f"[green]exported[/] {checkpoint} -> {output}  ({manifest.target}, {precision}, "
         f"{size / 2**20:.1f} MiB, context {manifest.extra.get('max_length')})"

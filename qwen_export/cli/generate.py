@@ -21,6 +21,7 @@ from qwen_export.cli.common import (
     SpeculateOpt,
     Stop,
     Temp,
+    Think,
     Threads,
     TopK,
     TopP,
@@ -63,18 +64,25 @@ def generate(
     engine: EngineOpt = None,
     speculate: SpeculateOpt = None,
     max_draft_tokens: MaxDraftOpt = None,
+    think: Think = None,
 ) -> None:
-    """Generate a completion for PROMPT, streamed to the terminal."""
+    """Generate a completion for PROMPT, streamed to the terminal.
+
+    With --json-schema / --json-mode the exit status is 1 when the document did not close (the
+    token limit or the context came first): the text printed is then a prefix, not valid JSON.
+    """
 
     spec = speculation(speculate, max_draft_tokens)
     llm = load_llm(artifact, threads, precision, kv_cache, cache_dir, engine, attention, spec)
     sampling = sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
-    response_format = _response_format(json_schema, json_mode)
+    response_format = response_format_option(json_schema, json_mode)
     if raw:
+        if think is not None:
+            raise OptionError("--think/--no-think apply to the chat template; --raw feeds the prompt without it")
         source: Any = prompt
     else:
         source = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    stream = llm.stream(source, response_format=response_format, **sampling)
+    stream = llm.stream(source, response_format=response_format, enable_thinking=think, **sampling)
     print_stream(stream)
     result = stream.result
     assert result is not None
@@ -84,6 +92,15 @@ def generate(
         f"decode {result.decode_tokens_per_s or 0:.1f} tok/s{_speculation_note(result)}[/]",
         highlight=False,
     )
+    if not result.complete:
+        err_console.print(
+            f"[bold red]error:[/] the JSON document is incomplete: generation ended with "
+            f"'{result.finish_reason.value}' after {result.completion_tokens} tokens before the document closed "
+            "(raise --max-new-tokens); the text above does not parse",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
 
 
 def _speculation_note(result: Any) -> str:
@@ -94,7 +111,7 @@ def _speculation_note(result: Any) -> str:
     return f", speculation: {stats.accepted}/{stats.drafted} drafts accepted ({rate}) in {stats.steps} forwards"
 
 
-def _response_format(json_schema: Path | None, json_mode: bool) -> dict[str, Any] | None:
+def response_format_option(json_schema: Path | None, json_mode: bool) -> dict[str, Any] | None:
     if json_schema is not None and json_mode:
         raise OptionError("pass either --json-schema or --json-mode, not both")
     if json_schema is not None:

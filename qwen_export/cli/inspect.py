@@ -29,7 +29,7 @@ def inspect(
         return
     spec = manifest.spec
     console.print(
-        f"[bold]{artifact}[/]  target={manifest.target} dtype={manifest.dtype} logits={manifest.logits} "
+        f"[bold]{artifact}[/]  target={manifest.target} weights: {info['weights']}; logits={manifest.logits} "
         f"schema={manifest.schema_version} qwen-export {manifest.qwen_export_version}"
     )
     console.print(

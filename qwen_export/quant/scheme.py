@@ -128,3 +128,38 @@ class QuantScheme:
         if self.positive_scales:
             record["positive_scales"] = True
         return record
+
+
+def describe_weights(dtype: str, quantization: dict[str, object] | None) -> str:
+    """The weight scheme of an artifact in one phrase, from its manifest's ``dtype`` and
+    ``extra["quantization"]`` record: ``fp32``, or e.g. ``int4 gptq b32 asym, embedding int4, fp32 activations``.
+
+    >>> describe_weights("fp16", None)
+    'fp16'
+    >>> describe_weights("fp32", {"weights": "int4", "block_size": 32, "symmetric": True, "algorithm": "rtn",
+    ...                           "keep": [], "embedding_bits": 8, "keep_layers": []})
+    'int4 rtn b32 sym, embedding int8, fp32 activations'
+    """
+    if not quantization:
+        return dtype
+    block = quantization.get("block_size")
+    parts = [
+        str(quantization.get("weights")),
+        str(quantization.get("algorithm", "rtn")),
+        "per-channel" if block == PER_CHANNEL else f"b{block}",
+        "sym" if quantization.get("symmetric") else "asym",
+    ]
+    keep = quantization.get("keep") or []
+    kept = keep if isinstance(keep, list) else []
+    pieces = [" ".join(parts)]
+    if Keep.EMBEDDING.value in kept:
+        pieces.append(f"embedding {dtype}")
+    else:
+        pieces.append(f"embedding int{quantization.get('embedding_bits', 8)}")
+    if Keep.LM_HEAD.value in kept:
+        pieces.append(f"lm_head {dtype}")
+    layers = quantization.get("keep_layers") or []
+    if isinstance(layers, list) and layers:
+        pieces.append(f"layers {','.join(str(i) for i in layers)} {dtype}")
+    pieces.append(f"{dtype} activations")
+    return ", ".join(pieces)

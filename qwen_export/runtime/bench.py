@@ -57,6 +57,14 @@ class BenchResult:
     token_latency_ms_p90: float
     peak_rss_mb: float  # process peak so far (includes loading; shared by every engine of the process)
     kv_cache_mb: float | None = None  # KV cache at prompt + new tokens, when the target's size is known
+    # the spread over the runs: sample standard deviation (NaN for one run) and min-max
+    ttft_ms_std: float = float("nan")
+    ttft_ms_min: float = float("nan")
+    ttft_ms_max: float = float("nan")
+    prefill_tokens_per_s_std: float = float("nan")
+    decode_tokens_per_s_std: float = float("nan")
+    decode_tokens_per_s_min: float = float("nan")
+    decode_tokens_per_s_max: float = float("nan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +111,48 @@ def current_rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+#: CPU flags that change which kernels the engines pick (and so their speed).
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def machine_info() -> dict[str, Any]:
+    """What a benchmark figure depends on besides the artifact: CPU model, cores, kernel-relevant
+    flags, OS, Python and the engine packages' versions (read from their metadata, not imported)."""
+    import os
+    import platform
+    from importlib import metadata
+
+    import psutil
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    packages = {}
+    for name in ("onnxruntime", "openvino", "tensorrt", "numpy"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "cpu": model,
+        "logical_cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "cpu_flags": [flag for flag in KERNEL_FLAGS if flag in flags],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "packages": packages,
+    }
+
+
 def disk_mb(path: str | Path) -> float:
     """Size of every file under ``path``, in MiB."""
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
@@ -131,6 +181,24 @@ def sweep_lengths(max_tokens: int, start: int = SWEEP_START) -> list[int]:
     if not lengths or lengths[-1] != max_tokens:
         lengths.append(max_tokens)
     return lengths
+
+
+def _std(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def _spread(ttfts: list[float], prompt_tokens: int, rates: list[float]) -> dict[str, float]:
+    """The spread fields of a :class:`BenchResult` (``ttfts`` in seconds, ``rates`` decode tokens/s)."""
+    nan = float("nan")
+    return {
+        "ttft_ms_std": _std(ttfts) * 1e3,
+        "ttft_ms_min": min(ttfts) * 1e3,
+        "ttft_ms_max": max(ttfts) * 1e3,
+        "prefill_tokens_per_s_std": _std([prompt_tokens / t for t in ttfts]),
+        "decode_tokens_per_s_std": _std(rates),
+        "decode_tokens_per_s_min": min(rates) if rates else nan,
+        "decode_tokens_per_s_max": max(rates) if rates else nan,
+    }
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -223,6 +291,7 @@ def bench_many(
                     token_latency_ms_p90=_percentile(steps_all[k], 90) * 1e3,
                     peak_rss_mb=rss,
                     kv_cache_mb=None if kv is None else kv * (case.prompt_tokens + case.new_tokens) / 2**20,
+                    **_spread(ttfts[k], case.prompt_tokens, rates[k]),
                 )
             )
     return results

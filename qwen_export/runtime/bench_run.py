@@ -12,6 +12,7 @@ loading, a progress bar while measuring); :func:`run_bench` runs them all::
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import os
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_export.errors import OptionError
+from qwen_export.quant.scheme import describe_weights
 from qwen_export.runtime import bandwidth
 from qwen_export.runtime import bench as bench_mod
 from qwen_export.runtime.bandwidth import CopyBandwidth
@@ -31,6 +33,20 @@ RSS_NOTE = (
     "all artifacts share one process, so their RSS peaks cannot be told apart: rss_load_mb is the RSS "
     "increase while each artifact loaded; peak_rss_mb is the process peak (VmHWM) over all of them"
 )
+
+
+class BenchFormat(enum.Enum):
+    TABLE = "table"
+    JSON = "json"
+    MARKDOWN = "markdown"
+    CSV = "csv"
+
+    @classmethod
+    def parse(cls, value: str) -> BenchFormat:
+        try:
+            return cls(value)
+        except ValueError:
+            raise OptionError(f"--format must be one of {', '.join(f.value for f in cls)}, got {value!r}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +70,8 @@ class ArtifactLoad:
     artifact: str
     label: str
     dtype: str
+    weights: str  # the weight scheme, e.g. "int4 gptq b32 asym, embedding int8, fp32 activations"
+    threads: int  # engine threads asked for (0: the engine's default)
     context: int
     load_s: float
     disk_mb: float
@@ -77,6 +95,54 @@ class BenchReport:
     def labels(self) -> list[str]:
         return [load.label for load in self.loads]
 
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat row per artifact and case (llama-bench's table): what markdown and CSV show."""
+        out = []
+        for info, rs in zip(self.loads, self.results, strict=True):
+            for r in rs:
+                out.append(
+                    {
+                        "artifact": info.label,
+                        "weights": info.weights,
+                        "threads": info.threads,
+                        "prompt": r.prompt_tokens,
+                        "new": r.new_tokens,
+                        "runs": r.runs,
+                        "ttft_ms": r.ttft_ms,
+                        "ttft_ms_std": r.ttft_ms_std,
+                        "prefill_tok_s": r.prefill_tokens_per_s,
+                        "prefill_tok_s_std": r.prefill_tokens_per_s_std,
+                        "decode_tok_s": r.decode_tokens_per_s,
+                        "decode_tok_s_std": r.decode_tokens_per_s_std,
+                    }
+                )
+        return out
+
+    def to_csv(self) -> str:
+        """The rows as CSV (spreads in their own columns; empty when undefined: one run)."""
+        import csv
+        import io
+
+        rows = self.rows()
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(v) for k, v in row.items()})
+        return buffer.getvalue()
+
+    def to_markdown(self) -> str:
+        """The rows as a markdown table, figures as ``median ± std``."""
+        header = ["artifact", "weights", "threads", "prompt", "new", "TTFT ms", "prefill tok/s", "decode tok/s"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 5) + "|"]
+        for row in self.rows():
+            cells = [row["artifact"], row["weights"], str(row["threads"] or "default"), str(row["prompt"])]
+            cells += [str(row["new"]), pm(row["ttft_ms"], row["ttft_ms_std"], 1)]
+            cells += [pm(row["prefill_tok_s"], row["prefill_tok_s_std"], 1)]
+            cells += [pm(row["decode_tok_s"], row["decode_tok_s_std"], 2)]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
     def to_json(self) -> dict[str, Any]:
         """``qwen-export bench --json``'s payload (NaN and infinities as null: strict JSON)."""
         base = self.results[0]
@@ -90,15 +156,10 @@ class BenchReport:
                 row["decode_bandwidth"] = self.decode_bandwidth(info, r)
                 rows.append(row)
             per_artifact.append({**dataclasses.asdict(info), "results": rows})
-        first = self.loads[0]
         settings = self.settings
         payload = {
-            # the first (baseline) artifact's figures at the top level, as the one-artifact form had them
-            "artifact": first.artifact,
-            "load_s": first.load_s,
-            "disk_mb": first.disk_mb,
-            "results": per_artifact[0]["results"],
-            "artifacts": per_artifact,
+            "machine": bench_mod.machine_info(),
+            "artifacts": per_artifact,  # each artifact's results, listed once; ratios to the first
             "order": "interleaved",
             "repeats": settings.repeats,
             "warmup": settings.warmup,
@@ -173,13 +234,16 @@ def load_targets(
     artifacts: Sequence[str | Path],
     runtime: RuntimeOptions | None = None,
     on_load: Callable[[str], None] | None = None,
+    label_suffix: str = "",
 ) -> tuple[list[BenchTarget], list[ArtifactLoad]]:
-    """Open every artifact (``on_load(label)`` before each), timing the load and its RSS increase."""
+    """Open every artifact (``on_load(label)`` before each), timing the load and its RSS increase;
+    ``label_suffix`` tells apart loads of one artifact with different runtime options (threads)."""
     from qwen_export.runtime.loader import open_artifact
 
     paths = check_artifacts(artifacts)
     found, loads = [], []
-    for label, path in zip(labels(paths), paths, strict=True):
+    for name, path in zip(labels(paths), paths, strict=True):
+        label = name + label_suffix
         if on_load is not None:
             on_load(label)
         rss0 = bench_mod.current_rss_mb()
@@ -194,6 +258,8 @@ def load_targets(
                 artifact=str(path),
                 label=label,
                 dtype=manifest.dtype,
+                weights=describe_weights(manifest.dtype, manifest.extra.get("quantization")),
+                threads=runtime.threads if runtime is not None else 0,
                 context=loaded.engine.capabilities.max_context,
                 load_s=load_s,
                 disk_mb=bench_mod.disk_mb(path),
@@ -293,6 +359,19 @@ def int_list(values: str | Sequence[int], what: str) -> list[int]:
     if not numbers or any(v < 1 for v in numbers):
         raise OptionError(f"{what} must list positive integers, got {text!r}")
     return numbers
+
+
+def pm(value: float, std: float, digits: int) -> str:
+    """``value ± std`` (just ``value`` when the spread is undefined: one run)."""
+    if not math.isfinite(std):
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} ± {std:.{digits}f}"
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float):
+        return "" if not math.isfinite(value) else f"{value:.6g}"
+    return value
 
 
 def ratio(value: float, base: float) -> float:

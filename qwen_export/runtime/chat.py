@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -173,8 +174,8 @@ def parse_tool_calls(text: str) -> tuple[str, tuple[ToolCall, ...]]:
     'invalid JSON at cha'
     """
     calls: list[ToolCall] = []
-    for i, match in enumerate(_TOOL_CALL.finditer(text)):
-        calls.append(_tool_call(f"call_{i}", match.group(1).strip(), closed=bool(match.group(2))))
+    for match in _TOOL_CALL.finditer(text):  # ids unique across turns and conversations, as OpenAI's
+        calls.append(_tool_call(f"call_{uuid.uuid4().hex[:24]}", match.group(1).strip(), closed=bool(match.group(2))))
     content = _TOOL_CALL.sub("", text).strip()
     return content, tuple(calls)
 

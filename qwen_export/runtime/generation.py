@@ -134,6 +134,11 @@ class GenerationResult:
     reused_tokens: int  # prompt tokens served from the engine's cache instead of recomputed
     timings: GenerationTimings
     speculation: SpeculationStats | None = None  # drafts and acceptance, when decoding speculated
+    # Constrained (response_format, tool_choice) generations: True when ``text`` is a complete, valid
+    # document (always after STOP_TOKEN; after LENGTH/CONTEXT only if it happened to end one); False
+    # when it is only a prefix of one (cut by the limit, the context or a stop string).
+    # Always True without a constraint.
+    complete: bool = True
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -406,8 +411,9 @@ class Generator:
 
         ``constraint`` (:func:`qwen_export.runtime.structured.make_constraint`, single use) restricts every
         token to what its grammar allows; once the document is complete the generation ends with
-        the eos token (appended without another forward pass, finish reason STOP_TOKEN). LENGTH
-        with a constraint means the document is incomplete.
+        the eos token (appended without another forward pass, finish reason STOP_TOKEN). Any
+        other ending (LENGTH, CONTEXT, STOP_STRING) leaves the document incomplete: the result's
+        ``complete`` is False.
         """
         config = config or GenerationConfig()
         config.validate()
@@ -424,6 +430,26 @@ class Generator:
                 " (it must leave room for at least one new token)"
             )
         return self._run(prompt, config, constraint)
+
+    def _pick(
+        self,
+        logits: np.ndarray,
+        config: GenerationConfig,
+        context: list[int],
+        rng: np.random.Generator,
+        constraint: Constraint | None,
+        left: int,
+    ) -> int:
+        """The next token: sampled among the allowed ones or, once a constrained document needs about
+        every token ``left`` to close, the next token of its closing path."""
+        allowed = self.decodable(logits.shape[-1])
+        if constraint is not None:
+            closing = constraint.closing_token(left)
+            if closing is not None:
+                return closing
+            grammar = constraint.allowed(logits.shape[-1])
+            allowed = grammar if allowed is None else grammar & allowed
+        return sample_token(logits, config, context, rng, allowed)
 
     def _run(
         self, prompt: list[int], config: GenerationConfig, constraint: Constraint | None = None
@@ -492,6 +518,7 @@ class Generator:
                 reused_tokens=reused,
                 timings=GenerationTimings(first_token_at - start, prefill_s, end - first_token_at),
                 speculation=self.speculator.stats if speculate and self.speculator is not None else None,
+                complete=constraint is None or (reason is not FinishReason.STOP_STRING and constraint.accepting),
             )
             yield GenerationEvent(token, piece, reason, result)
             return
@@ -507,12 +534,10 @@ class Generator:
     ) -> Iterator[int]:
         """One forward per token; the consumer appends each token to ``generated`` (and advances
         ``constraint``) before asking for the next."""
+        room = self.engine.capabilities.max_context - len(prompt)
         while True:
-            allowed = self.decodable(logits.shape[-1])
-            if constraint is not None:
-                grammar = constraint.allowed(logits.shape[-1])
-                allowed = grammar if allowed is None else grammar & allowed
-            yield sample_token(logits, config, prompt + generated, rng, allowed)
+            left = min(config.max_new_tokens, room) - len(generated)
+            yield self._pick(logits, config, prompt + generated, rng, constraint, left)
             logits = self._forward([generated[-1]])
 
     def generate_text(

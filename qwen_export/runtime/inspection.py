@@ -11,6 +11,7 @@ from typing import Any
 from qwen_export.artifact import Manifest, read_artifact_file
 from qwen_export.errors import ArtifactError
 from qwen_export.onnx_writer import qualified_op
+from qwen_export.quant.scheme import describe_weights
 
 
 def describe(artifact: str | Path, manifest: Manifest) -> dict[str, Any]:
@@ -20,7 +21,12 @@ def describe(artifact: str | Path, manifest: Manifest) -> dict[str, Any]:
     import onnx
 
     root = Path(artifact)
-    info: dict[str, Any] = {"manifest": manifest.__dict__, "files": {}}
+    quantization = manifest.extra.get("quantization")
+    info: dict[str, Any] = {
+        "manifest": manifest.__dict__,
+        "weights": describe_weights(manifest.dtype, quantization if isinstance(quantization, dict) else None),
+        "files": {},
+    }
     for name in sorted(manifest.files):
         info["files"][name] = (root / name).stat().st_size
     if "model.onnx" in manifest.files:

@@ -32,7 +32,7 @@ import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qwen_export import targets
 from qwen_export.errors import OptionError
@@ -45,8 +45,13 @@ from qwen_export.runtime.generation import (
     Generator,
 )
 from qwen_export.runtime.loader import LoadedArtifact, RuntimeOptions, open_artifact
+from qwen_export.runtime.openai_shapes import ToolChoiceMode, generation_options, prepare_chat
+from qwen_export.runtime.reasoning import ChatDelta, ReasoningSplitter
 from qwen_export.runtime.speculative import Speculation, Speculator, make_speculator
 from qwen_export.spec import Target
+
+if TYPE_CHECKING:
+    from qwen_export.runtime.structured import Constraint, ResponseFormat
 
 Message = Mapping[str, Any]
 
@@ -62,16 +67,23 @@ class ChatResult:
     completion_tokens: int
     reused_tokens: int  # prompt tokens served from the KV cache of earlier turns
     timings: GenerationTimings
-    raw_text: str  # the reply as generated, tool-call blocks included
+    raw_text: str  # the reply as generated, tool-call blocks and the <think> part included
+    reasoning: str | None = None  # the <think> part (Qwen3), tags removed; None when there was none
+    # False when a response_format document was cut off (finish_reason length/context/stop_string/
+    # cancelled): ``text`` is then not valid JSON. True otherwise (and always without response_format).
+    complete: bool = True
 
     def message(self) -> dict[str, Any]:
-        """The assistant message to append to the conversation for the next turn."""
+        """The assistant message to append to the conversation for the next turn, in OpenAI's shape
+        (tool-call ``arguments`` as a JSON string). The reasoning goes in ``reasoning_content``,
+        where the chat template decides whether the model sees it again (Qwen3's keeps it only
+        within the current tool-calling exchange, never once a new user message follows)."""
         out: dict[str, Any] = {"role": "assistant", "content": self.text}
+        if self.reasoning:
+            out["reasoning_content"] = self.reasoning
         good = [c for c in self.tool_calls if c.error is None]
         if good:
-            out["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in good
-            ]
+            out["tool_calls"] = [c.to_openai() for c in good]
         return out
 
 
@@ -159,6 +171,65 @@ class TextStream:
             pass
 
 
+class ChatStream:
+    """Iterator of :class:`ChatDelta` pieces of one chat turn: ``reasoning`` (inside Qwen3's
+    ``<think>``) or ``content`` (the reply, tool-call blocks included as text); ``result`` is the
+    :class:`ChatResult` once it has finished (None when cancelled or closed before its end: the
+    deltas received are the partial reply). ``cancel()`` / ``close()`` as :class:`TextStream`."""
+
+    def __init__(self, stream: TextStream, splitter: ReasoningSplitter, tools: bool) -> None:
+        self._stream, self._splitter, self._tools = stream, splitter, tools
+        self._pending: list[ChatDelta] = []
+        self._raw: list[str] = []
+        self._done = False
+        self.result: ChatResult | None = None
+
+    def __iter__(self) -> ChatStream:
+        return self
+
+    def __next__(self) -> ChatDelta:
+        while not self._pending:
+            if self._done:
+                raise StopIteration
+            try:
+                piece = next(self._stream)
+            except StopIteration:
+                self._done = True
+                self._pending += self._splitter.finish()
+                self._finish()
+                continue
+            self._raw.append(piece)
+            self._pending += self._splitter.push(piece)
+        return self._pending.pop(0)
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def _finish(self) -> None:
+        result, raw = self._stream.result, "".join(self._raw)
+        if result is None:  # cancelled before the first token finished
+            return
+        content = "".join(self._splitter.content)
+        reasoning = "".join(self._splitter.reasoning) if self._splitter.saw_reasoning else None
+        content, calls = parse_tool_calls(content) if self._tools else (content, ())
+        cancelled = self._stream.cancelled
+        self.result = ChatResult(
+            text=content,
+            tool_calls=calls,
+            finish_reason="cancelled" if cancelled else result.finish_reason.value,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            reused_tokens=result.reused_tokens,
+            timings=result.timings,
+            raw_text=raw,
+            reasoning=reasoning,
+            complete=result.complete and not cancelled,
+        )
+
+
 class LLM:
     """A loaded artifact with its tokenizer and generation defaults. Build with :func:`load`."""
 
@@ -180,13 +251,25 @@ class LLM:
         return "".join(stream)
 
     def stream(
-        self, prompt: str | Sequence[Message], *, response_format: Mapping[str, Any] | None = None, **sampling: Any
+        self,
+        prompt: str | Sequence[Message],
+        *,
+        response_format: Mapping[str, Any] | None = None,
+        enable_thinking: bool | None = None,
+        **sampling: Any,
     ) -> TextStream:
-        """Stream the completion of ``prompt`` (a string, fed as is) or of chat ``messages``."""
+        """Stream the completion of ``prompt`` (a string, fed as is) or of chat ``messages``
+        (``enable_thinking``, Qwen3, is passed to their chat template; the text pieces include the
+        ``<think>`` part: :meth:`chat_stream` separates it)."""
         if isinstance(prompt, str):
+            if enable_thinking is not None:
+                raise OptionError("enable_thinking applies to chat messages, not to a raw prompt")
             ids = self.tokenizer.encode(prompt, max_tokens=self.max_context)
         else:
-            ids = self.tokenizer.apply_chat_template_ids(list(prompt), max_tokens=self.max_context)
+            request = prepare_chat(list(prompt), enable_thinking=enable_thinking)
+            ids = self.tokenizer.apply_chat_template_ids(
+                request.messages, max_tokens=self.max_context, **request.template_variables
+            )
         return self._start(ids, response_format, sampling)
 
     def chat(
@@ -194,32 +277,59 @@ class LLM:
         messages: Sequence[Message],
         tools: Sequence[Mapping[str, Any]] | None = None,
         response_format: Mapping[str, Any] | None = None,
-        **sampling: Any,
+        *,
+        tool_choice: Any = None,
+        enable_thinking: bool | None = None,
+        **options: Any,
     ) -> ChatResult:
-        """One assistant turn for OpenAI-style ``messages`` (roles system/user/assistant/tool).
+        """One assistant turn for OpenAI-style ``messages`` (roles system/developer/user/assistant/tool;
+        content a string or a list of text parts).
 
         ``tools`` are JSON-schema function specs rendered by the model's own chat template; the
         reply's ``<tool_call>`` blocks come back parsed in ``tool_calls`` (malformed ones with
-        ``error`` set). Earlier turns are served from the KV cache when the prompt extends them.
+        ``error`` set). ``tool_choice``: ``"auto"``, ``"none"``, ``"required"`` or a named function
+        (the last two enforced by constrained decoding); ``tools`` and ``response_format`` together
+        let the reply be tool calls or the document. ``enable_thinking`` (Qwen3) is passed to the
+        chat template; the ``<think>`` part comes back in ``reasoning``. ``options``: generation
+        options, OpenAI's ``max_tokens`` / ``stop`` accepted (:mod:`qwen_export.runtime.openai_shapes`).
+        Earlier turns are served from the KV cache when the prompt extends them.
         """
-        if tools is not None and response_format is not None:
-            raise OptionError("pass either tools or response_format, not both")
-        ids = self.tokenizer.apply_chat_template_ids(list(messages), tools=tools, max_tokens=self.max_context)
-        stream = self._start(ids, response_format, sampling)
-        raw = "".join(stream)
-        result = stream.result
-        assert result is not None
-        content, calls = parse_tool_calls(raw) if tools else (raw, ())
-        return ChatResult(
-            text=content,
-            tool_calls=calls,
-            finish_reason="cancelled" if stream.cancelled else result.finish_reason.value,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            reused_tokens=result.reused_tokens,
-            timings=result.timings,
-            raw_text=raw,
+        stream = self.chat_stream(
+            messages, tools, response_format, tool_choice=tool_choice, enable_thinking=enable_thinking, **options
         )
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    def chat_stream(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        *,
+        tool_choice: Any = None,
+        enable_thinking: bool | None = None,
+        **options: Any,
+    ) -> ChatStream:
+        """:meth:`chat`, streamed: an iterator of :class:`ChatDelta` (kind ``reasoning`` or
+        ``content``); ``result`` (a :class:`ChatResult`) is set once it has finished."""
+        request = prepare_chat(messages, tools, response_format, tool_choice, enable_thinking, options)
+        text = self.tokenizer.apply_chat_template(request.messages, tools=request.tools, **request.template_variables)
+        ids = self.tokenizer.encode(text, max_tokens=self.max_context)
+        constraint = None
+        if request.constrain_calls:
+            from qwen_export.runtime.structured import make_tool_constraint
+
+            constraint = make_tool_constraint(
+                list(request.tool_functions),
+                single=request.tool_choice.mode is ToolChoiceMode.FUNCTION,
+                answer=request.response_format if request.tool_choice.mode is ToolChoiceMode.AUTO else None,
+                tokenizer=self.tokenizer,
+            )
+        stream = self._start(ids, None if constraint else request.response_format, request.options, constraint)
+        opened = text.rstrip().endswith("<think>")
+        return ChatStream(stream, ReasoningSplitter(opened), request.parse_tool_calls)
 
     def reset(self) -> None:
         """Forget the cached conversation."""
@@ -234,9 +344,14 @@ class LLM:
             raise OptionError(f"unknown generation option(s) {unknown}; valid: {sorted(known)}")
         return self.artifact.generation_config(**sampling)
 
-    def _start(self, ids: list[int], response_format: Mapping[str, Any] | None, sampling: dict[str, Any]) -> TextStream:
-        config = self._config(sampling)
-        constraint = None
+    def _start(
+        self,
+        ids: list[int],
+        response_format: Mapping[str, Any] | ResponseFormat | None,
+        sampling: dict[str, Any],
+        constraint: Constraint | None = None,
+    ) -> TextStream:
+        config = self._config(generation_options(sampling))
         if response_format is not None:
             from qwen_export.runtime.structured import ResponseFormat, make_constraint
 

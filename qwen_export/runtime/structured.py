@@ -4,7 +4,12 @@
 to JSON that validates against the schema; ``{"type": "json_object"}`` to any JSON object;
 ``{"type": "text"}`` (or None) leaves generation free. Before each token the :class:`Constraint`
 gives the set of tokens the grammar allows (everything else is set to -inf), and it advances with
-the sampled token, so the output parses whatever the weights.
+the sampled token. The guarantee: whenever a constrained generation finishes with a stop token
+(``finish_reason`` ``stop_token``, ``complete`` True), its text parses and validates, whatever the
+weights. Near the end of the budget the document is steered to a closing
+(:mod:`qwen_export.runtime.closing`); one that still ends at ``max_new_tokens`` or the context
+(``length`` / ``context``), or at a stop string, has ``complete`` False and its text is only a prefix
+of a valid document.
 
 The grammar engine is `llguidance <https://github.com/guidance-ai/llguidance>`_ (MIT, no torch;
 see ``benchmarks/README.md``, "Constrained decoding", for the comparison with xgrammar and
@@ -29,9 +34,10 @@ from typing import Any
 import numpy as np
 
 from qwen_export.errors import GenerationError, OptionError
+from qwen_export.runtime.closing import Closer
 from qwen_export.runtime.jsonsafe import check_json
 
-__all__ = ["Constraint", "ResponseFormat", "cache_info", "clear_cache", "make_constraint"]
+__all__ = ["Constraint", "ResponseFormat", "cache_info", "clear_cache", "make_constraint", "make_tool_constraint"]
 
 _TYPES = ("text", "json_object", "json_schema")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # as OpenAI's json_schema.name
@@ -172,19 +178,28 @@ class _TokenizerEntry:
         self.matchers: OrderedDict[str, Any] = OrderedDict()
         self.lock = threading.Lock()
 
-    def matcher(self, schema_json: str) -> Any:
-        """A fresh matcher for ``schema_json`` (a copy of the cached, compiled one)."""
+        def single_token(text: str) -> int | None:
+            ids = backend.encode(text, add_special_tokens=False).ids
+            return ids[0] if len(ids) == 1 else None
+
+        self.closing_preferences = Closer.preference_ids(single_token)
+
+    def closer(self) -> Closer:
+        return Closer(self.lltokenizer, self.closing_preferences, self.eos_token_id)
+
+    def matcher(self, grammar: str, what: str = "response_format schema") -> Any:
+        """A fresh matcher for an llguidance ``grammar`` (a copy of the cached, compiled one)."""
         with self.lock:
-            template = self.matchers.get(schema_json)
+            template = self.matchers.get(grammar)
             if template is not None:
-                self.matchers.move_to_end(schema_json)
+                self.matchers.move_to_end(grammar)
                 return template.deep_copy()
         llg = _llguidance()
-        template = llg.LLMatcher(self.lltokenizer, _grammar(schema_json), log_level=0)
+        template = llg.LLMatcher(self.lltokenizer, grammar, log_level=0)
         if template.is_error():
-            raise OptionError(f"response_format schema cannot be enforced: {_one_line(template.get_error())}")
+            raise OptionError(f"{what} cannot be enforced: {_one_line(template.get_error())}")
         with self.lock:
-            self.matchers[schema_json] = template
+            self.matchers[grammar] = template
             while len(self.matchers) > _MAX_SCHEMAS_PER_TOKENIZER:
                 self.matchers.popitem(last=False)
         return template.deep_copy()
@@ -223,11 +238,20 @@ class Constraint:
     Build with :func:`make_constraint`. Single use: one constraint per generated completion.
     """
 
-    def __init__(self, matcher: Any, eos_token_id: int, vocab_size: int, response_format: ResponseFormat) -> None:
+    def __init__(
+        self,
+        matcher: Any,
+        eos_token_id: int,
+        vocab_size: int,
+        response_format: ResponseFormat,
+        closer: Closer | None = None,
+    ) -> None:
         self._matcher = matcher
         self.eos_token_id = eos_token_id
         self.response_format = response_format
         self._vocab_size = vocab_size
+        self._closer = closer  # steers to a valid closing when the budget runs out (None: never)
+        self._tokens: list[int] = []  # consumed so far
         self._bitmask = np.zeros((1, (vocab_size + 31) // 32), dtype=np.int32)
         self._allowed_cache: tuple[int, np.ndarray] | None = None  # (vocab_width, mask) of this step
 
@@ -258,6 +282,7 @@ class Constraint:
     def advance(self, token_id: int) -> None:
         """Consume the sampled token; GenerationError when the grammar does not allow it."""
         self._allowed_cache = None
+        self._tokens.append(int(token_id))
         if not self._matcher.consume_token(int(token_id)):
             raise GenerationError(
                 f"token {int(token_id)} is not allowed by the response_format grammar here: "
@@ -269,8 +294,21 @@ class Constraint:
         """The document is complete and nothing but eos may follow."""
         return bool(self._matcher.is_stopped()) and not self._matcher.is_error()
 
+    @property
+    def accepting(self) -> bool:
+        """The text so far is a complete document (eos may come next, or must)."""
+        return not self._matcher.is_error() and bool(self._matcher.is_stopped() or self._matcher.is_accepting())
+
+    def closing_token(self, left: int) -> int | None:
+        """With ``left`` tokens of budget: the next token of a closing path once the document needs
+        about all of them to close (:mod:`qwen_export.runtime.closing`), else None (sample freely)."""
+        if self._closer is None or self._matcher.is_error():
+            return None
+        return self._closer.next_token(self._matcher, self._tokens, left, self.accepting)
+
     def reset(self) -> None:
         """Back to the start of the document."""
+        self._tokens = []
         self._allowed_cache = None
         self._matcher.reset()
 
@@ -287,4 +325,69 @@ def make_constraint(response_format: Mapping[str, Any] | ResponseFormat | None, 
     schema_json = fmt.schema_json if fmt.type == "json_schema" else json.dumps(_JSON_OBJECT_SCHEMA)
     assert schema_json is not None
     entry = _entry(tokenizer)
-    return Constraint(entry.matcher(schema_json), entry.eos_token_id, entry.vocab_size, fmt)
+    return Constraint(entry.matcher(_grammar(schema_json)), entry.eos_token_id, entry.vocab_size, fmt, entry.closer())
+
+
+# -- tool calls (tool_choice, tools together with response_format) ---------------------------------
+
+#: llguidance's JSON options for tool-call blocks: the separators Qwen's template writes.
+_TOOL_JSON = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+
+
+def _call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"name": <one of tools>, "arguments": <its parameters>}`` as one JSON Schema."""
+    options = []
+    for tool in tools:
+        parameters = tool.get("parameters") or {"type": "object"}
+        options.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": tool["name"]}, "arguments": parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
+    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    return {**schema, "x-guidance": _TOOL_JSON}
+
+
+def _tag(tokenizer: Any, text: str) -> str:
+    """A Lark item for ``text``: its token when the vocabulary has one (Qwen's added tokens)."""
+    token_id = tokenizer.token_to_id(text)
+    return f"<[{int(token_id)}]>" if token_id is not None else json.dumps(text)
+
+
+def make_tool_constraint(
+    tools: list[dict[str, Any]], *, single: bool, answer: ResponseFormat | None, tokenizer: Any
+) -> Constraint:
+    """A constraint for Qwen/Hermes tool calls: ``<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>``
+    blocks whose arguments validate against each tool's ``parameters``.
+
+    ``tools``: ``{"name", "parameters"}`` dicts (the functions that may be called). ``single``: exactly
+    one call (a named ``tool_choice``), else one or more. ``answer``: a constrained response_format
+    the reply may be *instead* of the calls (``tool_choice="auto"`` with ``response_format``); None
+    when a call is required.
+    """
+    call = f'{_tag(tokenizer, "<tool_call>")} "\\n" %json {json.dumps(_call_schema(tools))} "\\n" '
+    call += _tag(tokenizer, "</tool_call>")
+    rules = [f"call: {call}", "calls: call" if single else 'calls: call ("\\n" call)*']
+    if answer is not None and answer.constrained:
+        schema = answer.schema if answer.type == "json_schema" else dict(_JSON_OBJECT_SCHEMA)
+        rules += [
+            "start: calls | answer",
+            f"answer: %json {json.dumps({**(schema or {}), 'x-guidance': _COMPILE_OPTIONS})}",
+        ]
+    else:
+        rules.append("start: calls")
+    llg = _llguidance()
+    try:
+        grammar = llg.LLMatcher.grammar_from_lark("\n".join(rules))
+    except ValueError as e:
+        raise OptionError(f"the tools cannot be enforced: {_one_line(str(e))}") from None
+    message = llg.LLMatcher.validate_grammar(grammar)
+    if message:
+        raise OptionError(f"the tools' parameter schemas cannot be enforced: {_one_line(message)}")
+    entry = _entry(tokenizer)
+    fmt = answer if answer is not None else ResponseFormat(type="json_object")
+    matcher = entry.matcher(grammar, "the tools' parameter schemas")
+    return Constraint(matcher, entry.eos_token_id, entry.vocab_size, fmt, entry.closer())
