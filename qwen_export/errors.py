@@ -33,5 +33,13 @@ class GenerationError(QwenExportError):
     """Generation cannot proceed (prompt over the context, token id out of range, ...)."""
 
 
+class ContextLengthError(GenerationError):
+    """The prompt does not fit the artifact's context (leaving room for one new token)."""
+
+
+class MissingDependencyError(QwenExportError):
+    """An optional dependency (one of the package's extras) is not installed."""
+
+
 class EngineUnavailableError(QwenExportError):
     """The engine SDK a target needs is not installed."""

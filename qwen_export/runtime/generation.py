@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from qwen_export.errors import GenerationError, OptionError
+from qwen_export.errors import ContextLengthError, GenerationError, OptionError
 from qwen_export.targets.base import Engine
 
 if TYPE_CHECKING:
@@ -425,7 +425,7 @@ class Generator:
         if bad is not None:
             raise GenerationError(f"prompt token id {bad} is outside the vocabulary [0, {caps.vocab_size})")
         if len(prompt) >= caps.max_context:
-            raise GenerationError(
+            raise ContextLengthError(
                 f"prompt has {len(prompt)} tokens; the artifact's context is {caps.max_context}"
                 " (it must leave room for at least one new token)"
             )

@@ -15,7 +15,7 @@ from typing import Any
 
 import tokenizers
 
-from qwen_export.errors import ConfigError, GenerationError, OptionError
+from qwen_export.errors import ConfigError, ContextLengthError, OptionError
 from qwen_export.runtime import tokenizer_guard
 from qwen_export.runtime.chat import ChatTemplate
 from qwen_export.runtime.jsonsafe import check_text
@@ -224,7 +224,7 @@ class Tokenizer:
             raise OptionError(f"text to tokenize must be a string, got {type(text).__name__}")
         check_text(text, "the prompt")
         if max_tokens is not None and len(text) > max_tokens * self.max_token_chars:
-            raise GenerationError(
+            raise ContextLengthError(
                 f"the prompt has {len(text):,} characters, at least {len(text) // self.max_token_chars:,} tokens; "
                 f"the context is {max_tokens} tokens: shorten it"
             )
