@@ -1,7 +1,7 @@
 """The ``qwen-export`` command line (typer). Thin: parse options, call the library, print.
 
 One module per command (``export``, ``build_engine``, ``convert_gguf``, ``generate``, ``chat``, ``perplexity``,
-``check``, ``inspect``, ``bench``, ``demo``), each registering itself on the shared :data:`app` of
+``check``, ``inspect``, ``bench``, ``serve``, ``demo``), each registering itself on the shared :data:`app` of
 :mod:`.common` (with the consoles, error handling and shared options). Every deliberate error
 (:class:`~qwen_export.errors.QwenExportError`) is printed as one ``error: ...`` line on stderr with
 exit status 2; no command leaves a half-written artifact behind.
@@ -13,7 +13,7 @@ from qwen_export.cli.common import app
 
 # isort: off
 # each command module registers its command on ``app`` when imported: this order is --help's
-from qwen_export.cli import export, build_engine, convert_gguf, generate, chat, check, perplexity, inspect, bench, demo  # noqa: F401,E501
+from qwen_export.cli import export, build_engine, convert_gguf, generate, chat, check, perplexity, inspect, bench, serve, demo  # noqa: F401,E501
 
 # isort: on
 
