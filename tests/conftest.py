@@ -49,7 +49,12 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 #: engine labels of the parity suite -> the xdist group that also runs that engine's own module
 _ENGINE_GROUPS = {"openvino": "openvino", "openvino-stateful": "openvino", "tensorrt": "tensorrt"}
-_MODULE_GROUPS = {"test_openvino": "openvino", "test_tensorrt_engine": "tensorrt", "test_tensorrt_target": "tensorrt"}
+_MODULE_GROUPS = {
+    "test_openvino": "openvino",
+    "test_tensorrt_engine": "tensorrt",
+    "test_tensorrt_target": "tensorrt",
+    "test_serve": "test_llm",  # the server's tests reuse test_llm's export of the tiny Qwen2
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

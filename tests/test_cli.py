@@ -563,6 +563,6 @@ def test_commands_are_listed_in_order() -> None:
     from qwen_export import cli
 
     assert callable(cli.main) and cli.app is cli.common.app
-    want = ["export", "build-engine", "convert-gguf", "generate", "chat", "check", "inspect", "bench", "demo"]
+    want = ["export", "build-engine", "convert-gguf", "generate", "chat", "check", "inspect", "bench", "serve", "demo"]
     help_text = invoke("--help").output
     assert [help_text.index(f" {n} ") for n in want] == sorted(help_text.index(f" {n} ") for n in want)

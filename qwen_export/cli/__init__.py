@@ -13,7 +13,8 @@ from qwen_export.cli.common import app
 
 # isort: off
 # each command module registers its command on ``app`` when imported: this order is --help's
-from qwen_export.cli import export, build_engine, convert_gguf, generate, chat, check, perplexity, inspect, bench, serve, demo  # noqa: F401,E501
+from qwen_export.cli import export, build_engine, convert_gguf, generate, chat, check  # noqa: F401
+from qwen_export.cli import perplexity, inspect, bench, serve, demo  # noqa: F401
 
 # isort: on
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from qwen_export import __version__
@@ -44,7 +45,8 @@ def handles_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except QwenExportError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escaped: a message may hold brackets (pip extras, lists) that are not markup
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except Terminated:
             err_console.print("terminated", highlight=False)

@@ -1,0 +1,305 @@
+"""The OpenAI-compatible server (qwen_export/serve/) through FastAPI's TestClient, over the tiny Qwen2."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+import qwen_export
+from qwen_export.errors import OptionError
+from qwen_export.runtime.generation import GenerationTimings
+from qwen_export.runtime.llm import ChatResult
+from qwen_export.runtime.reasoning import ChatDelta, DeltaKind
+from qwen_export.serve import protocol
+from qwen_export.serve.app import create_app
+from qwen_export.serve.streaming import ChatChunks, safe_end
+from qwen_export.serve.worker import EventKind, Job
+
+MODEL = "tiny"
+ASK = [{"role": "user", "content": [{"type": "text", "text": "Weather"}, {"type": "text", "text": "in Paris?"}]}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"enum": ["Paris", "Rome"]}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+]
+
+
+@pytest.fixture(scope="module")
+def llm(export) -> qwen_export.LLM:
+    return qwen_export.load(export("qwen2_tied"))
+
+
+@pytest.fixture(scope="module")
+def client(llm: qwen_export.LLM):
+    with TestClient(create_app(llm, max_queue=1, model_name=MODEL)) as test_client:
+        yield test_client
+
+
+def chat(client: TestClient, **body: Any) -> Any:
+    return client.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, **body})
+
+
+def events(response: Any) -> list[Any]:
+    """The SSE ``data:`` payloads of a streamed response, decoded (``[DONE]`` kept as the string)."""
+    lines = [line for line in response.text.split("\n") if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in lines]
+
+
+def assert_error(response: Any, status: int, param: str | None = None, code: str | None = None) -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+    assert (error["param"], error["code"]) == (param, code) or (param is None and code is None), error
+    return error["message"]
+
+
+def test_chat_completion_matches_the_library_and_reports_cached_tokens(client, llm) -> None:
+    first = chat(client, max_tokens=5, temperature=0)
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert (body["object"], body["model"]) == ("chat.completion", MODEL) and body["id"].startswith("chatcmpl-")
+    choice = body["choices"][0]
+    want = llm.chat(ASK, max_tokens=5, temperature=0)
+    assert choice["message"] == {"role": "assistant", "content": want.text}
+    assert choice["finish_reason"] == ("length" if want.finish_reason == "length" else "stop")
+    usage = body["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (want.prompt_tokens, want.completion_tokens)
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    # the same prompt again: its prefix comes from the KV cache
+    again = chat(client, max_completion_tokens=5, temperature=0).json()
+    assert again["choices"][0]["message"] == choice["message"]
+    assert 0 < again["usage"]["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
+
+
+def test_chat_stream_chunks_usage_and_done(client) -> None:
+    whole = chat(client, max_tokens=6, temperature=0).json()
+    streamed = chat(client, max_tokens=6, temperature=0, stream=True, stream_options={"include_usage": True})
+    assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+    payloads = events(streamed)
+    assert payloads[-1] == "[DONE]" and "[DONE]" not in payloads[:-1]
+    chunks, usage_chunk = payloads[:-2], payloads[-2]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == whole["choices"][0]["message"]["content"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == whole["choices"][0]["finish_reason"]
+    assert all(c["usage"] is None for c in chunks)
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 6
+
+
+def test_completions_plain_and_streamed(client, llm) -> None:
+    want = llm.generate("Once upon a time", max_tokens=6, temperature=0)
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}
+    plain = client.post("/v1/completions", json=body).json()
+    assert plain["object"] == "text_completion" and plain["choices"][0]["text"] == want
+    assert plain["choices"][0]["finish_reason"] == "length" and plain["usage"]["completion_tokens"] == 6
+    payloads = events(client.post("/v1/completions", json={**body, "stream": True}))
+    assert payloads[-1] == "[DONE]"
+    assert "".join(p["choices"][0]["text"] for p in payloads[:-1]) == want
+    default = client.post("/v1/completions", json={"prompt": ["Once upon a time"], "temperature": 0}).json()
+    assert default["usage"]["completion_tokens"] <= protocol.COMPLETION_MAX_TOKENS  # OpenAI's default of 16
+
+
+def test_models_health_and_metrics(client, llm) -> None:
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [MODEL]
+    assert models["data"][0]["max_model_len"] == llm.max_context
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    chat(client, max_tokens=3, temperature=0)
+    metrics = client.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values['qwen_export_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 1
+    assert values["qwen_export_completion_tokens_total"] >= 3 and values["qwen_export_queue_depth"] == 0
+    assert values["qwen_export_time_to_first_token_seconds_count"] >= 1
+    assert (
+        values['qwen_export_time_to_first_token_seconds_bucket{le="+Inf"}']
+        == (values["qwen_export_time_to_first_token_seconds_count"])
+    )
+    assert values["qwen_export_time_per_output_token_seconds_count"] >= 1
+
+
+def test_bad_requests_are_openai_errors(client, llm) -> None:
+    assert "does not exist" in assert_error(chat(client, model="gpt-4"), 400, "model", "model_not_found")
+    assert "n=1" in assert_error(chat(client, n=2), 400, "n")
+    long = [{"role": "user", "content": "hello " * llm.max_context}]
+    too_long = client.post("/v1/chat/completions", json={"model": MODEL, "messages": long})
+    assert_error(too_long, 400, "messages", "context_length_exceeded")
+    assert "temperature" in assert_error(chat(client, temperature=-1), 400)
+    assert_error(chat(client, max_tokens=4, max_completion_tokens=4), 400)
+    assert "logprobs" in assert_error(chat(client, logprobs=True), 400, "logprobs")
+    assert "frobnicate" in assert_error(chat(client, frobnicate=1), 400, "frobnicate")
+    assert "image_url" in assert_error(
+        chat(client, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400
+    )
+    assert "tool_choice" in assert_error(chat(client, tool_choice="required"), 400)
+    not_json = client.post("/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert "not valid JSON" in assert_error(not_json, 400)
+    assert_error(client.get("/v1/nothing"), 404)
+    big = client.post("/v1/completions", content=b"x" * (9 << 20), headers={"content-type": "application/json"})
+    assert_error(big, 413)
+    assert chat(client, max_tokens=2).status_code == 200  # the server is still fine
+
+
+def test_api_key(llm) -> None:
+    with TestClient(create_app(llm, api_key="sekret", model_name=MODEL)) as keyed:
+        assert "API key" in assert_error(keyed.get("/v1/models"), 401, None, "invalid_api_key")
+        wrong = keyed.get("/v1/models", headers={"Authorization": "Bearer nope"})
+        assert_error(wrong, 401, None, "invalid_api_key")
+        assert_error(keyed.post("/v1/chat/completions", json={"messages": ASK}), 401, None, "invalid_api_key")
+        assert keyed.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
+        assert keyed.get("/health").status_code == 200  # health and metrics stay open to probes
+    with pytest.raises(OptionError, match="api_key"):
+        create_app(llm, api_key="")
+
+
+def test_full_queue_is_429(client) -> None:
+    worker = client.app.state.server.worker
+    release, started = threading.Event(), threading.Event()
+
+    def blocked(_: Any) -> Any:
+        started.set()
+        release.wait(10)
+        raise OptionError("released")
+
+    seen: list[Any] = []
+    jobs = [Job(blocked, seen.append), Job(blocked, seen.append)]  # one runs, one waits (--max-queue 1)
+    for job in jobs:
+        worker.submit(job)
+    try:
+        assert started.wait(10)
+        assert "qwen_export_queue_depth 1" in client.get("/metrics").text
+        assert "--max-queue 1" in assert_error(chat(client, max_tokens=2), 429, None, "queue_full")
+    finally:
+        release.set()
+    deadline = time.monotonic() + 10
+    while len(seen) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [event.kind for event in seen] == [EventKind.ERROR, EventKind.ERROR]
+    assert chat(client, max_tokens=2).status_code == 200
+
+
+def test_cancelled_job_stops_its_generation(client, llm) -> None:
+    worker = client.app.state.server.worker
+    seen: list[Any] = []
+    done = threading.Event()
+
+    def sink(event: Any) -> None:
+        seen.append(event)
+        if event.kind is EventKind.PIECE and len(seen) == 3:  # STARTED, then two pieces
+            job.cancel()
+        if event.kind in (EventKind.DONE, EventKind.ERROR):
+            done.set()
+
+    job = Job(lambda model: model.stream("Once upon a time", max_tokens=200, temperature=0), sink)
+    worker.submit(job)
+    assert done.wait(30)
+    assert seen[-1].kind is EventKind.DONE and seen[-1].value is None  # no result: cancelled
+    assert len(seen) <= 5
+    assert "qwen_export_cancelled_total 1" in client.get("/metrics").text
+
+
+def test_tool_calls_and_json_object(client) -> None:
+    called = chat(client, tools=TOOLS, tool_choice="required", max_tokens=60, temperature=0).json()
+    choice = choice0 = called["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    calls = choice["message"]["tool_calls"]
+    assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
+    assert calls[0]["function"]["name"] == "get_weather"
+    assert json.loads(calls[0]["function"]["arguments"])["city"] in ("Paris", "Rome")
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    payloads = events(chat(client, tools=TOOLS, tool_choice=named, max_tokens=60, temperature=0, stream=True))
+    deltas = [p["choices"][0]["delta"] for p in payloads[:-1]]
+    streamed = [call for d in deltas for call in d.get("tool_calls", [])]
+    assert [c["index"] for c in streamed] == [0] and streamed[0]["function"]["name"] == "get_weather"
+    assert streamed[0]["id"] != calls[0]["id"]  # ids are unique
+    assert "<tool_call>" not in "".join(d.get("content") or "" for d in deltas)
+    assert payloads[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    document = chat(client, response_format={"type": "json_object"}, max_tokens=60, temperature=0).json()
+    choice = document["choices"][0]
+    assert choice["finish_reason"] == "stop" and isinstance(json.loads(choice["message"]["content"]), dict)
+    assert choice0 is not choice
+
+
+def test_reasoning_and_tool_text_shapes() -> None:
+    timings = GenerationTimings(0.1, 0.1, 0.1)
+    result = ChatResult("Hi.", (), "stop_token", 5, 4, 2, timings, "<think>why</think>Hi.", reasoning="why")
+    message, reason = protocol.chat_message(result)
+    assert message == {"role": "assistant", "content": "Hi.", "reasoning_content": "why"} and reason == "stop"
+    chunks = ChatChunks(MODEL, include_usage=False, tools=False)
+    first = json.loads(chunks.piece(ChatDelta(DeltaKind.REASONING, "why"))[0][6:])
+    assert first["choices"][0]["delta"] == {"reasoning_content": "why"}
+    call = protocol.parse_chat(
+        {"messages": ASK, "chat_template_kwargs": {"enable_thinking": False}}, MODEL, max_context=64
+    )
+    assert call.enable_thinking is False and call.options == {"max_new_tokens": 64}
+    assert [safe_end(t) for t in ("abc", "abc<", "abc<tool_c", "ab<tool_call>{", "a<b")] == [3, 3, 3, 2, 3]
+
+
+def test_503_while_loading_then_ready(export, llm, monkeypatch) -> None:
+    import qwen_export.runtime.llm as runtime_llm
+
+    release = threading.Event()
+
+    def slow_load(path: Any, **options: Any) -> Any:
+        release.wait(10)
+        return llm
+
+    monkeypatch.setattr(runtime_llm, "load", slow_load)
+    with TestClient(create_app(export("qwen2_tied"))) as loading:
+        health = loading.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "loading"
+        assert_error(loading.post("/v1/chat/completions", json={"messages": ASK}), 503, None, "model_loading")
+        release.set()
+        deadline = time.monotonic() + 10
+        while loading.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        served = loading.get("/v1/models").json()["data"][0]["id"]
+        assert served == "qwen2_tied-fp32-last-onnxruntime"  # the artifact directory's name
+        assert loading.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 2}).status_code == 200
+
+    def failing_load(path: Any, **options: Any) -> Any:
+        raise OptionError("no such engine")
+
+    monkeypatch.setattr(runtime_llm, "load", failing_load)
+    with TestClient(create_app(export("qwen2_tied"))) as broken:
+        deadline = time.monotonic() + 10
+        while broken.get("/health").json()["status"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "no such engine" in broken.get("/health").json()["error"]
+        assert "no such engine" in assert_error(broken.post("/v1/completions", json={"prompt": "x"}), 503)
+
+
+def test_cli_serve_errors(tmp_path, monkeypatch) -> None:
+    from qwen_export.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["serve", str(tmp_path)])
+    assert result.exit_code == 2 and "not an exported artifact" in result.output
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    result = runner.invoke(app, ["serve", str(tmp_path)])
+    assert result.exit_code == 2 and 'serving needs uvicorn: pip install "qwen-export[serve]"' in result.output
