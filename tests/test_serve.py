@@ -303,3 +303,86 @@ def test_cli_serve_errors(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
     result = runner.invoke(app, ["serve", str(tmp_path)])
     assert result.exit_code == 2 and 'serving needs uvicorn: pip install "qwen-export[serve]"' in result.output
+
+
+class _SlowStream:
+    """A runtime stream that takes 20 ms a piece: long enough to disconnect in the middle."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def __iter__(self) -> _SlowStream:
+        return self
+
+    def __next__(self) -> Any:
+        time.sleep(0.02)
+        return next(self._stream)
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+    close = cancel
+
+    @property
+    def result(self) -> Any:
+        return self._stream.result
+
+
+class _SlowLLM:
+    def __init__(self, llm: qwen_export.LLM) -> None:
+        self.artifact, self.max_context, self._llm = llm.artifact, llm.max_context, llm
+
+    def stream(self, *args: Any, **options: Any) -> _SlowStream:
+        return _SlowStream(self._llm.stream(*args, **options))
+
+
+def test_real_server_cancels_on_disconnect(llm) -> None:
+    """uvicorn on a free loopback port: a client that hangs up, streamed or not, frees the worker."""
+    import http.client
+    import socket
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(_SlowLLM(llm), model_name=MODEL), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    body = {"prompt": "Once upon a time", "max_tokens": 200, "temperature": 0}
+
+    def cancelled() -> float:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+        return float(
+            next(line for line in text.splitlines() if line.startswith("qwen_export_cancelled_total ")).split()[1]
+        )
+
+    def wait_for(count: float) -> None:
+        deadline = time.monotonic() + 5
+        while cancelled() < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cancelled() == count
+
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for stream, count in ((True, 1), (False, 2)):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request(
+                "POST", "/v1/completions", json.dumps({**body, "stream": stream}), {"Content-Type": "application/json"}
+            )
+            if stream:
+                response = conn.getresponse()
+                assert response.status == 200 and response.readline().startswith(b"data: ")
+            else:
+                time.sleep(0.3)
+            conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
+            wait_for(count)  # long before the 200 tokens' 4 s
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -10,6 +10,7 @@ import contextlib
 import hmac
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -217,15 +218,25 @@ def _check_options(llm: Any, options: Mapping[str, Any]) -> None:
         raise APIError.from_exception(exc) from exc
 
 
-async def _next_event(request: Request, job: Job, events: asyncio.Queue[Event]) -> Event:
-    """The job's next event; a client that went away meanwhile cancels the job."""
-    while True:
-        try:
-            return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancel()
-                raise APIError(499, "the client closed the request") from None
+class _Watch:
+    """The events of one job for a handler that is not streaming: a client that went away meanwhile
+    (checked every DISCONNECT_POLL_S, whether events come or not) cancels the job."""
+
+    def __init__(self, request: Request, job: Job, events: asyncio.Queue[Event]) -> None:
+        self.request, self.job, self.events = request, job, events
+        self.checked = time.monotonic()
+
+    async def next(self) -> Event:
+        while True:
+            if time.monotonic() - self.checked >= DISCONNECT_POLL_S:
+                self.checked = time.monotonic()
+                if await self.request.is_disconnected():
+                    self.job.cancel()
+                    raise APIError(499, "the client closed the request")
+            try:
+                return await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                continue
 
 
 async def _respond(request: Request, worker: Worker, call: Any, chunks: Any, build: Any, model: str) -> Response:
@@ -237,13 +248,14 @@ async def _respond(request: Request, worker: Worker, call: Any, chunks: Any, bui
         raise APIError(
             429, f"the server is busy: {exc}; retry later", ErrorType.RATE_LIMIT, code="queue_full"
         ) from None
+    watch = _Watch(request, job, events)
     try:
-        first = await _next_event(request, job, events)  # STARTED, or the runtime refused the request
+        first = await watch.next()  # STARTED, or the runtime refused the request
         if first.kind is EventKind.ERROR:
             raise APIError.from_exception(first.value)
         if call.streaming.on:
             return StreamingResponse(_sse(job, events, chunks), media_type="text/event-stream")
-        while (event := await _next_event(request, job, events)).kind is EventKind.PIECE:
+        while (event := await watch.next()).kind is EventKind.PIECE:
             pass
     except BaseException:
         job.cancel()

@@ -130,7 +130,8 @@ class Worker:
                     self._publish()
 
     def _run(self, job: Job) -> None:
-        if job.cancelled:
+        if job.cancelled:  # its client went away (or the server is stopping) while it waited
+            self._account(job, None, time.perf_counter())
             job.emit(
                 EventKind.ERROR, APIError(503, "the request was cancelled before it started", ErrorType.UNAVAILABLE)
             )
