@@ -159,6 +159,8 @@ def test_bad_requests_are_openai_errors(client, llm) -> None:
     assert_error(client.get("/v1/nothing"), 404)
     big = client.post("/v1/completions", content=b"x" * (9 << 20), headers={"content-type": "application/json"})
     assert_error(big, 413)
+    neutral = chat(client, max_tokens=1, logit_bias={}, top_logprobs=0, n=1, user="u", presence_penalty=0)
+    assert neutral.status_code == 200, neutral.text  # neutral values of unsupported options are accepted
     assert chat(client, max_tokens=2).status_code == 200  # the server is still fine
 
 
@@ -335,6 +337,9 @@ class _SlowLLM:
     def stream(self, *args: Any, **options: Any) -> _SlowStream:
         return _SlowStream(self._llm.stream(*args, **options))
 
+    def chat_stream(self, *args: Any, **options: Any) -> Any:
+        raise RuntimeError("engine on fire")
+
 
 def test_real_server_cancels_on_disconnect(llm) -> None:
     """uvicorn on a free loopback port: a client that hangs up, streamed or not, frees the worker."""
@@ -383,6 +388,14 @@ def test_real_server_cancels_on_disconnect(llm) -> None:
             conn.sock.shutdown(socket.SHUT_RDWR)
             conn.close()
             wait_for(count)  # long before the 200 tokens' 4 s
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request(
+            "POST", "/v1/chat/completions", json.dumps({"messages": ASK}), {"Content-Type": "application/json"}
+        )
+        response = conn.getresponse()
+        error = json.loads(response.read())["error"]
+        assert response.status == 500 and error["type"] == "server_error" and "engine on fire" in error["message"]
+        conn.close()
     finally:
         server.should_exit = True
         thread.join(10)

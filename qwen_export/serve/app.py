@@ -43,6 +43,8 @@ class ServerState:
         if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
             raise OptionError(f"max_queue must be an integer >= 0, got {max_queue!r}")
         self.path = Path(source) if isinstance(source, str | Path) else None
+        if self.path is None and not callable(getattr(source, "chat_stream", None)):
+            raise OptionError(f"serve an LLM (qwen_export.load) or an artifact path, got {type(source).__name__}")
         self.llm = None if self.path is not None else source
         where = self.path if self.path is not None else getattr(getattr(source, "artifact", None), "path", None)
         self.model = model_name or (Path(where).name if where is not None else "qwen-export")
@@ -166,6 +168,11 @@ def _error_handlers(app: FastAPI) -> None:
     async def api_error(_: Request, exc: APIError) -> Response:
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> Response:  # a bug: still OpenAI's shape, 500
+        error = APIError.from_exception(exc)
+        return JSONResponse(error.body(), status_code=error.status)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
         kind = ErrorType.INVALID_REQUEST if exc.status_code < 500 else ErrorType.SERVER
@@ -254,7 +261,8 @@ async def _respond(request: Request, worker: Worker, call: Any, chunks: Any, bui
         if first.kind is EventKind.ERROR:
             raise APIError.from_exception(first.value)
         if call.streaming.on:
-            return StreamingResponse(_sse(job, events, chunks), media_type="text/event-stream")
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
+            return StreamingResponse(_sse(job, events, chunks), media_type="text/event-stream", headers=headers)
         while (event := await watch.next()).kind is EventKind.PIECE:
             pass
     except BaseException:

@@ -28,7 +28,7 @@ IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
 NEUTRAL = {
     "n": 1,
     "logprobs": False,
-    "top_logprobs": None,
+    "top_logprobs": 0,
     "presence_penalty": 0,
     "frequency_penalty": 0,
     "logit_bias": None,
@@ -109,7 +109,7 @@ def _check_fields(body: Any, known: set[str]) -> dict[str, Any]:
         raise APIError.bad_request(f"unrecognized request argument {unknown[0]!r}", unknown[0])
     for key, neutral in NEUTRAL.items():
         value = body.get(key)
-        if key in body and value is not None and value != neutral:
+        if value is not None and value != neutral and value != {}:  # logit_bias {} is neutral too
             what = "only n=1 is supported" if key == "n" else f"{key}={value!r} is not supported (only {neutral!r})"
             raise APIError.bad_request(what, key)
     return dict(body)
