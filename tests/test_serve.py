@@ -146,6 +146,8 @@ def test_bad_requests_are_openai_errors(client, llm) -> None:
     long = [{"role": "user", "content": "hello " * llm.max_context}]
     too_long = client.post("/v1/chat/completions", json={"model": MODEL, "messages": long})
     assert_error(too_long, 400, "messages", "context_length_exceeded")
+    long_prompt = client.post("/v1/completions", json={"prompt": "hello " * llm.max_context})
+    assert_error(long_prompt, 400, "prompt", "context_length_exceeded")
     assert "temperature" in assert_error(chat(client, temperature=-1), 400)
     assert_error(chat(client, max_tokens=4, max_completion_tokens=4), 400)
     assert "logprobs" in assert_error(chat(client, logprobs=True), 400, "logprobs")

@@ -259,7 +259,7 @@ async def _respond(request: Request, worker: Worker, call: Any, chunks: Any, bui
     try:
         first = await watch.next()  # STARTED, or the runtime refused the request
         if first.kind is EventKind.ERROR:
-            raise APIError.from_exception(first.value)
+            raise APIError.from_exception(first.value, call.prompt_param)
         if call.streaming.on:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
             return StreamingResponse(_sse(job, events, chunks), media_type="text/event-stream", headers=headers)

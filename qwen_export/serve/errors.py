@@ -40,13 +40,13 @@ class APIError(Exception):
         return cls(400, message, ErrorType.INVALID_REQUEST, param, code)
 
     @classmethod
-    def from_exception(cls, exc: BaseException) -> APIError:
-        """A deliberate error of the runtime (bad option, prompt over the context) is the client's:
-        400; anything else is the server's: 500."""
+    def from_exception(cls, exc: BaseException, prompt_param: str = "messages") -> APIError:
+        """A deliberate error of the runtime (bad option, prompt over the context: ``prompt_param``
+        named) is the client's: 400; anything else is the server's: 500."""
         if isinstance(exc, APIError):
             return exc
         if isinstance(exc, ContextLengthError):
-            return cls.bad_request(str(exc), "messages", "context_length_exceeded")
+            return cls.bad_request(str(exc), prompt_param, "context_length_exceeded")
         if isinstance(exc, QwenExportError):
             return cls.bad_request(str(exc))
         one_line = " ".join(f"{type(exc).__name__}: {exc}".split())

@@ -74,6 +74,8 @@ class ChatCall:
     options: dict[str, Any]
     streaming: Streaming
 
+    prompt_param = "messages"  # the field a prompt over the context is blamed on
+
     @property
     def parses_tool_calls(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
@@ -96,6 +98,7 @@ class CompletionCall:
     prompt: str
     options: dict[str, Any]
     streaming: Streaming
+    prompt_param = "prompt"
 
     def start(self, llm: Any) -> Any:
         return llm.stream(self.prompt, **self.options)
