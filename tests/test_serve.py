@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -342,19 +345,67 @@ class _SlowLLM:
         raise RuntimeError("engine on fire")
 
 
-def test_real_server_cancels_on_disconnect(llm) -> None:
-    """uvicorn on a free loopback port: a client that hangs up, streamed or not, frees the worker."""
-    import http.client
-    import socket
-
+@contextlib.contextmanager
+def real_server(app: Any) -> Iterator[int]:
+    """``app`` under uvicorn on a free loopback port (yielded), in a thread; stopped on exit."""
     import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(_SlowLLM(llm), model_name=MODEL), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.started
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_official_openai_client(llm) -> None:
+    """The official ``openai`` client against the real server: plain, streamed, tools, json_schema, errors."""
+    import openai
+
+    with real_server(create_app(llm, api_key="sekret", model_name=MODEL)) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sekret", max_retries=0)
+        reply = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, temperature=0)
+        want = llm.chat(ASK, max_tokens=5, temperature=0)
+        assert reply.choices[0].message.content == want.text and reply.usage.completion_tokens == 5
+        stream = client.chat.completions.create(
+            model=MODEL, messages=ASK, max_tokens=5, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+        assert chunks[-1].usage.completion_tokens == 5
+        called = client.chat.completions.create(
+            model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=60, temperature=0
+        )
+        call = called.choices[0].message.tool_calls[0]
+        assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+        assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+        fmt = {"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}}
+        document = client.chat.completions.create(
+            model=MODEL, messages=ASK, response_format=fmt, max_tokens=40, temperature=0
+        )
+        assert isinstance(json.loads(document.choices[0].message.content)["ok"], bool)
+        text = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4, temperature=0)
+        assert text.choices[0].text == llm.generate("Once upon a time", max_tokens=4, temperature=0)
+        assert [m.id for m in client.models.list()] == [MODEL]
+        with pytest.raises(openai.BadRequestError, match="only n=1"):
+            client.chat.completions.create(model=MODEL, messages=ASK, n=2)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=client.base_url, api_key="nope", max_retries=0).models.list()
+
+
+def test_real_server_cancels_on_disconnect(llm) -> None:
+    """uvicorn on a free loopback port: a client that hangs up, streamed or not, frees the worker."""
+    import http.client
+
     body = {"prompt": "Once upon a time", "max_tokens": 200, "temperature": 0}
 
     def cancelled() -> float:
@@ -372,10 +423,7 @@ def test_real_server_cancels_on_disconnect(llm) -> None:
             time.sleep(0.05)
         assert cancelled() == count
 
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.01)
+    with real_server(create_app(_SlowLLM(llm), model_name=MODEL)) as port:
         for stream, count in ((True, 1), (False, 2)):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             conn.request(
@@ -397,6 +445,3 @@ def test_real_server_cancels_on_disconnect(llm) -> None:
         error = json.loads(response.read())["error"]
         assert response.status == 500 and error["type"] == "server_error" and "engine on fire" in error["message"]
         conn.close()
-    finally:
-        server.should_exit = True
-        thread.join(10)
