@@ -229,6 +229,22 @@ def format_bytes(n: float) -> str:
     return f"{n / 2**10:.1f} KiB"
 
 
+def context_line(context: Any, kv: Any) -> str | None:
+    """``context: 131072 tokens (the model's own: 131072; RoPE set at export: yarn factor 4), KV cache
+    12.0 KiB per token`` from manifest.extra["context"] and ["kv_cache"]."""
+    if not isinstance(context, dict) or not isinstance(context.get("max_length"), int):
+        return None
+    own = (
+        "the model's own"
+        if context.get("chosen_by") == "model"
+        else f"--max-length; the model's: {context.get('trained')}"
+    )
+    rope = context.get("rope_override")
+    per_token = kv.get("bytes_per_token") if isinstance(kv, dict) else None
+    kv_text = f", KV cache {format_bytes(per_token)} per token" if isinstance(per_token, int) else ""
+    return f"context: {context['max_length']} tokens ({own}{f'; RoPE set at export: {rope}' if rope else ''}){kv_text}"
+
+
 def kv_cache_line(kv: Any) -> str | None:
     """``KV cache: 4096 tokens x 12.0 KiB = 48.0 MiB per sequence ...`` from manifest.extra["kv_cache"]."""
     if not isinstance(kv, dict):
@@ -239,7 +255,10 @@ def kv_cache_line(kv: Any) -> str | None:
     total = f"{capacity} tokens x {format_bytes(per_token)} = {format_bytes(capacity * per_token)} per sequence"
     layout = kv.get("layout")
     if layout == "shared":
-        return f"KV cache: {total}, preallocated (one buffer shared by past and present)"
+        return (
+            f"KV cache: up to {total}, allocated as tokens arrive (one buffer shared by past and present, "
+            "grown in steps)"
+        )
     if layout == "concat":
         return f"KV cache: up to {total}, grown as tokens arrive (past and present concatenated)"
     if layout == "stateful":
