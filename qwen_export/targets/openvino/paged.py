@@ -33,7 +33,7 @@ import numpy as np
 from qwen_export.artifact import Manifest
 from qwen_export.errors import ArtifactError, OptionError
 from qwen_export.spec import ModelSpec
-from qwen_export.targets.base import Truncation, plan_truncate, prepare_step
+from qwen_export.targets.base import Truncation, plan_truncate, prepare_step, run_in_chunks
 from qwen_export.targets.openvino.engine import (
     MODEL_XML,
     Attention,
@@ -165,22 +165,27 @@ class PagedOpenVINOEngine:
             vocab_size=self.spec.vocab_size,
             max_context=self.capabilities.max_context,
         )
-        batch, seq = step.ids.shape
         if self._mask is None:
-            self._rows = [[] for _ in range(batch)]
-            self._lens = np.zeros(batch, np.int64)
-        real = step.mask[:, -seq:] == 1
+            self._rows = [[] for _ in range(step.ids.shape[0])]
+            self._lens = np.zeros(step.ids.shape[0], np.int64)
+        return run_in_chunks(step, self.options.prefill_chunk, self._piece, self.capabilities.full_logits)
+
+    def _piece(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """One inference over the real (unpadded) tokens of ``ids``; ``mask`` covers everything
+        cached once they are in."""
+        batch, seq = ids.shape
+        real = mask[:, -seq:] == 1
         counts = real.sum(axis=1)
         rows = np.flatnonzero(counts)
         out = np.zeros((batch, seq if self.capabilities.full_logits else 1, self.spec.vocab_size), np.float32)
         if rows.size:
-            logits = self._run(step.ids[real], step.position_ids[real], rows, counts[rows])
+            logits = self._run(ids[real], position_ids[real], rows, counts[rows])
             if self.capabilities.full_logits:
                 out[real] = logits
             else:
                 out[rows, 0] = logits
         self._lens = self._lens + counts
-        self._mask = step.mask
+        self._mask = mask
         return out
 
     def _run(self, ids: np.ndarray, positions: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
