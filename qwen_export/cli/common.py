@@ -230,14 +230,14 @@ def format_bytes(n: float) -> str:
 
 
 def context_line(context: Any, kv: Any) -> str | None:
-    """``context: 131072 tokens (the model's own: 131072; RoPE set at export: yarn factor 4), KV cache
+    """``context: 131072 tokens (the model's context; RoPE set at export: yarn factor 4), KV cache
     12.0 KiB per token`` from manifest.extra["context"] and ["kv_cache"]."""
     if not isinstance(context, dict) or not isinstance(context.get("max_length"), int):
         return None
     own = (
-        "the model's own"
+        "the model's context"
         if context.get("chosen_by") == "model"
-        else f"--max-length; the model's: {context.get('trained')}"
+        else f"--max-length; the model's context: {context.get('trained')}"
     )
     rope = context.get("rope_override")
     per_token = kv.get("bytes_per_token") if isinstance(kv, dict) else None
