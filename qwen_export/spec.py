@@ -15,6 +15,7 @@ import enum
 import json
 import math
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -235,7 +236,7 @@ class ModelSpec:
     def has_sliding_layers(self) -> bool:
         return LayerType.SLIDING in self.layer_types
 
-    def rope_inv_freq_and_scale(self) -> tuple[list[float], float]:
+    def rope_inv_freq_and_scale(self, pos_freqs: Sequence[float] | None = None) -> tuple[list[float], float]:
         """Inverse frequencies and the cos/sin scale, exactly as transformers computes them.
 
         Mirrors ``transformers.modeling_rope_utils`` (default, linear and YaRN; float32 arithmetic
@@ -244,8 +245,12 @@ class ModelSpec:
         """
         dim = self.head_dim
         base = _f32(self.rope_theta)
-        # transformers computes in float32: every operation below is rounded to float32 as torch does
-        pos_freqs = [_f32(base ** _f32(i / dim)) for i in range(0, dim, 2)]
+        # transformers computes in float32: every operation below is rounded to float32 as torch does;
+        # torch's float32 pow is not correctly rounded everywhere (1 ulp off at some exponents), so an
+        # exporter passes the ``base ** (2i / dim)`` torch computes (export/trace.rope_inv_freq_and_scale)
+        if pos_freqs is None:
+            pos_freqs = [_f32(base ** _f32(i / dim)) for i in range(0, dim, 2)]
+        pos_freqs = [_f32(p) for p in pos_freqs]
         scaling = self.rope_scaling
         if scaling is None or scaling.rope_type in (RopeType.DEFAULT, RopeType.DYNAMIC):
             return [_f32(1.0 / p) for p in pos_freqs], 1.0

@@ -179,12 +179,8 @@ def export_options(
     )
     if checkpoint is not None and (Path(checkpoint) / "config.json").is_file():
         quant = prequantized_default(Path(checkpoint), weights, quant, block_size, symmetric)
-    given = {
-        "symmetric": symmetric,
-        "embedding_bits": embedding_bits,
-        "accuracy_level": accuracy_level,
-        "max_batch": max_batch,
-    }
+    given = {"symmetric": symmetric, "embedding_bits": embedding_bits, "accuracy_level": accuracy_level}
+    given["max_batch"] = max_batch
     _refuse_other_targets_options(backend, given)
     quant = backend.adapt_weights(quant, given, message or (lambda text: None))
     return ExportOptions(
