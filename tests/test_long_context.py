@@ -25,8 +25,8 @@ from qwen_export.export.options import ExportOptions, export_options
 from qwen_export.export.pipeline import export as run_export
 from qwen_export.runtime.loader import RuntimeOptions, open_artifact
 from qwen_export.spec import ModelSpec, RopeOverride, RopeScalingChoice, RopeType
-from qwen_export.targets.base import prepare_step, run_in_chunks
-from qwen_export.targets.onnxruntime.engine import OnnxRuntimeEngine, OrtOptions, grown_capacity
+from qwen_export.targets.base import grown_capacity, prepare_step, run_in_chunks
+from qwen_export.targets.onnxruntime.engine import OnnxRuntimeEngine, OrtOptions
 
 PREFILL, DECODE = 210, 16  # past original_max_position_embeddings=64, within the context of 256
 ABS_TOLERANCE = 1e-4

@@ -101,6 +101,19 @@ def prepare_step(
     return Step(ids, mask, position_ids_from_mask(mask)[:, -seq:])
 
 
+#: Granularity of a KV buffer's capacity in tokens (ONNX Runtime's shared buffers, TensorRT's
+#: fixed-shape ones): the first allocation and every growth are rounded up to a multiple of it.
+DEFAULT_KV_STEP = 256
+
+
+def grown_capacity(needed: int, current: int, step: int, limit: int) -> int:
+    """KV capacity for ``needed`` tokens when ``current`` is too small (0: none yet): at least
+    twice ``current`` (amortised O(1) copies per token), rounded up to a multiple of ``step``, at
+    most ``limit`` (the artifact's context)."""
+    want = max(needed, 2 * current)
+    return min(limit, -(-want // step) * step)
+
+
 #: Longest piece of a prompt run in one inference (``prefill_chunk`` of the engines' options): a
 #: long prompt is prefilled in pieces, each attending to everything cached before it, so activation
 #: memory stays that of a 2048-token prompt however long the prompt is (attention work is the same:

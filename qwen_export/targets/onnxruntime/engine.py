@@ -32,10 +32,12 @@ from qwen_export.artifact import Manifest, read_artifact_file
 from qwen_export.errors import ArtifactError, EngineUnavailableError
 from qwen_export.spec import ModelSpec
 from qwen_export.targets.base import (
+    DEFAULT_KV_STEP,
     DEFAULT_PREFILL_CHUNK,
     EngineCapabilities,
     Truncation,
     check_prefill_chunk,
+    grown_capacity,
     plan_truncate,
     position_ids_from_mask,
     prepare_step,
@@ -56,11 +58,6 @@ def _ort() -> Any:
     return onnxruntime
 
 
-#: Granularity of the shared KV buffers' capacity (tokens): the first allocation and every growth
-#: are rounded up to a multiple of it.
-DEFAULT_KV_STEP = 256
-
-
 @dataclasses.dataclass(frozen=True)
 class OrtOptions:
     """Session options. ``threads`` = 0 lets ONNX Runtime choose (one per physical core).
@@ -76,13 +73,6 @@ class OrtOptions:
         check_prefill_chunk(self.prefill_chunk)
         if isinstance(self.kv_step, bool) or not isinstance(self.kv_step, int) or self.kv_step < 1:
             raise ArtifactError(f"kv_step must be a positive number of tokens, got {self.kv_step!r}")
-
-
-def grown_capacity(needed: int, current: int, step: int, limit: int) -> int:
-    """KV capacity for ``needed`` tokens when ``current`` is too small (0: none yet): at least
-    twice ``current``, rounded up to a multiple of ``step``, at most ``limit``."""
-    want = max(needed, 2 * current)
-    return min(limit, -(-want // step) * step)
 
 
 _LEVELS = {

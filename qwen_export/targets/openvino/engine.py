@@ -263,6 +263,11 @@ class OpenVINOEngine:
     def num_cached_tokens(self) -> int:
         return 0 if self._mask is None else int(self._mask.shape[1])
 
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes the KV cache (the request's state tensors) holds now."""
+        return sum(int(state.state.byte_size) for state in self.request.query_state())
+
     def reset(self) -> None:
         self.request.reset_state()
         self._mask: np.ndarray | None = None

@@ -135,6 +135,11 @@ class PagedOpenVINOEngine:
         """Blocks of ``block_size`` tokens the cache tensors hold (used or free)."""
         return self._capacity
 
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes the block cache tensors hold now (used and free blocks; 0 before the first call)."""
+        return sum(int(self.request.get_tensor(name).byte_size) for name in self._layouts) if self._capacity else 0
+
     def reset(self) -> None:
         self._free = list(range(self._capacity - 1, -1, -1))
         self._rows: list[list[int]] = []  # each row's blocks, in order
