@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from qwen_export.artifact import load_manifest
 from qwen_export.cli import app
 from qwen_export.errors import OptionError
+from qwen_export.export import parity
 from qwen_export.export.checkpoint import Checkpoint
 from qwen_export.export.options import ExportOptions, export_options
 from qwen_export.export.pipeline import export as run_export
@@ -88,7 +89,9 @@ def sliding_yarn(qwen2_sliding: Path, tmp_path_factory: pytest.TempPathFactory) 
     return out, ref
 
 
-def test_large_context_artifact_allocates_what_is_used_and_stays_exact(sliding_yarn: tuple[Path, Path]) -> None:
+def test_large_context_artifact_allocates_what_is_used_and_stays_exact(
+    sliding_yarn: tuple[Path, Path], qwen2_sliding: Path
+) -> None:
     """A 16K-token artifact: a short prompt allocates one 256-token step of KV, growth (in 64-token
     prefill chunks) keeps the zero-copy shared buffers exact against transformers (sliding window
     and YaRN together) and against the same artifact with its full context preallocated."""
@@ -118,6 +121,9 @@ def test_large_context_artifact_allocates_what_is_used_and_stays_exact(sliding_y
     for step, ref_logits in enumerate(expected[1:]):
         logits = grown.forward(np.array([[int(np.argmax(logits))]], np.int64))[0, -1]
         _check(logits, ref_logits, f"decode step {step}")
+    # `qwen-export check` runs transformers with the RoPE the artifact was exported with
+    spec = ModelSpec.from_dict(manifest.spec)
+    check_logits(parity.Reference(qwen2_sliding, rope=spec).logits(list(prompt))[-1], expected[0], Noise.REORDERED)
 
 
 @pytest.mark.slow  # one more OpenVINO export (~10 s); OpenVINO's YaRN is covered by the parity test above

@@ -23,7 +23,7 @@ from qwen_export.cli.common import (
     runtime,
 )
 from qwen_export.errors import OptionError
-from qwen_export.spec import DType
+from qwen_export.spec import DType, ModelSpec
 
 
 @app.command()
@@ -52,9 +52,11 @@ def check(
     content = _read_text(text) if text is not None else parity.DEFAULT_TEXT
     ids = loaded.tokenizer.encode(content)[:max_tokens]
     quantized = loaded.manifest.extra.get("quantization")
+    context = loaded.manifest.extra.get("context") or {}
+    rope = ModelSpec.from_dict(loaded.manifest.spec) if context.get("rope_override") else None
     report = parity.check(
         loaded.engine,
-        parity.Reference(reference),
+        parity.Reference(reference, rope=rope),  # --rope-scaling at export: the reference runs it too
         ids,
         DType.parse(loaded.manifest.dtype),
         greedy_tokens,
