@@ -219,3 +219,17 @@ def test_growth_policy_and_chunk_bounds() -> None:
     assert pieces == [(8, 8), (2, 10)] and out[0, 0, 0] == 9
     pieces.clear()
     assert run_in_chunks(step, 0, run, full_logits=False).shape == (2, 1, 1) and pieces == [(10, 10)]
+
+
+def test_cli_prefill_chunk(export) -> None:
+    """``--prefill-chunk`` reaches the engine: a prompt in 3-token pieces generates what the whole
+    prompt does; a negative chunk is one error line."""
+    art = str(export("qwen2_tied"))
+    runner = CliRunner()
+    args = ["generate", art, "Write a haiku", "--max-new-tokens", "4", "--temperature", "0"]
+    whole = runner.invoke(app, [*args, "--prefill-chunk", "0"])
+    pieces = runner.invoke(app, [*args, "--prefill-chunk", "3"])
+    assert whole.exit_code == pieces.exit_code == 0, whole.output + pieces.output
+    assert whole.stdout == pieces.stdout
+    bad = runner.invoke(app, [*args, "--prefill-chunk", "-1"])
+    assert bad.exit_code == 2 and "prefill_chunk must be an integer >= 0" in bad.output

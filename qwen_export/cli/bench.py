@@ -16,6 +16,7 @@ from qwen_export.cli.common import (
     EngineOpt,
     KVCache,
     Precision,
+    PrefillChunk,
     Threads,
     app,
     console,
@@ -65,6 +66,7 @@ def bench(
     attention: AttentionOpt = None,
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
+    prefill_chunk: PrefillChunk = None,
     as_json: AsJson = False,
 ) -> None:
     """Measure TTFT, prefill and decode tokens/s, memory and load time of one or more ARTIFACTS.
@@ -84,7 +86,7 @@ def bench(
         plot=plot,
     )
     bench_run.check_artifacts(artifacts)
-    options = runtime(threads, precision, kv_cache, cache_dir, engine, attention)
+    options = runtime(threads, precision, kv_cache, cache_dir, engine, attention, prefill_chunk)
     with err_console.status("loading artifacts") as status:
         targets, loads = bench_run.load_targets(artifacts, options, lambda label: status.update(f"loading {label}"))
     prompts, cases = bench_run.plan_cases(settings, targets)

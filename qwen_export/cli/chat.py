@@ -16,6 +16,7 @@ from qwen_export.cli.common import (
     MaxNew,
     MinP,
     Precision,
+    PrefillChunk,
     RepPen,
     Seed,
     Temp,
@@ -55,6 +56,7 @@ def chat(
     attention: AttentionOpt = None,
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
+    prefill_chunk: PrefillChunk = None,
 ) -> None:
     """Interactive multi-turn chat; earlier turns stay in the KV cache. Commands: /reset, /exit.
 
@@ -64,7 +66,7 @@ def chat(
     tool_specs = read_json(tools, "tools") if tools is not None else None
     if tool_specs is not None and not isinstance(tool_specs, list):
         raise OptionError(f"{tools}: expected a JSON list of tool specs")
-    llm = load_llm(artifact, threads, precision, kv_cache, cache_dir, engine, attention)
+    llm = load_llm(artifact, threads, precision, kv_cache, cache_dir, engine, attention, prefill_chunk)
     sampling = sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, None)
     start: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     messages = list(start)

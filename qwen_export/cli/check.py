@@ -14,6 +14,7 @@ from qwen_export.cli.common import (
     EngineOpt,
     KVCache,
     Precision,
+    PrefillChunk,
     Threads,
     app,
     console,
@@ -41,6 +42,7 @@ def check(
     attention: AttentionOpt = None,
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
+    prefill_chunk: PrefillChunk = None,
 ) -> None:
     """Compare ARTIFACT with transformers on REFERENCE; exit 1 past the precision's thresholds."""
     from qwen_export.export import parity
@@ -48,7 +50,7 @@ def check(
 
     if max_tokens < 2 or greedy_tokens < 1:
         raise OptionError("--max-tokens must be >= 2 and --greedy-tokens >= 1")
-    loaded = open_artifact(artifact, runtime(threads, precision, kv_cache, cache_dir, engine, attention))
+    loaded = open_artifact(artifact, runtime(threads, precision, kv_cache, cache_dir, engine, attention, prefill_chunk))
     content = _read_text(text) if text is not None else parity.DEFAULT_TEXT
     ids = loaded.tokenizer.encode(content)[:max_tokens]
     quantized = loaded.manifest.extra.get("quantization")

@@ -101,6 +101,14 @@ EngineOpt = Annotated[
     ),
 ]
 
+PrefillChunk = Annotated[
+    int | None,
+    typer.Option(
+        help="Longest piece of a prompt run at once (ONNX Runtime, OpenVINO; default 2048, 0 = the whole "
+        "prompt): bounds a long prompt's activation memory."
+    ),
+]
+
 
 def runtime(
     threads: int,
@@ -109,11 +117,14 @@ def runtime(
     cache_dir: Path | None,
     engine: str | None = None,
     attention: str | None = None,
+    prefill_chunk: int | None = None,
 ) -> Any:
     """RuntimeOptions from the engine flags."""
     from qwen_export.runtime.llm import runtime_options
 
-    return runtime_options(threads, precision, kv_cache, cache_dir, engine=engine, attention=attention)
+    return runtime_options(
+        threads, precision, kv_cache, cache_dir, engine=engine, attention=attention, prefill_chunk=prefill_chunk
+    )
 
 
 def load_llm(
@@ -124,11 +135,14 @@ def load_llm(
     cache_dir: Path | None,
     engine: str | None = None,
     attention: str | None = None,
+    prefill_chunk: int | None = None,
 ) -> Any:
     from qwen_export.runtime.llm import LLM
     from qwen_export.runtime.loader import open_artifact
 
-    return LLM(open_artifact(artifact, runtime(threads, precision, kv_cache, cache_dir, engine, attention)))
+    return LLM(
+        open_artifact(artifact, runtime(threads, precision, kv_cache, cache_dir, engine, attention, prefill_chunk))
+    )
 
 
 # ----------------------------------------------------------------------------- sampling options

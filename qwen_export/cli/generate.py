@@ -15,6 +15,7 @@ from qwen_export.cli.common import (
     MaxNew,
     MinP,
     Precision,
+    PrefillChunk,
     RepPen,
     Seed,
     Stop,
@@ -58,10 +59,11 @@ def generate(
     attention: AttentionOpt = None,
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
+    prefill_chunk: PrefillChunk = None,
 ) -> None:
     """Generate a completion for PROMPT, streamed to the terminal."""
 
-    llm = load_llm(artifact, threads, precision, kv_cache, cache_dir, engine, attention)
+    llm = load_llm(artifact, threads, precision, kv_cache, cache_dir, engine, attention, prefill_chunk)
     sampling = sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
     response_format = _response_format(json_schema, json_mode)
     if raw:
