@@ -20,6 +20,7 @@ from qwen_export.errors import (
 from qwen_export.runtime.chat import ToolCall, parse_tool_calls  # noqa: E402
 from qwen_export.runtime.generation import FinishReason, GenerationConfig, GenerationResult  # noqa: E402
 from qwen_export.runtime.llm import LLM, ChatResult, TextStream, load  # noqa: E402
+from qwen_export.runtime.speculative import Speculation, SpeculationKind  # noqa: E402
 
 __all__ = [
     "LLM",
@@ -33,6 +34,8 @@ __all__ = [
     "GenerationResult",
     "OptionError",
     "QwenExportError",
+    "Speculation",
+    "SpeculationKind",
     "TextStream",
     "ToolCall",
     "__version__",

@@ -62,7 +62,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         module = item.module.__name__ if item.module is not None else item.nodeid
         group = _MODULE_GROUPS.get(module, module)
-        if module in ("test_parity", "test_long_context"):
+        if module in ("test_parity", "test_speculative", "test_long_context"):  # reuse the parity exports
             engine = item.callspec.params.get("target") if hasattr(item, "callspec") else None
             group = _ENGINE_GROUPS.get(engine, "parity-onnxruntime")
         item.add_marker(pytest.mark.xdist_group(group))

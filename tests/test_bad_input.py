@@ -1,6 +1,7 @@
 """Class 5 of issue 20: bad input is one ``error:`` line with exit status 2, never a traceback.
 
-Through the installed CLI in a subprocess (real argv bytes and stdin), and through the library.
+Through the CLI (the installed one in a subprocess where real argv bytes, stdin bytes or a blocking
+file matter; in-process otherwise), and through the library.
 Manifest fields are in tests/test_artifact_files.py; output paths in tests/test_atomic_output.py.
 """
 
@@ -29,18 +30,20 @@ def art(export) -> Path:
 @pytest.mark.parametrize("raw", [False, True])
 def test_non_utf8_prompt_on_the_command_line(art: Path, raw: bool) -> None:
     args = [os.fsencode(art), b"caf\xe9 \xff", b"--max-new-tokens", b"1"] + ([b"--raw"] if raw else [])
-    assert_cli_error(run_cli("generate", *[os.fsdecode(a) for a in args], timeout=60), "not valid UTF-8")
+    assert_cli_error(run_cli("generate", *[os.fsdecode(a) for a in args], timeout=60, isolate=True), "not valid UTF-8")
 
 
 def test_non_utf8_system_prompt(art: Path) -> None:
-    proc = run_cli("generate", art, "hi", "--system", os.fsdecode(b"\xc3\x28"), "--max-new-tokens", "1", timeout=60)
+    proc = run_cli(
+        "generate", art, "hi", "--system", os.fsdecode(b"\xc3\x28"), "--max-new-tokens", "1", timeout=60, isolate=True
+    )
     assert_cli_error(proc, "not valid UTF-8")
 
 
 @pytest.mark.parametrize("encoding", ["utf-8:strict", "utf-8:surrogateescape"])
 def test_non_utf8_chat_stdin(art: Path, encoding: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONIOENCODING", encoding)
-    proc = run_cli("chat", art, "--max-new-tokens", "1", stdin=b"hello \xff\xfe\n", timeout=60)
+    proc = run_cli("chat", art, "--max-new-tokens", "1", stdin=b"hello \xff\xfe\n", timeout=60, isolate=True)
     assert_cli_error(proc, "UTF-8")
 
 
@@ -81,13 +84,14 @@ def test_hostile_json_files(art: Path, tmp_path: Path, content: str | bytes, fra
 def test_json_file_that_is_a_fifo_or_device(art: Path, tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "fifo.json")
     for path in (tmp_path / "fifo.json", Path("/dev/zero")):
-        proc = run_cli("generate", art, "hi", "--json-schema", path, "--max-new-tokens", "1", timeout=30)
+        proc = run_cli("generate", art, "hi", "--json-schema", path, "--max-new-tokens", "1", timeout=30, isolate=True)
         assert_cli_error(proc, "not a regular file")
 
 
 @pytest.mark.parametrize("threads", ["100000", "-1", str(4 * (os.cpu_count() or 1) + 9)])
 def test_threads_far_past_the_core_count(art: Path, threads: str) -> None:
-    assert_cli_error(run_cli("generate", art, "hi", "--threads", threads, timeout=60), "threads must be")
+    # in a subprocess: a broken check would start that many threads
+    assert_cli_error(run_cli("generate", art, "hi", "--threads", threads, timeout=60, isolate=True), "threads must be")
 
 
 # ------------------------------------------------------------------ generation_config.json

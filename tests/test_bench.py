@@ -149,6 +149,17 @@ def test_two_artifacts_interleaved_json(export, monkeypatch: pytest.MonkeyPatch)
             assert r["kv_cache_mb"] == pytest.approx(art["kv_bytes_per_token"] * (r["prompt_tokens"] + 3) / 2**20)
     assert all(r["decode_vs_first"] == 1.0 for r in fp32["results"])
     assert all(r["ttft_vs_first"] > 0 for r in fp16["results"])
+    # decode bandwidth against the machine's copy bandwidth, and what the engine chose
+    copy = payload["copy_bandwidth"]
+    assert copy["best_gbs"] >= copy["median_gbs"] > 0 and copy["threads"] >= 1
+    for art in payload["artifacts"]:
+        assert art["kernels"]["threads"].isdigit() and art["kernels"]["kv cache"] in ("fp32", "fp16")
+        assert 0 < art["weight_bytes_per_token"] <= art["disk_mb"] * 2**20
+        for r in art["results"]:
+            bw = r["decode_bandwidth"]
+            expect = (bw["weight_bytes_per_token"] + bw["kv_bytes_per_token_read"]) * r["decode_tokens_per_s"] / 1e9
+            assert bw["achieved_gbs"] == pytest.approx(expect) and bw["fraction_of_copy"] > 0
+    assert fp32["weight_bytes_per_token"] > fp16["weight_bytes_per_token"]
 
 
 def test_table_has_ratio_columns(export) -> None:
@@ -158,6 +169,7 @@ def test_table_has_ratio_columns(export) -> None:
     text = result.stdout
     assert "interleaved" in text and "first" in text and "1.00" in text
     assert "VmHWM" in text and "share one process" in text.replace("\n", " ")
+    assert "copy bandwidth" in text and "GB/s" in text and "engine chose" in text
 
 
 def test_plot_file(export, tmp_path: Path) -> None:
@@ -221,3 +233,37 @@ def test_bad_inputs_are_one_line_errors(export, args: tuple[str, ...], fragment:
 def test_bad_artifact_paths(export, tmp_path: Path) -> None:
     _one_line_error(invoke("bench", export("qwen2_tied"), tmp_path / "missing"), "not an artifact directory")
     _one_line_error(invoke("bench", tmp_path), "manifest")
+
+
+def test_decode_weight_bytes_leave_out_a_gathered_table(tmp_path: Path) -> None:
+    """Weight bytes per decode step: the weight files, less an embedding table that is only
+    gathered (untied); a tied table is the lm_head too and is read whole."""
+    from qwen_export.artifact import Manifest
+    from qwen_export.runtime import bandwidth
+
+    (tmp_path / "model.onnx").write_bytes(b"x" * 1000)
+    (tmp_path / "model.onnx.data").write_bytes(b"x" * 10**6)
+    (tmp_path / "tokenizer.json").write_bytes(b"x" * 500)
+    files = {"model.onnx": "", "model.onnx.data": "", "tokenizer.json": ""}
+    spec = {"vocab_size": 100, "hidden_size": 64, "tie_word_embeddings": True}
+    quant = {"weights": "int4", "embedding_bits": 8, "block_size": 32, "symmetric": False}
+    tied = Manifest("onnxruntime", "fp32", "last", spec, files=files, extra={"quantization": quant})
+    assert bandwidth.decode_weight_bytes(tmp_path, tied) == 10**6 + 1000
+    untied = Manifest(
+        "onnxruntime",
+        "fp32",
+        "last",
+        {**spec, "tie_word_embeddings": False},
+        files=files,
+        extra={"quantization": quant},
+    )
+    table = 100 * 64 + 4 * 200 + 200  # int8 codes, one fp32 scale and one int8 zero point per block
+    assert bandwidth.gathered_embedding_bytes(untied) == table
+    assert bandwidth.decode_weight_bytes(tmp_path, untied) == 10**6 + 1000 - table
+    plain = Manifest("onnxruntime", "fp16", "last", {**spec, "tie_word_embeddings": False}, files=files)
+    assert bandwidth.gathered_embedding_bytes(plain) == 100 * 64 * 2
+    achieved = bandwidth.decode_bandwidth(10**9, 1000, 24, 2.0, bandwidth.CopyBandwidth(8.0, 7.0, 2, 256))
+    assert achieved.achieved_gbs == pytest.approx(2 * (10**9 + 24000) / 1e9)
+    assert achieved.fraction_of_copy == pytest.approx(achieved.achieved_gbs / 8.0)
+    with pytest.raises(ValueError, match="threads >= 1"):
+        bandwidth.copy_bandwidth(threads=0)

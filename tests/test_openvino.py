@@ -376,3 +376,15 @@ def test_cli_runs_paged_attention_and_names_the_valid_choices(export) -> None:
     assert paged.stdout == stateful.stdout  # the same greedy completion
     bad = runner.invoke(app, [*args, "--attention", "flash"])
     assert bad.exit_code != 0 and "unknown attention 'flash'; valid values: auto, stateful, paged" in bad.output
+
+
+def test_auto_precision_follows_the_cpu_and_the_weights() -> None:
+    from qwen_export.targets.openvino.engine import Precision
+
+    assert Precision.AUTO.resolve(True, frozenset({"amx_bf16", "amx_int8"})) is Precision.BF16
+    assert Precision.AUTO.resolve(True, frozenset({"avx512_bf16"})) is Precision.BF16
+    assert Precision.AUTO.resolve(True, frozenset({"avx2", "avx512f"})) is Precision.F32
+    assert Precision.AUTO.resolve(False, frozenset({"amx_bf16"})) is Precision.F32  # fp32/fp16 artifacts stay exact
+    assert (
+        Precision.BF16.resolve(False, frozenset()) is Precision.BF16 and Precision.parse("auto", "p") is Precision.AUTO
+    )

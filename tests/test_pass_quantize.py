@@ -408,7 +408,9 @@ def _invoke(*args: Any) -> Any:
 
 def test_cli_int4_asymmetric(qwen2_tied: Path, tmp_path: Path, export) -> None:
     out = tmp_path / "int4"
-    result = _invoke("export", qwen2_tied, "-o", out, "--weights", "int4", "--block-size", "32", "--asymmetric")
+    result = _invoke(
+        "export", qwen2_tied, "-o", out, "--weights", "int4", "--block-size", "32", "--asymmetric", "--algorithm", "rtn"
+    )
     assert result.exit_code == 0, result.output
     assert "int4 weights, fp32 activations" in " ".join(result.output.split())  # rich wraps at 80 columns
     quant = _manifest(out)["extra"]["quantization"]
@@ -449,11 +451,13 @@ def test_cli_quantization_option_errors(qwen2_tied: Path, tmp_path: Path, args: 
 
 def test_cli_embedding_bits_4_packs_the_tied_table_in_int4(qwen2_tied: Path, tmp_path: Path) -> None:
     out = tmp_path / "emb4"
-    result = _invoke("export", qwen2_tied, "-o", out, "--weights", "int4", "--embedding-bits", "4")
+    result = _invoke(
+        "export", qwen2_tied, "-o", out, "--weights", "int4", "--embedding-bits", "4", "--algorithm", "rtn"
+    )
     assert result.exit_code == 0, result.output
     assert _manifest(out)["extra"]["quantization"]["embedding_bits"] == 4
     (gather,) = _nodes(_model(out), "GatherBlockQuantized")
     assert gather.attributes["bits"].value == 4
     emb8 = tmp_path / "emb8"
-    assert _invoke("export", qwen2_tied, "-o", emb8, "--weights", "int4").exit_code == 0
+    assert _invoke("export", qwen2_tied, "-o", emb8, "--weights", "int4", "--algorithm", "rtn").exit_code == 0
     assert (out / "model.onnx.data").stat().st_size < (emb8 / "model.onnx.data").stat().st_size

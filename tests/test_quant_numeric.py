@@ -571,3 +571,13 @@ def test_streamed_quantization_equals_whole(
     got = chunked.quantize()
     assert got.axis == expected.axis and got.block_size == expected.block_size
     assert np.array_equal(got.codes, expected.codes) and np.array_equal(got.scales, expected.scales)
+
+
+def test_awq_output_error_is_the_gram_form() -> None:
+    from qwen_export.quant.algorithms import _output_error
+
+    rng = np.random.default_rng(16)
+    x = rng.standard_normal((40, 24)).astype(np.float32)
+    delta = rng.standard_normal((24, 50)).astype(np.float32)
+    direct = float(np.sum((x.astype(np.float64) @ delta) ** 2))
+    assert _output_error(x.T @ x, delta, columns=7) == pytest.approx(direct, rel=1e-5)

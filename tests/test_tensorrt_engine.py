@@ -648,3 +648,50 @@ def test_real_tensorrt_engine_matches_onnxruntime(artifact: Path, tmp_path: Path
             a, b = engine.forward(token), reference.forward(token)
             np.testing.assert_allclose(a, b, atol=2e-2, rtol=2e-2)
         assert engine.options.cuda_graphs is graphs
+
+
+class _NoText:
+    eos_token_id = None
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        return ""
+
+
+class _WrongEveryThird:
+    """Drafts plain decoding's next tokens, every third one wrong (accepted, then rejected)."""
+
+    def __init__(self, plain: tuple[int, ...], prompt_len: int) -> None:
+        self.plain, self.prompt_len = plain, prompt_len
+
+    def propose(self, context: list[int], k: int, config: Any, rng: Any, allowed: Any) -> tuple[list[int], None]:
+        start = len(context) - self.prompt_len
+        drafts = list(self.plain[start : start + k])
+        return [t + 1 if (start + i) % 3 == 2 else t for i, t in enumerate(drafts)], None
+
+
+def test_speculative_verify_and_rollback(export, tmp_path: Path) -> None:
+    """Speculative decoding through the TensorRT engine's own code (the stand-in): verify forwards of
+    several tokens run on the prefill profile at the cache's offset, rejected drafts are dropped by
+    ``truncate``; the greedy tokens are plain decoding's (a full-logits export the parity suite
+    already makes in this group, copied: build-engine writes into it)."""
+    from qwen_export.runtime.generation import GenerationConfig, Generator
+    from qwen_export.runtime.speculative import Speculation, Speculator
+
+    art = shutil.copytree(export("qwen2_tied", logits="all", target="tensorrt"), tmp_path / "art")
+    build_engine(art, trt_module=FakeTRT(), torch_device=CPU)
+    engine, fake = _engine(art)
+    prompt = _prompt(12, seed=4)[0].tolist()
+    config = GenerationConfig(max_new_tokens=12, temperature=0.0)
+    plain = Generator(engine, _NoText()).generate_text(prompt, config)
+    log = fake.engine.contexts[0].log
+    log.clear()
+    proposer = _WrongEveryThird(plain.token_ids, len(prompt))
+    result = Generator(engine, _NoText(), Speculator(Speculation(max_draft_tokens=4), engine, proposer)).generate_text(
+        prompt, config
+    )
+    assert result.token_ids == plain.token_ids
+    stats = result.speculation
+    assert stats is not None and 0 < stats.accepted < stats.drafted, stats
+    assert 0 in _profile_switches(log)  # the verify forwards ran on the prefill profile
+    verified = [e[2][0] for e in log if e[0] == "shape" and e[1] == "cache_position"]
+    assert max(verified) > 1  # several tokens in one forward

@@ -3,6 +3,7 @@ measuring (interleaved), the plot and the JSON payload are :mod:`qwen_export.run
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -15,19 +16,23 @@ from qwen_export.cli.common import (
     CacheDir,
     EngineOpt,
     KVCache,
+    MaxDraftOpt,
     Precision,
     PrefillChunk,
+    SpeculateOpt,
     Threads,
     app,
     console,
     err_console,
     handles_errors,
     runtime,
+    speculation,
 )
 
 if TYPE_CHECKING:  # imported when a command runs: --help and the other commands start faster
     from qwen_export.runtime import bench_run
     from qwen_export.runtime.bench_run import BenchReport
+    from qwen_export.runtime.bench_speculative import SpeculativeResult
 
 Artifacts = Annotated[
     list[Path], typer.Argument(help="Exported artifact directories; the first is the baseline for ratios.")
@@ -67,14 +72,19 @@ def bench(
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
     prefill_chunk: PrefillChunk = None,
+    speculate: SpeculateOpt = None,
+    max_draft_tokens: MaxDraftOpt = None,
     as_json: AsJson = False,
 ) -> None:
     """Measure TTFT, prefill and decode tokens/s, memory and load time of one or more ARTIFACTS.
 
     Artifacts load once up front, then run interleaved (A, B, A, B, ... on the same prompts) so ratios hold.
+    With --speculate, each artifact also runs plain and speculative decoding interleaved: acceptance rate and
+    speed-up (random prompts: prompt lookup's overhead on free text).
     """
     from qwen_export.runtime import bench_run
 
+    spec = speculation(speculate, max_draft_tokens)
     settings = bench_run.bench_settings(
         prompt_lengths=prompt_lengths,
         new_tokens=new_tokens,
@@ -91,11 +101,17 @@ def bench(
         targets, loads = bench_run.load_targets(artifacts, options, lambda label: status.update(f"loading {label}"))
     prompts, cases = bench_run.plan_cases(settings, targets)
     report = _measure_with_progress(settings, targets, loads, prompts, cases)
+    speculative = None if spec is None else _speculate(spec, targets, cases, settings, threads)
     if as_json:
-        console.print_json(json.dumps(report.to_json()))
+        payload = report.to_json()
+        if speculative is not None:
+            payload["speculation"] = bench_run.finite([dataclasses.asdict(r) for r in speculative])
+        console.print_json(json.dumps(payload))
         return
     console.print(_artifacts_table(report))
     console.print(_results_table(report))
+    if speculative is not None:
+        console.print(_speculation_table(speculative))
     console.print(
         f"peak RSS (VmHWM) of this process: {report.peak_rss_mb:.0f} MiB. All artifacts share one process, so "
         "their RSS peaks cannot be told apart; 'RSS +MiB at load' is the increase while each one loaded.",
@@ -103,6 +119,52 @@ def bench(
     )
     if plot is not None:
         console.print(f"plot written to {plot}", highlight=False)
+
+
+def _speculate(
+    spec: object,
+    targets: list[bench_run.BenchTarget],
+    cases: list[bench_run.BenchCase],
+    settings: bench_run.BenchSettings,
+    threads: int,
+) -> list[SpeculativeResult]:
+    from qwen_export.runtime.bench_speculative import bench_speculation
+    from qwen_export.runtime.loader import RuntimeOptions, open_artifact
+
+    def open_draft(path: Path) -> object:
+        return open_artifact(path, RuntimeOptions(threads=threads)).engine
+
+    with err_console.status("speculative decoding vs plain"):
+        return bench_speculation(
+            [(t.label, t.engine) for t in targets],
+            spec,  # type: ignore[arg-type]
+            [(c.prompt_tokens, c.new_tokens) for c in cases],
+            settings.repeats,
+            settings.warmup,
+            settings.seed,
+            open_draft,  # type: ignore[arg-type]
+        )
+
+
+def _speculation_table(results: list[SpeculativeResult]) -> Table:
+    table = Table(title="speculative decoding vs plain (greedy, same engine, interleaved; median (min-max))")
+    headers = ["artifact", "prompt", "new", "plain tok/s", "speculative tok/s", "speed-up", "accepted", "tok/forward"]
+    for column in headers + ["same tokens"]:
+        table.add_column(column, justify="left" if column == "artifact" else "right", overflow="fold")
+    for r in results:
+        rate = "n/a" if r.acceptance_rate is None else f"{r.acceptance_rate:.0%}"
+        table.add_row(
+            r.label,
+            str(r.prompt_tokens),
+            str(r.new_tokens),
+            f"{r.plain_tokens_per_s:.1f}",
+            f"{r.speculative_tokens_per_s:.1f}",
+            f"{r.speedup:.2f} ({r.speedup_min:.2f}-{r.speedup_max:.2f})",
+            rate,
+            f"{r.tokens_per_forward:.2f}",
+            "yes" if r.identical else "NO",
+        )
+    return table
 
 
 def _measure_with_progress(
@@ -134,7 +196,8 @@ def _measure_with_progress(
 
 def _artifacts_table(report: BenchReport) -> Table:
     table = Table(title="artifacts" + (" (run interleaved)" if len(report.loads) > 1 else ""))
-    for column in ("artifact", "dtype", "disk MiB", "load s", "RSS +MiB at load", "KV KiB/token"):
+    columns = ("artifact", "dtype", "disk MiB", "load s", "RSS +MiB at load", "KV KiB/token", "weights MiB/token")
+    for column in (*columns, "engine chose"):
         table.add_column(column, justify="left" if column == "artifact" else "right", overflow="fold")
     for info in report.loads:
         table.add_row(
@@ -144,6 +207,8 @@ def _artifacts_table(report: BenchReport) -> Table:
             f"{info.load_s:.2f}",
             f"{info.rss_load_mb:.0f}",
             f"{info.kv_bytes_per_token / 1024:.1f}",
+            f"{info.weight_bytes_per_token / 2**20:.1f}",
+            ", ".join(f"{k}={v}" for k, v in info.kernels.items()) or "-",
         )
     return table
 
@@ -154,9 +219,11 @@ def _results_table(report: BenchReport) -> Table:
     settings, labels, base = report.settings, report.labels, report.results[0]
     many, sweep = len(labels) > 1, settings.sweep
     title = f"{'context sweep' if sweep else 'latency'}: {settings.repeats} run(s) after {settings.warmup} warm-up"
+    if report.copy is not None:
+        title += f"; machine copy bandwidth {report.copy.best_gbs:.1f} GB/s ({report.copy.threads} threads)"
     table = Table(title=title + " per case")
     headers = ["artifact", "prompt", "new"] + (["KV cache MiB"] if sweep else [])
-    headers += ["TTFT ms", "prefill tok/s", "decode tok/s", "p10/p50/p90 ms"]
+    headers += ["TTFT ms", "prefill tok/s", "decode tok/s", "p10/p50/p90 ms", "decode GB/s (of copy)"]
     headers += ["decode × first", "TTFT × first"] if many else []
     for column in headers:
         table.add_column(column, justify="left" if column == "artifact" else "right", overflow="fold")
@@ -170,6 +237,7 @@ def _results_table(report: BenchReport) -> Table:
                 f"{r.prefill_tokens_per_s:.1f}",
                 f"{r.decode_tokens_per_s:.1f}",
                 f"{r.token_latency_ms_p10:.2f}/{r.token_latency_ms_p50:.2f}/{r.token_latency_ms_p90:.2f}",
+                _bandwidth_cell(report.decode_bandwidth(report.loads[k], r)),
             ]
             if many:
                 row += [
@@ -178,3 +246,9 @@ def _results_table(report: BenchReport) -> Table:
                 ]
             table.add_row(*row, end_section=many and k == len(labels) - 1)
     return table
+
+
+def _bandwidth_cell(measured: dict[str, float] | None) -> str:
+    if measured is None:
+        return "-"
+    return f"{measured['achieved_gbs']:.2f} ({100 * measured['fraction_of_copy']:.0f}%)"

@@ -13,12 +13,14 @@ from qwen_export.cli.common import (
     CacheDir,
     EngineOpt,
     KVCache,
+    MaxDraftOpt,
     MaxNew,
     MinP,
     Precision,
     PrefillChunk,
     RepPen,
     Seed,
+    SpeculateOpt,
     Temp,
     Threads,
     TopK,
@@ -31,6 +33,7 @@ from qwen_export.cli.common import (
     print_stream,
     read_json,
     sampling_options,
+    speculation,
 )
 from qwen_export.errors import OptionError
 
@@ -57,6 +60,8 @@ def chat(
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
     prefill_chunk: PrefillChunk = None,
+    speculate: SpeculateOpt = None,
+    max_draft_tokens: MaxDraftOpt = None,
 ) -> None:
     """Interactive multi-turn chat; earlier turns stay in the KV cache. Commands: /reset, /exit.
 
@@ -66,7 +71,10 @@ def chat(
     tool_specs = read_json(tools, "tools") if tools is not None else None
     if tool_specs is not None and not isinstance(tool_specs, list):
         raise OptionError(f"{tools}: expected a JSON list of tool specs")
-    llm = load_llm(artifact, threads, precision, kv_cache, cache_dir, engine, attention, prefill_chunk)
+    spec = speculation(speculate, max_draft_tokens)
+    llm = load_llm(
+        artifact, threads, precision, kv_cache, cache_dir, engine, attention, spec, prefill_chunk=prefill_chunk
+    )
     sampling = sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, None)
     start: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     messages = list(start)

@@ -110,6 +110,30 @@ PrefillChunk = Annotated[
 ]
 
 
+SpeculateOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--speculate",
+        help="Speculative decoding: prompt-lookup (copy n-grams of the prompt) | draft:DIR (a smaller artifact "
+        "with the same tokenizer). The artifact needs --logits all; greedy output is plain decoding's.",
+    ),
+]
+MaxDraftOpt = Annotated[
+    int | None, typer.Option("--max-draft-tokens", help="Speculative decoding: most draft tokens per forward (8).")
+]
+
+
+def speculation(speculate: str | None, max_draft_tokens: int | None) -> Any:
+    """The Speculation the flags ask for (None: plain decoding)."""
+    from qwen_export.runtime.speculative import Speculation
+
+    if speculate is None:
+        if max_draft_tokens is not None:
+            raise OptionError("--max-draft-tokens needs --speculate prompt-lookup|draft:DIR")
+        return None
+    return Speculation.parse(speculate, 8 if max_draft_tokens is None else max_draft_tokens)
+
+
 def runtime(
     threads: int,
     precision: str | None,
@@ -135,14 +159,15 @@ def load_llm(
     cache_dir: Path | None,
     engine: str | None = None,
     attention: str | None = None,
+    speculate: Any = None,
     prefill_chunk: int | None = None,
 ) -> Any:
-    from qwen_export.runtime.llm import LLM
+    """The LLM over ``artifact``; ``speculate``: a Speculation (see :func:`speculation`) or None."""
+    from qwen_export.runtime.llm import LLM, speculator
     from qwen_export.runtime.loader import open_artifact
 
-    return LLM(
-        open_artifact(artifact, runtime(threads, precision, kv_cache, cache_dir, engine, attention, prefill_chunk))
-    )
+    loaded = open_artifact(artifact, runtime(threads, precision, kv_cache, cache_dir, engine, attention, prefill_chunk))
+    return LLM(loaded, speculator(loaded, speculate, threads))
 
 
 # ----------------------------------------------------------------------------- sampling options

@@ -12,12 +12,14 @@ from qwen_export.cli.common import (
     CacheDir,
     EngineOpt,
     KVCache,
+    MaxDraftOpt,
     MaxNew,
     MinP,
     Precision,
     PrefillChunk,
     RepPen,
     Seed,
+    SpeculateOpt,
     Stop,
     Temp,
     Threads,
@@ -30,6 +32,7 @@ from qwen_export.cli.common import (
     print_stream,
     read_json,
     sampling_options,
+    speculation,
 )
 from qwen_export.errors import OptionError
 
@@ -60,10 +63,15 @@ def generate(
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
     prefill_chunk: PrefillChunk = None,
+    speculate: SpeculateOpt = None,
+    max_draft_tokens: MaxDraftOpt = None,
 ) -> None:
     """Generate a completion for PROMPT, streamed to the terminal."""
 
-    llm = load_llm(artifact, threads, precision, kv_cache, cache_dir, engine, attention, prefill_chunk)
+    spec = speculation(speculate, max_draft_tokens)
+    llm = load_llm(
+        artifact, threads, precision, kv_cache, cache_dir, engine, attention, spec, prefill_chunk=prefill_chunk
+    )
     sampling = sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
     response_format = _response_format(json_schema, json_mode)
     if raw:
@@ -77,9 +85,17 @@ def generate(
     err_console.print(
         f"[dim]{result.prompt_tokens} prompt + {result.completion_tokens} new tokens, "
         f"finish: {result.finish_reason.value}, TTFT {result.timings.time_to_first_token_s * 1e3:.0f} ms, "
-        f"decode {result.decode_tokens_per_s or 0:.1f} tok/s[/]",
+        f"decode {result.decode_tokens_per_s or 0:.1f} tok/s{_speculation_note(result)}[/]",
         highlight=False,
     )
+
+
+def _speculation_note(result: Any) -> str:
+    stats = result.speculation
+    if stats is None:
+        return ""
+    rate = "n/a" if stats.acceptance_rate is None else f"{stats.acceptance_rate:.0%}"
+    return f", speculation: {stats.accepted}/{stats.drafted} drafts accepted ({rate}) in {stats.steps} forwards"
 
 
 def _response_format(json_schema: Path | None, json_mode: bool) -> dict[str, Any] | None:

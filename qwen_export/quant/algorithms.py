@@ -190,7 +190,10 @@ def awq_scales(
         raise ValueError(f"grid must be >= 1, got {grid}")
     block_size = resolve_block_size(weight.shape, block_size, 0)
     _geometry(weight.shape, block_size, 0)  # raise early when block_size does not divide K
-    reference = x @ weight
+    # ||x W - (x / s) Q||^2 = sum(E * (G E)) with E = W - Q / s[:, None] and G = x^T x: K x K x N
+    # per grid point instead of T x K x N, and no T x N output is ever materialised
+    gram = (x.T.astype(np.float64) @ x.astype(np.float64)).astype(np.float32)
+    count = x.shape[0] * weight.shape[1]
     best_err, best_s = np.inf, np.ones(k, np.float32)
     for step in range(grid):
         alpha = step / grid
@@ -207,11 +210,19 @@ def awq_scales(
             scale_dtype=scale_dtype,
             positive_scales=positive_scales,
         )
-        out = (x / s[None, :]) @ dequantize(q)
-        err = float(np.mean((reference - out).astype(np.float64) ** 2))
+        err = _output_error(gram, weight - dequantize(q) / s[:, None]) / count
         if err < best_err:
             best_err, best_s = err, s
     return best_s
+
+
+def _output_error(gram: np.ndarray, delta: np.ndarray, columns: int = 16384) -> float:
+    """``sum(delta * (gram @ delta))`` = ``||x delta||^2`` for ``gram = x^T x``, in column chunks."""
+    total = 0.0
+    for start in range(0, delta.shape[1], columns):
+        part = delta[:, start : start + columns]
+        total += float(np.einsum("kn,kn->", part, gram @ part, dtype=np.float64))
+    return total
 
 
 def apply_awq_scale(w: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from qwen_export.errors import OptionError
+from qwen_export.runtime import bandwidth
 from qwen_export.runtime import bench as bench_mod
+from qwen_export.runtime.bandwidth import CopyBandwidth
 from qwen_export.runtime.bench import BenchCase, BenchResult, BenchRun, BenchTarget
 from qwen_export.runtime.loader import RuntimeOptions
 
@@ -56,6 +59,8 @@ class ArtifactLoad:
     disk_mb: float
     rss_load_mb: float  # the RSS increase while it loaded
     kv_bytes_per_token: int
+    weight_bytes_per_token: int = 0  # weights one decode step reads (bandwidth.decode_weight_bytes)
+    kernels: dict[str, str] = dataclasses.field(default_factory=dict)  # what the engine chose
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +71,7 @@ class BenchReport:
     cases: list[BenchCase]
     results: list[list[BenchResult]]  # results[artifact][case]
     peak_rss_mb: float  # the process peak (VmHWM), shared by every artifact
+    copy: CopyBandwidth | None = None  # the machine's copy bandwidth, measured after the runs
 
     @property
     def labels(self) -> list[str]:
@@ -81,6 +87,7 @@ class BenchReport:
                 row = dataclasses.asdict(r)
                 row["decode_vs_first"] = ratio(r.decode_tokens_per_s, b.decode_tokens_per_s)
                 row["ttft_vs_first"] = ratio(r.ttft_ms, b.ttft_ms)
+                row["decode_bandwidth"] = self.decode_bandwidth(info, r)
                 rows.append(row)
             per_artifact.append({**dataclasses.asdict(info), "results": rows})
         first = self.loads[0]
@@ -101,9 +108,24 @@ class BenchReport:
             "new_tokens": list(settings.new_tokens),
             "peak_rss_mb": self.peak_rss_mb,
             "rss_note": RSS_NOTE,
+            "copy_bandwidth": None if self.copy is None else dataclasses.asdict(self.copy),
             "plot": None if settings.plot is None else str(settings.plot),
         }
         return finite(payload)
+
+    def decode_bandwidth(self, info: ArtifactLoad, result: BenchResult) -> dict[str, Any] | None:
+        """Decode's achieved bandwidth against the copy bandwidth (None: not measured / no decode)."""
+        if (
+            self.copy is None
+            or not info.weight_bytes_per_token
+            or result.decode_tokens_per_s != result.decode_tokens_per_s
+        ):
+            return None
+        context = result.prompt_tokens + result.new_tokens // 2  # the average step's cache
+        measured = bandwidth.decode_bandwidth(
+            info.weight_bytes_per_token, info.kv_bytes_per_token, context, result.decode_tokens_per_s, self.copy
+        )
+        return dataclasses.asdict(measured)
 
 
 def bench_settings(
@@ -177,9 +199,17 @@ def load_targets(
                 disk_mb=bench_mod.disk_mb(path),
                 rss_load_mb=bench_mod.current_rss_mb() - rss0,
                 kv_bytes_per_token=kv,
+                weight_bytes_per_token=bandwidth.decode_weight_bytes(path, manifest),
+                kernels=kernel_choices(loaded.engine),
             )
         )
     return found, loads
+
+
+def kernel_choices(engine: Any) -> dict[str, str]:
+    """What the engine chose for this CPU (its ``kernel_choices()``; {} for an engine without one)."""
+    choices = getattr(engine, "kernel_choices", None)
+    return {str(k): str(v) for k, v in choices().items()} if callable(choices) else {}
 
 
 def check_artifacts(artifacts: Sequence[str | Path]) -> list[Path]:
@@ -219,9 +249,10 @@ def measure(
     """Run the cases interleaved; write the plot when the settings ask for one."""
     results = bench_mod.bench_many(targets, cases, settings.repeats, settings.warmup, settings.seed, on_run=on_run)
     peak = bench_mod.peak_rss_mb()
+    copy = bandwidth.copy_bandwidth(threads=os.cpu_count() or 1)
     if settings.plot is not None:
         bench_mod.plot(settings.plot, list(zip([t.label for t in targets], results, strict=True)))
-    return BenchReport(settings, loads, prompts, cases, results, peak)
+    return BenchReport(settings, loads, prompts, cases, results, peak, copy)
 
 
 def total_runs(settings: BenchSettings, targets: Sequence[BenchTarget], cases: Sequence[BenchCase]) -> int:

@@ -25,6 +25,7 @@ from qwen_export.errors import GenerationError, OptionError
 from qwen_export.targets.base import Engine
 
 if TYPE_CHECKING:
+    from qwen_export.runtime.speculative import SpeculationStats, Speculator
     from qwen_export.runtime.structured import Constraint
 
 __all__ = [
@@ -132,6 +133,7 @@ class GenerationResult:
     completion_tokens: int
     reused_tokens: int  # prompt tokens served from the engine's cache instead of recomputed
     timings: GenerationTimings
+    speculation: SpeculationStats | None = None  # drafts and acceptance, when decoding speculated
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -298,13 +300,19 @@ class _IncrementalText:
 
 # -- the generation loop -------------------------------------------------------------------------
 
+#: prompt tokens per forward on an engine that returns every position's logits (``--logits all``):
+#: bounds the logits a prefill returns (256 x vocab floats: 155 MB for Qwen's 151,936)
+PREFILL_CHUNK = 256
+
 
 class Generator:
     """Generate from one engine (batch 1), reusing the cached prompt prefix across calls."""
 
-    def __init__(self, engine: Engine, tokenizer: TextDecoder) -> None:
+    def __init__(self, engine: Engine, tokenizer: TextDecoder, speculator: Speculator | None = None) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
+        self.speculator = speculator  # None: plain decoding (also used for constrained generation)
+        self._rows = np.zeros((0, 0), np.float32)  # every row of the last forward's logits
         self._cached: list[int] | None = []  # ids in the engine's cache; None = unknown, reset next time
         self._decodable: np.ndarray | None = None  # per logit column: can the tokenizer decode it?
 
@@ -328,15 +336,44 @@ class Generator:
         self.engine.reset()
         self._cached = []
 
-    def _forward(self, ids: Sequence[int]) -> np.ndarray:
-        """Feed ``ids`` after the cache; return the last position's logits (1-D)."""
+    def _forward(self, ids: Sequence[int], last_only: bool = False) -> np.ndarray:
+        """Feed ``ids`` after the cache; return the last position's logits (1-D). ``last_only``:
+        ask the engine for no other position's logits (``capabilities.last_only`` engines)."""
         cached = self._cached
         self._cached = None  # unknown until the engine returns
-        logits = self.engine.forward(np.asarray([list(ids)], dtype=np.int64))
+        batch = np.asarray([list(ids)], dtype=np.int64)
+        logits = self.engine.forward(batch, last_only=True) if last_only else self.engine.forward(batch)
         if logits.ndim != 3 or logits.shape[0] != 1 or logits.shape[1] < 1:
             raise GenerationError(f"engine returned logits of shape {logits.shape}; expected [1, seq, vocab]")
         self._cached = [*(cached or []), *ids]
+        self._rows = logits[0]
         return logits[0, -1]
+
+    def _prefill(self, ids: Sequence[int]) -> np.ndarray:
+        """Feed the prompt (the last position's logits only where the engine can skip the others,
+        else in chunks of PREFILL_CHUNK when it returns full logits); return the last logits."""
+        caps = self.engine.capabilities
+        if caps.last_only:
+            return self._forward(ids, last_only=True)
+        step = PREFILL_CHUNK if caps.full_logits else len(ids)
+        for start in range(0, len(ids), step):
+            logits = self._forward(ids[start : start + step])
+        return logits
+
+    def forward_rows(self, ids: Sequence[int]) -> np.ndarray:
+        """Feed ``ids`` after the cache in one forward; return the logits of every fed position
+        ([len(ids), vocab]; the engine must return full logits)."""
+        self._forward(ids)
+        if self._rows.shape[0] != len(ids):
+            raise GenerationError(f"the engine returned {self._rows.shape[0]} logit rows for {len(ids)} tokens")
+        return self._rows
+
+    def rollback(self, num_tokens: int) -> None:
+        """Drop the last ``num_tokens`` fed ids from the engine's cache (rejected drafts)."""
+        cached, kept = self._cached, self.engine.num_cached_tokens - num_tokens
+        self._cached = None  # unknown until the engine has truncated
+        self.engine.truncate(kept)
+        self._cached = None if cached is None else cached[:kept]
 
     def _prepare_cache(self, prompt: list[int]) -> int:
         """Truncate/reset the engine so it holds a prefix of ``prompt``; return how many ids it keeps."""
@@ -399,19 +436,21 @@ class Generator:
         rng = np.random.default_rng(config.seed)
 
         reused = self._prepare_cache(prompt)
-        logits = self._forward(prompt[reused:])
+        logits = self._prefill(prompt[reused:])
         prefill_s = time.perf_counter() - start
         first_token_at: float | None = None
 
         text = _IncrementalText(self.tokenizer, config.stop_strings, config.skip_special_tokens)
         generated: list[int] = []
         pieces: list[str] = []
+        speculate = self.speculator is not None and constraint is None
+        if speculate:
+            assert self.speculator is not None
+            tokens = self.speculator.tokens(self, prompt, generated, logits, config, rng)
+        else:
+            tokens = self._plain_tokens(prompt, generated, logits, config, rng, constraint)
         while True:
-            allowed = self.decodable(logits.shape[-1])
-            if constraint is not None:
-                grammar = constraint.allowed(logits.shape[-1])
-                allowed = grammar if allowed is None else grammar & allowed
-            token = sample_token(logits, config, prompt + generated, rng, allowed)
+            token = next(tokens)
             if first_token_at is None:
                 first_token_at = time.perf_counter()
             generated.append(token)
@@ -440,7 +479,6 @@ class Generator:
             if reason is None:
                 pieces.append(piece)
                 yield GenerationEvent(token, piece)
-                logits = self._forward([token])
                 continue
             piece += text.finish()
             pieces.append(piece)
@@ -453,9 +491,29 @@ class Generator:
                 completion_tokens=len(generated),
                 reused_tokens=reused,
                 timings=GenerationTimings(first_token_at - start, prefill_s, end - first_token_at),
+                speculation=self.speculator.stats if speculate and self.speculator is not None else None,
             )
             yield GenerationEvent(token, piece, reason, result)
             return
+
+    def _plain_tokens(
+        self,
+        prompt: list[int],
+        generated: list[int],
+        logits: np.ndarray,
+        config: GenerationConfig,
+        rng: np.random.Generator,
+        constraint: Constraint | None,
+    ) -> Iterator[int]:
+        """One forward per token; the consumer appends each token to ``generated`` (and advances
+        ``constraint``) before asking for the next."""
+        while True:
+            allowed = self.decodable(logits.shape[-1])
+            if constraint is not None:
+                grammar = constraint.allowed(logits.shape[-1])
+                allowed = grammar if allowed is None else grammar & allowed
+            yield sample_token(logits, config, prompt + generated, rng, allowed)
+            logits = self._forward([generated[-1]])
 
     def generate_text(
         self, prompt_ids: Sequence[int], config: GenerationConfig | None = None, constraint: Constraint | None = None

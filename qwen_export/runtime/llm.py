@@ -45,6 +45,7 @@ from qwen_export.runtime.generation import (
     Generator,
 )
 from qwen_export.runtime.loader import LoadedArtifact, RuntimeOptions, open_artifact
+from qwen_export.runtime.speculative import Speculation, Speculator, make_speculator
 from qwen_export.spec import Target
 
 Message = Mapping[str, Any]
@@ -161,11 +162,11 @@ class TextStream:
 class LLM:
     """A loaded artifact with its tokenizer and generation defaults. Build with :func:`load`."""
 
-    def __init__(self, loaded: LoadedArtifact) -> None:
+    def __init__(self, loaded: LoadedArtifact, speculator: Speculator | None = None) -> None:
         self.artifact = loaded
         self.tokenizer = loaded.tokenizer
         self.engine = loaded.engine
-        self._generator = Generator(loaded.engine, loaded.tokenizer)
+        self._generator = Generator(loaded.engine, loaded.tokenizer, speculator)
         self._lock = threading.Lock()
 
     @property
@@ -253,7 +254,13 @@ class LLM:
         return TextStream(self, events)
 
 
-def load(path: str | Path, engine: str | None = None, device: str | None = None, **options: Any) -> LLM:
+def load(
+    path: str | Path,
+    engine: str | None = None,
+    device: str | None = None,
+    speculate: Speculation | None = None,
+    **options: Any,
+) -> LLM:
     """Open an exported artifact (manifest and checksums verified) and return an :class:`LLM`.
 
     ``engine`` defaults to the artifact's target (the manifest says which); a ``tensorrt``
@@ -267,12 +274,33 @@ def load(path: str | Path, engine: str | None = None, device: str | None = None,
     ``cuda_graphs`` (replay decode steps as CUDA graphs). ``prefill_chunk``: the longest piece of
     a prompt run at once (ONNX Runtime, OpenVINO; default 2048, 0 = the whole prompt): bounds a
     long prompt's activation memory.
+
+    ``speculate`` (:class:`~qwen_export.runtime.speculative.Speculation`): speculative decoding by
+    prompt lookup or with a draft artifact (same tokenizer, opened on its own target's engine with
+    ``threads``); the artifact must return every position's logits (``--logits all``). Greedy
+    output is plain decoding's; sampled output keeps the target's distribution.
     """
     valid = ["threads", "prefill_chunk", *(name for backend in targets.registered() for name in backend.load_options)]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise OptionError(f"unknown load option(s) {unknown}; valid: {valid}")
-    return LLM(open_artifact(path, runtime_options(engine=engine, device=device, **options)))
+    if speculate is not None and not isinstance(speculate, Speculation):
+        raise OptionError(f"speculate must be a Speculation or None, got {type(speculate).__name__}")
+    loaded = open_artifact(path, runtime_options(engine=engine, device=device, **options))
+    return LLM(loaded, speculator(loaded, speculate, options.get("threads", 0)))
+
+
+def speculator(loaded: LoadedArtifact, speculation: Speculation | None, threads: int = 0) -> Speculator | None:
+    """The speculator ``speculation`` asks for over ``loaded`` (a draft artifact is opened here and
+    must have the same tokenizer); None for plain decoding."""
+
+    def open_draft(path: Path) -> Any:
+        draft = open_artifact(path, RuntimeOptions(threads=threads))
+        if not draft.tokenizer.same_vocabulary(loaded.tokenizer):
+            raise OptionError(f"the draft artifact {path} has a different tokenizer than {loaded.path}")
+        return draft.engine
+
+    return make_speculator(speculation, loaded.engine, open_draft)
 
 
 def runtime_options(

@@ -183,6 +183,11 @@ class Tokenizer:
         """The token string of one id, or None when out of range."""
         return self._backend.id_to_token(token_id)
 
+    def same_vocabulary(self, other: Tokenizer) -> bool:
+        """Whether ``other`` maps every token string to the same id (a draft model's must)."""
+        mine = self._backend.get_vocab(with_added_tokens=True)
+        return mine == other._backend.get_vocab(with_added_tokens=True) and self.eos_token_id == other.eos_token_id
+
     def _special_id(self, name: str) -> int | None:
         content = self.special_tokens.get(name)
         return None if content is None else self._backend.token_to_id(content)

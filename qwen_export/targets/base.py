@@ -29,6 +29,9 @@ class EngineCapabilities:
     devices: tuple[str, ...]  # e.g. ("cpu",)
     full_logits: bool  # True when forward returns logits for every position, not only the last
     vocab_size: int
+    #: a full-logits engine that can skip the other positions' logits: ``forward(..., last_only=True)``
+    #: returns the last position's only (a prompt's prefill when speculating: no full-vocabulary rows)
+    last_only: bool = False
 
 
 @runtime_checkable
@@ -44,7 +47,8 @@ class Engine(Protocol):
         """Run ``input_ids`` ([batch, seq] int64) after the cached tokens; append them to the cache.
 
         Returns float32 logits [batch, seq_out, vocab], seq_out = 1 (last position) unless the
-        artifact was exported with full logits, then seq_out = seq.
+        artifact was exported with full logits, then seq_out = seq. An engine whose
+        ``capabilities.last_only`` is true also takes ``last_only=True``: seq_out = 1 even then.
         """
         ...
 

@@ -160,7 +160,21 @@ class OnnxRuntimeEngine:
         self.shared_kv = kv.get("layout") in ("shared", "fixed")
         self._buffers: list[Any] = []  # shared layout: [numpy array, OrtValue] kept alive together
         self._binding = self.session.io_binding()
+        self._quant = manifest.extra.get("quantization") or {}
+        self._fixed_kv = kv.get("layout") == "fixed"
         self.reset()
+
+    def kernel_choices(self) -> dict[str, str]:
+        """What runs on this CPU: threads, the ISA MLAS dispatches to, the quantized MatMul's
+        activations (accuracy level 4: int8 activations, the VNNI/AMX-friendly kernels)."""
+        from qwen_export.runtime.cpuinfo import default_threads, isa_summary
+
+        choices = {"threads": str(default_threads(self.options.threads)), "isa": isa_summary()}
+        if self._quant.get("weights") in ("int4", "int8"):
+            level = 1 if self._fixed_kv else int(self._quant.get("accuracy_level", 0))
+            choices["matmul activations"] = {4: "int8", 2: "fp16", 3: "bf16"}.get(level, "fp32")
+        choices["kv cache"] = "fp16" if self.dtype is np.float16 else "fp32"
+        return choices
 
     # ------------------------------------------------------------------ Engine API
     @property

@@ -55,11 +55,25 @@ def _ov() -> Any:
 
 
 class Precision(_ChoiceEnum):
-    """OpenVINO's INFERENCE_PRECISION_HINT: f32 for parity; bf16 where the CPU has it (AMX/AVX-512 BF16)."""
+    """OpenVINO's INFERENCE_PRECISION_HINT: f32 for parity; bf16 where the CPU has it (AMX/AVX-512 BF16).
+    AUTO: bf16 for a quantized (int4/int8) artifact on a CPU with bf16 instructions (AMX or AVX-512
+    BF16: what OpenVINO's CPU plugin and openvino-genai run by default there), f32 otherwise (an fp32
+    or fp16 artifact is exported to be exact; a CPU without bf16 would emulate it slowly)."""
 
+    AUTO = "auto"
     F32 = "f32"
     BF16 = "bf16"
     F16 = "f16"
+
+    def resolve(self, quantized: bool, cpu_flags: frozenset[str] | None = None) -> Precision:
+        """AUTO decided for this CPU (``cpu_flags``: /proc/cpuinfo's by default); the others as they are."""
+        if self is not Precision.AUTO:
+            return self
+        from qwen_export.runtime.cpuinfo import cpu_flags as read_flags
+
+        flags = read_flags() if cpu_flags is None else cpu_flags
+        has_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
+        return Precision.BF16 if quantized and has_bf16 else Precision.F32
 
 
 class KVCachePrecision(_ChoiceEnum):
@@ -124,6 +138,11 @@ class OpenVINOOptions:
 
     def __post_init__(self) -> None:
         check_prefill_chunk(self.prefill_chunk)
+
+    def for_artifact(self, manifest: Manifest) -> OpenVINOOptions:
+        """These options with ``precision`` AUTO decided for the artifact (quantized or not) and this CPU."""
+        quantized = (manifest.extra.get("quantization") or {}).get("weights") in ("int4", "int8")
+        return dataclasses.replace(self, precision=self.precision.resolve(quantized))
 
     @property
     def effective_kv_cache(self) -> KVCachePrecision:
@@ -226,6 +245,31 @@ def runtime_report(compiled: Any) -> RuntimeReport:
     return RuntimeReport(dict(types), stateful, decomposed, types["PagedAttention"], dict(weights))
 
 
+#: compiled-model properties :func:`compiled_choices` reports, with their short names
+_CHOSEN = {
+    "INFERENCE_PRECISION_HINT": "precision",
+    "KV_CACHE_PRECISION": "kv cache",
+    "DYNAMIC_QUANTIZATION_GROUP_SIZE": "dynamic quantization group",
+    "INFERENCE_NUM_THREADS": "threads",
+    "NUM_STREAMS": "streams",
+}
+
+
+def compiled_choices(compiled: Any, attention: str) -> dict[str, str]:
+    """What the CPU plugin compiled: precision, KV-cache precision, activation dynamic-quantization
+    group (0: off), threads, streams, as the compiled model reports them, and the ISA."""
+    from qwen_export.runtime.cpuinfo import isa_summary
+
+    choices = {"attention": attention, "isa": isa_summary()}
+    for key, name in _CHOSEN.items():
+        try:
+            value = compiled.get_property(key)
+        except RuntimeError:  # a device without that property
+            continue
+        choices[name] = str(value.get_type_name() if hasattr(value, "get_type_name") else value)
+    return choices
+
+
 def _layer_type(op: Any) -> str:
     info = op.get_rt_info()
     return str(info["layerType"].astype(str)) if "layerType" in info else op.get_type_name()
@@ -241,7 +285,7 @@ class OpenVINOEngine:
 
     def __init__(self, artifact_dir: str | Path, manifest: Manifest, options: OpenVINOOptions | None = None) -> None:
         ov = _ov()
-        self.options = options or OpenVINOOptions()
+        self.options = (options or OpenVINOOptions()).for_artifact(manifest)
         self.spec = ModelSpec.from_dict(manifest.spec)
         path = Path(artifact_dir) / MODEL_XML
         if not path.is_file():
@@ -267,6 +311,9 @@ class OpenVINOEngine:
     def kv_bytes(self) -> int:
         """Bytes the KV cache (the request's state tensors) holds now."""
         return sum(int(state.state.byte_size) for state in self.request.query_state())
+
+    def kernel_choices(self) -> dict[str, str]:
+        return compiled_choices(self.compiled, "stateful")
 
     def reset(self) -> None:
         self.request.reset_state()

@@ -23,6 +23,7 @@ imported lazily, from :mod:`.openvino`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ from qwen_export.targets.openvino.engine import (
     _first_line,
     _ov,
     capabilities,
+    compiled_choices,
     runtime_report,
     unflatten_lm_head,
 )
@@ -95,6 +97,7 @@ class PagedOpenVINOEngine:
 
     def __init__(self, artifact_dir: str | Path, manifest: Manifest, options: OpenVINOOptions) -> None:
         ov = _ov()
+        options = options.for_artifact(manifest)
         self.options = options
         self.spec = ModelSpec.from_dict(manifest.spec)
         if self.spec.has_sliding_layers:
@@ -120,7 +123,8 @@ class PagedOpenVINOEngine:
         self.request = self.compiled.create_infer_request()
         self._layouts = _cache_layouts(self.compiled)
         self.block_size = _block_size(self._layouts)
-        self.capabilities = capabilities(manifest, self.spec, options)
+        caps = capabilities(manifest, self.spec, options)
+        self.capabilities = dataclasses.replace(caps, last_only=caps.full_logits)  # sampled_tokens_indices
         self._capacity = 0  # blocks allocated per cache tensor
         self._free: list[int] = []
         self.reset()
@@ -129,6 +133,9 @@ class PagedOpenVINOEngine:
     @property
     def num_cached_tokens(self) -> int:
         return 0 if self._mask is None else int(self._mask.shape[1])
+
+    def kernel_choices(self) -> dict[str, str]:
+        return compiled_choices(self.compiled, "paged")
 
     @property
     def allocated_blocks(self) -> int:
@@ -162,7 +169,10 @@ class PagedOpenVINOEngine:
             del blocks[needed:]
 
     # ------------------------------------------------------------------------------ forward
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, last_only: bool = False
+    ) -> np.ndarray:
+        """``last_only`` (a full-logits artifact): compute the last position's logits only."""
         step = prepare_step(
             input_ids,
             attention_mask,
@@ -173,19 +183,24 @@ class PagedOpenVINOEngine:
         if self._mask is None:
             self._rows = [[] for _ in range(step.ids.shape[0])]
             self._lens = np.zeros(step.ids.shape[0], np.int64)
-        return run_in_chunks(step, self.options.prefill_chunk, self._piece, self.capabilities.full_logits)
+        full = self.capabilities.full_logits and not last_only
 
-    def _piece(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        def piece(ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+            return self._piece(ids, mask, position_ids, full)
+
+        return run_in_chunks(step, self.options.prefill_chunk, piece, full)
+
+    def _piece(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, full: bool) -> np.ndarray:
         """One inference over the real (unpadded) tokens of ``ids``; ``mask`` covers everything
-        cached once they are in."""
+        cached once they are in; ``full``: every position's logits, else the last one's."""
         batch, seq = ids.shape
         real = mask[:, -seq:] == 1
         counts = real.sum(axis=1)
         rows = np.flatnonzero(counts)
-        out = np.zeros((batch, seq if self.capabilities.full_logits else 1, self.spec.vocab_size), np.float32)
+        out = np.zeros((batch, seq if full else 1, self.spec.vocab_size), np.float32)
         if rows.size:
-            logits = self._run(ids[real], position_ids[real], rows, counts[rows])
-            if self.capabilities.full_logits:
+            logits = self._run(ids[real], position_ids[real], rows, counts[rows], full)
+            if full:
                 out[real] = logits
             else:
                 out[rows, 0] = logits
@@ -193,15 +208,18 @@ class PagedOpenVINOEngine:
         self._mask = mask
         return out
 
-    def _run(self, ids: np.ndarray, positions: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """One inference over the new tokens of ``rows``; the sampled tokens' logits [n, vocab]."""
+    def _run(
+        self, ids: np.ndarray, positions: np.ndarray, rows: np.ndarray, counts: np.ndarray, full: bool
+    ) -> np.ndarray:
+        """One inference over the new tokens of ``rows``; the sampled tokens' logits [n, vocab]
+        (``full``: every token's, else each row's last)."""
         past = self._lens[rows]
         totals = past + counts
         needed = -(-totals // self.block_size)
         self._reserve(rows, needed)
         blocks = [self._rows[r][:n] for r, n in zip(rows, needed, strict=True)]
         ends = np.cumsum(counts)
-        sampled = np.arange(ends[-1]) if self.capabilities.full_logits else ends - 1
+        sampled = np.arange(ends[-1]) if full else ends - 1
         self.request.infer(
             {
                 "input_ids": ids,

@@ -1,0 +1,45 @@
+"""The CPU features that decide which kernels the engines pick (read from /proc/cpuinfo, Linux;
+elsewhere nothing is known and the engines decide alone)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+#: kernel-relevant flags, in rising order of what they enable for int8/bf16 matrix products
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The kernel-relevant flags this CPU reports (empty when /proc/cpuinfo cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return frozenset(value.split()) & frozenset(KERNEL_FLAGS)
+    except OSError:
+        pass
+    return frozenset()
+
+
+def isa_summary(flags: frozenset[str] | None = None) -> str:
+    """The best int8/bf16 instruction set: ``amx``, ``avx512-vnni``, ``avx-vnni``, ``avx512``,
+    ``avx2``, or ``unknown``."""
+    flags = cpu_flags() if flags is None else flags
+    for name, needed in (
+        ("amx", {"amx_int8", "amx_bf16"}),
+        ("avx512-vnni", {"avx512_vnni"}),
+        ("avx-vnni", {"avx_vnni"}),
+        ("avx512", {"avx512f"}),
+        ("avx2", {"avx2"}),
+    ):
+        if needed <= flags:
+            return name
+    return "unknown"
+
+
+def default_threads(threads: int) -> int:
+    """The thread count an engine given ``threads`` (0 = its default: every core) uses."""
+    return threads if threads > 0 else (os.cpu_count() or 1)
