@@ -17,10 +17,8 @@ from typing import Any
 import noise
 import pytest
 
+from qwen_export.cpuinfo import KERNEL_FLAGS  # the CPU features that change the engines' kernels (and rounding)
 from qwen_export.export.tiny import make_checkpoint
-
-#: the CPU features that change which kernels the engines pick (and so their rounding)
-KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 # The CLI prints with rich, which wraps at 80 columns when stdout is not a terminal (CliRunner):
 # a long temporary path then splits the phrases the CLI tests look for. Tests read one line each.

@@ -167,7 +167,7 @@ class OnnxRuntimeEngine:
     def kernel_choices(self) -> dict[str, str]:
         """What runs on this CPU: threads, the ISA MLAS dispatches to, the quantized MatMul's
         activations (accuracy level 4: int8 activations, the VNNI/AMX-friendly kernels)."""
-        from qwen_export.runtime.cpuinfo import default_threads, isa_summary
+        from qwen_export.cpuinfo import default_threads, isa_summary
 
         choices = {"threads": str(default_threads(self.options.threads)), "isa": isa_summary()}
         if self._quant.get("weights") in ("int4", "int8"):

@@ -69,7 +69,7 @@ class Precision(_ChoiceEnum):
         """AUTO decided for this CPU (``cpu_flags``: /proc/cpuinfo's by default); the others as they are."""
         if self is not Precision.AUTO:
             return self
-        from qwen_export.runtime.cpuinfo import cpu_flags as read_flags
+        from qwen_export.cpuinfo import cpu_flags as read_flags
 
         flags = read_flags() if cpu_flags is None else cpu_flags
         has_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
@@ -258,7 +258,7 @@ _CHOSEN = {
 def compiled_choices(compiled: Any, attention: str) -> dict[str, str]:
     """What the CPU plugin compiled: precision, KV-cache precision, activation dynamic-quantization
     group (0: off), threads, streams, as the compiled model reports them, and the ISA."""
-    from qwen_export.runtime.cpuinfo import isa_summary
+    from qwen_export.cpuinfo import isa_summary
 
     choices = {"attention": attention, "isa": isa_summary()}
     for key, name in _CHOSEN.items():
