@@ -93,22 +93,6 @@ class ExportOptions:
             raise OptionError(context_error(spec, self.max_length))
         return self.max_length
 
-    def context_note(self, spec: ModelSpec) -> str | None:
-        """What the export says when the artifact's context is not the model's own (never silent):
-        the default cap, or a ``--max-length`` past the positions the model was configured for."""
-        model, chosen = spec.max_position_embeddings, self.resolved_max_length(spec)
-        if chosen < model and self.max_length is None:
-            return (
-                f"context: {chosen} tokens, capped from the model's {model} (the KV cache is preallocated); "
-                f"--max-length {model} keeps the model's"
-            )
-        if chosen > model:
-            return (
-                f"context: {chosen} tokens, past the model's max_position_embeddings ({model}): "
-                "positions beyond it were not trained and quality may drop"
-            )
-        return None
-
 
 def context_error(spec: ModelSpec, wanted: int) -> str:
     """Why ``wanted`` positions are beyond ``spec``'s context, naming the flag that extends it."""

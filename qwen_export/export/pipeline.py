@@ -68,9 +68,6 @@ def _export(
     ckpt.validate(spec)
     tokenizer_files = _tokenizer_files(ckpt.directory)
     max_length = options.resolved_max_length(spec)
-    note = options.context_note(spec)
-    if note is not None:  # a context other than the model's is said, never silent
-        hooks.message(note)
     if options.quant is not None:  # option errors before the slow part
         from qwen_export.passes.quantize import check_scheme
 
