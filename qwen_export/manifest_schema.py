@@ -165,6 +165,14 @@ def _check_extra(extra: Any, source: str) -> None:
         k.choice("layout", KVLayout)
         k.int("capacity", low=0, optional=True)
         k.int("bytes_per_token", low=0, high=2**40, optional=True)
+    context = extra.get("context")
+    if context is not None:  # the chosen context and the model's own (readers use max_length)
+        c = _Fields(context, "extra.context", source)
+        c.int("max_length", optional=True)
+        c.int("trained", optional=True)
+        c.kind("chosen_by", str)
+        if context.get("rope_override") is not None:
+            c.kind("rope_override", str)
     quant = extra.get("quantization")
     if quant is not None:
         q = _Fields(quant, "extra.quantization", source)

@@ -14,6 +14,8 @@ import dataclasses
 import enum
 import json
 import math
+import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,57 @@ class RopeScaling:
     truncate: bool = True
 
 
+class RopeScalingChoice(_ChoiceEnum):
+    """``--rope-scaling``: ``yarn`` sets YaRN at export (the checkpoint is not edited); ``none``
+    drops the checkpoint's own scaling."""
+
+    NONE = "none"
+    YARN = "yarn"
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeOverride:
+    """RoPE scaling chosen at export (``--rope-scaling``, ``--rope-factor``, ``--rope-original-max``),
+    replacing the checkpoint's. With YaRN, ``factor`` defaults to the checkpoint's own YaRN factor
+    and ``original_max`` to its ``original_max_position_embeddings`` (else ``max_position_embeddings``);
+    beta/mscale/attention-factor settings of a checkpoint's own YaRN are kept, transformers' defaults
+    otherwise."""
+
+    scaling: RopeScalingChoice = RopeScalingChoice.YARN
+    factor: float | None = None
+    original_max: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.scaling is RopeScalingChoice.NONE and (self.factor is not None or self.original_max is not None):
+            raise OptionError("--rope-factor and --rope-original-max apply with --rope-scaling yarn, not none")
+        if self.factor is not None and (_finite(self.factor) is None or not 1.0 <= self.factor <= 1024.0):
+            raise OptionError(f"--rope-factor must be a number in 1 .. 1024, got {self.factor!r}")
+        bad = isinstance(self.original_max, bool) or not isinstance(self.original_max, (int, type(None)))
+        if bad or (self.original_max is not None and not 0 < self.original_max <= 10_000_000):
+            raise OptionError(f"--rope-original-max must be an integer in 1 .. 10,000,000, got {self.original_max!r}")
+
+    def apply(self, spec: ModelSpec) -> ModelSpec:
+        """``spec`` with this scaling; OptionError when YaRN has no factor to use."""
+        if self.scaling is RopeScalingChoice.NONE:
+            return dataclasses.replace(spec, rope_scaling=None)
+        own = spec.rope_scaling if spec.rope_scaling and spec.rope_scaling.rope_type is RopeType.YARN else None
+        factor = self.factor if self.factor is not None else (own.factor if own else None)
+        if factor is None:
+            raise OptionError("--rope-scaling yarn needs --rope-factor F (the context becomes F x the original length)")
+        original = self.original_max or (own.original_max_position_embeddings if own else None)
+        scaling = own or RopeScaling(RopeType.YARN)
+        scaling = dataclasses.replace(
+            scaling, factor=float(factor), original_max_position_embeddings=original or spec.max_position_embeddings
+        )
+        return dataclasses.replace(spec, rope_scaling=scaling)
+
+    def describe(self) -> str:
+        if self.scaling is RopeScalingChoice.NONE:
+            return "none"
+        parts = ["yarn"] + ([f"factor {self.factor:g}"] if self.factor is not None else [])
+        return " ".join(parts + ([f"original {self.original_max}"] if self.original_max else []))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """Everything the exporter needs to know about a Qwen decoder, frozen."""
@@ -170,10 +223,20 @@ class ModelSpec:
         return kv_bytes_per_token(self.num_hidden_layers, self.num_key_value_heads, self.head_dim, dtype)
 
     @property
+    def trained_context(self) -> int:
+        """Positions the model handles as configured: ``max_position_embeddings``, or with YaRN
+        ``original_max_position_embeddings x factor`` when larger (Qwen2.5: 32768 x 4 = 131072).
+        Linear and dynamic scaling keep ``max_position_embeddings`` (dynamic runs as default here)."""
+        s = self.rope_scaling
+        if s is not None and s.rope_type is RopeType.YARN and s.original_max_position_embeddings:
+            return max(self.max_position_embeddings, int(s.original_max_position_embeddings * s.factor))
+        return self.max_position_embeddings
+
+    @property
     def has_sliding_layers(self) -> bool:
         return LayerType.SLIDING in self.layer_types
 
-    def rope_inv_freq_and_scale(self) -> tuple[list[float], float]:
+    def rope_inv_freq_and_scale(self, pos_freqs: Sequence[float] | None = None) -> tuple[list[float], float]:
         """Inverse frequencies and the cos/sin scale, exactly as transformers computes them.
 
         Mirrors ``transformers.modeling_rope_utils`` (default, linear and YaRN; float32 arithmetic
@@ -181,14 +244,18 @@ class ModelSpec:
         context and is treated as default here, as transformers does for short sequences.
         """
         dim = self.head_dim
-        base = self.rope_theta
-        exps = [i / dim for i in range(0, dim, 2)]
-        pos_freqs = [base**e for e in exps]
+        base = _f32(self.rope_theta)
+        # transformers computes in float32: every operation below is rounded to float32 as torch does;
+        # torch's float32 pow is not correctly rounded everywhere (1 ulp off at some exponents), so an
+        # exporter passes the ``base ** (2i / dim)`` torch computes (export/trace.rope_inv_freq_and_scale)
+        if pos_freqs is None:
+            pos_freqs = [_f32(base ** _f32(i / dim)) for i in range(0, dim, 2)]
+        pos_freqs = [_f32(p) for p in pos_freqs]
         scaling = self.rope_scaling
         if scaling is None or scaling.rope_type in (RopeType.DEFAULT, RopeType.DYNAMIC):
-            return [1.0 / p for p in pos_freqs], 1.0
+            return [_f32(1.0 / p) for p in pos_freqs], 1.0
         if scaling.rope_type is RopeType.LINEAR:
-            return [1.0 / p / scaling.factor for p in pos_freqs], 1.0
+            return [_f32(_f32(1.0 / p) / _f32(scaling.factor)) for p in pos_freqs], 1.0
         return _yarn(self, scaling, pos_freqs)
 
     # ---------------------------------------------------------------- parsing
@@ -454,8 +521,15 @@ def _yarn(spec: ModelSpec, s: RopeScaling, pos_freqs: list[float]) -> tuple[list
     if low == high:
         high += 0.001
     inv = []
-    for i, p in enumerate(pos_freqs):
-        ramp = min(max((i - low) / (high - low), 0.0), 1.0)
-        extrap_factor = 1 - ramp
-        inv.append((1.0 / (factor * p)) * (1 - extrap_factor) + (1.0 / p) * extrap_factor)
+    span = _f32(high - low)
+    for i, p in enumerate(pos_freqs):  # float32 at every step, as transformers' torch code
+        ramp = min(max(_f32(_f32(i - _f32(low)) / span), 0.0), 1.0)
+        extrap = _f32(1 - ramp)
+        interpolated = _f32(_f32(1.0 / _f32(_f32(factor) * p)) * _f32(1 - extrap))
+        inv.append(_f32(interpolated + _f32(_f32(1.0 / p) * extrap)))
     return inv, float(attention_factor)
+
+
+def _f32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (what a torch float32 operation stores)."""
+    return float(struct.unpack("f", struct.pack("f", value))[0])

@@ -60,11 +60,12 @@ _MODULE_GROUPS = {
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """With ``-n N --dist loadgroup`` (the README's command) a group runs on one worker, so the
     session-scoped exports a group needs are made once: a module is a group, except that the parity
-    suite is split by engine and each engine's part joins that engine's own module."""
+    suite is split by engine and each engine's part joins that engine's own module (so does
+    test_long_context, which reuses the parity suite's YaRN exports)."""
     for item in items:
         module = item.module.__name__ if item.module is not None else item.nodeid
         group = _MODULE_GROUPS.get(module, module)
-        if module in ("test_parity", "test_speculative"):  # reuses the parity suite's exports
+        if module in ("test_parity", "test_speculative", "test_long_context"):  # reuse the parity exports
             engine = item.callspec.params.get("target") if hasattr(item, "callspec") else None
             group = _ENGINE_GROUPS.get(engine, "parity-onnxruntime")
         item.add_marker(pytest.mark.xdist_group(group))

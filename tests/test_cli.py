@@ -309,19 +309,14 @@ def test_installed_entry_point() -> None:
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:")
 
 
-def test_max_length_option_and_default_cap(qwen2_tied: Path) -> None:
+def test_max_length_option_and_default(qwen2_tied: Path) -> None:
     from qwen_export.export.checkpoint import Checkpoint
 
     spec = Checkpoint.open(qwen2_tied).spec
-    assert pipeline.ExportOptions().resolved_max_length(spec) == 256
+    assert pipeline.ExportOptions().resolved_max_length(spec) == 256  # the model's context
     assert pipeline.ExportOptions(max_length=64).resolved_max_length(spec) == 64
-    assert (
-        pipeline.ExportOptions().context_note(spec) is None
-        and pipeline.ExportOptions(max_length=64).context_note(spec) is None
-    )
-    assert "past the model's max_position_embeddings (256)" in pipeline.ExportOptions(max_length=512).context_note(spec)
     big = dataclasses.replace(spec, max_position_embeddings=32768)
-    assert pipeline.ExportOptions().context_note(big).startswith("context: 4096 tokens, capped from the model's 32768")
+    assert pipeline.ExportOptions().resolved_max_length(big) == 32768  # no cap: the KV cache grows with use
 
 
 def test_generate_with_json_schema_and_chat_with_tools(export, tmp_path: Path) -> None:
@@ -388,7 +383,7 @@ def test_export_passes_fusion_options_and_prints_kv_cache(
     assert result.exit_code == 0, result.output
     options = calls[-1]
     assert (options.fuse, options.strict, options.explain, options.dump_dir) == (True, True, False, None)
-    assert "KV cache: 4096 tokens x 12.0 KiB = 48.0 MiB per sequence" in result.output
+    assert "KV cache: up to 4096 tokens x 12.0 KiB = 48.0 MiB per sequence, allocated as tokens arrive" in result.output
 
     dump = tmp_path / "dump"
     args = ("--no-fuse", "--no-strict", "--dump-dir", dump)
@@ -492,7 +487,7 @@ def test_kv_cache_line() -> None:
     line = kv_cache_line({"layout": "concat", "capacity": 32768, "bytes_per_token": 12288})
     assert line is not None and line.startswith("KV cache: up to 32768 tokens x 12.0 KiB = 384.0 MiB per sequence")
     line = kv_cache_line({"layout": "shared", "capacity": 256, "bytes_per_token": 512})
-    assert line is not None and line.startswith("KV cache: 256 tokens x 0.5 KiB = 128.0 KiB per sequence")
+    assert line is not None and line.startswith("KV cache: up to 256 tokens x 0.5 KiB = 128.0 KiB per sequence")
 
 
 def test_fusion_error_is_one_line(qwen2_tied: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -521,7 +516,7 @@ def test_real_export_with_fusion_options(qwen2_tied: Path, tmp_path: Path) -> No
     assert "nearest misses" in result.output  # the fusion passes' reports, printed by the CLI
     kv = json.loads((tmp_path / "fused" / "manifest.json").read_text())["extra"]["kv_cache"]
     assert kv["layout"] == "shared" and kv["capacity"] == 64
-    assert f"KV cache: 64 tokens x {kv['bytes_per_token'] / 1024:.1f} KiB" in result.output
+    assert f"KV cache: up to 64 tokens x {kv['bytes_per_token'] / 1024:.1f} KiB" in result.output
 
 
 def test_inspect_shows_passes_and_kv_cache(export) -> None:
@@ -540,7 +535,7 @@ def test_inspect_shows_passes_and_kv_cache(export) -> None:
     assert " weights: fp32; " in lines[0]  # the weight scheme, not a bare dtype
     kv = manifest["extra"]["kv_cache"]  # the fused ONNX Runtime export records its KV cache and genai config
     assert any(x.startswith("KV cache: ") for x in lines)
-    assert f"KV cache: {kv['capacity']} tokens x" in result.output
+    assert f"KV cache: up to {kv['capacity']} tokens x" in result.output
     info = json.loads(invoke("inspect", art, "--json").stdout)
     assert [p["name"] for p in info["passes"]] == [r["name"] for r in manifest["passes"]]
     assert [p["fired"] for p in info["passes"]] == [r["fired"] for r in manifest["passes"]]

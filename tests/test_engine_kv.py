@@ -76,7 +76,7 @@ def test_capacity_overflow_is_refused(small_capacity: Path) -> None:
     engine.forward(np.arange(1, 11, dtype=np.int64)[None])
     with pytest.raises(
         GenerationError,
-        match=r"17 tokens exceed the artifact.s context of 16 \(the capacity of its preallocated KV buffer\); re-",
+        match=r"17 tokens exceed the artifact.s context of 16; re-export with a larger --max-length",
     ):
         engine.forward(np.arange(1, 8, dtype=np.int64)[None])
     assert engine.num_cached_tokens == 10  # the refused step changed nothing

@@ -12,6 +12,7 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from qwen_export.errors import ConfigError
+from qwen_export.export.trace import rope_inv_freq_and_scale
 from qwen_export.spec import Architecture, LayerType, ModelSpec, RopeType
 
 TINY = dict(
@@ -30,14 +31,24 @@ def _spec(config: transformers.PretrainedConfig) -> ModelSpec:
     return ModelSpec.from_config(raw)
 
 
-# transformers computes inverse frequencies in float32 (pow, reciprocal and the YaRN blend each round),
-# the spec in float64; 1e-7 is below float32's resolution (eps 1.19e-7), so allow two float32 ulps.
-RTOL = 2 * float(np.finfo(np.float32).eps)
+# transformers computes inverse frequencies in float32 (pow, reciprocal and the YaRN blend each round);
+# the spec rounds each of those steps to float32 too. torch's float32 pow is not correctly rounded
+# everywhere, so the exporter takes ``base ** (2i / dim)`` from torch (export.trace): its tables are
+# equal to transformers' bit for bit; the torch-free spec's are within one float32 ulp.
+def _tables(spec: ModelSpec) -> tuple[list[float], float]:
+    """The exporter's inverse frequencies and scale (checked against the torch-free spec's)."""
+    inv, scale = rope_inv_freq_and_scale(spec)
+    pure, pure_scale = spec.rope_inv_freq_and_scale()
+    np.testing.assert_allclose(pure, inv, rtol=float(np.finfo(np.float32).eps), atol=0)
+    assert pure_scale == scale
+    return inv, scale
 
 
 def _close(ours: list[float], theirs: Any) -> None:
-    theirs = np.asarray(theirs, dtype=np.float64)
-    np.testing.assert_allclose(np.asarray(ours, dtype=np.float64), theirs, rtol=RTOL, atol=0)
+    """Bit for bit."""
+    theirs = np.asarray(theirs, dtype=np.float32)
+    np.testing.assert_array_equal(np.asarray(ours, dtype=np.float32), theirs)
+    np.testing.assert_array_equal(np.asarray(ours, dtype=np.float64), theirs.astype(np.float64))
 
 
 # ---------------------------------------------------------------------- fixtures' config.json
@@ -76,10 +87,10 @@ def test_qwen3_config(qwen3: Path) -> None:
 # ---------------------------------------------------------------------- RoPE vs transformers
 def test_yarn_fixture_matches_transformers(qwen2_yarn_bf16_sharded: Path) -> None:
     config = transformers.AutoConfig.from_pretrained(qwen2_yarn_bf16_sharded)
-    inv, scale = ModelSpec.from_config_file(qwen2_yarn_bf16_sharded).rope_inv_freq_and_scale()
+    inv, scale = _tables(ModelSpec.from_config_file(qwen2_yarn_bf16_sharded))
     ref_inv, ref_scale = ROPE_INIT_FUNCTIONS["yarn"](config)
     _close(inv, ref_inv)
-    assert scale == pytest.approx(ref_scale, rel=1e-7) and scale > 1
+    assert scale == ref_scale and scale > 1
 
 
 @pytest.mark.parametrize(
@@ -98,10 +109,10 @@ def test_yarn_variants_match_transformers(extra: dict[str, Any]) -> None:
     config = transformers.Qwen2Config(
         **{**TINY, "hidden_size": 512}, max_position_embeddings=131072, rope_parameters=rope
     )
-    inv, scale = _spec(config).rope_inv_freq_and_scale()
+    inv, scale = _tables(_spec(config))
     ref_inv, ref_scale = ROPE_INIT_FUNCTIONS["yarn"](config)
     _close(inv, ref_inv)
-    assert scale == pytest.approx(ref_scale, rel=1e-7)
+    assert scale == ref_scale
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
@@ -112,7 +123,7 @@ def test_default_rope_matches_transformers(arch: str) -> None:
     else:
         config = transformers.Qwen3Config(**TINY, head_dim=32)
         fn = transformers.models.qwen3.modeling_qwen3.Qwen3RotaryEmbedding.compute_default_rope_parameters
-    inv, scale = _spec(config).rope_inv_freq_and_scale()
+    inv, scale = _tables(_spec(config))
     ref_inv, ref_scale = fn(config)
     assert len(inv) == len(ref_inv)
     _close(inv, ref_inv)

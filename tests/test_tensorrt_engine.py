@@ -342,9 +342,9 @@ def test_recipe_profiles(artifact: Path) -> None:
     assert decode["shapes"]["cache_position"] == {"min": [1], "opt": [1], "max": [1]}
     assert decode["shapes"]["attention_mask"] == {"min": [1, 1], "opt": [1, 256], "max": [4, 256]}
     for profile in (prefill, decode):
-        for name in kv:  # the KV buffers are fixed at capacity; only the batch varies
+        for name in kv:  # the KV buffers grow with the conversation, up to the capacity
             shape = profile["shapes"][name]
-            assert shape["min"] == [1, spec.num_key_value_heads, 256, spec.head_dim]
+            assert shape["min"] == [1, spec.num_key_value_heads, 1, spec.head_dim]
             assert shape["max"] == [4, spec.num_key_value_heads, 256, spec.head_dim]
     # the artifact's own recipe (written by emit through the pipeline)
     manifest = load_manifest(artifact)
@@ -478,6 +478,24 @@ def test_parity_profiles_and_in_place_kv(artifact: Path, built: Path) -> None:
     check_logits(engine.forward(prompt), reference.forward(prompt), Noise.CROSS)
     assert _profile_switches(context.log) == [1, 0]  # back to prefill once
     assert [t.data_ptr() for t in engine._kv] == buffers  # reused after reset
+
+
+def test_kv_buffers_grow_with_the_conversation(artifact: Path, built: Path) -> None:
+    """Buffers sized to the request (steps of 16 here), reallocated with the cache copied and bound
+    again when a call needs more: logits as with full-capacity buffers, addresses still shared."""
+    engine, fake = _engine(artifact, kv_step=16)
+    full, _ = _engine(artifact)
+    prompt = _prompt(12, seed=3)
+    check_logits(engine.forward(prompt), full.forward(prompt), Noise.REPEAT)
+    assert engine.kv_capacity == 16 and full.kv_capacity == CAPACITY
+    for token in range(3, 9):  # 12 -> 18 tokens: past the first buffer
+        step = np.array([[token]], np.int64)
+        check_logits(engine.forward(step), full.forward(step), Noise.REPEAT)
+    assert engine.kv_capacity == 32 and engine.kv_bytes * 2 == full.kv_bytes
+    context = fake.engine.contexts[0]
+    for i, tensor in enumerate(engine._kv):
+        name = f"{i // 2}.{('key', 'value')[i % 2]}"
+        assert context.addresses[f"past_key_values.{name}"] == context.addresses[f"present.{name}"] == tensor.data_ptr()
 
 
 def test_truncate_and_refeed_match_a_fresh_run(artifact: Path, built: Path) -> None:

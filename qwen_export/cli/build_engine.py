@@ -16,7 +16,8 @@ def build_engine(
     artifact: Annotated[Path, typer.Argument(help="A --target tensorrt artifact directory.")],
     max_batch: Annotated[int | None, typer.Option(help="Largest batch (default: the export's recipe).")] = None,
     max_prompt: Annotated[
-        int | None, typer.Option(help="Longest prompt run in one prefill (default: the KV capacity).")
+        int | None,
+        typer.Option(help="Longest prompt run in one prefill (default: the recipe's, min(KV capacity, 2048))."),
     ] = None,
     workspace_mib: Annotated[int | None, typer.Option(help="Builder workspace in MiB (default 4096).")] = None,
     optimization_level: Annotated[

@@ -23,6 +23,7 @@ from qwen_export.cli.common import (
     MaxNew,
     MinP,
     Precision,
+    PrefillChunk,
     RepPen,
     Seed,
     SpeculateOpt,
@@ -74,6 +75,7 @@ def chat(
     attention: AttentionOpt = None,
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
+    prefill_chunk: PrefillChunk = None,
     speculate: SpeculateOpt = None,
     max_draft_tokens: MaxDraftOpt = None,
     think: Think = None,
@@ -91,7 +93,9 @@ def chat(
     if raw and (tool_specs is not None or system is not None or think is not None):
         raise OptionError("--raw has no chat template: it takes neither --tools, --system nor --think/--no-think")
     spec = speculation(speculate, max_draft_tokens)
-    llm = load_llm(artifact, threads, precision, kv_cache, cache_dir, engine, attention, spec)
+    llm = load_llm(
+        artifact, threads, precision, kv_cache, cache_dir, engine, attention, spec, prefill_chunk=prefill_chunk
+    )
     sampling = sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
     session = _Session(llm, system, tool_specs, response_format, sampling, think, raw)
     enable_line_editing()

@@ -15,6 +15,7 @@ from qwen_export.cli.common import (
     EngineOpt,
     KVCache,
     Precision,
+    PrefillChunk,
     Threads,
     app,
     console,
@@ -25,7 +26,7 @@ from qwen_export.cli.common import (
     runtime,
 )
 from qwen_export.errors import OptionError
-from qwen_export.spec import DType
+from qwen_export.spec import DType, ModelSpec
 
 
 @app.command()
@@ -49,6 +50,7 @@ def check(
     attention: AttentionOpt = None,
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
+    prefill_chunk: PrefillChunk = None,
 ) -> None:
     """Compare ARTIFACT with REFERENCE (transformers on a checkpoint, or another artifact); exit 1 past
     the thresholds of ARTIFACT's precision."""
@@ -57,17 +59,20 @@ def check(
 
     if max_tokens < 2 or greedy_tokens < 1:
         raise OptionError("--max-tokens must be >= 2 and --greedy-tokens >= 1")
-    loaded = open_artifact(artifact, runtime(threads, precision, kv_cache, cache_dir, engine, attention))
+    loaded = open_artifact(artifact, runtime(threads, precision, kv_cache, cache_dir, engine, attention, prefill_chunk))
     content = read_text(text) if text is not None else parity.DEFAULT_TEXT
     ids = loaded.tokenizer.encode(content)[:max_tokens]
     quantized = loaded.manifest.extra.get("quantization")
+    context = loaded.manifest.extra.get("context") or {}
+    rope = ModelSpec.from_dict(loaded.manifest.spec) if context.get("rope_override") else None
     if (reference / "manifest.json").is_file():
         ref: parity.Reference | parity.ArtifactReference = _artifact_reference(
             reference, loaded, content, max_tokens, threads
         )
         against = f"artifact {reference}"
     else:
-        ref, against = parity.Reference(reference), "transformers"
+        # --rope-scaling at export: the reference runs it too
+        ref, against = parity.Reference(reference, rope=rope), "transformers"
     report = parity.check(
         loaded.engine,
         ref,

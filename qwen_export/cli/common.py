@@ -105,6 +105,14 @@ EngineOpt = Annotated[
     ),
 ]
 
+PrefillChunk = Annotated[
+    int | None,
+    typer.Option(
+        help="Longest piece of a prompt run at once (ONNX Runtime, OpenVINO; default 2048, 0 = the whole "
+        "prompt): bounds a long prompt's activation memory."
+    ),
+]
+
 
 SpeculateOpt = Annotated[
     str | None,
@@ -137,11 +145,14 @@ def runtime(
     cache_dir: Path | None,
     engine: str | None = None,
     attention: str | None = None,
+    prefill_chunk: int | None = None,
 ) -> Any:
     """RuntimeOptions from the engine flags."""
     from qwen_export.runtime.llm import runtime_options
 
-    return runtime_options(threads, precision, kv_cache, cache_dir, engine=engine, attention=attention)
+    return runtime_options(
+        threads, precision, kv_cache, cache_dir, engine=engine, attention=attention, prefill_chunk=prefill_chunk
+    )
 
 
 def load_llm(
@@ -153,12 +164,13 @@ def load_llm(
     engine: str | None = None,
     attention: str | None = None,
     speculate: Any = None,
+    prefill_chunk: int | None = None,
 ) -> Any:
     """The LLM over ``artifact``; ``speculate``: a Speculation (see :func:`speculation`) or None."""
     from qwen_export.runtime.llm import LLM, speculator
     from qwen_export.runtime.loader import open_artifact
 
-    loaded = open_artifact(artifact, runtime(threads, precision, kv_cache, cache_dir, engine, attention))
+    loaded = open_artifact(artifact, runtime(threads, precision, kv_cache, cache_dir, engine, attention, prefill_chunk))
     return LLM(loaded, speculator(loaded, speculate, threads))
 
 
@@ -294,6 +306,22 @@ def format_bytes(n: float) -> str:
     return f"{n / 2**10:.1f} KiB"
 
 
+def context_line(context: Any, kv: Any) -> str | None:
+    """``context: 131072 tokens (the model's context; RoPE set at export: yarn factor 4), KV cache
+    12.0 KiB per token`` from manifest.extra["context"] and ["kv_cache"]."""
+    if not isinstance(context, dict) or not isinstance(context.get("max_length"), int):
+        return None
+    own = (
+        "the model's context"
+        if context.get("chosen_by") == "model"
+        else f"--max-length; the model's context: {context.get('trained')}"
+    )
+    rope = context.get("rope_override")
+    per_token = kv.get("bytes_per_token") if isinstance(kv, dict) else None
+    kv_text = f", KV cache {format_bytes(per_token)} per token" if isinstance(per_token, int) else ""
+    return f"context: {context['max_length']} tokens ({own}{f'; RoPE set at export: {rope}' if rope else ''}){kv_text}"
+
+
 def kv_cache_line(kv: Any) -> str | None:
     """``KV cache: 4096 tokens x 12.0 KiB = 48.0 MiB per sequence ...`` from manifest.extra["kv_cache"]."""
     if not isinstance(kv, dict):
@@ -304,7 +332,10 @@ def kv_cache_line(kv: Any) -> str | None:
     total = f"{capacity} tokens x {format_bytes(per_token)} = {format_bytes(capacity * per_token)} per sequence"
     layout = kv.get("layout")
     if layout == "shared":
-        return f"KV cache: {total}, preallocated (one buffer shared by past and present)"
+        return (
+            f"KV cache: up to {total}, allocated as tokens arrive (one buffer shared by past and present, "
+            "grown in steps)"
+        )
     if layout == "concat":
         return f"KV cache: up to {total}, grown as tokens arrive (past and present concatenated)"
     if layout == "stateful":

@@ -9,7 +9,15 @@ from typing import Annotated, Any
 import typer
 
 from qwen_export.artifact import check_output_dir
-from qwen_export.cli.common import app, byte_progress, console, err_console, handles_errors, kv_cache_line
+from qwen_export.cli.common import (
+    app,
+    byte_progress,
+    console,
+    context_line,
+    err_console,
+    handles_errors,
+    kv_cache_line,
+)
 from qwen_export.errors import OptionError
 
 Checkpoint = Annotated[
@@ -33,7 +41,27 @@ DTypeOpt = Annotated[
 ]
 Logits = Annotated[str, typer.Option(help="Logits for the last position or all positions: last | all.")]
 MaxLength = Annotated[
-    int | None, typer.Option(help="Context the artifact is built for (default: config, capped at 4096).")
+    int | None,
+    typer.Option(
+        help="Context the artifact is built for (default: the model's own, max_position_embeddings, or "
+        "original x factor with YaRN). Beyond it needs --rope-scaling yarn."
+    ),
+]
+RopeScaling = Annotated[
+    str | None,
+    typer.Option(
+        help="RoPE scaling set at export, without editing the checkpoint: yarn (with --rope-factor) | none "
+        "(drop the checkpoint's own). Default: the checkpoint's config.json."
+    ),
+]
+RopeFactor = Annotated[
+    float | None, typer.Option(help="YaRN factor: the context becomes factor x --rope-original-max (e.g. 4).")
+]
+RopeOriginalMax = Annotated[
+    int | None,
+    typer.Option(
+        help="YaRN's original_max_position_embeddings (default: the checkpoint's, else max_position_embeddings)."
+    ),
 ]
 Overwrite = Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")]
 Fuse = Annotated[
@@ -122,6 +150,9 @@ def export(
     dtype: DTypeOpt = None,
     logits: Logits = "last",
     max_length: MaxLength = None,
+    rope_scaling: RopeScaling = None,
+    rope_factor: RopeFactor = None,
+    rope_original_max: RopeOriginalMax = None,
     overwrite: Overwrite = False,
     fuse: Fuse = True,
     strict: Strict = True,
@@ -164,6 +195,9 @@ def export(
         calibration=calibration,
         logits=logits,
         max_length=max_length,
+        rope_scaling=rope_scaling,
+        rope_factor=rope_factor,
+        rope_original_max=rope_original_max,
         max_batch=max_batch,
         fuse=fuse,
         strict=strict,
@@ -187,6 +221,9 @@ def _print_summary(checkpoint: Path, output: Path, manifest: Any) -> None:
         f"[green]exported[/] {checkpoint} -> {output}  ({manifest.target}, {precision}, "
         f"{size / 2**20:.1f} MiB, context {manifest.extra.get('max_length')})"
     )
+    ctx_line = context_line(manifest.extra.get("context"), manifest.extra.get("kv_cache"))
+    if ctx_line is not None:
+        console.print(ctx_line, highlight=False, soft_wrap=True)
     kv_line = kv_cache_line(manifest.extra.get("kv_cache"))
     if kv_line is not None:
         console.print(kv_line, highlight=False, soft_wrap=True)

@@ -16,6 +16,7 @@ from qwen_export.cli.common import (
     MaxNew,
     MinP,
     Precision,
+    PrefillChunk,
     RepPen,
     Seed,
     SpeculateOpt,
@@ -62,6 +63,7 @@ def generate(
     attention: AttentionOpt = None,
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
+    prefill_chunk: PrefillChunk = None,
     speculate: SpeculateOpt = None,
     max_draft_tokens: MaxDraftOpt = None,
     think: Think = None,
@@ -73,7 +75,9 @@ def generate(
     """
 
     spec = speculation(speculate, max_draft_tokens)
-    llm = load_llm(artifact, threads, precision, kv_cache, cache_dir, engine, attention, spec)
+    llm = load_llm(
+        artifact, threads, precision, kv_cache, cache_dir, engine, attention, spec, prefill_chunk=prefill_chunk
+    )
     sampling = sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
     response_format = response_format_option(json_schema, json_mode)
     if raw:

@@ -14,6 +14,7 @@ from qwen_export.cli.common import (
     EngineOpt,
     KVCache,
     Precision,
+    PrefillChunk,
     Threads,
     app,
     err_console,
@@ -45,6 +46,7 @@ def serve(
     attention: AttentionOpt = None,
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
+    prefill_chunk: PrefillChunk = None,
 ) -> None:
     """Serve ARTIFACT over HTTP with OpenAI's API: /v1/chat/completions, /v1/completions, /v1/models,
     plus /health and /metrics (Prometheus). The model loads in the background (503 until then);
@@ -56,7 +58,9 @@ def serve(
         raise ArtifactError(
             f"{artifact} is not an exported artifact (no {MANIFEST_NAME}); run `qwen-export export` first"
         )
-    runtime(threads, precision, kv_cache, cache_dir, engine, attention)  # bad engine options: fail before listening
+    runtime(
+        threads, precision, kv_cache, cache_dir, engine, attention, prefill_chunk
+    )  # bad engine options: fail before listening
     given = {
         "engine": engine,
         "threads": threads,
@@ -64,6 +68,7 @@ def serve(
         "kv_cache": kv_cache,
         "attention": attention,
         "cache_dir": cache_dir,
+        "prefill_chunk": prefill_chunk,
     }
     import uvicorn
 

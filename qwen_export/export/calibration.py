@@ -139,10 +139,11 @@ class LayerRunner:
         import torch
 
         from qwen_export.export.modeling import QwenForExport
+        from qwen_export.export.trace import rope_inv_freq_and_scale
         from qwen_export.spec import LogitsMode
 
         self.checkpoint, self.spec = checkpoint, spec
-        inv_freq, rope_scale = spec.rope_inv_freq_and_scale()
+        inv_freq, rope_scale = rope_inv_freq_and_scale(spec)
         helper = types.SimpleNamespace(
             spec=spec,
             dtype=torch.float32,

@@ -16,6 +16,7 @@ names a target.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,15 +24,19 @@ from typing import TYPE_CHECKING, Any
 from qwen_export import targets
 from qwen_export.errors import OptionError, QwenExportError
 from qwen_export.quant.scheme import Keep, QuantAlgorithm, QuantScheme, WeightFormat
-from qwen_export.spec import DType, LogitsMode, ModelSpec, Target, parse_choice
+from qwen_export.spec import (
+    DType,
+    LogitsMode,
+    ModelSpec,
+    RopeOverride,
+    RopeScalingChoice,
+    RopeType,
+    Target,
+    parse_choice,
+)
 
 if TYPE_CHECKING:
     from qwen_export.targets.protocol import TargetBackend
-
-#: Default cap on the context an artifact is exported for (the config may say 128K+). A fused ONNX
-#: Runtime artifact preallocates a KV buffer of this many tokens per sequence (Qwen2.5-0.5B fp32:
-#: 24 KiB per token, 96 MiB at 4096), so the default stays modest; ``--max-length`` raises it.
-DEFAULT_MAX_LENGTH_CAP = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +44,8 @@ class ExportOptions:
     target: Target = Target.ONNXRUNTIME
     dtype: DType = DType.FP32
     logits: LogitsMode = LogitsMode.LAST
-    max_length: int | None = None  # default: min(config max_position_embeddings, DEFAULT_MAX_LENGTH_CAP)
+    max_length: int | None = None  # default: the model's context (ModelSpec.trained_context, after ``rope``)
+    rope: RopeOverride | None = None  # --rope-scaling/--rope-factor/--rope-original-max; None: the checkpoint's
     overwrite: bool = False
     fuse: bool = True  # run the target's fusion passes (False: cleanup only, concat KV cache)
     strict: bool = True  # a fusion firing fewer times than the architecture needs is an error
@@ -70,28 +76,49 @@ class ExportOptions:
         """The traced graph's dtype (the target decides: OpenVINO traces fp32 and stores fp16 weights)."""
         return self.backend.graph_dtype(self.dtype)
 
+    def model_spec(self, spec: ModelSpec) -> ModelSpec:
+        """The checkpoint's spec with ``rope`` applied (the spec the artifact is built for)."""
+        return self.rope.apply(spec) if self.rope is not None else spec
+
     def resolved_max_length(self, spec: ModelSpec) -> int:
+        """The artifact's context for ``spec`` (with ``rope`` applied): ``max_length``, by default the
+        model's own context; beyond it without RoPE scaling is an OptionError naming the flag."""
+        spec = self.model_spec(spec)
+        context = spec.trained_context
         if self.max_length is None:
-            return min(spec.max_position_embeddings, DEFAULT_MAX_LENGTH_CAP)
+            return context
         if self.max_length <= 0:
             raise OptionError(f"--max-length must be positive, got {self.max_length}")
+        if self.max_length > context:
+            raise OptionError(context_error(spec, self.max_length))
         return self.max_length
 
-    def context_note(self, spec: ModelSpec) -> str | None:
-        """What the export says when the artifact's context is not the model's own (never silent):
-        the default cap, or a ``--max-length`` past the positions the model was configured for."""
-        model, chosen = spec.max_position_embeddings, self.resolved_max_length(spec)
-        if chosen < model and self.max_length is None:
-            return (
-                f"context: {chosen} tokens, capped from the model's {model} (the KV cache is preallocated); "
-                f"--max-length {model} keeps the model's"
-            )
-        if chosen > model:
-            return (
-                f"context: {chosen} tokens, past the model's max_position_embeddings ({model}): "
-                "positions beyond it were not trained and quality may drop"
-            )
+
+def context_error(spec: ModelSpec, wanted: int) -> str:
+    """Why ``wanted`` positions are beyond ``spec``'s context, naming the flag that extends it."""
+    s = spec.rope_scaling
+    if s is not None and s.rope_type is RopeType.YARN and s.original_max_position_embeddings:
+        original = s.original_max_position_embeddings
+        factor = math.ceil(wanted / original)
+        return (
+            f"--max-length {wanted} exceeds the YaRN context of {spec.trained_context} tokens "
+            f"(original {original} x factor {s.factor:g}); raise --rope-factor to {factor} or lower --max-length"
+        )
+    trained = spec.max_position_embeddings
+    return (
+        f"--max-length {wanted} exceeds the {trained} positions the model was trained for "
+        f"(max_position_embeddings); extend it with --rope-scaling yarn --rope-factor {math.ceil(wanted / trained)} "
+        "or lower --max-length"
+    )
+
+
+def rope_override(scaling: str | None, factor: float | None, original_max: int | None) -> RopeOverride | None:
+    """The RopeOverride of ``--rope-scaling/--rope-factor/--rope-original-max`` (None: none given)."""
+    if scaling is None:
+        if factor is not None or original_max is not None:
+            raise OptionError("--rope-factor and --rope-original-max need --rope-scaling yarn")
         return None
+    return RopeOverride(parse_choice(RopeScalingChoice, scaling, "--rope-scaling"), factor, original_max)
 
 
 def export_options(
@@ -110,6 +137,9 @@ def export_options(
     calibration: str | Path | None = None,
     logits: str | LogitsMode = "last",
     max_length: int | None = None,
+    rope_scaling: str | None = None,
+    rope_factor: float | None = None,
+    rope_original_max: int | None = None,
     max_batch: int | None = None,
     fuse: bool = True,
     strict: bool = True,
@@ -149,12 +179,8 @@ def export_options(
     )
     if checkpoint is not None and (Path(checkpoint) / "config.json").is_file():
         quant = prequantized_default(Path(checkpoint), weights, quant, block_size, symmetric)
-    given = {
-        "symmetric": symmetric,
-        "embedding_bits": embedding_bits,
-        "accuracy_level": accuracy_level,
-        "max_batch": max_batch,
-    }
+    given = {"symmetric": symmetric, "embedding_bits": embedding_bits, "accuracy_level": accuracy_level}
+    given["max_batch"] = max_batch
     _refuse_other_targets_options(backend, given)
     quant = backend.adapt_weights(quant, given, message or (lambda text: None))
     return ExportOptions(
@@ -163,6 +189,7 @@ def export_options(
         dtype=act_dtype,
         logits=LogitsMode.parse(logits, "logits mode"),
         max_length=max_length,
+        rope=rope_override(rope_scaling, rope_factor, rope_original_max),
         overwrite=overwrite,
         fuse=fuse,
         strict=strict,

@@ -21,7 +21,7 @@ import numpy as np
 
 from qwen_export.errors import OptionError
 from qwen_export.runtime.perplexity import artifact_logits, log_softmax
-from qwen_export.spec import DType
+from qwen_export.spec import DType, ModelSpec
 from qwen_export.targets.base import Engine
 
 __all__ = [
@@ -198,7 +198,9 @@ class Reference:
     A pre-quantized (AWQ/GPTQ) checkpoint runs with its dequantized weights (:mod:`.prequant`'s
     float view), which is what an export that keeps the stored quantization computes."""
 
-    def __init__(self, checkpoint: str | Path) -> None:
+    def __init__(self, checkpoint: str | Path, rope: ModelSpec | None = None) -> None:
+        """``rope``: an artifact's spec whose RoPE scaling was set at export (``--rope-scaling``):
+        the reference runs with it instead of the checkpoint's own."""
         import torch
         import transformers
 
@@ -206,11 +208,14 @@ class Reference:
 
         self._torch = torch
         transformers.utils.logging.disable_progress_bar()
+        config = transformers.AutoConfig.from_pretrained(str(checkpoint))
+        if rope is not None:
+            config.rope_parameters = rope_parameters(rope)
         if read_config(checkpoint) is not None:
-            self.model = _dequantized_model(Path(checkpoint))
+            self.model = _dequantized_model(Path(checkpoint), config)
         else:
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                str(checkpoint), dtype=torch.float32, attn_implementation="eager"
+                str(checkpoint), config=config, dtype=torch.float32, attn_implementation="eager"
             ).eval()
 
     def logits(self, ids: list[int]) -> np.ndarray:
@@ -227,7 +232,17 @@ class Reference:
         return [int(t) for t in out[0, len(ids) :]]
 
 
-def _dequantized_model(checkpoint: Path) -> Any:
+def rope_parameters(spec: ModelSpec) -> dict[str, Any]:
+    """transformers' ``config.rope_parameters`` for ``spec``'s RoPE (theta and scaling)."""
+    params: dict[str, Any] = {"rope_type": "default", "rope_theta": spec.rope_theta}
+    if spec.rope_scaling is not None:
+        scaling = dataclasses.asdict(spec.rope_scaling)
+        params.update({k: v for k, v in scaling.items() if v is not None and k != "rope_type"})
+        params["rope_type"] = spec.rope_scaling.rope_type.value
+    return params
+
+
+def _dequantized_model(checkpoint: Path, config: Any) -> Any:
     """transformers' float32 model of a pre-quantized checkpoint, loaded from its dequantized weights
     (no AWQ/GPTQ kernel package needed)."""
     import torch
@@ -235,7 +250,6 @@ def _dequantized_model(checkpoint: Path) -> Any:
 
     from qwen_export.export.checkpoint import Checkpoint
 
-    config = transformers.AutoConfig.from_pretrained(str(checkpoint))
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")

@@ -20,7 +20,7 @@ import numpy as np
 from qwen_export import artifact
 from qwen_export.errors import CheckpointError, OptionError
 from qwen_export.export.checkpoint import Checkpoint
-from qwen_export.export.options import DEFAULT_MAX_LENGTH_CAP, ExportOptions  # noqa: F401 - re-exported
+from qwen_export.export.options import ExportOptions  # noqa: F401 - re-exported
 from qwen_export.passes.base import PassContext, PassReport
 from qwen_export.quant.scheme import QuantAlgorithm
 from qwen_export.runtime.tokenizer import Tokenizer
@@ -64,13 +64,10 @@ def _export(
     artifact.check_output_dir(out, options.overwrite, keep=keep)
     timer.start("load")
     ckpt = Checkpoint.open(checkpoint_dir)
-    spec = ckpt.spec
+    ckpt.spec = spec = options.model_spec(ckpt.spec)  # --rope-scaling: the spec the artifact is built for
     ckpt.validate(spec)
     tokenizer_files = _tokenizer_files(ckpt.directory)
     max_length = options.resolved_max_length(spec)
-    note = options.context_note(spec)
-    if note is not None:  # a context other than the model's is said, never silent
-        hooks.message(note)
     if options.quant is not None:  # option errors before the slow part
         from qwen_export.passes.quantize import check_scheme
 
@@ -143,6 +140,7 @@ def _trace_and_emit(
             passes=records,
             extra={
                 "max_length": max_length,
+                "context": _context_record(spec, options, max_length),
                 "kv_cache": kv_cache,
                 "source": ckpt.directory.resolve().name,
                 "export_seconds": timer.finish(),
@@ -151,6 +149,16 @@ def _trace_and_emit(
             },
         )
     return artifact.load_manifest(out, verify=False)
+
+
+def _context_record(spec: ModelSpec, options: ExportOptions, max_length: int) -> dict[str, Any]:
+    """``manifest.extra["context"]``: the chosen context, the model's own, and where they came from."""
+    return {
+        "max_length": max_length,
+        "trained": spec.trained_context,
+        "chosen_by": "--max-length" if options.max_length is not None else "model",
+        "rope_override": options.rope.describe() if options.rope is not None else None,
+    }
 
 
 def _pass_context(options: ExportOptions, hooks: ExportHooks, max_length: int, stats: Any) -> PassContext:

@@ -175,9 +175,20 @@ def _name_dims(model: ir.Model, cache: CacheIO) -> None:
         value.shape = ir.Shape(dims)
 
 
+def rope_inv_freq_and_scale(spec: ModelSpec) -> tuple[list[float], float]:
+    """:meth:`ModelSpec.rope_inv_freq_and_scale` with ``base ** (2i / dim)`` computed by torch in
+    float32, as transformers computes it (torch's pow can differ from a correctly rounded one by an
+    ulp): the exported inverse frequencies equal transformers' bit for bit."""
+    import torch
+
+    dim = spec.head_dim
+    pos_freqs = spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float32) / dim)
+    return spec.rope_inv_freq_and_scale(pos_freqs.tolist())
+
+
 def _binding_for(name: str, spec: ModelSpec) -> _Binding:
     if name == "rotary_inv_freq":
-        inv, _ = spec.rope_inv_freq_and_scale()
+        inv, _ = rope_inv_freq_and_scale(spec)
         return _Binding(None, computed=lambda: np.asarray(inv, dtype=np.float32))
     if name.endswith(".weight_t"):
         return _Binding(name[: -len("_t")], transpose=True)

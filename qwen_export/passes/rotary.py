@@ -10,7 +10,7 @@ after cleanup, for x of shape [B, H, S, D] and h = D/2::
 
 It becomes ``RotaryEmbedding(x, position_ids, cos_cache, sin_cache, interleaved=0)`` with the
 tables precomputed as initializers of shape [max_length, h]: ``cos(pos * inv_freq) * scale`` in
-float32 (the traced arithmetic), cast to x's dtype. The same tables are what
+float32 (the traced arithmetic, with the graph's own float32 ``inv_freq``), cast to x's dtype. The same tables are what
 ``GroupQueryAttention(do_rotary=1)`` reads, so the attention pass can take them over.
 
 The inverse frequencies found in the graph must equal the ModelSpec's (rope_theta, linear or YaRN
@@ -167,6 +167,7 @@ class _RotaryRule(pattern.RewriteRuleClassBase):
         if cos.dtype != x.dtype:
             return result.fail("cos/sin dtype differs from the input's", cos)
         self._positions = angles.position_ids
+        self._found_inv_freq = angles.inv_freq  # the tables repeat the graph's float32 values exactly
         return result
 
     def rewrite(self, op, x, **_):  # noqa: ANN001, ANN201
@@ -175,7 +176,7 @@ class _RotaryRule(pattern.RewriteRuleClassBase):
 
     def _cache_values(self, op: Any, dtype: ir.DataType) -> tuple[ir.Value, ir.Value]:
         if dtype not in self._tables:
-            cos, sin = rotary_tables(self._inv_freq, self._scale, self._max_length, dtype)
+            cos, sin = rotary_tables(self._found_inv_freq, self._scale, self._max_length, dtype)
             self._tables[dtype] = (op.initializer(cos, cos.name), op.initializer(sin, sin.name))
         return self._tables[dtype]
 

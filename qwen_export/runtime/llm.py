@@ -386,14 +386,16 @@ def load(
     auto), ``cache_dir`` (OpenVINO's model cache: the second load is fast) and ``attention``
     (auto | paged | stateful; auto, the default, is paged, PagedAttention over a block cache as
     openvino-genai runs, unless the model has sliding-window layers); for TensorRT
-    ``cuda_graphs`` (replay decode steps as CUDA graphs).
+    ``cuda_graphs`` (replay decode steps as CUDA graphs). ``prefill_chunk``: the longest piece of
+    a prompt run at once (ONNX Runtime, OpenVINO; default 2048, 0 = the whole prompt): bounds a
+    long prompt's activation memory.
 
     ``speculate`` (:class:`~qwen_export.runtime.speculative.Speculation`): speculative decoding by
     prompt lookup or with a draft artifact (same tokenizer, opened on its own target's engine with
     ``threads``); the artifact must return every position's logits (``--logits all``). Greedy
     output is plain decoding's; sampled output keeps the target's distribution.
     """
-    valid = ["threads", *(name for backend in targets.registered() for name in backend.load_options)]
+    valid = ["threads", "prefill_chunk", *(name for backend in targets.registered() for name in backend.load_options)]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise OptionError(f"unknown load option(s) {unknown}; valid: {valid}")
@@ -426,6 +428,7 @@ def runtime_options(
     engine: str | None = None,
     device: str | None = None,
     cuda_graphs: bool | None = None,
+    prefill_chunk: int | None = None,
 ) -> RuntimeOptions:
     """RuntimeOptions from plain values (CLI and :func:`load`). Each engine builds its own options
     from the ones it owns (the registry's ``engine_options``: OpenVINO's are checked against their
@@ -446,7 +449,10 @@ def runtime_options(
         for backend in targets.registered()
         if backend.options_field is not None
     }
-    return RuntimeOptions(threads=threads, engine=chosen, **fields)
+    chunk_ok = isinstance(prefill_chunk, int) and not isinstance(prefill_chunk, bool) and prefill_chunk >= 0
+    if prefill_chunk is not None and not chunk_ok:
+        raise OptionError(f"prefill_chunk must be an integer >= 0 (0: the whole prompt), got {prefill_chunk!r}")
+    return RuntimeOptions(threads=threads, engine=chosen, prefill_chunk=prefill_chunk, **fields)
 
 
 def check_threads(threads: Any) -> None:

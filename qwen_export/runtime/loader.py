@@ -38,6 +38,9 @@ class RuntimeOptions:
     engine: Target | None = None
     #: TensorRT artifacts: engine settings (device, CUDA graphs, engine file); None = defaults.
     tensorrt: TensorRTOptions | None = None
+    #: Longest piece of a prompt run in one inference (ONNX Runtime, OpenVINO); 0: the whole
+    #: prompt at once; None: the engine's default (``targets.base.DEFAULT_PREFILL_CHUNK``, 2048).
+    prefill_chunk: int | None = None
 
 
 @dataclasses.dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -102,6 +103,56 @@ def prepare_step(
         )
     mask = new_mask if cached_mask is None else np.concatenate([cached_mask, new_mask], axis=1)
     return Step(ids, mask, position_ids_from_mask(mask)[:, -seq:])
+
+
+#: Granularity of a KV buffer's capacity in tokens (ONNX Runtime's shared buffers, TensorRT's
+#: fixed-shape ones): the first allocation and every growth are rounded up to a multiple of it.
+DEFAULT_KV_STEP = 256
+
+
+def grown_capacity(needed: int, current: int, step: int, limit: int) -> int:
+    """KV capacity for ``needed`` tokens when ``current`` is too small (0: none yet): at least
+    twice ``current`` (amortised O(1) copies per token), rounded up to a multiple of ``step``, at
+    most ``limit`` (the artifact's context)."""
+    want = max(needed, 2 * current)
+    return min(limit, -(-want // step) * step)
+
+
+#: Longest piece of a prompt run in one inference (``prefill_chunk`` of the engines' options): a
+#: long prompt is prefilled in pieces, each attending to everything cached before it, so activation
+#: memory stays that of a 2048-token prompt however long the prompt is (attention work is the same:
+#: each piece's queries against the cache so far). 0 runs a prompt in one piece.
+DEFAULT_PREFILL_CHUNK = 2048
+
+
+def check_prefill_chunk(chunk: int) -> int:
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise GenerationError(f"prefill_chunk must be an integer >= 0 (0: no chunks), got {chunk!r}")
+    return chunk
+
+
+def run_in_chunks(
+    step: Step,
+    chunk: int,
+    run: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+    full_logits: bool,
+) -> np.ndarray:
+    """Run a checked ``step`` as pieces of at most ``chunk`` new tokens (0: one piece).
+
+    ``run(ids, mask, position_ids)`` gets a piece's tokens, the mask of everything cached once the
+    piece is in, and its positions, and returns its logits. The last piece's logits are returned
+    (every piece's, concatenated, for a full-logits artifact). The first piece reaches every row's
+    first real token, so no row of a left-padded batch runs a piece of padding only.
+    """
+    seq = step.ids.shape[1]
+    cached = step.mask.shape[1] - seq
+    bounds = [(0, seq)]
+    if 0 < chunk < seq:
+        first_real = int((step.mask > 0).argmax(axis=1).max())  # leading padding of the longest-padded row
+        first = min(seq, max(chunk, first_real - cached + 1))
+        bounds = [(0, first)] + [(a, min(seq, a + chunk)) for a in range(first, seq, chunk)]
+    out = [run(step.ids[:, a:b], step.mask[:, : cached + b], step.position_ids[:, a:b]) for a, b in bounds]
+    return np.concatenate(out, axis=1) if full_logits and len(out) > 1 else out[-1]
 
 
 def position_ids_from_mask(mask: np.ndarray) -> np.ndarray:

@@ -101,7 +101,8 @@ class OnnxRuntimeTarget:
     def open_engine(self, root: Path, manifest: Any, options: Any) -> Any:
         from qwen_export.targets.onnxruntime.engine import OnnxRuntimeEngine, OrtOptions
 
-        return OnnxRuntimeEngine(root, manifest, OrtOptions(threads=options.threads))
+        chunk = {} if options.prefill_chunk is None else {"prefill_chunk": options.prefill_chunk}
+        return OnnxRuntimeEngine(root, manifest, OrtOptions(threads=options.threads, **chunk))
 
     def engine_options(self, threads: int, given: Mapping[str, Any], engine: Target | None) -> Any:
         return None  # threads only, from RuntimeOptions.threads

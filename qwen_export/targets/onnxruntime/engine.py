@@ -3,9 +3,13 @@
 The KV cache never goes through numpy between steps. Two layouts (``manifest.extra.kv_cache``):
 
 - ``shared`` (fused artifacts): one buffer per layer and kind, [batch, kv_heads, capacity,
-  head_dim], allocated once and bound (IOBinding) as both ``past_key_values.*`` and ``present.*``;
-  GroupQueryAttention writes the new tokens into it in place, so a step copies no cache.
-  ``truncate`` only forgets columns. A generation that would overflow the capacity is refused.
+  head_dim], bound (IOBinding) as both ``past_key_values.*`` and ``present.*``; GroupQueryAttention
+  writes the new tokens into it in place, so a step copies no cache. The capacity follows use: the
+  buffers are allocated for the first call rounded up to ``OrtOptions.kv_step`` tokens and, when a
+  call needs more, reallocated at least twice as large (rounded up likewise, at most the artifact's
+  context) with the cached columns copied over: a 100-token chat on a 128K artifact holds 256
+  tokens of KV, and growing costs amortised O(1) copies per token. ``truncate`` only forgets
+  columns. A generation past the artifact's context is refused.
 - ``concat`` (unfused artifacts): the ``present.*`` outputs of one step are ``OrtValue`` objects
   that ORT allocated, bound as the ``past_key_values.*`` inputs of the next step.
 - ``fixed`` (``--target tensorrt`` artifacts, run here on CPU to verify them): the same buffers
@@ -27,7 +31,18 @@ import numpy as np
 from qwen_export.artifact import Manifest, read_artifact_file
 from qwen_export.errors import ArtifactError, EngineUnavailableError
 from qwen_export.spec import ModelSpec
-from qwen_export.targets.base import EngineCapabilities, Truncation, plan_truncate, position_ids_from_mask, prepare_step
+from qwen_export.targets.base import (
+    DEFAULT_KV_STEP,
+    DEFAULT_PREFILL_CHUNK,
+    EngineCapabilities,
+    Truncation,
+    check_prefill_chunk,
+    grown_capacity,
+    plan_truncate,
+    position_ids_from_mask,
+    prepare_step,
+    run_in_chunks,
+)
 
 __all__ = ["OnnxRuntimeEngine", "OrtOptions", "emit", "position_ids_from_mask"]
 
@@ -45,10 +60,19 @@ def _ort() -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class OrtOptions:
-    """Session options. ``threads`` = 0 lets ONNX Runtime choose (one per physical core)."""
+    """Session options. ``threads`` = 0 lets ONNX Runtime choose (one per physical core).
+    ``prefill_chunk``: longest piece of a prompt run at once (0: the whole prompt); ``kv_step``:
+    the shared KV buffers grow in multiples of this many tokens."""
 
     threads: int = 0
     optimization: str = "all"  # ORT graph optimization level: disable | basic | extended | all
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    kv_step: int = DEFAULT_KV_STEP
+
+    def __post_init__(self) -> None:
+        check_prefill_chunk(self.prefill_chunk)
+        if isinstance(self.kv_step, bool) or not isinstance(self.kv_step, int) or self.kv_step < 1:
+            raise ArtifactError(f"kv_step must be a positive number of tokens, got {self.kv_step!r}")
 
 
 _LEVELS = {
@@ -179,6 +203,19 @@ class OnnxRuntimeEngine:
         ]
         self._mask = self._mask[:, :num_tokens]
 
+    @property
+    def kv_capacity(self) -> int:
+        """Tokens per row the shared KV buffers hold now (0: none allocated; concat layout: 0)."""
+        return int(self._buffers[0][0].shape[2]) if self._buffers else 0
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes held by the KV cache now (the shared buffers, or the last step's presents)."""
+        if self._buffers:
+            return sum(array.nbytes for array, _ in self._buffers)
+        past = self._past or []
+        return sum(int(np.prod(v.shape())) * np.dtype(self.dtype).itemsize for v in past)
+
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         step = prepare_step(
             input_ids,
@@ -186,13 +223,16 @@ class OnnxRuntimeEngine:
             self._mask,
             vocab_size=self.spec.vocab_size,
             max_context=self.capabilities.max_context,
-            capacity_note=" (the capacity of its preallocated KV buffer)" if self.shared_kv else "",
         )
-        self._run(step.ids, step.mask, step.position_ids)
-        self._mask = step.mask
-        return self._logits
+        return run_in_chunks(step, self.options.prefill_chunk, self._piece, self.capabilities.full_logits)
 
     # ------------------------------------------------------------------ internals
+    def _piece(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """One inference; ``mask`` covers everything cached once ``ids`` are in."""
+        self._run(ids, mask, position_ids)
+        self._mask = mask
+        return self._logits
+
     def _run(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> None:
         b = self._binding
         b.clear_binding_inputs()
@@ -206,7 +246,8 @@ class OnnxRuntimeEngine:
             b.bind_cpu_input("cache_position", np.arange(mask.shape[1] - seq, mask.shape[1], dtype=np.int64))
         b.bind_output("logits", "cpu")
         if self.shared_kv:
-            for name, (_, value) in zip(self._kv_names(), self._shared_buffers(ids.shape[0]), strict=True):
+            buffers = self._shared_buffers(ids.shape[0], mask.shape[1], mask.shape[1] - ids.shape[1])
+            for name, (_, value) in zip(self._kv_names(), buffers, strict=True):
                 b.bind_ortvalue_input(f"past_key_values.{name}", value)
                 b.bind_ortvalue_output(f"present.{name}", value)
             self.session.run_with_iobinding(b)
@@ -224,14 +265,30 @@ class OnnxRuntimeEngine:
     def _kv_names(self) -> list[str]:
         return [f"{i}.{kind}" for i in range(self._layers) for kind in ("key", "value")]
 
-    def _shared_buffers(self, batch: int) -> list[Any]:
-        """The shared KV buffers for this batch size (allocated zeroed on first use, then reused)."""
-        if not self._buffers or self._buffers[0][0].shape[0] != batch:
+    def _shared_buffers(self, batch: int, needed: int, cached: int) -> list[Any]:
+        """The shared KV buffers for ``batch`` rows holding at least ``needed`` tokens: allocated
+        zeroed on first use (or for a new batch size), reallocated larger with the first ``cached``
+        columns copied when ``needed`` exceeds the capacity, reused otherwise."""
+        if self._buffers and self._buffers[0][0].shape[0] != batch:
             self._buffers = []  # free the old ones first
-            shape = (batch, self.spec.num_key_value_heads, self.capabilities.max_context, self.spec.head_dim)
-            for _ in range(2 * self._layers):
+        current = self.kv_capacity
+        if needed <= current:
+            return self._buffers
+        capacity = grown_capacity(needed, current, self.options.kv_step, self.capabilities.max_context)
+        shape = (batch, self.spec.num_key_value_heads, capacity, self.spec.head_dim)
+        buffers: list[Any] = self._buffers or [None] * (2 * self._layers)
+        self._buffers = []
+        try:
+            for i, old in enumerate(buffers):  # one at a time: each old buffer is freed once copied
                 array = np.zeros(shape, self.dtype)  # the OrtValue shares this memory: keep it alive
-                self._buffers.append((array, self._ort.OrtValue.ortvalue_from_numpy(array)))
+                if old is not None and cached:
+                    array[:, :, :cached] = old[0][:, :, :cached]
+                buffers[i] = (array, self._ort.OrtValue.ortvalue_from_numpy(array))
+                del old
+        except BaseException:  # MemoryError, Ctrl-C: the cache is lost, say so
+            self.reset()
+            raise
+        self._buffers = buffers
         return self._buffers
 
     def _empty_past(self, batch: int) -> list[Any]:

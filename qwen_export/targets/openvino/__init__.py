@@ -83,6 +83,8 @@ class OpenVINOTarget:
         from qwen_export.targets.openvino.engine import Attention, OpenVINOEngine, OpenVINOOptions
 
         ov_options = (options.openvino or OpenVINOOptions(threads=options.threads)).for_artifact(manifest)
+        if options.prefill_chunk is not None:
+            ov_options = dataclasses.replace(ov_options, prefill_chunk=options.prefill_chunk)
         if ov_options.attention.resolve(ModelSpec.from_dict(manifest.spec), ov_options.precision) is Attention.PAGED:
             from qwen_export.targets.openvino.paged import PagedOpenVINOEngine
 

@@ -24,7 +24,15 @@ import numpy as np
 from qwen_export.artifact import Manifest
 from qwen_export.errors import ArtifactError, EngineUnavailableError, OptionError
 from qwen_export.spec import ModelSpec, _ChoiceEnum
-from qwen_export.targets.base import EngineCapabilities, Truncation, plan_truncate, prepare_step
+from qwen_export.targets.base import (
+    DEFAULT_PREFILL_CHUNK,
+    EngineCapabilities,
+    Truncation,
+    check_prefill_chunk,
+    plan_truncate,
+    prepare_step,
+    run_in_chunks,
+)
 
 MODEL_XML = "openvino_model.xml"
 MODEL_BIN = "openvino_model.bin"
@@ -126,6 +134,10 @@ class OpenVINOOptions:
     cache_dir: Path | None = None
     device: str = "CPU"
     attention: Attention = Attention.AUTO
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # longest piece of a prompt run at once (0: whole)
+
+    def __post_init__(self) -> None:
+        check_prefill_chunk(self.prefill_chunk)
 
     def for_artifact(self, manifest: Manifest) -> OpenVINOOptions:
         """These options with ``precision`` AUTO decided for the artifact (quantized or not) and this CPU."""
@@ -295,6 +307,11 @@ class OpenVINOEngine:
     def num_cached_tokens(self) -> int:
         return 0 if self._mask is None else int(self._mask.shape[1])
 
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes the KV cache (the request's state tensors) holds now."""
+        return sum(int(state.state.byte_size) for state in self.request.query_state())
+
     def kernel_choices(self) -> dict[str, str]:
         return compiled_choices(self.compiled, "stateful")
 
@@ -324,17 +341,20 @@ class OpenVINOEngine:
             vocab_size=self.spec.vocab_size,
             max_context=self.capabilities.max_context,
         )
-        batch = step.ids.shape[0]
+        return run_in_chunks(step, self.options.prefill_chunk, self._piece, self.capabilities.full_logits)
+
+    def _piece(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """One inference; ``mask`` covers everything cached once ``ids`` are in."""
         self.request.infer(
             {
-                "input_ids": step.ids,
-                "attention_mask": step.mask,
-                "position_ids": np.ascontiguousarray(step.position_ids),
-                "beam_idx": np.arange(batch, dtype=np.int32),
+                "input_ids": np.ascontiguousarray(ids),
+                "attention_mask": np.ascontiguousarray(mask),
+                "position_ids": np.ascontiguousarray(position_ids),
+                "beam_idx": np.arange(ids.shape[0], dtype=np.int32),
             },
             share_inputs=True,
         )
-        self._mask = step.mask
+        self._mask = mask
         return np.array(self.request.get_tensor("logits").data, dtype=np.float32)
 
     def runtime_report(self) -> RuntimeReport:

@@ -34,7 +34,7 @@ import numpy as np
 from qwen_export.artifact import Manifest
 from qwen_export.errors import ArtifactError, OptionError
 from qwen_export.spec import ModelSpec
-from qwen_export.targets.base import Truncation, plan_truncate, prepare_step
+from qwen_export.targets.base import Truncation, plan_truncate, prepare_step, run_in_chunks
 from qwen_export.targets.openvino.engine import (
     MODEL_XML,
     Attention,
@@ -142,6 +142,11 @@ class PagedOpenVINOEngine:
         """Blocks of ``block_size`` tokens the cache tensors hold (used or free)."""
         return self._capacity
 
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes the block cache tensors hold now (used and free blocks; 0 before the first call)."""
+        return sum(int(self.request.get_tensor(name).byte_size) for name in self._layouts) if self._capacity else 0
+
     def reset(self) -> None:
         self._free = list(range(self._capacity - 1, -1, -1))
         self._rows: list[list[int]] = []  # each row's blocks, in order
@@ -175,23 +180,32 @@ class PagedOpenVINOEngine:
             vocab_size=self.spec.vocab_size,
             max_context=self.capabilities.max_context,
         )
-        batch, seq = step.ids.shape
         if self._mask is None:
-            self._rows = [[] for _ in range(batch)]
-            self._lens = np.zeros(batch, np.int64)
-        real = step.mask[:, -seq:] == 1
+            self._rows = [[] for _ in range(step.ids.shape[0])]
+            self._lens = np.zeros(step.ids.shape[0], np.int64)
+        full = self.capabilities.full_logits and not last_only
+
+        def piece(ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+            return self._piece(ids, mask, position_ids, full)
+
+        return run_in_chunks(step, self.options.prefill_chunk, piece, full)
+
+    def _piece(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, full: bool) -> np.ndarray:
+        """One inference over the real (unpadded) tokens of ``ids``; ``mask`` covers everything
+        cached once they are in; ``full``: every position's logits, else the last one's."""
+        batch, seq = ids.shape
+        real = mask[:, -seq:] == 1
         counts = real.sum(axis=1)
         rows = np.flatnonzero(counts)
-        full = self.capabilities.full_logits and not last_only
         out = np.zeros((batch, seq if full else 1, self.spec.vocab_size), np.float32)
         if rows.size:
-            logits = self._run(step.ids[real], step.position_ids[real], rows, counts[rows], full)
+            logits = self._run(ids[real], position_ids[real], rows, counts[rows], full)
             if full:
                 out[real] = logits
             else:
                 out[rows, 0] = logits
         self._lens = self._lens + counts
-        self._mask = step.mask
+        self._mask = mask
         return out
 
     def _run(

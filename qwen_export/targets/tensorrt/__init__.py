@@ -114,6 +114,7 @@ class TensorRTTarget:
     def emit(self, model: Any, out: Path, job: EmitJob) -> dict[str, Any]:
         """model.onnx + model.onnx.data and the engine-build recipe (engines are built on the GPU)."""
         from qwen_export.onnx_writer import io_signature
+        from qwen_export.targets.base import DEFAULT_PREFILL_CHUNK
         from qwen_export.targets.tensorrt.build import emit
 
         extra = emit(
@@ -124,7 +125,9 @@ class TensorRTTarget:
             capacity=job.max_length,
             dtype=job.dtype.value,
             max_batch=job.max_batch,
-            max_prompt=job.max_length,
+            # prefill activations grow with the prompt squared (attention scores): longer prompts
+            # run in pieces of this many tokens, as the other engines' chunked prefill
+            max_prompt=min(job.max_length, DEFAULT_PREFILL_CHUNK),
         )
         return {"io": io_signature(model), **extra}
 

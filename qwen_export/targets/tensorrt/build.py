@@ -96,9 +96,10 @@ def recipe(
     - ``decode`` (index 1): batch 1..max_batch, sequence 1, attention_width 1..capacity
 
     Each maps every input to ``{"min", "opt", "max"}`` shapes. The KV inputs
-    ``past_key_values.{i}.key/value`` are [batch, kv_heads, capacity, head_dim]: only the batch
-    varies. ``opt`` is batch 1 (one conversation), a prompt of min(max_prompt, 128) for prefill and
-    attention_width = capacity for decode (the shape CUDA-graph decoding runs at).
+    ``past_key_values.{i}.key/value`` are [batch, kv_heads, buffer, head_dim] with buffer
+    1..capacity: the engine sizes its buffers to what the conversation needs and grows them (see
+    :mod:`.engine`). ``opt`` is batch 1 (one conversation), a prompt of min(max_prompt, 128) for
+    prefill, attention_width = capacity for decode, and full-capacity buffers.
     """
     if isinstance(spec, dict):
         spec = ModelSpec.from_dict(spec)
@@ -127,7 +128,8 @@ def recipe(
             ):
                 shapes.setdefault(inp, {})[key] = shape
             for kv in _kv_names(spec.num_hidden_layers):
-                shapes.setdefault(f"past_key_values.{kv}", {})[key] = [b, kv_heads, capacity, head_dim]
+                buffer = 1 if key == "min" else capacity
+                shapes.setdefault(f"past_key_values.{kv}", {})[key] = [b, kv_heads, buffer, head_dim]
         return {"name": name, "shapes": shapes}
 
     opt_prompt = min(max_prompt, 128)

@@ -4,8 +4,15 @@ The graph and its build recipe are written, and engines built on the GPU, by
 :mod:`qwen_export.targets.tensorrt.build` (its docstring has the three stages and what has and
 has not been run).
 
+KV buffers: one per layer and kind, [batch, kv_heads, buffer, head_dim], bound as both past and
+present. The buffer length follows the request: the first call allocates what it needs rounded up
+to ``TensorRTOptions.kv_step`` tokens, and a call that needs more reallocates them at least twice
+as large (at most the artifact's capacity), copying the cached columns, so a short chat on a 128K
+artifact does not hold 128K tokens of KV in GPU memory. (Plans built from a recipe whose KV
+profile is fixed at the capacity, before this, get full-capacity buffers as they expect.)
+
 CUDA graphs (``TensorRTOptions(cuda_graphs=True)``): decode steps run with the attention mask
-padded with zeros to the full capacity (the graph accepts it: columns past the cache are masked),
+padded with zeros to the buffer length (the graph accepts it: columns past the cache are masked),
 so every decode step of a batch size has the same shapes and the same (static) device buffers. The
 first decode step after a profile switch or a buffer reallocation runs ``execute_async_v3`` as
 usual (TensorRT wants one enqueue after shape changes before a capture), then one
@@ -30,7 +37,14 @@ from qwen_export.artifact import Manifest, load_manifest
 from qwen_export.errors import ArtifactError, EngineUnavailableError, GenerationError, OptionError
 from qwen_export.safefs import read_inside, read_regular
 from qwen_export.spec import ModelSpec
-from qwen_export.targets.base import EngineCapabilities, Truncation, plan_truncate, prepare_step
+from qwen_export.targets.base import (
+    DEFAULT_KV_STEP,
+    EngineCapabilities,
+    Truncation,
+    grown_capacity,
+    plan_truncate,
+    prepare_step,
+)
 
 __all__ = ["TensorRTEngine", "TensorRTOptions", "engine_slug"]
 
@@ -126,6 +140,7 @@ class TensorRTOptions:
     device: int = 0
     cuda_graphs: bool = False
     engine: Path | None = None
+    kv_step: int = DEFAULT_KV_STEP  # KV buffers grow in multiples of this many tokens
 
 
 MAX_PLAN_BYTES = 1 << 36
@@ -135,6 +150,16 @@ def _count(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 10_000_000:
         raise ValueError(value)
     return value
+
+
+def _fixed_kv(recipe: dict[str, Any]) -> bool:
+    """Whether a plan's recipe fixes the KV buffers at the capacity (recipes before growing buffers)."""
+    try:
+        shapes = recipe["profiles"][0]["shapes"]
+        kv = next(v for k, v in shapes.items() if k.startswith("past_key_values."))
+        return int(kv["min"][2]) == int(recipe["capacity"])
+    except (KeyError, IndexError, StopIteration, TypeError, ValueError):
+        return True
 
 
 def read_built(root: Path, path: Path, limit: int) -> bytes | None:
@@ -191,6 +216,7 @@ class TensorRTEngine:
                 f"{self.plan_path}: its build recipe lacks valid capacity/max_batch/max_prompt; "
                 f"rebuild it: qwen-export build-engine {self.root}"
             ) from None
+        self._kv_step = self.capacity if _fixed_kv(used) else max(1, int(self.options.kv_step))
         kv = manifest.extra.get("kv_cache") or {}
         if int(kv.get("capacity", self.capacity)) != self.capacity:
             raise ArtifactError(
@@ -226,7 +252,7 @@ class TensorRTEngine:
         self._layers = self.spec.num_hidden_layers
         self._kv_dtype = torch.float16 if manifest.dtype == "fp16" else torch.float32
         self._batch = 0  # batch size the device buffers are allocated for (0 = none)
-        self._kv: list[Any] = []  # 2 * layers tensors [batch, kv_heads, capacity, head_dim]
+        self._kv: list[Any] = []  # 2 * layers tensors [batch, kv_heads, buffer, head_dim]
         self._buffers: dict[str, Any] = {}  # flat static device buffers of the inputs and logits
         self._bound: dict[str, int] = {}  # tensor name -> address last given to set_tensor_address
         self._graphs: dict[int, Any] = {}  # batch size -> captured decode graph
@@ -340,13 +366,38 @@ class TensorRTEngine:
     def _stream_scope(self) -> Any:
         return self._torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
 
+    @property
+    def kv_capacity(self) -> int:
+        """Tokens per row the KV buffers hold now (0: none allocated)."""
+        return int(self._kv[0].shape[2]) if self._kv else 0
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(int(t.numel()) * t.element_size() for t in self._kv)
+
+    def _reserve_kv(self, needed: int, cached: int) -> None:
+        """KV buffers of at least ``needed`` tokens: zeroed on first use, else reallocated larger
+        with the first ``cached`` columns copied (their addresses change: bind again, recapture)."""
+        current = self.kv_capacity
+        if needed <= current:
+            return
+        length = grown_capacity(needed, current, self._kv_step, self.capacity)
+        shape = (self._batch, self.spec.num_key_value_heads, length, self.spec.head_dim)
+        for i in range(2 * self._layers):
+            new = self._torch.zeros(shape, dtype=self._kv_dtype, device=self.device)
+            if current and cached:
+                new[:, :, :cached].copy_(self._kv[i][:, :, :cached])
+            if current:
+                self._kv[i] = new  # the old buffer is freed as its copy is made
+            else:
+                self._kv.append(new)
+        self._bound, self._graphs = {}, {}
+
     def _allocate(self, batch: int) -> None:
-        """Zeroed KV buffers and static input buffers for ``batch`` rows (once per batch size)."""
+        """Static input buffers for ``batch`` rows (once per batch size); the KV buffers are
+        allocated by :meth:`_reserve_kv`."""
         torch = self._torch
         self._kv, self._buffers, self._bound, self._graphs = [], {}, {}, {}  # free the old ones first
-        shape = (batch, self.spec.num_key_value_heads, self.capacity, self.spec.head_dim)
-        for _ in range(2 * self._layers):
-            self._kv.append(torch.zeros(shape, dtype=self._kv_dtype, device=self.device))
         for name, size in (
             ("input_ids", batch * self.max_prompt),
             ("position_ids", batch * self.max_prompt),
@@ -388,10 +439,12 @@ class TensorRTEngine:
         batch, seq = ids.shape
         if batch != self._batch:
             self._allocate(batch)
+        self._reserve_kv(mask.shape[1], start)
         profile = PREFILL if seq > 1 else DECODE
         graphed = self._use_graphs and profile == DECODE
-        if graphed and mask.shape[1] < self.capacity:  # constant decode shapes: pad the mask with zeros
-            mask = np.concatenate([mask, np.zeros((batch, self.capacity - mask.shape[1]), np.int64)], axis=1)
+        length = self.kv_capacity
+        if graphed and mask.shape[1] < length:  # constant decode shapes: pad the mask with zeros
+            mask = np.concatenate([mask, np.zeros((batch, length - mask.shape[1]), np.int64)], axis=1)
         seq_out = seq if self.capabilities.full_logits else 1
         with self._stream_scope():
             self._select_profile(profile)
