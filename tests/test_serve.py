@@ -115,6 +115,8 @@ def test_completions_plain_and_streamed(client, llm) -> None:
     payloads = events(client.post("/v1/completions", json={**body, "stream": True}))
     assert payloads[-1] == "[DONE]"
     assert "".join(p["choices"][0]["text"] for p in payloads[:-1]) == want
+    cut = client.post("/v1/completions", json={**body, "stop": [want[2:4]], "seed": 1}).json()["choices"][0]
+    assert (cut["text"], cut["finish_reason"]) == (want[: want.index(want[2:4])], "stop")
     default = client.post("/v1/completions", json={"prompt": ["Once upon a time"], "temperature": 0}).json()
     assert default["usage"]["completion_tokens"] <= protocol.COMPLETION_MAX_TOKENS  # OpenAI's default of 16
 
