@@ -6,6 +6,7 @@ read-only and copy one (``shutil.copytree``) before modifying it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import shutil
@@ -69,6 +70,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             engine = item.callspec.params.get("target") if hasattr(item, "callspec") else None
             group = _ENGINE_GROUPS.get(engine, "parity-onnxruntime")
         item.add_marker(pytest.mark.xdist_group(group))
+        _join_group(config, item, group)
+
+
+def _join_group(config: pytest.Config, item: pytest.Item, group: str) -> None:
+    """Put ``@group`` at the end of the item's node id, which is what xdist's loadgroup scheduler
+    groups by. xdist 3.8 does this itself by setting ``item._nodeid``, which pytest 9 no longer
+    reads (its node id is the structured ``item._id``), so without this every test would be
+    scheduled alone and each worker would make its own copy of every export."""
+    if not getattr(config.option, "loadgroup", False) or not hasattr(item, "_id") or "@" in str(item._id):
+        return
+    grouped = dataclasses.replace(item._id)
+    object.__setattr__(grouped, "_str_cache", f"{item._id}@{group}")  # its str(), cached
+    item._id = grouped
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -381,10 +381,38 @@ def test_cli_runs_paged_attention_and_names_the_valid_choices(export) -> None:
 def test_auto_precision_follows_the_cpu_and_the_weights() -> None:
     from qwen_export.targets.openvino.engine import Precision
 
-    assert Precision.AUTO.resolve(True, frozenset({"amx_bf16", "amx_int8"})) is Precision.BF16
-    assert Precision.AUTO.resolve(True, frozenset({"avx512_bf16"})) is Precision.BF16
+    assert Precision.AUTO.resolve(True, frozenset({"amx_bf16", "amx_int8"})) is Precision.SPLIT
+    assert Precision.AUTO.resolve(True, frozenset({"avx512_bf16"})) is Precision.SPLIT
+    assert Precision.AUTO.resolve(True, frozenset({"avx512_bf16"}), paged=False) is Precision.F32
     assert Precision.AUTO.resolve(True, frozenset({"avx2", "avx512f"})) is Precision.F32
     assert Precision.AUTO.resolve(False, frozenset({"amx_bf16"})) is Precision.F32  # fp32/fp16 artifacts stay exact
     assert (
         Precision.BF16.resolve(False, frozenset()) is Precision.BF16 and Precision.parse("auto", "p") is Precision.AUTO
     )
+    assert Precision.SPLIT.phases == (Precision.F32, Precision.BF16) and Precision.F32.phases == (Precision.F32,)
+
+
+@pytest.mark.skipif(not CPU_HAS_BF16, reason="this CPU has no bf16: precision split needs it")
+def test_precision_split_prefills_in_bf16_and_decodes_in_f32_on_one_cache(quantized, export) -> None:
+    """Split: a prompt runs in the bf16 form (the same logits as a bf16 engine's), a decode step in
+    the f32 form (not the bf16 engine's logits) reading the cache the bf16 form wrote (no farther
+    from an f32 engine than a bf16 engine is: an unshared cache would give garbage)."""
+    from qwen_export.targets.openvino.engine import PREFILL_MIN_TOKENS
+
+    art = quantized("int4-asym", "openvino")
+    split = _engine(art, Attention.PAGED, precision=Precision.SPLIT)
+    bf16 = _engine(art, Attention.PAGED, precision=Precision.BF16, kv_cache=KVCachePrecision.U8)
+    f32 = _engine(art, Attention.PAGED, precision=Precision.F32, kv_cache=KVCachePrecision.U8)
+    choices = split.kernel_choices()
+    assert choices["precision"].startswith("split") and choices["kv cache"] == "u8", choices
+    prompt = np.arange(1, 5 + PREFILL_MIN_TOKENS)[None]
+    first = split.forward(prompt)
+    assert np.array_equal(first, bf16.forward(prompt))
+    f32.forward(prompt)
+    token = np.array([[int(np.argmax(first[0, -1]))]], np.int64)
+    step, bf16_step, f32_step = (engine.forward(token) for engine in (split, bf16, f32))
+    assert not np.array_equal(step, bf16_step)
+    assert np.abs(step - f32_step).max() <= 2 * np.abs(bf16_step - f32_step).max() + 0.05
+    assert split.num_cached_tokens == prompt.shape[1] + 1
+    with pytest.raises(OptionError, match="precision split .* needs the paged attention"):
+        _engine(art, Attention.STATEFUL, precision=Precision.SPLIT)

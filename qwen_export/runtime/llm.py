@@ -382,7 +382,7 @@ def load(
     artifact also runs on ``"onnxruntime"`` (its standard-ONNX graph on the CPU: verification
     without a GPU). ``device``: ``"cpu"`` (ONNX Runtime, OpenVINO) or ``"cuda"`` / ``"cuda:N"``
     (TensorRT; default device 0). ``options``: ``threads`` (engine threads, 0 = default); for
-    OpenVINO artifacts ``precision`` (f32 | bf16 | f16), ``kv_cache`` (f32 | f16 | bf16 | u8 |
+    OpenVINO artifacts ``precision`` (f32 | bf16 | f16 | split | auto), ``kv_cache`` (f32 | f16 | bf16 | u8 |
     auto), ``cache_dir`` (OpenVINO's model cache: the second load is fast) and ``attention``
     (auto | paged | stateful; auto, the default, is paged, PagedAttention over a block cache as
     openvino-genai runs, unless the model has sliding-window layers); for TensorRT

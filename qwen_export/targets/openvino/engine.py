@@ -56,16 +56,23 @@ def _ov() -> Any:
 
 class Precision(_ChoiceEnum):
     """OpenVINO's INFERENCE_PRECISION_HINT: f32 for parity; bf16 where the CPU has it (AMX/AVX-512 BF16).
-    AUTO: bf16 for a quantized (int4/int8) artifact on a CPU with bf16 instructions (AMX or AVX-512
-    BF16: what OpenVINO's CPU plugin and openvino-genai run by default there), f32 otherwise (an fp32
-    or fp16 artifact is exported to be exact; a CPU without bf16 would emulate it slowly)."""
+
+    SPLIT compiles the artifact twice and picks per call: prompts (``PREFILL_MIN_TOKENS`` or more new
+    tokens) run in bf16, the compute-bound phase that AMX / AVX-512 BF16 speed up; decode steps run
+    in f32, whose int8 dynamic quantization of activations is faster for one token at a time. Both
+    read and write one u8 KV cache (the one cache precision OpenVINO's PagedAttention accepts with
+    either), so it needs the paged attention, and it holds the weights twice.
+    AUTO: SPLIT for a quantized (int4/int8) artifact on a CPU with bf16 instructions when the
+    attention is paged, f32 otherwise (an fp32 or fp16 artifact is exported to be exact; a CPU
+    without bf16 would emulate it slowly)."""
 
     AUTO = "auto"
     F32 = "f32"
     BF16 = "bf16"
     F16 = "f16"
+    SPLIT = "split"
 
-    def resolve(self, quantized: bool, cpu_flags: frozenset[str] | None = None) -> Precision:
+    def resolve(self, quantized: bool, cpu_flags: frozenset[str] | None = None, paged: bool = True) -> Precision:
         """AUTO decided for this CPU (``cpu_flags``: /proc/cpuinfo's by default); the others as they are."""
         if self is not Precision.AUTO:
             return self
@@ -73,7 +80,16 @@ class Precision(_ChoiceEnum):
 
         flags = read_flags() if cpu_flags is None else cpu_flags
         has_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
-        return Precision.BF16 if quantized and has_bf16 else Precision.F32
+        return Precision.SPLIT if quantized and has_bf16 and paged else Precision.F32
+
+    @property
+    def phases(self) -> tuple[Precision, ...]:
+        """The compiled precisions: (decode, prefill) for SPLIT, else just this one."""
+        return (Precision.F32, Precision.BF16) if self is Precision.SPLIT else (self,)
+
+
+#: new tokens in one call from which a SPLIT engine runs its bf16 (prefill) form
+PREFILL_MIN_TOKENS = 16
 
 
 class KVCachePrecision(_ChoiceEnum):
@@ -112,6 +128,12 @@ class Attention(_ChoiceEnum):
                 "paged attention with f16 compute gives wrong logits in this OpenVINO; "
                 "use attention=stateful (--attention stateful) or precision bf16/f32"
             )
+        if precision is Precision.SPLIT and (self is Attention.STATEFUL or spec.has_sliding_layers):
+            why = "this model has sliding-window layers" if spec.has_sliding_layers else "attention=stateful was asked"
+            raise OptionError(
+                f"precision split shares one KV cache between two compiled forms, which needs the paged "
+                f"attention ({why}); use precision bf16 or f32"
+            )
         if self is not Attention.AUTO:
             return self
         return Attention.STATEFUL if spec.has_sliding_layers or precision is Precision.F16 else Attention.PAGED
@@ -140,23 +162,29 @@ class OpenVINOOptions:
         check_prefill_chunk(self.prefill_chunk)
 
     def for_artifact(self, manifest: Manifest) -> OpenVINOOptions:
-        """These options with ``precision`` AUTO decided for the artifact (quantized or not) and this CPU."""
+        """These options with ``precision`` AUTO decided for the artifact (quantized or not), its
+        attention and this CPU."""
         quantized = (manifest.extra.get("quantization") or {}).get("weights") in ("int4", "int8")
-        return dataclasses.replace(self, precision=self.precision.resolve(quantized))
+        spec = ModelSpec.from_dict(manifest.spec)
+        paged = self.attention is not Attention.STATEFUL and not spec.has_sliding_layers
+        return dataclasses.replace(self, precision=self.precision.resolve(quantized, paged=paged))
 
     @property
     def effective_kv_cache(self) -> KVCachePrecision:
         """The KV cache precision compiled. An f32 cache needs f32 compute: with ``precision`` bf16
         or f16 an ``F32`` cache is held in that precision (what OpenVINO's CPU plugin does with the
         stateful SDPA's cache anyway; its PagedAttention refuses an f32 cache with bf16 compute)."""
+        if self.precision is Precision.SPLIT:
+            return KVCachePrecision.U8
         if self.kv_cache is KVCachePrecision.F32 and self.precision is not Precision.F32:
             return KVCachePrecision(self.precision.value)
         return self.kv_cache
 
-    def properties(self) -> dict[str, Any]:
+    def properties(self, phase: Precision | None = None) -> dict[str, Any]:
+        """The compile properties (``phase``: which of :attr:`Precision.phases` to compile)."""
         props: dict[str, Any] = {
             "PERFORMANCE_HINT": self.hint.value,
-            "INFERENCE_PRECISION_HINT": self.precision.value,
+            "INFERENCE_PRECISION_HINT": (phase or self.precision.phases[0]).value,
         }
         if self.threads:
             props["INFERENCE_NUM_THREADS"] = self.threads
@@ -287,6 +315,7 @@ class OpenVINOEngine:
         ov = _ov()
         self.options = (options or OpenVINOOptions()).for_artifact(manifest)
         self.spec = ModelSpec.from_dict(manifest.spec)
+        Attention.STATEFUL.resolve(self.spec, self.options.precision)  # refuses split
         path = Path(artifact_dir) / MODEL_XML
         if not path.is_file():
             raise ArtifactError(f"{path}: missing; re-export the artifact with --target openvino")
@@ -375,7 +404,7 @@ def capabilities(manifest: Manifest, spec: ModelSpec, options: OpenVINOOptions) 
 
 def _check_precision(core: Any, options: OpenVINOOptions) -> None:
     capabilities = core.get_property(options.device, "OPTIMIZATION_CAPABILITIES")
-    wanted = {Precision.BF16: "BF16", Precision.F16: "FP16"}[options.precision]
+    wanted = {Precision.BF16: "BF16", Precision.SPLIT: "BF16", Precision.F16: "FP16"}[options.precision]
     if wanted not in capabilities:
         raise OptionError(
             f"inference precision {options.precision.value} is not supported by this {options.device} "

@@ -37,6 +37,7 @@ from qwen_export.spec import ModelSpec
 from qwen_export.targets.base import Truncation, plan_truncate, prepare_step, run_in_chunks
 from qwen_export.targets.openvino.engine import (
     MODEL_XML,
+    PREFILL_MIN_TOKENS,
     Attention,
     OpenVINOOptions,
     Precision,
@@ -115,13 +116,18 @@ class PagedOpenVINOEngine:
         try:
             model = core.read_model(os.fspath(path))
             paged_model(model)
-            self.compiled = core.compile_model(model, options.device, options.properties())
+            # one compiled form per phase (precision split: decode f32, then prefill bf16)
+            compiled = [
+                core.compile_model(model, options.device, options.properties(p)) for p in options.precision.phases
+            ]
         except RuntimeError as exc:  # OpenVINO raises RuntimeError with a multi-line trace
             raise ArtifactError(f"{path}: OpenVINO could not compile its paged form: {_first_line(exc)}") from None
         del model
         self.load_seconds = time.perf_counter() - started
+        self.compiled = compiled[0]
         self.request = self.compiled.create_infer_request()
         self._layouts = _cache_layouts(self.compiled)
+        self._prefill = _prefill_request(compiled[1:], self._layouts)
         self.block_size = _block_size(self._layouts)
         caps = capabilities(manifest, self.spec, options)
         self.capabilities = dataclasses.replace(caps, last_only=caps.full_logits)  # sampled_tokens_indices
@@ -135,7 +141,10 @@ class PagedOpenVINOEngine:
         return 0 if self._mask is None else int(self._mask.shape[1])
 
     def kernel_choices(self) -> dict[str, str]:
-        return compiled_choices(self.compiled, "paged")
+        choices = compiled_choices(self.compiled, "paged")
+        if self._prefill is not None:
+            choices["precision"] = f"split (prefill bf16 from {PREFILL_MIN_TOKENS} tokens, decode f32)"
+        return choices
 
     @property
     def allocated_blocks(self) -> int:
@@ -220,7 +229,8 @@ class PagedOpenVINOEngine:
         blocks = [self._rows[r][:n] for r, n in zip(rows, needed, strict=True)]
         ends = np.cumsum(counts)
         sampled = np.arange(ends[-1]) if full else ends - 1
-        self.request.infer(
+        request = self._prefill if self._prefill is not None and ends[-1] >= PREFILL_MIN_TOKENS else self.request
+        request.infer(
             {
                 "input_ids": ids,
                 "position_ids": positions,
@@ -233,7 +243,7 @@ class PagedOpenVINOEngine:
             },
             share_inputs=True,
         )
-        logits = self.request.get_tensor("logits").data
+        logits = request.get_tensor("logits").data
         return np.array(logits.reshape(len(sampled), -1), dtype=np.float32)
 
     def _reserve(self, rows: np.ndarray, needed: np.ndarray) -> None:
@@ -258,11 +268,23 @@ class PagedOpenVINOEngine:
                 old = self.request.get_tensor(name)
                 old.copy_to(ov.Tensor(tensor, [0] * (1 + len(block_shape)), [self._capacity, *block_shape]))
             self.request.set_tensor(name, tensor)
+            if self._prefill is not None:  # the same cache memory: both forms read and write it
+                self._prefill.set_tensor(name, tensor)
         self._free = list(range(capacity - 1, self._capacity - 1, -1)) + self._free
         self._capacity = capacity
 
     def runtime_report(self) -> RuntimeReport:
         return runtime_report(self.compiled)
+
+
+def _prefill_request(compiled: list[Any], layouts: dict[str, tuple[Any, list[int]]]) -> Any:
+    """The prefill form's infer request (precision split), None without one. Its cache inputs must
+    have the decode form's element types and block shapes: the two share the cache tensors."""
+    if not compiled:
+        return None
+    if _cache_layouts(compiled[0]) != layouts:
+        raise ArtifactError("precision split: the prefill and decode forms want different KV-cache layouts")
+    return compiled[0].create_infer_request()
 
 
 def _cache_layouts(compiled: Any) -> dict[str, tuple[Any, list[int]]]:
