@@ -5,23 +5,34 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 
 #: kernel-relevant flags, in rising order of what they enable for int8/bf16 matrix products
 KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The kernel-relevant flags this CPU reports (empty when /proc/cpuinfo cannot be read)."""
+def cpu_model_and_flags() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and every flag /proc/cpuinfo lists (the platform's processor name and
+    no flags when it cannot be read)."""
+    model, flags = platform.processor() or platform.machine(), frozenset()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
             for line in info:
                 key, _, value = line.partition(":")
-                if key.strip() == "flags":
-                    return frozenset(value.split()) & frozenset(KERNEL_FLAGS)
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = frozenset(value.split())
+                    break
     except OSError:
         pass
-    return frozenset()
+    return model, flags
+
+
+def cpu_flags() -> frozenset[str]:
+    """The kernel-relevant flags this CPU reports (empty when /proc/cpuinfo cannot be read)."""
+    return cpu_model_and_flags()[1] & frozenset(KERNEL_FLAGS)
 
 
 def isa_summary(flags: frozenset[str] | None = None) -> str:

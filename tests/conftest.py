@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,7 +17,10 @@ from typing import Any
 import noise
 import pytest
 
-from qwen_export.cpuinfo import KERNEL_FLAGS  # the CPU features that change the engines' kernels (and rounding)
+from qwen_export.cpuinfo import (  # the CPU features that change the engines' kernels (and rounding)
+    KERNEL_FLAGS,
+    cpu_model_and_flags,
+)
 from qwen_export.export.tiny import make_checkpoint
 
 # The CLI prints with rich, which wraps at 80 columns when stdout is not a terminal (CliRunner):
@@ -28,18 +30,7 @@ os.environ.setdefault("COLUMNS", "240")
 
 def cpu_description() -> str:
     """``<model name>; flags: avx2 avx512f ...`` (the kernel-relevant ones) from /proc/cpuinfo."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
+    model, flags = cpu_model_and_flags()
     present = [flag for flag in KERNEL_FLAGS if flag in flags]
     return f"{model}; {os.cpu_count()} cores; flags: {' '.join(present) or 'none of ' + ' '.join(KERNEL_FLAGS)}"
 

@@ -111,10 +111,6 @@ def current_rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-#: CPU flags that change which kernels the engines pick (and so their speed).
-KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-
-
 def machine_info() -> dict[str, Any]:
     """What a benchmark figure depends on besides the artifact: CPU model, cores, kernel-relevant
     flags, OS, Python and the engine packages' versions (read from their metadata, not imported)."""
@@ -124,18 +120,9 @@ def machine_info() -> dict[str, Any]:
 
     import psutil
 
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
+    from qwen_export.cpuinfo import KERNEL_FLAGS, cpu_model_and_flags
+
+    model, flags = cpu_model_and_flags()
     packages = {}
     for name in ("onnxruntime", "openvino", "tensorrt", "numpy"):
         try:
