@@ -78,9 +78,9 @@ Threads = Annotated[int, typer.Option(help="Engine threads (0 = engine default).
 Precision = Annotated[
     str | None,
     typer.Option(
-        help="OpenVINO artifacts: inference precision f32 (default) | bf16 | f16 | split (prompts in bf16, "
-        "decode steps in f32, one u8 KV cache; paged attention; weights held twice) | auto (split for an "
-        "int4/int8 artifact on a CPU with bf16 instructions, else f32)."
+        help="OpenVINO artifacts: inference precision auto (default: split for an int4/int8 artifact on a CPU "
+        "with bf16 instructions, else f32) | f32 | bf16 | f16 | split (prompts in bf16, decode steps in f32, "
+        "one u8 KV cache; paged attention; weights held twice)."
     ),
 ]
 KVCache = Annotated[

@@ -101,7 +101,7 @@ class OpenVINOTarget:
         cache_dir = given.get("cache_dir")
         return OpenVINOOptions(
             threads=threads,
-            precision=Precision.parse(given.get("precision") or "f32", "precision"),
+            precision=Precision.parse(given.get("precision") or "auto", "precision"),
             kv_cache=KVCachePrecision.parse(given.get("kv_cache") or "f32", "kv_cache"),
             cache_dir=Path(cache_dir) if cache_dir is not None else None,
             attention=Attention.parse(given.get("attention") or "auto", "attention"),
