@@ -440,6 +440,10 @@ def test_cli_int4_asymmetric(qwen2_tied: Path, tmp_path: Path, export) -> None:
         (["--embedding-bits", "4"], "only apply to quantized weights"),
         (["--weights", "int4", "--embedding-bits", "2"], "embedding bits must be 4 or 8"),
         (["--weights", "int4", "--embedding-bits", "4", "--keep", "embedding"], "contradicts --keep embedding"),
+        (["--int8", "lm_head"], "only apply to quantized weights"),
+        (["--weights", "int8", "--int8", "lm_head"], "use it with --weights int4"),
+        (["--weights", "int4", "--algorithm", "rtn", "--int8", "*.nope_proj"], "matches no quantized linear weight"),
+        (["--weights", "int4", "--target", "tensorrt", "--int8", "*.down_proj"], "not supported by --target tensorrt"),
     ],
 )
 def test_cli_quantization_option_errors(qwen2_tied: Path, tmp_path: Path, args: list[str], fragment: str) -> None:

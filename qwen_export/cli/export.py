@@ -135,6 +135,15 @@ EmbeddingBits = Annotated[
         "--block-size). Default: 4 for int4 when the lm_head is separate (untied), else 8."
     ),
 ]
+Int8 = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--int8",
+        help="int4 mixed precision: linear modules quantized to 8 bits instead, as glob patterns of checkpoint "
+        "module names (repeatable or comma-separated), e.g. 'model.layers.*.mlp.down_proj' or lm_head; q/k/v "
+        "share one packed weight, so they go to 8 bits together.",
+    ),
+]
 MaxBatch = Annotated[
     int | None,
     typer.Option(help="--target tensorrt: largest batch of the engine's optimization profiles (default 1)."),
@@ -168,6 +177,7 @@ def export(
     accuracy_level: AccuracyLevel = None,
     calibration: Calibration = None,
     embedding_bits: EmbeddingBits = None,
+    int8: Int8 = None,
     max_batch: MaxBatch = None,
 ) -> None:
     """Export CHECKPOINT to an engine artifact in OUTPUT (written atomically)."""
@@ -192,6 +202,7 @@ def export(
         keep_layers=keep_layers,
         accuracy_level=accuracy_level,
         embedding_bits=embedding_bits,
+        int8=int8,
         calibration=calibration,
         logits=logits,
         max_length=max_length,

@@ -21,6 +21,7 @@ weight, which the ``quantize`` pass takes as it takes a pre-quantized checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -148,11 +149,14 @@ class _Spiller:
         self.scratch, self.geo = scratch, geo
         self.count = 0
 
-    def quantize(self, checkpoint: Any, prefix: str, factor: Factor, settings: GPTQSettings) -> SpilledLinear:  # noqa: D102
-        """GPTQ of ``<prefix>.weight`` ([N, K] in the checkpoint) in column chunks, spilled to disk."""
+    def quantize(  # noqa: D102
+        self, checkpoint: Any, prefix: str, factor: Factor, settings: GPTQSettings, bits: int | None = None
+    ) -> SpilledLinear:
+        """GPTQ of ``<prefix>.weight`` ([N, K] in the checkpoint) in column chunks, spilled to disk
+        (``bits``: this weight's, when not the scheme's: ``--int8`` mixed precision)."""
         name = f"{prefix}.weight"
         n, k = checkpoint.shape(name)
-        geo = self.geo
+        geo = self.geo if bits is None else dataclasses.replace(self.geo, bits=bits)
         base = self.scratch / f"{self.count:04d}"
         self.count += 1
         files = {"codes": base.with_suffix(".codes.npy"), "scales": base.with_suffix(".scales.npy")}
@@ -289,7 +293,7 @@ def run_gptq(
                 factor = factorize(hessians.pop(group).h, settings)  # consumes the Hessian
                 for path in (p for p, g in LINEARS.items() if g == group):
                     prefix = f"model.layers.{i}.{path}"
-                    result = spill.quantize(weights, prefix, factor, settings)
+                    result = spill.quantize(weights, prefix, factor, settings, scheme.linear_bits(prefix))
                     stored[f"{prefix}.weight"] = result
                     layer.get_submodule(path).weight_t.data = torch.from_numpy(_dequantized(result))
                 del factor
@@ -299,6 +303,7 @@ def run_gptq(
         acc = HessianAccumulator(spec.hidden_size)
         for x in runner.final_norm():
             acc.add(x)
-        stored["lm_head.weight"] = spill.quantize(weights, "lm_head", factorize(acc.h, settings), settings)
+        head = factorize(acc.h, settings)
+        stored["lm_head.weight"] = spill.quantize(weights, "lm_head", head, settings, scheme.linear_bits("lm_head"))
     progress(total, total)
     return weights

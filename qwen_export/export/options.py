@@ -134,6 +134,7 @@ def export_options(
     keep_layers: str | Iterable[int] | None = None,
     accuracy_level: int | None = None,
     embedding_bits: int | None = None,
+    int8: str | Iterable[str] | None = None,
     calibration: str | Path | None = None,
     logits: str | LogitsMode = "last",
     max_length: int | None = None,
@@ -176,6 +177,7 @@ def export_options(
         defaults.embedding_bits
         if embedding_bits is None and defaults is not None and not _keeps_embedding(keep)
         else embedding_bits,
+        int8,
     )
     if checkpoint is not None and (Path(checkpoint) / "config.json").is_file():
         quant = prequantized_default(Path(checkpoint), weights, quant, block_size, symmetric)
@@ -293,6 +295,7 @@ def weight_options(
     keep_layers: str | Iterable[int] | None,
     accuracy_level: int | None,
     embedding_bits: int | None = None,
+    int8: str | Iterable[str] | None = None,
 ) -> tuple[DType, QuantScheme | None]:
     """``(activation dtype, QuantScheme or None)`` from the export's precision options."""
     fmt = parse_choice(WeightFormat, weights, "--weights") if weights is not None else None
@@ -311,6 +314,7 @@ def weight_options(
         "--keep-layers": keep_layers,
         "--accuracy-level": accuracy_level,
         "--embedding-bits": embedding_bits,
+        "--int8": int8,
     }
     if fmt is None:
         extra = [name for name, value in given.items() if value is not None]
@@ -325,10 +329,16 @@ def weight_options(
         keep=frozenset(parse_choice(Keep, k, "--keep") for k in _items(keep)),
         keep_layers=frozenset(_index_list(keep_layers, "--keep-layers")) if keep_layers else frozenset(),
         embedding_bits=8 if embedding_bits is None else embedding_bits,
+        int8_weights=tuple(_patterns(int8)),
     )
     if embedding_bits is not None and Keep.EMBEDDING in scheme.keep:
         raise OptionError("--embedding-bits contradicts --keep embedding (the embedding would stay unquantized)")
     return act, scheme  # --accuracy-level's range: ExportOptions checks it
+
+
+def _patterns(values: str | Iterable[str] | None) -> list[str]:
+    """``--int8``'s patterns: each value comma-separated, the option repeatable."""
+    return _items(",".join([values] if isinstance(values, str) else list(values or [])))
 
 
 def _items(values: str | Iterable[Any] | None) -> list[str]:

@@ -52,6 +52,7 @@ also counts ``prequantized`` (stored values used) and ``requantized`` weights.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import re
 from typing import Any
 
@@ -95,6 +96,20 @@ def check_scheme(scheme: QuantScheme, num_layers: int | None = None) -> None:
         bad = sorted(i for i in scheme.keep_layers if not 0 <= i < num_layers)
         if bad:
             raise OptionError(f"--keep-layers {bad}: the model has layers 0..{num_layers - 1}")
+
+
+def check_int8_patterns(scheme: QuantScheme, weight_names: list[str]) -> None:
+    """OptionError for an ``--int8`` pattern that selects none of the model's linear weights (names
+    ``<module>.weight_t``; a packed qkv stands for its q/k/v too)."""
+    modules = [name.removesuffix(".weight_t") for name in weight_names]
+    modules += [m[: -len("qkv_proj")] + f"{p}_proj" for m in modules if m.endswith(".qkv_proj") for p in "qkv"]
+    for pattern in scheme.int8_weights:
+        if not any(fnmatch.fnmatchcase(m, pattern) for m in modules):
+            example = next((m for m in modules if ".mlp." in m), modules[0] if modules else "lm_head")
+            raise OptionError(
+                f"--int8 {pattern!r} matches no quantized linear weight of this model "
+                f"(module names look like {example!r})"
+            )
 
 
 # --- lazy tensors (qwen_export.quant.tensors) -------------------------------------------------------
@@ -303,7 +318,9 @@ class QuantizeWeights(GraphPass):
         stored_counts = {PREQUANTIZED: 0, REQUANTIZED: 0}
         seen_stored = False
         misses: list[str] = []
-        for weight in self._linear_weights(graph, misses):
+        linear_weights = self._linear_weights(graph, misses)
+        check_int8_patterns(self.scheme, [w.name for w in linear_weights if w.name is not None])
+        for weight in linear_weights:
             assert weight.name is not None and weight.shape is not None
             stored = stored_quantization(weight.const_value)
             seen_stored = seen_stored or stored is not None
@@ -311,7 +328,7 @@ class QuantizeWeights(GraphPass):
             if reason is not None:
                 self.kept[weight.name] = reason
                 continue
-            how = self._linear(0, self.scheme.bits)
+            how = self._linear(0, self.scheme.linear_bits(weight.name.removesuffix(".weight_t")))
             if stored is not None:
                 why = stored if isinstance(stored, str) else _stored_mismatch(stored, how)
                 if why is not None:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import fnmatch
+import re
 
 from qwen_export.errors import OptionError
 
@@ -85,6 +87,10 @@ class QuantScheme:
     #: symmetric schemes: strictly positive scales (a block whose extreme is positive maps it to the
     #: top code, ``extreme / qmax``, instead of ``extreme / qmin`` < 0); for TensorRT.
     positive_scales: bool = False
+    #: mixed precision (int4 schemes): glob patterns of linear modules (checkpoint names, e.g.
+    #: ``model.layers.*.mlp.down_proj``, ``lm_head``) quantized to 8 bits, same blocks
+    #: (:meth:`linear_bits`; a packed qkv is 8-bit when any of q/k/v matches)
+    int8_weights: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.fmt.bits is None:
@@ -93,6 +99,26 @@ class QuantScheme:
             raise OptionError(f"--block-size must be 32, 64 or 128 (or 0: per-channel), got {self.block_size}")
         if self.embedding_bits not in (4, 8):
             raise OptionError(f"embedding bits must be 4 or 8, got {self.embedding_bits}")
+        if self.int8_weights and self.bits != 4:
+            raise OptionError("--int8 selects tensors of an int4 export for 8 bits: use it with --weights int4")
+        if any(not isinstance(p, str) or not p.strip() for p in self.int8_weights):
+            raise OptionError("--int8 takes glob patterns of module names, e.g. 'model.layers.*.mlp.down_proj'")
+
+    def linear_bits(self, module: str) -> int:
+        """The bits of linear ``module`` (a checkpoint module path, or the packed ``...qkv_proj``):
+        8 when it matches an :attr:`int8_weights` pattern, else :attr:`bits`. q, k and v share one
+        packed weight, so they (and ``qkv_proj``) are 8-bit together when any of them matches.
+
+        >>> s = QuantScheme(WeightFormat.INT4, int8_weights=("*.v_proj", "lm_head"))
+        >>> [s.linear_bits(m) for m in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.qkv_proj",
+        ...                              "model.layers.0.mlp.down_proj", "lm_head")]
+        [8, 8, 4, 8]
+        """
+        return 8 if any(self.promotes(name) for name in _packed_members(module)) else self.bits
+
+    def promotes(self, module: str) -> bool:
+        """``module`` matches one of :attr:`int8_weights` (no packing considered)."""
+        return any(fnmatch.fnmatchcase(module, pattern) for pattern in self.int8_weights)
 
     @property
     def bits(self) -> int:
@@ -127,7 +153,21 @@ class QuantScheme:
         }
         if self.positive_scales:
             record["positive_scales"] = True
+        if self.int8_weights:
+            record["int8_weights"] = list(self.int8_weights)
         return record
+
+
+_QKV = re.compile(r"\.(?:q|k|v|qkv)_proj$")
+
+
+def _packed_members(module: str) -> list[str]:
+    """``module`` and the modules sharing its packed weight (q/k/v/qkv of one attention)."""
+    match = _QKV.search(module)
+    if match is None:
+        return [module]
+    base = module[: match.start()]
+    return [f"{base}.{p}_proj" for p in ("q", "k", "v", "qkv")]
 
 
 def describe_weights(dtype: str, quantization: dict[str, object] | None) -> str:
@@ -161,5 +201,8 @@ def describe_weights(dtype: str, quantization: dict[str, object] | None) -> str:
     layers = quantization.get("keep_layers") or []
     if isinstance(layers, list) and layers:
         pieces.append(f"layers {','.join(str(i) for i in layers)} {dtype}")
+    promoted = quantization.get("int8_weights") or []
+    if isinstance(promoted, list) and promoted:
+        pieces.append(f"int8 {' '.join(str(p) for p in promoted)}")
     pieces.append(f"{dtype} activations")
     return ", ".join(pieces)

@@ -59,6 +59,11 @@ class TensorRTTarget:
                 "--no-fuse applies to --target onnxruntime only; tensorrt fuses attention, RoPE and RMSNorm itself "
                 "when it compiles the model"
             )
+        if options.quant is not None and options.quant.int8_weights:
+            raise OptionError(
+                "--int8 (8-bit tensors in an int4 export) is not supported by --target tensorrt: TensorRT "
+                "block-quantizes INT4 only; drop --int8"
+            )
         if options.quant is not None and not options.quant.symmetric:
             raise OptionError(
                 "--target tensorrt needs symmetric weights (TensorRT requires DequantizeLinear zero points of "
