@@ -92,21 +92,25 @@ def _block_scales(
 
 
 def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (float32), damping raised
-    tenfold until the factorisation succeeds (a near-singular H from few calibration tokens).
-    ``h`` is damped in place; at most two [K, K] matrices live at once besides it."""
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (float32: ``U^T U = H^-1``),
+    damping raised tenfold until the factorisation succeeds (a near-singular H from few calibration
+    tokens). ``h`` is damped in place.
+
+    One Cholesky and one triangular inverse instead of Cholesky, inverse and a second Cholesky: with
+    ``J`` the reversal, ``J H J = L L^T`` gives ``H = R R^T`` for the upper ``R = J L J``, so
+    ``H^-1 = R^-T R^-1`` and ``U = R^-1 = J L^-1 J`` (upper, positive diagonal: the same factor)."""
     mean = float(torch.diag(h).mean())
     added = 0.0
     for scale in (damp * 10.0**i for i in range(6)):
         h.diagonal().add_(scale * mean - added)
         added = scale * mean
-        lower, info = torch.linalg.cholesky_ex(h)
+        lower, info = torch.linalg.cholesky_ex(torch.flip(h, (0, 1)))
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            del lower
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0:
-                return upper
+            eye = torch.eye(h.shape[0], dtype=h.dtype)
+            inverse = torch.linalg.solve_triangular(lower, eye, upper=False)
+            del lower, eye
+            if bool(torch.isfinite(inverse.diagonal()).all()):
+                return torch.flip(inverse, (0, 1))
     raise ValueError("GPTQ: the calibration Hessian is not positive definite even with heavy damping")
 
 
