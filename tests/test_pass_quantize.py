@@ -4,6 +4,7 @@ manifest record, the CLI options and the numerics against a dequantized-weights 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -234,6 +235,8 @@ def _dequantized_reference(checkpoint: Path, scheme: QuantScheme, ids: list[int]
             bits = scheme.embedding_bits if "embed_tokens" in name else scheme.bits
             # HF weights are [out, in] (the embedding [V, H]): blocks run along the last axis
             q = quantize_rtn(param.numpy(), bits, scheme.block_size, 1, scheme.symmetric)
+            if q.scales.size > FOLD_SIZE_LIMIT:  # the ONNX Runtime lowering stores these scales as float16
+                q = dataclasses.replace(q, scales=q.scales.astype(np.float16).astype(q.scales.dtype))
             param.copy_(torch.from_numpy(dequantize(q)))
     return ref.logits(ids)
 
@@ -465,3 +468,18 @@ def test_cli_embedding_bits_4_packs_the_tied_table_in_int4(qwen2_tied: Path, tmp
     emb8 = tmp_path / "emb8"
     assert _invoke("export", qwen2_tied, "-o", emb8, "--weights", "int4", "--algorithm", "rtn").exit_code == 0
     assert (out / "model.onnx.data").stat().st_size < (emb8 / "model.onnx.data").stat().st_size
+
+
+def test_compact_scales_are_float16_in_the_file(quantized) -> None:
+    """Scales too large to fold are stored as float16 and cast to float32 in the graph (ONNX Runtime
+    folds the Cast when the session is created); the small ones stay float32."""
+    art, _ = quantized("tied_int8")
+    model = _model(art)
+    casts = {n.inputs[0].name: n for n in model.graph if n.op_type == "Cast" and n.inputs[0].is_initializer()}
+    table = "model.embed_tokens.weight"
+    for key in ("gather_scales", "head_scales"):
+        stored = model.graph.initializers[f"{table}.{key}"]
+        assert stored.dtype == ir.DataType.FLOAT16 and f"{table}.{key}" in casts
+        assert casts[f"{table}.{key}"].outputs[0].dtype == ir.DataType.FLOAT
+    layer = model.graph.initializers["model.layers.0.mlp.down_proj.weight_t.scales"]
+    assert layer.dtype == ir.DataType.FLOAT and int(np.prod(layer.shape)) <= FOLD_SIZE_LIMIT

@@ -50,7 +50,7 @@ class OnnxRuntimeTarget:
         if quantize:
             from qwen_export.targets.onnxruntime.matmulnbits import MatMulNBitsLowering
 
-            quantize.append(MatMulNBitsLowering(ctx.accuracy_level, explain=ctx.explain))
+            quantize.append(MatMulNBitsLowering(ctx.accuracy_level, explain=ctx.explain, compact_scales=True))
         if not fuse:
             return [CleanupPass(), *quantize], KVLayout.CONCAT
         from qwen_export.passes.attention import AttentionFusion

@@ -22,6 +22,15 @@ The new initializers are lazy: computed from the ``DequantizeLinear`` inputs (th
 
 A ``DequantizeLinear`` with any other consumer, or one that does not fit the ops (a block size
 that is not a power of two >= 16, rank != 2, a Gemm with alpha/beta/C), is left alone.
+
+``compact_scales`` (the target's default): float32 scales are stored as float16 initializers read
+through a ``Cast`` to float32, which ONNX Runtime's constant folding (graph optimization ``basic``
+and up) computes once when the session is created: the file holds half the scale bytes (int4 block
+32: 4.5 instead of 5 bits per weight) and the kernels see the same float32 scales as before,
+prepacked. The scales lose float16's rounding (relative 2**-11), far below a block's quantization
+step; below f16's normal range (2**-14) they become subnormals (absolute error at most 2**-25, a
+flushed block dequantizes to zero). A scale above 65504 (f16's largest) is an error when the model
+is written (no real checkpoint has weights near 65504 * 7).
 """
 
 from __future__ import annotations
@@ -33,7 +42,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from qwen_export.errors import QwenExportError
 from qwen_export.passes.base import MS_DOMAIN, GraphPass
+from qwen_export.passes.cleanup import FOLD_SIZE_LIMIT
 from qwen_export.quant.numeric import BlockQuantized, pack_bits_last, pack_matmulnbits
 from qwen_export.quant.tensors import QuantizedPartTensor, SharedQuantization, StoredQuantization
 
@@ -206,7 +217,9 @@ class _Lowered:
 
     graph: ir.Graph
     dq: _DQ
+    compact_scales: bool = False
     cache: dict[str, ir.Value] = dataclasses.field(default_factory=dict)
+    initializers: dict[str, ir.Value] = dataclasses.field(default_factory=dict)
 
     def _get(
         self, key: str, make: Callable[[BlockQuantized], np.ndarray], dtype: ir.DataType, shape: tuple[int, ...]
@@ -217,12 +230,29 @@ class _Lowered:
             tensor = QuantizedPartTensor(self.dq.quant, key, dtype, shape, name=name)
             value = ir.Value(name=name, shape=ir.Shape(list(shape)), type=ir.TensorType(dtype), const_value=tensor)
             self.graph.register_initializer(value)
-            self.cache[key] = value
+            self.cache[key] = self.initializers[key] = value
+        return self.cache[key]
+
+    def _get_scales(self, key: str, make: Callable[[BlockQuantized], np.ndarray], shape: tuple[int, ...]) -> ir.Value:
+        """Scales in the model's float type; with ``compact_scales`` a float32 model's are stored as
+        float16 and cast back (see the module docstring)."""
+        dtype = self.dq.float_type
+        if not self.compact_scales or dtype != ir.DataType.FLOAT or int(np.prod(shape)) <= FOLD_SIZE_LIMIT:
+            return self._get(key, make, dtype, shape)  # small: nothing to save, and the cleanup would fold it
+        if key not in self.cache:
+            label = self.dq.name
+            stored = self._get(key, lambda q: _as_half(make(q), label), ir.DataType.FLOAT16, shape)
+            cast = ir.node("Cast", [stored], {"to": ir.DataType.FLOAT}, name=f"{label}/{key}/Cast")
+            out = cast.outputs[0]
+            out.name = _unique(self.graph, f"{label}.{key}_f32")
+            out.dtype, out.shape = dtype, ir.Shape(list(shape))
+            self.graph.insert_before(next(iter(self.graph)), cast)
+            self.cache[key] = out
         return self.cache[key]
 
     def finalize(self) -> None:
         """Once the DequantizeLinear's inputs are gone: give each new initializer ``<weight>.<key>``."""
-        for key, value in self.cache.items():
+        for key, value in self.initializers.items():
             preferred = f"{self.dq.name}.{key}"
             if value.name != preferred and preferred not in self.graph.initializers:
                 value.name = preferred
@@ -239,7 +269,7 @@ class _Lowered:
         k, n = dq.rows, dq.cols
         blob = dq.block_size * dq.bits // 8
         b = self._get("B", lambda q: pack_matmulnbits(q)[0], ir.DataType.UINT8, (n, kb, blob))
-        s = self._get("scales", lambda q: self._scales(q, True).reshape(-1), dq.float_type, (n * kb,))
+        s = self._get_scales("scales", lambda q: self._scales(q, True).reshape(-1), (n * kb,))
         z = None
         if not dq.symmetric:
             z = self._get(
@@ -264,7 +294,7 @@ class _Lowered:
 
     def gather_inputs(self) -> list[ir.Value | None]:
         dq, kb = self.dq, self.dq.blocks
-        s = self._get("gather_scales", lambda q: self._scales(q, False)[:, :, None], dq.float_type, (dq.rows, kb, 1))
+        s = self._get_scales("gather_scales", lambda q: self._scales(q, False)[:, :, None], (dq.rows, kb, 1))
         z = None
         if not dq.symmetric:  # one zero point per (row, block), each in its own byte (packed along a dim of 1)
             z = self._get(
@@ -274,7 +304,7 @@ class _Lowered:
 
     def tied_inputs(self) -> list[ir.Value | None]:
         dq, kb = self.dq, self.dq.blocks
-        s = self._get("head_scales", lambda q: self._scales(q, False).reshape(-1), dq.float_type, (dq.rows * kb,))
+        s = self._get_scales("head_scales", lambda q: self._scales(q, False).reshape(-1), (dq.rows * kb,))
         z = None
         if not dq.symmetric:
             z = self._get(
@@ -284,6 +314,17 @@ class _Lowered:
                 (dq.rows * _packed_len(kb, dq.bits),),
             )
         return [s, z]
+
+
+def _as_half(scales: np.ndarray, label: str) -> np.ndarray:
+    """``scales`` as float16; an error when one is beyond float16's range."""
+    big = float(np.abs(scales).max(initial=0.0))
+    if not np.isfinite(big) or big > float(np.finfo(np.float16).max):
+        raise QwenExportError(
+            f"{label}: a quantization scale of {big:g} is beyond float16's range (65504); this weight cannot be "
+            "stored with compact scales"
+        )
+    return scales.astype(np.float16)
 
 
 # --- rewrites ----------------------------------------------------------------------------------------
@@ -435,10 +476,11 @@ class MatMulNBitsLowering(GraphPass):
     requires_ops = ("DequantizeLinear",)
     explain_heading = "left alone"
 
-    def __init__(self, accuracy_level: int = 4, explain: Any = None) -> None:
+    def __init__(self, accuracy_level: int = 4, explain: Any = None, compact_scales: bool = False) -> None:
         if accuracy_level not in range(5):
             raise ValueError(f"accuracy_level must be 0..4, got {accuracy_level}")
         self.accuracy_level = accuracy_level
+        self.compact_scales = compact_scales
         self.explain = explain
         #: after a call: the DequantizeLinear nodes left alone, and why
         self.misses: list[str] = []
@@ -458,7 +500,7 @@ class MatMulNBitsLowering(GraphPass):
             if not uses or None in kinds or out.is_graph_output():
                 self.misses.append(f"{node.name}: consumers {[u.node.op_type for u in uses]} are not all lowerable")
                 continue
-            lowered = _Lowered(graph, dq)
+            lowered = _Lowered(graph, dq, self.compact_scales)
             for use, kind in zip(uses, kinds, strict=True):
                 if kind == "matmul":
                     _lower_matmul(graph, lowered, use.node, self.accuracy_level, fired)
