@@ -284,6 +284,16 @@ def test_decode_weight_bytes_leave_out_a_gathered_table(tmp_path: Path) -> None:
     table = 100 * 64 + 4 * 200 + 200  # int8 codes, one fp32 scale and one int8 zero point per block
     assert bandwidth.gathered_embedding_bytes(untied) == table
     assert bandwidth.decode_weight_bytes(tmp_path, untied) == 10**6 + 1000 - table
+    compact = Manifest(  # 300 scale values stored as float16 in the file, float32 once loaded
+        "onnxruntime",
+        "fp32",
+        "last",
+        spec,
+        files=files,
+        passes=[{"name": "matmulnbits", "fired": {"matmulnbits": 3, "compact_scale_values": 300}}],
+        extra={"quantization": quant},
+    )
+    assert bandwidth.decode_weight_bytes(tmp_path, compact) == 10**6 + 1000 + 600
     plain = Manifest("onnxruntime", "fp16", "last", {**spec, "tie_word_embeddings": False}, files=files)
     assert bandwidth.gathered_embedding_bytes(plain) == 100 * 64 * 2
     achieved = bandwidth.decode_bandwidth(10**9, 1000, 24, 2.0, bandwidth.CopyBandwidth(8.0, 7.0, 2, 256))

@@ -481,5 +481,7 @@ def test_compact_scales_are_float16_in_the_file(quantized) -> None:
         stored = model.graph.initializers[f"{table}.{key}"]
         assert stored.dtype == ir.DataType.FLOAT16 and f"{table}.{key}" in casts
         assert casts[f"{table}.{key}"].outputs[0].dtype == ir.DataType.FLOAT
+    fired = next(p["fired"] for p in _manifest(art)["passes"] if p["name"] == "matmulnbits")
+    assert fired["compact_scale_values"] == 2 * V * H // 32  # the gather's and the tied head's scales
     layer = model.graph.initializers["model.layers.0.mlp.down_proj.weight_t.scales"]
     assert layer.dtype == ir.DataType.FLOAT and int(np.prod(layer.shape)) <= FOLD_SIZE_LIMIT

@@ -6,8 +6,9 @@ engine achieves. :func:`copy_bandwidth` measures what the machine can move (a mu
 ``memcpy`` of buffers much larger than the caches, counted as bytes read + bytes written, the way
 STREAM's *copy* counts), and :func:`decode_bandwidth` puts the two side by side.
 
-Weight bytes per token (:func:`decode_weight_bytes`) are the artifact's weight files, less the
-embedding table when only one row of it is read per token (a table that is not also the lm_head).
+Weight bytes per token (:func:`decode_weight_bytes`) are the artifact's weight files as loaded
+(float16-stored scales counted at float32, :func:`compact_scale_bytes`), less the embedding table
+when only one row of it is read per token (a table that is not also the lm_head).
 The KV cache read per token is added separately (it grows with the context).
 """
 
@@ -97,9 +98,22 @@ def gathered_embedding_bytes(manifest: Manifest) -> int:
     return vocab * hidden * int(bits) // 8 + 4 * blocks + zero
 
 
+def compact_scale_bytes(manifest: Manifest) -> int:
+    """Bytes the engine adds to the files when it loads them: ONNX Runtime artifacts store large
+    quantization scales as float16 and cast them to float32 once, at session creation (the
+    ``matmulnbits`` pass record's ``compact_scale_values``)."""
+    count = 0
+    for record in manifest.passes:
+        fired = record.get("fired") if isinstance(record, dict) else None
+        value = fired.get("compact_scale_values") if isinstance(fired, dict) else None
+        count += value if isinstance(value, int) and value > 0 else 0
+    return 2 * count
+
+
 def decode_weight_bytes(root: str | Path, manifest: Manifest) -> int:
     """Weight bytes one decode step reads (see the module docstring)."""
-    return max(0, weight_files_bytes(root, manifest) - gathered_embedding_bytes(manifest))
+    loaded = weight_files_bytes(root, manifest) + compact_scale_bytes(manifest)
+    return max(0, loaded - gathered_embedding_bytes(manifest))
 
 
 def decode_bandwidth(

@@ -52,6 +52,8 @@ MATMUL_RULE = "matmulnbits"
 BIAS_RULE = "matmulnbits_bias"
 GATHER_RULE = "gather_block_quantized"
 TIED_RULE = "tied_lm_head"
+#: the pass record's count of scale values stored as float16 (runtime/bandwidth.py reads it)
+COMPACT_VALUES = "compact_scale_values"
 
 _CODE_BITS = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}
 _SIGNED = (ir.DataType.INT4, ir.DataType.INT8)
@@ -220,6 +222,7 @@ class _Lowered:
     compact_scales: bool = False
     cache: dict[str, ir.Value] = dataclasses.field(default_factory=dict)
     initializers: dict[str, ir.Value] = dataclasses.field(default_factory=dict)
+    compact_values: int = 0  # scale values stored as float16 (float32 in memory once ORT folds the Cast)
 
     def _get(
         self, key: str, make: Callable[[BlockQuantized], np.ndarray], dtype: ir.DataType, shape: tuple[int, ...]
@@ -248,6 +251,7 @@ class _Lowered:
             out.dtype, out.shape = dtype, ir.Shape(list(shape))
             self.graph.insert_before(next(iter(self.graph)), cast)
             self.cache[key] = out
+            self.compact_values += int(np.prod(shape))
         return self.cache[key]
 
     def finalize(self) -> None:
@@ -514,6 +518,8 @@ class MatMulNBitsLowering(GraphPass):
                 if not list(value.uses()) and value.name in graph.initializers:
                     del graph.initializers[value.name]
             lowered.finalize()
+            if lowered.compact_values:
+                fired[COMPACT_VALUES] = fired.get(COMPACT_VALUES, 0) + lowered.compact_values
         return fired
 
     def left_alone(self) -> list[str]:
