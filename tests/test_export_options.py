@@ -18,7 +18,7 @@ from qwen_export.artifact import Manifest, load_manifest
 from qwen_export.errors import OptionError
 from qwen_export.export import export as library_export
 from qwen_export.export import pipeline
-from qwen_export.export.options import ExportOptions, Int4Defaults, export_options
+from qwen_export.export.options import ATTENTION_INT8, ExportOptions, Int4Defaults, export_options
 from qwen_export.quant.scheme import PER_CHANNEL, Keep, QuantScheme, WeightFormat
 from qwen_export.spec import Target
 
@@ -128,6 +128,7 @@ def test_plain_values_and_lists(qwen2_tied: Path) -> None:
         keep_layers=frozenset({0, 1}),
         algorithm=d.algorithm,
         symmetric=d.symmetric,
+        int8_weights=ATTENTION_INT8,
     )
     assert export_options() == ExportOptions()  # no flags: the defaults
 
@@ -161,8 +162,14 @@ def test_int4_defaults(qwen2_tied: Path, qwen2_untied: Path, prequantized) -> No
     default = Int4Defaults()
     assert (tied.algorithm, tied.symmetric, tied.embedding_bits) == (default.algorithm, default.symmetric, 8)
     assert (untied.algorithm, untied.embedding_bits) == (default.algorithm, 4)
+    assert tied.int8_weights == untied.int8_weights == ATTENTION_INT8  # the attention projections at 8 bits
+    assert export_options(qwen2_untied, weights="int4", int8=["none"]).quant.int8_weights == ()
+    assert export_options(qwen2_untied, weights="int4", int8="lm_head").quant.int8_weights == ("lm_head",)
+    with pytest.raises(OptionError, match="give it alone"):
+        export_options(qwen2_untied, weights="int4", int8=["none", "lm_head"])
     trt = export_options(qwen2_untied, weights="int4", target="tensorrt").quant
     assert trt.symmetric and trt.algorithm is default.algorithm  # TensorRT takes no zero points
+    assert trt.int8_weights == ()  # nor 8-bit tensors in an int4 engine
     given = export_options(qwen2_untied, weights="int4", algorithm="rtn", symmetric=True, embedding_bits=8).quant
     assert (given.algorithm, given.symmetric, given.embedding_bits) == (QuantAlgorithm.RTN, True, 8)
     kept = export_options(qwen2_untied, weights="int4", keep="embedding").quant

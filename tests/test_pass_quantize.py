@@ -415,7 +415,9 @@ def test_cli_int4_asymmetric(qwen2_tied: Path, tmp_path: Path, export) -> None:
         "export", qwen2_tied, "-o", out, "--weights", "int4", "--block-size", "32", "--asymmetric", "--algorithm", "rtn"
     )
     assert result.exit_code == 0, result.output
-    assert "int4 rtn b32 asym, embedding int8, fp32 activations" in " ".join(result.output.split())
+    assert "int4 rtn b32 asym, embedding int8, int8 model.layers.*.self_attn.*, fp32 activations" in " ".join(
+        result.output.split()
+    )
     quant = _manifest(out)["extra"]["quantization"]
     assert (quant["weights"], quant["bits"], quant["block_size"], quant["symmetric"]) == ("int4", 4, 32, False)
     model = _model(out)

@@ -141,7 +141,8 @@ Int8 = Annotated[
         "--int8",
         help="int4 mixed precision: linear modules quantized to 8 bits instead, as glob patterns of checkpoint "
         "module names (repeatable or comma-separated), e.g. 'model.layers.*.mlp.down_proj' or lm_head; q/k/v "
-        "share one packed weight, so they go to 8 bits together.",
+        "share one packed weight, so they go to 8 bits together. Default for int4: 'model.layers.*.self_attn.*' "
+        "(not tensorrt); 'none': every linear at 4 bits.",
     ),
 ]
 MaxBatch = Annotated[

@@ -177,7 +177,7 @@ def export_options(
         defaults.embedding_bits
         if embedding_bits is None and defaults is not None and not _keeps_embedding(keep)
         else embedding_bits,
-        int8,
+        defaults.int8_weights if int8 is None and defaults is not None else int8,
     )
     if checkpoint is not None and (Path(checkpoint) / "config.json").is_file():
         quant = prequantized_default(Path(checkpoint), weights, quant, block_size, symmetric)
@@ -213,12 +213,18 @@ class Int4Defaults:
       0.0368 and onnxruntime-genai int4's 0.0483; ``awq-gptq`` was not measured there in time);
     - asymmetric (a zero point per block) where the target takes zero points (not TensorRT);
     - the embedding at 4 bits when the lm_head is separate (untied): it is only gathered, and its
-      8 bits would put the artifact over that size; 8 bits when it is also the (tied) lm_head.
+      8 bits would put the artifact over that size; 8 bits when it is also the (tied) lm_head;
+    - the attention projections (q/k/v and o) at 8 bits where the target mixes bit widths (not
+      TensorRT): of the tensor classes measured one at a time (RTN asymmetric on the real 1.5B,
+      benchmarks/README.md), they cut the mean KL most per byte added (0.0379 -> 0.0286 for +76 MiB;
+      every down_proj: 0.0304 for +189 MiB; the lm_head: 0.0285 for +115 MiB), and with ONNX Runtime's
+      compact scales the artifact stays within optimum-intel's size.
     """
 
     algorithm: QuantAlgorithm = QuantAlgorithm.GPTQ
     symmetric: bool = False
     embedding_bits: int = 8
+    int8_weights: tuple[str, ...] = ()
 
     @classmethod
     def for_export(cls, checkpoint: str | Path | None, backend: TargetBackend) -> Int4Defaults | None:
@@ -235,7 +241,12 @@ class Int4Defaults:
                 tied = ModelSpec.from_config_file(config).tie_word_embeddings
             except QwenExportError:
                 pass  # a defective config.json: the export reports it with its own message
-        return cls(symmetric=not backend.zero_points, embedding_bits=8 if tied else 4)
+        promoted = ATTENTION_INT8 if backend.mixed_bits else ()
+        return cls(symmetric=not backend.zero_points, embedding_bits=8 if tied else 4, int8_weights=promoted)
+
+
+#: ``--int8``'s default for int4 (:class:`Int4Defaults`): every attention projection
+ATTENTION_INT8 = ("model.layers.*.self_attn.*",)
 
 
 def _keeps_embedding(keep: str | Iterable[str] | None) -> bool:
@@ -337,8 +348,14 @@ def weight_options(
 
 
 def _patterns(values: str | Iterable[str] | None) -> list[str]:
-    """``--int8``'s patterns: each value comma-separated, the option repeatable."""
-    return _items(",".join([values] if isinstance(values, str) else list(values or [])))
+    """``--int8``'s patterns: each value comma-separated, the option repeatable; ``none`` alone: no
+    8-bit tensors (the int4 default's promotions off)."""
+    items = _items(",".join([values] if isinstance(values, str) else list(values or [])))
+    if [i.lower() for i in items] == ["none"]:
+        return []
+    if any(i.lower() == "none" for i in items):
+        raise OptionError("--int8 none turns the 8-bit tensors off: give it alone, without patterns")
+    return items
 
 
 def _items(values: str | Iterable[Any] | None) -> list[str]:

@@ -57,6 +57,8 @@ class TargetBackend(Protocol):
     cpu_module: str
     #: its quantized weights may have zero points (asymmetric schemes)
     zero_points: bool
+    #: an int4 export may keep some linears at 8 bits (``--int8``, mixed precision)
+    mixed_bits: bool
 
     def cpu_runs(self) -> dict[str, dict[str, Any]]:
         """How its artifacts are verified on a CPU-only machine (every parity test runs each):

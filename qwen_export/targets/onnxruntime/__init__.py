@@ -22,6 +22,7 @@ class OnnxRuntimeTarget:
     load_options: tuple[str, ...] = ()
     cpu_module: str = "onnxruntime"
     zero_points: bool = True
+    mixed_bits: bool = True
 
     def cpu_runs(self) -> dict[str, dict[str, Any]]:
         return {"onnxruntime": {}}

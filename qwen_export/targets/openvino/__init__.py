@@ -23,6 +23,7 @@ class OpenVINOTarget:
     own_options: frozenset[str] = frozenset()
     cpu_module: str = "openvino"
     zero_points: bool = True
+    mixed_bits: bool = True
 
     def cpu_runs(self) -> dict[str, dict[str, Any]]:
         """The default engine (PagedAttention over the engine's block cache, stateful for

@@ -26,6 +26,7 @@ class TensorRTTarget:
     load_options: tuple[str, ...] = ("cuda_graphs",)
     cpu_module: str = "onnxruntime"
     zero_points: bool = False
+    mixed_bits: bool = False
 
     def cpu_runs(self) -> dict[str, dict[str, Any]]:
         """Its standard-ONNX graph (fixed-capacity KV buffers scattered in place) on ONNX Runtime
