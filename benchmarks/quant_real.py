@@ -85,6 +85,12 @@ VARIANT_FLAGS = {
     "sym": ["--symmetric"],
     "e4": ["--embedding-bits", "4"],
     "e8": ["--embedding-bits", "8"],
+    "i4": ["--int8", "none"],  # every linear at 4 bits (no mixed precision)
+    "attn8": ["--int8", "model.layers.*.self_attn.*"],
+    "qkv8": ["--int8", "*.v_proj"],
+    "o8": ["--int8", "*.o_proj"],
+    "down8": ["--int8", "model.layers.*.mlp.down_proj"],
+    "head8": ["--int8", "lm_head"],
 }
 
 
@@ -93,7 +99,9 @@ def variant_flags(algorithm: str | None) -> tuple[str | None, list[str]]:
     (no ``--algorithm`` flag: what a user running ``--weights int4`` gets)."""
     if algorithm is None:
         return None, []
-    name, *suffixes = algorithm.split("-")
+    joined = algorithm.replace("awq-gptq", "awq_gptq")  # the one algorithm name with a dash
+    name, *suffixes = joined.split("-")
+    name = name.replace("awq_gptq", "awq-gptq")
     unknown = [x for x in suffixes if x not in VARIANT_FLAGS]
     if unknown:
         known = ", ".join(VARIANT_FLAGS)
@@ -517,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--algorithms",
         default="default,rtn,rtn-asym,gptq-asym,awq-asym",
         help="int4 variants, comma-separated: rtn|clip|awq|gptq|default (the CLI's default), each with optional "
-        "suffixes -asym, -sym, -e4, -e8 (--asymmetric, --symmetric, --embedding-bits 4|8)",
+        "suffixes -asym, -sym, -e4, -e8 (--asymmetric, --symmetric, --embedding-bits 4|8), -i4 (--int8 none), "
+        "-attn8, -qkv8, -o8, -down8, -head8 (--int8 of those modules)",
     )
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 artifact")
     ap.add_argument("--block-size", type=int, default=None, help="pass --block-size N (default: the CLI's, 32)")
