@@ -9,8 +9,9 @@ after cleanup, for x of shape [B, H, S, D] and h = D/2::
     out   = Add(Mul(x, cos), Mul(Concat(Neg(Slice(x, h:D)), Slice(x, 0:h), axis=-1), sin))
 
 It becomes ``RotaryEmbedding(x, position_ids, cos_cache, sin_cache, interleaved=0)`` with the
-tables precomputed as initializers of shape [max_length, h]: ``cos(pos * inv_freq) * scale`` in
-float32 (the traced arithmetic, with the graph's own float32 ``inv_freq``), cast to x's dtype. The same tables are what
+tables of shape [max_length, h]: ``cos(pos * inv_freq) * scale`` in float32 (the traced arithmetic,
+with the graph's own float32 ``inv_freq``), cast to x's dtype, computed by a constant subgraph that
+ONNX Runtime folds when the session is created (:func:`rotary_table_values`). The same tables are what
 ``GroupQueryAttention(do_rotary=1)`` reads, so the attention pass can take them over.
 
 The inverse frequencies found in the graph must equal the ModelSpec's (rope_theta, linear or YaRN
@@ -31,6 +32,7 @@ from qwen_export.passes.base import MS_DOMAIN, GraphPass, constant_array
 
 RULE = "rotary"
 COS_CACHE, SIN_CACHE = "rotary.cos_cache", "rotary.sin_cache"
+INV_FREQ = "rotary.cache_inv_freq"
 #: Relative tolerance when comparing the graph's inverse frequencies with the spec's.
 TABLE_RTOL = 1e-6
 
@@ -176,9 +178,28 @@ class _RotaryRule(pattern.RewriteRuleClassBase):
 
     def _cache_values(self, op: Any, dtype: ir.DataType) -> tuple[ir.Value, ir.Value]:
         if dtype not in self._tables:
-            cos, sin = rotary_tables(self._found_inv_freq, self._scale, self._max_length, dtype)
-            self._tables[dtype] = (op.initializer(cos, cos.name), op.initializer(sin, sin.name))
+            self._tables[dtype] = rotary_table_values(op, self._found_inv_freq, self._scale, self._max_length, dtype)
         return self._tables[dtype]
+
+
+def rotary_table_values(
+    op: Any, inv_freq: np.ndarray, scale: float, max_length: int, dtype: ir.DataType
+) -> tuple[ir.Value, ir.Value]:
+    """The :func:`rotary_tables` computed in the graph from constants only (the [1, D/2] inverse
+    frequencies and the positions ``Range(0, max_length)``), with the same float32 arithmetic:
+    ONNX Runtime's constant folding computes them once when the session is created, and the file
+    holds D/2 floats instead of two [max_length, D/2] tables (16 MiB for a 32K-context Qwen2.5, 64
+    MiB at 128K)."""
+    inv = ir.tensor(np.asarray(inv_freq, np.float32)[None, :], name=INV_FREQ)
+    positions = op.Range(
+        op.Constant(value_float=0.0), op.Constant(value_float=float(max_length)), op.Constant(value_float=1.0)
+    )
+    freqs = op.Mul(op.Unsqueeze(positions, op.Constant(value_ints=[1])), op.initializer(inv, INV_FREQ))
+    factor = op.Constant(value_float=float(np.float32(scale)))
+    cos, sin = op.Mul(op.Cos(freqs), factor), op.Mul(op.Sin(freqs), factor)
+    if dtype != ir.DataType.FLOAT:
+        cos, sin = op.Cast(cos, to=dtype), op.Cast(sin, to=dtype)
+    return cos, sin
 
 
 def _slice_range(value: ir.Value, d: int) -> tuple[int, int] | None:
