@@ -91,24 +91,26 @@ def _block_scales(
     return q.scales.reshape(-1).astype(np.float32), zeros
 
 
-def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (float32: ``U^T U = H^-1``),
-    damping raised tenfold until the factorisation succeeds (a near-singular H from few calibration
-    tokens). ``h`` is damped in place.
+def _inverse_factor(flipped: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (float32: ``U^T U = H^-1``)
+    from ``flipped = J H J`` (``J`` the reversal), damping raised tenfold until the factorisation
+    succeeds (a near-singular H from few calibration tokens). ``flipped`` is damped in place.
 
-    One Cholesky and one triangular inverse instead of Cholesky, inverse and a second Cholesky: with
-    ``J`` the reversal, ``J H J = L L^T`` gives ``H = R R^T`` for the upper ``R = J L J``, so
-    ``H^-1 = R^-T R^-1`` and ``U = R^-1 = J L^-1 J`` (upper, positive diagonal: the same factor)."""
-    mean = float(torch.diag(h).mean())
+    One Cholesky and one triangular inverse instead of Cholesky, inverse and a second Cholesky:
+    ``J H J = L L^T`` gives ``H = R R^T`` for the upper ``R = J L J``, so ``H^-1 = R^-T R^-1`` and
+    ``U = R^-1 = J L^-1 J`` (upper, positive diagonal: the same factor). Besides ``flipped``, at
+    most two [K, K] matrices live at once (L and its inverse, computed in place; then the inverse
+    and U)."""
+    mean = float(torch.diag(flipped).mean())
     added = 0.0
     for scale in (damp * 10.0**i for i in range(6)):
-        h.diagonal().add_(scale * mean - added)
+        flipped.diagonal().add_(scale * mean - added)
         added = scale * mean
-        lower, info = torch.linalg.cholesky_ex(torch.flip(h, (0, 1)))
+        lower, info = torch.linalg.cholesky_ex(flipped)
         if int(info) == 0:
-            eye = torch.eye(h.shape[0], dtype=h.dtype)
-            inverse = torch.linalg.solve_triangular(lower, eye, upper=False)
-            del lower, eye
+            inverse = torch.eye(flipped.shape[0], dtype=flipped.dtype)
+            torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
+            del lower
             if bool(torch.isfinite(inverse.diagonal()).all()):
                 return torch.flip(inverse, (0, 1))
     raise ValueError("GPTQ: the calibration Hessian is not positive definite even with heavy damping")
@@ -136,6 +138,7 @@ def factorize(hessian: np.ndarray | torch.Tensor, settings: GPTQSettings | None 
     settings = settings or GPTQSettings()
     h = torch.as_tensor(np.asarray(hessian, dtype=np.float32) if isinstance(hessian, np.ndarray) else hessian)
     h = h.to(torch.float32)
+    del hessian  # the permuted copy below is then the only [K, K] matrix held
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise ValueError(f"a Hessian must be square, got {tuple(h.shape)}")
     diag = torch.diag(h).clone()
@@ -143,8 +146,8 @@ def factorize(hessian: np.ndarray | torch.Tensor, settings: GPTQSettings | None 
     h[dead, dead] = 1.0
     k = h.shape[0]
     perm = torch.argsort(diag, descending=True, stable=True) if settings.act_order else torch.arange(k)
-    if settings.act_order:
-        h = h[perm[:, None], perm[None, :]]
+    reverse = perm.flip(0)
+    h = h[reverse[:, None], reverse[None, :]]  # J H[perm][:, perm] J in one copy (see _inverse_factor)
     upper = _inverse_factor(h, settings.damp)
     return Factor(perm, upper, diag.clamp_min(0).numpy(), dead)
 
