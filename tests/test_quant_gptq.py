@@ -105,7 +105,7 @@ def test_hessian_accumulator() -> None:
 
 
 def _export(checkpoint: Path, out: Path, algorithm: QuantAlgorithm, target: str = "onnxruntime") -> Path:
-    options = export_options(checkpoint, target=target, weights="int4", algorithm=algorithm.value)
+    options = export_options(checkpoint, target=target, weights="int4", algorithm=algorithm.value, int8="none")
     run_export(checkpoint, out, options)
     return out
 
