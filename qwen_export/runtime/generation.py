@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from qwen_export.errors import ContextLengthError, GenerationError, OptionError
+from qwen_export.runtime.sampling import decodable_columns, pick_token, process_logits, sample_token
 from qwen_export.targets.base import Engine
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from qwen_export.runtime.structured import Constraint
 
 __all__ = [
+    "Decoding",
     "FinishReason",
     "GenerationConfig",
     "GenerationEvent",
@@ -36,6 +38,7 @@ __all__ = [
     "GenerationTimings",
     "Generator",
     "TextDecoder",
+    "pick_token",
     "process_logits",
     "sample_token",
 ]
@@ -159,85 +162,6 @@ class GenerationEvent:
     result: GenerationResult | None = None
 
 
-# -- sampling ---------------------------------------------------------------------------------------
-
-
-def process_logits(
-    logits: np.ndarray, config: GenerationConfig, context_ids: Sequence[int], allowed: np.ndarray | None = None
-) -> np.ndarray:
-    """Apply repetition penalty, temperature, top-k, top-p and min-p to a 1-D logits vector.
-
-    ``allowed`` (bool, same width; from a structured-output constraint) sets every other token to
-    -inf right after the repetition penalty, so greedy, top-k/top-p/min-p and sampling all pick
-    among allowed tokens only. Returns float64 scores with removed tokens set to -inf (a copy;
-    ``logits`` is untouched).
-    """
-    scores = np.array(logits, dtype=np.float64, copy=True)
-    scores[np.isnan(scores)] = -np.inf
-    if config.repetition_penalty != 1.0 and len(context_ids):
-        ids = np.unique(np.asarray(context_ids, dtype=np.int64))
-        ids = ids[(ids >= 0) & (ids < scores.shape[0])]
-        picked = scores[ids]
-        scores[ids] = np.where(picked < 0, picked * config.repetition_penalty, picked / config.repetition_penalty)
-    if allowed is not None:
-        scores[~allowed] = -np.inf
-    if config.greedy:
-        return scores
-    scores = _scale(scores, float(config.temperature))
-    if config.top_k > 0 and config.top_k < scores.shape[0]:
-        kth = np.partition(scores, -config.top_k)[-config.top_k]
-        scores[scores < kth] = -np.inf  # ties with the k-th score are kept, as transformers
-    if config.top_p < 1.0:
-        order = np.argsort(scores, kind="stable")  # ascending, as transformers' TopPLogitsWarper
-        probs = _softmax(scores[order])
-        remove = np.cumsum(probs) <= 1 - config.top_p
-        remove[-1] = False  # keep at least the most likely token
-        scores[order[remove]] = -np.inf
-    if config.min_p > 0.0:
-        probs = _softmax(scores)
-        scores[probs < config.min_p * probs.max()] = -np.inf
-    return scores
-
-
-def _scale(scores: np.ndarray, temperature: float) -> np.ndarray:
-    """``scores / temperature``; when a tiny temperature overflows that, the scores are shifted by
-    their maximum first (the same distribution: the best tokens stay finite, the rest become -inf)."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        scaled = scores / temperature
-        if np.isposinf(scaled).any() or np.isnan(scaled).any():
-            finite = np.isfinite(scores)
-            if finite.any():
-                scaled = (scores - scores[finite].max()) / temperature
-                scaled[np.isnan(scaled)] = -np.inf
-    return scaled
-
-
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    shifted = np.exp(scores - scores.max())
-    return shifted / shifted.sum()
-
-
-def sample_token(
-    logits: np.ndarray,
-    config: GenerationConfig,
-    context_ids: Sequence[int],
-    rng: np.random.Generator,
-    allowed: np.ndarray | None = None,
-) -> int:
-    """Pick the next token id from a 1-D logits vector (argmax when ``temperature == 0``), among
-    the ``allowed`` tokens when given."""
-    scores = process_logits(logits, config, context_ids, allowed)
-    if not np.isfinite(scores).any():
-        if allowed is not None and not allowed.any():
-            raise GenerationError("the response_format grammar allows no token here")
-        raise GenerationError("the engine returned logits with no finite value (NaN/inf); the artifact is broken")
-    if config.greedy:
-        return int(np.argmax(scores))
-    probs = _softmax(scores)
-    cdf = np.cumsum(probs)
-    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
-
-
 # -- streaming text -----------------------------------------------------------------------------
 
 
@@ -310,6 +234,95 @@ class _IncrementalText:
 PREFILL_CHUNK = 256
 
 
+class Decoding:
+    """One generation past the engine: the sampled ids, their text (stop strings held back), the
+    constraint's progress, and when and why it ends. :class:`Generator` and the batching scheduler
+    (:mod:`qwen_export.runtime.batching`) feed it one sampled token at a time."""
+
+    def __init__(
+        self,
+        tokenizer: TextDecoder,
+        prompt: list[int],
+        config: GenerationConfig,
+        constraint: Constraint | None,
+        max_context: int,
+        start: float,
+    ) -> None:
+        self.prompt, self.config, self.constraint, self.max_context = prompt, config, constraint, max_context
+        self.start = start
+        self.stop_ids = set(config.stop_token_ids)
+        if tokenizer.eos_token_id is not None:
+            self.stop_ids.add(tokenizer.eos_token_id)
+        self.text = _IncrementalText(tokenizer, config.stop_strings, config.skip_special_tokens)
+        self.generated: list[int] = []
+        self.pieces: list[str] = []
+        self.first_token_at: float | None = None
+        self.prefill_s = 0.0
+        self.reused = 0
+        self.finished = False
+
+    def prefilled(self, reused: int) -> None:
+        """The prompt is in the cache (``reused`` of its tokens were already there)."""
+        self.prefill_s, self.reused = time.perf_counter() - self.start, reused
+
+    @property
+    def left(self) -> int:
+        """Tokens this generation may still sample (its limit or the context, whichever is nearer)."""
+        return min(self.config.max_new_tokens, self.max_context - len(self.prompt)) - len(self.generated)
+
+    def accept(self, token: int, speculation: SpeculationStats | None = None) -> list[GenerationEvent]:
+        """Take the next sampled ``token``: its event (two when it completes a constrained document:
+        the eos follows), the last one with the result once the generation has ended."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        constraint, out = self.constraint, []
+        self.generated.append(token)
+        reason: FinishReason | None = None
+        piece = ""
+        if token in self.stop_ids:
+            reason = FinishReason.STOP_TOKEN
+        else:
+            if constraint is not None:
+                constraint.advance(token)
+            piece = self.text.push(token)
+            if self.text.stop_at is not None:
+                reason = FinishReason.STOP_STRING
+            elif constraint is not None and constraint.done:
+                # the document is complete: only eos may follow, so end with it now
+                self.pieces.append(piece)
+                out.append(GenerationEvent(token, piece))
+                token = constraint.eos_token_id
+                self.generated.append(token)
+                reason, piece = FinishReason.STOP_TOKEN, ""
+            elif len(self.generated) >= self.config.max_new_tokens:
+                reason = FinishReason.LENGTH
+            elif len(self.prompt) + len(self.generated) >= self.max_context:
+                reason = FinishReason.CONTEXT
+        if reason is None:
+            self.pieces.append(piece)
+            return [*out, GenerationEvent(token, piece)]
+        piece += self.text.finish()
+        self.pieces.append(piece)
+        self.finished = True
+        return [*out, GenerationEvent(token, piece, reason, self._result(reason, speculation))]
+
+    def _result(self, reason: FinishReason, speculation: SpeculationStats | None) -> GenerationResult:
+        end = time.perf_counter()
+        assert self.first_token_at is not None
+        constraint = self.constraint
+        return GenerationResult(
+            text="".join(self.pieces),
+            token_ids=tuple(self.generated),
+            finish_reason=reason,
+            prompt_tokens=len(self.prompt),
+            completion_tokens=len(self.generated),
+            reused_tokens=self.reused,
+            timings=GenerationTimings(self.first_token_at - self.start, self.prefill_s, end - self.first_token_at),
+            speculation=speculation,
+            complete=constraint is None or (reason is not FinishReason.STOP_STRING and constraint.accepting),
+        )
+
+
 class Generator:
     """Generate from one engine (batch 1), reusing the cached prompt prefix across calls."""
 
@@ -325,15 +338,7 @@ class Generator:
         """Which of ``width`` logit columns are token ids the tokenizer knows (the embedding is often
         padded past the vocabulary): never sampled otherwise. None when the tokenizer cannot say."""
         if self._decodable is None or self._decodable.shape[0] != width:
-            size = getattr(self.tokenizer, "vocab_size", None)
-            if not isinstance(size, int):
-                return None
-            mask = np.arange(width) < size
-            id_to_token = getattr(self.tokenizer, "id_to_token", None)
-            if id_to_token is not None:  # added tokens past the counted size, if any
-                for i in range(min(size, width), width):
-                    mask[i] = id_to_token(i) is not None
-            self._decodable = mask
+            self._decodable = decodable_columns(self.tokenizer, width)
         return self._decodable
 
     def reset(self) -> None:
@@ -440,88 +445,30 @@ class Generator:
         constraint: Constraint | None,
         left: int,
     ) -> int:
-        """The next token: sampled among the allowed ones or, once a constrained document needs about
-        every token ``left`` to close, the next token of its closing path."""
-        allowed = self.decodable(logits.shape[-1])
-        if constraint is not None:
-            closing = constraint.closing_token(left)
-            if closing is not None:
-                return closing
-            grammar = constraint.allowed(logits.shape[-1])
-            allowed = grammar if allowed is None else grammar & allowed
-        return sample_token(logits, config, context, rng, allowed)
+        decodable = self.decodable(logits.shape[-1])
+        return pick_token(logits, config, context, rng, constraint, left, decodable)
 
     def _run(
         self, prompt: list[int], config: GenerationConfig, constraint: Constraint | None = None
     ) -> Iterator[GenerationEvent]:
         start = time.perf_counter()
-        caps = self.engine.capabilities
-        stop_ids = set(config.stop_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            stop_ids.add(self.tokenizer.eos_token_id)
-        rng = np.random.default_rng(config.seed)
-
         reused = self._prepare_cache(prompt)
         logits = self._prefill(prompt[reused:])
-        prefill_s = time.perf_counter() - start
-        first_token_at: float | None = None
-
-        text = _IncrementalText(self.tokenizer, config.stop_strings, config.skip_special_tokens)
-        generated: list[int] = []
-        pieces: list[str] = []
+        decoding = Decoding(self.tokenizer, prompt, config, constraint, self.engine.capabilities.max_context, start)
+        decoding.prefilled(reused)
+        rng = np.random.default_rng(config.seed)
         speculate = self.speculator is not None and constraint is None
         if speculate:
             assert self.speculator is not None
-            tokens = self.speculator.tokens(self, prompt, generated, logits, config, rng)
+            tokens = self.speculator.tokens(self, prompt, decoding.generated, logits, config, rng)
         else:
-            tokens = self._plain_tokens(prompt, generated, logits, config, rng, constraint)
+            tokens = self._plain_tokens(prompt, decoding.generated, logits, config, rng, constraint)
         while True:
-            token = next(tokens)
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-            generated.append(token)
-            reason: FinishReason | None = None
-            if token in stop_ids:
-                reason = FinishReason.STOP_TOKEN
-                piece = ""
-            else:
-                if constraint is not None:
-                    constraint.advance(token)
-                piece = text.push(token)
-                if text.stop_at is not None:
-                    reason = FinishReason.STOP_STRING
-                elif constraint is not None and constraint.done:
-                    # the document is complete: only eos may follow, so end with it now
-                    pieces.append(piece)
-                    yield GenerationEvent(token, piece)
-                    token = constraint.eos_token_id
-                    generated.append(token)
-                    reason = FinishReason.STOP_TOKEN
-                    piece = ""
-                elif len(generated) >= config.max_new_tokens:
-                    reason = FinishReason.LENGTH
-                elif len(prompt) + len(generated) >= caps.max_context:
-                    reason = FinishReason.CONTEXT
-            if reason is None:
-                pieces.append(piece)
-                yield GenerationEvent(token, piece)
-                continue
-            piece += text.finish()
-            pieces.append(piece)
-            end = time.perf_counter()
-            result = GenerationResult(
-                text="".join(pieces),
-                token_ids=tuple(generated),
-                finish_reason=reason,
-                prompt_tokens=len(prompt),
-                completion_tokens=len(generated),
-                reused_tokens=reused,
-                timings=GenerationTimings(first_token_at - start, prefill_s, end - first_token_at),
-                speculation=self.speculator.stats if speculate and self.speculator is not None else None,
-                complete=constraint is None or (reason is not FinishReason.STOP_STRING and constraint.accepting),
-            )
-            yield GenerationEvent(token, piece, reason, result)
-            return
+            token = next(tokens)  # the speculator's stats of this generation exist from here
+            stats = self.speculator.stats if speculate and self.speculator is not None else None
+            yield from decoding.accept(token, stats)
+            if decoding.finished:
+                return
 
     def _plain_tokens(
         self,
