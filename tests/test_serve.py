@@ -404,6 +404,48 @@ def test_official_openai_client(llm) -> None:
             openai.OpenAI(base_url=client.base_url, api_key="nope", max_retries=0).models.list()
 
 
+def test_real_server_batches_concurrent_requests(llm) -> None:
+    """``max_batch=4``: concurrent clients (the official ``openai`` client) decode together and get
+    the replies they get alone; a client that hangs up frees its row; the server ends idle."""
+    import openai
+
+    asks = [[{"role": "user", "content": f"Question {i}: " + "why? " * (3 * i)}] for i in range(5)]
+    want = [llm.chat(messages, max_tokens=12, temperature=0).text for messages in asks]
+    got: list[Any] = [None] * len(asks)
+    with real_server(create_app(llm, model_name=MODEL, max_batch=4)) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        start = threading.Barrier(len(asks) + 1)
+
+        def ask(i: int) -> None:
+            start.wait()
+            reply = client.chat.completions.create(model=MODEL, messages=asks[i], max_tokens=12, temperature=0)
+            got[i] = reply.choices[0].message.content
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+        for thread in threads:
+            thread.start()
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        body = json.dumps({"prompt": "Once upon a time", "max_tokens": 200, "stream": True})
+        start.wait()
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")
+        conn.sock.shutdown(socket.SHUT_RDWR)  # abandoned while the others run
+        conn.close()
+        for thread in threads:
+            thread.join(60)
+        assert got == want
+        batched = llm.batched(4)
+        assert batched.scheduler.steps < 5 * 12  # decoded together: fewer steps than tokens
+        deadline = time.monotonic() + 5
+        while batched.scheduler.load != (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert batched.scheduler.load == (0, 0) and not batched.scheduler.rows.table.taken.any()
+    assert batched.closed  # the server's shutdown stopped the scheduler
+
+
 def test_real_server_cancels_on_disconnect(llm) -> None:
     """uvicorn on a free loopback port: a client that hangs up, streamed or not, frees the worker."""
     import http.client

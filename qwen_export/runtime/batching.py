@@ -66,6 +66,9 @@ class BatchStream:
 
     def __next__(self) -> str:
         while not self._ended:
+            if self._cancel.is_set():  # what was generated meanwhile is dropped, as TextStream does
+                self._ended, self.cancelled = True, True
+                break
             item = self._events.get()
             if item is _CANCELLED:
                 self._ended, self.cancelled = True, True
@@ -168,6 +171,10 @@ class Scheduler:
         """(waiting, running) sequences."""
         with self._cond:
             return len(self._waiting), len(self._running)
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
 
     def wake(self) -> None:
         with self._cond:
@@ -340,6 +347,10 @@ class BatchedLLM:
             raise GenerationError("the generation was cancelled")
         return stream.result
 
+    @property
+    def closed(self) -> bool:
+        return self.scheduler.closed
+
     def close(self) -> None:
-        """Cancel every request and stop the scheduler thread."""
+        """Cancel every request and stop the scheduler thread (``llm.batched()`` then builds a new one)."""
         self.scheduler.close()

@@ -332,11 +332,12 @@ class LLM:
         ``chat_stream`` / ``stream`` / ``chat`` / ``generate`` from any number of threads at once; up
         to ``max_batch`` sequences decode together, the others wait their turn. Built on the first
         call (its own KV memory; OptionError for an engine that cannot batch), then the same object
-        (a later call with another ``max_batch`` is refused). No prefix cache, no speculation."""
+        until it is closed (a call with another ``max_batch`` meanwhile is refused). No prefix
+        cache, no speculation."""
         from qwen_export.runtime.batching import DEFAULT_PREFILL_TOKENS, BatchedLLM
 
         with self._batch_lock:
-            if self._batched is None:
+            if self._batched is None or self._batched.closed:
                 self._batched = BatchedLLM(self, max_batch, prefill_tokens or DEFAULT_PREFILL_TOKENS)
             elif self._batched.max_batch != max_batch:
                 raise OptionError(f"this LLM already batches {self._batched.max_batch} sequences, not {max_batch}")
