@@ -169,3 +169,20 @@ def test_long_prompt_does_not_stall_the_others_and_cancel_frees_the_row(artifact
     batched.close()
     with pytest.raises(GenerationError, match="closed"):
         batched.stream("Hi", max_tokens=2)
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_rows_share_a_common_prompt_prefix(artifacts, name) -> None:
+    """Requests arriving together with the same long system prompt: the later ones copy its KV from
+    the first row (reported as reused tokens) and still give what they give alone."""
+    llm = qwen_export.load(artifacts[name])
+    system = "You are a careful assistant who answers in one short sentence. " * 3
+    prompts = [system + ending for ending in ("Why is the sky blue?", "Name a prime.", "Hi")]
+    want = [llm.generate(prompt, max_tokens=8, temperature=0) for prompt in prompts]
+    batched = llm.batched(4, prefill_tokens=16)
+    streams = [batched.stream(prompt, max_tokens=8, temperature=0) for prompt in prompts]
+    assert ["".join(stream) for stream in streams] == want
+    reused = [stream.result.reused_tokens for stream in streams]
+    shared = len(llm.tokenizer.encode(system)) - 2  # the prefix's last token may merge with what follows
+    assert reused[0] == 0 and all(r >= shared for r in reused[1:]), reused
+    batched.close()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
+import os
 import socket
 import threading
 import time
@@ -491,66 +493,88 @@ def test_real_server_cancels_on_disconnect(llm) -> None:
         conn.close()
 
 
-def test_real_server_under_concurrent_and_bad_traffic(llm) -> None:
-    """Valid requests from 4 clients at once, while another sends bad JSON, an oversized body, a
-    10,000-token prompt and streams it abandons: every valid reply is right, every bad one a clean
-    error, and the server ends idle and healthy."""
+def _post(port: int, path: str, payload: bytes) -> tuple[int, bytes]:
     import http.client
 
-    def post(port: int, path: str, payload: bytes) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        conn.request("POST", path, payload, {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        data = response.read()
-        conn.close()
-        return response.status, data
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", path, payload, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, data
 
-    valid = json.dumps({"model": MODEL, "messages": ASK, "max_tokens": 8, "temperature": 0}).encode()
-    want = llm.chat(ASK, max_tokens=8, temperature=0).text
+
+def _traffic_round(port: int, valid: bytes) -> tuple[list[Any], list[int]]:
+    """4 clients sending 2 valid requests each while another sends bad JSON, an oversized body, a
+    10,000-token prompt and streams it abandons after their first event."""
+    import http.client
+
     replies: list[Any] = []
     bad: list[int] = []
-    with real_server(create_app(llm, model_name=MODEL, max_queue=8)) as port:
 
-        def good_client() -> None:
-            for _ in range(2):
-                status, data = post(port, "/v1/chat/completions", valid)
-                replies.append(
-                    (status, json.loads(data)["choices"][0]["message"]["content"] if status == 200 else data)
-                )
+    def good_client() -> None:
+        for _ in range(2):
+            status, data = _post(port, "/v1/chat/completions", valid)
+            replies.append((status, json.loads(data)["choices"][0]["message"]["content"] if status == 200 else data))
 
-        def bad_client() -> None:
-            bad.append(post(port, "/v1/chat/completions", b'{"messages": [')[0])
-            bad.append(post(port, "/v1/completions", b"x" * (9 << 20))[0])
-            huge = json.dumps({"messages": [{"role": "user", "content": "hello " * 10_000}]}).encode()
-            bad.append(post(port, "/v1/chat/completions", huge)[0])
-            for _ in range(2):  # a stream abandoned after its first event
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                body = json.dumps({"prompt": "Once upon a time", "max_tokens": 100, "stream": True})
-                conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-                response = conn.getresponse()
-                bad.append(response.status)
-                response.readline()
-                conn.sock.shutdown(socket.SHUT_RDWR)
-                conn.close()
+    def bad_client() -> None:
+        bad.append(_post(port, "/v1/chat/completions", b'{"messages": [')[0])
+        bad.append(_post(port, "/v1/completions", b"x" * (9 << 20))[0])
+        huge = json.dumps({"messages": [{"role": "user", "content": "hello " * 10_000}]}).encode()
+        bad.append(_post(port, "/v1/chat/completions", huge)[0])
+        for _ in range(2):  # a stream abandoned after its first event
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            body = json.dumps({"prompt": "Once upon a time", "max_tokens": 100, "stream": True})
+            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            bad.append(response.status)
+            response.readline()
+            conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
 
-        threads = [threading.Thread(target=good_client) for _ in range(4)] + [threading.Thread(target=bad_client)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-        assert replies == [(200, want)] * 8
-        assert bad == [400, 413, 400, 200, 200]
+    threads = [threading.Thread(target=good_client) for _ in range(4)] + [threading.Thread(target=bad_client)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return replies, bad
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_real_server_under_concurrent_and_bad_traffic(llm, max_batch) -> None:
+    """Valid requests from 4 clients at once, while another sends bad JSON, an oversized body, a
+    10,000-token prompt and streams it abandons: every valid reply is right, every bad one a clean
+    error, the server ends idle and healthy, and three rounds leave the memory where the first did
+    (one at a time, and batched)."""
+    valid = json.dumps({"model": MODEL, "messages": ASK, "max_tokens": 8, "temperature": 0}).encode()
+    want = llm.chat(ASK, max_tokens=8, temperature=0).text
+    with real_server(create_app(llm, model_name=MODEL, max_queue=8, max_batch=max_batch)) as port:
 
         def idle() -> bool:  # the abandoned streams' cancellation may still be on its way
+            import http.client
+
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             conn.request("GET", "/metrics")
-            metrics = conn.getresponse().read().decode()
+            text = conn.getresponse().read().decode()
             conn.close()
-            return "qwen_export_queue_depth 0\n" in metrics and "qwen_export_running_requests 0\n" in metrics
+            return "qwen_export_queue_depth 0\n" in text and "qwen_export_running_requests 0\n" in text
 
-        deadline = time.monotonic() + 5
-        while not idle() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert idle()
-        status, data = post(port, "/v1/chat/completions", valid)
+        rss = []
+        for _ in range(3):
+            replies, bad = _traffic_round(port, valid)
+            assert replies == [(200, want)] * 8
+            assert bad == [400, 413, 400, 200, 200]
+            deadline = time.monotonic() + 5
+            while not idle() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert idle()
+            gc.collect()
+            rss.append(_rss_bytes())
+        assert rss[2] - rss[0] < 48 << 20, [r >> 20 for r in rss]  # MiB: no growth per round
+        status, data = _post(port, "/v1/chat/completions", valid)
         assert status == 200 and json.loads(data)["choices"][0]["message"]["content"] == want

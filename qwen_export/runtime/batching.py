@@ -13,8 +13,13 @@ engine (``engine.open_rows``). Between two engine steps it
   generation (:class:`~qwen_export.runtime.generation.Decoding`, :func:`pick_token`).
 
 Each row sits at its own positions (0 .. its length - 1, no padding), so greedy output is what the
-sequence gives alone, up to the engine's batch-size rounding (tests/test_batching.py). There is no
-prefix cache across requests and no speculative decoding here (each request reads its whole prompt).
+sequence gives alone, up to the engine's batch-size rounding (tests/test_batching.py).
+
+Prefix sharing: a new sequence whose prompt starts with at least ``MIN_SHARED_PREFIX`` tokens of a
+running row's prompt (the same system prompt, the same conversation) gets a copy of that row's KV
+for them (``RowBatch.copy_prefix``) instead of reading them, waiting a step if that row is still
+reading them; they count as its reused (``cached``) tokens. Nothing is kept once the rows are gone
+(no prefix cache across idle periods), and there is no speculative decoding here.
 
 Consumers read a :class:`BatchStream` (the same surface as ``TextStream``): ``cancel()`` from any
 thread frees the row before the next step.
@@ -46,6 +51,8 @@ __all__ = ["DEFAULT_PREFILL_TOKENS", "BatchStream", "BatchedLLM", "Scheduler"]
 
 #: prompt tokens read per scheduler step, over all the rows reading one
 DEFAULT_PREFILL_TOKENS = 256
+#: shortest prompt prefix a new row copies from a running row instead of reading it
+MIN_SHARED_PREFIX = 8
 _CANCELLED = object()
 
 
@@ -109,6 +116,7 @@ class _Sequence:
     stream: BatchStream
     row: int | None = None
     read: int = 0  # prompt tokens in the row
+    shared: int = 0  # of which copied from another row (a shared prefix)
 
     @property
     def reading(self) -> bool:
@@ -230,15 +238,37 @@ class Scheduler:
 
     def _feeds(self) -> list[tuple[_Sequence, RowFeed]]:
         feeds, budget = [], self.prefill_tokens
-        for sequence in self._running:
+        for i, sequence in enumerate(self._running):
             assert sequence.row is not None
             if not sequence.reading:
                 feeds.append((sequence, RowFeed(sequence.row, np.array(sequence.decoding.generated[-1:]))))
+            elif sequence.read == 0 and not self._share(sequence, self._running[:i]):
+                continue  # an earlier row is reading the prefix this one shares: wait for it
             elif budget > 0:
                 piece = sequence.prompt[sequence.read : sequence.read + budget]
                 budget -= len(piece)
                 feeds.append((sequence, RowFeed(sequence.row, np.array(piece))))
         return feeds
+
+    def _share(self, sequence: _Sequence, earlier: list[_Sequence]) -> bool:
+        """Start ``sequence`` (nothing read yet) with a copy of the longest prompt prefix (at least
+        MIN_SHARED_PREFIX tokens, never the whole prompt) it shares with an earlier row, once that
+        row has read it; False when it should wait for that row to read it."""
+        best, donor = 0, None
+        for other in earlier:
+            limit = min(len(other.prompt), len(sequence.prompt) - 1)
+            same = np.flatnonzero(np.asarray(other.prompt[:limit]) != np.asarray(sequence.prompt[:limit]))
+            common = int(same[0]) if same.size else limit
+            if common > best:
+                best, donor = common, other
+        if donor is None or best < MIN_SHARED_PREFIX:
+            return True
+        if donor.read < best:
+            return False
+        assert donor.row is not None and sequence.row is not None
+        self.rows.copy_prefix(donor.row, sequence.row, best)
+        sequence.read = sequence.shared = best
+        return True
 
     def _step(self) -> None:
         feeds = self._feeds()
@@ -255,7 +285,7 @@ class Scheduler:
                 sequence.read += feed.ids.size
                 if sequence.reading:
                     continue
-                sequence.decoding.prefilled(0)
+                sequence.decoding.prefilled(sequence.shared)
             self._sample(sequence, row_logits)
 
     def _sample(self, sequence: _Sequence, logits: np.ndarray) -> None:

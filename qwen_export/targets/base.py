@@ -221,6 +221,11 @@ class RowBatch(Protocol):
         the logits of each feed's last token, in order."""
         ...
 
+    def copy_prefix(self, source: int, target: int, tokens: int) -> None:
+        """Start the empty row ``target`` with a copy of the first ``tokens`` cached tokens of row
+        ``source`` (a prompt prefix they share: it is not computed again)."""
+        ...
+
 
 def open_rows(engine: Engine, max_rows: int) -> RowBatch:
     """``engine.open_rows(max_rows)``, or OptionError (one line) for an engine that cannot batch."""
@@ -255,6 +260,15 @@ class RowTable:
     def tokens(self, row: int) -> int:
         self._check_row(row)
         return int(self.lengths[row])
+
+    def check_copy(self, source: int, target: int, tokens: int) -> None:
+        """A valid ``copy_prefix``: two taken rows, ``target`` empty, ``source`` holding ``tokens``."""
+        self._check_row(source)
+        self._check_row(target)
+        if source == target or self.lengths[target] != 0:
+            raise GenerationError(f"row {target} must be another, empty row to copy a prefix into")
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 < tokens <= self.lengths[source]:
+            raise GenerationError(f"cannot copy {tokens!r} tokens of row {source}, which holds {self.lengths[source]}")
 
     def span(self) -> int:
         """1 + the highest taken row (0 when none is)."""

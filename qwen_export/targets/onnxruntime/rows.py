@@ -100,6 +100,12 @@ class OrtRows:
     def row_tokens(self, row: int) -> int:
         return self.table.tokens(row)
 
+    def copy_prefix(self, source: int, target: int, tokens: int) -> None:
+        self.table.check_copy(source, target, tokens)
+        for buffer in self._buffers:
+            buffer[target, :, :tokens] = buffer[source, :, :tokens]
+        self.table.lengths[target] = tokens
+
     @property
     def kv_bytes(self) -> int:
         return sum(b.nbytes for b in self._buffers)

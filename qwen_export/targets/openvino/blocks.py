@@ -44,6 +44,20 @@ class BlockPool:
         del blocks[needed:]
         self.lens[seq] = tokens
 
+    def copy_prefix(self, source: int, target: int, tokens: int) -> None:
+        """Give the empty sequence ``target`` copies of the blocks holding ``source``'s first
+        ``tokens`` (whole blocks: the rest of the last one is overwritten as ``target`` grows)."""
+        ov = _ov()
+        needed = -(-tokens // self.block_size)
+        self._reserve(np.array([target]), np.array([needed]))
+        for name, (_, block_shape) in self.layouts.items():
+            tensor = self.request.get_tensor(name)
+            zeros = [0] * len(block_shape)
+            for src, dst in zip(self.blocks[source][:needed], self.blocks[target], strict=False):
+                piece = ov.Tensor(tensor, [src, *zeros], [src + 1, *block_shape])
+                piece.copy_to(ov.Tensor(tensor, [dst, *zeros], [dst + 1, *block_shape]))
+        self.lens[target] = tokens
+
     @property
     def kv_bytes(self) -> int:
         return sum(int(self.request.get_tensor(name).byte_size) for name in self.layouts) if self.capacity else 0

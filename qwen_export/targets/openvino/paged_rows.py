@@ -38,6 +38,11 @@ class PagedRows:
     def row_tokens(self, row: int) -> int:
         return self.table.tokens(row)
 
+    def copy_prefix(self, source: int, target: int, tokens: int) -> None:
+        self.table.check_copy(source, target, tokens)
+        self.pool.copy_prefix(source, target, tokens)
+        self.table.lengths[target] = tokens
+
     @property
     def kv_bytes(self) -> int:
         return self.pool.kv_bytes
