@@ -157,7 +157,11 @@ def test_bad_requests_are_openai_errors(client, llm) -> None:
     assert_error(long_prompt, 400, "prompt", "context_length_exceeded")
     assert "temperature" in assert_error(chat(client, temperature=-1), 400)
     assert_error(chat(client, max_tokens=4, max_completion_tokens=4), 400)
-    assert "logprobs" in assert_error(chat(client, logprobs=True), 400, "logprobs")
+    assert "logprobs" in assert_error(chat(client, logprobs="yes"), 400, "logprobs")
+    assert "needs logprobs" in assert_error(chat(client, top_logprobs=2), 400, "top_logprobs")
+    assert "0..20" in assert_error(chat(client, logprobs=True, top_logprobs=21), 400, "top_logprobs")
+    body = {"model": MODEL, "prompt": "Hi", "logprobs": 2}
+    assert "logprobs" in assert_error(client.post("/v1/completions", json=body), 400, "logprobs")
     assert "frobnicate" in assert_error(chat(client, frobnicate=1), 400, "frobnicate")
     assert "image_url" in assert_error(
         chat(client, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400
@@ -446,6 +450,34 @@ def test_real_server_batches_concurrent_requests(llm) -> None:
             time.sleep(0.05)
         assert batched.scheduler.load == (0, 0) and not batched.scheduler.rows.table.taken.any()
     assert batched.closed  # the server's shutdown stopped the scheduler
+
+
+@pytest.mark.parametrize("max_batch", [1, 2])
+def test_logprobs_through_the_openai_client(llm, max_batch) -> None:
+    """``logprobs`` / ``top_logprobs``: the library's figures, plain and streamed (one at a time and
+    batched): each sampled token with its log-probability under the model and the likeliest
+    alternatives, best first (greedy: the token is the first of them)."""
+    import openai
+
+    want = llm.chat(ASK, max_tokens=5, temperature=0, logprobs=3).logprobs
+    assert len(want) == 5 and all(len(item.top) == 3 and item.top[0][0] == item.token_id for item in want)
+    with real_server(create_app(llm, model_name=MODEL, max_batch=max_batch)) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        ask = {"model": MODEL, "messages": ASK, "max_tokens": 5, "temperature": 0, "logprobs": True}
+        reply = client.chat.completions.create(**ask, top_logprobs=3)
+        content = reply.choices[0].logprobs.content
+        assert [(c.token, c.bytes) for c in content] == [(w.token, list(w.token.encode())) for w in want]
+        for got, expected in zip(content, want, strict=True):
+            assert got.logprob == pytest.approx(expected.logprob, abs=1e-4) and got.logprob <= 0
+            assert [t.token for t in got.top_logprobs] == [text for _, text, _ in expected.top]
+            assert [t.logprob for t in got.top_logprobs] == sorted((t.logprob for t in got.top_logprobs), reverse=True)
+        streamed = [
+            c for c in client.chat.completions.create(**ask, stream=True) if c.choices and c.choices[0].logprobs
+        ]
+        tokens = [entry for chunk in streamed for entry in chunk.choices[0].logprobs.content]
+        assert [t.token for t in tokens] == [w.token for w in want] and all(t.top_logprobs == [] for t in tokens)
+        plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2)
+        assert plain.choices[0].logprobs is None
 
 
 def test_real_server_cancels_on_disconnect(llm) -> None:

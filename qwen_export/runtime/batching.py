@@ -67,6 +67,7 @@ class BatchStream:
         self._ended = False
         self.result: GenerationResult | None = None
         self.cancelled = False
+        self.logprobs: list[Any] = []  # TokenLogprob of each token consumed so far (GenerationConfig.logprobs)
 
     def __iter__(self) -> BatchStream:
         return self
@@ -85,6 +86,8 @@ class BatchStream:
                 raise item
             if item.result is not None:
                 self.result, self._ended = item.result, True
+            if item.logprob is not None:
+                self.logprobs.append(item.logprob)
             if item.text:
                 return str(item.text)
         raise StopIteration
@@ -237,15 +240,21 @@ class Scheduler:
             sequence.push(last)
 
     def _feeds(self) -> list[tuple[_Sequence, RowFeed]]:
+        """This step's feeds: every decoding row's last token; the reading rows' next prompt pieces,
+        the budget split evenly between them (equal pieces run as one batch on some engines)."""
         feeds, budget = [], self.prefill_tokens
+        ready = []
         for i, sequence in enumerate(self._running):
             assert sequence.row is not None
             if not sequence.reading:
                 feeds.append((sequence, RowFeed(sequence.row, np.array(sequence.decoding.generated[-1:]))))
-            elif sequence.read == 0 and not self._share(sequence, self._running[:i]):
-                continue  # an earlier row is reading the prefix this one shares: wait for it
-            elif budget > 0:
-                piece = sequence.prompt[sequence.read : sequence.read + budget]
+            elif sequence.read > 0 or self._share(sequence, self._running[:i]):
+                ready.append(sequence)  # else an earlier row is reading the prefix it shares: it waits
+        share = max(1, budget // max(1, len(ready)))
+        for sequence in ready:
+            assert sequence.row is not None
+            if budget > 0:
+                piece = sequence.prompt[sequence.read : sequence.read + min(budget, share)]
                 budget -= len(piece)
                 feeds.append((sequence, RowFeed(sequence.row, np.array(piece))))
         return feeds
@@ -300,7 +309,7 @@ class Scheduler:
                 decoding.left,
                 self._decodable_mask(logits.shape[-1]),
             )
-            events: list[GenerationEvent] = decoding.accept(token)
+            events: list[GenerationEvent] = decoding.accept(token, None, logits)
         except Exception as exc:  # noqa: BLE001 - e.g. a grammar with no allowed token: this request's error
             with self._cond:
                 self._end(sequence, exc)

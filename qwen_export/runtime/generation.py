@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from qwen_export.errors import ContextLengthError, GenerationError, OptionError
-from qwen_export.runtime.sampling import decodable_columns, pick_token, process_logits, sample_token
+from qwen_export.runtime.sampling import (
+    MAX_TOP_LOGPROBS,
+    TokenLogprob,
+    decodable_columns,
+    pick_token,
+    process_logits,
+    sample_token,
+    token_logprob,
+)
 from qwen_export.targets.base import Engine
 
 if TYPE_CHECKING:
@@ -82,6 +90,9 @@ class GenerationConfig:
     stop_token_ids: tuple[int, ...] = ()  # in addition to the tokenizer's eos token
     stop_strings: tuple[str, ...] = ()
     skip_special_tokens: bool = True  # leave special tokens out of the returned/streamed text
+    # None: off; k >= 0: each sampled token's log-probability and its k likeliest alternatives
+    # (GenerationEvent.logprob, GenerationResult.logprobs); not with speculative decoding
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Accept lists for the tuple fields (frozen: set through object.__setattr__).
@@ -112,6 +123,8 @@ class GenerationConfig:
             raise OptionError(f"seed must be None or an integer >= 0, got {self.seed!r}")
         if not isinstance(self.stop_token_ids, tuple) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise OptionError(f"stop_token_ids must be a tuple of integers >= 0, got {self.stop_token_ids!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise OptionError(f"logprobs must be None or 0..{MAX_TOP_LOGPROBS} alternatives, got {self.logprobs!r}")
         if not isinstance(self.stop_strings, tuple) or not all(isinstance(s, str) and s for s in self.stop_strings):
             raise OptionError(f"stop_strings must be a tuple of non-empty strings, got {self.stop_strings!r}")
 
@@ -142,6 +155,8 @@ class GenerationResult:
     # when it is only a prefix of one (cut by the limit, the context or a stop string).
     # Always True without a constraint.
     complete: bool = True
+    # with GenerationConfig.logprobs: one per sampled token, stop tokens left out
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -160,6 +175,7 @@ class GenerationEvent:
     text: str
     finish_reason: FinishReason | None = None
     result: GenerationResult | None = None
+    logprob: TokenLogprob | None = None  # with GenerationConfig.logprobs (None for a stop token)
 
 
 # -- streaming text -----------------------------------------------------------------------------
@@ -249,7 +265,8 @@ class Decoding:
         start: float,
     ) -> None:
         self.prompt, self.config, self.constraint, self.max_context = prompt, config, constraint, max_context
-        self.start = start
+        self.start, self.tokenizer = start, tokenizer
+        self.logprobs: list[TokenLogprob] = []
         self.stop_ids = set(config.stop_token_ids)
         if tokenizer.eos_token_id is not None:
             self.stop_ids.add(tokenizer.eos_token_id)
@@ -270,18 +287,24 @@ class Decoding:
         """Tokens this generation may still sample (its limit or the context, whichever is nearer)."""
         return min(self.config.max_new_tokens, self.max_context - len(self.prompt)) - len(self.generated)
 
-    def accept(self, token: int, speculation: SpeculationStats | None = None) -> list[GenerationEvent]:
-        """Take the next sampled ``token``: its event (two when it completes a constrained document:
-        the eos follows), the last one with the result once the generation has ended."""
+    def accept(
+        self, token: int, speculation: SpeculationStats | None = None, logits: np.ndarray | None = None
+    ) -> list[GenerationEvent]:
+        """Take the next sampled ``token`` (``logits``: those it was drawn from, for ``logprobs``):
+        its event (two when it completes a constrained document: the eos follows), the last one with
+        the result once the generation has ended."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         constraint, out = self.constraint, []
         self.generated.append(token)
         reason: FinishReason | None = None
-        piece = ""
+        piece, logprob = "", None
         if token in self.stop_ids:
             reason = FinishReason.STOP_TOKEN
         else:
+            if self.config.logprobs is not None and logits is not None:
+                logprob = token_logprob(logits, token, self.config.logprobs, self.tokenizer.decode)
+                self.logprobs.append(logprob)
             if constraint is not None:
                 constraint.advance(token)
             piece = self.text.push(token)
@@ -290,7 +313,8 @@ class Decoding:
             elif constraint is not None and constraint.done:
                 # the document is complete: only eos may follow, so end with it now
                 self.pieces.append(piece)
-                out.append(GenerationEvent(token, piece))
+                out.append(GenerationEvent(token, piece, logprob=logprob))
+                logprob = None
                 token = constraint.eos_token_id
                 self.generated.append(token)
                 reason, piece = FinishReason.STOP_TOKEN, ""
@@ -300,11 +324,11 @@ class Decoding:
                 reason = FinishReason.CONTEXT
         if reason is None:
             self.pieces.append(piece)
-            return [*out, GenerationEvent(token, piece)]
+            return [*out, GenerationEvent(token, piece, logprob=logprob)]
         piece += self.text.finish()
         self.pieces.append(piece)
         self.finished = True
-        return [*out, GenerationEvent(token, piece, reason, self._result(reason, speculation))]
+        return [*out, GenerationEvent(token, piece, reason, self._result(reason, speculation), logprob)]
 
     def _result(self, reason: FinishReason, speculation: SpeculationStats | None) -> GenerationResult:
         end = time.perf_counter()
@@ -320,6 +344,7 @@ class Decoding:
             timings=GenerationTimings(self.first_token_at - self.start, self.prefill_s, end - self.first_token_at),
             speculation=speculation,
             complete=constraint is None or (reason is not FinishReason.STOP_STRING and constraint.accepting),
+            logprobs=tuple(self.logprobs),
         )
 
 
@@ -434,6 +459,8 @@ class Generator:
                 f"prompt has {len(prompt)} tokens; the artifact's context is {caps.max_context}"
                 " (it must leave room for at least one new token)"
             )
+        if config.logprobs is not None and self.speculator is not None and constraint is None:
+            raise OptionError("logprobs are not reported with speculative decoding; load without speculate=")
         return self._run(prompt, config, constraint)
 
     def _pick(
@@ -466,7 +493,8 @@ class Generator:
         while True:
             token = next(tokens)  # the speculator's stats of this generation exist from here
             stats = self.speculator.stats if speculate and self.speculator is not None else None
-            yield from decoding.accept(token, stats)
+            # plain decoding: the last forward's last row is what the token was drawn from
+            yield from decoding.accept(token, stats, None if speculate else self._rows[-1])
             if decoding.finished:
                 return
 

@@ -48,6 +48,7 @@ from qwen_export.runtime.generation import (
 from qwen_export.runtime.loader import LoadedArtifact, RuntimeOptions, open_artifact
 from qwen_export.runtime.openai_shapes import ToolChoiceMode, generation_options, prepare_chat
 from qwen_export.runtime.reasoning import ChatDelta, ReasoningSplitter
+from qwen_export.runtime.sampling import TokenLogprob
 from qwen_export.runtime.speculative import Speculation, Speculator, make_speculator
 from qwen_export.spec import Target
 
@@ -74,6 +75,7 @@ class ChatResult:
     # False when a response_format document was cut off (finish_reason length/context/stop_string/
     # cancelled): ``text`` is then not valid JSON. True otherwise (and always without response_format).
     complete: bool = True
+    logprobs: tuple[TokenLogprob, ...] = ()  # with the logprobs option: one per generated token
 
     def message(self) -> dict[str, Any]:
         """The assistant message to append to the conversation for the next turn, in OpenAI's shape
@@ -120,6 +122,7 @@ class TextStream:
         self._finished = False
         self.result: GenerationResult | None = None
         self.cancelled = False
+        self.logprobs: list[TokenLogprob] = []  # of each token consumed so far (the logprobs option)
 
     def __iter__(self) -> TextStream:
         return self
@@ -147,6 +150,8 @@ class TextStream:
                 self._running = False
                 if event.result is not None:
                     self.result = event.result
+                if event.logprob is not None:
+                    self.logprobs.append(event.logprob)
                 if self._cancel.is_set():  # cancelled or closed while this step ran: end now
                     self._finish(cancelled=True)
             if event.text:
@@ -217,6 +222,11 @@ class ChatStream:
             self._pending += self._splitter.push(piece)
         return self._pending.pop(0)
 
+    @property
+    def logprobs(self) -> list[TokenLogprob]:
+        """:class:`TokenLogprob` of each token generated so far (the ``logprobs`` option)."""
+        return self._stream.logprobs
+
     def cancel(self) -> None:
         self._stream.cancel()
 
@@ -242,6 +252,7 @@ class ChatStream:
             raw_text=raw,
             reasoning=reasoning,
             complete=result.complete and not cancelled,
+            logprobs=result.logprobs,
         )
 
 

@@ -4,6 +4,7 @@ top-p, min-p), then a draw from numpy's ``default_rng(seed)``; shared by single-
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,45 @@ if TYPE_CHECKING:
     from qwen_export.runtime.generation import GenerationConfig
     from qwen_export.runtime.structured import Constraint
 
-__all__ = ["decodable_columns", "pick_token", "process_logits", "sample_token"]
+__all__ = [
+    "MAX_TOP_LOGPROBS",
+    "TokenLogprob",
+    "decodable_columns",
+    "pick_token",
+    "process_logits",
+    "sample_token",
+    "token_logprob",
+]
+
+#: the most alternatives ``logprobs`` reports per token (OpenAI's limit)
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model (log-softmax of the raw logits: before
+    temperature, top-k/p and constraints, as vLLM reports by default) and the likeliest
+    alternatives, best first, each (id, text, logprob)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int, decode: Any) -> TokenLogprob:
+    """``token``'s :class:`TokenLogprob` from a 1-D logits vector, with ``top`` alternatives;
+    ``decode(ids) -> str`` gives the tokens' text."""
+    scores = np.asarray(logits, np.float64)
+    finite = np.where(np.isfinite(scores), scores, -np.inf)
+    peak = finite.max()
+    logprobs = finite - (peak + np.log(np.exp(finite - peak).sum()))
+    best: tuple[tuple[int, str, float], ...] = ()
+    if top:
+        ids = np.argpartition(-logprobs, top - 1)[:top]
+        ids = ids[np.argsort(-logprobs[ids], kind="stable")]
+        best = tuple((int(i), decode([int(i)]), float(logprobs[i])) for i in ids)
+    return TokenLogprob(int(token), decode([int(token)]), float(logprobs[token]), best)
 
 
 def decodable_columns(tokenizer: Any, width: int) -> np.ndarray | None:

@@ -319,7 +319,7 @@ async def _sse(job: Job, events: asyncio.Queue[Event], chunks: Any) -> AsyncIter
         while True:
             event = await events.get()
             if event.kind is EventKind.PIECE:
-                for text in chunks.piece(event.value):
+                for text in chunks.piece(event.value, event.logprobs):
                     yield text
                 continue
             if event.kind is EventKind.ERROR:

@@ -37,6 +37,7 @@ class EventKind(enum.Enum):
 class Event:
     kind: EventKind
     value: Any = None
+    logprobs: tuple[Any, ...] = ()  # PIECE: TokenLogprob of the tokens generated since the last piece
 
 
 class Job:
@@ -66,9 +67,9 @@ class Job:
         if self.cancelled:  # cancelled while it was starting
             stream.cancel()
 
-    def emit(self, kind: EventKind, value: Any = None) -> None:
+    def emit(self, kind: EventKind, value: Any = None, logprobs: tuple[Any, ...] = ()) -> None:
         try:
-            self._sink(Event(kind, value))
+            self._sink(Event(kind, value, logprobs))
         except RuntimeError:  # the client's event loop is gone
             self.cancel()
 
@@ -159,9 +160,12 @@ class Worker:
         job.attach(stream)
         job.emit(EventKind.STARTED)
         started = time.perf_counter()
+        logprobs, sent = getattr(stream, "logprobs", []), 0  # it grows as the stream is consumed
         try:
             for piece in stream:
-                job.emit(EventKind.PIECE, piece)
+                seen = len(logprobs)
+                job.emit(EventKind.PIECE, piece, tuple(logprobs[sent:seen]))
+                sent = seen
         except Exception as exc:  # noqa: BLE001 - a failure mid-generation
             job.emit(EventKind.ERROR, exc)
             return

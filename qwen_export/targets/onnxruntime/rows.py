@@ -11,8 +11,10 @@ and kind, [max_rows, kv_heads, capacity, head_dim], grown like the engine's own:
 - a decode step (every fed row takes one token) runs the rows 0 .. the highest taken one as one
   batch on a view of the buffers: row r's mask is ones over its n_r + 1 columns, zeros after
   (free rows in between get a dummy token on their own empty row);
-- a prompt piece runs alone on a one-row view of the buffers (its row's columns only), in pieces
-  of the engine's ``prefill_chunk``.
+- prompt pieces of the same length for several rows run as one batch the same way (rows between
+  them not fed run that many dummy tokens at their next columns); a piece of its own length runs
+  alone on a one-row view of the buffers (its row's columns only), in pieces of the engine's
+  ``prefill_chunk``.
 
 ``onnxruntime`` and ``onnx`` are imported lazily.
 """
@@ -120,13 +122,43 @@ class OrtRows:
         if decode:
             self._decode(decode, out)
         chunk = self.engine.options.prefill_chunk
+        pieces: dict[int, list[tuple[int, int, np.ndarray]]] = {}  # prompt pieces by length
         for i, (row, ids) in enumerate(checked):
-            if ids.size == 1:
+            if ids.size > 1:
+                pieces.setdefault(ids.size, []).append((i, row, ids))
+        for size, group in pieces.items():
+            if len(group) > 1 and (not chunk or size <= chunk) and self._room_for(group, size):
+                self._pieces_together(group, size, out)
                 continue
-            step = chunk or ids.size
-            for a in range(0, ids.size, step):
-                out[i] = self._prompt_piece(row, ids[a : a + step])
+            for i, row, ids in group:
+                step = chunk or ids.size
+                for a in range(0, ids.size, step):
+                    out[i] = self._prompt_piece(row, ids[a : a + step])
         return out
+
+    def _room_for(self, group: list[tuple[int, int, np.ndarray]], size: int) -> bool:
+        """Whether every row between the group's first and last can take ``size`` more columns
+        (the rows not in it run dummy tokens at their next columns)."""
+        rows = [row for _, row, _ in group]
+        span = self.table.lengths[min(rows) : max(rows) + 1]
+        return int(span.max()) + size <= self.table.max_context
+
+    def _pieces_together(self, group: list[tuple[int, int, np.ndarray]], size: int, out: np.ndarray) -> None:
+        """Prompt pieces of the same length for several rows, in one batch over the rows from the
+        group's first to its last; the others run dummy tokens at their next columns (overwritten
+        by their next feed) and keep their lengths."""
+        first, last = min(row for _, row, _ in group), max(row for _, row, _ in group)
+        lengths = self.table.lengths[first : last + 1]
+        self._reserve(int(lengths.max()) + size)
+        ids = np.zeros((last + 1 - first, size), np.int64)
+        for _, row, tokens in group:
+            ids[row - first] = tokens
+        width = int(lengths.max()) + size
+        mask = (np.arange(width)[None, :] < (lengths + size)[:, None]).astype(np.int64)
+        logits = self._run(ids, mask, slice(first, last + 1))
+        for i, row, _ in group:
+            out[i] = logits[row - first, -1]
+            self.table.lengths[row] += size
 
     def _decode(self, decode: list[tuple[int, int, np.ndarray]], out: np.ndarray) -> None:
         span = self.table.span()
