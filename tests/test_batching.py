@@ -163,6 +163,7 @@ def test_long_prompt_does_not_stall_the_others_and_cancel_frees_the_row(artifact
     while scheduler.load != (0, 0) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert scheduler.load == (0, 0) and not scheduler.rows.table.taken.any()
+    assert scheduler.rows.kv_bytes == 0  # idle: the KV buffers are released
     waiting = [batched.stream("Hi", max_tokens=50, temperature=0) for _ in range(3)]
     waiting[2].cancel()  # cancelled before it got a row: never runs
     assert list(waiting[2]) == [] and waiting[2].cancelled

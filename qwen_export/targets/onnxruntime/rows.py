@@ -97,7 +97,11 @@ class OrtRows:
         return self.table.add()
 
     def drop_row(self, row: int) -> None:
+        """Free ``row``; once no row is taken the buffers are released too (their capacity is every
+        row's longest: one long prompt would otherwise keep it for all rows)."""
         self.table.drop(row)
+        if not self.table.taken.any():
+            self._buffers = []
 
     def row_tokens(self, row: int) -> int:
         return self.table.tokens(row)

@@ -32,6 +32,7 @@ class PagedRows:
         return self.table.add()
 
     def drop_row(self, row: int) -> None:
+        """Free ``row`` and return its blocks to the pool (which keeps its size, as the engine's)."""
         self.table.drop(row)
         self.pool.keep(row, 0)
 
