@@ -46,6 +46,7 @@ _MODULE_GROUPS = {
     "test_tensorrt_engine": "tensorrt",
     "test_tensorrt_target": "tensorrt",
     "test_serve": "test_llm",  # the server's tests reuse test_llm's export of the tiny Qwen2
+    "test_batching": "test_llm",
 }
 
 

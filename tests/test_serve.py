@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
+import os
 import socket
 import threading
 import time
@@ -155,7 +157,11 @@ def test_bad_requests_are_openai_errors(client, llm) -> None:
     assert_error(long_prompt, 400, "prompt", "context_length_exceeded")
     assert "temperature" in assert_error(chat(client, temperature=-1), 400)
     assert_error(chat(client, max_tokens=4, max_completion_tokens=4), 400)
-    assert "logprobs" in assert_error(chat(client, logprobs=True), 400, "logprobs")
+    assert "logprobs" in assert_error(chat(client, logprobs="yes"), 400, "logprobs")
+    assert "needs logprobs" in assert_error(chat(client, top_logprobs=2), 400, "top_logprobs")
+    assert "0..20" in assert_error(chat(client, logprobs=True, top_logprobs=21), 400, "top_logprobs")
+    body = {"model": MODEL, "prompt": "Hi", "logprobs": 2}
+    assert "logprobs" in assert_error(client.post("/v1/completions", json=body), 400, "logprobs")
     assert "frobnicate" in assert_error(chat(client, frobnicate=1), 400, "frobnicate")
     assert "image_url" in assert_error(
         chat(client, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400
@@ -404,6 +410,76 @@ def test_official_openai_client(llm) -> None:
             openai.OpenAI(base_url=client.base_url, api_key="nope", max_retries=0).models.list()
 
 
+def test_real_server_batches_concurrent_requests(llm) -> None:
+    """``max_batch=4``: concurrent clients (the official ``openai`` client) decode together and get
+    the replies they get alone; a client that hangs up frees its row; the server ends idle."""
+    import openai
+
+    asks = [[{"role": "user", "content": f"Question {i}: " + "why? " * (3 * i)}] for i in range(5)]
+    want = [llm.chat(messages, max_tokens=12, temperature=0).text for messages in asks]
+    got: list[Any] = [None] * len(asks)
+    with real_server(create_app(llm, model_name=MODEL, max_batch=4)) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        start = threading.Barrier(len(asks) + 1)
+
+        def ask(i: int) -> None:
+            start.wait()
+            reply = client.chat.completions.create(model=MODEL, messages=asks[i], max_tokens=12, temperature=0)
+            got[i] = reply.choices[0].message.content
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+        for thread in threads:
+            thread.start()
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        body = json.dumps({"prompt": "Once upon a time", "max_tokens": 200, "stream": True})
+        start.wait()
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")
+        conn.sock.shutdown(socket.SHUT_RDWR)  # abandoned while the others run
+        conn.close()
+        for thread in threads:
+            thread.join(60)
+        assert got == want
+        batched = llm.batched(4)
+        assert batched.scheduler.steps < 5 * 12  # decoded together: fewer steps than tokens
+        deadline = time.monotonic() + 5
+        while batched.scheduler.load != (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert batched.scheduler.load == (0, 0) and not batched.scheduler.rows.table.taken.any()
+    assert batched.closed  # the server's shutdown stopped the scheduler
+
+
+@pytest.mark.parametrize("max_batch", [1, 2])
+def test_logprobs_through_the_openai_client(llm, max_batch) -> None:
+    """``logprobs`` / ``top_logprobs``: the library's figures, plain and streamed (one at a time and
+    batched): each sampled token with its log-probability under the model and the likeliest
+    alternatives, best first (greedy: the token is the first of them)."""
+    import openai
+
+    want = llm.chat(ASK, max_tokens=5, temperature=0, logprobs=3).logprobs
+    assert len(want) == 5 and all(len(item.top) == 3 and item.top[0][0] == item.token_id for item in want)
+    with real_server(create_app(llm, model_name=MODEL, max_batch=max_batch)) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        ask = {"model": MODEL, "messages": ASK, "max_tokens": 5, "temperature": 0, "logprobs": True}
+        reply = client.chat.completions.create(**ask, top_logprobs=3)
+        content = reply.choices[0].logprobs.content
+        assert [(c.token, c.bytes) for c in content] == [(w.token, list(w.token.encode())) for w in want]
+        for got, expected in zip(content, want, strict=True):
+            assert got.logprob == pytest.approx(expected.logprob, abs=1e-4) and got.logprob <= 0
+            assert [t.token for t in got.top_logprobs] == [text for _, text, _ in expected.top]
+            assert [t.logprob for t in got.top_logprobs] == sorted((t.logprob for t in got.top_logprobs), reverse=True)
+        streamed = [
+            c for c in client.chat.completions.create(**ask, stream=True) if c.choices and c.choices[0].logprobs
+        ]
+        tokens = [entry for chunk in streamed for entry in chunk.choices[0].logprobs.content]
+        assert [t.token for t in tokens] == [w.token for w in want] and all(t.top_logprobs == [] for t in tokens)
+        plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2)
+        assert plain.choices[0].logprobs is None
+
+
 def test_real_server_cancels_on_disconnect(llm) -> None:
     """uvicorn on a free loopback port: a client that hangs up, streamed or not, frees the worker."""
     import http.client
@@ -449,66 +525,88 @@ def test_real_server_cancels_on_disconnect(llm) -> None:
         conn.close()
 
 
-def test_real_server_under_concurrent_and_bad_traffic(llm) -> None:
-    """Valid requests from 4 clients at once, while another sends bad JSON, an oversized body, a
-    10,000-token prompt and streams it abandons: every valid reply is right, every bad one a clean
-    error, and the server ends idle and healthy."""
+def _post(port: int, path: str, payload: bytes) -> tuple[int, bytes]:
     import http.client
 
-    def post(port: int, path: str, payload: bytes) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        conn.request("POST", path, payload, {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        data = response.read()
-        conn.close()
-        return response.status, data
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", path, payload, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, data
 
-    valid = json.dumps({"model": MODEL, "messages": ASK, "max_tokens": 8, "temperature": 0}).encode()
-    want = llm.chat(ASK, max_tokens=8, temperature=0).text
+
+def _traffic_round(port: int, valid: bytes) -> tuple[list[Any], list[int]]:
+    """4 clients sending 2 valid requests each while another sends bad JSON, an oversized body, a
+    10,000-token prompt and streams it abandons after their first event."""
+    import http.client
+
     replies: list[Any] = []
     bad: list[int] = []
-    with real_server(create_app(llm, model_name=MODEL, max_queue=8)) as port:
 
-        def good_client() -> None:
-            for _ in range(2):
-                status, data = post(port, "/v1/chat/completions", valid)
-                replies.append(
-                    (status, json.loads(data)["choices"][0]["message"]["content"] if status == 200 else data)
-                )
+    def good_client() -> None:
+        for _ in range(2):
+            status, data = _post(port, "/v1/chat/completions", valid)
+            replies.append((status, json.loads(data)["choices"][0]["message"]["content"] if status == 200 else data))
 
-        def bad_client() -> None:
-            bad.append(post(port, "/v1/chat/completions", b'{"messages": [')[0])
-            bad.append(post(port, "/v1/completions", b"x" * (9 << 20))[0])
-            huge = json.dumps({"messages": [{"role": "user", "content": "hello " * 10_000}]}).encode()
-            bad.append(post(port, "/v1/chat/completions", huge)[0])
-            for _ in range(2):  # a stream abandoned after its first event
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                body = json.dumps({"prompt": "Once upon a time", "max_tokens": 100, "stream": True})
-                conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-                response = conn.getresponse()
-                bad.append(response.status)
-                response.readline()
-                conn.sock.shutdown(socket.SHUT_RDWR)
-                conn.close()
+    def bad_client() -> None:
+        bad.append(_post(port, "/v1/chat/completions", b'{"messages": [')[0])
+        bad.append(_post(port, "/v1/completions", b"x" * (9 << 20))[0])
+        huge = json.dumps({"messages": [{"role": "user", "content": "hello " * 10_000}]}).encode()
+        bad.append(_post(port, "/v1/chat/completions", huge)[0])
+        for _ in range(2):  # a stream abandoned after its first event
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            body = json.dumps({"prompt": "Once upon a time", "max_tokens": 100, "stream": True})
+            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            bad.append(response.status)
+            response.readline()
+            conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
 
-        threads = [threading.Thread(target=good_client) for _ in range(4)] + [threading.Thread(target=bad_client)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-        assert replies == [(200, want)] * 8
-        assert bad == [400, 413, 400, 200, 200]
+    threads = [threading.Thread(target=good_client) for _ in range(4)] + [threading.Thread(target=bad_client)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return replies, bad
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_real_server_under_concurrent_and_bad_traffic(llm, max_batch) -> None:
+    """Valid requests from 4 clients at once, while another sends bad JSON, an oversized body, a
+    10,000-token prompt and streams it abandons: every valid reply is right, every bad one a clean
+    error, the server ends idle and healthy, and three rounds leave the memory where the first did
+    (one at a time, and batched)."""
+    valid = json.dumps({"model": MODEL, "messages": ASK, "max_tokens": 8, "temperature": 0}).encode()
+    want = llm.chat(ASK, max_tokens=8, temperature=0).text
+    with real_server(create_app(llm, model_name=MODEL, max_queue=8, max_batch=max_batch)) as port:
 
         def idle() -> bool:  # the abandoned streams' cancellation may still be on its way
+            import http.client
+
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             conn.request("GET", "/metrics")
-            metrics = conn.getresponse().read().decode()
+            text = conn.getresponse().read().decode()
             conn.close()
-            return "qwen_export_queue_depth 0\n" in metrics and "qwen_export_running_requests 0\n" in metrics
+            return "qwen_export_queue_depth 0\n" in text and "qwen_export_running_requests 0\n" in text
 
-        deadline = time.monotonic() + 5
-        while not idle() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert idle()
-        status, data = post(port, "/v1/chat/completions", valid)
+        rss = []
+        for _ in range(3):
+            replies, bad = _traffic_round(port, valid)
+            assert replies == [(200, want)] * 8
+            assert bad == [400, 413, 400, 200, 200]
+            deadline = time.monotonic() + 5
+            while not idle() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert idle()
+            gc.collect()
+            rss.append(_rss_bytes())
+        assert rss[2] - rss[0] < 48 << 20, [r >> 20 for r in rss]  # MiB: no growth per round
+        status, data = _post(port, "/v1/chat/completions", valid)
         assert status == 200 and json.loads(data)["choices"][0]["message"]["content"] == want

@@ -22,6 +22,15 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from qwen_export.errors import ContextLengthError, GenerationError, OptionError
+from qwen_export.runtime.sampling import (
+    MAX_TOP_LOGPROBS,
+    TokenLogprob,
+    decodable_columns,
+    pick_token,
+    process_logits,
+    sample_token,
+    token_logprob,
+)
 from qwen_export.targets.base import Engine
 
 if TYPE_CHECKING:
@@ -29,6 +38,7 @@ if TYPE_CHECKING:
     from qwen_export.runtime.structured import Constraint
 
 __all__ = [
+    "Decoding",
     "FinishReason",
     "GenerationConfig",
     "GenerationEvent",
@@ -36,6 +46,7 @@ __all__ = [
     "GenerationTimings",
     "Generator",
     "TextDecoder",
+    "pick_token",
     "process_logits",
     "sample_token",
 ]
@@ -79,6 +90,9 @@ class GenerationConfig:
     stop_token_ids: tuple[int, ...] = ()  # in addition to the tokenizer's eos token
     stop_strings: tuple[str, ...] = ()
     skip_special_tokens: bool = True  # leave special tokens out of the returned/streamed text
+    # None: off; k >= 0: each sampled token's log-probability and its k likeliest alternatives
+    # (GenerationEvent.logprob, GenerationResult.logprobs); not with speculative decoding
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Accept lists for the tuple fields (frozen: set through object.__setattr__).
@@ -109,6 +123,8 @@ class GenerationConfig:
             raise OptionError(f"seed must be None or an integer >= 0, got {self.seed!r}")
         if not isinstance(self.stop_token_ids, tuple) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise OptionError(f"stop_token_ids must be a tuple of integers >= 0, got {self.stop_token_ids!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise OptionError(f"logprobs must be None or 0..{MAX_TOP_LOGPROBS} alternatives, got {self.logprobs!r}")
         if not isinstance(self.stop_strings, tuple) or not all(isinstance(s, str) and s for s in self.stop_strings):
             raise OptionError(f"stop_strings must be a tuple of non-empty strings, got {self.stop_strings!r}")
 
@@ -139,6 +155,8 @@ class GenerationResult:
     # when it is only a prefix of one (cut by the limit, the context or a stop string).
     # Always True without a constraint.
     complete: bool = True
+    # with GenerationConfig.logprobs: one per sampled token, stop tokens left out
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -157,85 +175,7 @@ class GenerationEvent:
     text: str
     finish_reason: FinishReason | None = None
     result: GenerationResult | None = None
-
-
-# -- sampling ---------------------------------------------------------------------------------------
-
-
-def process_logits(
-    logits: np.ndarray, config: GenerationConfig, context_ids: Sequence[int], allowed: np.ndarray | None = None
-) -> np.ndarray:
-    """Apply repetition penalty, temperature, top-k, top-p and min-p to a 1-D logits vector.
-
-    ``allowed`` (bool, same width; from a structured-output constraint) sets every other token to
-    -inf right after the repetition penalty, so greedy, top-k/top-p/min-p and sampling all pick
-    among allowed tokens only. Returns float64 scores with removed tokens set to -inf (a copy;
-    ``logits`` is untouched).
-    """
-    scores = np.array(logits, dtype=np.float64, copy=True)
-    scores[np.isnan(scores)] = -np.inf
-    if config.repetition_penalty != 1.0 and len(context_ids):
-        ids = np.unique(np.asarray(context_ids, dtype=np.int64))
-        ids = ids[(ids >= 0) & (ids < scores.shape[0])]
-        picked = scores[ids]
-        scores[ids] = np.where(picked < 0, picked * config.repetition_penalty, picked / config.repetition_penalty)
-    if allowed is not None:
-        scores[~allowed] = -np.inf
-    if config.greedy:
-        return scores
-    scores = _scale(scores, float(config.temperature))
-    if config.top_k > 0 and config.top_k < scores.shape[0]:
-        kth = np.partition(scores, -config.top_k)[-config.top_k]
-        scores[scores < kth] = -np.inf  # ties with the k-th score are kept, as transformers
-    if config.top_p < 1.0:
-        order = np.argsort(scores, kind="stable")  # ascending, as transformers' TopPLogitsWarper
-        probs = _softmax(scores[order])
-        remove = np.cumsum(probs) <= 1 - config.top_p
-        remove[-1] = False  # keep at least the most likely token
-        scores[order[remove]] = -np.inf
-    if config.min_p > 0.0:
-        probs = _softmax(scores)
-        scores[probs < config.min_p * probs.max()] = -np.inf
-    return scores
-
-
-def _scale(scores: np.ndarray, temperature: float) -> np.ndarray:
-    """``scores / temperature``; when a tiny temperature overflows that, the scores are shifted by
-    their maximum first (the same distribution: the best tokens stay finite, the rest become -inf)."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        scaled = scores / temperature
-        if np.isposinf(scaled).any() or np.isnan(scaled).any():
-            finite = np.isfinite(scores)
-            if finite.any():
-                scaled = (scores - scores[finite].max()) / temperature
-                scaled[np.isnan(scaled)] = -np.inf
-    return scaled
-
-
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    shifted = np.exp(scores - scores.max())
-    return shifted / shifted.sum()
-
-
-def sample_token(
-    logits: np.ndarray,
-    config: GenerationConfig,
-    context_ids: Sequence[int],
-    rng: np.random.Generator,
-    allowed: np.ndarray | None = None,
-) -> int:
-    """Pick the next token id from a 1-D logits vector (argmax when ``temperature == 0``), among
-    the ``allowed`` tokens when given."""
-    scores = process_logits(logits, config, context_ids, allowed)
-    if not np.isfinite(scores).any():
-        if allowed is not None and not allowed.any():
-            raise GenerationError("the response_format grammar allows no token here")
-        raise GenerationError("the engine returned logits with no finite value (NaN/inf); the artifact is broken")
-    if config.greedy:
-        return int(np.argmax(scores))
-    probs = _softmax(scores)
-    cdf = np.cumsum(probs)
-    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
+    logprob: TokenLogprob | None = None  # with GenerationConfig.logprobs (None for a stop token)
 
 
 # -- streaming text -----------------------------------------------------------------------------
@@ -310,6 +250,104 @@ class _IncrementalText:
 PREFILL_CHUNK = 256
 
 
+class Decoding:
+    """One generation past the engine: the sampled ids, their text (stop strings held back), the
+    constraint's progress, and when and why it ends. :class:`Generator` and the batching scheduler
+    (:mod:`qwen_export.runtime.batching`) feed it one sampled token at a time."""
+
+    def __init__(
+        self,
+        tokenizer: TextDecoder,
+        prompt: list[int],
+        config: GenerationConfig,
+        constraint: Constraint | None,
+        max_context: int,
+        start: float,
+    ) -> None:
+        self.prompt, self.config, self.constraint, self.max_context = prompt, config, constraint, max_context
+        self.start, self.tokenizer = start, tokenizer
+        self.logprobs: list[TokenLogprob] = []
+        self.stop_ids = set(config.stop_token_ids)
+        if tokenizer.eos_token_id is not None:
+            self.stop_ids.add(tokenizer.eos_token_id)
+        self.text = _IncrementalText(tokenizer, config.stop_strings, config.skip_special_tokens)
+        self.generated: list[int] = []
+        self.pieces: list[str] = []
+        self.first_token_at: float | None = None
+        self.prefill_s = 0.0
+        self.reused = 0
+        self.finished = False
+
+    def prefilled(self, reused: int) -> None:
+        """The prompt is in the cache (``reused`` of its tokens were already there)."""
+        self.prefill_s, self.reused = time.perf_counter() - self.start, reused
+
+    @property
+    def left(self) -> int:
+        """Tokens this generation may still sample (its limit or the context, whichever is nearer)."""
+        return min(self.config.max_new_tokens, self.max_context - len(self.prompt)) - len(self.generated)
+
+    def accept(
+        self, token: int, speculation: SpeculationStats | None = None, logits: np.ndarray | None = None
+    ) -> list[GenerationEvent]:
+        """Take the next sampled ``token`` (``logits``: those it was drawn from, for ``logprobs``):
+        its event (two when it completes a constrained document: the eos follows), the last one with
+        the result once the generation has ended."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        constraint, out = self.constraint, []
+        self.generated.append(token)
+        reason: FinishReason | None = None
+        piece, logprob = "", None
+        if token in self.stop_ids:
+            reason = FinishReason.STOP_TOKEN
+        else:
+            if self.config.logprobs is not None and logits is not None:
+                logprob = token_logprob(logits, token, self.config.logprobs, self.tokenizer.decode)
+                self.logprobs.append(logprob)
+            if constraint is not None:
+                constraint.advance(token)
+            piece = self.text.push(token)
+            if self.text.stop_at is not None:
+                reason = FinishReason.STOP_STRING
+            elif constraint is not None and constraint.done:
+                # the document is complete: only eos may follow, so end with it now
+                self.pieces.append(piece)
+                out.append(GenerationEvent(token, piece, logprob=logprob))
+                logprob = None
+                token = constraint.eos_token_id
+                self.generated.append(token)
+                reason, piece = FinishReason.STOP_TOKEN, ""
+            elif len(self.generated) >= self.config.max_new_tokens:
+                reason = FinishReason.LENGTH
+            elif len(self.prompt) + len(self.generated) >= self.max_context:
+                reason = FinishReason.CONTEXT
+        if reason is None:
+            self.pieces.append(piece)
+            return [*out, GenerationEvent(token, piece, logprob=logprob)]
+        piece += self.text.finish()
+        self.pieces.append(piece)
+        self.finished = True
+        return [*out, GenerationEvent(token, piece, reason, self._result(reason, speculation), logprob)]
+
+    def _result(self, reason: FinishReason, speculation: SpeculationStats | None) -> GenerationResult:
+        end = time.perf_counter()
+        assert self.first_token_at is not None
+        constraint = self.constraint
+        return GenerationResult(
+            text="".join(self.pieces),
+            token_ids=tuple(self.generated),
+            finish_reason=reason,
+            prompt_tokens=len(self.prompt),
+            completion_tokens=len(self.generated),
+            reused_tokens=self.reused,
+            timings=GenerationTimings(self.first_token_at - self.start, self.prefill_s, end - self.first_token_at),
+            speculation=speculation,
+            complete=constraint is None or (reason is not FinishReason.STOP_STRING and constraint.accepting),
+            logprobs=tuple(self.logprobs),
+        )
+
+
 class Generator:
     """Generate from one engine (batch 1), reusing the cached prompt prefix across calls."""
 
@@ -325,15 +363,7 @@ class Generator:
         """Which of ``width`` logit columns are token ids the tokenizer knows (the embedding is often
         padded past the vocabulary): never sampled otherwise. None when the tokenizer cannot say."""
         if self._decodable is None or self._decodable.shape[0] != width:
-            size = getattr(self.tokenizer, "vocab_size", None)
-            if not isinstance(size, int):
-                return None
-            mask = np.arange(width) < size
-            id_to_token = getattr(self.tokenizer, "id_to_token", None)
-            if id_to_token is not None:  # added tokens past the counted size, if any
-                for i in range(min(size, width), width):
-                    mask[i] = id_to_token(i) is not None
-            self._decodable = mask
+            self._decodable = decodable_columns(self.tokenizer, width)
         return self._decodable
 
     def reset(self) -> None:
@@ -429,6 +459,8 @@ class Generator:
                 f"prompt has {len(prompt)} tokens; the artifact's context is {caps.max_context}"
                 " (it must leave room for at least one new token)"
             )
+        if config.logprobs is not None and self.speculator is not None and constraint is None:
+            raise OptionError("logprobs are not reported with speculative decoding; load without speculate=")
         return self._run(prompt, config, constraint)
 
     def _pick(
@@ -440,88 +472,31 @@ class Generator:
         constraint: Constraint | None,
         left: int,
     ) -> int:
-        """The next token: sampled among the allowed ones or, once a constrained document needs about
-        every token ``left`` to close, the next token of its closing path."""
-        allowed = self.decodable(logits.shape[-1])
-        if constraint is not None:
-            closing = constraint.closing_token(left)
-            if closing is not None:
-                return closing
-            grammar = constraint.allowed(logits.shape[-1])
-            allowed = grammar if allowed is None else grammar & allowed
-        return sample_token(logits, config, context, rng, allowed)
+        decodable = self.decodable(logits.shape[-1])
+        return pick_token(logits, config, context, rng, constraint, left, decodable)
 
     def _run(
         self, prompt: list[int], config: GenerationConfig, constraint: Constraint | None = None
     ) -> Iterator[GenerationEvent]:
         start = time.perf_counter()
-        caps = self.engine.capabilities
-        stop_ids = set(config.stop_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            stop_ids.add(self.tokenizer.eos_token_id)
-        rng = np.random.default_rng(config.seed)
-
         reused = self._prepare_cache(prompt)
         logits = self._prefill(prompt[reused:])
-        prefill_s = time.perf_counter() - start
-        first_token_at: float | None = None
-
-        text = _IncrementalText(self.tokenizer, config.stop_strings, config.skip_special_tokens)
-        generated: list[int] = []
-        pieces: list[str] = []
+        decoding = Decoding(self.tokenizer, prompt, config, constraint, self.engine.capabilities.max_context, start)
+        decoding.prefilled(reused)
+        rng = np.random.default_rng(config.seed)
         speculate = self.speculator is not None and constraint is None
         if speculate:
             assert self.speculator is not None
-            tokens = self.speculator.tokens(self, prompt, generated, logits, config, rng)
+            tokens = self.speculator.tokens(self, prompt, decoding.generated, logits, config, rng)
         else:
-            tokens = self._plain_tokens(prompt, generated, logits, config, rng, constraint)
+            tokens = self._plain_tokens(prompt, decoding.generated, logits, config, rng, constraint)
         while True:
-            token = next(tokens)
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-            generated.append(token)
-            reason: FinishReason | None = None
-            if token in stop_ids:
-                reason = FinishReason.STOP_TOKEN
-                piece = ""
-            else:
-                if constraint is not None:
-                    constraint.advance(token)
-                piece = text.push(token)
-                if text.stop_at is not None:
-                    reason = FinishReason.STOP_STRING
-                elif constraint is not None and constraint.done:
-                    # the document is complete: only eos may follow, so end with it now
-                    pieces.append(piece)
-                    yield GenerationEvent(token, piece)
-                    token = constraint.eos_token_id
-                    generated.append(token)
-                    reason = FinishReason.STOP_TOKEN
-                    piece = ""
-                elif len(generated) >= config.max_new_tokens:
-                    reason = FinishReason.LENGTH
-                elif len(prompt) + len(generated) >= caps.max_context:
-                    reason = FinishReason.CONTEXT
-            if reason is None:
-                pieces.append(piece)
-                yield GenerationEvent(token, piece)
-                continue
-            piece += text.finish()
-            pieces.append(piece)
-            end = time.perf_counter()
-            result = GenerationResult(
-                text="".join(pieces),
-                token_ids=tuple(generated),
-                finish_reason=reason,
-                prompt_tokens=len(prompt),
-                completion_tokens=len(generated),
-                reused_tokens=reused,
-                timings=GenerationTimings(first_token_at - start, prefill_s, end - first_token_at),
-                speculation=self.speculator.stats if speculate and self.speculator is not None else None,
-                complete=constraint is None or (reason is not FinishReason.STOP_STRING and constraint.accepting),
-            )
-            yield GenerationEvent(token, piece, reason, result)
-            return
+            token = next(tokens)  # the speculator's stats of this generation exist from here
+            stats = self.speculator.stats if speculate and self.speculator is not None else None
+            # plain decoding: the last forward's last row is what the token was drawn from
+            yield from decoding.accept(token, stats, None if speculate else self._rows[-1])
+            if decoding.finished:
+                return
 
     def _plain_tokens(
         self,

@@ -2,7 +2,8 @@
 
 Thread safety: an ``LLM`` runs one generation at a time. Calls from several threads are
 serialised by a lock (a second caller waits); a stream holds the lock until it is exhausted,
-cancelled or closed. Use one ``LLM`` per thread for parallelism.
+cancelled or closed. For concurrent requests use ``llm.batched(max_batch)``: the same calls,
+thread-safe, decoded together by a continuous-batching scheduler (the server's entry point).
 
 Example (``ARTIFACT`` is an exported artifact directory)::
 
@@ -47,10 +48,12 @@ from qwen_export.runtime.generation import (
 from qwen_export.runtime.loader import LoadedArtifact, RuntimeOptions, open_artifact
 from qwen_export.runtime.openai_shapes import ToolChoiceMode, generation_options, prepare_chat
 from qwen_export.runtime.reasoning import ChatDelta, ReasoningSplitter
+from qwen_export.runtime.sampling import TokenLogprob
 from qwen_export.runtime.speculative import Speculation, Speculator, make_speculator
 from qwen_export.spec import Target
 
 if TYPE_CHECKING:
+    from qwen_export.runtime.batching import BatchedLLM
     from qwen_export.runtime.structured import Constraint, ResponseFormat
 
 Message = Mapping[str, Any]
@@ -72,6 +75,7 @@ class ChatResult:
     # False when a response_format document was cut off (finish_reason length/context/stop_string/
     # cancelled): ``text`` is then not valid JSON. True otherwise (and always without response_format).
     complete: bool = True
+    logprobs: tuple[TokenLogprob, ...] = ()  # with the logprobs option: one per generated token
 
     def message(self) -> dict[str, Any]:
         """The assistant message to append to the conversation for the next turn, in OpenAI's shape
@@ -85,6 +89,19 @@ class ChatResult:
         if good:
             out["tool_calls"] = [c.to_openai() for c in good]
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatPlan:
+    """A chat turn ready to generate: prompt ids, the response format and options left to apply,
+    the tool-call constraint, whether the prompt opens a ``<think>`` block, whether to parse calls."""
+
+    ids: list[int]
+    response_format: Any
+    options: dict[str, Any]
+    constraint: Any
+    opened: bool
+    parse_tool_calls: bool
 
 
 class TextStream:
@@ -105,6 +122,7 @@ class TextStream:
         self._finished = False
         self.result: GenerationResult | None = None
         self.cancelled = False
+        self.logprobs: list[TokenLogprob] = []  # of each token consumed so far (the logprobs option)
 
     def __iter__(self) -> TextStream:
         return self
@@ -132,6 +150,8 @@ class TextStream:
                 self._running = False
                 if event.result is not None:
                     self.result = event.result
+                if event.logprob is not None:
+                    self.logprobs.append(event.logprob)
                 if self._cancel.is_set():  # cancelled or closed while this step ran: end now
                     self._finish(cancelled=True)
             if event.text:
@@ -202,6 +222,11 @@ class ChatStream:
             self._pending += self._splitter.push(piece)
         return self._pending.pop(0)
 
+    @property
+    def logprobs(self) -> list[TokenLogprob]:
+        """:class:`TokenLogprob` of each token generated so far (the ``logprobs`` option)."""
+        return self._stream.logprobs
+
     def cancel(self) -> None:
         self._stream.cancel()
 
@@ -227,6 +252,7 @@ class ChatStream:
             raw_text=raw,
             reasoning=reasoning,
             complete=result.complete and not cancelled,
+            logprobs=result.logprobs,
         )
 
 
@@ -238,7 +264,9 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         self.engine = loaded.engine
         self._generator = Generator(loaded.engine, loaded.tokenizer, speculator)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the single-sequence API: one generation at a time
+        self._batch_lock = threading.Lock()
+        self._batched: BatchedLLM | None = None
 
     @property
     def max_context(self) -> int:
@@ -261,15 +289,7 @@ class LLM:
         """Stream the completion of ``prompt`` (a string, fed as is) or of chat ``messages``
         (``enable_thinking``, Qwen3, is passed to their chat template; the text pieces include the
         ``<think>`` part: :meth:`chat_stream` separates it)."""
-        if isinstance(prompt, str):
-            if enable_thinking is not None:
-                raise OptionError("enable_thinking applies to chat messages, not to a raw prompt")
-            ids = self.tokenizer.encode(prompt, max_tokens=self.max_context)
-        else:
-            request = prepare_chat(list(prompt), enable_thinking=enable_thinking)
-            ids = self.tokenizer.apply_chat_template_ids(
-                request.messages, max_tokens=self.max_context, **request.template_variables
-            )
+        ids = self._prompt_ids(prompt, enable_thinking)
         return self._start(ids, response_format, sampling)
 
     def chat(
@@ -314,22 +334,25 @@ class LLM:
     ) -> ChatStream:
         """:meth:`chat`, streamed: an iterator of :class:`ChatDelta` (kind ``reasoning`` or
         ``content``); ``result`` (a :class:`ChatResult`) is set once it has finished."""
-        request = prepare_chat(messages, tools, response_format, tool_choice, enable_thinking, options)
-        text = self.tokenizer.apply_chat_template(request.messages, tools=request.tools, **request.template_variables)
-        ids = self.tokenizer.encode(text, max_tokens=self.max_context)
-        constraint = None
-        if request.constrain_calls:
-            from qwen_export.runtime.structured import make_tool_constraint
+        plan = self._chat_plan(messages, tools, response_format, tool_choice, enable_thinking, options)
+        stream = self._start(plan.ids, plan.response_format, plan.options, plan.constraint)
+        return ChatStream(stream, ReasoningSplitter(plan.opened), plan.parse_tool_calls)
 
-            constraint = make_tool_constraint(
-                list(request.tool_functions),
-                single=request.tool_choice.mode is ToolChoiceMode.FUNCTION,
-                answer=request.response_format if request.tool_choice.mode is ToolChoiceMode.AUTO else None,
-                tokenizer=self.tokenizer,
-            )
-        stream = self._start(ids, None if constraint else request.response_format, request.options, constraint)
-        opened = text.rstrip().endswith("<think>")
-        return ChatStream(stream, ReasoningSplitter(opened), request.parse_tool_calls)
+    def batched(self, max_batch: int = 8, prefill_tokens: int | None = None) -> BatchedLLM:
+        """The thread-safe batched entry point (continuous batching, :mod:`qwen_export.runtime.batching`):
+        ``chat_stream`` / ``stream`` / ``chat`` / ``generate`` from any number of threads at once; up
+        to ``max_batch`` sequences decode together, the others wait their turn. Built on the first
+        call (its own KV memory; OptionError for an engine that cannot batch), then the same object
+        until it is closed (a call with another ``max_batch`` meanwhile is refused). No prefix
+        cache, no speculation."""
+        from qwen_export.runtime.batching import DEFAULT_PREFILL_TOKENS, BatchedLLM
+
+        with self._batch_lock:
+            if self._batched is None or self._batched.closed:
+                self._batched = BatchedLLM(self, max_batch, prefill_tokens or DEFAULT_PREFILL_TOKENS)
+            elif self._batched.max_batch != max_batch:
+                raise OptionError(f"this LLM already batches {self._batched.max_batch} sequences, not {max_batch}")
+            return self._batched
 
     def reset(self) -> None:
         """Forget the cached conversation."""
@@ -344,6 +367,64 @@ class LLM:
             raise OptionError(f"unknown generation option(s) {unknown}; valid: {sorted(known)}")
         return self.artifact.generation_config(**sampling)
 
+    def _prompt_ids(self, prompt: str | Sequence[Message], enable_thinking: bool | None) -> list[int]:
+        """The token ids of a raw prompt (fed as is) or of chat messages (through their template)."""
+        if isinstance(prompt, str):
+            if enable_thinking is not None:
+                raise OptionError("enable_thinking applies to chat messages, not to a raw prompt")
+            return self.tokenizer.encode(prompt, max_tokens=self.max_context)
+        request = prepare_chat(list(prompt), enable_thinking=enable_thinking)
+        return self.tokenizer.apply_chat_template_ids(
+            request.messages, max_tokens=self.max_context, **request.template_variables
+        )
+
+    def _chat_plan(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[Mapping[str, Any]] | None,
+        response_format: Mapping[str, Any] | None,
+        tool_choice: Any,
+        enable_thinking: bool | None,
+        options: dict[str, Any],
+    ) -> ChatPlan:
+        """One chat turn translated: prompt ids, options, the tool-call constraint (shared by the
+        single-sequence and the batched entry points)."""
+        request = prepare_chat(messages, tools, response_format, tool_choice, enable_thinking, options)
+        text = self.tokenizer.apply_chat_template(request.messages, tools=request.tools, **request.template_variables)
+        ids = self.tokenizer.encode(text, max_tokens=self.max_context)
+        constraint = None
+        if request.constrain_calls:
+            from qwen_export.runtime.structured import make_tool_constraint
+
+            constraint = make_tool_constraint(
+                list(request.tool_functions),
+                single=request.tool_choice.mode is ToolChoiceMode.FUNCTION,
+                answer=request.response_format if request.tool_choice.mode is ToolChoiceMode.AUTO else None,
+                tokenizer=self.tokenizer,
+            )
+        return ChatPlan(
+            ids,
+            None if constraint else request.response_format,
+            request.options,
+            constraint,
+            text.rstrip().endswith("<think>"),
+            request.parse_tool_calls,
+        )
+
+    def _plan(
+        self,
+        response_format: Mapping[str, Any] | ResponseFormat | None,
+        sampling: dict[str, Any],
+        constraint: Constraint | None,
+    ) -> tuple[GenerationConfig, Constraint | None]:
+        """The generation config and the constraint (``response_format``'s, else ``constraint``)."""
+        config = self._config(generation_options(sampling))
+        if response_format is not None:
+            from qwen_export.runtime.structured import ResponseFormat, make_constraint
+
+            constraint = make_constraint(ResponseFormat.parse(response_format), self.tokenizer)
+        return config, constraint
+
     def _start(
         self,
         ids: list[int],
@@ -351,11 +432,7 @@ class LLM:
         sampling: dict[str, Any],
         constraint: Constraint | None = None,
     ) -> TextStream:
-        config = self._config(generation_options(sampling))
-        if response_format is not None:
-            from qwen_export.runtime.structured import ResponseFormat, make_constraint
-
-            constraint = make_constraint(ResponseFormat.parse(response_format), self.tokenizer)
+        config, constraint = self._plan(response_format, sampling, constraint)
         self._lock.acquire()
         try:
             events = (

@@ -1,7 +1,7 @@
 """The FastAPI app: OpenAI's ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models``, plus
 ``/health`` and ``/metrics``. Requests are checked on the event loop (a bad one is answered 400 at
-once, without taking a queue slot), then queued for the :class:`~qwen_export.serve.worker.Worker`
-thread, which generates one request at a time in arrival order."""
+once, without taking a queue slot), then queued for the :class:`~qwen_export.serve.worker.Worker`,
+which takes them in arrival order: one at a time, or up to ``max_batch`` decoded together."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ from qwen_export.serve.worker import Event, EventKind, Job, QueueFull, Worker
 __all__ = ["DEFAULT_MAX_QUEUE", "MAX_BODY_BYTES", "ServerState", "create_app"]
 
 DEFAULT_MAX_QUEUE = 64
+#: rows decoded together when ``max_batch`` is None (auto) and the engine can batch
+AUTO_MAX_BATCH = 8
 MAX_BODY_BYTES = 8 << 20
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 #: how often a request waiting for its turn checks that its client is still there (seconds)
@@ -39,9 +41,19 @@ DISCONNECT_POLL_S = 0.25
 class ServerState:
     """The model (loaded at startup when given as a path), its worker and the metrics."""
 
-    def __init__(self, source: Any, model_name: str | None, max_queue: int, load_options: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        source: Any,
+        model_name: str | None,
+        max_queue: int,
+        load_options: Mapping[str, Any],
+        max_batch: int | None = 1,
+    ) -> None:
         if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
             raise OptionError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
+            raise OptionError(f"max_batch must be an integer >= 1 or None (auto), got {max_batch!r}")
+        self.max_batch = max_batch
         self.path = Path(source) if isinstance(source, str | Path) else None
         if self.path is None and not callable(getattr(source, "chat_stream", None)):
             raise OptionError(f"serve an LLM (qwen_export.load) or an artifact path, got {type(source).__name__}")
@@ -68,9 +80,27 @@ class ServerState:
             self.load_error = " ".join(f"loading {self.path} failed: {exc}".split())
 
     def _ready(self, llm: Any) -> None:
-        worker = Worker(llm, self.metrics, self.max_queue)
+        try:
+            worker = Worker(llm, self.metrics, self.max_queue, self._batch_size(llm))
+        except Exception as exc:  # noqa: BLE001 - an engine that cannot batch: reported like a load error
+            self.load_error = " ".join(f"cannot serve {self.model}: {exc}".split())
+            return
         worker.start()
         self.llm, self.worker = llm, worker
+
+    def _batch_size(self, llm: Any) -> int:
+        """``max_batch``, or for None (auto) AUTO_MAX_BATCH where the engine batches and 1 where it does not."""
+        if self.max_batch is not None:
+            return self.max_batch
+        opener = getattr(getattr(llm, "engine", None), "open_rows", None)
+        if opener is None or not callable(getattr(llm, "batched", None)):
+            return 1
+        try:
+            llm.batched(AUTO_MAX_BATCH)
+        except OptionError as exc:
+            _log(f"serving one request at a time: {exc}")
+            return 1
+        return AUTO_MAX_BATCH
 
     def stop(self) -> None:
         if self.worker is not None:
@@ -91,14 +121,16 @@ def create_app(
     max_queue: int = DEFAULT_MAX_QUEUE,
     model_name: str | None = None,
     load_options: Mapping[str, Any] | None = None,
+    max_batch: int | None = 1,
 ) -> FastAPI:
     """The OpenAI-compatible app over an ``LLM`` or an artifact directory (loaded in the background at
     startup with ``qwen_export.load(path, **load_options)``; 503 until then). ``api_key``: required
     as ``Authorization: Bearer KEY`` on ``/v1/*``. ``max_queue``: requests that may wait while one
-    generates (429 beyond). ``model_name``: the served id (default: the artifact directory's name)."""
+    generates (429 beyond). ``model_name``: the served id (default: the artifact directory's name).
+    ``max_batch``: requests decoded together (``LLM.batched``; 1: one at a time, None: auto)."""
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise OptionError("api_key must be a non-empty string or None")
-    state = ServerState(llm_or_artifact, model_name, max_queue, load_options or {})
+    state = ServerState(llm_or_artifact, model_name, max_queue, load_options or {}, max_batch)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -161,6 +193,12 @@ def create_app(
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+def _log(message: str) -> None:
+    import sys
+
+    print(f"qwen-export serve: {message}", file=sys.stderr, flush=True)
 
 
 def _error_handlers(app: FastAPI) -> None:
@@ -281,7 +319,7 @@ async def _sse(job: Job, events: asyncio.Queue[Event], chunks: Any) -> AsyncIter
         while True:
             event = await events.get()
             if event.kind is EventKind.PIECE:
-                for text in chunks.piece(event.value):
+                for text in chunks.piece(event.value, event.logprobs):
                     yield text
                 continue
             if event.kind is EventKind.ERROR:

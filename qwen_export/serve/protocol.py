@@ -16,6 +16,7 @@ from typing import Any
 
 from qwen_export.runtime.chat import ToolCall
 from qwen_export.runtime.openai_shapes import prepare_chat
+from qwen_export.runtime.sampling import MAX_TOP_LOGPROBS
 from qwen_export.serve.errors import APIError
 
 __all__ = ["ChatCall", "CompletionCall", "finish_reason", "parse_chat", "parse_completion", "usage"]
@@ -51,6 +52,8 @@ CHAT_FIELDS = {
     *IGNORED,
     *(k for k in NEUTRAL if k not in ("echo", "best_of", "suffix")),
 }
+#: chat fields taken at any value, unlike /v1/completions (whose logprobs has another shape)
+CHAT_LOGPROBS = ("logprobs", "top_logprobs")
 COMPLETION_FIELDS = {"model", "prompt", "stream", "stream_options", "max_tokens", *SAMPLING, *IGNORED, *NEUTRAL}
 #: OpenAI's default max_tokens of /v1/completions
 COMPLETION_MAX_TOKENS = 16
@@ -104,13 +107,15 @@ class CompletionCall:
         return llm.stream(self.prompt, **self.options)
 
 
-def _check_fields(body: Any, known: set[str]) -> dict[str, Any]:
+def _check_fields(body: Any, known: set[str], free: tuple[str, ...] = ()) -> dict[str, Any]:
     if not isinstance(body, Mapping):
         raise APIError.bad_request("the request body must be a JSON object")
     unknown = sorted(set(body) - known)
     if unknown:
         raise APIError.bad_request(f"unrecognized request argument {unknown[0]!r}", unknown[0])
     for key, neutral in NEUTRAL.items():
+        if key in free:
+            continue
         value = body.get(key)
         if value is not None and value != neutral and value != {}:  # logit_bias {} is neutral too
             what = "only n=1 is supported" if key == "n" else f"{key}={value!r} is not supported (only {neutral!r})"
@@ -145,6 +150,32 @@ def _sampling(body: Mapping[str, Any], limit_keys: tuple[str, ...], default_limi
     return options
 
 
+def _logprobs(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``logprobs`` / ``top_logprobs`` of a chat request as the runtime's ``logprobs`` option."""
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise APIError.bad_request(f"logprobs must be true or false, got {wanted!r}", "logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise APIError.bad_request(
+            f"top_logprobs must be an integer 0..{MAX_TOP_LOGPROBS}, got {top!r}", "top_logprobs"
+        )
+    if top and not wanted:
+        raise APIError.bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    return {"logprobs": top or 0} if wanted else {}
+
+
+def logprob_content(logprobs: Any) -> list[dict[str, Any]]:
+    """OpenAI's ``logprobs.content`` entries for TokenLogprob s."""
+
+    def entry(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return [
+        {**entry(item.token, item.logprob), "top_logprobs": [entry(text, lp) for _, text, lp in item.top]}
+        for item in logprobs
+    ]
+
+
 def _model(body: Mapping[str, Any], served: str) -> None:
     model = body.get("model")
     if model is not None and model != served:
@@ -155,7 +186,7 @@ def _model(body: Mapping[str, Any], served: str) -> None:
 
 def parse_chat(body: Any, served: str, max_context: int) -> ChatCall:
     """A ``/v1/chat/completions`` body; :class:`APIError` (400) on a bad one."""
-    body = _check_fields(body, CHAT_FIELDS)
+    body = _check_fields(body, CHAT_FIELDS, CHAT_LOGPROBS)
     _model(body, served)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -165,6 +196,7 @@ def parse_chat(body: Any, served: str, max_context: int) -> ChatCall:
         raise APIError.bad_request("chat_template_kwargs takes only enable_thinking", "chat_template_kwargs")
     # the default limit is the rest of the context (finish_reason "length" when it is full)
     options = _sampling(body, ("max_tokens", "max_completion_tokens"), max_context)
+    options |= _logprobs(body)
     call = ChatCall(
         messages=messages,
         tools=body.get("tools"),
@@ -246,9 +278,15 @@ def chat_response(result: Any, model: str) -> dict[str, Any]:
         "object": "chat.completion",
         "created": now(),
         "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}],
+        "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": chat_logprobs(result)}],
         "usage": usage(result),
     }
+
+
+def chat_logprobs(result: Any) -> dict[str, Any] | None:
+    """A chat choice's ``logprobs`` (None unless they were asked for and there are tokens)."""
+    logprobs = getattr(result, "logprobs", ())
+    return {"content": logprob_content(logprobs)} if logprobs else None
 
 
 def completion_response(result: Any, model: str) -> dict[str, Any]:

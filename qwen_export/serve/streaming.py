@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from qwen_export.runtime.reasoning import ChatDelta, DeltaKind
-from qwen_export.serve.protocol import finish_reason, good_calls, new_id, now, usage
+from qwen_export.serve.protocol import finish_reason, good_calls, logprob_content, new_id, now, usage
 
 __all__ = ["ChatChunks", "CompletionChunks", "DONE", "sse"]
 
@@ -67,14 +67,18 @@ class ChatChunks(_Chunks):
         self.tools = tools
         self._content = ""  # the content so far (tools only)
         self._shown = 0  # how much of it was sent
+        self._logprobs: list[Any] = []  # TokenLogprob s not sent yet (they ride on the next chunk)
 
     def _delta(self, delta: dict[str, Any], reason: str | None = None) -> str:
-        return self._chunk([{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}])
+        logprobs = {"content": logprob_content(self._logprobs)} if self._logprobs else None
+        self._logprobs = []
+        return self._chunk([{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": logprobs}])
 
     def first(self) -> list[str]:
         return [self._delta({"role": "assistant", "content": ""})]
 
-    def piece(self, delta: ChatDelta) -> list[str]:
+    def piece(self, delta: ChatDelta, logprobs: tuple[Any, ...] = ()) -> list[str]:
+        self._logprobs += logprobs
         if delta.kind is DeltaKind.REASONING:
             return [self._delta({"reasoning_content": delta.text})]
         if not self.tools:
@@ -108,7 +112,7 @@ class CompletionChunks(_Chunks):
     def first(self) -> list[str]:
         return []
 
-    def piece(self, text: str) -> list[str]:
+    def piece(self, text: str, logprobs: tuple[Any, ...] = ()) -> list[str]:
         return [self._text(text)]
 
     def finish(self, result: Any) -> list[str]:

@@ -1,8 +1,10 @@
-"""The generation worker: one thread runs the requests' generations one at a time, in arrival order,
-from a bounded queue (the runtime's ``LLM`` generates one sequence at a time; there is no
-continuous batching yet). The event loop hands a :class:`Job` to :meth:`Worker.submit` and reads its
-:class:`Event` s; cancelling a job (its client went away) stops its generation after the current
-token, or drops it from the queue before it starts."""
+"""The generation worker: ``max_batch`` threads take the requests from a bounded queue in arrival
+order. With ``max_batch`` 1 one thread runs them one at a time on the ``LLM`` (its single-sequence
+API, with its prefix cache across turns); with more, each thread drives one request's stream on
+``llm.batched(max_batch)``, whose scheduler decodes them together (continuous batching). The event
+loop hands a :class:`Job` to :meth:`Worker.submit` and reads its :class:`Event` s; cancelling a job
+(its client went away) stops its generation after the current token (its batch row is freed before
+the next step), or drops it from the queue before it starts."""
 
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ class EventKind(enum.Enum):
 class Event:
     kind: EventKind
     value: Any = None
+    logprobs: tuple[Any, ...] = ()  # PIECE: TokenLogprob of the tokens generated since the last piece
 
 
 class Job:
@@ -64,34 +67,41 @@ class Job:
         if self.cancelled:  # cancelled while it was starting
             stream.cancel()
 
-    def emit(self, kind: EventKind, value: Any = None) -> None:
+    def emit(self, kind: EventKind, value: Any = None, logprobs: tuple[Any, ...] = ()) -> None:
         try:
-            self._sink(Event(kind, value))
+            self._sink(Event(kind, value, logprobs))
         except RuntimeError:  # the client's event loop is gone
             self.cancel()
 
 
 class Worker:
-    """Runs jobs on one thread; at most ``max_queue`` wait while one runs."""
+    """Runs up to ``max_batch`` jobs at once (``llm.batched(max_batch)`` when more than one); at
+    most ``max_queue`` wait."""
 
-    def __init__(self, llm: Any, metrics: Metrics, max_queue: int) -> None:
-        self.llm, self.metrics, self.max_queue = llm, metrics, max_queue
+    def __init__(self, llm: Any, metrics: Metrics, max_queue: int, max_batch: int = 1) -> None:
+        self.llm = llm if max_batch == 1 else llm.batched(max_batch)
+        self.metrics, self.max_queue, self.max_batch = metrics, max_queue, max_batch
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._pending: list[Job] = []  # waiting or running, in order
-        self._running: Job | None = None
+        self._running: set[Job] = set()
         self._closing = False
-        self._thread = threading.Thread(target=self._loop, name="qwen-export-serve-worker", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"qwen-export-serve-worker-{i}", daemon=True)
+            for i in range(max_batch)
+        ]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, job: Job) -> None:
         with self._lock:
             if self._closing:
                 raise APIError(503, "the server is shutting down", ErrorType.UNAVAILABLE)
-            if len(self._pending) >= self.max_queue + 1:
-                raise QueueFull(f"{len(self._pending) - 1} requests are waiting (--max-queue {self.max_queue})")
+            if len(self._pending) >= self.max_queue + self.max_batch:
+                waiting = len(self._pending) - len(self._running)
+                raise QueueFull(f"{waiting} requests are waiting (--max-queue {self.max_queue})")
             self._pending.append(job)
             self._publish()
         self._jobs.put(job)
@@ -103,29 +113,35 @@ class Worker:
             pending = list(self._pending)
         for job in pending:
             job.cancel()
-        self._jobs.put(None)
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        for _ in self._threads:
+            self._jobs.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        close = getattr(self.llm, "close", None)  # the batching scheduler's thread
+        if close is not None and self.max_batch > 1:
+            close()
 
     @property
     def waiting(self) -> int:
         with self._lock:
-            return len(self._pending) - (self._running is not None)
+            return len(self._pending) - len(self._running)
 
     def _publish(self) -> None:  # self._lock held
-        running = self._running is not None
-        self.metrics.set_queue(len(self._pending) - running, int(running))
+        running = len(self._running)
+        self.metrics.set_queue(len(self._pending) - running, running)
 
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
             with self._lock:
-                self._running = job
+                self._running.add(job)
                 self._publish()
             try:
                 self._run(job)
             finally:
                 with self._lock:
-                    self._running = None
+                    self._running.discard(job)
                     self._pending.remove(job)
                     self._publish()
 
@@ -144,9 +160,12 @@ class Worker:
         job.attach(stream)
         job.emit(EventKind.STARTED)
         started = time.perf_counter()
+        logprobs, sent = getattr(stream, "logprobs", []), 0  # it grows as the stream is consumed
         try:
             for piece in stream:
-                job.emit(EventKind.PIECE, piece)
+                seen = len(logprobs)
+                job.emit(EventKind.PIECE, piece, tuple(logprobs[sent:seen]))
+                sent = seen
         except Exception as exc:  # noqa: BLE001 - a failure mid-generation
             job.emit(EventKind.ERROR, exc)
             return

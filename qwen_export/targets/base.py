@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from qwen_export.errors import GenerationError
+from qwen_export.errors import GenerationError, OptionError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,3 +177,130 @@ def plan_truncate(num_tokens: int, cached: int) -> Truncation:
     if num_tokens == 0:
         return Truncation.RESET
     return Truncation.NOTHING if num_tokens == cached else Truncation.CUT
+
+
+# -- continuous batching: rows -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RowFeed:
+    """New tokens for one row of a :class:`RowBatch` step: a prompt piece or the one sampled token."""
+
+    row: int
+    ids: np.ndarray  # 1-D int64, at least one token
+
+
+@runtime_checkable
+class RowBatch(Protocol):
+    """Independent sequences ("rows") in one KV store, run together: continuous batching.
+
+    Rows are added and dropped between steps (``add_row`` takes a free row, ``drop_row`` frees it
+    and its KV at once). A ``step`` feeds any subset of the rows any number of new tokens each (a
+    prompt piece for a row being prefilled, the one sampled token for a decoding row), each row at
+    its own position (0 .. its length - 1: no padding, whatever the other rows hold), and returns
+    the logits of each feed's last token. ``engine.open_rows(max_rows)`` builds one; it owns its
+    KV memory, apart from the engine's single-sequence cache.
+    """
+
+    max_rows: int
+
+    def add_row(self) -> int:
+        """A free row, empty; GenerationError when all ``max_rows`` are taken."""
+        ...
+
+    def drop_row(self, row: int) -> None:
+        """Forget ``row``'s tokens and free it."""
+        ...
+
+    def row_tokens(self, row: int) -> int:
+        """Tokens cached for ``row``."""
+        ...
+
+    def step(self, feeds: Sequence[RowFeed]) -> np.ndarray:
+        """Run every feed (distinct rows) after its row's cached tokens; float32 [len(feeds), vocab]:
+        the logits of each feed's last token, in order."""
+        ...
+
+    def copy_prefix(self, source: int, target: int, tokens: int) -> None:
+        """Start the empty row ``target`` with a copy of the first ``tokens`` cached tokens of row
+        ``source`` (a prompt prefix they share: it is not computed again)."""
+        ...
+
+
+def open_rows(engine: Engine, max_rows: int) -> RowBatch:
+    """``engine.open_rows(max_rows)``, or OptionError (one line) for an engine that cannot batch."""
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+        raise OptionError(f"max_rows must be an integer >= 1, got {max_rows!r}")
+    opener = getattr(engine, "open_rows", None)
+    if opener is None:
+        raise OptionError(f"the {engine.capabilities.name} engine does not batch sequences; run them one at a time")
+    return opener(max_rows)
+
+
+class RowTable:
+    """Which rows of a :class:`RowBatch` are taken and how many tokens each holds; checks feeds."""
+
+    def __init__(self, max_rows: int, max_context: int, vocab_size: int) -> None:
+        self.max_rows, self.max_context, self.vocab_size = max_rows, max_context, vocab_size
+        self.lengths = np.zeros(max_rows, np.int64)
+        self.taken = np.zeros(max_rows, bool)
+
+    def add(self) -> int:
+        free = np.flatnonzero(~self.taken)
+        if not free.size:
+            raise GenerationError(f"all {self.max_rows} rows are taken; drop one first")
+        row = int(free[0])  # the lowest: taken rows stay packed at the front
+        self.taken[row], self.lengths[row] = True, 0
+        return row
+
+    def drop(self, row: int) -> None:
+        self._check_row(row)
+        self.taken[row], self.lengths[row] = False, 0
+
+    def tokens(self, row: int) -> int:
+        self._check_row(row)
+        return int(self.lengths[row])
+
+    def check_copy(self, source: int, target: int, tokens: int) -> None:
+        """A valid ``copy_prefix``: two taken rows, ``target`` empty, ``source`` holding ``tokens``."""
+        self._check_row(source)
+        self._check_row(target)
+        if source == target or self.lengths[target] != 0:
+            raise GenerationError(f"row {target} must be another, empty row to copy a prefix into")
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 < tokens <= self.lengths[source]:
+            raise GenerationError(f"cannot copy {tokens!r} tokens of row {source}, which holds {self.lengths[source]}")
+
+    def span(self) -> int:
+        """1 + the highest taken row (0 when none is)."""
+        taken = np.flatnonzero(self.taken)
+        return int(taken[-1]) + 1 if taken.size else 0
+
+    def check(self, feeds: Sequence[RowFeed]) -> list[tuple[int, np.ndarray]]:
+        """(row, ids) per feed, checked: distinct taken rows, 1-D ids in the vocabulary, room in the
+        context. Raises GenerationError."""
+        out, seen = [], set()
+        for feed in feeds:
+            self._check_row(feed.row)
+            if feed.row in seen:
+                raise GenerationError(f"row {feed.row} is fed twice in one step")
+            seen.add(feed.row)
+            ids = np.asarray(feed.ids, np.int64).reshape(-1)
+            if ids.size == 0:
+                raise GenerationError(f"row {feed.row}: a feed needs at least one token")
+            if ids.min() < 0 or ids.max() >= self.vocab_size:
+                raise GenerationError(
+                    f"row {feed.row}: a token id is out of range for a vocabulary of {self.vocab_size}"
+                )
+            if self.lengths[feed.row] + ids.size > self.max_context:
+                raise GenerationError(
+                    f"row {feed.row}: {self.lengths[feed.row] + ids.size} tokens exceed the artifact's context "
+                    f"of {self.max_context}"
+                )
+            out.append((feed.row, ids))
+        return out
+
+    def _check_row(self, row: int) -> None:
+        if isinstance(row, bool) or not isinstance(row, int | np.integer) or not 0 <= row < self.max_rows:
+            raise GenerationError(f"row {row!r} is not a row of this batch (0..{self.max_rows - 1})")
+        if not self.taken[row]:
+            raise GenerationError(f"row {row} is not taken")

@@ -162,7 +162,16 @@ class OnnxRuntimeEngine:
         self._binding = self.session.io_binding()
         self._quant = manifest.extra.get("quantization") or {}
         self._fixed_kv = kv.get("layout") == "fixed"
+        self._source = (Path(artifact_dir), manifest)
         self.reset()
+
+    def open_rows(self, max_rows: int) -> Any:
+        """A :class:`~qwen_export.targets.base.RowBatch` of ``max_rows`` rows on this artifact
+        (continuous batching; :mod:`.rows`): its own session and KV buffers."""
+        from qwen_export.targets.onnxruntime.rows import OrtRows
+
+        root, manifest = self._source
+        return OrtRows(self, max_rows, root, read_artifact_file(root, manifest, MODEL_FILE, MAX_GRAPH_BYTES))
 
     def kernel_choices(self) -> dict[str, str]:
         """What runs on this CPU: threads, the ISA MLAS dispatches to, the quantized MatMul's

@@ -346,6 +346,13 @@ class OpenVINOEngine:
     def kernel_choices(self) -> dict[str, str]:
         return compiled_choices(self.compiled, "stateful")
 
+    def open_rows(self, max_rows: int) -> Any:
+        """Continuous batching needs the paged attention: the stateful SDPA keeps one KV state."""
+        raise OptionError(
+            "attention=stateful keeps one KV state for the whole batch and cannot batch independent "
+            "sequences; use attention=paged (the default unless the model has sliding-window layers)"
+        )
+
     def reset(self) -> None:
         self.request.reset_state()
         self._mask: np.ndarray | None = None

@@ -35,6 +35,7 @@ from qwen_export.artifact import Manifest
 from qwen_export.errors import ArtifactError, OptionError
 from qwen_export.spec import ModelSpec
 from qwen_export.targets.base import Truncation, plan_truncate, prepare_step, run_in_chunks
+from qwen_export.targets.openvino.blocks import SAMPLED, BlockPool
 from qwen_export.targets.openvino.engine import (
     MODEL_XML,
     PREFILL_MIN_TOKENS,
@@ -51,7 +52,6 @@ from qwen_export.targets.openvino.engine import (
     unflatten_lm_head,
 )
 
-SAMPLED = "sampled_tokens_indices"
 #: the inputs SDPAToPagedAttention gives a decoder (besides the per-layer caches)
 PAGED_INPUTS = frozenset(
     {
@@ -124,16 +124,27 @@ class PagedOpenVINOEngine:
             raise ArtifactError(f"{path}: OpenVINO could not compile its paged form: {_first_line(exc)}") from None
         del model
         self.load_seconds = time.perf_counter() - started
-        self.compiled = compiled[0]
-        self.request = self.compiled.create_infer_request()
+        self.compiled, self._compiled = compiled[0], compiled
         self._layouts = _cache_layouts(self.compiled)
-        self._prefill = _prefill_request(compiled[1:], self._layouts)
         self.block_size = _block_size(self._layouts)
+        self._pool = self.block_pool()
+        self.request, self._prefill = self._pool.request, self._pool.prefill
         caps = capabilities(manifest, self.spec, options)
         self.capabilities = dataclasses.replace(caps, last_only=caps.full_logits)  # sampled_tokens_indices
-        self._capacity = 0  # blocks allocated per cache tensor
-        self._free: list[int] = []
         self.reset()
+
+    def block_pool(self) -> BlockPool:
+        """A new, empty block cache with its own infer requests on the compiled forms."""
+        requests = [self.compiled.create_infer_request()]
+        prefill = _prefill_request(self._compiled[1:], self._layouts)
+        return BlockPool(requests + ([prefill] if prefill is not None else []), self._layouts, self.block_size)
+
+    def open_rows(self, max_rows: int) -> Any:
+        """A :class:`~qwen_export.targets.base.RowBatch` of ``max_rows`` rows (continuous batching,
+        :mod:`.paged_rows`): its own block cache, apart from this engine's sequence."""
+        from qwen_export.targets.openvino.paged_rows import PagedRows
+
+        return PagedRows(self, max_rows)
 
     # ------------------------------------------------------------------------------ state
     @property
@@ -149,17 +160,15 @@ class PagedOpenVINOEngine:
     @property
     def allocated_blocks(self) -> int:
         """Blocks of ``block_size`` tokens the cache tensors hold (used or free)."""
-        return self._capacity
+        return self._pool.capacity
 
     @property
     def kv_bytes(self) -> int:
         """Bytes the block cache tensors hold now (used and free blocks; 0 before the first call)."""
-        return sum(int(self.request.get_tensor(name).byte_size) for name in self._layouts) if self._capacity else 0
+        return self._pool.kv_bytes
 
     def reset(self) -> None:
-        self._free = list(range(self._capacity - 1, -1, -1))
-        self._rows: list[list[int]] = []  # each row's blocks, in order
-        self._lens = np.zeros(0, np.int64)  # tokens cached per row (padding is not cached)
+        self._pool.reset(0)  # per batch row: its blocks and its cached tokens (padding is not cached)
         self._mask: np.ndarray | None = None
 
     def truncate(self, num_tokens: int) -> None:
@@ -171,11 +180,8 @@ class PagedOpenVINOEngine:
             return
         assert self._mask is not None
         self._mask = self._mask[:, :num_tokens]
-        self._lens = self._mask.sum(axis=1)
-        for blocks, kept in zip(self._rows, self._lens, strict=True):
-            needed = -(-int(kept) // self.block_size)
-            self._free.extend(reversed(blocks[needed:]))
-            del blocks[needed:]
+        for row, kept in enumerate(self._mask.sum(axis=1)):
+            self._pool.keep(row, int(kept))
 
     # ------------------------------------------------------------------------------ forward
     def forward(
@@ -190,8 +196,7 @@ class PagedOpenVINOEngine:
             max_context=self.capabilities.max_context,
         )
         if self._mask is None:
-            self._rows = [[] for _ in range(step.ids.shape[0])]
-            self._lens = np.zeros(step.ids.shape[0], np.int64)
+            self._pool.reset(step.ids.shape[0])
         full = self.capabilities.full_logits and not last_only
 
         def piece(ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
@@ -208,70 +213,14 @@ class PagedOpenVINOEngine:
         rows = np.flatnonzero(counts)
         out = np.zeros((batch, seq if full else 1, self.spec.vocab_size), np.float32)
         if rows.size:
-            logits = self._run(ids[real], position_ids[real], rows, counts[rows], full)
+            logits = self._pool.infer(ids[real], position_ids[real], rows, counts[rows], full)
             if full:
                 out[real] = logits
             else:
                 out[rows, 0] = logits
-        self._lens = self._lens + counts
+        self._pool.lens += counts
         self._mask = mask
         return out
-
-    def _run(
-        self, ids: np.ndarray, positions: np.ndarray, rows: np.ndarray, counts: np.ndarray, full: bool
-    ) -> np.ndarray:
-        """One inference over the new tokens of ``rows``; the sampled tokens' logits [n, vocab]
-        (``full``: every token's, else each row's last)."""
-        past = self._lens[rows]
-        totals = past + counts
-        needed = -(-totals // self.block_size)
-        self._reserve(rows, needed)
-        blocks = [self._rows[r][:n] for r, n in zip(rows, needed, strict=True)]
-        ends = np.cumsum(counts)
-        sampled = np.arange(ends[-1]) if full else ends - 1
-        request = self._prefill if self._prefill is not None and ends[-1] >= PREFILL_MIN_TOKENS else self.request
-        request.infer(
-            {
-                "input_ids": ids,
-                "position_ids": positions,
-                "past_lens": past.astype(np.int32),
-                "subsequence_begins": np.concatenate([[0], ends]).astype(np.int32),
-                "block_indices": np.concatenate(blocks).astype(np.int32),
-                "block_indices_begins": np.concatenate([[0], np.cumsum(needed)]).astype(np.int32),
-                "max_context_len": np.array(totals.max(), np.int32),
-                SAMPLED: sampled.astype(np.int64),
-            },
-            share_inputs=True,
-        )
-        logits = request.get_tensor("logits").data
-        return np.array(logits.reshape(len(sampled), -1), dtype=np.float32)
-
-    def _reserve(self, rows: np.ndarray, needed: np.ndarray) -> None:
-        """Give each row ``needed`` blocks, growing the pool when it runs out."""
-        missing = sum(max(0, int(n) - len(self._rows[r])) for r, n in zip(rows, needed, strict=True))
-        if missing > len(self._free):
-            self._grow(self._capacity + missing - len(self._free))
-        for r, n in zip(rows, needed, strict=True):
-            while len(self._rows[r]) < n:
-                self._rows[r].append(self._free.pop())
-
-    def _grow(self, at_least: int) -> None:
-        """Reallocate every cache tensor with room for ``at_least`` blocks (doubling), keeping the
-        blocks already written; the new blocks join the free list."""
-        ov = _ov()
-        capacity = max(at_least, 2 * self._capacity, 8)
-        for name, (element_type, block_shape) in self._layouts.items():
-            tensor = ov.Tensor(element_type, [capacity, *block_shape])
-            # zeroed: PagedAttention reads whole blocks, and uninitialised f16 bits can be NaN
-            np.asarray(tensor.data).fill(0)
-            if self._capacity:
-                old = self.request.get_tensor(name)
-                old.copy_to(ov.Tensor(tensor, [0] * (1 + len(block_shape)), [self._capacity, *block_shape]))
-            self.request.set_tensor(name, tensor)
-            if self._prefill is not None:  # the same cache memory: both forms read and write it
-                self._prefill.set_tensor(name, tensor)
-        self._free = list(range(capacity - 1, self._capacity - 1, -1)) + self._free
-        self._capacity = capacity
 
     def runtime_report(self) -> RuntimeReport:
         return runtime_report(self.compiled)

@@ -263,6 +263,14 @@ class TensorRTEngine:
     def num_cached_tokens(self) -> int:
         return 0 if self._mask is None else int(self._mask.shape[1])
 
+    def open_rows(self, max_rows: int) -> Any:
+        """Not built: TensorRT's fixed-shape KV buffers have no per-row lengths here (and TensorRT
+        cannot be installed where this was written, so it could not be tested)."""
+        raise OptionError(
+            "the TensorRT engine does not batch independent sequences yet; run requests one at a time "
+            "(qwen-export serve --max-batch 1)"
+        )
+
     def reset(self) -> None:
         """Forget the cache (the buffers stay allocated; their stale columns are masked)."""
         self._mask: np.ndarray | None = None
