@@ -209,8 +209,9 @@ class Int4Defaults:
     ``--embedding-bits`` are not given: the most accurate combination measured on a real Qwen2.5
     checkpoint within the size of optimum-intel's int4 artifact (benchmarks/README.md, quant_real.py).
 
-    - ``algorithm``: GPTQ (on the real Qwen2.5-Coder-1.5B, asymmetric: mean KL 0.0326 against RTN's
-      0.0368 and onnxruntime-genai int4's 0.0483; ``awq-gptq`` was not measured there in time);
+    - ``algorithm``: GPTQ (on the real Qwen2.5-Coder-1.5B, asymmetric, all-4-bit: mean KL 0.0326
+      against RTN's 0.0368 and onnxruntime-genai int4's 0.0483; with the 8-bit attention below
+      0.0264 against RTN's 0.0286; ``awq-gptq`` was not measured there in time);
     - asymmetric (a zero point per block) where the target takes zero points (not TensorRT);
     - the embedding at 4 bits when the lm_head is separate (untied): it is only gathered, and its
       8 bits would put the artifact over that size; 8 bits when it is also the (tied) lm_head;
