@@ -37,8 +37,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qwen_export.errors import ContextLengthError, GenerationError, OptionError
-from qwen_export.runtime.generation import Decoding, GenerationConfig, GenerationEvent, GenerationResult
+from qwen_export.errors import GenerationError, OptionError
+from qwen_export.runtime.generation import (
+    Decoding,
+    GenerationConfig,
+    GenerationEvent,
+    GenerationResult,
+    checked_prompt,
+)
 from qwen_export.runtime.sampling import decodable_columns, pick_token
 from qwen_export.targets.base import Engine, RowFeed, open_rows
 
@@ -155,18 +161,8 @@ class Scheduler:
     ) -> BatchStream:
         """Queue one generation; its options and prompt are checked here (OptionError, GenerationError)."""
         config.validate()
-        prompt = [int(i) for i in prompt_ids]
         caps = self.engine.capabilities
-        if not prompt:
-            raise GenerationError("the prompt is empty; at least one token is needed")
-        bad = next((i for i in prompt if not 0 <= i < caps.vocab_size), None)
-        if bad is not None:
-            raise GenerationError(f"prompt token id {bad} is outside the vocabulary [0, {caps.vocab_size})")
-        if len(prompt) >= caps.max_context:
-            raise ContextLengthError(
-                f"prompt has {len(prompt)} tokens; the artifact's context is {caps.max_context}"
-                " (it must leave room for at least one new token)"
-            )
+        prompt = checked_prompt(prompt_ids, caps)
         stream = BatchStream(self)
         decoding = Decoding(self.tokenizer, prompt, config, constraint, caps.max_context, time.perf_counter())
         sequence = _Sequence(prompt, decoding, np.random.default_rng(config.seed), stream)

@@ -31,7 +31,7 @@ from qwen_export.runtime.sampling import (
     sample_token,
     token_logprob,
 )
-from qwen_export.targets.base import Engine
+from qwen_export.targets.base import Engine, EngineCapabilities
 
 if TYPE_CHECKING:
     from qwen_export.runtime.speculative import SpeculationStats, Speculator
@@ -348,6 +348,23 @@ class Decoding:
         )
 
 
+def checked_prompt(prompt_ids: Sequence[int], caps: EngineCapabilities) -> list[int]:
+    """``prompt_ids`` as ints, or GenerationError / ContextLengthError: empty, an id outside the
+    vocabulary, or no room left in the context (``caps``: the engine's capabilities)."""
+    prompt = [int(i) for i in prompt_ids]
+    if not prompt:
+        raise GenerationError("the prompt is empty; at least one token is needed")
+    bad = next((i for i in prompt if not 0 <= i < caps.vocab_size), None)
+    if bad is not None:
+        raise GenerationError(f"prompt token id {bad} is outside the vocabulary [0, {caps.vocab_size})")
+    if len(prompt) >= caps.max_context:
+        raise ContextLengthError(
+            f"prompt has {len(prompt)} tokens; the artifact's context is {caps.max_context}"
+            " (it must leave room for at least one new token)"
+        )
+    return prompt
+
+
 class Generator:
     """Generate from one engine (batch 1), reusing the cached prompt prefix across calls."""
 
@@ -447,18 +464,8 @@ class Generator:
         """
         config = config or GenerationConfig()
         config.validate()
-        prompt = [int(i) for i in prompt_ids]
         caps = self.engine.capabilities
-        if not prompt:
-            raise GenerationError("the prompt is empty; at least one token is needed")
-        bad = next((i for i in prompt if not 0 <= i < caps.vocab_size), None)
-        if bad is not None:
-            raise GenerationError(f"prompt token id {bad} is outside the vocabulary [0, {caps.vocab_size})")
-        if len(prompt) >= caps.max_context:
-            raise ContextLengthError(
-                f"prompt has {len(prompt)} tokens; the artifact's context is {caps.max_context}"
-                " (it must leave room for at least one new token)"
-            )
+        prompt = checked_prompt(prompt_ids, caps)
         if config.logprobs is not None and self.speculator is not None and constraint is None:
             raise OptionError("logprobs are not reported with speculative decoding; load without speculate=")
         return self._run(prompt, config, constraint)
