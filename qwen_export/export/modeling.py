@@ -198,12 +198,17 @@ class SparseMoE(nn.Module):
         weights = weights.to(x.dtype)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
-            token, slot = torch.nonzero(chosen == e, as_tuple=True)
+            # NonZero on a float mask and a plain ScatterND (a token picks an expert at most once),
+            # added in expert order: standard ops every target's parser takes (TensorRT: no BOOL
+            # NonZero, no ScatterND reduction)
+            token, slot = torch.nonzero((chosen == e).to(x.dtype), as_tuple=True)
             y = expert(flat[token]) * weights[token, slot][:, None]
-            out = out.index_add(0, token, y)
+            out = out + torch.zeros_like(flat).index_put((token,), y)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
-        return out.reshape(shape)
+        # batch as -1: the exporter reads a named batch dim from attention_mask, which OpenVINO's
+        # paged-attention rewrite removes
+        return out.reshape(-1, shape[1], shape[2])
 
 
 class DecoderLayer(nn.Module):

@@ -100,9 +100,7 @@ def _trace_fresh(spec: ModelSpec, options: TraceOptions) -> ir.Model:
         which.append(len(kinds))
         kinds.append(every[-1])
     moe = spec.moe and dataclasses.replace(spec.moe, sparse_layers=tuple(sparse for _, sparse in kinds))
-    prototype = dataclasses.replace(
-        spec, num_hidden_layers=len(kinds), layer_types=tuple(t for t, _ in kinds), moe=moe
-    )
+    prototype = dataclasses.replace(spec, num_hidden_layers=len(kinds), layer_types=tuple(t for t, _ in kinds), moe=moe)
     model = _trace(prototype, options)
     replicate_layers(model, which, len(kinds))
     _name_dims(model, options.cache)
