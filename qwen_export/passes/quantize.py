@@ -29,8 +29,9 @@ Kept in the model dtype (recorded in :attr:`QuantizeWeights.kept`, name -> reaso
 ``scheme.keep_layers``, an MoE layer's router (``mlp.gate``) and shared-expert gate (every routed
 and shared expert's weights are quantized like any linear weight), the embedding (and tied head)
 with ``Keep.EMBEDDING``, an untied lm_head with ``Keep.LM_HEAD``, any weight whose quantized axis
-(K, or H for the embedding) is not a multiple of the block size, and any weight of those names that is not where the rewrites expect it
-(not a constant 2-D float initializer, or read by other ops). Quantization uses ``scheme.algorithm``
+(K, or H for the embedding) is not a multiple of the block size, and any weight of those names
+that is not where the rewrites expect it (not a constant 2-D float initializer, or read by other
+ops). Quantization uses ``scheme.algorithm``
 (RTN or the data-free clip search); with AWQ the weights were scaled by the ``awq`` pass
 (:mod:`.awq`) and are quantized here with the importance-weighted clip search (AWQ's auto-clip;
 RTN for the weights the ``awq`` pass left alone).
