@@ -92,6 +92,15 @@ def test_active_parameters_of_the_real_qwen3_30b_a3b_shape() -> None:
 
 
 # ----------------------------------------------------------------------------- graph form
+def test_onnxruntime_runs_each_sparse_layer_as_one_moe_node(export) -> None:
+    model = ir.load(export("qwen2_moe") / "model.onnx")
+    ops = op_histogram(model)
+    assert ops["com.microsoft::MoE"] == 2 and "NonZero" not in ops and "ScatterND" not in ops
+    moe = model.graph.initializers["model.layers.0.mlp.experts.fc1"]
+    assert moe.shape is not None and tuple(moe.shape.dims) == (4, 2 * 32, 64)  # gate/up interleaved
+    assert not [name for name in model.graph.initializers if ".experts.0." in name]  # stacked, once
+
+
 def test_graph_runs_each_expert_on_its_routed_tokens_only(export) -> None:
     model = ir.load(export("qwen2_moe", fuse=False) / "model.onnx")
     ops = op_histogram(model)
@@ -103,21 +112,28 @@ def test_graph_runs_each_expert_on_its_routed_tokens_only(export) -> None:
 
 
 # ----------------------------------------------------------------------------- quantization
-CASES: dict[str, ExportOptions] = {
-    "int4_exact": ExportOptions(quant=QuantScheme(WeightFormat.INT4), accuracy_level=0),
-    "int8": ExportOptions(quant=QuantScheme(WeightFormat.INT8)),
+CASES: dict[str, tuple[str, ExportOptions]] = {
+    # accuracy_level 0: float activations, so only the weights differ from transformers
+    "qwen3_int4_exact": ("qwen3_moe", ExportOptions(quant=QuantScheme(WeightFormat.INT4), accuracy_level=0)),
+    "qwen2_int4_exact": ("qwen2_moe", ExportOptions(quant=QuantScheme(WeightFormat.INT4), accuracy_level=0)),
+    "qwen2_int4_unfused": (
+        "qwen2_moe",
+        ExportOptions(quant=QuantScheme(WeightFormat.INT4), accuracy_level=0, fuse=False),
+    ),
+    "qwen3_int8": ("qwen3_moe", ExportOptions(quant=QuantScheme(WeightFormat.INT8))),
 }
 
 
 @pytest.fixture(scope="module")
-def quantized(qwen3_moe: Path, module_scratch: ModuleScratch) -> Callable[[str], Path]:
+def quantized(request: pytest.FixtureRequest, module_scratch: ModuleScratch) -> Callable[[str], Path]:
     cache: dict[str, Path] = {}
     root = module_scratch.mkdir("moe-quantized")
 
     def run(case: str) -> Path:
         if case not in cache:
+            fixture, options = CASES[case]
             cache[case] = root / case
-            run_export(qwen3_moe, cache[case], CASES[case])
+            run_export(request.getfixturevalue(fixture), cache[case], options)
         return cache[case]
 
     return run
@@ -126,13 +142,16 @@ def quantized(qwen3_moe: Path, module_scratch: ModuleScratch) -> Callable[[str],
 def _dequantized_reference(checkpoint: Path, scheme: QuantScheme, ids: list[int]) -> np.ndarray:
     """transformers' logits with every quantized weight dequantized; transformers stacks the experts
     ([E, N, K]): blocks run along K per row, as in the per-expert weights we export. The router
-    (``mlp.gate``) stays as it is."""
+    and shared-expert gate stay as they are, so does a weight whose K is not a multiple of the block
+    (Qwen2-MoE's shared expert down_proj, K = 48)."""
     import torch
 
     ref = parity.Reference(checkpoint)
     with torch.no_grad():
         for name, param in ref.model.named_parameters():
-            if param.ndim < 2 or name.endswith("mlp.gate.weight"):
+            if param.ndim < 2 or name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
+                continue
+            if param.shape[-1] % scheme.block_size:  # kept in float, as the quantize pass keeps it
                 continue
             bits = scheme.embedding_bits if "embed_tokens" in name else scheme.bits
             rows = param.reshape(-1, param.shape[-1]).numpy()
@@ -150,27 +169,37 @@ def _metrics(ref: np.ndarray, got: np.ndarray, ids: list[int]) -> dict[str, floa
 
 
 def test_every_expert_is_quantized_and_the_router_kept(quantized) -> None:
-    art = quantized("int8")
+    art = quantized("qwen3_int8")
     ops = op_histogram(ir.load(art / "model.onnx"))
     layers, sparse = 3, 1
-    # per layer packed qkv + o; dense layers gate/up/down; the sparse layer 8 experts x 3; lm_head
-    assert ops[MNB] == 2 * layers + 3 * (layers - sparse) + 8 * 3 * sparse + 1
+    # the sparse layer's 8 experts x 3 projections in one QMoE; per layer packed qkv + o, the dense
+    # layers' gate/up/down and the lm_head as MatMulNBits
+    assert ops["com.microsoft::QMoE"] == sparse
+    assert ops[MNB] == 2 * layers + 3 * (layers - sparse) + 1
     manifest = json.loads((art / "manifest.json").read_text())
-    fired = next(p["fired"] for p in manifest["passes"] if p["name"] == "quantize")
-    assert fired["kept"] == 1  # the router of the one sparse layer
+    fired = {p["name"]: p["fired"] for p in manifest["passes"]}
+    assert fired["quantize"]["linear"] == 2 * layers + 3 * (layers - sparse) + 8 * 3 * sparse
+    assert fired["quantize"]["kept"] == 1  # the router of the one sparse layer
+    assert fired["moe"] == {"moe": 0, "qmoe": 1, "kept": 0}
     assert "model.layers.1.mlp.gate.weight_t" in json.dumps(manifest)
 
 
-def test_int4_experts_equal_their_dequantized_weights(quantized, qwen3_moe: Path) -> None:
-    art = quantized("int4_exact")  # accuracy_level 0: float activations, so only the weights differ
+@pytest.mark.parametrize("case", ["qwen3_int4_exact", "qwen2_int4_exact", "qwen2_int4_unfused"])
+def test_int4_experts_equal_their_dequantized_weights(quantized, request: pytest.FixtureRequest, case: str) -> None:
+    """QMoE (fused; Qwen2-MoE: no renormalisation, its output rescaled) and the per-expert
+    MatMulNBits of the traced form (unfused) both equal transformers on the dequantized weights."""
+    art = quantized(case)
+    fixture, options = CASES[case]
+    ops = op_histogram(ir.load(art / "model.onnx"))
+    assert ("com.microsoft::QMoE" in ops) is options.fuse
     ids = _ids(art)
-    reference = _dequantized_reference(qwen3_moe, CASES["int4_exact"].quant, ids)  # type: ignore[arg-type]
+    reference = _dequantized_reference(request.getfixturevalue(fixture), options.quant, ids)  # type: ignore[arg-type]
     m = _metrics(reference, parity.artifact_logits(open_artifact(art).engine, ids), ids)
     assert m["max_abs"] < 2e-3 and m["top1"] == 1.0 and m["mean_kl"] < 1e-6, m
 
 
 def test_int8_close_to_fp32(quantized, export) -> None:
-    art = quantized("int8")
+    art = quantized("qwen3_int8")
     ids = _ids(art)
     fp32 = parity.artifact_logits(open_artifact(export("qwen3_moe")).engine, ids)
     m = _metrics(fp32, parity.artifact_logits(open_artifact(art).engine, ids), ids)
