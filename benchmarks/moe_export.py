@@ -8,8 +8,10 @@ at a time by this script. For each count it then:
 1. runs ``qwen-export export CKPT -o OUT --weights int4`` (RTN, the MoE default) through the
    harness launcher: wall time and peak RSS (``getrusage`` of the export process), beside the
    largest single tensor (fp32) and the checkpoint size: the peak should not grow with layers;
-2. opens the artifact with our ONNX Runtime engine and times 32 greedy decode steps after a
-   16-token prompt (tokens/s, median of the per-step times as well).
+2. opens the artifact with our ONNX Runtime engine (one ``QMoE`` node per layer) and times 32
+   greedy decode steps after a 16-token prompt (tokens/s, median of the per-step times as well);
+   with ``--unfused`` the smallest slice is also exported ``--no-fuse`` (the traced standard-op
+   form: every expert as its own NonZero/Gather/MatMulNBits/ScatterND group) and timed the same way.
 
 ``python benchmarks/moe_export.py --layers 2 4 --json-out /tmp/qe-moe/report.json``
 (options: ``--workdir DIR`` (default /tmp/qe-moe), ``--weights int4|int8|fp32``, ``--keep``:
@@ -153,6 +155,11 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qe-moe"))
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument(
+        "--unfused",
+        action="store_true",
+        help="also export the smallest slice --no-fuse (the per-expert standard-op form)",
+    )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"shape": SHAPE, "weights": args.weights, "host": harness.host(), "runs": []}
@@ -182,6 +189,17 @@ def main() -> int:
             "artifact_bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
         }
         entry |= decode_speed(out)
+        if args.unfused and layers == min(args.layers):  # the traced standard-op form, for comparison
+            cmd_unfused = cmd[:4] + [str(out) + "-unfused", *cmd[5:], "--no-fuse"]
+            unfused = harness.run_logged(f"export-{layers}-unfused", cmd_unfused, args.workdir)
+            if unfused["returncode"] == 0:
+                speed = decode_speed(Path(str(out) + "-unfused"))
+                entry["unfused"] = {
+                    "export_wall_s": unfused["wall_s"],
+                    "export_peak_rss_bytes": unfused["peak_rss_bytes"],
+                }
+                entry["unfused"] |= speed
+            shutil.rmtree(str(out) + "-unfused", ignore_errors=True)
         harness.log(json.dumps(entry))
         report["runs"].append(entry)
         if not args.keep:

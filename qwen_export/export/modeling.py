@@ -201,7 +201,10 @@ class SparseMoE(nn.Module):
             # NonZero on a float mask and a plain ScatterND (a token picks an expert at most once),
             # added in expert order: standard ops every target's parser takes (TensorRT: no BOOL
             # NonZero, no ScatterND reduction)
-            token, slot = torch.nonzero((chosen == e).to(x.dtype), as_tuple=True)
+            # columns taken with select (Gather), not as_tuple's Slices: onnxscript's Slice-pair
+            # rewrite rule scans the whole graph per Slice, quadratic in a 128-expert graph
+            hits = torch.nonzero((chosen == e).to(x.dtype))
+            token, slot = hits[:, 0], hits[:, 1]
             y = expert(flat[token]) * weights[token, slot][:, None]
             out = out + torch.zeros_like(flat).index_put((token,), y)
         if self.shared_expert is not None:
