@@ -2,7 +2,8 @@
 
 Supported: the Qwen2 architecture (Qwen1.5, Qwen2, Qwen2.5 and Coder/Math/Instruct variants:
 q/k/v bias, GQA, tied or untied embeddings, rope_theta, YaRN, sliding-window fields) and Qwen3
-dense (per-head q_norm/k_norm, explicit head_dim, optional attention bias). Anything else is a
+dense (per-head q_norm/k_norm, explicit head_dim, optional attention bias), and their
+mixture-of-experts variants Qwen2-MoE and Qwen3-MoE (:mod:`qwen_export.moe`). Anything else is a
 :class:`ConfigError` that names what is supported.
 
 This module is pure Python (no torch, no numpy): the runtime library imports it.
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_export.errors import ConfigError, OptionError
+from qwen_export.moe import MoESpec, parse_moe
 
 
 def parse_choice(enum_cls: type[enum.Enum], value: Any, what: str | None = None) -> Any:
@@ -48,6 +50,12 @@ class _ChoiceEnum(str, enum.Enum):
 class Architecture(_ChoiceEnum):
     QWEN2 = "qwen2"
     QWEN3 = "qwen3"
+    QWEN2_MOE = "qwen2_moe"
+    QWEN3_MOE = "qwen3_moe"
+
+    @property
+    def is_moe(self) -> bool:
+        return self in (Architecture.QWEN2_MOE, Architecture.QWEN3_MOE)
 
 
 class Target(_ChoiceEnum):
@@ -107,9 +115,14 @@ class RopeType(_ChoiceEnum):
 SUPPORTED_ARCHITECTURES: dict[str, Architecture] = {
     "Qwen2ForCausalLM": Architecture.QWEN2,
     "Qwen3ForCausalLM": Architecture.QWEN3,
+    "Qwen2MoeForCausalLM": Architecture.QWEN2_MOE,
+    "Qwen3MoeForCausalLM": Architecture.QWEN3_MOE,
 }
-_MODEL_TYPES = {"qwen2": Architecture.QWEN2, "qwen3": Architecture.QWEN3}
-_SUPPORTED_TEXT = "Qwen2ForCausalLM (Qwen1.5/Qwen2/Qwen2.5 and variants), Qwen3ForCausalLM (Qwen3 dense)"
+_MODEL_TYPES = {a.value: a for a in Architecture}
+_SUPPORTED_TEXT = (
+    "Qwen2ForCausalLM (Qwen1.5/Qwen2/Qwen2.5 and variants), Qwen3ForCausalLM (Qwen3 dense), "
+    "Qwen2MoeForCausalLM (Qwen1.5-MoE, Qwen2-MoE), Qwen3MoeForCausalLM (Qwen3-MoE)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,8 +217,14 @@ class ModelSpec:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    #: the sparse MLP of an MoE model (Qwen2-MoE, Qwen3-MoE); None for dense models
+    moe: MoESpec | None = None
 
     # ---------------------------------------------------------------- derived
+    def is_sparse_layer(self, layer: int) -> bool:
+        """Layer ``layer`` routes its MLP to experts (an MoE model's sparse layer)."""
+        return self.moe is not None and self.moe.sparse_layers[layer]
+
     @property
     def kv_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
@@ -294,7 +313,8 @@ class ModelSpec:
             raise ConfigError(
                 f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
             )
-        # transformers' Qwen3Config defaults head_dim to 128; Qwen2Config derives it from hidden_size.
+        # transformers' Qwen3Config defaults head_dim to 128; Qwen2Config derives it from hidden_size;
+        # the MoE attentions read head_dim when the config has one, else hidden_size // heads.
         head_dim = get.int("head_dim", default=128 if arch is Architecture.QWEN3 else None)
         if head_dim is None:
             if hidden % heads:
@@ -312,8 +332,11 @@ class ModelSpec:
         layer_types = _layer_types(raw, source, layers, sliding_window)
         if any(t is LayerType.SLIDING for t in layer_types) and sliding_window is None:
             raise ConfigError(f"{source}: layer_types has sliding_attention layers but no sliding_window is set")
+        moe = parse_moe(raw, source, arch.value, layers) if arch.is_moe else None
         if arch is Architecture.QWEN2:
             qkv_bias, o_bias, qk_norm = True, False, False
+        elif arch is Architecture.QWEN2_MOE:
+            qkv_bias, o_bias, qk_norm = bool(raw.get("qkv_bias", True)), False, False
         else:
             bias = bool(raw.get("attention_bias", False))
             qkv_bias, o_bias, qk_norm = bias, bias, True
@@ -355,6 +378,7 @@ class ModelSpec:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             pad_token_id=raw.get("pad_token_id"),
+            moe=moe,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -377,6 +401,8 @@ class ModelSpec:
         data["architecture"] = Architecture.parse(data["architecture"], "architecture")
         data["layer_types"] = tuple(LayerType.parse(t, "layer type") for t in data["layer_types"])
         data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
+        if data.get("moe") is not None:
+            data["moe"] = MoESpec.from_dict(data["moe"])
         rs = data.get("rope_scaling")
         if rs is not None:
             rs = dict(rs)

@@ -127,6 +127,34 @@ def qwen3(tiny_root: Path) -> Path:
     return make_checkpoint(tiny_root / "qwen3", "qwen3", tied=False, head_dim=32)
 
 
+#: the MoE fields of the tiny MoE checkpoints (4 or 8 experts, top-2)
+QWEN2_MOE = dict(
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    norm_topk_prob=False,
+    mlp_only_layers=[1],
+)
+QWEN3_MOE = dict(
+    num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=2
+)
+
+
+@pytest.fixture(scope="session")
+def qwen2_moe(tiny_root: Path) -> Path:
+    """Qwen2-MoE, 3 layers: sparse, dense (mlp_only_layers=[1]), sparse; 4 experts, top-2, no
+    renormalisation, a shared expert with its sigmoid gate; untied."""
+    return make_checkpoint(tiny_root / "qwen2_moe", "qwen2_moe", tied=False, layers=3, moe=QWEN2_MOE)
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe(tiny_root: Path) -> Path:
+    """Qwen3-MoE, 3 layers with decoder_sparse_step 2 (dense, sparse, dense); 8 experts, top-2,
+    norm_topk_prob; no shared expert; q/k norms; untied."""
+    return make_checkpoint(tiny_root / "qwen3_moe", "qwen3_moe", tied=False, layers=3, moe=QWEN3_MOE)
+
+
 @dataclass
 class ModuleScratch:
     """Directories and cached builds that live for one test module, then are deleted.

@@ -425,3 +425,20 @@ def test_precision_split_prefills_in_bf16_and_decodes_in_f32_on_one_cache(quanti
     assert split.num_cached_tokens == prompt.shape[1] + 1
     with pytest.raises(OptionError, match="precision split .* needs the paged attention"):
         _engine(art, Attention.STATEFUL, precision=Precision.SPLIT)
+
+
+def test_moe_experts_stay_sparse_in_the_compiled_cpu_model(export) -> None:
+    """The CPU plugin keeps each expert on its routed tokens (NonZero, GatherND, its projections as
+    FullyConnected, ScatterNDUpdate): nothing densifies the experts. OpenVINO's MOE fusion is the GPU
+    plugin's (benchmarks/moe_openvino_probe.py: its vectorized pattern stays dense on the CPU)."""
+    out = export("qwen2_moe", target="openvino")
+    compiled = ov.Core().compile_model(str(out / "openvino_model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    kinds = [op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ops()]
+    sparse_layers, experts = 2, 4
+    assert kinds.count("NonZero") == sparse_layers * experts
+    assert kinds.count("ScatterNDUpdate") == sparse_layers * experts
+    assert "MOE" not in kinds
+    # per sparse layer: router, 3 per expert, shared expert 3 + gate; dense layer 1: 3; per layer 4
+    # attention projections (q, k, v, o); the lm_head
+    projections = sparse_layers * (1 + 3 * experts + 4) + 3 + 3 * 4 + 1
+    assert kinds.count("FullyConnected") == projections

@@ -54,7 +54,15 @@ def _exported(target: str) -> str:
     return RUNS[target][0]
 
 
-ARCH_CASES = ["qwen2_tied", "qwen2_untied", "qwen2_yarn_bf16_sharded", "qwen3", "qwen2_sliding"]
+ARCH_CASES = [
+    "qwen2_tied",
+    "qwen2_untied",
+    "qwen2_yarn_bf16_sharded",
+    "qwen3",
+    "qwen2_sliding",
+    "qwen2_moe",
+    "qwen3_moe",
+]
 
 
 @pytest.mark.parametrize("case", ARCH_CASES)
@@ -75,9 +83,10 @@ def test_prefill_and_32_decode_steps_match_transformers(
     assert engine.num_cached_tokens == len(prompt) + 32
 
 
-def test_batch_of_two_with_left_padding(qwen2_untied: Path, export, target: str) -> None:
-    engine = _open(export("qwen2_untied", target=_exported(target)), target).engine
-    model = reference.model(qwen2_untied)
+@pytest.mark.parametrize("case", ["qwen2_untied", "qwen2_moe"])
+def test_batch_of_two_with_left_padding(case: str, request: pytest.FixtureRequest, export, target: str) -> None:
+    engine = _open(export(case, target=_exported(target)), target).engine
+    model = reference.model(request.getfixturevalue(case))
     long, short = reference.prompt(12, 1), reference.prompt(7, 2)
     ids = np.zeros((2, 12), np.int64)
     mask = np.zeros((2, 12), np.int64)

@@ -99,6 +99,19 @@ def _print_details(artifact: Path, manifest: Any, info: dict[str, Any]) -> None:
             highlight=False,
             soft_wrap=True,
         )
+    moe = info.get("moe")
+    if moe is not None:
+        shared = moe["shared_expert_intermediate_size"]
+        console.print(
+            f"mixture of experts: {moe['experts']} experts (intermediate {moe['expert_intermediate_size']}), "
+            f"top-{moe['top_k']}{' renormalised' if moe['norm_topk_prob'] else ''}, "
+            f"{'shared expert ' + str(shared) if shared else 'no shared expert'}; "
+            f"{moe['sparse_layers']} sparse + {moe['dense_layers']} dense layers; parameters "
+            f"{moe['total_params']:,} total, {moe['active_params_per_token']:,} active per token",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
     for backend in targets.registered():
         for line in backend.inspect_lines(artifact, manifest):
             console.print(line, highlight=False, soft_wrap=True)

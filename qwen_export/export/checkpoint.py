@@ -286,12 +286,33 @@ def expected_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         if spec.qk_norm:
             out[p + "self_attn.q_norm.weight"] = (spec.head_dim,)
             out[p + "self_attn.k_norm.weight"] = (spec.head_dim,)
-        out[p + "mlp.gate_proj.weight"] = (inter, h)
-        out[p + "mlp.up_proj.weight"] = (inter, h)
-        out[p + "mlp.down_proj.weight"] = (h, inter)
+        if spec.is_sparse_layer(i):
+            out.update(_moe_tensors(spec, p + "mlp."))
+        else:
+            out[p + "mlp.gate_proj.weight"] = (inter, h)
+            out[p + "mlp.up_proj.weight"] = (inter, h)
+            out[p + "mlp.down_proj.weight"] = (h, inter)
     out["model.norm.weight"] = (h,)
     if not spec.tie_word_embeddings:
         out["lm_head.weight"] = (spec.vocab_size, h)
+    return out
+
+
+def _moe_tensors(spec: ModelSpec, p: str) -> dict[str, tuple[int, ...]]:
+    """A sparse layer's MLP (transformers' per-expert checkpoint names): router, experts, shared expert."""
+    moe, h = spec.moe, spec.hidden_size
+    assert moe is not None
+    out: dict[str, tuple[int, ...]] = {p + "gate.weight": (moe.num_experts, h)}
+    for e in range(moe.num_experts):
+        out[f"{p}experts.{e}.gate_proj.weight"] = (moe.intermediate_size, h)
+        out[f"{p}experts.{e}.up_proj.weight"] = (moe.intermediate_size, h)
+        out[f"{p}experts.{e}.down_proj.weight"] = (h, moe.intermediate_size)
+    if moe.has_shared_expert:
+        inter = moe.shared_expert_intermediate_size
+        out[p + "shared_expert.gate_proj.weight"] = (inter, h)
+        out[p + "shared_expert.up_proj.weight"] = (inter, h)
+        out[p + "shared_expert.down_proj.weight"] = (h, inter)
+        out[p + "shared_expert_gate.weight"] = (1, h)
     return out
 
 

@@ -154,14 +154,64 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype) -> None:
+    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.gate_proj = Linear(spec.hidden_size, spec.intermediate_size, False, dtype)
-        self.up_proj = Linear(spec.hidden_size, spec.intermediate_size, False, dtype)
-        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, False, dtype)
+        self.gate_proj = Linear(hidden, intermediate, False, dtype)
+        self.up_proj = Linear(hidden, intermediate, False, dtype)
+        self.down_proj = Linear(intermediate, hidden, False, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE(nn.Module):
+    """A sparse layer's MLP (transformers' Qwen2MoeSparseMoeBlock / Qwen3MoeSparseMoeBlock).
+
+    Router: ``softmax(x @ gate)`` in float32, top-k, renormalised when ``norm_topk_prob``, cast to
+    the activation dtype. Each expert runs on the tokens routed to it only (``NonZero`` of its
+    top-k hits, ``Gather`` of those rows, the expert's three MatMuls, ``ScatterND`` add back), in
+    expert order as transformers accumulates them; every expert keeps its own 2-D weights, so the
+    quantization passes see ordinary linear weights. The shared expert (Qwen2-MoE) is added,
+    scaled by ``sigmoid(x @ shared_expert_gate)``. The nodes of the routed part are traced under
+    the scope ``model.layers.{i}.mlp`` (targets' MoE lowerings find the block there)."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype) -> None:
+        super().__init__()
+        moe = spec.moe
+        assert moe is not None
+        h = spec.hidden_size
+        self.top_k, self.norm_topk_prob = moe.top_k, moe.norm_topk_prob
+        self.gate = Linear(h, moe.num_experts, False, dtype)
+        self.experts = nn.ModuleList(MLP(h, moe.intermediate_size, dtype) for _ in range(moe.num_experts))
+        self.shared_expert: MLP | None = None
+        if moe.has_shared_expert:
+            self.shared_expert = MLP(h, moe.shared_expert_intermediate_size, dtype)
+            self.shared_expert_gate = Linear(h, 1, False, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        probs = torch.softmax(self.gate(flat).to(torch.float32), dim=-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            # NonZero on a float mask and a plain ScatterND (a token picks an expert at most once),
+            # added in expert order: standard ops every target's parser takes (TensorRT: no BOOL
+            # NonZero, no ScatterND reduction)
+            # columns taken with select (Gather), not as_tuple's Slices: onnxscript's Slice-pair
+            # rewrite rule scans the whole graph per Slice, quadratic in a 128-expert graph
+            hits = torch.nonzero((chosen == e).to(x.dtype))
+            token, slot = hits[:, 0], hits[:, 1]
+            y = expert(flat[token]) * weights[token, slot][:, None]
+            out = out + torch.zeros_like(flat).index_put((token,), y)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        # batch as -1: the exporter reads a named batch dim from attention_mask, which OpenVINO's
+        # paged-attention rewrite removes
+        return out.reshape(-1, shape[1], shape[2])
 
 
 class DecoderLayer(nn.Module):
@@ -170,7 +220,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
         self.self_attn = Attention(spec, layer, dtype)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
-        self.mlp = MLP(spec, dtype)
+        self.mlp: nn.Module
+        if spec.is_sparse_layer(layer):
+            self.mlp = SparseMoE(spec, dtype)
+        else:
+            self.mlp = MLP(spec.hidden_size, spec.intermediate_size, dtype)
 
     def forward(
         self,

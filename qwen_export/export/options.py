@@ -209,9 +209,10 @@ class Int4Defaults:
     ``--embedding-bits`` are not given: the most accurate combination measured on a real Qwen2.5
     checkpoint within the size of optimum-intel's int4 artifact (benchmarks/README.md, quant_real.py).
 
-    - ``algorithm``: GPTQ (on the real Qwen2.5-Coder-1.5B, asymmetric, all-4-bit: mean KL 0.0326
-      against RTN's 0.0368 and onnxruntime-genai int4's 0.0483; with the 8-bit attention below
-      0.0264 against RTN's 0.0286; ``awq-gptq`` was not measured there in time);
+    - ``algorithm``: RTN for mixture-of-experts models (GPTQ is not built for them); otherwise
+      GPTQ (on the real Qwen2.5-Coder-1.5B, asymmetric, all-4-bit: mean KL 0.0326 against RTN's
+      0.0368 and onnxruntime-genai int4's 0.0483; with the 8-bit attention below 0.0264 against
+      RTN's 0.0286; ``awq-gptq`` was not measured there in time);
     - asymmetric (a zero point per block) where the target takes zero points (not TensorRT);
     - the embedding at 4 bits when the lm_head is separate (untied): it is only gathered, and its
       8 bits would put the artifact over that size; 8 bits when it is also the (tied) lm_head;
@@ -233,17 +234,25 @@ class Int4Defaults:
         keeps its own quantization: :func:`prequantized_default`)."""
         from qwen_export.quant.prequant import read_config
 
-        tied = True
+        tied, moe = True, False
         config = Path(checkpoint) / "config.json" if checkpoint is not None else None
         if config is not None and config.is_file():
             try:
                 if read_config(config) is not None:
                     return None
-                tied = ModelSpec.from_config_file(config).tie_word_embeddings
+                spec = ModelSpec.from_config_file(config)
+                tied, moe = spec.tie_word_embeddings, spec.moe is not None
             except QwenExportError:
                 pass  # a defective config.json: the export reports it with its own message
+        # MoE: GPTQ's layer runner does not route calibration tokens through the experts: RTN
+        algorithm = QuantAlgorithm.RTN if moe else cls.algorithm
         promoted = ATTENTION_INT8 if backend.mixed_bits else ()
-        return cls(symmetric=not backend.zero_points, embedding_bits=8 if tied else 4, int8_weights=promoted)
+        return cls(
+            algorithm=algorithm,
+            symmetric=not backend.zero_points,
+            embedding_bits=8 if tied else 4,
+            int8_weights=promoted,
+        )
 
 
 #: ``--int8``'s default for int4 (:class:`Int4Defaults`): every attention projection

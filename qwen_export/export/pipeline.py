@@ -72,6 +72,11 @@ def _export(
         from qwen_export.passes.quantize import check_scheme
 
         check_scheme(options.quant, spec.num_hidden_layers)
+        if spec.moe is not None and options.quant.algorithm.calibrated:
+            raise OptionError(
+                f"--algorithm {options.quant.algorithm.value} is not built for mixture-of-experts models (its "
+                "calibration runner does not route tokens through the experts); use --algorithm rtn or clip"
+            )
     with tempfile.TemporaryDirectory(prefix="qwen-export-calibration-") as scratch:
         calibration, stats, weights = _calibrate(ckpt, options, timer, hooks, Path(scratch))
         prepared = (max_length, tokenizer_files, stats, calibration, keep)

@@ -39,6 +39,7 @@ QWEN25_05B_SHAPE: dict[str, object] = dict(
     rope_theta=1_000_000.0,
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_ARCHS = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 _ENDOFTEXT, _IM_END = 151643, 151645
 
 
@@ -76,6 +77,7 @@ def make_checkpoint(
     seed: int = 0,
     tokenizer: bool | None = None,
     tokenizer_dir: str | Path | None = None,
+    moe: dict[str, Any] | None = None,
 ) -> Path:
     """Write a tiny Hugging Face checkpoint (config, generation config, safetensors, tokenizer).
 
@@ -87,12 +89,17 @@ def make_checkpoint(
     ``attention_bias`` (Qwen2 always has q/k/v biases). ``init="lively"`` re-draws the weights so a
     tiny model has peaked attention and logits with a std of a few units; ``init="transformers"``
     keeps transformers' own initialisation (normal, std 0.02: small logits). The tokenizer files are written when
-    ``tokenizer`` is true (default: when ``vocab`` covers the tokenizer). Returns ``out_dir``.
+    ``tokenizer`` is true (default: when ``vocab`` covers the tokenizer). ``arch`` ``"qwen2_moe"`` /
+    ``"qwen3_moe"`` take ``moe``: the config's MoE fields (``num_experts``, ``num_experts_per_tok``,
+    ``moe_intermediate_size``, ``shared_expert_intermediate_size``, ``norm_topk_prob``,
+    ``decoder_sparse_step``, ``mlp_only_layers``; transformers' defaults otherwise). Returns ``out_dir``.
     """
     import torch
 
-    if arch not in ("qwen2", "qwen3"):
-        raise ValueError(f"arch must be 'qwen2' or 'qwen3', not {arch!r}")
+    if arch not in _ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(_ARCHS)}, not {arch!r}")
+    if (moe is not None) != arch.endswith("_moe"):
+        raise ValueError("moe= is given with arch 'qwen2_moe' or 'qwen3_moe' (and only then)")
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {', '.join(dtypes)}, not {dtype!r}")
@@ -115,6 +122,7 @@ def make_checkpoint(
             max_window_layers=1,
         ),
         yarn=yarn,
+        moe=moe,
         head_dim=head_dim,
         attention_bias=attention_bias,
         init=init,
@@ -150,6 +158,7 @@ def _build_model(
     kwargs: dict[str, object],
     *,
     yarn: bool,
+    moe: dict[str, Any] | None,
     head_dim: int | None,
     attention_bias: bool,
     init: str,
@@ -169,7 +178,14 @@ def _build_model(
     if yarn:
         original = kwargs["max_position_embeddings"] // 4
         kwargs["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": original}
-    if arch == "qwen3":
+    if moe is not None:
+        kwargs.update(moe, head_dim=head_dim or hidden // heads)
+        if arch == "qwen3_moe":
+            kwargs.update(attention_bias=attention_bias)
+            config, model_cls = transformers.Qwen3MoeConfig(**kwargs), transformers.Qwen3MoeForCausalLM
+        else:
+            config, model_cls = transformers.Qwen2MoeConfig(**kwargs), transformers.Qwen2MoeForCausalLM
+    elif arch == "qwen3":
         kwargs.update(head_dim=head_dim or hidden // heads, attention_bias=attention_bias)
         config, model_cls = transformers.Qwen3Config(**kwargs), transformers.Qwen3ForCausalLM
     else:
@@ -220,7 +236,7 @@ def _reinit(model: object, seed: int) -> None:
                 values = 0.1 * torch.randn(param.shape, generator=gen)
             elif name in ("model.embed_tokens.weight", "lm_head.weight"):
                 values = 0.5 * torch.randn(param.shape, generator=gen)
-            else:  # linear layers: unit-variance init, q/k doubled so attention is peaked
-                scale = (2.0 if ("q_proj" in name or "k_proj" in name) else 1.0) / math.sqrt(param.shape[1])
+            else:  # linear layers (and stacked experts [E, N, K]): unit-variance init, q/k doubled
+                scale = (2.0 if ("q_proj" in name or "k_proj" in name) else 1.0) / math.sqrt(param.shape[-1])
                 values = scale * torch.randn(param.shape, generator=gen)
             param.copy_(values)

@@ -90,15 +90,17 @@ def _trace_fresh(spec: ModelSpec, options: TraceOptions) -> ir.Model:
         return model
     from qwen_export.export.replicate import replicate_layers
 
-    # one prototype layer per distinct layer type, in order of appearance; a pruned last layer is
-    # a prototype of its own, traced last
-    body = spec.layer_types[:-1] if options.pruned else spec.layer_types
+    # one prototype layer per distinct (layer type, dense or sparse MLP), in order of appearance;
+    # a pruned last layer is a prototype of its own, traced last
+    every = [(t, spec.is_sparse_layer(i)) for i, t in enumerate(spec.layer_types)]
+    body = every[:-1] if options.pruned else every
     kinds = list(dict.fromkeys(body))
     which = [kinds.index(t) for t in body]
     if options.pruned:
         which.append(len(kinds))
-        kinds.append(spec.layer_types[-1])
-    prototype = dataclasses.replace(spec, num_hidden_layers=len(kinds), layer_types=tuple(kinds))
+        kinds.append(every[-1])
+    moe = spec.moe and dataclasses.replace(spec.moe, sparse_layers=tuple(sparse for _, sparse in kinds))
+    prototype = dataclasses.replace(spec, num_hidden_layers=len(kinds), layer_types=tuple(t for t, _ in kinds), moe=moe)
     model = _trace(prototype, options)
     replicate_layers(model, which, len(kinds))
     _name_dims(model, options.cache)

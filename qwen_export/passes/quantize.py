@@ -26,10 +26,12 @@ Nothing is quantized here: the new initializers are lazy tensors computed from t
 when the model is written (one tensor at a time), so the export's memory stays bounded.
 
 Kept in the model dtype (recorded in :attr:`QuantizeWeights.kept`, name -> reason): weights of
-``scheme.keep_layers``, the embedding (and tied head) with ``Keep.EMBEDDING``, an untied lm_head
-with ``Keep.LM_HEAD``, any weight whose quantized axis (K, or H for the embedding) is not a
-multiple of the block size, and any weight of those names that is not where the rewrites expect it
-(not a constant 2-D float initializer, or read by other ops). Quantization uses ``scheme.algorithm``
+``scheme.keep_layers``, an MoE layer's router (``mlp.gate``) and shared-expert gate (every routed
+and shared expert's weights are quantized like any linear weight), the embedding (and tied head)
+with ``Keep.EMBEDDING``, an untied lm_head with ``Keep.LM_HEAD``, any weight whose quantized axis
+(K, or H for the embedding) is not a multiple of the block size, and any weight of those names
+that is not where the rewrites expect it (not a constant 2-D float initializer, or read by other
+ops). Quantization uses ``scheme.algorithm``
 (RTN or the data-free clip search); with AWQ the weights were scaled by the ``awq`` pass
 (:mod:`.awq`) and are quantized here with the importance-weighted clip search (AWQ's auto-clip;
 RTN for the weights the ``awq`` pass left alone).
@@ -73,6 +75,8 @@ KEPT = "kept"
 EMBEDDING_NAME = "model.embed_tokens.weight"
 LM_HEAD_NAME = "lm_head.weight_t"
 _LAYER_WEIGHT = re.compile(r"^model\.layers\.(\d+)\..+\.weight_t$")
+#: an MoE layer's router and shared-expert gate: their top-k choice is kept in the activation dtype
+_ROUTER_WEIGHT = re.compile(r"^model\.layers\.\d+\.mlp\.(gate|shared_expert_gate)\.weight_t$")
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
@@ -302,6 +306,8 @@ class QuantizeWeights(GraphPass):
         match = _LAYER_WEIGHT.match(name)
         if match is not None and int(match.group(1)) in s.keep_layers:
             return f"layer {match.group(1)} in keep_layers"
+        if _ROUTER_WEIGHT.match(name):
+            return "MoE router (routing stays in the activation dtype)"
         if name == LM_HEAD_NAME and Keep.LM_HEAD in s.keep:
             return "keep lm_head"
         if name == EMBEDDING_NAME and Keep.EMBEDDING in s.keep:

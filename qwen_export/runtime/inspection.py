@@ -1,5 +1,6 @@
 """What ``qwen-export inspect`` shows: op histogram, node count, file sizes, the passes that ran
-(with how often each rule fired), the KV cache layout and the onnxruntime-genai config of an artifact."""
+(with how often each rule fired), the KV cache layout, the onnxruntime-genai config of an artifact
+and, for a mixture-of-experts model, its experts, top-k and active parameters per token."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_export.artifact import Manifest, read_artifact_file
-from qwen_export.errors import ArtifactError
+from qwen_export.errors import ArtifactError, QwenExportError
 from qwen_export.onnx_writer import qualified_op
 from qwen_export.quant.scheme import describe_weights
 
@@ -43,7 +44,43 @@ def describe(artifact: str | Path, manifest: Manifest) -> dict[str, Any]:
     info["passes"] = [pass_summary(record) for record in manifest.passes if isinstance(record, dict)]
     info["kv_cache"] = kv_cache_summary(manifest.extra.get("kv_cache"))
     info["genai"] = _genai_summary(root, manifest) if "genai_config.json" in manifest.files else None
+    info["moe"] = moe_summary(manifest.spec)
     return info
+
+
+def moe_summary(spec_dict: Any) -> dict[str, Any] | None:
+    """An MoE model's experts, top-k, sparse layers, shared expert and parameter counts (total, and
+    active per token: every weight a token reads, the embedding row table and lm_head included as
+    the model cards count them); None for a dense model or an unreadable spec."""
+    from qwen_export.spec import ModelSpec
+
+    try:
+        spec = ModelSpec.from_dict(spec_dict)
+    except (QwenExportError, KeyError, TypeError, ValueError):
+        return None
+    moe = spec.moe
+    if moe is None:
+        return None
+    h = spec.hidden_size
+    attn = h * (spec.q_size + 2 * spec.kv_size) + spec.q_size * h + 2 * h
+    attn += (spec.q_size + 2 * spec.kv_size) if spec.qkv_bias else 0
+    attn += 2 * spec.head_dim if spec.qk_norm else 0
+    dense_mlp = 3 * h * spec.intermediate_size
+    sparse = sum(moe.sparse_layers)
+    dense = spec.num_hidden_layers - sparse
+    outside = spec.vocab_size * h * (1 if spec.tie_word_embeddings else 2) + h
+    common = outside + spec.num_hidden_layers * attn + dense * dense_mlp
+    return {
+        "experts": moe.num_experts,
+        "top_k": moe.top_k,
+        "norm_topk_prob": moe.norm_topk_prob,
+        "expert_intermediate_size": moe.intermediate_size,
+        "shared_expert_intermediate_size": moe.shared_expert_intermediate_size,
+        "sparse_layers": sparse,
+        "dense_layers": dense,
+        "total_params": common + sparse * moe.total_mlp_params(h),
+        "active_params_per_token": common + sparse * moe.active_mlp_params(h),
+    }
 
 
 def _openvino_ops(path: Path) -> Counter[str]:

@@ -43,7 +43,8 @@ class OnnxRuntimeTarget:
 
     def passes(self, spec: ModelSpec, fuse: bool, ctx: Any, report: Any) -> tuple[list[Any], KVLayout]:
         """Fused: cleanup, RMSNorm, rotary, GQA, packed QKV, [weight quantization, MatMulNBits
-        lowering], cleanup, shared KV buffer. Unfused: cleanup [, quantization, lowering]."""
+        lowering], [MoE: experts -> MoE / QMoE], cleanup, shared KV buffer. Unfused: cleanup [,
+        quantization, lowering]."""
         from qwen_export.passes.cleanup import CleanupPass
         from qwen_export.passes.quantization import quantization_passes
 
@@ -75,10 +76,20 @@ class OnnxRuntimeTarget:
             AttentionFusion(strict_expected=expected(n), explain=ctx.explain),
             PackedQKVFusion(strict_expected=expected(n), explain=ctx.explain),
             *quantize,
+            *self._moe(spec, ctx),
             CleanupPass(),
             SharedKVBuffer(n, strict=strict),
         ]
         return passes, KVLayout.SHARED
+
+    @staticmethod
+    def _moe(spec: ModelSpec, ctx: Any) -> list[Any]:
+        """An MoE model's routed experts -> com.microsoft MoE / QMoE (after the MatMulNBits lowering)."""
+        if spec.moe is None:
+            return []
+        from qwen_export.targets.onnxruntime.moe import MoELowering
+
+        return [MoELowering(spec, explain=ctx.explain)]
 
     def emit(self, model: Any, out: Path, job: EmitJob) -> dict[str, Any]:
         """model.onnx + model.onnx.data (streamed) and onnxruntime-genai's genai_config.json."""

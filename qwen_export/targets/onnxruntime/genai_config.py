@@ -37,8 +37,14 @@ PAST_VALUE = "past_key_values.%d.value"
 PRESENT_KEY = "present.%d.key"
 PRESENT_VALUE = "present.%d.value"
 
-#: genai's model type for each architecture (both are in the runtime's list of decoder-only types).
-MODEL_TYPES = {Architecture.QWEN2: "qwen2", Architecture.QWEN3: "qwen3"}
+#: genai's model type for each architecture (qwen2 and qwen3 are in the runtime's list of
+#: decoder-only types; the MoE graphs are ordinary decoder graphs to it: same IO, the experts inside)
+MODEL_TYPES = {
+    Architecture.QWEN2: "qwen2",
+    Architecture.QWEN3: "qwen3",
+    Architecture.QWEN2_MOE: "qwen2",
+    Architecture.QWEN3_MOE: "qwen3",
+}
 
 #: generation_config.json keys copied into genai's ``search`` section (same names in both files).
 _SEARCH_KEYS = {"do_sample": bool, "temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float}
