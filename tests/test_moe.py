@@ -5,6 +5,7 @@ transformers (prefill + 32 decode steps, a left-padded batch) is in test_parity.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from qwen_export.export import parity
 from qwen_export.export.pipeline import ExportOptions
 from qwen_export.export.pipeline import export as run_export
 from qwen_export.passes.base import op_histogram
+from qwen_export.passes.cleanup import FOLD_SIZE_LIMIT
 from qwen_export.quant.numeric import dequantize, quantize_rtn
 from qwen_export.quant.scheme import QuantAlgorithm, QuantScheme, WeightFormat
 from qwen_export.runtime.inspection import moe_summary
@@ -156,6 +158,8 @@ def _dequantized_reference(checkpoint: Path, scheme: QuantScheme, ids: list[int]
             bits = scheme.embedding_bits if "embed_tokens" in name else scheme.bits
             rows = param.reshape(-1, param.shape[-1]).numpy()
             q = quantize_rtn(rows, bits, scheme.block_size, 1, scheme.symmetric)
+            if param.shape[-2] * param.shape[-1] // scheme.block_size > FOLD_SIZE_LIMIT:  # compact scales (float16)
+                q = dataclasses.replace(q, scales=q.scales.astype(np.float16).astype(q.scales.dtype))
             param.copy_(torch.from_numpy(dequantize(q)).reshape(param.shape))
     return ref.logits(ids)
 
@@ -196,6 +200,24 @@ def test_int4_experts_equal_their_dequantized_weights(quantized, request: pytest
     reference = _dequantized_reference(request.getfixturevalue(fixture), options.quant, ids)  # type: ignore[arg-type]
     m = _metrics(reference, parity.artifact_logits(open_artifact(art).engine, ids), ids)
     assert m["max_abs"] < 2e-3 and m["top1"] == 1.0 and m["mean_kl"] < 1e-6, m
+
+
+def test_compact_scales_reach_qmoe(quantized, qwen3_moe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Experts whose MatMulNBits scales are compact (float16 read through a Cast, as real-size experts'
+    are; forced here on the tiny model) still become one QMoE, with the same logits up to float16's
+    rounding of the scales."""
+    from qwen_export.targets.onnxruntime import matmulnbits
+
+    monkeypatch.setattr(matmulnbits, "FOLD_SIZE_LIMIT", 0)
+    _, options = CASES["qwen3_int4_exact"]
+    run_export(qwen3_moe, tmp_path / "compact", options)
+    manifest = json.loads((tmp_path / "compact" / "manifest.json").read_text())
+    fired = {p["name"]: p["fired"] for p in manifest["passes"]}
+    assert fired["moe"]["qmoe"] == 1 and fired["matmulnbits"]["compact_scale_values"] > 0
+    ids = _ids(tmp_path / "compact")
+    plain = parity.artifact_logits(open_artifact(quantized("qwen3_int4_exact")).engine, ids)
+    m = _metrics(plain, parity.artifact_logits(open_artifact(tmp_path / "compact").engine, ids), ids)
+    assert m["top1"] == 1.0 and m["mean_kl"] < 1e-4, m
 
 
 def test_int8_close_to_fp32(quantized, export) -> None:

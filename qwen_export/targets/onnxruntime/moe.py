@@ -204,15 +204,27 @@ class MoELowering(GraphPass):
 
         # the expert tensors themselves (lazy), not the nodes: those are removed after this pass
         tensors = {
-            (e, proj, idx): node.inputs[idx].const_value  # type: ignore[union-attr]
+            (e, proj, idx): _constant_tensor(node.inputs[idx])
             for (e, proj), node in block.nodes.items()
             for idx in range(1, min(len(node.inputs), 4))
             if node.inputs[idx] is not None
         }
+
+        def as_activation(value: ir.Value) -> ir.Value:
+            """Compact (float16-stored) scales cast to the activations' float type, as MatMulNBits read them."""
+            if value.dtype == block.flat.dtype or block.flat.dtype is None:
+                return value
+            cast = ir.node("Cast", [value], {"to": block.flat.dtype}, name=f"{value.name}/Cast")
+            cast.outputs[0].name, cast.outputs[0].dtype = f"{value.name}_cast", block.flat.dtype
+            cast.outputs[0].shape = value.shape
+            graph.insert_before(block.routed.producer(), cast)  # type: ignore[arg-type]
+            return cast.outputs[0]
+
         if quant is None:
             op, inputs = "MoE", self._float_inputs(tensors, stacked)
         else:
             op, inputs = "QMoE", self._quantized_inputs(tensors, quant, stacked)
+            inputs = [as_activation(v) if v is not None and v.name.endswith("_scales") else v for v in inputs]
             attrs |= {"expert_weight_bits": quant["bits"], "block_size": quant["block_size"]}
             attrs["accuracy_level"] = quant["accuracy_level"]
         node = ir.node(op, [block.flat, block.logits, *inputs], attrs, domain=MS_DOMAIN, name=f"{base}/{op}")
@@ -278,6 +290,17 @@ class MoELowering(GraphPass):
                 stacked("fc2_zero_points", fc2(3), ir.DataType.UINT8, (h, zp_bytes(inter))),
             ]
         return out
+
+
+def _constant_tensor(value: ir.Value) -> Any:
+    """The constant tensor ``value`` holds: an initializer's, or for compact scales (a ``Cast`` of a
+    float16 initializer, :mod:`.matmulnbits`) the float16 initializer's."""
+    if value.const_value is not None:
+        return value.const_value
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Cast" and producer.inputs[0] is not None:
+        return producer.inputs[0].const_value
+    return None
 
 
 def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
