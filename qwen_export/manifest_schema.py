@@ -129,6 +129,30 @@ def _check_spec(spec: Any, source: str) -> None:
         r.int("original_max_position_embeddings", optional=True, nullable=True)
         if "truncate" in rope:
             r.bool("truncate")
+    if spec.get("moe") is not None:
+        _check_moe(spec["moe"], spec["num_hidden_layers"], source)
+
+
+def _check_moe(moe: Any, layers: int, source: str) -> None:
+    """``spec.moe`` (:class:`qwen_export.moe.MoESpec`): its fields, types and ranges."""
+    import dataclasses as dc
+
+    from qwen_export.moe import MoESpec
+
+    m = _Fields(moe, "spec.moe", source)
+    fields = {field.name for field in dc.fields(MoESpec)}
+    unknown, missing = sorted(set(moe) - fields), sorted(fields - set(moe))
+    if unknown or missing:
+        raise ArtifactError(f"{source}: spec.moe has unknown fields {unknown[:5]} or lacks {missing[:5]}")
+    for key in ("num_experts", "top_k", "intermediate_size"):
+        m.int(key)
+    m.int("shared_expert_intermediate_size", low=0)
+    m.bool("norm_topk_prob")
+    sparse = moe.get("sparse_layers")
+    if not isinstance(sparse, list) or len(sparse) != layers or not all(isinstance(x, bool) for x in sparse):
+        raise m.fail("sparse_layers", "a list of num_hidden_layers true/false values")
+    if moe["top_k"] > moe["num_experts"]:
+        raise m.fail("top_k", "at most num_experts")
 
 
 def _rope_class() -> type:
