@@ -144,6 +144,7 @@ def test_tied_int8_every_linear_is_matmulnbits(quantized) -> None:
         "matmulnbits_bias": 2,  # Qwen2's packed q/k/v bias went into MatMulNBits' bias input
         "gather_block_quantized": 1,
         "tied_lm_head": 1,
+        "compact_scale_values": 2 * V * H // 32,  # the table's gather and head scales, stored as float16
     }
     model = _model(art)
     for node in _nodes(model, "MatMulNBits"):

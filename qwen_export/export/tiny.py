@@ -90,9 +90,8 @@ def make_checkpoint(
     tiny model has peaked attention and logits with a std of a few units; ``init="transformers"``
     keeps transformers' own initialisation (normal, std 0.02: small logits). The tokenizer files are written when
     ``tokenizer`` is true (default: when ``vocab`` covers the tokenizer). ``arch`` ``"qwen2_moe"`` /
-    ``"qwen3_moe"`` take ``moe``: the config's MoE fields (``num_experts``, ``num_experts_per_tok``,
-    ``moe_intermediate_size``, ``shared_expert_intermediate_size``, ``norm_topk_prob``,
-    ``decoder_sparse_step``, ``mlp_only_layers``; transformers' defaults otherwise). Returns ``out_dir``.
+    ``"qwen3_moe"`` take ``moe``: the config's MoE fields (``num_experts``, ``num_experts_per_tok``, ...;
+    transformers' defaults for those not given). Returns ``out_dir``.
     """
     import torch
 
