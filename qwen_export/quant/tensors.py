@@ -400,7 +400,7 @@ def _matmulnbits_b(q: BlockQuantized) -> np.ndarray:
 
 
 def _gather_data(q: BlockQuantized) -> np.ndarray:
-    return numeric.pack_bits_last(q.unsigned_codes(), q.bits)
+    return numeric.pack_codes_last(q)
 
 
 def _suffixed(name: str | None, suffix: str) -> str | None:
