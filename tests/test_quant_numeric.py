@@ -4,6 +4,7 @@ agreement with ONNX Runtime's DequantizeLinear / MatMulNBits / GatherBlockQuanti
 from __future__ import annotations
 
 import io
+import os
 import tracemalloc
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from qwen_export.quant.numeric import (
     transpose_blocks,
     unpack_bits_last,
     unpack_onnx_int4,
+    write_onnx_int4,
 )
 from qwen_export.quant.scheme import QuantAlgorithm
 from qwen_export.quant.tensors import QuantizedPartTensor, dequantize_linear_initializers
@@ -238,6 +240,18 @@ def test_chunked_packing_equals_whole(bits: int, symmetric: bool, monkeypatch: p
         monkeypatch.undo()
 
 
+@pytest.mark.parametrize("shape", [(6, 10), (5, 3, 4), (7, 5), (9,), (4, 0)])
+def test_write_onnx_int4_in_chunks(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of rows (or the whole tensor when a row holds an odd count) give pack_onnx_int4's bytes."""
+    monkeypatch.setattr(numeric, "PACK_CHUNK_BYTES", 12)
+    rng = np.random.default_rng(len(shape))
+    for codes in (rng.integers(-8, 8, shape).astype(np.int8), rng.integers(0, 16, shape).astype(np.uint8)):
+        for view in (codes, codes.T):
+            f = io.BytesIO()
+            assert write_onnx_int4(view, f) == len(f.getvalue())
+            assert f.getvalue() == pack_onnx_int4(view)
+
+
 def _traced_peak(fn: object, *args: object) -> int:
     tracemalloc.start()
     try:
@@ -269,6 +283,9 @@ def test_packing_a_big_table_allocates_little_beyond_its_result(monkeypatch: pyt
     assert _traced_peak(pack_matmulnbits, unsigned) < 0.5 * codes + scales_etc + chunks
     assert _traced_peak(pack_codes_last, signed) < 0.5 * codes + chunks
     assert _traced_peak(pack_bits_last, unsigned.codes, 4) < 0.5 * codes + chunks
+    # the portable DequantizeLinear form: int4 codes streamed to the file, nothing full-size
+    with open(os.devnull, "wb") as sink:
+        assert _traced_peak(write_onnx_int4, signed.codes, sink) < chunks
 
 
 # --- ONNX Runtime agreement ------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import BinaryIO
 
 import numpy as np
 from onnx_ir import _type_casting
@@ -296,6 +297,24 @@ def pack_onnx_int4(codes: np.ndarray) -> bytes:
     if codes.dtype not in (np.int8, np.uint8):
         raise ValueError(f"int4 codes must be int8 or uint8, got {codes.dtype}")
     return _type_casting.pack_4bitx2(codes).tobytes()
+
+
+def write_onnx_int4(codes: np.ndarray, f: BinaryIO) -> int:
+    """Write :func:`pack_onnx_int4` of ``codes`` to ``f``, packed in chunks of rows when each row
+    holds an even count of codes (chunk edges then fall between bytes): no full-size copy of the
+    codes or of the packed bytes. Returns the byte count."""
+    codes = np.asarray(codes)
+    if codes.dtype not in (np.int8, np.uint8):
+        raise ValueError(f"int4 codes must be int8 or uint8, got {codes.dtype}")
+    if codes.ndim < 2 or math.prod(codes.shape[1:]) % 2:
+        return f.write(pack_onnx_int4(codes))
+    written = 0
+    step = _chunk_rows(codes)
+    for a in range(0, codes.shape[0], step):
+        packed = _type_casting.pack_4bitx2(codes[a : a + step])
+        f.write(packed.data)
+        written += packed.nbytes
+    return written
 
 
 def unpack_onnx_int4(data: bytes, shape: Sequence[int], signed: bool) -> np.ndarray:
