@@ -163,6 +163,10 @@ class TreePoller:
     def __init__(self, pid: int, interval: float = 0.05) -> None:
         self.pid, self.interval = pid, interval
         self.peak_bytes = 0
+        # sampled peaks of one process's RssAnon (heap, anonymous mappings) and RssFile (mapped files:
+        # page cache the kernel can drop), the largest in the tree (not summed: a forked child shares
+        # its parent's pages): an engine that mmaps its weights shows up in the second
+        self.peak_anon_bytes = self.peak_file_bytes = 0
         self.samples = 0
         self.max_procs = 0
         # (seconds since start, summed tree RSS MiB, root VmHWM MiB): shows when the peak happens and
@@ -198,6 +202,10 @@ class TreePoller:
                     total += p.memory_info().rss
                 except psutil.Error:
                     pass
+            anon = max((_status_kib(p.pid, "RssAnon") or 0) * 1024 for p in procs)
+            mapped = max((_status_kib(p.pid, "RssFile") or 0) * 1024 for p in procs)
+            self.peak_anon_bytes = max(self.peak_anon_bytes, anon)
+            self.peak_file_bytes = max(self.peak_file_bytes, mapped)
             self.samples += 1
             self.max_procs = max(self.max_procs, len(procs))
             self.peak_bytes = max(self.peak_bytes, total)
@@ -214,6 +222,8 @@ class TreePoller:
         ]
         return {
             "peak_rss_psutil_tree_bytes": self.peak_bytes,
+            "peak_rss_anon_bytes": self.peak_anon_bytes,
+            "peak_rss_file_bytes": self.peak_file_bytes,
             "psutil_samples": self.samples,
             "max_processes_in_tree": self.max_procs,
             "vm_hwm_last_sample_bytes": int(self.timeline[-1][2] * MiB) if self.timeline else 0,

@@ -4,6 +4,8 @@ agreement with ONNX Runtime's DequantizeLinear / MatMulNBits / GatherBlockQuanti
 from __future__ import annotations
 
 import io
+import os
+import tracemalloc
 from pathlib import Path
 
 import ml_dtypes
@@ -17,6 +19,7 @@ from onnx import helper as oh
 from onnx import numpy_helper as onh
 
 from qwen_export.onnx_writer import write_onnx
+from qwen_export.quant import numeric
 from qwen_export.quant.algorithms import awq_scales, clip_search, input_importance, quantize
 from qwen_export.quant.contrib import (
     gather_block_quantized_initializers,
@@ -28,6 +31,7 @@ from qwen_export.quant.numeric import (
     dequantize,
     expand_blocks,
     pack_bits_last,
+    pack_codes_last,
     pack_gather_block_quantized,
     pack_matmulnbits,
     pack_onnx_int4,
@@ -35,6 +39,7 @@ from qwen_export.quant.numeric import (
     transpose_blocks,
     unpack_bits_last,
     unpack_onnx_int4,
+    write_onnx_int4,
 )
 from qwen_export.quant.scheme import QuantAlgorithm
 from qwen_export.quant.tensors import QuantizedPartTensor, dequantize_linear_initializers
@@ -203,6 +208,84 @@ def test_matmulnbits_layout(bits: int, symmetric: bool) -> None:
         assert zero_points.shape == (n * -(-kb * bits // 8),)
         assert np.array_equal(unsigned, q.codes)
         assert np.array_equal(unpack_bits_last(zero_points.reshape(n, -1), bits, kb), q.zero_points.T)
+
+
+def _pack_rows_reference(values: np.ndarray, bits: int) -> np.ndarray:
+    """pack_bits_last one row at a time (the chunked packing must give these bytes)."""
+    return np.stack([pack_bits_last(row[None], bits)[0] for row in values.reshape(-1, values.shape[-1])]).reshape(
+        *values.shape[:-1], -1
+    )
+
+
+@pytest.mark.parametrize("bits,symmetric", BITS_SYM + [(2, False)])
+def test_chunked_packing_equals_whole(bits: int, symmetric: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of a few rows (odd widths, chunk edges inside blocks' columns) give the same bytes."""
+    codes_range = (-(1 << (bits - 1)), 1 << (bits - 1)) if symmetric else (0, 1 << bits)
+    rng = np.random.default_rng(bits)
+    for k, n in ((96, 37), (64, 5)):
+        codes = rng.integers(*codes_range, (k, n)).astype(np.int8 if symmetric else np.uint8)
+        zp = None if symmetric else rng.integers(0, 1 << bits, (k // 32, n)).astype(np.uint8)
+        q = BlockQuantized(codes, np.ones((k // 32, n), np.float32), zp, bits, 32, 0)
+        whole_b, _, _ = pack_matmulnbits(q)
+        gather = BlockQuantized(
+            codes.T.copy(), np.ones((n, k // 32), np.float32), None if zp is None else zp.T, bits, 32, 1
+        )
+        whole_rows = pack_codes_last(gather)
+        monkeypatch.setattr(numeric, "PACK_CHUNK_BYTES", 7)
+        assert np.array_equal(pack_matmulnbits(q)[0], whole_b)
+        assert np.array_equal(pack_codes_last(gather), whole_rows)
+        assert np.array_equal(whole_rows, _pack_rows_reference(gather.unsigned_codes(), bits))
+        odd = rng.integers(0, 1 << bits, (5, 3, 13)).astype(np.uint8)
+        assert np.array_equal(pack_bits_last(odd, bits), _pack_rows_reference(odd, bits))
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (5, 3, 4), (7, 5), (9,), (4, 0)])
+def test_write_onnx_int4_in_chunks(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of rows (or the whole tensor when a row holds an odd count) give pack_onnx_int4's bytes."""
+    monkeypatch.setattr(numeric, "PACK_CHUNK_BYTES", 12)
+    rng = np.random.default_rng(len(shape))
+    for codes in (rng.integers(-8, 8, shape).astype(np.int8), rng.integers(0, 16, shape).astype(np.uint8)):
+        for view in (codes, codes.T):
+            f = io.BytesIO()
+            assert write_onnx_int4(view, f) == len(f.getvalue())
+            assert f.getvalue() == pack_onnx_int4(view)
+
+
+def _traced_peak(fn: object, *args: object) -> int:
+    tracemalloc.start()
+    try:
+        fn(*args)  # type: ignore[operator]
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_packing_a_big_table_allocates_little_beyond_its_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 152064 x 8192 lm_head / embedding are packed in chunks: the peak is the packed result
+    (half the codes at int4) plus a chunk, not a transposed or int16 copy of all the codes."""
+    monkeypatch.setattr(numeric, "PACK_CHUNK_BYTES", 1 << 18)
+    k, n = 2048, 4096  # 8 MiB of codes
+    rng = np.random.default_rng(0)
+    unsigned = BlockQuantized(
+        rng.integers(0, 16, (k, n), dtype=np.uint8),
+        np.ones((k // 32, n), np.float32),
+        rng.integers(0, 16, (k // 32, n), dtype=np.uint8),
+        4,
+        32,
+        0,
+    )
+    signed = BlockQuantized(
+        rng.integers(-8, 8, (n, k), dtype=np.int8), np.ones((n, k // 32), np.float32), None, 4, 32, 1
+    )
+    codes, chunks = k * n, 8 * (1 << 18)  # a chunk's int16 / uint8 / shifted temporaries
+    scales_etc = unsigned.scales.nbytes + unsigned.zero_points.nbytes  # MatMulNBits' N-major copies
+    assert _traced_peak(pack_matmulnbits, unsigned) < 0.5 * codes + scales_etc + chunks
+    assert _traced_peak(pack_codes_last, signed) < 0.5 * codes + chunks
+    assert _traced_peak(pack_bits_last, unsigned.codes, 4) < 0.5 * codes + chunks
+    # the portable DequantizeLinear form: int4 codes streamed to the file, nothing full-size
+    with open(os.devnull, "wb") as sink:
+        assert _traced_peak(write_onnx_int4, signed.codes, sink) < chunks
 
 
 # --- ONNX Runtime agreement ------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import BinaryIO
 
 import numpy as np
 from onnx_ir import _type_casting
@@ -49,6 +50,9 @@ from onnx_ir import _type_casting
 #: elements per quantization chunk: bounds the float32 temporaries of big matrices (~16 MiB each).
 CHUNK_ELEMENTS = 1 << 22
 SUPPORTED_BITS = (2, 4, 8)
+#: code bytes packed at a time (:func:`pack_bits_last`, :func:`pack_codes_last`,
+#: :func:`pack_matmulnbits`): the temporaries of a 152064 x 8192 table stay ~16 MiB, not ~2.5x its codes.
+PACK_CHUNK_BYTES = 16 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,11 +79,13 @@ class BlockQuantized:
         """The offset that turns signed codes into the unsigned codes MatMulNBits/GBQ store."""
         return 1 << (self.bits - 1)
 
-    def unsigned_codes(self) -> np.ndarray:
-        """Codes as uint8 in [0, 2^bits): signed codes + 2^(bits-1), unsigned codes as they are."""
+    def unsigned_codes(self, codes: np.ndarray | None = None) -> np.ndarray:
+        """Codes as uint8 in [0, 2^bits): signed codes + 2^(bits-1), unsigned codes as they are;
+        ``codes``: a slice of :attr:`codes` to convert instead of all of them."""
+        codes = self.codes if codes is None else codes
         if not self.signed:
-            return self.codes.astype(np.uint8, copy=False)
-        return (self.codes.astype(np.int16) + self.default_zero_point).astype(np.uint8)
+            return codes.astype(np.uint8, copy=False)
+        return (codes.astype(np.int16) + self.default_zero_point).astype(np.uint8)
 
 
 # --- quantization ----------------------------------------------------------------------------------
@@ -293,6 +299,24 @@ def pack_onnx_int4(codes: np.ndarray) -> bytes:
     return _type_casting.pack_4bitx2(codes).tobytes()
 
 
+def write_onnx_int4(codes: np.ndarray, f: BinaryIO) -> int:
+    """Write :func:`pack_onnx_int4` of ``codes`` to ``f``, packed in chunks of rows when each row
+    holds an even count of codes (chunk edges then fall between bytes): no full-size copy of the
+    codes or of the packed bytes. Returns the byte count."""
+    codes = np.asarray(codes)
+    if codes.dtype not in (np.int8, np.uint8):
+        raise ValueError(f"int4 codes must be int8 or uint8, got {codes.dtype}")
+    if codes.ndim < 2 or math.prod(codes.shape[1:]) % 2:
+        return f.write(pack_onnx_int4(codes))
+    written = 0
+    step = _chunk_rows(codes)
+    for a in range(0, codes.shape[0], step):
+        packed = _type_casting.pack_4bitx2(codes[a : a + step])
+        f.write(packed.data)
+        written += packed.nbytes
+    return written
+
+
 def unpack_onnx_int4(data: bytes, shape: Sequence[int], signed: bool) -> np.ndarray:
     """Inverse of :func:`pack_onnx_int4`: int8 (sign-extended) when ``signed``, else uint8."""
     count = math.prod(shape)
@@ -310,20 +334,57 @@ def unpack_onnx_int4(data: bytes, shape: Sequence[int], signed: bool) -> np.ndar
 
 def pack_bits_last(values: np.ndarray, bits: int) -> np.ndarray:
     """Pack unsigned ``bits``-bit values (uint8) along the last axis, low-order bits first (the
-    MatMulNBits / GatherBlockQuantized sub-byte layout); each row is padded to whole bytes."""
+    MatMulNBits / GatherBlockQuantized sub-byte layout); each row is padded to whole bytes. A big
+    array is packed in chunks along its first axis (:data:`PACK_CHUNK_BYTES`): the only full-size
+    allocation is the result."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     values = np.asarray(values, dtype=np.uint8)
     if bits == 8:
         return np.ascontiguousarray(values)
+    packed = np.empty((*values.shape[:-1], _packed_len(values.shape[-1], bits)), np.uint8)
+    if values.ndim < 2:
+        _pack_into(packed, values, bits)
+        return packed
+    step = _chunk_rows(values)
+    for a in range(0, values.shape[0], step):
+        _pack_into(packed[a : a + step], values[a : a + step], bits)
+    return packed
+
+
+def _packed_len(count: int, bits: int) -> int:
+    """Bytes of ``count`` ``bits``-bit values packed by :func:`pack_bits_last`."""
+    return -(-count // (8 // bits))
+
+
+def _chunk_rows(values: np.ndarray) -> int:
+    """Slices along the first axis of ``values`` packed at a time."""
+    return max(1, PACK_CHUNK_BYTES // max(1, math.prod(values.shape[1:]) * values.itemsize))
+
+
+def _pack_into(out: np.ndarray, values: np.ndarray, bits: int) -> None:
+    """:func:`pack_bits_last` of ``values`` (uint8, sub-byte ``bits``) written into ``out``."""
     per = 8 // bits
     pad = -values.shape[-1] % per
     if pad:
         values = np.concatenate([values, np.zeros((*values.shape[:-1], pad), np.uint8)], axis=-1)
     grouped = values.reshape(*values.shape[:-1], values.shape[-1] // per, per)
-    packed = np.zeros(grouped.shape[:-1], np.uint8)
-    for i in range(per):
-        packed |= (grouped[..., i] & ((1 << bits) - 1)) << (i * bits)
+    mask = (1 << bits) - 1
+    np.bitwise_and(grouped[..., 0], mask, out=out)
+    for i in range(1, per):
+        out |= (grouped[..., i] & mask) << (i * bits)
+
+
+def pack_codes_last(q: BlockQuantized) -> np.ndarray:
+    """``pack_bits_last(q.unsigned_codes(), q.bits)``, converted and packed in chunks of rows: no
+    full-size unsigned (or int16) copy of the codes."""
+    codes = q.codes
+    if codes.ndim < 2:
+        return pack_bits_last(q.unsigned_codes(), q.bits)
+    packed = np.empty((*codes.shape[:-1], _packed_len(codes.shape[-1], q.bits)), np.uint8)
+    step = _chunk_rows(codes)
+    for a in range(0, codes.shape[0], step):
+        packed[a : a + step] = pack_bits_last(q.unsigned_codes(codes[a : a + step]), q.bits)
     return packed
 
 
@@ -360,7 +421,11 @@ def pack_matmulnbits(q: BlockQuantized) -> tuple[np.ndarray, np.ndarray, np.ndar
     """
     k, n = _check_2d(q, 0, "MatMulNBits")
     blocks = k // q.block_size
-    b = pack_bits_last(np.ascontiguousarray(q.unsigned_codes().T).reshape(n, blocks, q.block_size), q.bits)
+    b = np.empty((n, blocks, _packed_len(q.block_size, q.bits)), np.uint8)
+    step = max(1, PACK_CHUNK_BYTES // k)  # columns of the codes transposed and packed at a time
+    for a in range(0, n, step):
+        columns = np.ascontiguousarray(q.unsigned_codes(q.codes[:, a : a + step]).T)
+        b[a : a + step] = pack_bits_last(columns.reshape(-1, blocks, q.block_size), q.bits)
     scales = np.ascontiguousarray(q.scales.T).reshape(-1)
     zeros = None
     if q.zero_points is not None:
@@ -382,7 +447,7 @@ def pack_gather_block_quantized(q: BlockQuantized) -> tuple[np.ndarray, np.ndarr
     same bytes as MatMulNBits' (N-major) ones.
     """
     v, h = _check_2d(q, 1, "GatherBlockQuantized")
-    data = pack_bits_last(q.unsigned_codes(), q.bits)
+    data = pack_codes_last(q)
     zeros = None if q.zero_points is None else pack_bits_last(q.zero_points, q.bits)
     return data, np.ascontiguousarray(q.scales, dtype=np.float32), zeros
 

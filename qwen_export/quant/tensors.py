@@ -317,11 +317,10 @@ class QuantizedPartTensor(ir.LazyTensor):
         """Write the tensor's ONNX raw data to ``f``; return the byte count."""
         array = self._array()
         if self.dtype in (ir.DataType.INT4, ir.DataType.UINT4):
-            data = numeric.pack_onnx_int4(array)
-        else:
-            data = np.ascontiguousarray(array).tobytes()
-        f.write(data)
-        return len(data)
+            return numeric.write_onnx_int4(array, f)
+        data = np.ascontiguousarray(array)
+        f.write(data.data)  # the array's own buffer: no bytes copy of a big part
+        return int(data.nbytes)
 
 
 class QuantizedCodesTensor(QuantizedPartTensor):
@@ -400,7 +399,7 @@ def _matmulnbits_b(q: BlockQuantized) -> np.ndarray:
 
 
 def _gather_data(q: BlockQuantized) -> np.ndarray:
-    return numeric.pack_bits_last(q.unsigned_codes(), q.bits)
+    return numeric.pack_codes_last(q)
 
 
 def _suffixed(name: str | None, suffix: str) -> str | None:

@@ -45,7 +45,7 @@ import onnx_ir as ir
 from qwen_export.errors import QwenExportError
 from qwen_export.passes.base import MS_DOMAIN, GraphPass
 from qwen_export.passes.cleanup import FOLD_SIZE_LIMIT
-from qwen_export.quant.numeric import BlockQuantized, pack_bits_last, pack_matmulnbits
+from qwen_export.quant.numeric import BlockQuantized, pack_bits_last, pack_codes_last, pack_matmulnbits
 from qwen_export.quant.tensors import QuantizedPartTensor, SharedQuantization, StoredQuantization
 
 MATMUL_RULE = "matmulnbits"
@@ -291,7 +291,7 @@ class _Lowered:
         blob = dq.block_size * dq.bits // 8
         return self._get(
             "data",
-            lambda q: pack_bits_last(q.unsigned_codes(), q.bits).reshape(dq.rows, kb, blob),
+            lambda q: pack_codes_last(q).reshape(dq.rows, kb, blob),
             ir.DataType.UINT8,
             (dq.rows, kb, blob),
         )
