@@ -246,3 +246,13 @@ def test_calibration_file_is_accepted_for_the_kv_cache(tmp_path: Path) -> None:
     assert export_options(None, kv_cache="int8", calibration=text).calibration == text
     with pytest.raises(OptionError, match="or --kv-cache int8"):
         export_options(None, calibration=text)
+
+
+def test_onnxruntime_genai_runs_the_int8_cache(artifacts: dict[str, Path]) -> None:
+    """onnxruntime-genai reads the cache's type from the graph: it allocates int8 buffers and
+    generates our greedy tokens."""
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    from test_genai_config import _greedy_both
+
+    ours, theirs, _ = _greedy_both(artifacts["int8"], new_tokens=12)
+    assert len(ours) >= 2 and theirs == ours

@@ -161,11 +161,7 @@ def export_options(
     how the target adapted the options (e.g. TensorRT requantizing asymmetric weights symmetric).
     Raises :class:`OptionError` with the message the CLI prints.
     """
-    if explain and not fuse:
-        raise OptionError("--explain reports on the fusion passes; it cannot be combined with --no-fuse")
-    dump = Path(dump_dir) if dump_dir is not None else None
-    if dump is not None and dump.exists() and not dump.is_dir():
-        raise OptionError(f"--dump-dir {str(dump_dir)!r} exists and is not a directory")
+    dump = _dump_dir(dump_dir, explain, fuse)
     engine_target = Target.parse(target, "target")
     backend = targets.get(engine_target)
     defaults = Int4Defaults.for_export(checkpoint, backend) if _is_int4(weights) else None
@@ -185,9 +181,8 @@ def export_options(
     )
     if checkpoint is not None and (Path(checkpoint) / "config.json").is_file():
         quant = prequantized_default(Path(checkpoint), weights, quant, block_size, symmetric)
-    given = {"symmetric": symmetric, "embedding_bits": embedding_bits, "accuracy_level": accuracy_level}
-    given["max_batch"] = max_batch
-    given["kv_cache"] = kv_cache
+    given = dict(symmetric=symmetric, embedding_bits=embedding_bits, accuracy_level=accuracy_level)
+    given.update(max_batch=max_batch, kv_cache=kv_cache)
     _refuse_other_targets_options(backend, given)
     quant = backend.adapt_weights(quant, given, message or (lambda text: None))
     return ExportOptions(
@@ -205,8 +200,18 @@ def export_options(
         quant=quant,
         accuracy_level=4 if accuracy_level is None else accuracy_level,
         calibration=Path(calibration) if calibration is not None else None,
-        kv_cache=KVCacheDType.parse(kv_cache, "--kv-cache") if kv_cache is not None else None,
+        kv_cache=None if kv_cache is None else KVCacheDType.parse(kv_cache, "--kv-cache"),
     )
+
+
+def _dump_dir(dump_dir: str | Path | None, explain: bool, fuse: bool) -> Path | None:
+    """``--dump-dir`` as a Path; OptionError for it or ``--explain`` with ``--no-fuse``."""
+    if explain and not fuse:
+        raise OptionError("--explain reports on the fusion passes; it cannot be combined with --no-fuse")
+    dump = Path(dump_dir) if dump_dir is not None else None
+    if dump is not None and dump.exists() and not dump.is_dir():
+        raise OptionError(f"--dump-dir {str(dump_dir)!r} exists and is not a directory")
+    return dump
 
 
 @dataclasses.dataclass(frozen=True)
