@@ -256,3 +256,16 @@ def test_onnxruntime_genai_runs_the_int8_cache(artifacts: dict[str, Path]) -> No
 
     ours, theirs, _ = _greedy_both(artifacts["int8"], new_tokens=12)
     assert len(ours) >= 2 and theirs == ours
+
+
+def test_cli_export_flag(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """``export --kv-cache``: parsed by the CLI, refused in one line where it does not apply."""
+    from typer.testing import CliRunner
+
+    from qwen_export.cli import app
+
+    args = ["export", str(artifacts["ckpt"]), "-o", str(tmp_path / "out"), "--target", "openvino", "--kv-cache", "int8"]
+    result = CliRunner().invoke(app, args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and lines == ["error: --kv-cache applies to --target onnxruntime only"], result.output
+    assert not (tmp_path / "out").exists()
