@@ -269,3 +269,13 @@ def test_cli_export_flag(artifacts: dict[str, Path], tmp_path: Path) -> None:
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and lines == ["error: --kv-cache applies to --target onnxruntime only"], result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_check_thresholds_for_an_int8_cache() -> None:
+    """``qwen-export check`` judges an int8 cache by int8 weights' limits (the loosest applies)."""
+    from qwen_export.export.parity import QUANT_THRESHOLDS, THRESHOLDS, thresholds_for
+    from qwen_export.spec import DType
+
+    assert thresholds_for(DType.FP32) == THRESHOLDS[DType.FP32]
+    assert thresholds_for(DType.FP32, None, "int8") == QUANT_THRESHOLDS["int8"]
+    assert thresholds_for(DType.FP32, {"weights": "int4"}, "int8").max_mean_kl == QUANT_THRESHOLDS["int4"].max_mean_kl
