@@ -98,7 +98,7 @@ class Int8KVCache(GraphPass):
     ``past_key_values.*`` inputs and ``present.*`` outputs become int8. Runs after
     :class:`~qwen_export.targets.onnxruntime.kv_io.SharedKVBuffer`.
 
-    ``scales``: per layer ``(k_scale, v_scale)`` from :func:`kv_scales`.
+    ``scales``: per layer ``(k_scale, v_scale)`` from :func:`qwen_export.quant.kv_cache.kv_scales`.
     """
 
     name = "int8_kv_cache"
@@ -114,7 +114,10 @@ class Int8KVCache(GraphPass):
             present = outputs.get(f"present.{i}.key")
             node = present.producer() if present is not None else None
             if node is None or node.op_type != "GroupQueryAttention" or node.domain != MS_DOMAIN:
-                raise FusionError(f"--kv-cache int8: present.{i}.key is not a GroupQueryAttention output")
+                raise FusionError(
+                    f"--kv-cache int8: present.{i}.key is not a GroupQueryAttention output (attention left "
+                    "unfused); export with --strict, or without --kv-cache int8"
+                )
             if len(node.inputs) < 14:
                 node.resize_inputs(14)
             node.replace_input_with(12, _initializer(model.graph, f"kv_quant.{i}.k_scale", k_scale))
