@@ -38,14 +38,15 @@ PREFILL, DECODE = 30, 10
 
 @pytest.fixture(scope="module")
 def artifacts(tiny_root: Path, module_scratch: ModuleScratch) -> dict[str, Path]:
-    """A tiny Qwen2 with a 1024-token context: its int8-KV export (logits all) and its unfused fp32
-    export (the reference graph)."""
+    """A tiny Qwen2 with a 1024-token context: its int8-KV exports (logits all; fp32 and fp16
+    activations) and its unfused fp32 export (the reference graph)."""
     ckpt = tiny_root / "qwen2_ctx1024"
     if not ckpt.exists():
         make_checkpoint(ckpt, "qwen2", tied=True, max_positions=1024)
     root = module_scratch.mkdir("kv_int8")
     out = {"ckpt": ckpt}
-    for name, kw in (("int8", {"kv_cache": "int8"}), ("fp32_unfused", {"fuse": False})):
+    cases = {"int8": {"kv_cache": "int8"}, "fp16_int8": {"kv_cache": "int8", "dtype": "fp16"}}
+    for name, kw in {**cases, "fp32_unfused": {"fuse": False}}.items():
         out[name] = root / name
         run_export(ckpt, out[name], export_options(ckpt, logits="all", **kw))
     return out
@@ -150,6 +151,13 @@ def test_int8_kv_logits_are_the_quantized_cache_s(artifacts: dict[str, Path]) ->
     assert (error <= 0.02 * effect + Noise.CROSS.value.tolerance(fake).max()).all(), (error / effect).max()
     assert np.abs(got - fp32).max() <= 1.5 * effect.max()
     assert (got.argmax(-1) == fp32.argmax(-1)).mean() >= 0.9
+    # fp16 activations over the same int8 cache: fp16's own noise, and the codes it flips, stay
+    # within the int8 rounding's effect
+    half = OnnxRuntimeEngine(artifacts["fp16_int8"], load_manifest(artifacts["fp16_int8"]))
+    got16 = _run_engine(half, ids).astype(np.float32)
+    assert half.kv_dtype == np.int8 and half.kv_bytes == engine.kv_bytes
+    assert np.abs(got16 - got).max() <= effect.max()
+    assert (got16.argmax(-1) == got.argmax(-1)).mean() >= 0.9
 
 
 def test_int8_kv_bytes_growth_and_rows(artifacts: dict[str, Path]) -> None:
@@ -217,7 +225,6 @@ def test_key_scales_cover_every_rotation() -> None:
     [
         ({"target": "openvino"}, "--kv-cache applies to --target onnxruntime only"),
         ({"target": "tensorrt"}, "--kv-cache applies to --target onnxruntime only"),
-        ({"dtype": "fp16"}, "--kv-cache int8 needs --dtype fp32"),
         ({"fuse": False}, "--kv-cache int8 is GroupQueryAttention's cache: drop --no-fuse"),
         ({"kv_cache": "fp16"}, "--kv-cache fp16 with --dtype fp32"),
         ({"kv_cache": "int4"}, "unknown --kv-cache 'int4'; valid values: fp32, fp16, int8"),
@@ -241,6 +248,7 @@ def test_without_the_kernel_export_and_load_refuse(artifacts: dict[str, Path], m
 
 
 def test_calibration_file_is_accepted_for_the_kv_cache(tmp_path: Path) -> None:
+    assert export_options(None, kv_cache="int8", dtype="fp16").kv_cache.value == "int8"
     text = tmp_path / "calib.txt"
     text.write_text("def f(x):\n    return x * 2\n" * 20, encoding="utf-8")
     assert export_options(None, kv_cache="int8", calibration=text).calibration == text

@@ -151,7 +151,7 @@ KVCacheExport = Annotated[
         "--kv-cache",
         help="--target onnxruntime: KV-cache element type fp32 (with --dtype fp32; the default, exact) | fp16 "
         "(with --dtype fp16) | int8 (a quarter of fp32's bytes: GroupQueryAttention's quantized cache, static "
-        "per-channel scales calibrated on --calibration; fp32 activations). OpenVINO chooses its KV precision "
+        "per-channel scales calibrated on --calibration). OpenVINO chooses its KV precision "
         "at load (generate/bench --kv-cache).",
     ),
 ]

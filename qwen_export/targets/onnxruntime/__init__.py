@@ -35,8 +35,8 @@ class OnnxRuntimeTarget:
         return quant
 
     def check_options(self, options: Any) -> None:
-        """``--kv-cache``: the activations' dtype, or int8 (fp32 activations, the fused graph, an
-        ONNX Runtime whose CPU GroupQueryAttention takes a quantized cache)."""
+        """``--kv-cache``: the activations' dtype, or int8 (the fused graph, an ONNX Runtime whose
+        CPU GroupQueryAttention takes a quantized cache)."""
         kv = options.kv_cache
         if kv is None or kv.value == options.dtype.value:
             return
@@ -45,11 +45,6 @@ class OnnxRuntimeTarget:
                 f"--kv-cache {kv.value} with --dtype {options.dtype.value}: ONNX Runtime's CPU GroupQueryAttention "
                 "keeps a float cache only in the activations' dtype; give --dtype "
                 f"{kv.value}, or --kv-cache int8 for a smaller cache"
-            )
-        if options.dtype is not DType.FP32:
-            raise OptionError(
-                "--kv-cache int8 needs --dtype fp32: ONNX Runtime's CPU GroupQueryAttention quantizes the "
-                "cache from fp32 activations only"
             )
         if not options.fuse:
             raise OptionError("--kv-cache int8 is GroupQueryAttention's cache: drop --no-fuse")

@@ -13,8 +13,9 @@ cache when ``k_quant_type``/``v_quant_type`` are set (the CPU kernel wants both 
 - the scales are **static** inputs: ``PER_TENSOR`` one float, ``PER_CHANNEL`` ``kv_heads x
   head_dim`` floats (``[1, kv_heads, 1, head_dim]``). Nothing adapts them at run time, so a value
   beyond ``127 x scale`` is clipped.
-- the quantized path computes in float32 only (``T = float``): an fp16 graph cannot use it, and an
-  fp16 cache under fp32 compute is not among the kernel's type constraints.
+- an fp16 graph (``T = float16``) takes the same int8 cache in the installed 1.32 (probed: the
+  same codes as from fp32 keys and values); an fp16 cache under fp32 compute is not among the
+  kernel's type constraints (``T_CACHE`` float16 pairs with ``T`` float16 only).
 
 So the scales are fixed at export (:mod:`qwen_export.quant.kv_cache`), per channel, from the
 calibration text run through the model layer by layer.
