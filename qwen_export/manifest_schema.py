@@ -15,7 +15,7 @@ from typing import Any
 
 from qwen_export.errors import ArtifactError
 from qwen_export.safefs import check_relative
-from qwen_export.spec import Architecture, DType, KVLayout, LayerType, LogitsMode, RopeType, Target
+from qwen_export.spec import Architecture, DType, KVCacheDType, KVLayout, LayerType, LogitsMode, RopeType, Target
 
 __all__ = ["validate_manifest", "MAX_COUNT"]
 
@@ -189,6 +189,8 @@ def _check_extra(extra: Any, source: str) -> None:
         k.choice("layout", KVLayout)
         k.int("capacity", low=0, optional=True)
         k.int("bytes_per_token", low=0, high=2**40, optional=True)
+        k.choice("dtype", KVCacheDType, optional=True)
+        k.kind("quantization", dict)
     context = extra.get("context")
     if context is not None:  # the chosen context and the model's own (readers use max_length)
         c = _Fields(context, "extra.context", source)

@@ -92,6 +92,20 @@ class DType(_ChoiceEnum):
     FP16 = "fp16"
 
 
+class KVCacheDType(_ChoiceEnum):
+    """Element type of the KV cache an ONNX Runtime artifact is exported with (``export --kv-cache``,
+    ``manifest.extra.kv_cache.dtype``). ``int8``: GroupQueryAttention's quantized cache, symmetric
+    int8 with static per-channel scales calibrated at export."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+    @property
+    def itemsize(self) -> int:
+        return {"fp32": 4, "fp16": 2, "int8": 1}[self.value]
+
+
 class LogitsMode(_ChoiceEnum):
     """Which positions the exported graph returns logits for."""
 
@@ -237,9 +251,10 @@ class ModelSpec:
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
-    def kv_bytes_per_token(self, dtype: DType) -> int:
-        """KV-cache bytes one token costs for one sequence (keys and values of every layer)."""
-        return kv_bytes_per_token(self.num_hidden_layers, self.num_key_value_heads, self.head_dim, dtype)
+    def kv_bytes_per_token(self, dtype: DType, kv: KVCacheDType | None = None) -> int:
+        """KV-cache bytes one token costs for one sequence (keys and values of every layer); ``kv``:
+        the cache's own element type when it is not ``dtype``'s (an int8 cache)."""
+        return kv_bytes_per_token(self.num_hidden_layers, self.num_key_value_heads, self.head_dim, dtype, kv)
 
     @property
     def trained_context(self) -> int:
@@ -412,9 +427,11 @@ class ModelSpec:
 
 
 # -------------------------------------------------------------------- helpers
-def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: DType) -> int:
-    """KV-cache bytes one token takes: 2 (K and V) x layers x kv_heads x head_dim x element bytes."""
-    return 2 * layers * kv_heads * head_dim * (2 if dtype is DType.FP16 else 4)
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: DType, kv: KVCacheDType | None = None) -> int:
+    """KV-cache bytes one token takes: 2 (K and V) x layers x kv_heads x head_dim x element bytes
+    (``kv``'s when given, else ``dtype``'s)."""
+    itemsize = kv.itemsize if kv is not None else (2 if dtype is DType.FP16 else 4)
+    return 2 * layers * kv_heads * head_dim * itemsize
 
 
 class _Getter:

@@ -73,18 +73,15 @@ def check(
     else:
         # --rope-scaling at export: the reference runs it too
         ref, against = parity.Reference(reference, rope=rope), "transformers"
-    report = parity.check(
-        loaded.engine,
-        ref,
-        ids,
-        DType.parse(loaded.manifest.dtype),
-        greedy_tokens,
-        quantization=quantized,
-    )
+    kv_dtype = (loaded.manifest.extra.get("kv_cache") or {}).get("dtype")
+    dtype = DType.parse(loaded.manifest.dtype)
+    limits = parity.thresholds_for(dtype, quantized, kv_dtype)
+    report = parity.check(loaded.engine, ref, ids, dtype, greedy_tokens, thresholds=limits)
     if as_json:
         console.print_json(json.dumps(parity.to_dict(report)))
     else:
         shown = loaded.manifest.dtype + (f", {quantized['weights']} weights" if quantized else "")
+        shown += f", {kv_dtype} KV cache" if kv_dtype else ""
         print_parity(report, f"parity: {artifact} vs {against} ({shown})")
     if not report.passed:
         err_console.print(f"[bold red]parity FAILED:[/] {'; '.join(report.failures)}", highlight=False)

@@ -87,7 +87,8 @@ KVCache = Annotated[
     str | None,
     typer.Option(
         help="OpenVINO artifacts: KV-cache precision f32 (default, exact) | f16 | bf16 | u8 | auto (OpenVINO's "
-        "own default, u8 on x86, as openvino-genai runs)."
+        "own default, u8 on x86, as openvino-genai runs). ONNX Runtime artifacts take theirs at export "
+        "(export --kv-cache int8)."
     ),
 ]
 AttentionOpt = Annotated[
@@ -337,8 +338,9 @@ def kv_cache_line(kv: Any) -> str | None:
     total = f"{capacity} tokens x {format_bytes(per_token)} = {format_bytes(capacity * per_token)} per sequence"
     layout = kv.get("layout")
     if layout == "shared":
+        int8 = " in int8 (static per-channel scales calibrated at export)" if kv.get("dtype") == "int8" else ""
         return (
-            f"KV cache: up to {total}, allocated as tokens arrive (one buffer shared by past and present, "
+            f"KV cache: up to {total}{int8}, allocated as tokens arrive (one buffer shared by past and present, "
             "grown in steps)"
         )
     if layout == "concat":

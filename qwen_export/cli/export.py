@@ -145,6 +145,16 @@ Int8 = Annotated[
         "(not tensorrt); 'none': every linear at 4 bits.",
     ),
 ]
+KVCacheExport = Annotated[
+    str | None,
+    typer.Option(
+        "--kv-cache",
+        help="--target onnxruntime: KV-cache element type fp32 (with --dtype fp32; the default, exact) | fp16 "
+        "(with --dtype fp16) | int8 (a quarter of fp32's bytes: GroupQueryAttention's quantized cache, static "
+        "per-channel scales calibrated on --calibration). OpenVINO chooses its KV precision "
+        "at load (generate/bench --kv-cache).",
+    ),
+]
 MaxBatch = Annotated[
     int | None,
     typer.Option(help="--target tensorrt: largest batch of the engine's optimization profiles (default 1)."),
@@ -180,6 +190,7 @@ def export(
     embedding_bits: EmbeddingBits = None,
     int8: Int8 = None,
     max_batch: MaxBatch = None,
+    kv_cache: KVCacheExport = None,
 ) -> None:
     """Export CHECKPOINT to an engine artifact in OUTPUT (written atomically)."""
     if symmetric and asymmetric:
@@ -211,6 +222,7 @@ def export(
         rope_factor=rope_factor,
         rope_original_max=rope_original_max,
         max_batch=max_batch,
+        kv_cache=kv_cache,
         fuse=fuse,
         strict=strict,
         explain=explain,

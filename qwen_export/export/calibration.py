@@ -175,15 +175,18 @@ class LayerRunner:
         _load_params(layer, f"model.layers.{i}", self.spec, self.checkpoint)
         return layer
 
-    def run(self, layer: Any, i: int, *, advance: bool) -> None:
+    def run(self, layer: Any, i: int, *, advance: bool, kv: Any = None) -> None:
         """Every sequence through ``layer`` (its hooks see the inputs); ``advance``: keep the outputs
-        as the next layer's inputs."""
+        as the next layer's inputs; ``kv(keys, values)``: called with each sequence's keys (after
+        the rotary embedding) and values, [1, kv_heads, S, head_dim]."""
         import torch
 
         with torch.no_grad():
             for j, x in enumerate(self.hidden):
                 cos, sin, masks = self.extras[j]
-                out, _, _ = layer(x, cos, sin, masks[self.spec.layer_types[i]], self.empty_kv, self.empty_kv)
+                out, keys, values = layer(x, cos, sin, masks[self.spec.layer_types[i]], self.empty_kv, self.empty_kv)
+                if kv is not None:
+                    kv(keys, values)
                 if advance:
                     self.hidden[j] = out
 
@@ -231,3 +234,35 @@ def collect_activation_stats(
             rec.add(x)
         stats["lm_head"] = rec.stats(max_rows)
     return stats
+
+
+class _KVPeaks:
+    """One layer's key pair lengths and value magnitudes, maximised over the sequences."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        shape = (spec.num_key_value_heads, spec.head_dim)
+        self.half = spec.head_dim // 2
+        self.keys, self.values = np.zeros(shape), np.zeros(shape)
+
+    def add(self, keys: Any, values: Any) -> None:
+        k, h = keys[0].double().numpy(), self.half  # [kv_heads, S, head_dim]
+        pair = np.sqrt(k[..., :h] ** 2 + k[..., h : 2 * h] ** 2).max(axis=1)
+        for part in (slice(0, h), slice(h, 2 * h)):
+            np.maximum(self.keys[:, part], pair, out=self.keys[:, part])
+        np.maximum(self.values, np.abs(values[0].double().numpy()).max(axis=1), out=self.values)
+
+
+def collect_kv_ranges(checkpoint: Any, spec: ModelSpec, token_ids: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer ``(key_max, value_max)``, float64 [kv_heads, head_dim], over ``token_ids``: for keys
+    (after the rotary embedding) the largest length of each rotated channel pair (i, i + head_dim/2),
+    written to both channels (no position's rotation changes it); for values the absolute maximum
+    per channel. The int8 KV cache's scales come from these."""
+    runner = LayerRunner(checkpoint, spec, token_ids)
+    ranges = []
+    for i in range(spec.num_hidden_layers):
+        peaks = _KVPeaks(spec)
+        layer = runner.layer(i)
+        runner.run(layer, i, advance=True, kv=peaks.add)
+        ranges.append((peaks.keys, peaks.values))
+        del layer
+    return ranges

@@ -26,6 +26,7 @@ from qwen_export.errors import OptionError, QwenExportError
 from qwen_export.quant.scheme import Keep, QuantAlgorithm, QuantScheme, WeightFormat
 from qwen_export.spec import (
     DType,
+    KVCacheDType,
     LogitsMode,
     ModelSpec,
     RopeOverride,
@@ -55,12 +56,14 @@ class ExportOptions:
     accuracy_level: int = 4  # MatMulNBits' activation accuracy (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
     calibration: Path | None = None  # AWQ/GPTQ calibration text (UTF-8); None: the built-in text
     max_batch: int = 1  # TensorRT: the batch its optimization profiles are built for (build-engine may change it)
+    kv_cache: KVCacheDType | None = None  # ONNX Runtime: the KV cache's element type; None: the activations'
 
     def __post_init__(self) -> None:
         if self.accuracy_level not in range(5):
             raise OptionError(f"--accuracy-level must be 0, 1, 2, 3 or 4, got {self.accuracy_level}")
-        if self.calibration is not None and (self.quant is None or not self.quant.algorithm.calibrated):
-            raise OptionError("--calibration only applies to --algorithm awq or gptq")
+        calibrated = self.quant is not None and self.quant.algorithm.calibrated
+        if self.calibration is not None and not calibrated and self.kv_cache is not KVCacheDType.INT8:
+            raise OptionError("--calibration only applies to --algorithm awq or gptq, or --kv-cache int8")
         if self.quant is not None and self.quant.algorithm.gptq and self.quant.per_channel:
             raise OptionError("--algorithm gptq quantizes in blocks: use --block-size 32, 64 or 128 (not 0)")
         if self.max_batch < 1:
@@ -142,6 +145,7 @@ def export_options(
     rope_factor: float | None = None,
     rope_original_max: int | None = None,
     max_batch: int | None = None,
+    kv_cache: str | KVCacheDType | None = None,
     fuse: bool = True,
     strict: bool = True,
     explain: bool = False,
@@ -157,11 +161,7 @@ def export_options(
     how the target adapted the options (e.g. TensorRT requantizing asymmetric weights symmetric).
     Raises :class:`OptionError` with the message the CLI prints.
     """
-    if explain and not fuse:
-        raise OptionError("--explain reports on the fusion passes; it cannot be combined with --no-fuse")
-    dump = Path(dump_dir) if dump_dir is not None else None
-    if dump is not None and dump.exists() and not dump.is_dir():
-        raise OptionError(f"--dump-dir {str(dump_dir)!r} exists and is not a directory")
+    dump = _dump_dir(dump_dir, explain, fuse)
     engine_target = Target.parse(target, "target")
     backend = targets.get(engine_target)
     defaults = Int4Defaults.for_export(checkpoint, backend) if _is_int4(weights) else None
@@ -181,8 +181,8 @@ def export_options(
     )
     if checkpoint is not None and (Path(checkpoint) / "config.json").is_file():
         quant = prequantized_default(Path(checkpoint), weights, quant, block_size, symmetric)
-    given = {"symmetric": symmetric, "embedding_bits": embedding_bits, "accuracy_level": accuracy_level}
-    given["max_batch"] = max_batch
+    given = dict(symmetric=symmetric, embedding_bits=embedding_bits, accuracy_level=accuracy_level)
+    given.update(max_batch=max_batch, kv_cache=kv_cache)
     _refuse_other_targets_options(backend, given)
     quant = backend.adapt_weights(quant, given, message or (lambda text: None))
     return ExportOptions(
@@ -200,7 +200,18 @@ def export_options(
         quant=quant,
         accuracy_level=4 if accuracy_level is None else accuracy_level,
         calibration=Path(calibration) if calibration is not None else None,
+        kv_cache=None if kv_cache is None else KVCacheDType.parse(kv_cache, "--kv-cache"),
     )
+
+
+def _dump_dir(dump_dir: str | Path | None, explain: bool, fuse: bool) -> Path | None:
+    """``--dump-dir`` as a Path; OptionError for it or ``--explain`` with ``--no-fuse``."""
+    if explain and not fuse:
+        raise OptionError("--explain reports on the fusion passes; it cannot be combined with --no-fuse")
+    dump = Path(dump_dir) if dump_dir is not None else None
+    if dump is not None and dump.exists() and not dump.is_dir():
+        raise OptionError(f"--dump-dir {str(dump_dir)!r} exists and is not a directory")
+    return dump
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,21 +70,26 @@ QUANT_THRESHOLDS: dict[str, Thresholds] = {
 }
 
 
-def thresholds_for(dtype: DType, quantization: Mapping[str, Any] | None = None) -> Thresholds:
+def thresholds_for(
+    dtype: DType, quantization: Mapping[str, Any] | None = None, kv_cache: str | None = None
+) -> Thresholds:
     """The limits for an artifact of activation ``dtype`` and, when its weights are quantized,
-    ``quantization`` (its manifest's ``extra["quantization"]``): the looser of the two, per metric."""
-    base = THRESHOLDS[dtype]
+    ``quantization`` (its manifest's ``extra["quantization"]``), and when its KV cache is int8
+    (``kv_cache``, the manifest's ``extra["kv_cache"]["dtype"]``) int8 weights' limits: the
+    loosest of them, per metric."""
+    limits = [THRESHOLDS[dtype]]
     weights = (quantization or {}).get("weights")
-    if weights is None or weights not in QUANT_THRESHOLDS:
-        if weights not in (None, "fp32", "fp16"):
-            raise OptionError(f"no parity thresholds for {weights!r} weights")
-        return base
-    q = QUANT_THRESHOLDS[weights]
+    if weights in QUANT_THRESHOLDS:
+        limits.append(QUANT_THRESHOLDS[weights])
+    elif weights not in (None, "fp32", "fp16"):
+        raise OptionError(f"no parity thresholds for {weights!r} weights")
+    if kv_cache == "int8":  # int8 rounding of every cached key and value
+        limits.append(QUANT_THRESHOLDS["int8"])
     return Thresholds(
-        max_mean_kl=max(base.max_mean_kl, q.max_mean_kl),
-        min_top1=min(base.min_top1, q.min_top1),
-        max_abs_logit=max(base.max_abs_logit, q.max_abs_logit),
-        min_greedy_match=min(base.min_greedy_match, q.min_greedy_match),
+        max_mean_kl=max(t.max_mean_kl for t in limits),
+        min_top1=min(t.min_top1 for t in limits),
+        max_abs_logit=max(t.max_abs_logit for t in limits),
+        min_greedy_match=min(t.min_greedy_match for t in limits),
     )
 
 

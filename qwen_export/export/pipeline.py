@@ -24,7 +24,7 @@ from qwen_export.export.options import ExportOptions  # noqa: F401 - re-exported
 from qwen_export.passes.base import PassContext, PassReport
 from qwen_export.quant.scheme import QuantAlgorithm
 from qwen_export.runtime.tokenizer import Tokenizer
-from qwen_export.spec import DType, ModelSpec
+from qwen_export.spec import DType, KVCacheDType, ModelSpec
 from qwen_export.targets.protocol import EmitJob
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -79,7 +79,8 @@ def _export(
             )
     with tempfile.TemporaryDirectory(prefix="qwen-export-calibration-") as scratch:
         calibration, stats, weights = _calibrate(ckpt, options, timer, hooks, Path(scratch))
-        prepared = (max_length, tokenizer_files, stats, calibration, keep)
+        kv = _calibrate_kv(ckpt, options, timer)
+        prepared = (max_length, tokenizer_files, stats, calibration, keep, kv)
         return _trace_and_emit(ckpt, weights, out, options, hooks, timer, prepared)
 
 
@@ -90,12 +91,12 @@ def _trace_and_emit(
     options: ExportOptions,
     hooks: ExportHooks,
     timer: _PhaseTimer,
-    prepared: tuple[int, list[str], Any, dict[str, Any] | None, Any],
+    prepared: tuple[int, list[str], Any, dict[str, Any] | None, Any, Any],
 ) -> artifact.Manifest:
     """Trace, bind ``weights`` (the checkpoint or GPTQ's view of it), run the passes, emit.
-    ``prepared``: the max length, tokenizer files, AWQ statistics, calibration record and the
-    inputs an ``--overwrite`` must not remove."""
-    max_length, tokenizer_files, stats, calibration, keep = prepared
+    ``prepared``: the max length, tokenizer files, AWQ statistics, calibration record, the inputs
+    an ``--overwrite`` must not remove and the int8 KV cache's (ranges, record) or None."""
+    max_length, tokenizer_files, stats, calibration, keep, kv = prepared
     spec, backend = ckpt.spec, options.backend
     timer.start("trace")
     from qwen_export.export.trace import TraceOptions, bind_weights, trace
@@ -109,7 +110,8 @@ def _trace_and_emit(
     dump = _Dumper(options.dump_dir)
     dump("traced", model)
     report = PassReport()
-    passes, kv_layout = backend.passes(spec, options.fuse, _pass_context(options, hooks, max_length, stats), report)
+    context = _pass_context(options, hooks, max_length, stats, kv[0] if kv is not None else None)
+    passes, kv_layout = backend.passes(spec, options.fuse, context, report)
     records, kv_layout = run_passes(model, passes, kv_layout, dump)
 
     timer.start("emit")
@@ -129,11 +131,13 @@ def _trace_and_emit(
             message=hooks.message,
         )
         target_extra = backend.emit(model, staging.path, job)
-        kv_cache = {
+        kv_cache: dict[str, Any] = {
             "layout": kv_layout.value,
             "capacity": max_length,
-            "bytes_per_token": spec.kv_bytes_per_token(options.graph_dtype),
+            "bytes_per_token": spec.kv_bytes_per_token(options.graph_dtype, KVCacheDType.INT8 if kv else None),
         }
+        if kv is not None:  # absent: the cache is in the activations' dtype
+            kv_cache.update(dtype=KVCacheDType.INT8.value, quantization=kv[1])
         io_signature = target_extra.pop("io")
         extra = _quantization_extra(ckpt, options, report, calibration)
         staging.manifest_fields.update(
@@ -166,7 +170,9 @@ def _context_record(spec: ModelSpec, options: ExportOptions, max_length: int) ->
     }
 
 
-def _pass_context(options: ExportOptions, hooks: ExportHooks, max_length: int, stats: Any) -> PassContext:
+def _pass_context(
+    options: ExportOptions, hooks: ExportHooks, max_length: int, stats: Any, kv_ranges: Any = None
+) -> PassContext:
     return PassContext(
         strict=options.strict,
         explain=_MessageStream(hooks.message) if options.explain else None,
@@ -174,6 +180,7 @@ def _pass_context(options: ExportOptions, hooks: ExportHooks, max_length: int, s
         quant=options.quant,
         accuracy_level=options.accuracy_level,
         calibration_stats=stats,
+        kv_ranges=kv_ranges,
     )
 
 
@@ -204,6 +211,20 @@ def _calibrate(
         ckpt, ckpt.spec, ids, quant, scratch, settings=settings, scale_dtype=scale_dtype, progress=hooks.write_progress
     )
     return record, None, weights
+
+
+def _calibrate_kv(ckpt: Checkpoint, options: ExportOptions, timer: _PhaseTimer) -> Any:
+    """``(ranges, record)`` of an int8 KV cache (``--kv-cache int8``): per layer the calibration's
+    key and value maxima, and the manifest's record of the scheme; None for another cache."""
+    if options.kv_cache is not KVCacheDType.INT8:
+        return None
+    from qwen_export.export import calibration as calib
+    from qwen_export.quant import kv_cache
+
+    text, source = calib.calibration_text(options.calibration)
+    ids = calib.calibration_tokens(Tokenizer.from_dir(ckpt.directory), text, source)
+    timer.start("calibrate")
+    return calib.collect_kv_ranges(ckpt, ckpt.spec, ids), kv_cache.record(len(ids), source)
 
 
 def _quantization_extra(

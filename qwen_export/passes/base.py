@@ -36,6 +36,7 @@ class PassContext:
     quant: Any = None  # QuantScheme of the weight quantization, or None
     accuracy_level: int = 4  # MatMulNBits' activation accuracy
     calibration_stats: Any = None  # AWQ: collect_activation_stats' result
+    kv_ranges: Any = None  # --kv-cache int8: collect_kv_ranges' per-layer (key, value) maxima
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from qwen_export.errors import OptionError
-from qwen_export.spec import DType
+from qwen_export.spec import DType, KVCacheDType
 from qwen_export.spec import kv_bytes_per_token as spec_kv_bytes
 from qwen_export.targets.base import Engine
 
@@ -145,15 +145,17 @@ def disk_mb(path: str | Path) -> float:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
 
 
-def kv_bytes_per_token(spec: dict[str, Any], dtype: str) -> int:
-    """KV-cache bytes one token takes, from a manifest's ``spec`` and ``dtype``."""
+def kv_bytes_per_token(spec: dict[str, Any], dtype: str, kv_dtype: str | None = None) -> int:
+    """KV-cache bytes one token takes, from a manifest's ``spec`` and ``dtype`` (``kv_dtype``: the
+    cache's own element type, ``extra.kv_cache.dtype``, when it has one, e.g. int8)."""
     try:
         layers = int(spec["num_hidden_layers"])
         kv_heads = int(spec.get("num_key_value_heads") or spec["num_attention_heads"])
         head_dim = int(spec["head_dim"])
     except (KeyError, TypeError, ValueError) as exc:
         raise OptionError(f"manifest spec lacks the KV-cache shape ({exc})") from None
-    return spec_kv_bytes(layers, kv_heads, head_dim, DType.parse(dtype, "manifest dtype"))
+    kv = KVCacheDType.parse(kv_dtype, "manifest kv_cache dtype") if kv_dtype is not None else None
+    return spec_kv_bytes(layers, kv_heads, head_dim, DType.parse(dtype, "manifest dtype"), kv)
 
 
 def sweep_lengths(max_tokens: int, start: int = SWEEP_START) -> list[int]:

@@ -251,7 +251,8 @@ def load_targets(
         loaded = open_artifact(path, runtime)
         load_s = time.perf_counter() - t0
         manifest = loaded.manifest
-        kv = bench_mod.kv_bytes_per_token(manifest.spec, manifest.dtype)
+        kv_dtype = (manifest.extra.get("kv_cache") or {}).get("dtype")
+        kv = bench_mod.kv_bytes_per_token(manifest.spec, manifest.dtype, kv_dtype)
         found.append(BenchTarget(label, loaded.engine, kv))
         loads.append(
             ArtifactLoad(

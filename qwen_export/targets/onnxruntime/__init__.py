@@ -8,7 +8,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from qwen_export.spec import CacheIO, DType, KVLayout, ModelSpec, Target
+from qwen_export.errors import OptionError
+from qwen_export.spec import CacheIO, DType, KVCacheDType, KVLayout, ModelSpec, Target
 from qwen_export.targets.protocol import EmitJob
 
 
@@ -18,7 +19,7 @@ class OnnxRuntimeTarget:
     cache_io: CacheIO = CacheIO.CONCAT
     engines: tuple[Target, ...] = (Target.ONNXRUNTIME,)
     options_field: str | None = None
-    own_options: frozenset[str] = frozenset()
+    own_options: frozenset[str] = frozenset({"kv_cache"})
     load_options: tuple[str, ...] = ()
     cpu_module: str = "onnxruntime"
     zero_points: bool = True
@@ -34,7 +35,22 @@ class OnnxRuntimeTarget:
         return quant
 
     def check_options(self, options: Any) -> None:
-        return None
+        """``--kv-cache``: the activations' dtype, or int8 (the fused graph, an ONNX Runtime whose
+        CPU GroupQueryAttention takes a quantized cache)."""
+        kv = options.kv_cache
+        if kv is None or kv.value == options.dtype.value:
+            return
+        if kv is not KVCacheDType.INT8:
+            raise OptionError(
+                f"--kv-cache {kv.value} with --dtype {options.dtype.value}: ONNX Runtime's CPU GroupQueryAttention "
+                "keeps a float cache only in the activations' dtype; give --dtype "
+                f"{kv.value}, or --kv-cache int8 for a smaller cache"
+            )
+        if not options.fuse:
+            raise OptionError("--kv-cache int8 is GroupQueryAttention's cache: drop --no-fuse")
+        from qwen_export.targets.onnxruntime.kv_quant import check_int8_kv_support
+
+        check_int8_kv_support()
 
     def adapt_options(self, options: Any, message: Callable[[str], None]) -> Any:
         if options.quant is not None:
@@ -79,8 +95,19 @@ class OnnxRuntimeTarget:
             *self._moe(spec, ctx),
             CleanupPass(),
             SharedKVBuffer(n, strict=strict),
+            *self._int8_kv(ctx),
         ]
         return passes, KVLayout.SHARED
+
+    @staticmethod
+    def _int8_kv(ctx: Any) -> list[Any]:
+        """``--kv-cache int8``: the int8 cache with the scales of the calibration's maxima."""
+        if ctx.kv_ranges is None:
+            return []
+        from qwen_export.quant.kv_cache import kv_scales
+        from qwen_export.targets.onnxruntime.kv_quant import Int8KVCache
+
+        return [Int8KVCache([kv_scales(k, v) for k, v in ctx.kv_ranges])]
 
     @staticmethod
     def _moe(spec: ModelSpec, ctx: Any) -> list[Any]:

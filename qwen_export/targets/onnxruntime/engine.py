@@ -10,6 +10,8 @@ The KV cache never goes through numpy between steps. Two layouts (``manifest.ext
   context) with the cached columns copied over: a 100-token chat on a 128K artifact holds 256
   tokens of KV, and growing costs amortised O(1) copies per token. ``truncate`` only forgets
   columns. A generation past the artifact's context is refused.
+  With ``export --kv-cache int8`` the buffers are int8 (GroupQueryAttention quantizes each new key
+  and value with the artifact's static scales, :mod:`.kv_quant`): a quarter of fp32's bytes.
 - ``concat`` (unfused artifacts): the ``present.*`` outputs of one step are ``OrtValue`` objects
   that ORT allocated, bound as the ``past_key_values.*`` inputs of the next step.
 - ``fixed`` (``--target tensorrt`` artifacts, run here on CPU to verify them): the same buffers
@@ -48,6 +50,18 @@ __all__ = ["OnnxRuntimeEngine", "OrtOptions", "emit", "position_ids_from_mask"]
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+
+
+def _check_int8_kv(path: Path) -> None:
+    """ArtifactError naming the fix when this ONNX Runtime cannot run an int8 KV cache."""
+    from qwen_export.targets.onnxruntime.kv_quant import int8_kv_unavailable
+
+    why = int8_kv_unavailable()
+    if why:
+        raise ArtifactError(
+            f"{path}: its int8 KV cache needs ONNX Runtime's CPU GroupQueryAttention with a quantized cache, "
+            f"which this installation lacks ({why}); upgrade onnxruntime or re-export without --kv-cache int8"
+        )
 
 
 def _ort() -> Any:
@@ -136,6 +150,10 @@ class OnnxRuntimeEngine:
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         kv = manifest.extra.get("kv_cache") or {}
+        #: the shared buffers' element type: the activations', or int8 (``export --kv-cache int8``)
+        self.kv_dtype = np.dtype(np.int8) if kv.get("dtype") == "int8" else np.dtype(self.dtype)
+        if self.kv_dtype == np.int8:
+            _check_int8_kv(path)
         if kv.get("layout") == "fixed":
             # a TensorRT graph run here to verify it: ORT would fuse its int4 DequantizeLinear ->
             # MatMul into MatMulNBits with int8 activations (accuracy level 4); compute in the
@@ -182,7 +200,10 @@ class OnnxRuntimeEngine:
         if self._quant.get("weights") in ("int4", "int8"):
             level = 1 if self._fixed_kv else int(self._quant.get("accuracy_level", 0))
             choices["matmul activations"] = {4: "int8", 2: "fp16", 3: "bf16"}.get(level, "fp32")
-        choices["kv cache"] = "fp16" if self.dtype is np.float16 else "fp32"
+        if self.kv_dtype == np.int8:
+            choices["kv cache"] = "int8 (static per-channel scales)"
+        else:
+            choices["kv cache"] = "fp16" if self.dtype is np.float16 else "fp32"
         return choices
 
     # ------------------------------------------------------------------ Engine API
@@ -289,7 +310,7 @@ class OnnxRuntimeEngine:
         self._buffers = []
         try:
             for i, old in enumerate(buffers):  # one at a time: each old buffer is freed once copied
-                array = np.zeros(shape, self.dtype)  # the OrtValue shares this memory: keep it alive
+                array = np.zeros(shape, self.kv_dtype)  # the OrtValue shares this memory: keep it alive
                 if old is not None and cached:
                     array[:, :, :cached] = old[0][:, :, :cached]
                 buffers[i] = (array, self._ort.OrtValue.ortvalue_from_numpy(array))

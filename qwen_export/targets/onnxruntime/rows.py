@@ -220,7 +220,7 @@ class OrtRows:
         buffers = self._buffers or [None] * (2 * spec.num_hidden_layers)
         self._buffers = []
         for i, old in enumerate(buffers):
-            array = np.zeros(shape, engine.dtype)
+            array = np.zeros(shape, engine.kv_dtype)
             if old is not None:
                 array[:, :, :current] = old
             buffers[i] = array
