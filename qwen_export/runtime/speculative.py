@@ -2,7 +2,8 @@
 
 A step: the target's KV cache holds the context except the last sampled token ``t``; a proposer
 guesses ``d1..dk`` after it; the engine runs ``[t, d1..dk]`` in ONE forward (an artifact exported
-with ``--logits all`` returns k+1 rows); row i decides the token after ``d_i`` (row 0: after ``t``).
+with ``--logits last``, the default, is asked for its last k+1 rows (``last_k``; one exported with
+``--logits all`` returns them anyway); row i decides the token after ``d_i`` (row 0: after ``t``).
 Drafts are accepted left to right; at the first rejection the target's own token replaces the
 draft, and the KV cache of the rejected drafts is rolled back with ``Engine.truncate``. When every
 draft is accepted, row k gives one more token for free. Each step yields at least one token.
@@ -236,10 +237,11 @@ class Speculator:
     """Runs a :class:`~qwen_export.runtime.generation.Generator`'s decode loop speculatively."""
 
     def __init__(self, speculation: Speculation, engine: Engine, proposer: Proposer) -> None:
-        if not engine.capabilities.full_logits:
+        caps = engine.capabilities
+        if not (caps.full_logits or caps.last_k_logits):
             raise OptionError(
-                "speculative decoding verifies several tokens in one forward and needs every position's "
-                "logits: re-export the artifact with --logits all"
+                "speculative decoding verifies several tokens in one forward and needs their logits: this "
+                "artifact returns the last position's only; re-export it with this version (or --logits all)"
             )
         self.speculation = speculation
         self.proposer = proposer
