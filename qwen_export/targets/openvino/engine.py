@@ -264,7 +264,9 @@ def open_logits_rows(ov_model: Any) -> None:
     ArtifactError when the IR has no such Constant."""
     from openvino import opset13
 
-    found = [op for op in ov_model.get_ops() if op.get_type_name() == "Constant" and op.get_friendly_name() == LOGITS_INDICES]
+    found = [
+        op for op in ov_model.get_ops() if op.get_type_name() == "Constant" and op.get_friendly_name() == LOGITS_INDICES
+    ]
     if len(found) != 1:
         raise ArtifactError(f"the manifest records a {LOGITS_INDICES} input but the IR has {len(found)}; re-export it")
     param = opset13.parameter([-1], np.int64, name=LOGITS_INDICES)
