@@ -346,9 +346,13 @@ def test_recipe_profiles(artifact: Path) -> None:
             shape = profile["shapes"][name]
             assert shape["min"] == [1, spec.num_key_value_heads, 1, spec.head_dim]
             assert shape["max"] == [4, spec.num_key_value_heads, 256, spec.head_dim]
-    # the artifact's own recipe (written by emit through the pipeline)
+    # the artifact's own recipe (written by emit through the pipeline): its --logits last graph has
+    # the logits_indices input, 1..max_prompt rows for prefill (speculative verification), 1 for decode
     manifest = load_manifest(artifact)
-    assert manifest.extra["tensorrt"] == recipe(spec, capacity=CAPACITY, dtype="fp32", max_batch=1, max_prompt=CAPACITY)
+    own = recipe(spec, capacity=CAPACITY, dtype="fp32", max_batch=1, max_prompt=CAPACITY, logits_rows=True)
+    assert manifest.extra["tensorrt"] == own
+    assert own["profiles"][0]["shapes"]["logits_indices"] == {"min": [1], "opt": [1], "max": [CAPACITY]}
+    assert own["profiles"][1]["shapes"]["logits_indices"] == {"min": [1], "opt": [1], "max": [1]}
     assert manifest.extra["kv_cache"]["layout"] == "fixed"
 
 
