@@ -78,8 +78,8 @@ def test_every_norm_fuses(request, module_scratch, case: str, layers: int, qk_no
     result, ops = built["result"], built["ops"]
     assert result.fired[RMS_RULE] == expected
     # Every norm takes a residual Add except layer 0's input norm (the embedding); the final norm
-    # (logits=last) takes the pruned last layer's [B, K, H] sum (K: the logits_indices rows) directly. The per-head q/k norms
-    # take a Reshape.
+    # (logits=last) takes the pruned last layer's [B, K, H] sum (K: the logits_indices rows)
+    # directly. The per-head q/k norms take a Reshape.
     assert result.fired[SKIP_RULE] == 2 * layers
     assert ops["SimplifiedLayerNormalization"] == expected - 2 * layers
     assert ops["com.microsoft::SkipSimplifiedLayerNormalization"] == 2 * layers
