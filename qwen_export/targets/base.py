@@ -180,7 +180,9 @@ def check_last_k(last_k: int | None, seq: int, capabilities: EngineCapabilities)
         return None
     if not capabilities.last_k_logits:
         raise GenerationError(
-            f"this {capabilities.name} artifact returns the last position's logits only (no logits_indices "
+            f"this {capabilities.name} artifact returns every position's logits; last_k is for --logits last"
+            if capabilities.full_logits
+            else f"this {capabilities.name} artifact returns the last position's logits only (no logits_indices "
             "input); re-export it with this version for last_k"
         )
     if isinstance(last_k, bool) or not isinstance(last_k, int | np.integer) or not 1 <= last_k <= seq:
