@@ -234,6 +234,24 @@ def test_speculation_on_a_default_last_logits_artifact(export, target: str) -> N
     assert _greedy(engine, tokenizer, lookup).token_ids == plain.token_ids
 
 
+def test_a_proposer_that_keeps_failing_backs_off(export) -> None:
+    """Drafts that are always wrong: after each fully rejected step the next 1, 2, 4 ... steps
+    decode plainly (``MAX_BACKOFF``), so few forwards carry drafts; the tokens stay plain decoding's."""
+    loaded = open_artifact(export("qwen2_tied"))
+    plain = _greedy(loaded.engine, loaded.tokenizer)
+
+    class Wrong(_Oracle):
+        def propose(self, context, k, config, rng, allowed):  # noqa: ANN001, ANN202
+            start = len(context) - len(PROMPT)
+            return [t + 1 for t in self.plain[start : start + k]], None
+
+    result = _greedy(loaded.engine, loaded.tokenizer, Speculator(Speculation(), loaded.engine, Wrong(plain.token_ids)))
+    assert result.token_ids == plain.token_ids
+    stats = result.speculation
+    assert stats is not None and stats.accepted == 0 and stats.steps == len(plain.token_ids) - 1
+    assert stats.drafted == 8 + 4  # 8 drafts, then one at steps 2, 5, 10, 19 (back-off 1, 2, 4, 8)
+
+
 def _old_last_artifact(export, tmp_path: Path) -> Path:  # noqa: ANN001
     """The default ONNX Runtime export as artifacts were before ``logits_indices``: the input gone
     (its initializer, [-1], stays a constant: one row), the manifest without ``last_k_logits``."""
