@@ -100,8 +100,11 @@ def emit(model: Any, out_dir: Path, progress: Any = None) -> list[str]:
 def default_logits_rows(model: Any) -> bool:
     """Give a ``--logits last`` graph's ``logits_indices`` input the initializer ``[-1]`` (the last
     position's logits; an ONNX Runtime "overridable initializer"): callers that do not know the
-    input (onnxruntime-genai, older code) feed nothing and get what they always did. True when
-    the graph has the input."""
+    input (onnxruntime-genai, older code) feed nothing and get what they always did. The logits
+    output is declared [B, 1, V], that default's shape, as before the input existed:
+    onnxruntime-genai reads a static 1 as "last position only" (and preallocates [B, S, V]
+    otherwise); ONNX Runtime returns the K rows of an override all the same. True when the graph
+    has the input."""
     import onnx_ir as ir
 
     value = next((v for v in model.graph.inputs if v.name == LOGITS_INDICES), None)
@@ -110,6 +113,9 @@ def default_logits_rows(model: Any) -> bool:
     if value.name not in model.graph.initializers:
         value.const_value = ir.tensor(np.array([-1], np.int64), name=LOGITS_INDICES)
         model.graph.register_initializer(value)
+    logits = next(v for v in model.graph.outputs if v.name == "logits")
+    if logits.shape is not None and len(logits.shape) == 3:
+        logits.shape = ir.Shape([logits.shape[0], 1, logits.shape[2]])
     return True
 
 
