@@ -706,4 +706,4 @@ def test_speculative_verify_and_rollback(export, tmp_path: Path) -> None:
         verified = [e[2][0] for e in log if e[0] == "shape" and e[1] == "cache_position"]
         assert max(verified) > 1  # several tokens in one forward
         rows = [e[2][0] for e in log if e[0] == "shape" and e[1] == "logits_indices"]
-        assert rows == ([] if logits == "all" else verified)  # exactly the rows it verifies
+        assert rows == ([] if logits == "all" else [1, *verified[1:]])  # the prompt's last, then each verify's
