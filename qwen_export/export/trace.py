@@ -174,24 +174,35 @@ def _trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
 
 def _name_dims(model: ir.Model, cache: CacheIO) -> None:
     """Give the symbolic dims the canonical names optimum / onnxruntime-genai use (fixed-capacity
-    caches: ``max_sequence_length`` for the buffers, ``attention_width`` for the mask)."""
+    caches: ``max_sequence_length`` for the buffers, ``attention_width`` for the mask). Batch and
+    sequence are named here too: torch.export keeps its ``Dim`` names only without the ``None``
+    argument a ``--logits last`` trace passes for ``cache_position``."""
+    batch, seq = ir.SymbolicDim("batch"), ir.SymbolicDim("sequence_length")
     total = ir.SymbolicDim("total_sequence_length")
     width = ir.SymbolicDim("attention_width")
     capacity = ir.SymbolicDim("max_sequence_length")
+    past = capacity if cache is CacheIO.SCATTER else ir.SymbolicDim("past_sequence_length")
+    rows = any(v.name == LOGITS_INDICES for v in model.graph.inputs)
     for value in list(model.graph.inputs) + list(model.graph.outputs):
         shape = value.shape
         if shape is None:
             continue
-        dims = list(shape.dims)
-        if value.name == LOGITS_INDICES:
-            dims[0] = ir.SymbolicDim("logits_rows")
-        if value.name == "attention_mask":
-            dims[1] = width if cache is CacheIO.SCATTER else total
-        if value.name.startswith("present."):
-            dims[-2] = capacity if cache is CacheIO.SCATTER else total
-        if value.name == "logits" and not isinstance(dims[1], int):
-            dims[1] = ir.SymbolicDim("sequence_length" if str(dims[1]) == "sequence_length" else "logits_rows")
-        value.shape = ir.Shape(dims)
+        dims = [d if isinstance(d, int) else None for d in shape.dims]
+        name = value.name or ""
+        if name in (LOGITS_INDICES, "cache_position"):
+            dims[0] = ir.SymbolicDim("logits_rows") if name == LOGITS_INDICES else seq
+        elif name in ("input_ids", "position_ids"):
+            dims = [batch, seq]
+        elif name == "attention_mask":
+            dims = [batch, width if cache is CacheIO.SCATTER else total]
+        elif name.startswith(("past_key_values.", "present.")):
+            dims[0] = batch
+            dims[2] = past if name.startswith("past_") else capacity if cache is CacheIO.SCATTER else total
+        elif name == "logits":
+            dims[0] = batch
+            if dims[1] is None:
+                dims[1] = ir.SymbolicDim("logits_rows") if rows else seq
+        value.shape = ir.Shape([d if d is not None else shape.dims[i] for i, d in enumerate(dims)])
 
 
 def rope_inv_freq_and_scale(spec: ModelSpec) -> tuple[list[float], float]:
