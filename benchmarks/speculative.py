@@ -13,11 +13,13 @@ first, not counted), each from an empty cache, so their ratio holds on a busy ma
 decode tok/s (tokens after the first over the time after the first token) and end-to-end tok/s
 (tokens over the whole call, prefill included), with the ratio's median and min-max over rounds,
 the acceptance rate, tokens per target forward, and whether every speculative output equals the
-plain one (greedy: it must). The artifact must be exported with ``--logits all``; ``--baseline`` adds
-plain decoding on another artifact of the same model (e.g. the default ``--logits last`` export,
-whose prefill skips the full-vocabulary logits of the prompt).
+plain one (greedy: it must). The artifact is a default ``--logits last`` export (speculation asks
+it for the last k+1 rows it verifies) or a ``--logits all`` one; ``--baseline`` adds plain decoding
+on another artifact of the same model (e.g. the same export made by an earlier version, to see that
+plain decoding did not get slower, or a ``--logits all`` one, whose prefill computes every prompt
+row's full-vocabulary logits).
 
-    .venv/bin/python benchmarks/speculative.py ART_ALL [--baseline ART_LAST] [--threads 2]
+    .venv/bin/python benchmarks/speculative.py ART [--baseline OTHER_ART] [--threads 2]
         [--source FILE] [--repeats 3] [--warmup 1] [--max-new-tokens 512] [--free-new-tokens 128]
         [--max-draft-tokens 8] [--json benchmarks/results/speculative.json]
 """
@@ -45,8 +47,8 @@ STORY = "Write a short story (about 300 words) about a lighthouse keeper who fin
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("artifact", type=Path, help="artifact exported with --logits all")
-    p.add_argument("--baseline", type=Path, help="another artifact of the same model, run plain (e.g. --logits last)")
+    p.add_argument("artifact", type=Path, help="an artifact (--logits last, the default, or --logits all)")
+    p.add_argument("--baseline", type=Path, help="another artifact of the same model, run plain")
     p.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="the file the code-editing tasks edit")
     p.add_argument("--rename", help="OLD:NEW for the rename task (default: the file's most frequent identifier)")
     p.add_argument("--threads", type=int, default=0)

@@ -205,6 +205,7 @@ def _check_extra(extra: Any, source: str) -> None:
         q.kind("weights", str, optional=False)
     for key in ("tensorrt", "export_seconds"):
         e.kind(key, dict)
+    e.kind("last_k_logits", bool)
     trt = extra.get("tensorrt")
     if trt is not None:
         t = _Fields(trt, "extra.tensorrt", source)

@@ -100,6 +100,7 @@ def _feeds(spec, batch: int = 2, past: int = 7, seq: int = 4) -> dict[str, np.nd
         "input_ids": rng.integers(0, spec.vocab_size, (batch, seq)).astype(np.int64),
         "attention_mask": np.ones((batch, past + seq), np.int64),
         "position_ids": np.tile(np.arange(past, past + seq), (batch, 1)).astype(np.int64),
+        "logits_indices": np.array([-2, -1], np.int64),  # --logits last: the last two rows
     }
     feeds["attention_mask"][1, :2] = 0
     for i in range(spec.num_hidden_layers):

@@ -58,6 +58,7 @@ def _feeds(spec, np_dtype: type, batch: int = 2, past: int = 7, seq: int = 4) ->
         "input_ids": rng.integers(0, spec.vocab_size, (batch, seq)).astype(np.int64),
         "attention_mask": np.ones((batch, past + seq), np.int64),
         "position_ids": np.tile(np.arange(past, past + seq), (batch, 1)).astype(np.int64),
+        "logits_indices": np.array([-1], np.int64),  # --logits last: the last row
     }
     feeds["attention_mask"][1, :2] = 0
     for i in range(spec.num_hidden_layers):
@@ -77,8 +78,8 @@ def test_every_norm_fuses(request, module_scratch, case: str, layers: int, qk_no
     result, ops = built["result"], built["ops"]
     assert result.fired[RMS_RULE] == expected
     # Every norm takes a residual Add except layer 0's input norm (the embedding); the final norm
-    # (logits=last) takes the pruned last layer's [B, 1, H] sum directly. The per-head q/k norms
-    # take a Reshape.
+    # (logits=last) takes the pruned last layer's [B, K, H] sum (K: the logits_indices rows)
+    # directly. The per-head q/k norms take a Reshape.
     assert result.fired[SKIP_RULE] == 2 * layers
     assert ops["SimplifiedLayerNormalization"] == expected - 2 * layers
     assert ops["com.microsoft::SkipSimplifiedLayerNormalization"] == 2 * layers

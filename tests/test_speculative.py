@@ -1,13 +1,15 @@
 """Speculative decoding (``qwen_export/runtime/speculative.py``).
 
 The acceptance rule is tested on numpy distributions (cheap, statistical); the engines on the tiny
-artifacts the parity suite already exports (``--logits all`` targets, ``--logits last`` drafts),
-in the parity suite's per-engine groups, so no export is added: greedy speculative output must be
-plain greedy output token for token, with drafts both accepted and rejected (rolled back).
+artifacts the parity suite already exports (``--logits all`` and the default ``--logits last``,
+whose last k rows are asked for), in the parity suite's per-engine groups, so no export is added:
+greedy speculative output must be plain greedy output token for token, with drafts both accepted
+and rejected (rolled back).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,9 +19,10 @@ from noise import Noise, check_logits
 from test_cli import _one_line_error, invoke
 from test_parity import ENGINES, _exported, _open
 
-from qwen_export.errors import OptionError
+from qwen_export.errors import GenerationError, OptionError
 from qwen_export.runtime import generation
 from qwen_export.runtime.generation import GenerationConfig, Generator, sample_token
+from qwen_export.runtime.loader import open_artifact
 from qwen_export.runtime.speculative import (
     DraftModel,
     Speculation,
@@ -199,6 +202,93 @@ def test_speculative_greedy_is_plain_greedy(export, target: str, monkeypatch: py
             assert stats.accepted < stats.drafted, stats
 
 
+def test_speculation_on_a_default_last_logits_artifact(export, target: str) -> None:
+    """A ``--logits last`` (default) artifact returns the last k positions' logits on request
+    (``last_k``: its ``logits_indices`` input), equal to a ``--logits all`` export's of the same
+    weights, in one piece or across prefill chunks; speculative greedy decoding on it is plain
+    greedy decoding, drafts accepted and rejected, on every engine (TensorRT: its graph on ORT)."""
+    loaded = _open(export("qwen2_tied", target=_exported(target)), target)
+    engine, tokenizer = loaded.engine, loaded.tokenizer
+    full = _open(export("qwen2_tied", logits="all", target=_exported(target)), target).engine
+    assert engine.capabilities.last_k_logits and not engine.capabilities.full_logits
+    ids = np.asarray([PROMPT])
+    options = engine.options
+    for chunk in (options.prefill_chunk, 5):  # 5: the last 8 rows come from three pieces
+        engine.reset()
+        full.reset()
+        engine.options = dataclasses.replace(engine.options, prefill_chunk=chunk)
+        check_logits(engine.forward(ids[:, :-4], last_k=8)[0], full.forward(ids[:, :-4])[0, -8:], Noise.REORDERED)
+        verify = ids[:, -4:]  # a verification step after the cache: k + 1 rows
+        check_logits(engine.forward(verify, last_k=4)[0], full.forward(verify)[0], Noise.REORDERED)
+        assert engine.forward(ids[:, :1]).shape == (1, 1, full.capabilities.vocab_size)  # the default: 1 row
+    engine.options = options
+    with pytest.raises(GenerationError, match="last_k must be an integer from 1 to the 2 new tokens, got 3"):
+        engine.forward(ids[:, :2], last_k=3)
+    plain = _greedy(engine, tokenizer)
+    assert plain.token_ids == _greedy(full, tokenizer).token_ids
+    oracle = Speculator(Speculation(max_draft_tokens=4), engine, _Oracle(plain.token_ids))
+    result = _greedy(engine, tokenizer, oracle)
+    assert result.token_ids == plain.token_ids
+    assert result.speculation is not None and 0 < result.speculation.accepted < result.speculation.drafted
+    lookup = make_speculator(Speculation(SpeculationKind.PROMPT_LOOKUP, max_draft_tokens=4, min_ngram=1), engine)
+    assert _greedy(engine, tokenizer, lookup).token_ids == plain.token_ids
+
+
+def test_a_proposer_that_keeps_failing_backs_off(export) -> None:
+    """Drafts that are always wrong: after each fully rejected step the next 1, 2, 4 ... steps
+    decode plainly (``MAX_BACKOFF``), so few forwards carry drafts; the tokens stay plain decoding's."""
+    loaded = open_artifact(export("qwen2_tied"))
+    plain = _greedy(loaded.engine, loaded.tokenizer)
+
+    class Wrong(_Oracle):
+        def propose(self, context, k, config, rng, allowed):  # noqa: ANN001, ANN202
+            start = len(context) - len(PROMPT)
+            return [t + 1 for t in self.plain[start : start + k]], None
+
+    result = _greedy(loaded.engine, loaded.tokenizer, Speculator(Speculation(), loaded.engine, Wrong(plain.token_ids)))
+    assert result.token_ids == plain.token_ids
+    stats = result.speculation
+    assert stats is not None and stats.accepted == 0 and stats.steps == len(plain.token_ids) - 1
+    assert stats.drafted == 8 + 4  # 8 drafts, then one at steps 2, 5, 10, 19 (back-off 1, 2, 4, 8)
+
+
+def _old_last_artifact(export, tmp_path: Path) -> Path:  # noqa: ANN001
+    """The default ONNX Runtime export as artifacts were before ``logits_indices``: the input gone
+    (its initializer, [-1], stays a constant: one row), the manifest without ``last_k_logits``."""
+    import shutil
+
+    import onnx
+
+    from qwen_export.artifact import MANIFEST_NAME, sha256_file
+
+    art = tmp_path / "old"
+    shutil.copytree(export("qwen2_tied"), art)
+    model = onnx.load(art / "model.onnx", load_external_data=False)
+    (kept,) = [i for i in model.graph.input if i.name == "logits_indices"]
+    model.graph.input.remove(kept)
+    onnx.save(model, art / "model.onnx")
+    manifest = json.loads((art / MANIFEST_NAME).read_text())
+    manifest["files"]["model.onnx"] = sha256_file(art / "model.onnx")
+    del manifest["extra"]["last_k_logits"]
+    (art / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return art
+
+
+def test_an_artifact_without_logits_indices_works_as_before(export, tmp_path: Path) -> None:
+    import qwen_export
+
+    art = _old_last_artifact(export, tmp_path)
+    loaded = open_artifact(art)
+    assert not loaded.engine.capabilities.last_k_logits
+    current = open_artifact(export("qwen2_tied"))
+    assert _greedy(loaded.engine, loaded.tokenizer).token_ids == _greedy(current.engine, current.tokenizer).token_ids
+    with pytest.raises(GenerationError, match="no logits_indices input"):
+        loaded.engine.forward(np.asarray([PROMPT[:3]]), last_k=2)
+    with pytest.raises(OptionError, match="returns the last position's only; re-export it"):
+        qwen_export.load(art, speculate=Speculation())
+    _one_line_error(invoke("generate", art, "hi", "--speculate", "prompt-lookup"), "re-export it")
+
+
 def _check_sampling(gen: Generator) -> None:
     config = GenerationConfig(max_new_tokens=16, temperature=0.7, top_k=50, seed=5)
     first = gen.generate_text(PROMPT, config)
@@ -231,10 +321,6 @@ def test_cli_speculates_and_bench_reports_it(export) -> None:
 )
 def test_cli_bad_speculation_is_one_line(export, args: tuple[str, ...], fragment: str) -> None:
     _one_line_error(invoke("generate", export("qwen2_tied", logits="all"), "hi", *args), fragment)
-
-
-def test_cli_speculation_on_a_last_logits_artifact_is_one_line(export) -> None:
-    _one_line_error(invoke("generate", export("qwen2_tied"), "hi", "--speculate", "prompt-lookup"), "--logits all")
 
 
 def test_a_draft_needs_the_same_vocabulary() -> None:

@@ -346,9 +346,13 @@ def test_recipe_profiles(artifact: Path) -> None:
             shape = profile["shapes"][name]
             assert shape["min"] == [1, spec.num_key_value_heads, 1, spec.head_dim]
             assert shape["max"] == [4, spec.num_key_value_heads, 256, spec.head_dim]
-    # the artifact's own recipe (written by emit through the pipeline)
+    # the artifact's own recipe (written by emit through the pipeline): its --logits last graph has
+    # the logits_indices input, 1..max_prompt rows for prefill (speculative verification), 1 for decode
     manifest = load_manifest(artifact)
-    assert manifest.extra["tensorrt"] == recipe(spec, capacity=CAPACITY, dtype="fp32", max_batch=1, max_prompt=CAPACITY)
+    own = recipe(spec, capacity=CAPACITY, dtype="fp32", max_batch=1, max_prompt=CAPACITY, logits_rows=True)
+    assert manifest.extra["tensorrt"] == own
+    assert own["profiles"][0]["shapes"]["logits_indices"] == {"min": [1], "opt": [1], "max": [CAPACITY]}
+    assert own["profiles"][1]["shapes"]["logits_indices"] == {"min": [1], "opt": [1], "max": [1]}
     assert manifest.extra["kv_cache"]["layout"] == "fixed"
 
 
@@ -564,9 +568,15 @@ def test_long_prompt_is_prefilled_in_chunks(artifact: Path, built: Path, tmp_pat
     engine, fake = _engine(copy)
     assert engine.max_prompt == 8
     prompt = _prompt(21, seed=4)  # chunks of 8, 8, 5 (the stand-in refuses sequences over 8)
-    check_logits(engine.forward(prompt), _reference(copy).forward(prompt), Noise.CROSS)
+    reference = _reference(copy)
+    check_logits(engine.forward(prompt), reference.forward(prompt), Noise.CROSS)
     log = fake.engine.contexts[0].log
     assert [e[2] for e in log if e[0] == "shape" and e[1] == "cache_position"] == [(8,), (8,), (5,)]
+    engine.reset()
+    reference.reset()
+    log.clear()  # the last 11 rows (last_k, speculative verification) come from the last two chunks
+    check_logits(engine.forward(prompt, last_k=11), reference.forward(prompt, last_k=11), Noise.CROSS)
+    assert [e[2] for e in log if e[0] == "shape" and e[1] == "logits_indices"] == [(1,), (6,), (5,)]
 
 
 def test_cuda_graph_bookkeeping(artifact: Path, built: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -672,26 +682,28 @@ class _WrongEveryThird:
 def test_speculative_verify_and_rollback(export, tmp_path: Path) -> None:
     """Speculative decoding through the TensorRT engine's own code (the stand-in): verify forwards of
     several tokens run on the prefill profile at the cache's offset, rejected drafts are dropped by
-    ``truncate``; the greedy tokens are plain decoding's (a full-logits export the parity suite
-    already makes in this group, copied: build-engine writes into it)."""
+    ``truncate``; the greedy tokens are plain decoding's (the full-logits and default exports the
+    parity suite already makes in this group, copied: build-engine writes into it)."""
     from qwen_export.runtime.generation import GenerationConfig, Generator
     from qwen_export.runtime.speculative import Speculation, Speculator
 
-    art = shutil.copytree(export("qwen2_tied", logits="all", target="tensorrt"), tmp_path / "art")
-    build_engine(art, trt_module=FakeTRT(), torch_device=CPU)
-    engine, fake = _engine(art)
-    prompt = _prompt(12, seed=4)[0].tolist()
-    config = GenerationConfig(max_new_tokens=12, temperature=0.0)
-    plain = Generator(engine, _NoText()).generate_text(prompt, config)
-    log = fake.engine.contexts[0].log
-    log.clear()
-    proposer = _WrongEveryThird(plain.token_ids, len(prompt))
-    result = Generator(engine, _NoText(), Speculator(Speculation(max_draft_tokens=4), engine, proposer)).generate_text(
-        prompt, config
-    )
-    assert result.token_ids == plain.token_ids
-    stats = result.speculation
-    assert stats is not None and 0 < stats.accepted < stats.drafted, stats
-    assert 0 in _profile_switches(log)  # the verify forwards ran on the prefill profile
-    verified = [e[2][0] for e in log if e[0] == "shape" and e[1] == "cache_position"]
-    assert max(verified) > 1  # several tokens in one forward
+    for logits in ("all", "last"):  # last: the k+1 verified rows through logits_indices (last_k)
+        art = shutil.copytree(export("qwen2_tied", logits=logits, target="tensorrt"), tmp_path / logits)
+        build_engine(art, trt_module=FakeTRT(), torch_device=CPU)
+        engine, fake = _engine(art)
+        prompt = _prompt(12, seed=4)[0].tolist()
+        config = GenerationConfig(max_new_tokens=12, temperature=0.0)
+        plain = Generator(engine, _NoText()).generate_text(prompt, config)
+        log = fake.engine.contexts[0].log
+        log.clear()
+        proposer = _WrongEveryThird(plain.token_ids, len(prompt))
+        speculator = Speculator(Speculation(max_draft_tokens=4), engine, proposer)
+        result = Generator(engine, _NoText(), speculator).generate_text(prompt, config)
+        assert result.token_ids == plain.token_ids
+        stats = result.speculation
+        assert stats is not None and 0 < stats.accepted < stats.drafted, stats
+        assert 0 in _profile_switches(log)  # the verify forwards ran on the prefill profile
+        verified = [e[2][0] for e in log if e[0] == "shape" and e[1] == "cache_position"]
+        assert max(verified) > 1  # several tokens in one forward
+        rows = [e[2][0] for e in log if e[0] == "shape" and e[1] == "logits_indices"]
+        assert rows == ([] if logits == "all" else [1, *verified[1:]])  # the prompt's last, then each verify's

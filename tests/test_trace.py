@@ -27,12 +27,13 @@ def _build(checkpoint: Path, out: Path, replicate: bool, prune: bool = True) -> 
     return ort.InferenceSession(str(out / "model.onnx")), dict(op_histogram(model))
 
 
-def _feeds(spec, batch: int = 2, past: int = 9, seq: int = 5) -> dict[str, np.ndarray]:
+def _feeds(spec, batch: int = 2, past: int = 9, seq: int = 5, rows: tuple[int, ...] = (-1,)) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     feeds = {
         "input_ids": rng.integers(0, 151643, (batch, seq)).astype(np.int64),
         "attention_mask": np.ones((batch, past + seq), np.int64),
         "position_ids": np.tile(np.arange(past, past + seq), (batch, 1)).astype(np.int64),
+        "logits_indices": np.asarray(rows, np.int64),  # LogitsMode.LAST: the positions given logits
     }
     feeds["attention_mask"][1, :3] = 0  # left padding in row 1
     for i in range(spec.num_hidden_layers):
@@ -50,25 +51,28 @@ def test_replicated_layers_equal_a_full_trace(qwen2_sliding: Path, tmp_path: Pat
     assert fast_ops == slow_ops
     assert [i.name for i in fast.get_inputs()] == input_names(spec)
     assert [o.name for o in fast.get_outputs()] == output_names(spec)
-    feeds = _feeds(spec)
+    feeds = _feeds(spec, rows=(1, -1))
     for a, b, name in zip(fast.run(None, feeds), slow.run(None, feeds), output_names(spec), strict=True):
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
 @pytest.mark.parametrize("fixture", ["qwen2_sliding", "qwen2_tied"])
 def test_pruned_last_layer_gives_the_same_logits_and_cache(fixture: str, request, tmp_path: Path) -> None:
-    """LogitsMode.LAST: the last layer's o_proj/MLP run on the last token only (its [B, 1, H]
-    hidden state is static-shaped in the graph), the logits and every present are unchanged."""
+    """LogitsMode.LAST: the last layer's o_proj/MLP run on the ``logits_indices`` tokens only
+    (its hidden state is [B, K, H]), the logits of those rows and every present are unchanged."""
     checkpoint = request.getfixturevalue(fixture)
     spec = Checkpoint.open(checkpoint).spec
     pruned, pruned_ops = _build(checkpoint, tmp_path / "pruned", replicate=True)
     full, full_ops = _build(checkpoint, tmp_path / "full", replicate=True, prune=False)
     assert pruned_ops["MatMul"] == full_ops["MatMul"]
-    assert pruned_ops["Slice"] > full_ops["Slice"]  # o_proj input and residual, not the final x[:, -1:]
-    feeds = _feeds(spec)
-    for a, b, name in zip(pruned.run(None, feeds), full.run(None, feeds), output_names(spec), strict=True):
-        assert a.shape == b.shape, name
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert pruned_ops["Gather"] == full_ops["Gather"] + 1  # o_proj input and residual, not the final rows
+    for rows in [(-1,), (0, 2, -1)]:
+        feeds = _feeds(spec, rows=rows)
+        got = pruned.run(None, feeds)
+        assert got[0].shape[:2] == (2, len(rows))  # logits [B, K, V]
+        for a, b, name in zip(got, full.run(None, feeds), output_names(spec), strict=True):
+            assert a.shape == b.shape, name
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
 
     model = trace(spec, TraceOptions())
     last = spec.num_hidden_layers - 1
@@ -77,11 +81,10 @@ def test_pruned_last_layer_gives_the_same_logits_and_cache(fixture: str, request
         for n in model.graph
         if n.op_type == "MatMul" and n.inputs[1].name == f"model.layers.{last}.mlp.down_proj.weight_t"
     )
-    assert down.outputs[0].shape[1] == 1, down.outputs[0].shape
     first = next(
         n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].name == "model.layers.0.mlp.down_proj.weight_t"
     )
-    assert first.outputs[0].shape[1] != 1, first.outputs[0].shape
+    assert down.outputs[0].shape[1] != first.outputs[0].shape[1], (down.outputs[0].shape, first.outputs[0].shape)
 
 
 def test_wrong_shaped_tensor_is_named_when_written(qwen2_tied: Path, tmp_path: Path) -> None:

@@ -125,7 +125,8 @@ SpeculateOpt = Annotated[
     typer.Option(
         "--speculate",
         help="Speculative decoding: prompt-lookup (copy n-grams of the prompt) | draft:DIR (a smaller artifact "
-        "with the same tokenizer). The artifact needs --logits all; greedy output is plain decoding's.",
+        "with the same tokenizer). Any artifact of this version (--logits last or all); greedy output is "
+        "plain decoding's.",
     ),
 ]
 MaxDraftOpt = Annotated[

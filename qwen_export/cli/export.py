@@ -39,7 +39,13 @@ TargetOpt = Annotated[
 DTypeOpt = Annotated[
     str | None, typer.Option(help="Activation (and unquantized weight) precision: fp32 | fp16 (default fp32).")
 ]
-Logits = Annotated[str, typer.Option(help="Logits for the last position or all positions: last | all.")]
+Logits = Annotated[
+    str,
+    typer.Option(
+        help="Logits for the last position (and, on request, the last k: speculative decoding) or all "
+        "positions: last | all."
+    ),
+]
 MaxLength = Annotated[
     int | None,
     typer.Option(

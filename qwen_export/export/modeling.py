@@ -24,8 +24,9 @@ columns, with the query heads of each KV head stacked so no key/value is repeate
 Forward signature (canonical IO, docs/architecture.md)::
 
     input_ids [B, S] int64, attention_mask [B, P+S] int64, position_ids [B, S] int64,
-    past [2*L tensors: key_i, value_i, each [B, KV, P, D]]
-      -> logits [B, 1 or S, V] float32, present [2*L tensors [B, KV, P+S, D]]
+    past [2*L tensors: key_i, value_i, each [B, KV, P, D]],
+    logits_indices [K] int64 (LogitsMode.LAST only: which of the S new positions get logits)
+      -> logits [B, K or S, V] float32, present [2*L tensors [B, KV, P+S, D]]
 """
 
 from __future__ import annotations
@@ -93,10 +94,10 @@ class Attention(nn.Module):
         past_k: torch.Tensor,
         past_v: torch.Tensor,
         cache_position: torch.Tensor | None = None,
-        last_only: bool = False,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys and values (the KV cache) for every new token; with ``last_only`` the output
-        projection runs on the last token's attention output only."""
+        """Keys and values (the KV cache) for every new token; with ``rows`` (positions among the
+        new tokens, negative from the end) the output projection runs on those tokens only."""
         spec = self.spec
         b, s = x.shape[0], x.shape[1]
         d, heads, kv_heads = spec.head_dim, spec.num_attention_heads, spec.num_key_value_heads
@@ -121,8 +122,8 @@ class Attention(nn.Module):
             width = mask.shape[-1]
             out = self._attend_grouped(q, present_k[:, :, :width], present_v[:, :, :width], mask, x.dtype)
         out = out.transpose(1, 2).reshape(b, s, heads * d)
-        if last_only:
-            out = out[:, -1:]
+        if rows is not None:
+            out = torch.index_select(out, 1, rows)
         return self.o_proj(out), present_k, present_v
 
     def _attend_repeated(
@@ -235,20 +236,20 @@ class DecoderLayer(nn.Module):
         past_k: torch.Tensor,
         past_v: torch.Tensor,
         cache_position: torch.Tensor | None = None,
-        last_only: bool = False,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pre-norm attention and MLP blocks with their residuals; every node of a layer is traced
         inside this module's scope (``model.layers.{i}``), which :mod:`qwen_export.export.trace` relies on.
 
-        ``last_only`` (the last layer of a graph that returns the last position's logits only):
-        the layer still writes every new token's keys/values to the KV cache, but only the last
-        token goes through the output projection, the residuals and the MLP; the other tokens'
-        hidden states would feed nothing. Output [B, 1, H]."""
+        ``rows`` (the last layer of a graph that returns the logits of some positions only, the
+        ``logits_indices`` input): the layer still writes every new token's keys/values to the KV
+        cache, but only those tokens go through the output projection, the residuals and the MLP;
+        the other tokens' hidden states would feed nothing. Output [B, len(rows), H]."""
         h, present_k, present_v = self.self_attn(
-            self.input_layernorm(x), cos, sin, mask, past_k, past_v, cache_position, last_only
+            self.input_layernorm(x), cos, sin, mask, past_k, past_v, cache_position, rows
         )
-        if last_only:
-            x = x[:, -1:]
+        if rows is not None:
+            x = torch.index_select(x, 1, rows)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, present_k, present_v
@@ -270,8 +271,8 @@ class QwenForExport(nn.Module):
 
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, logits: LogitsMode, prune_last_layer: bool = False) -> None:
         """``prune_last_layer`` (``LogitsMode.LAST`` only): the last decoder layer computes its
-        output for the last token only (see ``DecoderLayer.forward``), which saves about 1/L of a
-        prefill's matmul work."""
+        output for the ``logits_indices`` tokens only (see ``DecoderLayer.forward``), which saves
+        about 1/L of a prefill's matmul work."""
         super().__init__()
         if prune_last_layer and logits is not LogitsMode.LAST:
             raise ValueError("prune_last_layer needs LogitsMode.LAST: every position's hidden state is needed")
@@ -290,10 +291,16 @@ class QwenForExport(nn.Module):
         position_ids: torch.Tensor,
         past_key_values: list[torch.Tensor],
         cache_position: torch.Tensor | None = None,
+        logits_indices: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``cache_position`` [S] (fixed-capacity KV buffers only): the buffer columns the new
-        tokens are written to; without it the new tokens follow the ``past`` columns."""
+        tokens are written to; without it the new tokens follow the ``past`` columns.
+        ``logits_indices`` [K] (``LogitsMode.LAST``): the positions among the new tokens whose
+        logits are returned (negative: from the end; ``[-1]`` the last only), the same for every
+        batch row: logits [B, K, V]."""
         spec = self.spec
+        if (logits_indices is None) != (self.logits_mode is LogitsMode.ALL):
+            raise ValueError("logits_indices is given with LogitsMode.LAST, and only then")
         s = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rotary(position_ids)
@@ -306,12 +313,12 @@ class QwenForExport(nn.Module):
         last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
             mask = masks[spec.layer_types[i]]
-            pruned = self.prune_last_layer and i == last
+            rows = logits_indices if self.prune_last_layer and i == last else None
             past_k, past_v = past_key_values[2 * i], past_key_values[2 * i + 1]
-            x, pk, pv = layer(x, cos, sin, mask, past_k, past_v, cache_position, pruned)
+            x, pk, pv = layer(x, cos, sin, mask, past_k, past_v, cache_position, rows)
             presents += [pk, pv]
         if self.logits_mode is LogitsMode.LAST and not self.prune_last_layer:
-            x = x[:, -1:, :]
+            x = torch.index_select(x, 1, logits_indices)
         x = self.model.norm(x)
         if spec.tie_word_embeddings:
             # Gemm(transB=1) reads the [vocab, hidden] embedding as is: no transposed copy of the

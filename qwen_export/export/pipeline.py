@@ -24,7 +24,7 @@ from qwen_export.export.options import ExportOptions  # noqa: F401 - re-exported
 from qwen_export.passes.base import PassContext, PassReport
 from qwen_export.quant.scheme import QuantAlgorithm
 from qwen_export.runtime.tokenizer import Tokenizer
-from qwen_export.spec import DType, KVCacheDType, ModelSpec
+from qwen_export.spec import DType, KVCacheDType, LogitsMode, ModelSpec
 from qwen_export.targets.protocol import EmitJob
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -153,6 +153,8 @@ def _trace_and_emit(
                 "kv_cache": kv_cache,
                 "source": ckpt.directory.resolve().name,
                 "export_seconds": timer.finish(),
+                # the graph's logits_indices input: forward(..., last_k=k) (speculative decoding)
+                "last_k_logits": options.logits is LogitsMode.LAST,
                 **target_extra,
                 **extra,
             },

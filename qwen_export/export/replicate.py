@@ -28,8 +28,9 @@ import onnx_ir as ir
 from qwen_export.errors import QwenExportError
 
 _SCOPE_KEY = "pkg.torch.onnx.name_scopes"
-#: inputs after the KV cache that every layer reads as is (fixed-capacity caches' write columns)
-_SHARED_EXTRA_INPUTS = ("cache_position",)
+#: inputs after the KV cache that every layer reads as is (fixed-capacity caches' write columns,
+#: the logits rows of a LogitsMode.LAST graph)
+_SHARED_EXTRA_INPUTS = ("cache_position", "logits_indices")
 _LAYER_PREFIX = re.compile(r"^model\.layers\.(\d+)(\.|$)")
 
 

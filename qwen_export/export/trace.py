@@ -25,8 +25,16 @@ from qwen_export.weights import CheckpointTensor, WeightSource, _Binding
 OPSET = 21
 
 # Shapes used for tracing: all different and >= 2 so torch.export keeps every dim symbolic
-# (fixed-capacity caches: mask width _TRACE_PAST + _TRACE_SEQ, capacity _TRACE_CAPACITY).
-_TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST, _TRACE_CAPACITY = 2, 3, 5, 11
+# (fixed-capacity caches: mask width _TRACE_PAST + _TRACE_SEQ, capacity _TRACE_CAPACITY;
+# _TRACE_ROWS logits rows with LogitsMode.LAST).
+_TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST, _TRACE_CAPACITY, _TRACE_ROWS = 2, 3, 5, 11, 7
+
+#: The graph input of a ``LogitsMode.LAST`` graph that says which new positions get logits: int64
+#: [K], positions among the S new tokens (negative: from the end), the same for every batch row;
+#: logits [B, K, V]. ``[-1]`` is the last position's (ONNX Runtime artifacts carry it as that
+#: default, an overridable initializer: callers that do not know it feed nothing). Speculative
+#: decoding asks for the k+1 rows it verifies.
+LOGITS_INDICES = "logits_indices"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +55,14 @@ class TraceOptions:
         return self.prune_last_layer and self.logits is LogitsMode.LAST
 
 
-def input_names(spec: ModelSpec, cache: CacheIO = CacheIO.CONCAT) -> list[str]:
+def input_names(spec: ModelSpec, cache: CacheIO = CacheIO.CONCAT, logits: LogitsMode = LogitsMode.LAST) -> list[str]:
     names = ["input_ids", "attention_mask", "position_ids"]
     for i in range(spec.num_hidden_layers):
         names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
     if cache is CacheIO.SCATTER:
         names.append("cache_position")
+    if logits is LogitsMode.LAST:
+        names.append(LOGITS_INDICES)
     return names
 
 
@@ -127,6 +137,9 @@ def _trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
         )
         if scatter:
             args += (torch.arange(p, p + s, dtype=torch.int64),)
+        last = options.logits is LogitsMode.LAST
+        if last:
+            args += (None,) * (not scatter) + (torch.zeros(_TRACE_ROWS, dtype=torch.int64),)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence_length")
     kv_dims = {0: batch, 2: torch.export.Dim("max_sequence_length" if scatter else "past_sequence_length")}
     dynamic_shapes: tuple = (
@@ -137,6 +150,8 @@ def _trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
     )
     if scatter:
         dynamic_shapes += ({0: seq},)
+    if last:
+        dynamic_shapes += (None,) * (not scatter) + ({0: torch.export.Dim("logits_rows")},)
     logging.disable(logging.WARNING)  # the exporter logs optional-dependency notes (torchvision)
     try:
         with warnings.catch_warnings(), torch.no_grad():
@@ -145,7 +160,7 @@ def _trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
                 module,
                 args,
                 dynamo=True,
-                input_names=input_names(spec, options.cache),
+                input_names=input_names(spec, options.cache, options.logits),
                 output_names=output_names(spec),
                 dynamic_shapes=dynamic_shapes,
                 opset_version=OPSET,
@@ -159,22 +174,35 @@ def _trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
 
 def _name_dims(model: ir.Model, cache: CacheIO) -> None:
     """Give the symbolic dims the canonical names optimum / onnxruntime-genai use (fixed-capacity
-    caches: ``max_sequence_length`` for the buffers, ``attention_width`` for the mask)."""
+    caches: ``max_sequence_length`` for the buffers, ``attention_width`` for the mask). Batch and
+    sequence are named here too: torch.export keeps its ``Dim`` names only without the ``None``
+    argument a ``--logits last`` trace passes for ``cache_position``."""
+    batch, seq = ir.SymbolicDim("batch"), ir.SymbolicDim("sequence_length")
     total = ir.SymbolicDim("total_sequence_length")
     width = ir.SymbolicDim("attention_width")
     capacity = ir.SymbolicDim("max_sequence_length")
+    past = capacity if cache is CacheIO.SCATTER else ir.SymbolicDim("past_sequence_length")
+    rows = any(v.name == LOGITS_INDICES for v in model.graph.inputs)
     for value in list(model.graph.inputs) + list(model.graph.outputs):
         shape = value.shape
         if shape is None:
             continue
-        dims = list(shape.dims)
-        if value.name == "attention_mask":
-            dims[1] = width if cache is CacheIO.SCATTER else total
-        if value.name.startswith("present."):
-            dims[-2] = capacity if cache is CacheIO.SCATTER else total
-        if value.name == "logits":
-            dims[1] = ir.SymbolicDim("sequence_length") if not isinstance(dims[1], int) else dims[1]
-        value.shape = ir.Shape(dims)
+        dims = [d if isinstance(d, int) else None for d in shape.dims]
+        name = value.name or ""
+        if name in (LOGITS_INDICES, "cache_position"):
+            dims[0] = ir.SymbolicDim("logits_rows") if name == LOGITS_INDICES else seq
+        elif name in ("input_ids", "position_ids"):
+            dims = [batch, seq]
+        elif name == "attention_mask":
+            dims = [batch, width if cache is CacheIO.SCATTER else total]
+        elif name.startswith(("past_key_values.", "present.")):
+            dims[0] = batch
+            dims[2] = past if name.startswith("past_") else capacity if cache is CacheIO.SCATTER else total
+        elif name == "logits":
+            dims[0] = batch
+            if dims[1] is None:
+                dims[1] = ir.SymbolicDim("logits_rows") if rows else seq
+        value.shape = ir.Shape([d if d is not None else shape.dims[i] for i, d in enumerate(dims)])
 
 
 def rope_inv_freq_and_scale(spec: ModelSpec) -> tuple[list[float], float]:

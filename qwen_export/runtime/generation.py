@@ -388,13 +388,17 @@ class Generator:
         self.engine.reset()
         self._cached = []
 
-    def _forward(self, ids: Sequence[int], last_only: bool = False) -> np.ndarray:
+    def _forward(self, ids: Sequence[int], last_only: bool = False, last_k: int | None = None) -> np.ndarray:
         """Feed ``ids`` after the cache; return the last position's logits (1-D). ``last_only``:
-        ask the engine for no other position's logits (``capabilities.last_only`` engines)."""
+        ask the engine for no other position's logits (``capabilities.last_only`` engines);
+        ``last_k``: for the last k positions' (``capabilities.last_k_logits`` engines)."""
         cached = self._cached
         self._cached = None  # unknown until the engine returns
         batch = np.asarray([list(ids)], dtype=np.int64)
-        logits = self.engine.forward(batch, last_only=True) if last_only else self.engine.forward(batch)
+        if last_k is not None:
+            logits = self.engine.forward(batch, last_k=last_k)
+        else:
+            logits = self.engine.forward(batch, last_only=True) if last_only else self.engine.forward(batch)
         if logits.ndim != 3 or logits.shape[0] != 1 or logits.shape[1] < 1:
             raise GenerationError(f"engine returned logits of shape {logits.shape}; expected [1, seq, vocab]")
         self._cached = [*(cached or []), *ids]
@@ -414,8 +418,9 @@ class Generator:
 
     def forward_rows(self, ids: Sequence[int]) -> np.ndarray:
         """Feed ``ids`` after the cache in one forward; return the logits of every fed position
-        ([len(ids), vocab]; the engine must return full logits)."""
-        self._forward(ids)
+        ([len(ids), vocab]; the engine must return full logits, or the last k on request)."""
+        caps = self.engine.capabilities
+        self._forward(ids, last_k=len(ids) if caps.last_k_logits and not caps.full_logits else None)
         if self._rows.shape[0] != len(ids):
             raise GenerationError(f"the engine returned {self._rows.shape[0]} logit rows for {len(ids)} tokens")
         return self._rows

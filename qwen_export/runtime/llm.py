@@ -469,8 +469,9 @@ def load(
 
     ``speculate`` (:class:`~qwen_export.runtime.speculative.Speculation`): speculative decoding by
     prompt lookup or with a draft artifact (same tokenizer, opened on its own target's engine with
-    ``threads``); the artifact must return every position's logits (``--logits all``). Greedy
-    output is plain decoding's; sampled output keeps the target's distribution.
+    ``threads``); the artifact is asked for the logits of the k+1 positions each step verifies (a
+    default ``--logits last`` export of this version, or ``--logits all``). Greedy output is plain
+    decoding's; sampled output keeps the target's distribution.
     """
     valid = ["threads", "prefill_chunk", *(name for backend in targets.registered() for name in backend.load_options)]
     unknown = sorted(set(options) - set(valid))

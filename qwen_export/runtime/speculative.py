@@ -2,7 +2,8 @@
 
 A step: the target's KV cache holds the context except the last sampled token ``t``; a proposer
 guesses ``d1..dk`` after it; the engine runs ``[t, d1..dk]`` in ONE forward (an artifact exported
-with ``--logits all`` returns k+1 rows); row i decides the token after ``d_i`` (row 0: after ``t``).
+with ``--logits last``, the default, is asked for its last k+1 rows (``last_k``; one exported with
+``--logits all`` returns them anyway); row i decides the token after ``d_i`` (row 0: after ``t``).
 Drafts are accepted left to right; at the first rejection the target's own token replaces the
 draft, and the KV cache of the rejected drafts is rolled back with ``Engine.truncate``. When every
 draft is accepted, row k gives one more token for free. Each step yields at least one token.
@@ -19,7 +20,9 @@ Proposers: :class:`PromptLookup` (the continuation of the latest earlier occurre
 context's last n-gram, n from ``ngram`` down to ``min_ngram``) and :class:`DraftModel` (a smaller
 artifact with the same tokenizer, its own KV cache kept in step by common prefix). The number of
 drafts adapts: doubled after a step that accepted all, cut to one more than were accepted after one
-that did not (bad guesses then cost little).
+that did not (bad guesses then cost little); after a step that accepted none, the next steps do not
+draft at all (1, 2, 4 ... up to ``MAX_BACKOFF`` after consecutive such steps), so a proposer that
+keeps guessing wrong costs plain decoding little more than its own time.
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ __all__ = [
 ]
 
 MAX_DRAFT_TOKENS = 64
+#: After a step whose drafts were all rejected, the next steps decode plainly, 1, 2, 4 ... up to
+#: this many after consecutive failures (reset by any accepted draft): where the proposer keeps
+#: guessing wrong (prompt lookup on free text), verification's extra rows cost little.
+MAX_BACKOFF = 8
 
 
 class SpeculationKind(_ChoiceEnum):
@@ -236,15 +243,17 @@ class Speculator:
     """Runs a :class:`~qwen_export.runtime.generation.Generator`'s decode loop speculatively."""
 
     def __init__(self, speculation: Speculation, engine: Engine, proposer: Proposer) -> None:
-        if not engine.capabilities.full_logits:
+        caps = engine.capabilities
+        if not (caps.full_logits or caps.last_k_logits):
             raise OptionError(
-                "speculative decoding verifies several tokens in one forward and needs every position's "
-                "logits: re-export the artifact with --logits all"
+                "speculative decoding verifies several tokens in one forward and needs their logits: this "
+                "artifact returns the last position's only; re-export it with this version (or --logits all)"
             )
         self.speculation = speculation
         self.proposer = proposer
         self._k = speculation.max_draft_tokens
         self._counts = [0, 0, 0]  # drafted, accepted, steps
+        self._skip = self._backoff = 0  # plain steps left; the current back-off length
 
     @property
     def stats(self) -> SpeculationStats:
@@ -262,6 +271,7 @@ class Speculator:
         """The generation's tokens, one at a time; the consumer appends each to ``generated``
         before asking for the next (and stops asking when the generation ends)."""
         self._k, self._counts = self.speculation.max_draft_tokens, [0, 0, 0]
+        self._skip = self._backoff = 0
         caps = gen.engine.capabilities
         allowed = gen.decodable(logits.shape[-1])
         token = sample_token(logits, config, prompt + generated, rng, allowed)
@@ -269,6 +279,8 @@ class Speculator:
             yield token
             context = prompt + generated
             room = min(self._k, config.max_new_tokens - len(generated), caps.max_context - len(context))
+            if self._skip:  # backing off after rejected drafts: a plain step
+                self._skip, room = self._skip - 1, 0
             drafts, dists = self.proposer.propose(context, room, config, rng, allowed) if room > 0 else ([], None)
             rows = gen.forward_rows([token, *drafts])
             accepted, token = self._verify(rows, drafts, dists, context, config, rng, allowed)
@@ -284,6 +296,8 @@ class Speculator:
         if drafted:
             limit = self.speculation.max_draft_tokens
             self._k = min(limit, 2 * self._k) if accepted == drafted else max(1, accepted + 1)
+            self._backoff = 0 if accepted else min(MAX_BACKOFF, max(1, 2 * self._backoff))
+            self._skip = self._backoff
 
     def _verify(
         self,

@@ -32,6 +32,10 @@ class EngineCapabilities:
     #: a full-logits engine that can skip the other positions' logits: ``forward(..., last_only=True)``
     #: returns the last position's only (a prompt's prefill when speculating: no full-vocabulary rows)
     last_only: bool = False
+    #: a last-position engine that can return more rows: ``forward(..., last_k=k)`` returns the last
+    #: k positions' logits (1 <= k <= seq; a ``--logits last`` artifact with the ``logits_indices``
+    #: input): speculative decoding verifies k drafts in one forward without full logits
+    last_k_logits: bool = False
 
 
 @runtime_checkable
@@ -48,7 +52,8 @@ class Engine(Protocol):
 
         Returns float32 logits [batch, seq_out, vocab], seq_out = 1 (last position) unless the
         artifact was exported with full logits, then seq_out = seq. An engine whose
-        ``capabilities.last_only`` is true also takes ``last_only=True``: seq_out = 1 even then.
+        ``capabilities.last_only`` is true also takes ``last_only=True``: seq_out = 1 even then;
+        one whose ``capabilities.last_k_logits`` is true takes ``last_k=k``: seq_out = k.
         """
         ...
 
@@ -134,8 +139,9 @@ def check_prefill_chunk(chunk: int) -> int:
 def run_in_chunks(
     step: Step,
     chunk: int,
-    run: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+    run: Callable[..., np.ndarray],
     full_logits: bool,
+    last_k: int | None = None,
 ) -> np.ndarray:
     """Run a checked ``step`` as pieces of at most ``chunk`` new tokens (0: one piece).
 
@@ -143,6 +149,10 @@ def run_in_chunks(
     piece is in, and its positions, and returns its logits. The last piece's logits are returned
     (every piece's, concatenated, for a full-logits artifact). The first piece reaches every row's
     first real token, so no row of a left-padded batch runs a piece of padding only.
+
+    ``last_k`` (a ``last_k_logits`` engine; :func:`check_last_k` first): the step's last k
+    positions' logits; ``run`` then takes a fourth argument, the rows a piece returns (its last
+    ones: those among the step's last k, at least 1), and the rows of the last k are concatenated.
     """
     seq = step.ids.shape[1]
     cached = step.mask.shape[1] - seq
@@ -151,8 +161,33 @@ def run_in_chunks(
         first_real = int((step.mask > 0).argmax(axis=1).max())  # leading padding of the longest-padded row
         first = min(seq, max(chunk, first_real - cached + 1))
         bounds = [(0, first)] + [(a, min(seq, a + chunk)) for a in range(first, seq, chunk)]
+    if last_k is not None:
+        kept = [(a, b, b - max(a, seq - last_k)) for a, b in bounds]
+        out = [
+            run(step.ids[:, a:b], step.mask[:, : cached + b], step.position_ids[:, a:b], max(1, rows))
+            for a, b, rows in kept
+        ]
+        out = [logits for logits, (_, _, rows) in zip(out, kept, strict=True) if rows > 0]
+        return np.concatenate(out, axis=1) if len(out) > 1 else out[0]
     out = [run(step.ids[:, a:b], step.mask[:, : cached + b], step.position_ids[:, a:b]) for a, b in bounds]
     return np.concatenate(out, axis=1) if full_logits and len(out) > 1 else out[-1]
+
+
+def check_last_k(last_k: int | None, seq: int, capabilities: EngineCapabilities) -> int | None:
+    """A ``forward(..., last_k=k)`` request checked against the step's ``seq`` new tokens and the
+    engine (GenerationError, one line); None stays None (the artifact's own rows)."""
+    if last_k is None:
+        return None
+    if not capabilities.last_k_logits:
+        raise GenerationError(
+            f"this {capabilities.name} artifact returns every position's logits; last_k is for --logits last"
+            if capabilities.full_logits
+            else f"this {capabilities.name} artifact returns the last position's logits only (no logits_indices "
+            "input); re-export it with this version for last_k"
+        )
+    if isinstance(last_k, bool) or not isinstance(last_k, int | np.integer) or not 1 <= last_k <= seq:
+        raise GenerationError(f"last_k must be an integer from 1 to the {seq} new tokens, got {last_k!r}")
+    return int(last_k)
 
 
 def position_ids_from_mask(mask: np.ndarray) -> np.ndarray:

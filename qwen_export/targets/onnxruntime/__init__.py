@@ -131,7 +131,8 @@ class OnnxRuntimeTarget:
             job.spec,
             max_length=job.max_length,
             kv_layout_shared=job.kv_layout is KVLayout.SHARED,
-            input_names=io["inputs"],
+            # inputs with a default (an initializer of the same name: logits_indices) are optional
+            input_names=[name for name in io["inputs"] if name not in model.graph.initializers],
             output_names=io["outputs"],
             turn_end_token_id=job.turn_end_token_id,
         )

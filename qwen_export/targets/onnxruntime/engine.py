@@ -38,6 +38,7 @@ from qwen_export.targets.base import (
     DEFAULT_PREFILL_CHUNK,
     EngineCapabilities,
     Truncation,
+    check_last_k,
     check_prefill_chunk,
     grown_capacity,
     plan_truncate,
@@ -50,6 +51,7 @@ __all__ = ["OnnxRuntimeEngine", "OrtOptions", "emit", "position_ids_from_mask"]
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+LOGITS_INDICES = "logits_indices"  # the graph input of the logits rows (export.trace.LOGITS_INDICES)
 
 
 def _check_int8_kv(path: Path) -> None:
@@ -104,8 +106,31 @@ def emit(model: Any, out_dir: Path, progress: Any = None) -> list[str]:
     """
     from qwen_export.onnx_writer import write_onnx
 
+    default_logits_rows(model)
     write_onnx(model, out_dir, MODEL_FILE, DATA_FILE, progress)
     return [MODEL_FILE, DATA_FILE]
+
+
+def default_logits_rows(model: Any) -> bool:
+    """Give a ``--logits last`` graph's ``logits_indices`` input the initializer ``[-1]`` (the last
+    position's logits; an ONNX Runtime "overridable initializer"): callers that do not know the
+    input (onnxruntime-genai, older code) feed nothing and get what they always did. The logits
+    output is declared [B, 1, V], that default's shape, as before the input existed:
+    onnxruntime-genai reads a static 1 as "last position only" (and preallocates [B, S, V]
+    otherwise); ONNX Runtime returns the K rows of an override all the same. True when the graph
+    has the input."""
+    import onnx_ir as ir
+
+    value = next((v for v in model.graph.inputs if v.name == LOGITS_INDICES), None)
+    if value is None:
+        return False
+    if value.name not in model.graph.initializers:
+        value.const_value = ir.tensor(np.array([-1], np.int64), name=LOGITS_INDICES)
+        model.graph.register_initializer(value)
+    logits = next(v for v in model.graph.outputs if v.name == "logits")
+    if logits.shape is not None and len(logits.shape) == 3:
+        logits.shape = ir.Shape([logits.shape[0], 1, logits.shape[2]])
+    return True
 
 
 MAX_GRAPH_BYTES = 2**31  # protobuf's own limit for model.onnx (weights live in external data)
@@ -165,6 +190,10 @@ class OnnxRuntimeEngine:
             raise ArtifactError(f"{path}: ONNX Runtime could not load it: {str(exc).splitlines()[0]}") from None
         self._ort = ort
         full = manifest.logits == "all"
+        self._inputs = {i.name for i in self.session.get_inputs()}
+        # logits_indices: an input of the TensorRT graph, an overridable initializer ([-1]) of ours
+        optional = {i.name for i in self.session.get_overridable_initializers()}
+        self._rows_input = LOGITS_INDICES in self._inputs | optional
         self.capabilities = EngineCapabilities(
             name="onnxruntime",
             max_context=int(manifest.extra.get("max_length", self.spec.max_position_embeddings)),
@@ -172,9 +201,9 @@ class OnnxRuntimeEngine:
             devices=("cpu",),
             full_logits=full,
             vocab_size=self.spec.vocab_size,
+            last_k_logits=not full and self._rows_input,
         )
         self._layers = self.spec.num_hidden_layers
-        self._inputs = {i.name for i in self.session.get_inputs()}
         self.shared_kv = kv.get("layout") in ("shared", "fixed")
         self._buffers: list[Any] = []  # shared layout: [numpy array, OrtValue] kept alive together
         self._binding = self.session.io_binding()
@@ -246,7 +275,10 @@ class OnnxRuntimeEngine:
         past = self._past or []
         return sum(int(np.prod(v.shape())) * np.dtype(self.dtype).itemsize for v in past)
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, last_k: int | None = None
+    ) -> np.ndarray:
+        """``last_k`` (``capabilities.last_k_logits``): the last k positions' logits."""
         step = prepare_step(
             input_ids,
             attention_mask,
@@ -254,26 +286,32 @@ class OnnxRuntimeEngine:
             vocab_size=self.spec.vocab_size,
             max_context=self.capabilities.max_context,
         )
-        return run_in_chunks(step, self.options.prefill_chunk, self._piece, self.capabilities.full_logits)
+        last_k = check_last_k(last_k, step.ids.shape[1], self.capabilities)
+        return run_in_chunks(step, self.options.prefill_chunk, self._piece, self.capabilities.full_logits, last_k)
 
     # ------------------------------------------------------------------ internals
-    def _piece(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """One inference; ``mask`` covers everything cached once ``ids`` are in."""
-        self._run(ids, mask, position_ids)
+    def _piece(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, rows: int = 1) -> np.ndarray:
+        """One inference; ``mask`` covers everything cached once ``ids`` are in; ``rows``: the last
+        positions whose logits a ``logits_indices`` graph returns."""
+        self._run(ids, mask, position_ids, rows)
         self._mask = mask
         return self._logits
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> None:
+    def _run(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, rows: int = 1) -> None:
         b = self._binding
         b.clear_binding_inputs()
         b.clear_binding_outputs()
         b.bind_cpu_input("input_ids", ids)
         b.bind_cpu_input("attention_mask", mask)
+        seq = ids.shape[1]
         if "position_ids" in self._inputs:
             b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
         if "cache_position" in self._inputs:  # fixed layout: the buffer columns of the new tokens
-            seq = ids.shape[1]
             b.bind_cpu_input("cache_position", np.arange(mask.shape[1] - seq, mask.shape[1], dtype=np.int64))
+        if self._rows_input and (rows > 1 or LOGITS_INDICES in self._inputs):  # else its default, [-1]
+            # an OrtValue: bind_cpu_input looks the name up among the required inputs only
+            self._rows = self._ort.OrtValue.ortvalue_from_numpy(np.arange(seq - rows, seq, dtype=np.int64))
+            b.bind_ortvalue_input(LOGITS_INDICES, self._rows)
         b.bind_output("logits", "cpu")
         if self.shared_kv:
             buffers = self._shared_buffers(ids.shape[0], mask.shape[1], mask.shape[1] - ids.shape[1])

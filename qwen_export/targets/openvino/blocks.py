@@ -63,18 +63,25 @@ class BlockPool:
         return sum(int(self.request.get_tensor(name).byte_size) for name in self.layouts) if self.capacity else 0
 
     def infer(
-        self, ids: np.ndarray, positions: np.ndarray, seqs: np.ndarray, counts: np.ndarray, full: bool
+        self,
+        ids: np.ndarray,
+        positions: np.ndarray,
+        seqs: np.ndarray,
+        counts: np.ndarray,
+        full: bool,
+        sampled: np.ndarray | None = None,
     ) -> np.ndarray:
         """One inference over the new tokens of ``seqs`` (``counts[i]`` each, concatenated in ``ids``,
         at ``positions``); the sampled tokens' logits [n, vocab] (``full``: every token's, else each
-        sequence's last)."""
+        sequence's last; ``sampled``: those of these indices into ``ids``)."""
         past = self.lens[seqs]
         totals = past + counts
         needed = -(-totals // self.block_size)
         self._reserve(seqs, needed)
         blocks = [self.blocks[s][:n] for s, n in zip(seqs, needed, strict=True)]
         ends = np.cumsum(counts)
-        sampled = np.arange(ends[-1]) if full else ends - 1
+        if sampled is None:
+            sampled = np.arange(ends[-1]) if full else ends - 1
         request = self.prefill if self.prefill is not None and ends[-1] >= PREFILL_MIN_TOKENS else self.request
         request.infer(
             {

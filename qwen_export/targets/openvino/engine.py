@@ -28,6 +28,7 @@ from qwen_export.targets.base import (
     DEFAULT_PREFILL_CHUNK,
     EngineCapabilities,
     Truncation,
+    check_last_k,
     check_prefill_chunk,
     plan_truncate,
     prepare_step,
@@ -235,6 +236,46 @@ def unflatten_lm_head(ov_model: Any) -> bool:
     return True
 
 
+#: a ``--logits last`` graph's input of the positions whose logits it returns (export.trace's). The
+#: saved IR holds it as a Constant ``[-1]`` of that name (openvino-genai's signature, unchanged);
+#: the stateful engine turns it back into a Parameter at load, the paged form keeps it (each token
+#: is a row there; ``sampled_tokens_indices`` picks the rows).
+LOGITS_INDICES = "logits_indices"
+
+
+def fold_logits_rows(ov_model: Any) -> bool:
+    """Export side: the ``logits_indices`` Parameter becomes the Constant ``[-1]``; True when the
+    model had it."""
+    from openvino import opset13
+
+    params = [p for p in ov_model.get_parameters() if LOGITS_INDICES in p.output(0).get_names()]
+    if not params:
+        return False
+    const = opset13.constant(np.array([-1], dtype=np.int64))
+    const.set_friendly_name(LOGITS_INDICES)
+    params[0].output(0).replace(const.output(0))
+    ov_model.remove_parameter(params[0])
+    ov_model.validate_nodes_and_infer_types()
+    return True
+
+
+def open_logits_rows(ov_model: Any) -> None:
+    """Load side: the ``logits_indices`` Constant becomes a Parameter (int64 [K]) again. Raises
+    ArtifactError when the IR has no such Constant."""
+    from openvino import opset13
+
+    found = [
+        op for op in ov_model.get_ops() if op.get_type_name() == "Constant" and op.get_friendly_name() == LOGITS_INDICES
+    ]
+    if len(found) != 1:
+        raise ArtifactError(f"the manifest records a {LOGITS_INDICES} input but the IR has {len(found)}; re-export it")
+    param = opset13.parameter([-1], np.int64, name=LOGITS_INDICES)
+    param.output(0).get_tensor().set_names({LOGITS_INDICES})
+    found[0].output(0).replace(param.output(0))
+    ov_model.add_parameters([param])
+    ov_model.validate_nodes_and_infer_types()
+
+
 # ---------------------------------------------------------------------------------------- inspection
 @dataclasses.dataclass(frozen=True)
 class RuntimeReport:
@@ -325,13 +366,19 @@ class OpenVINOEngine:
         if self.options.precision is not Precision.F32:
             _check_precision(core, self.options)
         started = time.perf_counter()
+        self.capabilities = capabilities(manifest, self.spec, self.options)
         try:
-            self.compiled = core.compile_model(os.fspath(path), self.options.device, self.options.properties())
+            if self.capabilities.last_k_logits:
+                model = core.read_model(os.fspath(path))
+                open_logits_rows(model)
+                self.compiled = core.compile_model(model, self.options.device, self.options.properties())
+                del model
+            else:
+                self.compiled = core.compile_model(os.fspath(path), self.options.device, self.options.properties())
         except RuntimeError as exc:  # OpenVINO raises RuntimeError with a multi-line trace
             raise ArtifactError(f"{path}: OpenVINO could not compile it: {_first_line(exc)}") from None
         self.load_seconds = time.perf_counter() - started
         self.request = self.compiled.create_infer_request()
-        self.capabilities = capabilities(manifest, self.spec, self.options)
         self.reset()
 
     @property
@@ -371,7 +418,10 @@ class OpenVINOEngine:
         assert self._mask is not None
         self._mask = self._mask[:, :num_tokens]
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, last_k: int | None = None
+    ) -> np.ndarray:
+        """``last_k`` (``capabilities.last_k_logits``): the last k positions' logits."""
         step = prepare_step(
             input_ids,
             attention_mask,
@@ -379,19 +429,21 @@ class OpenVINOEngine:
             vocab_size=self.spec.vocab_size,
             max_context=self.capabilities.max_context,
         )
-        return run_in_chunks(step, self.options.prefill_chunk, self._piece, self.capabilities.full_logits)
+        last_k = check_last_k(last_k, step.ids.shape[1], self.capabilities)
+        return run_in_chunks(step, self.options.prefill_chunk, self._piece, self.capabilities.full_logits, last_k)
 
-    def _piece(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """One inference; ``mask`` covers everything cached once ``ids`` are in."""
-        self.request.infer(
-            {
-                "input_ids": np.ascontiguousarray(ids),
-                "attention_mask": np.ascontiguousarray(mask),
-                "position_ids": np.ascontiguousarray(position_ids),
-                "beam_idx": np.arange(ids.shape[0], dtype=np.int32),
-            },
-            share_inputs=True,
-        )
+    def _piece(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, rows: int = 1) -> np.ndarray:
+        """One inference; ``mask`` covers everything cached once ``ids`` are in; ``rows``: the last
+        positions whose logits a ``logits_indices`` model returns."""
+        feeds = {
+            "input_ids": np.ascontiguousarray(ids),
+            "attention_mask": np.ascontiguousarray(mask),
+            "position_ids": np.ascontiguousarray(position_ids),
+            "beam_idx": np.arange(ids.shape[0], dtype=np.int32),
+        }
+        if self.capabilities.last_k_logits:
+            feeds[LOGITS_INDICES] = np.arange(ids.shape[1] - rows, ids.shape[1], dtype=np.int64)
+        self.request.infer(feeds, share_inputs=True)
         self._mask = mask
         return np.array(self.request.get_tensor("logits").data, dtype=np.float32)
 
@@ -408,6 +460,7 @@ def capabilities(manifest: Manifest, spec: ModelSpec, options: OpenVINOOptions) 
         devices=(options.device.lower(),),
         full_logits=manifest.logits == "all",
         vocab_size=spec.vocab_size,
+        last_k_logits=manifest.logits == "last" and manifest.extra.get("last_k_logits") is True,
     )
 
 

@@ -9,6 +9,8 @@ Lowering (export side, :func:`emit`)::
       --f16 decompression-->  scales/zero points stored as f16, NNCF's form (f16_decompression)
       --lm_head-->    the logits Result reads a 3-D MatMul directly, the pattern openvino-genai's
                       paged-attention backend needs to compute only the sampled token's logits
+      --logits rows-->  the ``logits_indices`` input becomes the Constant [-1] (the engines open it
+                        again at load: engine.open_logits_rows)
       --beam_idx-->   a Gather(past, beam_idx, axis=0) in front of every past_key_values.* input
       --make stateful-->  past_key_values.* / present.* become ReadValue/Assign pairs (variables),
                           initialised to zeros [batch, kv_heads, 0, head_dim]
@@ -49,6 +51,7 @@ from qwen_export.targets.openvino.engine import (
     TOKENIZER_XML,
     _ov,
     _short_type,
+    fold_logits_rows,
     unflatten_lm_head,
 )
 
@@ -80,6 +83,7 @@ def emit(
         if halved:
             message(f"{halved} weight decompressions in f16 (scales stored as f16)")
         unflatten_lm_head(ov_model)
+        fold_logits_rows(ov_model)
         make_stateful(ov_model)
         ov.save_model(ov_model, os.fspath(out_dir / MODEL_XML), compress_to_fp16=fp16_weights)
         del ov_model

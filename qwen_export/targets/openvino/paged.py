@@ -34,7 +34,7 @@ import numpy as np
 from qwen_export.artifact import Manifest
 from qwen_export.errors import ArtifactError, OptionError
 from qwen_export.spec import ModelSpec
-from qwen_export.targets.base import Truncation, plan_truncate, prepare_step, run_in_chunks
+from qwen_export.targets.base import Truncation, check_last_k, plan_truncate, prepare_step, run_in_chunks
 from qwen_export.targets.openvino.blocks import SAMPLED, BlockPool
 from qwen_export.targets.openvino.engine import (
     MODEL_XML,
@@ -185,9 +185,14 @@ class PagedOpenVINOEngine:
 
     # ------------------------------------------------------------------------------ forward
     def forward(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, last_only: bool = False
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray | None = None,
+        last_only: bool = False,
+        last_k: int | None = None,
     ) -> np.ndarray:
-        """``last_only`` (a full-logits artifact): compute the last position's logits only."""
+        """``last_only`` (a full-logits artifact): compute the last position's logits only;
+        ``last_k`` (``capabilities.last_k_logits``): the last k positions'."""
         step = prepare_step(
             input_ids,
             attention_mask,
@@ -195,24 +200,33 @@ class PagedOpenVINOEngine:
             vocab_size=self.spec.vocab_size,
             max_context=self.capabilities.max_context,
         )
+        last_k = check_last_k(last_k, step.ids.shape[1], self.capabilities)
         if self._mask is None:
             self._pool.reset(step.ids.shape[0])
         full = self.capabilities.full_logits and not last_only
 
-        def piece(ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-            return self._piece(ids, mask, position_ids, full)
+        def piece(ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, keep: int | None = None) -> np.ndarray:
+            return self._piece(ids, mask, position_ids, full, keep)
 
-        return run_in_chunks(step, self.options.prefill_chunk, piece, full)
+        return run_in_chunks(step, self.options.prefill_chunk, piece, full, last_k)
 
-    def _piece(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, full: bool) -> np.ndarray:
+    def _piece(
+        self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, full: bool, keep: int | None = None
+    ) -> np.ndarray:
         """One inference over the real (unpadded) tokens of ``ids``; ``mask`` covers everything
-        cached once they are in; ``full``: every position's logits, else the last one's."""
+        cached once they are in; ``full``: every position's logits, else the last one's (``keep``:
+        the last ``keep`` positions', each token being a row of the paged form)."""
         batch, seq = ids.shape
         real = mask[:, -seq:] == 1
         counts = real.sum(axis=1)
         rows = np.flatnonzero(counts)
-        out = np.zeros((batch, seq if full else 1, self.spec.vocab_size), np.float32)
-        if rows.size:
+        out = np.zeros((batch, keep or (seq if full else 1), self.spec.vocab_size), np.float32)
+        if rows.size and keep is not None:
+            picked = real & (np.arange(seq) >= seq - keep)  # the real tokens among the last keep
+            sampled = (np.cumsum(real.ravel()) - 1)[picked.ravel()]  # their indices among ids[real]
+            logits = self._pool.infer(ids[real], position_ids[real], rows, counts[rows], False, sampled)
+            out[picked[:, -keep:]] = logits
+        elif rows.size:
             logits = self._pool.infer(ids[real], position_ids[real], rows, counts[rows], full)
             if full:
                 out[real] = logits

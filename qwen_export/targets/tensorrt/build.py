@@ -73,6 +73,7 @@ from qwen_export.targets.tensorrt.engine import (
     DATA_FILE,
     DEFAULT_WORKSPACE,
     ENGINES_DIR,
+    LOGITS_INDICES,
     MODEL_FILE,
     TIMING_CACHE,
     _cuda_device,
@@ -86,7 +87,13 @@ from qwen_export.targets.tensorrt.engine import (
 
 
 def recipe(
-    spec: ModelSpec | dict[str, Any], *, capacity: int, dtype: str, max_batch: int, max_prompt: int
+    spec: ModelSpec | dict[str, Any],
+    *,
+    capacity: int,
+    dtype: str,
+    max_batch: int,
+    max_prompt: int,
+    logits_rows: bool = False,
 ) -> dict[str, Any]:
     """The build recipe ``manifest.extra["tensorrt"]`` records (pure Python, JSON-serializable).
 
@@ -95,7 +102,9 @@ def recipe(
     - ``prefill`` (index 0): batch 1..max_batch, sequence 1..max_prompt, attention_width 1..capacity
     - ``decode`` (index 1): batch 1..max_batch, sequence 1, attention_width 1..capacity
 
-    Each maps every input to ``{"min", "opt", "max"}`` shapes. The KV inputs
+    Each maps every input to ``{"min", "opt", "max"}`` shapes. ``logits_rows`` (a ``--logits
+    last`` graph, which has the ``logits_indices`` input): its [K] is 1..max_prompt for prefill
+    (speculative decoding verifies several tokens in one call), 1 for decode. The KV inputs
     ``past_key_values.{i}.key/value`` are [batch, kv_heads, buffer, head_dim] with buffer
     1..capacity: the engine sizes its buffers to what the conversation needs and grows them (see
     :mod:`.engine`). ``opt`` is batch 1 (one conversation), a prompt of min(max_prompt, 128) for
@@ -127,6 +136,8 @@ def recipe(
                 ("cache_position", [s]),
             ):
                 shapes.setdefault(inp, {})[key] = shape
+            if logits_rows:
+                shapes.setdefault(LOGITS_INDICES, {})[key] = [1 if key != "max" else s]
             for kv in _kv_names(spec.num_hidden_layers):
                 buffer = 1 if key == "min" else capacity
                 shapes.setdefault(f"past_key_values.{kv}", {})[key] = [b, kv_heads, buffer, head_dim]
@@ -164,9 +175,16 @@ def emit(
     byte is written. Engines are built later, on the GPU, by :func:`build_engine`."""
     from qwen_export.onnx_writer import write_onnx
 
-    built = recipe(spec, capacity=capacity, dtype=dtype, max_batch=max_batch, max_prompt=max_prompt)
+    rows = any(value.name == LOGITS_INDICES for value in model.graph.inputs)
+    built = recipe(spec, capacity=capacity, dtype=dtype, max_batch=max_batch, max_prompt=max_prompt, logits_rows=rows)
     write_onnx(model, Path(out_dir), MODEL_FILE, DATA_FILE, progress)
     return {"tensorrt": built}
+
+
+def _has_logits_rows(used: dict[str, Any]) -> bool:
+    """Whether a recipe's graph has the ``logits_indices`` input (recipes before it do not)."""
+    profiles = used.get("profiles") or [{}]
+    return isinstance(profiles[0], dict) and LOGITS_INDICES in (profiles[0].get("shapes") or {})
 
 
 # ---------------------------------------------------------------------------------------- build
@@ -301,6 +319,7 @@ def build_engine(
         dtype=str(base["precision"]),
         max_batch=options.max_batch or int(base["max_batch"]),
         max_prompt=options.max_prompt or int(base["max_prompt"]),
+        logits_rows=_has_logits_rows(base),
     )
     used["workspace"] = options.workspace or int(base.get("workspace", DEFAULT_WORKSPACE))
     trt = trt_module if trt_module is not None else _trt()

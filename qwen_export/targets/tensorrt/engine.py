@@ -41,6 +41,7 @@ from qwen_export.targets.base import (
     DEFAULT_KV_STEP,
     EngineCapabilities,
     Truncation,
+    check_last_k,
     grown_capacity,
     plan_truncate,
     prepare_step,
@@ -56,6 +57,8 @@ TIMING_CACHE = "timing.cache"
 DEFAULT_WORKSPACE = 4 << 30
 PREFILL, DECODE = 0, 1  # optimization profile indices (the order of the recipe's "profiles")
 INPUTS = ("input_ids", "attention_mask", "position_ids", "cache_position")
+#: the ``--logits last`` graph's input of the positions whose logits it returns (export.trace's)
+LOGITS_INDICES = "logits_indices"
 INSTALL_TRT = "pip install tensorrt (TensorRT 10.x, on a machine with an NVIDIA GPU and driver)"
 INSTALL_TORCH_CUDA = (
     "install a CUDA build of PyTorch (e.g. pip install torch --index-url https://download.pytorch.org/whl/cu126) "
@@ -217,6 +220,9 @@ class TensorRTEngine:
                 f"rebuild it: qwen-export build-engine {self.root}"
             ) from None
         self._kv_step = self.capacity if _fixed_kv(used) else max(1, int(self.options.kv_step))
+        profiles = used.get("profiles") if isinstance(used.get("profiles"), list) else [{}]
+        first = profiles[0] if profiles and isinstance(profiles[0], dict) else {}
+        self._rows_input = LOGITS_INDICES in (first.get("shapes") or {})  # absent before last-k logits
         kv = manifest.extra.get("kv_cache") or {}
         if int(kv.get("capacity", self.capacity)) != self.capacity:
             raise ArtifactError(
@@ -248,6 +254,7 @@ class TensorRTEngine:
             devices=(str(device),),
             full_logits=manifest.logits == "all",
             vocab_size=self.spec.vocab_size,
+            last_k_logits=manifest.logits == "last" and self._rows_input,
         )
         self._layers = self.spec.num_hidden_layers
         self._kv_dtype = torch.float16 if manifest.dtype == "fp16" else torch.float32
@@ -285,7 +292,10 @@ class TensorRTEngine:
         assert self._mask is not None
         self._mask = self._mask[:, :num_tokens]
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, last_k: int | None = None
+    ) -> np.ndarray:
+        """``last_k`` (``capabilities.last_k_logits``): the last k positions' logits."""
         step = prepare_step(
             input_ids,
             attention_mask,
@@ -300,22 +310,28 @@ class TensorRTEngine:
                 f"batch {batch} exceeds the engine's max_batch {self.max_batch}; "
                 f"rebuild it: qwen-export build-engine {self.root} --max-batch {batch}"
             )
+        last_k = check_last_k(last_k, seq, self.capabilities)
+        tail = seq - (last_k or 1)  # the positions after it are the rows returned (last_k)
         cached = step.mask.shape[1] - seq
-        chunks = []
+        chunks, rows = [], []
         for start in range(0, seq, self.max_prompt):  # prompts longer than the prefill profile: chunks
             end = min(seq, start + self.max_prompt)
+            rows.append(end - max(start, tail))
             chunks.append(
                 self._run(
                     step.ids[:, start:end],
                     step.mask[:, : cached + end],
                     step.position_ids[:, start:end],
                     cached + start,
+                    max(1, rows[-1]),
                 )
             )
         self._mask = step.mask
-        if self.capabilities.full_logits and len(chunks) > 1:
-            return np.concatenate(chunks, axis=1)
-        return chunks[-1]
+        if last_k is not None:
+            chunks = [logits for logits, n in zip(chunks, rows, strict=True) if n > 0]
+        elif not self.capabilities.full_logits:
+            chunks = chunks[-1:]
+        return np.concatenate(chunks, axis=1) if len(chunks) > 1 else chunks[0]
 
     # ------------------------------------------------------------------ internals
     def _find_plan(self, trt: Any, device: Any) -> tuple[Path, dict[str, Any]]:
@@ -352,7 +368,7 @@ class TensorRTEngine:
             name = self.engine.get_tensor_name(i)
             (inputs if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).add(name)
         kv = _kv_names(self.spec.num_hidden_layers)
-        want_in = set(INPUTS) | {f"past_key_values.{n}" for n in kv}
+        want_in = set(INPUTS) | {f"past_key_values.{n}" for n in kv} | ({LOGITS_INDICES} if self._rows_input else set())
         want_out = {"logits"} | {f"present.{n}" for n in kv}
         if inputs != want_in or outputs != want_out:
             missing = sorted((want_in - inputs) | (want_out - outputs))
@@ -410,6 +426,7 @@ class TensorRTEngine:
             ("input_ids", batch * self.max_prompt),
             ("position_ids", batch * self.max_prompt),
             ("cache_position", self.max_prompt),
+            (LOGITS_INDICES, self.max_prompt),
             ("attention_mask", batch * self.capacity),
         ):
             self._buffers[name] = torch.zeros(size, dtype=torch.int64, device=self.device)
@@ -443,7 +460,11 @@ class TensorRTEngine:
         self._bound = {}  # bind every address again under the new profile
         self._graphs = {}  # the context's shapes changed: captured decode graphs are stale
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, start: int) -> np.ndarray:
+    def _run(
+        self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, start: int, rows: int = 1
+    ) -> np.ndarray:
+        """One inference of at most ``max_prompt`` tokens written from buffer column ``start``;
+        ``rows``: the last positions whose logits a ``logits_indices`` graph returns."""
         batch, seq = ids.shape
         if batch != self._batch:
             self._allocate(batch)
@@ -453,7 +474,7 @@ class TensorRTEngine:
         length = self.kv_capacity
         if graphed and mask.shape[1] < length:  # constant decode shapes: pad the mask with zeros
             mask = np.concatenate([mask, np.zeros((batch, length - mask.shape[1]), np.int64)], axis=1)
-        seq_out = seq if self.capabilities.full_logits else 1
+        seq_out = seq if self.capabilities.full_logits else rows
         with self._stream_scope():
             self._select_profile(profile)
             feeds = {
@@ -462,6 +483,8 @@ class TensorRTEngine:
                 "position_ids": self._stage("position_ids", position_ids),
                 "cache_position": self._stage("cache_position", np.arange(start, start + seq, dtype=np.int64)),
             }
+            if self._rows_input:
+                feeds[LOGITS_INDICES] = self._stage(LOGITS_INDICES, np.arange(seq - rows, seq, dtype=np.int64))
             size = batch * seq_out * self.spec.vocab_size
             logits = self._logits_buffer(size)[:size].view(batch, seq_out, self.spec.vocab_size)
             graph = self._graphs.get(batch) if graphed else None
