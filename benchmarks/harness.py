@@ -160,9 +160,12 @@ def rss_mib() -> float:
 class TreePoller:
     """Sample the summed RSS of a process and its descendants (a cross-check of getrusage)."""
 
-    def __init__(self, pid: int, interval: float = 0.05) -> None:
+    def __init__(self, pid: int, interval: float = 0.05, cap_bytes: int | None = None) -> None:
         self.pid, self.interval = pid, interval
         self.peak_bytes = 0
+        # cap_bytes: kill the whole tree once its summed RSS passes this (a run that would take the
+        # machine's memory); capped_bytes is the sample that did it
+        self.cap_bytes, self.capped_bytes = cap_bytes, 0
         # sampled peaks of one process's RssAnon (heap, anonymous mappings) and RssFile (mapped files:
         # page cache the kernel can drop), the largest in the tree (not summed: a forked child shares
         # its parent's pages): an engine that mmaps its weights shows up in the second
@@ -211,6 +214,10 @@ class TreePoller:
             self.peak_bytes = max(self.peak_bytes, total)
             hwm = max((_status_kib(p.pid, "VmHWM") or 0) * 1024 for p in procs[1:] or procs)  # the launched
             self.timeline.append((round(time.perf_counter() - t0, 3), round(total / MiB, 1), round(hwm / MiB, 1)))
+            if self.cap_bytes and total > self.cap_bytes:
+                self.capped_bytes = total
+                kill_tree(procs)
+                break
             self._stop.wait(self.interval)
 
     def facts(self, min_jump_mib: float = 200.0) -> dict[str, Any]:
@@ -230,6 +237,17 @@ class TreePoller:
             "vm_hwm_jumps": jumps,
             "rss_timeline": self.timeline,
         }
+
+
+def kill_tree(procs: Sequence[Any]) -> None:
+    """SIGKILL every psutil process in ``procs`` (children first); gone ones are skipped."""
+    import psutil
+
+    for p in reversed(procs):
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
 
 
 # ----------------------------------------------------------------------------- launching
@@ -267,12 +285,37 @@ def _launcher_peak(rusage_path: Path) -> int | None:
     return kb if usage.get("platform") == "darwin" else kb * 1024
 
 
-def run_logged(name: str, cmd: list[str], workdir: Path, *, poll: bool = False, quiet: bool = False) -> dict[str, Any]:
+def _wait(proc: subprocess.Popen, timeout_s: float | None) -> tuple[int, bool]:
+    """``proc``'s exit status, killing its tree after ``timeout_s``; (status, whether it timed out)."""
+    import psutil
+
+    try:
+        return proc.wait(timeout=timeout_s), False
+    except subprocess.TimeoutExpired:
+        root = psutil.Process(proc.pid)
+        kill_tree([root, *root.children(recursive=True)])
+        return proc.wait(), True
+
+
+def run_logged(
+    name: str,
+    cmd: list[str],
+    workdir: Path,
+    *,
+    poll: bool = False,
+    quiet: bool = False,
+    rss_cap_bytes: int | None = None,
+    timeout_s: float | None = None,
+    poll_interval: float = 0.05,
+) -> dict[str, Any]:
     """Run ``cmd`` through the launcher: wall time, peak RSS, exit status and the output's tail.
 
     stdout and stderr go to ``workdir/NAME.stdout.log`` / ``.stderr.log``. ``poll``: also sample the
     process tree's RSS with psutil (``TreePoller.facts`` in the result; its peak stands in when the
-    launcher's report is missing). ``quiet``: no log lines (the caller writes its own)."""
+    launcher's report is missing). ``quiet``: no log lines (the caller writes its own).
+    ``rss_cap_bytes`` (implies ``poll``) / ``timeout_s``: kill the run when its tree's RSS passes the
+    cap / after that many seconds; ``stopped`` in the result says which ended it."""
+    poll = poll or rss_cap_bytes is not None
     if not quiet:
         log(f"{name}: " + " ".join(cmd))
     out_path, err_path = workdir / f"{name}.stdout.log", workdir / f"{name}.stderr.log"
@@ -283,10 +326,10 @@ def run_logged(name: str, cmd: list[str], workdir: Path, *, poll: bool = False, 
     with open(out_path, "wb") as so, open(err_path, "wb") as se:
         proc = subprocess.Popen(argv, stdout=so, stderr=se, env=dict(os.environ, **PLAIN_ENV))
         if poll:
-            with TreePoller(proc.pid) as poller:
-                rc = proc.wait()
+            with TreePoller(proc.pid, poll_interval, rss_cap_bytes) as poller:
+                rc, timed_out = _wait(proc, timeout_s)
         else:
-            rc = proc.wait()
+            rc, timed_out = _wait(proc, timeout_s)
     wall = time.perf_counter() - t0
     peak = _launcher_peak(rusage_path)
     result: dict[str, Any] = {
@@ -299,6 +342,10 @@ def run_logged(name: str, cmd: list[str], workdir: Path, *, poll: bool = False, 
         "stderr_tail": err_path.read_text(errors="replace")[-6000:].strip(),
         "logs": [str(out_path), str(err_path)],
     }
+    if timed_out:
+        result["stopped"] = f"timeout: killed after {timeout_s:.0f} s"
+    elif poll and poller.capped_bytes:
+        result["stopped"] = f"memory: killed at {poller.capped_bytes / MiB:.0f} MiB RSS (cap {rss_cap_bytes / MiB:.0f})"
     if poll:
         result |= poller.facts()
         if peak is None:

@@ -1,0 +1,38 @@
+"""The benchmark launcher's guards: a run past its time or its memory cap is killed and says so."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import harness  # noqa: E402
+
+
+def test_run_logged_reports_exit_and_output(tmp_path: Path) -> None:
+    result = harness.run_logged("ok", [sys.executable, "-c", "print('hi')"], tmp_path, quiet=True)
+    assert result["returncode"] == 0 and result["stdout_tail"] == "hi"
+    assert "stopped" not in result and result["peak_rss_bytes"] > 0
+
+
+def test_run_logged_kills_a_run_past_its_timeout(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-c", "import time; time.sleep(60)"]
+    result = harness.run_logged("slow", cmd, tmp_path, quiet=True, timeout_s=1.0)
+    assert result["returncode"] != 0
+    assert result["stopped"].startswith("timeout")
+    assert result["wall_s"] < 30
+
+
+@pytest.mark.parametrize("cap_mib", [150])
+def test_run_logged_kills_a_run_past_its_memory_cap(tmp_path: Path, cap_mib: int) -> None:
+    # holds 600 MiB (touched), then sleeps: only the cap can end it before the timeout
+    grow = "import time; b = bytearray(600 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(60)"
+    cap = cap_mib * harness.MiB
+    result = harness.run_logged(
+        "big", [sys.executable, "-c", grow], tmp_path, quiet=True, rss_cap_bytes=cap, timeout_s=50, poll_interval=0.05
+    )
+    assert result["returncode"] != 0
+    assert result["stopped"].startswith("memory"), result.get("stopped")
+    assert result["wall_s"] < 40
