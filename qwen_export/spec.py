@@ -133,6 +133,8 @@ SUPPORTED_ARCHITECTURES: dict[str, Architecture] = {
     "Qwen3MoeForCausalLM": Architecture.QWEN3_MOE,
 }
 _MODEL_TYPES = {a.value: a for a in Architecture}
+#: vision-language architectures (qwen_export.vision parses them)
+_VISION_LANGUAGE = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 _SUPPORTED_TEXT = (
     "Qwen2ForCausalLM (Qwen1.5/Qwen2/Qwen2.5 and variants), Qwen3ForCausalLM (Qwen3 dense), "
     "Qwen2MoeForCausalLM (Qwen1.5-MoE, Qwen2-MoE), Qwen3MoeForCausalLM (Qwen3-MoE)"
@@ -233,6 +235,9 @@ class ModelSpec:
     pad_token_id: int | None = None
     #: the sparse MLP of an MoE model (Qwen2-MoE, Qwen3-MoE); None for dense models
     moe: MoESpec | None = None
+    #: vision-language decoders (Qwen2-VL, Qwen2.5-VL): rotary frequency pairs per position stream
+    #: (time, height, width), M-RoPE; None: one position stream
+    mrope_section: tuple[int, int, int] | None = None
 
     # ---------------------------------------------------------------- derived
     def is_sparse_layer(self, layer: int) -> bool:
@@ -298,23 +303,7 @@ class ModelSpec:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        if not path.is_file():
-            raise ConfigError(f"{path}: not found; a Hugging Face checkpoint directory needs config.json")
-        from qwen_export.safefs import read_regular
-
-        try:
-            text = (read_regular(path, 16 << 20, ConfigError) or b"").decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-        except (ValueError, RecursionError) as exc:  # e.g. an integer over 4300 digits, absurd nesting
-            raise ConfigError(f"{path}: invalid JSON ({type(exc).__name__}: {exc})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object, found {type(raw).__name__}")
-        return cls.from_config(raw, source=str(path))
+        return cls.from_config(read_config_json(path), source=str(path))
 
     @classmethod
     def from_config(cls, raw: dict[str, Any], source: str = "config.json") -> ModelSpec:
@@ -404,6 +393,10 @@ class ModelSpec:
         if self.rope_scaling is not None:
             out["rope_scaling"]["rope_type"] = self.rope_scaling.rope_type.value
         out["eos_token_ids"] = list(self.eos_token_ids)
+        if self.mrope_section is None:
+            del out["mrope_section"]  # text models' manifests stay as they were
+        else:
+            out["mrope_section"] = list(self.mrope_section)
         return out
 
     @classmethod
@@ -416,6 +409,8 @@ class ModelSpec:
         data["architecture"] = Architecture.parse(data["architecture"], "architecture")
         data["layer_types"] = tuple(LayerType.parse(t, "layer type") for t in data["layer_types"])
         data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
+        if data.get("mrope_section") is not None:
+            data["mrope_section"] = tuple(data["mrope_section"])
         if data.get("moe") is not None:
             data["moe"] = MoESpec.from_dict(data["moe"])
         rs = data.get("rope_scaling")
@@ -427,6 +422,28 @@ class ModelSpec:
 
 
 # -------------------------------------------------------------------- helpers
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """``config.json`` as a dict; a ConfigError that names the defect otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; a Hugging Face checkpoint directory needs config.json")
+    from qwen_export.safefs import read_regular
+
+    try:
+        text = (read_regular(path, 16 << 20, ConfigError) or b"").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer over 4300 digits, absurd nesting
+        raise ConfigError(f"{path}: invalid JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    return raw
+
+
 def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: DType, kv: KVCacheDType | None = None) -> int:
     """KV-cache bytes one token takes: 2 (K and V) x layers x kv_heads x head_dim x element bytes
     (``kv``'s when given, else ``dtype``'s)."""
@@ -461,6 +478,12 @@ def _architecture(raw: dict[str, Any], source: str) -> Architecture:
         for name in archs:
             if isinstance(name, str) and name in SUPPORTED_ARCHITECTURES:
                 return SUPPORTED_ARCHITECTURES[name]
+        if archs[0] in _VISION_LANGUAGE:
+            raise ConfigError(
+                f"{source}: {archs[0]} is a vision-language model; exporting it is not supported yet "
+                f"(its vision tower and image preprocessing are, as a library: qwen_export.export.vision_export); "
+                f"supported text models: {_SUPPORTED_TEXT}"
+            )
         raise ConfigError(f"{source}: architecture {archs[0]!r} is not supported; supported: {_SUPPORTED_TEXT}")
     model_type = raw.get("model_type")
     if isinstance(model_type, str) and model_type in _MODEL_TYPES:

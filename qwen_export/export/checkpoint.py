@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import stat
 import struct
 from pathlib import Path
@@ -28,7 +29,8 @@ import numpy as np
 
 from qwen_export.errors import CheckpointError
 from qwen_export.quant import prequant
-from qwen_export.spec import ModelSpec
+from qwen_export.spec import ModelSpec, read_config_json
+from qwen_export.vision import MultimodalSpec, parse_multimodal, text_config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -47,6 +49,7 @@ _DTYPES: dict[str, tuple[str, int]] = {
     "BOOL": ("?", 1),
 }
 #: dtypes accepted for the weights of a model we export.
+_VL_TEXT = re.compile(r"^model\.language_model\.")
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
@@ -99,19 +102,30 @@ class Checkpoint:
         if not directory.is_dir():
             raise CheckpointError(f"{directory}: checkpoint directory not found")
         spec = ModelSpec.from_config_file(directory / "config.json")
-        index = directory / INDEX_FILE
-        single = directory / SINGLE_FILE
-        if index.is_file():
-            tensors = _open_sharded(index)
-        elif single.is_file():
-            tensors = read_header(single)
-        else:
-            raise CheckpointError(_no_weights_message(directory))
+        tensors = _read_tensors(directory)
         config = prequant.read_config(directory / "config.json")
         pre = None
         if config is not None:
             pre = prequant.plan(config, tensors, expected_tensors(spec), str(directory))
         return cls(directory, spec, tensors, pre)
+
+    @classmethod
+    def open_vl(cls, directory: str | Path) -> tuple[Checkpoint, MultimodalSpec]:
+        """A vision-language checkpoint: its text decoder's spec (the plain Qwen2 fields of its
+        config) and its :class:`MultimodalSpec`; every tensor, the vision tower's included."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory}: checkpoint directory not found")
+        raw = read_config_json(directory / "config.json")
+        multimodal = parse_multimodal(raw, str(directory / "config.json"))
+        if multimodal is None:
+            raise CheckpointError(f"{directory}: not a Qwen2-VL / Qwen2.5-VL checkpoint (config.json architectures)")
+        spec = ModelSpec.from_config(text_config(raw), source=str(directory / "config.json"))
+        spec = dataclasses.replace(spec, mrope_section=multimodal.mrope_section)
+        # transformers 5 saves the decoder under model.language_model.; the released checkpoints
+        # (and the text exporter) name it model.
+        tensors = {_VL_TEXT.sub("model.", name): info for name, info in _read_tensors(directory).items()}
+        return cls(directory, spec, tensors), multimodal
 
     # ------------------------------------------------------------------ queries
     def names(self) -> list[str]:
@@ -314,6 +328,16 @@ def _moe_tensors(spec: ModelSpec, p: str) -> dict[str, tuple[int, ...]]:
         out[p + "shared_expert.down_proj.weight"] = (h, inter)
         out[p + "shared_expert_gate.weight"] = (1, h)
     return out
+
+
+def _read_tensors(directory: Path) -> dict[str, TensorInfo]:
+    index = directory / INDEX_FILE
+    single = directory / SINGLE_FILE
+    if index.is_file():
+        return _open_sharded(index)
+    if single.is_file():
+        return read_header(single)
+    raise CheckpointError(_no_weights_message(directory))
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:

@@ -269,11 +269,21 @@ class Backbone(nn.Module):
 class QwenForExport(nn.Module):
     """The traced module. Construct it under ``torch.device("meta")``."""
 
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype, logits: LogitsMode, prune_last_layer: bool = False) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        dtype: torch.dtype,
+        logits: LogitsMode,
+        prune_last_layer: bool = False,
+        embeds_input: bool = False,
+    ) -> None:
         """``prune_last_layer`` (``LogitsMode.LAST`` only): the last decoder layer computes its
         output for the ``logits_indices`` tokens only (see ``DecoderLayer.forward``), which saves
-        about 1/L of a prefill's matmul work."""
+        about 1/L of a prefill's matmul work. ``embeds_input``: the first input is the token
+        embeddings [B, S, hidden] (a vision-language decoder, image features merged in) instead of
+        ``input_ids``."""
         super().__init__()
+        self.embeds_input = embeds_input
         if prune_last_layer and logits is not LogitsMode.LAST:
             raise ValueError("prune_last_layer needs LogitsMode.LAST: every position's hidden state is needed")
         self.spec, self.dtype, self.logits_mode = spec, dtype, logits
@@ -302,7 +312,7 @@ class QwenForExport(nn.Module):
         if (logits_indices is None) != (self.logits_mode is LogitsMode.ALL):
             raise ValueError("logits_indices is given with LogitsMode.LAST, and only then")
         s = input_ids.shape[1]
-        x = self.model.embed_tokens(input_ids)
+        x = input_ids if self.embeds_input else self.model.embed_tokens(input_ids)
         cos, sin = self._rotary(position_ids)
         if cache_position is None:
             q_pos = torch.arange(s, device=input_ids.device)[:, None] + past_key_values[0].shape[2]
@@ -331,8 +341,13 @@ class QwenForExport(nn.Module):
         return logits.to(torch.float32), presents
 
     def _rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [B, 1, S, D], computed in float32 then cast (transformers' Qwen2RotaryEmbedding)."""
-        freqs = position_ids.to(torch.float32)[:, :, None] * self.rotary_inv_freq[None, None, :]
+        """cos/sin [B, 1, S, D], computed in float32 then cast (transformers' Qwen2RotaryEmbedding).
+        M-RoPE (``spec.mrope_section``): ``position_ids`` is [3, B, S] and the frequency pairs of
+        section i take their angle from stream i (time, height, width), as Qwen2-VL's rotary does."""
+        freqs = position_ids.to(torch.float32)[..., None] * self.rotary_inv_freq
+        if self.spec.mrope_section is not None:
+            parts = torch.split(freqs, list(self.spec.mrope_section), dim=-1)
+            freqs = torch.cat([part[i % 3] for i, part in enumerate(parts)], dim=-1)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos() * self.rope_scale
         sin = emb.sin() * self.rope_scale

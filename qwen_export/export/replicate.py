@@ -87,6 +87,8 @@ def _collect(graph: ir.Graph, k: int) -> list[_Layer]:
     first = set(layers[0].nodes)
     feeds = {v for n in first for v in n.inputs if v is not None and v.producer() not in first}
     embed = [v for v in feeds if (p := v.producer()) is not None and p.op_type == "Gather"]
+    if not embed:  # a vision-language decoder: the graph input inputs_embeds feeds layer 0
+        embed = [v for v in feeds if v.name == "inputs_embeds" and v.producer() is None]
     if len(embed) != 1:
         raise ReplicationError(f"cannot find the embedding output feeding layer 0 (found {len(embed)})")
     layers[0].h_in = embed[0]
@@ -108,7 +110,8 @@ def replicate_layers(model: ir.Model, layer_types: list[int], prototype_layers: 
     for value in [*graph.inputs, *graph.outputs, *(v for p in protos for v in p.inits.values())]:
         if value.name and value.name.startswith(("past_key_values.", "present.", "model.layers.")):
             value.name = f"prototype.{value.name}"  # free the canonical names for the clones
-    new_inputs: list[ir.Value] = [inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]]
+    first = inputs.get("input_ids") or inputs["inputs_embeds"]
+    new_inputs: list[ir.Value] = [first, inputs["attention_mask"], inputs["position_ids"]]
     new_outputs: list[ir.Value] = [outputs["logits"]]
     new_nodes: list[ir.Node] = []
     new_inits: list[ir.Value] = []

@@ -49,14 +49,19 @@ class TraceOptions:
     #: With ``LogitsMode.LAST``: the last layer runs its output projection and MLP on the last
     #: token only (its keys/values still cover every token). False keeps the full last layer.
     prune_last_layer: bool = True
+    #: the first input is ``inputs_embeds`` [B, S, hidden] instead of ``input_ids`` (a
+    #: vision-language decoder: the runtime merges image features into the embeddings)
+    embeds_input: bool = False
 
     @property
     def pruned(self) -> bool:
         return self.prune_last_layer and self.logits is LogitsMode.LAST
 
 
-def input_names(spec: ModelSpec, cache: CacheIO = CacheIO.CONCAT, logits: LogitsMode = LogitsMode.LAST) -> list[str]:
-    names = ["input_ids", "attention_mask", "position_ids"]
+def input_names(
+    spec: ModelSpec, cache: CacheIO = CacheIO.CONCAT, logits: LogitsMode = LogitsMode.LAST, embeds: bool = False
+) -> list[str]:
+    names = ["inputs_embeds" if embeds else "input_ids", "attention_mask", "position_ids"]
     for i in range(spec.num_hidden_layers):
         names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
     if cache is CacheIO.SCATTER:
@@ -124,15 +129,18 @@ def _trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
 
     tdtype = torch.float16 if options.dtype is DType.FP16 else torch.float32
     with torch.device("meta"):
-        module = QwenForExport(spec, tdtype, options.logits, options.pruned).eval()
+        module = QwenForExport(spec, tdtype, options.logits, options.pruned, options.embeds_input).eval()
         b, s, p = _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST
         scatter = options.cache is CacheIO.SCATTER
         kv_len = _TRACE_CAPACITY if scatter else p
         kv_shape = (b, spec.num_key_value_heads, kv_len, spec.head_dim)
+        mrope = spec.mrope_section is not None
         args: tuple = (
-            torch.ones(b, s, dtype=torch.int64),
+            torch.zeros(b, s, spec.hidden_size, dtype=tdtype)
+            if options.embeds_input
+            else torch.ones(b, s, dtype=torch.int64),
             torch.ones(b, p + s, dtype=torch.int64),
-            torch.ones(b, s, dtype=torch.int64),
+            torch.ones(3, b, s, dtype=torch.int64) if mrope else torch.ones(b, s, dtype=torch.int64),
             [torch.zeros(kv_shape, dtype=tdtype) for _ in range(2 * spec.num_hidden_layers)],
         )
         if scatter:
@@ -145,7 +153,7 @@ def _trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
     dynamic_shapes: tuple = (
         {0: batch, 1: seq},
         {0: batch, 1: torch.export.Dim.AUTO},
-        {0: batch, 1: seq},
+        {1: batch, 2: seq} if mrope else {0: batch, 1: seq},
         [kv_dims for _ in range(2 * spec.num_hidden_layers)],
     )
     if scatter:
@@ -160,7 +168,7 @@ def _trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
                 module,
                 args,
                 dynamo=True,
-                input_names=input_names(spec, options.cache, options.logits),
+                input_names=input_names(spec, options.cache, options.logits, options.embeds_input),
                 output_names=output_names(spec),
                 dynamic_shapes=dynamic_shapes,
                 opset_version=OPSET,
@@ -191,8 +199,12 @@ def _name_dims(model: ir.Model, cache: CacheIO) -> None:
         name = value.name or ""
         if name in (LOGITS_INDICES, "cache_position"):
             dims[0] = ir.SymbolicDim("logits_rows") if name == LOGITS_INDICES else seq
-        elif name in ("input_ids", "position_ids"):
+        elif name in ("input_ids", "position_ids") and len(dims) == 2:
             dims = [batch, seq]
+        elif name == "position_ids":  # M-RoPE: [3, B, S]
+            dims = [3, batch, seq]
+        elif name == "inputs_embeds":
+            dims = [batch, seq, dims[2]]
         elif name == "attention_mask":
             dims = [batch, width if cache is CacheIO.SCATTER else total]
         elif name.startswith(("past_key_values.", "present.")):

@@ -1,0 +1,177 @@
+"""Export-oriented PyTorch vision tower of Qwen2-VL and Qwen2.5-VL (traced on the ``meta`` device,
+weights bound afterwards, as :mod:`qwen_export.export.modeling` does for the decoder).
+
+The graph encodes the patches of one request (any number of frames of one image or clip); what
+transformers computes with Python loops from ``grid_thw`` (rotary positions, the window order,
+the attention segments) the runtime computes with numpy (:mod:`qwen_export.runtime.vision_input`)
+and feeds as index inputs, so the graph itself has no data-dependent control flow::
+
+    pixel_values [N, C*T*P*P] float32   patches (Qwen2.5-VL: in window order)
+    position_ids [N, 2] int64           each patch's (row, column) in its frame, same order
+    segment_ids  [N] int64              the frame of each patch: full-attention blocks attend within it
+    window_ids   [N] int64              (Qwen2.5-VL) the window of each patch: the other blocks
+      -> image_embeds [N / merge^2, hidden] float32   (Qwen2.5-VL: in window order; the runtime
+                                                        puts them back)
+
+Layout choices: the patch embedding (a Conv3d whose stride equals its kernel) is one ``MatMul``
+against the kernel flattened to [C*T*P*P, embed] (initializer ``patch_embed.proj.weight_t``);
+linear weights are [in, out] (``<name>_t``); rotary cos/sin are computed in float32 from
+``rotary.inv_freq`` as transformers does; attention is non-causal with an additive mask made from
+the segment (or window) ids, the softmax in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qwen_export.export.modeling import Linear, RMSNorm, rotate_half
+from qwen_export.vision import VisionNorm, VisionSpec
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+def _norm(spec: VisionSpec, size: int) -> nn.Module:
+    if spec.norm is VisionNorm.LAYER_NORM:
+        return LayerNorm(size, spec.norm_eps)
+    return RMSNorm(size, spec.norm_eps, torch.float32)
+
+
+def _act(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    if name == "gelu":
+        return nn.functional.gelu(x)
+    if name == "gelu_pytorch_tanh":
+        return nn.functional.gelu(x, approximate="tanh")
+    return nn.functional.silu(x)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, spec: VisionSpec) -> None:
+        super().__init__()
+        self.proj = Linear(spec.patch_dim, spec.embed_dim, False, torch.float32)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixel_values)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, spec: VisionSpec) -> None:
+        super().__init__()
+        self.heads, self.head_dim = spec.num_heads, spec.head_dim
+        self.qkv = Linear(spec.embed_dim, 3 * spec.embed_dim, True, torch.float32)
+        self.proj = Linear(spec.embed_dim, spec.embed_dim, True, torch.float32)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).reshape(n, 3, self.heads, self.head_dim).permute(1, 2, 0, 3).unbind(0)
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)  # [1, N, D] against [H, N, D]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (self.head_dim**-0.5) + bias
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.matmul(probs, v).transpose(0, 1).reshape(n, self.heads * self.head_dim)
+        return self.proj(out)
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, spec: VisionSpec) -> None:
+        super().__init__()
+        self.act = spec.hidden_act
+        self.gated = spec.norm is VisionNorm.RMS_NORM  # Qwen2.5-VL: SwiGLU with biases
+        if self.gated:
+            self.gate_proj = Linear(spec.embed_dim, spec.mlp_dim, True, torch.float32)
+            self.up_proj = Linear(spec.embed_dim, spec.mlp_dim, True, torch.float32)
+            self.down_proj = Linear(spec.mlp_dim, spec.embed_dim, True, torch.float32)
+        else:
+            self.fc1 = Linear(spec.embed_dim, spec.mlp_dim, True, torch.float32)
+            self.fc2 = Linear(spec.mlp_dim, spec.embed_dim, True, torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down_proj(_act(self.act, self.gate_proj(x)) * self.up_proj(x))
+        return self.fc2(_act(self.act, self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, spec: VisionSpec) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = _norm(spec, spec.embed_dim), _norm(spec, spec.embed_dim)
+        self.attn = VisionAttention(spec)
+        self.mlp = VisionMLP(spec)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, bias)
+        return x + self.mlp(self.norm2(x))
+
+
+class MergerMLP(nn.Module):
+    """``merger.mlp``: Linear (index 0), GELU, Linear (index 2), named as the checkpoint names them."""
+
+    def __init__(self, width: int, out: int) -> None:
+        super().__init__()
+        self.add_module("0", Linear(width, width, True, torch.float32))
+        self.add_module("2", Linear(width, out, True, torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = getattr(self, "0"), getattr(self, "2")
+        return second(nn.functional.gelu(first(x)))
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, spec: VisionSpec) -> None:
+        super().__init__()
+        self.width = spec.embed_dim * spec.merge_unit
+        self.ln_q = _norm(spec, spec.embed_dim)
+        self.mlp = MergerMLP(self.width, spec.out_hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.ln_q(x).reshape(-1, self.width))
+
+
+class VisionTower(nn.Module):
+    """``visual`` of a Qwen-VL checkpoint; see the module docstring for the IO."""
+
+    def __init__(self, spec: VisionSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.patch_embed = PatchEmbed(spec)
+        quarter = spec.head_dim // 4
+        self.register_buffer("rotary_inv_freq", torch.empty(quarter, dtype=torch.float32), persistent=True)
+        self.blocks = nn.ModuleList([VisionBlock(spec) for _ in range(spec.depth)])
+        self.merger = PatchMerger(spec)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        position_ids: torch.Tensor,
+        segment_ids: torch.Tensor,
+        window_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.patch_embed(pixel_values)
+        freqs = position_ids.to(torch.float32).unsqueeze(-1) * self.rotary_inv_freq  # [N, 2, D/4]
+        freqs = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
+        freqs = torch.cat([freqs, freqs], dim=-1)  # [N, D]
+        cos, sin = freqs.cos(), freqs.sin()
+        full = _segment_bias(segment_ids)
+        windowed = _segment_bias(window_ids) if window_ids is not None else full
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, full if self.spec.is_full_attention(i) else windowed)
+        return self.merger(x)
+
+
+def _segment_bias(ids: torch.Tensor) -> torch.Tensor:
+    """[N, N] float32: 0 where two patches share a segment, the most negative float elsewhere."""
+    same = ids.unsqueeze(0) == ids.unsqueeze(1)
+    zero = torch.zeros((), dtype=torch.float32)
+    return torch.where(same, zero, torch.full((), torch.finfo(torch.float32).min, dtype=torch.float32))
