@@ -133,8 +133,7 @@ SUPPORTED_ARCHITECTURES: dict[str, Architecture] = {
     "Qwen3MoeForCausalLM": Architecture.QWEN3_MOE,
 }
 _MODEL_TYPES = {a.value: a for a in Architecture}
-#: vision-language architectures (qwen_export.vision parses them)
-_VISION_LANGUAGE = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+_VISION_LANGUAGE = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")  # see vision.py
 _SUPPORTED_TEXT = (
     "Qwen2ForCausalLM (Qwen1.5/Qwen2/Qwen2.5 and variants), Qwen3ForCausalLM (Qwen3 dense), "
     "Qwen2MoeForCausalLM (Qwen1.5-MoE, Qwen2-MoE), Qwen3MoeForCausalLM (Qwen3-MoE)"
