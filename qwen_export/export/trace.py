@@ -160,6 +160,17 @@ def _trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
         dynamic_shapes += ({0: seq},)
     if last:
         dynamic_shapes += (None,) * (not scatter) + ({0: torch.export.Dim("logits_rows")},)
+    names = input_names(spec, options.cache, options.logits, options.embeds_input)
+    return export_module(module, args, names, output_names(spec), dynamic_shapes)
+
+
+def export_module(
+    module: object, args: tuple, inputs: list[str], outputs: list[str], dynamic_shapes: tuple
+) -> ir.Model:
+    """``torch.onnx.export(dynamo=True)`` of a meta-device module at :data:`OPSET`, unoptimised,
+    with the exporter's warnings and optional-dependency log notes silenced."""
+    import torch
+
     logging.disable(logging.WARNING)  # the exporter logs optional-dependency notes (torchvision)
     try:
         with warnings.catch_warnings(), torch.no_grad():
@@ -168,8 +179,8 @@ def _trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
                 module,
                 args,
                 dynamo=True,
-                input_names=input_names(spec, options.cache, options.logits, options.embeds_input),
-                output_names=output_names(spec),
+                input_names=inputs,
+                output_names=outputs,
                 dynamic_shapes=dynamic_shapes,
                 opset_version=OPSET,
                 optimize=False,

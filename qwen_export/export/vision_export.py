@@ -9,19 +9,16 @@ it under ``model.visual.``. Both are read. The patch embedding's Conv3d kernel
 
 from __future__ import annotations
 
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from qwen_export.errors import CheckpointError
+from qwen_export.export.trace import export_module
 from qwen_export.vision import VisionSpec
 from qwen_export.weights import CheckpointTensor, WeightSource, _Binding
 
-#: opset of the vision graph (the decoder's)
-OPSET = 21
 VISION_INPUTS = ("pixel_values", "position_ids", "segment_ids", "window_ids")
 VISION_OUTPUT = "image_embeds"
 _PREFIXES = ("visual.", "model.visual.")
@@ -50,24 +47,7 @@ def trace_vision(spec: VisionSpec) -> ir.Model:
             args += (torch.zeros(n, dtype=torch.int64),)
     patches = torch.export.Dim("patches", min=spec.merge_unit)
     shapes: tuple = ({0: patches}, {0: patches}, {0: patches}) + (({0: patches},) if spec.windowed else ())
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                module,
-                args,
-                dynamo=True,
-                input_names=input_names(spec),
-                output_names=[VISION_OUTPUT],
-                dynamic_shapes=shapes,
-                opset_version=OPSET,
-                optimize=False,
-                verbose=False,
-            )
-    finally:
-        logging.disable(logging.NOTSET)
-    model = program.model
+    model = export_module(module, args, input_names(spec), [VISION_OUTPUT], shapes)
     _name_dims(model)
     return model
 
