@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from qwen_export.cpuinfo import (  # the CPU features that change the engines' k
     cpu_model_and_flags,
 )
 from qwen_export.export.tiny import make_checkpoint
+from qwen_export.export.trace import TRACE_CACHE_ENV
 
 # The CLI prints with rich, which wraps at 80 columns when stdout is not a terminal (CliRunner):
 # a long temporary path then splits the phrases the CLI tests look for. Tests read one line each.
@@ -33,6 +35,18 @@ def cpu_description() -> str:
     model, flags = cpu_model_and_flags()
     present = [flag for flag in KERNEL_FLAGS if flag in flags]
     return f"{model}; {os.cpu_count()} cores; flags: {' '.join(present) or 'none of ' + ' '.join(KERNEL_FLAGS)}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One traced-graph cache for the whole run (the controller makes it; xdist workers and the CLI
+    subprocesses tests start inherit the variable): each tiny model shape and trace option set is
+    traced once per run instead of once per process (export.trace.TRACE_CACHE_ENV). Removed at the
+    end of the run; a run given its own directory keeps it."""
+    if hasattr(config, "workerinput") or os.environ.get(TRACE_CACHE_ENV):
+        return
+    directory = tempfile.mkdtemp(prefix="qwen-export-traces-")
+    os.environ[TRACE_CACHE_ENV] = directory
+    config.add_cleanup(lambda: (shutil.rmtree(directory, ignore_errors=True), os.environ.pop(TRACE_CACHE_ENV, None)))
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -18,7 +18,7 @@ from qwen_export.artifact import Manifest, load_manifest
 from qwen_export.errors import OptionError
 from qwen_export.export import export as library_export
 from qwen_export.export import pipeline
-from qwen_export.export.options import ATTENTION_INT8, ExportOptions, Int4Defaults, export_options
+from qwen_export.export.options import ATTENTION_INT8, UNTIED_BLOCKS, ExportOptions, Int4Defaults, export_options
 from qwen_export.quant.scheme import PER_CHANNEL, Keep, QuantScheme, WeightFormat
 from qwen_export.spec import Target
 
@@ -170,6 +170,19 @@ def test_int4_defaults(qwen2_tied: Path, qwen2_untied: Path, prequantized) -> No
     trt = export_options(qwen2_untied, weights="int4", target="tensorrt").quant
     assert trt.symmetric and trt.algorithm is default.algorithm  # TensorRT takes no zero points
     assert trt.int8_weights == ()  # nor 8-bit tensors in an int4 engine
+    assert untied.block_overrides == UNTIED_BLOCKS and tied.block_overrides == trt.block_overrides == ()
+    assert export_options(qwen2_untied, weights="int4", block="none").quant.block_overrides == ()
+    given_blocks = export_options(qwen2_tied, weights="int4", block=["lm_head=64", " model.embed_tokens = 128"])
+    assert given_blocks.quant.block_overrides == (("lm_head", 64), ("model.embed_tokens", 128))
+    for bad, match in (
+        ("lm_head", "PATTERN=SIZE"),
+        ("lm_head=48", "must be one of 16, 32, 64, 128"),
+        ("=16", "PATTERN"),
+    ):
+        with pytest.raises(OptionError, match=match):
+            export_options(qwen2_untied, weights="int4", block=bad)
+    with pytest.raises(OptionError, match="needs a blocked scheme"):
+        export_options(qwen2_untied, weights="int8", block_size=0, block="lm_head=16")
     given = export_options(qwen2_untied, weights="int4", algorithm="rtn", symmetric=True, embedding_bits=8).quant
     assert (given.algorithm, given.symmetric, given.embedding_bits) == (QuantAlgorithm.RTN, True, 8)
     kept = export_options(qwen2_untied, weights="int4", keep="embedding").quant

@@ -452,6 +452,11 @@ def test_cli_int4_asymmetric(qwen2_tied: Path, tmp_path: Path, export) -> None:
         (["--weights", "int8", "--int8", "lm_head"], "use it with --weights int4"),
         (["--weights", "int4", "--algorithm", "rtn", "--int8", "*.nope_proj"], "matches no quantized linear weight"),
         (["--weights", "int4", "--target", "tensorrt", "--int8", "*.down_proj"], "not supported by --target tensorrt"),
+        (["--weights", "int4", "--algorithm", "rtn", "--block", "*.nope_proj=16"], "matches no quantized weight"),
+        (["--weights", "int4", "--block", "lm_head"], "takes PATTERN=SIZE"),
+        (["--weights", "int4", "--block", "lm_head=48"], "must be one of 16, 32, 64, 128"),
+        (["--block", "lm_head=16"], "only apply to quantized weights"),
+        (["--weights", "int4", "--target", "tensorrt", "--block", "lm_head=16"], "not supported by --target tensorrt"),
     ],
 )
 def test_cli_quantization_option_errors(qwen2_tied: Path, tmp_path: Path, args: list[str], fragment: str) -> None:
@@ -459,6 +464,33 @@ def test_cli_quantization_option_errors(qwen2_tied: Path, tmp_path: Path, args: 
     assert result.exit_code == 2, result.output
     assert fragment in " ".join(result.output.split()), result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_block_overrides(qwen2_untied: Path, tmp_path: Path, export) -> None:
+    """``--block PATTERN=SIZE``: those tensors in blocks of SIZE (MatMulNBits / GatherBlockQuantized
+    attributes), the rest at ``--block-size``; recorded and shown; smaller blocks, closer to fp32."""
+    out = tmp_path / "blocks"
+    args = ["--weights", "int4", "--algorithm", "rtn", "--int8", "none", "--block-size", "64"]
+    fine = ["--block", "lm_head=16,model.embed_tokens=32", "--block", "model.layers.*.self_attn.*=16"]
+    result = _invoke("export", qwen2_untied, "-o", out, *args, *fine)
+    assert result.exit_code == 0, result.output
+    assert "b16 lm_head b32 model.embed_tokens b16 model.layers.*.self_attn.*" in " ".join(result.output.split())
+    quant = _manifest(out)["extra"]["quantization"]
+    assert quant["block_overrides"] == [["lm_head", 16], ["model.embed_tokens", 32], ["model.layers.*.self_attn.*", 16]]
+    model = _model(out)
+    blocks = {
+        n.inputs[1].name.removesuffix(".weight_t.B"): n.attributes["block_size"].value
+        for n in _nodes(model, "MatMulNBits")
+    }
+    assert blocks["lm_head"] == 16 and blocks["model.layers.0.self_attn.qkv_proj"] == 16
+    assert blocks["model.layers.0.self_attn.o_proj"] == 16 and blocks["model.layers.1.mlp.down_proj"] == 64
+    (gather,) = _nodes(model, "GatherBlockQuantized")
+    assert gather.attributes["block_size"].value == 32
+    coarse = tmp_path / "coarse"
+    assert _invoke("export", qwen2_untied, "-o", coarse, *args, "--block", "none").exit_code == 0
+    ids = _ids(out)
+    ref = _logits(export("qwen2_untied"), ids)
+    assert _metrics(ref, _logits(out, ids), ids)["mean_kl"] < _metrics(ref, _logits(coarse, ids), ids)["mean_kl"]
 
 
 def test_cli_embedding_bits_4_packs_the_tied_table_in_int4(qwen2_tied: Path, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from qwen_export.export.trace import TraceOptions, bind_weights, input_names, ou
 from qwen_export.onnx_writer import write_onnx
 from qwen_export.passes.base import op_histogram
 from qwen_export.passes.cleanup import CleanupPass
-from qwen_export.spec import LayerType
+from qwen_export.spec import LayerType, LogitsMode
 
 
 def _build(checkpoint: Path, out: Path, replicate: bool, prune: bool = True) -> tuple[ort.InferenceSession, dict]:
@@ -125,3 +125,38 @@ def test_traced_graph_is_memoised_and_each_call_gets_its_own_copy(qwen2_tied: Pa
     second = trace(spec, TraceOptions())
     assert second is not first and dict(op_histogram(second)) == before
     assert [v.name for v in second.graph.inputs] == input_names(spec)
+
+
+def test_trace_cache_directory_is_shared_across_processes(
+    qwen2_tied: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``QWEN_EXPORT_TRACE_CACHE`` set, a traced graph is stored there (initializers as
+    placeholders, no data) and a process without it in memory reads it back instead of tracing:
+    written out, the two give byte-identical models. A damaged entry is traced again."""
+    from qwen_export.export import trace as trace_module
+
+    ckpt = Checkpoint.open(qwen2_tied)
+    spec, options = ckpt.spec, TraceOptions(logits=LogitsMode.ALL)
+    monkeypatch.setenv(trace_module.TRACE_CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(trace_module, "_traced", trace_module.collections.OrderedDict())
+    fresh = trace(spec, options)
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert entry.name == f"{trace_module.trace_key(spec, options)}.onnx" and entry.stat().st_size < 2 << 20
+    trace_module._traced.clear()
+
+    def no_tracing(*_: object) -> None:
+        raise AssertionError("traced again although the cache holds the graph")
+
+    monkeypatch.setattr(trace_module, "_trace_fresh", no_tracing)
+    cached = trace(spec, options)
+    for name, model in (("fresh", fresh), ("cached", cached)):
+        bind_weights(model, spec, ckpt)
+        (tmp_path / name).mkdir()
+        write_onnx(model, tmp_path / name, "model.onnx", "model.onnx.data")
+    for file in ("model.onnx", "model.onnx.data"):
+        assert (tmp_path / "fresh" / file).read_bytes() == (tmp_path / "cached" / file).read_bytes()
+    entry.write_bytes(b"damaged")
+    trace_module._traced.clear()
+    monkeypatch.setattr(trace_module, "_trace_fresh", lambda s, o: fresh)
+    assert trace(spec, options) is not fresh and entry.stat().st_size > 100  # traced (cloned) and rewritten
+    assert trace_module.trace_key(spec, options) != trace_module.trace_key(spec, TraceOptions())

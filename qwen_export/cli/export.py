@@ -151,6 +151,15 @@ Int8 = Annotated[
         "(not tensorrt); 'none': every linear at 4 bits.",
     ),
 ]
+Block = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--block",
+        help="Per-tensor block size PATTERN=SIZE (16 | 32 | 64 | 128; repeatable or comma-separated; first match "
+        "wins): PATTERN is a glob of checkpoint module names as for --int8, or model.embed_tokens, e.g. lm_head=16. "
+        "Default for int4 with a separate lm_head: lm_head=16 (not tensorrt); 'none': every tensor at --block-size.",
+    ),
+]
 KVCacheExport = Annotated[
     str | None,
     typer.Option(
@@ -195,6 +204,7 @@ def export(
     calibration: Calibration = None,
     embedding_bits: EmbeddingBits = None,
     int8: Int8 = None,
+    block: Block = None,
     max_batch: MaxBatch = None,
     kv_cache: KVCacheExport = None,
 ) -> None:
@@ -221,6 +231,7 @@ def export(
         accuracy_level=accuracy_level,
         embedding_bits=embedding_bits,
         int8=int8,
+        block=block,
         calibration=calibration,
         logits=logits,
         max_length=max_length,

@@ -150,13 +150,13 @@ class _Spiller:
         self.count = 0
 
     def quantize(  # noqa: D102
-        self, checkpoint: Any, prefix: str, factor: Factor, settings: GPTQSettings, bits: int | None = None
+        self, checkpoint: Any, prefix: str, factor: Factor, settings: GPTQSettings, scheme: QuantScheme
     ) -> SpilledLinear:
-        """GPTQ of ``<prefix>.weight`` ([N, K] in the checkpoint) in column chunks, spilled to disk
-        (``bits``: this weight's, when not the scheme's: ``--int8`` mixed precision)."""
+        """GPTQ of ``<prefix>.weight`` ([N, K] in the checkpoint) in column chunks, spilled to disk,
+        at this weight's bits and block size (``--int8`` mixed precision, ``--block`` overrides)."""
         name = f"{prefix}.weight"
         n, k = checkpoint.shape(name)
-        geo = self.geo if bits is None else dataclasses.replace(self.geo, bits=bits)
+        geo = dataclasses.replace(self.geo, bits=scheme.linear_bits(prefix), block_size=scheme.block_for(prefix))
         base = self.scratch / f"{self.count:04d}"
         self.count += 1
         files = {"codes": base.with_suffix(".codes.npy"), "scales": base.with_suffix(".scales.npy")}
@@ -293,7 +293,7 @@ def run_gptq(
                 factor = factorize(hessians.pop(group).h, settings)  # consumes the Hessian
                 for path in (p for p, g in LINEARS.items() if g == group):
                     prefix = f"model.layers.{i}.{path}"
-                    result = spill.quantize(weights, prefix, factor, settings, scheme.linear_bits(prefix))
+                    result = spill.quantize(weights, prefix, factor, settings, scheme)
                     stored[f"{prefix}.weight"] = result
                     layer.get_submodule(path).weight_t.data = torch.from_numpy(_dequantized(result))
                 del factor
@@ -304,6 +304,6 @@ def run_gptq(
         for x in runner.final_norm():
             acc.add(x)
         head = factorize(acc.h, settings)
-        stored["lm_head.weight"] = spill.quantize(weights, "lm_head", head, settings, scheme.linear_bits("lm_head"))
+        stored["lm_head.weight"] = spill.quantize(weights, "lm_head", head, settings, scheme)
     progress(total, total)
     return weights

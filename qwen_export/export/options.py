@@ -138,6 +138,7 @@ def export_options(
     accuracy_level: int | None = None,
     embedding_bits: int | None = None,
     int8: str | Iterable[str] | None = None,
+    block: str | Iterable[str] | None = None,
     calibration: str | Path | None = None,
     logits: str | LogitsMode = "last",
     max_length: int | None = None,
@@ -178,6 +179,7 @@ def export_options(
         if embedding_bits is None and defaults is not None and not _keeps_embedding(keep)
         else embedding_bits,
         defaults.int8_weights if int8 is None and defaults is not None else int8,
+        _default_blocks(defaults) if block is None and defaults is not None else block,
     )
     if checkpoint is not None and (Path(checkpoint) / "config.json").is_file():
         quant = prequantized_default(Path(checkpoint), weights, quant, block_size, symmetric)
@@ -238,6 +240,7 @@ class Int4Defaults:
     symmetric: bool = False
     embedding_bits: int = 8
     int8_weights: tuple[str, ...] = ()
+    block_overrides: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def for_export(cls, checkpoint: str | Path | None, backend: TargetBackend) -> Int4Defaults | None:
@@ -263,11 +266,18 @@ class Int4Defaults:
             symmetric=not backend.zero_points,
             embedding_bits=8 if tied else 4,
             int8_weights=promoted,
+            block_overrides=UNTIED_BLOCKS if backend.mixed_bits and not tied else (),
         )
+
+
+def _default_blocks(defaults: Int4Defaults) -> list[str]:
+    return [f"{pattern}={block}" for pattern, block in defaults.block_overrides] or ["none"]
 
 
 #: ``--int8``'s default for int4 (:class:`Int4Defaults`): every attention projection
 ATTENTION_INT8 = ("model.layers.*.self_attn.*",)
+#: ``--block``'s default for int4 with a separate (untied) lm_head (:class:`Int4Defaults`)
+UNTIED_BLOCKS: tuple[tuple[str, int], ...] = (("lm_head", 16),)
 
 
 def _keeps_embedding(keep: str | Iterable[str] | None) -> bool:
@@ -328,6 +338,7 @@ def weight_options(
     accuracy_level: int | None,
     embedding_bits: int | None = None,
     int8: str | Iterable[str] | None = None,
+    block: str | Iterable[str] | None = None,
 ) -> tuple[DType, QuantScheme | None]:
     """``(activation dtype, QuantScheme or None)`` from the export's precision options."""
     fmt = parse_choice(WeightFormat, weights, "--weights") if weights is not None else None
@@ -347,6 +358,7 @@ def weight_options(
         "--accuracy-level": accuracy_level,
         "--embedding-bits": embedding_bits,
         "--int8": int8,
+        "--block": block,
     }
     if fmt is None:
         extra = [name for name, value in given.items() if value is not None]
@@ -362,6 +374,7 @@ def weight_options(
         keep_layers=frozenset(_index_list(keep_layers, "--keep-layers")) if keep_layers else frozenset(),
         embedding_bits=8 if embedding_bits is None else embedding_bits,
         int8_weights=tuple(_patterns(int8)),
+        block_overrides=tuple(_block_overrides(block)),
     )
     if embedding_bits is not None and Keep.EMBEDDING in scheme.keep:
         raise OptionError("--embedding-bits contradicts --keep embedding (the embedding would stay unquantized)")
@@ -377,6 +390,21 @@ def _patterns(values: str | Iterable[str] | None) -> list[str]:
     if any(i.lower() == "none" for i in items):
         raise OptionError("--int8 none turns the 8-bit tensors off: give it alone, without patterns")
     return items
+
+
+def _block_overrides(values: str | Iterable[str] | None) -> list[tuple[str, int]]:
+    """``--block``'s ``PATTERN=SIZE`` items (comma-separated, the option repeatable); ``none`` alone:
+    every tensor at ``--block-size`` (the int4 default's overrides off)."""
+    items = _items(",".join([values] if isinstance(values, str) else list(values or [])))
+    if [i.lower() for i in items] == ["none"]:
+        return []
+    pairs = []
+    for item in items:
+        pattern, sep, size = item.rpartition("=")
+        if not sep or not pattern.strip() or not size.strip().isdigit():
+            raise OptionError(f"--block takes PATTERN=SIZE (e.g. lm_head=16), or none alone; got {item!r}")
+        pairs.append((pattern.strip(), int(size)))
+    return pairs
 
 
 def _items(values: str | Iterable[Any] | None) -> list[str]:

@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import hashlib
+import json
 import logging
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -91,11 +96,92 @@ def trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
     benchmark sweep, several targets) skips the seconds torch.export takes."""
     key = (spec, options)
     if key not in _traced:
-        _traced[key] = _trace_fresh(spec, options)
+        _traced[key] = _cached_trace(spec, options)
         while len(_traced) > TRACE_MEMO_SIZE:
             _traced.popitem(last=False)
     _traced.move_to_end(key)
     return _traced[key].clone()
+
+
+#: environment variable: a directory where traced graphs persist across processes (graphs only,
+#: keyed by the model shape, the trace options and the code and library versions that trace);
+#: unset, tracing is memoised per process only
+TRACE_CACHE_ENV = "QWEN_EXPORT_TRACE_CACHE"
+#: the stand-in data location of a cached graph's initializers: they are bound before anything reads them
+_PLACEHOLDER = "qwen-export-trace-placeholder"
+
+
+def _cached_trace(spec: ModelSpec, options: TraceOptions) -> ir.Model:
+    """The traced graph from :data:`TRACE_CACHE_ENV`'s directory when it holds this key's, else
+    traced (and stored there, atomically: parallel exports may race to write the same entry)."""
+    directory = os.environ.get(TRACE_CACHE_ENV)
+    if not directory:
+        return _trace_fresh(spec, options)
+    path = Path(directory) / f"{trace_key(spec, options)}.onnx"
+    if path.is_file():
+        try:
+            return _read_graph(path)
+        except Exception:  # noqa: BLE001 - an unreadable entry is traced again and rewritten
+            pass
+    model = _trace_fresh(spec, options)
+    _write_graph(model, path)
+    return model
+
+
+def trace_key(spec: ModelSpec, options: TraceOptions) -> str:
+    """Hex digest of everything a traced graph depends on: the spec, the options, the tracing code
+    (this package's export modules and spec) and the versions of torch, onnxscript and onnx-ir."""
+    record = {
+        "spec": spec.to_dict(),
+        "options": {f.name: _plain(getattr(options, f.name)) for f in dataclasses.fields(options)},
+        "code": _code_digest(),
+        "opset": OPSET,
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _plain(value: object) -> object:
+    return getattr(value, "value", value)
+
+
+@functools.cache
+def _code_digest() -> str:
+    import onnxscript
+    import torch
+
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(f"{torch.__version__} {onnxscript.__version__} {ir.__version__}".encode())
+    for path in sorted([*package.joinpath("export").glob("*.py"), package / "spec.py", package / "moe.py"]):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _write_graph(model: ir.Model, path: Path) -> None:
+    import onnx  # noqa: F401 - the protobuf classes serde fills
+
+    copy = model.clone()
+    for value in copy.graph.initializers.values():
+        assert value.dtype is not None and value.shape is not None
+        value.const_value = ir.ExternalTensor(_PLACEHOLDER, 0, 0, value.dtype, shape=value.shape, name=value.name or "")
+    data = ir.serde.serialize_model(copy).SerializeToString()
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except OSError:  # a cache that cannot be written: the export goes on without it
+        partial.unlink(missing_ok=True)
+
+
+def _read_graph(path: Path) -> ir.Model:
+    import onnx
+
+    model = ir.serde.deserialize_model(onnx.ModelProto.FromString(path.read_bytes()))
+    for value in model.graph.initializers.values():
+        const = value.const_value
+        if not isinstance(const, ir.ExternalTensor) or Path(const.location).name != _PLACEHOLDER:
+            raise ValueError(f"{path}: initializer {value.name} is not a placeholder")
+    return model
 
 
 def _trace_fresh(spec: ModelSpec, options: TraceOptions) -> ir.Model:

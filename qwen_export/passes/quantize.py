@@ -73,6 +73,8 @@ TIED_HEAD_RULE = "tied_lm_head"
 KEPT = "kept"
 
 EMBEDDING_NAME = "model.embed_tokens.weight"
+#: the embedding's module name, as ``--block`` patterns match it (``model.embed_tokens=128``)
+EMBEDDING_MODULE = "model.embed_tokens"
 LM_HEAD_NAME = "lm_head.weight_t"
 _LAYER_WEIGHT = re.compile(r"^model\.layers\.(\d+)\..+\.weight_t$")
 #: an MoE layer's router and shared-expert gate: their top-k choice is kept in the activation dtype
@@ -107,12 +109,18 @@ def check_int8_patterns(scheme: QuantScheme, weight_names: list[str]) -> None:
     ``<module>.weight_t``; a packed qkv stands for its q/k/v too)."""
     modules = [name.removesuffix(".weight_t") for name in weight_names]
     modules += [m[: -len("qkv_proj")] + f"{p}_proj" for m in modules if m.endswith(".qkv_proj") for p in "qkv"]
+    example = next((m for m in modules if ".mlp." in m), modules[0] if modules else "lm_head")
     for pattern in scheme.int8_weights:
         if not any(fnmatch.fnmatchcase(m, pattern) for m in modules):
-            example = next((m for m in modules if ".mlp." in m), modules[0] if modules else "lm_head")
             raise OptionError(
                 f"--int8 {pattern!r} matches no quantized linear weight of this model "
                 f"(module names look like {example!r})"
+            )
+    for pattern, block in scheme.block_overrides:
+        if not any(fnmatch.fnmatchcase(m, pattern) for m in [*modules, EMBEDDING_MODULE]):
+            raise OptionError(
+                f"--block {pattern}={block} matches no quantized weight of this model "
+                f"(module names look like {example!r} or {EMBEDDING_MODULE!r})"
             )
 
 
@@ -297,11 +305,11 @@ class QuantizeWeights(GraphPass):
         #: was requantized from its dequantized floats); ``requantized`` (a caller's dict) is filled in place
         self.requantized: dict[str, str] = {} if requantized is None else requantized
 
-    def _linear(self, axis: int, bits: int) -> WeightQuant:
+    def _linear(self, axis: int, bits: int, block: int) -> WeightQuant:
         s = self.scheme
-        return WeightQuant(bits, s.block_size, axis, s.symmetric, s.algorithm, positive_scales=s.positive_scales)
+        return WeightQuant(bits, block, axis, s.symmetric, s.algorithm, positive_scales=s.positive_scales)
 
-    def _keep_reason(self, name: str, length: int, what: str) -> str | None:
+    def _keep_reason(self, name: str, length: int, what: str, block: int) -> str | None:
         s = self.scheme
         match = _LAYER_WEIGHT.match(name)
         if match is not None and int(match.group(1)) in s.keep_layers:
@@ -312,8 +320,8 @@ class QuantizeWeights(GraphPass):
             return "keep lm_head"
         if name == EMBEDDING_NAME and Keep.EMBEDDING in s.keep:
             return "keep embedding"
-        if s.block_size and length % s.block_size:
-            return f"{what}={length} is not a multiple of the block size {s.block_size}"
+        if block and length % block:
+            return f"{what}={length} is not a multiple of the block size {block}"
         return None
 
     def rewrite(self, model: Any) -> dict[str, int]:
@@ -330,11 +338,13 @@ class QuantizeWeights(GraphPass):
             assert weight.name is not None and weight.shape is not None
             stored = stored_quantization(weight.const_value)
             seen_stored = seen_stored or stored is not None
-            reason = self._keep_reason(weight.name, int(weight.shape[0]), "K")
+            module = weight.name.removesuffix(".weight_t")
+            block = self.scheme.block_for(module)
+            reason = self._keep_reason(weight.name, int(weight.shape[0]), "K", block)
             if reason is not None:
                 self.kept[weight.name] = reason
                 continue
-            how = self._linear(0, self.scheme.linear_bits(weight.name.removesuffix(".weight_t")))
+            how = self._linear(0, self.scheme.linear_bits(module), block)
             if stored is not None:
                 why = stored if isinstance(stored, str) else _stored_mismatch(stored, how)
                 if why is not None:
@@ -347,11 +357,12 @@ class QuantizeWeights(GraphPass):
         if embedding is not None:
             weight, tied = embedding
             assert weight.shape is not None
-            reason = self._keep_reason(EMBEDDING_NAME, int(weight.shape[1]), "H")
+            block = self.scheme.block_for(EMBEDDING_MODULE)
+            reason = self._keep_reason(EMBEDDING_NAME, int(weight.shape[1]), "H", block)
             if reason is not None:
                 self.kept[EMBEDDING_NAME] = reason + (" (tied lm_head too)" if tied else "")
             else:
-                _dequantize(graph, weight, self._linear(1, self.scheme.embedding_bits))
+                _dequantize(graph, weight, self._linear(1, self.scheme.embedding_bits, block))
                 fired[EMBEDDING_RULE] += 1
                 fired[TIED_HEAD_RULE] += int(tied)
         for miss in misses:  # weights of a quantizable name in an unexpected place: kept, with the reason

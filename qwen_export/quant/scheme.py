@@ -33,6 +33,9 @@ from qwen_export.errors import OptionError
 #: ``QuantScheme.block_size`` meaning one block spanning the whole quantized axis (per-channel).
 PER_CHANNEL = 0
 BLOCK_SIZES = (PER_CHANNEL, 32, 64, 128)
+#: block sizes one tensor may be given by :attr:`QuantScheme.block_overrides` (``--block PATTERN=SIZE``):
+#: the power-of-two blocks every mixing target's kernels take (MatMulNBits / GatherBlockQuantized: >= 16)
+OVERRIDE_BLOCK_SIZES = (16, 32, 64, 128)
 
 
 class WeightFormat(enum.Enum):
@@ -91,6 +94,10 @@ class QuantScheme:
     #: ``model.layers.*.mlp.down_proj``, ``lm_head``) quantized to 8 bits, same blocks
     #: (:meth:`linear_bits`; a packed qkv is 8-bit when any of q/k/v matches)
     int8_weights: tuple[str, ...] = ()
+    #: per-tensor block sizes (int4/int8 blocked schemes): ``(pattern, block)`` pairs, the first
+    #: matching pattern wins (:meth:`block_for`); patterns as :attr:`int8_weights`, plus
+    #: ``model.embed_tokens`` for the embedding (and a tied lm_head, which shares it)
+    block_overrides: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.fmt.bits is None:
@@ -103,6 +110,34 @@ class QuantScheme:
             raise OptionError("--int8 selects tensors of an int4 export for 8 bits: use it with --weights int4")
         if any(not isinstance(p, str) or not p.strip() for p in self.int8_weights):
             raise OptionError("--int8 takes glob patterns of module names, e.g. 'model.layers.*.mlp.down_proj'")
+        self._check_overrides()
+
+    def _check_overrides(self) -> None:
+        if not self.block_overrides:
+            return
+        if self.per_channel:
+            raise OptionError("--block sets blocks of some tensors: it needs a blocked scheme, not --block-size 0")
+        for pattern, block in self.block_overrides:
+            if not isinstance(pattern, str) or not pattern.strip():
+                raise OptionError("--block takes PATTERN=SIZE, e.g. lm_head=16 or 'model.layers.*.mlp.down_proj=16'")
+            if block not in OVERRIDE_BLOCK_SIZES:
+                sizes = ", ".join(str(b) for b in OVERRIDE_BLOCK_SIZES)
+                raise OptionError(f"--block {pattern}={block}: the block size must be one of {sizes}")
+
+    def block_for(self, module: str) -> int:
+        """The block size of ``module`` (a checkpoint module path, ``...qkv_proj`` or
+        ``model.embed_tokens``): the first :attr:`block_overrides` pattern it matches (q/k/v/qkv
+        together: one packed weight), else :attr:`block_size`.
+
+        >>> s = QuantScheme(WeightFormat.INT4, block_overrides=(("lm_head", 16), ("*.v_proj", 64)))
+        >>> [s.block_for(m) for m in ("lm_head", "model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.up_proj")]
+        [16, 64, 32]
+        """
+        members = _packed_members(module)
+        for pattern, block in self.block_overrides:
+            if any(fnmatch.fnmatchcase(name, pattern) for name in members):
+                return block
+        return self.block_size
 
     def linear_bits(self, module: str) -> int:
         """The bits of linear ``module`` (a checkpoint module path, or the packed ``...qkv_proj``):
@@ -155,6 +190,8 @@ class QuantScheme:
             record["positive_scales"] = True
         if self.int8_weights:
             record["int8_weights"] = list(self.int8_weights)
+        if self.block_overrides:
+            record["block_overrides"] = [[pattern, block] for pattern, block in self.block_overrides]
         return record
 
 
@@ -204,5 +241,8 @@ def describe_weights(dtype: str, quantization: dict[str, object] | None) -> str:
     promoted = quantization.get("int8_weights") or []
     if isinstance(promoted, list) and promoted:
         pieces.append(f"int8 {' '.join(str(p) for p in promoted)}")
+    overrides = quantization.get("block_overrides") or []
+    if isinstance(overrides, list) and overrides:
+        pieces.append(" ".join(f"b{o[1]} {o[0]}" for o in overrides if isinstance(o, list) and len(o) == 2))
     pieces.append(f"{dtype} activations")
     return ", ".join(pieces)

@@ -65,6 +65,11 @@ class TensorRTTarget:
                 "--int8 (8-bit tensors in an int4 export) is not supported by --target tensorrt: TensorRT "
                 "block-quantizes INT4 only; drop --int8"
             )
+        if options.quant is not None and options.quant.block_overrides:
+            raise OptionError(
+                "--block (per-tensor block sizes) is not supported by --target tensorrt: it is built and checked "
+                "with one block size per artifact; drop --block and choose --block-size"
+            )
         if options.quant is not None and not options.quant.symmetric:
             raise OptionError(
                 "--target tensorrt needs symmetric weights (TensorRT requires DequantizeLinear zero points of "
