@@ -7,6 +7,7 @@ adapted them, and write the same quantization record into the manifest.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,16 @@ from qwen_export.artifact import Manifest, load_manifest
 from qwen_export.errors import OptionError
 from qwen_export.export import export as library_export
 from qwen_export.export import pipeline
-from qwen_export.export.options import ATTENTION_INT8, UNTIED_BLOCKS, ExportOptions, Int4Defaults, export_options
+from qwen_export.export.options import (
+    ATTENTION_INT8,
+    UNTIED_BLOCKS,
+    ExportOptions,
+    Int4Defaults,
+    export_options,
+    untied_blocks,
+)
 from qwen_export.quant.scheme import PER_CHANNEL, Keep, QuantScheme, WeightFormat
-from qwen_export.spec import Target
+from qwen_export.spec import ModelSpec, Target
 
 _, GROUP, BITS, SYM, _ = KINDS["awq"]
 REQUANTIZED_SYMMETRIC = "the checkpoint's asymmetric quantization is requantized symmetric"
@@ -170,7 +178,10 @@ def test_int4_defaults(qwen2_tied: Path, qwen2_untied: Path, prequantized) -> No
     trt = export_options(qwen2_untied, weights="int4", target="tensorrt").quant
     assert trt.symmetric and trt.algorithm is default.algorithm  # TensorRT takes no zero points
     assert trt.int8_weights == ()  # nor 8-bit tensors in an int4 engine
-    assert untied.block_overrides == UNTIED_BLOCKS and tied.block_overrides == trt.block_overrides == ()
+    # finer blocks for the lm_head and down_proj; the embedding's 128 does not divide this tiny hidden size (64)
+    assert untied.block_overrides == UNTIED_BLOCKS[:2] and tied.block_overrides == trt.block_overrides == ()
+    spec = ModelSpec.from_config_file(qwen2_untied / "config.json")
+    assert untied_blocks(dataclasses.replace(spec, hidden_size=1536, intermediate_size=8960)) == UNTIED_BLOCKS
     assert export_options(qwen2_untied, weights="int4", block="none").quant.block_overrides == ()
     given_blocks = export_options(qwen2_tied, weights="int4", block=["lm_head=64", " model.embed_tokens = 128"])
     assert given_blocks.quant.block_overrides == (("lm_head", 64), ("model.embed_tokens", 128))

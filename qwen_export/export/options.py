@@ -248,7 +248,7 @@ class Int4Defaults:
         keeps its own quantization: :func:`prequantized_default`)."""
         from qwen_export.quant.prequant import read_config
 
-        tied, moe = True, False
+        tied, moe, spec = True, False, None
         config = Path(checkpoint) / "config.json" if checkpoint is not None else None
         if config is not None and config.is_file():
             try:
@@ -266,8 +266,21 @@ class Int4Defaults:
             symmetric=not backend.zero_points,
             embedding_bits=8 if tied else 4,
             int8_weights=promoted,
-            block_overrides=UNTIED_BLOCKS if backend.mixed_bits and not tied else (),
+            block_overrides=untied_blocks(spec)
+            if backend.mixed_bits and spec is not None and not tied and not moe
+            else (),
         )
+
+
+def untied_blocks(spec: ModelSpec) -> tuple[tuple[str, int], ...]:
+    """:data:`UNTIED_BLOCKS`, less any whose block does not divide that tensor's length along its
+    blocks (K for a linear, the hidden size for the embedding): such a tensor keeps ``--block-size``."""
+    lengths = {"lm_head": spec.hidden_size, "model.embed_tokens": spec.hidden_size}
+    return tuple(
+        (pattern, block)
+        for pattern, block in UNTIED_BLOCKS
+        if lengths.get(pattern, spec.intermediate_size) % block == 0
+    )
 
 
 def _default_blocks(defaults: Int4Defaults) -> list[str]:
@@ -277,7 +290,11 @@ def _default_blocks(defaults: Int4Defaults) -> list[str]:
 #: ``--int8``'s default for int4 (:class:`Int4Defaults`): every attention projection
 ATTENTION_INT8 = ("model.layers.*.self_attn.*",)
 #: ``--block``'s default for int4 with a separate (untied) lm_head (:class:`Int4Defaults`)
-UNTIED_BLOCKS: tuple[tuple[str, int], ...] = (("lm_head", 16),)
+UNTIED_BLOCKS: tuple[tuple[str, int], ...] = (
+    ("lm_head", 16),
+    ("model.layers.*.mlp.down_proj", 16),
+    ("model.embed_tokens", 128),
+)
 
 
 def _keeps_embedding(keep: str | Iterable[str] | None) -> bool:
