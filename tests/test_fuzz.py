@@ -72,10 +72,20 @@ def _workdir(name: str) -> Path:
         atexit.register(shutil.rmtree, _WORKDIR, ignore_errors=True)
     d = _WORKDIR / name
     d.mkdir(exist_ok=True)
-    for p in d.iterdir():
-        if p.is_file() or p.is_symlink():
+    for p in d.iterdir():  # everything an earlier example left: FIFOs and directories too
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
             p.unlink()
     return d
+
+
+def _write_scratch(path: Path, data: bytes) -> None:
+    """Write a scratch file without following a last-component link or waiting on a FIFO a tree
+    put there (through a linked directory an example may have turned a path into one): OSError."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _one_line(exc: BaseException) -> None:
@@ -857,7 +867,7 @@ _TREE_KINDS = ["file", "file", "file", "link-inside", "link-outside", "link-dir"
 
 def _outside() -> Path:
     path = _workdir("tree_outside")
-    (path / "secret").write_bytes(_FILE_BYTES)
+    _write_scratch(path / "secret", _FILE_BYTES)
     return path
 
 
@@ -882,9 +892,9 @@ def _build_tree(root: Path, kinds: dict[str, str]) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if kind == "file":
-                path.write_bytes(_FILE_BYTES)
+                _write_scratch(path, _FILE_BYTES)
             elif kind == "link-inside":
-                (root / "target.bin").write_bytes(_FILE_BYTES)
+                _write_scratch(root / "target.bin", _FILE_BYTES)
                 path.symlink_to(root / "target.bin")
             elif kind == "link-outside":
                 path.symlink_to(outside / "secret")
@@ -896,8 +906,8 @@ def _build_tree(root: Path, kinds: dict[str, str]) -> None:
                 os.mkfifo(path)
             else:
                 path.mkdir()
-        except (FileExistsError, NotADirectoryError, IsADirectoryError):
-            continue  # e.g. "sub" made a file before "sub/data.bin"
+        except OSError:
+            continue  # e.g. "sub" made a file before "sub/data.bin", or a path made a FIFO or link by another
 
 
 class _Hang(Exception):
