@@ -15,7 +15,14 @@ from typer.testing import CliRunner
 from qwen_export.cli import app
 from qwen_export.errors import OptionError
 from qwen_export.export import parity
-from qwen_export.export.gptq import Geometry, GPTQSettings, HessianAccumulator, gptq_quantize, output_error
+from qwen_export.export.gptq import (
+    DiagonalAccumulator,
+    Geometry,
+    GPTQSettings,
+    HessianAccumulator,
+    gptq_quantize,
+    output_error,
+)
 from qwen_export.export.options import export_options
 from qwen_export.export.pipeline import ExportOptions
 from qwen_export.export.pipeline import export as run_export
@@ -99,6 +106,53 @@ def test_hessian_accumulator() -> None:
     acc.add(x[1:])
     flat = x.reshape(-1, 8)
     assert acc.rows == 10 and torch.allclose(acc.h, flat.T @ flat, atol=1e-5)
+    diag = DiagonalAccumulator(8)
+    diag.add(x)
+    assert diag.rows == 10 and np.allclose(diag.diagonal(), acc.diagonal(), rtol=1e-5)
+    factor = torch.rand(8) + 0.5
+    acc.scale_inputs(factor)
+    diag.scale_inputs(factor)
+    scaled = flat * factor
+    assert torch.allclose(acc.h, scaled.T @ scaled, atol=1e-4) and np.allclose(
+        diag.diagonal(), acc.diagonal(), rtol=1e-4
+    )
+
+
+def test_inputs_too_wide_for_the_calibration_get_the_weighted_clip_search(qwen2_untied: Path, tmp_path: Path) -> None:
+    """With fewer calibration rows than input channels (``min_rows_per_input``), GPTQ would fit the
+    calibration text: those weights get the diag(H)-weighted clip search alone, exactly
+    :func:`weighted_quantize` of the weight given that diagonal; the others keep GPTQ."""
+    import torch
+
+    from qwen_export.export import calibration as calib
+    from qwen_export.export.checkpoint import Checkpoint
+    from qwen_export.export.gptq import weighted_quantize
+    from qwen_export.export.gptq_layers import run_gptq
+    from qwen_export.runtime.tokenizer import Tokenizer
+
+    ckpt = Checkpoint.open(qwen2_untied)
+    ids = calib.calibration_tokens(Tokenizer.from_dir(qwen2_untied), calib.DEFAULT_TEXT[:2000], "built-in")
+    scheme = QuantScheme(WeightFormat.INT4, symmetric=False, algorithm=QuantAlgorithm.GPTQ)
+    # down_proj reads 128 channels, the rest 64: a ratio between the two splits them
+    settings = GPTQSettings(min_rows_per_input=len(ids) / 100)
+    weights = run_gptq(ckpt, ckpt.spec, ids, scheme, tmp_path, settings=settings)
+    stored = weights.stored
+    assert (
+        not stored["model.layers.0.mlp.down_proj.weight"].gptq
+        and "weighted clip" in stored["model.layers.0.mlp.down_proj.weight"].describe()
+    )
+    assert all(v.gptq for k, v in stored.items() if "down_proj" not in k)
+    runner = calib.LayerRunner(ckpt, ckpt.spec, ids)
+    layer = runner.layer(0)
+    seen = []
+    layer.mlp.down_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, 128)))
+    runner.run(layer, 0, advance=False)
+    x = torch.cat(seen)
+    w = np.ascontiguousarray(ckpt.read("model.layers.0.mlp.down_proj.weight").T, dtype=np.float32)
+    geo = Geometry(4, 32, False)
+    expected = weighted_quantize(w, (x * x).sum(0).numpy(), geo, settings)
+    got = stored["model.layers.0.mlp.down_proj.weight"].block_quantized(False)
+    assert np.array_equal(got.codes, expected.codes) and np.allclose(got.scales, expected.scales, rtol=1e-5)
 
 
 # --- the export path --------------------------------------------------------------------------------
@@ -304,7 +358,8 @@ def test_awq_folds_before_gptq_preserve_the_function(qwen2_untied: Path) -> None
     ids = calib.calibration_tokens(Tokenizer.from_dir(qwen2_untied), calib.DEFAULT_TEXT[:2000], "built-in")
     runner = calib.LayerRunner(ckpt, ckpt.spec, ids)
     layer = runner.layer(0)
-    hessians, stats = _layer_hessians(runner, layer, 0, record=True)
+    hessians, stats = _layer_hessians(runner, layer, 0, True, lambda k: k < 100)  # down_proj (K 128): diagonal
+    assert isinstance(hessians["down"], DiagonalAccumulator) and not isinstance(hessians["qkv"], DiagonalAccumulator)
     before = {g: h.h.clone() for g, h in hessians.items()}
     weights = GPTQWeights(ckpt)
     scheme = QuantScheme(WeightFormat.INT4, algorithm=QuantAlgorithm.AWQ_GPTQ)
@@ -323,3 +378,5 @@ def test_awq_folds_before_gptq_preserve_the_function(qwen2_untied: Path) -> None
     expected = before["qkv"] / torch.from_numpy(np.outer(s, s))
     assert torch.allclose(hessians["qkv"].h, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
     assert torch.equal(hessians["o"].h, before["o"])  # o_proj is not scaled (GQA)
+    s = weights.factors["model.layers.0.mlp.down_proj.weight"][1]
+    assert torch.allclose(hessians["down"].h, before["down"] / torch.from_numpy(s * s), rtol=1e-4)

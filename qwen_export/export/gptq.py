@@ -46,11 +46,23 @@ class GPTQSettings:
     scales: QuantAlgorithm = QuantAlgorithm.CLIP
     #: AWQ scales searched (on this many grid points) and folded before GPTQ; 0: none
     awq_grid: int = 0
+    #: GPTQ for an input only when the calibration gives at least this many rows per input channel
+    #: (rows >= ratio * K); a wider input's weights get the block scales alone (the diag(H)-weighted
+    #: clip search, :func:`weighted_quantize`): with fewer rows than channels the Hessian is rank
+    #: deficient and GPTQ fits the calibration text instead of the layer. Measured on the real
+    #: Qwen2.5-Coder-1.5B's down_proj (K = 8960, 4,096 calibration rows), output error on held-out
+    #: text relative to RTN's: GPTQ 1.07-1.27x, the weighted clip search 0.92-0.94x.
+    min_rows_per_input: float = 1.0
 
     def describe(self) -> str:
         order = "act-order" if self.act_order else "in order"
         awq = f", AWQ scales first (grid {self.awq_grid})" if self.awq_grid else ""
-        return f"damp {self.damp:g}, {order}, {self.scales.value} scales{awq}"
+        wide = f", inputs of more than rows/{self.min_rows_per_input:g} channels: weighted clip"
+        return f"damp {self.damp:g}, {order}, {self.scales.value} scales{awq}{wide}"
+
+    def uses_gptq(self, k: int, rows: int) -> bool:
+        """Whether an input of ``k`` channels gets GPTQ with ``rows`` calibration rows."""
+        return rows >= self.min_rows_per_input * k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +260,13 @@ def gptq_quantize(
     return BlockQuantized(out.numpy(), scales, zero_points, geo.bits, b, 0)
 
 
+def weighted_quantize(w: np.ndarray, importance: np.ndarray, geo: Geometry, settings: GPTQSettings) -> BlockQuantized:
+    """``w`` [K, N] quantized with GPTQ's block scales and no error compensation: the clip search
+    weighted by ``importance`` = diag(H) (or RTN with ``settings.scales`` RTN); for inputs too wide
+    for the calibration rows (:attr:`GPTQSettings.min_rows_per_input`)."""
+    return _quantize_blocks(np.asarray(w, np.float32), importance, geo, settings, geo.block_size)
+
+
 class HessianAccumulator:
     """``sum_t x_t x_t^T`` over the rows of every tensor added (float32 [K, K]) and the row count."""
 
@@ -259,6 +278,33 @@ class HessianAccumulator:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
         self.h.addmm_(x.T, x)
         self.rows += x.shape[0]
+
+    def scale_inputs(self, factor: torch.Tensor) -> None:
+        """The Hessian of the inputs ``x * factor`` (per channel)."""
+        self.h.mul_(factor[:, None]).mul_(factor[None, :])
+
+    def diagonal(self) -> np.ndarray:
+        return torch.diag(self.h).clamp_min(0).numpy()
+
+
+class DiagonalAccumulator(HessianAccumulator):
+    """Only ``diag(H) = sum_t x_t^2`` [K]: what the weighted clip search of an input too wide for
+    GPTQ needs (K floats instead of K^2: for down_proj, 8960 instead of 80 million)."""
+
+    def __init__(self, k: int) -> None:  # noqa: D107 - no [K, K] matrix
+        self.h = torch.zeros(k, dtype=torch.float32)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        self.h.add_((x * x).sum(0))
+        self.rows += x.shape[0]
+
+    def scale_inputs(self, factor: torch.Tensor) -> None:
+        self.h.mul_(factor * factor)
+
+    def diagonal(self) -> np.ndarray:
+        return self.h.clamp_min(0).numpy()
 
 
 def output_error(w: np.ndarray, q: BlockQuantized, hessian: np.ndarray | torch.Tensor) -> float:

@@ -28,7 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from qwen_export.export.gptq import Factor, Geometry, GPTQSettings, HessianAccumulator, factorize, gptq_quantize
+from qwen_export.export.gptq import (
+    DiagonalAccumulator,
+    Factor,
+    Geometry,
+    GPTQSettings,
+    HessianAccumulator,
+    factorize,
+    gptq_quantize,
+    weighted_quantize,
+)
 from qwen_export.quant.numeric import BlockQuantized
 from qwen_export.quant.prequant import Decoded, StoredLinear
 from qwen_export.quant.scheme import Keep, QuantScheme
@@ -71,14 +80,17 @@ class SpilledLinear(StoredLinear):
     """GPTQ's quantization of one linear ``<prefix>.weight``, as ``W^T`` [K, N] blocked along K, kept in
     ``.npy`` files (codes int8/uint8 [K, N], scales float32 [K/B, N], zero points uint8 or none)."""
 
-    def __init__(self, prefix: str, files: dict[str, Path], shape: tuple[int, int], geo: Geometry) -> None:  # noqa: D107
+    def __init__(  # noqa: D107
+        self, prefix: str, files: dict[str, Path], shape: tuple[int, int], geo: Geometry, gptq: bool = True
+    ) -> None:
         self.linear = _Prefix(prefix)
-        self.files, self.shape = files, shape
+        self.files, self.shape, self.gptq = files, shape, gptq
         self.bits, self.block_size, self.symmetric = geo.bits, geo.block_size, geo.symmetric
 
     def describe(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
-        return f"GPTQ int{self.bits} block {self.block_size} {kind} (computed at export)"
+        how = "GPTQ" if self.gptq else "weighted clip (input too wide for GPTQ)"
+        return f"{how} int{self.bits} block {self.block_size} {kind} (computed at export)"
 
     def zero_problem(self) -> str | None:
         return None
@@ -150,10 +162,11 @@ class _Spiller:
         self.count = 0
 
     def quantize(  # noqa: D102
-        self, checkpoint: Any, prefix: str, factor: Factor, settings: GPTQSettings, scheme: QuantScheme
+        self, checkpoint: Any, prefix: str, factor: Factor | np.ndarray, settings: GPTQSettings, scheme: QuantScheme
     ) -> SpilledLinear:
         """GPTQ of ``<prefix>.weight`` ([N, K] in the checkpoint) in column chunks, spilled to disk,
-        at this weight's bits and block size (``--int8`` mixed precision, ``--block`` overrides)."""
+        at this weight's bits and block size (``--int8`` mixed precision, ``--block`` overrides);
+        ``factor`` an array: diag(H) of an input too wide for GPTQ, the weighted clip search instead."""
         name = f"{prefix}.weight"
         n, k = checkpoint.shape(name)
         geo = dataclasses.replace(self.geo, bits=scheme.linear_bits(prefix), block_size=scheme.block_for(prefix))
@@ -169,7 +182,11 @@ class _Spiller:
         for start in range(0, n, step):
             stop = min(n, start + step)
             w = np.ascontiguousarray(checkpoint.read_rows(name, start, stop).T, dtype=np.float32)
-            q = gptq_quantize(w, factor, geo, settings)
+            q = (
+                gptq_quantize(w, factor, geo, settings)
+                if isinstance(factor, Factor)
+                else weighted_quantize(w, factor, geo, settings)
+            )
             codes[:, start:stop] = q.codes
             scales[:, start:stop] = q.scales
             if zeros is not None:
@@ -179,7 +196,7 @@ class _Spiller:
         np.save(files["scales"], scales)
         if zeros is not None:
             np.save(files["zeros"], zeros)
-        return SpilledLinear(prefix, files, (k, n), geo)
+        return SpilledLinear(prefix, files, (k, n), geo, gptq=isinstance(factor, Factor))
 
 
 def _dequantized(stored: SpilledLinear) -> np.ndarray:
@@ -196,14 +213,18 @@ def _layer_bytes(checkpoint: Any, i: int) -> int:
     return sum(4 * int(np.prod(checkpoint.shape(f"model.layers.{i}.{path}.weight"))) for path in LINEARS)
 
 
-def _layer_hessians(runner: Any, layer: Any, i: int, record: bool) -> tuple[dict[str, HessianAccumulator], dict]:
-    """Run layer ``i`` with its float weights: the Hessian of each input group and, with ``record``,
-    the inputs themselves (AWQ's statistics, :class:`~.calibration.Stats` per group)."""
+def _layer_hessians(
+    runner: Any, layer: Any, i: int, record: bool, gptq: Callable[[int], bool]
+) -> tuple[dict[str, HessianAccumulator], dict]:
+    """Run layer ``i`` with its float weights: the Hessian of each input group (its diagonal only
+    for an input ``gptq(K)`` rejects) and, with ``record``, the inputs themselves (AWQ's
+    statistics, :class:`~.calibration.Stats` per group)."""
     from qwen_export.export.calibration import _Recorder
 
-    hessians = {
-        group: HessianAccumulator(layer.get_submodule(path).weight_t.shape[0]) for group, path in _HOOKED.items()
-    }
+    hessians = {}
+    for group, path in _HOOKED.items():
+        k = layer.get_submodule(path).weight_t.shape[0]
+        hessians[group] = HessianAccumulator(k) if gptq(k) else DiagonalAccumulator(k)
     recorders = {group: _Recorder() for group in AWQ_FOLDS} if record else {}
 
     def hook(group: str) -> Callable[..., None]:
@@ -251,9 +272,7 @@ def _awq_layer(
                 if name.endswith("norm.weight"):
                     param = layer.get_submodule(name.rsplit(".", 1)[0]).weight
                     param.data = torch.from_numpy(weights.read(p + name).astype(np.float32))
-        h = hessians[group].h
-        inv = torch.from_numpy(inverse)
-        h.mul_(inv[:, None]).mul_(inv[None, :])
+        hessians[group].scale_inputs(torch.from_numpy(inverse))
 
 
 def run_gptq(
@@ -276,6 +295,11 @@ def run_gptq(
     geo = Geometry(scheme.bits, scheme.block_size, scheme.symmetric, scheme.positive_scales, scale_dtype)
     spill = _Spiller(Path(scratch), geo)
     runner = LayerRunner(checkpoint, spec, token_ids)
+    rows = len(token_ids)
+
+    def gptq_for(k: int) -> bool:
+        return settings.uses_gptq(k, rows)
+
     weights = GPTQWeights(checkpoint)
     stored = weights.stored
     sizes = [_layer_bytes(checkpoint, i) for i in range(spec.num_hidden_layers)]
@@ -285,12 +309,13 @@ def run_gptq(
         done += sizes[i]
         layer = runner.layer(i)
         if i not in scheme.keep_layers:
-            hessians, stats = _layer_hessians(runner, layer, i, record=settings.awq_grid > 0)
+            hessians, stats = _layer_hessians(runner, layer, i, settings.awq_grid > 0, gptq_for)
             if settings.awq_grid > 0:
                 _awq_layer(weights, layer, i, stats, hessians, scheme, settings.awq_grid)
             del stats
             for group in _HOOKED:
-                factor = factorize(hessians.pop(group).h, settings)  # consumes the Hessian
+                acc = hessians.pop(group)
+                factor = acc.diagonal() if isinstance(acc, DiagonalAccumulator) else factorize(acc.h, settings)
                 for path in (p for p, g in LINEARS.items() if g == group):
                     prefix = f"model.layers.{i}.{path}"
                     result = spill.quantize(weights, prefix, factor, settings, scheme)
@@ -300,10 +325,14 @@ def run_gptq(
         runner.run(layer, i, advance=True)
         del layer
     if not spec.tie_word_embeddings and Keep.LM_HEAD not in scheme.keep and "lm_head.weight" in checkpoint:
-        acc = HessianAccumulator(spec.hidden_size)
+        acc = (
+            HessianAccumulator(spec.hidden_size)
+            if gptq_for(spec.hidden_size)
+            else DiagonalAccumulator(spec.hidden_size)
+        )
         for x in runner.final_norm():
             acc.add(x)
-        head = factorize(acc.h, settings)
+        head = acc.diagonal() if isinstance(acc, DiagonalAccumulator) else factorize(acc.h, settings)
         stored["lm_head.weight"] = spill.quantize(weights, "lm_head", head, settings, scheme)
     progress(total, total)
     return weights
