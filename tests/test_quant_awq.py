@@ -162,3 +162,24 @@ def test_calibration_file_is_used(tmp_path: Path) -> None:
     assert calib.calibration_text(f) == (f.read_text(encoding="utf-8"), "calib.txt")
     with pytest.raises(OptionError, match="only applies"):
         ExportOptions(calibration=f)
+
+
+def test_calibration_directory_reads_its_text_files(tmp_path: Path) -> None:
+    """``--calibration DIR``: its UTF-8 files in path order, joined; binary, hidden and linked files
+    passed over and counted; a directory without text is a one-line OptionError."""
+    from qwen_export.errors import OptionError
+    from qwen_export.export.calibration import calibration_text
+
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "b.py").write_text("def b():\n    return 2\n")
+    (corpus / "sub" / "a.md").write_text("# Über\n\nText.")
+    (corpus / "c.bin").write_bytes(b"\xff\xfe\x00binary")
+    (corpus / ".hidden").write_text("secret")
+    (corpus / "link.txt").symlink_to(corpus / "b.py")
+    text, source = calibration_text(corpus)
+    assert text == "def b():\n    return 2\n\n\n# Über\n\nText."
+    assert source == "corpus/ (2 files, 3 passed over)"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OptionError, match="no UTF-8 text file"):
+        calibration_text(tmp_path / "empty")

@@ -132,7 +132,10 @@ AccuracyLevel = Annotated[
 ]
 Calibration = Annotated[
     Path | None,
-    typer.Option(help="--algorithm awq|gptq|awq-gptq: calibration text (UTF-8 file); default: a built-in mixed text."),
+    typer.Option(
+        help="--algorithm awq|gptq|awq-gptq: calibration text: a UTF-8 file, or a directory of them (read in "
+        "path order, up to 1 MiB; binary, hidden and linked files passed over); default: a built-in mixed text."
+    ),
 ]
 EmbeddingBits = Annotated[
     int | None,

@@ -51,11 +51,19 @@ class Stats:
     sample: np.ndarray  # [T, K] float32
 
 
+#: bytes of text read from a ``--calibration`` directory at most (:data:`MAX_TOKENS` tokens are
+#: about 20 KB of text: this leaves room for files that tokenize densely)
+MAX_DIRECTORY_BYTES = 1 << 20
+
+
 def calibration_text(path: Path | None) -> tuple[str, str]:
-    """``(text, source)``: the file's text (UTF-8) and its name, or the built-in text."""
+    """``(text, source)``: the file's text (UTF-8) and its name, a directory's text files (see
+    :func:`directory_text`), or the built-in text."""
     if path is None:
         return DEFAULT_TEXT, "built-in"
     path = Path(path)
+    if path.is_dir():
+        return directory_text(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -67,6 +75,48 @@ def calibration_text(path: Path | None) -> tuple[str, str]:
     except UnicodeDecodeError as exc:
         raise OptionError(f"--calibration {str(path)!r}: not UTF-8 text (byte {exc.start})") from None
     return text, path.name
+
+
+def directory_text(directory: Path) -> tuple[str, str]:
+    """The UTF-8 regular files under ``directory`` (recursively, in path order; hidden names, links
+    and files that are not UTF-8 text are passed over and counted), joined by blank lines, up to
+    :data:`MAX_DIRECTORY_BYTES`; the source names the directory and what was used and passed over.
+    OptionError when no file is text."""
+    texts: list[str] = []
+    skipped = total = 0
+    for file in sorted(directory.rglob("*")):
+        if total >= MAX_DIRECTORY_BYTES:
+            break
+        hidden = any(part.startswith(".") for part in file.relative_to(directory).parts)
+        if file.is_dir() and not file.is_symlink() and not hidden:
+            continue
+        text = (
+            None if hidden or file.is_symlink() or not file.is_file() else _utf8_head(file, MAX_DIRECTORY_BYTES - total)
+        )
+        if text is None:
+            skipped += 1
+            continue
+        texts.append(text)
+        total += len(text.encode("utf-8"))
+    if not texts:
+        raise OptionError(f"--calibration {str(directory)!r}: no UTF-8 text file in the directory")
+    return "\n\n".join(texts), f"{directory.name}/ ({len(texts)} files, {skipped} passed over)"
+
+
+def _utf8_head(file: Path, limit: int) -> str | None:
+    """The first ``limit`` bytes of ``file`` as text (a character cut at the limit dropped), or None
+    when it cannot be read or is not UTF-8."""
+    try:
+        with file.open("rb") as f:
+            data = f.read(limit)
+    except OSError:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if len(data) == limit and exc.start >= limit - 3:
+            return data[: exc.start].decode("utf-8", errors="strict")
+        return None
 
 
 def calibration_tokens(tokenizer: Any, text: str, source: str) -> list[int]:
