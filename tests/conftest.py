@@ -54,10 +54,7 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 #: engine labels of the parity suite -> the xdist group that also runs that engine's own module
-#: (the parity suite's engine groups are apart from the engines' own modules: each group is a few
-#: minutes, so two workers stay busy to the end; the second copy of a shared export costs seconds,
-#: its trace being read from the run's trace cache)
-_ENGINE_GROUPS = {"openvino": "parity-openvino", "openvino-stateful": "parity-openvino", "tensorrt": "parity-tensorrt"}
+_ENGINE_GROUPS = {"openvino": "openvino", "openvino-stateful": "openvino", "tensorrt": "tensorrt"}
 _MODULE_GROUPS = {
     "test_openvino": "openvino",
     "test_tensorrt_engine": "tensorrt",
@@ -70,8 +67,8 @@ _MODULE_GROUPS = {
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """With ``-n N --dist loadgroup`` (the README's command) a group runs on one worker, so the
     session-scoped exports a group needs are made once: a module is a group, except that the parity
-    suite is split by engine (so are test_speculative and test_long_context, which reuse the parity
-    suite's exports)."""
+    suite is split by engine and each engine's part joins that engine's own module (so does
+    test_long_context, which reuses the parity suite's YaRN exports)."""
     for item in items:
         module = item.module.__name__ if item.module is not None else item.nodeid
         group = _MODULE_GROUPS.get(module, module)
