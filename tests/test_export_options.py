@@ -180,6 +180,9 @@ def test_int4_defaults(qwen2_tied: Path, qwen2_untied: Path, prequantized) -> No
     assert trt.int8_weights == ()  # nor 8-bit tensors in an int4 engine
     # finer blocks for the lm_head and down_proj; the embedding's 128 does not divide this tiny hidden size (64)
     assert untied.block_overrides == UNTIED_BLOCKS[:2] and tied.block_overrides == trt.block_overrides == ()
+    assert (
+        export_options(qwen2_untied, weights="int4", target="openvino").quant.block_overrides == ()
+    )  # group 16 is slow
     spec = ModelSpec.from_config_file(qwen2_untied / "config.json")
     assert untied_blocks(dataclasses.replace(spec, hidden_size=1536, intermediate_size=8960)) == UNTIED_BLOCKS
     assert export_options(qwen2_untied, weights="int4", block="none").quant.block_overrides == ()

@@ -161,7 +161,8 @@ Block = Annotated[
         help="Per-tensor block size PATTERN=SIZE (16 | 32 | 64 | 128; repeatable or comma-separated; first match "
         "wins): PATTERN is a glob of checkpoint module names as for --int8, or model.embed_tokens, e.g. lm_head=16. "
         "Default for int4 with a separate lm_head: lm_head=16, model.layers.*.mlp.down_proj=16, "
-        "model.embed_tokens=128 (not tensorrt); 'none': every tensor at --block-size.",
+        "model.embed_tokens=128 on onnxruntime (openvino decodes group 16 slowly; tensorrt refuses --block); 'none': "
+        "every tensor at --block-size.",
     ),
 ]
 KVCacheExport = Annotated[

@@ -234,7 +234,8 @@ class Int4Defaults:
       benchmarks/README.md), they cut the mean KL most per byte added (0.0379 -> 0.0286 for +76 MiB;
       every down_proj: 0.0304 for +189 MiB; the lm_head: 0.0285 for +115 MiB), and with ONNX Runtime's
       compact scales the artifact stays within optimum-intel's size;
-    - with an untied lm_head (dense models, mixing targets): the lm_head and every down_proj in
+    - with an untied lm_head (dense models, targets whose kernels run small blocks fast: ONNX
+      Runtime; OpenVINO's decode at group 16 is 0.68-0.71x group 32's): the lm_head and every down_proj in
       blocks of 16 and the embedding in blocks of 128 (:data:`UNTIED_BLOCKS`, ``--block``): RTN
       0.0287 -> 0.0248 for +30 MiB; with GPTQ (down_proj, wider than the calibration rows, by the
       weighted clip search: :attr:`~.gptq.GPTQSettings.min_rows_per_input`) **0.0182** (p99 0.121,
@@ -272,7 +273,7 @@ class Int4Defaults:
             embedding_bits=8 if tied else 4,
             int8_weights=promoted,
             block_overrides=untied_blocks(spec)
-            if backend.mixed_bits and spec is not None and not tied and not moe
+            if backend.small_blocks_fast and spec is not None and not tied and not moe
             else (),
         )
 

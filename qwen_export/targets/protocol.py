@@ -59,6 +59,9 @@ class TargetBackend(Protocol):
     zero_points: bool
     #: an int4 export may keep some linears at 8 bits (``--int8``, mixed precision)
     mixed_bits: bool
+    #: its kernels run blocks of 16 at about the speed of 32, so the int4 default's finer blocks
+    #: (``--block``, :data:`~qwen_export.export.options.UNTIED_BLOCKS`) apply to it
+    small_blocks_fast: bool
 
     def cpu_runs(self) -> dict[str, dict[str, Any]]:
         """How its artifacts are verified on a CPU-only machine (every parity test runs each):

@@ -27,6 +27,7 @@ class TensorRTTarget:
     cpu_module: str = "onnxruntime"
     zero_points: bool = False
     mixed_bits: bool = False
+    small_blocks_fast: bool = False  # one block size per artifact (``--block`` is refused)
 
     def cpu_runs(self) -> dict[str, dict[str, Any]]:
         """Its standard-ONNX graph (fixed-capacity KV buffers scattered in place) on ONNX Runtime
