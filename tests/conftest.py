@@ -64,6 +64,33 @@ _MODULE_GROUPS = {
 }
 
 
+#: The parity suite's engine x model-family matrix in the default run: every family on ONNX Runtime
+#: (the reference target) and, on the other engines, the families whose exports their own modules
+#: make anyway plus the code paths only they lower (MoE, sliding windows); the rest of the matrix
+#: (each a fresh trace and export, 10-45 s) is marked ``matrix``, which ``.ci/run`` runs after the
+#: default suite (``-m matrix``).
+PARITY_DEFAULT_CASES = {
+    "openvino": {"qwen2_tied", "qwen2_untied", "qwen2_yarn_bf16_sharded", "qwen3", "qwen2_sliding", "qwen2_moe"},
+    "openvino-stateful": {"qwen2_tied", "qwen2_untied", "qwen2_sliding", "qwen2_moe"},
+    "tensorrt": {"qwen2_tied", "qwen2_untied", "qwen2_moe"},
+}
+#: parity tests of one export per engine that the default run keeps for these engines only
+PARITY_DEFAULT_SINGLE = {"test_full_logits_artifact_matches_every_position": {"onnxruntime", "openvino", "openvino-stateful"}}
+
+
+def _in_matrix_only(item: pytest.Item) -> bool:
+    """Whether a parity test belongs to the rest of the matrix (see :data:`PARITY_DEFAULT_CASES`)."""
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    engine, case = params.get("target"), params.get("case")
+    if engine is None or engine == "onnxruntime":
+        return False
+    name = item.originalname if isinstance(item, pytest.Function) else item.name
+    if name in PARITY_DEFAULT_SINGLE:
+        return engine not in PARITY_DEFAULT_SINGLE[name]
+    return case is not None and case not in PARITY_DEFAULT_CASES.get(engine, set())
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """With ``-n N --dist loadgroup`` (the README's command) a group runs on one worker, so the
     session-scoped exports a group needs are made once: a module is a group, except that the parity
@@ -75,6 +102,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if module in ("test_parity", "test_speculative", "test_long_context"):  # reuse the parity exports
             engine = item.callspec.params.get("target") if hasattr(item, "callspec") else None
             group = _ENGINE_GROUPS.get(engine, "parity-onnxruntime")
+        if module == "test_parity" and _in_matrix_only(item):
+            item.add_marker(pytest.mark.matrix)
         item.add_marker(pytest.mark.xdist_group(group))
         _join_group(config, item, group)
 
