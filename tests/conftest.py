@@ -75,7 +75,9 @@ PARITY_DEFAULT_CASES = {
     "tensorrt": {"qwen2_tied", "qwen2_untied", "qwen2_moe"},
 }
 #: parity tests of one export per engine that the default run keeps for these engines only
-PARITY_DEFAULT_SINGLE = {"test_full_logits_artifact_matches_every_position": {"onnxruntime", "openvino", "openvino-stateful"}}
+PARITY_DEFAULT_SINGLE = {
+    "test_full_logits_artifact_matches_every_position": {"onnxruntime", "openvino", "openvino-stateful"},
+}
 
 
 def _in_matrix_only(item: pytest.Item) -> bool:

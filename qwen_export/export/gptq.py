@@ -28,12 +28,16 @@ import dataclasses
 import numpy as np
 import torch
 
+from qwen_export.export.gptq_clip import clip_quantize
 from qwen_export.quant.algorithms import quantize
 from qwen_export.quant.numeric import BlockQuantized, code_range
 from qwen_export.quant.scheme import QuantAlgorithm
 
 #: rows processed between two lazy (matrix-matrix) error updates; a multiple of every block size.
 LAZY_ROWS = 128
+#: the same with static groups (``act_order``: no block must lie inside one lazy batch); smaller
+#: batches move work from the single-threaded row loop to the block update's matrix product
+STATIC_LAZY_ROWS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +84,11 @@ def _quantize_blocks(
     w: np.ndarray, importance: np.ndarray, geo: Geometry, settings: GPTQSettings, block_size: int
 ) -> BlockQuantized:
     """The RTN / clip-search quantization of ``w`` [R, N] (numpy float32) in blocks of rows: where
-    GPTQ takes its scales and zero points from."""
+    GPTQ takes its scales and zero points from (the clip search in PyTorch: :mod:`.gptq_clip`)."""
+    if settings.scales is QuantAlgorithm.CLIP:
+        return clip_quantize(
+            w, importance, geo.bits, block_size, geo.symmetric, geo.scale_dtype, positive_scales=geo.positive_scales
+        )
     return quantize(
         w,
         geo.bits,
@@ -177,6 +185,9 @@ def _compensate(
 ) -> None:
     """GPTQ's row loop over ``weights`` (rows in factor order, modified in place): quantize each row
     with its block's scales, spread its error over the rows after it; ``codes`` gets the codes."""
+    if settings.act_order:
+        _compensate_static(weights, factor, row_group, scales, zeros, codes, geo, threads)
+        return
     k, b, upper = weights.shape[0], geo.block_size, factor.upper
     lo, hi = code_range(geo.bits, geo.symmetric)
     for start in range(0, k, LAZY_ROWS):
@@ -208,6 +219,51 @@ def _compensate(
             errors[i] = err
         torch.set_num_threads(threads)
         weights[stop:] -= upper[start:stop, stop:].T @ errors
+
+
+def _compensate_static(
+    weights: torch.Tensor,
+    factor: Factor,
+    row_group: np.ndarray,
+    scales: np.ndarray,
+    zeros: np.ndarray | None,
+    codes: torch.Tensor,
+    geo: Geometry,
+    threads: int,
+) -> None:
+    """:func:`_compensate` with static groups (``act_order``): every row's scales and zero points
+    are known before the loop, so they are gathered per row once, and the lazy blocks are
+    :data:`STATIC_LAZY_ROWS` rows (the row loop's rank-1 updates are single-threaded vector work,
+    the block updates a matrix product)."""
+    k, upper = weights.shape[0], factor.upper
+    lo, hi = code_range(geo.bits, geo.symmetric)
+    groups = torch.from_numpy(row_group.astype(np.int64))
+    for start in range(0, k, STATIC_LAZY_ROWS):
+        stop = min(start + STATIC_LAZY_ROWS, k)
+        torch.set_num_threads(1)
+        block = weights[start:stop].clone()
+        s = torch.from_numpy(scales)[groups[start:stop]]
+        z = None if zeros is None else torch.from_numpy(zeros)[groups[start:stop]]
+        errors = torch.empty_like(block)
+        tri = upper[start:stop, start:stop]
+        q = torch.empty_like(block[0])
+        for i in range(stop - start):
+            x = block[i]
+            torch.div(x, s[i], out=q)
+            q.round_()
+            if z is not None:
+                q.add_(z[i]).clamp_(lo, hi)
+                codes[start + i] = q
+                q.sub_(z[i])
+            else:
+                q.clamp_(lo, hi)
+                codes[start + i] = q
+            err = errors[i]
+            torch.sub(x, q.mul_(s[i]), out=err).div_(tri[i, i])
+            if i + 1 < stop - start:
+                block[i + 1 :].addr_(tri[i, i + 1 :], err, alpha=-1.0)
+        torch.set_num_threads(threads)
+        weights[stop:].addmm_(upper[start:stop, stop:].T, errors, alpha=-1.0)
 
 
 def gptq_quantize(
