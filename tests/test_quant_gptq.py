@@ -23,10 +23,11 @@ from qwen_export.export.gptq import (
     gptq_quantize,
     output_error,
 )
+from qwen_export.export.gptq_clip import clip_quantize
 from qwen_export.export.options import export_options
 from qwen_export.export.pipeline import ExportOptions
 from qwen_export.export.pipeline import export as run_export
-from qwen_export.quant.algorithms import quantize
+from qwen_export.quant.algorithms import clip_search, quantize
 from qwen_export.quant.numeric import dequantize
 from qwen_export.quant.scheme import QuantAlgorithm, QuantScheme, WeightFormat
 from qwen_export.runtime.loader import open_artifact
@@ -87,6 +88,36 @@ def test_gptq_dead_inputs_and_positive_scales() -> None:
     q = gptq_quantize(w, h, Geometry(4, 32, True, positive_scales=True))
     assert (q.codes[5] == 0).all() and (q.scales > 0).all()
     assert np.isfinite(dequantize(q)).all()
+
+
+@pytest.mark.parametrize(
+    ("k", "block", "symmetric", "scale_dtype", "positive"),
+    [(256, 32, False, np.float32, False), (256, 16, True, np.float16, False), (384, 128, True, np.float32, True)],
+)
+def test_torch_clip_search_makes_the_numpy_search_choice(
+    k: int, block: int, symmetric: bool, scale_dtype: type, positive: bool
+) -> None:
+    """GPTQ's clip search (PyTorch) against ``clip_search`` (numpy) on weights with outliers: the
+    same scales and codes except where two clip values' errors tie to float32 rounding (then the
+    error of its choice is the numpy choice's within that rounding)."""
+    rng = np.random.default_rng(k + block)
+    w = (rng.standard_normal((k, 200)) * 0.02).astype(np.float32)
+    w[rng.integers(0, k, 40), rng.integers(0, 200, 40)] *= 25.0
+    importance = rng.uniform(0.0, 4.0, k).astype(np.float32)
+    ours = clip_quantize(w, importance, 4, block, symmetric, scale_dtype, positive_scales=positive)
+    ref = clip_search(
+        w, 4, block, 0, symmetric, scale_dtype=scale_dtype, importance=importance, positive_scales=positive
+    )
+    same = ours.scales == ref.scales
+    assert same.mean() >= 0.999, same.mean()
+
+    def block_error(q: Any) -> np.ndarray:
+        diff = (dequantize(q) - w) ** 2 * importance[:, None]
+        return diff.reshape(k // block, block, -1).sum(axis=1)
+
+    np.testing.assert_allclose(block_error(ours), block_error(ref), rtol=1e-5, atol=1e-12)
+    rows = np.repeat(same, block, axis=0)
+    assert np.array_equal(ours.codes[rows], ref.codes[rows])
 
 
 def test_gptq_refuses_bad_geometry() -> None:
