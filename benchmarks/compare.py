@@ -217,7 +217,7 @@ def plan_engines(args: Any, workdir: Path) -> tuple[list[dict[str, Any]], dict[s
 def start_worker(row: dict[str, Any], args: Any, workdir: Path, n_ctx: int) -> harness.Worker:
     label, path = row["label"], Path(row["path"])
     if label.startswith("ours-"):
-        return sessions.start(label, "ours", path, args.threads, workdir)
+        return sessions.start(label, "ours-default", path, args.threads, workdir)  # what users run
     if label.startswith("optimum-"):
         return sessions.start(label, "ov-genai", path, args.threads, workdir, kv_cache=args.kv_cache)
     if label.startswith("llama.cpp"):

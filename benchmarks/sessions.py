@@ -9,7 +9,8 @@ taken here, around the compute only (no IPC). Kinds:
 * ``ours``: our Engine (``open_artifact``; an OpenVINO artifact with ``attention=stateful`` and an f32
   KV cache unless ``--kv-cache``), TTFT = ``forward(prompt)`` + argmax, a step = ``forward([[token]])``
   + argmax (as ``qwen_export.runtime.bench`` times it); ``ours-paged``: the same with
-  ``attention=paged``;
+  ``attention=paged``; ``ours-default``: the engine's own defaults, what ``load()`` and the CLI run
+  (for OpenVINO: paged attention and, on CPUs with bf16, split precision with a u8 cache);
 * ``og``: onnxruntime-genai's ``Generator`` (``og.Config`` with an overlay setting the decoder's
   intra-op threads; the builder's genai_config.json stays as written), ``min_length = max_length``;
   TTFT = ``append_tokens(prompt)`` + the first ``generate_next_token()``;
@@ -37,7 +38,7 @@ from typing import Any
 
 import harness
 
-KINDS = ("ours", "ours-paged", "og", "ov-genai", "llama")
+KINDS = ("ours", "ours-paged", "ours-default", "og", "ov-genai", "llama")
 
 
 class StepSession(abc.ABC):
@@ -72,7 +73,9 @@ class OursSession(StepSession):
         from qwen_export.runtime.loader import open_artifact
 
         manifest = json.loads((Path(path) / "manifest.json").read_text())
-        if manifest["target"] == "openvino":
+        if attention == "default":
+            options = runtime_options(threads, kv_cache=kv_cache)
+        elif manifest["target"] == "openvino":
             options = runtime_options(threads, kv_cache=kv_cache or "f32", attention=attention or "stateful")
         else:
             options = runtime_options(threads)
@@ -228,8 +231,9 @@ class LlamaSession:
 
 
 def open_session(kind: str, path: str, threads: int, kv_cache: str | None = None, n_ctx: int = 2048) -> Any:
-    if kind in ("ours", "ours-paged"):
-        return OursSession(path, threads, kv_cache, "paged" if kind == "ours-paged" else "stateful")
+    if kind in ("ours", "ours-paged", "ours-default"):
+        attention = {"ours": "stateful", "ours-paged": "paged", "ours-default": "default"}[kind]
+        return OursSession(path, threads, kv_cache, attention)
     if kind == "og":
         return OgSession(path, threads)
     if kind == "ov-genai":
