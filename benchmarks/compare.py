@@ -141,6 +141,18 @@ def ours_rows(args: Any, workdir: Path, builds: dict[str, Any]) -> tuple[list[di
     return rows, failed
 
 
+def extra_row(out: Path) -> dict[str, Any]:
+    """A prebuilt artifact of ours given by --extra-ours (another layout of the same checkpoint)."""
+    manifest = read_json(out / "manifest.json")
+    if not manifest:
+        return unavailable(f"ours-{out.name}", "ours", "?", f"{out} holds no qwen-export artifact")
+    target = manifest.get("target", "onnxruntime")
+    label = f"ours-{'ov' if target == 'openvino' else 'ort'}-{out.name}"
+    quant = (manifest.get("extra") or {}).get("quantization") or {}
+    size = ir_bytes(out) if target == "openvino" else model_bytes(out)
+    return engine_row(label, "ours", f"qwen-export ({target})", out, size, quantization=quant)
+
+
 def genai_row(args: Any, workdir: Path, builds: dict[str, Any]) -> dict[str, Any]:
     """onnxruntime-genai's builder output (built unless present, prune_lm_head=true)."""
     w = args.weights
@@ -210,6 +222,7 @@ def plan_engines(args: Any, workdir: Path) -> tuple[list[dict[str, Any]], dict[s
     """Every engine's row (available or why not), the builds, and whether one of ours failed."""
     builds: dict[str, Any] = {}
     rows, failed = ours_rows(args, workdir, builds)
+    rows += [extra_row(d) for d in args.extra_ours or ()]
     rows += [genai_row(args, workdir, builds), optimum_row(args), llama_row(args)]
     return rows, builds, failed
 
@@ -440,6 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="re-render a previous --json-out (its speed figures) with the accuracy of --reuse-accuracy FILE: "
         "for a speed run and an accuracy run made separately (e.g. at the same time)",
+    )
+    p.add_argument(
+        "--extra-ours",
+        type=Path,
+        action="append",
+        metavar="DIR",
+        help="also run this prebuilt artifact of ours (repeatable), e.g. another --int8/--block layout",
     )
     p.add_argument("--force", action="store_true", help="rebuild our artifacts and genai's even when present")
     p.add_argument("--markdown-out", type=Path)

@@ -479,9 +479,8 @@ def _architecture(raw: dict[str, Any], source: str) -> Architecture:
                 return SUPPORTED_ARCHITECTURES[name]
         if archs[0] in _VISION_LANGUAGE:
             raise ConfigError(
-                f"{source}: {archs[0]} is a vision-language model; exporting it is not supported yet "
-                f"(its vision tower and image preprocessing are, as a library: qwen_export.export.vision_export); "
-                f"supported text models: {_SUPPORTED_TEXT}"
+                f"{source}: {archs[0]} is a vision-language model: `qwen-export export` takes it "
+                f"(--target onnxruntime), this step takes text models only: {_SUPPORTED_TEXT}"
             )
         raise ConfigError(f"{source}: architecture {archs[0]!r} is not supported; supported: {_SUPPORTED_TEXT}")
     model_type = raw.get("model_type")

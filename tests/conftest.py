@@ -61,6 +61,7 @@ _MODULE_GROUPS = {
     "test_tensorrt_target": "tensorrt",
     "test_serve": "test_llm",  # the server's tests reuse test_llm's export of the tiny Qwen2
     "test_batching": "test_llm",
+    "test_vl_artifact": "test_vl_vision",  # both use the session's VL artifacts
 }
 
 
@@ -233,3 +234,17 @@ def module_scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleS
 
 # Exports of the fixtures above, shared by the parity, engine and CLI tests.
 from export_fixtures import export, qwen2_sliding  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session", params=["qwen2_vl", "qwen2_5_vl"])
+def vl_artifact(request: pytest.FixtureRequest, tiny_root: Path) -> tuple[Path, Path]:
+    """(checkpoint, fp32 artifact) of a tiny seeded Qwen2-VL / Qwen2.5-VL, exported once per session."""
+    from qwen_export.export.pipeline import ExportOptions
+    from qwen_export.export.pipeline import export as run_export
+    from qwen_export.export.tiny_vl import make_vl_checkpoint
+
+    ckpt = make_vl_checkpoint(tiny_root / request.param, request.param, seed=3)
+    out = tiny_root / f"{request.param}-artifact"
+    if not out.exists():
+        run_export(ckpt, out, ExportOptions())
+    return ckpt, out

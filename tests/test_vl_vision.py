@@ -206,19 +206,14 @@ def test_window_layout_matches_transformers(grid) -> None:
 # ---------------------------------------------------------------- the exported tower
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
-def vl_export(request, tmp_path_factory):
+@pytest.fixture(scope="module")
+def vl_export(vl_artifact):
+    """(checkpoint, its MultimodalSpec, the artifact's vision.onnx): the session's VL export."""
     from qwen_export.export.checkpoint import Checkpoint
-    from qwen_export.export.tiny_vl import make_vl_checkpoint
-    from qwen_export.export.vision_export import export_vision
 
-    root = tmp_path_factory.mktemp(request.param)
-    ckpt = make_vl_checkpoint(root / "ckpt", request.param, seed=3)
-    checkpoint, multimodal = Checkpoint.open_vl(ckpt)
-    out = root / "artifact"
-    out.mkdir()
-    model_path = export_vision(checkpoint, checkpoint.names(), multimodal.vision, out)
-    return ckpt, multimodal, model_path
+    ckpt, artifact = vl_artifact
+    _, multimodal = Checkpoint.open_vl(ckpt)
+    return ckpt, multimodal, artifact / "vision.onnx"
 
 
 def _reference_features(ckpt, pixel_values: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
@@ -271,84 +266,8 @@ def test_mrope_positions_match_transformers(vl_export) -> None:
     assert zero == 0
 
 
-def test_text_export_refuses_vl_configs_by_name() -> None:
+def test_text_spec_refuses_vl_configs_by_name() -> None:
     from qwen_export.spec import ModelSpec
 
-    with pytest.raises(ConfigError, match="vision-language model; exporting it is not supported yet"):
+    with pytest.raises(ConfigError, match="vision-language model: `qwen-export export` takes it"):
         ModelSpec.from_config(QWEN25_VL_3B)
-
-
-def test_vl_decoder_with_mrope_matches_transformers(vl_export, tmp_path) -> None:
-    """Our preprocessing, tower and M-RoPE positions feeding the traced decoder (inputs_embeds,
-    position_ids [3, B, S]; unfused, ONNX Runtime) against transformers' whole model: logits of the
-    prompt and of 8 greedy decode steps."""
-    import onnxruntime as ort
-    import torch
-    import transformers
-
-    from qwen_export.export.checkpoint import Checkpoint
-    from qwen_export.export.trace import TraceOptions, bind_weights, trace
-    from qwen_export.onnx_writer import write_onnx
-    from qwen_export.runtime.mrope import decode_positions, rope_positions, token_types
-    from qwen_export.spec import LogitsMode
-
-    ckpt, multimodal, vision_path = vl_export
-    checkpoint, _ = Checkpoint.open_vl(ckpt)
-    spec = checkpoint.spec
-    model = trace(spec, TraceOptions(logits=LogitsMode.ALL, prune_last_layer=False, embeds_input=True))
-    bind_weights(model, spec, checkpoint)
-    write_onnx(model, tmp_path, "decoder.onnx", "decoder.onnx.data")
-    decoder = ort.InferenceSession(str(tmp_path / "decoder.onnx"), providers=["CPUExecutionProvider"])
-    tower = ort.InferenceSession(str(vision_path), providers=["CPUExecutionProvider"])
-
-    patches = vi.preprocess_image(_image(90, 140, seed=5), vi.ImageProcessing.for_vision(multimodal.vision))
-    feeds, restore = vi.encoder_feeds(patches, multimodal.vision)
-    (features,) = tower.run(None, feeds)
-    features = features[restore] if restore is not None else features
-    m = multimodal
-    ids = [151644, 872, 198, m.vision_start_token_id] + [m.image_token_id] * patches.num_tokens(2)
-    ids += [m.vision_end_token_id, 74785, 419, 13, 151645, 198, 151644, 77091, 198]
-    table = checkpoint.read("model.embed_tokens.weight")
-    embeds = table[ids].copy()
-    embeds[np.asarray(ids) == m.image_token_id] = features
-    positions, delta = rope_positions(ids, m, [patches.grid_thw])
-
-    kv = spec.num_key_value_heads, spec.head_dim
-    past = {
-        f"past_key_values.{i}.{w}": np.zeros((1, *kv[:1], 0, kv[1]), np.float32)
-        for i in range(spec.num_hidden_layers)
-        for w in ("key", "value")
-    }
-
-    def step(emb: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        total = next(iter(past.values())).shape[2] + emb.shape[0]
-        out = decoder.run(
-            None,
-            {
-                "inputs_embeds": emb[None],
-                "attention_mask": np.ones((1, total), np.int64),
-                "position_ids": pos[:, None],
-                **past,
-            },
-        )
-        for i in range(spec.num_hidden_layers):
-            past[f"past_key_values.{i}.key"], past[f"past_key_values.{i}.value"] = out[1 + 2 * i], out[2 + 2 * i]
-        return out[0][0]
-
-    reference = transformers.AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).eval()
-    with torch.no_grad():
-        ref = reference(
-            input_ids=torch.tensor([ids]),
-            pixel_values=torch.from_numpy(patches.pixel_values),
-            image_grid_thw=torch.tensor([patches.grid_thw]),
-            mm_token_type_ids=torch.from_numpy(token_types(ids, m)).unsqueeze(0).int(),
-            use_cache=True,
-        )
-        ours = step(embeds, positions)
-        np.testing.assert_allclose(ours, ref.logits[0].numpy(), atol=1e-4, rtol=1e-5)
-        cache, token = ref.cache, int(ref.logits[0, -1].argmax())
-        for n in range(8):
-            ref = reference(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
-            ours = step(table[[token]], decode_positions(len(ids) + n, 1, delta))
-            np.testing.assert_allclose(ours, ref.logits[0].numpy(), atol=1e-4, rtol=1e-5)
-            cache, token = ref.cache, int(ref.logits[0, -1].argmax())

@@ -42,7 +42,7 @@ from qwen_export.cli.common import (
     sampling_options,
     speculation,
 )
-from qwen_export.cli.generate import response_format_option
+from qwen_export.cli.generate import response_format_option, user_content
 from qwen_export.errors import OptionError
 
 
@@ -79,8 +79,13 @@ def chat(
     speculate: SpeculateOpt = None,
     max_draft_tokens: MaxDraftOpt = None,
     think: Think = None,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option(help="An image file for the first message (Qwen2-VL / Qwen2.5-VL artifacts; repeatable)."),
+    ] = None,
 ) -> None:
-    """Interactive multi-turn chat; earlier turns stay in the KV cache. Commands: /reset, /exit.
+    """Interactive multi-turn chat; earlier turns stay in the KV cache. Commands: /reset, /exit,
+    and /image PATH (a VL artifact: the image goes with the next message).
 
     With --tools, the model's tool calls are printed as JSON and you type each tool's result.
     Ctrl-C stops the reply being written and keeps the conversation.
@@ -90,14 +95,17 @@ def chat(
     if tool_specs is not None and not isinstance(tool_specs, list):
         raise OptionError(f"{tools}: expected a JSON list of tool specs")
     response_format = response_format_option(json_schema, json_mode)
-    if raw and (tool_specs is not None or system is not None or think is not None):
-        raise OptionError("--raw has no chat template: it takes neither --tools, --system nor --think/--no-think")
+    if raw and (tool_specs is not None or system is not None or think is not None or image):
+        raise OptionError(
+            "--raw has no chat template: it takes neither --tools, --system, --image nor --think/--no-think"
+        )
     spec = speculation(speculate, max_draft_tokens)
     llm = load_llm(
         artifact, threads, precision, kv_cache, cache_dir, engine, attention, spec, prefill_chunk=prefill_chunk
     )
     sampling = sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
     session = _Session(llm, system, tool_specs, response_format, sampling, think, raw)
+    session.attach(image or [], artifact)
     enable_line_editing()
     err_console.print("[dim]chat: /reset starts over, /exit or Ctrl-D quits, Ctrl-C stops a reply[/]")
     while True:
@@ -116,6 +124,12 @@ def chat(
         if command == "/reset":
             session.reset()
             err_console.print("[dim]conversation reset: the next message starts a new one[/]")
+            continue
+        if command.startswith("/image "):
+            try:
+                session.attach([Path(command.removeprefix("/image ").strip())], artifact)
+            except OptionError as exc:  # a typo in a path must not end the conversation
+                err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
             continue
         if command and not session.turn(line):
             return
@@ -150,6 +164,17 @@ class _Session:
         self.start: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         self.messages = list(self.start)
         self.text = ""  # --raw: the transcript so far
+        self.images: list[Path] = []  # for the next user message
+
+    def attach(self, images: list[Path], artifact: Path) -> None:
+        """Images for the next user message (a VL artifact; OptionError otherwise or for a missing file)."""
+        if images and self.raw:
+            raise OptionError("/image needs the chat template; --raw has none")
+        user_content(self.llm, "", images, artifact)  # refuses a text artifact
+        for path in images:
+            if not path.is_file():
+                raise OptionError(f"image file not found: {path}")
+        self.images += images
 
     def reset(self) -> None:
         self.messages, self.text = list(self.start), ""
@@ -163,7 +188,8 @@ class _Session:
             self.text += _show(stream, lambda piece: (None, piece))
             _reused(stream.result)
             return True
-        self.messages.append({"role": "user", "content": line})
+        self.messages.append({"role": "user", "content": user_content(self.llm, line, self.images, Path("."))})
+        self.images = []
         while True:  # a reply with tool calls is followed by another once their results are typed
             stream = self.llm.chat_stream(self.messages, self.tools, self.response_format, **self.options)
             partial = _show(

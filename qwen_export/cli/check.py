@@ -51,6 +51,10 @@ def check(
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
     prefill_chunk: PrefillChunk = None,
+    image: Annotated[
+        Path | None,
+        typer.Option(help="A VL artifact: the image of the evaluation prompt (default: a built-in test image)."),
+    ] = None,
 ) -> None:
     """Compare ARTIFACT with REFERENCE (transformers on a checkpoint, or another artifact); exit 1 past
     the thresholds of ARTIFACT's precision."""
@@ -61,6 +65,11 @@ def check(
         raise OptionError("--max-tokens must be >= 2 and --greedy-tokens >= 1")
     loaded = open_artifact(artifact, runtime(threads, precision, kv_cache, cache_dir, engine, attention, prefill_chunk))
     content = read_text(text) if text is not None else parity.DEFAULT_TEXT
+    if getattr(loaded.engine, "multimodal", None) is not None:
+        _check_vision(loaded, reference, image, content, max_tokens, greedy_tokens, artifact, as_json)
+        return
+    if image is not None:
+        raise OptionError(f"{artifact} is not a vision-language artifact: --image needs a Qwen2-VL / Qwen2.5-VL export")
     ids = loaded.tokenizer.encode(content)[:max_tokens]
     quantized = loaded.manifest.extra.get("quantization")
     context = loaded.manifest.extra.get("context") or {}
@@ -88,6 +97,37 @@ def check(
         note = parity.toy_model_note(loaded.manifest.spec, quantized)
         if note is not None:
             err_console.print(note, highlight=False, markup=False)
+        raise typer.Exit(1)
+
+
+def _check_vision(
+    loaded: Any, reference: Path, image: Path | None, content: str, max_tokens: int, greedy: int, artifact: Path,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """``check`` of a VL artifact against transformers: vision features, then the decoder on the
+    image-and-text prompt (see :mod:`qwen_export.export.parity_vl`)."""
+    import dataclasses
+
+    from qwen_export.export import parity, parity_vl
+
+    if (reference / "manifest.json").is_file():
+        raise OptionError("a vision-language artifact is checked against its checkpoint (transformers) only")
+    picture = image if image is not None else parity_vl.builtin_image()
+    prompt = parity_vl.vision_prompt(loaded, picture, content, max_tokens)
+    multimodal = loaded.engine.multimodal
+    ref = parity_vl.VisionReference(reference, prompt.patches, multimodal.spec)
+    quantized = loaded.manifest.extra.get("quantization")
+    limits = parity.thresholds_for(DType.parse(loaded.manifest.dtype), quantized)
+    report = parity.check(loaded.engine, ref, prompt.ids, DType.parse(loaded.manifest.dtype), greedy, limits,
+                          greedy_prompt=prompt.ids)  # fmt: skip
+    report = dataclasses.replace(report, vision_relative_error=parity_vl.vision_error(loaded.engine, ref, prompt))
+    if as_json:
+        console.print_json(json.dumps(parity.to_dict(report)))
+    else:
+        shown = loaded.manifest.dtype + (f", {quantized['weights']} weights" if quantized else "")
+        print_parity(report, f"parity: {artifact} vs transformers, image {prompt.patches.grid_thw} + text ({shown})")
+    if not report.passed:
+        err_console.print(f"[bold red]parity FAILED:[/] {'; '.join(report.failures)}", highlight=False)
         raise typer.Exit(1)
 
 

@@ -67,6 +67,10 @@ def generate(
     speculate: SpeculateOpt = None,
     max_draft_tokens: MaxDraftOpt = None,
     think: Think = None,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option(help="An image file for a Qwen2-VL / Qwen2.5-VL artifact (repeatable), put before PROMPT."),
+    ] = None,
 ) -> None:
     """Generate a completion for PROMPT, streamed to the terminal.
 
@@ -74,6 +78,8 @@ def generate(
     token limit or the context came first): the text printed is then a prefix, not valid JSON.
     """
 
+    if image and raw:
+        raise OptionError("--image needs the chat template; drop --raw")
     spec = speculation(speculate, max_draft_tokens)
     llm = load_llm(
         artifact, threads, precision, kv_cache, cache_dir, engine, attention, spec, prefill_chunk=prefill_chunk
@@ -85,7 +91,8 @@ def generate(
             raise OptionError("--think/--no-think apply to the chat template; --raw feeds the prompt without it")
         source: Any = prompt
     else:
-        source = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        content = user_content(llm, prompt, image or [], artifact)
+        source = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     stream = llm.stream(source, response_format=response_format, enable_thinking=think, **sampling)
     print_stream(stream)
     result = stream.result
@@ -105,6 +112,15 @@ def generate(
             soft_wrap=True,
         )
         raise typer.Exit(1)
+
+
+def user_content(llm: Any, prompt: str, images: list[Path], artifact: Path) -> Any:
+    """A user message's content: PROMPT, after the ``--image`` files' parts when there are any."""
+    if not images:
+        return prompt
+    if llm.multimodal is None:
+        raise OptionError(f"{artifact} is not a vision-language artifact: --image needs a Qwen2-VL / Qwen2.5-VL export")
+    return [*({"type": "image", "image": path} for path in images), {"type": "text", "text": prompt}]
 
 
 def _speculation_note(result: Any) -> str:

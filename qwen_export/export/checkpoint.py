@@ -84,6 +84,9 @@ class Checkpoint:
         self.spec = spec
         self._tensors = tensors  # what the files store
         self.prequantized = prequantized
+        #: name prefixes of tensors outside the text decoder (a VL checkpoint's vision tower),
+        #: checked by their own exporter rather than by :meth:`validate`
+        self.other_parts: tuple[str, ...] = ()
         # what the exporter sees: pre-quantized linears as their float <prefix>.weight, parts hidden
         self._view = dict(tensors)
         self._rows_cache: tuple[str, prequant.PackedArrays] | None = None
@@ -125,7 +128,9 @@ class Checkpoint:
         # transformers 5 saves the decoder under model.language_model.; the released checkpoints
         # (and the text exporter) name it model.
         tensors = {_VL_TEXT.sub("model.", name): info for name, info in _read_tensors(directory).items()}
-        return cls(directory, spec, tensors), multimodal
+        checkpoint = cls(directory, spec, tensors)
+        checkpoint.other_parts = ("visual.", "model.visual.")
+        return checkpoint, multimodal
 
     # ------------------------------------------------------------------ queries
     def names(self) -> list[str]:
@@ -265,7 +270,11 @@ class Checkpoint:
                     f"tensor {name} in {info.file} has dtype {info.dtype}, expected one of {', '.join(FLOAT_DTYPES)}"
                     " (quantized weights are imported only with an AWQ or GPTQ quantization_config in config.json)"
                 )
-        extra = [n for n in self.names() if n not in expected and not n.endswith("rotary_emb.inv_freq")]
+        extra = [
+            n
+            for n in self.names()
+            if n not in expected and not n.endswith("rotary_emb.inv_freq") and not n.startswith(self.other_parts)
+        ]
         if extra:
             problems.append(
                 f"checkpoint {self.directory} has {len(extra)} unexpected tensor(s) for a "

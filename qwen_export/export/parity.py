@@ -126,6 +126,9 @@ class ParityReport:
     greedy_match: int
     greedy_length: int
     thresholds: Thresholds
+    #: a VL artifact: its vision features' max |error| / max |reference| (None: a text artifact)
+    vision_relative_error: float | None = None
+    max_vision_relative_error: float = 1e-4
 
     @property
     def failures(self) -> list[str]:
@@ -138,6 +141,8 @@ class ParityReport:
             out.append(f"max |logit error| {self.max_abs_logit_error:.3g} > {t.max_abs_logit:g}")
         if self.greedy_length and self.greedy_match / self.greedy_length < t.min_greedy_match:
             out.append(f"greedy match {self.greedy_match}/{self.greedy_length} < {t.min_greedy_match:.0%}")
+        if self.vision_relative_error is not None and not self.vision_relative_error <= self.max_vision_relative_error:
+            out.append(f"vision features error {self.vision_relative_error:.3g} > {self.max_vision_relative_error:g}")
         return out
 
     @property
@@ -154,7 +159,17 @@ class ParityReport:
             ("perplexity (reference)", f"{self.ppl_reference:.3f}", ""),
             ("perplexity (artifact)", f"{self.ppl_artifact:.3f}", ""),
             ("greedy continuation match", f"{self.greedy_match}/{self.greedy_length}", f"≥ {t.min_greedy_match:.0%}"),
-        ]
+        ] + (
+            []
+            if self.vision_relative_error is None
+            else [
+                (
+                    "vision features max |error| / max |ref|",
+                    f"{self.vision_relative_error:.3e}",
+                    f"≤ {self.max_vision_relative_error:g}",
+                )
+            ]
+        )
 
 
 def compare_logits(ref: np.ndarray, art: np.ndarray, targets: np.ndarray) -> dict[str, float]:
@@ -277,11 +292,13 @@ def check(
     greedy_tokens: int = 16,
     thresholds: Thresholds | None = None,
     quantization: Mapping[str, Any] | None = None,
+    greedy_prompt: list[int] | None = None,
 ) -> ParityReport:
     """Compare ``engine`` with ``reference`` on token ids ``ids`` (at least 2).
 
     Thresholds: ``thresholds`` when given, else :func:`thresholds_for` ``(dtype, quantization)``
-    (``quantization``: the artifact manifest's ``extra["quantization"]``, None when unquantized)."""
+    (``quantization``: the artifact manifest's ``extra["quantization"]``, None when unquantized).
+    ``greedy_prompt``: what both continue greedily (default: the first 16 of ``ids``)."""
     if len(ids) < 2:
         raise OptionError(f"evaluation text must have at least 2 tokens, got {len(ids)}")
     context = engine.capabilities.max_context
@@ -289,7 +306,7 @@ def check(
     ref = reference.logits(ids)[:-1]
     art = artifact_logits(engine, ids)[:-1]
     metrics = compare_logits(ref, art, np.asarray(ids[1:]))
-    prompt = ids[: min(len(ids), 16)]
+    prompt = greedy_prompt if greedy_prompt is not None else ids[: min(len(ids), 16)]
     ref_cont = reference.greedy(prompt, greedy_tokens)
     art_cont = greedy_artifact(engine, prompt, greedy_tokens)
     match = next((i for i, (a, b) in enumerate(zip(ref_cont, art_cont, strict=True)) if a != b), len(ref_cont))

@@ -63,7 +63,7 @@ def _export(
     keep = _inputs(checkpoint_dir, options)
     artifact.check_output_dir(out, options.overwrite, keep=keep)
     timer.start("load")
-    ckpt = Checkpoint.open(checkpoint_dir)
+    ckpt, multimodal = _open_checkpoint(checkpoint_dir, options)
     ckpt.spec = spec = options.model_spec(ckpt.spec)  # --rope-scaling: the spec the artifact is built for
     ckpt.validate(spec)
     tokenizer_files = _tokenizer_files(ckpt.directory)
@@ -80,8 +80,19 @@ def _export(
     with tempfile.TemporaryDirectory(prefix="qwen-export-calibration-") as scratch:
         calibration, stats, weights = _calibrate(ckpt, options, timer, hooks, Path(scratch))
         kv = _calibrate_kv(ckpt, options, timer)
-        prepared = (max_length, tokenizer_files, stats, calibration, keep, kv)
+        prepared = (max_length, tokenizer_files, stats, calibration, keep, kv, multimodal)
         return _trace_and_emit(ckpt, weights, out, options, hooks, timer, prepared)
+
+
+def _open_checkpoint(checkpoint_dir: str | Path, options: ExportOptions) -> tuple[Checkpoint, Any]:
+    """The checkpoint and, for a Qwen2-VL / Qwen2.5-VL one, its MultimodalSpec (else None)."""
+    from qwen_export.export import vl_artifact
+
+    multimodal = vl_artifact.checkpoint_multimodal(checkpoint_dir)
+    if multimodal is None:
+        return Checkpoint.open(checkpoint_dir), None
+    vl_artifact.check_target(options.target.value)
+    return Checkpoint.open_vl(checkpoint_dir)
 
 
 def _trace_and_emit(
@@ -91,17 +102,20 @@ def _trace_and_emit(
     options: ExportOptions,
     hooks: ExportHooks,
     timer: _PhaseTimer,
-    prepared: tuple[int, list[str], Any, dict[str, Any] | None, Any, Any],
+    prepared: tuple[int, list[str], Any, dict[str, Any] | None, Any, Any, Any],
 ) -> artifact.Manifest:
     """Trace, bind ``weights`` (the checkpoint or GPTQ's view of it), run the passes, emit.
     ``prepared``: the max length, tokenizer files, AWQ statistics, calibration record, the inputs
-    an ``--overwrite`` must not remove and the int8 KV cache's (ranges, record) or None."""
-    max_length, tokenizer_files, stats, calibration, keep, kv = prepared
+    an ``--overwrite`` must not remove, the int8 KV cache's (ranges, record) or None, and the
+    MultimodalSpec of a vision-language checkpoint or None."""
+    max_length, tokenizer_files, stats, calibration, keep, kv, multimodal = prepared
     spec, backend = ckpt.spec, options.backend
     timer.start("trace")
     from qwen_export.export.trace import TraceOptions, bind_weights, trace
 
-    model = trace(spec, TraceOptions(dtype=options.graph_dtype, logits=options.logits, cache=backend.cache_io))
+    vl = multimodal is not None  # the decoder takes inputs_embeds and M-RoPE position_ids
+    traced = TraceOptions(dtype=options.graph_dtype, logits=options.logits, cache=backend.cache_io, embeds_input=vl)
+    model = trace(spec, traced)
     bind_weights(model, spec, weights)
 
     timer.start("passes")
@@ -111,7 +125,8 @@ def _trace_and_emit(
     dump("traced", model)
     report = PassReport()
     context = _pass_context(options, hooks, max_length, stats, kv[0] if kv is not None else None)
-    passes, kv_layout = backend.passes(spec, options.fuse, context, report)
+    # M-RoPE is not ONNX Runtime's RotaryEmbedding: a VL decoder keeps its attention unfused
+    passes, kv_layout = backend.passes(spec, options.fuse and not vl, context, report)
     records, kv_layout = run_passes(model, passes, kv_layout, dump)
 
     timer.start("emit")
@@ -131,6 +146,17 @@ def _trace_and_emit(
             message=hooks.message,
         )
         target_extra = backend.emit(model, staging.path, job)
+        if multimodal is not None:
+            from qwen_export.export.vl_artifact import write_parts
+
+            target_extra["multimodal"] = write_parts(
+                ckpt,
+                multimodal,
+                staging.path,
+                activation_dtype=np.float16 if options.graph_dtype is DType.FP16 else np.float32,
+                quantized=options.quant is not None,
+                step=hooks.step,
+            )
         kv_cache: dict[str, Any] = {
             "layout": kv_layout.value,
             "capacity": max_length,
@@ -201,8 +227,9 @@ def _calibrate(
     ids = calib.calibration_tokens(Tokenizer.from_dir(ckpt.directory), text, source)
     timer.start("calibrate")
     record = {"tokens": len(ids), "source": source}
+    spec = dataclasses.replace(ckpt.spec, mrope_section=None)  # text-only: M-RoPE is plain RoPE
     if quant.algorithm is QuantAlgorithm.AWQ:
-        return record, calib.collect_activation_stats(ckpt, ckpt.spec, ids), ckpt
+        return record, calib.collect_activation_stats(ckpt, spec, ids), ckpt
     from qwen_export.export.gptq import GPTQSettings
     from qwen_export.export.gptq_layers import run_gptq
 
@@ -210,7 +237,7 @@ def _calibrate(
     record["gptq"] = settings.describe()
     scale_dtype = np.float16 if options.graph_dtype is DType.FP16 else np.float32
     weights = run_gptq(
-        ckpt, ckpt.spec, ids, quant, scratch, settings=settings, scale_dtype=scale_dtype, progress=hooks.write_progress
+        ckpt, spec, ids, quant, scratch, settings=settings, scale_dtype=scale_dtype, progress=hooks.write_progress
     )
     return record, None, weights
 
@@ -226,7 +253,8 @@ def _calibrate_kv(ckpt: Checkpoint, options: ExportOptions, timer: _PhaseTimer) 
     text, source = calib.calibration_text(options.calibration)
     ids = calib.calibration_tokens(Tokenizer.from_dir(ckpt.directory), text, source)
     timer.start("calibrate")
-    return calib.collect_kv_ranges(ckpt, ckpt.spec, ids), kv_cache.record(len(ids), source)
+    spec = dataclasses.replace(ckpt.spec, mrope_section=None)  # text-only: M-RoPE is plain RoPE
+    return calib.collect_kv_ranges(ckpt, spec, ids), kv_cache.record(len(ids), source)
 
 
 def _quantization_extra(

@@ -267,6 +267,8 @@ class LLM:
         self._lock = threading.Lock()  # the single-sequence API: one generation at a time
         self._batch_lock = threading.Lock()
         self._batched: BatchedLLM | None = None
+        #: a vision-language artifact's inputs (:mod:`qwen_export.runtime.multimodal`), else None
+        self.multimodal = getattr(loaded.engine, "multimodal", None)
 
     @property
     def max_context(self) -> int:
@@ -289,8 +291,9 @@ class LLM:
         """Stream the completion of ``prompt`` (a string, fed as is) or of chat ``messages``
         (``enable_thinking``, Qwen3, is passed to their chat template; the text pieces include the
         ``<think>`` part: :meth:`chat_stream` separates it)."""
+        prompt, images = self._images(prompt)
         ids = self._prompt_ids(prompt, enable_thinking)
-        return self._start(ids, response_format, sampling)
+        return self._start(ids, response_format, sampling, images=images)
 
     def chat(
         self,
@@ -334,8 +337,9 @@ class LLM:
     ) -> ChatStream:
         """:meth:`chat`, streamed: an iterator of :class:`ChatDelta` (kind ``reasoning`` or
         ``content``); ``result`` (a :class:`ChatResult`) is set once it has finished."""
+        messages, images = self._images(messages)
         plan = self._chat_plan(messages, tools, response_format, tool_choice, enable_thinking, options)
-        stream = self._start(plan.ids, plan.response_format, plan.options, plan.constraint)
+        stream = self._start(plan.ids, plan.response_format, plan.options, plan.constraint, images)
         return ChatStream(stream, ReasoningSplitter(plan.opened), plan.parse_tool_calls)
 
     def batched(self, max_batch: int = 8, prefill_tokens: int | None = None) -> BatchedLLM:
@@ -366,6 +370,26 @@ class LLM:
         if unknown:
             raise OptionError(f"unknown generation option(s) {unknown}; valid: {sorted(known)}")
         return self.artifact.generation_config(**sampling)
+
+    def _images(self, prompt: Any) -> tuple[Any, list[Any]]:
+        """A VL artifact: messages with their image parts replaced by the vision placeholder, and
+        the images loaded and preprocessed (a text artifact: as given, no images)."""
+        if self.multimodal is None or isinstance(prompt, str):
+            return prompt, []
+        from qwen_export.runtime.multimodal import image_sources
+
+        messages, sources = image_sources(prompt)
+        return messages, self.multimodal.prepare_images(sources)
+
+    def _register(self, ids: list[int], images: list[Any]) -> list[int]:
+        """Under the lock: a VL prompt's pad tokens expanded per image, the prompt registered with
+        the engine, and the cache cut back to before the first cached image it does not repeat."""
+        ids = self.multimodal.expand(ids, images)
+        valid = self.multimodal.set_prompt(ids, images)
+        cached = self.engine.num_cached_tokens
+        if cached > valid:
+            self._generator.rollback(cached - valid)
+        return ids
 
     def _prompt_ids(self, prompt: str | Sequence[Message], enable_thinking: bool | None) -> list[int]:
         """The token ids of a raw prompt (fed as is) or of chat messages (through their template)."""
@@ -431,10 +455,13 @@ class LLM:
         response_format: Mapping[str, Any] | ResponseFormat | None,
         sampling: dict[str, Any],
         constraint: Constraint | None = None,
+        images: list[Any] | None = None,
     ) -> TextStream:
         config, constraint = self._plan(response_format, sampling, constraint)
         self._lock.acquire()
         try:
+            if self.multimodal is not None:
+                ids = self._register(ids, images or [])
             events = (
                 self._generator.generate(ids, config, constraint=constraint)
                 if constraint is not None

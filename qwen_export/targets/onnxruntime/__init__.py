@@ -120,13 +120,15 @@ class OnnxRuntimeTarget:
         return [MoELowering(spec, explain=ctx.explain)]
 
     def emit(self, model: Any, out: Path, job: EmitJob) -> dict[str, Any]:
-        """model.onnx + model.onnx.data (streamed) and onnxruntime-genai's genai_config.json."""
+        """model.onnx + model.onnx.data (streamed) and onnxruntime-genai's genai_config.json (text models)."""
         from qwen_export.onnx_writer import io_signature
         from qwen_export.targets.onnxruntime.engine import emit
         from qwen_export.targets.onnxruntime.genai_config import write_genai_config
 
         emit(model, out, progress=job.progress)
         io = io_signature(model)
+        if "inputs_embeds" in io["inputs"]:  # a VL decoder: onnxruntime-genai's VLM configs are not written
+            return {"io": io}
         write_genai_config(
             out,
             job.spec,

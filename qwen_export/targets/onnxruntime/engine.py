@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from qwen_export.artifact import Manifest, read_artifact_file
-from qwen_export.errors import ArtifactError, EngineUnavailableError
+from qwen_export.errors import ArtifactError, EngineUnavailableError, OptionError
 from qwen_export.spec import ModelSpec
 from qwen_export.targets.base import (
     DEFAULT_KV_STEP,
@@ -136,24 +136,24 @@ def default_logits_rows(model: Any) -> bool:
 MAX_GRAPH_BYTES = 2**31  # protobuf's own limit for model.onnx (weights live in external data)
 
 
-def check_external_data(root: Path, manifest: Manifest) -> None:
-    """``model.onnx`` must be listed in the manifest, and every external-data location it names must
+def check_external_data(root: Path, manifest: Manifest, model_file: str = MODEL_FILE) -> None:
+    """``model_file`` must be listed in the manifest, and every external-data location it names must
     be a file the manifest lists (hashed, regular, inside: :func:`~qwen_export.artifact.load_manifest`
     checked the tree), before ONNX Runtime opens any of them itself."""
     import onnx
 
-    data = read_artifact_file(root, manifest, MODEL_FILE, MAX_GRAPH_BYTES)
+    data = read_artifact_file(root, manifest, model_file, MAX_GRAPH_BYTES)
     try:
         model = onnx.load_model_from_string(data)
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
-        raise ArtifactError(f"{root / MODEL_FILE}: not an ONNX model ({type(exc).__name__})") from None
+        raise ArtifactError(f"{root / model_file}: not an ONNX model ({type(exc).__name__})") from None
     tensors = list(model.graph.initializer)
     tensors += [a.t for node in model.graph.node for a in node.attribute if a.HasField("t")]
     for tensor in tensors:
         for entry in tensor.external_data:
             if entry.key == "location" and entry.value not in manifest.files:
                 raise ArtifactError(
-                    f"{root / MODEL_FILE}: tensor {tensor.name!r} reads external data from {entry.value!r}, "
+                    f"{root / model_file}: tensor {tensor.name!r} reads external data from {entry.value!r}, "
                     "which is not a file of this artifact; re-export it"
                 )
 
@@ -210,13 +210,46 @@ class OnnxRuntimeEngine:
         self._quant = manifest.extra.get("quantization") or {}
         self._fixed_kv = kv.get("layout") == "fixed"
         self._source = (Path(artifact_dir), manifest)
+        self._session_options = so
+        #: a vision-language artifact's inputs (embeddings, images, M-RoPE positions), else None
+        self.multimodal = self._multimodal(Path(artifact_dir), manifest)
+        self._vision: Any = None
         self.reset()
+
+    def _multimodal(self, root: Path, manifest: Manifest) -> Any:
+        record = manifest.extra.get("multimodal")
+        if "inputs_embeds" not in self._inputs:
+            return None
+        if not isinstance(record, dict):
+            raise ArtifactError(f"{root}: the decoder takes inputs_embeds but the manifest has no multimodal record")
+        from qwen_export.runtime.multimodal import MultimodalInputs
+
+        return MultimodalInputs(
+            root, record, self.spec.hidden_size, self.spec.vocab_size, self.dtype, self._encode_image
+        )
+
+    def _encode_image(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The vision tower on one image's patches (its session opened on first use)."""
+        if self._vision is None:
+            root, manifest = self._source
+            name = str(manifest.extra["multimodal"].get("vision_model", "vision.onnx"))
+            check_external_data(root, manifest, name)
+            try:
+                self._vision = self._ort.InferenceSession(
+                    os.fspath(root / name), self._session_options, providers=["CPUExecutionProvider"]
+                )
+            except Exception as exc:  # ORT raises its own types; report one line
+                first = str(exc).splitlines()[0]
+                raise ArtifactError(f"{root / name}: ONNX Runtime could not load it: {first}") from None
+        return self._vision.run(None, feeds)[0]
 
     def open_rows(self, max_rows: int) -> Any:
         """A :class:`~qwen_export.targets.base.RowBatch` of ``max_rows`` rows on this artifact
         (continuous batching; :mod:`.rows`): its own session and KV buffers."""
         from qwen_export.targets.onnxruntime.rows import OrtRows
 
+        if self.multimodal is not None:
+            raise OptionError("a vision-language artifact does not batch sequences yet: use LLM.chat / stream")
         root, manifest = self._source
         return OrtRows(self, max_rows, root, read_artifact_file(root, manifest, MODEL_FILE, MAX_GRAPH_BYTES))
 
@@ -243,6 +276,8 @@ class OnnxRuntimeEngine:
     def reset(self) -> None:
         self._mask: np.ndarray | None = None
         self._past: list[Any] | None = None
+        if self.multimodal is not None:
+            self.multimodal.truncate(0)
 
     def truncate(self, num_tokens: int) -> None:
         plan = plan_truncate(num_tokens, self.num_cached_tokens)
@@ -251,6 +286,8 @@ class OnnxRuntimeEngine:
             return
         if plan is Truncation.NOTHING:
             return
+        if self.multimodal is not None:
+            self.multimodal.truncate(num_tokens)
         assert self._mask is not None
         if self.shared_kv:  # the buffer keeps its columns; later steps overwrite them
             self._mask = self._mask[:, :num_tokens]
@@ -301,9 +338,13 @@ class OnnxRuntimeEngine:
         b = self._binding
         b.clear_binding_inputs()
         b.clear_binding_outputs()
-        b.bind_cpu_input("input_ids", ids)
         b.bind_cpu_input("attention_mask", mask)
         seq = ids.shape[1]
+        if self.multimodal is not None:  # embeddings with image features merged, M-RoPE positions
+            embeds, position_ids = self.multimodal.feeds(ids, mask.shape[1] - seq)
+            b.bind_cpu_input("inputs_embeds", embeds)
+        else:
+            b.bind_cpu_input("input_ids", ids)
         if "position_ids" in self._inputs:
             b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
         if "cache_position" in self._inputs:  # fixed layout: the buffer columns of the new tokens

@@ -1,0 +1,101 @@
+"""What a vision-language artifact holds beside its decoder graph (issue 25).
+
+A Qwen2-VL / Qwen2.5-VL artifact is three parts:
+
+- ``model.onnx``: the text decoder, traced with ``inputs_embeds`` [B, S, hidden] instead of
+  ``input_ids`` and M-RoPE ``position_ids`` [3, B, S], through the target's passes (quantized
+  like a text model's decoder);
+- ``vision.onnx``: the vision tower (:mod:`.vision_export`) in float32, patches in, merged image
+  features out;
+- ``embed_tokens.npy``: the token embedding table, which the runtime reads (memory-mapped, one row
+  per token) to build ``inputs_embeds`` and into which it merges the image features. Stored in the
+  decoder's activation dtype for a float export (so parity with transformers is exact), and as
+  float16 for a quantized one (its rounding, about 5e-4 relative, is far below int8/int4 weight
+  noise; it halves a 3B model's 1.2 GB table).
+
+The checkpoint's ``preprocessor_config.json`` (image size limits, normalisation) is copied when
+present; the runtime falls back to the Qwen2-VL processor defaults otherwise. ``manifest.extra
+["multimodal"]`` records the :class:`~qwen_export.vision.MultimodalSpec` and these file names.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qwen_export.errors import CheckpointError, OptionError
+from qwen_export.vision import MultimodalSpec, parse_multimodal
+
+VISION_STEM = "vision"
+EMBEDDINGS_FILE = "embed_tokens.npy"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+EMBEDDING_NAME = "model.embed_tokens.weight"
+#: targets whose runtime runs a VL artifact today
+VL_TARGETS = ("onnxruntime",)
+
+
+def checkpoint_multimodal(directory: str | Path) -> MultimodalSpec | None:
+    """The checkpoint's :class:`MultimodalSpec` when it is a Qwen2-VL / Qwen2.5-VL one, else None
+    (ConfigError for a VL config with a defect; a missing or unreadable config is left to the
+    checkpoint loader, which names it)."""
+    from qwen_export.spec import read_config_json
+
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None
+    return parse_multimodal(read_config_json(path), str(path))
+
+
+def check_target(target: str) -> None:
+    if target not in VL_TARGETS:
+        raise OptionError(
+            f"--target {target}: vision-language export is built for --target {' | '.join(VL_TARGETS)} so far "
+            "(the OpenVINO and TensorRT lowerings of the M-RoPE decoder are not written yet)"
+        )
+
+
+def embedding_dtype(activation_dtype: Any, quantized: bool) -> np.dtype:
+    return np.dtype(np.float16) if quantized else np.dtype(activation_dtype)
+
+
+def write_embeddings(source: Any, out_dir: Path, dtype: np.dtype) -> None:
+    """``embed_tokens.npy`` from the checkpoint's table (read once, cast, written)."""
+    if EMBEDDING_NAME not in source:
+        raise CheckpointError(f"the checkpoint has no {EMBEDDING_NAME}")
+    table = np.asarray(source.read(EMBEDDING_NAME))
+    if table.ndim != 2:
+        raise CheckpointError(f"{EMBEDDING_NAME} has shape {table.shape}; expected [vocab, hidden]")
+    np.save(out_dir / EMBEDDINGS_FILE, table.astype(dtype, copy=False), allow_pickle=False)
+
+
+def write_parts(
+    checkpoint: Any,
+    multimodal: MultimodalSpec,
+    out_dir: Path,
+    *,
+    activation_dtype: Any,
+    quantized: bool,
+    step: Callable[[str], None] = lambda name: None,
+) -> dict[str, Any]:
+    """Write the vision tower, the embedding table and the preprocessor config into ``out_dir``;
+    return ``manifest.extra["multimodal"]``."""
+    from qwen_export.export.vision_export import export_vision, input_names
+
+    step("vision")
+    export_vision(checkpoint, checkpoint.names(), multimodal.vision, out_dir, stem=VISION_STEM)
+    dtype = embedding_dtype(activation_dtype, quantized)
+    write_embeddings(checkpoint, out_dir, dtype)
+    preprocessor = checkpoint.directory / PREPROCESSOR_FILE
+    if preprocessor.is_file():
+        shutil.copyfile(preprocessor, out_dir / PREPROCESSOR_FILE)
+    return {
+        **multimodal.to_dict(),
+        "vision_model": f"{VISION_STEM}.onnx",
+        "vision_inputs": input_names(multimodal.vision),
+        "embeddings": EMBEDDINGS_FILE,
+        "embeddings_dtype": dtype.name,
+    }
