@@ -44,6 +44,9 @@ def test_vl_artifact_logits_match_transformers(vl_artifact) -> None:
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["extra"]["multimodal"]["vision_model"] == "vision.onnx"
     assert manifest["extra"]["multimodal"]["embeddings_dtype"] == "float32"  # a float export: exact
+    fused = {p["name"]: p["fired"] for p in manifest["passes"]}
+    assert fused["attention"] == {"group_query_attention": 2}  # M-RoPE decoder: GQA on rotated q/k
+    assert manifest["extra"]["kv_cache"]["layout"] == "shared"
     llm = qwen_export.load(artifact)
     mm, engine = llm.multimodal, llm.engine
     plain, sources = image_sources(_messages(_image(90, 140, seed=5), "Describe this."))

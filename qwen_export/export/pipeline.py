@@ -125,8 +125,7 @@ def _trace_and_emit(
     dump("traced", model)
     report = PassReport()
     context = _pass_context(options, hooks, max_length, stats, kv[0] if kv is not None else None)
-    # M-RoPE is not ONNX Runtime's RotaryEmbedding: a VL decoder keeps its attention unfused
-    passes, kv_layout = backend.passes(spec, options.fuse and not vl, context, report)
+    passes, kv_layout = backend.passes(spec, options.fuse, context, report)
     records, kv_layout = run_passes(model, passes, kv_layout, dump)
 
     timer.start("emit")

@@ -372,6 +372,78 @@ class _AttentionRule(pattern.RewriteRuleClassBase):
         return op.Reshape(y, flat)
 
 
+class _PrerotatedAttentionRule(_AttentionRule):
+    """The attention of a decoder whose rotary is not ``RotaryEmbedding`` (Qwen2-VL's M-RoPE: three
+    position streams): q and k arrive rotated, [B, H, S, D]; the replacement is the same
+    ``GroupQueryAttention`` with ``do_rotary=0``, fed q and k transposed back to [B, S, H*D]."""
+
+    def pattern(  # noqa: ANN201, PLR0913
+        self, op, q_rot, k_rot, v_in, v_shape, past_k, past_v, k_axes, k_expand, k_reshape,
+        v_axes, v_expand, v_reshape, scale, mask, out_shape,  # noqa: ANN001
+    ):  # fmt: skip
+        v = op.Transpose(op.Reshape(v_in, v_shape, _allow_other_attributes=True), perm=[0, 2, 1, 3])
+        present_k = op.Concat(past_k, k_rot, axis=2, _outputs=["present_k"])
+        present_v = op.Concat(past_v, v, axis=2, _outputs=["present_v"])
+        k_all = op.Reshape(
+            op.Expand(op.Unsqueeze(present_k, k_axes), k_expand), k_reshape, _allow_other_attributes=True
+        )
+        v_all = op.Reshape(
+            op.Expand(op.Unsqueeze(present_v, v_axes), v_expand), v_reshape, _allow_other_attributes=True
+        )
+        scores = op.MatMul(q_rot, op.Transpose(k_all, perm=[0, 1, 3, 2]))
+        if self._cast:
+            scores = op.Cast(scores, to=ir.DataType.FLOAT)
+        probs = op.Softmax(op.Add(op.Mul(scores, scale), mask), axis=-1)
+        if self._cast:
+            probs = op.Cast(probs, _allow_other_attributes=True)
+        out = op.Reshape(
+            op.Transpose(op.MatMul(probs, v_all), perm=[0, 2, 1, 3]),
+            out_shape,
+            _allow_other_attributes=True,
+            _outputs=["out"],
+        )
+        return out, present_k, present_v
+
+    def check(self, context, q_rot, k_rot, v_in, scale, mask, present_k, present_v, out, **kw):  # noqa: ANN001, ANN201, PLR0911
+        result = pattern.MatchResult()
+        q_shape, k_shape = q_rot.shape, k_rot.shape
+        if q_shape is None or k_shape is None or len(q_shape) != 4 or len(k_shape) != 4:
+            return result.fail("rotated q/k are not 4-D", q_rot)
+        heads, kv_heads, d = q_shape[1], k_shape[1], q_shape[3]
+        if not all(isinstance(n, int) for n in (heads, kv_heads, d)) or k_shape[3] != d or heads % kv_heads:
+            return result.fail("head counts or head size unknown, or heads not a multiple of KV heads", q_rot)
+        if v_in.shape is None or len(v_in.shape) != 3 or v_in.shape[2] != kv_heads * d:
+            return result.fail("value projection does not match the head layout", v_in)
+        for axes in (kw["k_axes"], kw["v_axes"]):
+            found = constant_array(axes)
+            if found is None or [int(a) for a in found.reshape(-1)] != [2]:
+                return result.fail("keys/values are not grouped along a new axis 2", axes)
+        s = constant_array(scale)
+        if s is None or s.size != 1:
+            return result.fail("score scale is not a scalar constant", scale)
+        info = analyse_mask(mask)
+        if isinstance(info, str):
+            return result.fail(info, mask)
+        for past in (present_k.producer().inputs[0], present_v.producer().inputs[0]):
+            if not past.is_graph_input():
+                return result.fail("past key/value is not a graph input", past)
+        self._match = dict(heads=heads, kv_heads=kv_heads, scale=float(s.reshape(())), mask=info)
+        return result
+
+    def rewrite(self, op, q_rot, k_rot, v_in, present_k, present_v, **kw):  # noqa: ANN001, ANN201
+        m = self._match
+        flat = self._shared.const(op, "gqa.flatten_heads", np.array([0, 0, -1], np.int64))
+        q = op.Reshape(op.Transpose(q_rot, perm=[0, 2, 1, 3]), flat)
+        k = op.Reshape(op.Transpose(k_rot, perm=[0, 2, 1, 3]), flat)
+        seqlens_k, total, bias, query_seqlens = self._shared.get(op, m["mask"].attention_mask, v_in.dtype)
+        return op.GroupQueryAttention(
+            q, k, v_in, present_k.producer().inputs[0], present_v.producer().inputs[0], seqlens_k, total,
+            None, None, None, bias, None, None, None, None, None, query_seqlens,
+            num_heads=m["heads"], kv_num_heads=m["kv_heads"], scale=m["scale"], do_rotary=0,
+            local_window_size=m["mask"].window or -1, _domain=MS_DOMAIN, _outputs=3,
+        )  # fmt: skip
+
+
 class AttentionFusion(GraphPass):
     """Fuse each layer's attention into ``GroupQueryAttention`` (ONNX Runtime lowering).
 
@@ -383,15 +455,32 @@ class AttentionFusion(GraphPass):
     counted = (RULE, "attentions")
     requires_ops = ("com.microsoft::RotaryEmbedding",)
 
-    def __init__(self, strict_expected: int | None = None, explain: Any = None) -> None:
+    def __init__(self, strict_expected: int | None = None, explain: Any = None, prerotated: bool = False) -> None:
+        """``prerotated``: the decoder's rotary is not ``RotaryEmbedding`` (M-RoPE); q and k come
+        rotated and GroupQueryAttention does no rotary of its own."""
         self.strict_expected = strict_expected
         self.explain = explain
+        self.prerotated = prerotated
+        if prerotated:
+            self.requires_ops = ()
 
     def rewrite(self, model: ir.Model) -> dict[str, int]:
         inputs = {v.name: v for v in model.graph.inputs}
-        if "input_ids" not in inputs:
-            raise FusionError("attention fusion needs the input_ids graph input")
-        shared = _Shared(inputs["input_ids"])
+        tokens = inputs.get("input_ids") or inputs.get("inputs_embeds")
+        if tokens is None:
+            raise FusionError("attention fusion needs the input_ids (or inputs_embeds) graph input")
+        shared = _Shared(tokens)
+        if self.prerotated:
+            rules = pattern.RewriteRuleSet(
+                [
+                    _PrerotatedAttentionRule.rule(f"{RULE}_prerotated{'_cast' if c else ''}", False, c, shared)
+                    for c in (False, True)
+                ]
+            )
+            fired = self.apply_rules(model, rules)
+            if fired:
+                model.opset_imports.setdefault(MS_DOMAIN, 1)
+            return {RULE: fired}
         rules = pattern.RewriteRuleSet(
             [
                 _AttentionRule.rule(

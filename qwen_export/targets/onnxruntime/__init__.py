@@ -84,8 +84,18 @@ class OnnxRuntimeTarget:
         def expected(count: int) -> int | None:
             return count if strict else None
 
-        inv_freq, scale = spec.rope_inv_freq_and_scale()
         norms = 2 * n + 1 + (2 * n if spec.qk_norm else 0)
+        if spec.mrope_section is not None:  # a VL decoder: M-RoPE is not RotaryEmbedding; GQA takes q/k rotated
+            return [
+                CleanupPass(),
+                RMSNormFusion(strict_expected=expected(norms), explain=ctx.explain),
+                AttentionFusion(strict_expected=expected(n), explain=ctx.explain, prerotated=True),
+                *quantize,
+                CleanupPass(),
+                SharedKVBuffer(n, strict=strict),
+                *self._int8_kv(ctx),
+            ], KVLayout.SHARED
+        inv_freq, scale = spec.rope_inv_freq_and_scale()
         passes = [
             CleanupPass(),
             RMSNormFusion(strict_expected=expected(norms), explain=ctx.explain),
