@@ -362,6 +362,8 @@ class LLM:
         """Forget the cached conversation."""
         with self._lock:
             self._generator.reset()
+            if self.multimodal is not None:  # encoded images too
+                self.multimodal.reset()
 
     # ------------------------------------------------------------------ internals
     def _config(self, sampling: dict[str, Any]) -> GenerationConfig:

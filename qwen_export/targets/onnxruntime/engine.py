@@ -225,10 +225,10 @@ class OnnxRuntimeEngine:
         from qwen_export.runtime.multimodal import MultimodalInputs
 
         return MultimodalInputs(
-            root, record, self.spec.hidden_size, self.spec.vocab_size, self.dtype, self._encode_image
+            root, record, self.spec.hidden_size, self.spec.vocab_size, self.dtype, self.encode_image
         )
 
-    def _encode_image(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def encode_image(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The vision tower on one image's patches (its session opened on first use)."""
         if self._vision is None:
             root, manifest = self._source
