@@ -165,6 +165,7 @@ def test_vl_int4_default_export(vl_artifact, tmp_path) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["extra"]["multimodal"]["embeddings_dtype"] == "float16"
     assert manifest["extra"]["quantization"]["algorithm"] == "gptq"
+    assert manifest["extra"]["quantization"]["kept"] == []  # the tied lm_head (a Gemm alone here) too
     image = _image(70, 90, seed=6)
     quantized, reference = _prompt_logits(out, image), _prompt_logits(artifact, image)
     p = np.exp(reference - reference.max(-1, keepdims=True))

@@ -396,7 +396,7 @@ class QuantizeWeights(GraphPass):
     @staticmethod
     def _embedding(graph: ir.Graph, misses: list[str]) -> tuple[ir.Value, bool] | None:
         """``(E, tied)`` when ``E`` is read by ``Gather(E, ids, axis=0)`` and, tied, by
-        ``Gemm(x, E, transB=1)`` only."""
+        ``Gemm(x, E, transB=1)`` only (or by the Gemm alone: a VL decoder takes embeddings as input)."""
         value = graph.initializers.get(EMBEDDING_NAME)
         if value is None:
             return None
@@ -423,7 +423,7 @@ class QuantizeWeights(GraphPass):
                 heads += 1
             else:
                 other.append(node.op_type)
-        if not gathers or other:
-            misses.append(f"{EMBEDDING_NAME}: used by {other or 'no Gather'}, not by Gather (and the tied Gemm) alone")
+        if other or not (gathers or heads):
+            misses.append(f"{EMBEDDING_NAME}: used by {other or 'nothing'}, not by Gather and the tied Gemm alone")
             return None
-        return value, heads > 0
+        return value, heads > 0  # heads only: a decoder fed inputs_embeds (VL) with a tied lm_head
