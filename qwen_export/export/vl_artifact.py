@@ -62,14 +62,23 @@ def embedding_dtype(activation_dtype: Any, quantized: bool) -> np.dtype:
     return np.dtype(np.float16) if quantized else np.dtype(activation_dtype)
 
 
+#: rows of the embedding table read and written at a time (16 MiB of float32 at hidden 2048)
+TABLE_CHUNK_ROWS = 2048
+
+
 def write_embeddings(source: Any, out_dir: Path, dtype: np.dtype) -> None:
-    """``embed_tokens.npy`` from the checkpoint's table (read once, cast, written)."""
+    """``embed_tokens.npy`` from the checkpoint's table, streamed in row chunks (bounded memory)."""
     if EMBEDDING_NAME not in source:
         raise CheckpointError(f"the checkpoint has no {EMBEDDING_NAME}")
-    table = np.asarray(source.read(EMBEDDING_NAME))
-    if table.ndim != 2:
-        raise CheckpointError(f"{EMBEDDING_NAME} has shape {table.shape}; expected [vocab, hidden]")
-    np.save(out_dir / EMBEDDINGS_FILE, table.astype(dtype, copy=False), allow_pickle=False)
+    shape = tuple(source.info(EMBEDDING_NAME).shape)
+    if len(shape) != 2:
+        raise CheckpointError(f"{EMBEDDING_NAME} has shape {shape}; expected [vocab, hidden]")
+    table = np.lib.format.open_memmap(out_dir / EMBEDDINGS_FILE, mode="w+", dtype=dtype, shape=shape)
+    for start in range(0, shape[0], TABLE_CHUNK_ROWS):
+        stop = min(shape[0], start + TABLE_CHUNK_ROWS)
+        table[start:stop] = source.read_rows(EMBEDDING_NAME, start, stop)
+    table.flush()
+    del table
 
 
 def write_parts(
