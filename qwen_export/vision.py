@@ -32,6 +32,19 @@ class VisionFamily(str, enum.Enum):
     QWEN2_5_VL = "qwen2_5_vl"
 
 
+class VisionWeights(str, enum.Enum):
+    """The exported vision tower's linear weights (``export --vision-weights``)."""
+
+    FP32 = "fp32"  # exact (the default)
+    INT8 = "int8"  # blockwise int8 (block 32, symmetric RTN) run as MatMulNBits with int8 activations
+
+    @classmethod
+    def parse(cls, value: Any) -> VisionWeights:
+        from qwen_export.spec import parse_choice
+
+        return parse_choice(cls, value, "--vision-weights")
+
+
 class VisionNorm(str, enum.Enum):
     LAYER_NORM = "layer_norm"
     RMS_NORM = "rms_norm"

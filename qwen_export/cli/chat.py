@@ -42,7 +42,7 @@ from qwen_export.cli.common import (
     sampling_options,
     speculation,
 )
-from qwen_export.cli.generate import response_format_option, user_content
+from qwen_export.cli.generate import ImageOpt, response_format_option, user_content
 from qwen_export.errors import OptionError
 
 
@@ -79,10 +79,7 @@ def chat(
     speculate: SpeculateOpt = None,
     max_draft_tokens: MaxDraftOpt = None,
     think: Think = None,
-    image: Annotated[
-        list[Path] | None,
-        typer.Option(help="An image file for the first message (Qwen2-VL / Qwen2.5-VL artifacts; repeatable)."),
-    ] = None,
+    image: ImageOpt = None,
 ) -> None:
     """Interactive multi-turn chat; earlier turns stay in the KV cache. Commands: /reset, /exit,
     and /image PATH (a VL artifact: the image goes with the next message).
@@ -126,13 +123,18 @@ def chat(
             err_console.print("[dim]conversation reset: the next message starts a new one[/]")
             continue
         if command.startswith("/image "):
-            try:
-                session.attach([Path(command.removeprefix("/image ").strip())], artifact)
-            except OptionError as exc:  # a typo in a path must not end the conversation
-                err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            _attach_typed(session, command, artifact)
             continue
         if command and not session.turn(line):
             return
+
+
+def _attach_typed(session: _Session, command: str, artifact: Path) -> None:
+    """``/image PATH``: the image goes with the next message; a bad path is reported, the chat goes on."""
+    try:
+        session.attach([Path(command.removeprefix("/image ").strip())], artifact)
+    except OptionError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
 
 
 def enable_line_editing() -> bool:

@@ -117,10 +117,17 @@ def _check_vision(
     multimodal = loaded.engine.multimodal
     ref = parity_vl.VisionReference(reference, prompt.patches, multimodal.spec)
     quantized = loaded.manifest.extra.get("quantization")
-    limits = parity.thresholds_for(DType.parse(loaded.manifest.dtype), quantized)
+    int8_tower = (loaded.manifest.extra.get("multimodal") or {}).get("vision_weights") == "int8"
+    # an int8 tower's features move the decoder's logits as int8 weights would
+    weights = quantized if quantized or not int8_tower else {"weights": "int8"}
+    limits = parity.thresholds_for(DType.parse(loaded.manifest.dtype), weights)
     report = parity.check(loaded.engine, ref, prompt.ids, DType.parse(loaded.manifest.dtype), greedy, limits,
                           greedy_prompt=prompt.ids)  # fmt: skip
-    report = dataclasses.replace(report, vision_relative_error=parity_vl.vision_error(loaded.engine, ref, prompt))
+    report = dataclasses.replace(
+        report,
+        vision_relative_error=parity_vl.vision_error(loaded.engine, ref, prompt),
+        max_vision_relative_error=parity_vl.INT8_TOWER_ERROR if int8_tower else report.max_vision_relative_error,
+    )
     if as_json:
         console.print_json(json.dumps(parity.to_dict(report)))
     else:
@@ -128,6 +135,9 @@ def _check_vision(
         print_parity(report, f"parity: {artifact} vs transformers, image {prompt.patches.grid_thw} + text ({shown})")
     if not report.passed:
         err_console.print(f"[bold red]parity FAILED:[/] {'; '.join(report.failures)}", highlight=False)
+        note = parity.toy_model_note(loaded.manifest.spec, weights)
+        if note is not None:
+            err_console.print(note, highlight=False, markup=False)
         raise typer.Exit(1)
 
 

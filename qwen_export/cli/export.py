@@ -165,6 +165,14 @@ Block = Annotated[
         "every tensor at --block-size.",
     ),
 ]
+VisionWeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--vision-weights",
+        help="A Qwen2-VL / Qwen2.5-VL checkpoint's vision tower: fp32 (default, exact) | int8 (blockwise int8 "
+        "linears with int8 activations: a quarter of the bytes, several times faster image encoding).",
+    ),
+]
 KVCacheExport = Annotated[
     str | None,
     typer.Option(
@@ -212,6 +220,7 @@ def export(
     block: Block = None,
     max_batch: MaxBatch = None,
     kv_cache: KVCacheExport = None,
+    vision_weights: VisionWeightsOpt = None,
 ) -> None:
     """Export CHECKPOINT to an engine artifact in OUTPUT (written atomically)."""
     if symmetric and asymmetric:
@@ -245,6 +254,7 @@ def export(
         rope_original_max=rope_original_max,
         max_batch=max_batch,
         kv_cache=kv_cache,
+        vision_weights=vision_weights,
         fuse=fuse,
         strict=strict,
         explain=explain,

@@ -37,6 +37,11 @@ from qwen_export.cli.common import (
 )
 from qwen_export.errors import OptionError
 
+ImageOpt = Annotated[
+    list[Path] | None,
+    typer.Option(help="An image file for a Qwen2-VL / Qwen2.5-VL artifact (repeatable): before the (first) message."),
+]
+
 
 @app.command()
 @handles_errors
@@ -67,10 +72,7 @@ def generate(
     speculate: SpeculateOpt = None,
     max_draft_tokens: MaxDraftOpt = None,
     think: Think = None,
-    image: Annotated[
-        list[Path] | None,
-        typer.Option(help="An image file for a Qwen2-VL / Qwen2.5-VL artifact (repeatable), put before PROMPT."),
-    ] = None,
+    image: ImageOpt = None,
 ) -> None:
     """Generate a completion for PROMPT, streamed to the terminal.
 

@@ -35,6 +35,7 @@ from qwen_export.spec import (
     Target,
     parse_choice,
 )
+from qwen_export.vision import VisionWeights
 
 if TYPE_CHECKING:
     from qwen_export.targets.protocol import TargetBackend
@@ -57,6 +58,7 @@ class ExportOptions:
     calibration: Path | None = None  # AWQ/GPTQ calibration text (UTF-8); None: the built-in text
     max_batch: int = 1  # TensorRT: the batch its optimization profiles are built for (build-engine may change it)
     kv_cache: KVCacheDType | None = None  # ONNX Runtime: the KV cache's element type; None: the activations'
+    vision_weights: VisionWeights = VisionWeights.FP32  # a VL checkpoint's vision tower
 
     def __post_init__(self) -> None:
         if self.accuracy_level not in range(5):
@@ -147,6 +149,7 @@ def export_options(
     rope_original_max: int | None = None,
     max_batch: int | None = None,
     kv_cache: str | KVCacheDType | None = None,
+    vision_weights: str | VisionWeights | None = None,
     fuse: bool = True,
     strict: bool = True,
     explain: bool = False,
@@ -156,11 +159,9 @@ def export_options(
 ) -> ExportOptions:
     """ExportOptions from the values of ``qwen-export export``'s flags (None: the flag not given).
 
-    ``checkpoint``: the checkpoint directory; a pre-quantized (AWQ/GPTQ) one keeps its own
-    quantization by default (see :func:`prequantized_default`). ``keep`` is comma-separated
-    (``"embedding,lm_head"``) or a list, ``keep_layers`` likewise (``"0,23"``). ``message`` hears
-    how the target adapted the options (e.g. TensorRT requantizing asymmetric weights symmetric).
-    Raises :class:`OptionError` with the message the CLI prints.
+    ``checkpoint``: the checkpoint directory; a pre-quantized (AWQ/GPTQ) one keeps its quantization by
+    default (:func:`prequantized_default`). ``keep`` / ``keep_layers``: comma-separated or lists. ``message``
+    hears how the target adapted the options. Raises :class:`OptionError` with the message the CLI prints.
     """
     dump = _dump_dir(dump_dir, explain, fuse)
     engine_target = Target.parse(target, "target")
@@ -203,6 +204,7 @@ def export_options(
         accuracy_level=4 if accuracy_level is None else accuracy_level,
         calibration=Path(calibration) if calibration is not None else None,
         kv_cache=None if kv_cache is None else KVCacheDType.parse(kv_cache, "--kv-cache"),
+        vision_weights=VisionWeights.FP32 if vision_weights is None else VisionWeights.parse(vision_weights),
     )
 
 

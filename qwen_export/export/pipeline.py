@@ -104,18 +104,16 @@ def _trace_and_emit(
     timer: _PhaseTimer,
     prepared: tuple[int, list[str], Any, dict[str, Any] | None, Any, Any, Any],
 ) -> artifact.Manifest:
-    """Trace, bind ``weights`` (the checkpoint or GPTQ's view of it), run the passes, emit.
-    ``prepared``: the max length, tokenizer files, AWQ statistics, calibration record, the inputs
-    an ``--overwrite`` must not remove, the int8 KV cache's (ranges, record) or None, and the
-    MultimodalSpec of a vision-language checkpoint or None."""
+    """Trace, bind ``weights`` (the checkpoint or GPTQ's view of it), run the passes, emit. ``prepared``:
+    max length, tokenizer files, AWQ statistics, calibration record, the inputs an ``--overwrite`` must
+    not remove, the int8 KV cache's (ranges, record) or None, a VL checkpoint's MultimodalSpec or None."""
     max_length, tokenizer_files, stats, calibration, keep, kv, multimodal = prepared
     spec, backend = ckpt.spec, options.backend
     timer.start("trace")
     from qwen_export.export.trace import TraceOptions, bind_weights, trace
 
     vl = multimodal is not None  # the decoder takes inputs_embeds and M-RoPE position_ids
-    traced = TraceOptions(dtype=options.graph_dtype, logits=options.logits, cache=backend.cache_io, embeds_input=vl)
-    model = trace(spec, traced)
+    model = trace(spec, TraceOptions(options.graph_dtype, options.logits, cache=backend.cache_io, embeds_input=vl))
     bind_weights(model, spec, weights)
 
     timer.start("passes")
@@ -146,16 +144,7 @@ def _trace_and_emit(
         )
         target_extra = backend.emit(model, staging.path, job)
         if multimodal is not None:
-            from qwen_export.export.vl_artifact import write_parts
-
-            target_extra["multimodal"] = write_parts(
-                ckpt,
-                multimodal,
-                staging.path,
-                activation_dtype=np.float16 if options.graph_dtype is DType.FP16 else np.float32,
-                quantized=options.quant is not None,
-                step=hooks.step,
-            )
+            target_extra["multimodal"] = _write_multimodal(ckpt, multimodal, staging.path, options, hooks)
         kv_cache: dict[str, Any] = {
             "layout": kv_layout.value,
             "capacity": max_length,
@@ -185,6 +174,21 @@ def _trace_and_emit(
             },
         )
     return artifact.load_manifest(out, verify=False)
+
+
+def _write_multimodal(ckpt: Checkpoint, multimodal: Any, out: Path, options: ExportOptions, hooks: ExportHooks) -> Any:
+    """A VL artifact's vision tower, embedding table and preprocessor config; its manifest record."""
+    from qwen_export.export.vl_artifact import write_parts
+
+    return write_parts(
+        ckpt,
+        multimodal,
+        out,
+        activation_dtype=np.float16 if options.graph_dtype is DType.FP16 else np.float32,
+        quantized=options.quant is not None,
+        vision_weights=options.vision_weights,
+        step=hooks.step,
+    )
 
 
 def _context_record(spec: ModelSpec, options: ExportOptions, max_length: int) -> dict[str, Any]:

@@ -9,6 +9,7 @@ it under ``model.visual.``. Both are read. The patch embedding's Conv3d kernel
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -104,12 +105,20 @@ def bind_vision(model: ir.Model, spec: VisionSpec, source: WeightSource, names: 
 
 
 def export_vision(
-    source: WeightSource, names: list[str], spec: VisionSpec, out_dir: Path, stem: str = "vision"
+    source: WeightSource,
+    names: list[str],
+    spec: VisionSpec,
+    out_dir: Path,
+    stem: str = "vision",
+    rewrite: Callable[[ir.Model], None] | None = None,
 ) -> Path:
-    """Write ``out_dir/<stem>.onnx`` (+ ``.onnx.data``) for the tower; return the model path."""
+    """Write ``out_dir/<stem>.onnx`` (+ ``.onnx.data``) for the tower; return the model path.
+    ``rewrite``: applied to the bound graph before it is written (e.g. int8 weights)."""
     from qwen_export.onnx_writer import write_onnx
 
     model = trace_vision(spec)
     bind_vision(model, spec, source, names)
+    if rewrite is not None:
+        rewrite(model)
     write_onnx(model, out_dir, f"{stem}.onnx", f"{stem}.onnx.data")
     return out_dir / f"{stem}.onnx"

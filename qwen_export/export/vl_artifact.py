@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from qwen_export.errors import CheckpointError, OptionError
-from qwen_export.vision import MultimodalSpec, parse_multimodal
+from qwen_export.vision import MultimodalSpec, VisionWeights, parse_multimodal
 
 VISION_STEM = "vision"
 EMBEDDINGS_FILE = "embed_tokens.npy"
@@ -88,6 +88,7 @@ def write_parts(
     *,
     activation_dtype: Any,
     quantized: bool,
+    vision_weights: VisionWeights = VisionWeights.FP32,
     step: Callable[[str], None] = lambda name: None,
 ) -> dict[str, Any]:
     """Write the vision tower, the embedding table and the preprocessor config into ``out_dir``;
@@ -95,7 +96,8 @@ def write_parts(
     from qwen_export.export.vision_export import export_vision, input_names
 
     step("vision")
-    export_vision(checkpoint, checkpoint.names(), multimodal.vision, out_dir, stem=VISION_STEM)
+    rewrite = quantize_tower if vision_weights is VisionWeights.INT8 else None
+    export_vision(checkpoint, checkpoint.names(), multimodal.vision, out_dir, stem=VISION_STEM, rewrite=rewrite)
     dtype = embedding_dtype(activation_dtype, quantized)
     write_embeddings(checkpoint, out_dir, dtype)
     preprocessor = checkpoint.directory / PREPROCESSOR_FILE
@@ -107,4 +109,30 @@ def write_parts(
         "vision_inputs": input_names(multimodal.vision),
         "embeddings": EMBEDDINGS_FILE,
         "embeddings_dtype": dtype.name,
+        "vision_weights": vision_weights.value,
     }
+
+
+#: the tower's int8 scheme: symmetric round-to-nearest in blocks of 32 along K
+TOWER_BLOCK = 32
+
+
+def quantize_tower(model: Any) -> None:
+    """``--vision-weights int8``: every linear weight of the tower (``*.weight_t`` [K, N], the B of
+    a MatMul) -> blockwise int8, lowered to ``MatMulNBits`` (bits 8, int8 activations, the bias
+    folded in), as the decoder's int8 weights are. A weight whose K is not a multiple of the block
+    stays float32."""
+    from qwen_export.passes.quantize import WeightQuant, _dequantize
+    from qwen_export.quant.scheme import QuantAlgorithm
+    from qwen_export.targets.onnxruntime.matmulnbits import MatMulNBitsLowering
+
+    how = WeightQuant(8, TOWER_BLOCK, 0, True, QuantAlgorithm.RTN)
+    graph = model.graph
+    for name, value in list(graph.initializers.items()):
+        uses = list(value.uses())
+        shape = value.shape
+        if not name.endswith(".weight_t") or shape is None or len(shape) != 2 or int(shape[0]) % TOWER_BLOCK:
+            continue
+        if uses and all(u.node.op_type == "MatMul" and u.idx == 1 for u in uses):
+            _dequantize(graph, value, how)
+    MatMulNBitsLowering(accuracy_level=4, compact_scales=True).rewrite(model)

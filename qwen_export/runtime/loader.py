@@ -81,6 +81,7 @@ def open_artifact(path: str | Path, options: RuntimeOptions | None = None, verif
     manifest = load_manifest(root, verify=verify)
     target = Target.parse(manifest.target, "target in manifest.json")
     engine = targets.get(_engine_for(root, target, options)).open_engine(root, manifest, options)
+    _attach_multimodal(root, manifest, engine)
     tokenizer = Tokenizer.from_dir(root, reader=artifact_reader(root, manifest))
     defaults = read_generation_defaults(root, manifest)
     return LoadedArtifact(root, manifest, engine, tokenizer, defaults)
@@ -166,3 +167,19 @@ def _engine_for(root: Path, target: Target, options: RuntimeOptions) -> Target:
         if backend.target is not engine:
             raise OptionError(backend.foreign_options_error(root, target))
     return engine
+
+
+def _attach_multimodal(root: Path, manifest: Any, engine: Any) -> None:
+    """A vision-language artifact: give its engine the :class:`~qwen_export.runtime.multimodal.
+    MultimodalInputs` it feeds the decoder from (engines that run one expose ``encode_image``)."""
+    record = manifest.extra.get("multimodal")
+    if record is None:
+        return
+    if not isinstance(record, dict) or not hasattr(engine, "encode_image"):
+        raise ArtifactError(f"{root}: a vision-language artifact this engine cannot run (manifest.extra.multimodal)")
+    from qwen_export.runtime.multimodal import MultimodalInputs
+
+    spec = engine.spec
+    engine.multimodal = MultimodalInputs(
+        root, record, spec.hidden_size, spec.vocab_size, engine.dtype, engine.encode_image
+    )

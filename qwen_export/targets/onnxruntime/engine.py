@@ -211,22 +211,11 @@ class OnnxRuntimeEngine:
         self._fixed_kv = kv.get("layout") == "fixed"
         self._source = (Path(artifact_dir), manifest)
         self._session_options = so
-        #: a vision-language artifact's inputs (embeddings, images, M-RoPE positions), else None
-        self.multimodal = self._multimodal(Path(artifact_dir), manifest)
+        #: a vision-language artifact's inputs (embeddings, images, M-RoPE positions): attached by the
+        #: runtime's loader (``runtime.multimodal.MultimodalInputs``); None for a text artifact
+        self.multimodal: Any = None
         self._vision: Any = None
         self.reset()
-
-    def _multimodal(self, root: Path, manifest: Manifest) -> Any:
-        record = manifest.extra.get("multimodal")
-        if "inputs_embeds" not in self._inputs:
-            return None
-        if not isinstance(record, dict):
-            raise ArtifactError(f"{root}: the decoder takes inputs_embeds but the manifest has no multimodal record")
-        from qwen_export.runtime.multimodal import MultimodalInputs
-
-        return MultimodalInputs(
-            root, record, self.spec.hidden_size, self.spec.vocab_size, self.dtype, self.encode_image
-        )
 
     def encode_image(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The vision tower on one image's patches (its session opened on first use)."""
@@ -340,7 +329,9 @@ class OnnxRuntimeEngine:
         b.clear_binding_outputs()
         b.bind_cpu_input("attention_mask", mask)
         seq = ids.shape[1]
-        if self.multimodal is not None:  # embeddings with image features merged, M-RoPE positions
+        if "inputs_embeds" in self._inputs:  # embeddings with image features merged, M-RoPE positions
+            if self.multimodal is None:
+                raise ArtifactError("a vision-language decoder needs its inputs: open it with qwen_export.load")
             embeds, position_ids = self.multimodal.feeds(ids, mask.shape[1] - seq)
             b.bind_cpu_input("inputs_embeds", embeds)
         else:
