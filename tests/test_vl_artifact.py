@@ -191,7 +191,8 @@ def test_vl_check_against_transformers(vl_artifact) -> None:
 
 @pytest.mark.parametrize("vl_artifact", ["qwen2_5_vl"], indirect=True)
 def test_vl_int8_vision_tower(vl_artifact, tmp_path) -> None:
-    """`--vision-weights int8`: the tower's linears become 8-bit MatMulNBits, its features stay within INT8_TOWER_ERROR of transformers' (measured 0.034 on this
+    """`--vision-weights int8`: the tower's linears become 8-bit MatMulNBits, its features stay
+    within INT8_TOWER_ERROR of transformers' (measured 0.034 on this
     random model), and a bad value is one line."""
     import onnx
 
