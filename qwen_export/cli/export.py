@@ -170,7 +170,7 @@ VisionWeightsOpt = Annotated[
     typer.Option(
         "--vision-weights",
         help="A Qwen2-VL / Qwen2.5-VL checkpoint's vision tower: fp32 (default, exact) | int8 (blockwise int8 "
-        "linears with int8 activations: a quarter of the bytes, several times faster image encoding).",
+        "linears with int8 activations: under half the bytes; not faster to encode yet).",
     ),
 ]
 KVCacheExport = Annotated[
