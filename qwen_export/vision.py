@@ -96,6 +96,13 @@ class VisionSpec:
     def windowed(self) -> bool:
         return self.family is VisionFamily.QWEN2_5_VL and self.window_size > 0
 
+    @property
+    def window_patches(self) -> int:
+        """Patches in a full attention window (Qwen2.5-VL; windows at the frame's right and bottom
+        edges hold fewer): ``window_size`` pixels square, counted in merged tokens."""
+        side = self.window_size // self.spatial_merge_size // self.patch_size
+        return side * side * self.merge_unit
+
     def is_full_attention(self, block: int) -> bool:
         return not self.windowed or block in self.fullatt_block_indexes
 

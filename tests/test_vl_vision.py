@@ -203,6 +203,19 @@ def test_window_layout_matches_transformers(grid) -> None:
     np.testing.assert_array_equal(vi.vision_position_ids(grid, 2), get_vision_position_ids(grid_thw, 2).numpy())
 
 
+def test_window_slots_pad_each_window_and_invert() -> None:
+    # windows 0 and 3 hold patches, 1 and 2 none (cut away at an edge): compacted to two windows
+    window_ids = np.array([0, 0, 0, 3, 3], dtype=np.int64)
+    feeds = vi.window_slots(window_ids, 4)
+    np.testing.assert_array_equal(feeds["window_slots"], [[0, 1, 2, 0], [3, 4, 0, 0]])
+    np.testing.assert_array_equal(feeds["window_rows"], [0, 1, 2, 4, 5])
+    np.testing.assert_array_equal(feeds["window_slots"].reshape(-1)[feeds["window_rows"]], np.arange(5))
+    low = np.finfo(np.float32).min
+    np.testing.assert_array_equal(feeds["window_mask"], [[0, 0, 0, low], [0, 0, low, low]])
+    with pytest.raises(OptionError, match="more than 2 patches"):
+        vi.window_slots(window_ids, 2)
+
+
 # ---------------------------------------------------------------- the exported tower
 
 
@@ -235,7 +248,9 @@ def test_vision_tower_matches_transformers(vl_export, height, width) -> None:
     patches = vi.preprocess_image(_image(height, width, seed=width), processing)
     feeds, restore = vi.encoder_feeds(patches, multimodal.vision)
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    (features,) = session.run(None, feeds)
+    names = [value.name for value in session.get_inputs()]
+    assert "window_ids" not in names
+    (features,) = session.run(None, {name: feeds[name] for name in names})
     if restore is not None:
         features = features[restore]
     reference = _reference_features(ckpt, patches.pixel_values, patches.grid_thw)

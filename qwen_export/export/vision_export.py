@@ -20,7 +20,7 @@ from qwen_export.export.trace import export_module
 from qwen_export.vision import VisionSpec
 from qwen_export.weights import CheckpointTensor, WeightSource, _Binding
 
-VISION_INPUTS = ("pixel_values", "position_ids", "segment_ids", "window_ids")
+VISION_INPUTS = ("pixel_values", "position_ids", "segment_ids", "window_slots", "window_mask", "window_rows")
 VISION_OUTPUT = "image_embeds"
 _PREFIXES = ("visual.", "model.visual.")
 _TRACE_PATCHES = 32  # patches in the traced example (a multiple of every merge unit); symbolic after
@@ -45,19 +45,28 @@ def trace_vision(spec: VisionSpec) -> ir.Model:
             torch.zeros(n, dtype=torch.int64),
         )
         if spec.windowed:
-            args += (torch.zeros(n, dtype=torch.int64),)
+            windows, width = 3, spec.window_patches  # a traced example; only the shapes matter
+            args += (
+                torch.zeros(windows, width, dtype=torch.int64),
+                torch.zeros(windows, width),
+                torch.zeros(n, dtype=torch.int64),
+            )
     patches = torch.export.Dim("patches", min=spec.merge_unit)
-    shapes: tuple = ({0: patches}, {0: patches}, {0: patches}) + (({0: patches},) if spec.windowed else ())
+    shapes: tuple = ({0: patches}, {0: patches}, {0: patches})
+    if spec.windowed:
+        windows_dim = torch.export.Dim("windows", min=1)
+        shapes += ({0: windows_dim}, {0: windows_dim}, {0: patches})
     model = export_module(module, args, input_names(spec), [VISION_OUTPUT], shapes)
     _name_dims(model)
     return model
 
 
 def _name_dims(model: ir.Model) -> None:
-    patches, tokens = ir.SymbolicDim("patches"), ir.SymbolicDim("image_tokens")
+    patches, tokens, windows = ir.SymbolicDim("patches"), ir.SymbolicDim("image_tokens"), ir.SymbolicDim("windows")
     for value in model.graph.inputs:
         assert value.shape is not None
-        value.shape = ir.Shape([patches, *value.shape.dims[1:]])
+        first = windows if value.name in ("window_slots", "window_mask") else patches
+        value.shape = ir.Shape([first, *value.shape.dims[1:]])
     out = model.graph.outputs[0]
     assert out.shape is not None
     out.shape = ir.Shape([tokens, out.shape.dims[1]])

@@ -9,9 +9,16 @@ and feeds as index inputs, so the graph itself has no data-dependent control flo
     pixel_values [N, C*T*P*P] float32   patches (Qwen2.5-VL: in window order)
     position_ids [N, 2] int64           each patch's (row, column) in its frame, same order
     segment_ids  [N] int64              the frame of each patch: full-attention blocks attend within it
-    window_ids   [N] int64              (Qwen2.5-VL) the window of each patch: the other blocks
+    (Qwen2.5-VL only; the windowed blocks, W = ``VisionSpec.window_patches``:)
+    window_slots [windows, W] int64     the patch in each slot of each window (a padding slot: 0)
+    window_mask  [windows, W] float32   0 for a patch, the most negative float for a padding slot
+    window_rows  [N] int64              each patch's slot (row-major in window_slots)
       -> image_embeds [N / merge^2, hidden] float32   (Qwen2.5-VL: in window order; the runtime
                                                         puts them back)
+
+A windowed block gathers q, k and v into [heads, windows, W, head_dim] and attends within each
+window (scores [heads, windows, W, W]: linear in N), then gathers the patches back; only the
+full-attention blocks form the [N, N] scores.
 
 Layout choices: the patch embedding (a Conv3d whose stride equals its kernel) is one ``MatMul``
 against the kernel flattened to [C*T*P*P, embed] (initializer ``patch_embed.proj.weight_t``);
@@ -22,11 +29,25 @@ the segment (or window) ids, the softmax in float32.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from qwen_export.export.modeling import Linear, RMSNorm, rotate_half
 from qwen_export.vision import VisionNorm, VisionSpec
+
+
+class Windows(NamedTuple):
+    """The windowed blocks' layout (the module docstring's ``window_*`` inputs); ``bias`` is the
+    mask as [1, windows, 1, W], added to scores [H, windows, W, W]."""
+
+    slots: torch.Tensor
+    bias: torch.Tensor
+    rows: torch.Tensor
+
+
+Mask = torch.Tensor | Windows  # a dense [N, N] additive bias, or windows
 
 
 class LayerNorm(nn.Module):
@@ -72,16 +93,29 @@ class VisionAttention(nn.Module):
         self.qkv = Linear(spec.embed_dim, 3 * spec.embed_dim, True, torch.float32)
         self.proj = Linear(spec.embed_dim, spec.embed_dim, True, torch.float32)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).reshape(n, 3, self.heads, self.head_dim).permute(1, 2, 0, 3).unbind(0)
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)  # [1, N, D] against [H, N, D]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        scores = torch.matmul(q, k.transpose(-1, -2)) * (self.head_dim**-0.5) + bias
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs, v).transpose(0, 1).reshape(n, self.heads * self.head_dim)
-        return self.proj(out)
+        if isinstance(mask, Windows):
+            out = self._windowed(q, k, v, mask)
+        else:
+            out = _attend(q, k, v, mask, self.head_dim)
+        return self.proj(out.transpose(0, 1).reshape(n, self.heads * self.head_dim))
+
+    def _windowed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Windows) -> torch.Tensor:
+        shape = (self.heads, -1, windows.slots.shape[1], self.head_dim)  # [H, windows, W, D]
+        slots = windows.slots.reshape(-1)
+        q, k, v = (t.index_select(1, slots).reshape(shape) for t in (q, k, v))
+        out = _attend(q, k, v, windows.bias, self.head_dim)
+        return out.reshape(self.heads, -1, self.head_dim).index_select(1, windows.rows)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, head_dim: int) -> torch.Tensor:
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (head_dim**-0.5) + bias
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
 class VisionMLP(nn.Module):
@@ -110,8 +144,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(spec)
         self.mlp = VisionMLP(spec)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, bias)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -156,15 +190,19 @@ class VisionTower(nn.Module):
         pixel_values: torch.Tensor,
         position_ids: torch.Tensor,
         segment_ids: torch.Tensor,
-        window_ids: torch.Tensor | None = None,
+        window_slots: torch.Tensor | None = None,
+        window_mask: torch.Tensor | None = None,
+        window_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.patch_embed(pixel_values)
         freqs = position_ids.to(torch.float32).unsqueeze(-1) * self.rotary_inv_freq  # [N, 2, D/4]
         freqs = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
         freqs = torch.cat([freqs, freqs], dim=-1)  # [N, D]
         cos, sin = freqs.cos(), freqs.sin()
-        full = _segment_bias(segment_ids)
-        windowed = _segment_bias(window_ids) if window_ids is not None else full
+        full: Mask = _segment_bias(segment_ids)
+        windowed = full
+        if window_slots is not None and window_mask is not None and window_rows is not None:
+            windowed = Windows(window_slots, window_mask.unsqueeze(1).unsqueeze(0), window_rows)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, full if self.spec.is_full_attention(i) else windowed)
         return self.merger(x)

@@ -304,6 +304,30 @@ def encoder_feeds(patches: ImagePatches, vision: VisionSpec) -> tuple[dict[str, 
         "pixel_values": np.ascontiguousarray(pixels[rows]),
         "position_ids": np.ascontiguousarray(positions[rows]),
         "segment_ids": segments[rows],
-        "window_ids": window_ids,
+        **window_slots(window_ids, vision.window_patches),
+        "window_ids": window_ids,  # the dense-mask towers of artifacts made before window_slots
     }
     return feeds, np.argsort(order)
+
+
+def window_slots(window_ids: np.ndarray, width: int) -> dict[str, np.ndarray]:
+    """The windowed blocks' inputs from each patch's window (``window_ids``, non-decreasing):
+    ``window_slots`` [windows, width] (the patch in each slot, 0 in a padding slot),
+    ``window_mask`` [windows, width] float32 (0, or the most negative float for padding) and
+    ``window_rows`` [patches] (each patch's slot, row-major)."""
+    _, dense = np.unique(window_ids, return_inverse=True)  # windows cut away at the edges hold none
+    count = int(dense[-1]) + 1 if dense.size else 0
+    starts = np.searchsorted(dense, np.arange(count))
+    offsets = np.arange(dense.size) - starts[dense]
+    if offsets.size and int(offsets.max()) >= width:
+        raise OptionError(f"an attention window holds more than {width} patches")
+    rows = (dense * width + offsets).astype(np.int64)
+    slots = np.zeros(count * width, dtype=np.int64)
+    slots[rows] = np.arange(window_ids.size)
+    mask = np.full(count * width, np.finfo(np.float32).min, dtype=np.float32)
+    mask[rows] = 0.0
+    return {
+        "window_slots": slots.reshape(count, width),
+        "window_mask": mask.reshape(count, width),
+        "window_rows": rows,
+    }

@@ -230,7 +230,8 @@ class OnnxRuntimeEngine:
             except Exception as exc:  # ORT raises its own types; report one line
                 first = str(exc).splitlines()[0]
                 raise ArtifactError(f"{root / name}: ONNX Runtime could not load it: {first}") from None
-        return self._vision.run(None, feeds)[0]
+        names = {value.name for value in self._vision.get_inputs()}
+        return self._vision.run(None, {name: feeds[name] for name in names})[0]
 
     def open_rows(self, max_rows: int) -> Any:
         """A :class:`~qwen_export.targets.base.RowBatch` of ``max_rows`` rows on this artifact
