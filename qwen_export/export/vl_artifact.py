@@ -113,26 +113,12 @@ def write_parts(
     }
 
 
-#: the tower's int8 scheme: symmetric round-to-nearest in blocks of 32 along K
-TOWER_BLOCK = 32
-
-
 def quantize_tower(model: Any) -> None:
-    """``--vision-weights int8``: every linear weight of the tower (``*.weight_t`` [K, N], the B of
-    a MatMul) -> blockwise int8, lowered to ``MatMulNBits`` (bits 8, int8 activations, the bias
-    folded in), as the decoder's int8 weights are. A weight whose K is not a multiple of the block
-    stays float32."""
-    from qwen_export.passes.quantize import WeightQuant, _dequantize
-    from qwen_export.quant.scheme import QuantAlgorithm
-    from qwen_export.targets.onnxruntime.matmulnbits import MatMulNBitsLowering
+    """``--vision-weights int8``: every linear of the tower but the patch embedding (``*.weight_t``
+    [K, N], the B of a MatMul) -> per-column int8 weights with dynamically quantized int8
+    activations (ONNX Runtime's ``DynamicQuantizeMatMul``, :mod:`~qwen_export.targets.onnxruntime.
+    dynamic_int8`), the biases folded in. The patch embedding reads raw pixels and is cheap (K =
+    1176): it stays float32."""
+    from qwen_export.targets.onnxruntime.dynamic_int8 import lower_dynamic_int8
 
-    how = WeightQuant(8, TOWER_BLOCK, 0, True, QuantAlgorithm.RTN)
-    graph = model.graph
-    for name, value in list(graph.initializers.items()):
-        uses = list(value.uses())
-        shape = value.shape
-        if not name.endswith(".weight_t") or shape is None or len(shape) != 2 or int(shape[0]) % TOWER_BLOCK:
-            continue
-        if uses and all(u.node.op_type == "MatMul" and u.idx == 1 for u in uses):
-            _dequantize(graph, value, how)
-    MatMulNBitsLowering(accuracy_level=4, compact_scales=True).rewrite(model)
+    lower_dynamic_int8(model, lambda name: name.endswith(".weight_t") and not name.startswith("patch_embed."))

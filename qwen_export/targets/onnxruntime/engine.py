@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -220,18 +221,34 @@ class OnnxRuntimeEngine:
     def encode_image(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The vision tower on one image's patches (its session opened on first use)."""
         if self._vision is None:
-            root, manifest = self._source
-            name = str(manifest.extra["multimodal"].get("vision_model", "vision.onnx"))
-            check_external_data(root, manifest, name)
-            try:
-                self._vision = self._ort.InferenceSession(
-                    os.fspath(root / name), self._session_options, providers=["CPUExecutionProvider"]
-                )
-            except Exception as exc:  # ORT raises its own types; report one line
-                first = str(exc).splitlines()[0]
-                raise ArtifactError(f"{root / name}: ONNX Runtime could not load it: {first}") from None
+            self._vision = self._open_vision()
         names = {value.name for value in self._vision.get_inputs()}
         return self._vision.run(None, {name: feeds[name] for name in names})[0]
+
+    def _open_vision(self) -> Any:
+        """The vision tower's session. An int8 tower (``DynamicQuantizeMatMul``) on an x86 CPU
+        without VNNI gets unsigned weight codes first (:mod:`.dynamic_int8`: no int16 saturation)."""
+        from qwen_export.cpuinfo import cpu_model_and_flags
+        from qwen_export.targets.onnxruntime import dynamic_int8
+
+        root, manifest = self._source
+        record = manifest.extra["multimodal"]
+        name = str(record.get("vision_model", "vision.onnx"))
+        check_external_data(root, manifest, name)
+        model: Any = os.fspath(root / name)
+        try:
+            if record.get("vision_weights") == "int8" and dynamic_int8.saturates(
+                platform.machine(), cpu_model_and_flags()[1]
+            ):
+                import onnx
+
+                proto = onnx.load(model)
+                dynamic_int8.unsigned_codes(proto)
+                model = proto.SerializeToString()
+            return self._ort.InferenceSession(model, self._session_options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT and onnx raise their own types; report one line
+            first = str(exc).splitlines()[0]
+            raise ArtifactError(f"{root / name}: ONNX Runtime could not load it: {first}") from None
 
     def open_rows(self, max_rows: int) -> Any:
         """A :class:`~qwen_export.targets.base.RowBatch` of ``max_rows`` rows on this artifact
