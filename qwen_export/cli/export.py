@@ -169,8 +169,9 @@ VisionWeightsOpt = Annotated[
     str | None,
     typer.Option(
         "--vision-weights",
-        help="A Qwen2-VL / Qwen2.5-VL checkpoint's vision tower: fp32 (default, exact) | int8 (blockwise int8 "
-        "linears with int8 activations: under half the bytes; not faster to encode yet).",
+        help="A Qwen2-VL / Qwen2.5-VL checkpoint's vision tower: fp32 (default, exact) | int8 (per-column int8 "
+        "linears, activations quantized at run time: a quarter of the bytes, about 3x faster to encode on a "
+        "CPU with VNNI; features within 10% of fp32's).",
     ),
 ]
 KVCacheExport = Annotated[

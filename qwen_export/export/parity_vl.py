@@ -20,8 +20,10 @@ import numpy as np
 from qwen_export.errors import OptionError
 
 #: ``--vision-weights int8``: the tower's features against transformers' (max error / max
-#: reference). Measured 0.034 on the tiny random Qwen2.5-VL of the tests.
-INT8_TOWER_ERROR = 0.05
+#: reference). Its activations are quantized per tensor at each of the 2 x depth + 2 GEMMs, so the
+#: error grows with depth: measured 0.028 on the tiny random Qwen2.5-VL of the tests (4 blocks), 0.061
+#: (448x448) and 0.074 (1024x768) at the random Qwen2.5-VL-3B shape (32 blocks).
+INT8_TOWER_ERROR = 0.10
 
 
 def builtin_image() -> Any:
