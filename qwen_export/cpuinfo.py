@@ -54,3 +54,14 @@ def isa_summary(flags: frozenset[str] | None = None) -> str:
 def default_threads(threads: int) -> int:
     """The thread count an engine given ``threads`` (0 = its default: every core) uses."""
     return threads if threads > 0 else (os.cpu_count() or 1)
+
+
+#: the flags with which MLAS's u8 x s8 GEMM uses VNNI (no int16 saturation)
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def int8_gemm_saturates(machine: str, flags: frozenset[str]) -> bool:
+    """True on an x86 CPU without VNNI, where MLAS's u8 x s8 GEMM adds product pairs in int16 and
+    can saturate with 8-bit weights (targets/onnxruntime/dynamic_int8.py). Unknown flags on x86
+    count as no VNNI."""
+    return machine.lower() in ("x86_64", "amd64", "i386", "i686") and not flags & frozenset(VNNI_FLAGS)

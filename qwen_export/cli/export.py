@@ -184,6 +184,16 @@ KVCacheExport = Annotated[
         "at load (generate/bench --kv-cache).",
     ),
 ]
+PrefillOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--prefill",
+        help="--target onnxruntime with --weights int4/int8: none (default) | int8: also write an int8 prompt graph "
+        "(prefill.onnx: q/k/v, o, gate and up as int8 GEMMs with smoothed, dynamically quantized activations). "
+        "About 2x the prompt speed on a CPU with VNNI, for about one byte per weight of those projections more "
+        "on disk and in memory; decoding is unchanged.",
+    ),
+]
 MaxBatch = Annotated[
     int | None,
     typer.Option(help="--target tensorrt: largest batch of the engine's optimization profiles (default 1)."),
@@ -222,6 +232,7 @@ def export(
     max_batch: MaxBatch = None,
     kv_cache: KVCacheExport = None,
     vision_weights: VisionWeightsOpt = None,
+    prefill: PrefillOpt = None,
 ) -> None:
     """Export CHECKPOINT to an engine artifact in OUTPUT (written atomically)."""
     if symmetric and asymmetric:
@@ -256,6 +267,7 @@ def export(
         max_batch=max_batch,
         kv_cache=kv_cache,
         vision_weights=vision_weights,
+        prefill=prefill,
         fuse=fuse,
         strict=strict,
         explain=explain,

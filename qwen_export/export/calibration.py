@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -284,6 +285,36 @@ def collect_activation_stats(
             rec.add(x)
         stats["lm_head"] = rec.stats(max_rows)
     return stats
+
+
+def collect_norm_peaks(checkpoint: Any, spec: ModelSpec, token_ids: list[int]) -> dict[str, np.ndarray]:
+    """Per layer, each channel's largest magnitude (float32 [hidden]) at the output of the two
+    RMSNorms (the inputs of q/k/v and of gate/up) over ``token_ids``, keyed
+    ``layers.{i}.input_layernorm`` / ``layers.{i}.post_attention_layernorm``: the smoothing of
+    ``export --prefill int8`` (:mod:`qwen_export.targets.onnxruntime.prefill_int8`)."""
+    runner = LayerRunner(checkpoint, spec, token_ids)
+    peaks: dict[str, np.ndarray] = {}
+
+    def record(key: str) -> Callable[..., None]:
+        def add(_module: Any, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float().numpy()
+            peaks[key] = np.maximum(peaks[key], x) if key in peaks else x
+
+        return add
+
+    for i in range(spec.num_hidden_layers):
+        layer = runner.layer(i)
+        handles = [
+            layer.self_attn.q_proj.register_forward_pre_hook(record(f"layers.{i}.input_layernorm")),
+            layer.mlp.gate_proj.register_forward_pre_hook(record(f"layers.{i}.post_attention_layernorm")),
+        ]
+        try:
+            runner.run(layer, i, advance=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        del layer
+    return {key: value.astype(np.float32) for key, value in peaks.items()}
 
 
 class _KVPeaks:

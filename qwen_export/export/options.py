@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from qwen_export import targets
 from qwen_export.errors import OptionError, QwenExportError
-from qwen_export.quant.scheme import Keep, QuantAlgorithm, QuantScheme, WeightFormat
+from qwen_export.quant.scheme import Keep, PrefillWeights, QuantAlgorithm, QuantScheme, WeightFormat
 from qwen_export.spec import (
     DType,
     KVCacheDType,
@@ -59,6 +59,7 @@ class ExportOptions:
     max_batch: int = 1  # TensorRT: the batch its optimization profiles are built for (build-engine may change it)
     kv_cache: KVCacheDType | None = None  # ONNX Runtime: the KV cache's element type; None: the activations'
     vision_weights: VisionWeights = VisionWeights.FP32  # a VL checkpoint's vision tower
+    prefill: PrefillWeights = PrefillWeights.NONE  # ONNX Runtime: a second, int8 graph for prompts
 
     def __post_init__(self) -> None:
         if self.accuracy_level not in range(5):
@@ -150,6 +151,7 @@ def export_options(
     max_batch: int | None = None,
     kv_cache: str | KVCacheDType | None = None,
     vision_weights: str | VisionWeights | None = None,
+    prefill: str | PrefillWeights | None = None,
     fuse: bool = True,
     strict: bool = True,
     explain: bool = False,
@@ -157,14 +159,12 @@ def export_options(
     overwrite: bool = False,
     message: Callable[[str], None] | None = None,
 ) -> ExportOptions:
-    """ExportOptions from the values of ``qwen-export export``'s flags (None: the flag not given).
+    """ExportOptions from ``qwen-export export``'s flag values (None: not given); OptionError with the CLI's message.
 
-    ``checkpoint``: the checkpoint directory; a pre-quantized (AWQ/GPTQ) one keeps its quantization by
-    default (:func:`prequantized_default`). ``keep`` / ``keep_layers``: comma-separated or lists. ``message``
-    hears how the target adapted the options. Raises :class:`OptionError` with the message the CLI prints.
+    ``checkpoint``: its directory (a pre-quantized one keeps its quantization: :func:`prequantized_default`);
+    ``keep`` / ``keep_layers``: comma-separated or lists; ``message`` hears how the target adapted the options.
     """
-    dump = _dump_dir(dump_dir, explain, fuse)
-    engine_target = Target.parse(target, "target")
+    dump, engine_target = _dump_dir(dump_dir, explain, fuse), Target.parse(target, "target")
     backend = targets.get(engine_target)
     defaults = Int4Defaults.for_export(checkpoint, backend) if _is_int4(weights) else None
     act_dtype, quant = weight_options(
@@ -177,14 +177,14 @@ def export_options(
         keep_layers,
         accuracy_level,
         defaults.embedding_bits
-        if embedding_bits is None and defaults is not None and not _keeps_embedding(keep)
+        if embedding_bits is None and defaults and not _keeps_embedding(keep)
         else embedding_bits,
         defaults.int8_weights if int8 is None and defaults is not None else int8,
         _default_blocks(defaults) if block is None and defaults is not None else block,
     )
     if checkpoint is not None and (Path(checkpoint) / "config.json").is_file():
         quant = prequantized_default(Path(checkpoint), weights, quant, block_size, symmetric)
-    given = dict(symmetric=symmetric, embedding_bits=embedding_bits, accuracy_level=accuracy_level)
+    given = dict(symmetric=symmetric, embedding_bits=embedding_bits, accuracy_level=accuracy_level, prefill=prefill)
     given.update(max_batch=max_batch, kv_cache=kv_cache)
     _refuse_other_targets_options(backend, given)
     quant = backend.adapt_weights(quant, given, message or (lambda text: None))
@@ -205,6 +205,7 @@ def export_options(
         calibration=Path(calibration) if calibration is not None else None,
         kv_cache=None if kv_cache is None else KVCacheDType.parse(kv_cache, "--kv-cache"),
         vision_weights=VisionWeights.FP32 if vision_weights is None else VisionWeights.parse(vision_weights),
+        prefill=PrefillWeights.parse(prefill or "none"),
     )
 
 

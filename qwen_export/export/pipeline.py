@@ -22,12 +22,14 @@ from qwen_export.errors import CheckpointError, OptionError
 from qwen_export.export.checkpoint import Checkpoint
 from qwen_export.export.options import ExportOptions  # noqa: F401 - re-exported
 from qwen_export.passes.base import PassContext, PassReport
-from qwen_export.quant.scheme import QuantAlgorithm
+from qwen_export.quant.scheme import PrefillWeights, QuantAlgorithm
 from qwen_export.runtime.tokenizer import Tokenizer
 from qwen_export.spec import DType, KVCacheDType, LogitsMode, ModelSpec
 from qwen_export.targets.protocol import EmitJob
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+#: calibration tokens whose RMSNorm peaks smooth the int8 prefill graph (export --prefill int8)
+PREFILL_CALIBRATION_TOKENS = 2048
 OPTIONAL_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json")
 
 
@@ -80,7 +82,8 @@ def _export(
     with tempfile.TemporaryDirectory(prefix="qwen-export-calibration-") as scratch:
         calibration, stats, weights = _calibrate(ckpt, options, timer, hooks, Path(scratch))
         kv = _calibrate_kv(ckpt, options, timer)
-        prepared = (max_length, tokenizer_files, stats, calibration, keep, kv, multimodal)
+        peaks = _calibrate_prefill(ckpt, options, timer)
+        prepared = (max_length, tokenizer_files, stats, calibration, keep, kv, multimodal, peaks)
         return _trace_and_emit(ckpt, weights, out, options, hooks, timer, prepared)
 
 
@@ -102,12 +105,13 @@ def _trace_and_emit(
     options: ExportOptions,
     hooks: ExportHooks,
     timer: _PhaseTimer,
-    prepared: tuple[int, list[str], Any, dict[str, Any] | None, Any, Any, Any],
+    prepared: tuple[int, list[str], Any, dict[str, Any] | None, Any, Any, Any, Any],
 ) -> artifact.Manifest:
     """Trace, bind ``weights`` (the checkpoint or GPTQ's view of it), run the passes, emit. ``prepared``:
     max length, tokenizer files, AWQ statistics, calibration record, the inputs an ``--overwrite`` must
-    not remove, the int8 KV cache's (ranges, record) or None, a VL checkpoint's MultimodalSpec or None."""
-    max_length, tokenizer_files, stats, calibration, keep, kv, multimodal = prepared
+    not remove, the int8 KV cache's (ranges, record), a VL checkpoint's MultimodalSpec, the prefill
+    graph's norm peaks (each None when not wanted)."""
+    max_length, tokenizer_files, stats, calibration, keep, kv, multimodal, peaks = prepared
     spec, backend = ckpt.spec, options.backend
     timer.start("trace")
     from qwen_export.export.trace import TraceOptions, bind_weights, trace
@@ -119,9 +123,8 @@ def _trace_and_emit(
     timer.start("passes")
     from qwen_export.passes.runner import run_passes
 
-    dump = _Dumper(options.dump_dir)
+    dump, report = _Dumper(options.dump_dir), PassReport()
     dump("traced", model)
-    report = PassReport()
     context = _pass_context(options, hooks, max_length, stats, kv[0] if kv is not None else None)
     passes, kv_layout = backend.passes(spec, options.fuse, context, report)
     records, kv_layout = run_passes(model, passes, kv_layout, dump)
@@ -139,6 +142,7 @@ def _trace_and_emit(
             kv_layout=kv_layout,
             max_batch=options.max_batch,
             turn_end_token_id=Tokenizer.from_dir(ckpt.directory).eos_token_id,
+            prefill_peaks=peaks,
             progress=hooks.write_progress,
             message=hooks.message,
         )
@@ -258,6 +262,20 @@ def _calibrate_kv(ckpt: Checkpoint, options: ExportOptions, timer: _PhaseTimer) 
     timer.start("calibrate")
     spec = dataclasses.replace(ckpt.spec, mrope_section=None)  # text-only: M-RoPE is plain RoPE
     return calib.collect_kv_ranges(ckpt, spec, ids), kv_cache.record(len(ids), source)
+
+
+def _calibrate_prefill(ckpt: Checkpoint, options: ExportOptions, timer: _PhaseTimer) -> dict[str, Any] | None:
+    """``export --prefill int8``: the RMSNorm outputs' per-channel peaks over the calibration text
+    (at most :data:`PREFILL_CALIBRATION_TOKENS` of it); None without a prefill graph."""
+    if options.prefill is not PrefillWeights.INT8:
+        return None
+    from qwen_export.export import calibration as calib
+
+    text, source = calib.calibration_text(options.calibration)
+    ids = calib.calibration_tokens(Tokenizer.from_dir(ckpt.directory), text, source)[:PREFILL_CALIBRATION_TOKENS]
+    timer.start("calibrate")
+    spec = dataclasses.replace(ckpt.spec, mrope_section=None)  # text-only: M-RoPE is plain RoPE
+    return calib.collect_norm_peaks(ckpt, spec, ids)
 
 
 def _quantization_extra(

@@ -41,6 +41,9 @@ class RuntimeOptions:
     #: Longest piece of a prompt run in one inference (ONNX Runtime, OpenVINO); 0: the whole
     #: prompt at once; None: the engine's default (``targets.base.DEFAULT_PREFILL_CHUNK``, 2048).
     prefill_chunk: int | None = None
+    #: ONNX Runtime artifacts exported with ``--prefill int8``: run prompts on their int8 graph
+    #: (False: on the decode graph, and its memory is not spent). Ignored by the other engines.
+    prefill_int8: bool = True
 
 
 @dataclasses.dataclass

@@ -36,6 +36,9 @@ class EmitJob:
     kv_layout: KVLayout
     max_batch: int = 1
     turn_end_token_id: int | None = None  # tokenizer_config's eos token (<|im_end|> for Qwen instruct)
+    #: ``export --prefill int8`` (ONNX Runtime): the RMSNorm outputs' per-channel peaks
+    #: (:func:`~qwen_export.export.calibration.collect_norm_peaks`); None: no prefill graph
+    prefill_peaks: dict[str, Any] | None = None
     progress: Callable[[int, int], None] = lambda done, total: None
     message: Callable[[str], None] = lambda text: None
 

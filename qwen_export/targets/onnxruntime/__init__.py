@@ -19,7 +19,7 @@ class OnnxRuntimeTarget:
     cache_io: CacheIO = CacheIO.CONCAT
     engines: tuple[Target, ...] = (Target.ONNXRUNTIME,)
     options_field: str | None = None
-    own_options: frozenset[str] = frozenset({"kv_cache"})
+    own_options: frozenset[str] = frozenset({"kv_cache", "prefill"})
     load_options: tuple[str, ...] = ()
     cpu_module: str = "onnxruntime"
     zero_points: bool = True
@@ -37,7 +37,11 @@ class OnnxRuntimeTarget:
 
     def check_options(self, options: Any) -> None:
         """``--kv-cache``: the activations' dtype, or int8 (the fused graph, an ONNX Runtime whose
-        CPU GroupQueryAttention takes a quantized cache)."""
+        CPU GroupQueryAttention takes a quantized cache). ``--prefill int8``: see
+        :func:`.prefill_int8.check_options`."""
+        from qwen_export.targets.onnxruntime.prefill_int8 import check_options
+
+        check_options(options)
         kv = options.kv_cache
         if kv is None or kv.value == options.dtype.value:
             return
@@ -130,15 +134,22 @@ class OnnxRuntimeTarget:
         return [MoELowering(spec, explain=ctx.explain)]
 
     def emit(self, model: Any, out: Path, job: EmitJob) -> dict[str, Any]:
-        """model.onnx + model.onnx.data (streamed) and onnxruntime-genai's genai_config.json (text models)."""
+        """model.onnx + model.onnx.data (streamed), onnxruntime-genai's genai_config.json (text models)
+        and with ``--prefill int8`` the int8 prompt graph (prefill.onnx + prefill.onnx.data)."""
         from qwen_export.onnx_writer import io_signature
         from qwen_export.targets.onnxruntime.engine import emit
         from qwen_export.targets.onnxruntime.genai_config import write_genai_config
 
         emit(model, out, progress=job.progress)
         io = io_signature(model)
+        extra: dict[str, Any] = {"io": io}
+        if job.prefill_peaks is not None:
+            from qwen_export.targets.onnxruntime.prefill_int8 import write
+
+            job.message("writing the int8 prompt graph (prefill.onnx)")
+            extra["prefill"] = write(out, job.prefill_peaks)
         if "inputs_embeds" in io["inputs"]:  # a VL decoder: onnxruntime-genai's VLM configs are not written
-            return {"io": io}
+            return extra
         write_genai_config(
             out,
             job.spec,
@@ -149,13 +160,15 @@ class OnnxRuntimeTarget:
             output_names=io["outputs"],
             turn_end_token_id=job.turn_end_token_id,
         )
-        return {"io": io}
+        return extra
 
     def open_engine(self, root: Path, manifest: Any, options: Any) -> Any:
         from qwen_export.targets.onnxruntime.engine import OnnxRuntimeEngine, OrtOptions
 
         chunk = {} if options.prefill_chunk is None else {"prefill_chunk": options.prefill_chunk}
-        return OnnxRuntimeEngine(root, manifest, OrtOptions(threads=options.threads, **chunk))
+        return OnnxRuntimeEngine(
+            root, manifest, OrtOptions(threads=options.threads, prefill_int8=options.prefill_int8, **chunk)
+        )
 
     def engine_options(self, threads: int, given: Mapping[str, Any], engine: Target | None) -> Any:
         return None  # threads only, from RuntimeOptions.threads

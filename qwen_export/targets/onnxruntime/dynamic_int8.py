@@ -30,13 +30,14 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from qwen_export import cpuinfo
 from qwen_export.passes.base import MS_DOMAIN
 from qwen_export.targets.onnxruntime.matmulnbits import _bias, _replace, _trim
 
 #: levels each side of zero of the int8 weight codes
 WEIGHT_LEVELS = 127
 #: the flags with which MLAS's u8 x s8 GEMM uses VNNI (no int16 saturation)
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+VNNI_FLAGS = cpuinfo.VNNI_FLAGS
 RULE = "dynamic_quantize_matmul"
 
 
@@ -112,8 +113,8 @@ def lower_dynamic_int8(model: ir.Model, select: Callable[[str], bool]) -> int:
 
 def saturates(machine: str, flags: frozenset[str]) -> bool:
     """True on an x86 CPU whose u8 x s8 GEMM would saturate: one without VNNI (see the module
-    docstring). Unknown flags on x86 count as no VNNI."""
-    return machine.lower() in ("x86_64", "amd64", "i386", "i686") and not flags & frozenset(VNNI_FLAGS)
+    docstring; :func:`qwen_export.cpuinfo.int8_gemm_saturates`)."""
+    return cpuinfo.int8_gemm_saturates(machine, flags)
 
 
 def unsigned_codes(model: Any) -> int:

@@ -85,6 +85,9 @@ class OrtOptions:
     optimization: str = "all"  # ORT graph optimization level: disable | basic | extended | all
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     kv_step: int = DEFAULT_KV_STEP
+    #: run prompt-shaped steps on int8 GEMMs when the artifact carries activation peaks and the CPU
+    #: has VNNI (:mod:`.prefill_int8`); False: every step on the artifact's own graph
+    prefill_int8: bool = True
 
     def __post_init__(self) -> None:
         check_prefill_chunk(self.prefill_chunk)
@@ -212,11 +215,44 @@ class OnnxRuntimeEngine:
         self._fixed_kv = kv.get("layout") == "fixed"
         self._source = (Path(artifact_dir), manifest)
         self._session_options = so
+        #: (session, IO binding) for steps of at least prefill_int8.MIN_TOKENS tokens, or None
+        self._prefill, self.prefill_note = self._open_prefill()
         #: a vision-language artifact's inputs (embeddings, images, M-RoPE positions): attached by the
         #: runtime's loader (``runtime.multimodal.MultimodalInputs``); None for a text artifact
         self.multimodal: Any = None
         self._vision: Any = None
         self.reset()
+
+    def _session_options_copy(self) -> Any:
+        """A new SessionOptions with this engine's settings (ORT's cannot be copied)."""
+        so = self._ort.SessionOptions()
+        so.graph_optimization_level = self._session_options.graph_optimization_level
+        so.intra_op_num_threads = self._session_options.intra_op_num_threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        return so
+
+    def _open_prefill(self) -> tuple[Any, str]:
+        """The int8 prefill session and its IO binding (or None), and what prompts run on."""
+        from qwen_export import cpuinfo
+        from qwen_export.targets.onnxruntime import prefill_int8
+
+        root, manifest = self._source
+        record = manifest.extra.get("prefill") or {}
+        if record.get("weights") != "int8":
+            return None, "the decode graph (export --prefill int8 adds an int8 prompt graph)"
+        if not self.options.prefill_int8:
+            return None, "the decode graph (the int8 prompt graph is turned off)"
+        if cpuinfo.int8_gemm_saturates(platform.machine(), cpuinfo.cpu_model_and_flags()[1]):
+            return None, "the decode graph (the int8 prompt graph needs a CPU with VNNI)"
+        name = str(record.get("model", prefill_int8.PREFILL_FILE))
+        check_external_data(root, manifest, name)
+        try:
+            session = prefill_int8.open_session(self._ort, root, self._session_options_copy())
+        except Exception as exc:  # ORT raises its own types; report one line
+            raise ArtifactError(f"{root / name}: ONNX Runtime could not load it: {str(exc).splitlines()[0]}") from None
+        note = f"int8 GEMMs ({record.get('linears', '?')} linears) for steps of {prefill_int8.MIN_TOKENS}+ tokens"
+        return (session, session.io_binding()), note
 
     def encode_image(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The vision tower on one image's patches (its session opened on first use)."""
@@ -269,6 +305,7 @@ class OnnxRuntimeEngine:
         if self._quant.get("weights") in ("int4", "int8"):
             level = 1 if self._fixed_kv else int(self._quant.get("accuracy_level", 0))
             choices["matmul activations"] = {4: "int8", 2: "fp16", 3: "bf16"}.get(level, "fp32")
+            choices["prefill"] = self.prefill_note
         if self.kv_dtype == np.int8:
             choices["kv cache"] = "int8 (static per-channel scales)"
         else:
@@ -342,7 +379,11 @@ class OnnxRuntimeEngine:
         return self._logits
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, rows: int = 1) -> None:
-        b = self._binding
+        from qwen_export.targets.onnxruntime.prefill_int8 import MIN_TOKENS
+
+        session, b = self.session, self._binding
+        if self._prefill is not None and ids.shape[1] >= MIN_TOKENS:
+            session, b = self._prefill
         b.clear_binding_inputs()
         b.clear_binding_outputs()
         b.bind_cpu_input("attention_mask", mask)
@@ -368,14 +409,14 @@ class OnnxRuntimeEngine:
             for name, (_, value) in zip(self._kv_names(), buffers, strict=True):
                 b.bind_ortvalue_input(f"past_key_values.{name}", value)
                 b.bind_ortvalue_output(f"present.{name}", value)
-            self.session.run_with_iobinding(b)
+            session.run_with_iobinding(b)
             self._logits = b.get_outputs()[0].numpy()
             return
         past = self._past or self._empty_past(ids.shape[0])
         for name, value in zip(self._kv_names(), past, strict=True):
             b.bind_ortvalue_input(f"past_key_values.{name}", value)
             b.bind_output(f"present.{name}", "cpu")
-        self.session.run_with_iobinding(b)
+        session.run_with_iobinding(b)
         outputs = b.get_outputs()
         self._logits = outputs[0].numpy()
         self._past = list(outputs[1:])

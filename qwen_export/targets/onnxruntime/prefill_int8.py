@@ -1,0 +1,283 @@
+"""Prompt processing on int8 GEMMs: a second ONNX Runtime session for prompt-shaped steps.
+
+Why: on a prompt of a few hundred tokens the decoder's ``MatMulNBits`` runs at float32 GEMM speed
+(MLAS dequantizes the block-quantized weights and calls SGEMM), while MLAS's u8 x s8 GEMM behind
+``com.microsoft.DynamicQuantizeMatMul`` is about 5x faster on a VNNI CPU (benchmarks/README.md).
+Decoding (one token per step) stays on ``MatMulNBits``, whose kernels read 4-bit weights.
+
+What: ``export --prefill int8`` writes ``prefill.onnx`` (+ ``prefill.onnx.data``) next to the decode
+graph, built from the emitted graph and weights (:func:`write`); its other tensors are read from
+``model.onnx.data``. The engine opens it as a second session (:func:`open_session`):
+
+- the ``q/k/v``, ``o``, ``gate`` and ``up`` projections' ``MatMulNBits`` become
+  ``DynamicQuantizeMatMul`` with per-column symmetric int8 weights made from the dequantized
+  int4/int8 weights (so both sessions compute with the same weights, up to int8 rounding);
+  activations are quantized per tensor at run time;
+- **smoothing** (SmoothQuant, alpha 0.5): a few input channels of a decoder layer carry values
+  many times the others', which per-tensor activation quantization would wipe out. For each
+  RMSNorm that feeds these projections the export measures each channel's largest magnitude over
+  the calibration text (:func:`~qwen_export.export.calibration.collect_norm_peaks`); the prefill
+  graph's copy of the norm's weight is divided by ``s = peak ** 0.5 / max|W row| ** 0.5`` and the
+  weight rows multiplied by it (an exact rewrite before quantization);
+- ``down_proj`` keeps its ``MatMulNBits`` weights: its input (the SwiGLU product) could not be
+  smoothed enough (mean KL 0.09 against 0.02 on the real Qwen2.5-Coder-1.5B).
+
+Cost: a byte per weight of those projections, on disk and in memory (measured on the real
+Qwen2.5-Coder-1.5B: benchmarks/README.md). Both sessions bind the engine's same KV buffers.
+CPUs without VNNI do not open it (MLAS's u8 x s8 kernel would saturate there: :mod:`.dynamic_int8`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PREFILL_FILE = "prefill.onnx"
+PREFILL_DATA = "prefill.onnx.data"
+#: SmoothQuant's migration strength
+ALPHA = 0.5
+#: a step of at least this many tokens runs on the int8 prefill session (shorter ones, e.g. a
+#: speculative verification, stay on the decode session so that they see its exact logits)
+MIN_TOKENS = 32
+MODEL_FILE = "model.onnx"  # the decode graph (engine.MODEL_FILE; the engine imports this module)
+WEIGHT_LEVELS = 127
+_ROWS = 128
+_LINEAR = re.compile(r"layers\.(\d+)\.(self_attn\.(q|k|v|qkv|o)_proj|mlp\.(gate|up|gate_up)_proj)\b")
+_NORM = re.compile(r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
+_ALIGN = 64  # byte alignment of each tensor in prefill.onnx.data
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    """What :func:`build` made: the prefill graph (its new tensors not yet in it), those tensors by
+    name, how many linears were rewritten and how many norms smoothed."""
+
+    proto: Any
+    names: list[str]
+    arrays: list[np.ndarray]
+    linears: int
+    smoothed: int
+
+
+def range_key(norm_weight: str) -> str | None:
+    """``model.layers.3.input_layernorm.weight`` -> ``layers.3.input_layernorm`` (the ranges file's
+    key), None for another name."""
+    found = _NORM.search(norm_weight)
+    return f"layers.{found.group(1)}.{found.group(2)}" if found else None
+
+
+class _Reader:
+    """Initializers of the artifact's graph as numpy arrays (external data read on demand); a
+    float32 view through the ``Cast`` that turns stored float16 scales into float32."""
+
+    def __init__(self, proto: Any, root: Path) -> None:
+        self.root = root
+        self.inits = {init.name: init for init in proto.graph.initializer}
+        self.casts = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "Cast"}
+
+    def array(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        if name not in self.inits and name in self.casts:
+            return self.array(self.casts[name]).astype(np.float32)
+        return numpy_helper.to_array(self.inits[name], base_dir=os.fspath(self.root))
+
+
+def _attributes(node: Any) -> dict[str, int]:
+    return {a.name: int(a.i) for a in node.attribute if a.name in ("K", "N", "bits", "block_size")}
+
+
+def dequantize(node: Any, reader: _Reader) -> np.ndarray:
+    """A ``MatMulNBits`` node's weight as float32 [N, K] (the node's own layout: one row per output
+    column; 4 or 8 bits, with or without zero points)."""
+    a = _attributes(node)
+    k, n, bits, block = a["K"], a["N"], a["bits"], a["block_size"]
+    packed = reader.array(node.input[1])
+    blocks = packed.shape[1]
+    if bits not in (4, 8):
+        raise ValueError(f"{node.name}: {bits}-bit MatMulNBits")
+    if bits == 4:
+        codes = np.empty((*packed.shape, 2), np.uint8)
+        np.bitwise_and(packed, 15, out=codes[..., 0])
+        np.right_shift(packed, 4, out=codes[..., 1])
+        packed = codes
+    weight = packed.reshape(n, blocks, block).astype(np.float32)
+    if len(node.input) > 3 and node.input[3]:
+        zero = reader.array(node.input[3])
+        if bits == 4:
+            zero = np.stack([zero & 15, zero >> 4], axis=-1).reshape(n, -1)
+        weight -= zero.reshape(n, -1)[:, :blocks, None].astype(np.float32)
+    else:
+        weight -= np.float32(2 ** (bits - 1))
+    weight *= reader.array(node.input[2]).astype(np.float32).reshape(n, blocks, 1)
+    return weight.reshape(n, blocks * block)[:, :k]
+
+
+def column_int8(weight: np.ndarray, factor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column symmetric int8 codes [K, N] and float32 scales [N] of ``weight`` [N, K] (a row per
+    output column) with its input channels multiplied by ``factor`` [K] first (in place)."""
+    if factor is not None:
+        weight *= factor
+    scales = _peak(weight, axis=1) / WEIGHT_LEVELS
+    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
+    n, k = weight.shape
+    codes = np.empty((k, n), np.int8)
+    for start in range(0, n, _ROWS):  # a few hundred rows at a time: the transpose stays in cache
+        rows = weight[start : start + _ROWS]
+        rows *= (1.0 / scales[start : start + _ROWS])[:, None]
+        np.rint(rows, out=rows)
+        np.clip(rows, -WEIGHT_LEVELS, WEIGHT_LEVELS, out=rows)
+        codes[:, start : start + _ROWS] = rows.T
+    return codes, scales
+
+
+def _peak(array: np.ndarray, axis: int) -> np.ndarray:
+    """max |array| along ``axis`` without an absolute-value copy."""
+    return np.maximum(array.max(axis=axis), -array.min(axis=axis))
+
+
+def smoothing(peak: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
+    """SmoothQuant's per-input-channel factor for the linears ``weights`` ([N, K] each) that read
+    one norm's output: ``peak ** alpha / max|W row| ** (1 - alpha)``."""
+    row_peak = np.max([_peak(w, axis=0) for w in weights], axis=0)
+    s = np.maximum(peak, 1e-5) ** ALPHA / np.maximum(row_peak, 1e-5) ** (1 - ALPHA)
+    return s.astype(np.float32)
+
+
+def build(root: Path, model_file: str, ranges: dict[str, np.ndarray], threads: int = 2) -> PrefillPlan:
+    """The prefill graph of the artifact at ``root`` (see the module docstring); the weights are
+    converted on ``threads`` threads (numpy releases the GIL)."""
+    import onnx
+
+    proto = onnx.load(os.fspath(root / model_file), load_external_data=False)
+    reader = _Reader(proto, root)
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    linears = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and _LINEAR.search(n.name)]
+    by_input: dict[str, list[Any]] = {}
+    for node in linears:
+        by_input.setdefault(node.input[0], []).append(node)
+
+    def convert(item: tuple[str, list[Any]]) -> tuple[_Smoothed | None, list[tuple[np.ndarray, np.ndarray]]]:
+        weights = [dequantize(node, reader) for node in item[1]]
+        smoothed = _smoothed(producers.get(item[0]), weights, ranges, reader)
+        return smoothed, [column_int8(w, smoothed.factor if smoothed else None) for w in weights]
+
+    names: list[str] = []
+    arrays: list[np.ndarray] = []
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for group, (smoothed, quantized) in zip(by_input.values(), pool.map(convert, by_input.items()), strict=True):
+            if smoothed is not None:
+                names.append(smoothed.norm.input[smoothed.slot] + "/prefill_smoothed")
+                arrays.append(smoothed.weight)
+                smoothed.norm.input[smoothed.slot] = names[-1]
+            for node, (codes, scales) in zip(group, quantized, strict=True):
+                _rewrite(node, codes, scales, names, arrays)
+    used = {name for node in proto.graph.node for name in node.input}
+    kept = [init for init in proto.graph.initializer if init.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    smoothed = sum(name.endswith("/prefill_smoothed") for name in names)
+    return PrefillPlan(proto, names, arrays, len(linears), smoothed)
+
+
+def write(root: Path, ranges: dict[str, np.ndarray], threads: int = 2) -> dict[str, Any]:
+    """Write :data:`PREFILL_FILE` and :data:`PREFILL_DATA` into the artifact directory ``root``
+    (which holds the emitted decode graph); return the manifest's ``extra.prefill`` record."""
+    import onnx
+    from onnx import helper
+
+    plan = build(root, MODEL_FILE, ranges, threads)
+    offset = 0
+    with open(root / PREFILL_DATA, "wb") as data:
+        for name, array in zip(plan.names, plan.arrays, strict=True):
+            pad = -offset % _ALIGN
+            data.write(b"\0" * pad)
+            offset += pad
+            data.write(np.ascontiguousarray(array).tobytes())
+            tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+            tensor.dims.extend(array.shape)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", PREFILL_DATA), ("offset", str(offset)), ("length", str(array.nbytes))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            plan.proto.graph.initializer.append(tensor)
+            offset += array.nbytes
+    (root / PREFILL_FILE).write_bytes(plan.proto.SerializeToString())
+    return {
+        "weights": "int8",
+        "model": PREFILL_FILE,
+        "linears": plan.linears,
+        "smoothed_norms": plan.smoothed,
+        "alpha": ALPHA,
+        "min_tokens": MIN_TOKENS,
+    }
+
+
+@dataclass(frozen=True)
+class _Smoothed:
+    norm: Any  # the RMSNorm node
+    slot: int  # its weight's input index
+    factor: np.ndarray  # [K]: the linears' weight rows are multiplied by it
+    weight: np.ndarray  # the norm's new weight: old / factor
+
+
+def _smoothed(norm: Any, weights: list[np.ndarray], ranges: dict[str, np.ndarray], reader: _Reader) -> _Smoothed | None:
+    """When ``norm`` is an RMSNorm with recorded peaks: its smoothing; else None."""
+    if norm is None or norm.op_type not in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"):
+        return None
+    slot = 2 if norm.op_type.startswith("Skip") else 1
+    key = range_key(norm.input[slot])
+    if key is None or key not in ranges:
+        return None
+    factor = smoothing(np.asarray(ranges[key], np.float32), weights)
+    gamma = (reader.array(norm.input[slot]).astype(np.float32) / factor).astype(np.float32)
+    return _Smoothed(norm, slot, factor, gamma)
+
+
+def _rewrite(node: Any, codes: np.ndarray, scales: np.ndarray, names: list[str], arrays: list[Any]) -> None:
+    """``node`` (MatMulNBits) -> DynamicQuantizeMatMul on ``codes`` / ``scales`` (bias kept)."""
+    from onnx import helper
+
+    base = node.name.split("/")[0]
+    bias = node.input[5] if len(node.input) > 5 else ""
+    for suffix, array in (("/prefill_int8", codes), ("/prefill_int8_scale", scales)):
+        names.append(base + suffix)
+        arrays.append(array)
+    inputs = [node.input[0], base + "/prefill_int8", base + "/prefill_int8_scale", "", bias]
+    replacement = helper.make_node(
+        "DynamicQuantizeMatMul",
+        inputs if bias else inputs[:3],
+        list(node.output),
+        name=base + "/prefill",
+        domain="com.microsoft",
+    )
+    node.CopyFrom(replacement)
+
+
+def open_session(ort: Any, root: Path, options: Any) -> Any:
+    """The prefill session of the artifact at ``root`` (its files checked by the caller)."""
+    return ort.InferenceSession(os.fspath(root / PREFILL_FILE), options, providers=["CPUExecutionProvider"])
+
+
+def check_options(options: Any) -> None:
+    """OptionError naming the fix when ``export --prefill int8`` cannot apply to ``options``."""
+    from qwen_export.errors import OptionError
+    from qwen_export.quant.scheme import PrefillWeights
+    from qwen_export.spec import DType
+
+    if options.prefill is not PrefillWeights.INT8:
+        return
+    if options.quant is None or options.quant.bits not in (4, 8):
+        raise OptionError(
+            "--prefill int8 rewrites the int4/int8 weights of the decode graph: add --weights int4 or int8"
+        )
+    if options.graph_dtype is not DType.FP32:
+        raise OptionError("--prefill int8 runs float32 activations (DynamicQuantizeMatMul): drop --dtype fp16")
+    if not options.fuse:
+        raise OptionError("--prefill int8 rewrites the fused graph's MatMulNBits: drop --no-fuse")

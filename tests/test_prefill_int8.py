@@ -1,0 +1,218 @@
+"""``export --prefill int8``: the int8 prompt graph (qwen_export/targets/onnxruntime/prefill_int8.py).
+
+The prefill graph computes the decode graph's function with two approximations: the weights of
+q/k/v, o, gate and up rounded once more (int4/int8 blocks -> per-column int8, after smoothing) and
+the activations quantized per tensor to uint8 at run time. Its integer GEMM is exact, so its
+distance from the decode graph is the same on every CPU up to rounding flips of single activation
+codes. The checks:
+
+- the pieces exactly: ``dequantize`` returns what ONNX Runtime's own MatMulNBits multiplies by,
+  smoothing is an exact rewrite before rounding, the int8 codes are within half a step;
+- end to end, on tiny seeded Qwen2 (biased q/k/v) and Qwen3 (q/k norms): the prompt's logits on the
+  prefill graph stay within a tenth of int4's own distance from the float32 export (mean KL;
+  measured 0.02-0.025 of it), the decode steps that follow read the KV cache the prefill graph
+  wrote (same bound), and steps shorter than ``MIN_TOKENS`` run the decode graph (repeat noise);
+- the options refuse what it cannot apply to, and an engine without VNNI or with it turned off
+  says so in ``kernel_choices``.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import ModuleScratch
+from noise import Noise, check_logits
+from onnx import helper
+from reference import prompt
+
+from qwen_export import cpuinfo
+from qwen_export.errors import OptionError
+from qwen_export.export.options import export_options
+from qwen_export.export.pipeline import export as run_export
+from qwen_export.export.tiny import make_checkpoint
+from qwen_export.runtime.loader import RuntimeOptions, open_artifact
+from qwen_export.targets.onnxruntime import prefill_int8
+
+pytestmark = pytest.mark.xdist_group("prefill_int8")
+PROMPT = 48  # >= prefill_int8.MIN_TOKENS: runs on the prefill graph
+RATIO = 0.1  # bound: KL(decode graph || prefill graph) < RATIO * KL(float32 || int4 decode graph)
+
+
+@pytest.fixture(scope="module", params=["qwen2", "qwen3"])
+def arts(request: pytest.FixtureRequest, tiny_root: Path, module_scratch: ModuleScratch) -> dict[str, Path]:
+    """A tiny untied checkpoint's int4 (RTN) export with the prefill graph and its float32 export,
+    both with every position's logits."""
+    arch = request.param
+    ckpt = tiny_root / f"{arch}_prefill"
+    if not ckpt.exists():
+        make_checkpoint(ckpt, arch, tied=False, **({"head_dim": 32} if arch == "qwen3" else {}))
+    root = module_scratch.mkdir(f"prefill_{arch}")
+    out = {"int4": root / "int4", "fp32": root / "fp32"}
+    run_export(ckpt, out["int4"], export_options(ckpt, weights="int4", algorithm="rtn", prefill="int8", logits="all"))
+    run_export(ckpt, out["fp32"], export_options(ckpt, logits="all"))
+    return out
+
+
+def _engine(path: Path, prefill: bool = True) -> Any:
+    return open_artifact(path, RuntimeOptions(threads=2, prefill_int8=prefill)).engine
+
+
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Mean over positions of KL(softmax(p) || softmax(q))."""
+
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64) - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+def _needs_vnni() -> None:
+    if cpuinfo.int8_gemm_saturates(platform.machine(), cpuinfo.cpu_model_and_flags()[1]):
+        pytest.skip("this CPU has no VNNI: engines run prompts on the decode graph (tested below)")
+
+
+# ----------------------------------------------------------------------------- the pieces
+def test_dequantize_matches_matmulnbits(arts: dict[str, Path]) -> None:
+    """For each kind of MatMulNBits in the artifact (4-bit, 8-bit; zero points), ``dequantize``
+    equals what ONNX Runtime multiplies by: the node run on the identity matrix."""
+    root = arts["int4"]
+    proto = onnx.load(root / "model.onnx", load_external_data=False)
+    reader = prefill_int8._Reader(proto, root)
+    seen: set[tuple[int, bool]] = set()
+    for node in proto.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = prefill_int8._attributes(node)
+        kind = (attrs["bits"], len(node.input) > 3 and bool(node.input[3]))
+        if kind in seen:
+            continue
+        seen.add(kind)
+        k = attrs["K"]
+        inputs = [node.input[0]] + [reader.array(name) if name else None for name in node.input[1:]]
+        names = ["A"] + [f"in{i}" if a is not None else "" for i, a in enumerate(inputs[1:])]
+        inits = [
+            onnx.numpy_helper.from_array(a, n) for n, a in zip(names[1:], inputs[1:], strict=True) if a is not None
+        ]
+        single = helper.make_node("MatMulNBits", names, ["Y"], domain="com.microsoft", **attrs, accuracy_level=1)
+        graph = helper.make_graph(
+            [single],
+            "g",
+            [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, [k, k])],
+            [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)],
+            inits,
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+        )
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        product = session.run(None, {"A": np.eye(k, dtype=np.float32)})[0]  # [K, N]: the weight, transposed
+        if len(node.input) > 5 and node.input[5]:
+            product -= reader.array(node.input[5])
+        np.testing.assert_allclose(prefill_int8.dequantize(node, reader).T, product, rtol=0, atol=1e-6)
+    assert {bits for bits, _ in seen} == {4, 8}, seen  # the default int4 layout: 8-bit attention
+
+
+def test_smoothing_is_exact_and_codes_round_to_half_a_step() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 64)).astype(np.float32)
+    x[:, 3] *= 40  # an outlier channel
+    w = rng.standard_normal((96, 64)).astype(np.float32)  # [N, K]
+    factor = prefill_int8.smoothing(np.abs(x).max(axis=0), [w])
+    np.testing.assert_allclose((x / factor) @ (w * factor).T, x @ w.T, rtol=1e-5, atol=1e-4)
+    assert factor[3] > 4 * np.median(factor)  # the outlier channel is scaled down in x
+    codes, scales = prefill_int8.column_int8(w.copy(), factor)
+    assert codes.dtype == np.int8 and codes.shape == (64, 96) and np.abs(codes).max() == prefill_int8.WEIGHT_LEVELS
+    step_error = np.abs(codes.T * scales[:, None] - w * factor) / scales[:, None]
+    assert step_error.max() <= 0.5 + 1e-4
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_prompt_on_the_prefill_graph(arts: dict[str, Path]) -> None:
+    _needs_vnni()
+    ids = prompt(PROMPT)[None]
+    engine = _engine(arts["int4"])
+    assert engine.kernel_choices()["prefill"].startswith("int8 GEMMs")
+    on_prefill = engine.forward(ids)[0]
+    on_decode = _engine(arts["int4"], prefill=False).forward(ids)[0]
+    fp32 = _engine(arts["fp32"]).forward(ids)[0]
+    budget = _kl(fp32, on_decode)
+    error = _kl(on_decode, on_prefill)
+    assert 0 < error < RATIO * budget, (error, budget)
+
+
+def test_decode_reads_the_cache_the_prefill_graph_wrote(arts: dict[str, Path]) -> None:
+    """Steps after a prompt on the prefill graph: each within the same bound of the decode graph's
+    steps after the same prompt on the decode graph (a cache left unwritten or misplaced would be
+    as far off as random logits)."""
+    _needs_vnni()
+    ids = prompt(PROMPT, seed=1)[None]
+    engines = {name: _engine(arts["int4"], prefill=name == "prefill") for name in ("prefill", "decode")}
+    fp32 = _engine(arts["fp32"])
+    fp32.forward(ids)
+    for engine in engines.values():
+        engine.forward(ids)
+    token = np.array([[17]])
+    errors, budgets = [], []
+    for _ in range(6):
+        steps = {name: e.forward(token)[0] for name, e in engines.items()}
+        reference = fp32.forward(token)[0]
+        errors.append(_kl(steps["decode"], steps["prefill"]))
+        budgets.append(_kl(reference, steps["decode"]))
+        token = steps["decode"][-1:].argmax(-1)[None]
+    assert np.mean(errors) < RATIO * np.mean(budgets), (errors, budgets)
+
+
+def test_short_steps_run_the_decode_graph(arts: dict[str, Path]) -> None:
+    ids = prompt(prefill_int8.MIN_TOKENS - 1, seed=2)[None]
+    with_prefill = _engine(arts["int4"]).forward(ids)
+    without = _engine(arts["int4"], prefill=False).forward(ids)
+    check_logits(with_prefill, without, Noise.REPEAT)
+
+
+def test_turned_off_or_without_vnni(arts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "turned off" in _engine(arts["int4"], prefill=False).kernel_choices()["prefill"]
+    assert "export --prefill int8" in _engine(arts["fp32"]).kernel_choices().get("prefill", "export --prefill int8")
+    monkeypatch.setattr(cpuinfo, "int8_gemm_saturates", lambda machine, flags: True)
+    engine = _engine(arts["int4"])
+    assert "needs a CPU with VNNI" in engine.kernel_choices()["prefill"]
+    assert engine._prefill is None
+
+
+def test_manifest_record(arts: dict[str, Path]) -> None:
+    from qwen_export.artifact import load_manifest
+
+    manifest = load_manifest(arts["int4"])
+    record = manifest.extra["prefill"]
+    assert record["weights"] == "int8" and record["model"] == "prefill.onnx"
+    assert record["linears"] == 2 * 4  # 2 layers: qkv, o, gate, up
+    assert record["smoothed_norms"] == 2 * 2
+    assert {"prefill.onnx", "prefill.onnx.data"} <= set(manifest.files)
+
+
+# ----------------------------------------------------------------------------- options
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({}, "add --weights int4 or int8"),
+        ({"weights": "int4", "dtype": "fp16"}, "drop --dtype fp16"),
+        ({"weights": "int4", "fuse": False}, "drop --no-fuse"),
+        ({"weights": "int4", "target": "openvino"}, "--prefill applies to --target onnxruntime only"),
+    ],
+)
+def test_option_errors(kw: dict[str, Any], message: str) -> None:
+    with pytest.raises(OptionError, match=message.replace("-", r"\-")):
+        export_options(None, prefill="int8", **kw)
+
+
+def test_option_parse() -> None:
+    with pytest.raises(OptionError, match="--prefill"):
+        export_options(None, weights="int4", prefill="int4")
+    assert export_options(None, weights="int4", prefill="none").prefill.value == "none"
