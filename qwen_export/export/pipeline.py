@@ -360,7 +360,9 @@ class _PhaseTimer:
 
     def finish(self) -> dict[str, float]:
         if self._phase is not None:
-            self.seconds[self._phase] = round(time.perf_counter() - self._t0, 3)
+            # a phase started again (calibration for GPTQ, then for the KV cache): the times add up
+            elapsed = time.perf_counter() - self._t0
+            self.seconds[self._phase] = round(self.seconds.get(self._phase, 0.0) + elapsed, 3)
             self._phase = None
         return dict(self.seconds)
 

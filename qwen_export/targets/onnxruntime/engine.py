@@ -247,8 +247,11 @@ class OnnxRuntimeEngine:
             return None, "the decode graph (the int8 prompt graph needs a CPU with VNNI)"
         name = str(record.get("model", prefill_int8.PREFILL_FILE))
         check_external_data(root, manifest, name)
+        options = self._session_options_copy()
+        # its pool's threads must not spin after a prompt: they would take the decode session's cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            session = prefill_int8.open_session(self._ort, root, self._session_options_copy())
+            session = prefill_int8.open_session(self._ort, root, options)
         except Exception as exc:  # ORT raises its own types; report one line
             raise ArtifactError(f"{root / name}: ONNX Runtime could not load it: {str(exc).splitlines()[0]}") from None
         note = f"int8 GEMMs ({record.get('linears', '?')} linears) for steps of {prefill_int8.MIN_TOKENS}+ tokens"
