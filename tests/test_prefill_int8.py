@@ -186,6 +186,16 @@ def test_turned_off_or_without_vnni(arts: dict[str, Path], monkeypatch: pytest.M
     assert engine._prefill is None
 
 
+def test_load_option(arts: dict[str, Path]) -> None:
+    import qwen_export
+
+    assert (
+        "turned off" in qwen_export.load(arts["int4"], threads=2, prefill_int8=False).engine.kernel_choices()["prefill"]
+    )
+    with pytest.raises(OptionError, match="prefill_int8 must be True or False"):
+        qwen_export.load(arts["int4"], prefill_int8="no")
+
+
 def test_manifest_record(arts: dict[str, Path]) -> None:
     from qwen_export.artifact import load_manifest
 

@@ -494,7 +494,8 @@ def load(
     openvino-genai runs, unless the model has sliding-window layers); for TensorRT
     ``cuda_graphs`` (replay decode steps as CUDA graphs). ``prefill_chunk``: the longest piece of
     a prompt run at once (ONNX Runtime, OpenVINO; default 2048, 0 = the whole prompt): bounds a
-    long prompt's activation memory.
+    long prompt's activation memory. ``prefill_int8``: False leaves an ``export --prefill int8``
+    artifact's int8 prompt graph unopened (ONNX Runtime; saves its memory, prompts run slower).
 
     ``speculate`` (:class:`~qwen_export.runtime.speculative.Speculation`): speculative decoding by
     prompt lookup or with a draft artifact (same tokenizer, opened on its own target's engine with
@@ -502,7 +503,12 @@ def load(
     default ``--logits last`` export of this version, or ``--logits all``). Greedy output is plain
     decoding's; sampled output keeps the target's distribution.
     """
-    valid = ["threads", "prefill_chunk", *(name for backend in targets.registered() for name in backend.load_options)]
+    valid = [
+        "threads",
+        "prefill_chunk",
+        "prefill_int8",
+        *(name for backend in targets.registered() for name in backend.load_options),
+    ]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise OptionError(f"unknown load option(s) {unknown}; valid: {valid}")
@@ -536,6 +542,7 @@ def runtime_options(
     device: str | None = None,
     cuda_graphs: bool | None = None,
     prefill_chunk: int | None = None,
+    prefill_int8: bool = True,
 ) -> RuntimeOptions:
     """RuntimeOptions from plain values (CLI and :func:`load`). Each engine builds its own options
     from the ones it owns (the registry's ``engine_options``: OpenVINO's are checked against their
@@ -559,7 +566,11 @@ def runtime_options(
     chunk_ok = isinstance(prefill_chunk, int) and not isinstance(prefill_chunk, bool) and prefill_chunk >= 0
     if prefill_chunk is not None and not chunk_ok:
         raise OptionError(f"prefill_chunk must be an integer >= 0 (0: the whole prompt), got {prefill_chunk!r}")
-    return RuntimeOptions(threads=threads, engine=chosen, prefill_chunk=prefill_chunk, **fields)
+    if not isinstance(prefill_int8, bool):
+        raise OptionError(f"prefill_int8 must be True or False, got {prefill_int8!r}")
+    return RuntimeOptions(
+        threads=threads, engine=chosen, prefill_chunk=prefill_chunk, prefill_int8=prefill_int8, **fields
+    )
 
 
 def check_threads(threads: Any) -> None:
