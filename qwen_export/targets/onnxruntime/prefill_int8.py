@@ -55,14 +55,39 @@ _ALIGN = 64  # byte alignment of each tensor in prefill.onnx.data
 
 @dataclass(frozen=True)
 class PrefillPlan:
-    """What :func:`build` made: the prefill graph (its new tensors not yet in it), those tensors by
-    name, how many linears were rewritten and how many norms smoothed."""
+    """What :func:`build` made: the prefill graph (its new tensors added by the sink), how many
+    linears were rewritten and how many norms smoothed."""
 
     proto: Any
-    names: list[str]
-    arrays: list[np.ndarray]
     linears: int
     smoothed: int
+
+
+class _DataFile:
+    """``prefill.onnx.data``, written tensor by tensor as they are made (the export's memory holds
+    a layer's weights at a time); :attr:`tensors` are their external-data TensorProtos."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "wb")  # noqa: SIM115 - closed by write()
+        self.offset = 0
+        self.tensors: list[Any] = []
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        import onnx
+        from onnx import helper
+
+        pad = -self.offset % _ALIGN
+        self.file.write(b"\0" * pad)
+        self.offset += pad
+        self.file.write(np.ascontiguousarray(array).tobytes())
+        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        tensor.dims.extend(array.shape)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", PREFILL_DATA), ("offset", str(self.offset)), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.tensors.append(tensor)
+        self.offset += array.nbytes
 
 
 def range_key(norm_weight: str) -> str | None:
@@ -150,9 +175,10 @@ def smoothing(peak: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
     return s.astype(np.float32)
 
 
-def build(root: Path, model_file: str, ranges: dict[str, np.ndarray], threads: int = 2) -> PrefillPlan:
-    """The prefill graph of the artifact at ``root`` (see the module docstring); the weights are
-    converted on ``threads`` threads (numpy releases the GIL)."""
+def build(root: Path, model_file: str, ranges: dict[str, np.ndarray], sink: Any, threads: int = 2) -> PrefillPlan:
+    """The prefill graph of the artifact at ``root`` (see the module docstring); each new tensor
+    goes to ``sink.add(name, array)`` as soon as it is made; the weights are converted on
+    ``threads`` threads (numpy releases the GIL)."""
     import onnx
 
     proto = onnx.load(os.fspath(root / model_file), load_external_data=False)
@@ -168,46 +194,32 @@ def build(root: Path, model_file: str, ranges: dict[str, np.ndarray], threads: i
         smoothed = _smoothed(producers.get(item[0]), weights, ranges, reader)
         return smoothed, [column_int8(w, smoothed.factor if smoothed else None) for w in weights]
 
-    names: list[str] = []
-    arrays: list[np.ndarray] = []
+    smoothed_norms = 0
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for group, (smoothed, quantized) in zip(by_input.values(), pool.map(convert, by_input.items()), strict=True):
             if smoothed is not None:
-                names.append(smoothed.norm.input[smoothed.slot] + "/prefill_smoothed")
-                arrays.append(smoothed.weight)
-                smoothed.norm.input[smoothed.slot] = names[-1]
+                name = smoothed.norm.input[smoothed.slot] + "/prefill_smoothed"
+                sink.add(name, smoothed.weight)
+                smoothed.norm.input[smoothed.slot] = name
+                smoothed_norms += 1
             for node, (codes, scales) in zip(group, quantized, strict=True):
-                _rewrite(node, codes, scales, names, arrays)
+                _rewrite(node, codes, scales, sink)
     used = {name for node in proto.graph.node for name in node.input}
     kept = [init for init in proto.graph.initializer if init.name in used]
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(kept)
-    smoothed = sum(name.endswith("/prefill_smoothed") for name in names)
-    return PrefillPlan(proto, names, arrays, len(linears), smoothed)
+    return PrefillPlan(proto, len(linears), smoothed_norms)
 
 
 def write(root: Path, ranges: dict[str, np.ndarray], threads: int = 2) -> dict[str, Any]:
     """Write :data:`PREFILL_FILE` and :data:`PREFILL_DATA` into the artifact directory ``root``
     (which holds the emitted decode graph); return the manifest's ``extra.prefill`` record."""
-    import onnx
-    from onnx import helper
-
-    plan = build(root, MODEL_FILE, ranges, threads)
-    offset = 0
-    with open(root / PREFILL_DATA, "wb") as data:
-        for name, array in zip(plan.names, plan.arrays, strict=True):
-            pad = -offset % _ALIGN
-            data.write(b"\0" * pad)
-            offset += pad
-            data.write(np.ascontiguousarray(array).tobytes())
-            tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
-            tensor.dims.extend(array.shape)
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", PREFILL_DATA), ("offset", str(offset)), ("length", str(array.nbytes))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            plan.proto.graph.initializer.append(tensor)
-            offset += array.nbytes
+    data = _DataFile(root / PREFILL_DATA)
+    try:
+        plan = build(root, MODEL_FILE, ranges, data, threads)
+    finally:
+        data.file.close()
+    plan.proto.graph.initializer.extend(data.tensors)
     (root / PREFILL_FILE).write_bytes(plan.proto.SerializeToString())
     return {
         "weights": "int8",
@@ -240,15 +252,14 @@ def _smoothed(norm: Any, weights: list[np.ndarray], ranges: dict[str, np.ndarray
     return _Smoothed(norm, slot, factor, gamma)
 
 
-def _rewrite(node: Any, codes: np.ndarray, scales: np.ndarray, names: list[str], arrays: list[Any]) -> None:
+def _rewrite(node: Any, codes: np.ndarray, scales: np.ndarray, sink: Any) -> None:
     """``node`` (MatMulNBits) -> DynamicQuantizeMatMul on ``codes`` / ``scales`` (bias kept)."""
     from onnx import helper
 
     base = node.name.split("/")[0]
     bias = node.input[5] if len(node.input) > 5 else ""
     for suffix, array in (("/prefill_int8", codes), ("/prefill_int8_scale", scales)):
-        names.append(base + suffix)
-        arrays.append(array)
+        sink.add(base + suffix, array)
     inputs = [node.input[0], base + "/prefill_int8", base + "/prefill_int8_scale", "", bias]
     replacement = helper.make_node(
         "DynamicQuantizeMatMul",
