@@ -81,6 +81,26 @@ PARITY_DEFAULT_SINGLE = {
 }
 
 
+#: Modules of one engine, quantizer or model family whose exports take long (each 40-220 s of test
+#: time): marked ``extended``, which ``.ci/run`` runs after the default suite (``-m "matrix or
+#: extended"``), so that the default run stays near 10 minutes on 2 cores. The parity suite keeps
+#: every engine and family in the default run (see PARITY_DEFAULT_CASES).
+EXTENDED_MODULES = frozenset(
+    {
+        "test_openvino",
+        "test_vl_artifact",
+        "test_vl_vision",
+        "test_quant_gptq",
+        "test_quant_awq",
+        "test_moe",
+        "test_prefill_int8",
+        "test_kv_int8",
+        "test_gguf_import",
+        "test_tensorrt_engine",
+    }
+)
+
+
 def _in_matrix_only(item: pytest.Item) -> bool:
     """Whether a parity test belongs to the rest of the matrix (see :data:`PARITY_DEFAULT_CASES`)."""
     params = item.callspec.params if hasattr(item, "callspec") else {}
@@ -107,6 +127,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             group = _ENGINE_GROUPS.get(engine, "parity-onnxruntime")
         if module == "test_parity" and _in_matrix_only(item):
             item.add_marker(pytest.mark.matrix)
+        if module in EXTENDED_MODULES:
+            item.add_marker(pytest.mark.extended)
         item.add_marker(pytest.mark.xdist_group(group))
         _join_group(config, item, group)
 
