@@ -196,6 +196,22 @@ def test_load_option(arts: dict[str, Path]) -> None:
         qwen_export.load(arts["int4"], prefill_int8="no")
 
 
+def test_cli_bench_reports_and_turns_off(arts: dict[str, Path]) -> None:
+    """``bench`` says what prompts ran on; ``--no-int8-prefill`` leaves the graph closed."""
+    from typer.testing import CliRunner
+
+    from qwen_export.cli import app
+
+    runner = CliRunner()
+    args = ["bench", str(arts["int4"]), "--prompt-lengths", "40", "--new-tokens", "2", "--repeats", "1"]
+    args += ["--warmup", "0", "--threads", "2"]
+    on = runner.invoke(app, args, catch_exceptions=False)
+    off = runner.invoke(app, [*args, "--no-int8-prefill"], catch_exceptions=False)
+    assert on.exit_code == 0 and off.exit_code == 0, (on.output, off.output)
+    assert "turned off" in off.output and "turned off" not in on.output
+    assert "prefill=" in on.output
+
+
 def test_manifest_record(arts: dict[str, Path]) -> None:
     from qwen_export.artifact import load_manifest
 

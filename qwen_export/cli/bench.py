@@ -16,6 +16,7 @@ from qwen_export.cli.common import (
     AttentionOpt,
     CacheDir,
     EngineOpt,
+    Int8Prefill,
     KVCache,
     MaxDraftOpt,
     Precision,
@@ -84,6 +85,7 @@ def bench(
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
     prefill_chunk: PrefillChunk = None,
+    int8_prefill: Int8Prefill = True,
     speculate: SpeculateOpt = None,
     max_draft_tokens: MaxDraftOpt = None,
     as_json: AsJson = False,
@@ -111,7 +113,9 @@ def bench(
     fmt = bench_run.BenchFormat.parse("json" if as_json else output_format)
     counts = [0] if threads.strip() == "0" else bench_run.int_list(threads, "--threads")
     bench_run.check_artifacts(artifacts)
-    options = [runtime(n, precision, kv_cache, cache_dir, engine, attention, prefill_chunk) for n in counts]
+    options = [
+        runtime(n, precision, kv_cache, cache_dir, engine, attention, prefill_chunk, int8_prefill) for n in counts
+    ]
     targets, loads = [], []
     with err_console.status("loading artifacts") as status:
         for n, option in zip(counts, options, strict=True):

@@ -13,6 +13,7 @@ from qwen_export.cli.common import (
     AttentionOpt,
     CacheDir,
     EngineOpt,
+    Int8Prefill,
     KVCache,
     Precision,
     PrefillChunk,
@@ -51,6 +52,7 @@ def check(
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
     prefill_chunk: PrefillChunk = None,
+    int8_prefill: Int8Prefill = True,
     image: Annotated[
         Path | None,
         typer.Option(help="A VL artifact: the image of the evaluation prompt (default: a built-in test image)."),
@@ -63,7 +65,9 @@ def check(
 
     if max_tokens < 2 or greedy_tokens < 1:
         raise OptionError("--max-tokens must be >= 2 and --greedy-tokens >= 1")
-    loaded = open_artifact(artifact, runtime(threads, precision, kv_cache, cache_dir, engine, attention, prefill_chunk))
+    loaded = open_artifact(
+        artifact, runtime(threads, precision, kv_cache, cache_dir, engine, attention, prefill_chunk, int8_prefill)
+    )
     content = read_text(text) if text is not None else parity.DEFAULT_TEXT
     if getattr(loaded.engine, "multimodal", None) is not None:
         _check_vision(loaded, reference, image, content, max_tokens, greedy_tokens, artifact, as_json)

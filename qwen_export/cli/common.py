@@ -111,6 +111,14 @@ EngineOpt = Annotated[
     ),
 ]
 
+Int8Prefill = Annotated[
+    bool,
+    typer.Option(
+        "--int8-prefill/--no-int8-prefill",
+        help="ONNX Runtime artifacts exported with --prefill int8: run prompts on their int8 graph (default), "
+        "or leave it unopened (its memory not spent; prompts about half as fast).",
+    ),
+]
 PrefillChunk = Annotated[
     int | None,
     typer.Option(
@@ -153,12 +161,20 @@ def runtime(
     engine: str | None = None,
     attention: str | None = None,
     prefill_chunk: int | None = None,
+    int8_prefill: bool = True,
 ) -> Any:
     """RuntimeOptions from the engine flags."""
     from qwen_export.runtime.llm import runtime_options
 
     return runtime_options(
-        threads, precision, kv_cache, cache_dir, engine=engine, attention=attention, prefill_chunk=prefill_chunk
+        threads,
+        precision,
+        kv_cache,
+        cache_dir,
+        engine=engine,
+        attention=attention,
+        prefill_chunk=prefill_chunk,
+        prefill_int8=int8_prefill,
     )
 
 
@@ -172,12 +188,14 @@ def load_llm(
     attention: str | None = None,
     speculate: Any = None,
     prefill_chunk: int | None = None,
+    int8_prefill: bool = True,
 ) -> Any:
     """The LLM over ``artifact``; ``speculate``: a Speculation (see :func:`speculation`) or None."""
     from qwen_export.runtime.llm import LLM, speculator
     from qwen_export.runtime.loader import open_artifact
 
-    loaded = open_artifact(artifact, runtime(threads, precision, kv_cache, cache_dir, engine, attention, prefill_chunk))
+    options = runtime(threads, precision, kv_cache, cache_dir, engine, attention, prefill_chunk, int8_prefill)
+    loaded = open_artifact(artifact, options)
     return LLM(loaded, speculator(loaded, speculate, threads))
 
 

@@ -11,6 +11,7 @@ from qwen_export.cli.common import (
     AttentionOpt,
     CacheDir,
     EngineOpt,
+    Int8Prefill,
     KVCache,
     MaxDraftOpt,
     MaxNew,
@@ -69,6 +70,7 @@ def generate(
     cache_dir: CacheDir = None,
     engine: EngineOpt = None,
     prefill_chunk: PrefillChunk = None,
+    int8_prefill: Int8Prefill = True,
     speculate: SpeculateOpt = None,
     max_draft_tokens: MaxDraftOpt = None,
     think: Think = None,
@@ -84,7 +86,16 @@ def generate(
         raise OptionError("--image needs the chat template; drop --raw")
     spec = speculation(speculate, max_draft_tokens)
     llm = load_llm(
-        artifact, threads, precision, kv_cache, cache_dir, engine, attention, spec, prefill_chunk=prefill_chunk
+        artifact,
+        threads,
+        precision,
+        kv_cache,
+        cache_dir,
+        engine,
+        attention,
+        spec,
+        prefill_chunk=prefill_chunk,
+        int8_prefill=int8_prefill,
     )
     sampling = sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
     response_format = response_format_option(json_schema, json_mode)
