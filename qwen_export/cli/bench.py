@@ -113,9 +113,8 @@ def bench(
     fmt = bench_run.BenchFormat.parse("json" if as_json else output_format)
     counts = [0] if threads.strip() == "0" else bench_run.int_list(threads, "--threads")
     bench_run.check_artifacts(artifacts)
-    options = [
-        runtime(n, precision, kv_cache, cache_dir, engine, attention, prefill_chunk, int8_prefill) for n in counts
-    ]
+    flags = (precision, kv_cache, cache_dir, engine, attention, prefill_chunk, int8_prefill)
+    options = [runtime(n, *flags) for n in counts]
     targets, loads = [], []
     with err_console.status("loading artifacts") as status:
         for n, option in zip(counts, options, strict=True):

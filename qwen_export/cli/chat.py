@@ -99,18 +99,8 @@ def chat(
             "--raw has no chat template: it takes neither --tools, --system, --image nor --think/--no-think"
         )
     spec = speculation(speculate, max_draft_tokens)
-    llm = load_llm(
-        artifact,
-        threads,
-        precision,
-        kv_cache,
-        cache_dir,
-        engine,
-        attention,
-        spec,
-        prefill_chunk=prefill_chunk,
-        int8_prefill=int8_prefill,
-    )
+    engine_flags = (threads, precision, kv_cache, cache_dir, engine, attention, spec)
+    llm = load_llm(artifact, *engine_flags, prefill_chunk=prefill_chunk, int8_prefill=int8_prefill)
     sampling = sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
     session = _Session(llm, system, tool_specs, response_format, sampling, think, raw)
     session.attach(image or [], artifact)
