@@ -212,6 +212,15 @@ def test_cli_bench_reports_and_turns_off(arts: dict[str, Path]) -> None:
     assert "prefill=" in on.output
 
 
+def test_decode_bandwidth_does_not_count_the_prompt_graph(arts: dict[str, Path]) -> None:
+    from qwen_export.artifact import load_manifest
+    from qwen_export.runtime import bandwidth
+
+    root = arts["int4"]
+    decode_files = sum((root / name).stat().st_size for name in ("model.onnx", "model.onnx.data"))
+    assert bandwidth.weight_files_bytes(root, load_manifest(root)) == decode_files
+
+
 def test_manifest_record(arts: dict[str, Path]) -> None:
     from qwen_export.artifact import load_manifest
 

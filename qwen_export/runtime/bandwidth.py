@@ -8,8 +8,10 @@ STREAM's *copy* counts), and :func:`decode_bandwidth` puts the two side by side.
 
 Weight bytes per token (:func:`decode_weight_bytes`) are the artifact's weight files as loaded
 (float16-stored scales counted at float32, :func:`compact_scale_bytes`), less the embedding table
-when only one row of it is read per token (a table that is not also the lm_head).
-The KV cache read per token is added separately (it grows with the context).
+when only one row of it is read per token (a table that is not also the lm_head). An ONNX Runtime
+artifact's int8 prompt graph (``export --prefill int8``: ``prefill.onnx`` + ``prefill.onnx.data``)
+is not read by decode steps and is not counted. The KV cache read per token is added separately (it
+grows with the context).
 """
 
 from __future__ import annotations
@@ -75,9 +77,15 @@ def copy_bandwidth(threads: int = 1, nbytes: int = COPY_BYTES, repeats: int = 3)
     return CopyBandwidth(float(max(rates)), float(np.median(rates)), threads, nbytes // 2**20)
 
 
+#: Weight files that only prompts read (ONNX Runtime's int8 prefill graph), not decode steps.
+PROMPT_ONLY_FILES = ("prefill.onnx", "prefill.onnx.data")
+
+
 def weight_files_bytes(root: str | Path, manifest: Manifest) -> int:
-    """Bytes of the artifact's weight files (the manifest's files with a weight suffix)."""
-    return sum((Path(root) / name).stat().st_size for name in manifest.files if name.endswith(WEIGHT_SUFFIXES))
+    """Bytes of the artifact's weight files a decode step can read (the manifest's files with a
+    weight suffix, less :data:`PROMPT_ONLY_FILES`)."""
+    names = [name for name in manifest.files if name.endswith(WEIGHT_SUFFIXES) and name not in PROMPT_ONLY_FILES]
+    return sum((Path(root) / name).stat().st_size for name in names)
 
 
 def gathered_embedding_bytes(manifest: Manifest) -> int:
