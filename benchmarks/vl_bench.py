@@ -5,7 +5,8 @@ same checkpoint when ``--anchor-ir DIR`` is given (optimum-intel 2.2 exports Qwe
 transformers <= 5.0: make that IR in a venv of its own, see benchmarks/README.md).
 
     .venv/bin/python benchmarks/vl_bench.py --workdir W [--weights int4] [--algorithm rtn]
-        [--vision-weights fp32|int8] [--prefill none|int8] [--layers 36] [--new-tokens 32] [--repeats 2] [--anchor-ir DIR] [--json-out F]
+        [--vision-weights fp32|int8] [--prefill none|int8] [--layers 36] [--new-tokens 32] [--repeats 2]
+        [--anchor-ir DIR] [--json-out F]
 
 Every step runs in its own process (its peak RSS is its own): the checkpoint is made once
 (``W/ckpt``, bf16, about 7.5 GB at 36 layers), our artifact is exported once (``W/ours-<weights>``),

@@ -9,18 +9,22 @@ What: ``export --prefill int8`` writes ``prefill.onnx`` (+ ``prefill.onnx.data``
 graph, built from the emitted graph and weights (:func:`write`); its other tensors are read from
 ``model.onnx.data``. The engine opens it as a second session (:func:`open_session`):
 
-- the ``q/k/v``, ``o``, ``gate`` and ``up`` projections' ``MatMulNBits`` become
-  ``DynamicQuantizeMatMul`` with per-column symmetric int8 weights made from the dequantized
-  int4/int8 weights (so both sessions compute with the same weights, up to int8 rounding);
-  activations are quantized per tensor at run time;
+- every projection's ``MatMulNBits`` (``q/k/v``, ``o``, ``gate``, ``up`` and ``down``) becomes an
+  int8 GEMM on per-column symmetric int8 weights made from the dequantized int4/int8 weights (so
+  both sessions compute with the same weights, up to int8 rounding): ``MatMulIntegerToFloat``,
+  MLAS's u8 x s8 GEMM (VNNI);
+- **activations are quantized token by token** at run time (:func:`_row_quantizer`: one scale per
+  token, ``max |row| / 127``, uint8 codes with zero point 128), once per input shared by the
+  projections that read it. One scale for the whole step (``DynamicQuantizeMatMul``, this graph's
+  first form) lost the other tokens' precision to the few tokens (a text's first, some
+  delimiters) whose SwiGLU output is hundreds of times larger, so ``down_proj`` had to stay on
+  ``MatMulNBits`` and held two thirds of the prompt's GEMM time (benchmarks/README.md);
 - **smoothing** (SmoothQuant, alpha 0.5): a few input channels of a decoder layer carry values
-  many times the others', which per-tensor activation quantization would wipe out. For each
-  RMSNorm that feeds these projections the export measures each channel's largest magnitude over
-  the calibration text (:func:`~qwen_export.export.calibration.collect_norm_peaks`); the prefill
-  graph's copy of the norm's weight is divided by ``s = peak ** 0.5 / max|W row| ** 0.5`` and the
-  weight rows multiplied by it (an exact rewrite before quantization);
-- ``down_proj`` keeps its ``MatMulNBits`` weights: its input (the SwiGLU product) could not be
-  smoothed enough (mean KL 0.09 against 0.02 on the real Qwen2.5-Coder-1.5B).
+  many times the others' in every token. For each RMSNorm that feeds the projections the export
+  measures each channel's largest magnitude over the calibration text
+  (:func:`~qwen_export.export.calibration.collect_norm_peaks`); the prefill graph's copy of the
+  norm's weight is divided by ``s = peak ** 0.5 / max|W row| ** 0.5`` and the weight rows
+  multiplied by it (an exact rewrite before quantization).
 
 Cost: a byte per weight of those projections, on disk and in memory (measured on the real
 Qwen2.5-Coder-1.5B: benchmarks/README.md). Both sessions bind the engine's same KV buffers.
@@ -48,7 +52,7 @@ MIN_TOKENS = 32
 MODEL_FILE = "model.onnx"  # the decode graph (engine.MODEL_FILE; the engine imports this module)
 WEIGHT_LEVELS = 127
 _ROWS = 128
-_LINEAR = re.compile(r"layers\.(\d+)\.(self_attn\.(q|k|v|qkv|o)_proj|mlp\.(gate|up|gate_up)_proj)\b")
+_LINEAR = re.compile(r"layers\.(\d+)\.(self_attn\.(q|k|v|qkv|o)_proj|mlp\.(gate|up|gate_up|down)_proj)\b")
 _NORM = re.compile(r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
 _ALIGN = 64  # byte alignment of each tensor in prefill.onnx.data
 
@@ -56,11 +60,12 @@ _ALIGN = 64  # byte alignment of each tensor in prefill.onnx.data
 @dataclass(frozen=True)
 class PrefillPlan:
     """What :func:`build` made: the prefill graph (its new tensors added by the sink), how many
-    linears were rewritten and how many norms smoothed."""
+    linears were rewritten, norms smoothed and linears' inputs rotated."""
 
     proto: Any
     linears: int
     smoothed: int
+    rotated: int
 
 
 class _DataFile:
@@ -191,9 +196,17 @@ def build(root: Path, model_file: str, ranges: dict[str, np.ndarray], sink: Any,
 
     def convert(item: tuple[str, list[Any]]) -> tuple[_Smoothed | None, list[tuple[np.ndarray, np.ndarray]]]:
         weights = [dequantize(node, reader) for node in item[1]]
+        for node, weight in zip(item[1], weights, strict=True):
+            if _rotated(node):
+                rotate_columns(weight, rotation_block(weight.shape[1]))
         smoothed = _smoothed(producers.get(item[0]), weights, ranges, reader)
         return smoothed, [column_int8(w, smoothed.factor if smoothed else None) for w in weights]
 
+    from onnx import numpy_helper
+
+    # small constants stay in the graph (shape inference reads ReduceMax's axes)
+    proto.graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in _CONSTANTS.items())
+    replaced: dict[str, list[Any]] = {}
     smoothed_norms = 0
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for group, (smoothed, quantized) in zip(by_input.values(), pool.map(convert, by_input.items()), strict=True):
@@ -202,13 +215,21 @@ def build(root: Path, model_file: str, ranges: dict[str, np.ndarray], sink: Any,
                 sink.add(name, smoothed.weight)
                 smoothed.norm.input[smoothed.slot] = name
                 smoothed_norms += 1
-            for node, (codes, scales) in zip(group, quantized, strict=True):
-                _rewrite(node, codes, scales, sink)
+            rotation = _rotation(group[0])
+            rows, row_scale, row_nodes = _row_quantizer(rotation[-1].output[0] if rotation else group[0].input[0])
+            row_nodes = rotation + row_nodes
+            for i, (node, (codes, scales)) in enumerate(zip(group, quantized, strict=True)):
+                new = _rewrite(node, codes, scales, sink, rows, row_scale)
+                replaced[node.name] = (row_nodes if i == 0 else []) + new
+    nodes = [new for node in proto.graph.node for new in replaced.get(node.name, [node])]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
     used = {name for node in proto.graph.node for name in node.input}
     kept = [init for init in proto.graph.initializer if init.name in used]
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(kept)
-    return PrefillPlan(proto, len(linears), smoothed_norms)
+    rotated = sum(1 for node in linears if _rotated(node) and rotation_block(_attributes(node)["K"]) > 1)
+    return PrefillPlan(proto, len(linears), smoothed_norms, rotated)
 
 
 def write(root: Path, ranges: dict[str, np.ndarray], threads: int = 2) -> dict[str, Any]:
@@ -227,6 +248,8 @@ def write(root: Path, ranges: dict[str, np.ndarray], threads: int = 2) -> dict[s
         "linears": plan.linears,
         "smoothed_norms": plan.smoothed,
         "alpha": ALPHA,
+        "activations": "int8 per token",
+        "rotated": plan.rotated,
         "min_tokens": MIN_TOKENS,
     }
 
@@ -252,23 +275,140 @@ def _smoothed(norm: Any, weights: list[np.ndarray], ranges: dict[str, np.ndarray
     return _Smoothed(norm, slot, factor, gamma)
 
 
-def _rewrite(node: Any, codes: np.ndarray, scales: np.ndarray, sink: Any) -> None:
-    """``node`` (MatMulNBits) -> DynamicQuantizeMatMul on ``codes`` / ``scales`` (bias kept)."""
+#: the inputs of these projections are rotated (:func:`_rotation`)
+ROTATED = ("down_proj",)
+#: the largest Hadamard block of the rotation
+ROTATION_BLOCK = 128
+
+
+def rotation_block(k: int) -> int:
+    """The Hadamard block for an input of ``k`` channels: the largest power of two <= 128 that
+    divides it (128 for every Qwen2/2.5/3 intermediate size; 1: no rotation)."""
+    block = ROTATION_BLOCK
+    while k % block:
+        block //= 2
+    return block
+
+
+def hadamard(n: int) -> np.ndarray:
+    """The orthonormal (Sylvester) Hadamard matrix of order ``n`` (a power of two): symmetric,
+    its own inverse."""
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return (h / np.sqrt(np.float32(n))).astype(np.float32)
+
+
+def rotate_columns(weight: np.ndarray, block: int) -> None:
+    """``weight`` [N, K] (a row per output column) times the block-diagonal Hadamard rotation of
+    its K input channels, in place: ``x @ W.T == (x B) @ (W B).T`` for the orthonormal ``B``."""
+    if block > 1:
+        n, k = weight.shape
+        h = hadamard(block)
+        for start in range(0, n, _ROWS):
+            rows = weight[start : start + _ROWS]
+            rows[...] = (rows.reshape(-1, k // block, block) @ h).reshape(rows.shape)
+
+
+def _rotated(node: Any) -> bool:
+    return any(f".{name}" in node.name for name in ROTATED)
+
+
+def _rotation(node: Any) -> list[Any]:
+    """Nodes that rotate the input of ``node`` (a :data:`ROTATED` projection, else none) by
+    blocks of Hadamard: [batch, tokens, K] -> [batch, tokens, K / block, block] @ H -> back.
+
+    Why: a token's SwiGLU output (down_proj's input) has a few channels 20-50x its root mean
+    square, so one int8 scale per token rounds the rest coarsely (7.7% output error per token,
+    measured on the real Qwen2.5-Coder-1.5B). The rotation spreads each block's peak over the
+    block (peak / rms 5) and the error falls to 1.1%; the weight rows take the inverse rotation
+    at export (:func:`rotate_columns`), so the product is unchanged (QuaRot's online Hadamard)."""
+    from onnx import helper
+
+    k = _attributes(node)["K"]
+    block = rotation_block(k)
+    if not _rotated(node) or block == 1:
+        return []
+    x, p = node.input[0], node.input[0] + "/rotated"
+    return [
+        helper.make_node("Reshape", [x, f"prefill/blocks{block}"], [p + "/blocks"], name=p + "/blocks"),
+        helper.make_node("MatMul", [p + "/blocks", f"prefill/hadamard{block}"], [p + "/product"], name=p + "/product"),
+        helper.make_node("Reshape", [p + "/product", _FLAT], [p], name=p),
+    ]
+
+
+_ONE, _ZERO_POINT, _AXES, _LEVEL, _TINY = (f"prefill/{n}" for n in ("one", "zero_point", "axes", "level", "tiny"))
+_CONSTANTS = {
+    _ONE: np.array(1.0, np.float32),
+    _ZERO_POINT: np.full((1, 1, 1), 128, np.uint8),
+    _AXES: np.array([-1], np.int64),
+    _LEVEL: np.array(1.0 / WEIGHT_LEVELS, np.float32),
+    _TINY: np.array(1e-30, np.float32),
+}
+_ZERO_POINT_SCALAR = "prefill/zero_point_scalar"
+_FLAT = "prefill/flat"
+_CONSTANTS[_FLAT] = np.array([0, 0, -1], np.int64)
+for _b in (2**i for i in range(1, 8)):
+    _CONSTANTS[f"prefill/blocks{_b}"] = np.array([0, 0, -1, _b], np.int64)
+    _CONSTANTS[f"prefill/hadamard{_b}"] = hadamard(_b)
+_CONSTANTS[_ZERO_POINT_SCALAR] = np.array(128, np.uint8)
+
+
+def _row_quantizer(x: str) -> tuple[str, str, list[Any]]:
+    """Nodes that quantize the activation ``x`` [batch, tokens, K] row by row (one scale per token:
+    ``max |row| / 127``) to uint8 codes with zero point 128; returns (codes, row scales, nodes).
+
+    Per token, not per tensor: a few tokens (the first of a text, some delimiters) carry values
+    hundreds of times the others' at the SwiGLU output, which one scale for the whole step would
+    round the other tokens' values to zero (measured: benchmarks/README.md). uint8 codes with a
+    zero point, not int8: MLAS has a fast kernel for u8 x s8 only."""
+    from onnx import TensorProto, helper
+
+    p = x + "/rows"
+    nodes = [
+        helper.make_node("Abs", [x], [p + "/abs"], name=p + "/abs"),
+        helper.make_node("ReduceMax", [p + "/abs", _AXES], [p + "/peak"], name=p + "/peak", keepdims=1),
+        helper.make_node("Mul", [p + "/peak", _LEVEL], [p + "/step"], name=p + "/step"),
+        helper.make_node("Max", [p + "/step", _TINY], [p + "/scale"], name=p + "/scale"),
+        helper.make_node("Shape", [p + "/scale"], [p + "/shape"], name=p + "/shape"),
+        helper.make_node("Expand", [_ZERO_POINT, p + "/shape"], [p + "/zero_point"], name=p + "/zero_point"),
+        helper.make_node(
+            "QuantizeLinear",
+            [x, p + "/scale", p + "/zero_point"],
+            [p + "/codes"],
+            name=p + "/codes",
+            axis=-1,
+            block_size=1 << 30,  # one block per row
+            output_dtype=TensorProto.UINT8,
+        ),
+    ]
+    return p + "/codes", p + "/scale", nodes
+
+
+def _rewrite(node: Any, codes: np.ndarray, scales: np.ndarray, sink: Any, rows: str, row_scale: str) -> list[Any]:
+    """``node`` (MatMulNBits) -> u8 x s8 ``MatMulIntegerToFloat`` on the row-quantized input
+    ``rows`` and ``codes`` / ``scales``, times the rows' scales (bias added after)."""
     from onnx import helper
 
     base = node.name.split("/")[0]
     bias = node.input[5] if len(node.input) > 5 else ""
     for suffix, array in (("/prefill_int8", codes), ("/prefill_int8_scale", scales)):
         sink.add(base + suffix, array)
-    inputs = [node.input[0], base + "/prefill_int8", base + "/prefill_int8_scale", "", bias]
-    replacement = helper.make_node(
-        "DynamicQuantizeMatMul",
-        inputs if bias else inputs[:3],
-        list(node.output),
-        name=base + "/prefill",
-        domain="com.microsoft",
-    )
-    node.CopyFrom(replacement)
+    product, scaled = base + "/prefill_product", base + "/prefill_scaled"
+    out = node.output[0]
+    nodes = [
+        helper.make_node(
+            "MatMulIntegerToFloat",
+            [rows, base + "/prefill_int8", _ONE, base + "/prefill_int8_scale", _ZERO_POINT_SCALAR],
+            [product],
+            name=base + "/prefill",
+            domain="com.microsoft",
+        ),
+        helper.make_node("Mul", [product, row_scale], [scaled if bias else out], name=base + "/prefill_rows"),
+    ]
+    if bias:
+        nodes.append(helper.make_node("Add", [scaled, bias], [out], name=base + "/prefill_bias"))
+    return nodes
 
 
 def open_session(ort: Any, root: Path, options: Any) -> Any:
