@@ -249,6 +249,25 @@ def test_short_steps_run_the_decode_graph(arts: dict[str, Path]) -> None:
     check_logits(with_prefill, without, Noise.REPEAT)
 
 
+def test_batched_rows_prefill_on_the_prompt_graph(arts: dict[str, Path]) -> None:
+    """``LLM.batched`` / ``serve``: two rows' prompts batched together run on the prompt graph's
+    per-row form and give what one sequence gets on the engine (activations are quantized token by
+    token, so a row does not depend on the rows batched with it); short pieces stay on the decode
+    graph; turned off, the rows have no prompt graph."""
+    from qwen_export.targets.base import RowFeed
+
+    engine = _engine(arts["int4"])
+    rows = engine.open_rows(3)
+    assert rows._prefill is not None
+    a, b = rows.add_row(), rows.add_row()
+    ids = [prompt(PROMPT, seed=s) for s in (3, 4)]
+    out = rows.step([RowFeed(a, ids[0]), RowFeed(b, ids[1])])
+    for i, tokens in enumerate(ids):
+        engine.reset()
+        check_logits(out[i], engine.forward(tokens[None])[0, -1], Noise.REORDERED, f"row {i}")
+    assert _engine(arts["int4"], prefill=False).open_rows(2)._prefill is None
+
+
 def test_turned_off_or_without_vnni(arts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     assert "turned off" in _engine(arts["int4"], prefill=False).kernel_choices()["prefill"]
     assert "export --prefill int8" in _engine(arts["fp32"]).kernel_choices().get("prefill", "export --prefill int8")

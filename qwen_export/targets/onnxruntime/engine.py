@@ -297,7 +297,14 @@ class OnnxRuntimeEngine:
         if self.multimodal is not None:
             raise OptionError("a vision-language artifact does not batch sequences yet: use LLM.chat / stream")
         root, manifest = self._source
-        return OrtRows(self, max_rows, root, read_artifact_file(root, manifest, MODEL_FILE, MAX_GRAPH_BYTES))
+        prefill = None
+        if self._prefill is not None:  # the int8 prompt graph, in the rows too
+            from qwen_export.targets.onnxruntime.prefill_int8 import PREFILL_FILE
+
+            name = str(manifest.extra["prefill"].get("model", PREFILL_FILE))
+            prefill = read_artifact_file(root, manifest, name, MAX_GRAPH_BYTES)
+        model = read_artifact_file(root, manifest, MODEL_FILE, MAX_GRAPH_BYTES)
+        return OrtRows(self, max_rows, root, model, prefill)
 
     def kernel_choices(self) -> dict[str, str]:
         """What runs on this CPU: threads, the ISA MLAS dispatches to, the quantized MatMul's

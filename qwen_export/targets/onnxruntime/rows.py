@@ -16,6 +16,9 @@ and kind, [max_rows, kv_heads, capacity, head_dim], grown like the engine's own:
   alone on a one-row view of the buffers (its row's columns only), in pieces of the engine's
   ``prefill_chunk``.
 
+With the int8 prompt graph (``export --prefill int8``, opened by the engine) the rows get its
+per-row form too, and prompt pieces of ``prefill_int8.MIN_TOKENS`` tokens or more run on it.
+
 ``onnxruntime`` and ``onnx`` are imported lazily.
 """
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -68,30 +71,52 @@ def per_row_model(model_bytes: bytes) -> bytes:
 class OrtRows:
     """Rows of independent sequences over an :class:`OnnxRuntimeEngine` (shared KV layout)."""
 
-    def __init__(self, engine: OnnxRuntimeEngine, max_rows: int, artifact_dir: Path, model_bytes: bytes) -> None:
+    def __init__(
+        self,
+        engine: OnnxRuntimeEngine,
+        max_rows: int,
+        artifact_dir: Path,
+        model_bytes: bytes,
+        prefill_bytes: bytes | None = None,
+    ) -> None:
         if not engine.shared_kv or engine._fixed_kv:
             layout = "fixed (a TensorRT graph)" if engine._fixed_kv else "concat (exported unfused)"
             raise OptionError(
                 f"this artifact's KV layout is {layout}; continuous batching needs the fused ONNX Runtime "
                 "export (shared KV buffers); run requests one at a time"
             )
-        ort = engine._ort
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if engine.options.threads:
-            so.intra_op_num_threads = engine.options.threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(artifact_dir))
-        try:
-            self.session = ort.InferenceSession(per_row_model(model_bytes), so, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own types; report one line
-            raise ArtifactError(f"ONNX Runtime could not load the batching form: {str(exc).splitlines()[0]}") from None
-        self._ort, self.engine, self.max_rows = ort, engine, max_rows
+        self._ort, self.engine, self.max_rows = engine._ort, engine, max_rows
+        self.session = self._open(model_bytes, artifact_dir, "the batching form")
+        #: the int8 prompt graph's batching form (``export --prefill int8``, when the engine opened
+        #: it) and its binding, for pieces of prefill_int8.MIN_TOKENS tokens or more; else None.
+        #: Its activations are quantized token by token, so a row's logits do not depend on the
+        #: rows batched with it.
+        self._prefill: tuple[Any, Any] | None = None
+        if prefill_bytes is not None:
+            session = self._open(prefill_bytes, artifact_dir, "the batching form of the prompt graph", spin=False)
+            self._prefill = (session, session.io_binding())
         caps = engine.capabilities
         self.table = RowTable(max_rows, caps.max_context, caps.vocab_size)
         self._buffers: list[np.ndarray] = []
         self._binding = self.session.io_binding()
+
+    def _open(self, model_bytes: bytes, artifact_dir: Path, what: str, spin: bool = True) -> Any:
+        """A session on the per-row form of ``model_bytes`` (``spin``: False for the prompt graph,
+        whose idle threads would take the decode session's cores)."""
+        ort = self._ort
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.engine.options.threads:
+            so.intra_op_num_threads = self.engine.options.threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(artifact_dir))
+        if not spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            return ort.InferenceSession(per_row_model(model_bytes), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own types; report one line
+            raise ArtifactError(f"ONNX Runtime could not load {what}: {str(exc).splitlines()[0]}") from None
 
     def add_row(self) -> int:
         return self.table.add()
@@ -192,7 +217,11 @@ class OrtRows:
         return logits[0, -1]
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, rows: slice) -> np.ndarray:
-        b = self._binding
+        from qwen_export.targets.onnxruntime.prefill_int8 import MIN_TOKENS
+
+        session, b = self.session, self._binding
+        if self._prefill is not None and ids.shape[1] >= MIN_TOKENS:
+            session, b = self._prefill
         b.clear_binding_inputs()
         b.clear_binding_outputs()
         b.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
@@ -205,7 +234,7 @@ class OrtRows:
             views.append((view, value))
             b.bind_ortvalue_input(f"past_key_values.{name}", value)
             b.bind_ortvalue_output(f"present.{name}", value)
-        self.session.run_with_iobinding(b)
+        session.run_with_iobinding(b)
         return b.get_outputs()[0].numpy()
 
     def _reserve(self, needed: int) -> None:
