@@ -22,6 +22,7 @@ from qwen_export.export import pipeline
 from qwen_export.export.options import (
     ATTENTION_INT8,
     UNTIED_BLOCKS,
+    UNTIED_INT8,
     ExportOptions,
     Int4Defaults,
     export_options,
@@ -170,7 +171,9 @@ def test_int4_defaults(qwen2_tied: Path, qwen2_untied: Path, prequantized) -> No
     default = Int4Defaults()
     assert (tied.algorithm, tied.symmetric, tied.embedding_bits) == (default.algorithm, default.symmetric, 8)
     assert (untied.algorithm, untied.embedding_bits) == (default.algorithm, 4)
-    assert tied.int8_weights == untied.int8_weights == ATTENTION_INT8  # the attention projections at 8 bits
+    assert tied.int8_weights == ATTENTION_INT8  # the attention projections at 8 bits
+    assert untied.int8_weights == ATTENTION_INT8 + UNTIED_INT8  # and a separate lm_head (ONNX Runtime)
+    assert export_options(qwen2_untied, weights="int4", target="openvino").quant.int8_weights == ATTENTION_INT8
     assert export_options(qwen2_untied, weights="int4", int8=["none"]).quant.int8_weights == ()
     assert export_options(qwen2_untied, weights="int4", int8="lm_head").quant.int8_weights == ("lm_head",)
     with pytest.raises(OptionError, match="give it alone"):
@@ -178,13 +181,16 @@ def test_int4_defaults(qwen2_tied: Path, qwen2_untied: Path, prequantized) -> No
     trt = export_options(qwen2_untied, weights="int4", target="tensorrt").quant
     assert trt.symmetric and trt.algorithm is default.algorithm  # TensorRT takes no zero points
     assert trt.int8_weights == ()  # nor 8-bit tensors in an int4 engine
-    # finer blocks for the lm_head and down_proj; the embedding's 128 does not divide this tiny hidden size (64)
-    assert untied.block_overrides == UNTIED_BLOCKS[:2] and tied.block_overrides == trt.block_overrides == ()
-    assert (
-        export_options(qwen2_untied, weights="int4", target="openvino").quant.block_overrides == ()
-    )  # group 16 is slow
+    # blocks of 128 for the 8-bit tensors and the embedding do not divide this tiny hidden size (64); 64 for the MLP does
+    assert untied.block_overrides == UNTIED_BLOCKS[3:] and tied.block_overrides == trt.block_overrides == ()
+    assert export_options(qwen2_untied, weights="int4", target="openvino").quant.block_overrides == ()
     spec = ModelSpec.from_config_file(qwen2_untied / "config.json")
-    assert untied_blocks(dataclasses.replace(spec, hidden_size=1536, intermediate_size=8960)) == UNTIED_BLOCKS
+    real = dataclasses.replace(spec, hidden_size=1536, num_attention_heads=12, head_dim=128, intermediate_size=8960)
+    assert untied_blocks(real) == UNTIED_BLOCKS
+    # o_proj reads heads x head_dim channels (Qwen3: not the hidden size): 96 is no multiple of 128
+    assert untied_blocks(dataclasses.replace(real, num_attention_heads=3, head_dim=32)) == UNTIED_BLOCKS[1:]
+    # down_proj reads the intermediate size: 4896 is no multiple of 64
+    assert untied_blocks(dataclasses.replace(real, intermediate_size=4896)) == UNTIED_BLOCKS[:3]
     assert export_options(qwen2_untied, weights="int4", block="none").quant.block_overrides == ()
     given_blocks = export_options(qwen2_tied, weights="int4", block=["lm_head=64", " model.embed_tokens = 128"])
     assert given_blocks.quant.block_overrides == (("lm_head", 64), ("model.embed_tokens", 128))

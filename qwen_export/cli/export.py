@@ -151,7 +151,7 @@ Int8 = Annotated[
         help="int4 mixed precision: linear modules quantized to 8 bits instead, as glob patterns of checkpoint "
         "module names (repeatable or comma-separated), e.g. 'model.layers.*.mlp.down_proj' or lm_head; q/k/v "
         "share one packed weight, so they go to 8 bits together. Default for int4: 'model.layers.*.self_attn.*' "
-        "(not tensorrt); 'none': every linear at 4 bits.",
+        "(not tensorrt), and lm_head too when it is separate on onnxruntime; 'none': every linear at 4 bits.",
     ),
 ]
 Block = Annotated[
@@ -160,8 +160,8 @@ Block = Annotated[
         "--block",
         help="Per-tensor block size PATTERN=SIZE (16 | 32 | 64 | 128; repeatable or comma-separated; first match "
         "wins): PATTERN is a glob of checkpoint module names as for --int8, or model.embed_tokens, e.g. lm_head=16. "
-        "Default for int4 with a separate lm_head: lm_head=16, model.layers.*.mlp.down_proj=16, "
-        "model.embed_tokens=128 on onnxruntime (openvino decodes group 16 slowly; tensorrt refuses --block); 'none': "
+        "Default for int4 with a separate lm_head on onnxruntime: 'model.layers.*.self_attn.*=128', lm_head=128, "
+        "model.embed_tokens=128, 'model.layers.*.mlp.*=64' (tensorrt refuses --block); 'none': "
         "every tensor at --block-size.",
     ),
 ]

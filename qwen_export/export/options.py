@@ -237,12 +237,14 @@ class Int4Defaults:
       benchmarks/README.md), they cut the mean KL most per byte added (0.0379 -> 0.0286 for +76 MiB;
       every down_proj: 0.0304 for +189 MiB; the lm_head: 0.0285 for +115 MiB), and with ONNX Runtime's
       compact scales the artifact stays within optimum-intel's size;
-    - with an untied lm_head (dense models, targets whose kernels run small blocks fast: ONNX
-      Runtime; OpenVINO's decode at group 16 is 0.68-0.71x group 32's): the lm_head and every down_proj in
-      blocks of 16 and the embedding in blocks of 128 (:data:`UNTIED_BLOCKS`, ``--block``): RTN
-      0.0287 -> 0.0248 for +30 MiB; with GPTQ (down_proj, wider than the calibration rows, by the
-      weighted clip search: :attr:`~.gptq.GPTQSettings.min_rows_per_input`) **0.0182** (p99 0.121,
-      top-1 91.9%) in 1090 MiB, 0.38x onnxruntime-genai int4's KL.
+    - with an untied lm_head (dense models, ONNX Runtime: ``small_blocks_fast``): the lm_head at 8
+      bits too (:data:`UNTIED_INT8`), the 8-bit tensors and the embedding in blocks of 128 and the
+      MLP in blocks of 64 (:data:`UNTIED_BLOCKS`, ``--block``). On the real Qwen2.5-Coder-1.5B with
+      GPTQ: mean KL **0.0214** (p99 0.171, top-1 92.4%) in 1090 MiB (optimum-intel's int4: 1098),
+      0.44x onnxruntime-genai int4's KL, decoding 1.67x faster than the previous default (the
+      lm_head and every down_proj in blocks of 16: 0.0193, 1090 MiB), whose small-block kernels
+      MLAS runs at 0.4-0.7x block 32's speed on an AMD EPYC; the MLP in blocks of 32 instead: 0.0159
+      in 1133 MiB, 1.46x (benchmarks/README.md, "the default int4 layout, re-chosen").
     """
 
     algorithm: QuantAlgorithm = QuantAlgorithm.GPTQ
@@ -269,22 +271,27 @@ class Int4Defaults:
                 pass  # a defective config.json: the export reports it with its own message
         # MoE: GPTQ's layer runner does not route calibration tokens through the experts: RTN
         algorithm = QuantAlgorithm.RTN if moe else cls.algorithm
-        promoted = ATTENTION_INT8 if backend.mixed_bits else ()
+        untied_layout = backend.small_blocks_fast and spec is not None and not tied and not moe
+        promoted = ATTENTION_INT8 + (UNTIED_INT8 if untied_layout else ()) if backend.mixed_bits else ()
         return cls(
             algorithm=algorithm,
             symmetric=not backend.zero_points,
             embedding_bits=8 if tied else 4,
             int8_weights=promoted,
-            block_overrides=untied_blocks(spec)
-            if backend.small_blocks_fast and spec is not None and not tied and not moe
-            else (),
+            block_overrides=untied_blocks(spec) if untied_layout and spec is not None else (),
         )
 
 
 def untied_blocks(spec: ModelSpec) -> tuple[tuple[str, int], ...]:
     """:data:`UNTIED_BLOCKS`, less any whose block does not divide that tensor's length along its
     blocks (K for a linear, the hidden size for the embedding): such a tensor keeps ``--block-size``."""
-    lengths = {"lm_head": spec.hidden_size, "model.embed_tokens": spec.hidden_size}
+    attention = math.gcd(spec.hidden_size, spec.num_attention_heads * spec.head_dim)  # q/k/v: hidden; o: heads
+    lengths = {
+        "lm_head": spec.hidden_size,
+        "model.embed_tokens": spec.hidden_size,
+        ATTENTION_INT8[0]: attention,
+        MLP: math.gcd(spec.hidden_size, spec.intermediate_size),  # gate/up: hidden; down: intermediate
+    }
     return tuple(
         (pattern, block)
         for pattern, block in UNTIED_BLOCKS
@@ -298,11 +305,17 @@ def _default_blocks(defaults: Int4Defaults) -> list[str]:
 
 #: ``--int8``'s default for int4 (:class:`Int4Defaults`): every attention projection
 ATTENTION_INT8 = ("model.layers.*.self_attn.*",)
-#: ``--block``'s default for int4 with a separate (untied) lm_head (:class:`Int4Defaults`)
+#: the MLP projections (gate, up, down)
+MLP = "model.layers.*.mlp.*"
+#: ``--int8``'s addition for int4 with a separate (untied) lm_head on ONNX Runtime (:class:`Int4Defaults`)
+UNTIED_INT8 = ("lm_head",)
+#: ``--block``'s default for int4 with a separate (untied) lm_head on ONNX Runtime (:class:`Int4Defaults`):
+#: the 8-bit tensors and the (4-bit, only gathered) embedding in blocks of 128, the MLP in blocks of 64
 UNTIED_BLOCKS: tuple[tuple[str, int], ...] = (
-    ("lm_head", 16),
-    ("model.layers.*.mlp.down_proj", 16),
+    (ATTENTION_INT8[0], 128),
+    ("lm_head", 128),
     ("model.embed_tokens", 128),
+    (MLP, 64),
 )
 
 

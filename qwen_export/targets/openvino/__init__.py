@@ -24,7 +24,7 @@ class OpenVINOTarget:
     cpu_module: str = "openvino"
     zero_points: bool = True
     mixed_bits: bool = True
-    small_blocks_fast: bool = False  # the CPU plugin at group 16: decode 0.68-0.71x group 32's on the real 1.5B
+    small_blocks_fast: bool = False  # not measured on the CPU plugin (its group 16 decoded at 0.68-0.71x group 32)
 
     def cpu_runs(self) -> dict[str, dict[str, Any]]:
         """The default engine (PagedAttention over the engine's block cache, stateful for
