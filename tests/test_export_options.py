@@ -181,7 +181,7 @@ def test_int4_defaults(qwen2_tied: Path, qwen2_untied: Path, prequantized) -> No
     trt = export_options(qwen2_untied, weights="int4", target="tensorrt").quant
     assert trt.symmetric and trt.algorithm is default.algorithm  # TensorRT takes no zero points
     assert trt.int8_weights == ()  # nor 8-bit tensors in an int4 engine
-    # blocks of 128 for the 8-bit tensors and the embedding do not divide this tiny hidden size (64); 64 for the MLP does
+    # 128 (the 8-bit tensors, the embedding) does not divide this tiny hidden size (64); 64 (the MLP) does
     assert untied.block_overrides == UNTIED_BLOCKS[3:] and tied.block_overrides == trt.block_overrides == ()
     assert export_options(qwen2_untied, weights="int4", target="openvino").quant.block_overrides == ()
     spec = ModelSpec.from_config_file(qwen2_untied / "config.json")
