@@ -3,8 +3,9 @@
 :func:`collect_activation_stats` runs the checkpoint's model in PyTorch on the CPU, in float32, one
 decoder layer at a time (only that layer's weights are in memory): the embedding rows of the
 calibration tokens, then each layer with hooks on its projections' inputs, then the final norm
-(for an untied lm_head). The text is split into sequences of at most :data:`SEQUENCE_LENGTH`
-tokens, each run as its own causal sequence (no padding, no KV cache).
+(for an untied lm_head). The text is split into sequences of equal length, at most
+:data:`SEQUENCE_LENGTH` tokens (fewer than one token per sequence is dropped), each run as its own
+causal sequence (no padding, no KV cache).
 
 Groups (one input shared by the group's weights), each with ``mean_abs`` [K] (float64, over every
 calibration token) and ``sample`` [T <= max_rows, K] (float32, evenly spaced tokens):
@@ -173,18 +174,20 @@ def _load_params(module: Any, prefix: str, spec: ModelSpec, checkpoint: Any) -> 
     for pname, param in module.named_parameters():
         binding = _binding_for(f"{prefix}.{pname}", spec)
         assert binding.hf_name is not None
-        array = checkpoint.read(binding.hf_name)
+        tensor = torch.from_numpy(np.asarray(checkpoint.read(binding.hf_name), dtype=np.float32))
         if binding.transpose:
-            array = array.T
-        if tuple(array.shape) != tuple(param.shape):
-            raise OptionError(f"calibration: {binding.hf_name} has shape {array.shape}, expected {tuple(param.shape)}")
-        param.data = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+            tensor = tensor.T
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise OptionError(
+                f"calibration: {binding.hf_name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+            )
+        param.data = tensor.contiguous()  # PyTorch's transposing copy uses every thread
 
 
 class LayerRunner:
     """The calibration tokens' hidden states, run through the decoder one layer at a time (float32,
     PyTorch, CPU): only the current layer's weights are in memory. ``hidden`` holds one [1, S, H]
-    tensor per sequence of at most :data:`SEQUENCE_LENGTH` tokens."""
+    tensor per sequence, all of one length of at most :data:`SEQUENCE_LENGTH` tokens."""
 
     def __init__(self, checkpoint: Any, spec: ModelSpec, token_ids: list[int]) -> None:
         import torch
@@ -202,9 +205,13 @@ class LayerRunner:
             rope_scale=rope_scale,
             logits_mode=LogitsMode.ALL,
         )
+        count = -(-len(token_ids) // SEQUENCE_LENGTH)
+        length = len(token_ids) // count  # equal lengths (at most count - 1 tokens dropped): one batch
+        token_ids = token_ids[: count * length]
         embedded = _embed(checkpoint, token_ids, spec.hidden_size)
-        bounds = list(range(0, len(token_ids), SEQUENCE_LENGTH))
-        self.hidden = [torch.from_numpy(embedded[b : b + SEQUENCE_LENGTH].copy())[None] for b in bounds]
+        self.hidden = [
+            torch.from_numpy(embedded[b : b + length].copy())[None] for b in range(0, len(token_ids), length)
+        ]
         del embedded
         self.extras = []
         for x in self.hidden:
@@ -240,6 +247,18 @@ class LayerRunner:
                     kv(keys, values)
                 if advance:
                     self.hidden[j] = out
+
+    def run_batched(self, layer: Any, i: int, bf16: bool = False) -> None:
+        """Every sequence through ``layer`` in one batch [sequences, S, H] (its hooks see every
+        calibration row in one call), the outputs kept as the next layer's inputs; ``bf16``: the
+        matrix products in bfloat16 (autocast; norms, softmax and the residual stay float32)."""
+        import torch
+
+        cos, sin, masks = self.extras[0]
+        empty = self.empty_kv.expand(len(self.hidden), -1, -1, -1)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out, _, _ = layer(torch.cat(self.hidden), cos, sin, masks[self.spec.layer_types[i]], empty, empty)
+        self.hidden = list(out.split(1))
 
     def final_norm(self) -> list[Any]:
         """The final norm's outputs (the lm_head's inputs), one per sequence."""

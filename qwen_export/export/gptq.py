@@ -57,12 +57,30 @@ class GPTQSettings:
     #: Qwen2.5-Coder-1.5B's down_proj (K = 8960, 4,096 calibration rows), output error on held-out
     #: text relative to RTN's: GPTQ 1.07-1.27x, the weighted clip search 0.92-0.94x.
     min_rows_per_input: float = 1.0
+    #: GPTQ for weights of at most this many bits; wider ones (the int8 parts of a mixed layout) get
+    #: the weighted clip search alone: their rounding error is about 16x smaller than int4's, and
+    #: GPTQ's row loop on them (the lm_head above all) cost more export time than the rest of it
+    max_bits: int = 4
+    #: the calibration forward's matrix products in bfloat16 (PyTorch autocast; the Hessians are
+    #: still summed in float32); None: where the CPU multiplies bfloat16 in hardware
+    #: (:func:`qwen_export.cpuinfo.native_bf16`), twice float32's speed there
+    bf16_forward: bool | None = None
 
     def describe(self) -> str:
         order = "act-order" if self.act_order else "in order"
         awq = f", AWQ scales first (grid {self.awq_grid})" if self.awq_grid else ""
         wide = f", inputs of more than rows/{self.min_rows_per_input:g} channels: weighted clip"
-        return f"damp {self.damp:g}, {order}, {self.scales.value} scales{awq}{wide}"
+        narrow = f", weights over {self.max_bits} bits: weighted clip"
+        forward = ", bf16 forward" if self.forward_in_bf16() and not self.awq_grid else ""
+        return f"damp {self.damp:g}, {order}, {self.scales.value} scales{awq}{wide}{narrow}{forward}"
+
+    def forward_in_bf16(self) -> bool:
+        """Whether the calibration forward multiplies in bfloat16 (see :attr:`bf16_forward`)."""
+        if self.bf16_forward is None:
+            from qwen_export.cpuinfo import native_bf16
+
+            return native_bf16()
+        return self.bf16_forward
 
     def uses_gptq(self, k: int, rows: int) -> bool:
         """Whether an input of ``k`` channels gets GPTQ with ``rows`` calibration rows."""
@@ -232,38 +250,72 @@ def _compensate_static(
     threads: int,
 ) -> None:
     """:func:`_compensate` with static groups (``act_order``): every row's scales and zero points
-    are known before the loop, so they are gathered per row once, and the lazy blocks are
-    :data:`STATIC_LAZY_ROWS` rows (the row loop's rank-1 updates are single-threaded vector work,
-    the block updates a matrix product)."""
+    are known before the loop, so they are gathered per row once. Two levels of lazy updates: the
+    row loop's rank-1 updates stay inside a batch of :data:`STATIC_LAZY_ROWS` rows (single-threaded
+    vector work), a batch's errors go to the rest of its :data:`LAZY_ROWS` rows, and those rows'
+    errors to all later rows in one matrix product (the same sums, grouped: the updates of the
+    later rows read and write them once per :data:`LAZY_ROWS` rows, not once per batch)."""
     k, upper = weights.shape[0], factor.upper
-    lo, hi = code_range(geo.bits, geo.symmetric)
     groups = torch.from_numpy(row_group.astype(np.int64))
-    for start in range(0, k, STATIC_LAZY_ROWS):
-        stop = min(start + STATIC_LAZY_ROWS, k)
-        torch.set_num_threads(1)
-        block = weights[start:stop].clone()
-        s = torch.from_numpy(scales)[groups[start:stop]]
-        z = None if zeros is None else torch.from_numpy(zeros)[groups[start:stop]]
-        errors = torch.empty_like(block)
-        tri = upper[start:stop, start:stop]
-        q = torch.empty_like(block[0])
-        for i in range(stop - start):
-            x = block[i]
-            torch.div(x, s[i], out=q)
-            q.round_()
-            if z is not None:
-                q.add_(z[i]).clamp_(lo, hi)
-                codes[start + i] = q
-                q.sub_(z[i])
-            else:
-                q.clamp_(lo, hi)
-                codes[start + i] = q
-            err = errors[i]
-            torch.sub(x, q.mul_(s[i]), out=err).div_(tri[i, i])
-            if i + 1 < stop - start:
-                block[i + 1 :].addr_(tri[i, i + 1 :], err, alpha=-1.0)
-        torch.set_num_threads(threads)
-        weights[stop:].addmm_(upper[start:stop, stop:].T, errors, alpha=-1.0)
+    for outer in range(0, k, LAZY_ROWS):
+        end = min(outer + LAZY_ROWS, k)
+        errors = torch.empty((end - outer, weights.shape[1]), dtype=weights.dtype)
+        for start in range(outer, end, STATIC_LAZY_ROWS):
+            stop = min(start + STATIC_LAZY_ROWS, end)
+            torch.set_num_threads(1)
+            batch = errors[start - outer : stop - outer]
+            _quantize_rows(
+                weights[start:stop].clone(),
+                upper[start:stop, start:stop],
+                batch,
+                start,
+                groups,
+                scales,
+                zeros,
+                codes,
+                geo,
+            )
+            torch.set_num_threads(threads)
+            if stop < end:
+                weights[stop:end].addmm_(upper[start:stop, stop:end].T, batch, alpha=-1.0)
+        if end < k:
+            weights[end:].addmm_(upper[outer:end, end:].T, errors, alpha=-1.0)
+
+
+def _quantize_rows(
+    block: torch.Tensor,
+    tri: torch.Tensor,
+    errors: torch.Tensor,
+    start: int,
+    groups: torch.Tensor,
+    scales: np.ndarray,
+    zeros: np.ndarray | None,
+    codes: torch.Tensor,
+    geo: Geometry,
+) -> None:
+    """GPTQ's row loop on ``block`` (rows ``start:`` of the weights, modified in place) with ``tri``
+    the factor's square for those rows: codes of each row, its scaled error into ``errors``, and
+    the error spread over the block's later rows."""
+    lo, hi = code_range(geo.bits, geo.symmetric)
+    stop = start + block.shape[0]
+    s = torch.from_numpy(scales)[groups[start:stop]]
+    z = None if zeros is None else torch.from_numpy(zeros)[groups[start:stop]]
+    q = torch.empty_like(block[0])
+    for i in range(block.shape[0]):
+        x = block[i]
+        torch.div(x, s[i], out=q)
+        q.round_()
+        if z is not None:
+            q.add_(z[i]).clamp_(lo, hi)
+            codes[start + i] = q
+            q.sub_(z[i])
+        else:
+            q.clamp_(lo, hi)
+            codes[start + i] = q
+        err = errors[i]
+        torch.sub(x, q.mul_(s[i]), out=err).div_(tri[i, i])
+        if i + 1 < block.shape[0]:
+            block[i + 1 :].addr_(tri[i, i + 1 :], err, alpha=-1.0)
 
 
 def gptq_quantize(

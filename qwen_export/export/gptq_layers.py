@@ -1,15 +1,19 @@
 """GPTQ over a whole checkpoint, one decoder layer at a time, its results spilled to disk.
 
-:func:`run_gptq` runs the calibration tokens through the decoder (:class:`~.calibration.LayerRunner`):
-for layer ``i`` it
+:func:`run_gptq` runs the calibration tokens through the decoder (:class:`~.calibration.LayerRunner`),
+every sequence of a layer in one batch. In layer ``i``, the first linear of each input group to run
+(q/k/v share one input, gate/up another; o_proj and down_proj have their own):
 
-1. runs the layer with its float weights, hooks summing ``x x^T`` of each linear input
-   (q/k/v share one Hessian, gate/up another; o_proj and down_proj have their own);
-2. quantizes each linear with :func:`~.gptq.gptq_quantize` (output columns in chunks of about
-   :data:`COLUMN_BYTES`, so a large weight never needs more than a chunk's working copies) and
-   writes the codes, scales and zero points to ``scratch`` (``.npy``, memory-mapped when read);
-3. runs the layer again with the *dequantized* weights: the next layer is calibrated on what the
-   quantized model will feed it (errors do not compound unseen).
+1. sums ``x x^T`` over the group's input (every calibration row at once: a forward pre-hook);
+2. quantizes each linear of the group with :func:`~.gptq.gptq_quantize` (output columns in chunks
+   of about :data:`COLUMN_BYTES`, so a large weight never needs more than a chunk's working copies)
+   and writes the codes, scales and zero points to ``scratch`` (``.npy``, memory-mapped when read);
+3. puts the *dequantized* weights in the layer before the forward goes on: every later input in
+   the layer, and the next layer's, is what the quantized model computes (GPTQ's "true
+   sequential" order; errors do not compound unseen), and each layer runs once.
+
+With AWQ scales first (``--algorithm awq-gptq``) a layer runs twice instead: with its float weights
+(every group's statistics and Hessian, for the scale search), then with the dequantized weights.
 
 An untied lm_head gets the same treatment on the final norm's outputs (unless kept). The result is
 a :class:`GPTQWeights`: the checkpoint, plus ``stored_quantization(name)`` for every quantized
@@ -89,7 +93,8 @@ class SpilledLinear(StoredLinear):
 
     def describe(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
-        how = "GPTQ" if self.gptq else "weighted clip (input too wide for GPTQ)"
+        wide = "weights wider than GPTQ's bits" if self.bits > 4 else "input too wide for GPTQ"
+        how = "GPTQ" if self.gptq else f"weighted clip ({wide})"
         return f"{how} int{self.bits} block {self.block_size} {kind} (computed at export)"
 
     def zero_problem(self) -> str | None:
@@ -162,11 +167,18 @@ class _Spiller:
         self.count = 0
 
     def quantize(  # noqa: D102
-        self, checkpoint: Any, prefix: str, factor: Factor | np.ndarray, settings: GPTQSettings, scheme: QuantScheme
+        self,
+        checkpoint: Any,
+        prefix: str,
+        factor: Factor | np.ndarray,
+        settings: GPTQSettings,
+        scheme: QuantScheme,
+        weight_t: np.ndarray | None = None,
     ) -> SpilledLinear:
         """GPTQ of ``<prefix>.weight`` ([N, K] in the checkpoint) in column chunks, spilled to disk,
         at this weight's bits and block size (``--int8`` mixed precision, ``--block`` overrides);
-        ``factor`` an array: diag(H) of an input too wide for GPTQ, the weighted clip search instead."""
+        ``factor`` an array: diag(H) of an input too wide for GPTQ, the weighted clip search instead.
+        ``weight_t``: the weight as [K, N] float32 already in memory (not read again)."""
         name = f"{prefix}.weight"
         n, k = checkpoint.shape(name)
         geo = dataclasses.replace(self.geo, bits=scheme.linear_bits(prefix), block_size=scheme.block_for(prefix))
@@ -181,12 +193,16 @@ class _Spiller:
         step = max(1, COLUMN_BYTES // (4 * k))
         for start in range(0, n, step):
             stop = min(n, start + step)
-            w = np.ascontiguousarray(checkpoint.read_rows(name, start, stop).T, dtype=np.float32)
-            q = (
-                gptq_quantize(w, factor, geo, settings)
-                if isinstance(factor, Factor)
-                else weighted_quantize(w, factor, geo, settings)
-            )
+            if weight_t is None:
+                w = np.ascontiguousarray(checkpoint.read_rows(name, start, stop).T, dtype=np.float32)
+            else:
+                w = np.ascontiguousarray(weight_t[:, start:stop])
+            if not isinstance(factor, Factor):
+                q = weighted_quantize(w, factor, geo, settings)
+            elif geo.bits > settings.max_bits:
+                q = weighted_quantize(w, factor.importance, geo, settings)
+            else:
+                q = gptq_quantize(w, factor, geo, settings)
             codes[:, start:stop] = q.codes
             scales[:, start:stop] = q.scales
             if zeros is not None:
@@ -196,7 +212,9 @@ class _Spiller:
         np.save(files["scales"], scales)
         if zeros is not None:
             np.save(files["zeros"], zeros)
-        return SpilledLinear(prefix, files, (k, n), geo, gptq=isinstance(factor, Factor))
+        return SpilledLinear(
+            prefix, files, (k, n), geo, gptq=isinstance(factor, Factor) and geo.bits <= settings.max_bits
+        )
 
 
 def _dequantized(stored: SpilledLinear) -> np.ndarray:
@@ -242,6 +260,41 @@ def _layer_hessians(
         for handle in handles:
             handle.remove()
     return hessians, {group: rec.stats(AWQ_SAMPLE_ROWS) for group, rec in recorders.items()}
+
+
+def _quantize_on_first_input(
+    layer: Any, i: int, weights: GPTQWeights, spill: _Spiller, settings: GPTQSettings, scheme: QuantScheme,
+    gptq: Callable[[int], bool],
+) -> list[Any]:  # fmt: skip
+    """Forward pre-hooks on layer ``i``'s linears for its one batched calibration run: the first
+    linear of an input group to run quantizes the whole group from that input (every calibration
+    row in one call): its Hessian (the diagonal for an input ``gptq(K)`` rejects), GPTQ of each
+    linear from the float weight in the layer, the weight then replaced by its dequantized form. So
+    each later input in the layer is what the quantized model computes (GPTQ's "true sequential"
+    order), and the layer runs once instead of twice (float, then quantized)."""
+    import torch
+
+    done: set[str] = set()
+
+    def hook(group: str) -> Callable[..., None]:
+        def quantize(_module: Any, args: tuple[Any, ...]) -> None:
+            if group in done:
+                return
+            done.add(group)
+            k = args[0].shape[-1]
+            acc = HessianAccumulator(k) if gptq(k) else DiagonalAccumulator(k)
+            acc.add(args[0])
+            factor = acc.diagonal() if isinstance(acc, DiagonalAccumulator) else factorize(acc.h, settings)
+            del acc
+            for path in (p for p, g in LINEARS.items() if g == group):
+                linear, prefix = layer.get_submodule(path), f"model.layers.{i}.{path}"
+                result = spill.quantize(weights, prefix, factor, settings, scheme, weight_t=linear.weight_t.numpy())
+                weights.stored[f"{prefix}.weight"] = result
+                linear.weight_t.data = torch.from_numpy(_dequantized(result))
+
+        return quantize
+
+    return [layer.get_submodule(path).register_forward_pre_hook(hook(group)) for path, group in LINEARS.items()]
 
 
 def _awq_layer(
@@ -295,7 +348,7 @@ def run_gptq(
     geo = Geometry(scheme.bits, scheme.block_size, scheme.symmetric, scheme.positive_scales, scale_dtype)
     spill = _Spiller(Path(scratch), geo)
     runner = LayerRunner(checkpoint, spec, token_ids)
-    rows = len(token_ids)
+    rows = sum(int(x.shape[1]) for x in runner.hidden)
 
     def gptq_for(k: int) -> bool:
         return settings.uses_gptq(k, rows)
@@ -308,6 +361,15 @@ def run_gptq(
         progress(done, total)
         done += sizes[i]
         layer = runner.layer(i)
+        if i not in scheme.keep_layers and settings.awq_grid == 0:
+            handles = _quantize_on_first_input(layer, i, weights, spill, settings, scheme, gptq_for)
+            try:
+                runner.run_batched(layer, i, bf16=settings.forward_in_bf16())
+            finally:
+                for handle in handles:
+                    handle.remove()
+            del layer
+            continue
         if i not in scheme.keep_layers:
             hessians, stats = _layer_hessians(runner, layer, i, settings.awq_grid > 0, gptq_for)
             if settings.awq_grid > 0:
