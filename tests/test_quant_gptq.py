@@ -158,7 +158,7 @@ def test_inputs_too_wide_for_the_calibration_get_the_weighted_clip_search(qwen2_
     from qwen_export.export import calibration as calib
     from qwen_export.export.checkpoint import Checkpoint
     from qwen_export.export.gptq import weighted_quantize
-    from qwen_export.export.gptq_layers import _dequantized, run_gptq
+    from qwen_export.export.gptq_layers import LINEARS, _dequantized, run_gptq
     from qwen_export.runtime.tokenizer import Tokenizer
 
     ckpt = Checkpoint.open(qwen2_untied)
@@ -176,14 +176,7 @@ def test_inputs_too_wide_for_the_calibration_get_the_weighted_clip_search(qwen2_
     runner = calib.LayerRunner(ckpt, ckpt.spec, ids)
     layer = runner.layer(0)
     # down_proj's input is what the layer computes with its other linears already quantized
-    for path in (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-    ):
+    for path in (p for p in LINEARS if p != "mlp.down_proj"):
         linear = layer.get_submodule(path)
         linear.weight_t.data = torch.from_numpy(_dequantized(stored[f"model.layers.0.{path}.weight"]))
     seen = []
