@@ -176,7 +176,7 @@ def test_activations_are_quantized_token_by_token(tmp_path: Path) -> None:
 def test_hadamard_rotation_is_exact() -> None:
     h = prefill_int8.hadamard(128)
     assert np.abs(h @ h - np.eye(128)).max() < 1e-6  # orthonormal and symmetric: its own inverse
-    assert [prefill_int8.rotation_block(k) for k in (4864, 8960, 18944, 29568, 96, 100)] == [128, 128, 128, 128, 32, 4]
+    assert [prefill_int8.rotation_block(k) for k in (4864, 8960, 18944, 29568, 96, 100)] == [64, 64, 64, 64, 32, 4]
     rng = np.random.default_rng(0)
     weight, x = rng.standard_normal((48, 256)).astype(np.float32), rng.standard_normal((5, 256)).astype(np.float32)
     rotated = weight.copy()
@@ -204,6 +204,48 @@ def test_rotation_spreads_a_tokens_peak_channels(tmp_path: Path) -> None:
     assert rel.max() < 0.025, rel.max()  # measured 0.016
     # measured medians 0.009 (rotated) and 0.028 (not)
     assert np.median(rel_unrotated) > 2 * np.median(rel), (np.median(rel_unrotated), np.median(rel))
+
+
+def _rebuilt(source: Path, target: Path, folds: bool, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the artifact ``source`` with its prompt graph rebuilt (no smoothing), with or
+    without :func:`prefill_int8.scale_folds`."""
+    import json
+
+    from qwen_export.artifact import sha256_file
+
+    target.mkdir()
+    for file in source.iterdir():
+        if not file.name.startswith("prefill.onnx"):
+            target.joinpath(file.name).write_bytes(file.read_bytes())
+    with monkeypatch.context() as patch:
+        if not folds:
+            patch.setattr(prefill_int8, "scale_folds", lambda nodes, linears: {})
+        record = prefill_int8.write(target, {})
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["extra"]["prefill"] = record
+    for name in (prefill_int8.PREFILL_FILE, prefill_int8.PREFILL_DATA):
+        manifest["files"][name] = sha256_file(target / name)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def test_up_proj_scale_fold_is_exact(arts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """up_proj's product without its rows' scales, down_proj's step multiplied by them instead:
+    one fold per layer, and the prompt's logits those of the graph without it up to float rounding
+    (a code may flip where a value sits on a rounding boundary: under 1% of int4's own KL)."""
+    _needs_vnni()
+    folded = _rebuilt(arts["int4"], tmp_path / "folded", True, monkeypatch)
+    plain = _rebuilt(arts["int4"], tmp_path / "plain", False, monkeypatch)
+    proto = onnx.load(folded / prefill_int8.PREFILL_FILE, load_external_data=False)
+    names = [node.name for node in proto.graph.node]
+    layers = sum(1 for name in names if name.endswith("mlp.down_proj.weight_t/prefill"))
+    assert layers > 0 and sum(name.endswith("/carried") for name in names) == layers
+    assert not any("up_proj" in name and name.endswith("/prefill_rows") for name in names)
+    assert not any(node.op_type == "Abs" for node in proto.graph.node)
+    ids = prompt(PROMPT, seed=3)[None]
+    logits = {name: _engine(path).forward(ids)[0] for name, path in (("folded", folded), ("plain", plain))}
+    budget = _kl(_engine(arts["fp32"]).forward(ids)[0], _engine(arts["int4"], prefill=False).forward(ids)[0])
+    assert _kl(logits["plain"], logits["folded"]) < 0.01 * budget
 
 
 # ----------------------------------------------------------------------------- end to end

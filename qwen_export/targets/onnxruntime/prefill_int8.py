@@ -19,10 +19,13 @@ graph, built from the emitted graph and weights (:func:`write`); its other tenso
   first form) lost the other tokens' precision to the few tokens (a text's first, some
   delimiters) whose SwiGLU output is hundreds of times larger, so ``down_proj`` had to stay on
   ``MatMulNBits`` and held two thirds of the prompt's GEMM time (benchmarks/README.md);
-- **rotation** of ``down_proj``'s input by 128-wide Hadamard blocks (:func:`_rotation`), its
+- **rotation** of ``down_proj``'s input by 64-wide Hadamard blocks (:func:`_rotation`), its
   weight rows by the inverse at export (:func:`rotate_columns`): measured on the real
   Qwen2.5-Coder-1.5B, it took ``down_proj``'s per-token output error from 7.7% to 1.1% and the
   prompt's mean KL from 0.0253 to 0.0207 (the decode graph's: 0.0193);
+- **two exact rewrites for speed**: a row's peak is ``max(max row, -min row)`` (no ``|x|``
+  tensor written), and up_proj's product skips its multiply by the rows' scales, which down_proj's
+  step takes instead (:func:`scale_folds`);
 - **smoothing** (SmoothQuant, alpha 0.5): a few input channels of a decoder layer carry values
   many times the others' in every token. For each RMSNorm that feeds the projections the export
   measures each channel's largest magnitude over the calibration text
@@ -212,6 +215,8 @@ def build(root: Path, model_file: str, ranges: dict[str, np.ndarray], sink: Any,
     proto.graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in _CONSTANTS.items())
     replaced: dict[str, list[Any]] = {}
     smoothed_norms = 0
+    folds = scale_folds(proto.graph.node, linears)  # up_proj -> down_proj whose row scale takes up's
+    row_scales: dict[str, str] = {}  # a linear's name -> its input's row scales
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for group, (smoothed, quantized) in zip(by_input.values(), pool.map(convert, by_input.items()), strict=True):
             if smoothed is not None:
@@ -222,8 +227,12 @@ def build(root: Path, model_file: str, ranges: dict[str, np.ndarray], sink: Any,
             rotation = _rotation(group[0])
             rows, row_scale, row_nodes = _row_quantizer(rotation[-1].output[0] if rotation else group[0].input[0])
             row_nodes = rotation + row_nodes
+            carried = [up for up, down in folds.items() if down == group[0].name]
+            if carried:  # the up_proj product reached this input without its rows' scales: apply them here
+                row_scale, row_nodes = _carry_scale(row_scale, row_scales[carried[0]], row_nodes)
             for i, (node, (codes, scales)) in enumerate(zip(group, quantized, strict=True)):
-                new = _rewrite(node, codes, scales, sink, rows, row_scale)
+                row_scales[node.name] = row_scale
+                new = _rewrite(node, codes, scales, sink, rows, None if node.name in folds else row_scale)
                 replaced[node.name] = (row_nodes if i == 0 else []) + new
     nodes = [new for node in proto.graph.node for new in replaced.get(node.name, [node])]
     del proto.graph.node[:]
@@ -281,13 +290,16 @@ def _smoothed(norm: Any, weights: list[np.ndarray], ranges: dict[str, np.ndarray
 
 #: the inputs of these projections are rotated (:func:`_rotation`)
 ROTATED = ("down_proj",)
-#: the largest Hadamard block of the rotation
-ROTATION_BLOCK = 128
+#: the largest Hadamard block of the rotation. 64, not 128: the same accuracy on the real
+#: Qwen2.5-Coder-1.5B (mean KL over 2,050 tokens of two texts: 0.0322 at 64, 0.0319 at 128, 0.0325
+#: at 32) and the rotation's float32 MatMul at half the cost (a 1024-token prompt: 3% faster;
+#: benchmarks/README.md, 2026-12-04)
+ROTATION_BLOCK = 64
 
 
 def rotation_block(k: int) -> int:
     """The Hadamard block for an input of ``k`` channels: the largest power of two <= 128 that
-    divides it (128 for every Qwen2/2.5/3 intermediate size; 1: no rotation)."""
+    divides it (64 for every Qwen2/2.5/3 intermediate size; 1: no rotation)."""
     block = ROTATION_BLOCK
     while k % block:
         block //= 2
@@ -369,9 +381,11 @@ def _row_quantizer(x: str) -> tuple[str, str, list[Any]]:
     from onnx import TensorProto, helper
 
     p = x + "/rows"
-    nodes = [
-        helper.make_node("Abs", [x], [p + "/abs"], name=p + "/abs"),
-        helper.make_node("ReduceMax", [p + "/abs", _AXES], [p + "/peak"], name=p + "/peak", keepdims=1),
+    nodes = [  # max |row| as max(max row, -min row): two reads, no [tokens, K] |x| written
+        helper.make_node("ReduceMax", [x, _AXES], [p + "/high"], name=p + "/high", keepdims=1),
+        helper.make_node("ReduceMin", [x, _AXES], [p + "/low"], name=p + "/low", keepdims=1),
+        helper.make_node("Neg", [p + "/low"], [p + "/negated"], name=p + "/negated"),
+        helper.make_node("Max", [p + "/high", p + "/negated"], [p + "/peak"], name=p + "/peak"),
         helper.make_node("Mul", [p + "/peak", _LEVEL], [p + "/step"], name=p + "/step"),
         helper.make_node("Max", [p + "/step", _TINY], [p + "/scale"], name=p + "/scale"),
         helper.make_node("Shape", [p + "/scale"], [p + "/shape"], name=p + "/shape"),
@@ -389,9 +403,48 @@ def _row_quantizer(x: str) -> tuple[str, str, list[Any]]:
     return p + "/codes", p + "/scale", nodes
 
 
-def _rewrite(node: Any, codes: np.ndarray, scales: np.ndarray, sink: Any, rows: str, row_scale: str) -> list[Any]:
+def scale_folds(nodes: Any, linears: list[Any]) -> dict[str, str]:
+    """``{up_proj: down_proj}`` for each SwiGLU ``down(act(gate(x)) * up(x))`` whose up_proj (no
+    bias) feeds only that product: up's int8 product can skip its multiply by the rows' scales
+    ``s`` (a [tokens, intermediate] pass), because down's input row quantizer is invariant to a
+    row's scale: ``q(x / s) = q(x)`` with the step divided by ``s``. Down's step is multiplied by
+    ``s`` instead, a [tokens, 1] product (:func:`_carry_scale`); the Hadamard rotation between is
+    linear, so the same holds through it."""
+    consumers: dict[str, list[Any]] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    producers = {out: node for node in nodes for out in node.output}
+    by_name = {node.name: node for node in linears}
+    folds = {}
+    for down in linears:
+        if ".down_proj" not in down.name:
+            continue
+        product = producers.get(down.input[0])
+        if product is None or product.op_type != "Mul" or len(consumers.get(down.input[0], [])) != 1:
+            continue
+        for name in product.input:
+            up = producers.get(name)
+            if up is not None and up.name in by_name and ".up_proj" in up.name and len(consumers[name]) == 1:
+                if len(up.input) <= 5 or not up.input[5]:
+                    folds[up.name] = down.name
+    return folds
+
+
+def _carry_scale(row_scale: str, carried: str, row_nodes: list[Any]) -> tuple[str, list[Any]]:
+    """The rows' scales of an input whose rows arrive divided by ``carried`` (:func:`scale_folds`)."""
+    from onnx import helper
+
+    name = row_scale + "/carried"
+    return name, [*row_nodes, helper.make_node("Mul", [row_scale, carried], [name], name=name)]
+
+
+def _rewrite(
+    node: Any, codes: np.ndarray, scales: np.ndarray, sink: Any, rows: str, row_scale: str | None
+) -> list[Any]:
     """``node`` (MatMulNBits) -> u8 x s8 ``MatMulIntegerToFloat`` on the row-quantized input
-    ``rows`` and ``codes`` / ``scales``, times the rows' scales (bias added after)."""
+    ``rows`` and ``codes`` / ``scales``, times the rows' scales (bias added after; ``row_scale``
+    None: not multiplied, :func:`scale_folds`)."""
     from onnx import helper
 
     base = node.name.split("/")[0]
@@ -404,12 +457,14 @@ def _rewrite(node: Any, codes: np.ndarray, scales: np.ndarray, sink: Any, rows: 
         helper.make_node(
             "MatMulIntegerToFloat",
             [rows, base + "/prefill_int8", _ONE, base + "/prefill_int8_scale", _ZERO_POINT_SCALAR],
-            [product],
+            [out if row_scale is None else product],
             name=base + "/prefill",
             domain="com.microsoft",
         ),
-        helper.make_node("Mul", [product, row_scale], [scaled if bias else out], name=base + "/prefill_rows"),
     ]
+    if row_scale is None:
+        return nodes
+    nodes.append(helper.make_node("Mul", [product, row_scale], [scaled if bias else out], name=base + "/prefill_rows"))
     if bias:
         nodes.append(helper.make_node("Add", [scaled, bias], [out], name=base + "/prefill_bias"))
     return nodes
