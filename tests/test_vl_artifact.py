@@ -36,10 +36,6 @@ def test_vl_artifact_logits_match_transformers(vl_artifact) -> None:
     """Our export, preprocessing, vision session, embedding merge and M-RoPE positions against
     transformers' Qwen2(.5)-VL on the same image and chat: the prompt's last logits, then 16
     teacher-forced decode steps, within 1e-4."""
-    import torch
-
-    from qwen_export.runtime.mrope import token_types
-
     ckpt, artifact = vl_artifact
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["extra"]["multimodal"]["vision_model"] == "vision.onnx"
@@ -47,7 +43,16 @@ def test_vl_artifact_logits_match_transformers(vl_artifact) -> None:
     fused = {p["name"]: p["fired"] for p in manifest["passes"]}
     assert fused["attention"] == {"group_query_attention": 2}  # M-RoPE decoder: GQA on rotated q/k
     assert manifest["extra"]["kv_cache"]["layout"] == "shared"
-    llm = qwen_export.load(artifact)
+    _match_transformers(ckpt, qwen_export.load(artifact))
+
+
+def _match_transformers(ckpt, llm) -> None:
+    """The prompt's last logits of one image chat, then 16 teacher-forced decode steps, within 1e-4
+    of transformers' whole model."""
+    import torch
+
+    from qwen_export.runtime.mrope import token_types
+
     mm, engine = llm.multimodal, llm.engine
     plain, sources = image_sources(_messages(_image(90, 140, seed=5), "Describe this."))
     patches = mm.prepare_images(sources)
@@ -135,10 +140,49 @@ def test_text_artifact_refuses_images() -> None:
 
 def test_vl_export_refuses_other_targets_and_leaves_nothing(vl_artifact, tmp_path) -> None:
     ckpt, _ = vl_artifact
+    out = tmp_path / "trt"
+    result = CliRunner().invoke(app, ["export", str(ckpt), "-o", str(out), "--target", "tensorrt"])
+    assert result.exit_code == 2
+    assert "vision-language export is built for --target onnxruntime | openvino" in result.output
+    assert not out.exists()
+    args = ["export", str(ckpt), "-o", str(out), "--target", "openvino", "--vision-weights", "int8"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "--target openvino takes --vision-weights fp32" in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("vl_artifact", ["qwen2_5_vl"], indirect=True)
+def test_vl_on_openvino(vl_artifact, tmp_path) -> None:
+    """`--target openvino` of a VL checkpoint: the stateful IR takes inputs_embeds and M-RoPE
+    position_ids, OpenVINO runs the vision tower's ONNX; the same 1e-4 against transformers as
+    on ONNX Runtime, the KV cache reused across chat turns (a fresh engine's answer), `check`
+    passes, and the paged attention is refused with its reason."""
+    from qwen_export.errors import OptionError
+
+    pytest.importorskip("openvino")
+    ckpt, _ = vl_artifact
     out = tmp_path / "ov"
     result = CliRunner().invoke(app, ["export", str(ckpt), "-o", str(out), "--target", "openvino"])
-    assert result.exit_code == 2 and "vision-language export is built for --target onnxruntime" in result.output
-    assert not out.exists()
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "inputs_embeds" in manifest["io"]["inputs"] and "input_ids" not in manifest["io"]["inputs"]
+    assert manifest["io"]["inputs"]["position_ids"]["shape"][0] == 3
+    llm = qwen_export.load(out)
+    assert type(llm.engine).__name__ == "OpenVINOEngine"  # stateful: the paged rewrite reads input_ids
+    _match_transformers(ckpt, llm)
+    a, b = _image(84, 112, seed=1), _image(56, 84, seed=2)
+    first = llm.chat(_messages(a, "What is this?"), max_tokens=4, temperature=0)
+    turn2 = _messages(a, "What is this?") + [first.message(), *_messages(b, "And this?")]
+    text, reused, lp = _first_logprobs(llm, turn2)
+    fresh_text, _, fresh_lp = _first_logprobs(qwen_export.load(out), turn2)
+    assert reused > 0 and text == fresh_text
+    np.testing.assert_allclose(lp, fresh_lp, atol=1e-5)
+    args = ["check", str(out), "--reference", str(ckpt), "--max-tokens", "24", "--greedy-tokens", "4", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["passed"]
+    with pytest.raises(OptionError, match="runs on the stateful attention"):
+        qwen_export.load(out, attention="paged")
 
 
 def _prompt_logits(artifact, image) -> np.ndarray:

@@ -94,7 +94,7 @@ def _open_checkpoint(checkpoint_dir: str | Path, options: ExportOptions) -> tupl
     multimodal = vl_artifact.checkpoint_multimodal(checkpoint_dir)
     if multimodal is None:
         return Checkpoint.open(checkpoint_dir), None
-    vl_artifact.check_target(options.target.value)
+    vl_artifact.check_target(options.target.value, options.vision_weights)
     return Checkpoint.open_vl(checkpoint_dir)
 
 

@@ -211,5 +211,6 @@ class VisionTower(nn.Module):
 def _segment_bias(ids: torch.Tensor) -> torch.Tensor:
     """[N, N] float32: 0 where two patches share a segment, the most negative float elsewhere."""
     same = ids.unsqueeze(0) == ids.unsqueeze(1)
-    zero = torch.zeros((), dtype=torch.float32)
-    return torch.where(same, zero, torch.full((), torch.finfo(torch.float32).min, dtype=torch.float32))
+    # Python scalars, not torch.zeros/full of shape (): those trace to an Expand with a 0-d shape,
+    # which ONNX Runtime accepts and OpenVINO's ONNX frontend refuses (the shape must be 1-D)
+    return torch.where(same, 0.0, torch.finfo(torch.float32).min)

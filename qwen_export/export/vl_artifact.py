@@ -35,7 +35,7 @@ EMBEDDINGS_FILE = "embed_tokens.npy"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 EMBEDDING_NAME = "model.embed_tokens.weight"
 #: targets whose runtime runs a VL artifact today
-VL_TARGETS = ("onnxruntime",)
+VL_TARGETS = ("onnxruntime", "openvino")
 
 
 def checkpoint_multimodal(directory: str | Path) -> MultimodalSpec | None:
@@ -50,11 +50,16 @@ def checkpoint_multimodal(directory: str | Path) -> MultimodalSpec | None:
     return parse_multimodal(read_config_json(path), str(path))
 
 
-def check_target(target: str) -> None:
+def check_target(target: str, vision_weights: VisionWeights = VisionWeights.FP32) -> None:
     if target not in VL_TARGETS:
         raise OptionError(
             f"--target {target}: vision-language export is built for --target {' | '.join(VL_TARGETS)} so far "
-            "(the OpenVINO and TensorRT lowerings of the M-RoPE decoder are not written yet)"
+            "(the TensorRT lowering of the M-RoPE decoder is not written yet)"
+        )
+    if target != "onnxruntime" and vision_weights is not VisionWeights.FP32:
+        raise OptionError(
+            f"--vision-weights {vision_weights.value} lowers the tower to ONNX Runtime's DynamicQuantizeMatMul; "
+            f"--target {target} takes --vision-weights fp32"
         )
 
 

@@ -169,8 +169,17 @@ class OpenVINOOptions:
         attention and this CPU."""
         quantized = (manifest.extra.get("quantization") or {}).get("weights") in ("int4", "int8")
         spec = ModelSpec.from_dict(manifest.spec)
-        paged = self.attention is not Attention.STATEFUL and not spec.has_sliding_layers
-        return dataclasses.replace(self, precision=self.precision.resolve(quantized, paged=paged))
+        attention = self.attention
+        if manifest.extra.get("multimodal"):  # the paged rewrite reads input_ids; the VL decoder takes embeddings
+            if attention is Attention.PAGED:
+                raise OptionError(
+                    "a vision-language artifact runs on the stateful attention (its decoder takes embeddings, "
+                    "which the paged rewrite does not); drop attention=paged"
+                )
+            attention = Attention.STATEFUL
+        paged = attention is not Attention.STATEFUL and not spec.has_sliding_layers
+        precision = self.precision.resolve(quantized, paged=paged)
+        return dataclasses.replace(self, precision=precision, attention=attention)
 
     @property
     def effective_kv_cache(self) -> KVCachePrecision:
@@ -363,6 +372,9 @@ class OpenVINOEngine:
         if not path.is_file():
             raise ArtifactError(f"{path}: missing; re-export the artifact with --target openvino")
         core = ov.Core()
+        self._core, self._root = core, Path(artifact_dir)
+        #: the IR's float inputs (a VL decoder's inputs_embeds): float32 (fp16 weights are stored compressed)
+        self.dtype = np.float32
         if self.options.precision is not Precision.F32:
             _check_precision(core, self.options)
         started = time.perf_counter()
@@ -379,6 +391,12 @@ class OpenVINOEngine:
             raise ArtifactError(f"{path}: OpenVINO could not compile it: {_first_line(exc)}") from None
         self.load_seconds = time.perf_counter() - started
         self.request = self.compiled.create_infer_request()
+        self._inputs = {name for port in self.compiled.inputs for name in port.get_names()}
+        #: a vision-language artifact's inputs (embeddings, images, M-RoPE positions): attached by the
+        #: runtime's loader (``runtime.multimodal.MultimodalInputs``); None for a text artifact
+        self.multimodal: Any = None
+        self._vision: Any = None
+        self._vision_record = manifest.extra.get("multimodal")
         self.reset()
 
     @property
@@ -400,9 +418,26 @@ class OpenVINOEngine:
             "sequences; use attention=paged (the default unless the model has sliding-window layers)"
         )
 
+    def encode_image(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The vision tower on one image's patches (compiled on first use from the artifact's ONNX
+        file, which OpenVINO reads directly, with this engine's compile settings)."""
+        if self._vision is None:
+            name = str((self._vision_record or {}).get("vision_model", "vision.onnx"))
+            try:
+                self._vision = self._core.compile_model(
+                    os.fspath(self._root / name), self.options.device, self.options.properties()
+                )
+            except RuntimeError as exc:
+                raise ArtifactError(f"{self._root / name}: OpenVINO could not compile it: {_first_line(exc)}") from None
+        names = {name for port in self._vision.inputs for name in port.get_names()}
+        result = self._vision({name: feeds[name] for name in names if name in feeds})
+        return np.asarray(result[self._vision.output(0)])
+
     def reset(self) -> None:
         self.request.reset_state()
         self._mask: np.ndarray | None = None
+        if self.multimodal is not None:
+            self.multimodal.truncate(0)
 
     def truncate(self, num_tokens: int) -> None:
         plan = plan_truncate(num_tokens, self.num_cached_tokens)
@@ -411,6 +446,8 @@ class OpenVINOEngine:
             return
         if plan is Truncation.NOTHING:
             return
+        if self.multimodal is not None:
+            self.multimodal.truncate(num_tokens)
         ov = _ov()
         for state in self.request.query_state():  # [batch, kv_heads, cached, head_dim]
             kept = np.ascontiguousarray(state.state.data[:, :, :num_tokens])
@@ -441,6 +478,11 @@ class OpenVINOEngine:
             "position_ids": np.ascontiguousarray(position_ids),
             "beam_idx": np.arange(ids.shape[0], dtype=np.int32),
         }
+        if "inputs_embeds" in self._inputs:  # embeddings with image features merged, M-RoPE positions
+            if self.multimodal is None:
+                raise ArtifactError("a vision-language decoder needs its inputs: open it with qwen_export.load")
+            del feeds["input_ids"]
+            feeds["inputs_embeds"], feeds["position_ids"] = self.multimodal.feeds(ids, mask.shape[1] - ids.shape[1])
         if self.capabilities.last_k_logits:
             feeds[LOGITS_INDICES] = np.arange(ids.shape[1] - rows, ids.shape[1], dtype=np.int64)
         self.request.infer(feeds, share_inputs=True)

@@ -197,12 +197,13 @@ def make_stateful(ov_model: Any) -> None:
     past = [name for name in inputs if name.startswith(PAST_PREFIX)]
     pairs = {name: PRESENT_PREFIX + name[len(PAST_PREFIX) :] for name in past}
     missing = [out for out in pairs.values() if out not in outputs]
-    if not past or missing or "input_ids" not in inputs or "beam_idx" in inputs:
+    first = _first_input(inputs)
+    if not past or missing or first is None or "beam_idx" in inputs:
         raise ArtifactError(
             "the traced graph does not have the canonical KV-cache IO (past_key_values.* inputs, "
             f"present.* outputs, no beam_idx); found inputs {inputs}"
         )
-    batch = ov_model.input("input_ids").get_partial_shape()[0]
+    batch = ov_model.input(first).get_partial_shape()[0]
     beam_idx = opset13.parameter(name="beam_idx", dtype=ov.Type.i32, shape=ov.PartialShape([batch]))
     beam_idx.output(0).get_tensor().add_names({"beam_idx"})
     ov_model.add_parameters([beam_idx])
@@ -217,15 +218,22 @@ def make_stateful(ov_model: Any) -> None:
     _zero_initial_state(ov_model)
 
 
+def _first_input(inputs: list[str]) -> str | None:
+    """The tokens' input: ``input_ids`` [B, S], or a vision-language decoder's ``inputs_embeds``
+    [B, S, hidden]; None when there is neither."""
+    return next((name for name in ("input_ids", "inputs_embeds") if name in inputs), None)
+
+
 def _zero_initial_state(ov_model: Any) -> None:
     """Give every ReadValue an initializer: zeros [batch, kv_heads, past, head_dim] where batch is
-    input_ids' and past = len(attention_mask) - len(input_ids), 0 on a fresh state.
+    input_ids' (or inputs_embeds') and past = len(attention_mask) - len(input_ids), 0 on a fresh state.
 
     Without one the CPU plugin cannot compile the variables (their batch is dynamic); computing
     ``past`` from the inputs keeps that axis dynamic, so a plain (unfused) Assign accepts growth."""
     from openvino import opset13
 
-    ids_shape = opset13.shape_of(ov_model.input("input_ids"), output_type="i64")
+    first = _first_input([port.get_any_name() for port in ov_model.inputs])
+    ids_shape = opset13.shape_of(ov_model.input(first), output_type="i64")
     mask_shape = opset13.shape_of(ov_model.input("attention_mask"), output_type="i64")
     batch = opset13.gather(ids_shape, opset13.constant([0]), opset13.constant(0))
     past = opset13.subtract(
