@@ -5,7 +5,8 @@ same checkpoint when ``--anchor-ir DIR`` is given (optimum-intel 2.2 exports Qwe
 transformers <= 5.0: make that IR in a venv of its own, see benchmarks/README.md).
 
     .venv/bin/python benchmarks/vl_bench.py --workdir W [--weights int4] [--algorithm rtn]
-        [--vision-weights fp32|int8] [--prefill none|int8] [--layers 36] [--new-tokens 32] [--repeats 2]
+        [--target onnxruntime|openvino] [--vision-weights fp32|int8] [--prefill none|int8]
+        [--layers 36] [--new-tokens 32] [--repeats 2]
         [--anchor-ir DIR] [--json-out F]
 
 Every step runs in its own process (its peak RSS is its own): the checkpoint is made once
@@ -128,13 +129,15 @@ def run_worker(kind: str, path: Path, args: Any) -> dict[str, Any]:
 def export(args: Any, ckpt: Path) -> tuple[Path, dict[str, Any]]:
     tower = "-v8" if args.vision_weights == "int8" else ""
     prefill = "-pf8" if args.prefill == "int8" else ""
-    out = args.workdir / f"ours-{args.weights}{'-' + args.algorithm if args.algorithm else ''}{tower}{prefill}"
+    target = "" if args.target == "onnxruntime" else f"-{args.target}"
+    out = args.workdir / f"ours{target}-{args.weights}{'-' + args.algorithm if args.algorithm else ''}{tower}{prefill}"
     if (out / "manifest.json").is_file():
         harness.log(f"reusing {out}")
         return out, {"reused": True}
     cmd = [harness.cli_path(), "export", str(ckpt), "-o", str(out), "--weights", args.weights]
     cmd += ["--algorithm", args.algorithm] if args.algorithm else []
-    cmd += ["--vision-weights", args.vision_weights, "--prefill", args.prefill]
+    cmd += ["--vision-weights", args.vision_weights, "--target", args.target]
+    cmd += ["--prefill", args.prefill] if args.target == "onnxruntime" else []
     result = harness.run_logged("export", cmd, args.workdir)
     if result["returncode"] != 0:
         sys.exit(f"export failed: {result['stderr_tail'][-500:]}")
@@ -167,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--algorithm", default=None, help="export --algorithm (default: the weights' default)")
     p.add_argument("--vision-weights", default="fp32", help="export --vision-weights: fp32 (default) | int8")
     p.add_argument("--prefill", default="none", help="export --prefill: none (default) | int8 (an int8 prompt graph)")
+    p.add_argument("--target", default="onnxruntime", help="export --target: onnxruntime (default) | openvino")
     p.add_argument("--layers", type=int, default=36)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)

@@ -119,7 +119,7 @@ Algorithm = Annotated[
     str | None,
     typer.Option(
         help="Quantization algorithm: rtn | clip | awq | gptq | awq-gptq (the last three calibrated on "
-        "--calibration). Default: gptq for int4 (about 5x an rtn export; rtn for speed), rtn for int8."
+        "--calibration). Default: gptq for int4 (about 4x an rtn export; rtn for speed), rtn for int8."
     ),
 ]
 Keep = Annotated[str | None, typer.Option(help="Tensors kept in --dtype, comma-separated: embedding, lm_head.")]
