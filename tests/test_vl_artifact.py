@@ -154,10 +154,14 @@ def test_vl_export_refuses_other_targets_and_leaves_nothing(vl_artifact, tmp_pat
 @pytest.mark.parametrize("vl_artifact", ["qwen2_5_vl"], indirect=True)
 def test_vl_on_openvino(vl_artifact, tmp_path) -> None:
     """`--target openvino` of a VL checkpoint: the stateful IR takes inputs_embeds and M-RoPE
-    position_ids, OpenVINO runs the vision tower's ONNX; the same 1e-4 against transformers as
-    on ONNX Runtime, the KV cache reused across chat turns (a fresh engine's answer), `check`
-    passes, and the paged attention is refused with its reason."""
+    position_ids, OpenVINO runs the vision tower's ONNX; with precision f32 the same 1e-4 against
+    transformers as on ONNX Runtime; by default the tower in bf16 on a CPU with native bf16
+    (features within HALF_TOWER_ERROR); the KV cache reused across chat turns (a fresh engine's
+    answer), `check` passes with the default settings, and the paged attention is refused with its
+    reason."""
+    from qwen_export import cpuinfo
     from qwen_export.errors import OptionError
+    from qwen_export.export import parity_vl
 
     pytest.importorskip("openvino")
     ckpt, _ = vl_artifact
@@ -167,14 +171,25 @@ def test_vl_on_openvino(vl_artifact, tmp_path) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert "inputs_embeds" in manifest["io"]["inputs"] and "input_ids" not in manifest["io"]["inputs"]
     assert manifest["io"]["inputs"]["position_ids"]["shape"][0] == 3
-    llm = qwen_export.load(out)
+    llm = qwen_export.load(out, precision="f32")  # the tower in f32 too: exact
     assert type(llm.engine).__name__ == "OpenVINOEngine"  # stateful: the paged rewrite reads input_ids
+    assert llm.engine.tower_precision == "f32"
     _match_transformers(ckpt, llm)
+    # by default the tower runs in bf16 where the CPU multiplies bf16 in hardware
+    default = qwen_export.load(out)
+    assert default.engine.tower_precision == ("bf16" if cpuinfo.native_bf16() else "f32")
+    from qwen_export.runtime.vision_input import encoder_feeds
+
+    patches = default.multimodal.prepare_images([_image(84, 112, seed=9)])[0]
+    feeds, _ = encoder_feeds(patches, default.multimodal.spec.vision)
+    exact, fast = llm.engine.encode_image(feeds), default.engine.encode_image(feeds)
+    error = np.abs(fast - exact).max() / np.abs(exact).max()
+    assert error < parity_vl.HALF_TOWER_ERROR and (error > 0) == cpuinfo.native_bf16(), error
     a, b = _image(84, 112, seed=1), _image(56, 84, seed=2)
     first = llm.chat(_messages(a, "What is this?"), max_tokens=4, temperature=0)
     turn2 = _messages(a, "What is this?") + [first.message(), *_messages(b, "And this?")]
     text, reused, lp = _first_logprobs(llm, turn2)
-    fresh_text, _, fresh_lp = _first_logprobs(qwen_export.load(out), turn2)
+    fresh_text, _, fresh_lp = _first_logprobs(qwen_export.load(out, precision="f32"), turn2)
     assert reused > 0 and text == fresh_text
     np.testing.assert_allclose(lp, fresh_lp, atol=1e-5)
     args = ["check", str(out), "--reference", str(ckpt), "--max-tokens", "24", "--greedy-tokens", "4", "--json"]

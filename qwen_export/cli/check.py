@@ -122,15 +122,16 @@ def _check_vision(
     ref = parity_vl.VisionReference(reference, prompt.patches, multimodal.spec)
     quantized = loaded.manifest.extra.get("quantization")
     int8_tower = (loaded.manifest.extra.get("multimodal") or {}).get("vision_weights") == "int8"
-    # an int8 tower's features move the decoder's logits as int8 weights would
-    weights = quantized if quantized or not int8_tower else {"weights": "int8"}
+    half_tower = getattr(loaded.engine, "tower_precision", "f32") != "f32"  # OpenVINO's bf16/f16 tower
+    # an int8 (or bf16) tower's features move the decoder's logits as int8 weights would
+    weights = quantized if quantized or not (int8_tower or half_tower) else {"weights": "int8"}
     limits = parity.thresholds_for(DType.parse(loaded.manifest.dtype), weights)
     report = parity.check(loaded.engine, ref, prompt.ids, DType.parse(loaded.manifest.dtype), greedy, limits,
                           greedy_prompt=prompt.ids)  # fmt: skip
     report = dataclasses.replace(
         report,
         vision_relative_error=parity_vl.vision_error(loaded.engine, ref, prompt),
-        max_vision_relative_error=parity_vl.INT8_TOWER_ERROR if int8_tower else report.max_vision_relative_error,
+        max_vision_relative_error=parity_vl.tower_limit(int8_tower, half_tower, report.max_vision_relative_error),
     )
     if as_json:
         console.print_json(json.dumps(parity.to_dict(report)))
