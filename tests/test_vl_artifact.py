@@ -198,6 +198,8 @@ def test_vl_on_openvino(vl_artifact, tmp_path) -> None:
     assert json.loads(result.output)["passed"]
     with pytest.raises(OptionError, match="runs on the stateful attention"):
         qwen_export.load(out, attention="paged")
+    with pytest.raises(OptionError, match="does not batch sequences yet"):
+        llm.engine.open_rows(2)
 
 
 def _prompt_logits(artifact, image) -> np.ndarray:

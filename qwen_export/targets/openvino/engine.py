@@ -434,6 +434,8 @@ class OpenVINOEngine:
 
     def open_rows(self, max_rows: int) -> Any:
         """Continuous batching needs the paged attention: the stateful SDPA keeps one KV state."""
+        if self._vision_record:
+            raise OptionError("a vision-language artifact does not batch sequences yet: use LLM.chat / stream")
         raise OptionError(
             "attention=stateful keeps one KV state for the whole batch and cannot batch independent "
             "sequences; use attention=paged (the default unless the model has sliding-window layers)"
