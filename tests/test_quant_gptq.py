@@ -190,6 +190,24 @@ def test_inputs_too_wide_for_the_calibration_get_the_weighted_clip_search(qwen2_
     assert np.array_equal(got.codes, expected.codes) and np.allclose(got.scales, expected.scales, rtol=1e-5)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_dequantized_spill_equals_the_engines_dequantize(tmp_path: Path, symmetric: bool) -> None:
+    """The weights the calibration forward continues with (PyTorch) are exactly what
+    :func:`~qwen_export.quant.numeric.dequantize` (ONNX DequantizeLinear's semantics) gives."""
+    from qwen_export.export.gptq_layers import SpilledLinear, _dequantized
+
+    w, _ = _problem(3)
+    q = quantize(w, 4, 32, 0, symmetric)
+    files = {"codes": tmp_path / "c.npy", "scales": tmp_path / "s.npy", "zeros": tmp_path / "z.npy"}
+    np.save(files["codes"], q.codes)
+    np.save(files["scales"], q.scales)
+    if not symmetric:
+        np.save(files["zeros"], q.zero_points)
+    stored = SpilledLinear("model.layers.0.mlp.up_proj", files, w.shape, Geometry(4, 32, symmetric))
+    got = _dequantized(stored)
+    assert got.dtype == np.float32 and np.array_equal(got, dequantize(q))
+
+
 # --- the export path --------------------------------------------------------------------------------
 
 

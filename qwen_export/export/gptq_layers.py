@@ -42,7 +42,6 @@ from qwen_export.export.gptq import (
     gptq_quantize,
     weighted_quantize,
 )
-from qwen_export.quant.numeric import BlockQuantized
 from qwen_export.quant.prequant import Decoded, StoredLinear
 from qwen_export.quant.scheme import Keep, QuantScheme
 from qwen_export.spec import ModelSpec
@@ -218,12 +217,18 @@ class _Spiller:
 
 
 def _dequantized(stored: SpilledLinear) -> np.ndarray:
-    """``W^T`` [K, N] float32 as the quantized model computes it."""
-    from qwen_export.quant.numeric import dequantize
+    """``W^T`` [K, N] float32 as the quantized model computes it: ``(code - zero) * scale`` per
+    block, in PyTorch (every thread; the same float32 operations as
+    :func:`~qwen_export.quant.numeric.dequantize`, so the same values)."""
+    import torch
 
-    q = stored.block_quantized(stored.symmetric, np.float32)
-    assert isinstance(q, BlockQuantized)
-    return dequantize(q).astype(np.float32)
+    k, n = stored.shape
+    blocks = k // stored.block_size
+    w = torch.from_numpy(np.load(stored.files["codes"])).view(blocks, stored.block_size, n).to(torch.float32)
+    if not stored.symmetric:
+        w.sub_(torch.from_numpy(np.load(stored.files["zeros"])).to(torch.float32)[:, None, :])
+    w.mul_(torch.from_numpy(np.load(stored.files["scales"]))[:, None, :])
+    return w.view(k, n).numpy()
 
 
 def _layer_bytes(checkpoint: Any, i: int) -> int:
