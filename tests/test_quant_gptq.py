@@ -27,7 +27,7 @@ from qwen_export.export.gptq_clip import clip_quantize
 from qwen_export.export.options import export_options
 from qwen_export.export.pipeline import ExportOptions
 from qwen_export.export.pipeline import export as run_export
-from qwen_export.quant.algorithms import clip_search, quantize
+from qwen_export.quant.algorithms import clip_search, default_clip_grid, quantize
 from qwen_export.quant.numeric import dequantize
 from qwen_export.quant.scheme import QuantAlgorithm, QuantScheme, WeightFormat
 from qwen_export.runtime.loader import open_artifact
@@ -51,8 +51,10 @@ def _problem(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def test_gptq_lowers_the_output_error(symmetric: bool, act_order: bool) -> None:
     w, h = _problem()
     rtn = quantize(w, 4, 32, 0, symmetric)
-    clip = quantize(w, 4, 32, 0, symmetric, algorithm=QuantAlgorithm.CLIP, importance=np.diag(h))
-    q = gptq_quantize(w, h, Geometry(4, 32, symmetric), GPTQSettings(act_order=act_order))
+    settings = GPTQSettings(act_order=act_order)
+    grid = default_clip_grid(4, symmetric, base_4bit=settings.clip_grid_4bit)  # the scales GPTQ may choose
+    clip = clip_search(w, 4, 32, 0, symmetric, grid=grid, importance=np.diag(h))
+    q = gptq_quantize(w, h, Geometry(4, 32, symmetric), settings)
     lo, hi = (-8, 7) if symmetric else (0, 15)
     assert q.codes.dtype == (np.int8 if symmetric else np.uint8)
     assert q.codes.min() >= lo and q.codes.max() <= hi and q.codes.shape == (K, N)
@@ -188,6 +190,29 @@ def test_inputs_too_wide_for_the_calibration_get_the_weighted_clip_search(qwen2_
     expected = weighted_quantize(w, (x * x).sum(0).numpy(), geo, settings)
     got = stored["model.layers.0.mlp.down_proj.weight"].block_quantized(False)
     assert np.array_equal(got.codes, expected.codes) and np.allclose(got.scales, expected.scales, rtol=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gptq_clip_grid_is_the_searched_grid(symmetric: bool) -> None:
+    """GPTQ's shorter 4-bit grid (:data:`GPTQ_CLIP_GRID_4BIT`): its choice is the numpy search's on
+    that grid (flipped ratios added for symmetric), and every chosen value comes from it."""
+    from qwen_export.export.gptq import GPTQ_CLIP_GRID_4BIT
+    from qwen_export.export.gptq_clip import clip_choice
+    from qwen_export.quant.algorithms import default_clip_grid
+
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((256, 160)) * 0.02).astype(np.float32)
+    w[rng.integers(0, 256, 30), rng.integers(0, 160, 30)] *= 20.0
+    importance = rng.uniform(0.0, 4.0, 256).astype(np.float32)
+    grid = default_clip_grid(4, symmetric, base_4bit=GPTQ_CLIP_GRID_4BIT)
+    assert len(grid) == len(GPTQ_CLIP_GRID_4BIT) + (4 if symmetric else 0)
+    chosen = clip_choice(w, importance, 4, 32, symmetric, base_4bit=GPTQ_CLIP_GRID_4BIT)
+    assert set(np.unique(chosen)) <= {float(np.float32(g)) for g in grid}
+    assert len(np.unique(chosen)) > 2  # the search chose, not a constant
+    ours = clip_quantize(w, importance, 4, 32, symmetric, base_4bit=GPTQ_CLIP_GRID_4BIT)
+    ref = clip_search(w, 4, 32, 0, symmetric, grid=grid, importance=importance)
+    assert (ours.scales == ref.scales).mean() >= 0.999
+    assert GPTQSettings().describe().count(f"({len(GPTQ_CLIP_GRID_4BIT)} ratios at 4 bits)") == 1
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

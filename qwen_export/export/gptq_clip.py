@@ -34,13 +34,14 @@ def clip_choice(
     scale_dtype: type = np.float32,
     *,
     positive_scales: bool = False,
+    base_4bit: tuple[float, ...] | None = None,
 ) -> np.ndarray:
     """Per block of ``block_size`` rows of ``w`` [K, N] and output column, the clip value of
-    :func:`~qwen_export.quant.algorithms.default_clip_grid` that minimises the block's squared
-    error weighted by ``importance`` [K] (unweighted when None): float32 [K / block_size, N]."""
+    :func:`~qwen_export.quant.algorithms.default_clip_grid` (with ``base_4bit``) that minimises the
+    block's squared error weighted by ``importance`` [K] (unweighted when None): float32 [K / block_size, N]."""
     k, n = w.shape
     blocks = k // block_size
-    grid = default_clip_grid(bits, symmetric, positive_scales=positive_scales)
+    grid = default_clip_grid(bits, symmetric, positive_scales=positive_scales, base_4bit=base_4bit)
     weights = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).view(blocks, block_size, n)
     weight = (
         None
@@ -139,10 +140,14 @@ def clip_quantize(
     scale_dtype: type = np.float32,
     *,
     positive_scales: bool = False,
+    base_4bit: tuple[float, ...] | None = None,
 ) -> BlockQuantized:
     """``w`` [K, N] quantized along K with :func:`clip_choice`'s clip values (what
-    ``quantize(..., algorithm=CLIP, importance=importance)`` returns, computed faster)."""
-    clip = clip_choice(w, importance, bits, block_size, symmetric, scale_dtype, positive_scales=positive_scales)
+    ``quantize(..., algorithm=CLIP, importance=importance)`` returns, computed faster; with
+    ``base_4bit``, another 4-bit grid)."""
+    clip = clip_choice(
+        w, importance, bits, block_size, symmetric, scale_dtype, positive_scales=positive_scales, base_4bit=base_4bit
+    )
     return quantize_rtn(
         w, bits, block_size, 0, symmetric, clip=clip, scale_dtype=scale_dtype, positive_scales=positive_scales
     )

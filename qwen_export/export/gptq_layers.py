@@ -352,7 +352,7 @@ def run_gptq(
     settings = settings or GPTQSettings()
     geo = Geometry(scheme.bits, scheme.block_size, scheme.symmetric, scheme.positive_scales, scale_dtype)
     spill = _Spiller(Path(scratch), geo)
-    runner = LayerRunner(checkpoint, spec, token_ids)
+    runner = LayerRunner(checkpoint, spec, token_ids[: settings.max_tokens])
     rows = sum(int(x.shape[1]) for x in runner.hidden)
 
     def gptq_for(k: int) -> bool:

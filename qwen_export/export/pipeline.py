@@ -241,7 +241,8 @@ def _calibrate(
     from qwen_export.export.gptq_layers import run_gptq
 
     settings = GPTQSettings(awq_grid=20 if quant.algorithm is QuantAlgorithm.AWQ_GPTQ else 0)
-    record["gptq"] = settings.describe()
+    ids = ids[: settings.max_tokens]
+    record["tokens"], record["gptq"] = len(ids), settings.describe()
     scale_dtype = np.float16 if options.graph_dtype is DType.FP16 else np.float32
     weights = run_gptq(
         ckpt, spec, ids, quant, scratch, settings=settings, scale_dtype=scale_dtype, progress=hooks.write_progress

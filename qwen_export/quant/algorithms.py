@@ -68,11 +68,16 @@ def flipped_ratio(bits: int, ratio: float) -> float:
     return -(1 << (bits - 1)) / ((1 << (bits - 1)) - 1) * ratio
 
 
-def default_clip_grid(bits: int, symmetric: bool, *, positive_scales: bool = False) -> tuple[float, ...]:
+def default_clip_grid(
+    bits: int, symmetric: bool, *, positive_scales: bool = False, base_4bit: tuple[float, ...] | None = None
+) -> tuple[float, ...]:
     """The clip values :func:`clip_search` tries by default. With ``positive_scales`` (symmetric),
     no flipped ratios: they exist to flip the scale's sign, and every scale must stay positive (the
-    positive convention already maps a positive extreme to the top code)."""
+    positive convention already maps a positive extreme to the top code). ``base_4bit``: the ratios
+    tried at 4 bits instead of :data:`CLIP_GRID_4BIT` (the flipped ones are added as usual)."""
     grid, flipped = (CLIP_GRID_4BIT, FLIPPED_GRID_4BIT) if bits <= 4 else (CLIP_GRID_8BIT, FLIPPED_GRID_8BIT)
+    if bits <= 4 and base_4bit is not None:
+        grid = base_4bit
     return grid + (tuple(flipped_ratio(bits, r) for r in flipped) if symmetric and not positive_scales else ())
 
 
