@@ -146,7 +146,7 @@ def test_tied_int8_every_linear_is_matmulnbits(quantized) -> None:
         "matmulnbits_bias": 2,  # Qwen2's packed q/k/v bias went into MatMulNBits' bias input
         "gather_block_quantized": 1,
         "tied_lm_head": 1,
-        "compact_scale_values": 2 * V * H // 32,  # the table's gather and head scales, stored as float16
+        "compact_scale_values": V * H // 32,  # the table's scales (gather and tied head share them), as float16
     }
     model = _model(art)
     for node in _nodes(model, "MatMulNBits"):
@@ -514,11 +514,16 @@ def test_compact_scales_are_float16_in_the_file(quantized) -> None:
     model = _model(art)
     casts = {n.inputs[0].name: n for n in model.graph if n.op_type == "Cast" and n.inputs[0].is_initializer()}
     table = "model.embed_tokens.weight"
-    for key in ("gather_scales", "head_scales"):
-        stored = model.graph.initializers[f"{table}.{key}"]
-        assert stored.dtype == ir.DataType.FLOAT16 and f"{table}.{key}" in casts
-        assert casts[f"{table}.{key}"].outputs[0].dtype == ir.DataType.FLOAT
+    stored = model.graph.initializers[f"{table}.gather_scales"]
+    assert stored.dtype == ir.DataType.FLOAT16 and f"{table}.gather_scales" in casts
+    cast = casts[f"{table}.gather_scales"].outputs[0]
+    assert cast.dtype == ir.DataType.FLOAT
+    # the tied head reads the same scales, reshaped: one copy in the file
+    assert f"{table}.head_scales" not in model.graph.initializers
+    (head,) = (n for n in _nodes(model, "MatMulNBits") if n.inputs[1].name == f"{table}.data")
+    reshape = head.inputs[2].producer()
+    assert reshape.op_type == "Reshape" and reshape.inputs[0] is cast and list(head.inputs[2].shape) == [V * H // 32]
     fired = next(p["fired"] for p in _manifest(art)["passes"] if p["name"] == "matmulnbits")
-    assert fired["compact_scale_values"] == 2 * V * H // 32  # the gather's and the tied head's scales
+    assert fired["compact_scale_values"] == V * H // 32  # the gather's, shared by the tied head
     layer = model.graph.initializers["model.layers.0.mlp.down_proj.weight_t.scales"]
     assert layer.dtype == ir.DataType.FLOAT and int(np.prod(layer.shape)) <= FOLD_SIZE_LIMIT

@@ -296,9 +296,13 @@ class _Lowered:
             (dq.rows, kb, blob),
         )
 
+    def _gather_scales(self) -> ir.Value:
+        dq, kb = self.dq, self.dq.blocks
+        return self._get_scales("gather_scales", lambda q: self._scales(q, False)[:, :, None], (dq.rows, kb, 1))
+
     def gather_inputs(self) -> list[ir.Value | None]:
         dq, kb = self.dq, self.dq.blocks
-        s = self._get_scales("gather_scales", lambda q: self._scales(q, False)[:, :, None], (dq.rows, kb, 1))
+        s = self._gather_scales()
         z = None
         if not dq.symmetric:  # one zero point per (row, block), each in its own byte (packed along a dim of 1)
             z = self._get(
@@ -306,9 +310,35 @@ class _Lowered:
             )
         return [s, z]
 
+    def _head_scales(self) -> ir.Value:
+        """The tied head's scales [V * H/B]: the gather's [V, H/B, 1] reshaped (the same values in
+        the same order), so the file holds one copy of them, not two."""
+        if "head_scales" in self.cache:
+            return self.cache["head_scales"]
+        dq, kb = self.dq, self.dq.blocks
+        gather = self._gather_scales()
+        flat = ir.Value(
+            name=_unique(self.graph, f"{dq.name}.head_scales_shape"),
+            shape=ir.Shape([1]),
+            type=ir.TensorType(ir.DataType.INT64),
+            const_value=ir.tensor(np.array([-1], np.int64)),
+        )
+        self.graph.register_initializer(flat)
+        reshape = ir.node("Reshape", [gather, flat], name=f"{dq.name}/head_scales/Reshape")
+        out = reshape.outputs[0]
+        out.name = _unique(self.graph, f"{dq.name}.head_scales")
+        out.dtype, out.shape = gather.dtype, ir.Shape([dq.rows * kb])
+        producer = gather.producer()
+        if producer is not None:  # the float16 copy's Cast
+            self.graph.insert_after(producer, reshape)
+        else:
+            self.graph.insert_before(next(iter(self.graph)), reshape)
+        self.cache["head_scales"] = out
+        return out
+
     def tied_inputs(self) -> list[ir.Value | None]:
         dq, kb = self.dq, self.dq.blocks
-        s = self._get_scales("head_scales", lambda q: self._scales(q, False).reshape(-1), (dq.rows * kb,))
+        s = self._head_scales()
         z = None
         if not dq.symmetric:
             z = self._get(
