@@ -137,7 +137,7 @@ def test_plain_values_and_lists(qwen2_tied: Path) -> None:
         keep_layers=frozenset({0, 1}),
         algorithm=d.algorithm,
         symmetric=d.symmetric,
-        int8_weights=ATTENTION_INT8,
+        int8_weights=(),  # a tied model: every weight at 4 bits
     )
     assert export_options() == ExportOptions()  # no flags: the defaults
 
@@ -162,17 +162,20 @@ def test_target_policy_comes_from_the_registry(qwen2_tied: Path) -> None:
 
 def test_int4_defaults(qwen2_tied: Path, qwen2_untied: Path, prequantized) -> None:  # noqa: F811
     """``--weights int4`` alone: GPTQ, asymmetric where the target takes zero points, a 4-bit
-    embedding only when the lm_head is separate; every given flag wins; int8 and pre-quantized
-    checkpoints are untouched."""
+    embedding (a tied model's shared table too, except on TensorRT), 8-bit attention for untied
+    models; every given flag wins; int8 and pre-quantized checkpoints are untouched."""
     from qwen_export.quant.scheme import QuantAlgorithm
 
     tied = export_options(qwen2_tied, weights="int4").quant
     untied = export_options(qwen2_untied, weights="int4").quant
     default = Int4Defaults()
-    assert (tied.algorithm, tied.symmetric, tied.embedding_bits) == (default.algorithm, default.symmetric, 8)
+    assert (tied.algorithm, tied.symmetric, tied.embedding_bits) == (default.algorithm, default.symmetric, 4)
     assert (untied.algorithm, untied.embedding_bits) == (default.algorithm, 4)
-    assert tied.int8_weights == ATTENTION_INT8  # the attention projections at 8 bits
-    assert untied.int8_weights == ATTENTION_INT8 + UNTIED_INT8  # and a separate lm_head (ONNX Runtime)
+    assert tied.int8_weights == ()  # a tied model: all at 4 bits, the shared table too (optimum-intel's size)
+    assert export_options(qwen2_tied, weights="int4", target="openvino").quant.int8_weights == ()
+    tied_trt = export_options(qwen2_tied, weights="int4", target="tensorrt").quant
+    assert tied_trt.embedding_bits == 8  # TensorRT: no 4-bit table; kept as before
+    assert untied.int8_weights == ATTENTION_INT8 + UNTIED_INT8  # the attention and a separate lm_head (ONNX Runtime)
     assert export_options(qwen2_untied, weights="int4", target="openvino").quant.int8_weights == ATTENTION_INT8
     assert export_options(qwen2_untied, weights="int4", int8=["none"]).quant.int8_weights == ()
     assert export_options(qwen2_untied, weights="int4", int8="lm_head").quant.int8_weights == ("lm_head",)

@@ -231,9 +231,19 @@ class Int4Defaults:
       RTN's 0.0286; ``awq-gptq`` on that layout: 0.0292, with a better top-1, 91.3%);
     - asymmetric (a zero point per block) where the target takes zero points (not TensorRT);
     - the embedding at 4 bits when the lm_head is separate (untied): it is only gathered, and its
-      8 bits would put the artifact over that size; 8 bits when it is also the (tied) lm_head;
+      8 bits would put the artifact over that size;
+    - a tied model (the embedding is also the lm_head), where the target mixes bit widths: every
+      weight at 4 bits, block 32, the shared table too. Measured on the real Qwen2.5-Coder-1.5B made
+      tied (its GGUF's two copies of the one matrix: the Q6_K one kept), mean KL against
+      transformers' fp32 logits pooled over three texts (3,458 tokens): **0.0459** (top-1 90.9%) in
+      859 MiB of weights, against onnxruntime-genai int4's 0.0692 (937 MiB) and optimum-intel int4's
+      0.0789 (873 MiB). The previous tied default (8-bit table and attention) reached 0.0275 but
+      in 1063 MiB, over optimum-intel's size, and decoded 13-20% slower; it is still
+      ``--embedding-bits 8 --int8 'model.layers.*.self_attn.*'``. Within the size, the 4-bit MLP
+      in blocks of 32 matters most: blocks of 64 with 8-bit attention gave 0.0476, blocks of 128 with
+      an 8-bit table 0.0638 (benchmarks/README.md, 2026-12-05);
     - the attention projections (q/k/v and o) at 8 bits where the target mixes bit widths (not
-      TensorRT): of the tensor classes measured one at a time (RTN asymmetric on the real 1.5B,
+      TensorRT) and the model is untied: of the tensor classes measured one at a time (RTN asymmetric on the real 1.5B,
       benchmarks/README.md), they cut the mean KL most per byte added (0.0379 -> 0.0286 for +76 MiB;
       every down_proj: 0.0304 for +189 MiB; the lm_head: 0.0285 for +115 MiB), and with ONNX Runtime's
       compact scales the artifact stays within optimum-intel's size;
@@ -272,12 +282,13 @@ class Int4Defaults:
         # MoE: GPTQ's layer runner does not route calibration tokens through the experts: RTN
         algorithm = QuantAlgorithm.RTN if moe else cls.algorithm
         untied_layout = backend.small_blocks_fast and spec is not None and not tied and not moe
+        tied_layout = backend.mixed_bits and tied  # all 4-bit: within optimum-intel's size (see above)
         promoted = ATTENTION_INT8 + (UNTIED_INT8 if untied_layout else ()) if backend.mixed_bits else ()
         return cls(
             algorithm=algorithm,
             symmetric=not backend.zero_points,
-            embedding_bits=8 if tied else 4,
-            int8_weights=promoted,
+            embedding_bits=8 if tied and not tied_layout else 4,
+            int8_weights=() if tied_layout else promoted,
             block_overrides=untied_blocks(spec) if untied_layout and spec is not None else (),
         )
 
