@@ -217,8 +217,10 @@ def _prompt_logits(artifact, image) -> np.ndarray:
 def test_vl_int4_default_export(vl_artifact, tmp_path) -> None:
     """The default int4 export of a VL checkpoint (GPTQ calibrated on text, where M-RoPE is plain
     RoPE; the embedding table as float16) runs, and its distributions over an image prompt stay
-    near the float artifact's. Measured: mean KL 0.055-0.073 over three image prompts, 0.090 on a
-    text prompt (int4 noise of a 64-wide random model); misplaced features or positions give far more."""
+    near the float artifact's. Measured with the tied default (every weight at 4 bits): mean KL
+    0.21-0.26 over three image prompts (int4 noise of a 64-wide random model; 0.06-0.08 with 8-bit
+    attention and lm_head); another image of the same size gives 0.51 against the float artifact
+    even unquantized, 0.77 quantized: misplaced features or positions give more than the bound."""
     ckpt, artifact = vl_artifact
     out = tmp_path / "int4"
     result = CliRunner().invoke(app, ["export", str(ckpt), "-o", str(out), "--weights", "int4"])
@@ -233,7 +235,7 @@ def test_vl_int4_default_export(vl_artifact, tmp_path) -> None:
     q = np.exp(quantized - quantized.max(-1, keepdims=True))
     p, q = p / p.sum(-1, keepdims=True), q / q.sum(-1, keepdims=True)
     kl = float((p * (np.log(p) - np.log(q))).sum(-1).mean())
-    assert kl < 0.25, kl
+    assert kl < 0.4, kl
 
 
 def test_vl_check_against_transformers(vl_artifact) -> None:
