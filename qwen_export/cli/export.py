@@ -141,7 +141,7 @@ EmbeddingBits = Annotated[
     int | None,
     typer.Option(
         help="Bits of the quantized embedding (and a tied lm_head that shares it): 8 | 4 (smaller; RTN at "
-        "--block-size). Default: 4 for int4 when the lm_head is separate (untied), else 8."
+        "--block-size). Default for int4: 4 (8 for a tied model on tensorrt)."
     ),
 ]
 Int8 = Annotated[
@@ -151,7 +151,8 @@ Int8 = Annotated[
         help="int4 mixed precision: linear modules quantized to 8 bits instead, as glob patterns of checkpoint "
         "module names (repeatable or comma-separated), e.g. 'model.layers.*.mlp.down_proj' or lm_head; q/k/v "
         "share one packed weight, so they go to 8 bits together. Default for int4: 'model.layers.*.self_attn.*' "
-        "(not tensorrt), and lm_head too when it is separate on onnxruntime; 'none': every linear at 4 bits.",
+        "for an untied model (not tensorrt), and lm_head too on onnxruntime; none for a tied model (every weight at "
+        "4 bits, within optimum-intel's size); 'none': every linear at 4 bits.",
     ),
 ]
 Block = Annotated[
