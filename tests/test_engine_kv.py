@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +93,29 @@ def test_batch_size_change_reallocates(small_capacity: Path) -> None:
     engine.reset()
     out = engine.forward(np.array([[1, 2], [3, 4]], np.int64))
     assert out.shape[0] == 2 and engine._buffers[0][0].shape == (2, 2, 16, 16)
+
+
+def test_decode_steps_keep_the_kv_bound_across_growth(export) -> None:
+    """A decode step re-binds its few inputs, not the 2 x layers shared buffers, until the buffers
+    grow; the logits stay those of an engine whose buffers never grew."""
+    path = export("qwen2_tied")
+    engine = open_artifact(path).engine
+    engine.options = dataclasses.replace(engine.options, kv_step=4)
+    reference = open_artifact(path).engine
+    bound: list[str] = []
+    binding = engine._binding
+    bind = binding.bind_ortvalue_input
+    binding.bind_ortvalue_input = lambda name, value: (bound.append(name), bind(name, value))[1]
+    prompt = np.array([[1, 2, 3]], np.int64)
+    a, b = engine.forward(prompt), reference.forward(prompt)
+    pasts = 2 * engine.spec.num_hidden_layers
+    assert engine.kv_capacity == 4 and sum(n.startswith("past_key_values.") for n in bound) == pasts
+    for step in range(6):
+        bound.clear()
+        capacity = engine.kv_capacity
+        token = a[:, -1].argmax(-1)[:, None].astype(np.int64)
+        a, b = engine.forward(token), reference.forward(token)
+        check_logits(a[:, -1], b[:, -1], Noise.REORDERED)
+        rebound = sum(n.startswith("past_key_values.") for n in bound)
+        assert rebound == (pasts if engine.kv_capacity > capacity else 0), (step, capacity, rebound)
+    assert engine.kv_capacity == 16  # grew twice: 4 -> 8 -> 16

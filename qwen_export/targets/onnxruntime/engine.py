@@ -198,6 +198,8 @@ class OnnxRuntimeEngine:
         # logits_indices: an input of the TensorRT graph, an overridable initializer ([-1]) of ours
         optional = {i.name for i in self.session.get_overridable_initializers()}
         self._rows_input = LOGITS_INDICES in self._inputs | optional
+        logits_type = next(o.type for o in self.session.get_outputs() if o.name == "logits")
+        self._logits_dtype = np.float16 if logits_type == "tensor(float16)" else np.float32
         self.capabilities = EngineCapabilities(
             name="onnxruntime",
             max_context=int(manifest.extra.get("max_length", self.spec.max_position_embeddings)),
@@ -210,6 +212,9 @@ class OnnxRuntimeEngine:
         self._layers = self.spec.num_hidden_layers
         self.shared_kv = kv.get("layout") in ("shared", "fixed")
         self._buffers: list[Any] = []  # shared layout: [numpy array, OrtValue] kept alive together
+        self._kv_generation = 0  # counts the allocations of ``_buffers``
+        #: id(IO binding) -> (KV generation, what else is bound) of the shared buffers it holds bound
+        self._bound: dict[int, tuple[int, Any]] = {}
         self._binding = self.session.io_binding()
         self._quant = manifest.extra.get("quantization") or {}
         self._fixed_kv = kv.get("layout") == "fixed"
@@ -394,34 +399,32 @@ class OnnxRuntimeEngine:
         session, b = self.session, self._binding
         if self._prefill is not None and ids.shape[1] >= MIN_TOKENS:
             session, b = self._prefill
-        b.clear_binding_inputs()
-        b.clear_binding_outputs()
-        b.bind_cpu_input("attention_mask", mask)
         seq = ids.shape[1]
+        feeds: dict[str, np.ndarray] = {"attention_mask": mask}
         if "inputs_embeds" in self._inputs:  # embeddings with image features merged, M-RoPE positions
             if self.multimodal is None:
                 raise ArtifactError("a vision-language decoder needs its inputs: open it with qwen_export.load")
-            embeds, position_ids = self.multimodal.feeds(ids, mask.shape[1] - seq)
-            b.bind_cpu_input("inputs_embeds", embeds)
+            feeds["inputs_embeds"], position_ids = self.multimodal.feeds(ids, mask.shape[1] - seq)
         else:
-            b.bind_cpu_input("input_ids", ids)
+            feeds["input_ids"] = ids
         if "position_ids" in self._inputs:
-            b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
+            feeds["position_ids"] = np.ascontiguousarray(position_ids)
         if "cache_position" in self._inputs:  # fixed layout: the buffer columns of the new tokens
-            b.bind_cpu_input("cache_position", np.arange(mask.shape[1] - seq, mask.shape[1], dtype=np.int64))
-        if self._rows_input and (rows > 1 or LOGITS_INDICES in self._inputs):  # else its default, [-1]
-            # an OrtValue: bind_cpu_input looks the name up among the required inputs only
-            self._rows = self._ort.OrtValue.ortvalue_from_numpy(np.arange(seq - rows, seq, dtype=np.int64))
-            b.bind_ortvalue_input(LOGITS_INDICES, self._rows)
-        b.bind_output("logits", "cpu")
+            feeds["cache_position"] = np.arange(mask.shape[1] - seq, mask.shape[1], dtype=np.int64)
+        with_rows = self._rows_input and (rows > 1 or LOGITS_INDICES in self._inputs)  # else its default, [-1]
         if self.shared_kv:
             buffers = self._shared_buffers(ids.shape[0], mask.shape[1], mask.shape[1] - ids.shape[1])
-            for name, (_, value) in zip(self._kv_names(), buffers, strict=True):
-                b.bind_ortvalue_input(f"past_key_values.{name}", value)
-                b.bind_ortvalue_output(f"present.{name}", value)
+            self._bind_step(b, feeds, self._rows_value(seq, rows) if with_rows else None, buffers)
+            if seq == 1:  # a decode step: logits into an array of ours (get_outputs wraps every present)
+                logits = np.empty((ids.shape[0], 1, self.spec.vocab_size), self._logits_dtype)
+                b.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
+                session.run_with_iobinding(b)
+                self._logits = logits
+                return
             session.run_with_iobinding(b)
             self._logits = b.get_outputs()[0].numpy()
             return
+        self._bind_step(b, feeds, self._rows_value(seq, rows) if with_rows else None, None)
         past = self._past or self._empty_past(ids.shape[0])
         for name, value in zip(self._kv_names(), past, strict=True):
             b.bind_ortvalue_input(f"past_key_values.{name}", value)
@@ -431,6 +434,42 @@ class OnnxRuntimeEngine:
         self._logits = outputs[0].numpy()
         self._past = list(outputs[1:])
 
+    def _rows_value(self, seq: int, rows: int) -> Any:
+        """The ``logits_indices`` of a step: its last ``rows`` positions, as an OrtValue (kept alive
+        until the next step: the binding holds no reference to it)."""
+        self._rows = self._ort.OrtValue.ortvalue_from_numpy(np.arange(seq - rows, seq, dtype=np.int64))
+        return self._rows
+
+    def _bind_step(self, b: Any, feeds: dict[str, np.ndarray], rows: Any, buffers: list[Any] | None) -> None:
+        """Bind one step's inputs and the logits on ``b``. The shared KV buffers (``buffers``) stay
+        bound from the previous step on the same binding when they are the same buffers and the
+        same inputs are bound: a step then re-binds 4-5 names, not 2 x 2 x layers more."""
+        names = (tuple(feeds), rows is not None)
+        keep = buffers is not None and self._bound.get(id(b)) == (self._kv_generation, names)
+        if not keep:
+            b.clear_binding_inputs()
+            b.clear_binding_outputs()
+        for name, value in feeds.items():
+            b.bind_cpu_input(name, value)
+        if rows is not None:  # an OrtValue: bind_cpu_input looks the name up among the required inputs only
+            b.bind_ortvalue_input(LOGITS_INDICES, rows)
+        b.bind_output("logits", "cpu")
+        if buffers is None or keep:
+            return
+        for name, (_, value) in zip(self._kv_names(), buffers, strict=True):
+            b.bind_ortvalue_input(f"past_key_values.{name}", value)
+            b.bind_ortvalue_output(f"present.{name}", value)
+        self._bound[id(b)] = (self._kv_generation, names)
+
+    def _unbind_kv(self) -> None:
+        """Drop every binding of the shared buffers (before they are freed or replaced): a binding
+        holds its values alive."""
+        for binding in [self._binding] + ([self._prefill[1]] if self._prefill is not None else []):
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+        self._bound.clear()
+        self._kv_generation += 1
+
     def _kv_names(self) -> list[str]:
         return [f"{i}.{kind}" for i in range(self._layers) for kind in ("key", "value")]
 
@@ -439,10 +478,12 @@ class OnnxRuntimeEngine:
         zeroed on first use (or for a new batch size), reallocated larger with the first ``cached``
         columns copied when ``needed`` exceeds the capacity, reused otherwise."""
         if self._buffers and self._buffers[0][0].shape[0] != batch:
+            self._unbind_kv()
             self._buffers = []  # free the old ones first
         current = self.kv_capacity
         if needed <= current:
             return self._buffers
+        self._unbind_kv()
         capacity = grown_capacity(needed, current, self.options.kv_step, self.capabilities.max_context)
         shape = (batch, self.spec.num_key_value_heads, capacity, self.spec.head_dim)
         buffers: list[Any] = self._buffers or [None] * (2 * self._layers)
