@@ -311,6 +311,10 @@ def test_cli_serve_errors(tmp_path, monkeypatch) -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["serve", str(tmp_path)])
     assert result.exit_code == 2 and "not an exported artifact" in result.output
+    (tmp_path / "manifest.json").write_text("{}")
+    result = runner.invoke(app, ["serve", str(tmp_path), "--image-root", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "--image-root" in result.output and "not a directory" in result.output
+    (tmp_path / "manifest.json").unlink()
     import importlib.util
 
     real = importlib.util.find_spec
@@ -610,3 +614,73 @@ def test_real_server_under_concurrent_and_bad_traffic(llm, max_batch) -> None:
         assert rss[2] - rss[0] < 48 << 20, [r >> 20 for r in rss]  # MiB: no growth per round
         status, data = _post(port, "/v1/chat/completions", valid)
         assert status == 200 and json.loads(data)["choices"][0]["message"]["content"] == want
+
+
+# ------------------------------------------------------------------ image parts (a VL model's server)
+_PNG_URL = "data:image/png;base64,iVBORw0KGgo="
+
+
+def _image_message(url: str) -> list[dict[str, Any]]:
+    return [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}
+    ]
+
+
+def test_image_policy_reads_data_urls_and_only_files_under_its_root(tmp_path) -> None:
+    from qwen_export.serve.errors import APIError
+    from qwen_export.serve.images import ImagePolicy, checked_image_parts
+
+    root, outside = tmp_path / "images", tmp_path / "secret.png"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.png").write_bytes(b"x")
+    outside.write_bytes(b"x")
+    (root / "link.png").symlink_to(outside)
+    given = _image_message(_PNG_URL)
+    assert checked_image_parts(given, ImagePolicy())[0]["content"][0] == {
+        "type": "image_url",
+        "image_url": {"url": _PNG_URL},
+    }
+    assert given == _image_message(_PNG_URL)  # the request's own objects are untouched
+    rooted = ImagePolicy(root)
+    for name in ("sub/a.png", str(root / "sub" / "a.png"), "sub/../sub/a.png"):
+        part = checked_image_parts(_image_message(name), rooted)[0]["content"][0]
+        assert part["image_url"]["url"] == str((root / "sub" / "a.png").resolve())
+    image_part = [{"role": "user", "content": [{"type": "image", "image": "sub/a.png"}]}]
+    assert checked_image_parts(image_part, rooted)[0]["content"][0]["image_url"]["url"].endswith("a.png")
+    refusals = [
+        (ImagePolicy(), "http://example.com/cat.png", "does not fetch images"),
+        (rooted, "file:///etc/passwd", "does not fetch images"),
+        (ImagePolicy(), str(root / "sub" / "a.png"), "reads no local image files .*--image-root DIR"),
+        (rooted, str(outside), "no image file .* under the server's --image-root"),
+        (rooted, "../secret.png", "no image file .* under the server's --image-root"),
+        (rooted, "link.png", "no image file .* under the server's --image-root"),  # a link out of the root
+        (rooted, "missing.png", "no image file .* under the server's --image-root"),
+        (rooted, "sub", "no image file .* under the server's --image-root"),  # a directory
+        (rooted, "data:text/plain;base64,eA==", "data:image/<type>;base64"),
+        (rooted, "", "must be a data URL"),
+    ]
+    for policy, url, message in refusals:
+        with pytest.raises(APIError, match=message) as caught:
+            checked_image_parts(_image_message(url), policy)
+        assert caught.value.status == 400, url
+    with pytest.raises(OptionError, match="--image-root .*: not a directory"):
+        ImagePolicy(root / "sub" / "a.png")
+
+
+def test_parse_chat_takes_image_parts_only_for_a_vision_language_model(tmp_path) -> None:
+    from qwen_export.serve.errors import APIError
+    from qwen_export.serve.images import ImagePolicy
+
+    body = {"model": MODEL, "messages": _image_message(_PNG_URL)}
+    with pytest.raises(APIError, match="text parts only: the model is text-only"):
+        protocol.parse_chat(body, MODEL, 64)
+    call = protocol.parse_chat(body, MODEL, 64, ImagePolicy())
+    assert call.messages[0]["content"][0]["image_url"]["url"] == _PNG_URL
+    audio = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]
+    with pytest.raises(APIError, match="'input_audio' is not supported"):
+        protocol.parse_chat({"model": MODEL, "messages": audio}, MODEL, 64, ImagePolicy())
+
+
+def test_text_model_server_refuses_images(client: TestClient) -> None:
+    reply = client.post("/v1/chat/completions", json={"model": MODEL, "messages": _image_message(_PNG_URL)})
+    assert reply.status_code == 400 and "text-only" in reply.json()["error"]["message"]

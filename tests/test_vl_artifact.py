@@ -307,3 +307,47 @@ def test_vl_int8_vision_tower(vl_artifact, tmp_path, monkeypatch) -> None:
     np.testing.assert_allclose(again, features, rtol=1e-6, atol=1e-7)
     bad = CliRunner().invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "bad"), "--vision-weights", "int4"])
     assert bad.exit_code == 2 and "unknown --vision-weights 'int4'; valid values: fp32, int8" in bad.output
+
+
+def test_vl_served_with_data_urls_and_files_under_the_image_root(vl_artifact, tmp_path) -> None:
+    """`qwen-export serve` of a VL artifact: an image sent as a data URL, or named under --image-root,
+    gives LLM.chat's answer for that image; a remote URL or a file outside the root is a 400."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from qwen_export.serve.app import create_app
+
+    _, artifact = vl_artifact
+    root = tmp_path / "images"
+    root.mkdir()
+    _image(56, 84, seed=5).save(root / "a.png")
+    _image(56, 84, seed=6).save(tmp_path / "private.png")
+    data_url = "data:image/png;base64," + base64.b64encode((root / "a.png").read_bytes()).decode()
+
+    def ask(url: str) -> list[dict]:
+        return [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe."}],
+            }
+        ]
+
+    expected = qwen_export.load(artifact).chat(ask(data_url), max_tokens=5, temperature=0).text
+    with TestClient(create_app(qwen_export.load(artifact), model_name="vl", image_root=root)) as client:
+
+        def post(url: str):
+            return client.post(
+                "/v1/chat/completions", json={"model": "vl", "messages": ask(url), "max_tokens": 5, "temperature": 0}
+            )
+
+        for url in (data_url, "a.png"):
+            reply = post(url)
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["choices"][0]["message"]["content"] == expected
+        for url, message in (
+            (str(tmp_path / "private.png"), "under the server's --image-root"),
+            ("https://x/a.png", "does not fetch"),
+        ):
+            reply = post(url)
+            assert reply.status_code == 400 and message in reply.json()["error"]["message"], reply.text

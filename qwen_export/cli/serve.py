@@ -23,6 +23,14 @@ from qwen_export.cli.common import (
 )
 from qwen_export.errors import ArtifactError
 
+#: ``serve --image-root``
+ImageRoot = Annotated[
+    Path | None,
+    typer.Option(
+        help="VL artifacts: requests may name image files under DIR (default: data URLs only).", metavar="DIR"
+    ),
+]
+
 
 @app.command()
 @handles_errors
@@ -52,6 +60,7 @@ def serve(
     model_name: Annotated[
         str | None, typer.Option(help="The model id clients send (default: the artifact directory's name).")
     ] = None,
+    image_root: ImageRoot = None,
     threads: Threads = 0,
     precision: Precision = None,
     kv_cache: KVCache = None,
@@ -68,6 +77,8 @@ def serve(
     from qwen_export.serve import require_serve_extra
 
     require_serve_extra()
+    from qwen_export.serve.images import ImagePolicy
+
     if not (artifact / MANIFEST_NAME).is_file():
         raise ArtifactError(
             f"{artifact} is not an exported artifact (no {MANIFEST_NAME}); run `qwen-export export` first"
@@ -85,7 +96,9 @@ def serve(
         "prefill_chunk": prefill_chunk,
     }
     options = {k: v for k, v in given.items() if v is not None}
+    ImagePolicy(image_root)  # a bad --image-root fails before listening
     settings = {"api_key": api_key, "max_queue": max_queue, "model_name": model_name, "max_batch": max_batch}
+    settings["image_root"] = image_root
     if ray:
         from qwen_export.serve.ray import serve_on_ray
 

@@ -23,6 +23,7 @@ from qwen_export.errors import OptionError
 from qwen_export.runtime.openai_shapes import generation_options
 from qwen_export.serve import protocol
 from qwen_export.serve.errors import APIError, ErrorType
+from qwen_export.serve.images import ImagePolicy
 from qwen_export.serve.metrics import Metrics
 from qwen_export.serve.streaming import DONE, ChatChunks, CompletionChunks, sse
 from qwen_export.serve.worker import Event, EventKind, Job, QueueFull, Worker
@@ -34,6 +35,7 @@ DEFAULT_MAX_QUEUE = 64
 AUTO_MAX_BATCH = 8
 MAX_BODY_BYTES = 8 << 20
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+_UNAUTHORIZED = "missing or wrong API key (Authorization: Bearer KEY)"
 #: how often a request waiting for its turn checks that its client is still there (seconds)
 DISCONNECT_POLL_S = 0.25
 
@@ -48,7 +50,10 @@ class ServerState:
         max_queue: int,
         load_options: Mapping[str, Any],
         max_batch: int | None = 1,
+        image_root: str | Path | None = None,
     ) -> None:
+        #: what a vision-language model's requests may read images from (data URLs; files under image_root)
+        self.images = ImagePolicy(None if image_root is None else Path(image_root))
         if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
             raise OptionError(f"max_queue must be an integer >= 0, got {max_queue!r}")
         if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
@@ -122,15 +127,17 @@ def create_app(
     model_name: str | None = None,
     load_options: Mapping[str, Any] | None = None,
     max_batch: int | None = 1,
+    image_root: str | Path | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app over an ``LLM`` or an artifact directory (loaded in the background at
     startup with ``qwen_export.load(path, **load_options)``; 503 until then). ``api_key``: required
     as ``Authorization: Bearer KEY`` on ``/v1/*``. ``max_queue``: requests that may wait while one
     generates (429 beyond). ``model_name``: the served id (default: the artifact directory's name).
-    ``max_batch``: requests decoded together (``LLM.batched``; 1: one at a time, None: auto)."""
+    ``max_batch``: requests decoded together (``LLM.batched``; 1: one at a time, None: auto).
+    ``image_root``: a VL model's requests may name image files under it (:mod:`.images`)."""
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise OptionError("api_key must be a non-empty string or None")
-    state = ServerState(llm_or_artifact, model_name, max_queue, load_options or {}, max_batch)
+    state = ServerState(llm_or_artifact, model_name, max_queue, load_options or {}, max_batch, image_root)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -151,17 +158,13 @@ def create_app(
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(
-                401,
-                "missing or wrong API key (Authorization: Bearer KEY)",
-                ErrorType.AUTHENTICATION,
-                code="invalid_api_key",
-            )
+            raise APIError(401, _UNAUTHORIZED, ErrorType.AUTHENTICATION, code="invalid_api_key")
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(request: Request) -> Response:
         worker = state.ready_worker()
-        call = protocol.parse_chat(await _json_body(request), state.model, worker.llm.max_context)
+        images = state.images if getattr(worker.llm, "multimodal", None) is not None else None
+        call = protocol.parse_chat(await _json_body(request), state.model, worker.llm.max_context, images)
         _check_options(worker.llm, call.options)
         chunks = ChatChunks(state.model, call.streaming.include_usage, call.parses_tool_calls)
         return await _respond(request, worker, call, chunks, protocol.chat_response, state.model)

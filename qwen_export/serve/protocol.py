@@ -18,6 +18,7 @@ from qwen_export.runtime.chat import ToolCall
 from qwen_export.runtime.openai_shapes import prepare_chat
 from qwen_export.runtime.sampling import MAX_TOP_LOGPROBS
 from qwen_export.serve.errors import APIError
+from qwen_export.serve.images import ImagePolicy, checked_image_parts
 
 __all__ = ["ChatCall", "CompletionCall", "finish_reason", "parse_chat", "parse_completion", "usage"]
 
@@ -184,13 +185,24 @@ def _model(body: Mapping[str, Any], served: str) -> None:
         )
 
 
-def parse_chat(body: Any, served: str, max_context: int) -> ChatCall:
-    """A ``/v1/chat/completions`` body; :class:`APIError` (400) on a bad one."""
+def parse_chat(body: Any, served: str, max_context: int, images: ImagePolicy | None = None) -> ChatCall:
+    """A ``/v1/chat/completions`` body; :class:`APIError` (400) on a bad one. ``images``: a
+    vision-language model's image policy (its image parts checked and resolved by it); None for a
+    text model (image parts refused)."""
     body = _check_fields(body, CHAT_FIELDS, CHAT_LOGPROBS)
     _model(body, served)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError.bad_request("messages must be a non-empty list of messages", "messages")
+    text_view = messages
+    if images is not None:
+        from qwen_export.runtime.multimodal import image_sources
+
+        messages = checked_image_parts(messages, images)
+        try:
+            text_view = image_sources(messages)[0]  # the messages prepare_chat checks below
+        except Exception as exc:  # noqa: BLE001 - OptionError (too many images, bad parts): the client's
+            raise APIError.from_exception(exc) from exc
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, Mapping) or set(kwargs) - {"enable_thinking"}:
         raise APIError.bad_request("chat_template_kwargs takes only enable_thinking", "chat_template_kwargs")
@@ -207,7 +219,7 @@ def parse_chat(body: Any, served: str, max_context: int) -> ChatCall:
         streaming=_streaming(body),
     )
     try:  # the runtime's own checks of the OpenAI shapes, before the request takes a queue slot
-        prepare_chat(call.messages, call.tools, call.response_format, call.tool_choice, call.enable_thinking, options)
+        prepare_chat(text_view, call.tools, call.response_format, call.tool_choice, call.enable_thinking, options)
     except Exception as exc:  # noqa: BLE001 - OptionError: the client's; anything else: 500
         raise APIError.from_exception(exc) from exc
     return call
