@@ -75,7 +75,7 @@ class FakeParser:
         import onnx
 
         self.trt.calls.append(("parse_from_file", path))
-        assert (Path(path).parent / "model.onnx.data").is_file()  # external data sits next to the file
+        assert Path(path + ".data").is_file()  # external data sits next to the file
         if self.trt.parse_errors:
             self.errors = [FakeParserError(e) for e in self.trt.parse_errors]
             return False
@@ -707,3 +707,60 @@ def test_speculative_verify_and_rollback(export, tmp_path: Path) -> None:
         assert max(verified) > 1  # several tokens in one forward
         rows = [e[2][0] for e in log if e[0] == "shape" and e[1] == "logits_indices"]
         assert rows == ([] if logits == "all" else [1, *verified[1:]])  # the prompt's last, then each verify's
+
+
+def test_vl_artifact_builds_a_tower_plan_and_decodes_as_onnxruntime(tmp_path: Path) -> None:
+    """A Qwen2.5-VL `--target tensorrt` artifact through the TensorRT code (the stand-in): build-engine
+    makes the decoder's plan (inputs_embeds, M-RoPE position_ids [3, B, S]) and the tower's
+    (``<slug>.vision.plan``, one profile up to the artifact's max_image_patches); the engine encodes
+    the image on the tower's plan, and its logits over an image prompt and decode steps, and after
+    a truncate, equal the ONNX Runtime engine's on the same artifact."""
+    from qwen_export.export.tiny_vl import make_vl_checkpoint
+    from qwen_export.runtime.loader import _attach_multimodal
+    from qwen_export.runtime.multimodal import image_sources
+    from qwen_export.runtime.tokenizer import Tokenizer
+    from qwen_export.targets.tensorrt.vision import vision_recipe
+    from qwen_export.vision import VisionSpec
+
+    ckpt = make_vl_checkpoint(tmp_path / "ckpt", "qwen2_5_vl", seed=3)
+    art = tmp_path / "vl"
+    run_export(ckpt, art, ExportOptions(target=Target.TENSORRT, max_length=CAPACITY * 4))
+    plan = build_engine(art, trt_module=FakeTRT(), torch_device=CPU)
+    record = load_manifest(art).extra["multimodal"]
+    tower = json.loads(plan.with_name(plan.stem + ".vision.json").read_text())["recipe"]
+    vision = VisionSpec.from_dict(record["vision"])
+    assert tower == vision_recipe(vision, record["max_image_patches"], record["vision_inputs"], tower["workspace"])
+    assert tower["profiles"][0]["shapes"]["pixel_values"]["max"] == [record["max_image_patches"], vision.patch_dim]
+    decoder = json.loads(plan.with_suffix(".json").read_text())["recipe"]["profiles"][1]["shapes"]
+    assert decoder["inputs_embeds"]["max"][1:] == [1, 64] and decoder["position_ids"]["max"][:2] == [3, 1]
+
+    engine, fake = _engine(art)
+    reference = _reference(art)
+    for e in (engine, reference):
+        _attach_multimodal(art, load_manifest(art), e)
+    from test_vl_vision import _image
+
+    tokenizer = Tokenizer.from_dir(art)
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": _image(90, 140, seed=5)}, {"type": "text", "text": "Hi"}],
+        }
+    ]
+    plain, sources = image_sources(messages)
+    for e in (engine, reference):
+        patches = e.multimodal.prepare_images(sources)
+        ids = e.multimodal.expand(tokenizer.apply_chat_template_ids(plain), patches)
+        e.multimodal.set_prompt(ids, patches)
+    a, b = engine.forward(np.asarray([ids])), reference.forward(np.asarray([ids]))
+    check_logits(a[:, -1], b[:, -1], Noise.REORDERED)
+    assert engine._vision is not None and fake.engine is engine._vision.engine  # the tower ran on its own plan
+    assert "pixel_values" in fake.engine.modes and fake.engine.contexts[0].log[-1] == ("execute",)
+    for _ in range(6):
+        token = _greedy(b)
+        a, b = engine.forward(token), reference.forward(token)
+        check_logits(a[:, -1], b[:, -1], Noise.REORDERED)
+    engine.truncate(len(ids))
+    reference.truncate(len(ids))
+    token = _greedy(b)
+    check_logits(engine.forward(token)[:, -1], reference.forward(token)[:, -1], Noise.REORDERED)

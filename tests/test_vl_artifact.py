@@ -138,17 +138,35 @@ def test_text_artifact_refuses_images() -> None:
         user_content(text_llm, "hi", ["cat.png"], "A")
 
 
-def test_vl_export_refuses_other_targets_and_leaves_nothing(vl_artifact, tmp_path) -> None:
+def test_vl_on_tensorrt_graph_matches_transformers(vl_artifact, tmp_path) -> None:
+    """`--target tensorrt` of a VL checkpoint: the standard-op decoder (inputs_embeds, M-RoPE
+    position_ids [3, B, S], the fixed KV buffers written by TensorScatter) and the float32 tower,
+    run by ONNX Runtime (how a TensorRT artifact is verified without a GPU), match transformers
+    within 1e-4 over the prompt and 16 decode steps. The TensorRT engine's own VL path is tested
+    against the stand-in module in test_tensorrt_engine.py. --vision-weights int8 (ONNX Runtime's
+    DynamicQuantizeMatMul) is refused and leaves nothing."""
     ckpt, _ = vl_artifact
     out = tmp_path / "trt"
-    result = CliRunner().invoke(app, ["export", str(ckpt), "-o", str(out), "--target", "tensorrt"])
-    assert result.exit_code == 2
-    assert "vision-language export is built for --target onnxruntime | openvino" in result.output
-    assert not out.exists()
-    args = ["export", str(ckpt), "-o", str(out), "--target", "openvino", "--vision-weights", "int8"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2 and "--target openvino takes --vision-weights fp32" in result.output
-    assert not out.exists()
+    result = CliRunner().invoke(
+        app, ["export", str(ckpt), "-o", str(out), "--target", "tensorrt", "--max-length", "512"]
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "inputs_embeds" in manifest["io"]["inputs"] and "input_ids" not in manifest["io"]["inputs"]
+    assert manifest["io"]["inputs"]["position_ids"]["shape"][0] == 3
+    assert manifest["extra"]["kv_cache"]["layout"] == "fixed"
+    shapes = manifest["extra"]["tensorrt"]["profiles"][0]["shapes"]
+    assert (
+        shapes["inputs_embeds"]["max"][2] == manifest["spec"]["hidden_size"] and shapes["position_ids"]["max"][0] == 3
+    )
+    assert manifest["extra"]["multimodal"]["max_image_patches"] == 28 * 28 * 1280 // 14**2  # the processor's default
+    _match_transformers(ckpt, qwen_export.load(out, engine="onnxruntime"))
+    for target in ("tensorrt", "openvino"):
+        bad = tmp_path / f"{target}-int8"
+        args = ["export", str(ckpt), "-o", str(bad), "--target", target, "--vision-weights", "int8"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and f"--target {target} takes --vision-weights fp32" in result.output
+        assert not bad.exists()
 
 
 @pytest.mark.parametrize("vl_artifact", ["qwen2_5_vl"], indirect=True)

@@ -35,7 +35,7 @@ EMBEDDINGS_FILE = "embed_tokens.npy"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 EMBEDDING_NAME = "model.embed_tokens.weight"
 #: targets whose runtime runs a VL artifact today
-VL_TARGETS = ("onnxruntime", "openvino")
+VL_TARGETS = ("onnxruntime", "openvino", "tensorrt")
 
 
 def checkpoint_multimodal(directory: str | Path) -> MultimodalSpec | None:
@@ -52,10 +52,7 @@ def checkpoint_multimodal(directory: str | Path) -> MultimodalSpec | None:
 
 def check_target(target: str, vision_weights: VisionWeights = VisionWeights.FP32) -> None:
     if target not in VL_TARGETS:
-        raise OptionError(
-            f"--target {target}: vision-language export is built for --target {' | '.join(VL_TARGETS)} so far "
-            "(the TensorRT lowering of the M-RoPE decoder is not written yet)"
-        )
+        raise OptionError(f"--target {target}: vision-language export is built for --target {' | '.join(VL_TARGETS)}")
     if target != "onnxruntime" and vision_weights is not VisionWeights.FP32:
         raise OptionError(
             f"--vision-weights {vision_weights.value} lowers the tower to ONNX Runtime's DynamicQuantizeMatMul; "
@@ -109,6 +106,7 @@ def write_parts(
     if preprocessor.is_file():
         shutil.copyfile(preprocessor, out_dir / PREPROCESSOR_FILE)
     return {
+        "max_image_patches": max_image_patches(preprocessor, multimodal),
         **multimodal.to_dict(),
         "vision_model": f"{VISION_STEM}.onnx",
         "vision_inputs": input_names(multimodal.vision),
@@ -116,6 +114,16 @@ def write_parts(
         "embeddings_dtype": dtype.name,
         "vision_weights": vision_weights.value,
     }
+
+
+def max_image_patches(preprocessor: Path, multimodal: MultimodalSpec) -> int:
+    """Patches of the largest image the preprocessor makes (``max_pixels`` / patch area, whole
+    merge units): what TensorRT's vision profile is built up to."""
+    from qwen_export.runtime.vision_input import ImageProcessing
+
+    processing = ImageProcessing.from_file(preprocessor, multimodal.vision)
+    unit = multimodal.vision.merge_unit
+    return max(unit, processing.max_pixels // processing.patch_size**2 // unit * unit)
 
 
 def quantize_tower(model: Any) -> None:

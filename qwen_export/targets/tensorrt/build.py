@@ -72,6 +72,7 @@ from qwen_export.spec import ModelSpec
 from qwen_export.targets.tensorrt.engine import (
     DATA_FILE,
     DEFAULT_WORKSPACE,
+    EMBEDS,
     ENGINES_DIR,
     LOGITS_INDICES,
     MODEL_FILE,
@@ -94,6 +95,7 @@ def recipe(
     max_batch: int,
     max_prompt: int,
     logits_rows: bool = False,
+    embeds: bool = False,
 ) -> dict[str, Any]:
     """The build recipe ``manifest.extra["tensorrt"]`` records (pure Python, JSON-serializable).
 
@@ -104,7 +106,9 @@ def recipe(
 
     Each maps every input to ``{"min", "opt", "max"}`` shapes. ``logits_rows`` (a ``--logits
     last`` graph, which has the ``logits_indices`` input): its [K] is 1..max_prompt for prefill
-    (speculative decoding verifies several tokens in one call), 1 for decode. The KV inputs
+    (speculative decoding verifies several tokens in one call), 1 for decode. ``embeds`` (a VL
+    decoder): ``inputs_embeds`` [batch, seq, hidden] instead of ``input_ids``, and M-RoPE
+    ``position_ids`` [3, batch, seq]. The KV inputs
     ``past_key_values.{i}.key/value`` are [batch, kv_heads, buffer, head_dim] with buffer
     1..capacity: the engine sizes its buffers to what the conversation needs and grows them (see
     :mod:`.engine`). ``opt`` is batch 1 (one conversation), a prompt of min(max_prompt, 128) for
@@ -129,10 +133,11 @@ def recipe(
         shapes: dict[str, dict[str, list[int]]] = {}
         for idx, key in enumerate(("min", "opt", "max")):
             b, s, w = batch[idx], seq[idx], width[idx]
+            tokens = (EMBEDS, [b, s, spec.hidden_size]) if embeds else ("input_ids", [b, s])
             for inp, shape in (
-                ("input_ids", [b, s]),
+                tokens,
                 ("attention_mask", [b, w]),
-                ("position_ids", [b, s]),
+                ("position_ids", [3, b, s] if embeds else [b, s]),
                 ("cache_position", [s]),
             ):
                 shapes.setdefault(inp, {})[key] = shape
@@ -176,7 +181,16 @@ def emit(
     from qwen_export.onnx_writer import write_onnx
 
     rows = any(value.name == LOGITS_INDICES for value in model.graph.inputs)
-    built = recipe(spec, capacity=capacity, dtype=dtype, max_batch=max_batch, max_prompt=max_prompt, logits_rows=rows)
+    embeds = any(value.name == EMBEDS for value in model.graph.inputs)
+    built = recipe(
+        spec,
+        capacity=capacity,
+        dtype=dtype,
+        max_batch=max_batch,
+        max_prompt=max_prompt,
+        logits_rows=rows,
+        embeds=embeds,
+    )
     write_onnx(model, Path(out_dir), MODEL_FILE, DATA_FILE, progress)
     return {"tensorrt": built}
 
@@ -320,6 +334,7 @@ def build_engine(
         max_batch=options.max_batch or int(base["max_batch"]),
         max_prompt=options.max_prompt or int(base["max_prompt"]),
         logits_rows=_has_logits_rows(base),
+        embeds=EMBEDS in base["profiles"][0]["shapes"],
     )
     used["workspace"] = options.workspace or int(base.get("workspace", DEFAULT_WORKSPACE))
     trt = trt_module if trt_module is not None else _trt()
@@ -366,9 +381,20 @@ def build_engine(
     _atomic_write(plan_path.with_suffix(".json"), json.dumps(info, indent=1).encode())
     if cache is not None:
         _atomic_write(cache_path, cache.serialize())
+    _build_tower(trt, root, manifest.extra.get("multimodal"), plan_path, (options, int(used["workspace"])), message)
     step(4, 4)
     message(f"wrote {plan_path} in {seconds:.1f} s")
     return plan_path
+
+
+def _build_tower(
+    trt: Any, root: Path, record: Any, plan_path: Path, settings: tuple[Any, int], message: Callable[[str], None]
+) -> None:
+    """A VL artifact (``record``: its ``extra.multimodal``): the vision tower's plan beside the decoder's."""
+    if record:
+        from qwen_export.targets.tensorrt.vision import build_vision
+
+        build_vision(trt, root, record, plan_path, settings, message)
 
 
 # ---------------------------------------------------------------------------------------- run

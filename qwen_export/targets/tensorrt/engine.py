@@ -59,6 +59,7 @@ PREFILL, DECODE = 0, 1  # optimization profile indices (the order of the recipe'
 INPUTS = ("input_ids", "attention_mask", "position_ids", "cache_position")
 #: the ``--logits last`` graph's input of the positions whose logits it returns (export.trace's)
 LOGITS_INDICES = "logits_indices"
+EMBEDS = "inputs_embeds"  # a VL decoder's first input, instead of input_ids
 INSTALL_TRT = "pip install tensorrt (TensorRT 10.x, on a machine with an NVIDIA GPU and driver)"
 INSTALL_TORCH_CUDA = (
     "install a CUDA build of PyTorch (e.g. pip install torch --index-url https://download.pytorch.org/whl/cu126) "
@@ -220,9 +221,7 @@ class TensorRTEngine:
                 f"rebuild it: qwen-export build-engine {self.root}"
             ) from None
         self._kv_step = self.capacity if _fixed_kv(used) else max(1, int(self.options.kv_step))
-        profiles = used.get("profiles") if isinstance(used.get("profiles"), list) else [{}]
-        first = profiles[0] if profiles and isinstance(profiles[0], dict) else {}
-        self._rows_input = LOGITS_INDICES in (first.get("shapes") or {})  # absent before last-k logits
+        self._read_inputs(used, manifest)
         kv = manifest.extra.get("kv_cache") or {}
         if int(kv.get("capacity", self.capacity)) != self.capacity:
             raise ArtifactError(
@@ -265,6 +264,19 @@ class TensorRTEngine:
         self._graphs: dict[int, Any] = {}  # batch size -> captured decode graph
         self.reset()
 
+    def _read_inputs(self, used: dict[str, Any], manifest: Manifest) -> None:
+        """What the recipe's inputs say: a ``logits_indices`` input (absent before last-k logits),
+        and a VL decoder's ``inputs_embeds`` [B, S, hidden] with M-RoPE ``position_ids`` [3, B, S]."""
+        profiles = used.get("profiles") if isinstance(used.get("profiles"), list) else [{}]
+        first = profiles[0] if profiles and isinstance(profiles[0], dict) else {}
+        self._rows_input = LOGITS_INDICES in (first.get("shapes") or {})
+        self._embeds = EMBEDS in (first.get("shapes") or {})
+        self._vision_record = manifest.extra.get("multimodal")
+        self._vision: Any = None
+        #: a VL artifact's inputs (embeddings, images, M-RoPE positions): attached by the runtime's loader
+        self.multimodal: Any = None
+        self.dtype = np.float16 if manifest.dtype == "fp16" else np.float32
+
     # ------------------------------------------------------------------ Engine API
     @property
     def num_cached_tokens(self) -> int:
@@ -281,6 +293,8 @@ class TensorRTEngine:
     def reset(self) -> None:
         """Forget the cache (the buffers stay allocated; their stale columns are masked)."""
         self._mask: np.ndarray | None = None
+        if self.multimodal is not None:
+            self.multimodal.truncate(0)
 
     def truncate(self, num_tokens: int) -> None:
         """Keep the first ``num_tokens`` cached tokens: only the mask forgets columns; the buffer
@@ -289,6 +303,10 @@ class TensorRTEngine:
         if plan is Truncation.RESET:
             self.reset()
             return
+        if plan is Truncation.NOTHING:
+            return
+        if self.multimodal is not None:
+            self.multimodal.truncate(num_tokens)
         assert self._mask is not None
         self._mask = self._mask[:, :num_tokens]
 
@@ -368,7 +386,8 @@ class TensorRTEngine:
             name = self.engine.get_tensor_name(i)
             (inputs if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).add(name)
         kv = _kv_names(self.spec.num_hidden_layers)
-        want_in = set(INPUTS) | {f"past_key_values.{n}" for n in kv} | ({LOGITS_INDICES} if self._rows_input else set())
+        want_in = set(INPUTS) - ({"input_ids"} if self._embeds else set()) | ({EMBEDS} if self._embeds else set())
+        want_in |= {f"past_key_values.{n}" for n in kv} | ({LOGITS_INDICES} if self._rows_input else set())
         want_out = {"logits"} | {f"present.{n}" for n in kv}
         if inputs != want_in or outputs != want_out:
             missing = sorted((want_in - inputs) | (want_out - outputs))
@@ -383,9 +402,26 @@ class TensorRTEngine:
             )
 
     def _device_tensors(self) -> Iterator[Any]:
-        """Every device buffer bound to the context (the tests map addresses back to them)."""
+        """Every device buffer bound to a context (the tests map addresses back to them)."""
         yield from self._kv
         yield from self._buffers.values()
+        if self._vision is not None:
+            yield from self._vision.tensors()
+
+    def encode_image(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """A VL artifact's vision tower on one image's inputs (its own engine, built beside the
+        decoder's by ``build-engine``; loaded on first use): the merged features, float32."""
+        if self._vision_record is None:
+            raise ArtifactError(f"{self.root} is not a vision-language artifact")
+        if self._vision is None:
+            from qwen_export.targets.tensorrt.vision import TensorRTVision, vision_plan_path
+            from qwen_export.vision import VisionSpec
+
+            vision = VisionSpec.from_dict(self._vision_record["vision"])
+            path = vision_plan_path(self.plan_path)
+            self._vision = TensorRTVision(self._trt, self._runtime, path, self.root, vision, self.device)
+        with self._stream_scope():
+            return self._vision.encode(feeds, self._stream)
 
     def _stream_scope(self) -> Any:
         return self._torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
@@ -422,14 +458,18 @@ class TensorRTEngine:
         allocated by :meth:`_reserve_kv`."""
         torch = self._torch
         self._kv, self._buffers, self._bound, self._graphs = [], {}, {}, {}  # free the old ones first
+        streams = 3 if self._embeds else 1  # M-RoPE: time, height and width positions
         for name, size in (
-            ("input_ids", batch * self.max_prompt),
-            ("position_ids", batch * self.max_prompt),
+            ("input_ids", 0 if self._embeds else batch * self.max_prompt),
+            ("position_ids", streams * batch * self.max_prompt),
             ("cache_position", self.max_prompt),
             (LOGITS_INDICES, self.max_prompt),
             ("attention_mask", batch * self.capacity),
         ):
             self._buffers[name] = torch.zeros(size, dtype=torch.int64, device=self.device)
+        if self._embeds:
+            size = batch * self.max_prompt * self.spec.hidden_size
+            self._buffers[EMBEDS] = torch.zeros(size, dtype=self._kv_dtype, device=self.device)
         self._batch = batch
 
     def _logits_buffer(self, size: int) -> Any:
@@ -478,9 +518,8 @@ class TensorRTEngine:
         with self._stream_scope():
             self._select_profile(profile)
             feeds = {
-                "input_ids": self._stage("input_ids", ids),
+                **self._token_feeds(ids, position_ids, start),
                 "attention_mask": self._stage("attention_mask", mask),
-                "position_ids": self._stage("position_ids", position_ids),
                 "cache_position": self._stage("cache_position", np.arange(start, start + seq, dtype=np.int64)),
             }
             if self._rows_input:
@@ -497,6 +536,23 @@ class TensorRTEngine:
             if self._stream is not None:
                 self._stream.synchronize()
         return logits.cpu().numpy().copy()
+
+    def _token_feeds(self, ids: np.ndarray, position_ids: np.ndarray, start: int) -> dict[str, Any]:
+        """The new tokens' inputs: ids and positions, or for a VL decoder the embeddings with the
+        image features merged and the M-RoPE positions (``multimodal``, from its prompt state)."""
+        if not self._embeds:
+            return {
+                "input_ids": self._stage("input_ids", ids),
+                "position_ids": self._stage("position_ids", position_ids),
+            }
+        if self.multimodal is None:
+            raise ArtifactError("a vision-language decoder needs its inputs: open it with qwen_export.load")
+        embeds, positions = self.multimodal.feeds(ids, start)
+        dtype = np.float16 if self._kv_dtype == self._torch.float16 else np.float32
+        return {
+            EMBEDS: self._stage(EMBEDS, embeds.astype(dtype, copy=False)),
+            "position_ids": self._stage("position_ids", positions),
+        }
 
     def _execute(self, feeds: dict[str, Any], logits: Any) -> None:
         ctx = self.context

@@ -79,9 +79,11 @@ def _scatter_nodes(model: ir.Model, layers: int) -> list[ir.Node] | str:
 
 
 def _write_indices(graph: ir.Graph, first_user: ir.Node) -> ir.Value:
-    """``[B]`` int64: cache_position[0] repeated for every row (batch from input_ids)."""
+    """``[B]`` int64: cache_position[0] repeated for every row (the batch from input_ids, or from a
+    VL decoder's inputs_embeds)."""
     inputs = {v.name: v for v in graph.inputs}
-    cache_position, input_ids = inputs["cache_position"], inputs["input_ids"]
+    cache_position = inputs["cache_position"]
+    input_ids = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]
 
     def const(name: str, data: list[int]) -> ir.Value:
         value = ir.Value(name=name, const_value=ir.tensor(np.asarray(data, np.int64), name=name))
