@@ -92,17 +92,20 @@ def parent_lock(directory: Path) -> Iterator[None]:
 
 def make_temp_dir(out: Path) -> Path:
     """An empty sibling of ``out`` (same filesystem, so the final rename is atomic), locked while this
-    process lives; mode set by the umask. Give it back with :func:`release_temp_dir`."""
-    while True:
-        tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
-        try:
-            tmp.mkdir()
-        except FileExistsError:
-            continue
-        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        _try_lock(fd)
-        _held[str(tmp)] = fd
-        return tmp
+    process lives; mode set by the umask. Give it back with :func:`release_temp_dir`. Made and locked
+    under the parent's lock: :func:`clean_stale` (another writer's, under the same lock) would
+    otherwise take a directory made but not yet locked for a dead writer's and remove it."""
+    with parent_lock(out.parent):
+        while True:
+            tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+            try:
+                tmp.mkdir()
+            except FileExistsError:
+                continue
+            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            _try_lock(fd)
+            _held[str(tmp)] = fd
+            return tmp
 
 
 def release_temp_dir(tmp: Path) -> None:

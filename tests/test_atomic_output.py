@@ -242,3 +242,29 @@ def test_sigkill_during_a_cli_export_is_cleaned_by_the_next_export(qwen2_tied: P
     assert done.returncode == 0, done.stderr[-2000:]
     assert _temp_dirs(parent, out.name) == [] and sorted(p.name for p in parent.iterdir()) == ["art"]
     load_manifest(out)
+
+
+def test_a_new_temp_dir_is_never_cleaned_as_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer's temporary directory between its mkdir and its lock is not taken for a dead writer's
+    by another writer's clean-up (the race behind a flaky concurrent-writers run): both run under
+    the parent's lock."""
+    out = tmp_path / "art"
+    made, cleaned = threading.Event(), threading.Event()
+    real = atomic_dir._try_lock
+
+    def slow_lock(fd: int) -> bool:
+        if threading.current_thread().name == "maker":  # made, not locked yet: let a clean-up try now
+            made.set()
+            cleaned.wait(1.0)
+        return real(fd)
+
+    monkeypatch.setattr(atomic_dir, "_try_lock", slow_lock)
+    result: dict[str, Path] = {}
+    maker = threading.Thread(target=lambda: result.setdefault("tmp", atomic_dir.make_temp_dir(out)), name="maker")
+    maker.start()
+    assert made.wait(5)
+    removed = atomic_dir.clean_stale(out)  # waits for the parent's lock until the maker holds its own
+    cleaned.set()
+    maker.join(5)
+    assert removed == [] and result["tmp"].is_dir()
+    atomic_dir.release_temp_dir(result["tmp"])
