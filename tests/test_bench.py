@@ -301,3 +301,30 @@ def test_decode_weight_bytes_leave_out_a_gathered_table(tmp_path: Path) -> None:
     assert achieved.fraction_of_copy == pytest.approx(achieved.achieved_gbs / 8.0)
     with pytest.raises(ValueError, match="threads >= 1"):
         bandwidth.copy_bandwidth(threads=0)
+
+
+def test_decode_weight_bytes_count_the_prepacked_block_sums(qwen2_tied: Path, tmp_path: Path) -> None:
+    """On x86, ONNX Runtime's int8-activation MatMulNBits keeps a float32 sum per weight block beside
+    what the file holds: 4 bytes per block of every linear and of the tied head, counted from the
+    model's shapes here (and nothing on another machine, or at accuracy level 1)."""
+    from qwen_export.artifact import load_manifest
+    from qwen_export.export.pipeline import ExportOptions
+    from qwen_export.export.pipeline import export as run_export
+    from qwen_export.quant.scheme import QuantAlgorithm, QuantScheme, WeightFormat
+    from qwen_export.runtime import bandwidth
+    from qwen_export.spec import ModelSpec
+
+    scheme = QuantScheme(WeightFormat.INT4, 32, symmetric=False, algorithm=QuantAlgorithm.RTN, embedding_bits=4)
+    sums = {}
+    for level in (4, 1):
+        out = tmp_path / f"level{level}"
+        run_export(qwen2_tied, out, ExportOptions(quant=scheme, accuracy_level=level, max_length=64))
+        manifest = load_manifest(out)
+        sums[level] = bandwidth.prepacked_sum_bytes(out, manifest, machine="x86_64")
+        assert bandwidth.prepacked_sum_bytes(out, manifest, machine="aarch64") == 0
+    spec = ModelSpec.from_dict(manifest.spec)
+    h, i, q, kv = spec.hidden_size, spec.intermediate_size, spec.num_attention_heads, spec.num_key_value_heads
+    d = spec.head_dim
+    per_layer = (q + 2 * kv) * d * h + h * q * d + 2 * i * h + h * i  # qkv, o, gate, up, down: N x K weights
+    blocks = (spec.num_hidden_layers * per_layer + spec.vocab_size * h) // 32  # + the tied head
+    assert sums == {4: 4 * blocks, 1: 0}

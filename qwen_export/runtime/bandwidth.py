@@ -7,7 +7,9 @@ engine achieves. :func:`copy_bandwidth` measures what the machine can move (a mu
 STREAM's *copy* counts), and :func:`decode_bandwidth` puts the two side by side.
 
 Weight bytes per token (:func:`decode_weight_bytes`) are the artifact's weight files as loaded
-(float16-stored scales counted at float32, :func:`compact_scale_bytes`), less the embedding table
+(float16-stored scales counted at float32, :func:`compact_scale_bytes`; on x86, the float32 sum
+ONNX Runtime's int8-activation kernels keep per block of an accuracy-level-4 ``MatMulNBits``,
+:func:`prepacked_sum_bytes`), less the embedding table
 when only one row of it is read per token (a table that is not also the lm_head). An ONNX Runtime
 artifact's int8 prompt graph (``export --prefill int8``: ``prefill.onnx`` + ``prefill.onnx.data``)
 is not read by decode steps and is not counted. The KV cache read per token is added separately (it
@@ -118,9 +120,35 @@ def compact_scale_bytes(manifest: Manifest) -> int:
     return 2 * count
 
 
+def prepacked_sum_bytes(root: str | Path, manifest: Manifest, machine: str | None = None) -> int:
+    """Bytes ONNX Runtime adds when it prepacks an artifact's ``MatMulNBits`` weights for its
+    int8-activation kernels (accuracy level 4, x86): a float32 sum per block beside the codes and
+    scales (MLAS's ``QuantBBlkSum``), read with them by every step. 0 for other targets, other
+    machines, or a graph that cannot be read (its ops are then not known)."""
+    import platform
+
+    machine = (machine or platform.machine()).lower()
+    if manifest.target != "onnxruntime" or machine not in ("x86_64", "amd64", "i686", "x86"):
+        return 0
+    try:
+        import onnx
+
+        graph = onnx.load(Path(root) / "model.onnx", load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - not a readable graph: nothing known to add
+        return 0
+    total = 0
+    for node in graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        if attrs.get("accuracy_level") == 4 and attrs.get("block_size", 0) > 0:
+            total += 4 * attrs.get("N", 0) * -(-attrs.get("K", 0) // attrs["block_size"])
+    return total
+
+
 def decode_weight_bytes(root: str | Path, manifest: Manifest) -> int:
     """Weight bytes one decode step reads (see the module docstring)."""
-    loaded = weight_files_bytes(root, manifest) + compact_scale_bytes(manifest)
+    loaded = weight_files_bytes(root, manifest) + compact_scale_bytes(manifest) + prepacked_sum_bytes(root, manifest)
     return max(0, loaded - gathered_embedding_bytes(manifest))
 
 
