@@ -159,7 +159,7 @@ def test_two_artifacts_interleaved_json(export, monkeypatch: pytest.MonkeyPatch)
     assert all(r["ttft_vs_first"] > 0 for r in fp16["results"])
     # decode bandwidth against the machine's copy bandwidth, and what the engine chose
     copy = payload["copy_bandwidth"]
-    assert copy["best_gbs"] >= copy["median_gbs"] > 0 and copy["threads"] >= 1
+    assert copy["best_gbs"] >= copy["median_gbs"] > 0 and copy["threads"] >= 1 and copy["read_gbs"] > 0
     for art in payload["artifacts"]:
         assert art["kernels"]["threads"].isdigit() and art["kernels"]["kv cache"] in ("fp32", "fp16")
         assert 0 < art["weight_bytes_per_token"] <= art["disk_mb"] * 2**20
@@ -167,6 +167,7 @@ def test_two_artifacts_interleaved_json(export, monkeypatch: pytest.MonkeyPatch)
             bw = r["decode_bandwidth"]
             expect = (bw["weight_bytes_per_token"] + bw["kv_bytes_per_token_read"]) * r["decode_tokens_per_s"] / 1e9
             assert bw["achieved_gbs"] == pytest.approx(expect) and bw["fraction_of_copy"] > 0
+            assert bw["fraction_of_read"] == pytest.approx(bw["achieved_gbs"] / copy["read_gbs"])
     assert fp32["weight_bytes_per_token"] > fp16["weight_bytes_per_token"]
 
 
@@ -298,7 +299,9 @@ def test_decode_weight_bytes_leave_out_a_gathered_table(tmp_path: Path) -> None:
     assert bandwidth.gathered_embedding_bytes(plain) == 100 * 64 * 2
     achieved = bandwidth.decode_bandwidth(10**9, 1000, 24, 2.0, bandwidth.CopyBandwidth(8.0, 7.0, 2, 256))
     assert achieved.achieved_gbs == pytest.approx(2 * (10**9 + 24000) / 1e9)
-    assert achieved.fraction_of_copy == pytest.approx(achieved.achieved_gbs / 8.0)
+    assert achieved.fraction_of_copy == pytest.approx(achieved.achieved_gbs / 8.0) and achieved.fraction_of_read == 0
+    read = bandwidth.decode_bandwidth(10**9, 0, 0, 2.0, bandwidth.CopyBandwidth(8.0, 7.0, 2, 256, read_gbs=10.0))
+    assert read.fraction_of_read == pytest.approx(0.2)
     with pytest.raises(ValueError, match="threads >= 1"):
         bandwidth.copy_bandwidth(threads=0)
 

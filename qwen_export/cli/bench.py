@@ -251,10 +251,13 @@ def _results_table(report: BenchReport) -> Table:
     title = f"{'context sweep' if sweep else 'latency'}: {settings.repeats} run(s) after {settings.warmup} warm-up"
     title += " (median ± standard deviation over the runs)" if settings.repeats > 1 else ""
     if report.copy is not None:
-        title += f"; machine copy bandwidth {report.copy.best_gbs:.1f} GB/s ({report.copy.threads} threads)"
+        copy = report.copy
+        title += (
+            f"; machine copy bandwidth {copy.best_gbs:.1f} GB/s, read {copy.read_gbs:.1f} GB/s ({copy.threads} threads)"
+        )
     table = Table(title=title + " per case")
     headers = ["artifact", "prompt", "new"] + (["KV cache MiB"] if sweep else [])
-    headers += ["TTFT ms", "prefill tok/s", "decode tok/s", "p10/p50/p90 ms", "decode GB/s (of copy)"]
+    headers += ["TTFT ms", "prefill tok/s", "decode tok/s", "p10/p50/p90 ms", "decode GB/s (of read)"]
     headers += ["decode × first", "TTFT × first"] if many else []
     for column in headers:
         table.add_column(column, justify="left" if column == "artifact" else "right", overflow="fold")
@@ -282,4 +285,4 @@ def _results_table(report: BenchReport) -> Table:
 def _bandwidth_cell(measured: dict[str, float] | None) -> str:
     if measured is None:
         return "-"
-    return f"{measured['achieved_gbs']:.2f} ({100 * measured['fraction_of_copy']:.0f}%)"
+    return f"{measured['achieved_gbs']:.2f} ({100 * measured.get('fraction_of_read', 0.0):.0f}%)"

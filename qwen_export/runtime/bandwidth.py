@@ -4,7 +4,8 @@ Decoding one token reads every weight of the model once (batch 1: the matrix-vec
 bound by memory, not compute), so ``weight bytes per token x decode tokens/s`` is the bandwidth the
 engine achieves. :func:`copy_bandwidth` measures what the machine can move (a multi-threaded
 ``memcpy`` of buffers much larger than the caches, counted as bytes read + bytes written, the way
-STREAM's *copy* counts), and :func:`decode_bandwidth` puts the two side by side.
+STREAM's *copy* counts, and a multi-threaded read of the same buffer, which is what a decode step
+does with its weights), and :func:`decode_bandwidth` puts them side by side.
 
 Weight bytes per token (:func:`decode_weight_bytes`) are the artifact's weight files as loaded
 (float16-stored scales counted at float32, :func:`compact_scale_bytes`; on x86, the float32 sum
@@ -37,12 +38,15 @@ COPY_BYTES = 256 * 2**20
 
 @dataclasses.dataclass(frozen=True)
 class CopyBandwidth:
-    """The machine's copy bandwidth: bytes read + written per second, best and median of the repeats."""
+    """The machine's copy bandwidth: bytes read + written per second, best and median of the repeats;
+    ``read_gbs``: the best rate of reading alone (a sum over the buffer), what a decode step does
+    with its weights (0.0: not measured)."""
 
     best_gbs: float
     median_gbs: float
     threads: int
     buffer_mib: int
+    read_gbs: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +57,8 @@ class DecodeBandwidth:
     kv_bytes_per_token_read: int  # KV cache read by one step at that context
     achieved_gbs: float  # (weight + KV bytes per token) x decode tokens/s
     copy_gbs: float
-    fraction_of_copy: float  # achieved / copy (best): 1.0 would be the machine's limit
+    fraction_of_copy: float  # achieved / copy (best)
+    fraction_of_read: float = 0.0  # achieved / read (best): 1.0 is the machine's limit (0.0: not measured)
 
 
 def copy_bandwidth(threads: int = 1, nbytes: int = COPY_BYTES, repeats: int = 3) -> CopyBandwidth:
@@ -69,14 +74,20 @@ def copy_bandwidth(threads: int = 1, nbytes: int = COPY_BYTES, repeats: int = 3)
     def part(s: slice) -> None:
         np.copyto(dst[s], src[s])
 
-    rates = []
+    def read(s: slice) -> None:
+        src[s].sum()
+
+    rates, reads = [], []
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(part, slices))  # touch every page once before timing
         for _ in range(repeats):
             start = time.perf_counter()
             list(pool.map(part, slices))
             rates.append(2 * src.nbytes / (time.perf_counter() - start) / 1e9)
-    return CopyBandwidth(float(max(rates)), float(np.median(rates)), threads, nbytes // 2**20)
+            start = time.perf_counter()
+            list(pool.map(read, slices))
+            reads.append(src.nbytes / (time.perf_counter() - start) / 1e9)
+    return CopyBandwidth(float(max(rates)), float(np.median(rates)), threads, nbytes // 2**20, float(max(reads)))
 
 
 #: Weight files that only prompts read (ONNX Runtime's int8 prefill graph), not decode steps.
@@ -158,4 +169,5 @@ def decode_bandwidth(
     """Achieved bandwidth of a decode at ``tokens_per_s`` whose steps see ``context`` cached tokens."""
     kv_read = kv_bytes_per_token * context
     achieved = (weight_bytes + kv_read) * tokens_per_s / 1e9
-    return DecodeBandwidth(weight_bytes, kv_read, achieved, copy.best_gbs, achieved / copy.best_gbs)
+    of_read = achieved / copy.read_gbs if copy.read_gbs > 0 else 0.0
+    return DecodeBandwidth(weight_bytes, kv_read, achieved, copy.best_gbs, achieved / copy.best_gbs, of_read)
