@@ -655,6 +655,8 @@ def test_image_policy_reads_data_urls_and_only_files_under_its_root(tmp_path) ->
         (rooted, "../secret.png", "no image file .* under the server's --image-root"),
         (rooted, "link.png", "no image file .* under the server's --image-root"),  # a link out of the root
         (rooted, "missing.png", "no image file .* under the server's --image-root"),
+        (rooted, "a\x00.png", "no image file .* under the server's --image-root"),
+        (rooted, "~nosuchuser/a.png", "no image file .* under the server's --image-root"),
         (rooted, "sub", "no image file .* under the server's --image-root"),  # a directory
         (rooted, "data:text/plain;base64,eA==", "data:image/<type>;base64"),
         (rooted, "", "must be a data URL"),

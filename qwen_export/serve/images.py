@@ -68,11 +68,11 @@ class ImagePolicy:
                 "under DIR); send the image as a data URL",
                 where,
             )
-        path = Path(value).expanduser()
-        path = path if path.is_absolute() else self.local_root / path
         try:
+            path = Path(value).expanduser()
+            path = path if path.is_absolute() else self.local_root / path
             resolved = path.resolve(strict=True)
-        except (OSError, RuntimeError):
+        except (OSError, RuntimeError, ValueError):  # missing, a link loop, a NUL byte, no such user
             resolved = None
         if resolved is None or not resolved.is_relative_to(self.local_root) or not resolved.is_file():
             raise APIError.bad_request(f"{where}: no image file {value!r} under the server's --image-root", where)
