@@ -268,3 +268,31 @@ def test_refuses_to_replace_a_non_checkpoint(qwen2_gguf: Path, tmp_path: Path) -
         convert_gguf(qwen2_gguf, out, overwrite=True)
     assert (out / "notes.txt").read_text() == "keep me"
     shutil.rmtree(out)
+
+
+# ------------------------------------------------------------------ benchmarks/hf_to_gguf.py (the reverse)
+def test_benchmark_writer_round_trips_through_the_importer(qwen2_tied: Path, qwen2_gguf: Path, tmp_path: Path) -> None:
+    """``benchmarks/hf_to_gguf.py`` (a checkpoint as a float16 GGUF for the llama.cpp anchor) writes what
+    the importer reads back: every tensor under its llama.cpp name, the config, the vocabulary."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import hf_to_gguf
+
+    out = tmp_path / "written.gguf"
+    hf_to_gguf.write_f16(qwen2_tied, out, qwen2_gguf)
+    back = convert_gguf(out, tmp_path / "ckpt", dtype="fp32")
+    original, converted = Checkpoint.open(qwen2_tied), Checkpoint.open(back)
+    assert converted.names() == original.names()
+    for name in original.names():
+        expected = original.read(name).astype(np.float32)
+        if expected.ndim == 2:  # written as float16
+            expected = expected.astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(converted.read(name), expected, err_msg=name)
+    assert _spec_without_dtype(back) == _spec_without_dtype(qwen2_tied)
+    assert json.loads((back / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+    with pytest.raises(SystemExit, match="does not exist"):
+        hf_to_gguf.write_f16(qwen2_tied, tmp_path / "a.gguf", tmp_path / "missing.gguf")
+    no_vocab = write_gguf(qwen2_tied, tmp_path / "no-vocab.gguf", None)
+    with pytest.raises(SystemExit, match="no tokenizer.ggml.tokens"):
+        hf_to_gguf.write_f16(qwen2_tied, tmp_path / "b.gguf", no_vocab)
