@@ -288,6 +288,21 @@ def test_near_miss_does_not_pack(near_miss: dict) -> None:
         PackedQKVFusion(strict_expected=1)(_proj_graph(**near_miss))
 
 
+def test_separate_prefixes_stay_unpacked_without_a_miss() -> None:
+    """``separate`` (the layers whose q/k/v are quantized differently): left as three MatMuls, and
+    neither a near miss nor a strict-count failure when the count leaves them out."""
+    model = _proj_graph()
+    before = op_histogram(model)
+    stream = io.StringIO()
+    result = PackedQKVFusion(strict_expected=0, explain=stream, separate=frozenset({"model.layers.0.self_attn."}))(
+        model
+    )
+    assert result.fired[QKV_RULE] == 0 and not result.changed
+    assert op_histogram(model) == before
+    assert "model.layers.0" not in stream.getvalue()
+    assert PackedQKVFusion(separate=frozenset({"model.layers.1.self_attn."}))(model).fired[QKV_RULE] == 1
+
+
 def test_strict_count_above_hand_built_layers_raises() -> None:
     with pytest.raises(FusionError, match="fused 1 .* expected 2"):
         PackedQKVFusion(strict_expected=2)(_proj_graph())

@@ -284,11 +284,13 @@ def _drop_unused(graph: ir.Graph, values: Sequence[ir.Value | None]) -> None:
             del graph.initializers[value.name]
 
 
-def _pack_all(graph: ir.Graph, misses: list[str]) -> int:
+def _pack_all(graph: ir.Graph, misses: list[str], separate: frozenset[str] = frozenset()) -> int:
     candidates = list(graph.inputs) + [out for node in graph for out in node.outputs]
     fired = 0
     for x in candidates:
         match = _projections(x)
+        if isinstance(match, tuple) and match[0] in separate:
+            continue
         if isinstance(match, tuple):
             _pack(graph, *match)
             fired += 1
@@ -375,19 +377,29 @@ class PackedQKVFusion(GraphPass):
     ``gqa``: also feed the packed tensor straight into a ``com.microsoft::GroupQueryAttention``
     that takes the three Split outputs as query/key/value (packed QKV input, Split removed).
     ``explain``: a text stream that gets, per rule, why each near miss was left alone.
+    ``separate``: weight prefixes (``model.layers.3.self_attn.``) whose q/k/v stay three MatMuls, e.g.
+    because they are quantized differently (:meth:`~qwen_export.quant.scheme.QuantScheme.packs_qkv`:
+    one packed weight has one bit width); not counted as near misses.
     """
 
     name = "packed_qkv"
     counted = (QKV_RULE, "q/k/v projection triples")
 
-    def __init__(self, strict_expected: int | None = None, gqa: bool = True, explain: Any = None) -> None:
+    def __init__(
+        self,
+        strict_expected: int | None = None,
+        gqa: bool = True,
+        explain: Any = None,
+        separate: frozenset[str] = frozenset(),
+    ) -> None:
         self.strict_expected = strict_expected
         self.gqa = gqa
         self.explain = explain
+        self.separate = separate
 
     def rewrite(self, model: Any) -> dict[str, int]:
         misses: list[str] = []
-        fired = {QKV_RULE: _pack_all(model.graph, misses)}
+        fired = {QKV_RULE: _pack_all(model.graph, misses, self.separate)}
         self.report_misses(fired[QKV_RULE], misses)
         if self.gqa:
             misses = []

@@ -109,7 +109,7 @@ class QuantScheme:
     positive_scales: bool = False
     #: mixed precision (int4 schemes): glob patterns of linear modules (checkpoint names, e.g.
     #: ``model.layers.*.mlp.down_proj``, ``lm_head``) quantized to 8 bits, same blocks
-    #: (:meth:`linear_bits`; a packed qkv is 8-bit when any of q/k/v matches)
+    #: (:meth:`linear_bits`; q/k/v are packed into one weight only where they agree)
     int8_weights: tuple[str, ...] = ()
     #: per-tensor block sizes (int4/int8 blocked schemes): ``(pattern, block)`` pairs, the first
     #: matching pattern wins (:meth:`block_for`); patterns as :attr:`int8_weights`, plus
@@ -143,8 +143,8 @@ class QuantScheme:
 
     def block_for(self, module: str) -> int:
         """The block size of ``module`` (a checkpoint module path, ``...qkv_proj`` or
-        ``model.embed_tokens``): the first :attr:`block_overrides` pattern it matches (q/k/v/qkv
-        together: one packed weight), else :attr:`block_size`.
+        ``model.embed_tokens``): the first :attr:`block_overrides` pattern it matches (for the
+        packed ``qkv_proj``: that any of q/k/v matches), else :attr:`block_size`.
 
         >>> s = QuantScheme(WeightFormat.INT4, block_overrides=(("lm_head", 16), ("*.v_proj", 64)))
         >>> [s.block_for(m) for m in ("lm_head", "model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.up_proj")]
@@ -158,15 +158,29 @@ class QuantScheme:
 
     def linear_bits(self, module: str) -> int:
         """The bits of linear ``module`` (a checkpoint module path, or the packed ``...qkv_proj``):
-        8 when it matches an :attr:`int8_weights` pattern, else :attr:`bits`. q, k and v share one
-        packed weight, so they (and ``qkv_proj``) are 8-bit together when any of them matches.
+        8 when it matches an :attr:`int8_weights` pattern, else :attr:`bits`. q, k and v each have
+        their own; a packed ``qkv_proj`` (made only where the three agree: :meth:`packs_qkv`) is
+        8-bit when any of them matches.
 
         >>> s = QuantScheme(WeightFormat.INT4, int8_weights=("*.v_proj", "lm_head"))
-        >>> [s.linear_bits(m) for m in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.qkv_proj",
-        ...                              "model.layers.0.mlp.down_proj", "lm_head")]
-        [8, 8, 4, 8]
+        >>> attention = "model.layers.0.self_attn."
+        >>> [s.linear_bits(attention + p) for p in ("q_proj", "v_proj", "qkv_proj")]
+        [4, 8, 8]
+        >>> [s.linear_bits(m) for m in ("model.layers.0.mlp.down_proj", "lm_head")]
+        [4, 8]
         """
         return 8 if any(self.promotes(name) for name in _packed_members(module)) else self.bits
+
+    def packs_qkv(self, attention: str) -> bool:
+        """Whether the q/k/v projections of ``attention`` (e.g. ``model.layers.3.self_attn``) have one
+        bit width and block size, so they can share one packed weight.
+
+        >>> s = QuantScheme(WeightFormat.INT4, int8_weights=("model.layers.1.self_attn.v_proj",))
+        >>> [s.packs_qkv(f"model.layers.{i}.self_attn") for i in (0, 1)]
+        [True, False]
+        """
+        members = [f"{attention}.{p}_proj" for p in "qkv"]
+        return len({(self.linear_bits(m), self.block_for(m)) for m in members}) == 1
 
     def promotes(self, module: str) -> bool:
         """``module`` matches one of :attr:`int8_weights` (no packing considered)."""
@@ -212,11 +226,11 @@ class QuantScheme:
         return record
 
 
-_QKV = re.compile(r"\.(?:q|k|v|qkv)_proj$")
+_QKV = re.compile(r"\.qkv_proj$")
 
 
 def _packed_members(module: str) -> list[str]:
-    """``module`` and the modules sharing its packed weight (q/k/v/qkv of one attention)."""
+    """``module``, and for a packed ``...qkv_proj`` the q/k/v projections it packs."""
     match = _QKV.search(module)
     if match is None:
         return [module]

@@ -13,6 +13,16 @@ from qwen_export.spec import CacheIO, DType, KVCacheDType, KVLayout, ModelSpec, 
 from qwen_export.targets.protocol import EmitJob
 
 
+def unpacked_attention(spec: ModelSpec, ctx: Any) -> frozenset[str]:
+    """The attention weight prefixes whose q/k/v stay separate MatMuls: where ``--int8`` or
+    ``--block`` give q, k and v different quantizations (one packed weight has one)."""
+    quant = ctx.quant
+    if quant is None:
+        return frozenset()
+    layers = (f"model.layers.{i}.self_attn" for i in range(spec.num_hidden_layers))
+    return frozenset(f"{a}." for a in layers if not quant.packs_qkv(a))
+
+
 @dataclasses.dataclass(frozen=True)
 class OnnxRuntimeTarget:
     target: Target = Target.ONNXRUNTIME
@@ -100,12 +110,13 @@ class OnnxRuntimeTarget:
                 *self._int8_kv(ctx),
             ], KVLayout.SHARED
         inv_freq, scale = spec.rope_inv_freq_and_scale()
+        separate = unpacked_attention(spec, ctx)
         passes = [
             CleanupPass(),
             RMSNormFusion(strict_expected=expected(norms), explain=ctx.explain),
             RotaryFusion(inv_freq, scale, ctx.max_length, strict_expected=expected(2 * n), explain=ctx.explain),
             AttentionFusion(strict_expected=expected(n), explain=ctx.explain),
-            PackedQKVFusion(strict_expected=expected(n), explain=ctx.explain),
+            PackedQKVFusion(strict_expected=expected(n - len(separate)), explain=ctx.explain, separate=separate),
             *quantize,
             *self._moe(spec, ctx),
             CleanupPass(),
