@@ -21,6 +21,7 @@ from qwen_export.export import export as library_export
 from qwen_export.export import pipeline
 from qwen_export.export.options import (
     ATTENTION_INT8,
+    TIED_INT8,
     UNTIED_BLOCKS,
     UNTIED_INT8,
     ExportOptions,
@@ -137,7 +138,7 @@ def test_plain_values_and_lists(qwen2_tied: Path) -> None:
         keep_layers=frozenset({0, 1}),
         algorithm=d.algorithm,
         symmetric=d.symmetric,
-        int8_weights=(),  # a tied model: every weight at 4 bits
+        int8_weights=TIED_INT8,  # a tied model: every weight at 4 bits but v_proj
     )
     assert export_options() == ExportOptions()  # no flags: the defaults
 
@@ -171,8 +172,11 @@ def test_int4_defaults(qwen2_tied: Path, qwen2_untied: Path, prequantized) -> No
     default = Int4Defaults()
     assert (tied.algorithm, tied.symmetric, tied.embedding_bits) == (default.algorithm, default.symmetric, 4)
     assert (untied.algorithm, untied.embedding_bits) == (default.algorithm, 4)
-    assert tied.int8_weights == ()  # a tied model: all at 4 bits, the shared table too (optimum-intel's size)
-    assert export_options(qwen2_tied, weights="int4", target="openvino").quant.int8_weights == ()
+    assert (
+        tied.int8_weights == TIED_INT8
+    )  # a tied model: 4 bits but v_proj, the shared table too (optimum-intel's size)
+    assert export_options(qwen2_tied, weights="int4", target="openvino").quant.int8_weights == TIED_INT8
+    assert export_options(qwen2_tied, weights="int4", int8=["none"]).quant.int8_weights == ()
     tied_trt = export_options(qwen2_tied, weights="int4", target="tensorrt").quant
     assert tied_trt.embedding_bits == 8  # TensorRT: no 4-bit table; kept as before
     assert untied.int8_weights == ATTENTION_INT8 + UNTIED_INT8  # the attention and a separate lm_head (ONNX Runtime)

@@ -233,15 +233,18 @@ class Int4Defaults:
     - the embedding at 4 bits when the lm_head is separate (untied): it is only gathered, and its
       8 bits would put the artifact over that size;
     - a tied model (the embedding is also the lm_head), where the target mixes bit widths: every
-      weight at 4 bits, block 32, the shared table too. Measured on the real Qwen2.5-Coder-1.5B made
-      tied (its GGUF's two copies of the one matrix: the Q6_K one kept), mean KL against
-      transformers' fp32 logits pooled over three texts (3,458 tokens): **0.0459** (top-1 90.9%) in
-      859 MiB of weights, against onnxruntime-genai int4's 0.0692 (937 MiB) and optimum-intel int4's
-      0.0789 (873 MiB). The previous tied default (8-bit table and attention) reached 0.0275 but
-      in 1063 MiB, over optimum-intel's size, and decoded 13-20% slower; it is still
-      ``--embedding-bits 8 --int8 'model.layers.*.self_attn.*'``. Within the size, the 4-bit MLP
-      in blocks of 32 matters most: blocks of 64 with 8-bit attention gave 0.0476, blocks of 128 with
-      an 8-bit table 0.0638 (benchmarks/README.md, 2026-12-05);
+      weight at 4 bits, block 32, the shared table too, except ``v_proj`` at 8 bits
+      (:data:`TIED_INT8`; llama.cpp's Q4_K_M also keeps ``attn_v`` wider). Measured on the real
+      Qwen2.5-Coder-1.5B made tied (its GGUF's two copies of the one matrix: the Q6_K one kept),
+      mean KL against transformers' fp32 logits pooled over three texts (3,458 tokens): **0.0418**
+      (top-1 91.5%) in 864 MiB of weights, against onnxruntime-genai int4's 0.0692 (937 MiB) and
+      optimum-intel int4's 0.0789 (873 MiB); all at 4 bits: 0.0459 in 859 MiB; k and v at 8 bits:
+      0.0399 in 869 MiB, but about 4% slower decode (two 8-bit kernels a layer). The previous tied
+      default (8-bit table and attention) reached 0.0275 but in 1063 MiB, over optimum-intel's
+      size, and decoded 13-20% slower; it is still ``--embedding-bits 8 --int8
+      'model.layers.*.self_attn.*'``. Within the size, the 4-bit MLP in blocks of 32 matters most:
+      blocks of 64 with 8-bit attention gave 0.0476, blocks of 128 with an 8-bit table 0.0638
+      (benchmarks/README.md, 2026-12-05);
     - the attention projections (q/k/v and o) at 8 bits where the target mixes bit widths (not
       TensorRT) and the model is untied: of the tensor classes measured one at a time (RTN asymmetric on the real 1.5B,
       benchmarks/README.md), they cut the mean KL most per byte added (0.0379 -> 0.0286 for +76 MiB;
@@ -282,13 +285,13 @@ class Int4Defaults:
         # MoE: GPTQ's layer runner does not route calibration tokens through the experts: RTN
         algorithm = QuantAlgorithm.RTN if moe else cls.algorithm
         untied_layout = backend.small_blocks_fast and spec is not None and not tied and not moe
-        tied_layout = backend.mixed_bits and tied  # all 4-bit: within optimum-intel's size (see above)
+        tied_layout = backend.mixed_bits and tied  # 4-bit but v_proj: within optimum-intel's size (see above)
         promoted = ATTENTION_INT8 + (UNTIED_INT8 if untied_layout else ()) if backend.mixed_bits else ()
         return cls(
             algorithm=algorithm,
             symmetric=not backend.zero_points,
             embedding_bits=8 if tied and not tied_layout else 4,
-            int8_weights=() if tied_layout else promoted,
+            int8_weights=TIED_INT8 if tied_layout else promoted,
             block_overrides=untied_blocks(spec) if untied_layout and spec is not None else (),
         )
 
@@ -316,6 +319,9 @@ def _default_blocks(defaults: Int4Defaults) -> list[str]:
 
 #: ``--int8``'s default for int4 (:class:`Int4Defaults`): every attention projection
 ATTENTION_INT8 = ("model.layers.*.self_attn.*",)
+#: ``--int8``'s default for int4 with a tied table where the target mixes bit widths (:class:`Int4Defaults`):
+#: v_proj (q/k/v then stay three MatMuls on ONNX Runtime: one packed weight has one bit width)
+TIED_INT8 = ("model.layers.*.self_attn.v_proj",)
 #: the MLP projections (gate, up, down)
 MLP = "model.layers.*.mlp.*"
 #: ``--int8``'s addition for int4 with a separate (untied) lm_head on ONNX Runtime (:class:`Int4Defaults`)
