@@ -24,15 +24,11 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from qwen_export.export.checkpoint import Checkpoint  # noqa: E402
+from qwen_export.export.checkpoint import Checkpoint
 
 #: llama.cpp file types by name (``llama_ftype`` in llama.h)
 FILE_TYPES = {"F16": 1, "Q8_0": 7, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
