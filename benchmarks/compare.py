@@ -28,7 +28,8 @@ One command, one checkpoint, one weight format, CPU, ``--threads`` (2) threads p
    same random prompt (ordinary token ids), engines interleaved A B C A B C with the first one rotated
    each round (``interleave.measure_generations``). TTFT (prefill + first token), prefill tok/s = prompt
    / TTFT, decode tok/s = 1 / median time per output token (medians over the measured rounds), load
-   time, the worker's peak RSS (VmHWM) and the model files' size on disk;
+   time, the worker's peak RSS (VmHWM) and the model files' size on disk; the JSON also keeps each
+   round's TTFT and decode rate (``ttft_all_ms``, ``decode_all_tok_s``): the spread behind a median;
 
 5. prints one markdown table (engines x mean KL, top-1, ppl, size MiB, load s, peak RSS MiB, and TTFT
    ms, prefill and decode tok/s per prompt length) with, for each figure, the ratio of our best engine

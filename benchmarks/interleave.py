@@ -156,6 +156,8 @@ def _generation_case(length: int, prefills: dict[str, list[float]], runs: dict[s
             "ttft_all_ms": [round(1e3 * t, 1) for t in prefills[label]],
             "prefill_tokens_per_s": length / statistics.median(prefills[label]),
             "decode_tokens_per_s": 1.0 / statistics.median(r["tpot_s"] for r in rs) if rs else float("nan"),
+            # each measured round's own decode rate, in round order: the spread behind the median
+            "decode_all_tok_s": [round(1.0 / r["tpot_s"], 2) for r in rs],
             "greedy_tokens_matching_first_engine": [
                 harness.leading_agreement(a["tokens"], b["tokens"]) for a, b in zip(first, rs, strict=True)
             ],

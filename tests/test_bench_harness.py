@@ -36,3 +36,22 @@ def test_run_logged_kills_a_run_past_its_memory_cap(tmp_path: Path, cap_mib: int
     assert result["returncode"] != 0
     assert result["stopped"].startswith("memory"), result.get("stopped")
     assert result["wall_s"] < 40
+
+
+def test_generation_case_keeps_every_rounds_decode_rate() -> None:
+    """compare.py's JSON: the median decode rate and each round's own, so a spread can be read."""
+    import interleave
+
+    runs = {
+        "a": [
+            {"tpot_s": 0.04, "tokens": [1, 2]},
+            {"tpot_s": 0.05, "tokens": [1, 2]},
+            {"tpot_s": 0.02, "tokens": [1, 2]},
+        ],
+        "b": [{"tpot_s": 0.1, "tokens": [1, 3]}] * 3,
+    }
+    case = interleave._generation_case(128, {"a": [0.5, 0.4, 0.6], "b": [1.0, 1.0, 1.0]}, runs)
+    assert case["a"]["decode_all_tok_s"] == [25.0, 20.0, 50.0]
+    assert case["a"]["decode_tokens_per_s"] == pytest.approx(25.0)
+    assert case["a"]["prefill_tokens_per_s"] == pytest.approx(128 / 0.5)
+    assert case["b"]["decode_all_tok_s"] == [10.0] * 3 and case["b"]["greedy_tokens_matching_first_engine"] == [1] * 3
