@@ -15,7 +15,9 @@ every sequence of a layer in one batch. In layer ``i``, the first linear of each
 With AWQ scales first (``--algorithm awq-gptq``) a layer runs twice instead: with its float weights
 (every group's statistics and Hessian, for the scale search), then with the dequantized weights.
 
-An untied lm_head gets the same treatment on the final norm's outputs (unless kept). The result is
+An untied lm_head gets the same treatment on the final norm's outputs (unless kept), and so does a
+tied embedding's table (stored as the lm_head's ``W^T`` [hidden, vocab]; the quantize pass reads it
+transposed for the embedding). The result is
 a :class:`GPTQWeights`: the checkpoint, plus ``stored_quantization(name)`` for every quantized
 weight, which the ``quantize`` pass takes as it takes a pre-quantized checkpoint's stored values
 (:class:`~qwen_export.quant.tensors.StoredQuantization`: nothing is requantized, and the packed
@@ -46,6 +48,9 @@ from qwen_export.quant.prequant import Decoded, StoredLinear
 from qwen_export.quant.scheme import Keep, QuantScheme
 from qwen_export.spec import ModelSpec
 
+#: the embedding's module and weight (a tied table is quantized as the lm_head: :func:`_head_weight`)
+TABLE_MODULE = "model.embed_tokens"
+TABLE_WEIGHT = f"{TABLE_MODULE}.weight"
 #: bytes of float32 weight GPTQ handles at once (output columns are independent).
 COLUMN_BYTES = 64 << 20
 
@@ -173,14 +178,16 @@ class _Spiller:
         settings: GPTQSettings,
         scheme: QuantScheme,
         weight_t: np.ndarray | None = None,
+        bits: int | None = None,
     ) -> SpilledLinear:
         """GPTQ of ``<prefix>.weight`` ([N, K] in the checkpoint) in column chunks, spilled to disk,
-        at this weight's bits and block size (``--int8`` mixed precision, ``--block`` overrides);
-        ``factor`` an array: diag(H) of an input too wide for GPTQ, the weighted clip search instead.
-        ``weight_t``: the weight as [K, N] float32 already in memory (not read again)."""
+        at this weight's bits (``bits``, or ``--int8`` mixed precision) and block size (``--block``
+        overrides); ``factor`` an array: diag(H) of an input too wide for GPTQ, the weighted clip
+        search instead. ``weight_t``: the weight as [K, N] float32 already in memory (not read again)."""
         name = f"{prefix}.weight"
         n, k = checkpoint.shape(name)
-        geo = dataclasses.replace(self.geo, bits=scheme.linear_bits(prefix), block_size=scheme.block_for(prefix))
+        bits = scheme.linear_bits(prefix) if bits is None else bits
+        geo = dataclasses.replace(self.geo, bits=bits, block_size=scheme.block_for(prefix))
         base = self.scratch / f"{self.count:04d}"
         self.count += 1
         files = {"codes": base.with_suffix(".codes.npy"), "scales": base.with_suffix(".scales.npy")}
@@ -360,8 +367,10 @@ def run_gptq(
 
     weights = GPTQWeights(checkpoint)
     stored = weights.stored
+    head = _head_weight(spec, scheme, settings, checkpoint)
     sizes = [_layer_bytes(checkpoint, i) for i in range(spec.num_hidden_layers)]
-    total, done = sum(sizes), 0
+    head_bytes = 0 if head is None else 4 * int(np.prod(checkpoint.shape(f"{head[0]}.weight")))
+    total, done = sum(sizes) + head_bytes, 0
     for i in range(spec.num_hidden_layers):
         progress(done, total)
         done += sizes[i]
@@ -391,15 +400,36 @@ def run_gptq(
                 del factor
         runner.run(layer, i, advance=True)
         del layer
-    if not spec.tie_word_embeddings and Keep.LM_HEAD not in scheme.keep and "lm_head.weight" in checkpoint:
-        acc = (
-            HessianAccumulator(spec.hidden_size)
-            if gptq_for(spec.hidden_size)
-            else DiagonalAccumulator(spec.hidden_size)
-        )
-        for x in runner.final_norm():
-            acc.add(x)
-        head = acc.diagonal() if isinstance(acc, DiagonalAccumulator) else factorize(acc.h, settings)
-        stored["lm_head.weight"] = spill.quantize(weights, "lm_head", head, settings, scheme)
+    if head is not None:
+        progress(done, total)
+        prefix, bits = head
+        factor = _head_factor(runner, spec.hidden_size, settings, gptq_for)
+        stored[f"{prefix}.weight"] = spill.quantize(weights, prefix, factor, settings, scheme, bits=bits)
     progress(total, total)
     return weights
+
+
+def _head_weight(
+    spec: ModelSpec, scheme: QuantScheme, settings: GPTQSettings, checkpoint: Any
+) -> tuple[str, int] | None:
+    """``(prefix, bits)`` of the lm_head weight GPTQ quantizes on the final norm's outputs: an untied
+    ``lm_head`` (unless kept), or with :attr:`GPTQSettings.tied_table` the tied embedding's table
+    (unless kept; at ``embedding_bits``), which the graph reads both as the embedding and as the
+    lm_head: its logits error is what the calibration can measure. None: neither."""
+    if not spec.tie_word_embeddings:
+        found = Keep.LM_HEAD not in scheme.keep and "lm_head.weight" in checkpoint
+        return ("lm_head", scheme.linear_bits("lm_head")) if found else None
+    if not settings.tied_table or Keep.EMBEDDING in scheme.keep or TABLE_WEIGHT not in checkpoint:
+        return None
+    if spec.hidden_size % scheme.block_for(TABLE_MODULE):
+        return None  # the quantize pass keeps it (and says why)
+    return TABLE_MODULE, scheme.embedding_bits
+
+
+def _head_factor(runner: Any, k: int, settings: GPTQSettings, gptq_for: Callable[[int], bool]) -> Factor | np.ndarray:
+    """The final norm's Hessian over the calibration rows, factorized (its diagonal where
+    ``gptq_for(k)`` rejects the input)."""
+    acc = HessianAccumulator(k) if gptq_for(k) else DiagonalAccumulator(k)
+    for x in runner.final_norm():
+        acc.add(x)
+    return acc.diagonal() if isinstance(acc, DiagonalAccumulator) else factorize(acc.h, settings)

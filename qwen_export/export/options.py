@@ -236,8 +236,9 @@ class Int4Defaults:
       weight at 4 bits, block 32, the shared table too, except ``v_proj`` at 8 bits
       (:data:`TIED_INT8`; llama.cpp's Q4_K_M also keeps ``attn_v`` wider). Measured on the real
       Qwen2.5-Coder-1.5B made tied (its GGUF's two copies of the one matrix: the Q6_K one kept),
-      mean KL against transformers' fp32 logits pooled over three texts (3,458 tokens): **0.0418**
-      (top-1 91.5%) in 864 MiB of weights, against onnxruntime-genai int4's 0.0692 (937 MiB) and
+      mean KL against transformers' fp32 logits pooled over three texts (3,458 tokens): **0.0394**
+      (top-1 92.6%; GPTQ quantizes the table as the lm_head: ``GPTQSettings.tied_table``; at RTN
+      0.0418) in 864 MiB of weights, against onnxruntime-genai int4's 0.0692 (937 MiB) and
       optimum-intel int4's 0.0789 (873 MiB); all at 4 bits: 0.0459 in 859 MiB; k and v at 8 bits:
       0.0399 in 869 MiB, but about 4% slower decode (two 8-bit kernels a layer). The previous tied
       default (8-bit table and attention) reached 0.0275 but in 1063 MiB, over optimum-intel's

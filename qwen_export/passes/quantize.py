@@ -141,9 +141,15 @@ def dequantize_linear_tensors(
     from qwen_export.quant import tensors
 
     quantization = None
-    if stored is not None:
+    if stored is not None:  # stored as W^T [K, N] along K: an embedding (axis 1) reads it transposed
         quantization = tensors.StoredQuantization(
-            source, stored, symmetric=how.symmetric, scale_dtype=dtype, name=name, positive_scales=how.positive_scales
+            source,
+            stored,
+            symmetric=how.symmetric,
+            scale_dtype=dtype,
+            name=name,
+            positive_scales=how.positive_scales,
+            transposed=how.axis == 1,
         )
     return tensors.dequantize_linear_initializers(
         source,
@@ -198,6 +204,18 @@ def stored_quantization(tensor: Any) -> Any:
     if isinstance(tensor, ScaledTensor):
         return None if stored_quantization(tensor.source) is None else "rescaled by the awq pass (--algorithm awq)"
     return None
+
+
+def stored_table(tensor: Any) -> Any:
+    """The stored quantization of the embedding ``tensor`` (as read from the checkpoint, [V, H]) as
+    W^T [H, V] along H, or None: a GPTQ export's tied table (:mod:`qwen_export.export.gptq_layers`)."""
+    from qwen_export.weights import CheckpointTensor
+
+    if not isinstance(tensor, CheckpointTensor) or tensor.binding.transpose:
+        return None
+    lookup = getattr(tensor.source, "stored_quantization", None)
+    name = tensor.binding.hf_name
+    return None if lookup is None or name != EMBEDDING_NAME else lookup(name)
 
 
 def _stored_mismatch(stored: Any, how: WeightQuant) -> str | None:
@@ -362,7 +380,12 @@ class QuantizeWeights(GraphPass):
             if reason is not None:
                 self.kept[EMBEDDING_NAME] = reason + (" (tied lm_head too)" if tied else "")
             else:
-                _dequantize(graph, weight, self._linear(1, self.scheme.embedding_bits, block))
+                how = self._linear(1, self.scheme.embedding_bits, block)
+                stored = self._stored_table(weight, how)
+                if stored is not None or EMBEDDING_NAME in self.requantized:
+                    seen_stored = True
+                    stored_counts[PREQUANTIZED if stored is not None else REQUANTIZED] += 1
+                _dequantize(graph, weight, how, None, stored)
                 fired[EMBEDDING_RULE] += 1
                 fired[TIED_HEAD_RULE] += int(tied)
         for miss in misses:  # weights of a quantizable name in an unexpected place: kept, with the reason
@@ -372,6 +395,16 @@ class QuantizeWeights(GraphPass):
         if seen_stored:
             fired.update(stored_counts)
         return fired
+
+    def _stored_table(self, weight: ir.Value, how: WeightQuant) -> Any:
+        """The embedding's stored quantization (GPTQ's of a tied table, as the lm_head's W^T), or
+        None: none, or one ``how`` cannot use (recorded in :attr:`requantized`)."""
+        stored = stored_table(weight.const_value)
+        why = None if stored is None else _stored_mismatch(stored, how)
+        if why is not None:
+            self.requantized[EMBEDDING_NAME] = why
+            return None
+        return stored
 
     def left_alone(self) -> list[str]:
         lines = [f"{name}: kept ({why})" for name, why in self.kept.items()]

@@ -237,6 +237,9 @@ class StoredQuantization(SharedQuantization):
     view (``source``, RTN with positive scales at the stored bits and group size) with a warning:
     this is only known when the scales are read, at write time, after the quantize pass recorded
     the weight as ``prequantized``.
+
+    ``transposed``: ``source`` is W^T [N, K], quantized along axis 1 (a tied embedding [V, H], whose
+    stored quantization is the lm_head's [H, V] along axis 0: :mod:`qwen_export.export.gptq_layers`).
     """
 
     def __init__(
@@ -248,26 +251,31 @@ class StoredQuantization(SharedQuantization):
         scale_dtype: ir.DataType,
         name: str | None = None,
         positive_scales: bool = False,
+        transposed: bool = False,
     ) -> None:
         super().__init__(
             source,
             bits=stored.bits,
             block_size=stored.block_size,
-            axis=0,
+            axis=int(transposed),
             symmetric=symmetric,
             scale_dtype=scale_dtype,
             name=name,
             positive_scales=positive_scales,
         )
-        if tuple(self.shape) != tuple(stored.shape):
+        expected = tuple(stored.shape)[::-1] if transposed else tuple(stored.shape)
+        if tuple(self.shape) != expected:
             raise ValueError(f"stored quantization of shape {tuple(stored.shape)} for a weight of shape {self.shape}")
-        self.stored = stored
+        self.stored, self.transposed = stored, transposed
 
     def quantize(self) -> BlockQuantized:
         """The stored values (read and unpacked, not quantized)."""
         self.reads += 1
         q = self.stored.block_quantized(self.symmetric, _SCALE_DTYPES[self.scale_dtype])
-        if q.codes.shape != self.shape or q.axis != 0 or q.block_size != self.block_size or q.bits != self.bits:
+        if self.transposed and q.codes.ndim == 2:
+            q = numeric.transpose_blocks(q)
+        matches = q.codes.shape == self.shape and q.axis == self.axis
+        if not matches or q.block_size != self.block_size or q.bits != self.bits:
             raise RuntimeError(f"{self.name}: stored quantization does not match {self.shape} int{self.bits}")
         if self.positive_scales and not (q.scales > 0).all():
             warnings.warn(
@@ -287,6 +295,7 @@ class StoredQuantization(SharedQuantization):
             scale_dtype=self.scale_dtype,
             name=name,
             positive_scales=self.positive_scales,
+            transposed=self.transposed,
         )
 
 
