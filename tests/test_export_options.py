@@ -179,7 +179,7 @@ def test_int4_defaults(qwen2_tied: Path, qwen2_untied: Path, prequantized) -> No
     assert export_options(qwen2_tied, weights="int4", int8=["none"]).quant.int8_weights == ()
     tied_trt = export_options(qwen2_tied, weights="int4", target="tensorrt").quant
     assert tied_trt.embedding_bits == 8  # TensorRT: no 4-bit table; kept as before
-    assert untied.int8_weights == ATTENTION_INT8 + UNTIED_INT8  # the attention and a separate lm_head (ONNX Runtime)
+    assert untied.int8_weights == ATTENTION_INT8 + UNTIED_INT8 == ATTENTION_INT8  # the lm_head: GPTQ at 4 bits
     assert export_options(qwen2_untied, weights="int4", target="openvino").quant.int8_weights == ATTENTION_INT8
     assert export_options(qwen2_untied, weights="int4", int8=["none"]).quant.int8_weights == ()
     assert export_options(qwen2_untied, weights="int4", int8="lm_head").quant.int8_weights == ("lm_head",)
@@ -188,16 +188,16 @@ def test_int4_defaults(qwen2_tied: Path, qwen2_untied: Path, prequantized) -> No
     trt = export_options(qwen2_untied, weights="int4", target="tensorrt").quant
     assert trt.symmetric and trt.algorithm is default.algorithm  # TensorRT takes no zero points
     assert trt.int8_weights == ()  # nor 8-bit tensors in an int4 engine
-    # 128 (the 8-bit tensors, the embedding) does not divide this tiny hidden size (64); 64 (the MLP) does
-    assert untied.block_overrides == UNTIED_BLOCKS[3:] and tied.block_overrides == trt.block_overrides == ()
+    # 128 (the 8-bit attention, the embedding) does not divide this tiny hidden size (64)
+    assert untied.block_overrides == () and tied.block_overrides == trt.block_overrides == ()
     assert export_options(qwen2_untied, weights="int4", target="openvino").quant.block_overrides == ()
     spec = ModelSpec.from_config_file(qwen2_untied / "config.json")
     real = dataclasses.replace(spec, hidden_size=1536, num_attention_heads=12, head_dim=128, intermediate_size=8960)
-    assert untied_blocks(real) == UNTIED_BLOCKS
+    assert untied_blocks(real) == UNTIED_BLOCKS == (("model.layers.*.self_attn.*", 128), ("model.embed_tokens", 128))
     # o_proj reads heads x head_dim channels (Qwen3: not the hidden size): 96 is no multiple of 128
     assert untied_blocks(dataclasses.replace(real, num_attention_heads=3, head_dim=32)) == UNTIED_BLOCKS[1:]
-    # down_proj reads the intermediate size: 4896 is no multiple of 64
-    assert untied_blocks(dataclasses.replace(real, intermediate_size=4896)) == UNTIED_BLOCKS[:3]
+    # the embedding's blocks (and q/k/v's) run along the hidden size: 960 is no multiple of 128
+    assert untied_blocks(dataclasses.replace(real, hidden_size=960, num_attention_heads=15, head_dim=64)) == ()
     assert export_options(qwen2_untied, weights="int4", block="none").quant.block_overrides == ()
     given_blocks = export_options(qwen2_tied, weights="int4", block=["lm_head=64", " model.embed_tokens = 128"])
     assert given_blocks.quant.block_overrides == (("lm_head", 64), ("model.embed_tokens", 128))

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from qwen_export.cli import app
 from qwen_export.errors import OptionError
+from qwen_export.export import calibration as calib
 from qwen_export.export import parity
 from qwen_export.export.gptq import (
     DiagonalAccumulator,
@@ -333,10 +334,12 @@ def test_gptq_export_records_and_cleans_up(gptq_artifacts: dict[str, Path]) -> N
 
 
 def test_gptq_more_accurate_than_rtn(gptq_artifacts: dict[str, Path], export: Any, capsys: Any) -> None:
-    """On held-out text (the parity text, not the calibration text) the GPTQ artifact is closer to
-    fp32 than RTN's: same size, same graph."""
-    loaded = open_artifact(gptq_artifacts["gptq"])
-    ids = loaded.tokenizer.encode(parity.DEFAULT_TEXT)[:96]
+    """On a stretch of the calibration text (the error GPTQ minimises, layer by layer) the GPTQ
+    artifact is closer to fp32 than RTN's: same size, same graph. This checks the export path (GPTQ's
+    codes are what the engine computes with). Held-out text is no test on a random 64-wide model
+    (there GPTQ and RTN are within a few percent either way, as the block sizes change); GPTQ's gain
+    on held-out text is measured on the real 1.5B (benchmarks/README.md)."""
+    ids = _calibration_ids(gptq_artifacts["gptq"])
     ref = parity.artifact_logits(open_artifact(export("qwen2_untied")).engine, ids)
     metrics = {
         algo: parity.compare_logits(
@@ -349,6 +352,12 @@ def test_gptq_more_accurate_than_rtn(gptq_artifacts: dict[str, Path], export: An
     assert metrics["gptq"]["mean_kl"] < metrics["rtn"]["mean_kl"], metrics
     sizes = {a: (gptq_artifacts[a] / "model.onnx.data").stat().st_size for a in ("rtn", "gptq")}
     assert sizes["rtn"] == sizes["gptq"]
+
+
+def _calibration_ids(artifact: Path) -> list[int]:
+    """96 tokens of the built-in calibration text (past its start), as the export tokenized it."""
+    text, source = calib.calibration_text(None)
+    return calib.calibration_tokens(open_artifact(artifact).tokenizer, text, source)[200:296]
 
 
 def test_check_against_another_artifact_and_perplexity_without_transformers(
@@ -435,33 +444,58 @@ def test_stored_quantization_seen_transposed() -> None:
         StoredQuantization(w_t, Stored(), symmetric=False, scale_dtype=ir.DataType.FLOAT, transposed=True)
 
 
-def test_tied_table_is_quantized_as_the_lm_head(
-    qwen2_tied: Path, export: Any, tmp_path: Path, monkeypatch: Any
-) -> None:
-    """GPTQ quantizes a tied model's 4-bit table on the final norm's outputs (as the lm_head it also
-    is); the quantize pass uses those codes for the embedding and the head, and on held-out text the
-    logits are closer to fp32 than with the table at RTN (the export without that step)."""
+def test_tied_table_is_quantized_as_the_lm_head(qwen2_tied: Path, tmp_path: Path, monkeypatch: Any) -> None:
+    """GPTQ quantizes a tied model's 4-bit table last, as the lm_head it also is: exactly GPTQ of W^T
+    on the Hessian of the final norm's outputs of the quantized model, with a lower output error there
+    than RTN's. The export uses those codes for the embedding and the head (one more stored weight
+    than with the table left to RTN, the same size)."""
+    import torch
+
+    from qwen_export.export.checkpoint import Checkpoint
+    from qwen_export.export.gptq_layers import LINEARS, _dequantized, run_gptq
+    from qwen_export.quant.numeric import quantize_rtn
+    from qwen_export.runtime.tokenizer import Tokenizer
+
+    ckpt = Checkpoint.open(qwen2_tied)
+    ids = calib.calibration_tokens(Tokenizer.from_dir(qwen2_tied), calib.DEFAULT_TEXT[:2000], "built-in")
+    scheme = QuantScheme(WeightFormat.INT4, symmetric=False, algorithm=QuantAlgorithm.GPTQ, embedding_bits=4)
+    settings = GPTQSettings(bf16_forward=False)  # the float32 reference below
+    (tmp_path / "scratch").mkdir()
+    stored = run_gptq(ckpt, ckpt.spec, ids, scheme, tmp_path / "scratch", settings=settings).stored
+    table = stored["model.embed_tokens.weight"]
+    hidden = ckpt.spec.hidden_size
+    assert table.gptq and table.shape == (hidden, ckpt.spec.vocab_size)
+    runner = calib.LayerRunner(ckpt, ckpt.spec, ids)
+    for i in range(ckpt.spec.num_hidden_layers):  # the quantized model's forward, as GPTQ ran it
+        layer = runner.layer(i)
+        for path in LINEARS:
+            weight = torch.from_numpy(_dequantized(stored[f"model.layers.{i}.{path}.weight"]))
+            layer.get_submodule(path).weight_t.data = weight
+        runner.run(layer, i, advance=True)
+    acc = HessianAccumulator(hidden)
+    for x in runner.final_norm():
+        acc.add(x)
+    w = np.ascontiguousarray(ckpt.read("model.embed_tokens.weight").T, dtype=np.float32)
+    expected = gptq_quantize(w, acc.h.clone(), Geometry(4, 32, False), settings)
+    got = table.block_quantized(False)
+    assert np.array_equal(got.codes, expected.codes) and np.allclose(got.scales, expected.scales, rtol=1e-5)
+    rtn = quantize_rtn(w, 4, 32, 0, False)
+    assert output_error(w, got, acc.h) < 0.8 * output_error(w, rtn, acc.h)
+
     from qwen_export.export import gptq_layers
 
     gptq = _export(qwen2_tied, tmp_path / "gptq", QuantAlgorithm.GPTQ)
     manifest = json.loads((gptq / "manifest.json").read_text())
-    fired = _fired(gptq)
     # 2 layers x (packed qkv, o, gate, up, down) + the table, every one the stored GPTQ codes
+    fired = _fired(gptq)
     assert fired.get("prequantized") == 11 and fired["tied_lm_head"] == 1 and not fired.get("requantized"), fired
     assert "tied table as the lm_head" in manifest["extra"]["quantization"]["calibration"]["gptq"]
     with monkeypatch.context() as patch:
         patch.setattr(gptq_layers, "_head_weight", lambda *args: None)
         rtn_table = _export(qwen2_tied, tmp_path / "rtn-table", QuantAlgorithm.GPTQ)
     assert _fired(rtn_table).get("prequantized") == 10
-    loaded = open_artifact(gptq)
-    ids = loaded.tokenizer.encode(parity.DEFAULT_TEXT)[:96]
-    ref = parity.artifact_logits(open_artifact(export("qwen2_tied")).engine, ids)
-    kl = {}
-    for name, art in (("gptq", gptq), ("rtn", rtn_table)):
-        logits = parity.artifact_logits(open_artifact(art).engine, ids)
-        kl[name] = parity.compare_logits(ref[:-1], logits[:-1], np.asarray(ids[1:]))["mean_kl"]
-    assert kl["gptq"] < kl["rtn"], kl
     assert (gptq / "model.onnx.data").stat().st_size == (rtn_table / "model.onnx.data").stat().st_size
+    assert (gptq / "model.onnx.data").read_bytes() != (rtn_table / "model.onnx.data").read_bytes()
 
 
 def test_gptq_options() -> None:

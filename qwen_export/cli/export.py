@@ -140,8 +140,9 @@ Calibration = Annotated[
 EmbeddingBits = Annotated[
     int | None,
     typer.Option(
-        help="Bits of the quantized embedding (and a tied lm_head that shares it): 8 | 4 (smaller; RTN at "
-        "--block-size). Default for int4: 4 (8 for a tied model on tensorrt)."
+        help="Bits of the quantized embedding (and a tied lm_head that shares it): 8 | 4 (smaller; with "
+        "--algorithm gptq a tied table is quantized as the lm_head). Default for int4: 4 (8 for a tied model on "
+        "tensorrt)."
     ),
 ]
 Int8 = Annotated[
@@ -150,9 +151,9 @@ Int8 = Annotated[
         "--int8",
         help="int4 mixed precision: linear modules quantized to 8 bits instead, as glob patterns of checkpoint "
         "module names (repeatable or comma-separated), e.g. 'model.layers.*.mlp.down_proj' or lm_head; q/k/v "
-        "share one packed weight, so they go to 8 bits together. Default for int4: 'model.layers.*.self_attn.*' "
-        "for an untied model (not tensorrt), and lm_head too on onnxruntime; none for a tied model (every weight at "
-        "4 bits, within optimum-intel's size); 'none': every linear at 4 bits.",
+        "with different bits stay three weights on onnxruntime (not one packed qkv_proj). Default for int4: "
+        "'model.layers.*.self_attn.*' for an untied model, 'model.layers.*.self_attn.v_proj' for a tied one "
+        "(not tensorrt; within optimum-intel's size); 'none': every linear at 4 bits.",
     ),
 ]
 Block = Annotated[
@@ -161,9 +162,8 @@ Block = Annotated[
         "--block",
         help="Per-tensor block size PATTERN=SIZE (16 | 32 | 64 | 128; repeatable or comma-separated; first match "
         "wins): PATTERN is a glob of checkpoint module names as for --int8, or model.embed_tokens, e.g. lm_head=16. "
-        "Default for int4 with a separate lm_head on onnxruntime: 'model.layers.*.self_attn.*=128', lm_head=128, "
-        "model.embed_tokens=128, 'model.layers.*.mlp.*=64' (tensorrt refuses --block); 'none': "
-        "every tensor at --block-size.",
+        "Default for int4 with a separate lm_head on onnxruntime: 'model.layers.*.self_attn.*=128', "
+        "model.embed_tokens=128 (tensorrt refuses --block); 'none': every tensor at --block-size.",
     ),
 ]
 VisionWeightsOpt = Annotated[

@@ -251,14 +251,16 @@ class Int4Defaults:
       benchmarks/README.md), they cut the mean KL most per byte added (0.0379 -> 0.0286 for +76 MiB;
       every down_proj: 0.0304 for +189 MiB; the lm_head: 0.0285 for +115 MiB), and with ONNX Runtime's
       compact scales the artifact stays within optimum-intel's size;
-    - with an untied lm_head (dense models, ONNX Runtime: ``small_blocks_fast``): the lm_head at 8
-      bits too (:data:`UNTIED_INT8`), the 8-bit tensors and the embedding in blocks of 128 and the
-      MLP in blocks of 64 (:data:`UNTIED_BLOCKS`, ``--block``). On the real Qwen2.5-Coder-1.5B with
-      GPTQ: mean KL **0.0214** (p99 0.171, top-1 92.4%) in 1090 MiB (optimum-intel's int4: 1098),
-      0.44x onnxruntime-genai int4's KL, decoding 1.67x faster than the previous default (the
-      lm_head and every down_proj in blocks of 16: 0.0193, 1090 MiB), whose small-block kernels
-      MLAS runs at 0.4-0.7x block 32's speed on an AMD EPYC; the MLP in blocks of 32 instead: 0.0159
-      in 1133 MiB, 1.46x (benchmarks/README.md, "the default int4 layout, re-chosen").
+    - with an untied lm_head (dense models, ONNX Runtime: ``small_blocks_fast``): the lm_head at 4
+      bits, quantized by GPTQ on the final norm's outputs, every 4-bit linear in blocks of 32, the
+      8-bit attention and the (4-bit, only gathered) embedding in blocks of 128 (:data:`UNTIED_BLOCKS`,
+      ``--block``; :data:`UNTIED_INT8` is empty). On the real Qwen2.5-Coder-1.5B, pooled mean KL over
+      the three evaluation texts **0.0356** (top-1 92.7%) in 1034 MiB (optimum-intel's int4: 1098),
+      against 0.0419 in 1090 MiB for the layout it replaced (2026-12-05: the lm_head at 8 bits, block
+      128, and the MLP in blocks of 64), decoding at 0.98-1.02x its speed (three in-process runs) with
+      prompts 9-11% slower on the decode graph (the MLP's smaller blocks; ``--prefill int8`` has its own).
+      Also 8-bit down_proj in the first and last four layers: 0.0316 in 1088 MiB, 5% slower decode
+      (benchmarks/README.md, "the untied lm_head at 4 bits").
     """
 
     algorithm: QuantAlgorithm = QuantAlgorithm.GPTQ
@@ -301,17 +303,8 @@ def untied_blocks(spec: ModelSpec) -> tuple[tuple[str, int], ...]:
     """:data:`UNTIED_BLOCKS`, less any whose block does not divide that tensor's length along its
     blocks (K for a linear, the hidden size for the embedding): such a tensor keeps ``--block-size``."""
     attention = math.gcd(spec.hidden_size, spec.num_attention_heads * spec.head_dim)  # q/k/v: hidden; o: heads
-    lengths = {
-        "lm_head": spec.hidden_size,
-        "model.embed_tokens": spec.hidden_size,
-        ATTENTION_INT8[0]: attention,
-        MLP: math.gcd(spec.hidden_size, spec.intermediate_size),  # gate/up: hidden; down: intermediate
-    }
-    return tuple(
-        (pattern, block)
-        for pattern, block in UNTIED_BLOCKS
-        if lengths.get(pattern, spec.intermediate_size) % block == 0
-    )
+    lengths = {"model.embed_tokens": spec.hidden_size, ATTENTION_INT8[0]: attention}
+    return tuple((pattern, block) for pattern, block in UNTIED_BLOCKS if lengths[pattern] % block == 0)
 
 
 def _default_blocks(defaults: Int4Defaults) -> list[str]:
@@ -323,17 +316,15 @@ ATTENTION_INT8 = ("model.layers.*.self_attn.*",)
 #: ``--int8``'s default for int4 with a tied table where the target mixes bit widths (:class:`Int4Defaults`):
 #: v_proj (q/k/v then stay three MatMuls on ONNX Runtime: one packed weight has one bit width)
 TIED_INT8 = ("model.layers.*.self_attn.v_proj",)
-#: the MLP projections (gate, up, down)
-MLP = "model.layers.*.mlp.*"
-#: ``--int8``'s addition for int4 with a separate (untied) lm_head on ONNX Runtime (:class:`Int4Defaults`)
-UNTIED_INT8 = ("lm_head",)
+#: ``--int8``'s addition for int4 with a separate (untied) lm_head on ONNX Runtime (:class:`Int4Defaults`):
+#: none since 2026-12-05 (the lm_head at 4 bits, quantized by GPTQ, and the MLP in blocks of 32 are more
+#: accurate in fewer bytes than an 8-bit lm_head with the MLP in blocks of 64)
+UNTIED_INT8: tuple[str, ...] = ()
 #: ``--block``'s default for int4 with a separate (untied) lm_head on ONNX Runtime (:class:`Int4Defaults`):
-#: the 8-bit tensors and the (4-bit, only gathered) embedding in blocks of 128, the MLP in blocks of 64
+#: the 8-bit attention and the (4-bit, only gathered) embedding in blocks of 128; the rest at ``--block-size``
 UNTIED_BLOCKS: tuple[tuple[str, int], ...] = (
     (ATTENTION_INT8[0], 128),
-    ("lm_head", 128),
     ("model.embed_tokens", 128),
-    (MLP, 64),
 )
 
 

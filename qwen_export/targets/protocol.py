@@ -62,8 +62,8 @@ class TargetBackend(Protocol):
     zero_points: bool
     #: an int4 export may keep some linears at 8 bits (``--int8``, mixed precision)
     mixed_bits: bool
-    #: the int4 default's layout for an untied lm_head (an 8-bit lm_head and blocks of 128 for the
-    #: 8-bit tensors: :data:`~qwen_export.export.options.UNTIED_BLOCKS`) applies to it
+    #: the int4 default's layout for an untied lm_head (blocks of 128 for the 8-bit attention and the
+    #: embedding: :data:`~qwen_export.export.options.UNTIED_BLOCKS`) applies to it
     small_blocks_fast: bool
 
     def cpu_runs(self) -> dict[str, dict[str, Any]]:
