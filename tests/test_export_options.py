@@ -172,15 +172,19 @@ def test_int4_defaults(qwen2_tied: Path, qwen2_untied: Path, prequantized) -> No
     default = Int4Defaults()
     assert (tied.algorithm, tied.symmetric, tied.embedding_bits) == (default.algorithm, default.symmetric, 4)
     assert (untied.algorithm, untied.embedding_bits) == (default.algorithm, 4)
-    assert (
-        tied.int8_weights == TIED_INT8
-    )  # a tied model: 4 bits but v_proj, the shared table too (optimum-intel's size)
-    assert export_options(qwen2_tied, weights="int4", target="openvino").quant.int8_weights == TIED_INT8
+    # a tied model: 4 bits but v_proj, the shared table too, and down_proj layers at 8 bits within
+    # optimum-intel's size (--budget: tests/test_quant_budget.py)
+    assert tied.int8_weights[: len(TIED_INT8)] == TIED_INT8
+    assert all(p.endswith(".mlp.down_proj") for p in tied.int8_weights[len(TIED_INT8) :])
+    assert export_options(qwen2_tied, weights="int4", target="openvino").quant.int8_weights == tied.int8_weights
+    assert export_options(qwen2_tied, weights="int4", budget="none").quant.int8_weights == TIED_INT8
     assert export_options(qwen2_tied, weights="int4", int8=["none"]).quant.int8_weights == ()
     tied_trt = export_options(qwen2_tied, weights="int4", target="tensorrt").quant
     assert tied_trt.embedding_bits == 8  # TensorRT: no 4-bit table; kept as before
-    assert untied.int8_weights == ATTENTION_INT8 + UNTIED_INT8 == ATTENTION_INT8  # the lm_head: GPTQ at 4 bits
-    assert export_options(qwen2_untied, weights="int4", target="openvino").quant.int8_weights == ATTENTION_INT8
+    unbudgeted = export_options(qwen2_untied, weights="int4", budget="none").quant
+    assert unbudgeted.int8_weights == ATTENTION_INT8 + UNTIED_INT8 == ATTENTION_INT8  # the lm_head: GPTQ at 4 bits
+    assert untied.int8_weights[: len(ATTENTION_INT8)] == ATTENTION_INT8
+    assert export_options(qwen2_untied, weights="int4", target="openvino").quant.int8_weights == untied.int8_weights
     assert export_options(qwen2_untied, weights="int4", int8=["none"]).quant.int8_weights == ()
     assert export_options(qwen2_untied, weights="int4", int8="lm_head").quant.int8_weights == ("lm_head",)
     with pytest.raises(OptionError, match="give it alone"):
@@ -189,8 +193,8 @@ def test_int4_defaults(qwen2_tied: Path, qwen2_untied: Path, prequantized) -> No
     assert trt.symmetric and trt.algorithm is default.algorithm  # TensorRT takes no zero points
     assert trt.int8_weights == ()  # nor 8-bit tensors in an int4 engine
     # 128 (the 8-bit attention, the embedding) does not divide this tiny hidden size (64)
-    assert untied.block_overrides == () and tied.block_overrides == trt.block_overrides == ()
-    assert export_options(qwen2_untied, weights="int4", target="openvino").quant.block_overrides == ()
+    assert unbudgeted.block_overrides == () and trt.block_overrides == ()
+    assert export_options(qwen2_untied, weights="int4", target="openvino", budget="none").quant.block_overrides == ()
     spec = ModelSpec.from_config_file(qwen2_untied / "config.json")
     real = dataclasses.replace(spec, hidden_size=1536, num_attention_heads=12, head_dim=128, intermediate_size=8960)
     assert untied_blocks(real) == UNTIED_BLOCKS == (("model.layers.*.self_attn.*", 128), ("model.embed_tokens", 128))

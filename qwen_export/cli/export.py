@@ -166,6 +166,17 @@ Block = Annotated[
         "model.embed_tokens=128 (tensorrt refuses --block); 'none': every tensor at --block-size.",
     ),
 ]
+BudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--budget",
+        help="int4 size budget for the weights: optimum-intel (the default where the target mixes bit widths: "
+        "the size of optimum-intel's default int4 export of the checkpoint) | a size in MiB | none. The spare "
+        "bytes put down_proj at 8 bits, layer by layer, in llama.cpp's Q4_K_M order (first and last eighths "
+        "first); about 11% lower KL on the real Qwen2.5-Coder-1.5B, decode a few % slower. Applied by default "
+        "unless --int8 or --block is given.",
+    ),
+]
 VisionWeightsOpt = Annotated[
     str | None,
     typer.Option(
@@ -231,6 +242,7 @@ def export(
     embedding_bits: EmbeddingBits = None,
     int8: Int8 = None,
     block: Block = None,
+    budget: BudgetOpt = None,
     max_batch: MaxBatch = None,
     kv_cache: KVCacheExport = None,
     vision_weights: VisionWeightsOpt = None,
@@ -260,6 +272,7 @@ def export(
         embedding_bits=embedding_bits,
         int8=int8,
         block=block,
+        budget=budget,
         calibration=calibration,
         logits=logits,
         max_length=max_length,

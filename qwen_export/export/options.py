@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from qwen_export import targets
 from qwen_export.errors import OptionError, QwenExportError
+from qwen_export.quant.budget import SizeBudget, fill_budget, scheme_bytes
 from qwen_export.quant.scheme import Keep, PrefillWeights, QuantAlgorithm, QuantScheme, WeightFormat
 from qwen_export.spec import (
     DType,
@@ -142,6 +143,7 @@ def export_options(
     embedding_bits: int | None = None,
     int8: str | Iterable[str] | None = None,
     block: str | Iterable[str] | None = None,
+    budget: str | float | None = None,
     calibration: str | Path | None = None,
     logits: str | LogitsMode = "last",
     max_length: int | None = None,
@@ -165,7 +167,7 @@ def export_options(
     ``keep`` / ``keep_layers``: comma-separated or lists; ``message`` hears how the target adapted the options.
     """
     dump, engine_target = _dump_dir(dump_dir, explain, fuse), Target.parse(target, "target")
-    backend = targets.get(engine_target)
+    backend, message = targets.get(engine_target), message or (lambda text: None)
     defaults = Int4Defaults.for_export(checkpoint, backend) if _is_int4(weights) else None
     act_dtype, quant = weight_options(
         weights,
@@ -176,18 +178,17 @@ def export_options(
         keep,
         keep_layers,
         accuracy_level,
-        defaults.embedding_bits
-        if embedding_bits is None and defaults and not _keeps_embedding(keep)
-        else embedding_bits,
+        _default_embedding_bits(defaults, keep) if embedding_bits is None else embedding_bits,
         defaults.int8_weights if int8 is None and defaults is not None else int8,
         _default_blocks(defaults) if block is None and defaults is not None else block,
     )
     if checkpoint is not None and (Path(checkpoint) / "config.json").is_file():
         quant = prequantized_default(Path(checkpoint), weights, quant, block_size, symmetric)
+    quant = spend_budget(quant, budget, defaults, backend, message, implied=int8 is None and block is None)
     given = dict(symmetric=symmetric, embedding_bits=embedding_bits, accuracy_level=accuracy_level, prefill=prefill)
     given.update(max_batch=max_batch, kv_cache=kv_cache)
     _refuse_other_targets_options(backend, given)
-    quant = backend.adapt_weights(quant, given, message or (lambda text: None))
+    quant = backend.adapt_weights(quant, given, message)
     return ExportOptions(
         target=engine_target,
         max_batch=1 if max_batch is None else max_batch,
@@ -207,6 +208,43 @@ def export_options(
         vision_weights=VisionWeights.FP32 if vision_weights is None else VisionWeights.parse(vision_weights),
         prefill=PrefillWeights.parse(prefill or "none"),
     )
+
+
+def spend_budget(
+    quant: QuantScheme | None,
+    budget: str | float | None,
+    defaults: Int4Defaults | None,
+    backend: TargetBackend,
+    message: Callable[[str], None],
+    implied: bool,
+) -> QuantScheme | None:
+    """``quant`` with ``down_proj`` promotions to 8 bits within ``--budget`` (given, or where
+    ``implied`` (no ``--int8``, no ``--block``) the int4 default's, :attr:`Int4Defaults.budget`);
+    OptionError where a given ``--budget`` cannot apply."""
+    if budget is None and not implied:
+        return quant
+    wanted = SizeBudget.parse(budget) if budget is not None else defaults.budget if defaults else None
+    if budget is not None and wanted is not None:
+        if quant is None or quant.bits != 4 or defaults is None:
+            raise OptionError(
+                "--budget spends the spare bytes of an int4 export of a dense, not pre-quantized checkpoint: "
+                "use it with --weights int4"
+            )
+        if not backend.mixed_bits:
+            raise OptionError("--budget promotes tensors to 8 bits: this target's int4 has one bit width")
+        if defaults.spec is None or defaults.spec.moe is not None:
+            raise OptionError("--budget needs a dense model's config.json (mixture-of-experts: not yet)")
+    if quant is None or wanted is None or defaults is None or defaults.spec is None:
+        return quant
+    spec = defaults.spec
+    limit = wanted.bytes_for(spec)
+    filled, promoted = fill_budget(spec, quant, limit)
+    layers = ", ".join(m.split(".")[2] for m in promoted) or "none"
+    message(
+        f"--budget {wanted.describe()} ({limit / 2**20:.1f} MiB): down_proj at 8 bits in layers {layers}; "
+        f"weights about {scheme_bytes(spec, filled) / 2**20:.1f} MiB"
+    )
+    return filled
 
 
 def _dump_dir(dump_dir: str | Path | None, explain: bool, fuse: bool) -> Path | None:
@@ -268,6 +306,10 @@ class Int4Defaults:
     embedding_bits: int = 8
     int8_weights: tuple[str, ...] = ()
     block_overrides: tuple[tuple[str, int], ...] = ()
+    #: the layout's size budget (``--budget``'s default): optimum-intel's int4 size where the target
+    #: mixes bit widths and the model is dense (:func:`~qwen_export.quant.budget.fill_budget`)
+    budget: SizeBudget | None = None
+    spec: ModelSpec | None = None
 
     @classmethod
     def for_export(cls, checkpoint: str | Path | None, backend: TargetBackend) -> Int4Defaults | None:
@@ -296,6 +338,8 @@ class Int4Defaults:
             embedding_bits=8 if tied and not tied_layout else 4,
             int8_weights=TIED_INT8 if tied_layout else promoted,
             block_overrides=untied_blocks(spec) if untied_layout and spec is not None else (),
+            budget=SizeBudget() if backend.mixed_bits and spec is not None and not moe else None,
+            spec=spec,
         )
 
 
@@ -326,6 +370,10 @@ UNTIED_BLOCKS: tuple[tuple[str, int], ...] = (
     (ATTENTION_INT8[0], 128),
     ("model.embed_tokens", 128),
 )
+
+
+def _default_embedding_bits(defaults: Int4Defaults | None, keep: str | Iterable[str] | None) -> int | None:
+    return defaults.embedding_bits if defaults and not _keeps_embedding(keep) else None
 
 
 def _keeps_embedding(keep: str | Iterable[str] | None) -> bool:
