@@ -117,9 +117,10 @@ def test_estimate_matches_the_artifact(case: str, request: pytest.FixtureRequest
     assert estimate <= budget.reference_bytes(spec)
     quant = json.loads((tmp_path / "a" / "manifest.json").read_text())["extra"]["quantization"]
     promoted = [p for p in quant["int8_weights"] if p.endswith("mlp.down_proj")]
-    assert promoted == [f"model.layers.{i}.mlp.down_proj" for i in budget.down_proj_order(spec.num_hidden_layers)][
-        : len(promoted)
-    ]
+    assert (
+        promoted
+        == [f"model.layers.{i}.mlp.down_proj" for i in budget.down_proj_order(spec.num_hidden_layers)][: len(promoted)]
+    )
 
 
 def test_budget_option(qwen2_tied: Path, qwen2_untied: Path) -> None:
@@ -151,6 +152,7 @@ def test_budget_option(qwen2_tied: Path, qwen2_untied: Path) -> None:
 
 def test_cli_budget_error_leaves_nothing(qwen2_untied: Path, tmp_path: Path) -> None:
     out = tmp_path / "art"
-    result = CliRunner().invoke(app, ["export", str(qwen2_untied), "-o", str(out), "--weights", "int4", "--budget", "x"])
+    args = ["export", str(qwen2_untied), "-o", str(out), "--weights", "int4", "--budget", "x"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code != 0 and "--budget takes optimum-intel" in result.output
     assert not out.exists()

@@ -66,7 +66,9 @@ class SizeBudget:
         return "optimum-intel's int4 size" if self.mib is None else f"{self.mib:g} MiB"
 
 
-def quantized_bytes(rows: int, length: int, bits: int, block: int, symmetric: bool, scale_bytes: int = SCALE_BYTES) -> int:
+def quantized_bytes(
+    rows: int, length: int, bits: int, block: int, symmetric: bool, scale_bytes: int = SCALE_BYTES
+) -> int:
     """Bytes of a [rows, length] weight in blocks of ``block`` along ``length`` (0: one block a
     row): packed codes, one scale per block, and (asymmetric) one packed zero point per block."""
     blocks = 1 if block == 0 else -(-length // block)
@@ -143,28 +145,26 @@ def down_proj_order(layers: int) -> list[int]:
 
 
 def promote(scheme: QuantScheme, module: str, block: int) -> QuantScheme:
-    """``scheme`` with ``module`` at 8 bits in blocks of ``block`` (ahead of any other block pattern)."""
-    return dataclasses.replace(
-        scheme,
-        int8_weights=(*scheme.int8_weights, module),
-        block_overrides=((module, block), *scheme.block_overrides),
-    )
+    """``scheme`` with ``module`` at 8 bits in blocks of ``block`` (an override ahead of any other
+    block pattern, where its block differs)."""
+    same = scheme.block_for(module) == block
+    overrides = scheme.block_overrides if same else ((module, block), *scheme.block_overrides)
+    return dataclasses.replace(scheme, int8_weights=(*scheme.int8_weights, module), block_overrides=overrides)
 
 
 def fill_budget(spec: ModelSpec, scheme: QuantScheme, budget: int) -> tuple[QuantScheme, list[str]]:
     """``scheme`` with the ``down_proj`` of as many layers (in :func:`down_proj_order`) at 8 bits as
     ``budget`` bytes allow, and the modules promoted. Layers kept, or already at 8 bits, are passed
     over; nothing changes where the layout is already over the budget."""
-    block = PROMOTED_BLOCK if spec.intermediate_size % PROMOTED_BLOCK == 0 else scheme.block_for("model.layers.0.mlp.down_proj")
+    fits = spec.intermediate_size % PROMOTED_BLOCK == 0
+    block = PROMOTED_BLOCK if fits else scheme.block_for("model.layers.0.mlp.down_proj")
     promoted: list[str] = []
-    size = scheme_bytes(spec, scheme)
     for i in down_proj_order(spec.num_hidden_layers):
         module = f"model.layers.{i}.mlp.down_proj"
         if i in scheme.keep_layers or scheme.linear_bits(module) == 8:
             continue
         candidate = promote(scheme, module, block)
-        grown = scheme_bytes(spec, candidate)
-        if grown > budget:
+        if scheme_bytes(spec, candidate) > budget:
             break
-        scheme, size, promoted = candidate, grown, [*promoted, module]
+        scheme, promoted = candidate, [*promoted, module]
     return scheme, promoted

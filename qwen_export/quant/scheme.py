@@ -271,9 +271,33 @@ def describe_weights(dtype: str, quantization: dict[str, object] | None) -> str:
         pieces.append(f"layers {','.join(str(i) for i in layers)} {dtype}")
     promoted = quantization.get("int8_weights") or []
     if isinstance(promoted, list) and promoted:
-        pieces.append(f"int8 {' '.join(str(p) for p in promoted)}")
+        pieces.append(f"int8 {' '.join(grouped_layers([str(p) for p in promoted]))}")
     overrides = quantization.get("block_overrides") or []
     if isinstance(overrides, list) and overrides:
-        pieces.append(" ".join(f"b{o[1]} {o[0]}" for o in overrides if isinstance(o, list) and len(o) == 2))
+        pairs = [(int(o[1]), str(o[0])) for o in overrides if isinstance(o, list) and len(o) == 2]
+        sizes = dict.fromkeys(block for block, _ in pairs)
+        pieces.append(" ".join(f"b{b} {p}" for b in sizes for p in grouped_layers([q for c, q in pairs if c == b])))
     pieces.append(f"{dtype} activations")
     return ", ".join(pieces)
+
+
+def grouped_layers(names: list[str]) -> list[str]:
+    """``names`` with the per-layer names of one module merged (layers in ascending order), in
+    first-seen order.
+
+    >>> grouped_layers(["model.layers.*.self_attn.*", "model.layers.27.mlp.down_proj", "model.layers.0.mlp.down_proj"])
+    ['model.layers.*.self_attn.*', 'model.layers.{0,27}.mlp.down_proj']
+    """
+    groups: dict[tuple[bool, str], list[int]] = {}
+    for name in names:
+        match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+        key = (True, match.group(2)) if match else (False, name)
+        groups.setdefault(key, []).append(int(match.group(1)) if match else -1)
+    out = []
+    for (per_layer, key), layers in groups.items():
+        if not per_layer:
+            out.append(key)
+        else:
+            indices = ",".join(str(i) for i in sorted(layers))
+            out.append(f"model.layers.{indices if len(layers) == 1 else '{' + indices + '}'}.{key}")
+    return out
