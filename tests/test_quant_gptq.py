@@ -649,3 +649,41 @@ def test_bf16_products_keep_gptq_s_output_error(qwen2_untied: Path, tmp_path: Pa
         w = np.ascontiguousarray(ckpt.read(name).T, dtype=np.float32)
         err = {r: output_error(w, runs[r][name].block_quantized(False), hessian) for r in runs}
         assert err["bf16"] <= 1.1 * err["f32"] and err["bf16"] < 0.9 * err["clip"], (proj, err)
+
+
+def test_wide_models_get_enough_calibration_rows(qwen2_untied: Path, tmp_path: Path) -> None:
+    """GPTQ runs on :data:`GPTQ_MAX_TOKENS` tokens unless the hidden size needs more rows (7B:
+    3,584 channels): then on enough for one row per channel, as the runner cuts them; a text too
+    short for that is said, and those inputs get the weighted clip search."""
+    import dataclasses
+
+    from qwen_export.export import calibration as calib
+    from qwen_export.export.gptq import GPTQ_MAX_TOKENS, gptq_width
+    from qwen_export.export.options import export_options
+    from qwen_export.export.pipeline import ExportHooks
+    from qwen_export.export.pipeline import export as run_export
+    from qwen_export.spec import ModelSpec
+
+    settings = GPTQSettings()
+    spec = ModelSpec.from_config_file(qwen2_untied / "config.json")
+    assert settings.tokens_for(gptq_width(spec), calib.SEQUENCE_LENGTH) == GPTQ_MAX_TOKENS
+    for hidden, heads in ((1536, 12), (3584, 28), (5120, 40), (8192, 64)):
+        wide = dataclasses.replace(spec, hidden_size=hidden, num_attention_heads=heads, head_dim=128)
+        n = settings.tokens_for(gptq_width(wide), calib.SEQUENCE_LENGTH)
+        sequences = -(-n // calib.SEQUENCE_LENGTH)
+        rows = sequences * (n // sequences)  # LayerRunner's equal lengths
+        assert settings.uses_gptq(hidden, rows) and n <= max(GPTQ_MAX_TOKENS, hidden + hidden // 256 + 1)
+    assert len(calib.calibration_tokens(_Tokens(), "x" * 9000, "t", limit=5000)) == 5000
+    short = tmp_path / "short.txt"
+    short.write_text(
+        "def add(a, b):\n    return a + b\n\nprint(add(2, 3), add(4, 5))  # five, nine\n", encoding="utf-8"
+    )
+    said: list[str] = []
+    options = export_options(qwen2_untied, weights="int4", calibration=short)
+    run_export(qwen2_untied, tmp_path / "a", options, ExportHooks(message=said.append))
+    assert any("get the weighted clip search instead" in text for text in said), said
+
+
+class _Tokens:
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]

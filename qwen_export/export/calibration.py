@@ -121,9 +121,9 @@ def _utf8_head(file: Path, limit: int) -> str | None:
         return None
 
 
-def calibration_tokens(tokenizer: Any, text: str, source: str) -> list[int]:
-    """Token ids of ``text`` (at most :data:`MAX_TOKENS`); OptionError when under :data:`MIN_TOKENS`."""
-    ids = [int(i) for i in tokenizer.encode(text)][:MAX_TOKENS]
+def calibration_tokens(tokenizer: Any, text: str, source: str, limit: int = MAX_TOKENS) -> list[int]:
+    """Token ids of ``text`` (at most ``limit``); OptionError when under :data:`MIN_TOKENS`."""
+    ids = [int(i) for i in tokenizer.encode(text)][:limit]
     if len(ids) < MIN_TOKENS:
         raise OptionError(
             f"--calibration {source!r}: {len(ids)} tokens; calibration needs at least {MIN_TOKENS} tokens of text"

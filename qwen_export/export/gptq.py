@@ -24,6 +24,7 @@ what the reference implementation uses. Memory: a few float32 copies of ``W`` an
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,11 +54,17 @@ DEFAULT_DAMP = 0.3
 #: pooled mean KL over the three texts: 0.0417 against 0.0415 with the 13 values, for about half
 #: the search's time (benchmarks/README.md, 2026-12-05).
 GPTQ_CLIP_GRID_4BIT: tuple[float, ...] = (1.0, 0.97, 0.94, 0.9, 0.85, 0.8, 0.7)
-#: Calibration tokens GPTQ runs at most (of the calibration text's first
-#: :data:`~qwen_export.export.calibration.MAX_TOKENS`). On the real Qwen2.5-Coder-1.5B, pooled mean
+#: Calibration tokens GPTQ runs on, where the hidden size needs no more
+#: (:meth:`GPTQSettings.tokens_for`: at least one row per channel). On the real Qwen2.5-Coder-1.5B, pooled mean
 #: KL over the three texts: 4,096 tokens 0.0415, 3,072 0.0415, 2,048 0.0425; the forward passes and
 #: the Hessians cost in proportion (benchmarks/README.md, 2026-12-05).
 GPTQ_MAX_TOKENS = 3072
+
+
+def gptq_width(spec: Any) -> int:
+    """The widest input GPTQ runs on when the calibration gives the rows (q/k/v, gate/up: the hidden
+    size; o_proj: heads x head_dim); down_proj's wider input gets the weighted clip search."""
+    return max(spec.hidden_size, spec.q_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +122,13 @@ class GPTQSettings:
 
             return native_bf16()
         return self.bf16_forward
+
+    def tokens_for(self, widest: int, sequence: int) -> int:
+        """Calibration tokens GPTQ runs on: :attr:`max_tokens`, or more where an input of ``widest``
+        channels (the hidden size at 7B and up) needs them for :meth:`uses_gptq` (the runner cuts
+        the tokens into sequences of at most ``sequence``, one token a sequence may be dropped)."""
+        need = -(-int(self.min_rows_per_input * widest * 1000) // 1000)
+        return max(self.max_tokens, need + -(-need // sequence))
 
     def uses_gptq(self, k: int, rows: int) -> bool:
         """Whether an input of ``k`` channels gets GPTQ with ``rows`` calibration rows."""

@@ -42,6 +42,7 @@ from qwen_export.export.gptq import (
     HessianAccumulator,
     factorize,
     gptq_quantize,
+    gptq_width,
     weighted_quantize,
 )
 from qwen_export.quant.prequant import Decoded, StoredLinear
@@ -354,12 +355,12 @@ def run_gptq(
     """GPTQ of every linear weight outside ``scheme.keep_layers`` (see the module docstring)."""
     import torch
 
-    from qwen_export.export.calibration import LayerRunner
+    from qwen_export.export.calibration import SEQUENCE_LENGTH, LayerRunner
 
     settings = settings or GPTQSettings()
     geo = Geometry(scheme.bits, scheme.block_size, scheme.symmetric, scheme.positive_scales, scale_dtype)
     spill = _Spiller(Path(scratch), geo)
-    runner = LayerRunner(checkpoint, spec, token_ids[: settings.max_tokens])
+    runner = LayerRunner(checkpoint, spec, token_ids[: settings.tokens_for(gptq_width(spec), SEQUENCE_LENGTH)])
     rows = sum(int(x.shape[1]) for x in runner.hidden)
 
     def gptq_for(k: int) -> bool:

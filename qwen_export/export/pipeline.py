@@ -229,20 +229,27 @@ def _calibrate(
     if quant is None or not quant.algorithm.calibrated:
         return None, None, ckpt
     from qwen_export.export import calibration as calib
+    from qwen_export.export.gptq import GPTQSettings, gptq_width
 
-    text, source = calib.calibration_text(options.calibration)
-    ids = calib.calibration_tokens(Tokenizer.from_dir(ckpt.directory), text, source)
-    timer.start("calibrate")
-    record = {"tokens": len(ids), "source": source}
     spec = dataclasses.replace(ckpt.spec, mrope_section=None)  # text-only: M-RoPE is plain RoPE
+    settings = GPTQSettings(awq_grid=20 if quant.algorithm is QuantAlgorithm.AWQ_GPTQ else 0)
+    wanted = settings.tokens_for(gptq_width(spec), calib.SEQUENCE_LENGTH)
+    text, source = calib.calibration_text(options.calibration)
+    ids = calib.calibration_tokens(Tokenizer.from_dir(ckpt.directory), text, source, max(calib.MAX_TOKENS, wanted))
+    timer.start("calibrate")
     if quant.algorithm is QuantAlgorithm.AWQ:
-        return record, calib.collect_activation_stats(ckpt, spec, ids), ckpt
-    from qwen_export.export.gptq import GPTQSettings
+        ids = ids[: calib.MAX_TOKENS]
+        return {"tokens": len(ids), "source": source}, calib.collect_activation_stats(ckpt, spec, ids), ckpt
     from qwen_export.export.gptq_layers import run_gptq
 
-    settings = GPTQSettings(awq_grid=20 if quant.algorithm is QuantAlgorithm.AWQ_GPTQ else 0)
-    ids = ids[: settings.max_tokens]
-    record["tokens"], record["gptq"] = len(ids), settings.describe()
+    ids = ids[:wanted]
+    sequences = -(-len(ids) // calib.SEQUENCE_LENGTH)  # LayerRunner's sequences, of equal lengths
+    if not settings.uses_gptq(gptq_width(spec), sequences * (len(ids) // sequences)):
+        hooks.message(
+            f"GPTQ: --calibration {source!r} gives {len(ids)} tokens; inputs of {gptq_width(spec)} channels "
+            f"need {wanted} for GPTQ and get the weighted clip search instead (give a longer text)"
+        )
+    record = {"tokens": len(ids), "source": source, "gptq": settings.describe()}
     scale_dtype = np.float16 if options.graph_dtype is DType.FP16 else np.float32
     weights = run_gptq(
         ckpt, spec, ids, quant, scratch, settings=settings, scale_dtype=scale_dtype, progress=hooks.write_progress
