@@ -156,3 +156,64 @@ def test_cli_budget_error_leaves_nothing(qwen2_untied: Path, tmp_path: Path) -> 
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0 and "--budget takes optimum-intel" in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("layers", [2, 24, 28, 80])
+def test_shrink_order_reverses_the_promotion_order(layers: int) -> None:
+    order = budget.shrink_order(layers)
+    preferred = budget.down_proj_order(layers)
+    assert sorted(order) == list(range(layers))
+    assert order[len(order) - len(preferred) :] == preferred[::-1]  # Q4_K_M's layers give bytes back last
+
+
+def _untied_default(spec: ModelSpec) -> QuantScheme:
+    return export_options(
+        None,
+        weights="int4",
+        int8="model.layers.*.self_attn.*",
+        block="model.layers.*.self_attn.*=128",
+        embedding_bits=4,
+    ).quant
+
+
+@pytest.mark.parametrize(
+    ("hidden", "inter", "layers", "heads", "kv", "wanted"),
+    [
+        (3584, 18944, 28, 28, 4, {"MLP b64": 28, "MLP b128": 19}),  # Qwen2.5-7B
+        (8192, 29568, 80, 64, 8, {"MLP b64": 80, "MLP b128": 80, "8-bit tensors back at 4 bits": 67}),  # 72B
+    ],
+)
+def test_larger_models_shrink_into_the_budget(
+    qwen2_tied: Path, hidden: int, inter: int, layers: int, heads: int, kv: int, wanted: dict[str, int]
+) -> None:
+    """Where the 8-bit attention and the MLP's blocks of 32 outgrow what the 4-bit table saves, the
+    layout gives bytes back layer by layer until it is within optimum-intel's size."""
+    spec = dataclasses.replace(
+        _qwen25_1p5b(qwen2_tied, False),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        layer_types=_qwen25_1p5b(qwen2_tied, False).layer_types[:1] * layers,
+    )
+    scheme = _untied_default(spec)  # the embedding at --block-size here (the default: 128)
+    limit = budget.reference_bytes(spec)
+    assert budget.scheme_bytes(spec, scheme) > limit
+    fitted, changes = budget.shrink_to_budget(spec, scheme, limit)
+    assert changes == wanted
+    assert budget.scheme_bytes(spec, fitted) <= limit
+    undone = dataclasses.replace(fitted, block_overrides=fitted.block_overrides[1:])  # its last MLP step
+    assert "8-bit tensors back at 4 bits" in wanted or budget.scheme_bytes(spec, undone) > limit
+    first = budget.shrink_order(layers)[0]
+    assert fitted.block_for(f"model.layers.{first}.mlp.down_proj") >= 64
+    if "8-bit tensors back at 4 bits" in wanted:
+        assert fitted.linear_bits(f"model.layers.{first}.self_attn.q_proj") == 4
+        assert fitted.linear_bits("model.layers.0.self_attn.q_proj") == 8  # an end layer keeps its 8 bits
+
+
+def test_a_budget_too_small_is_said(qwen2_untied: Path) -> None:
+    said: list[str] = []
+    quant = export_options(qwen2_untied, weights="int4", budget="1", message=said.append).quant
+    assert any("MiB over it: --budget sets another" in text and "MLP b64" in text for text in said), said
+    assert not any(p.startswith("model.layers.") for p in quant.int8_weights)

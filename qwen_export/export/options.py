@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from qwen_export import targets
 from qwen_export.errors import OptionError, QwenExportError
-from qwen_export.quant.budget import SizeBudget, fill_budget, scheme_bytes
+from qwen_export.quant.budget import SizeBudget, fill_budget, scheme_bytes, shrink_to_budget
 from qwen_export.quant.scheme import Keep, PrefillWeights, QuantAlgorithm, QuantScheme, WeightFormat
 from qwen_export.spec import (
     DType,
@@ -238,13 +238,18 @@ def spend_budget(
         return quant
     spec = defaults.spec
     limit = wanted.bytes_for(spec)
-    filled, promoted = fill_budget(spec, quant, limit)
-    layers = ", ".join(m.split(".")[2] for m in promoted) or "none"
+    if scheme_bytes(spec, quant) > limit:
+        fitted, changes = shrink_to_budget(spec, quant, limit)
+        done = "; ".join(f"{what} in {n} layers" for what, n in changes.items()) or "nothing to shrink"
+    else:
+        fitted, promoted = fill_budget(spec, quant, limit)
+        done = "down_proj at 8 bits in layers " + (", ".join(m.split(".")[2] for m in promoted) or "none")
+    size = scheme_bytes(spec, fitted)
+    over = f", {(size - limit) / 2**20:.1f} MiB over it: --budget sets another" if size > limit else ""
     message(
-        f"--budget {wanted.describe()} ({limit / 2**20:.1f} MiB): down_proj at 8 bits in layers {layers}; "
-        f"weights about {scheme_bytes(spec, filled) / 2**20:.1f} MiB"
+        f"--budget {wanted.describe()} ({limit / 2**20:.1f} MiB): {done}; weights about {size / 2**20:.1f} MiB{over}"
     )
-    return filled
+    return fitted
 
 
 def _dump_dir(dump_dir: str | Path | None, explain: bool, fuse: bool) -> Path | None:
