@@ -162,10 +162,8 @@ def export_options(
     message: Callable[[str], None] | None = None,
 ) -> ExportOptions:
     """ExportOptions from ``qwen-export export``'s flag values (None: not given); OptionError with the CLI's message.
-
     ``checkpoint``: its directory (a pre-quantized one keeps its quantization: :func:`prequantized_default`);
-    ``keep`` / ``keep_layers``: comma-separated or lists; ``message`` hears how the target adapted the options.
-    """
+    ``keep`` / ``keep_layers``: comma-separated or lists; ``message`` hears how the target adapted the options."""
     dump, engine_target = _dump_dir(dump_dir, explain, fuse), Target.parse(target, "target")
     backend, message = targets.get(engine_target), message or (lambda text: None)
     defaults = Int4Defaults.for_export(checkpoint, backend) if _is_int4(weights) else None
@@ -184,9 +182,10 @@ def export_options(
     )
     if checkpoint is not None and (Path(checkpoint) / "config.json").is_file():
         quant = prequantized_default(Path(checkpoint), weights, quant, block_size, symmetric)
-    quant = spend_budget(quant, budget, defaults, backend, message, implied=int8 is None and block is None)
+    layout = (int8, block, keep, keep_layers, embedding_bits, block_size)
+    quant = spend_budget(quant, budget, defaults, backend, message, layout)
     given = dict(symmetric=symmetric, embedding_bits=embedding_bits, accuracy_level=accuracy_level, prefill=prefill)
-    given.update(max_batch=max_batch, kv_cache=kv_cache)
+    given |= dict(max_batch=max_batch, kv_cache=kv_cache)
     _refuse_other_targets_options(backend, given)
     quant = backend.adapt_weights(quant, given, message)
     return ExportOptions(
@@ -216,12 +215,13 @@ def spend_budget(
     defaults: Int4Defaults | None,
     backend: TargetBackend,
     message: Callable[[str], None],
-    implied: bool,
+    layout: tuple[Any, ...],
 ) -> QuantScheme | None:
-    """``quant`` with ``down_proj`` promotions to 8 bits within ``--budget`` (given, or where
-    ``implied`` (no ``--int8``, no ``--block``) the int4 default's, :attr:`Int4Defaults.budget`);
-    OptionError where a given ``--budget`` cannot apply."""
-    if budget is None and not implied:
+    """``quant`` fitted to ``--budget`` (given, or the int4 default's, :attr:`Int4Defaults.budget`,
+    where none of the ``layout`` options, ``--int8 --block --keep --keep-layers --embedding-bits
+    --block-size``, is given): 8-bit down_proj where it is under, bytes given back where it is over
+    (:mod:`qwen_export.quant.budget`); OptionError where a given ``--budget`` cannot apply."""
+    if budget is None and any(v is not None for v in layout):
         return quant
     wanted = SizeBudget.parse(budget) if budget is not None else defaults.budget if defaults else None
     if budget is not None and wanted is not None:
