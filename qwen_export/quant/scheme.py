@@ -275,10 +275,16 @@ def describe_weights(dtype: str, quantization: dict[str, object] | None) -> str:
     overrides = quantization.get("block_overrides") or []
     if isinstance(overrides, list) and overrides:
         pairs = [(int(o[1]), str(o[0])) for o in overrides if isinstance(o, list) and len(o) == 2]
-        sizes = dict.fromkeys(block for block, _ in pairs)
-        pieces.append(" ".join(f"b{b} {p}" for b in sizes for p in grouped_layers([q for c, q in pairs if c == b])))
+        runs = [pairs[i:j] for i, j in _runs([b for b, _ in pairs])]  # consecutive overrides of one block
+        pieces.append(" ".join(f"b{run[0][0]} {p}" for run in runs for p in grouped_layers([q for _, q in run])))
     pieces.append(f"{dtype} activations")
     return ", ".join(pieces)
+
+
+def _runs(values: list[int]) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each run of equal consecutive ``values``."""
+    starts = [i for i in range(len(values)) if i == 0 or values[i] != values[i - 1]]
+    return list(zip(starts, [*starts[1:], len(values)], strict=True))
 
 
 def grouped_layers(names: list[str]) -> list[str]:
