@@ -309,6 +309,8 @@ class Int4Defaults:
       puts ``down_proj`` at 8 bits layer by layer, in llama.cpp's Q4_K_M order
       (:func:`~qwen_export.quant.budget.fill_budget`). On the real Qwen2.5-Coder-1.5B: untied, 10
       layers, pooled KL 0.0356 -> 0.0310 in 1092 MiB; tied, 1 layer, 0.0394 -> 0.0388 in 870 MiB.
+      A layout over the budget (3B and up) gives bytes back instead
+      (:func:`~qwen_export.quant.budget.shrink_to_budget`).
     """
 
     algorithm: QuantAlgorithm = QuantAlgorithm.GPTQ
