@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from qwen_export import targets
 from qwen_export.errors import OptionError, QwenExportError
 from qwen_export.quant.budget import SizeBudget, fill_budget, scheme_bytes, shrink_to_budget
-from qwen_export.quant.scheme import Keep, PrefillWeights, QuantAlgorithm, QuantScheme, WeightFormat
+from qwen_export.quant.scheme import Keep, PrefillWeights, QuantAlgorithm, QuantScheme, WeightFormat, grouped_layers
 from qwen_export.spec import (
     DType,
     KVCacheDType,
@@ -243,7 +243,7 @@ def spend_budget(
         done = "; ".join(f"{what} in {n} layers" for what, n in changes.items()) or "nothing to shrink"
     else:
         fitted, promoted = fill_budget(spec, quant, limit)
-        done = "down_proj at 8 bits in layers " + (", ".join(m.split(".")[2] for m in promoted) or "none")
+        done = "8 bits for " + (" ".join(grouped_layers(promoted)) or "nothing")
     size = scheme_bytes(spec, fitted)
     over = f", {(size - limit) / 2**20:.1f} MiB over it: --budget sets another" if size > limit else ""
     message(
@@ -306,9 +306,10 @@ class Int4Defaults:
       (benchmarks/README.md, "the untied lm_head at 4 bits").
     - where the target mixes bit widths and the model is dense, a size budget (``--budget``): what
       optimum-intel's default int4 export of the checkpoint takes; what the layout above leaves of it
-      puts ``down_proj`` at 8 bits layer by layer, in llama.cpp's Q4_K_M order
-      (:func:`~qwen_export.quant.budget.fill_budget`). On the real Qwen2.5-Coder-1.5B: untied, 10
-      layers, pooled KL 0.0356 -> 0.0310 in 1092 MiB; tied, 1 layer, 0.0394 -> 0.0388 in 870 MiB.
+      goes to 8 bits: ``k_proj`` where ``v_proj`` is 8-bit, then ``down_proj`` layer by layer in
+      llama.cpp's Q4_K_M order (:func:`~qwen_export.quant.budget.fill_budget`). On the real
+      Qwen2.5-Coder-1.5B: untied, 10 layers, pooled KL 0.0356 -> 0.0310 in 1092 MiB; tied, k_proj,
+      0.0394 -> 0.0371 in 869 MiB.
       A layout over the budget (3B and up) gives bytes back instead
       (:func:`~qwen_export.quant.budget.shrink_to_budget`).
     """
