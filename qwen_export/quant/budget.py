@@ -4,14 +4,16 @@
 The default budget is what optimum-intel's default int4 export of the same checkpoint takes
 (:func:`reference_bytes`): every decoder linear at 4 bits, asymmetric, in blocks of 128, and the
 embedding and the lm_head (NNCF's backup precision) at 8 bits, asymmetric, one scale per row. Our
-int4 default is smaller than that (blocks of 32 where they pay, a 4-bit lm_head), and
-:func:`fill_budget` spends the difference on the tensors that gain most from 8 bits: the MLP's
-``down_proj``, one layer at a time, in :func:`down_proj_order`.
+int4 default is smaller than that at 0.5B-1.5B (blocks of 32 where they pay, a 4-bit table and
+lm_head), and :func:`fill_budget` spends the difference on the tensors that gain most from 8 bits
+(:func:`promotions`: every ``k_proj`` where ``v_proj`` is 8-bit, then the MLP's ``down_proj``, one
+layer at a time, in :func:`down_proj_order`). From 3B up it is larger, and :func:`shrink_to_budget`
+gives bytes back, one layer at a time, in :func:`shrink_order`.
 
 Sizes are estimates from the shapes alone (:func:`scheme_bytes`): codes, float16 scales, packed zero
-points, as the ONNX Runtime and OpenVINO targets store them; biases and norms are left out (under
-0.1% of a Qwen2.5). They match the artifacts' initializers to within 0.3% on the real
-Qwen2.5-Coder-1.5B (docs/quantization.md).
+points, as the ONNX Runtime target stores them (OpenVINO's files come out slightly smaller); biases
+and norms are left out (under 0.1% of a Qwen2.5). They match the artifacts' initializers to within
+0.3% on the real Qwen2.5-Coder-1.5B (benchmarks/README.md, "the size budget").
 """
 
 from __future__ import annotations
