@@ -24,7 +24,15 @@ from typing import TYPE_CHECKING, Any
 from qwen_export import targets
 from qwen_export.errors import OptionError, QwenExportError
 from qwen_export.quant.budget import SizeBudget, fill_budget, scheme_bytes, shrink_to_budget
-from qwen_export.quant.scheme import Keep, PrefillWeights, QuantAlgorithm, QuantScheme, WeightFormat, grouped_layers
+from qwen_export.quant.scheme import (
+    Keep,
+    PrefillWeights,
+    QuantAlgorithm,
+    QuantScheme,
+    ScaleFormat,
+    WeightFormat,
+    grouped_layers,
+)
 from qwen_export.spec import (
     DType,
     KVCacheDType,
@@ -144,6 +152,7 @@ def export_options(
     int8: str | Iterable[str] | None = None,
     block: str | Iterable[str] | None = None,
     budget: str | float | None = None,
+    scales: str | ScaleFormat | None = None,
     calibration: str | Path | None = None,
     logits: str | LogitsMode = "last",
     max_length: int | None = None,
@@ -183,7 +192,7 @@ def export_options(
     if checkpoint is not None and (Path(checkpoint) / "config.json").is_file():
         quant = prequantized_default(Path(checkpoint), weights, quant, block_size, symmetric)
     layout = (int8, block, keep, keep_layers, embedding_bits, block_size)
-    quant = spend_budget(quant, budget, defaults, backend, message, layout)
+    quant = spend_budget(scale_format(quant, scales, defaults, backend), budget, defaults, backend, message, layout)
     given = dict(symmetric=symmetric, embedding_bits=embedding_bits, accuracy_level=accuracy_level, prefill=prefill)
     given |= dict(max_batch=max_batch, kv_cache=kv_cache)
     _refuse_other_targets_options(backend, given)
@@ -207,6 +216,30 @@ def export_options(
         vision_weights=VisionWeights.FP32 if vision_weights is None else VisionWeights.parse(vision_weights),
         prefill=PrefillWeights.parse(prefill or "none"),
     )
+
+
+def scale_format(
+    quant: QuantScheme | None, scales: str | ScaleFormat | None, defaults: Int4Defaults | None, backend: TargetBackend
+) -> QuantScheme | None:
+    """``quant`` with ``--scales`` (given, or the int4 default's: ``log8`` where the target stores it,
+    for an asymmetric dense model); OptionError where a given ``log8`` cannot apply."""
+    moe = defaults is not None and defaults.spec is not None and defaults.spec.moe is not None
+    if scales is None:
+        usable = quant is not None and quant.bits == 4 and not quant.symmetric and defaults is not None and not moe
+        wanted = ScaleFormat.LOG8 if usable and backend.log_scales else ScaleFormat.FLOAT16
+    else:
+        wanted = ScaleFormat.parse(scales)
+    if scales is not None and wanted is ScaleFormat.LOG8:
+        if not backend.log_scales:
+            raise OptionError("--scales log8 is an ONNX Runtime format: this target stores float16 scales")
+        if quant is None or quant.bits != 4 or defaults is None or moe:
+            raise OptionError(
+                "--scales log8 stores the scales of an int4 export of a dense, not pre-quantized checkpoint: "
+                "use it with --weights int4"
+            )
+        if quant.symmetric:
+            raise OptionError("--scales log8 needs non-negative scales: drop --symmetric (asymmetric weights)")
+    return quant if quant is None else dataclasses.replace(quant, scale_format=wanted)
 
 
 def spend_budget(

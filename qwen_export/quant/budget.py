@@ -10,8 +10,9 @@ lm_head), and :func:`fill_budget` spends the difference on the tensors that gain
 layer at a time, in :func:`down_proj_order`). From 3B up it is larger, and :func:`shrink_to_budget`
 gives bytes back, one layer at a time, in :func:`shrink_order`.
 
-Sizes are estimates from the shapes alone (:func:`scheme_bytes`): codes, float16 scales, packed zero
-points, as the ONNX Runtime target stores them (OpenVINO's files come out slightly smaller); biases
+Sizes are estimates from the shapes alone (:func:`scheme_bytes`): codes, float16 scales (or 4-bit
+weights' ``log8`` scales: one byte a block and 3 a row), packed zero points, as the ONNX Runtime
+target stores them (OpenVINO's files come out slightly smaller); biases
 and norms are left out (under 0.1% of a Qwen2.5). They match the artifacts' initializers to within
 0.3% on the real Qwen2.5-Coder-1.5B (benchmarks/README.md, "the size budget").
 """
@@ -23,6 +24,7 @@ import math
 from collections.abc import Iterator
 
 from qwen_export.errors import OptionError
+from qwen_export.quant import log_scales
 from qwen_export.quant.scheme import Keep, QuantScheme
 from qwen_export.spec import ModelSpec
 
@@ -72,13 +74,15 @@ class SizeBudget:
 
 
 def quantized_bytes(
-    rows: int, length: int, bits: int, block: int, symmetric: bool, scale_bytes: int = SCALE_BYTES
+    rows: int, length: int, bits: int, block: int, symmetric: bool, scale_bytes: int = SCALE_BYTES, log8: bool = False
 ) -> int:
     """Bytes of a [rows, length] weight in blocks of ``block`` along ``length`` (0: one block a
-    row): packed codes, one scale per block, and (asymmetric) one packed zero point per block."""
+    row): packed codes, one scale per block, and (asymmetric) one packed zero point per block;
+    ``log8``: a 4-bit weight's scales in :attr:`~qwen_export.quant.scheme.ScaleFormat.LOG8`."""
     blocks = 1 if block == 0 else -(-length // block)
     zeros = 0 if symmetric else rows * -(-blocks * bits // 8)
-    return -(-rows * length * bits // 8) + rows * blocks * scale_bytes + zeros
+    scales = log_scales.stored_bytes(rows, blocks) if log8 and bits == 4 else rows * blocks * scale_bytes
+    return -(-rows * length * bits // 8) + scales + zeros
 
 
 def linears(spec: ModelSpec) -> Iterator[tuple[str, int, int]]:
@@ -119,7 +123,8 @@ def scheme_bytes(spec: ModelSpec, scheme: QuantScheme, dtype_bytes: int = 4) -> 
         if (layer in scheme.keep_layers) or (module == "lm_head" and Keep.LM_HEAD in scheme.keep):
             total += n * k * dtype_bytes
         else:
-            total += quantized_bytes(n, k, scheme.linear_bits(module), scheme.block_for(module), scheme.symmetric)
+            bits, block = scheme.linear_bits(module), scheme.block_for(module)
+            total += quantized_bytes(n, k, bits, block, scheme.symmetric, log8=scheme.log_scales)
     return total + table_bytes(spec, scheme, dtype_bytes)
 
 
@@ -130,7 +135,7 @@ def table_bytes(spec: ModelSpec, scheme: QuantScheme, dtype_bytes: int = 4) -> i
     if Keep.EMBEDDING in scheme.keep:
         return vocab * h * dtype_bytes
     bits, block = scheme.embedding_bits, scheme.block_for(TABLE)
-    total = quantized_bytes(vocab, h, bits, block, True)
+    total = quantized_bytes(vocab, h, bits, block, True, log8=scheme.log_scales)
     if not scheme.symmetric:
         blocks = -(-h // block) if block else 1
         total += vocab * blocks

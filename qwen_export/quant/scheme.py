@@ -84,6 +84,23 @@ class QuantAlgorithm(enum.Enum):
         return self in (QuantAlgorithm.GPTQ, QuantAlgorithm.AWQ_GPTQ)
 
 
+class ScaleFormat(enum.Enum):
+    """How an artifact's files store the block scales of 4-bit weights (``--scales``).
+    ``float16``: two bytes a block; ``log8``: one byte a block on a logarithmic grid per row, plus
+    3 bytes a row (:mod:`qwen_export.quant.log_scales`; ONNX Runtime, asymmetric weights, whose
+    scales are non-negative). 8-bit weights keep float16 scales either way. Engines compute float
+    scales from either when they load the artifact: the formats differ on disk, not in memory."""
+
+    FLOAT16 = "float16"
+    LOG8 = "log8"
+
+    @classmethod
+    def parse(cls, value: Any) -> ScaleFormat:
+        from qwen_export.spec import parse_choice
+
+        return parse_choice(cls, value, "--scales")
+
+
 class Keep(enum.Enum):
     """Tensors that may stay in higher precision (mixed precision)."""
 
@@ -115,6 +132,8 @@ class QuantScheme:
     #: matching pattern wins (:meth:`block_for`); patterns as :attr:`int8_weights`, plus
     #: ``model.embed_tokens`` for the embedding (and a tied lm_head, which shares it)
     block_overrides: tuple[tuple[str, int], ...] = ()
+    #: the files' format of 4-bit block scales (:class:`ScaleFormat`)
+    scale_format: ScaleFormat = ScaleFormat.FLOAT16
 
     def __post_init__(self) -> None:
         if self.fmt.bits is None:
@@ -223,7 +242,14 @@ class QuantScheme:
             record["int8_weights"] = list(self.int8_weights)
         if self.block_overrides:
             record["block_overrides"] = [[pattern, block] for pattern, block in self.block_overrides]
+        if self.scale_format is not ScaleFormat.FLOAT16:
+            record["scale_format"] = self.scale_format.value
         return record
+
+    @property
+    def log_scales(self) -> bool:
+        """4-bit scales stored in :attr:`ScaleFormat.LOG8` (asymmetric: the scales are non-negative)."""
+        return self.scale_format is ScaleFormat.LOG8 and not self.symmetric
 
 
 _QKV = re.compile(r"\.qkv_proj$")

@@ -8,7 +8,7 @@ STREAM's *copy* counts, and a multi-threaded read of the same buffer, which is w
 does with its weights), and :func:`decode_bandwidth` puts them side by side.
 
 Weight bytes per token (:func:`decode_weight_bytes`) are the artifact's weight files as loaded
-(float16-stored scales counted at float32, :func:`compact_scale_bytes`; on x86, the float32 sum
+(float16- or log8-stored scales counted at float32, :func:`compact_scale_bytes`; on x86, the float32 sum
 ONNX Runtime's int8-activation kernels keep per block of an accuracy-level-4 ``MatMulNBits``,
 :func:`prepacked_sum_bytes`), less the embedding table
 when only one row of it is read per token (a table that is not also the lm_head). An ONNX Runtime
@@ -121,14 +121,16 @@ def gathered_embedding_bytes(manifest: Manifest) -> int:
 
 def compact_scale_bytes(manifest: Manifest) -> int:
     """Bytes the engine adds to the files when it loads them: ONNX Runtime artifacts store large
-    quantization scales as float16 and cast them to float32 once, at session creation (the
-    ``matmulnbits`` pass record's ``compact_scale_values``)."""
+    quantization scales as float16 (the ``matmulnbits`` pass record's ``compact_scale_values``) or
+    as ``log8`` bytes (``log8_scale_values``) and compute float32 ones once, at session creation."""
+    added = {"compact_scale_values": 2, "log8_scale_values": 3}
     count = 0
     for record in manifest.passes:
         fired = record.get("fired") if isinstance(record, dict) else None
-        value = fired.get("compact_scale_values") if isinstance(fired, dict) else None
-        count += value if isinstance(value, int) and value > 0 else 0
-    return 2 * count
+        for key, extra in added.items():
+            value = fired.get(key) if isinstance(fired, dict) else None
+            count += extra * value if isinstance(value, int) and value > 0 else 0
+    return count
 
 
 def prepacked_sum_bytes(root: str | Path, manifest: Manifest, machine: str | None = None) -> int:

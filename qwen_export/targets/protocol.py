@@ -65,6 +65,9 @@ class TargetBackend(Protocol):
     #: the int4 default's layout for an untied lm_head (blocks of 128 for the 8-bit attention and the
     #: embedding: :data:`~qwen_export.export.options.UNTIED_BLOCKS`) applies to it
     small_blocks_fast: bool
+    #: its int4 files may store block scales in one byte a block (``--scales log8``,
+    #: :class:`~qwen_export.quant.scheme.ScaleFormat`)
+    log_scales: bool
 
     def cpu_runs(self) -> dict[str, dict[str, Any]]:
         """How its artifacts are verified on a CPU-only machine (every parity test runs each):

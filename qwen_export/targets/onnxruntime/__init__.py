@@ -35,6 +35,7 @@ class OnnxRuntimeTarget:
     zero_points: bool = True
     mixed_bits: bool = True
     small_blocks_fast: bool = True  # MatMulNBits 8-bit at block 128: near 4-bit block 32's speed
+    log_scales: bool = True  # computed float32 scales, folded at session creation (matmulnbits.py)
 
     def cpu_runs(self) -> dict[str, dict[str, Any]]:
         return {"onnxruntime": {}}
@@ -83,7 +84,10 @@ class OnnxRuntimeTarget:
         if quantize:
             from qwen_export.targets.onnxruntime.matmulnbits import MatMulNBitsLowering
 
-            quantize.append(MatMulNBitsLowering(ctx.accuracy_level, explain=ctx.explain, compact_scales=True))
+            log_scales = ctx.quant.log_scales
+            quantize.append(
+                MatMulNBitsLowering(ctx.accuracy_level, ctx.explain, compact_scales=True, log_scales=log_scales)
+            )
         if not fuse:
             return [CleanupPass(), *quantize], KVLayout.CONCAT
         from qwen_export.passes.attention import AttentionFusion

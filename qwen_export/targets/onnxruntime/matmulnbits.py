@@ -31,22 +31,27 @@ prepacked. The scales lose float16's rounding (relative 2**-11), far below a blo
 step; below f16's normal range (2**-14) they become subnormals (absolute error at most 2**-25, a
 flushed block dequantizes to zero). A scale above 65504 (f16's largest) is an error when the model
 is written (no real checkpoint has weights near 65504 * 7).
+
+``log_scales`` (``--scales log8``, the int4 default): a 4-bit asymmetric weight's large scales are
+stored as one byte a block on a logarithmic grid per row (:mod:`qwen_export.quant.log_scales`: uint8
+codes, a float16 ``top`` and a uint8 ``step`` per row), and computed by ``Cast``/``Mul``/``Exp``
+nodes that ONNX Runtime folds once at session creation, like the ``Cast`` above: 4.375 instead of
+4.625 bits per weight at block 32; the kernels see float32 scales within 0.2-0.4% of the searched
+ones (the codes are kept). 8-bit weights keep float16 scales.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from qwen_export.errors import QwenExportError
 from qwen_export.passes.base import MS_DOMAIN, GraphPass
-from qwen_export.passes.cleanup import FOLD_SIZE_LIMIT
-from qwen_export.quant.numeric import BlockQuantized, pack_bits_last, pack_codes_last, pack_matmulnbits
+from qwen_export.quant.numeric import BlockQuantized
 from qwen_export.quant.tensors import QuantizedPartTensor, SharedQuantization, StoredQuantization
+from qwen_export.targets.onnxruntime.lowered import LoweredWeight, unique_name
 
 MATMUL_RULE = "matmulnbits"
 BIAS_RULE = "matmulnbits_bias"
@@ -54,6 +59,8 @@ GATHER_RULE = "gather_block_quantized"
 TIED_RULE = "tied_lm_head"
 #: the pass record's count of scale values stored as float16 (runtime/bandwidth.py reads it)
 COMPACT_VALUES = "compact_scale_values"
+#: the pass record's count of scale values stored as log8 bytes (runtime/bandwidth.py reads it)
+LOG8_VALUES = "log8_scale_values"
 
 _CODE_BITS = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}
 _SIGNED = (ir.DataType.INT4, ir.DataType.INT8)
@@ -137,7 +144,7 @@ def _shared_quantization(
 
 
 @dataclasses.dataclass(frozen=True)
-class _DQ:
+class DequantizeMatch:
     """A DequantizeLinear of constant 2-D blocked codes, as the com.microsoft ops can take it."""
 
     node: ir.Node
@@ -170,8 +177,8 @@ def _dims(tensor: ir.TensorProtocol) -> tuple[int, ...]:
     return tuple(int(d) for d in tensor.shape.numpy())
 
 
-def match_dequantize(node: ir.Node) -> _DQ | str:
-    """The :class:`_DQ` of a DequantizeLinear node, or why it does not fit the com.microsoft ops."""
+def match_dequantize(node: ir.Node) -> DequantizeMatch | str:
+    """The :class:`DequantizeMatch` of a DequantizeLinear node, or why it does not fit the com.microsoft ops."""
     inputs = list(node.inputs) + [None] * (3 - len(node.inputs))
     codes, scales, zeros = (_constant(v) for v in inputs[:3])
     if codes is None or scales is None or (inputs[2] is not None and zeros is None):
@@ -195,170 +202,9 @@ def match_dequantize(node: ir.Node) -> _DQ | str:
         return f"scales of type {scales.dtype}: only float and float16 are lowered"
     name = inputs[0].name or node.name or "weight"  # type: ignore[union-attr]
     quant = _shared_quantization(codes, scales, zeros, axis, block, name)
-    return _DQ(node, quant, shape[0], shape[1], axis, quant.bits, block, quant.symmetric, scales.dtype, name)
-
-
-# --- lowered tensors ---------------------------------------------------------------------------------
-
-
-def _unique(graph: ir.Graph, name: str) -> str:
-    taken, candidate, n = graph.initializers, name, 1
-    while candidate in taken:
-        candidate, n = f"{name}_{n}", n + 1
-    return candidate
-
-
-def _packed_len(count: int, bits: int) -> int:
-    return (count * bits + 7) // 8
-
-
-@dataclasses.dataclass
-class _Lowered:
-    """The initializers the ops read, made on first use (each once per DequantizeLinear), all parts
-    of the DequantizeLinear's one :class:`SharedQuantization`."""
-
-    graph: ir.Graph
-    dq: _DQ
-    compact_scales: bool = False
-    cache: dict[str, ir.Value] = dataclasses.field(default_factory=dict)
-    initializers: dict[str, ir.Value] = dataclasses.field(default_factory=dict)
-    compact_values: int = 0  # scale values stored as float16 (float32 in memory once ORT folds the Cast)
-
-    def _get(
-        self, key: str, make: Callable[[BlockQuantized], np.ndarray], dtype: ir.DataType, shape: tuple[int, ...]
-    ) -> ir.Value:
-        if key not in self.cache:
-            self.dq.quant.add_part(key, make)
-            name = _unique(self.graph, f"{self.dq.name}.{key}")  # maybe taken by a DQ input: see finalize
-            tensor = QuantizedPartTensor(self.dq.quant, key, dtype, shape, name=name)
-            value = ir.Value(name=name, shape=ir.Shape(list(shape)), type=ir.TensorType(dtype), const_value=tensor)
-            self.graph.register_initializer(value)
-            self.cache[key] = self.initializers[key] = value
-        return self.cache[key]
-
-    def _get_scales(self, key: str, make: Callable[[BlockQuantized], np.ndarray], shape: tuple[int, ...]) -> ir.Value:
-        """Scales in the model's float type; with ``compact_scales`` a float32 model's are stored as
-        float16 and cast back (see the module docstring)."""
-        dtype = self.dq.float_type
-        if not self.compact_scales or dtype != ir.DataType.FLOAT or int(np.prod(shape)) <= FOLD_SIZE_LIMIT:
-            return self._get(key, make, dtype, shape)  # small: nothing to save, and the cleanup would fold it
-        if key not in self.cache:
-            label = self.dq.name
-            stored = self._get(key, lambda q: _as_half(make(q), label), ir.DataType.FLOAT16, shape)
-            cast = ir.node("Cast", [stored], {"to": ir.DataType.FLOAT}, name=f"{label}/{key}/Cast")
-            out = cast.outputs[0]
-            out.name = _unique(self.graph, f"{label}.{key}_f32")
-            out.dtype, out.shape = dtype, ir.Shape(list(shape))
-            self.graph.insert_before(next(iter(self.graph)), cast)
-            self.cache[key] = out
-            self.compact_values += int(np.prod(shape))
-        return self.cache[key]
-
-    def finalize(self) -> None:
-        """Once the DequantizeLinear's inputs are gone: give each new initializer ``<weight>.<key>``."""
-        for key, value in self.initializers.items():
-            preferred = f"{self.dq.name}.{key}"
-            if value.name != preferred and preferred not in self.graph.initializers:
-                value.name = preferred
-                if value.const_value is not None:
-                    value.const_value.name = preferred
-
-    def _scales(self, q: BlockQuantized, transposed: bool) -> np.ndarray:
-        scales = q.scales.T if transposed else q.scales
-        return np.ascontiguousarray(scales, dtype=self.dq.float_type.numpy())
-
-    # MatMulNBits over a [K, N] weight quantized along K (axis 0)
-    def matmul_inputs(self) -> tuple[list[ir.Value | None], int, int]:
-        dq, kb = self.dq, self.dq.blocks
-        k, n = dq.rows, dq.cols
-        blob = dq.block_size * dq.bits // 8
-        b = self._get("B", lambda q: pack_matmulnbits(q)[0], ir.DataType.UINT8, (n, kb, blob))
-        s = self._get_scales("scales", lambda q: self._scales(q, True).reshape(-1), (n * kb,))
-        z = None
-        if not dq.symmetric:
-            z = self._get(
-                "zero_points",
-                lambda q: pack_bits_last(np.ascontiguousarray(q.zero_points.T), q.bits).reshape(-1),
-                ir.DataType.UINT8,
-                (n * _packed_len(kb, dq.bits),),
-            )
-        return [b, s, z], k, n
-
-    # the embedding [V, H] quantized along H (axis 1)
-    def table_data(self) -> ir.Value:
-        """[V, H/B, B*bits/8]: GatherBlockQuantized's data (quantize_axis 2) and the tied head's B."""
-        dq, kb = self.dq, self.dq.blocks
-        blob = dq.block_size * dq.bits // 8
-        return self._get(
-            "data",
-            lambda q: pack_codes_last(q).reshape(dq.rows, kb, blob),
-            ir.DataType.UINT8,
-            (dq.rows, kb, blob),
-        )
-
-    def _gather_scales(self) -> ir.Value:
-        dq, kb = self.dq, self.dq.blocks
-        return self._get_scales("gather_scales", lambda q: self._scales(q, False)[:, :, None], (dq.rows, kb, 1))
-
-    def gather_inputs(self) -> list[ir.Value | None]:
-        dq, kb = self.dq, self.dq.blocks
-        s = self._gather_scales()
-        z = None
-        if not dq.symmetric:  # one zero point per (row, block), each in its own byte (packed along a dim of 1)
-            z = self._get(
-                "gather_zero_points", lambda q: q.zero_points[:, :, None], ir.DataType.UINT8, (dq.rows, kb, 1)
-            )
-        return [s, z]
-
-    def _head_scales(self) -> ir.Value:
-        """The tied head's scales [V * H/B]: the gather's [V, H/B, 1] reshaped (the same values in
-        the same order), so the file holds one copy of them, not two."""
-        if "head_scales" in self.cache:
-            return self.cache["head_scales"]
-        dq, kb = self.dq, self.dq.blocks
-        gather = self._gather_scales()
-        flat = ir.Value(
-            name=_unique(self.graph, f"{dq.name}.head_scales_shape"),
-            shape=ir.Shape([1]),
-            type=ir.TensorType(ir.DataType.INT64),
-            const_value=ir.tensor(np.array([-1], np.int64)),
-        )
-        self.graph.register_initializer(flat)
-        reshape = ir.node("Reshape", [gather, flat], name=f"{dq.name}/head_scales/Reshape")
-        out = reshape.outputs[0]
-        out.name = _unique(self.graph, f"{dq.name}.head_scales")
-        out.dtype, out.shape = gather.dtype, ir.Shape([dq.rows * kb])
-        producer = gather.producer()
-        if producer is not None:  # the float16 copy's Cast
-            self.graph.insert_after(producer, reshape)
-        else:
-            self.graph.insert_before(next(iter(self.graph)), reshape)
-        self.cache["head_scales"] = out
-        return out
-
-    def tied_inputs(self) -> list[ir.Value | None]:
-        dq, kb = self.dq, self.dq.blocks
-        s = self._head_scales()
-        z = None
-        if not dq.symmetric:
-            z = self._get(
-                "head_zero_points",
-                lambda q: pack_bits_last(q.zero_points, q.bits).reshape(-1),
-                ir.DataType.UINT8,
-                (dq.rows * _packed_len(kb, dq.bits),),
-            )
-        return [s, z]
-
-
-def _as_half(scales: np.ndarray, label: str) -> np.ndarray:
-    """``scales`` as float16; an error when one is beyond float16's range."""
-    big = float(np.abs(scales).max(initial=0.0))
-    if not np.isfinite(big) or big > float(np.finfo(np.float16).max):
-        raise QwenExportError(
-            f"{label}: a quantization scale of {big:g} is beyond float16's range (65504); this weight cannot be "
-            "stored with compact scales"
-        )
-    return scales.astype(np.float16)
+    return DequantizeMatch(
+        node, quant, shape[0], shape[1], axis, quant.bits, block, quant.symmetric, scales.dtype, name
+    )
 
 
 # --- rewrites ----------------------------------------------------------------------------------------
@@ -406,7 +252,7 @@ def _bias(matmul: ir.Node, n: int, dtype: ir.DataType) -> tuple[ir.Node, ir.Valu
 
 
 def _lower_matmul(
-    graph: ir.Graph, lowered: _Lowered, matmul: ir.Node, accuracy_level: int, fired: dict[str, int]
+    graph: ir.Graph, lowered: LoweredWeight, matmul: ir.Node, accuracy_level: int, fired: dict[str, int]
 ) -> None:
     dq = lowered.dq
     weights, k, n = lowered.matmul_inputs()
@@ -427,7 +273,7 @@ def _lower_matmul(
     fired[MATMUL_RULE] += 1
 
 
-def _lower_gather(graph: ir.Graph, lowered: _Lowered, gather: ir.Node, fired: dict[str, int]) -> None:
+def _lower_gather(graph: ir.Graph, lowered: LoweredWeight, gather: ir.Node, fired: dict[str, int]) -> None:
     dq = lowered.dq
     ids = gather.inputs[1]
     data = lowered.table_data()
@@ -444,7 +290,7 @@ def _lower_gather(graph: ir.Graph, lowered: _Lowered, gather: ir.Node, fired: di
     if rank is None:  # [..., H/B, B] -> [..., H]: keep every leading dim, whatever the rank
         raise ValueError("unknown rank")
     shape = ir.Value(
-        name=_unique(graph, f"{base}.gathered_shape"),
+        name=unique_name(graph, f"{base}.gathered_shape"),
         shape=ir.Shape([rank]),
         type=ir.TensorType(ir.DataType.INT64),
         const_value=ir.tensor(np.array([0] * (rank - 1) + [dq.cols], np.int64)),
@@ -457,7 +303,9 @@ def _lower_gather(graph: ir.Graph, lowered: _Lowered, gather: ir.Node, fired: di
     fired[GATHER_RULE] += 1
 
 
-def _lower_tied(graph: ir.Graph, lowered: _Lowered, gemm: ir.Node, accuracy_level: int, fired: dict[str, int]) -> None:
+def _lower_tied(
+    graph: ir.Graph, lowered: LoweredWeight, gemm: ir.Node, accuracy_level: int, fired: dict[str, int]
+) -> None:
     dq = lowered.dq
     data = lowered.table_data()
     scales, zeros = lowered.tied_inputs()
@@ -471,7 +319,7 @@ def _lower_tied(graph: ir.Graph, lowered: _Lowered, gemm: ir.Node, accuracy_leve
     fired[TIED_RULE] += 1
 
 
-def _use_kind(use: Any, dq: _DQ) -> str | None:
+def _use_kind(use: Any, dq: DequantizeMatch) -> str | None:
     node = use.node
     if not _default_domain(node):
         return None
@@ -510,11 +358,13 @@ class MatMulNBitsLowering(GraphPass):
     requires_ops = ("DequantizeLinear",)
     explain_heading = "left alone"
 
-    def __init__(self, accuracy_level: int = 4, explain: Any = None, compact_scales: bool = False) -> None:
+    def __init__(
+        self, accuracy_level: int = 4, explain: Any = None, compact_scales: bool = False, log_scales: bool = False
+    ) -> None:
         if accuracy_level not in range(5):
             raise ValueError(f"accuracy_level must be 0..4, got {accuracy_level}")
         self.accuracy_level = accuracy_level
-        self.compact_scales = compact_scales
+        self.compact_scales, self.log_scales = compact_scales, log_scales
         self.explain = explain
         #: after a call: the DequantizeLinear nodes left alone, and why
         self.misses: list[str] = []
@@ -534,7 +384,7 @@ class MatMulNBitsLowering(GraphPass):
             if not uses or None in kinds or out.is_graph_output():
                 self.misses.append(f"{node.name}: consumers {[u.node.op_type for u in uses]} are not all lowerable")
                 continue
-            lowered = _Lowered(graph, dq, self.compact_scales)
+            lowered = LoweredWeight(graph, dq, self.compact_scales, self.log_scales and not dq.symmetric)
             for use, kind in zip(uses, kinds, strict=True):
                 if kind == "matmul":
                     _lower_matmul(graph, lowered, use.node, self.accuracy_level, fired)
@@ -548,8 +398,9 @@ class MatMulNBitsLowering(GraphPass):
                 if not list(value.uses()) and value.name in graph.initializers:
                     del graph.initializers[value.name]
             lowered.finalize()
-            if lowered.compact_values:
-                fired[COMPACT_VALUES] = fired.get(COMPACT_VALUES, 0) + lowered.compact_values
+            for key, count in ((COMPACT_VALUES, lowered.compact_values), (LOG8_VALUES, lowered.log8_values)):
+                if count:
+                    fired[key] = fired.get(key, 0) + count
         return fired
 
     def left_alone(self) -> list[str]:

@@ -110,20 +110,36 @@ def range_key(norm_weight: str) -> str | None:
 
 
 class _Reader:
-    """Initializers of the artifact's graph as numpy arrays (external data read on demand); a
-    float32 view through the ``Cast`` that turns stored float16 scales into float32."""
+    """Initializers of the artifact's graph as numpy arrays (external data read on demand), and the
+    values computed from them by the nodes the lowering puts ahead of the graph (a ``Cast`` of
+    float16 scales, the ``Cast``/``Mul``/``Exp``/``Reshape`` of ``log8`` scales), computed as ONNX
+    Runtime's constant folding does, in float32."""
 
     def __init__(self, proto: Any, root: Path) -> None:
         self.root = root
         self.inits = {init.name: init for init in proto.graph.initializer}
-        self.casts = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "Cast"}
+        self.producers = {n.output[0]: n for n in proto.graph.node if n.op_type in _FOLDED}
 
     def array(self, name: str) -> np.ndarray:
-        from onnx import numpy_helper
+        from onnx import helper, numpy_helper
 
-        if name not in self.inits and name in self.casts:
-            return self.array(self.casts[name]).astype(np.float32)
+        if name not in self.inits and name in self.producers:
+            node = self.producers[name]
+            inputs = [self.array(i) for i in node.input]
+            if node.op_type == "Cast":
+                to = next(a.i for a in node.attribute if a.name == "to")
+                return inputs[0].astype(helper.tensor_dtype_to_np_dtype(to))
+            return _FOLDED[node.op_type](*inputs)
         return numpy_helper.to_array(self.inits[name], base_dir=os.fspath(self.root))
+
+
+#: the constant nodes :class:`_Reader` computes (``Cast`` by its ``to``)
+_FOLDED: dict[str, Any] = {
+    "Cast": None,
+    "Mul": lambda a, b: np.multiply(a, b, dtype=np.result_type(a, b)),
+    "Exp": np.exp,
+    "Reshape": lambda a, shape: a.reshape([int(d) for d in shape]),
+}
 
 
 def _attributes(node: Any) -> dict[str, int]:

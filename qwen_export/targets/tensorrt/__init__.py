@@ -27,6 +27,7 @@ class TensorRTTarget:
     cpu_module: str = "onnxruntime"
     zero_points: bool = False
     mixed_bits: bool = False
+    log_scales: bool = False
     small_blocks_fast: bool = False  # one block size per artifact (``--block`` is refused)
 
     def cpu_runs(self) -> dict[str, dict[str, Any]]:
