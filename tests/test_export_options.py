@@ -29,7 +29,7 @@ from qwen_export.export.options import (
     export_options,
     untied_blocks,
 )
-from qwen_export.quant.scheme import PER_CHANNEL, Keep, QuantScheme, WeightFormat
+from qwen_export.quant.scheme import PER_CHANNEL, Keep, QuantScheme, ScaleFormat, WeightFormat
 from qwen_export.spec import ModelSpec, Target
 
 _, GROUP, BITS, SYM, _ = KINDS["awq"]
@@ -139,6 +139,7 @@ def test_plain_values_and_lists(qwen2_tied: Path) -> None:
         algorithm=d.algorithm,
         symmetric=d.symmetric,
         int8_weights=TIED_INT8,  # a tied model: every weight at 4 bits but v_proj
+        scale_format=ScaleFormat.LOG8,  # ONNX Runtime's one-byte scales (asymmetric)
     )
     assert export_options() == ExportOptions()  # no flags: the defaults
 
