@@ -19,14 +19,18 @@ from qwen_export.export import parity
 from qwen_export.export.options import export_options
 from qwen_export.export.pipeline import ExportOptions
 from qwen_export.export.pipeline import export as run_export
+from qwen_export.passes import cleanup
 from qwen_export.quant import log_scales
 from qwen_export.quant.numeric import BlockQuantized, quantize_rtn
 from qwen_export.quant.scheme import QuantScheme, ScaleFormat, WeightFormat
 from qwen_export.runtime import bandwidth
 from qwen_export.runtime.loader import open_artifact
-from qwen_export.targets.onnxruntime.prefill_int8 import _Reader
+from qwen_export.targets.onnxruntime import lowered
+from qwen_export.targets.onnxruntime.prefill_int8 import _Reader, dequantize
 
 TABLE = "model.embed_tokens.weight"
+LINEAR = "model.layers.0.mlp.down_proj.weight_t"
+H, INTER = 64, 128  # the tiny models' hidden and intermediate sizes
 TOKENS = 32
 
 
@@ -85,13 +89,18 @@ def test_free_blocks_are_those_on_the_zero_point() -> None:
 
 @pytest.fixture(scope="module")
 def pair(qwen2_tied: Path, module_scratch: ModuleScratch) -> dict[ScaleFormat, Path]:
-    """The tiny tied model at int4 asymmetric (RTN), with float16 and with log8 scales."""
+    """The tiny tied model at int4 asymmetric (RTN), with float16 and with log8 scales; every
+    weight's scales stored compactly (the tiny linears' are under the size that is otherwise kept
+    float32)."""
     root = module_scratch.mkdir("log8")
     out = {}
-    for fmt in ScaleFormat:
-        scheme = QuantScheme(WeightFormat.INT4, symmetric=False, embedding_bits=4, scale_format=fmt)
-        run_export(qwen2_tied, root / fmt.value, ExportOptions(quant=scheme))
-        out[fmt] = root / fmt.value
+    with pytest.MonkeyPatch.context() as mp:
+        for module in (lowered, cleanup):  # the export's own folding would fold them back
+            mp.setattr(module, "FOLD_SIZE_LIMIT", 16)
+        for fmt in ScaleFormat:
+            scheme = QuantScheme(WeightFormat.INT4, symmetric=False, embedding_bits=4, scale_format=fmt)
+            run_export(qwen2_tied, root / fmt.value, ExportOptions(quant=scheme))
+            out[fmt] = root / fmt.value
     return out
 
 
@@ -104,17 +113,19 @@ def test_log8_scales_are_bytes_in_the_file(pair: dict[ScaleFormat, Path]) -> Non
     inits = model.graph.initializers
     v, kb = inits[f"{TABLE}.data"].shape[0], inits[f"{TABLE}.data"].shape[1]
     codes, top, step = (inits[f"{TABLE}.gather_scales.{p}"] for p in ("log8", "top", "step"))
-    assert (codes.dtype, list(codes.shape)) == (ir.DataType.UINT8, [v, kb])
-    assert (top.dtype, list(top.shape)) == (ir.DataType.FLOAT16, [v, 1])
-    assert (step.dtype, list(step.shape)) == (ir.DataType.UINT8, [v, 1])
+    assert (codes.dtype, list(codes.shape)) == (ir.DataType.UINT8, [v, kb, 1])  # GatherBlockQuantized's scales
+    assert (top.dtype, list(top.shape)) == (ir.DataType.FLOAT16, [v, 1, 1])
+    assert (step.dtype, list(step.shape)) == (ir.DataType.UINT8, [v, 1, 1])
     assert f"{TABLE}.gather_scales" not in inits
-    ops = {n.op_type for n in model.graph}
-    assert {"Exp", "Mul", "Cast", "Reshape"} <= ops
+    down = inits[f"{LINEAR}.scales.log8"]  # MatMulNBits' scales [N, K / block]
+    assert (down.dtype, list(down.shape)) == (ir.DataType.UINT8, [H, INTER // 32])
+    assert sum(n.op_type == "Exp" for n in model.graph) == 2 * 5 + 1  # every linear and the table
     manifest = load_manifest(pair[ScaleFormat.LOG8])
     fired = next(p["fired"] for p in manifest.passes if p["name"] == "matmulnbits")
-    assert fired["log8_scale_values"] == v * kb and "compact_scale_values" not in fired
+    values = fired["log8_scale_values"]
+    assert values > v * kb and "compact_scale_values" not in fired
     assert manifest.extra["quantization"]["scale_format"] == "log8"
-    assert bandwidth.compact_scale_bytes(manifest) == 3 * v * kb  # float32 once loaded
+    assert bandwidth.compact_scale_bytes(manifest) == 3 * values  # float32 once loaded
 
 
 def _table_scales(art: Path) -> np.ndarray:
@@ -131,10 +142,24 @@ def test_log8_scales_are_the_float16_ones_on_the_grid(pair: dict[ScaleFormat, Pa
     stored = log_scales.LogScales(
         *(inits[f"{TABLE}.gather_scales.{p}"].const_value.numpy() for p in ("log8", "top", "step"))
     )
-    assert np.array_equal(log8, log_scales.decode(stored))
-    assert (np.abs(log8 / half.astype(np.float32) - 1) <= _bound(stored.step)).all()
+    assert np.array_equal(log8, log_scales.decode(stored).reshape(-1, 2))
+    assert (np.abs(log8 / half.astype(np.float32) - 1) <= _bound(stored.step.reshape(-1, 1))).all()
     data = [_graph(pair[f]).graph.initializers[f"{TABLE}.data"].const_value.numpy() for f in ScaleFormat]
     assert np.array_equal(*data)
+
+
+def test_log8_linear_dequantizes_within_the_grid(pair: dict[ScaleFormat, Path]) -> None:
+    """A MatMulNBits weight read back through the folded nodes (as ``--prefill int8`` reads it)
+    differs from the float16 export's by at most the grid's rounding of its scales."""
+    weights = []
+    for fmt in ScaleFormat:
+        proto = onnx.load(pair[fmt] / "model.onnx", load_external_data=False)
+        node = next(n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith(LINEAR))
+        weights.append(dequantize(node, _Reader(proto, pair[fmt])))
+    half, log8 = weights
+    step = _graph(pair[ScaleFormat.LOG8]).graph.initializers[f"{LINEAR}.scales.step"].const_value.numpy()
+    assert np.abs(log8 - half).max() > 0
+    assert (np.abs(log8 - half) <= np.abs(half) * _bound(step.reshape(-1, 1)) + 1e-7).all()
 
 
 def test_log8_artifact_runs_like_the_float16_one(pair: dict[ScaleFormat, Path]) -> None:

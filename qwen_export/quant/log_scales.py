@@ -15,8 +15,9 @@ so a weight moves by at most ``15 * 0.4% = 6%`` of a quantization step, an error
 
 Blocks whose codes all sit on the zero point dequantize to 0 under any scale; they take the row's
 median and do not widen its range. The graph computes the float scales with ``Cast``, ``Mul``,
-``Exp`` (:func:`decode`'s steps, in float32), which ONNX Runtime's constant folding runs once when
-the session is created (the kernels then see plain float32 scales, prepacked as before).
+``Exp`` (:func:`decode`'s steps, in float32: four over the whole tensor), which ONNX Runtime's
+constant folding runs once when the session is created (the kernels then see plain float32
+scales, prepacked as before).
 """
 
 from __future__ import annotations
@@ -90,9 +91,9 @@ def _free_to_median(codes: np.ndarray, used: np.ndarray) -> np.ndarray:
 
 
 def decode(log: LogScales) -> np.ndarray:
-    """The float32 scales [rows, blocks] the graph computes: ``top * exp(q * step * EXPONENT)``."""
-    exponent = log.codes.astype(np.float32) * log.step.astype(np.float32) * EXPONENT
-    return np.exp(exponent) * log.top.astype(np.float32)
+    """The float32 scales [rows, blocks] the graph computes: ``top * exp(q * (step * EXPONENT))``."""
+    rate = log.step.astype(np.float32) * EXPONENT
+    return np.exp(log.codes.astype(np.float32) * rate) * log.top.astype(np.float32)
 
 
 def stored_bytes(rows: int, blocks: int) -> int:

@@ -17,6 +17,7 @@ from qwen_export import targets
 from qwen_export.artifact import Manifest, load_manifest, read_artifact_file
 from qwen_export.errors import ArtifactError, OptionError
 from qwen_export.runtime.generation import GenerationConfig
+from qwen_export.runtime.heap import trim_heap
 from qwen_export.spec import Target
 from qwen_export.targets.base import Engine
 
@@ -87,6 +88,7 @@ def open_artifact(path: str | Path, options: RuntimeOptions | None = None, verif
     _attach_multimodal(root, manifest, engine)
     tokenizer = Tokenizer.from_dir(root, reader=artifact_reader(root, manifest))
     defaults = read_generation_defaults(root, manifest)
+    trim_heap()
     return LoadedArtifact(root, manifest, engine, tokenizer, defaults)
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from qwen_export.artifact import Manifest, read_artifact_file
 from qwen_export.errors import ArtifactError, EngineUnavailableError, OptionError
+from qwen_export.runtime.heap import trim_heap
 from qwen_export.spec import ModelSpec
 from qwen_export.targets.base import (
     DEFAULT_KV_STEP,
@@ -289,7 +290,9 @@ class OnnxRuntimeEngine:
                 proto = onnx.load(model)
                 dynamic_int8.unsigned_codes(proto)
                 model = proto.SerializeToString()
-            return self._ort.InferenceSession(model, self._session_options, providers=["CPUExecutionProvider"])
+            session = self._ort.InferenceSession(model, self._session_options, providers=["CPUExecutionProvider"])
+            trim_heap()  # a session made after the artifact was opened (its prompt graph)
+            return session
         except Exception as exc:  # ORT and onnx raise their own types; report one line
             first = str(exc).splitlines()[0]
             raise ArtifactError(f"{root / name}: ONNX Runtime could not load it: {first}") from None

@@ -112,33 +112,35 @@ class LoweredWeight:
     def _log_scales(
         self, key: str, make: Callable[[BlockQuantized], np.ndarray], shape: tuple[int, ...], rows: int
     ) -> ir.Value:
-        """``log8`` scales: uint8 codes [rows, blocks], float16 ``top`` and uint8 ``step`` [rows, 1],
-        and the nodes computing ``top * exp(codes * step * EXPONENT)`` (:mod:`qwen_export.quant.log_scales`)."""
+        """``log8`` scales: uint8 codes in ``shape`` (rows first; a flat shape becomes [rows, blocks]),
+        float16 ``top`` and uint8 ``step`` [rows, 1, ...], and the nodes computing ``top *
+        exp(codes * (step * EXPONENT))`` (:mod:`qwen_export.quant.log_scales`): four over the whole
+        tensor, each a folded copy at session creation."""
         if key in self.cache:
             return self.cache[key]
-        blocks, label = int(np.prod(shape)) // rows, f"{self.dq.name}/{key}"
+        size, label = int(np.prod(shape)), f"{self.dq.name}/{key}"
+        shape = (rows, size // rows) if len(shape) == 1 else shape
+        per_row = (rows,) + (1,) * (len(shape) - 1)
         parts = {
-            "log8": (lambda q: self._encoded(key, q, make, rows).codes, ir.DataType.UINT8, (rows, blocks)),
-            "top": (lambda q: self._encoded(key, q, make, rows).top, ir.DataType.FLOAT16, (rows, 1)),
-            "step": (lambda q: self._encoded(key, q, make, rows).step, ir.DataType.UINT8, (rows, 1)),
+            "log8": (lambda q: self._encoded(key, q, make, rows).codes.reshape(shape), ir.DataType.UINT8, shape),
+            "top": (lambda q: self._encoded(key, q, make, rows).top.reshape(per_row), ir.DataType.FLOAT16, per_row),
+            "step": (lambda q: self._encoded(key, q, make, rows).step.reshape(per_row), ir.DataType.UINT8, per_row),
         }
         stored = {part: self._get(f"{key}.{part}", *spec) for part, spec in parts.items()}
         factor = self._constant(f"{key}.exponent", np.array(LOG_EXPONENT, np.float32))
-        target = self._constant(f"{key}.shape", np.array(shape, np.int64))
         f32 = {"to": ir.DataType.FLOAT}
         codes = ir.node("Cast", [stored["log8"]], f32, name=f"{label}/codes")
         step = ir.node("Cast", [stored["step"]], f32, name=f"{label}/step")
         top = ir.node("Cast", [stored["top"]], f32, name=f"{label}/top")
-        product = ir.node("Mul", [codes.outputs[0], step.outputs[0]], name=f"{label}/product")
-        scaled = ir.node("Mul", [product.outputs[0], factor], name=f"{label}/exponent")
+        rate = ir.node("Mul", [step.outputs[0], factor], name=f"{label}/rate")
+        scaled = ir.node("Mul", [codes.outputs[0], rate.outputs[0]], name=f"{label}/exponent")
         power = ir.node("Exp", [scaled.outputs[0]], name=f"{label}/Exp")
         value = ir.node("Mul", [power.outputs[0], top.outputs[0]], name=f"{label}/scales")
-        nodes = [codes, step, top, product, scaled, power, value]
+        nodes = [codes, step, top, rate, scaled, power, value]
         if self.dq.float_type != ir.DataType.FLOAT:
             nodes.append(ir.node("Cast", [value.outputs[0]], {"to": self.dq.float_type}, name=f"{label}/Cast"))
-        nodes.append(ir.node("Reshape", [nodes[-1].outputs[0], target], name=f"{label}/Reshape"))
         self._computed(key, nodes, shape)
-        self.log8_values += rows * blocks
+        self.log8_values += size
         return self.cache[key]
 
     def _constant(self, key: str, array: np.ndarray) -> ir.Value:
