@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from qwen_export import targets
 from qwen_export.artifact import Manifest, load_manifest, read_artifact_file
 from qwen_export.errors import ArtifactError, OptionError
+from qwen_export.heap import trim_heap
 from qwen_export.runtime.generation import GenerationConfig
-from qwen_export.runtime.heap import trim_heap
 from qwen_export.spec import Target
 from qwen_export.targets.base import Engine
 

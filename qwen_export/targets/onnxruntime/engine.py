@@ -33,7 +33,7 @@ import numpy as np
 
 from qwen_export.artifact import Manifest, read_artifact_file
 from qwen_export.errors import ArtifactError, EngineUnavailableError, OptionError
-from qwen_export.runtime.heap import trim_heap
+from qwen_export.heap import trim_heap
 from qwen_export.spec import ModelSpec
 from qwen_export.targets.base import (
     DEFAULT_KV_STEP,
