@@ -206,9 +206,9 @@ def test_compact_scales_reach_qmoe(quantized, qwen3_moe: Path, tmp_path: Path, m
     """Experts whose MatMulNBits scales are compact (float16 read through a Cast, as real-size experts'
     are; forced here on the tiny model) still become one QMoE, with the same logits up to float16's
     rounding of the scales."""
-    from qwen_export.targets.onnxruntime import matmulnbits
+    from qwen_export.targets.onnxruntime import lowered
 
-    monkeypatch.setattr(matmulnbits, "FOLD_SIZE_LIMIT", 0)
+    monkeypatch.setattr(lowered, "FOLD_SIZE_LIMIT", 0)
     _, options = CASES["qwen3_int4_exact"]
     run_export(qwen3_moe, tmp_path / "compact", options)
     manifest = json.loads((tmp_path / "compact" / "manifest.json").read_text())

@@ -418,8 +418,8 @@ def test_cli_int4_asymmetric(qwen2_tied: Path, tmp_path: Path, export) -> None:
         "export", qwen2_tied, "-o", out, "--weights", "int4", "--block-size", "32", "--asymmetric", "--algorithm", "rtn"
     )
     assert result.exit_code == 0, result.output
-    shown = "int4 rtn b32 asym, embedding int4, int8 model.layers.*.self_attn.v_proj, fp32 activations"
-    assert shown in " ".join(result.output.split())  # the tied default: v_proj at 8 bits
+    shown = "int4 rtn b32 asym log8-scales, embedding int4, int8 model.layers.*.self_attn.v_proj, fp32 activations"
+    assert shown in " ".join(result.output.split())  # the tied default: v_proj at 8 bits, one-byte scales
     assert "--budget" not in result.output  # --block-size given: the layout as asked, no size budget
     quant = _manifest(out)["extra"]["quantization"]
     assert (quant["weights"], quant["bits"], quant["block_size"], quant["symmetric"]) == ("int4", 4, 32, False)

@@ -283,6 +283,8 @@ def describe_weights(dtype: str, quantization: dict[str, object] | None) -> str:
         "per-channel" if block == PER_CHANNEL else f"b{block}",
         "sym" if quantization.get("symmetric") else "asym",
     ]
+    if quantization.get("scale_format") == ScaleFormat.LOG8.value:
+        parts.append("log8-scales")
     keep = quantization.get("keep") or []
     kept = keep if isinstance(keep, list) else []
     pieces = [" ".join(parts)]
