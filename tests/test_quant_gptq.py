@@ -3,6 +3,7 @@ the export path (layer-by-layer calibration, stored codes used as they are, scra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -21,8 +22,10 @@ from qwen_export.export.gptq import (
     Geometry,
     GPTQSettings,
     HessianAccumulator,
+    factorize,
     gptq_quantize,
     output_error,
+    weighted_quantize,
 )
 from qwen_export.export.gptq_clip import clip_quantize
 from qwen_export.export.options import export_options
@@ -459,7 +462,8 @@ def test_tied_table_is_quantized_as_the_lm_head(qwen2_tied: Path, tmp_path: Path
     ckpt = Checkpoint.open(qwen2_tied)
     ids = calib.calibration_tokens(Tokenizer.from_dir(qwen2_tied), calib.DEFAULT_TEXT[:2000], "built-in")
     scheme = QuantScheme(WeightFormat.INT4, symmetric=False, algorithm=QuantAlgorithm.GPTQ, embedding_bits=4)
-    settings = GPTQSettings(bf16_forward=False)  # the float32 reference below
+    # the float32 reference below; GPTQ on every column (the default: the first HEAD_GPTQ_COLUMNS)
+    settings = GPTQSettings(bf16_forward=False, head_gptq_columns=None)
     (tmp_path / "scratch").mkdir()
     stored = run_gptq(ckpt, ckpt.spec, ids, scheme, tmp_path / "scratch", settings=settings).stored
     table = stored["model.embed_tokens.weight"]
@@ -481,6 +485,19 @@ def test_tied_table_is_quantized_as_the_lm_head(qwen2_tied: Path, tmp_path: Path
     assert np.array_equal(got.codes, expected.codes) and np.allclose(got.scales, expected.scales, rtol=1e-5)
     rtn = quantize_rtn(w, 4, 32, 0, False)
     assert output_error(w, got, acc.h) < 0.8 * output_error(w, rtn, acc.h)
+
+    # GPTQ on the first token ids only: those columns as above, the weighted clip search for the rest
+    first = ckpt.spec.vocab_size // 3
+    (tmp_path / "scratch-first").mkdir()
+    part = dataclasses.replace(settings, head_gptq_columns=first)
+    split = run_gptq(ckpt, ckpt.spec, ids, scheme, tmp_path / "scratch-first", settings=part).stored
+    head = split["model.embed_tokens.weight"]
+    assert head.gptq and head.gptq_columns == first and f"first {first} output columns" in head.describe()
+    codes = head.block_quantized(False).codes
+    assert np.array_equal(codes[:, :first], expected.codes[:, :first])
+    rest = weighted_quantize(np.ascontiguousarray(w[:, first:]), acc.diagonal(), Geometry(4, 32, False), part)
+    assert np.array_equal(codes[:, first:], rest.codes)
+    assert not np.array_equal(codes[:, first:], expected.codes[:, first:])
 
     from qwen_export.export import gptq_layers
 
@@ -594,16 +611,26 @@ def test_calibration_sequences_have_one_length_so_a_layer_runs_as_one_batch(qwen
         assert a.shape == b.shape and float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
 
 
-def test_int8_parts_of_a_mixed_layout_get_the_weighted_clip_search(qwen2_untied: Path, tmp_path: Path) -> None:
+def test_int8_parts_of_a_mixed_layout_get_the_weighted_clip_search(
+    qwen2_untied: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
     """With ``--int8`` parts, GPTQ runs on the int4 weights only (``max_bits``); the int8 ones get
-    the diag(H)-weighted clip search, and say so."""
+    the diag(H)-weighted clip search, and say so. An input whose linears are all 8-bit sums only
+    the Hessian's diagonal."""
     scheme = QuantScheme(
         WeightFormat.INT4,
         symmetric=False,
         algorithm=QuantAlgorithm.GPTQ,
         int8_weights=("model.layers.*.self_attn.*", "lm_head"),
     )
-    _, _, weights = _gptq_run(qwen2_untied, tmp_path, scheme, bf16_forward=False)
+    from qwen_export.export import gptq_layers
+
+    factorized = []
+    monkeypatch.setattr(gptq_layers, "factorize", lambda h, s: factorized.append(h.shape) or factorize(h, s))
+    ckpt, _, weights = _gptq_run(qwen2_untied, tmp_path, scheme, bf16_forward=False)
+    # the attention's inputs and the lm_head's feed 8-bit weights only: their diagonals, no [K, K]
+    # Hessian (gate/up's and down_proj's are factorized)
+    assert len(factorized) == 2 * ckpt.spec.num_hidden_layers
     stored = weights.stored
     eight = {k for k in stored if "self_attn" in k or k == "lm_head.weight"}
     assert eight and all(stored[k].bits == 8 and not stored[k].gptq for k in eight)

@@ -90,16 +90,24 @@ class SpilledLinear(StoredLinear):
     ``.npy`` files (codes int8/uint8 [K, N], scales float32 [K/B, N], zero points uint8 or none)."""
 
     def __init__(  # noqa: D107
-        self, prefix: str, files: dict[str, Path], shape: tuple[int, int], geo: Geometry, gptq: bool = True
+        self,
+        prefix: str,
+        files: dict[str, Path],
+        shape: tuple[int, int],
+        geo: Geometry,
+        gptq: bool = True,
+        gptq_columns: int | None = None,
     ) -> None:
         self.linear = _Prefix(prefix)
-        self.files, self.shape, self.gptq = files, shape, gptq
+        self.files, self.shape, self.gptq, self.gptq_columns = files, shape, gptq, gptq_columns
         self.bits, self.block_size, self.symmetric = geo.bits, geo.block_size, geo.symmetric
 
     def describe(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
         wide = "weights wider than GPTQ's bits" if self.bits > 4 else "input too wide for GPTQ"
         how = "GPTQ" if self.gptq else f"weighted clip ({wide})"
+        if self.gptq_columns is not None:
+            how = f"GPTQ on the first {self.gptq_columns} output columns, weighted clip on the rest,"
         return f"{how} int{self.bits} block {self.block_size} {kind} (computed at export)"
 
     def zero_problem(self) -> str | None:
@@ -180,11 +188,14 @@ class _Spiller:
         scheme: QuantScheme,
         weight_t: np.ndarray | None = None,
         bits: int | None = None,
+        gptq_columns: int | None = None,
     ) -> SpilledLinear:
         """GPTQ of ``<prefix>.weight`` ([N, K] in the checkpoint) in column chunks, spilled to disk,
         at this weight's bits (``bits``, or ``--int8`` mixed precision) and block size (``--block``
         overrides); ``factor`` an array: diag(H) of an input too wide for GPTQ, the weighted clip
-        search instead. ``weight_t``: the weight as [K, N] float32 already in memory (not read again)."""
+        search instead. ``weight_t``: the weight as [K, N] float32 already in memory (not read again).
+        ``gptq_columns``: GPTQ for the first so many output columns only, the weighted clip search
+        (on the same diag(H)) for the rest (:attr:`GPTQSettings.head_gptq_columns`)."""
         name = f"{prefix}.weight"
         n, k = checkpoint.shape(name)
         bits = scheme.linear_bits(prefix) if bits is None else bits
@@ -198,8 +209,12 @@ class _Spiller:
         scales = np.empty((k // geo.block_size, n), np.float32)
         zeros = None if geo.symmetric else np.empty((k // geo.block_size, n), np.uint8)
         step = max(1, COLUMN_BYTES // (4 * k))
-        for start in range(0, n, step):
-            stop = min(n, start + step)
+        gptq = isinstance(factor, Factor) and geo.bits <= settings.max_bits
+        limit = n if gptq_columns is None or not gptq else min(n, gptq_columns)
+        bounds = sorted({*range(0, n, step), limit} - {n})
+        for start, stop in zip(bounds, [*bounds[1:], n], strict=True):
+            if start == limit and isinstance(factor, Factor):
+                factor = factor.importance  # the columns after the first gptq_columns: weighted clip
             if weight_t is None:
                 w = np.ascontiguousarray(checkpoint.read_rows(name, start, stop).T, dtype=np.float32)
             else:
@@ -214,14 +229,11 @@ class _Spiller:
             scales[:, start:stop] = q.scales
             if zeros is not None:
                 zeros[:, start:stop] = q.zero_points
-        codes.flush()
-        del codes
+        del codes  # no flush: the pages reach the file in time, and this process reads them back
         np.save(files["scales"], scales)
         if zeros is not None:
             np.save(files["zeros"], zeros)
-        return SpilledLinear(
-            prefix, files, (k, n), geo, gptq=isinstance(factor, Factor) and geo.bits <= settings.max_bits
-        )
+        return SpilledLinear(prefix, files, (k, n), geo, gptq=gptq, gptq_columns=limit if gptq and limit < n else None)
 
 
 def _dequantized(stored: SpilledLinear) -> np.ndarray:
@@ -281,7 +293,8 @@ def _quantize_on_first_input(
 ) -> list[Any]:  # fmt: skip
     """Forward pre-hooks on layer ``i``'s linears for its one batched calibration run: the first
     linear of an input group to run quantizes the whole group from that input (every calibration
-    row in one call): its Hessian (the diagonal for an input ``gptq(K)`` rejects), GPTQ of each
+    row in one call): its Hessian (the diagonal alone for an input ``gptq(K)`` rejects, or where
+    every linear of the group is wider than GPTQ's bits: the weighted clip search reads no more), GPTQ of each
     linear from the float weight in the layer, the weight then replaced by its dequantized form. So
     each later input in the layer is what the quantized model computes (GPTQ's "true sequential"
     order), and the layer runs once instead of twice (float, then quantized)."""
@@ -295,7 +308,9 @@ def _quantize_on_first_input(
                 return
             done.add(group)
             k = args[0].shape[-1]
-            acc = HessianAccumulator(k) if gptq(k) else DiagonalAccumulator(k)
+            prefixes = [f"model.layers.{i}.{p}" for p, g in LINEARS.items() if g == group]
+            full = gptq(k) and any(scheme.linear_bits(prefix) <= settings.max_bits for prefix in prefixes)
+            acc = HessianAccumulator(k) if full else DiagonalAccumulator(k)
             acc.add(args[0])
             factor = acc.diagonal() if isinstance(acc, DiagonalAccumulator) else factorize(acc.h, settings)
             del acc
@@ -404,8 +419,10 @@ def run_gptq(
     if head is not None:
         progress(done, total)
         prefix, bits = head
-        factor = _head_factor(runner, spec.hidden_size, settings, gptq_for)
-        stored[f"{prefix}.weight"] = spill.quantize(weights, prefix, factor, settings, scheme, bits=bits)
+        factor = _head_factor(runner, spec.hidden_size, settings, lambda k: gptq_for(k) and bits <= settings.max_bits)
+        stored[f"{prefix}.weight"] = spill.quantize(
+            weights, prefix, factor, settings, scheme, bits=bits, gptq_columns=settings.head_gptq_columns
+        )
     progress(total, total)
     return weights
 
