@@ -463,6 +463,11 @@ class HessianAccumulator:
         return torch.diag(self.h).clamp_min(0).numpy()
 
 
+#: input channels whose squares :class:`DiagonalAccumulator` forms at once (the same sums, in a
+#: tenth of the memory traffic for down_proj's 3,072 x 8,960 input)
+DIAGONAL_COLUMNS = 1024
+
+
 class DiagonalAccumulator(HessianAccumulator):
     """Only ``diag(H) = sum_t x_t^2`` [K]: what the weighted clip search of an input too wide for
     GPTQ needs (K floats instead of K^2: for down_proj, 8960 instead of 80 million)."""
@@ -472,8 +477,10 @@ class DiagonalAccumulator(HessianAccumulator):
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        self.h.add_((x * x).sum(0))
+        x = x.detach().reshape(-1, x.shape[-1])
+        for start in range(0, x.shape[1], DIAGONAL_COLUMNS):  # float32 squares a slice at a time
+            part = x[:, start : start + DIAGONAL_COLUMNS].to(torch.float32, copy=True)
+            self.h[start : start + DIAGONAL_COLUMNS].add_(part.square_().sum(0))
         self.rows += x.shape[0]
 
     def scale_inputs(self, factor: torch.Tensor) -> None:
