@@ -515,6 +515,15 @@ def test_tied_table_is_quantized_as_the_lm_head(qwen2_tied: Path, tmp_path: Path
     assert (gptq / "model.onnx.data").read_bytes() != (rtn_table / "model.onnx.data").read_bytes()
 
 
+def test_head_gptq_columns_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="head_gptq_columns"):
+        GPTQSettings(head_gptq_columns=0)
+    assert (
+        "token ids < 32768" in GPTQSettings().describe()
+        and "token ids" not in GPTQSettings(head_gptq_columns=None).describe()
+    )
+
+
 def test_gptq_options() -> None:
     with pytest.raises(OptionError, match="block"):
         export_options(target="openvino", weights="int4", block_size=0, algorithm="gptq")

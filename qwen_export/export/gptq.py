@@ -117,6 +117,10 @@ class GPTQSettings:
     #: (:data:`HEAD_GPTQ_COLUMNS`); None: every column
     head_gptq_columns: int | None = HEAD_GPTQ_COLUMNS
 
+    def __post_init__(self) -> None:
+        if self.head_gptq_columns is not None and self.head_gptq_columns < 1:
+            raise ValueError(f"head_gptq_columns must be None (every column) or positive, got {self.head_gptq_columns}")
+
     def describe(self) -> str:
         order = "act-order" if self.act_order else "in order"
         awq = f", AWQ scales first (grid {self.awq_grid})" if self.awq_grid else ""
