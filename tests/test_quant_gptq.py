@@ -155,6 +155,24 @@ def test_hessian_accumulator() -> None:
     )
 
 
+@pytest.mark.parametrize("k", [3, 8, 13])
+def test_hessian_accumulator_block_triangle_is_the_full_product(k: int) -> None:
+    """The accumulator multiplies only the blocks on and above the diagonal: what it returns is the
+    whole symmetric ``x^T x``, also when adds follow a read and a rescaling."""
+    import torch
+
+    torch.manual_seed(k)
+    acc = HessianAccumulator(k)
+    first, second = torch.randn(7, k), torch.randn(5, k)
+    acc.add(first)
+    assert torch.allclose(acc.h, first.T @ first, atol=1e-5)
+    factor = torch.rand(k) + 0.5
+    acc.scale_inputs(factor)
+    acc.add(second)
+    expected = (first * factor).T @ (first * factor) + second.T @ second
+    assert torch.allclose(acc.h, expected, atol=1e-4)
+
+
 def test_inputs_too_wide_for_the_calibration_get_the_weighted_clip_search(qwen2_untied: Path, tmp_path: Path) -> None:
     """With fewer calibration rows than input channels (``min_rows_per_input``), GPTQ would fit the
     calibration text: those weights get the diag(H)-weighted clip search alone, exactly
