@@ -13,11 +13,12 @@ first, not counted), each from an empty cache, so their ratio holds on a busy ma
 decode tok/s (tokens after the first over the time after the first token) and end-to-end tok/s
 (tokens over the whole call, prefill included), with the ratio's median and min-max over rounds,
 the acceptance rate, tokens per target forward, and whether every speculative output equals the
-plain one (greedy: it must). The artifact is a default ``--logits last`` export (speculation asks
-it for the last k+1 rows it verifies) or a ``--logits all`` one; ``--baseline`` adds plain decoding
-on another artifact of the same model (e.g. the same export made by an earlier version, to see that
-plain decoding did not get slower, or a ``--logits all`` one, whose prefill computes every prompt
-row's full-vocabulary logits).
+plain one (greedy: it must, up to near-ties: where one differs, the token and plain decoding's
+gap between its two best logits there are reported). The artifact is a default ``--logits last``
+export (speculation asks it for the last k+1 rows it verifies) or a ``--logits all`` one;
+``--baseline`` adds plain decoding on another artifact of the same model (e.g. the same export made
+by an earlier version, to see that plain decoding did not get slower, or a ``--logits all`` one,
+whose prefill computes every prompt row's full-vocabulary logits).
 
     .venv/bin/python benchmarks/speculative.py ART [--baseline OTHER_ART] [--threads 2]
         [--source FILE] [--repeats 3] [--warmup 1] [--max-new-tokens 512] [--free-new-tokens 128]
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import harness
+import numpy as np
 
 from qwen_export.errors import OptionError, QwenExportError
 from qwen_export.runtime.generation import GenerationResult, Generator
@@ -132,6 +134,10 @@ def run_task(
                 [rates(r)[1] / rates(p)[1] for r, p in zip(results, plain, strict=True)]
             )
             out[name]["same_tokens"] = all(r.token_ids == p.token_ids for r, p in zip(results, plain, strict=True))
+            differing = next((r for r, p in zip(results, plain, strict=True) if r.token_ids != p.token_ids), None)
+            if differing is not None:
+                first = divergence(loaded.engine, prompt, plain[0].token_ids, differing.token_ids)
+                out[name]["first_difference"] = first
         stats = [r.speculation for r in results if r.speculation is not None]
         if stats:
             drafted = sum(s.drafted for s in stats)
@@ -140,6 +146,20 @@ def run_task(
                 1, sum(s.steps for s in stats)
             )
     return out
+
+
+def divergence(engine: Any, prompt: list[int], plain: list[int], other: list[int]) -> dict[str, Any]:
+    """Where ``other`` first differs from plain decoding's ``plain`` (completion ids), and plain
+    decoding's gap between its two best logits there, recomputed by one forward of the prompt and
+    the agreed tokens: a near-tie that the verify forwards' different rounding can tip, or a real
+    disagreement (a gap far above the engine's rounding)."""
+    pairs = enumerate(zip(plain, other, strict=False))
+    first = next((i for i, (a, b) in pairs if a != b), min(len(plain), len(other)))
+    engine.reset()
+    logits = engine.forward(np.asarray([prompt + list(plain[:first])], dtype=np.int64))[0, -1]
+    engine.reset()
+    top = np.sort(np.asarray(logits, dtype=np.float64))[-2:]
+    return {"token": first, "plain_top2_gap": float(top[1] - top[0])}
 
 
 def _fmt(s: dict[str, float]) -> str:
@@ -154,6 +174,9 @@ def report_lines(name: str, row: dict[str, Any]) -> list[str]:
         if "decode_vs_plain" in r:
             line += f"; vs plain: decode x{_fmt(r['decode_vs_plain'])}, end-to-end x{_fmt(r['end_to_end_vs_plain'])}"
             line += f", same tokens: {r['same_tokens']}"
+            if "first_difference" in r:
+                diff = r["first_difference"]
+                line += f" (from token {diff['token']}: plain's top-2 logit gap there {diff['plain_top2_gap']:.4f})"
         if r.get("acceptance_rate") is not None:
             line += f", accepted {r['acceptance_rate']:.0%}, {r['tokens_per_forward']:.2f} tokens/forward"
         lines.append(line)
