@@ -21,7 +21,7 @@ from qwen_export.onnx_writer import write_onnx
 from qwen_export.passes import packed_qkv
 from qwen_export.passes.base import FusionError, op_histogram
 from qwen_export.passes.cleanup import CleanupPass
-from qwen_export.passes.packed_qkv import GQA_RULE, QKV_RULE, ConcatTensor, PackedQKVFusion
+from qwen_export.passes.packed_qkv import GQA_RULE, KV_RULE, QKV_RULE, ConcatTensor, PackedQKVFusion
 from qwen_export.spec import DType
 from qwen_export.weights import CheckpointTensor
 
@@ -301,6 +301,26 @@ def test_separate_prefixes_stay_unpacked_without_a_miss() -> None:
     assert op_histogram(model) == before
     assert "model.layers.0" not in stream.getvalue()
     assert PackedQKVFusion(separate=frozenset({"model.layers.1.self_attn."}))(model).fired[QKV_RULE] == 1
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_separate_prefix_packs_k_and_v_alone(bias: bool) -> None:
+    """``kv`` (q quantized differently, k and v alike): q stays its own MatMul, k and v become one
+    ``kv_proj`` MatMul and a 2-way Split, with the same outputs; a prefix outside ``kv`` is left."""
+    model = _proj_graph(bias=(bias,) * 3)
+    x = np.random.default_rng(3).standard_normal((2, 3, HIDDEN)).astype(np.float32)
+    expected = _session(model).run(None, {"x": x})
+    prefix = frozenset({"model.layers.0.self_attn."})
+    result = PackedQKVFusion(strict_expected=0, separate=prefix, kv=prefix)(model)
+    assert result.fired == {QKV_RULE: 0, KV_RULE: 1, GQA_RULE: 0}
+    assert dict(op_histogram(model)) == {"MatMul": 2, "Split": 1, "Identity": 3, **({"Add": 2} if bias else {})}
+    assert "model.layers.0.self_attn.kv_proj.weight_t" in model.graph.initializers
+    assert "model.layers.0.self_attn.q_proj.weight_t" in model.graph.initializers
+    got = _session(model).run(None, {"x": x})
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+    other = PackedQKVFusion(separate=prefix, kv=frozenset({"model.layers.1.self_attn."}))(_proj_graph())
+    assert other.fired[KV_RULE] == 0 and not other.changed
 
 
 def test_strict_count_above_hand_built_layers_raises() -> None:

@@ -741,3 +741,28 @@ def test_wide_models_get_enough_calibration_rows(qwen2_untied: Path, tmp_path: P
 class _Tokens:
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]
+
+
+def test_packed_k_and_v_give_the_unpacked_logits(qwen2_tied: Path, tmp_path: Path, monkeypatch: Any) -> None:
+    """q 4-bit, k and v 8-bit alike: ONNX Runtime packs k and v into one ``kv_proj`` (GPTQ's stored
+    codes concatenated), and the logits are those of the three separate projections, bit for bit."""
+    import onnx
+
+    import qwen_export.targets.onnxruntime as ort_target
+    from qwen_export.export import export as library_export
+
+    options = dict(
+        weights="int4", int8=["model.layers.*.self_attn.k_proj", "model.layers.*.self_attn.v_proj"], logits="all"
+    )
+    library_export(qwen2_tied, tmp_path / "packed", **options)
+    monkeypatch.setattr(ort_target, "packed_kv", lambda *args: frozenset())
+    library_export(qwen2_tied, tmp_path / "unpacked", **options)
+    names = {}
+    for kind in ("packed", "unpacked"):
+        graph = onnx.load(tmp_path / kind / "model.onnx", load_external_data=False).graph
+        names[kind] = {n.name.split("/")[0].split(".")[-2] for n in graph.node if n.op_type == "MatMulNBits"}
+    assert "kv_proj" in names["packed"] and not {"k_proj", "v_proj"} & names["packed"]
+    assert {"k_proj", "v_proj"} <= names["unpacked"] and "kv_proj" not in names["unpacked"]
+    ids = np.random.default_rng(0).integers(0, 200, size=(1, 20))
+    packed, unpacked = (open_artifact(tmp_path / kind).engine.forward(ids) for kind in ("packed", "unpacked"))
+    np.testing.assert_array_equal(packed, unpacked)

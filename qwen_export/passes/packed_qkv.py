@@ -18,6 +18,10 @@ or dtype, a weight that is not a constant initializer or not named ``q_proj``/``
 of one prefix, mixed biased/unbiased projections, a projection output that is a graph output) is
 left alone.
 
+Where q, k and v are quantized differently (``separate``) but k and v alike (``kv``: the tied int4
+layout with k and v both 8-bit in one block size), k and v alone become ``<prefix>kv_proj`` and a
+2-way Split (one kernel call a layer fewer; the Split stays, GQA takes no packed key/value).
+
 Second rule (``gqa=True``): where the three Split outputs are exactly the ``query``, ``key`` and
 ``value`` inputs of one ``com.microsoft::GroupQueryAttention`` and have no other consumer, the Split
 is dropped and GQA gets the packed tensor as ``query`` with empty ``key``/``value`` (GQA's packed
@@ -37,6 +41,7 @@ from qwen_export.passes.base import MS_DOMAIN, GraphPass
 from qwen_export.weights import CHUNK_BYTES
 
 QKV_RULE = "packed_qkv"
+KV_RULE = "packed_kv"
 GQA_RULE = "packed_qkv_gqa"
 _ROLES = ("q", "k", "v")
 _WEIGHT_SUFFIX = "_proj.weight_t"
@@ -231,10 +236,12 @@ def _unique(graph: ir.Graph, name: str) -> str:
     return candidate
 
 
-def _pack(graph: ir.Graph, prefix: str, projections: list[_Projection]) -> None:
+def _pack(graph: ir.Graph, prefix: str, projections: list[_Projection], roles: Sequence[str] = _ROLES) -> None:
+    """``projections`` (of ``roles``, in that order) as one MatMul (+ Add) on their concatenated
+    weight and a Split: ``<prefix>qkv_proj``, or ``<prefix>kv_proj`` for k and v alone."""
     x = projections[0].matmul.inputs[0]
     assert x is not None
-    base = f"{prefix}qkv_proj"
+    base = f"{prefix}{''.join(roles)}_proj"
     sizes = [_dims(p.weight)[1] for p in projections]
     weight = _initializer(
         graph,
@@ -257,9 +264,9 @@ def _pack(graph: ir.Graph, prefix: str, projections: list[_Projection]) -> None:
     if x.shape is not None and len(x.shape) >= 1:
         packed.shape = ir.Shape([*list(x.shape)[:-1], sum(sizes)])
     split_sizes = _initializer(graph, _unique(graph, f"{base}.split"), ir.tensor(np.array(sizes, np.int64)))
-    nodes.append(ir.node("Split", [packed, split_sizes], {"axis": -1}, num_outputs=3, name=f"{base}/Split"))
+    nodes.append(ir.node("Split", [packed, split_sizes], {"axis": -1}, num_outputs=len(roles), name=f"{base}/Split"))
     graph.insert_before(_first(graph, [p.matmul for p in projections]), nodes)
-    for old_value, new_value, role in zip(old, nodes[-1].outputs, _ROLES, strict=True):
+    for old_value, new_value, role in zip(old, nodes[-1].outputs, roles, strict=True):
         new_value.name, new_value.dtype, new_value.shape = f"{base}.{role}", dtype, old_value.shape
         old_value.replace_all_uses_with(new_value)
     graph.remove([n for p in projections for n in (p.matmul, p.add) if n is not None], safe=True)
@@ -284,19 +291,26 @@ def _drop_unused(graph: ir.Graph, values: Sequence[ir.Value | None]) -> None:
             del graph.initializers[value.name]
 
 
-def _pack_all(graph: ir.Graph, misses: list[str], separate: frozenset[str] = frozenset()) -> int:
+def _pack_all(
+    graph: ir.Graph, misses: list[str], separate: frozenset[str] = frozenset(), kv: frozenset[str] = frozenset()
+) -> tuple[int, int]:
+    """Pack every q/k/v triple (prefixes in ``separate``: k and v alone where the prefix is in
+    ``kv``, else nothing); the counts of triples and of k/v pairs packed."""
     candidates = list(graph.inputs) + [out for node in graph for out in node.outputs]
-    fired = 0
+    fired = pairs = 0
     for x in candidates:
         match = _projections(x)
         if isinstance(match, tuple) and match[0] in separate:
+            if match[0] in kv:
+                _pack(graph, match[0], match[1][1:], roles=_ROLES[1:])
+                pairs += 1
             continue
         if isinstance(match, tuple):
             _pack(graph, *match)
             fired += 1
         elif match is not None:
             misses.append(match)
-    return fired
+    return fired, pairs
 
 
 # --- rule 2: packed QKV straight into GroupQueryAttention -------------------------------------------
@@ -324,6 +338,8 @@ def _gqa_match(split: ir.Node) -> ir.Node | str | None:
     consumers = [use.node for out in split.outputs for use in out.uses()]
     if not any(n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN for n in consumers):
         return None
+    if split.name.endswith("kv_proj/Split") and len(split.outputs) == 2:
+        return None  # a packed k/v pair: GQA takes no packed key/value, the Split stays
     gqa = consumers[0]
     for idx, out in enumerate(split.outputs):
         uses = list(out.uses())
@@ -377,9 +393,12 @@ class PackedQKVFusion(GraphPass):
     ``gqa``: also feed the packed tensor straight into a ``com.microsoft::GroupQueryAttention``
     that takes the three Split outputs as query/key/value (packed QKV input, Split removed).
     ``explain``: a text stream that gets, per rule, why each near miss was left alone.
-    ``separate``: weight prefixes (``model.layers.3.self_attn.``) whose q/k/v stay three MatMuls, e.g.
-    because they are quantized differently (:meth:`~qwen_export.quant.scheme.QuantScheme.packs_qkv`:
+    ``separate``: weight prefixes (``model.layers.3.self_attn.``) whose q/k/v are not packed together,
+    e.g. because they are quantized differently (:meth:`~qwen_export.quant.scheme.QuantScheme.packs_qkv`:
     one packed weight has one bit width); not counted as near misses.
+    ``kv``: those of ``separate`` whose k and v still pack into one ``kv_proj`` MatMul and a 2-way
+    Split (:meth:`~qwen_export.quant.scheme.QuantScheme.packs_kv`): one kernel call a layer fewer
+    (counted as ``packed_kv``).
     """
 
     name = "packed_qkv"
@@ -391,15 +410,20 @@ class PackedQKVFusion(GraphPass):
         gqa: bool = True,
         explain: Any = None,
         separate: frozenset[str] = frozenset(),
+        kv: frozenset[str] = frozenset(),
     ) -> None:
         self.strict_expected = strict_expected
         self.gqa = gqa
         self.explain = explain
         self.separate = separate
+        self.kv = kv
 
     def rewrite(self, model: Any) -> dict[str, int]:
         misses: list[str] = []
-        fired = {QKV_RULE: _pack_all(model.graph, misses, self.separate)}
+        triples, pairs = _pack_all(model.graph, misses, self.separate, self.kv)
+        fired = {QKV_RULE: triples}
+        if self.kv:
+            fired[KV_RULE] = pairs
         self.report_misses(fired[QKV_RULE], misses)
         if self.gqa:
             misses = []

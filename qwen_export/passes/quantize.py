@@ -106,9 +106,10 @@ def check_scheme(scheme: QuantScheme, num_layers: int | None = None) -> None:
 
 def check_int8_patterns(scheme: QuantScheme, weight_names: list[str]) -> None:
     """OptionError for an ``--int8`` pattern that selects none of the model's linear weights (names
-    ``<module>.weight_t``; a packed qkv stands for its q/k/v too)."""
+    ``<module>.weight_t``; a packed qkv or kv stands for its projections too)."""
     modules = [name.removesuffix(".weight_t") for name in weight_names]
     modules += [m[: -len("qkv_proj")] + f"{p}_proj" for m in modules if m.endswith(".qkv_proj") for p in "qkv"]
+    modules += [m[: -len("kv_proj")] + f"{p}_proj" for m in modules if m.endswith(".kv_proj") for p in "kv"]
     example = next((m for m in modules if ".mlp." in m), modules[0] if modules else "lm_head")
     for pattern in scheme.int8_weights:
         if not any(fnmatch.fnmatchcase(m, pattern) for m in modules):

@@ -198,7 +198,20 @@ class QuantScheme:
         >>> [s.packs_qkv(f"model.layers.{i}.self_attn") for i in (0, 1)]
         [True, False]
         """
-        members = [f"{attention}.{p}_proj" for p in "qkv"]
+        return self._same_quantization(attention, "qkv")
+
+    def packs_kv(self, attention: str) -> bool:
+        """Whether the k and v projections of ``attention`` have one bit width and block size (where
+        q differs, the two still share one packed ``kv_proj`` weight).
+
+        >>> s = QuantScheme(WeightFormat.INT4, int8_weights=("*.k_proj", "*.v_proj"))
+        >>> [s.packs_qkv("model.layers.0.self_attn"), s.packs_kv("model.layers.0.self_attn")]
+        [False, True]
+        """
+        return self._same_quantization(attention, "kv")
+
+    def _same_quantization(self, attention: str, roles: str) -> bool:
+        members = [f"{attention}.{p}_proj" for p in roles]
         return len({(self.linear_bits(m), self.block_for(m)) for m in members}) == 1
 
     def promotes(self, module: str) -> bool:
@@ -252,16 +265,17 @@ class QuantScheme:
         return self.scale_format is ScaleFormat.LOG8 and not self.symmetric
 
 
-_QKV = re.compile(r"\.qkv_proj$")
+_PACKED = re.compile(r"\.(qkv|kv)_proj$")
 
 
 def _packed_members(module: str) -> list[str]:
-    """``module``, and for a packed ``...qkv_proj`` the q/k/v projections it packs."""
-    match = _QKV.search(module)
+    """``module``, and for a packed ``...qkv_proj`` (``...kv_proj``) the q/k/v (k/v) projections it
+    packs."""
+    match = _PACKED.search(module)
     if match is None:
         return [module]
     base = module[: match.start()]
-    return [f"{base}.{p}_proj" for p in ("q", "k", "v", "qkv")]
+    return [*(f"{base}.{p}_proj" for p in match.group(1)), module]
 
 
 def describe_weights(dtype: str, quantization: dict[str, object] | None) -> str:

@@ -23,6 +23,15 @@ def unpacked_attention(spec: ModelSpec, ctx: Any) -> frozenset[str]:
     return frozenset(f"{a}." for a in layers if not quant.packs_qkv(a))
 
 
+def packed_kv(spec: ModelSpec, ctx: Any, separate: frozenset[str]) -> frozenset[str]:
+    """The prefixes of ``separate`` whose k and v still share one quantization (the tied int4
+    default: q 4-bit, k and v 8-bit): they pack into one ``kv_proj``."""
+    quant = ctx.quant
+    if quant is None:
+        return frozenset()
+    return frozenset(p for p in separate if quant.packs_kv(p.removesuffix(".")))
+
+
 @dataclasses.dataclass(frozen=True)
 class OnnxRuntimeTarget:
     target: Target = Target.ONNXRUNTIME
@@ -120,7 +129,12 @@ class OnnxRuntimeTarget:
             RMSNormFusion(strict_expected=expected(norms), explain=ctx.explain),
             RotaryFusion(inv_freq, scale, ctx.max_length, strict_expected=expected(2 * n), explain=ctx.explain),
             AttentionFusion(strict_expected=expected(n), explain=ctx.explain),
-            PackedQKVFusion(strict_expected=expected(n - len(separate)), explain=ctx.explain, separate=separate),
+            PackedQKVFusion(
+                strict_expected=expected(n - len(separate)),
+                explain=ctx.explain,
+                separate=separate,
+                kv=packed_kv(spec, ctx, separate),
+            ),
             *quantize,
             *self._moe(spec, ctx),
             CleanupPass(),

@@ -59,7 +59,7 @@ MIN_TOKENS = 32
 MODEL_FILE = "model.onnx"  # the decode graph (engine.MODEL_FILE; the engine imports this module)
 WEIGHT_LEVELS = 127
 _ROWS = 128
-_LINEAR = re.compile(r"layers\.(\d+)\.(self_attn\.(q|k|v|qkv|o)_proj|mlp\.(gate|up|gate_up|down)_proj)\b")
+_LINEAR = re.compile(r"layers\.(\d+)\.(self_attn\.(q|k|v|qkv|kv|o)_proj|mlp\.(gate|up|gate_up|down)_proj)\b")
 _NORM = re.compile(r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
 _ALIGN = 64  # byte alignment of each tensor in prefill.onnx.data
 
