@@ -33,8 +33,9 @@ One command, one checkpoint, one weight format, CPU, ``--threads`` (2) threads p
 
 5. prints one markdown table (engines x mean KL, top-1, ppl, size MiB, load s, peak RSS MiB, and TTFT
    ms, prefill and decode tok/s per prompt length) with, for each figure, the ratio of our best engine
-   to the best anchor; ``--markdown-out``, ``--json-out``, ``--plot FILE.png`` (decode tok/s and TTFT
-   against prompt length, one line per engine).
+   to the best anchor (for speed also its lowest and highest round by round: the two engines' runs
+   on one prompt; JSON ``ratios[...]["rounds"]``); ``--markdown-out``, ``--json-out``, ``--plot
+   FILE.png`` (decode tok/s and TTFT against prompt length, one line per engine).
 
     .venv/bin/python benchmarks/compare.py --checkpoint CKPT --weights int4 [--gguf FILE] [--optimum-ir DIR]
         [--workdir W] [--prompt-lengths 128,512] [--new-tokens 64] [--repeats 2] [--threads 2]
@@ -292,7 +293,25 @@ def best_ratios(rows: list[dict[str, Any]], lengths: list[int]) -> dict[str, dic
             o, a = pick(cand["ours"]), pick(cand["anchor"])
             ratio = o[0] / a[0] if a[0] else None
             out[key] = {"ratio": ratio, "ours": o[1], "anchor": a[1], "lower_is_better": lower}
+            by_label = {row["label"]: row for row in rows}
+            rounds = round_ratios(by_label[o[1]], by_label[a[1]], key)
+            if rounds:
+                out[key]["rounds"] = harness.spread(rounds)
     return out
+
+
+def round_ratios(ours: dict[str, Any], anchor: dict[str, Any], key: str) -> list[float]:
+    """A speed figure's ratio round by round (the two engines' runs on the same prompt, neighbours in
+    time), oriented as the median ratio is; [] for other figures or when the rounds do not pair."""
+    name, _, length = key.partition("@")
+    per = [((row.get("speed") or {}).get(length) or {}) for row in (ours, anchor)]
+    field = "decode_all_tok_s" if name == "decode_tok_s" else "ttft_all_ms"
+    o, a = (p.get(field) or [] for p in per)
+    if not length or len(o) != len(a) or not all(o) or not all(a):
+        return []
+    if name == "prefill_tok_s":  # tokens per second: the inverse of TTFT's ratio
+        return [y / x for x, y in zip(o, a, strict=True)]
+    return [x / y for x, y in zip(o, a, strict=True)]
 
 
 def fmt_value(key: str, v: float | None) -> str:
@@ -309,6 +328,14 @@ def fmt_value(key: str, v: float | None) -> str:
     if key == "load_s":
         return f"{v:.1f}"
     return f"{v:.1f}" if key.startswith("prefill") else f"{v:.2f}"
+
+
+def ratio_cell(r: dict[str, Any] | None) -> str:
+    if not r or r["ratio"] is None:
+        return "-"
+    rounds = r.get("rounds")
+    spread = f" ({rounds['min']:.2f}-{rounds['max']:.2f})" if rounds else ""
+    return f"{r['ratio']:.2f}×{spread}"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -338,13 +365,14 @@ def markdown(report: dict[str, Any]) -> str:
     ratios = report.get("ratios") or {}
     cells = []
     for k in keys:
-        r = ratios.get(k)
-        cells.append("-" if not r or r["ratio"] is None else f"{r['ratio']:.2f}×")
+        cells.append(ratio_cell(ratios.get(k)))
     lines.append("| **ours best / best anchor** | | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
         "Ratio = our best engine's figure ÷ the best anchor's (best = lowest for KL, ppl, size, load, RSS, "
-        "TTFT; highest for top-1 and tok/s): below 1 is better for the first group, above 1 for the second."
+        "TTFT; highest for top-1 and tok/s): below 1 is better for the first group, above 1 for the second. "
+        "In brackets, for speed: the lowest and highest of the same ratio taken round by round (the two "
+        "engines' runs on one prompt): the spread behind the median ratio."
     )
     pairs = [f"{names[k]}: {r['ours']} vs {r['anchor']}" for k, r in ratios.items()]
     if pairs:

@@ -55,3 +55,37 @@ def test_generation_case_keeps_every_rounds_decode_rate() -> None:
     assert case["a"]["decode_tokens_per_s"] == pytest.approx(25.0)
     assert case["a"]["prefill_tokens_per_s"] == pytest.approx(128 / 0.5)
     assert case["b"]["decode_all_tok_s"] == [10.0] * 3 and case["b"]["greedy_tokens_matching_first_engine"] == [1] * 3
+
+
+def test_compare_ratios_carry_their_round_by_round_spread() -> None:
+    """compare.py's speed ratios: the median ratio and the lowest / highest of the same ratio taken
+    round by round (the two engines' runs on one prompt), oriented alike (> 1: ours faster)."""
+    import compare
+
+    def row(label: str, family: str, ttfts: list[float], decode: list[float]) -> dict:
+        speed = {
+            "128": {
+                "ttft_ms": sorted(ttfts)[1],
+                "ttft_all_ms": ttfts,
+                "prefill_tokens_per_s": 128e3 / sorted(ttfts)[1],
+                "decode_tokens_per_s": sorted(decode)[1],
+                "decode_all_tok_s": decode,
+            }
+        }
+        return {"label": label, "family": family, "available": True, "bytes": 2**20, "speed": speed}
+
+    rows = [
+        row("ours", "ours", [100.0, 200.0, 100.0], [30.0, 20.0, 40.0]),
+        row("anchor", "anchor", [200.0, 200.0, 400.0], [20.0, 20.0, 20.0]),
+    ]
+    ratios = compare.best_ratios(rows, [128])
+    assert ratios["decode_tok_s@128"]["ratio"] == pytest.approx(1.5)
+    assert ratios["decode_tok_s@128"]["rounds"] == {"median": 1.5, "min": 1.0, "max": 2.0, "n": 3}
+    assert ratios["prefill_tok_s@128"]["rounds"] == {"median": 2.0, "min": 1.0, "max": 4.0, "n": 3}
+    assert ratios["ttft_ms@128"]["rounds"] == {"median": 0.5, "min": 0.25, "max": 1.0, "n": 3}
+    assert "rounds" not in ratios["size_mib"]
+    assert compare.ratio_cell(ratios["decode_tok_s@128"]) == "1.50× (1.00-2.00)"
+    assert compare.ratio_cell(ratios["size_mib"]) == "1.00×"
+    # rounds that do not pair (an engine missed one) give the median ratio alone
+    rows[1]["speed"]["128"]["decode_all_tok_s"] = [20.0, 20.0]
+    assert "rounds" not in compare.best_ratios(rows, [128])["decode_tok_s@128"]
