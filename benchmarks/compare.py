@@ -29,7 +29,11 @@ One command, one checkpoint, one weight format, CPU, ``--threads`` (2) threads p
    each round (``interleave.measure_generations``). TTFT (prefill + first token), prefill tok/s = prompt
    / TTFT, decode tok/s = 1 / median time per output token (medians over the measured rounds), load
    time, the worker's peak RSS (VmHWM) and the model files' size on disk; the JSON also keeps each
-   round's TTFT and decode rate (``ttft_all_ms``, ``decode_all_tok_s``): the spread behind a median;
+   round's TTFT and decode rate (``ttft_all_ms``, ``decode_all_tok_s``): the spread behind a median.
+   ``--processes K`` (1) repeats this K times with fresh worker processes (other prompts each pass,
+   ``--seed`` + pass) and pools the rounds: one process of an engine can run steadily faster or
+   slower than the next (memory placement), which more rounds in one process cannot average out;
+   the JSON keeps each pass's decode median (``decode_by_process``);
 
 5. prints one markdown table (engines x mean KL, top-1, ppl, size MiB, load s, peak RSS MiB, and TTFT
    ms, prefill and decode tok/s per prompt length) with, for each figure, the ratio of our best engine
@@ -55,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -330,6 +335,11 @@ def fmt_value(key: str, v: float | None) -> str:
     return f"{v:.1f}" if key.startswith("prefill") else f"{v:.2f}"
 
 
+def processes_note(report: dict[str, Any]) -> str:
+    k = report.get("processes") or 1
+    return f" in each of {k} passes with fresh worker processes" if k > 1 else ""
+
+
 def ratio_cell(r: dict[str, Any] | None) -> str:
     if not r or r["ratio"] is None:
         return "-"
@@ -350,7 +360,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"`{report['checkpoint']}`, weights {report['weights']}, {report['threads']} threads, "
         f"{report['new_tokens']} new tokens, {report['repeats']} runs (+{report['warmup']} warm-up) per prompt "
-        f"length, interleaved; {report['machine']}",
+        f"length{processes_note(report)}, interleaved; {report['machine']}",
         "",
         "| engine | runtime | " + " | ".join(names[k] for k in keys) + " |",
         "| --- | --- | " + " | ".join("---:" for _ in keys) + " |",
@@ -465,6 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument(
+        "--processes", type=int, default=1,
+        help="speed passes, each with fresh worker processes (--warmup + --repeats rounds each, pooled): "
+        "one process of an engine can run steadily faster or slower than the next",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--kv-cache", default=None, help="KV_CACHE_PRECISION for the openvino-genai anchor (its default)")
     p.add_argument("--seed", type=int, default=0)
@@ -521,39 +536,87 @@ def run_accuracy(report: dict[str, Any], ready: list[dict[str, Any]], args: Any,
 
 
 def run_speed(report: dict[str, Any], ready: list[dict[str, Any]], args: Any, workdir: Path) -> bool:
-    """Every ready engine in a worker, generations interleaved; whether something failed."""
-    lengths = report["prompt_lengths"]
+    """Every ready engine in a worker, generations interleaved, ``--processes`` times with fresh
+    workers (the rounds of every pass pooled); whether something failed."""
+    passes: list[dict[str, Any]] = []
+    failed = False
+    for k in range(args.processes):
+        if args.processes > 1:
+            log(f"pass {k + 1} of {args.processes}: fresh workers")
+        cases, error = speed_pass(ready, args, workdir, report["prompt_lengths"], args.seed + k)
+        failed |= error is not None or any(row.get("speed_error") for row in ready)
+        if error is not None:
+            report["speed_error"] = error
+        passes.append(cases)
+    if any(passes):
+        for row in ready:
+            per_pass = [cases for cases in passes if cases]
+            row["speed"] = pool_passes(per_pass, row["label"])
+    return failed
+
+
+def speed_pass(
+    ready: list[dict[str, Any]], args: Any, workdir: Path, lengths: list[int], seed: int
+) -> tuple[dict[str, Any], str | None]:
+    """One pass: a worker per engine, ``--warmup`` + ``--repeats`` interleaved rounds per prompt
+    length; the cases (``interleave.measure_generations``) and the measurement's error, if any (a
+    worker that does not start is its row's ``speed_error``)."""
     n_ctx = max(lengths) + args.new_tokens + 16
     workers: list[harness.Worker] = []
-    failed = False
+    error, cases = None, {}
     for row in ready:
         log(f"loading {row['label']} (MemAvailable {harness.mem_available_mib():.0f} MiB)")
         try:
             w = start_worker(row, args, workdir, n_ctx)
         except RuntimeError as exc:
             row["speed_error"] = str(exc)
-            failed = True
             continue
-        row["load_s"] = w.ready["load_s"]
+        row.setdefault("load_all_s", []).append(w.ready["load_s"])
+        row["load_s"] = row["load_all_s"][0]
         workers.append(w)
     try:
         if workers:
             log("measuring " + ", ".join(w.label for w in workers) + " interleaved")
-            cases = interleave.measure_generations(
-                workers, lengths, args.new_tokens, args.repeats, args.warmup, args.seed
-            )
-            for row in ready:
-                row["speed"] = {n: per[row["label"]] for n, per in cases.items() if row["label"] in per}
+            cases = interleave.measure_generations(workers, lengths, args.new_tokens, args.repeats, args.warmup, seed)
     except RuntimeError as exc:
         log(f"measurement FAILED: {exc}")
-        report["speed_error"] = str(exc)
-        failed = True
+        error = str(exc)
     finally:
         by_label = {r["label"]: r for r in ready}
         for w in workers:
-            by_label[w.label]["rss_mib"] = w.peak_rss_mib()
+            row = by_label[w.label]
+            row["rss_mib"] = max(row.get("rss_mib") or 0, w.peak_rss_mib() or 0) or None
             w.close()
-    return failed
+    return cases, error
+
+
+def pool_passes(passes: list[dict[str, Any]], label: str) -> dict[str, Any]:
+    """One engine's speed over every pass: each length's rounds pooled in pass order, the medians
+    taken over all of them, and each pass's own median decode rate (``decode_by_process``): how far
+    one process differs from the next."""
+    out: dict[str, Any] = {}
+    for length in passes[0] if passes else {}:
+        runs = [cases[length][label] for cases in passes if label in cases.get(length, {})]
+        if not runs:
+            continue
+        if len(runs) == 1:
+            out[length] = runs[0]
+            continue
+        ttfts = [t for r in runs for t in r["ttft_all_ms"]]
+        rates = [x for r in runs for x in r["decode_all_tok_s"]]
+        ttft = statistics.median(ttfts)
+        out[length] = {
+            "ttft_ms": ttft,
+            "ttft_all_ms": ttfts,
+            "prefill_tokens_per_s": int(length) * 1e3 / ttft,
+            "decode_tokens_per_s": 1.0 / statistics.median(1.0 / x for x in rates) if rates else float("nan"),
+            "decode_all_tok_s": rates,
+            "decode_by_process": [r["decode_tokens_per_s"] for r in runs],
+            "greedy_tokens_matching_first_engine": [
+                n for r in runs for n in r.get("greedy_tokens_matching_first_engine", [])
+            ],
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -567,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         return render_merged(args)
     if args.checkpoint is None:
         p.error("--checkpoint is required")
+    if args.processes < 1:
+        p.error(f"--processes must be at least 1, got {args.processes}")
     if bool(args.reference_logits) != bool(args.text_ids):
         p.error("--reference-logits and --text-ids go together")
     workdir: Path = args.workdir
@@ -583,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_lengths": [int(x) for x in args.prompt_lengths.split(",") if x.strip()],
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
+        "processes": args.processes,
         "warmup": args.warmup,
         "seed": args.seed,
     }

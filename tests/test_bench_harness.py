@@ -89,3 +89,35 @@ def test_compare_ratios_carry_their_round_by_round_spread() -> None:
     # rounds that do not pair (an engine missed one) give the median ratio alone
     rows[1]["speed"]["128"]["decode_all_tok_s"] = [20.0, 20.0]
     assert "rounds" not in compare.best_ratios(rows, [128])["decode_tok_s@128"]
+
+
+def test_compare_pools_the_rounds_of_several_worker_processes() -> None:
+    """compare.py --processes K: every pass's rounds pooled in pass order, medians over all of them,
+    and each pass's own decode median kept (how far one process differs from the next)."""
+    import compare
+
+    def case(ttfts: list[float], rates: list[float]) -> dict:
+        return {
+            "ttft_ms": sorted(ttfts)[len(ttfts) // 2],
+            "ttft_all_ms": ttfts,
+            "prefill_tokens_per_s": 0.0,
+            "decode_tokens_per_s": sorted(rates)[len(rates) // 2],
+            "decode_all_tok_s": rates,
+            "greedy_tokens_matching_first_engine": [4] * len(rates),
+        }
+
+    passes = [
+        {"128": {"ours": case([100.0, 110.0, 120.0], [10.0, 11.0, 12.0])}},
+        {"128": {"ours": case([200.0, 210.0, 220.0], [20.0, 21.0, 22.0])}},
+    ]
+    pooled = compare.pool_passes(passes, "ours")["128"]
+    assert pooled["ttft_all_ms"] == [100.0, 110.0, 120.0, 200.0, 210.0, 220.0]
+    assert pooled["ttft_ms"] == pytest.approx(160.0)
+    assert pooled["prefill_tokens_per_s"] == pytest.approx(128 / 0.160)
+    assert pooled["decode_all_tok_s"] == [10.0, 11.0, 12.0, 20.0, 21.0, 22.0]
+    assert pooled["decode_tokens_per_s"] == pytest.approx(1 / ((1 / 12 + 1 / 20) / 2))  # 1 / median step time
+    assert pooled["decode_by_process"] == [11.0, 21.0]
+    assert len(pooled["greedy_tokens_matching_first_engine"]) == 6
+    one = compare.pool_passes(passes[:1], "ours")["128"]
+    assert one is passes[0]["128"]["ours"]  # one pass: its figures as measured
+    assert compare.pool_passes(passes, "absent") == {}
