@@ -766,3 +766,47 @@ def test_packed_k_and_v_give_the_unpacked_logits(qwen2_tied: Path, tmp_path: Pat
     ids = np.random.default_rng(0).integers(0, 200, size=(1, 20))
     packed, unpacked = (open_artifact(tmp_path / kind).engine.forward(ids) for kind in ("packed", "unpacked"))
     np.testing.assert_array_equal(packed, unpacked)
+
+
+def test_layers_read_a_large_layer_only_after_the_previous_one_is_gone() -> None:
+    """GPTQ's layer loop holds one layer larger than the read-ahead limit at a time: the next is read
+    once the caller dropped the previous one (a 72B layer is 3.5 GB of float32). ``enumerate`` around
+    the generator keeps the previous item in its cached result tuple during the next read: the loop
+    must not use it (this checks both)."""
+    import gc
+    import weakref
+
+    from qwen_export.export import gptq_layers
+
+    class Layer:
+        pass
+
+    class Runner:
+        def __init__(self) -> None:
+            self.made: list[weakref.ref] = []
+            self.alive_at_read: list[int] = []
+
+        def layer(self, i: int) -> Layer:
+            gc.collect()
+            self.alive_at_read.append(sum(ref() is not None for ref in self.made))
+            made = Layer()
+            self.made.append(weakref.ref(made))
+            return made
+
+    big = [gptq_layers.PREFETCH_BYTES + 1] * 4
+    runner = Runner()
+    for i, layer in gptq_layers._layers(runner, big):
+        assert isinstance(layer, Layer) and i == len(runner.made) - 1
+        del layer
+    assert runner.alive_at_read == [0, 0, 0, 0]
+
+    runner = Runner()
+    for _i, layer in enumerate(gptq_layers._layers(runner, big)):
+        del layer
+    assert runner.alive_at_read == [0, 1, 1, 1]  # what the loop avoids
+
+    small = [1] * 4  # read ahead: the next layer is read while the current one is in use
+    runner = Runner()
+    for _i, layer in gptq_layers._layers(runner, small):
+        del layer
+    assert max(runner.alive_at_read) <= 1
